@@ -1,0 +1,364 @@
+"""Statistics for paired ablation audits.
+
+Every test is delegated to SciPy, statsmodels or pingouin; the few quantities that no
+library computes (the exact confidence interval of Cohen's d_z, the matched-pairs
+rank-biserial correlation used to give the Wilcoxon test a direction) are written out in
+the docstring of the function that computes them and are checked against hand
+computations in ``tests/test_stats.py``.
+
+All arithmetic is float64. Functions take keyword-only options and return tidy pandas
+objects in the style of pingouin: one function per test, one row per test.
+
+Conventions
+-----------
+For one cell of the audit (one model, layer and ranking criterion) there are ``n`` token
+positions. At each position the expert ranked highest by the criterion and the expert
+ranked lowest were ablated in turn, giving loss changes ``high`` and ``low``. The analysis
+is on the paired differences ``D = high - low``: a valid criterion predicts ``D > 0``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import pingouin
+from scipy import optimize, stats
+from statsmodels.stats.multitest import multipletests
+from statsmodels.stats.power import TTestPower
+from statsmodels.stats.weightstats import ttost_paired
+
+__all__ = [
+    "CORRECTIONS",
+    "cohens_dz",
+    "dz_confidence_interval",
+    "paired_effect",
+    "audit_table",
+    "spearman",
+    "jzs_bayes_factor",
+]
+
+#: Multiple-comparison corrections applied by :func:`audit_table`: column suffix ->
+#: ``statsmodels.stats.multitest.multipletests`` method name.
+CORRECTIONS: dict[str, str] = {"bonf": "bonferroni", "holm": "holm", "bh": "fdr_bh"}
+
+
+def _as_float_array(x, name: str) -> np.ndarray:
+    a = np.asarray(x, dtype=np.float64).reshape(-1)
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return a
+
+
+def _paired_differences(high, low) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    h = _as_float_array(high, "high")
+    lo = _as_float_array(low, "low")
+    if h.shape != lo.shape:
+        raise ValueError(f"high and low must have the same length, got {h.size} and {lo.size}")
+    return h, lo, h - lo
+
+
+def cohens_dz(d_values, *, ddof: int = 1) -> float:
+    """Cohen's d_z of paired differences: ``mean(D) / std(D, ddof=ddof)``.
+
+    ``ddof=1`` (the sample standard deviation) is the usual definition and the one used
+    throughout this package; it satisfies ``d_z = t / sqrt(n)`` for the paired t statistic.
+    ``ddof=0`` reproduces the statistic stored by the authors' per-token scripts
+    (``d_z(ddof=0) = d_z(ddof=1) * sqrt(n / (n - 1))``).
+    """
+    d = _as_float_array(d_values, "d_values")
+    sd = float(np.std(d, ddof=ddof))
+    if d.size <= ddof or sd == 0.0:
+        raise ValueError("Cohen's d_z needs at least two distinct values")
+    return float(np.mean(d)) / sd
+
+
+def dz_confidence_interval(dz: float, n: int, *, ci: float = 0.95) -> tuple[float, float]:
+    """Exact confidence interval for Cohen's d_z (``ddof=1``) from the noncentral t.
+
+    Method ("pivoting the noncentral t", Steiger & Fouladi 1997; Cumming & Finch 2001):
+    with ``t = d_z * sqrt(n)`` and ``df = n - 1``, ``t`` follows a noncentral t
+    distribution with noncentrality ``lambda = delta_z * sqrt(n)``. The bounds are the
+    noncentralities ``lambda_L`` and ``lambda_U`` that solve
+
+        ``nct.cdf(t, df, lambda_L) = 1 - (1 - ci) / 2``  and
+        ``nct.cdf(t, df, lambda_U) = (1 - ci) / 2``,
+
+    found with ``scipy.optimize.brentq`` on ``scipy.stats.nct.cdf``; the interval for d_z
+    is ``(lambda_L / sqrt(n), lambda_U / sqrt(n))``. No library offers this interval
+    (pingouin's ``compute_esci`` uses a normal approximation), hence the root finding.
+    """
+    if not 0.0 < ci < 1.0:
+        raise ValueError("ci must be between 0 and 1")
+    if n < 3:
+        raise ValueError("need n >= 3 for a confidence interval")
+    df = n - 1
+    t = float(dz) * np.sqrt(n)
+    tail = (1.0 - ci) / 2.0
+
+    def cdf(nc: float) -> float:
+        value = float(stats.nct.cdf(t, df, nc))
+        if np.isnan(value):  # SciPy can return NaN far in the tails, where cdf is 0 or 1
+            value = 0.0 if nc > t else 1.0
+        return value
+
+    def solve(target: float) -> float:
+        def f(nc: float) -> float:
+            return cdf(nc) - target
+
+        # the interval for lambda is about t -+ z * sqrt(1 + t^2 / (2 df)); start wider
+        width = 10.0 * np.sqrt(1.0 + t * t / (2.0 * df))
+        lo, hi = t - width, t + width
+        # nct.cdf(t, df, nc) decreases in nc: widen the bracket until it changes sign
+        while f(lo) < 0.0:
+            lo -= width
+        while f(hi) > 0.0:
+            hi += width
+        return optimize.brentq(f, lo, hi, xtol=1e-12, rtol=1e-12, maxiter=500)
+
+    return solve(1.0 - tail) / np.sqrt(n), solve(tail) / np.sqrt(n)
+
+
+def paired_effect(
+    high,
+    low,
+    *,
+    alpha: float = 0.05,
+    n_tests: int = 1,
+    tost_bound_d: float = 0.2,
+    power: float = 0.8,
+    ci: float = 0.95,
+    zero_method: str = "wilcox",
+    wilcoxon_method: str = "auto",
+) -> pd.DataFrame:
+    """All per-cell statistics of the audit for paired differences ``D = high - low``.
+
+    Returns a one-row DataFrame with columns
+
+    - ``n``, ``n_zero`` (number of ``D == 0``), ``mean_d``, ``median_d``,
+      ``sd_d`` (``ddof=1``);
+    - ``cohens_dz`` = ``mean_d / sd_d`` (``ddof=1``), with ``dz_ci_low``, ``dz_ci_high``
+      the exact ``ci`` interval of :func:`dz_confidence_interval` (``ci_level``);
+    - ``t``, ``dof``, ``p_t``: ``scipy.stats.ttest_rel(high, low)``, two-sided;
+    - ``W``, ``p_W``: ``scipy.stats.wilcoxon(high, low, zero_method=zero_method,
+      correction=False, method=wilcoxon_method)``, two-sided. With the defaults
+      (``zero_method="wilcox"``: zero differences are dropped; ``method="auto"``) SciPy
+      computes the exact null distribution when there are at most 50 differences and
+      neither ties nor zeros, and otherwise the normal approximation (for n = 200 always
+      the normal approximation, without continuity correction). ``W`` is the smaller of
+      the two signed-rank sums, as in SciPy. ``wilcoxon_method`` records the method
+      requested;
+    - ``rank_biserial`` = ``(R+ - R-) / (R+ + R-)``, the matched-pairs rank-biserial
+      correlation (Kerby 2014), where ``R+`` and ``R-`` are the sums of the signed ranks
+      of the positive and negative differences (``R+`` is SciPy's one-sided
+      ``wilcoxon(D, alternative="greater")`` statistic, ``R-`` the same for ``-D``). Its
+      sign is the direction of the Wilcoxon test;
+    - ``alpha_corrected`` = ``alpha / n_tests`` (Bonferroni, as in the paper);
+      ``sig_t`` = ``p_t < alpha_corrected``; ``sig_W`` = ``p_W < alpha_corrected``;
+      ``same_sign`` = ``sign(mean_d) == sign(rank_biserial) != 0``; ``sig_dual`` =
+      ``sig_t and sig_W and same_sign`` (the paper's rule: a cell counts only if the t
+      and Wilcoxon tests agree);
+    - ``tost_bound_d``, ``tost_low``, ``tost_upp``, ``p_tost``, ``equivalent``: two
+      one-sided t tests (``statsmodels.stats.weightstats.ttost_paired``) of
+      ``H0: |E D| >= tost_bound_d * sd_d`` against ``|E D| < tost_bound_d * sd_d``. The
+      bounds are set in d_z units and converted to raw units with the observed ``sd_d``
+      (``tost_low = -tost_bound_d * sd_d``, ``tost_upp = +tost_bound_d * sd_d``), which
+      treats ``sd_d`` as known, as is customary. ``equivalent`` =
+      ``p_tost < alpha_corrected``: the effect is demonstrably inside ``±tost_bound_d``;
+    - ``power``, ``mde_dz``: the smallest |d_z| that a two-sided paired t test at level
+      ``alpha_corrected`` detects with probability ``power`` at this ``n``
+      (``statsmodels.stats.power.TTestPower().solve_power``).
+    """
+    h, lo, d = _paired_differences(high, low)
+    n = int(d.size)
+    if n < 3:
+        raise ValueError("need at least 3 pairs")
+    if n_tests < 1:
+        raise ValueError("n_tests must be >= 1")
+    sd = float(np.std(d, ddof=1))
+    if sd == 0.0:
+        raise ValueError("all paired differences are equal; d_z is undefined")
+    mean = float(np.mean(d))
+    dz = mean / sd
+    dz_lo, dz_hi = dz_confidence_interval(dz, n, ci=ci)
+
+    tt = stats.ttest_rel(h, lo, alternative="two-sided")
+    wx = stats.wilcoxon(h, lo, zero_method=zero_method, correction=False,
+                        alternative="two-sided", method=wilcoxon_method)
+    r_plus = float(stats.wilcoxon(d, zero_method=zero_method, alternative="greater",
+                                  method=wilcoxon_method).statistic)
+    r_minus = float(stats.wilcoxon(-d, zero_method=zero_method, alternative="greater",
+                                   method=wilcoxon_method).statistic)
+    rank_biserial = (r_plus - r_minus) / (r_plus + r_minus)
+
+    alpha_c = alpha / n_tests
+    p_t = float(tt.pvalue)
+    p_w = float(wx.pvalue)
+    same_sign = bool(np.sign(mean) != 0 and np.sign(mean) == np.sign(rank_biserial))
+
+    bound = tost_bound_d * sd
+    p_tost = float(ttost_paired(h, lo, -bound, bound)[0])
+
+    mde = float(np.asarray(TTestPower().solve_power(
+        effect_size=None, nobs=n, alpha=alpha_c, power=power, alternative="two-sided"
+    )).reshape(-1)[0])
+
+    row = {
+        "n": n,
+        "n_zero": int(np.sum(d == 0.0)),
+        "mean_d": mean,
+        "median_d": float(np.median(d)),
+        "sd_d": sd,
+        "cohens_dz": dz,
+        "dz_ci_low": float(dz_lo),
+        "dz_ci_high": float(dz_hi),
+        "ci_level": float(ci),
+        "t": float(tt.statistic),
+        "dof": n - 1,
+        "p_t": p_t,
+        "W": float(wx.statistic),
+        "p_W": p_w,
+        "wilcoxon_method": wilcoxon_method,
+        "rank_biserial": float(rank_biserial),
+        "alpha_corrected": float(alpha_c),
+        "sig_t": p_t < alpha_c,
+        "sig_W": p_w < alpha_c,
+        "same_sign": same_sign,
+        "sig_dual": bool(p_t < alpha_c and p_w < alpha_c and same_sign),
+        "tost_bound_d": float(tost_bound_d),
+        "tost_low": -bound,
+        "tost_upp": bound,
+        "p_tost": p_tost,
+        "equivalent": p_tost < alpha_c,
+        "power": float(power),
+        "mde_dz": mde,
+    }
+    return pd.DataFrame([row])
+
+
+def audit_table(
+    records: pd.DataFrame,
+    *,
+    by: Sequence[str] = ("model", "layer", "metric"),
+    high_col: str = "delta_high",
+    low_col: str = "delta_low",
+    family: Sequence[str] | None = ("model",),
+    alpha: float = 0.05,
+    tost_bound_d: float = 0.2,
+    power: float = 0.8,
+    ci: float = 0.95,
+) -> pd.DataFrame:
+    """:func:`paired_effect` for every cell of ``records``, with family-wise corrections.
+
+    ``records`` holds one row per token position; cells are the groups of ``by`` (kept in
+    order of first appearance). Cells are grouped into multiple-comparison families by the
+    ``family`` columns (a subset of ``by``; ``None`` or empty: all cells form one family).
+    Each cell is tested with ``n_tests`` = the number of cells in its family, so
+    ``alpha_corrected``, ``sig_*`` and ``equivalent`` use the Bonferroni level
+    ``alpha / family_size``, and ``mde_dz`` is the minimum detectable effect at that level.
+
+    Added columns: ``family_size``; for each correction ``c`` in :data:`CORRECTIONS`
+    (``bonf`` = Bonferroni, ``holm`` = Holm step-down, ``bh`` = Benjamini-Hochberg false
+    discovery rate; all ``statsmodels.stats.multitest.multipletests``, applied within each
+    family separately to ``p_t`` and to ``p_W``): ``p_t_c``, ``p_W_c`` (adjusted
+    p-values), ``sig_t_c``, ``sig_W_c`` (adjusted p < ``alpha``) and ``sig_dual_c``
+    (``sig_t_c and sig_W_c and same_sign``).
+    """
+    by = list(by)
+    fam = [] if family is None else list(family)
+    if not set(fam) <= set(by):
+        raise ValueError(f"family columns {fam} must be among by={by}")
+    missing = [c for c in [*by, high_col, low_col] if c not in records.columns]
+    if missing:
+        raise KeyError(f"records lacks columns {missing}")
+
+    cells = records[by].drop_duplicates().reset_index(drop=True)
+    if fam:
+        sizes = cells.groupby(fam, sort=False, observed=True)[by[0]].transform("size")
+    else:
+        sizes = pd.Series(len(cells), index=cells.index)
+    cells["family_size"] = sizes.astype(int)
+
+    grouped = records.groupby(by, sort=False, observed=True)
+    rows = []
+    for i, cell in cells.iterrows():
+        key = tuple(cell[c] for c in by)
+        g = grouped.get_group(key)
+        res = paired_effect(
+            g[high_col].to_numpy(), g[low_col].to_numpy(), alpha=alpha,
+            n_tests=int(cell["family_size"]), tost_bound_d=tost_bound_d, power=power, ci=ci,
+        )
+        rows.append(res)
+    out = pd.concat([cells, pd.concat(rows, ignore_index=True)], axis=1)
+
+    fam_keys = (out.groupby(fam, sort=False, observed=True).ngroup() if fam
+                else pd.Series(0, index=out.index))
+    for suffix, method in CORRECTIONS.items():
+        for p in ("p_t", "p_W"):
+            adj = pd.Series(np.nan, index=out.index, dtype=np.float64)
+            for _, idx in fam_keys.groupby(fam_keys).groups.items():
+                adj.loc[idx] = multipletests(out.loc[idx, p].to_numpy(), alpha=alpha,
+                                             method=method)[1]
+            out[f"{p}_{suffix}"] = adj
+        out[f"sig_t_{suffix}"] = out[f"p_t_{suffix}"] < alpha
+        out[f"sig_W_{suffix}"] = out[f"p_W_{suffix}"] < alpha
+        out[f"sig_dual_{suffix}"] = out[f"sig_t_{suffix}"] & out[f"sig_W_{suffix}"] & out["same_sign"]
+    return out
+
+
+def spearman(
+    x,
+    y,
+    *,
+    n_boot: int = 2000,
+    seed: int = 0,
+    ci: float = 0.95,
+    method: str = "BCa",
+) -> pd.DataFrame:
+    """Spearman rank correlation with a paired bootstrap confidence interval.
+
+    ``rho`` and ``p`` (two-sided) are ``scipy.stats.spearmanr(x, y)``. The interval is
+    ``scipy.stats.bootstrap((x, y), paired=True)``: positions are resampled with their
+    (x, y) pairs kept together, ``n_boot`` resamples, ``method`` (default bias-corrected
+    and accelerated), generator ``numpy.random.default_rng(seed)``.
+
+    Returns a one-row DataFrame: ``n``, ``rho``, ``p``, ``ci_low``, ``ci_high``,
+    ``ci_level``, ``n_boot``, ``ci_method``.
+    """
+    xa = _as_float_array(x, "x")
+    ya = _as_float_array(y, "y")
+    if xa.shape != ya.shape:
+        raise ValueError("x and y must have the same length")
+    res = stats.spearmanr(xa, ya)
+
+    def rho(a, b):
+        return stats.spearmanr(a, b).statistic
+
+    boot = stats.bootstrap((xa, ya), rho, paired=True, vectorized=False, n_resamples=n_boot,
+                           confidence_level=ci, method=method, rng=np.random.default_rng(seed))
+    return pd.DataFrame([{
+        "n": int(xa.size),
+        "rho": float(res.statistic),
+        "p": float(res.pvalue),
+        "ci_low": float(boot.confidence_interval.low),
+        "ci_high": float(boot.confidence_interval.high),
+        "ci_level": float(ci),
+        "n_boot": int(n_boot),
+        "ci_method": method,
+    }])
+
+
+def jzs_bayes_factor(d_values, *, r: float = 0.707) -> float:
+    """JZS Bayes factor BF10 for a paired t test on the differences ``d_values``.
+
+    ``t`` is the one-sample t statistic of ``D`` against 0 (``scipy.stats.ttest_1samp``,
+    identical to the paired t), and ``BF10 = pingouin.bayesfactor_ttest(t, n, paired=True,
+    r=r)``: a Cauchy(0, r) prior on the standardised effect under H1 (Rouder et al.
+    2009). ``BF10 > 1`` favours an effect, ``BF10 < 1`` favours the null.
+    """
+    d = _as_float_array(d_values, "d_values")
+    if d.size < 2:
+        raise ValueError("need at least 2 differences")
+    t = float(stats.ttest_1samp(d, 0.0).statistic)
+    return float(pingouin.bayesfactor_ttest(t, int(d.size), paired=True, r=r))

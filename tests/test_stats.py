@@ -1,0 +1,314 @@
+"""Tests for moeaudit.stats: against SciPy/statsmodels, hand computations and invariants."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import integrate, stats as sps
+from statsmodels.stats.multitest import multipletests
+
+from moeaudit import stats as S
+
+
+@pytest.fixture(scope="module")
+def rng():
+    return np.random.default_rng(20260609)
+
+
+def _pair(rng, n=200, shift=0.1):
+    low = rng.normal(0.0, 1.0, n)
+    high = low + rng.normal(shift, 0.5, n)
+    return high, low
+
+
+# --------------------------------------------------------------------------- hand examples
+
+def test_hand_example_d_1234():
+    # D = [1, 2, 3, 4]: mean 2.5; squared deviations 2.25 + 0.25 + 0.25 + 2.25 = 5
+    # sd (ddof=1) = sqrt(5 / 3); d_z = 2.5 / sqrt(5/3); t = d_z * sqrt(4)
+    res = S.paired_effect([1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0]).iloc[0]
+    sd = math.sqrt(5.0 / 3.0)
+    assert res["n"] == 4 and res["n_zero"] == 0
+    assert res["mean_d"] == pytest.approx(2.5)
+    assert res["median_d"] == pytest.approx(2.5)
+    assert res["sd_d"] == pytest.approx(sd, rel=1e-12)
+    assert res["cohens_dz"] == pytest.approx(2.5 / sd, rel=1e-12)
+    assert res["cohens_dz"] == pytest.approx(1.9364916731037085, rel=1e-12)
+    assert res["t"] == pytest.approx(2.5 / sd * 2.0, rel=1e-12)
+    assert res["dof"] == 3
+    # all differences positive: R+ = 1+2+3+4 = 10, R- = 0, W = min = 0, exact p = 2/16
+    assert res["W"] == 0.0
+    assert res["p_W"] == pytest.approx(2.0 / 16.0)
+    assert res["rank_biserial"] == pytest.approx(1.0)
+
+
+def test_ddof_matters_and_is_one():
+    d = np.array([1.0, 2.0, 3.0, 4.0])
+    # ddof=0 would give sd = sqrt(5/4) and d = 2.5 / sqrt(1.25) = 2.2360...
+    assert S.cohens_dz(d) == pytest.approx(1.9364916731037085, rel=1e-12)
+    assert S.cohens_dz(d, ddof=0) == pytest.approx(2.5 / math.sqrt(1.25), rel=1e-12)
+    res = S.paired_effect(d, np.zeros(4)).iloc[0]
+    assert res["cohens_dz"] != pytest.approx(S.cohens_dz(d, ddof=0), rel=1e-3)
+
+
+def test_rank_biserial_hand_example():
+    # D = [-1, 2, 3, -4, 5]: |D| ranks 1..5; R+ = 2+3+5 = 10, R- = 1+4 = 5
+    d = np.array([-1.0, 2.0, 3.0, -4.0, 5.0])
+    res = S.paired_effect(d, np.zeros(5)).iloc[0]
+    assert res["W"] == 5.0
+    assert res["rank_biserial"] == pytest.approx((10 - 5) / 15)
+
+
+def test_zero_differences_are_counted_and_dropped_by_wilcoxon():
+    d = np.array([0.0, 0.0, 1.0, 2.0, -0.5, 3.0, 1.5])
+    res = S.paired_effect(d, np.zeros_like(d)).iloc[0]
+    assert res["n_zero"] == 2
+    ref = sps.wilcoxon(d, zero_method="wilcox")
+    assert res["W"] == ref.statistic and res["p_W"] == pytest.approx(ref.pvalue)
+
+
+# --------------------------------------------------------------------------- vs libraries
+
+def test_matches_scipy_and_statsmodels(rng):
+    high, low = _pair(rng)
+    res = S.paired_effect(high, low, n_tests=5).iloc[0]
+    d = high - low
+    tt = sps.ttest_rel(high, low)
+    wx = sps.wilcoxon(high, low)
+    assert res["t"] == pytest.approx(tt.statistic, rel=1e-12)
+    assert res["p_t"] == pytest.approx(tt.pvalue, rel=1e-12)
+    assert res["W"] == wx.statistic
+    assert res["p_W"] == pytest.approx(wx.pvalue, rel=1e-12)
+    assert res["sd_d"] == pytest.approx(np.std(d, ddof=1), rel=1e-12)
+    # d_z (ddof=1) is exactly t / sqrt(n); with ddof=0 it would be t / sqrt(n - 1)
+    assert res["cohens_dz"] == pytest.approx(tt.statistic / math.sqrt(200), rel=1e-12)
+    assert res["cohens_dz"] != pytest.approx(tt.statistic / math.sqrt(199), rel=1e-4)
+    assert res["alpha_corrected"] == pytest.approx(0.01)
+
+
+def test_tost_equals_two_one_sided_scipy_tests(rng):
+    high, low = _pair(rng, shift=0.02)
+    res = S.paired_effect(high, low, tost_bound_d=0.3).iloc[0]
+    d = high - low
+    b = 0.3 * np.std(d, ddof=1)
+    assert res["tost_upp"] == pytest.approx(b) and res["tost_low"] == pytest.approx(-b)
+    p_low = sps.ttest_1samp(d, -b, alternative="greater").pvalue
+    p_upp = sps.ttest_1samp(d, b, alternative="less").pvalue
+    assert res["p_tost"] == pytest.approx(max(p_low, p_upp), rel=1e-9)
+
+
+def test_tost_verdicts():
+    rng = np.random.default_rng(3)
+    low = rng.normal(size=2000)
+    # large n, true d_z ~ 0: clearly inside +-0.2
+    res = S.paired_effect(low + rng.normal(0.0, 1.0, 2000), low).iloc[0]
+    assert res["equivalent"]
+    # true d_z = 0.5: clearly not equivalent
+    res = S.paired_effect(low + rng.normal(0.5, 1.0, 2000), low).iloc[0]
+    assert not res["equivalent"]
+
+
+def test_minimum_detectable_effect():
+    from statsmodels.stats.power import TTestPower
+
+    rng = np.random.default_rng(5)
+    low = rng.normal(size=200)
+    res = S.paired_effect(low + rng.normal(size=200), low, n_tests=20, power=0.8).iloc[0]
+    mde = res["mde_dz"]
+    # the power of the paired t test at that effect is the requested power
+    assert TTestPower().power(effect_size=mde, nobs=200, alpha=0.0025) == pytest.approx(0.8, abs=1e-6)
+    # normal approximation (z_{1-a/2} + z_power) / sqrt(n) is close for n = 200
+    approx = (sps.norm.ppf(1 - 0.0025 / 2) + sps.norm.ppf(0.8)) / math.sqrt(200)
+    assert mde == pytest.approx(approx, rel=0.02)
+    # a stricter level needs a larger effect
+    res1 = S.paired_effect(low + rng.normal(size=200), low, n_tests=1).iloc[0]
+    assert res1["mde_dz"] < mde
+
+
+# --------------------------------------------------------------------------- CI of d_z
+
+def test_ci_at_zero_is_normal_quantile():
+    # nct.cdf(0, df, lam) = Phi(-lam) exactly, so at d_z = 0 the bounds are -+z_{.975}/sqrt(n)
+    lo, hi = S.dz_confidence_interval(0.0, 50)
+    z = sps.norm.ppf(0.975)
+    assert lo == pytest.approx(-z / math.sqrt(50), rel=1e-8)
+    assert hi == pytest.approx(z / math.sqrt(50), rel=1e-8)
+
+
+def test_ci_solves_defining_equations():
+    dz, n = 0.3, 40
+    lo, hi = S.dz_confidence_interval(dz, n, ci=0.9)
+    t = dz * math.sqrt(n)
+    assert sps.nct.cdf(t, n - 1, lo * math.sqrt(n)) == pytest.approx(0.95, abs=1e-9)
+    assert sps.nct.cdf(t, n - 1, hi * math.sqrt(n)) == pytest.approx(0.05, abs=1e-9)
+
+
+def test_ci_close_to_large_sample_approximation():
+    dz, n = 0.2, 5000
+    lo, hi = S.dz_confidence_interval(dz, n)
+    se = math.sqrt(1 / n + dz**2 / (2 * n))
+    assert lo == pytest.approx(dz - 1.959964 * se, abs=2e-3)
+    assert hi == pytest.approx(dz + 1.959964 * se, abs=2e-3)
+
+
+def test_ci_contains_d_and_shrinks_with_n(rng):
+    widths = []
+    for n in (20, 80, 320):
+        high, low = _pair(rng, n=n, shift=0.2)
+        res = S.paired_effect(high, low).iloc[0]
+        assert res["dz_ci_low"] < res["cohens_dz"] < res["dz_ci_high"]
+        widths.append(res["dz_ci_high"] - res["dz_ci_low"])
+    assert widths[0] > widths[1] > widths[2]
+
+
+def test_ci_excludes_zero_iff_t_test_significant(rng):
+    for shift in (0.0, 0.05, 0.1, 0.2):
+        high, low = _pair(rng, n=100, shift=shift)
+        res = S.paired_effect(high, low).iloc[0]
+        excludes = res["dz_ci_low"] > 0 or res["dz_ci_high"] < 0
+        assert excludes == (res["p_t"] < 0.05)
+
+
+# --------------------------------------------------------------------------- dual verdict
+
+def test_dual_verdict_requires_both_tests_and_same_sign():
+    rng = np.random.default_rng(11)
+    low = rng.normal(size=300)
+    strong = S.paired_effect(low + rng.normal(0.6, 1.0, 300), low, n_tests=20).iloc[0]
+    assert strong["sig_t"] and strong["sig_W"] and strong["same_sign"] and strong["sig_dual"]
+    null = S.paired_effect(low + rng.normal(0.0, 1.0, 300), low, n_tests=20).iloc[0]
+    assert not null["sig_dual"]
+
+
+def test_dual_verdict_fails_when_tests_disagree_in_sign():
+    # many small positive differences and a few huge negative ones: the mean is negative
+    # (t test), the signed ranks are mostly positive (Wilcoxon)
+    d = np.concatenate([np.full(180, 1.0) + np.linspace(0, 0.1, 180), np.full(20, -40.0)])
+    res = S.paired_effect(d, np.zeros_like(d), alpha=0.5).iloc[0]
+    assert res["mean_d"] < 0 < res["rank_biserial"]
+    assert res["sig_W"] and not res["same_sign"] and not res["sig_dual"]
+
+
+def test_dual_verdict_fails_when_only_t_passes():
+    # one large outlier drives the t test; ranks are balanced
+    rng = np.random.default_rng(2)
+    d = rng.normal(0.0, 1.0, 200)
+    d = d - d.mean()
+    d[:6] += 20.0
+    res = S.paired_effect(d, np.zeros_like(d), n_tests=1).iloc[0]
+    assert res["sig_t"] and not res["sig_W"] and res["same_sign"]
+    assert not res["sig_dual"]
+    # the same cell in a family of 20 passes neither test
+    res20 = S.paired_effect(d, np.zeros_like(d), n_tests=20).iloc[0]
+    assert not res20["sig_t"] and not res20["sig_dual"]
+
+
+# --------------------------------------------------------------------------- audit table
+
+def _records(rng):
+    frames = []
+    for model, shift in (("a", 0.0), ("b", 0.35)):
+        for layer in (0, 1, 2, 3):
+            low = rng.normal(size=150)
+            frames.append(pd.DataFrame({
+                "model": model, "layer": layer, "metric": "m",
+                "delta_high": low + rng.normal(shift if layer == 3 else 0.0, 1.0, 150),
+                "delta_low": low,
+            }))
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_audit_table_matches_paired_effect_and_multipletests(rng):
+    recs = _records(rng)
+    tab = S.audit_table(recs, family=["model"])
+    assert len(tab) == 8 and (tab["family_size"] == 4).all()
+    first = recs[(recs.model == "b") & (recs.layer == 3)]
+    ref = S.paired_effect(first.delta_high, first.delta_low, n_tests=4).iloc[0]
+    row = tab[(tab.model == "b") & (tab.layer == 3)].iloc[0]
+    for col in ("cohens_dz", "p_t", "p_W", "dz_ci_low", "p_tost", "mde_dz"):
+        assert row[col] == pytest.approx(ref[col], rel=1e-12)
+    for model in ("a", "b"):
+        sub = tab[tab.model == model]
+        for p in ("p_t", "p_W"):
+            for suffix, method in S.CORRECTIONS.items():
+                expect = multipletests(sub[p].to_numpy(), alpha=0.05, method=method)[1]
+                np.testing.assert_allclose(sub[f"{p}_{suffix}"].to_numpy(), expect, rtol=1e-12)
+    # Bonferroni-adjusted p < alpha <=> raw p < alpha / family size
+    assert (tab["sig_t_bonf"] == tab["sig_t"]).all()
+    assert (tab["sig_W_bonf"] == tab["sig_W"]).all()
+    assert (tab["sig_dual_bonf"] == (tab["sig_t_bonf"] & tab["sig_W_bonf"] & tab["same_sign"])).all()
+    # BH is never stricter than Holm, Holm never stricter than Bonferroni
+    assert (tab["p_t_bh"] <= tab["p_t_holm"] + 1e-15).all()
+    assert (tab["p_t_holm"] <= tab["p_t_bonf"] + 1e-15).all()
+
+
+def test_audit_table_single_family(rng):
+    recs = _records(rng)
+    tab = S.audit_table(recs, family=None)
+    assert (tab["family_size"] == 8).all()
+    assert tab["alpha_corrected"].iloc[0] == pytest.approx(0.05 / 8)
+    expect = multipletests(tab["p_t"].to_numpy(), method="holm")[1]
+    np.testing.assert_allclose(tab["p_t_holm"].to_numpy(), expect)
+
+
+def test_audit_table_rejects_bad_family(rng):
+    with pytest.raises(ValueError):
+        S.audit_table(_records(rng), family=["nope"])
+
+
+# --------------------------------------------------------------------------- spearman, BF
+
+def test_spearman_matches_scipy_and_bootstrap_ci(rng):
+    x = rng.normal(size=120)
+    y = 0.4 * x + rng.normal(size=120)
+    res = S.spearman(x, y, n_boot=300, seed=1).iloc[0]
+    ref = sps.spearmanr(x, y)
+    assert res["rho"] == pytest.approx(ref.statistic) and res["p"] == pytest.approx(ref.pvalue)
+    assert res["ci_low"] < res["rho"] < res["ci_high"]
+    # reproducible with the seed, different with another seed
+    again = S.spearman(x, y, n_boot=300, seed=1).iloc[0]
+    other = S.spearman(x, y, n_boot=300, seed=2).iloc[0]
+    assert again["ci_low"] == res["ci_low"]
+    assert other["ci_low"] != res["ci_low"]
+
+
+def test_spearman_bootstrap_is_paired():
+    # y is a monotone function of x: every paired resample gives rho = 1; an unpaired
+    # resample would not
+    x = np.arange(50, dtype=float)
+    res = S.spearman(x, x**3, n_boot=200, seed=0, method="percentile").iloc[0]
+    assert res["rho"] == pytest.approx(1.0)
+    assert res["ci_low"] == pytest.approx(1.0) and res["ci_high"] == pytest.approx(1.0)
+
+
+def test_jzs_bayes_factor_against_rouder_integral(rng):
+    # Rouder et al. (2009), eq. 1, one-sample/paired with Cauchy scale r:
+    # BF10 = int (1+n g r^2)^(-1/2) (1 + t^2/((1+n g r^2) v))^(-(v+1)/2)
+    #           (2 pi)^(-1/2) g^(-3/2) exp(-1/(2g)) dg / (1 + t^2/v)^(-(v+1)/2)
+    d = rng.normal(0.25, 1.0, 40)
+    n = d.size
+    v = n - 1
+    t = sps.ttest_1samp(d, 0.0).statistic
+    r = 0.707
+
+    def integrand(g):
+        a = 1 + n * g * r**2
+        return a**-0.5 * (1 + t**2 / (a * v)) ** (-(v + 1) / 2) * (2 * np.pi) ** -0.5 * g**-1.5 * np.exp(-1 / (2 * g))
+
+    bf = integrate.quad(integrand, 0, np.inf)[0] / (1 + t**2 / v) ** (-(v + 1) / 2)
+    assert S.jzs_bayes_factor(d) == pytest.approx(bf, rel=1e-3)
+    # a sample mean of exactly zero at large n favours the null
+    z = rng.normal(0.0, 1.0, 2000)
+    assert S.jzs_bayes_factor(z - z.mean()) < 1 / 10
+
+
+def test_input_validation():
+    with pytest.raises(ValueError):
+        S.paired_effect([1.0, np.nan, 2.0], [0.0, 0.0, 0.0])
+    with pytest.raises(ValueError):
+        S.paired_effect([1.0, 2.0], [0.0, 0.0, 0.0])
+    with pytest.raises(ValueError):
+        S.paired_effect([1.0, 1.0, 1.0], [0.0, 0.0, 0.0])
