@@ -1,0 +1,361 @@
+"""The ablation engine: a clean pass and token-level expert ablations inside the forward pass.
+
+Mechanism (one for every family and mode): inside an nnsight trace, the router output
+``mlp.gate.output = (logits, topk_weights, topk_indices)`` of the ablated layer is replaced by
+the same triple with the combine weight of every removed expert set to zero on the chosen
+token rows. The fused experts multiply each expert output by its combine weight, so the MoE
+output at those rows loses exactly ``sum_{e removed} g_e(x_t) E_e(x_t)``. Other routing
+weights are not renormalised and shared experts are never touched.
+
+Two intervention definitions (``mode``):
+
+* ``token`` (the paper's Definition 2.1): only position ``t`` loses the expert. Executed by
+  default with ``strategy="kv"``: one clean forward per sequence builds a key/value cache, then
+  every ablation at position ``t`` is one batched single-token step that attends to the clean
+  cache of positions ``< t``. ``strategy="full"`` re-runs the prefix ``x[:t+1]`` and changes
+  only row ``t`` (slower; used to verify the cached path).
+* ``sequence`` (the released code's behaviour): the expert is removed at every position
+  ``<= t`` where it is routed. Executed by forwarding the prefix ``x[:t+1]``.
+
+Every batch also carries one un-ablated row per position, so the baseline loss and the gap
+norm ``||y_t - y_t^(-e)||`` come from the same batch as the ablation.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from .corpus import TokenizedCorpus
+from .models import AuditModel
+
+ABLATION_MODES = ("token", "sequence")
+STRATEGIES = ("kv", "full")
+
+
+def progress_enabled(progress: bool | None) -> bool:
+    """Progress bars on by default; ``MOEAUDIT_PROGRESS=0`` turns them off (e.g. when rendering)."""
+    if progress is not None:
+        return progress
+    return os.environ.get("MOEAUDIT_PROGRESS", "1") not in ("0", "false", "False")
+
+
+def _bar(iterable, *, total=None, desc="", progress=None):
+    return tqdm(iterable, total=total, desc=desc, disable=not progress_enabled(progress), file=sys.stderr,
+                leave=False, dynamic_ncols=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Expert outputs from the fused weights
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def expert_outputs(experts: torch.nn.Module, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Raw expert outputs ``E_e(x_n)`` for every (row n, slot j) with ``e = indices[n, j]``.
+
+    ``experts`` is a fused module with ``gate_up_proj`` (E, 2I, H), ``down_proj`` (E, H, I) and
+    ``act_fn``: ``E_e(x) = down_e (act(gate_e x) * up_e x)`` where ``[gate_e; up_e] = gate_up_e``.
+    Returns (N, k, H) in the weights' dtype (unweighted: the combine weight is not applied).
+    """
+    n, k = indices.shape
+    out = torch.zeros(n, k, x.shape[-1], dtype=experts.down_proj.dtype, device=x.device)
+    x = x.to(experts.gate_up_proj.dtype)
+    for e in torch.unique(indices).tolist():
+        rows, slots = torch.where(indices == e)
+        gate, up = torch.nn.functional.linear(x[rows], experts.gate_up_proj[e]).chunk(2, dim=-1)
+        out[rows, slots] = torch.nn.functional.linear(experts.act_fn(gate) * up, experts.down_proj[e])
+    return out
+
+
+def _token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``-log p(target | context)`` in float32 (the paper's per-token loss)."""
+    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+
+
+# --------------------------------------------------------------------------------------------
+# Clean pass
+# --------------------------------------------------------------------------------------------
+@dataclass
+class CleanPass:
+    """Routing and loss of the un-ablated model on every real token of a corpus.
+
+    ``tokens`` has one row per real token (``seq_id``, ``t``, ``token_id``, ``target_id``,
+    ``loss``; the last token of a sequence has ``target_id = -1`` and ``loss = NaN``).
+    ``routing[layer]`` holds arrays aligned with ``tokens`` rows: ``indices`` (N, k) expert ids,
+    ``weight`` (N, k) combine weights as used by the model, ``prob`` (N, k) softmax router
+    probabilities g_e(x_t), and ``norm`` (N, k) expert output norms ||E_e(x_t)||.
+    """
+
+    model_name: str
+    tokens: pd.DataFrame
+    routing: dict[int, dict[str, np.ndarray]]
+    offsets: np.ndarray  # row of (seq_id, 0) in ``tokens``
+
+    def row(self, seq_id, t):
+        return self.offsets[np.asarray(seq_id)] + np.asarray(t)
+
+    def active(self, seq_id: int, t: int, layer: int) -> np.ndarray:
+        if layer not in self.routing:
+            raise ValueError(f"layer={layer} was not recorded in the clean pass (recorded: {sorted(self.routing)})")
+        return self.routing[layer]["indices"][self.row(seq_id, t)]
+
+    def routing_frame(self, layer: int) -> pd.DataFrame:
+        """Long format: one row per (token, active expert) at ``layer``."""
+        r = self.routing[layer]
+        n, k = r["indices"].shape
+        base = self.tokens.loc[np.repeat(np.arange(n), k), ["seq_id", "t", "token_id"]].reset_index(drop=True)
+        base.insert(0, "layer", layer)
+        base["slot"] = np.tile(np.arange(k), n)
+        for key in ("indices", "weight", "prob", "norm"):
+            base["expert" if key == "indices" else key] = r[key].reshape(-1)
+        return base
+
+
+@torch.no_grad()
+def clean_pass(model: AuditModel, corpus: TokenizedCorpus, *, layers=None, batch_size: int = 8,
+               progress: bool | None = None) -> CleanPass:
+    """Run the un-ablated model over ``corpus`` and record routing, expert norms and losses."""
+    layers = sorted(model.layout.moe_layers if layers is None else layers)
+    for layer in layers:
+        model.layout.check_layer(layer)
+    token_rows, routing = [], {L: {k: [] for k in ("indices", "weight", "prob", "norm")} for L in layers}
+    order = list(range(len(corpus)))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for seq_ids in _bar(batches, desc="clean pass", progress=progress):
+        ids, mask = corpus.padded(seq_ids, pad_id=model.pad_id)
+        ids, mask = ids.to(model.device), mask.to(model.device)
+        saved = {}
+        with torch.no_grad(), model.nn.trace(input_ids=ids, attention_mask=mask, remote=model.remote):
+            for L in layers:
+                mlp = model.layers()[L].mlp
+                x = mlp.input.save()
+                r_logits, r_weight, r_idx = mlp.gate.output
+                saved[L] = (x, r_logits.save(), r_weight.save(), r_idx.save())
+            logits = model.nn.output.logits.save()
+        real = mask.reshape(-1).bool()
+        for L in layers:
+            x, r_logits, r_weight, r_idx = saved[L]
+            x = x.reshape(-1, x.shape[-1])[real]
+            idx = r_idx.reshape(-1, r_idx.shape[-1])[real]
+            probs = torch.softmax(r_logits.reshape(real.shape[0], -1)[real].float(), dim=-1)
+            experts = model.hf.model.layers[L].mlp.experts
+            norms = torch.linalg.vector_norm(expert_outputs(experts, x, idx.to(x.device)).float(), dim=-1)
+            routing[L]["indices"].append(idx.cpu().numpy().astype(np.int64))
+            routing[L]["weight"].append(r_weight.reshape(-1, idx.shape[-1])[real].float().cpu().numpy().astype(np.float64))
+            routing[L]["prob"].append(probs.gather(1, idx.to(probs.device)).cpu().numpy().astype(np.float64))
+            routing[L]["norm"].append(norms.cpu().numpy().astype(np.float64))
+        lengths = mask.sum(1).tolist()
+        for row, seq in enumerate(seq_ids):
+            n = lengths[row]
+            loss = np.full(n, np.nan)
+            target = np.full(n, -1, dtype=np.int64)
+            if n > 1:
+                tgt = ids[row, 1:n]
+                loss[:-1] = _token_loss(logits[row, : n - 1], tgt).cpu().numpy()
+                target[:-1] = tgt.cpu().numpy()
+            token_rows.append(pd.DataFrame({"seq_id": seq, "t": np.arange(n), "token_id": ids[row, :n].cpu().numpy(),
+                                            "target_id": target, "loss": loss}))
+    tokens = pd.concat(token_rows, ignore_index=True)
+    offsets = np.concatenate([[0], np.cumsum(corpus.lengths)[:-1]]).astype(np.int64)
+    routing_arrays = {L: {k: np.concatenate(v) for k, v in d.items()} for L, d in routing.items()}
+    return CleanPass(model.name, tokens, routing_arrays, offsets)
+
+
+# --------------------------------------------------------------------------------------------
+# Ablations
+# --------------------------------------------------------------------------------------------
+def validate_requests(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, requests: pd.DataFrame,
+                      *, mode: str, strategy: str = "kv") -> pd.DataFrame:
+    """Check every requested ablation; raise a ``ValueError`` naming the parameter otherwise."""
+    if mode not in ABLATION_MODES:
+        raise ValueError(f"mode={mode!r} is not one of {ABLATION_MODES}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy={strategy!r} is not one of {STRATEGIES}")
+    if mode == "sequence" and strategy == "kv":
+        strategy = "full"  # sequence mode changes earlier positions too: the cache cannot be reused
+    missing = {"seq_id", "t", "layer", "removed"} - set(requests.columns)
+    if missing:
+        raise ValueError(f"requests lack columns {sorted(missing)}")
+    req = requests.reset_index(drop=True).copy()
+    req["removed"] = [tuple(int(e) for e in np.atleast_1d(r)) for r in req["removed"]]
+    lengths = corpus.lengths
+    for row in req.itertuples(index=False):
+        model.layout.check_layer(int(row.layer))
+        if not 0 <= row.seq_id < len(corpus):
+            raise ValueError(f"seq_id={row.seq_id} is out of range: the corpus has {len(corpus)} sequences")
+        n = int(lengths[row.seq_id])
+        if not 0 <= row.t <= n - 2:
+            raise ValueError(f"position t={row.t} is out of range for sequence {row.seq_id} of length {n}: "
+                             f"t must be in [0, {n - 2}] (the last token has no next-token target)")
+        if len(row.removed) == 0 or len(set(row.removed)) != len(row.removed):
+            raise ValueError(f"removed={row.removed} must be a non-empty set of distinct experts")
+        active = clean.active(row.seq_id, row.t, row.layer)
+        bad = [e for e in row.removed if e not in active]
+        if bad:
+            raise ValueError(f"expert(s) {bad} not active at (seq_id={row.seq_id}, t={row.t}, layer={row.layer}); "
+                             f"active experts there are {sorted(active.tolist())}")
+    return req, strategy
+
+
+def _group_batches(groups: list, batch_size: int) -> list[list]:
+    """Pack (seq_id, t) groups into batches of at most ``batch_size`` rows without splitting a group."""
+    batches, current, size = [], [], 0
+    for g in groups:
+        n = len(g[1]) + 1  # + the clean row
+        if current and size + n > batch_size:
+            batches.append(current)
+            current, size = [], 0
+        current.append(g)
+        size += n
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _run_batch(model: AuditModel, *, input_ids, attention_mask, position_ids, past_key_values,
+               removal: dict[int, torch.Tensor], read_rows: torch.Tensor, read_pos: torch.Tensor):
+    """One traced forward. ``removal[L]`` is a (rows, E) bool matrix over the flattened token rows of
+    the batch; returns logits and MoE outputs (per layer) at ``(read_rows, read_pos)``."""
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
+    if past_key_values is not None:
+        kwargs.update(past_key_values=past_key_values, use_cache=True)
+    outputs = {}
+    with torch.no_grad(), model.nn.trace(**kwargs, remote=model.remote):
+        for L in sorted(removal):
+            mlp = model.layers()[L].mlp
+            r_logits, r_weight, r_idx = mlp.gate.output
+            hit = removal[L].to(r_idx.device).gather(1, r_idx)
+            mlp.gate.output = (r_logits, r_weight.masked_fill(hit, 0), r_idx)
+            outputs[L] = mlp.output[read_rows, read_pos].save()
+        logits = model.nn.output.logits[read_rows, read_pos].save()
+    return logits, outputs
+
+
+@torch.no_grad()
+def run_ablations(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, requests: pd.DataFrame, *,
+                  mode: str = "token", strategy: str = "kv", batch_size: int = 64, seq_batch: int = 4,
+                  seed: int | None = None, progress: bool | None = None) -> pd.DataFrame:
+    """Run every requested ablation and return one tidy record per request.
+
+    ``requests``: columns ``seq_id``, ``t``, ``layer``, ``removed`` (expert ids, all active at
+    (t, layer)); any other columns are carried into the records. The loss is
+    ``-log p(x_{t+1} | x_{<=t})`` in float32; ``delta_loss = ablated_loss - clean_loss`` with the
+    clean loss from an un-ablated row of the same batch.
+    """
+    req, strategy = validate_requests(model, corpus, clean, requests, mode=mode, strategy=strategy)
+    if batch_size < 2:
+        raise ValueError(f"batch_size must be >= 2 (one clean row plus one ablation), got {batch_size}")
+    if len(req) == 0:
+        raise ValueError("requests is empty")
+    E = model.layout.num_experts
+    dev = model.device
+    results = np.full((len(req), 3), np.nan)  # clean_loss, ablated_loss, gap_norm
+    seqs = sorted(req.seq_id.unique().tolist())
+    chunks = [seqs[i:i + seq_batch] for i in range(0, len(seqs), seq_batch)]
+    n_batches_done = 0
+    bar = _bar(None, total=len(req), desc=f"ablations ({mode})", progress=progress)
+    for chunk in chunks:
+        sub = req[req.seq_id.isin(chunk)]
+        groups = [((int(s), int(t)), list(g.index)) for (s, t), g in sub.groupby(["seq_id", "t"], sort=True)]
+        cache_kv = None
+        if strategy == "kv":
+            ids, mask = corpus.padded(chunk, pad_id=model.pad_id)
+            with torch.no_grad():
+                out = model.hf(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=True)
+            cache_kv = [(lay.keys, lay.values) for lay in out.past_key_values.layers]
+            width = ids.shape[1]
+            chunk_row = {s: i for i, s in enumerate(chunk)}
+        for batch in _group_batches(groups, batch_size):
+            rows = []  # (seq, t, request index or None)
+            for (s, t), idxs in batch:
+                rows.append((s, t, None))
+                rows.extend((s, t, i) for i in idxs)
+            R = len(rows)
+            seq_of = [r[0] for r in rows]
+            t_of = torch.tensor([r[1] for r in rows], dtype=torch.long)
+            layers_here = sorted({int(req.at[i, "layer"]) for _, idxs in batch for i in idxs})
+            if strategy == "kv":
+                from transformers import DynamicCache  # noqa: PLC0415
+
+                sel = torch.tensor([chunk_row[s] for s in seq_of], device=dev)
+                cache = DynamicCache(ddp_cache_data=[(k.index_select(0, sel), v.index_select(0, sel)) for k, v in cache_kv])
+                attn = (torch.arange(width + 1)[None, :] < t_of[:, None]).long()
+                attn[:, width] = 1  # the new token attends to itself
+                input_ids = torch.tensor([int(corpus.sequences[s][t]) for s, t, _ in rows]).view(R, 1)
+                position_ids, q_len = t_of.view(R, 1), 1
+                read_pos = torch.zeros(R, dtype=torch.long)
+            else:
+                q_len = int(t_of.max()) + 1
+                input_ids = torch.full((R, q_len), model.pad_id, dtype=torch.long)
+                attn = torch.zeros((R, q_len), dtype=torch.long)
+                for r, (s, t, _) in enumerate(rows):
+                    input_ids[r, : t + 1] = torch.from_numpy(corpus.sequences[s][: t + 1])
+                    attn[r, : t + 1] = 1
+                position_ids, cache = None, None
+                read_pos = t_of
+            removal = {L: torch.zeros(R * q_len, E, dtype=torch.bool) for L in layers_here}
+            for r, (s, t, i) in enumerate(rows):
+                if i is None:
+                    continue
+                L, removed = int(req.at[i, "layer"]), list(req.at[i, "removed"])
+                if strategy == "kv":
+                    flat = [r]
+                elif mode == "token":
+                    flat = [r * q_len + t]
+                else:
+                    flat = [r * q_len + j for j in range(t + 1)]
+                for f in flat:
+                    removal[L][f, removed] = True
+            read_rows = torch.arange(R)
+            logits, moe_out = _run_batch(
+                model, input_ids=input_ids.to(dev), attention_mask=attn.to(dev),
+                position_ids=None if position_ids is None else position_ids.to(dev), past_key_values=cache,
+                removal=removal, read_rows=read_rows.to(dev), read_pos=read_pos.to(dev))
+            targets = torch.tensor([int(corpus.sequences[s][t + 1]) for s, t, _ in rows], device=logits.device)
+            losses = _token_loss(logits, targets).cpu().numpy()
+            clean_row = {}
+            for r, (s, t, i) in enumerate(rows):
+                if i is None:
+                    clean_row[(s, t)] = r
+                    continue
+                c = clean_row[(s, t)]
+                L = int(req.at[i, "layer"])
+                gap = torch.linalg.vector_norm((moe_out[L][r] - moe_out[L][c]).float()).item()
+                results[i] = (losses[c], losses[r], gap)
+            n_batches_done += 1
+            bar.update(sum(len(idxs) for _, idxs in batch))
+    bar.close()
+    return _records(model, clean, req, results, mode=mode, seed=seed)
+
+
+def _records(model: AuditModel, clean: CleanPass, req: pd.DataFrame, results: np.ndarray, *, mode: str,
+             seed: int | None) -> pd.DataFrame:
+    rec = req.copy()
+    rows = clean.row(rec.seq_id.to_numpy(), rec.t.to_numpy())
+    rec["token_id"] = clean.tokens.token_id.to_numpy()[rows]
+    rec["target_id"] = clean.tokens.target_id.to_numpy()[rows]
+    weights, probs = [], []
+    for r, layer, removed in zip(rows, rec.layer, rec.removed):
+        route = clean.routing[int(layer)]
+        slot = [int(np.flatnonzero(route["indices"][r] == e)[0]) for e in removed]
+        weights.append([float(route["weight"][r, j]) for j in slot])
+        probs.append([float(route["prob"][r, j]) for j in slot])
+    rec["removed"] = [list(r) for r in rec.removed]
+    rec["n_removed"] = [len(r) for r in rec.removed]
+    rec["removed_weights"] = weights
+    rec["removed_probs"] = probs
+    rec["clean_loss"], rec["ablated_loss"], rec["gap_norm"] = results[:, 0], results[:, 1], results[:, 2]
+    rec["delta_loss"] = rec.ablated_loss - rec.clean_loss
+    rec.insert(0, "model", model.name)
+    rec.insert(1, "family", model.layout.family)
+    rec["mode"] = mode
+    rec["dtype"] = str(model.dtype).replace("torch.", "")
+    rec["seed"] = -1 if seed is None else int(seed)
+    return rec

@@ -1,0 +1,195 @@
+"""Loading MoE language models and describing their expert layout.
+
+One loader (:func:`load_model`) for a shipped short name, a Hugging Face id or a local
+directory. It returns an :class:`AuditModel`: the Hugging Face model, the same model wrapped
+in nnsight, its tokenizer, and a :class:`MoELayout` that says which layers are MoE and how
+their routers combine experts.
+
+Every supported family (transformers 5.x) has the same MoE block layout: ``layers[i].mlp.gate``
+is a top-k router returning ``(router_logits, topk_weights, topk_indices)`` over flattened
+tokens, and ``layers[i].mlp.experts`` is one fused module whose ``gate_up_proj`` (E, 2I, H)
+and ``down_proj`` (E, H, I) hold all routed experts; the experts multiply each output by its
+``topk_weights`` entry. Zeroing one combine weight therefore removes exactly
+``g_e(x_t) * E_e(x_t)`` from the MoE output and leaves everything else untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import nnsight  # noqa: F401  (must precede transformers.models.* imports)
+import torch
+
+SUPPORTED_FAMILIES = ("olmoe", "qwen2_moe", "deepseek_v2", "qwen3_moe", "mixtral")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class MoELayout:
+    """What the audit needs to know about a model's MoE layers."""
+
+    family: str
+    n_layers: int
+    moe_layers: tuple[int, ...]
+    num_experts: int
+    top_k: int
+    n_shared_experts: int
+    shared_expert_gate: str | None  # "sigmoid" (Qwen2-MoE) or None (ungated / absent)
+    norm_topk_prob: bool  # top-k weights renormalised to sum to one
+    routed_scaling_factor: float
+
+    def check_layer(self, layer: int) -> None:
+        if layer not in self.moe_layers:
+            raise ValueError(f"layer={layer} is not an MoE layer of this {self.family} model; "
+                             f"MoE layers are {list(self.moe_layers)}")
+
+    def depth_proportional_layers(self, n: int = 5) -> list[int]:
+        """``n`` MoE layers spread evenly from the first to the last (the paper's layer choice)."""
+        moe = list(self.moe_layers)
+        if n >= len(moe):
+            return moe
+        idx = [round(i * (len(moe) - 1) / (n - 1)) for i in range(n)] if n > 1 else [len(moe) - 1]
+        return [moe[i] for i in idx]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def layout_from_config(config) -> MoELayout:
+    """Describe the MoE layout of a supported transformers config; clear error otherwise."""
+    family = getattr(config, "model_type", None)
+    if family not in SUPPORTED_FAMILIES:
+        raise ValueError(f"unsupported architecture model_type={family!r}; supported MoE families are "
+                         f"{', '.join(SUPPORTED_FAMILIES)} (OLMoE, Qwen1.5-MoE/Qwen2-MoE, DeepSeek-V2, Qwen3-MoE, Mixtral)")
+    n_layers = config.num_hidden_layers
+    if family in ("olmoe", "mixtral"):
+        moe = tuple(range(n_layers))
+        num_experts = config.num_local_experts if family == "mixtral" else config.num_experts
+        shared, gate = 0, None
+        norm = True if family == "mixtral" else bool(config.norm_topk_prob)
+        scale = 1.0
+    elif family in ("qwen2_moe", "qwen3_moe"):
+        only = set(getattr(config, "mlp_only_layers", None) or [])
+        step = getattr(config, "decoder_sparse_step", 1) or 1
+        moe = tuple(i for i in range(n_layers) if i not in only and config.num_experts > 0 and (i + 1) % step == 0)
+        num_experts = config.num_experts
+        has_shared = family == "qwen2_moe" and getattr(config, "shared_expert_intermediate_size", 0) > 0
+        shared, gate = (1, "sigmoid") if has_shared else (0, None)
+        norm, scale = bool(config.norm_topk_prob), 1.0
+    else:  # deepseek_v2
+        moe = tuple(range(config.first_k_dense_replace, n_layers))
+        num_experts = config.n_routed_experts if getattr(config, "num_experts", None) is None else config.num_experts
+        shared, gate = int(config.n_shared_experts or 0), None
+        norm = False  # DeepSeek-V2 multiplies softmax probabilities by routed_scaling_factor, no renormalisation
+        scale = float(config.routed_scaling_factor)
+    return MoELayout(family, n_layers, moe, int(num_experts), int(config.num_experts_per_tok), shared, gate, norm, scale)
+
+
+@dataclass
+class AuditModel:
+    """A loaded model: Hugging Face module, nnsight wrapper, tokenizer and MoE layout."""
+
+    name: str
+    hf: torch.nn.Module
+    nn: object  # nnsight.NNsight / LanguageModel wrapping ``hf``
+    layout: MoELayout
+    tokenizer: object | None = None
+    remote: bool = False
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.hf.get_input_embeddings().weight.device
+
+    def layers(self):
+        """The decoder layers of the nnsight wrapper (``model.layers``)."""
+        return self.nn.model.layers
+
+    def hf_moe_block(self, layer: int):
+        self.layout.check_layer(layer)
+        return self.hf.model.layers[layer].mlp
+
+    @property
+    def pad_id(self) -> int:
+        for src in (self.tokenizer, self.hf.config):
+            pid = getattr(src, "pad_token_id", None)
+            if pid is not None:
+                return int(pid)
+        return 0
+
+
+def _check_block_structure(hf_model, layout: MoELayout) -> None:
+    for i in layout.moe_layers:
+        mlp = hf_model.model.layers[i].mlp
+        experts = getattr(mlp, "experts", None)
+        if getattr(mlp, "gate", None) is None or experts is None or not hasattr(experts, "gate_up_proj"):
+            raise ValueError(f"layer {i} of this {layout.family} model does not have the fused router/experts "
+                             "layout (mlp.gate + mlp.experts.gate_up_proj) of transformers 5.x; upgrade transformers")
+
+
+def wrap_model(hf_model, *, tokenizer=None, name: str | None = None) -> AuditModel:
+    """Wrap an already-instantiated Hugging Face MoE model (eval mode) for the audit."""
+    layout = layout_from_config(hf_model.config)
+    _check_block_structure(hf_model, layout)
+    hf_model.eval()
+    return AuditModel(name or getattr(hf_model.config, "_name_or_path", "") or layout.family,
+                      hf_model, nnsight.NNsight(hf_model), layout, tokenizer)
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A shipped short name (``tiny-olmoe`` ...) becomes its package directory; others pass through."""
+    from .zoo import ZOO_MODELS, zoo_path  # noqa: PLC0415
+
+    if name_or_path in ZOO_MODELS:
+        return str(zoo_path(name_or_path))
+    return str(name_or_path)
+
+
+def load_model(name_or_path: str, *, dtype: str = "float32", device: str | None = "cpu",
+               device_map: str | dict | None = None, remote: bool = False,
+               local_files_only: bool | None = None) -> AuditModel:
+    """Load a model for the audit.
+
+    ``name_or_path``: a shipped short name (see :data:`moeaudit.zoo.ZOO_MODELS`), a local
+    directory, or a Hugging Face id (``allenai/OLMoE-1B-7B-0924``, ``Qwen/Qwen1.5-MoE-A2.7B``,
+    ``deepseek-ai/DeepSeek-V2-Lite``, ...). ``dtype`` is ``float32`` (default), ``bfloat16`` or
+    ``float16``. ``device_map`` (e.g. ``"auto"``) is passed to ``from_pretrained`` so accelerate
+    can shard a large model over several devices; otherwise the model is moved to ``device``.
+    ``remote=True`` wraps the model for nnsight remote execution (NDIF); the id must be hosted
+    there. ``local_files_only`` defaults to ``$HF_HUB_OFFLINE``.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not one of {list(DTYPES)}")
+    path = resolve_model_path(name_or_path)
+    if local_files_only is None:
+        local_files_only = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=local_files_only)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"model {name_or_path!r} could not be loaded: it is not a shipped model, not a local "
+                         f"directory with config.json, and the hub could not provide it ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:200]}). Offline, download the checkpoint elsewhere and pass "
+                         "its directory.") from None
+    layout = layout_from_config(config)  # clear error before any weights are read
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_files_only)
+    if remote:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            lm = nnsight.LanguageModel(path, tokenizer=tokenizer, dtype=DTYPES[dtype])
+        return AuditModel(str(name_or_path), lm._model, lm, layout, tokenizer, remote=True)
+    kwargs = {"dtype": DTYPES[dtype], "local_files_only": local_files_only}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    hf_model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if device_map is None and device is not None:
+        hf_model = hf_model.to(device)
+    audit = wrap_model(hf_model, tokenizer=tokenizer, name=str(name_or_path))
+    return audit
