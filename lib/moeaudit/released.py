@@ -1,0 +1,576 @@
+"""The authors' released result files, read into tidy DataFrames.
+
+The paper's authors released their result files (JSON and CSV) in the repository
+``callmeloui/observational_metrics`` at commit :data:`RELEASED_COMMIT`. This module finds a
+local copy (``<data_dir>/paper-released/``, same relative paths as in that repository; the
+data directory is the ``data_dir`` argument or ``$MOEAUDIT_DATA_DIR``), or else downloads
+the files it needs from that exact commit into a per-user cache
+(``$MOEAUDIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/moeaudit``, else ``~/.cache/moeaudit``),
+never into this repository.
+
+Model keys are ``"olmoe"``, ``"qwen"`` and ``"deepseek"`` (see :data:`MODELS`); metric keys
+are the ones used in the released files (see :data:`METRICS`). In every comparison table
+``delta_high`` is the loss change from ablating the expert ranked highest by the criterion
+and ``delta_low`` the one ranked lowest, both in nats.
+
+:func:`paper_printed_values` is different in kind: it holds the numbers printed in the
+paper's tables (typed from the text of arXiv:2606.10703v1), so that recomputed values can
+be shown beside what the paper reports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import paths
+
+__all__ = [
+    "RELEASED_REPO",
+    "RELEASED_COMMIT",
+    "RELEASED_URL",
+    "RELEASED_FILES",
+    "MODELS",
+    "METRICS",
+    "LAYERS",
+    "ReleasedDataUnavailable",
+    "cache_dir",
+    "released_dir",
+    "metric_comparisons",
+    "control_comparisons",
+    "stored_statistics",
+    "qwen_summaries",
+    "progressive_ablation",
+    "redistribution",
+    "redistribution_experts",
+    "paper_printed_values",
+    "agrees_at_printed_precision",
+]
+
+RELEASED_REPO = "callmeloui/observational_metrics"
+RELEASED_COMMIT = "18bd31b5d09150e7f4286f1cd4a8b5a1a329b301"
+RELEASED_URL = f"https://raw.githubusercontent.com/{RELEASED_REPO}/{RELEASED_COMMIT}/"
+CACHE_DIR_ENV = "MOEAUDIT_CACHE_DIR"
+
+#: model key -> name used in the paper
+MODELS: dict[str, str] = {
+    "olmoe": "OLMoE-1B-7B-0924",
+    "qwen": "Qwen1.5-MoE-A2.7B",
+    "deepseek": "DeepSeek-V2-Lite",
+}
+#: metric key (as in the released files) -> row label used in the paper's tables
+METRICS: dict[str, str] = {
+    "utilization_rate": "Utilization rate",
+    "activation_norm": "Activation norm",
+    "mean_routing_weight_when_active": "Mean routing weight",
+    "activation_std": "Activation std",
+}
+#: layers audited per model (paper, Section 2)
+LAYERS: dict[str, tuple[int, ...]] = {
+    "olmoe": (0, 4, 7, 11, 15),
+    "qwen": (0, 6, 12, 18, 23),
+    "deepseek": (1, 7, 13, 20, 26),
+}
+PROGRESSIVE_LAYERS: tuple[int, ...] = (0, 1, 7, 8, 9, 15)
+
+_METRIC_FILE = {
+    "olmoe": "olmoe/olmoe_per_token_ablation/layer_{layer:02d}_results.json",
+    "deepseek": "deepseek/layer_{layer:02d}_results.json",
+}
+_DEEPSEEK_CONTROL = "deepseek/routing_weight_control_all_layers_full_deepseek.json"
+_QWEN_METRIC = "qwen/per_token_ablation_results.json"
+_QWEN_CONTROL = "qwen/routing_weight_control.json"
+_PROGRESSIVE = "olmoe/olmoe_progressive_ablation_results/progressive_ablation_summary.csv"
+_OLMOE_REDIST = "olmoe/olmoe_redistribution/redistribution_v2_layer{layer}_wikitext.json"
+_QWEN_REDIST = "qwen/redistribution_layer{layer}_full.json"
+
+#: every released file this module reads (relative to ``paper-released/``)
+RELEASED_FILES: tuple[str, ...] = (
+    *(_METRIC_FILE["olmoe"].format(layer=layer) for layer in LAYERS["olmoe"]),
+    *(_METRIC_FILE["deepseek"].format(layer=layer) for layer in LAYERS["deepseek"]),
+    _DEEPSEEK_CONTROL,
+    _QWEN_METRIC,
+    _QWEN_CONTROL,
+    _PROGRESSIVE,
+    *(_OLMOE_REDIST.format(layer=layer) for layer in range(16)),
+    *(_QWEN_REDIST.format(layer=layer) for layer in LAYERS["qwen"]),
+)
+
+_urlopen = urllib.request.urlopen  # indirection so tests can simulate being offline
+
+
+class ReleasedDataUnavailable(FileNotFoundError):
+    """The released result files are neither available locally nor downloadable."""
+
+
+# ----------------------------------------------------------------------------- locating
+
+
+def cache_dir() -> Path:
+    """Per-user cache for downloaded released files (not created here)."""
+    env = os.environ.get(CACHE_DIR_ENV)
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "moeaudit"
+
+
+def _download(relpath: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _urlopen(RELEASED_URL + relpath, timeout=60) as response:
+        payload = response.read()
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".part-")
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(payload)
+    os.replace(tmp, target)
+
+
+def released_dir(data_dir: str | os.PathLike | None = None, *, download: bool = True) -> Path:
+    """The folder holding the released files.
+
+    1. ``<data_dir>/paper-released`` where ``data_dir`` is the argument or
+       ``$MOEAUDIT_DATA_DIR``, if that folder exists;
+    2. otherwise ``cache_dir()/paper-released``, after downloading any of
+       :data:`RELEASED_FILES` missing there from :data:`RELEASED_URL` (if ``download``).
+
+    Raises :class:`ReleasedDataUnavailable` with instructions when neither works.
+    """
+    root = paths.data_dir(data_dir)
+    if root is not None and (root / "paper-released").is_dir():
+        return root / "paper-released"
+    cached = cache_dir() / "paper-released"
+    missing = [f for f in RELEASED_FILES if not (cached / f).is_file()]
+    if not missing:
+        return cached
+    looked = (f"{root / 'paper-released'}" if root is not None
+              else f"no data directory (data_dir=None and ${paths.DATA_DIR_ENV} unset)")
+    if download:
+        try:
+            for rel in missing:
+                _download(rel, cached / rel)
+            return cached
+        except (OSError, urllib.error.URLError) as err:  # URLError is an OSError
+            reason = f"downloading {len(missing)} file(s) from {RELEASED_URL} failed ({err})"
+    else:
+        reason = f"{len(missing)} file(s) are missing there and download=False"
+    raise ReleasedDataUnavailable(
+        "The authors' released result files were not found. Looked in: " + looked
+        + f"; then in the cache {cached}, where " + reason + ". To fix: set "
+        f"${paths.DATA_DIR_ENV} to a folder that contains paper-released/ (the result files "
+        f"of {RELEASED_REPO} at commit {RELEASED_COMMIT}, same relative paths), or pass "
+        "data_dir=<that folder>; or run once with network access so the files can be "
+        "downloaded into the cache."
+    )
+
+
+def _read_json(relpath: str, data_dir) -> dict:
+    with open(released_dir(data_dir) / relpath, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def _check_model(model: str | None, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    if model is None:
+        return allowed
+    if model not in allowed:
+        raise ValueError(f"model must be one of {allowed} or None, got {model!r}")
+    return (model,)
+
+
+# ----------------------------------------------------------------------------- raw records
+
+
+def metric_comparisons(*, model: str | None = None, data_dir=None) -> pd.DataFrame:
+    """Per-position records of the observational-metric audit (OLMoE and DeepSeek).
+
+    One row per (model, layer, metric, sampled position); 200 positions per cell. Columns:
+    ``model``, ``layer``, ``metric``, ``position`` (0-199, order in the file),
+    ``global_token_idx``, ``sample_idx``, ``batch_idx``, ``seq_position`` (index in the
+    padded sequence), ``num_active_experts``, ``expert_high``, ``expert_low`` (ids of the
+    experts ranked highest/lowest by the metric among the active ones),
+    ``metric_value_high``, ``metric_value_low``, ``baseline_loss``, ``loss_high``,
+    ``loss_low``, ``delta_high``, ``delta_low`` and ``delta_diff_stored`` (the file's
+    ``delta_difference``, = ``delta_high - delta_low``).
+    """
+    rows = []
+    for m in _check_model(model, ("olmoe", "deepseek")):
+        for layer in LAYERS[m]:
+            payload = _read_json(_METRIC_FILE[m].format(layer=layer), data_dir)
+            if payload["layer_idx"] != layer:
+                raise ValueError(f"{m} file for layer {layer} says layer {payload['layer_idx']}")
+            for metric in METRICS:
+                res = payload["metric_results"][metric]
+                for i, c in enumerate(res["comparisons"]):
+                    if len(c["top_k_experts"]) != 1 or len(c["bottom_k_experts"]) != 1:
+                        raise ValueError("expected one high and one low expert per position")
+                    rows.append({
+                        "model": m, "layer": layer, "metric": metric, "position": i,
+                        "global_token_idx": c["global_token_idx"],
+                        "sample_idx": c["sample_idx"], "batch_idx": c["batch_idx"],
+                        "seq_position": c["seq_position"],
+                        "num_active_experts": c["num_active_experts"],
+                        "expert_high": c["top_k_experts"][0],
+                        "expert_low": c["bottom_k_experts"][0],
+                        "metric_value_high": c["top_k_metric_values"][0],
+                        "metric_value_low": c["bottom_k_metric_values"][0],
+                        "baseline_loss": c["baseline_loss"],
+                        "loss_high": c["high_ablated_loss"], "loss_low": c["low_ablated_loss"],
+                        "delta_high": c["high_delta"], "delta_low": c["low_delta"],
+                        "delta_diff_stored": c["delta_difference"],
+                    })
+    return pd.DataFrame(rows)
+
+
+def control_comparisons(*, data_dir=None) -> pd.DataFrame:
+    """Per-position records of the DeepSeek-V2-Lite routing-weight control (Table 6).
+
+    At each sampled position the active expert with the largest routing weight is
+    ``expert_high`` and the one with the smallest ``expert_low``. Columns: ``model``
+    (``"deepseek"``), ``layer``, ``position`` (0-199), ``token_pos``, ``expert_high``,
+    ``expert_low``, ``weight_high``, ``weight_low``, ``weight_ratio`` (stored,
+    = ``weight_high / weight_low``), ``baseline_loss``, ``loss_high``, ``loss_low``,
+    ``delta_high``, ``delta_low``. The file does not record which text a position belongs
+    to, only ``token_pos``.
+    """
+    payload = _read_json(_DEEPSEEK_CONTROL, data_dir)
+    rows = []
+    for key, res in payload.items():
+        layer = int(res["layer"])
+        if int(key) != layer:
+            raise ValueError(f"control entry {key} says layer {layer}")
+        for i, c in enumerate(res["comparisons"]):
+            rows.append({
+                "model": "deepseek", "layer": layer, "position": i,
+                "token_pos": c["token_pos"],
+                "expert_high": c["high_expert"], "expert_low": c["low_expert"],
+                "weight_high": c["high_weight"], "weight_low": c["low_weight"],
+                "weight_ratio": c["weight_ratio"],
+                "baseline_loss": c["baseline_loss"],
+                "loss_high": c["high_loss"], "loss_low": c["low_loss"],
+                "delta_high": c["high_delta"], "delta_low": c["low_delta"],
+            })
+    return pd.DataFrame(rows).sort_values(["layer", "position"], ignore_index=True)
+
+
+# ----------------------------------------------------------------------------- stored stats
+
+_STAT_COLUMNS = [
+    "model", "experiment", "layer", "metric", "n", "mean_diff", "sd_diff", "median_diff",
+    "cohens_d", "ddof", "t", "p_t", "W", "p_W", "spearman_rho", "spearman_p", "sig_label",
+    "pct_high_larger", "source",
+]
+
+
+def _implied_ddof(d: float, t: float, n: int) -> int:
+    """Which standard deviation the stored d used: ``t/sqrt(n)`` (ddof 1) or ``t/sqrt(n-1)``."""
+    return 0 if abs(d - t / np.sqrt(n - 1)) < abs(d - t / np.sqrt(n)) else 1
+
+
+def stored_statistics(*, model: str | None = None, experiment: str | None = None,
+                      data_dir=None) -> pd.DataFrame:
+    """The per-cell statistics as stored in the released files.
+
+    One row per cell: ``experiment`` is ``"metric"`` (observational-metric audit; ``metric``
+    is the metric key) or ``"control"`` (routing-weight control; ``metric`` is
+    ``"routing_weight"``). Columns: ``model``, ``experiment``, ``layer``, ``metric``, ``n``,
+    ``mean_diff``, ``sd_diff``, ``median_diff``, ``cohens_d``, ``ddof`` (the ddof of the
+    standard deviation in the stored ``cohens_d``, implied by the stored ``t``: d equals
+    ``t/sqrt(n-1)`` for ddof 0 and ``t/sqrt(n)`` for ddof 1), ``t``, ``p_t``, ``W``, ``p_W``,
+    ``spearman_rho``, ``spearman_p`` (control only), ``sig_label`` (the stored
+    uncorrected significance label, where present), ``pct_high_larger``, ``source``
+    (relative path of the file). Fields a file does not store are NaN.
+
+    OLMoE's routing-weight control (the paper's Table 4) was not released.
+    """
+    if experiment not in (None, "metric", "control"):
+        raise ValueError("experiment must be 'metric', 'control' or None")
+    models = _check_model(model, ("olmoe", "qwen", "deepseek"))
+    rows = []
+    if experiment in (None, "metric"):
+        for m in models:
+            if m == "qwen":
+                payload = _read_json(_QWEN_METRIC, data_dir)
+                for layer_key, per_metric in payload.items():
+                    for metric, s in per_metric.items():
+                        rows.append({
+                            "model": m, "experiment": "metric", "layer": int(layer_key),
+                            "metric": metric, "n": s["n"], "mean_diff": s["mean_diff"],
+                            "cohens_d": s["cohens_d"], "t": s["t_stat"], "p_t": s["t_pval"],
+                            "W": s["wilcoxon_stat"], "p_W": s["wilcoxon_pval"],
+                            "sig_label": s["sig"], "source": _QWEN_METRIC,
+                        })
+                continue
+            for layer in LAYERS[m]:
+                rel = _METRIC_FILE[m].format(layer=layer)
+                payload = _read_json(rel, data_dir)
+                for metric in METRICS:
+                    s = payload["metric_results"][metric]["statistics"]
+                    rows.append({
+                        "model": m, "experiment": "metric", "layer": layer, "metric": metric,
+                        "n": s["num_completed"], "mean_diff": s["mean_difference"],
+                        "sd_diff": s["std_difference"], "median_diff": s["median_difference"],
+                        "cohens_d": s["cohens_d"], "t": s["paired_t_stat"],
+                        "p_t": s["paired_t_pval"], "W": s["wilcoxon_stat"],
+                        "p_W": s["wilcoxon_pval"], "pct_high_larger": s["pct_high_larger"],
+                        "source": rel,
+                    })
+    if experiment in (None, "control"):
+        for m in models:
+            if m == "olmoe":
+                continue
+            rel = _QWEN_CONTROL if m == "qwen" else _DEEPSEEK_CONTROL
+            payload = _read_json(rel, data_dir)
+            for layer_key, s in payload.items():
+                rows.append({
+                    "model": m, "experiment": "control", "layer": int(layer_key),
+                    "metric": "routing_weight", "n": s["n"], "mean_diff": s["mean_diff"],
+                    "sd_diff": s.get("std_diff", np.nan), "cohens_d": s["cohens_d"],
+                    "t": s["t_stat"], "p_t": s["t_pval"], "W": s["wilcoxon_stat"],
+                    "p_W": s["wilcoxon_pval"], "spearman_rho": s["spearman_rho"],
+                    "spearman_p": s["spearman_pval"], "sig_label": s["sig"], "source": rel,
+                })
+    out = pd.DataFrame(rows).reindex(columns=_STAT_COLUMNS)
+    for col in ("n", "layer"):
+        out[col] = out[col].astype(int)
+    out["ddof"] = [_implied_ddof(d, t, n) for d, t, n in zip(out["cohens_d"], out["t"], out["n"])]
+    float_cols = [c for c in _STAT_COLUMNS if c not in
+                  ("model", "experiment", "layer", "metric", "n", "ddof", "sig_label", "source")]
+    out[float_cols] = out[float_cols].astype(np.float64)
+    out["sig_label"] = out["sig_label"].astype(object).where(out["sig_label"].notna(), None)
+    return out.sort_values(["model", "experiment", "layer", "metric"], ignore_index=True)
+
+
+def qwen_summaries(*, data_dir=None) -> pd.DataFrame:
+    """Qwen1.5-MoE's stored summaries (metric audit and control): no raw records exist.
+
+    Same columns as :func:`stored_statistics`.
+    """
+    return stored_statistics(model="qwen", data_dir=data_dir)
+
+
+# ----------------------------------------------------------------------------- summaries
+
+
+def progressive_ablation(*, data_dir=None) -> pd.DataFrame:
+    """OLMoE progressive ablation summary (the paper's Tables 8 and 9).
+
+    One row per (layer, k), where the k highest-weight active experts were removed.
+    Columns: ``model`` (``"olmoe"``), ``layer``, ``k``, ``mean_delta``, ``sd_delta``,
+    ``median_delta``, ``p25_delta``, ``p75_delta``, ``p95_delta`` (cumulative loss change in
+    nats over the positions), ``share_positive`` (fraction of positions with a positive
+    change), ``weight_share_removed_mean`` (mean fraction of routing weight removed),
+    ``n`` (positions), ``baseline_loss_mean``.
+    """
+    path = released_dir(data_dir) / _PROGRESSIVE
+    raw = pd.read_csv(path)
+    out = raw.rename(columns={
+        "n_removed": "k", "delta_loss_mean": "mean_delta", "delta_loss_std": "sd_delta",
+        "delta_loss_median": "median_delta", "delta_loss_p25": "p25_delta",
+        "delta_loss_p75": "p75_delta", "delta_loss_p95": "p95_delta",
+        "pct_positive": "share_positive", "pct_weight_removed_mean": "weight_share_removed_mean",
+        "n_samples": "n",
+    })
+    out.insert(0, "model", "olmoe")
+    return out.sort_values(["layer", "k"], ignore_index=True)
+
+
+_REDIST_PAIRS = {
+    "routing_weight_vs_gap_norm": "rw_gap",
+    "gap_norm_vs_relative_compensation": "gap_comp",
+    "routing_weight_vs_relative_compensation": "rw_comp",
+    "compensation_cosine_vs_gap_norm": "cos_gap",
+}
+
+
+def _redistribution_files(data_dir):
+    for layer in range(16):
+        rel = _OLMOE_REDIST.format(layer=layer)
+        yield "olmoe", layer, rel, _read_json(rel, data_dir)
+    for layer in LAYERS["qwen"]:
+        rel = _QWEN_REDIST.format(layer=layer)
+        yield "qwen", layer, rel, _read_json(rel, data_dir)
+
+
+def redistribution_experts(*, data_dir=None) -> pd.DataFrame:
+    """Per-expert redistribution aggregates (OLMoE layers 0-15, Qwen layers 0/6/12/18/23).
+
+    Columns: ``model``, ``layer``, ``expert``, ``mean_routing_weight``, ``token_coverage``,
+    ``mean_gap_norm``, ``std_gap_norm``, ``compensation_cosine``, ``relative_compensation``,
+    ``n_active_tokens``.
+    """
+    rows = []
+    for m, layer, _, payload in _redistribution_files(data_dir):
+        for expert, e in payload["experts"].items():
+            rows.append({"model": m, "layer": layer, "expert": int(expert), **e})
+    return pd.DataFrame(rows)
+
+
+def redistribution(*, data_dir=None) -> pd.DataFrame:
+    """Per-layer redistribution aggregates (the paper's Table 7 and Section 3 gap norms).
+
+    Columns: ``model``, ``layer``, ``n_experts``, ``n_tokens``, ``mean_gap_norm`` (mean over
+    the experts of each expert's mean gap norm, as in Table 7), and the stored Spearman
+    correlations across experts with their p-values: ``rho_rw_gap``/``p_rw_gap`` (routing
+    weight vs gap norm), ``rho_gap_comp``/``p_gap_comp`` (gap norm vs relative
+    compensation), ``rho_rw_comp``/``p_rw_comp``, ``rho_cos_gap``/``p_cos_gap``;
+    ``source``.
+    """
+    rows = []
+    for m, layer, rel, payload in _redistribution_files(data_dir):
+        gaps = np.array([e["mean_gap_norm"] for e in payload["experts"].values()], dtype=np.float64)
+        row = {"model": m, "layer": layer, "n_experts": len(gaps),
+               "n_tokens": payload.get("n_tokens_total", payload.get("n_tokens")),
+               "mean_gap_norm": float(gaps.mean())}
+        for key, short in _REDIST_PAIRS.items():
+            row[f"rho_{short}"] = payload["correlations"][key]["rho"]
+            row[f"p_{short}"] = payload["correlations"][key]["p"]
+        row["source"] = rel
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- the paper
+
+# Tables as printed in arXiv:2606.10703v1, typed from the paper's text. Per row: the values
+# at the table's layers (or k for Tables 8-9), in column order; a trailing "b" marks a bold
+# cell, trailing "*" marks significance stars (Table 7).
+_T_METRIC = {
+    1: ("olmoe", {
+        "utilization_rate": ("-0.071 -0.027 +0.029 +0.066 +0.051", "0.319 0.702 0.687 0.351 0.476"),
+        "activation_norm": ("-0.095 +0.119 +0.075 +0.136 +0.033", "0.182 0.094 0.293 0.057 0.640"),
+        "mean_routing_weight_when_active": ("+0.048 -0.093 +0.072 -0.036 -0.095",
+                                            "0.500 0.189 0.312 0.611 0.179"),
+        "activation_std": ("-0.034 +0.030 -0.098 +0.141b -0.020", "0.634 0.669 0.169 0.048b 0.777"),
+    }),
+    2: ("qwen", {
+        "utilization_rate": ("-0.131 +0.012 +0.111 +0.009 -0.001", "0.065 0.861 0.118 0.903 0.993"),
+        "activation_norm": ("+0.019 +0.053 +0.110 +0.045 +0.092", "0.786 0.454 0.120 0.526 0.194"),
+        "mean_routing_weight_when_active": ("+0.021 +0.018 -0.006 +0.129 +0.035",
+                                            "0.772 0.798 0.934 0.070 0.620"),
+        "activation_std": ("+0.067 +0.046 +0.081 +0.149b +0.222b", "0.343 0.515 0.252 0.036b 0.002b"),
+    }),
+    3: ("deepseek", {
+        "utilization_rate": ("-0.039 +0.044 +0.115 +0.163b +0.143b", "0.581 0.533 0.105 0.023b 0.045b"),
+        "activation_norm": ("+0.157b +0.040 +0.097 +0.006 +0.084", "0.028b 0.576 0.172 0.937 0.235"),
+        "mean_routing_weight_when_active": ("-0.007 -0.070 +0.097 -0.014 +0.035",
+                                            "0.926 0.327 0.174 0.849 0.621"),
+        "activation_std": ("+0.101 +0.064 +0.043 +0.050 +0.064", "0.156 0.369 0.545 0.483 0.370"),
+    }),
+}
+_T_CONTROL = {
+    4: ("olmoe", {
+        "d": "-0.114 +0.095 +0.085 +0.164b +0.231b",
+        "p_t": "0.107 0.180 0.233 0.022b 0.0013b",
+        "p_W": "0.217 0.799 0.227 0.015 0.019",
+        "rho": "-0.058 +0.019 +0.196 +0.084 +0.199",
+    }),
+    5: ("qwen", {
+        "d": "+0.014 -0.031 +0.114 +0.124 +0.112",
+        "p_t": "0.840 0.659 0.110 0.081 0.116",
+        "p_W": "0.385 0.589 0.308 0.922 0.199",
+        "rho": "-0.084 +0.043 -0.036 +0.082 -0.011",
+    }),
+    6: ("deepseek", {
+        "d": "+0.075 +0.078 +0.068 +0.068 +0.098",
+        "p_t": "0.293 0.273 0.336 0.335 0.169",
+        "p_W": "0.390 0.508 0.460 0.085 0.466",
+        "rho": "+0.090 -0.070 +0.051 -0.001 -0.018",
+    }),
+}
+_T7 = {
+    "mean_gap_norm": "0.011 0.122 0.090 0.239 0.440",
+    "rho_rw_gap": "+0.558*** +0.638*** +0.632*** +0.596*** +0.744***",
+    "rho_gap_comp": "+0.076 +0.394** +0.388** +0.349** +0.282*",
+}
+_T8 = {  # rows k = 1..7, columns layers 0, 1, 7, 8, 9, 15
+    1: "+0.009 +0.018 +0.009 +0.015 +0.029 +0.082",
+    2: "+0.013 +0.031 +0.016 +0.028 +0.060 +0.155",
+    3: "+0.016 +0.035 +0.010 +0.045 +0.061 +0.214",
+    4: "+0.019 +0.051 +0.022 +0.054 +0.073 +0.290",
+    5: "+0.029 +0.058 +0.022 +0.061 +0.080 +0.354",
+    6: "+0.021 +0.058 +0.025 +0.062 +0.078 +0.403",
+    7: "+0.028 +0.068 +0.020 +0.070 +0.083 +0.431",
+}
+_T9 = {
+    "median_delta": "+0.000 +0.003 +0.001 +0.008 +0.012 +0.018",
+    "p95_delta": "+0.433 +0.398 +0.473 +0.641 +0.709 +2.633",
+}
+
+
+def _cells(text: str):
+    for token in text.split():
+        bold = token.endswith("b")
+        token = token.rstrip("b")
+        stars = len(token) - len(token.rstrip("*"))
+        number = token.rstrip("*")
+        decimals = len(number.split(".")[1]) if "." in number else 0
+        yield number, float(number), decimals, bold, "*" * stars
+
+
+def paper_printed_values() -> pd.DataFrame:
+    """The numbers printed in the paper's Tables 1-9 (arXiv:2606.10703v1), in long form.
+
+    Typed from the paper's text, not read from any data file. Columns: ``table`` (1-9),
+    ``model``, ``experiment`` (``"metric"``, ``"control"``, ``"redistribution"``,
+    ``"progressive"``), ``metric`` (metric key for Tables 1-3, ``"routing_weight"`` for
+    Tables 4-6, else ``None``), ``layer``, ``k`` (Tables 8-9, else ``<NA>``), ``quantity``
+    (``d``, ``p_t``, ``p_W``, ``rho`` for Tables 1-6; ``mean_gap_norm``, ``rho_rw_gap``,
+    ``rho_gap_comp`` for Table 7; ``mean_delta``, ``median_delta``, ``p95_delta`` for
+    Tables 8-9), ``printed`` (the text as printed), ``value`` (float), ``decimals``
+    (printed precision), ``bold`` (bold in the paper: uncorrected p_t < 0.05 in Tables 1-3,
+    "Bonferroni significance" per the caption of Tables 4-6), ``stars`` (Table 7
+    significance markers: * p<0.05, ** p<0.01, *** p<0.001).
+
+    Tables 1-3 print d and p_t only (no p_W). Table 4 (OLMoE control) has no released data.
+    """
+    rows = []
+
+    def add(table, model, experiment, metric, layer, k, quantity, cell):
+        printed, value, decimals, bold, stars = cell
+        rows.append({"table": table, "model": model, "experiment": experiment,
+                     "metric": metric, "layer": layer, "k": k, "quantity": quantity,
+                     "printed": printed, "value": value, "decimals": decimals,
+                     "bold": bold, "stars": stars})
+
+    for table, (model, spec) in _T_METRIC.items():
+        for metric, (d_row, p_row) in spec.items():
+            for quantity, text in (("d", d_row), ("p_t", p_row)):
+                for layer, cell in zip(LAYERS[model], _cells(text), strict=True):
+                    add(table, model, "metric", metric, layer, None, quantity, cell)
+    for table, (model, spec) in _T_CONTROL.items():
+        for quantity, text in spec.items():
+            for layer, cell in zip(LAYERS[model], _cells(text), strict=True):
+                add(table, model, "control", "routing_weight", layer, None, quantity, cell)
+    for quantity, text in _T7.items():
+        for layer, cell in zip(LAYERS["qwen"], _cells(text), strict=True):
+            add(7, "qwen", "redistribution", None, layer, None, quantity, cell)
+    for k, text in _T8.items():
+        for layer, cell in zip(PROGRESSIVE_LAYERS, _cells(text), strict=True):
+            add(8, "olmoe", "progressive", None, layer, k, "mean_delta", cell)
+    for quantity, text in _T9.items():
+        for layer, cell in zip(PROGRESSIVE_LAYERS, _cells(text), strict=True):
+            add(9, "olmoe", "progressive", None, layer, 7, quantity, cell)
+    out = pd.DataFrame(rows)
+    out["k"] = out["k"].astype("Int64")
+    out["metric"] = out["metric"].astype(object).where(out["metric"].notna(), None)
+    return out
+
+
+def agrees_at_printed_precision(value, printed, decimals):
+    """Whether ``value`` is consistent with a number printed to ``decimals`` places.
+
+    True when ``|value - printed| <= 0.5 * 10**-decimals`` (plus 1e-12 for floating point),
+    i.e. some correct rounding of ``value`` gives the printed number. Works elementwise on
+    arrays and Series.
+    """
+    value = np.asarray(value, dtype=np.float64)
+    printed = np.asarray(printed, dtype=np.float64)
+    tol = 0.5 * np.power(10.0, -np.asarray(decimals, dtype=np.float64)) + 1e-12
+    return np.abs(value - printed) <= tol

@@ -1,0 +1,273 @@
+"""Tests for moeaudit.released: loading, recomputation of stored statistics, paper values."""
+
+from __future__ import annotations
+
+import io
+import os
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as sps
+
+from moeaudit import paths, released as R, stats as S
+
+HAVE_DATA = bool(os.environ.get(paths.DATA_DIR_ENV)) and (
+    Path(os.environ.get(paths.DATA_DIR_ENV, "")) / "paper-released"
+).is_dir()
+needs_data = pytest.mark.skipif(
+    not HAVE_DATA,
+    reason=f"${paths.DATA_DIR_ENV} is unset or has no paper-released/ folder "
+           "(the authors' released result files are needed)",
+)
+
+
+@pytest.fixture(scope="module")
+def metric_records():
+    return R.metric_comparisons()
+
+
+@pytest.fixture(scope="module")
+def stored():
+    return R.stored_statistics()
+
+
+@pytest.fixture(scope="module")
+def printed():
+    return R.paper_printed_values()
+
+
+# ----------------------------------------------------------------------------- locating
+
+
+@needs_data
+def test_released_dir_uses_local_copy(monkeypatch, tmp_path):
+    monkeypatch.setenv(R.CACHE_DIR_ENV, str(tmp_path / "cache"))
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("must not download when a local copy exists")
+
+    monkeypatch.setattr(R, "_urlopen", no_network)
+    root = Path(os.environ[paths.DATA_DIR_ENV])
+    assert R.released_dir() == root / "paper-released"
+    assert R.released_dir(root) == root / "paper-released"
+    for rel in R.RELEASED_FILES:
+        assert (root / "paper-released" / rel).is_file(), rel
+    assert not (tmp_path / "cache").exists()
+
+
+def test_offline_without_copy_gives_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv(R.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(paths.DATA_DIR_ENV, raising=False)
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(R, "_urlopen", offline)
+    empty = tmp_path / "data"
+    empty.mkdir()
+    for arg in (empty, None):
+        with pytest.raises(R.ReleasedDataUnavailable) as info:
+            R.released_dir(arg)
+        msg = str(info.value)
+        assert "MOEAUDIT_DATA_DIR" in msg and "data_dir=" in msg and "paper-released" in msg
+        assert R.RELEASED_COMMIT in msg
+    with pytest.raises(R.ReleasedDataUnavailable, match="download=False"):
+        R.released_dir(empty, download=False)
+    # the loaders surface the same error
+    with pytest.raises(R.ReleasedDataUnavailable):
+        R.progressive_ablation(data_dir=empty)
+
+
+@needs_data
+def test_download_goes_to_cache_not_repo(monkeypatch, tmp_path):
+    source = Path(os.environ[paths.DATA_DIR_ENV]) / "paper-released"
+    requested = []
+
+    def fake_urlopen(url, timeout=None):
+        assert url.startswith(R.RELEASED_URL)
+        rel = url[len(R.RELEASED_URL):]
+        requested.append(rel)
+        return io.BytesIO((source / rel).read_bytes())
+
+    monkeypatch.setattr(R, "_urlopen", fake_urlopen)
+    monkeypatch.setenv(R.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    empty = tmp_path / "data"
+    empty.mkdir()
+    got = R.released_dir(empty)
+    assert got == tmp_path / "cache" / "paper-released"
+    assert sorted(requested) == sorted(R.RELEASED_FILES)
+    assert paths.REPO_ROOT not in got.parents
+    # second call uses the cache without downloading again
+    requested.clear()
+    assert R.released_dir(empty) == got and requested == []
+    pd.testing.assert_frame_equal(R.progressive_ablation(data_dir=empty), R.progressive_ablation())
+
+
+def test_cache_dir_is_outside_repository(monkeypatch):
+    monkeypatch.delenv(R.CACHE_DIR_ENV, raising=False)
+    assert paths.REPO_ROOT not in R.cache_dir().parents
+
+
+# ----------------------------------------------------------------------------- loaders
+
+
+@needs_data
+def test_metric_comparisons_shape(metric_records):
+    df = metric_records
+    assert len(df) == 2 * 5 * 4 * 200
+    sizes = df.groupby(["model", "layer", "metric"]).size()
+    assert (sizes == 200).all() and len(sizes) == 40
+    np.testing.assert_allclose(df.delta_high - df.delta_low, df.delta_diff_stored, atol=1e-12)
+    np.testing.assert_allclose(df.loss_high - df.baseline_loss, df.delta_high, atol=1e-5)
+    assert (df.expert_high != df.expert_low).all()
+    assert set(df.model) == {"olmoe", "deepseek"}
+
+
+@needs_data
+def test_control_comparisons_shape():
+    df = R.control_comparisons()
+    assert len(df) == 5 * 200 and list(df.layer.unique()) == list(R.LAYERS["deepseek"])
+    np.testing.assert_allclose(df.weight_high / df.weight_low, df.weight_ratio, rtol=1e-5)
+    assert (df.weight_high >= df.weight_low).all()
+
+
+@needs_data
+def test_summaries_shapes(stored):
+    assert len(stored) == 20 * 3 + 5 * 2
+    assert len(R.qwen_summaries()) == 25
+    prog = R.progressive_ablation()
+    assert len(prog) == 6 * 7 and (prog.n == 500).all()
+    red = R.redistribution()
+    assert len(red) == 16 + 5
+    assert (red.loc[red.model == "qwen", "n_experts"] == 60).all()
+    assert (red.loc[red.model == "olmoe", "n_experts"] == 64).all()
+    experts = R.redistribution_experts()
+    assert len(experts) == 16 * 64 + 5 * 60
+
+
+# ----------------------------------------------------------------------------- recomputation
+
+
+@needs_data
+@pytest.mark.parametrize("model,table", [("olmoe", 1), ("deepseek", 3)])
+def test_recomputed_metric_cells_equal_stored(metric_records, stored, model, table):
+    recs = metric_records[metric_records.model == model]
+    st = stored[(stored.model == model) & (stored.experiment == "metric")]
+    assert len(st) == 20
+    # the per-token scripts used the population standard deviation (ddof=0)
+    assert (st.ddof == 0).all()
+    for (layer, metric), g in recs.groupby(["layer", "metric"]):
+        row = st[(st.layer == layer) & (st.metric == metric)].iloc[0]
+        d = g.delta_high.to_numpy() - g.delta_low.to_numpy()
+        assert S.cohens_dz(d, ddof=0) == pytest.approx(row.cohens_d, rel=1e-9)
+        assert S.cohens_dz(d, ddof=1) != pytest.approx(row.cohens_d, rel=1e-4)
+        res = S.paired_effect(g.delta_high, g.delta_low).iloc[0]
+        assert res.t == pytest.approx(row.t, rel=1e-9)
+        assert res.p_t == pytest.approx(row.p_t, rel=1e-9)
+        assert res.W == row.W
+        assert res.p_W == pytest.approx(row.p_W, rel=1e-9)
+        assert res.n_zero == 0
+        assert res.mean_d == pytest.approx(row.mean_diff, rel=1e-9)
+        assert res.median_d == pytest.approx(row.median_diff, rel=1e-9, abs=1e-15)
+        assert np.std(d, ddof=0) == pytest.approx(row.sd_diff, rel=1e-9)
+
+
+@needs_data
+def test_recomputed_control_cells_equal_stored(stored):
+    recs = R.control_comparisons()
+    st = stored[(stored.model == "deepseek") & (stored.experiment == "control")]
+    assert (st.ddof == 1).all()
+    for layer, g in recs.groupby("layer"):
+        row = st[st.layer == layer].iloc[0]
+        d = g.delta_high.to_numpy() - g.delta_low.to_numpy()
+        # the stored mean is float32-rounded: agreement to ~1e-8 relative
+        assert S.cohens_dz(d, ddof=1) == pytest.approx(row.cohens_d, rel=1e-7)
+        res = S.paired_effect(g.delta_high, g.delta_low).iloc[0]
+        assert res.p_t == pytest.approx(row.p_t, rel=1e-9)
+        assert res.p_W == pytest.approx(row.p_W, rel=1e-9)
+        rho = S.spearman(g.weight_ratio, d, n_boot=50, seed=0).iloc[0]
+        assert rho.rho == pytest.approx(row.spearman_rho, rel=1e-9)
+        assert rho.p == pytest.approx(row.spearman_p, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- the paper
+
+
+def test_paper_printed_values_structure(printed):
+    counts = printed.groupby("table").size().to_dict()
+    assert counts == {1: 40, 2: 40, 3: 40, 4: 20, 5: 20, 6: 20, 7: 15, 8: 42, 9: 12}
+    assert printed.loc[printed.table <= 3, "quantity"].isin(["d", "p_t"]).all()
+    t4 = printed[(printed.table == 4) & (printed.layer == 15)].set_index("quantity")
+    assert t4.loc["d", "value"] == pytest.approx(0.231) and t4.loc["p_t", "decimals"] == 4
+    # Tables 1-3: bold marks uncorrected p_t < 0.05
+    metric = printed[(printed.table <= 3) & (printed.quantity == "p_t")]
+    assert (metric.bold == (metric.value < 0.05)).all()
+    # Table 7 stars follow the printed thresholds
+    t7 = printed[(printed.table == 7) & (printed.quantity == "rho_gap_comp")]
+    assert list(t7.stars) == ["", "**", "**", "**", "*"]
+
+
+def test_agrees_at_printed_precision():
+    assert R.agrees_at_printed_precision(0.0225, 0.023, 3)
+    assert R.agrees_at_printed_precision(0.02249, 0.022, 3)
+    assert not R.agrees_at_printed_precision(0.027466, 0.028, 3)
+    assert list(R.agrees_at_printed_precision([0.1, 0.2], [0.1, 0.3], [1, 1])) == [True, False]
+
+
+def _long_stored(stored):
+    s = stored.rename(columns={"cohens_d": "d", "spearman_rho": "rho"})
+    return s.melt(id_vars=["model", "experiment", "layer", "metric"],
+                  value_vars=["d", "p_t", "p_W", "rho"], var_name="quantity", value_name="data")
+
+
+@needs_data
+def test_tables_1_to_6_against_released(stored, printed):
+    merged = printed[printed.table <= 6].merge(
+        _long_stored(stored), on=["model", "experiment", "layer", "metric", "quantity"], how="left")
+    # Table 4 (OLMoE control) was not released; everything else has data
+    assert set(merged.loc[merged.data.isna(), "table"]) == {4}
+    have = merged[merged.data.notna()]
+    ok = R.agrees_at_printed_precision(have.data, have.value, have.decimals)
+    bad = have.loc[~ok, ["table", "metric", "layer", "quantity", "printed", "data"]]
+    # the only disagreements at printed precision: two DeepSeek p_t in Table 3, off by one
+    # unit in the last printed digit
+    assert sorted(zip(bad.table, bad.metric, bad.layer, bad.quantity)) == [
+        (3, "activation_norm", 1, "p_t"), (3, "activation_norm", 13, "p_t")]
+    assert (np.abs(bad.data - bad.printed.astype(float)) < 1.5e-3).all()
+
+
+@needs_data
+def test_tables_7_to_9_against_released(printed):
+    prog = R.progressive_ablation().melt(
+        id_vars=["layer", "k"], value_vars=["mean_delta", "median_delta", "p95_delta"],
+        var_name="quantity", value_name="data")
+    m = printed[printed.table >= 8].merge(prog, on=["layer", "k", "quantity"], how="left")
+    assert m.data.notna().all()
+    assert R.agrees_at_printed_precision(m.data, m.value, m.decimals).all()
+    red = R.redistribution()
+    red = red[red.model == "qwen"].melt(
+        id_vars=["layer"], value_vars=["mean_gap_norm", "rho_rw_gap", "rho_gap_comp"],
+        var_name="quantity", value_name="data")
+    m = printed[printed.table == 7].merge(red, on=["layer", "quantity"], how="left")
+    ok = R.agrees_at_printed_precision(m.data, m.value, m.decimals)
+    # Table 7 prints 0.090 for a Qwen L12 mean gap norm of 0.0905 (truncated, not rounded)
+    assert list(m.loc[~ok, ["layer", "quantity"]].itertuples(index=False, name=None)) == [
+        (12, "mean_gap_norm")]
+
+
+@needs_data
+def test_stored_redistribution_and_paper_gap_norm():
+    red = R.redistribution().set_index(["model", "layer"])
+    # Section 3: mean gap norm 0.0041 at OLMoE L0 and 0.1697 at L15, a 41x increase
+    assert red.loc[("olmoe", 0), "mean_gap_norm"] == pytest.approx(0.0041, abs=5e-5)
+    assert red.loc[("olmoe", 15), "mean_gap_norm"] == pytest.approx(0.1697, abs=5e-5)
+    ratio = red.loc[("olmoe", 15), "mean_gap_norm"] / red.loc[("olmoe", 0), "mean_gap_norm"]
+    assert round(ratio) == 42  # the paper says 41x (0.1697 / 0.0041 = 41.4 from rounded values)
+    # the stored correlations are Spearman correlations across experts
+    experts = R.redistribution_experts()
+    q0 = experts[(experts.model == "qwen") & (experts.layer == 0)]
+    rho = sps.spearmanr(q0.mean_routing_weight, q0.mean_gap_norm).statistic
+    assert rho == pytest.approx(red.loc[("qwen", 0), "rho_rw_gap"], abs=1e-9)
