@@ -170,7 +170,7 @@ def clean_pass(model: AuditModel, corpus: TokenizedCorpus, *, layers=None, batch
 # Ablations
 # --------------------------------------------------------------------------------------------
 def validate_requests(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, requests: pd.DataFrame,
-                      *, mode: str, strategy: str = "kv") -> pd.DataFrame:
+                      *, mode: str, strategy: str = "kv", require_active: bool = True) -> pd.DataFrame:
     """Check every requested ablation; raise a ``ValueError`` naming the parameter otherwise."""
     if mode not in ABLATION_MODES:
         raise ValueError(f"mode={mode!r} is not one of {ABLATION_MODES}")
@@ -196,7 +196,7 @@ def validate_requests(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPa
             raise ValueError(f"removed={row.removed} must be a non-empty set of distinct experts")
         active = clean.active(row.seq_id, row.t, row.layer)
         bad = [e for e in row.removed if e not in active]
-        if bad:
+        if bad and require_active:
             raise ValueError(f"expert(s) {bad} not active at (seq_id={row.seq_id}, t={row.t}, layer={row.layer}); "
                              f"active experts there are {sorted(active.tolist())}")
     return req, strategy
@@ -241,15 +241,19 @@ def _run_batch(model: AuditModel, *, input_ids, attention_mask, position_ids, pa
 @torch.no_grad()
 def run_ablations(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, requests: pd.DataFrame, *,
                   mode: str = "token", strategy: str = "kv", batch_size: int = 64, seq_batch: int = 4,
-                  seed: int | None = None, progress: bool | None = None) -> pd.DataFrame:
+                  seed: int | None = None, require_active: bool = True,
+                  progress: bool | None = None) -> pd.DataFrame:
     """Run every requested ablation and return one tidy record per request.
 
     ``requests``: columns ``seq_id``, ``t``, ``layer``, ``removed`` (expert ids, all active at
     (t, layer)); any other columns are carried into the records. The loss is
     ``-log p(x_{t+1} | x_{<=t})`` in float32; ``delta_loss = ablated_loss - clean_loss`` with the
-    clean loss from an un-ablated row of the same batch.
+    clean loss from an un-ablated row of the same batch. ``require_active=False`` allows removing
+    an expert that is not routed at t (a no-op there in ``token`` mode; used by the verification
+    suite to show that the effect is position-specific).
     """
-    req, strategy = validate_requests(model, corpus, clean, requests, mode=mode, strategy=strategy)
+    req, strategy = validate_requests(model, corpus, clean, requests, mode=mode, strategy=strategy,
+                                      require_active=require_active)
     if batch_size < 2:
         raise ValueError(f"batch_size must be >= 2 (one clean row plus one ablation), got {batch_size}")
     if len(req) == 0:
@@ -344,9 +348,10 @@ def _records(model: AuditModel, clean: CleanPass, req: pd.DataFrame, results: np
     weights, probs = [], []
     for r, layer, removed in zip(rows, rec.layer, rec.removed):
         route = clean.routing[int(layer)]
-        slot = [int(np.flatnonzero(route["indices"][r] == e)[0]) for e in removed]
-        weights.append([float(route["weight"][r, j]) for j in slot])
-        probs.append([float(route["prob"][r, j]) for j in slot])
+        slots = [np.flatnonzero(route["indices"][r] == e) for e in removed]
+        # an inactive expert (only with require_active=False) has combine weight 0 at t
+        weights.append([float(route["weight"][r, j[0]]) if len(j) else 0.0 for j in slots])
+        probs.append([float(route["prob"][r, j[0]]) if len(j) else float("nan") for j in slots])
     rec["removed"] = [list(r) for r in rec.removed]
     rec["n_removed"] = [len(r) for r in rec.removed]
     rec["removed_weights"] = weights
