@@ -128,6 +128,21 @@ def test_minimum_detectable_effect():
     assert res1["mde_dz"] < mde
 
 
+def test_power_helpers_are_inverse():
+    mde = S.min_detectable_dz(200, alpha=0.0025, power=0.8)
+    assert S.required_n(mde, alpha=0.0025, power=0.8) == pytest.approx(200, rel=1e-6)
+    assert S.required_n(-mde, alpha=0.0025, power=0.8) == pytest.approx(200, rel=1e-6)
+    # textbook check: d = 0.2 at alpha = 0.05, power 0.8 needs about 199 pairs
+    assert S.required_n(0.2, alpha=0.05, power=0.8) == pytest.approx(198.15, abs=0.5)
+
+
+def test_tost_from_t_matches_ttost_paired(rng):
+    for shift in (0.0, 0.05, 0.3):
+        high, low = _pair(rng, n=150, shift=shift)
+        res = S.paired_effect(high, low, tost_bound_d=0.25).iloc[0]
+        assert S.tost_from_t(res["t"], 150, bound_d=0.25) == pytest.approx(res["p_tost"], rel=1e-9)
+
+
 # --------------------------------------------------------------------------- CI of d_z
 
 def test_ci_at_zero_is_normal_quantile():
@@ -252,6 +267,28 @@ def test_audit_table_single_family(rng):
     assert tab["alpha_corrected"].iloc[0] == pytest.approx(0.05 / 8)
     expect = multipletests(tab["p_t"].to_numpy(), method="holm")[1]
     np.testing.assert_allclose(tab["p_t_holm"].to_numpy(), expect)
+
+
+def test_correct_family_on_summary_table():
+    table = pd.DataFrame({
+        "model": ["x"] * 4 + ["y"] * 2,
+        "p_t": [0.001, 0.02, 0.04, 0.5, 0.001, 0.9],
+        "p_W": [0.002, 0.5, 0.01, 0.5, 0.01, 0.9],
+        "same_sign": [True, True, True, True, False, True],
+    })
+    out = S.correct_family(table, family=["model"])
+    # Bonferroni by hand: x has 4 cells, y has 2
+    np.testing.assert_allclose(out.p_t_bonf, [0.004, 0.08, 0.16, 1.0, 0.002, 1.0])
+    # Holm by hand for x: sorted 0.001, 0.02, 0.04, 0.5 -> 0.004, 0.06, 0.08, 0.5
+    np.testing.assert_allclose(out.p_t_holm[:4], [0.004, 0.06, 0.08, 0.5])
+    # BH by hand for x: 0.001*4/1, 0.02*4/2, 0.04*4/3, 0.5 -> 0.004, 0.04, 0.0533, 0.5
+    np.testing.assert_allclose(out.p_t_bh[:4], [0.004, 0.04, 0.04 * 4 / 3, 0.5])
+    assert list(out.sig_dual_bonf) == [True, False, False, False, False, False]
+    # y's first cell passes both tests under BH but the signs disagree
+    assert out.sig_t_bh[4] and out.sig_W_bh[4] and not out.sig_dual_bh[4]
+    assert "p_t_bonf" not in table.columns  # input untouched
+    with pytest.raises(KeyError):
+        S.correct_family(table.drop(columns="same_sign"))
 
 
 def test_audit_table_rejects_bad_family(rng):

@@ -33,7 +33,11 @@ __all__ = [
     "CORRECTIONS",
     "cohens_dz",
     "dz_confidence_interval",
+    "min_detectable_dz",
+    "required_n",
+    "tost_from_t",
     "paired_effect",
+    "correct_family",
     "audit_table",
     "spearman",
     "jzs_bayes_factor",
@@ -120,6 +124,44 @@ def dz_confidence_interval(dz: float, n: int, *, ci: float = 0.95) -> tuple[floa
     return solve(1.0 - tail) / np.sqrt(n), solve(tail) / np.sqrt(n)
 
 
+def min_detectable_dz(n: int, *, alpha: float = 0.05, power: float = 0.8) -> float:
+    """Smallest |d_z| a two-sided paired t test at level ``alpha`` detects with ``power``.
+
+    ``statsmodels.stats.power.TTestPower().solve_power(nobs=n, alpha=alpha, power=power)``.
+    """
+    return float(np.asarray(TTestPower().solve_power(
+        effect_size=None, nobs=n, alpha=alpha, power=power, alternative="two-sided"
+    )).reshape(-1)[0])
+
+
+def required_n(dz: float, *, alpha: float = 0.05, power: float = 0.8) -> float:
+    """Number of pairs a two-sided paired t test at ``alpha`` needs to detect ``dz``.
+
+    ``statsmodels.stats.power.TTestPower().solve_power(effect_size=dz, ...)``; not rounded.
+    """
+    return float(np.asarray(TTestPower().solve_power(
+        effect_size=abs(dz), nobs=None, alpha=alpha, power=power, alternative="two-sided"
+    )).reshape(-1)[0])
+
+
+def tost_from_t(t: float, n: int, *, bound_d: float = 0.2) -> float:
+    """TOST p-value for ``|delta_z| < bound_d`` from a paired t statistic and ``n`` alone.
+
+    For summaries that store only ``t`` and ``n``. With the bounds ``-+bound_d * sd`` in raw
+    units (``sd`` treated as known, as in :func:`paired_effect`), the two one-sided
+    statistics are ``t_low = t + bound_d * sqrt(n)`` and ``t_upp = t - bound_d * sqrt(n)``
+    with ``n - 1`` degrees of freedom, and
+
+        ``p_tost = max(t_dist.sf(t_low, n - 1), t_dist.cdf(t_upp, n - 1))``
+
+    (``scipy.stats.t``). No library function takes a t statistic as input; the test suite
+    checks that this equals ``statsmodels``' ``ttost_paired`` on raw data.
+    """
+    shift = bound_d * np.sqrt(n)
+    df = n - 1
+    return float(max(stats.t.sf(t + shift, df), stats.t.cdf(t - shift, df)))
+
+
 def paired_effect(
     high,
     low,
@@ -200,9 +242,7 @@ def paired_effect(
     bound = tost_bound_d * sd
     p_tost = float(ttost_paired(h, lo, -bound, bound)[0])
 
-    mde = float(np.asarray(TTestPower().solve_power(
-        effect_size=None, nobs=n, alpha=alpha_c, power=power, alternative="two-sided"
-    )).reshape(-1)[0])
+    mde = min_detectable_dz(n, alpha=alpha_c, power=power)
 
     row = {
         "n": n,
@@ -237,6 +277,44 @@ def paired_effect(
     return pd.DataFrame([row])
 
 
+def correct_family(
+    table: pd.DataFrame,
+    *,
+    family: Sequence[str] | None = ("model",),
+    alpha: float = 0.05,
+) -> pd.DataFrame:
+    """Add multiple-comparison corrections to a table of cells with ``p_t``, ``p_W``.
+
+    ``table`` has one row per cell and the columns ``p_t``, ``p_W`` and ``same_sign``
+    (whether the t and Wilcoxon tests point the same way). Families are the groups of the
+    ``family`` columns (``None`` or empty: the whole table). Returns a copy with, for each
+    correction ``c`` in :data:`CORRECTIONS` (``bonf`` = Bonferroni, ``holm`` = Holm
+    step-down, ``bh`` = Benjamini-Hochberg; ``statsmodels.stats.multitest.multipletests``
+    within each family, separately for ``p_t`` and ``p_W``): ``p_t_c``, ``p_W_c``
+    (adjusted p-values), ``sig_t_c``, ``sig_W_c`` (adjusted p < ``alpha``) and
+    ``sig_dual_c`` (``sig_t_c and sig_W_c and same_sign``).
+    """
+    fam = [] if family is None else list(family)
+    missing = [c for c in [*fam, "p_t", "p_W", "same_sign"] if c not in table.columns]
+    if missing:
+        raise KeyError(f"table lacks columns {missing}")
+    out = table.copy()
+    fam_keys = (out.groupby(fam, sort=False, observed=True).ngroup() if fam
+                else pd.Series(0, index=out.index))
+    same = out["same_sign"].astype(bool)
+    for suffix, method in CORRECTIONS.items():
+        for p in ("p_t", "p_W"):
+            adj = pd.Series(np.nan, index=out.index, dtype=np.float64)
+            for _, idx in fam_keys.groupby(fam_keys).groups.items():
+                adj.loc[idx] = multipletests(out.loc[idx, p].to_numpy(dtype=np.float64),
+                                             alpha=alpha, method=method)[1]
+            out[f"{p}_{suffix}"] = adj
+        out[f"sig_t_{suffix}"] = out[f"p_t_{suffix}"] < alpha
+        out[f"sig_W_{suffix}"] = out[f"p_W_{suffix}"] < alpha
+        out[f"sig_dual_{suffix}"] = out[f"sig_t_{suffix}"] & out[f"sig_W_{suffix}"] & same
+    return out
+
+
 def audit_table(
     records: pd.DataFrame,
     *,
@@ -258,12 +336,10 @@ def audit_table(
     ``alpha_corrected``, ``sig_*`` and ``equivalent`` use the Bonferroni level
     ``alpha / family_size``, and ``mde_dz`` is the minimum detectable effect at that level.
 
-    Added columns: ``family_size``; for each correction ``c`` in :data:`CORRECTIONS`
-    (``bonf`` = Bonferroni, ``holm`` = Holm step-down, ``bh`` = Benjamini-Hochberg false
-    discovery rate; all ``statsmodels.stats.multitest.multipletests``, applied within each
-    family separately to ``p_t`` and to ``p_W``): ``p_t_c``, ``p_W_c`` (adjusted
-    p-values), ``sig_t_c``, ``sig_W_c`` (adjusted p < ``alpha``) and ``sig_dual_c``
-    (``sig_t_c and sig_W_c and same_sign``).
+    Added columns: ``family_size``, and the corrected p-values and verdicts of
+    :func:`correct_family` for each correction ``c`` in :data:`CORRECTIONS` (``bonf`` =
+    Bonferroni, ``holm`` = Holm, ``bh`` = Benjamini-Hochberg): ``p_t_c``, ``p_W_c``,
+    ``sig_t_c``, ``sig_W_c``, ``sig_dual_c``.
     """
     by = list(by)
     fam = [] if family is None else list(family)
@@ -282,7 +358,7 @@ def audit_table(
 
     grouped = records.groupby(by, sort=False, observed=True)
     rows = []
-    for i, cell in cells.iterrows():
+    for _, cell in cells.iterrows():
         key = tuple(cell[c] for c in by)
         g = grouped.get_group(key)
         res = paired_effect(
@@ -291,20 +367,7 @@ def audit_table(
         )
         rows.append(res)
     out = pd.concat([cells, pd.concat(rows, ignore_index=True)], axis=1)
-
-    fam_keys = (out.groupby(fam, sort=False, observed=True).ngroup() if fam
-                else pd.Series(0, index=out.index))
-    for suffix, method in CORRECTIONS.items():
-        for p in ("p_t", "p_W"):
-            adj = pd.Series(np.nan, index=out.index, dtype=np.float64)
-            for _, idx in fam_keys.groupby(fam_keys).groups.items():
-                adj.loc[idx] = multipletests(out.loc[idx, p].to_numpy(), alpha=alpha,
-                                             method=method)[1]
-            out[f"{p}_{suffix}"] = adj
-        out[f"sig_t_{suffix}"] = out[f"p_t_{suffix}"] < alpha
-        out[f"sig_W_{suffix}"] = out[f"p_W_{suffix}"] < alpha
-        out[f"sig_dual_{suffix}"] = out[f"sig_t_{suffix}"] & out[f"sig_W_{suffix}"] & out["same_sign"]
-    return out
+    return correct_family(out, family=fam, alpha=alpha)
 
 
 def spearman(
