@@ -143,6 +143,18 @@ def test_tost_from_t_matches_ttost_paired(rng):
         assert S.tost_from_t(res["t"], 150, bound_d=0.25) == pytest.approx(res["p_tost"], rel=1e-9)
 
 
+def test_summary_effect_matches_paired_effect(rng):
+    high, low = _pair(rng, n=180, shift=0.15)
+    full = S.paired_effect(high, low, n_tests=4, tost_bound_d=0.2).iloc[0]
+    summ = S.summary_effect(full["t"], 180, p_W=full["p_W"], same_sign=full["same_sign"],
+                            n_tests=4, tost_bound_d=0.2).iloc[0]
+    for col in summ.index:
+        if isinstance(summ[col], (float, np.floating)):
+            assert summ[col] == pytest.approx(full[col], rel=1e-9), col
+        else:
+            assert summ[col] == full[col], col
+
+
 # --------------------------------------------------------------------------- CI of d_z
 
 def test_ci_at_zero_is_normal_quantile():

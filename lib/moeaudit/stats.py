@@ -37,6 +37,7 @@ __all__ = [
     "required_n",
     "tost_from_t",
     "paired_effect",
+    "summary_effect",
     "correct_family",
     "audit_table",
     "spearman",
@@ -275,6 +276,51 @@ def paired_effect(
         "mde_dz": mde,
     }
     return pd.DataFrame([row])
+
+
+def summary_effect(
+    t: float,
+    n: int,
+    *,
+    p_W: float,
+    same_sign: bool,
+    alpha: float = 0.05,
+    n_tests: int = 1,
+    tost_bound_d: float = 0.2,
+    power: float = 0.8,
+    ci: float = 0.95,
+) -> pd.DataFrame:
+    """The statistics of :func:`paired_effect` that a stored summary (``t``, ``n``, ``p_W``)
+    still determines, for cells whose per-position records were not released.
+
+    ``cohens_dz = t / sqrt(n)`` (the ddof=1 d_z, since ``t = mean / (sd / sqrt(n))``);
+    ``dz_ci_low``/``dz_ci_high`` from :func:`dz_confidence_interval`;
+    ``p_t = 2 * scipy.stats.t.sf(|t|, n - 1)``; ``p_tost`` from :func:`tost_from_t`;
+    ``mde_dz`` from :func:`min_detectable_dz`. The direction of the Wilcoxon test is not
+    recoverable from a stored two-sided statistic, so the caller states it with
+    ``same_sign`` (say what was assumed). Returns a one-row DataFrame with the columns of
+    :func:`paired_effect` that these determine: ``n``, ``cohens_dz``, ``dz_ci_low``,
+    ``dz_ci_high``, ``ci_level``, ``t``, ``dof``, ``p_t``, ``p_W``, ``alpha_corrected``,
+    ``sig_t``, ``sig_W``, ``same_sign``, ``sig_dual``, ``tost_bound_d``, ``p_tost``,
+    ``equivalent``, ``power``, ``mde_dz``.
+    """
+    n = int(n)
+    t = float(t)
+    dz = t / np.sqrt(n)
+    lo, hi = dz_confidence_interval(dz, n, ci=ci)
+    p_t = float(2.0 * stats.t.sf(abs(t), n - 1))
+    alpha_c = alpha / n_tests
+    p_tost = tost_from_t(t, n, bound_d=tost_bound_d)
+    p_W = float(p_W)
+    return pd.DataFrame([{
+        "n": n, "cohens_dz": dz, "dz_ci_low": float(lo), "dz_ci_high": float(hi),
+        "ci_level": float(ci), "t": t, "dof": n - 1, "p_t": p_t, "p_W": p_W,
+        "alpha_corrected": float(alpha_c), "sig_t": p_t < alpha_c, "sig_W": p_W < alpha_c,
+        "same_sign": bool(same_sign),
+        "sig_dual": bool(p_t < alpha_c and p_W < alpha_c and same_sign),
+        "tost_bound_d": float(tost_bound_d), "p_tost": p_tost, "equivalent": p_tost < alpha_c,
+        "power": float(power), "mde_dz": min_detectable_dz(n, alpha=alpha_c, power=power),
+    }])
 
 
 def correct_family(
