@@ -71,11 +71,17 @@ def _load_clean(path, model_name: str) -> CleanPass:
     return CleanPass(model_name, tokens, dict(sorted(routing.items())), z["offsets"])
 
 
-def prepare(model_name: str, *, n_texts: int = 100, max_tokens: int = 512, dtype: str = "float32",
+def prepare(model_name: str, *, n_texts: int = 100, max_tokens: int | None = None, dtype: str = "float32",
             device: str | None = "cpu", device_map=None, data_dir=None, results_dir=None,
             batch_size: int = 8, progress: bool | None = None) -> AuditContext:
-    """Load a model and the evaluation corpus, and run (or reuse) the clean pass over it."""
+    """Load a model and the evaluation corpus, and run (or reuse) the clean pass over it.
+
+    ``max_tokens=None`` truncates texts to ``min(512, max_position_embeddings)`` (the paper used up
+    to 512 tokens; the shipped small models were trained on shorter contexts).
+    """
     model = load_model(model_name, dtype=dtype, device=device, device_map=device_map)
+    if max_tokens is None:
+        max_tokens = int(min(512, getattr(model.hf.config, "max_position_embeddings", 512) or 512))
     if model.tokenizer is None:
         raise ValueError(f"model {model_name!r} has no tokenizer; the evaluation corpus cannot be tokenized")
     corpus = load_eval_corpus(model.tokenizer, n_texts=n_texts, max_tokens=max_tokens, data_dir=data_dir)

@@ -1,0 +1,36 @@
+# make book     install everything into .venv and render the book (book/_build/html)
+# make test     install everything into .venv and run the test suite
+# make chapter NB=04_audit PARAMS="-p n_positions 50"   re-execute one chapter, rebuild the HTML
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch first and pinned: the CPU wheel, never a CUDA build pulled in by another package
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+book: $(STAMP)
+	$(BIN)/python -m moeaudit.book build
+
+html: $(STAMP)
+	$(BIN)/python -m moeaudit.book build --no-execute
+
+chapter: $(STAMP)
+	$(BIN)/python -m moeaudit.book chapter $(NB) $(PARAMS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+models: $(STAMP)
+	for m in tiny-olmoe tiny-qwen-moe tiny-deepseek-v2; do $(BIN)/python -m moeaudit.training $$m || exit 1; done
+
+clean-results:
+	rm -rf results book/_build
+
+.PHONY: install book html chapter test models clean-results

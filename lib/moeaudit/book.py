@@ -1,0 +1,135 @@
+"""Render the book: jupytext source -> papermill execution -> Jupyter Book HTML.
+
+    python -m moeaudit.book build                       # execute every chapter, then build HTML
+    python -m moeaudit.book build --no-execute          # rebuild HTML from the executed notebooks
+    python -m moeaudit.book chapter 04_audit -p n_positions 50 -p models '["tiny-olmoe"]'
+    python -m moeaudit.book list                        # chapters and their parameters
+
+Chapter sources live in ``notebooks/<stem>.py`` (jupytext percent format, with a cell tagged
+``parameters``); executed notebooks are written to ``book/<stem>.ipynb`` only when execution
+succeeded, so a failed run never leaves a page that looks complete. Parameter values given
+with ``-p`` are parsed as YAML (``50`` is an int, ``'[1, 2]'`` a list, ``null`` is None).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .paths import REPO_ROOT
+
+NOTEBOOKS = REPO_ROOT / "notebooks"
+BOOK = REPO_ROOT / "book"
+
+
+def chapters() -> list[str]:
+    """Chapter stems in table-of-contents order (read from ``_toc.yml``)."""
+    import yaml  # noqa: PLC0415
+
+    toc = yaml.safe_load((REPO_ROOT / "_toc.yml").read_text())
+    files = [toc["root"]] + [c["file"] for part in toc.get("parts", []) for c in part["chapters"]]
+    stems = [Path(f).name for f in files]
+    return [s for s in stems if (NOTEBOOKS / f"{s}.py").exists()]
+
+
+def notebook_parameters(stem: str) -> dict:
+    """The default parameters of a chapter (its ``parameters`` cell)."""
+    import jupytext  # noqa: PLC0415
+
+    nb = jupytext.read(NOTEBOOKS / f"{stem}.py")
+    for cell in nb.cells:
+        if "parameters" in cell.metadata.get("tags", []):
+            scope: dict = {}
+            exec(cell.source, {}, scope)  # noqa: S102 - our own source file
+            return {k: v for k, v in scope.items() if not k.startswith("_")}
+    return {}
+
+
+def execute_chapter(stem: str, parameters: dict | None = None, *, log=print) -> Path:
+    """Execute ``notebooks/<stem>.py`` with ``parameters`` into ``book/<stem>.ipynb``."""
+    import jupytext  # noqa: PLC0415
+    import papermill  # noqa: PLC0415
+
+    src = NOTEBOOKS / f"{stem}.py"
+    if not src.exists():
+        raise ValueError(f"no chapter {stem!r}; chapters are {', '.join(chapters())}")
+    parameters = dict(parameters or {})
+    known = notebook_parameters(stem)
+    unknown = sorted(set(parameters) - set(known))
+    if unknown:
+        raise ValueError(f"chapter {stem} has no parameter(s) {unknown}; its parameters are {sorted(known)}")
+    BOOK.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        raw, done = Path(tmp) / f"{stem}.ipynb", Path(tmp) / f"{stem}.out.ipynb"
+        jupytext.write(jupytext.read(src), raw)
+        env_before = os.environ.get("MOEAUDIT_PROGRESS")
+        os.environ["MOEAUDIT_PROGRESS"] = "0"  # no progress bars inside rendered pages
+        t0 = time.time()
+        try:
+            papermill.execute_notebook(str(raw), str(done), parameters=parameters, kernel_name="python3",
+                                       cwd=str(REPO_ROOT), progress_bar=False)
+        finally:
+            if env_before is None:
+                os.environ.pop("MOEAUDIT_PROGRESS", None)
+            else:
+                os.environ["MOEAUDIT_PROGRESS"] = env_before
+        target = BOOK / f"{stem}.ipynb"
+        shutil.move(done, target)
+    log(f"executed {stem} in {time.time() - t0:.1f} s -> {target.relative_to(REPO_ROOT)}")
+    return target
+
+
+def build_html(*, strict: bool = True) -> Path:
+    """``jupyter-book build`` of the repository root into ``book/_build/html``."""
+    cmd = [str(Path(sys.executable).parent / "jupyter-book"), "build", str(REPO_ROOT), "--path-output", str(BOOK)]
+    if strict:
+        cmd += ["-W", "-n", "--keep-going"]
+    subprocess.run(cmd, check=True)
+    return BOOK / "_build" / "html"
+
+
+def _parse_params(pairs) -> dict:
+    import yaml  # noqa: PLC0415
+
+    return {k: yaml.safe_load(v) for k, v in (pairs or [])}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m moeaudit.book", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="execute every chapter with its default parameters, then build HTML")
+    b.add_argument("--no-execute", action="store_true", help="only rebuild HTML from book/*.ipynb")
+    c = sub.add_parser("chapter", help="execute one chapter with other parameters, then rebuild HTML")
+    c.add_argument("stem")
+    c.add_argument("-p", nargs=2, action="append", metavar=("NAME", "VALUE"), help="parameter (YAML value)")
+    c.add_argument("--no-html", action="store_true", help="skip the HTML rebuild")
+    sub.add_parser("list", help="list chapters and their default parameters")
+    args = ap.parse_args(argv)
+    if args.cmd == "list":
+        for stem in chapters():
+            print(stem, json.dumps(notebook_parameters(stem), default=str))
+        return 0
+    t0 = time.time()
+    if args.cmd == "build":
+        if not args.no_execute:
+            for stem in chapters():
+                execute_chapter(stem)
+        build_html()
+    else:
+        execute_chapter(args.stem, _parse_params(args.p))
+        if not args.no_html:
+            build_html()
+    print(f"done in {time.time() - t0:.0f} s; open {BOOK / '_build' / 'html' / 'index.html'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
