@@ -108,14 +108,14 @@ def _seq_chunks(positions: pd.DataFrame, per_chunk: int) -> list[list[int]]:
 
 
 def _ablation_records(ctx: AuditContext, kind: str, requests: pd.DataFrame, params: dict, *, mode: str,
-                      batch_size: int, seq_per_chunk: int, progress) -> pd.DataFrame:
-    full = {**ctx.provenance, **params, "mode": mode, "kind": kind}
+                      batch_size: int, seq_per_chunk: int, progress, downstream: bool = False) -> pd.DataFrame:
+    full = {**ctx.provenance, **params, "mode": mode, "kind": kind, "downstream": downstream}
     chunks = _seq_chunks(requests, seq_per_chunk)
 
     def compute(seqs):
         sub = requests[requests.seq_id.isin(seqs)]
         return run_ablations(ctx.model, ctx.corpus, ctx.clean, sub, mode=mode, batch_size=batch_size,
-                             seed=params.get("seed"), progress=False)
+                             seed=params.get("seed"), downstream=downstream, progress=False)
 
     records, _ = cached_records(kind, full, chunks, compute, results_dir=ctx.results_dir, progress=progress)
     return records
@@ -128,8 +128,11 @@ def audit_positions(ctx: AuditContext, *, n_positions: int, seed: int, min_conte
 
 def single_expert_records(ctx: AuditContext, *, layers, n_positions: int, seed: int, mode: str = "token",
                           min_context: int = 0, batch_size: int = 64, seq_per_chunk: int = 8,
-                          progress: bool | None = None) -> pd.DataFrame:
-    """Ablate every active routed expert, one at a time, at each sampled position and layer."""
+                          downstream: bool = False, progress: bool | None = None) -> pd.DataFrame:
+    """Ablate every active routed expert, one at a time, at each sampled position and layer.
+
+    ``downstream=True`` also records how much later MoE layers restore the removed contribution
+    (see :func:`moeaudit.engine.run_ablations`)."""
     for L in layers:
         ctx.model.layout.check_layer(L)
     pos = audit_positions(ctx, n_positions=n_positions, seed=seed, min_context=min_context)
@@ -143,7 +146,7 @@ def single_expert_records(ctx: AuditContext, *, layers, n_positions: int, seed: 
     req["expert"] = [r[0] for r in req.removed]
     params = {"layers": sorted(layers), "n_positions": n_positions, "seed": seed, "min_context": min_context}
     rec = _ablation_records(ctx, "single_expert", req, params, mode=mode, batch_size=batch_size,
-                            seq_per_chunk=seq_per_chunk, progress=progress)
+                            seq_per_chunk=seq_per_chunk, progress=progress, downstream=downstream)
     rec["prob"] = [p[0] for p in rec.removed_probs]
     rec["weight"] = [w[0] for w in rec.removed_weights]
     return rec

@@ -218,9 +218,11 @@ def _group_batches(groups: list, batch_size: int) -> list[list]:
 
 
 def _run_batch(model: AuditModel, *, input_ids, attention_mask, position_ids, past_key_values,
-               removal: dict[int, torch.Tensor], read_rows: torch.Tensor, read_pos: torch.Tensor):
+               removal: dict[int, torch.Tensor], read_rows: torch.Tensor, read_pos: torch.Tensor,
+               read_layers=()):
     """One traced forward. ``removal[L]`` is a (rows, E) bool matrix over the flattened token rows of
-    the batch; returns logits and MoE outputs (per layer) at ``(read_rows, read_pos)``."""
+    the batch; returns logits and MoE outputs at ``(read_rows, read_pos)`` for every ablated layer
+    and every layer in ``read_layers``."""
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
     if position_ids is not None:
         kwargs["position_ids"] = position_ids
@@ -228,11 +230,12 @@ def _run_batch(model: AuditModel, *, input_ids, attention_mask, position_ids, pa
         kwargs.update(past_key_values=past_key_values, use_cache=True)
     outputs = {}
     with torch.no_grad(), model.nn.trace(**kwargs, remote=model.remote):
-        for L in sorted(removal):
+        for L in sorted(set(removal) | set(read_layers)):
             mlp = model.layers()[L].mlp
-            r_logits, r_weight, r_idx = mlp.gate.output
-            hit = removal[L].to(r_idx.device).gather(1, r_idx)
-            mlp.gate.output = (r_logits, r_weight.masked_fill(hit, 0), r_idx)
+            if L in removal:
+                r_logits, r_weight, r_idx = mlp.gate.output
+                hit = removal[L].to(r_idx.device).gather(1, r_idx)
+                mlp.gate.output = (r_logits, r_weight.masked_fill(hit, 0), r_idx)
             outputs[L] = mlp.output[read_rows, read_pos].save()
         logits = model.nn.output.logits[read_rows, read_pos].save()
     return logits, outputs
@@ -241,7 +244,7 @@ def _run_batch(model: AuditModel, *, input_ids, attention_mask, position_ids, pa
 @torch.no_grad()
 def run_ablations(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, requests: pd.DataFrame, *,
                   mode: str = "token", strategy: str = "kv", batch_size: int = 64, seq_batch: int = 4,
-                  seed: int | None = None, require_active: bool = True,
+                  seed: int | None = None, require_active: bool = True, downstream: bool = False,
                   progress: bool | None = None) -> pd.DataFrame:
     """Run every requested ablation and return one tidy record per request.
 
@@ -251,6 +254,11 @@ def run_ablations(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, 
     clean loss from an un-ablated row of the same batch. ``require_active=False`` allows removing
     an expert that is not routed at t (a no-op there in ``token`` mode; used by the verification
     suite to show that the effect is position-specific).
+
+    ``downstream=True`` adds ``downstream_compensation``: how much of the removed contribution
+    ``g = y_t - y_t^(-e)`` the later MoE layers put back at t after the ablation,
+    ``sum_{L' > L} <y'_{L'} - y_{L'}, g> / ||g||^2`` (re-measured MoE outputs of the ablated run
+    minus the clean ones; 1 would mean full restoration, 0 none, negative amplification).
     """
     req, strategy = validate_requests(model, corpus, clean, requests, mode=mode, strategy=strategy,
                                       require_active=require_active)
@@ -260,7 +268,7 @@ def run_ablations(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, 
         raise ValueError("requests is empty")
     E = model.layout.num_experts
     dev = model.device
-    results = np.full((len(req), 3), np.nan)  # clean_loss, ablated_loss, gap_norm
+    results = np.full((len(req), 4), np.nan)  # clean_loss, ablated_loss, gap_norm, downstream compensation
     seqs = sorted(req.seq_id.unique().tolist())
     chunks = [seqs[i:i + seq_batch] for i in range(0, len(seqs), seq_batch)]
     n_batches_done = 0
@@ -321,7 +329,8 @@ def run_ablations(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, 
             logits, moe_out = _run_batch(
                 model, input_ids=input_ids.to(dev), attention_mask=attn.to(dev),
                 position_ids=None if position_ids is None else position_ids.to(dev), past_key_values=cache,
-                removal=removal, read_rows=read_rows.to(dev), read_pos=read_pos.to(dev))
+                removal=removal, read_rows=read_rows.to(dev), read_pos=read_pos.to(dev),
+                read_layers=[L for L in model.layout.moe_layers if L > min(layers_here)] if downstream else ())
             targets = torch.tensor([int(corpus.sequences[s][t + 1]) for s, t, _ in rows], device=logits.device)
             losses = _token_loss(logits, targets).cpu().numpy()
             clean_row = {}
@@ -331,12 +340,21 @@ def run_ablations(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, 
                     continue
                 c = clean_row[(s, t)]
                 L = int(req.at[i, "layer"])
-                gap = torch.linalg.vector_norm((moe_out[L][r] - moe_out[L][c]).float()).item()
-                results[i] = (losses[c], losses[r], gap)
+                g = (moe_out[L][c] - moe_out[L][r]).float()
+                gap = torch.linalg.vector_norm(g).item()
+                comp = np.nan
+                if downstream and gap > 0:
+                    later = [Lp for Lp in moe_out if Lp > L]
+                    comp = sum(float(torch.dot((moe_out[Lp][r] - moe_out[Lp][c]).float().reshape(-1), g.reshape(-1)))
+                               for Lp in later) / gap ** 2 if later else 0.0
+                results[i] = (losses[c], losses[r], gap, comp)
             n_batches_done += 1
             bar.update(sum(len(idxs) for _, idxs in batch))
     bar.close()
-    return _records(model, clean, req, results, mode=mode, seed=seed)
+    rec = _records(model, clean, req, results[:, :3], mode=mode, seed=seed)
+    if downstream:
+        rec["downstream_compensation"] = results[:, 3]
+    return rec
 
 
 def _records(model: AuditModel, clean: CleanPass, req: pd.DataFrame, results: np.ndarray, *, mode: str,
