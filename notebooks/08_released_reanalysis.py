@@ -19,7 +19,7 @@
 # DeepSeek-V2-Lite these files hold every one of the 200 token positions of every
 # metric–layer cell: which experts were ranked highest and lowest, and the loss change when
 # each was ablated. For DeepSeek-V2-Lite the routing-weight control is released the same way.
-# For Qwen1.5-MoE-A2.7B, the progressive ablation and the redistribution analysis only
+# For Qwen1.5-MoE-A2.7B, and for the progressive-ablation and redistribution analyses, only
 # summaries were released. The OLMoE routing-weight control (the paper's Table 4, which holds
 # its one positive result) was not released.
 #
@@ -330,8 +330,8 @@ display(agreement.style.format({"agree": "{:.0f}"}, na_rep="—").hide(axis="ind
 # The paper reports a point estimate and two p-values per cell and applies a Bonferroni
 # correction with a t-and-Wilcoxon agreement rule. A null result needs more than that: an
 # interval that says which effects remain compatible with the data, and a statement of which
-# effects the design could have detected. This section adds, for all 60 metric cells and the
-# 10 released control cells:
+# effects the design could have detected. This section adds, for all 60 metric cells and
+# the 15 control cells:
 #
 # - an exact 95% confidence interval for $d_z$ (noncentral-t inversion; ddof = 1 from here on);
 # - the verdict of each cell under Bonferroni, Holm and Benjamini–Hochberg corrections, for
@@ -545,9 +545,9 @@ display(mde.style.format({c: "{:.3f}" for c in mde.columns if c.startswith("MDE"
 # power at the corrected level needs about 380 positions per cell, and $d_z = 0.1$ about
 # 1,500.
 #
-# **What it does not show.** Power is computed for the t test; the Wilcoxon test, which the
-# agreement rule also requires, has similar power for symmetric differences but can have
-# much less (or more) for the heavy-tailed loss differences seen here.
+# **What it does not show.** Power is computed for the t test alone. The agreement rule
+# also requires the Wilcoxon test to pass, so the power of the rule as a whole is lower
+# than these numbers, and its minimum detectable effect larger.
 
 # %% [markdown]
 # ## Figure: effect sizes by layer, in the style of the paper's Figure 1
