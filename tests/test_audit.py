@@ -1,0 +1,132 @@
+"""Audit protocol: shared positions, paired cells traceable to records, cached/resumable records."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from moeaudit.audit import AuditContext, paired_cells, prepare, progressive_records, single_expert_records
+from moeaudit.engine import clean_pass
+from moeaudit.metrics import METRICS, ROUTING_WEIGHT, observational_metrics
+from moeaudit.store import RecordStore, cached_records
+from moeaudit.testing import random_token_corpus, tiny_random_model
+
+
+@pytest.fixture(scope="module")
+def ctx(tmp_path_factory):
+    model = tiny_random_model("olmoe", n_layers=3, num_experts=8, top_k=3)
+    corpus = random_token_corpus(n_seqs=4, length=30)
+    clean = clean_pass(model, corpus, progress=False)
+    metrics = observational_metrics(clean, num_experts=8)
+    return AuditContext(model, corpus, clean, metrics, {"model": "tiny", "corpus": corpus.fingerprint()},
+                        tmp_path_factory.mktemp("results"))
+
+
+def test_single_expert_records_cover_every_active_expert(ctx):
+    rec = single_expert_records(ctx, layers=[0, 2], n_positions=12, seed=1, progress=False)
+    assert len(rec) == 12 * 2 * 3
+    for (s, t, L), g in rec.groupby(["seq_id", "t", "layer"]):
+        assert sorted(g.expert) == sorted(ctx.clean.active(s, t, L).tolist())
+    assert rec.seed.eq(1).all() and rec["mode"].eq("token").all()
+
+
+def test_paired_cells_pick_high_and_low_by_hand(ctx):
+    rec = single_expert_records(ctx, layers=[1], n_positions=10, seed=2, progress=False)
+    cells = paired_cells(rec, ctx.metrics)
+    assert set(cells.ranking) == set(METRICS) | {ROUTING_WEIGHT}
+    # every ranking uses the same positions
+    pos = {r: set(zip(g.seq_id, g.t)) for r, g in cells.groupby("ranking")}
+    assert len({frozenset(p) for p in pos.values()}) == 1
+    # check one position by hand for the routing-weight control and for activation_norm
+    s, t = rec.seq_id.iloc[0], rec.t.iloc[0]
+    here = rec[(rec.seq_id == s) & (rec.t == t)]
+    c = cells[(cells.seq_id == s) & (cells.t == t)].set_index("ranking")
+    hi, lo = here.loc[here.prob.idxmax()], here.loc[here.prob.idxmin()]
+    assert c.loc[ROUTING_WEIGHT, "expert_high"] == hi.expert and c.loc[ROUTING_WEIGHT, "expert_low"] == lo.expert
+    assert c.loc[ROUTING_WEIGHT, "diff"] == pytest.approx(hi.delta_loss - lo.delta_loss)
+    norms = ctx.metrics[ctx.metrics.layer == 1].set_index("expert").activation_norm
+    values = {e: norms[e] for e in here.expert}
+    assert c.loc["activation_norm", "expert_high"] == max(values, key=values.get)
+    assert c.loc["activation_norm", "expert_low"] == min(values, key=values.get)
+
+
+def test_records_are_cached_and_a_changed_parameter_computes_new_ones(ctx):
+    a = single_expert_records(ctx, layers=[0], n_positions=8, seed=3, progress=False)
+    runs = list((ctx.results_dir / "single_expert").iterdir())
+    b = single_expert_records(ctx, layers=[0], n_positions=8, seed=3, progress=False)
+    pd.testing.assert_frame_equal(a, b)
+    assert list((ctx.results_dir / "single_expert").iterdir()) == runs  # reused, nothing new
+    single_expert_records(ctx, layers=[0], n_positions=8, seed=4, progress=False)
+    after = list((ctx.results_dir / "single_expert").iterdir())
+    assert len(after) == len(runs) + 1
+    params = [json.loads((p / "params.json").read_text()) for p in after]
+    assert {p["seed"] for p in params} >= {3, 4}
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_and_is_never_read_as_complete(tmp_path):
+    calls, fail = [], {"now": True}
+
+    def compute(chunk):
+        calls.append(chunk)
+        if chunk == "boom" and fail["now"]:
+            raise Interrupted
+        return pd.DataFrame({"chunk": [chunk]})
+
+    chunks = ["a", "b", "boom", "c"]
+    with pytest.raises(Interrupted):
+        cached_records("demo", {"x": 1}, chunks, compute, results_dir=tmp_path, progress=False)
+    store = RecordStore("demo", {"x": 1}, results_dir=tmp_path)
+    assert not store.complete
+    with pytest.raises(RuntimeError, match="incomplete"):
+        store.load()
+    calls.clear()
+    fail["now"] = False
+    df, store = cached_records("demo", {"x": 1}, chunks, compute, results_dir=tmp_path, progress=False)
+    assert calls == ["boom", "c"]  # finished chunks were not recomputed
+    assert df.chunk.tolist() == chunks and store.complete
+
+
+def test_progressive_removes_top_weight_experts_cumulatively(ctx):
+    rec = progressive_records(ctx, layers=[2], n_positions=6, seed=0, progress=False)
+    assert sorted(rec.k.unique()) == [1, 2]
+    for (s, t), g in rec.groupby(["seq_id", "t"]):
+        r = ctx.clean.row(s, t)
+        w = ctx.clean.routing[2]["weight"][r]
+        order = ctx.clean.routing[2]["indices"][r][np.argsort(-w, kind="stable")]
+        for row in g.itertuples():
+            assert list(row.removed) == order[: row.k].tolist()
+    with pytest.raises(ValueError, match="max_k"):
+        progressive_records(ctx, layers=[2], n_positions=6, seed=0, max_k=3, progress=False)
+
+
+def test_prepare_from_a_local_model_directory_and_corpus(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = "the a of and to in is was for on that with as by at from his her it an".split()
+    vocab = {"<pad>": 0, "<unk>": 1} | {w: i + 2 for i, w in enumerate(words)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>")
+    m = tiny_random_model("qwen2_moe", vocab_size=len(vocab))
+    m.hf.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    rng = np.random.default_rng(0)
+    lines = [" ".join(rng.choice(words, size=20)) for _ in range(6)] + ["short"]
+    (tmp_path / "data" / "wikitext-2").mkdir(parents=True)
+    (tmp_path / "data" / "wikitext-2" / "test.txt").write_text("\n".join(lines))
+    ctx = prepare(str(tmp_path / "model"), n_texts=5, data_dir=tmp_path / "data", results_dir=tmp_path / "res",
+                  progress=False)
+    assert len(ctx.corpus) == 5 and ctx.corpus.lengths.min() == 20
+    assert set(ctx.metrics.layer) == set(m.layout.moe_layers)
+    again = prepare(str(tmp_path / "model"), n_texts=5, data_dir=tmp_path / "data", results_dir=tmp_path / "res",
+                    progress=False)  # from the cached clean pass
+    pd.testing.assert_frame_equal(ctx.clean.tokens, again.clean.tokens)
+    np.testing.assert_array_equal(ctx.clean.routing[0]["indices"], again.clean.routing[0]["indices"])
+    with pytest.raises(ValueError, match="n_texts"):
+        prepare(str(tmp_path / "model"), n_texts=50, data_dir=tmp_path / "data", results_dir=tmp_path / "res")
