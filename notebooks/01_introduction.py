@@ -1,0 +1,298 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # From observation to intervention
+#
+# This book reproduces, as executable chapters, the paper *From Observation to Intervention:
+# A Causal Audit of Expert Importance in Mixture-of-Experts Models* (Engmann, Adriano and
+# Giese, 2026). Every number, table and figure on these pages is computed when the page is
+# executed; none is copied from the paper, except in the chapter that re-analyses the
+# authors' own result files.
+#
+# ## The question
+#
+# A Mixture-of-Experts (MoE) layer replaces the dense feed-forward block of a transformer by
+# $N$ experts $E_1,\dots,E_N$ and a router. For the hidden state $\mathbf{x}_t$ at token
+# position $t$ the router scores every expert, keeps the $k$ best, and the layer returns
+#
+# $$\mathbf{y}_t = \sum_{i \in \text{top-}k} g_i(\mathbf{x}_t)\, E_i(\mathbf{x}_t),
+# \qquad g_i(\mathbf{x}_t) = \operatorname{softmax}(W_g \mathbf{x}_t)_i .$$
+#
+# Methods that prune or merge experts must decide which experts the model can do without.
+# They usually decide from statistics of the router and the experts observed on a corpus:
+# how often an expert is selected (*utilization rate*), how large its outputs are (*activation
+# norm* and its spread, *activation std*), how much weight the router gives it when it is
+# selected (*mean routing weight*). The tacit assumption is that these observed quantities
+# predict what would happen if the expert were removed.
+#
+# The paper tests that assumption directly. At individual token positions it removes one
+# active expert at a time and measures how much the model's next-token loss changes. If a
+# metric identifies important experts, then among the experts active at a token, the one
+# the metric ranks highest should hurt more when removed than the one it ranks lowest
+# (the paper's Definition 2.1). The paper finds that none of the four metrics does this
+# reliably in any of three large MoE models, and that even the router's own weight for the
+# token at hand does so in one model at one layer only.
+#
+# ## Two rungs of Pearl's ladder
+#
+# Pearl's hierarchy separates questions by the evidence they need. **Rung 1, association**
+# ("seeing") asks what we observe together: which experts the router selects at a token,
+# and with what weight. **Rung 2, intervention** ("doing") asks what happens if we *set* part
+# of the system: if expert $e$'s contribution at token $t$ is removed, how does the model's
+# prediction change? The two answers coincide only if the observed quantities track the
+# mechanism that produces the output, which is what is being tested. Removing expert $e$
+# at $t$ replaces the layer output by
+#
+# $$\mathbf{y}_t^{(-e)} = \mathbf{y}_t - g_e(\mathbf{x}_t)\,E_e(\mathbf{x}_t),$$
+#
+# leaving the other experts' weights as they are (no renormalisation), and its functional
+# importance is the loss change
+# $\Delta\mathcal{L}_e^{(t)} = \mathcal{L}_t^{(-e)} - \mathcal{L}_t$ with
+# $\mathcal{L}_t = -\log p_\theta(x_{t+1}\mid x_{\le t})$ in nats.
+#
+# The cells below make the two rungs concrete on one token of one model.
+
+# %% tags=["parameters"]
+models = ["tiny-olmoe"]  # the example uses the first model: shipped name, HF id or local dir
+layer = None  # None: the model's last MoE layer
+seq_id = 0  # which evaluation text
+t = None  # None: the middle position of that text
+n_texts = 10  # texts loaded for the example (only seq_id is used)
+dtype = "float32"
+device = "cpu"
+data_dir = None  # folder with wikitext-2/ (default: $MOEAUDIT_DATA_DIR)
+results_dir = None  # record cache (default: $MOEAUDIT_RESULTS_DIR or results/)
+
+# %%
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from IPython.display import Markdown, display
+
+from moeaudit import report
+from moeaudit.audit import prepare
+from moeaudit.engine import run_ablations
+
+report.use_book_style()
+
+# %% [markdown]
+# ## One token, seen and intervened on
+#
+# The model below is loaded, the first evaluation texts of the WikiText-2 test split are run
+# through it once (the *clean pass*, which records at every token which experts the router
+# selected and with what weight), and one token position is picked.
+
+# %%
+name = models[0]
+ctx = prepare(name, n_texts=n_texts, dtype=dtype, device=device, data_dir=data_dir, results_dir=results_dir)
+lay = ctx.model.layout
+L = lay.moe_layers[-1] if layer is None else int(layer)
+lay.check_layer(L)
+n_tok = int(ctx.corpus.lengths[seq_id])
+t_ex = n_tok // 2 if t is None else int(t)
+if not 0 <= t_ex <= n_tok - 2:
+    raise ValueError(f"t={t_ex} is out of range for text {seq_id} of {n_tok} tokens: use 0 <= t <= {n_tok - 2}")
+
+tok = ctx.model.tokenizer
+ids = ctx.corpus.sequences[seq_id]
+
+
+def _show(text: str) -> str:
+    return text.replace("`", "'").replace("\n", " ")
+
+
+context = _show(tok.decode(ids[max(0, t_ex - 40):t_ex]))
+current = _show(tok.decode(ids[t_ex:t_ex + 1]))
+target = _show(tok.decode(ids[t_ex + 1:t_ex + 2]))
+clean_loss = float(ctx.clean.tokens.loss.iloc[ctx.clean.row(seq_id, t_ex)])
+display(Markdown(
+    f"**Model** `{name}` ({lay.family}): {lay.n_layers} layers, {len(lay.moe_layers)} of them MoE, "
+    f"{lay.num_experts} routed experts per MoE layer, top-{lay.top_k}"
+    + (f", {lay.n_shared_experts} shared expert(s) that are never ablated" if lay.n_shared_experts else "")
+    + f". **Layer** {L}. **Text** {seq_id}, position t = {t_ex} of {n_tok} tokens.\n\n"
+    f"> …{context}**⟦{current}⟧** → next token `{target}`\n\n"
+    f"The model assigns the true next token probability {np.exp(-clean_loss):.3f} "
+    f"(loss {clean_loss:.3f} nats)."))
+
+# %% [markdown]
+# **Rung 1 (what the router says).** The clean pass already holds the router's view of this
+# token: the $k$ selected experts and their routing weights $g_e(\mathbf{x}_t)$.
+#
+# **Rung 2 (what happens when we intervene).** Each selected expert is now removed on its
+# own, at this token only, and the next-token loss is measured again. One request per
+# expert; the engine runs them as one batch together with an un-ablated row, so the clean
+# loss and the ablated losses come from the same forward computation.
+
+# %%
+active = ctx.clean.active(seq_id, t_ex, L)
+requests = pd.DataFrame({"seq_id": seq_id, "t": t_ex, "layer": L, "removed": [[int(e)] for e in active]})
+token_rec = run_ablations(ctx.model, ctx.corpus, ctx.clean, requests, mode="token", progress=False)
+seq_rec = run_ablations(ctx.model, ctx.corpus, ctx.clean, requests, mode="sequence", progress=False)
+
+example = pd.DataFrame({
+    "expert": [r[0] for r in token_rec.removed],
+    "g": [p[0] for p in token_rec.removed_probs],
+    "combine weight": [w[0] for w in token_rec.removed_weights],
+    "gap norm": token_rec.gap_norm.to_numpy(),
+    "ΔL token": token_rec.delta_loss.to_numpy(),
+    "ΔL sequence": seq_rec.delta_loss.to_numpy(),
+}).sort_values("g", ascending=False).reset_index(drop=True)
+example.insert(1, "router rank", np.arange(1, len(example) + 1))
+example.insert(len(example.columns) - 1, "ablation rank",
+               example["ΔL token"].rank(ascending=False, method="first").astype(int))
+show_combine = not np.allclose(example["g"], example["combine weight"])
+cols = [c for c in example.columns if c != "combine weight" or show_combine]
+display(example[cols].style.format({"g": "{:.3f}", "combine weight": "{:.3f}", "gap norm": "{:.3f}",
+                                    "ΔL token": "{:+.4f}", "ΔL sequence": "{:+.4f}"})
+        .background_gradient(subset=["ΔL token"], cmap="RdBu_r", vmin=-example["ΔL token"].abs().max(),
+                             vmax=example["ΔL token"].abs().max())
+        .hide(axis="index")
+        .set_caption(f"{name}, layer {L}, text {seq_id}, t = {t_ex}: the {lay.top_k} active experts"))
+display(Markdown(
+    "Rows are the active experts, sorted by the router's weight. `g` is the softmax router "
+    "probability $g_e(\\mathbf{x}_t)$ (rung 1). "
+    + ("`combine weight` is the factor the layer actually multiplies the expert's output by "
+       "(after the model's renormalisation or scaling of the top-k weights); it is what the "
+       "ablation sets to zero. " if show_combine else
+       "For this model the layer multiplies each expert's output by exactly $g_e$, so zeroing "
+       "that factor is the ablation. ")
+    + "`gap norm` is $\\lVert \\mathbf{y}_t - \\mathbf{y}_t^{(-e)}\\rVert_2$, how far the removal moves the "
+    "layer output. `ΔL token` is the loss change in nats when the expert is removed at t only "
+    "(rung 2; positive: the prediction gets worse); `ablation rank` orders the experts by it. "
+    "`ΔL sequence` removes the expert at every position up to t where it is routed (see below)."))
+
+# %%
+fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 0.45 * len(example) + 1.6), sharey=True)
+ylab = [f"expert {e}" for e in example.expert]
+pal = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+ax1.barh(ylab, example["g"], color=pal[0])
+ax1.invert_yaxis()
+ax1.set_xlabel("routing weight $g_e(x_t)$ (probability)")
+ax1.set_title("Rung 1: what the router says")
+ax2.barh(ylab, example["ΔL token"], color=[pal[3] if v > 0 else pal[2] for v in example["ΔL token"]])
+ax2.axvline(0, color="0.3", linewidth=0.8)
+ax2.set_xlabel("loss change when removed, $\\Delta\\mathcal{L}$ (nats)")
+ax2.set_title("Rung 2: what removing it does")
+fig.suptitle(f"{name}, layer {L}, one token (text {seq_id}, t = {t_ex})", fontsize=11)
+fig.tight_layout()
+plt.show()
+
+# %%
+top_router = int(example.expert.iloc[0])
+bottom_router = int(example.expert.iloc[-1])
+top_ablation = int(example.sort_values("ΔL token", ascending=False).expert.iloc[0])
+d_high, d_low = float(example["ΔL token"].iloc[0]), float(example["ΔL token"].iloc[-1])
+rho = float(pd.Series(example["g"]).rank().corr(pd.Series(example["ΔL token"]).rank()))
+n_neg = int((example["ΔL token"] < 0).sum())
+agree = top_router == top_ablation
+display(Markdown(
+    f"At this token the router gives its largest weight to expert {top_router} (g = {example.g.iloc[0]:.3f}). "
+    + ("Removing that expert is also the ablation that hurts the prediction most "
+       f"(ΔL = {d_high:+.4f} nats). " if agree else
+       f"The ablation that hurts the prediction most, however, is that of expert {top_ablation} "
+       f"(ΔL = {example['ΔL token'].max():+.4f} nats), ranked {int(example.loc[example.expert == top_ablation, 'router rank'].iloc[0])} "
+       f"of {len(example)} by the router. ")
+    + f"The paired difference the audit is built on, highest-weight minus lowest-weight expert, is "
+    f"D = {d_high:+.4f} − ({d_low:+.4f}) = {d_high - d_low:+.4f} nats here. Over the {len(example)} active "
+    f"experts the rank correlation between weight and loss change is {rho:+.2f}"
+    + (f", and removing {n_neg} of them *lowers* the loss (green bars in the right panel; "
+       "vermilion bars mark removals that raise it)." if n_neg else
+       " (vermilion bars in the right panel: every removal raises the loss).")))
+
+# %% [markdown]
+# One token proves nothing either way: a weight that predicts the loss change at one token
+# may fail at the next. The audit therefore repeats this comparison at hundreds of sampled
+# positions and asks whether $D$ is reliably positive. Note also that the routing weight
+# shown here is the *most* informative observational quantity available, because it is
+# computed for this very token. The pruning metrics are population averages over the
+# whole corpus, one number per expert, and must predict the effect at a token they never
+# saw. The paper's per-token routing-weight control (chapter 5) bounds what any
+# routing-derived metric could achieve.
+#
+# ## Two ways to intervene
+#
+# The paper defines the ablation at the token: expert $e$ is removed at position $t$ only,
+# and everything before $t$ is computed by the intact model (**token mode**, the book's
+# default). The authors' released code instead zeroes the expert wherever it is routed in
+# the sequence, so the loss at $t$ also reflects the expert's absence at earlier positions,
+# which reaches $t$ through attention (**sequence mode**). The two coincide at the last
+# layer, where nothing later can attend to the changed positions, and can differ anywhere
+# earlier. Every chapter that ablates takes a `mode` parameter, so either definition can be
+# audited, and the verification chapter shows how to tell them apart.
+
+# %%
+gap = float(np.max(np.abs(example["ΔL token"] - example["ΔL sequence"])))
+is_last = L == lay.n_layers - 1
+display(Markdown(
+    f"For the token above, the largest difference between the two definitions over the "
+    f"{len(example)} experts is {gap:.2e} nats"
+    + (f": layer {L} is the model's last layer, so the two must agree up to floating-point rounding."
+       if is_last else
+       f": layer {L} is followed by {lay.n_layers - 1 - L} more layer(s), through which the removal at "
+       "earlier positions reaches t.")))
+
+# %% [markdown]
+# ## How to read this book
+#
+# | Chapter | What it does |
+# | --- | --- |
+# | [2. Setup and verification](02_verification.ipynb) | The models' MoE layouts and the paper's four verification checks (Appendix B), implemented so that they can fail, in both ablation modes. |
+# | [3. Observational metrics](03_observational_metrics.ipynb) | The four pruning metrics per expert and layer: their distributions, how they relate to each other, which experts are never used, and how the released code computed them. |
+# | [4. The audit](04_audit.ipynb) | The central experiment (Tables 1–3): does ranking the active experts by a metric predict which ablation hurts more? |
+# | [5. Routing-weight control](05_routing_weight_control.ipynb) | The same test with the token's own routing weight in place of a population metric (Tables 4–6, Figure 1). |
+# | [6. Progressive ablation](06_progressive_ablation.ipynb) | Removing the k highest-weight experts at once (Tables 8–9): how much redundancy each layer has. |
+# | [7. Mechanism](07_mechanism.ipynb) | Why ablations change the loss where they do: gap norms, and how later layers absorb or amplify a removal (Section A.3). |
+# | [8. Re-analysing the released results](08_released_reanalysis.ipynb) | The authors' own per-position records: every recomputable cell, with confidence intervals, other corrections, and the departures of the released code from the paper. |
+# | [A. The default models](A1_default_models.ipynb) | The three small MoE models the book runs on by default, how they were trained, and what they share with the real checkpoints. |
+#
+# The book runs by default on three small MoE models shipped with it, built with the same
+# model classes as OLMoE-1B-7B-0924, Qwen1.5-MoE-A2.7B and DeepSeek-V2-Lite (routed and
+# shared experts, top-k, routing and scaling rules) so that every chapter executes on a
+# laptop CPU in seconds to minutes. Their numbers describe those small models, not the
+# paper's checkpoints. The same chapters run unchanged on the real checkpoints given a GPU,
+# and chapter 8 works directly with the authors' released results.
+#
+# ## Re-running a chapter
+#
+# Every chapter starts with a cell of parameters. To execute one chapter with other values
+# and rebuild the HTML:
+#
+# ```bash
+# make chapter NB=04_audit PARAMS="-p models '[\"tiny-olmoe\"]' -p n_positions 50"
+# ```
+#
+# and to execute every chapter with its defaults and build the whole book:
+#
+# ```bash
+# make book
+# ```
+#
+# Parameter values are read as YAML (`50` is a number, `'["a", "b"]'` a list, `null` is
+# None). Models are given as shipped names, Hugging Face ids (e.g.
+# `'["allenai/OLMoE-1B-7B-0924"]'` with `-p device cuda -p dtype bfloat16`) or local
+# directories. The WikiText-2 files are read from `$MOEAUDIT_DATA_DIR` (or the `data_dir`
+# parameter). Ablation records are cached on disk (`results/`, or `$MOEAUDIT_RESULTS_DIR`)
+# under a key made of every parameter that produced them, so a re-run reuses them, an
+# interrupted run resumes, and a changed parameter computes new records.
+#
+# ## What this shows, and what it does not
+#
+# **Shows.** What the two rungs mean operationally in this book: a routing weight is read
+# from one clean forward pass, an importance is measured by removing one expert's
+# contribution at one token and re-computing the loss; and that the two orderings of the
+# same experts need not agree.
+#
+# **Does not show.** Anything general. One token of one small model is an illustration;
+# whether observational rankings predict interventional ones is a statistical question
+# about many positions, answered in chapters 4 and 5.
