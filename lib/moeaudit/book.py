@@ -52,8 +52,8 @@ def notebook_parameters(stem: str) -> dict:
     return {}
 
 
-def execute_chapter(stem: str, parameters: dict | None = None, *, log=print) -> Path:
-    """Execute ``notebooks/<stem>.py`` with ``parameters`` into ``book/<stem>.ipynb``."""
+def execute_chapter(stem: str, parameters: dict | None = None, *, book_dir: Path = BOOK, log=print) -> Path:
+    """Execute ``notebooks/<stem>.py`` with ``parameters`` into ``<book_dir>/<stem>.ipynb``."""
     import jupytext  # noqa: PLC0415
     import papermill  # noqa: PLC0415
 
@@ -65,7 +65,8 @@ def execute_chapter(stem: str, parameters: dict | None = None, *, log=print) -> 
     unknown = sorted(set(parameters) - set(known))
     if unknown:
         raise ValueError(f"chapter {stem} has no parameter(s) {unknown}; its parameters are {sorted(known)}")
-    BOOK.mkdir(exist_ok=True)
+    book_dir = Path(book_dir)
+    book_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         raw, done = Path(tmp) / f"{stem}.ipynb", Path(tmp) / f"{stem}.out.ipynb"
         jupytext.write(jupytext.read(src), raw)
@@ -80,19 +81,21 @@ def execute_chapter(stem: str, parameters: dict | None = None, *, log=print) -> 
                 os.environ.pop("MOEAUDIT_PROGRESS", None)
             else:
                 os.environ["MOEAUDIT_PROGRESS"] = env_before
-        target = BOOK / f"{stem}.ipynb"
+        target = book_dir / f"{stem}.ipynb"
         shutil.move(done, target)
-    log(f"executed {stem} in {time.time() - t0:.1f} s -> {target.relative_to(REPO_ROOT)}")
+    log(f"executed {stem} in {time.time() - t0:.1f} s -> {target}")
     return target
 
 
-def build_html(*, strict: bool = True) -> Path:
-    """``jupyter-book build`` of the repository root into ``book/_build/html``."""
-    cmd = [str(Path(sys.executable).parent / "jupyter-book"), "build", str(REPO_ROOT), "--path-output", str(BOOK)]
+def build_html(*, root: Path = REPO_ROOT, strict: bool = True) -> Path:
+    """``jupyter-book build`` of ``root`` (holding ``_config.yml``, ``_toc.yml`` and ``book/``) into
+    ``<root>/book/_build/html``, with warnings as errors when ``strict``."""
+    root = Path(root)
+    cmd = [str(Path(sys.executable).parent / "jupyter-book"), "build", str(root), "--path-output", str(root / "book")]
     if strict:
         cmd += ["-W", "-n", "--keep-going"]
     subprocess.run(cmd, check=True)
-    return BOOK / "_build" / "html"
+    return root / "book" / "_build" / "html"
 
 
 def _parse_params(pairs) -> dict:
