@@ -36,15 +36,14 @@ def rendered(tmp_path_factory):
     root = tmp_path_factory.mktemp("bookroot")
     for f in ("_config.yml", "_toc.yml"):
         shutil.copy(book.REPO_ROOT / f, root / f)
-    results = root / "results"
-    import os
-
-    os.environ["MOEAUDIT_RESULTS_DIR"] = str(results)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MOEAUDIT_RESULTS_DIR", str(root / "results"))  # inherited by the notebook kernels
     executed = {}
     for stem in book.chapters():
         executed[stem] = book.execute_chapter(stem, _tiny_params(stem), book_dir=root / "book", log=lambda *_: None)
     html = book.build_html(root=root)
-    return root, executed, html
+    yield root, executed, html
+    mp.undo()
 
 
 def test_every_chapter_executes_without_error_outputs(rendered):
