@@ -219,7 +219,7 @@ def _group_batches(groups: list, batch_size: int) -> list[list]:
 
 def _run_batch(model: AuditModel, *, input_ids, attention_mask, position_ids, past_key_values,
                removal: dict[int, torch.Tensor], read_rows: torch.Tensor, read_pos: torch.Tensor,
-               read_layers=()):
+               read_layers=(), scale: float = 0.0):
     """One traced forward. ``removal[L]`` is a (rows, E) bool matrix over the flattened token rows of
     the batch; returns logits and MoE outputs at ``(read_rows, read_pos)`` for every ablated layer
     and every layer in ``read_layers``."""
@@ -235,7 +235,8 @@ def _run_batch(model: AuditModel, *, input_ids, attention_mask, position_ids, pa
             if L in removal:
                 r_logits, r_weight, r_idx = mlp.gate.output
                 hit = removal[L].to(r_idx.device).gather(1, r_idx)
-                mlp.gate.output = (r_logits, r_weight.masked_fill(hit, 0), r_idx)
+                new_weight = r_weight.masked_fill(hit, 0) if scale == 0.0 else torch.where(hit, r_weight * scale, r_weight)
+                mlp.gate.output = (r_logits, new_weight, r_idx)
             outputs[L] = mlp.output[read_rows, read_pos].save()
         logits = model.nn.output.logits[read_rows, read_pos].save()
     return logits, outputs
@@ -245,7 +246,7 @@ def _run_batch(model: AuditModel, *, input_ids, attention_mask, position_ids, pa
 def run_ablations(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, requests: pd.DataFrame, *,
                   mode: str = "token", strategy: str = "kv", batch_size: int = 64, seq_batch: int = 4,
                   seed: int | None = None, require_active: bool = True, downstream: bool = False,
-                  progress: bool | None = None) -> pd.DataFrame:
+                  scale: float = 0.0, progress: bool | None = None) -> pd.DataFrame:
     """Run every requested ablation and return one tidy record per request.
 
     ``requests``: columns ``seq_id``, ``t``, ``layer``, ``removed`` (expert ids, all active at
@@ -254,6 +255,9 @@ def run_ablations(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, 
     clean loss from an un-ablated row of the same batch. ``require_active=False`` allows removing
     an expert that is not routed at t (a no-op there in ``token`` mode; used by the verification
     suite to show that the effect is position-specific).
+
+    ``scale`` multiplies the removed experts' combine weights (0 = ablation, the default; ``1 - eps``
+    removes only the fraction ``eps`` of their contribution, for small-perturbation checks).
 
     ``downstream=True`` adds ``downstream_compensation``: how much of the removed contribution
     ``g = y_t - y_t^(-e)`` the later MoE layers put back at t after the ablation,
@@ -330,7 +334,8 @@ def run_ablations(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, 
                 model, input_ids=input_ids.to(dev), attention_mask=attn.to(dev),
                 position_ids=None if position_ids is None else position_ids.to(dev), past_key_values=cache,
                 removal=removal, read_rows=read_rows.to(dev), read_pos=read_pos.to(dev),
-                read_layers=[L for L in model.layout.moe_layers if L > min(layers_here)] if downstream else ())
+                read_layers=[L for L in model.layout.moe_layers if L > min(layers_here)] if downstream else (),
+                scale=float(scale))
             targets = torch.tensor([int(corpus.sequences[s][t + 1]) for s, t, _ in rows], device=logits.device)
             losses = _token_loss(logits, targets).cpu().numpy()
             clean_row = {}
