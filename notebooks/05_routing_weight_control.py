@@ -1,0 +1,374 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # The routing-weight control: is there any signal for a ranking to find?
+#
+# The audit of the previous chapter asked whether four *population-level* statistics of an
+# expert (computed once over the whole corpus) predict which active expert matters more at a
+# given token. A null result there has two readings: either those statistics carry no
+# information about token-level importance, or the audit is too weak to see any information at
+# all. This chapter separates the two readings, as the paper does in its control experiment
+# (Section 3, Appendix A.2, Tables 4–6 and Figure 1).
+#
+# **The control ranking.** Instead of a corpus statistic, the active experts at token $t$ are
+# ranked by the router's own probability at that token, $g_e(x_t) = \mathrm{softmax}(W_g x_t)_e$.
+# This is the most token-specific routing-derived quantity there is: the same number the model
+# uses to weight the expert's output in Equation (1). If even this ranking does not predict
+# which ablation hurts more, no routing statistic can be expected to; if it does, the audit
+# is able to detect a real effect of this size, and the null of the observational metrics is
+# informative.
+#
+# **Same machinery, same data.** The positions, the layers and the single-expert ablation
+# records are exactly those of the audit chapter (they are read from the same cache; nothing
+# is re-sampled). At every position the expert with the largest $g_e(x_t)$ and the one with the
+# smallest are taken as "high" and "low", and
+# $D = \Delta\mathcal{L}_{\text{high}} - \Delta\mathcal{L}_{\text{low}}$ is tested as before:
+# paired t-test with Cohen's $d_z$ and its exact 95% confidence interval, Wilcoxon signed-rank
+# test, and the paper's dual-test rule. The family for the Bonferroni correction is one model's
+# control cells, one per audited layer (the paper: five layers, $\alpha_{\text{adj}} = 0.05/5$).
+#
+# The paper's tables add one more statistic: the Spearman correlation between the *ratio* of the
+# two routing weights, $w_{\text{high}}/w_{\text{low}}$, and $D$. It asks a finer question than
+# the t-test: when the router is more decisive at a token, is the difference in importance
+# larger?
+
+# %% tags=["parameters"]
+models = ["tiny-olmoe", "tiny-qwen-moe", "tiny-deepseek-v2"]  # shipped names, HF ids or local dirs
+layers = None  # None: five depth-proportional MoE layers per model; or a list used for every model
+n_positions = 200  # token positions per cell (the paper: 200)
+seed = 42
+mode = "token"  # "token" (the paper's definition) or "sequence" (the released code's)
+dtype = "float32"
+device = "cpu"
+n_texts = 100  # first n WikiText-2 test lines longer than 50 characters
+max_tokens = None  # None: min(512, the model's context)
+min_context = 0
+batch_size = 64
+alpha = 0.05
+data_dir = None  # folder with wikitext-2/ (default: $MOEAUDIT_DATA_DIR)
+results_dir = None  # record cache (default: $MOEAUDIT_RESULTS_DIR or results/)
+n_boot = 2000  # bootstrap resamples for the Spearman confidence intervals
+
+# %%
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from IPython.display import Markdown, display
+
+from moeaudit import report, stats
+from moeaudit.audit import paired_cells, prepare, single_expert_records
+from moeaudit.metrics import METRICS, ROUTING_WEIGHT
+
+report.use_book_style()
+
+# %% [markdown]
+# ## The records
+# The call below is the audit chapter's call with the same parameters, so the records come from
+# the cache when that chapter has run (and are computed and cached otherwise). Both the control
+# ranking and the four observational rankings are read from them: the observational cells are
+# needed for the grey band of Figure 1.
+
+# %%
+control_cells, observational_cells, layouts = [], [], {}
+for name in models:
+    ctx = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=dtype, device=device,
+                  data_dir=data_dir, results_dir=results_dir)
+    lay = ctx.model.layout
+    layouts[name] = lay
+    audited = list(layers) if layers is not None else lay.depth_proportional_layers(5)
+    rec = single_expert_records(ctx, layers=audited, n_positions=n_positions, seed=seed, mode=mode,
+                                min_context=min_context, batch_size=batch_size)
+    depth = dict(zip(audited, report.relative_depth(audited, lay.moe_layers)))
+    for rankings, sink in (([ROUTING_WEIGHT], control_cells), (list(METRICS), observational_cells)):
+        c = paired_cells(rec, ctx.metrics, rankings=rankings)
+        c["rel_depth"] = c.layer.map(depth)
+        sink.append(c)
+    display(Markdown(f"**{name}** ({lay.family}): MoE layers {list(lay.moe_layers)} of {lay.n_layers}, "
+                     f"{lay.num_experts} routed experts, top-{lay.top_k}, {lay.n_shared_experts} shared; "
+                     f"audited layers {audited}; {len(rec):,} single-expert ablation records."))
+control_cells = pd.concat(control_cells, ignore_index=True)
+observational_cells = pd.concat(observational_cells, ignore_index=True)
+
+# %% [markdown]
+# ## Per-layer statistics (the paper's Tables 4–6)
+# One table per model, one column per audited layer. The Bonferroni family is that model's
+# control cells only; the observational cells of the audit chapter are a separate family.
+
+# %%
+control = stats.audit_table(control_cells, by=("model", "ranking", "layer"), high_col="delta_loss_high",
+                            low_col="delta_loss_low", family=("model",), alpha=alpha)
+depths = control_cells[["model", "layer", "rel_depth"]].drop_duplicates()
+control = control.merge(depths, on=["model", "layer"], how="left")
+
+rho_rows = []
+for (name, layer), g in control_cells.groupby(["model", "layer"], sort=False):
+    r = stats.spearman(g.value_high / g.value_low, g["diff"], n_boot=n_boot, seed=seed)
+    r.insert(0, "model", name)
+    r.insert(1, "layer", layer)
+    rho_rows.append(r)
+rho = pd.concat(rho_rows, ignore_index=True)
+control = control.merge(rho[["model", "layer", "rho", "p", "ci_low", "ci_high"]].rename(
+    columns={"p": "rho_p", "ci_low": "rho_ci_low", "ci_high": "rho_ci_high"}), on=["model", "layer"], how="left")
+means = control_cells.groupby(["model", "layer"], sort=False)[["delta_loss_high", "delta_loss_low"]].mean()
+control = control.merge(means.reset_index(), on=["model", "layer"], how="left")
+
+
+def control_table(t: pd.DataFrame):
+    """The paper's layout: statistics as rows, layers as columns."""
+    t = t.sort_values("layer")
+    cols = [f"L{L}" for L in t.layer]
+    rows = {
+        "Cohen's d_z": [f"{r.cohens_dz:+.3f}{' ★' if r.sig_dual_bonf else ''}" for r in t.itertuples()],
+        "95% CI of d_z": [f"[{r.dz_ci_low:+.3f}, {r.dz_ci_high:+.3f}]" for r in t.itertuples()],
+        "p_t": [f"{r.p_t:.3g}" for r in t.itertuples()],
+        "p_W": [f"{r.p_W:.3g}" for r in t.itertuples()],
+        "Spearman ρ (w_high/w_low, D)": [f"{r.rho:+.3f}" for r in t.itertuples()],
+        "95% CI of ρ": [f"[{r.rho_ci_low:+.3f}, {r.rho_ci_high:+.3f}]" for r in t.itertuples()],
+        "mean ΔL_high / ΔL_low (nats)": [f"{r.delta_loss_high:+.4f} / {r.delta_loss_low:+.4f}" for r in t.itertuples()],
+    }
+    table = pd.DataFrame(rows, index=cols).T
+    bold_cols = [c for c, s in zip(cols, t.sig_t_bonf) if s]
+
+    def css(df):
+        out = pd.DataFrame("", index=df.index, columns=df.columns)
+        for c in bold_cols:
+            out.loc[["Cohen's d_z", "p_t"], c] = "font-weight: bold"
+        return out
+
+    n = int(t.n.iloc[0]) if t.n.nunique() == 1 else f"{int(t.n.min())}–{int(t.n.max())}"
+    k = len(t)
+    return (table.style.apply(css, axis=None)
+            .set_caption(f"Routing-weight control, {t.model.iloc[0]}. n = {n} positions per layer; "
+                         f"Bonferroni over {k} layers: α_adj = {alpha}/{k} = {alpha / k:.3g}.")
+            .set_properties(**{"text-align": "center", "font-size": "0.9em"}))
+
+
+for name in models:
+    display(Markdown(f"### {name}"))
+    display(control_table(control[control.model == name]))
+
+# %% [markdown]
+# *How to read these tables.* Cohen's $d_z = \bar D / s_D$ is the mean paired difference in units
+# of its standard deviation; positive means that ablating the expert with the larger routing weight
+# at the token hurts the next-token prediction more. The interval is the exact 95% interval of
+# $d_z$ (noncentral t). $p_t$: two-sided paired t-test; $p_W$: two-sided Wilcoxon signed-rank test.
+# **Bold** $d_z$ and $p_t$: $p_t$ below the Bonferroni level of the model (the paper's convention
+# for these tables). ★: the dual-test rule also holds — Wilcoxon below the same level, pointing in
+# the same direction — which is the criterion the paper uses to call an effect real. Spearman ρ
+# is computed over positions between $w_{\text{high}}/w_{\text{low}}$ (both are softmax router
+# probabilities at the token) and $D$, with a bias-corrected and accelerated bootstrap interval
+# (positions resampled in pairs). The last row gives the two mean loss changes in nats, so the
+# effect size can be related to how much either ablation costs at all.
+
+# %%
+def summary_sentence(name: str) -> str:
+    t = control[control.model == name].sort_values("layer")
+    best = t.loc[t.cohens_dz.abs().idxmax()]
+    dual = t[t.sig_dual_bonf]
+    t_only = t[t.sig_t_bonf & ~t.sig_dual_bonf]
+    seq = ", ".join(f"L{r.layer}: {r.cohens_dz:+.3f}" for r in t.itertuples())
+    s = (f"**{name}.** d_z by layer: {seq}. The largest in magnitude is at layer {int(best.layer)} "
+         f"(d_z = {best.cohens_dz:+.3f}, 95% CI [{best.dz_ci_low:+.3f}, {best.dz_ci_high:+.3f}], "
+         f"p_t = {best.p_t:.3g}, p_W = {best.p_W:.3g}). ")
+    if len(dual):
+        s += (f"{len(dual)} of {len(t)} layers pass Bonferroni under the dual-test rule "
+              f"({', '.join(f'L{L}' for L in dual.layer)}). ")
+    else:
+        s += f"No layer passes Bonferroni under the dual-test rule (α_adj = {alpha / len(t):.3g}). "
+    if len(t_only):
+        s += (f"{len(t_only)} layer(s) pass on the t-test alone but not on Wilcoxon "
+              f"({', '.join(f'L{L}' for L in t_only.layer)}): a disagreement the paper counts as noise. ")
+    return s
+
+
+display(Markdown("\n\n".join(summary_sentence(name) for name in models)))
+
+# %% [markdown]
+# ## Figure 1: the control against the range of the observational metrics
+# Each line is one model's control effect across relative depth (0 = first MoE layer, 1 = last),
+# with its 95% confidence band. The grey band spans the effect sizes of *all* observational cells
+# — four metrics, every audited layer, every model — computed here from the same records. A
+# control effect above the band is a token-level signal that none of the population-level
+# statistics came close to; a control effect inside the band is no stronger than what the
+# observational metrics produced. An asterisk marks a layer that passes Bonferroni within its
+# model (on the t-test; see the tables for the dual rule).
+
+# %%
+observational = stats.audit_table(observational_cells, by=("model", "ranking", "layer"),
+                                  high_col="delta_loss_high", low_col="delta_loss_low",
+                                  family=("model",), alpha=alpha)
+fig = report.figure1(control, observational)
+plt.show()
+
+obs_lo, obs_hi = observational.cohens_dz.min(), observational.cohens_dz.max()
+above = control[control.cohens_dz > obs_hi]
+below = control[control.cohens_dz < obs_lo]
+outside = ", ".join(f"{r.model} L{r.layer} ({r.cohens_dz:+.3f})" for r in pd.concat([above, below]).itertuples())
+display(Markdown(
+    f"The {len(observational)} observational cells span d_z from {obs_lo:+.3f} to {obs_hi:+.3f}. "
+    + (f"Control cells outside that range: {outside}." if outside else
+       "Every control cell lies inside that range: per-token conditioning does not produce a larger "
+       "effect than the population-level metrics did.")
+    + f" Of the {len(control)} control cells, {int(control.sig_dual_bonf.sum())} pass the dual-test rule "
+    f"under Bonferroni within their model, and {int((control.p_t < alpha).sum())} reach uncorrected p_t < {alpha}."))
+
+# %% [markdown]
+# ## Where the signal would come from
+# The t-test asks whether $D$ is positive on average; the Spearman correlation asks whether $D$
+# grows with how strongly the router prefers the high expert over the low one. The scatter plots
+# show the raw material of both: one point per position, the weight ratio on a logarithmic axis,
+# $D$ on a symmetric-log axis (linear in a narrow band around zero, stated on the axis, and
+# logarithmic outside it, because a few positions carry much larger loss changes than most).
+
+# %%
+abs_d = control_cells["diff"].abs()
+linthresh = 10.0 ** np.floor(np.log10(max(float(abs_d[abs_d > 0].quantile(0.1)), 1e-6))) if (abs_d > 0).any() else 1e-3
+n_models = len(models)
+fig, axes = plt.subplots(1, n_models, figsize=(4.3 * n_models, 3.9), squeeze=False, sharey=True)
+for ax, name in zip(axes[0], models):
+    g = control_cells[control_cells.model == name].assign(ratio=lambda d: d.value_high / d.value_low)
+    layer_order = sorted(g.layer.unique())
+    sns.scatterplot(data=g, x="ratio", y="diff", hue="layer", hue_order=layer_order,
+                    palette=sns.color_palette("colorblind", len(layer_order)), s=14, alpha=0.6,
+                    linewidth=0, ax=ax)
+    ax.set_xscale("log")
+    ax.set_yscale("symlog", linthresh=linthresh)
+    ax.axhline(0, color="0.3", linewidth=0.8)
+    ax.set_title(name)
+    ax.set_xlabel("routing-weight ratio $w_{high}/w_{low}$ (log scale)")
+    ax.legend(title="layer", fontsize=8, title_fontsize=8, loc="best")
+axes[0][0].set_ylabel(f"$D = \\Delta L_{{high}} - \\Delta L_{{low}}$ (nats)\nsymlog, linear within ±{linthresh:g}")
+fig.suptitle("Paired loss difference against the router's preference, per position")
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# ## How many positions would a detection need?
+# For every control cell, the number of positions a two-sided paired t-test needs to detect the
+# *observed* $d_z$ with 80% power at the model's Bonferroni level, beside the smallest $|d_z|$ the
+# present n detects with that power. These numbers treat the observed effect as if it were the
+# true one, so they are a planning aid for the exercises below, not a verdict.
+
+# %%
+plan = control[["model", "layer", "n", "cohens_dz", "alpha_corrected", "mde_dz"]].copy()
+plan["n_needed"] = [stats.required_n(d, alpha=a) if abs(d) > 1e-3 else np.inf
+                    for d, a in zip(plan.cohens_dz, plan.alpha_corrected)]
+plan = plan.rename(columns={"cohens_dz": "observed d_z", "alpha_corrected": "α_adj",
+                            "mde_dz": "detectable |d_z| at n", "n_needed": "n for 80% power"})
+display(plan.style.format({"observed d_z": "{:+.3f}", "α_adj": "{:.3g}", "detectable |d_z| at n": "{:.3f}",
+                           "n for 80% power": "{:,.0f}"}).hide(axis="index"))
+
+# %% [markdown]
+# `detectable |d_z| at n` is the smallest effect the t-test finds with probability 0.8 at the
+# current number of positions and the Bonferroni level; `n for 80% power` is the number of
+# positions that would be needed if the observed effect were the true one (∞ where it is
+# practically zero).
+
+# %%
+from statsmodels.stats.power import TTestPower
+
+paper_mde = stats.min_detectable_dz(200, alpha=0.05 / 5)
+display(Markdown(
+    f"For comparison, the paper's design (n = 200 positions, Bonferroni over five layers, "
+    f"α_adj = 0.01) detects |d_z| ≥ {paper_mde:.3f} with 80% power. Its one significant control "
+    f"effect, d = +0.231 at OLMoE's last MoE layer, lies close to that edge: an effect of that size "
+    f"is found only about {TTestPower().power(0.231, nobs=200, alpha=0.05 / 5, alternative='two-sided'):.0%} of the time."))
+
+# %% [markdown]
+# ## What this shows, and what it does not
+# **Shows.** Whether the router's own, token-conditioned preference among the active experts
+# predicts which single-expert ablation costs more at that token, at each audited depth, with the
+# uncertainty of each effect; and whether any such effect stands out from the range of effects
+# the four population-level metrics produced on the same positions and records. A control effect
+# that clears the Bonferroni and dual-test bar shows that the audit *can* detect an effect of that
+# size, which is what turns the observational null into evidence rather than a failure to look.
+#
+# **Does not show.** That the router "knows" which expert is important in general: the control
+# compares only the top and bottom of the active set at one token, removes one expert at a time
+# and does not renormalise the remaining weights. A control that stays inside the grey band does
+# not by itself show that the audit lacks power either — the power table above says which effect
+# sizes were detectable at all. And with the book's default small models, the numbers describe
+# those models, not the paper's checkpoints; a comparison with the paper's printed values is in
+# the chapter on the released results.
+
+# %% [markdown]
+# ## Exercises
+# Each exercise changes parameters only. Write down your prediction before running the command
+# (from the repository root), then open the expected result. The shipped models have four
+# layers; layer 3 is the last MoE layer in all three, layer 1 the first one that is MoE in all
+# three (layer 0 of the DeepSeek-style model is dense).
+#
+# **1. Power at a single layer.** Pick the layer whose control effect you consider most likely
+# to be real, look up its `n for 80% power` above, and predict what happens to its confidence
+# interval and p-value with four times as many positions. Run, e.g.
+#
+# ```bash
+# make chapter NB=05_routing_weight_control PARAMS="-p layers '[3]' -p n_positions 800"
+# ```
+
+# %% [markdown]
+# ````{admonition} Expected result
+# :class: dropdown
+# The confidence interval of $d_z$ becomes about half as wide (its width scales as
+# $1/\sqrt{n}$). The point estimate moves by no more than roughly the old interval's half-width.
+# If the effect is real, $p_t$ falls by orders of magnitude and the cell moves into the
+# significant range; if it is noise, the estimate shrinks toward zero and the interval now
+# straddles zero more tightly. With a single audited layer the Bonferroni family has size one,
+# so the corrected level is $\alpha$ itself — a reminder that the correction depends on how many
+# tests you decided to run. (The records at 800 positions also take about four times as long to
+# compute the first time.)
+# ````
+
+# %% [markdown]
+# **2. Which intervention?** The paper defines the ablation at token $t$ only; the released code
+# removes the expert at every position of the sequence where it is routed. Predict at which
+# layer the two definitions must give identical results, and where they may differ. Run
+#
+# ```bash
+# make chapter NB=05_routing_weight_control PARAMS="-p mode sequence"
+# ```
+
+# %% [markdown]
+# ````{admonition} Expected result
+# :class: dropdown
+# At the last layer of the network the two definitions coincide: removing the expert at an
+# earlier position changes only that position's residual stream, and no later layer exists to
+# carry it to position $t$ through attention. The per-position loss changes, and therefore every
+# statistic of that column, agree up to floating-point rounding. At earlier layers the
+# sequence-wide ablation also removes the expert's contribution at earlier tokens, which reaches
+# $t$ through attention; loss changes are usually larger in magnitude and the control effect
+# can move in either direction. The run takes several times longer, because every ablation
+# re-computes the prefix instead of reusing the clean key/value cache.
+# ````
+
+# %% [markdown]
+# **3. A fresh draw.** Keep everything else and draw a different set of positions. Predict
+# which verdicts in the tables survive. Run
+#
+# ```bash
+# make chapter NB=05_routing_weight_control PARAMS="-p seed 7"
+# ```
+
+# %% [markdown]
+# ````{admonition} Expected result
+# :class: dropdown
+# Each $d_z$ moves by an amount comparable to its confidence interval's half-width (about
+# $2/\sqrt{n} \approx 0.14$ at n = 200). Cells whose interval was far from zero keep their sign
+# and verdict; cells with $p_t$ near the Bonferroni level can flip in either direction, and
+# uncorrected "bold" cells of the observational kind come and go. A verdict that does not
+# survive a new seed was never strong evidence — which is why the paper's single significant
+# control effect, at $p = 0.0013$ against $\alpha_{\text{adj}} = 0.01$, is reported with its
+# depth trend and not on its own.
+# ````
