@@ -23,8 +23,9 @@
 #
 # **The control ranking.** Instead of a corpus statistic, the active experts at token $t$ are
 # ranked by the router's own probability at that token, $g_e(x_t) = \mathrm{softmax}(W_g x_t)_e$.
-# This is the most token-specific routing-derived quantity there is: the same number the model
-# uses to weight the expert's output in Equation (1). If even this ranking does not predict
+# This is the most token-specific routing-derived quantity there is: the number the model uses
+# to weight the expert's output in Equation (1) (models that renormalise over the top-k divide
+# it by a constant per token, which leaves the ranking unchanged). If even this ranking does not predict
 # which ablation hurts more, no routing statistic can be expected to; if it does, the audit
 # is able to detect a real effect of this size, and the null of the observational metrics is
 # informative.
