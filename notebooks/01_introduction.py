@@ -208,7 +208,7 @@ display(Markdown(
     f"experts the rank correlation between weight and loss change is {rho:+.2f}"
     + (f", and removing {n_neg} of them *lowers* the loss (green bars in the right panel; "
        "vermilion bars mark removals that raise it)." if n_neg else
-       " (vermilion bars in the right panel: every removal raises the loss).")))
+       "; no removal lowers the loss.")))
 
 # %% [markdown]
 # One token proves nothing either way: a weight that predicts the loss change at one token
@@ -229,7 +229,8 @@ display(Markdown(
 # which reaches $t$ through attention (**sequence mode**). The two coincide at the last
 # layer, where nothing later can attend to the changed positions, and can differ anywhere
 # earlier. Every chapter that ablates takes a `mode` parameter, so either definition can be
-# audited, and the verification chapter shows how to tell them apart.
+# audited; the verification chapter shows how to tell them apart, and chapter 9 compares
+# the audit's results under both.
 
 # %%
 gap = float(np.max(np.abs(example["ΔL token"] - example["ΔL sequence"])))
@@ -254,6 +255,8 @@ display(Markdown(
 # | [6. Progressive ablation](06_progressive_ablation.ipynb) | Removing the k highest-weight experts at once (Tables 8–9): how much redundancy each layer has. |
 # | [7. Mechanism](07_mechanism.ipynb) | Why ablations change the loss where they do: gap norms, and how later layers absorb or amplify a removal (Section A.3). |
 # | [8. Re-analysing the released results](08_released_reanalysis.ipynb) | The authors' own per-position records: every recomputable cell, with confidence intervals, other corrections, and the departures of the released code from the paper. |
+# | [9. Two intervention definitions](09_intervention_definitions.ipynb) | Token-local (the paper's) and sequence-wide (the released code's) ablation side by side: where they differ and whether the audit's conclusions depend on the choice. |
+# | [10. Better predictors and pruning](10_predictors_and_pruning.ipynb) | Predictors closer to the intervention than corpus statistics, whether token-level validity predicts one-shot pruning, and Bayes factors for the audit's null results. |
 # | [A. The default models](A1_default_models.ipynb) | The three small MoE models the book runs on by default, how they were trained, and what they share with the real checkpoints. |
 #
 # The book runs by default on three small MoE models shipped with it, built with the same
