@@ -152,7 +152,7 @@ display(layout_table.style.set_caption("MoE layout of each model"))
 # ## The four checks, in each mode
 #
 # The suite runs on one text (the longest, unless `seq_id` is set). Checks 2 and 4 use the
-# first expert the router selected at the middle position $t$ of that text, and for check 4
+# first expert in the router's top-k list at the middle position $t$ of that text, and for check 4
 # the position $u$ where that expert is not selected that lies furthest after $t$ (or, if
 # none does, the first one before it).
 
