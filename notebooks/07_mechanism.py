@@ -161,6 +161,7 @@ geo_all, rec_all, info, last_moe_layer = [], [], [], {}
 for name in models:
     ctx = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=dtype, device=device,
                   data_dir=data_dir, results_dir=results_dir)
+    ctx.model.hf.config.output_router_logits = False  # no auxiliary balancing loss during analysis forwards
     lay = ctx.model.layout
     moe = list(layers) if layers is not None else list(lay.moe_layers)
     depth = dict(zip(moe, report.relative_depth(moe, lay.moe_layers)))
@@ -250,7 +251,7 @@ def ratio_rows(df, label_col, gap_col):
 
 ratios = pd.DataFrame(ratio_rows(gap_depth, "model", "mean_gap")
                       + (ratio_rows(paper, "label", "mean_gap_norm") if paper is not None else []))
-display(ratios.set_index("model").style.format({"mean gap norm, first": "{:.4f}", "mean gap norm, last": "{:.4f}",
+display(ratios.set_index("model").style.format({"mean gap norm, first": "{:.3g}", "mean gap norm, last": "{:.3g}",
                                                  "ratio last / first": "{:.1f}×"}))
 
 # %%
@@ -276,8 +277,8 @@ for _, r in ratios.iterrows():
     q = r["ratio last / first"]
     change = (f"it grows {q:.1f}×" if q >= 1.1 else f"it shrinks to {q:.2f} of its first value" if q <= 0.9
               else f"it stays about the same (ratio {q:.2f})")
-    lines.append(f"- **{r.model}**: from {r['mean gap norm, first']:.4f} at layer {r['first layer']} to "
-                 f"{r['mean gap norm, last']:.4f} at layer {r['last layer']}; {change}.")
+    lines.append(f"- **{r.model}**: from {r['mean gap norm, first']:.3g} at layer {r['first layer']} to "
+                 f"{r['mean gap norm, last']:.3g} at layer {r['last layer']}; {change}.")
 display(Markdown("The mean gap norm, first to last analysed MoE layer:\n\n" + "\n".join(lines)
                  + "\n\nA change of scale on the log axis means the same fraction of the residual stream "
                    "is moved by a larger or smaller vector; the absolute values depend on each model's "
@@ -338,7 +339,7 @@ def table7(m):
         for key, pkey, label in ROWS:
             v = getattr(r, key)
             if pkey is None:
-                col[label] = f"{v:.4f}"
+                col[label] = f"{v:.3g}"
             elif key == "rho_gap_down" and r.layer == last_moe_layer[m]:
                 col[label] = "0 by construction"
             elif not np.isfinite(v):
@@ -365,11 +366,15 @@ for m in models:
 # %%
 if paper is not None:
     display(Markdown("For reference, the same rows as stored in the authors' released per-layer "
-                     "records (the paper's Table 7 is the Qwen part; the OLMoE rows are its Figure 2):"))
+                     "records (the paper's Table 7 is the Qwen part; the OLMoE rows are its Figure 2). "
+                     "In the released implementation the router rows (flattened over batch × sequence, "
+                     "padding included) are paired with the masked expert-output rows, so after the first "
+                     "padded sequence the routing weights belong to other tokens; the stored ρ(rw, gap norm) "
+                     "is therefore not exactly the quantity it names."))
     ref = {}
     for lab, s in paper.sort_values("layer").groupby("label", sort=False):
         for r in s.itertuples():
-            ref[(lab, f"L{r.layer}")] = {"Mean gap norm": f"{r.mean_gap_norm:.4f}",
+            ref[(lab, f"L{r.layer}")] = {"Mean gap norm": f"{r.mean_gap_norm:.3g}",
                                         "ρ(rw, gap norm)": f"{r.rho_rw_gap:+.3f}{stars(r.p_rw_gap)}",
                                         "ρ(gap norm, rel. comp.) — released measure":
                                             f"{r.rho_gap_comp:+.3f}{stars(r.p_gap_comp)}"}
@@ -417,7 +422,7 @@ axes[0].set_ylabel("Spearman ρ across experts")
 handles, labels = axes[1].get_legend_handles_labels()
 fig.suptitle("Redistribution analysis: the two correlation chains across depth")
 fig.tight_layout()
-fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.02), ncol=min(3, len(labels)), fontsize=8,
+_ = fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.02), ncol=min(3, len(labels)), fontsize=8,
            frameon=False)
 
 # %% [markdown]
@@ -440,11 +445,16 @@ for (m, L), s in rec_geo.groupby(["model", "layer"], sort=False):
                        "ρ(released, downstream) per ablation": rho, "p": p})
 per_record = pd.DataFrame(per_record)
 display(per_record.set_index(["model", "layer"]).style.format(
-    {"mean rel. comp. (released)": "{:.3f}", "mean downstream comp.": "{:+.3f}",
+    {"mean rel. comp. (released)": "{:.3g}", "mean downstream comp.": "{:+.3g}",
      "share of ablations with downstream comp. > 0": "{:.0%}", "ρ(released, downstream) per ablation": "{:+.3f}",
      "p": "{:.2g}"}, na_rep="n/a"))
 
 # %%
+def span(v) -> str:
+    v = np.asarray(v, float)
+    return f"{np.nanmin(v):+.3g} to {np.nanmax(v):+.3g} across layers"
+
+
 def summary_lines():
     out = []
     for m in models:
@@ -461,10 +471,10 @@ def summary_lines():
             f"(p < 0.05 at {n_sig_rw}); the released chain-2 correlation reaches p < 0.05 at {n_sig_comp} of "
             f"{len(comp)} layers, the re-measured one at {n_sig_down} of {len(down)} layers that have a later MoE "
             f"layer. Mean downstream compensation before the last layer: "
-            f"{report.describe(pr['mean downstream comp.']) if len(pr) else 'n/a'} "
-            f"(released relative compensation: {report.describe(pr['mean rel. comp. (released)']) if len(pr) else 'n/a'}); "
-            f"the two agree per ablation with ρ between "
-            f"{pr['ρ(released, downstream) per ablation'].min():+.2f} and "
+            f"{span(pr['mean downstream comp.'])} (released relative compensation: "
+            f"{span(pr['mean rel. comp. (released)'])}); "
+            f"per ablation the two measures correlate with ρ from "
+            f"{pr['ρ(released, downstream) per ablation'].min():+.2f} to "
             f"{pr['ρ(released, downstream) per ablation'].max():+.2f}." if len(pr) else
             f"- **{m}**: only the last MoE layer was analysed, so no downstream measure exists.")
     return "\n".join(out)
