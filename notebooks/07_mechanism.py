@@ -134,14 +134,13 @@ def block_geometry(ctx, moe_layers, *, batch_size: int) -> pd.DataFrame:
             gap = torch.linalg.vector_norm(g, dim=-1)
             r = y[:, None, :] - g
             rel = torch.clamp((g * r).sum(-1), min=0) / gap.pow(2)
-            cos = torch.nn.functional.cosine_similarity(g, r, dim=-1)
             enorm = torch.linalg.vector_norm(E, dim=-1).cpu().numpy()
             k = idx.shape[1]
             parts[L].append(pd.DataFrame({
                 "layer": L, "row": np.repeat(rows, k), "slot": np.tile(np.arange(k), len(rows)),
                 "expert": route["indices"][rows].reshape(-1), "prob": route["prob"][rows].reshape(-1),
                 "weight": route["weight"][rows].reshape(-1), "gap_norm": gap.cpu().numpy().reshape(-1),
-                "rel_comp": rel.cpu().numpy().reshape(-1), "cos_g_r": cos.cpu().numpy().reshape(-1),
+                "rel_comp": rel.cpu().numpy().reshape(-1),
                 "norm_check": (np.abs(enorm - route["norm"][rows]) / np.maximum(route["norm"][rows], 1e-30)).reshape(-1),
             }))
     return pd.concat([pd.concat(p, ignore_index=True) for p in parts.values()], ignore_index=True)
@@ -202,7 +201,7 @@ check = pd.DataFrame({
     "ablations": rec.groupby("model", sort=False).size(),
     "median |measured − w·‖E‖| / w·‖E‖": rel_diff.groupby(rec.model, sort=False).median(),
     "max |measured − w·‖E‖| / w·‖E‖": rel_diff.groupby(rec.model, sort=False).max(),
-    "max norm realignment error": geo.groupby("model", sort=False).norm_check.max(),
+    "max |recomputed ‖E‖ − stored ‖E‖| / stored": geo.groupby("model", sort=False).norm_check.max(),
 })
 display(check.style.format({c: "{:.2e}" for c in check.columns if c != "ablations"}))
 worst = rel_diff.max()
@@ -223,13 +222,11 @@ display(Markdown(
 # %%
 per_expert = (geo.groupby(["model", "layer", "rel_depth", "expert"], sort=False)
               .agg(n=("gap_norm", "size"), mean_rw=("prob", "mean"), mean_gap=("gap_norm", "mean"),
-                   mean_rel_comp=("rel_comp", "mean"), mean_cos=("cos_g_r", "mean"))
+                   mean_rel_comp=("rel_comp", "mean"))
               .reset_index())
 per_expert = per_expert[per_expert.n >= min_activations]
 gap_depth = (per_expert.groupby(["model", "layer", "rel_depth"], sort=False)
              .agg(experts=("expert", "size"), mean_gap=("mean_gap", "mean")).reset_index())
-token_mean = geo.groupby(["model", "layer"], sort=False).gap_norm.mean().rename("token_mean_gap")
-gap_depth = gap_depth.merge(token_mean.reset_index(), on=["model", "layer"])
 
 try:
     paper = released.redistribution(data_dir=data_dir)
