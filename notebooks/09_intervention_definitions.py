@@ -145,9 +145,8 @@ for row, (abl_layer, where) in enumerate([(2, "a middle layer"), (n_layers_demo 
         ax.grid(False)
         ax.set_xticks(range(n_pos_demo), [("t" if p == t_demo else str(p)) for p in range(n_pos_demo)])
         ax.set_yticks(range(n_layers_demo), [str(i) for i in range(n_layers_demo)])
-fig.supxlabel("token position (letters 'e': positions where the expert is routed at the ablated layer)", fontsize=10, y=0.1)
-for ax in axes[:, 0]:
-    ax.set_ylabel("layer (hidden state after it)")
+fig.supxlabel("token position (letters 'e': positions where the expert is routed at the ablated layer)", fontsize=10, y=0.135)
+fig.supylabel("layer (hidden state after it)", fontsize=10)
 fig.legend(handles=[Patch(facecolor=shades[1], label="changed: expert removed here"),
                     Patch(facecolor=shades[2], label="changed downstream (residual, attention)"),
                     Patch(facecolor=shades[0], edgecolor="0.75", label="unchanged"),
@@ -155,7 +154,7 @@ fig.legend(handles=[Patch(facecolor=shades[1], label="changed: expert removed he
                     plt.Line2D([], [], marker="*", color="black", linestyle="", markersize=11, label="loss at t read here")],
            loc="lower center", ncol=3, fontsize=8.5, frameon=False)
 fig.suptitle("Which hidden states an ablation changes, by definition and layer")
-fig.tight_layout(rect=(0, 0.12, 1, 1))
+fig.tight_layout(rect=(0.01, 0.155, 1, 1))
 
 # %% [markdown]
 # ## 2. The same cells under both definitions
@@ -250,10 +249,12 @@ other_rows = agreement[~agreement["last decoder layer"]]
 lines = []
 if len(last_rows):
     worst_last = last_rows.loc[last_rows["max |Δ_tok − Δ_seq|"].idxmax()]
+    last_ratio = (last_rows["max |Δ_tok − Δ_seq|"] / last_rows["rounding floor"].clip(lower=1e-12)).max()
     lines.append(f"At the last decoder layer the largest difference over all records of all models is "
-                 f"{worst_last['max |Δ_tok − Δ_seq|']:.1e} nats, against rounding floors of "
-                 f"{fmt_list(last_rows['rounding floor'], '{:.1e}')} nats: the two definitions agree up to float rounding, "
-                 f"as the picture says they must.")
+                 f"{worst_last['max |Δ_tok − Δ_seq|']:.1e} nats, at most {last_ratio:.1f} times the rounding floor of the "
+                 f"same model (a Δ is the difference of two losses, each carrying rounding of that size), and the median "
+                 f"difference is {fmt_list(last_rows['median |Δ_tok − Δ_seq|'], '{:.1e}')} nats: the two definitions agree "
+                 f"up to float rounding, as the picture says they must.")
 else:
     lines.append("No audited layer is the last decoder layer, so no layer is expected to agree.")
 if len(other_rows):
@@ -316,13 +317,14 @@ def compare_variants(cells, table, va, vb):
     """One row per cell: d_z under variants va and vb, bootstrap CI of the difference, verdicts."""
     key = ["model", "set", "ranking", "layer"]
     ta, tb = (table[table.variant == v].set_index(key) for v in (va, vb))
+    groups = {v: dict(list(cells[cells.variant == v].groupby(["model", "ranking", "layer"], sort=False)))
+              for v in (va, vb)}
     rows = []
     for i, (k, ra) in enumerate(ta.iterrows()):
         if k not in tb.index:
             continue
         rb = tb.loc[k]
-        ca = cells[(cells.variant == va) & (cells.model == k[0]) & (cells.ranking == k[2]) & (cells.layer == k[3])]
-        cb = cells[(cells.variant == vb) & (cells.model == k[0]) & (cells.ranking == k[2]) & (cells.layer == k[3])]
+        ca, cb = groups[va][k[0], k[2], k[3]], groups[vb][k[0], k[2], k[3]]
         both = ca[["seq_id", "t", "diff"]].merge(cb[["seq_id", "t", "diff"]], on=["seq_id", "t"], suffixes=("_a", "_b"))
         lo, hi = dz_difference_ci(both.diff_a, both.diff_b, rng_seed=seed + i)
         rows.append({**dict(zip(key, k)), "n": len(both), "dz_a": ra.cohens_dz, "dz_b": rb.cohens_dz,
@@ -870,11 +872,12 @@ display(Markdown("\n".join(f"{i}. {s}" for i, s in enumerate(lessons, 1))))
 # :class: dropdown
 # With at most 32 tokens of context, an expert is removed at fewer earlier positions in the
 # sequence-wide mode, so the median and largest $|\Delta_{\text{token}} - \Delta_{\text{sequence}}|$
-# at the early and middle layers shrink (they stay exactly at the rounding floor at the last
-# layer), and fewer cell verdicts can change. Almost every text is longer than 32 tokens, so the
-# padded batch has almost no padding: the OLMoE- and DeepSeek-style recipes then differ from the
-# paper's definitions only through logits instead of probabilities, and their Spearman
-# correlations with the paper's definitions rise towards +1 for the padding-driven metrics.
+# at the early and middle layers shrink (they stay at the rounding floor at the last layer), and
+# the two columns of effect sizes move closer together. Almost every text is longer than 32
+# tokens, so the padded batch has almost no padding: the DeepSeek-style utilization becomes
+# rank-identical to the paper's, the OLMoE-style norms nearly so, while the OLMoE-style
+# utilization and mean routing weight still differ because they average router logits instead
+# of probabilities — that departure does not depend on padding at all.
 # :::
 
 # %% [markdown]
