@@ -170,7 +170,7 @@ def clean_pass(model: AuditModel, corpus: TokenizedCorpus, *, layers=None, batch
 # Ablations
 # --------------------------------------------------------------------------------------------
 def validate_requests(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, requests: pd.DataFrame,
-                      *, mode: str, strategy: str = "kv", require_active: bool = True) -> pd.DataFrame:
+                      *, mode: str, strategy: str = "kv", require_active: bool = True) -> tuple[pd.DataFrame, str]:
     """Check every requested ablation; raise a ``ValueError`` naming the parameter otherwise."""
     if mode not in ABLATION_MODES:
         raise ValueError(f"mode={mode!r} is not one of {ABLATION_MODES}")

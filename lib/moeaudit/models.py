@@ -23,8 +23,18 @@ from pathlib import Path
 import nnsight  # noqa: F401  (must precede transformers.models.* imports)
 import torch
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 SUPPORTED_FAMILIES = ("olmoe", "qwen2_moe", "deepseek_v2", "qwen3_moe", "mixtral")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# The five audited layers of the paper (Section 2). They are close to, but not exactly, evenly
+# spaced over depth (OLMoE L7 and Qwen L18 are not what any single rounding rule gives), so the
+# real checkpoints use this table and every other model uses depth_proportional_layers.
+PAPER_LAYERS = {
+    "allenai/OLMoE-1B-7B-0924": (0, 4, 7, 11, 15),
+    "Qwen/Qwen1.5-MoE-A2.7B": (0, 6, 12, 18, 23),
+    "deepseek-ai/DeepSeek-V2-Lite": (1, 7, 13, 20, 26),
+}
 
 
 @dataclass(frozen=True)
@@ -47,7 +57,12 @@ class MoELayout:
                              f"MoE layers are {list(self.moe_layers)}")
 
     def depth_proportional_layers(self, n: int = 5) -> list[int]:
-        """``n`` MoE layers spread evenly from the first to the last (the paper's layer choice)."""
+        """``n`` MoE layers spread evenly (rounded) from the first to the last MoE layer.
+
+        This is the generic rule; the paper's own layers for its three checkpoints are in
+        :data:`PAPER_LAYERS` (see :meth:`AuditModel.audit_layers`)."""
+        if n < 1:
+            raise ValueError(f"n={n} layers requested; n must be >= 1")
         moe = list(self.moe_layers)
         if n >= len(moe):
             return moe
@@ -106,6 +121,13 @@ class AuditModel:
     @property
     def device(self) -> torch.device:
         return self.hf.get_input_embeddings().weight.device
+
+    def audit_layers(self, n: int = 5) -> list[int]:
+        """The layers to audit: the paper's five for its checkpoints, else ``n`` depth-proportional ones."""
+        paper = PAPER_LAYERS.get(self.name)
+        if paper is not None and n == len(paper) and all(L in self.layout.moe_layers for L in paper):
+            return list(paper)
+        return self.layout.depth_proportional_layers(n)
 
     def layers(self):
         """The decoder layers of the nnsight wrapper (``model.layers``)."""
@@ -179,6 +201,10 @@ def load_model(name_or_path: str, *, dtype: str = "float32", device: str | None 
                          f"{str(exc).splitlines()[0][:200]}). Offline, download the checkpoint elsewhere and pass "
                          "its directory.") from None
     layout = layout_from_config(config)  # clear error before any weights are read
+    if Path(path).is_dir() and not any((Path(path) / f).exists() for f in TOKENIZER_FILES):
+        # without these files transformers silently builds a near-empty placeholder tokenizer
+        raise ValueError(f"model directory {path!r} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
+                         "copy the checkpoint's tokenizer into it")
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_files_only)
     if remote:
         with warnings.catch_warnings():

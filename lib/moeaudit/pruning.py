@@ -41,7 +41,7 @@ def pruned_experts(model: AuditModel, pruned: dict[int, list[int]]):
     (so tests can check that the re-implementation reproduces the model's own router exactly).
     """
     layout = model.layout
-    handles = []
+    masks = {}  # validate every entry before touching the model, so a bad entry leaves no hooks behind
     for layer, experts in pruned.items():
         layout.check_layer(layer)
         experts = sorted(set(int(e) for e in experts))
@@ -56,13 +56,16 @@ def pruned_experts(model: AuditModel, pruned: dict[int, list[int]]):
             raise ValueError("pruning supports DeepSeek-V2's greedy top-k router only")
         mask = torch.zeros(layout.num_experts, dtype=torch.bool, device=gate.weight.device)
         mask[experts] = True
+        masks[layer] = mask
 
-        def hook(_module, _inputs, output, mask=mask):
+    def make_hook(mask):
+        def hook(_module, _inputs, output):
             logits, weights, _ = output
             new_w, new_idx = _reroute(layout, logits, mask.expand_as(logits), weights)
             return logits, new_w, new_idx
+        return hook
 
-        handles.append(gate.register_forward_hook(hook))
+    handles = [model.hf.model.layers[L].mlp.gate.register_forward_hook(make_hook(m)) for L, m in masks.items()]
     try:
         yield model
     finally:
