@@ -122,7 +122,7 @@ display(Markdown(
     + (f", {lay.n_shared_experts} shared expert(s) that are never ablated" if lay.n_shared_experts else "")
     + f". **Layer** {L}. **Text** {seq_id}, position t = {t_ex} of {n_tok} tokens.\n\n"
     f"> …{context}**⟦{current}⟧** → next token `{target}`\n\n"
-    f"The model assigns the true next token probability {np.exp(-clean_loss):.3f} "
+    f"The model assigns the true next token probability {np.exp(-clean_loss):.3g} "
     f"(loss {clean_loss:.3f} nats)."))
 
 # %% [markdown]
