@@ -88,10 +88,14 @@ display(Markdown("; ".join(
 # Each point is one expert at one MoE layer; the boxes show the median and quartiles over a
 # layer's experts. The dashed line in the utilisation column is the uniform share $k/N_E$
 # ($N_E$ routed experts, top-$k$) that a perfectly balanced router would give every expert.
+# The two activation metrics are in the units of the hidden state (the L2 norm of the
+# expert's raw output vector) and are drawn on a log scale: a few rarely selected experts
+# can have outputs many times larger than the rest.
 
 # %%
-UNITS = {"utilization_rate": "share of tokens", "activation_norm": "‖E(x)‖₂ (hidden-state units)",
-         "mean_routing_weight": "router probability g", "activation_std": "std of ‖E(x)‖₂ (hidden-state units)"}
+UNITS = {"utilization_rate": "share of tokens", "activation_norm": "mean ‖E(x)‖₂",
+         "mean_routing_weight": "router probability g", "activation_std": "std of ‖E(x)‖₂"}
+LOG_METRICS = ("activation_norm", "activation_std")  # positive, with a few very large values
 fig, axes = plt.subplots(len(models), len(METRICS), figsize=(3.6 * len(METRICS), 2.9 * len(models)), squeeze=False)
 pal = sns.color_palette(report.PALETTE)
 for r, name in enumerate(models):
@@ -101,13 +105,17 @@ for r, name in enumerate(models):
     for c, metric in enumerate(METRICS):
         ax = axes[r][c]
         d = m.dropna(subset=[metric])
+        log = metric in LOG_METRICS
+        if log:
+            d = d[d[metric] > 0]
         sns.boxplot(data=d, x="layer", y=metric, ax=ax, color=pal[c], fliersize=0, width=0.6,
-                    boxprops={"alpha": 0.35})
-        sns.stripplot(data=d, x="layer", y=metric, ax=ax, color=pal[c], size=2.2 if many else 3, jitter=0.25)
+                    boxprops={"alpha": 0.35}, log_scale=log)
+        sns.stripplot(data=d, x="layer", y=metric, ax=ax, color=pal[c], size=2.2 if many else 3, jitter=0.25,
+                      log_scale=log)
         if metric == "utilization_rate":
             ax.axhline(lay.top_k / lay.num_experts, color="0.25", linestyle="--", linewidth=1)
         ax.set_xlabel("MoE layer" if r == len(models) - 1 else "")
-        ax.set_ylabel(UNITS[metric], fontsize=9)
+        ax.set_ylabel(UNITS[metric] + (" (log scale)" if log else ""), fontsize=9)
         ax.set_title(f"{METRIC_LABELS[metric]}" if r == 0 else "")
         if many:
             for i, lab in enumerate(ax.get_xticklabels()):
@@ -224,11 +232,13 @@ display(Markdown(
 # ## How evenly the router spreads the load
 #
 # Utilisation per expert and layer, relative to the uniform share $k/N_E$, on a log₂ scale:
-# 0 (white) is exactly the uniform share, +1 twice it, −1 half of it. Experts the router never
-# selected on the corpus are black. Expert ids are the model's own; expert $i$ of one layer is
+# 0 (white) is exactly the uniform share, +1 twice it, −1 half of it; the scale is clipped at
+# ±3 (eight times and one eighth of the uniform share). Experts the router never selected on
+# the corpus are black. Expert ids are the model's own; expert $i$ of one layer is
 # unrelated to expert $i$ of another.
 
 # %%
+HEAT_LIMIT = 3.0  # colour scale clipped at 1/8 and 8 times the uniform share
 fig, axes = plt.subplots(1, len(models), figsize=(4.4 * len(models), 4.6), squeeze=False)
 for ax, name in zip(axes[0], models):
     lay = contexts[name].model.layout
@@ -237,11 +247,11 @@ for ax, name in zip(axes[0], models):
     with np.errstate(divide="ignore"):
         val = np.log2(rel.to_numpy(float))
     val[~np.isfinite(val)] = np.nan
-    lim = float(np.nanmax(np.abs(val))) if np.isfinite(val).any() else 1.0
+    lim = HEAT_LIMIT
     cmap = sns.color_palette("vlag", as_cmap=True).copy()
     cmap.set_bad("black")
     im = ax.imshow(np.ma.masked_invalid(val), aspect="auto", cmap=cmap,
-                   norm=TwoSlopeNorm(vcenter=0, vmin=-max(lim, 1e-3), vmax=max(lim, 1e-3)), interpolation="nearest")
+                   norm=TwoSlopeNorm(vcenter=0, vmin=-lim, vmax=lim), interpolation="nearest")
     ax.set_xticks(range(rel.shape[1]))
     ax.set_xticklabels(rel.columns, fontsize=8)
     if rel.shape[1] > 8:
@@ -251,7 +261,7 @@ for ax, name in zip(axes[0], models):
     ax.set_ylabel("expert id")
     ax.set_title(name)
     ax.grid(False)
-    fig.colorbar(im, ax=ax, label="log₂(utilisation / uniform share)", shrink=0.85)
+    fig.colorbar(im, ax=ax, label="log₂(utilisation / uniform share)", shrink=0.85, extend="both")
 fig.tight_layout()
 plt.show()
 
@@ -406,7 +416,9 @@ display(Markdown(
                f"{g['same high expert'].min():.0%}–{g['same high expert'].max():.0%} of tokens."
                for v, g in by_var)
     + (f" At padding positions the router sends {pad_top.min():.0%}–{pad_top.max():.0%} of its selections "
-       "to the same top-k experts of the layer, which is why mixing in padding inflates a few experts."
+       "to the same top-k experts of the layer (a balanced router would give them "
+       + ", ".join(sorted({f"{c.model.layout.top_k / c.model.layout.num_experts:.0%}" for c in contexts.values()}))
+       + "), which is why mixing in padding inflates a few experts."
        if len(pad_top) else "")
     + " Right-padding the book's corpus to its longest text gave "
     + ", ".join(f"{100 * s['n_pad'] / (s['n_pad'] + s['n_real']):.0f}% padding ({n})" for n, s in pad_stats.items())
