@@ -648,6 +648,7 @@ grid = table_def.groupby(["model", "variant"], sort=False).agg(
     uncorrected_p_t=("p_t", lambda p: int((p < alpha).sum())),
     max_abs_dz=("cohens_dz", lambda d: float(d.abs().max()))).reset_index()
 grid["variant"] = pd.Categorical(grid.variant, variants, ordered=True)
+grid["model"] = pd.Categorical(grid.model, models, ordered=True)
 grid = grid.sort_values(["model", "variant"])
 display(grid.style.format({"max_abs_dz": "{:.3f}"}).hide(axis="index").set_caption(
     "The four metric rows of the audit under each combination of metric definition and intervention: "
