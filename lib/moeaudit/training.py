@@ -27,9 +27,16 @@ Command line::
 
     python -m moeaudit.training tiny-olmoe [--seed 0] [--out DIR] [--steps N] [--data-dir DIR]
 
-writes ``config.json``, ``model.safetensors``, the tokenizer, ``training_log.csv`` (one row per
-step), ``training_summary.json`` and a model card ``README.md`` to ``DIR`` (default: the package
-directory ``moeaudit/zoo/<name>/``, which is where :func:`moeaudit.zoo.zoo_path` looks).
+writes ``config.json``, ``model.safetensors``, the tokenizer, ``training_log.csv``,
+``training_summary.json`` and a model card ``README.md`` to ``DIR`` (default: the package
+directory ``moeaudit/zoo/<name>/``, which is where :func:`moeaudit.zoo.zoo_path` looks). ``--check-repro`` retrains an existing model directory
+with its recorded seed and compares the loss curves (see :func:`check_reproducibility`).
+
+``training_log.csv`` has one row per optimiser step: ``loss`` (next-token cross-entropy of the
+batch, nats), ``aux_loss`` (balance loss before its coefficient), ``total_loss``, ``grad_norm``
+(before clipping), ``lr``, ``min_frac_experts_used`` (for the worst MoE layer, the fraction of
+experts whose running share of the training batches' routing mass, an exponential moving average
+with decay 0.98, is at least 0.2%), ``epoch`` and ``elapsed_s``.
 """
 
 from __future__ import annotations
@@ -96,8 +103,8 @@ SPECS = {
             "router_aux_loss_coef": 0.01,
         },
         "aux": {"kind": "switch", "coef": 0.01,
-                "description": "Switch-Transformer load-balancing loss (transformers' load_balancing_loss_func, "
-                               "as computed inside OlmoeForCausalLM), coefficient 0.01 as in OLMoE"},
+                "description": "Switch-Transformer load-balancing loss computed per MoE layer and averaged over "
+                               "layers (as in OLMoE's training code), coefficient 0.01 as in OLMoE"},
         "train": {},
     },
     "tiny-qwen-moe": {
@@ -115,8 +122,8 @@ SPECS = {
             "router_aux_loss_coef": 0.001,
         },
         "aux": {"kind": "switch", "coef": 0.001,
-                "description": "Switch-Transformer load-balancing loss (transformers' load_balancing_loss_func, "
-                               "as computed inside Qwen2MoeForCausalLM), coefficient 0.001 as in Qwen1.5-MoE"},
+                "description": "Switch-Transformer load-balancing loss computed per MoE layer and averaged over "
+                               "layers, coefficient 0.001 as in Qwen1.5-MoE"},
         "train": {},
     },
     "tiny-deepseek-v2": {
@@ -279,16 +286,31 @@ def count_parameters(model) -> dict:
 
 
 def balance_loss(name: str, router_logits, *, batch_size: int, seq_len: int):
-    """The load-balancing auxiliary loss of ``name`` (before its coefficient)."""
+    """The load-balancing auxiliary loss of ``name`` (before its coefficient).
+
+    ``switch`` (OLMoE, Qwen1.5-MoE): per layer, ``E * sum_i f_i P_i`` with ``f_i`` the fraction
+    of top-k slots routed to expert i (summing to k) and ``P_i`` its mean router probability;
+    averaged over layers (value k when routing is balanced). transformers'
+    ``load_balancing_loss_func`` instead pools f and P over all layers before taking the product,
+    which lets one layer's overused expert offset another layer's starved one; with it, routing
+    in the later layers of these small models collapsed onto a subset of experts.
+    ``seq`` (DeepSeek-V2): the same product per sequence with ``f`` scaled to sum to E, averaged
+    over sequences and summed over layers (value = number of MoE layers when balanced).
+    """
     import torch  # noqa: PLC0415
 
     cfg = SPECS[name]
     n_exp = int(cfg["config"].get("num_experts") or cfg["config"]["n_routed_experts"])
     k = int(cfg["config"]["num_experts_per_tok"])
     if cfg["aux"]["kind"] == "switch":
-        from transformers.models.olmoe.modeling_olmoe import load_balancing_loss_func  # noqa: PLC0415
-
-        return load_balancing_loss_func(tuple(router_logits), n_exp, k, None)
+        total = 0.0
+        for logits in router_logits:
+            probs = logits.float().softmax(dim=-1)
+            idx = torch.topk(probs, k, dim=-1).indices
+            counts = torch.zeros(n_exp, dtype=probs.dtype, device=probs.device)
+            counts.scatter_add_(0, idx.reshape(-1), torch.ones(idx.numel(), dtype=probs.dtype, device=probs.device))
+            total = total + n_exp * (counts / probs.shape[0] * probs.mean(dim=0)).sum()
+        return total / len(router_logits)
     # DeepSeek-V2 sequence-wise expert balance loss: sum over layers of
     # mean_b sum_i f_{b,i} P_{b,i}, f = (E / (K T)) * #selections, P = mean routing probability.
     total = 0.0
@@ -484,8 +506,11 @@ def _train(name, *, seed, out, hp, data_dir, evaluate, log_every, verbose) -> di
     gen = torch.Generator().manual_seed(seed)
     batches = _batches(train_stream, context=hp["context"], batch_size=hp["batch_size"], generator=gen)
     coef = SPECS[name]["aux"]["coef"]
+    n_exp = int(getattr(model.config, "num_experts", None) or model.config.n_routed_experts)
+    k_top = int(model.config.num_experts_per_tok)
+    ema = {}
     log = []
-    t_train = time.time()
+    t_train, cpu_train = time.time(), time.process_time()
     epoch = 0
     for step in range(hp["steps"]):
         lr = lr_at(step, steps=hp["steps"], lr=hp["lr"], warmup_steps=hp["warmup_steps"],
@@ -498,16 +523,23 @@ def _train(name, *, seed, out, hp, data_dir, evaluate, log_every, verbose) -> di
         lm = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
         aux = balance_loss(name, outputs.router_logits, batch_size=ids.shape[0], seq_len=ids.shape[1])
         loss = lm + coef * aux
+        with torch.no_grad():  # running routing mass per layer (diagnostic only)
+            for j, logits in enumerate(outputs.router_logits):
+                w, idx = torch.topk(logits.float().softmax(dim=-1), k_top, dim=-1)
+                batch_mass = torch.zeros(n_exp, dtype=torch.float64).index_add_(0, idx.reshape(-1), w.reshape(-1).double())
+                ema[j] = batch_mass / batch_mass.sum() if step == 0 else 0.98 * ema[j] + 0.02 * batch_mass / batch_mass.sum()
+            used = min(float((e >= USAGE_THRESHOLD).double().mean()) for e in ema.values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), hp["grad_clip"])
         opt.step()
         log.append({"step": step + 1, "loss": float(lm.detach()), "aux_loss": float(aux.detach()),
                     "total_loss": float(loss.detach()), "grad_norm": float(gnorm), "lr": lr,
-                    "epoch": epoch, "elapsed_s": round(time.time() - t_train, 3)})
+                    "min_frac_experts_used": used, "epoch": epoch, "elapsed_s": round(time.time() - t_train, 3)})
         if step == 0 or (step + 1) % log_every == 0 or step + 1 == hp["steps"]:
-            say(f"step {step + 1}/{hp['steps']} loss {log[-1]['loss']:.4f} aux {log[-1]['aux_loss']:.4f} lr {lr:.2e}")
-    train_wall = time.time() - t_train
+            say(f"step {step + 1}/{hp['steps']} loss {log[-1]['loss']:.4f} aux {log[-1]['aux_loss']:.4f} "
+                f"lr {lr:.2e} experts used (running, worst layer) {used:.3f}")
+    train_wall, train_cpu = time.time() - t_train, time.process_time() - cpu_train
     model.eval()
 
     _write_log(out / "training_log.csv", log)
@@ -538,6 +570,8 @@ def _train(name, *, seed, out, hp, data_dir, evaluate, log_every, verbose) -> di
                      "deterministic": True,
                      "output_router_logits": "on during training (balance loss); off in the shipped config",
                      "wall_s": round(train_wall, 1),
+                     "cpu_s": round(train_cpu, 1),
+                     "load_average_1min_at_end": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
                      "final_loss_mean_last_50": float(np.mean([r["loss"] for r in log[-50:]]))},
         "data": {"train_split": "validation", "eval_split": "test",
                  "corpus": "WikiText-2 (tokenized release v1)",
@@ -666,6 +700,7 @@ def check_reproducibility(name: str, *, model_dir: str | Path | None = None, dat
         train(name, seed=summary["seed"], out=tmp, steps=summary["training"]["steps"], data_dir=data_dir,
               evaluate=False, verbose=verbose)
         wall = time.time() - t0
+        rerun_summary = json.loads((Path(tmp) / "training_summary.json").read_text())
         rerun = read_log(Path(tmp) / "training_log.csv")
         a, b = load_file(str(model_dir / "model.safetensors")), load_file(str(Path(tmp) / "model.safetensors"))
         param_diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
@@ -677,7 +712,8 @@ def check_reproducibility(name: str, *, model_dir: str | Path | None = None, dat
         "max_abs_loss_diff": float(np.abs(diff).max()),
         "max_abs_aux_loss_diff": float(np.abs(ref["aux_loss"].to_numpy()[:n] - rerun["aux_loss"].to_numpy()[:n]).max()),
         "max_abs_param_diff": param_diff, "same_parameter_names": same_keys,
-        "rerun_wall_s": round(wall, 1), "threads": summary["training"]["threads"],
+        "rerun_wall_s": round(wall, 1), "rerun_train_wall_s": rerun_summary["training"]["wall_s"],
+        "rerun_train_cpu_s": rerun_summary["training"]["cpu_s"], "threads": summary["training"]["threads"],
         "torch": torch.__version__, "checked": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "reference_log_sha256": _sha256(model_dir / "training_log.csv"),
     }
