@@ -1,0 +1,742 @@
+#!/usr/bin/env python
+"""Benchmark of single-expert ablations: the released protocol against the engine.
+
+Every contender does the same work: a fixed list of single-expert ablations
+``(seq_id, t, layer, expert)`` drawn once (seeded) from the clean pass. Before any time is
+reported, the delta losses of every contender are checked against the reference of their
+intervention definition (max abs diff <= 1e-5 in float32): (a) for the token-level
+definition, (a') for the sequence-wide one.
+
+Contenders (``--contenders``, comma-separated keys):
+
+* ``a``     released protocol, token-level: the whole padded sequence, batch 1, clean baseline
+            recomputed for every comparison (one comparison = two ablations at the same
+            (seq, t, layer)); a plain PyTorch forward hook on ``mlp.gate`` zeroes the combine
+            weight of the expert at row t only.
+* ``a_seq`` (a') the same with the sequence-wide definition: zeroed at every row <= t where routed.
+* ``b``     the engine, token mode, strategy "kv" (``moeaudit.engine.run_ablations``).
+* ``c``     the engine, sequence mode (prefix forwards, batched).
+* ``d``     plain PyTorch replica of (b) without nnsight: same chunks, same batches, same KV cache
+            gathered per row with index_select, same 2-D masks and single-token steps; forward
+            hooks on ``mlp.gate`` (tuple output modified) and ``mlp`` (output read for the gap norm).
+* ``e``     PROTOTYPE, NOT IN THE ENGINE: token mode with the rows of one sequence packed as the
+            tokens of a single batch-1 step against the sequence's clean cache (custom 4-D mask:
+            row r sees cached positions < t_r and itself), so the cache is never copied per row;
+            the clean KV forward skips the LM head (``logits_to_keep=1``).
+
+Every contender runs in its own subprocess (same seeded model rebuilt there), so peak memory
+is the peak resident set size of that process during the timed run: Linux ``VmHWM`` from
+``/proc/self/status`` after resetting it through ``/proc/self/clear_refs`` just before the run
+(the same quantity as ``getrusage().ru_maxrss``, but resettable); reported as the increase over
+the resident size at the start of the run. Wall time and process CPU time (user + sys) are both
+reported; on a shared machine the CPU-time ratio is the steadier one. Each contender is timed up to
+``--repeat`` times (while within ``--repeat-budget`` seconds) after an untimed warm-up on the first
+ablation, and the minimum is reported. Torch runs single-threaded by default (``--threads 1``): on
+an oversubscribed 2-core machine, OpenMP barrier waits made small ops 10-40x slower with 2 threads.
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_ablation.py --model tiny --n-ablations 64
+    .venv/bin/python benchmarks/bench_ablation.py --model olmoe512 --n-ablations 48 --out benchmarks/results/olmoe512.json
+    .venv/bin/python benchmarks/bench_ablation.py --project      # FLOP-model projection only (no model run)
+    .venv/bin/python benchmarks/bench_ablation.py --model olmoe512 --profile b   # torch.profiler table
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import pickle
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CONTENDERS = {
+    "a": "released protocol, token-level (full padded seq, batch 1, baseline per comparison; PyTorch hook)",
+    "a_seq": "released protocol, sequence-wide (a'): as (a), expert zeroed at all rows <= t",
+    "b": "engine, token mode, strategy kv (nnsight)",
+    "c": "engine, sequence mode (nnsight, batched prefixes)",
+    "d": "plain PyTorch replica of (b) (no nnsight)",
+    "e": "PROTOTYPE (not in engine): packed single-sequence token step, no per-row cache copy",
+}
+DEFINITION = {"a": "token", "b": "token", "d": "token", "e": "token", "a_seq": "sequence", "c": "sequence"}
+REFERENCE = {"token": "a", "sequence": "a_seq"}
+TOL = 1e-5
+
+
+# ============================================================================================
+# Models and the ablation list
+# ============================================================================================
+def build(model_key: str):
+    """(AuditModel, corpus, description) for ``tiny`` or ``olmoe512``; deterministic (seed 0)."""
+    import torch
+
+    import moeaudit  # noqa: F401  (nnsight before transformers.models.*)
+    from moeaudit.testing import random_token_corpus, tiny_config, tiny_random_model
+
+    if model_key == "tiny":
+        if (ROOT / "lib/moeaudit/zoo/tiny-olmoe/config.json").is_file():
+            from moeaudit.models import load_model
+
+            model = load_model("tiny-olmoe")
+            cfg = model.hf.config
+            length = int(min(128, cfg.max_position_embeddings))
+            corpus = random_token_corpus(n_seqs=4, length=length, vocab_size=cfg.vocab_size, ragged=True)
+            desc = "shipped tiny-olmoe (trained)"
+        else:
+            model = tiny_random_model("olmoe", hidden_size=64, n_layers=4, num_experts=64, top_k=8)
+            corpus = random_token_corpus(n_seqs=4, length=128, ragged=True)
+            desc = ("tiny_random_model('olmoe', hidden 64, 4 layers, 64 experts top-8, intermediate 16, vocab 128) "
+                    "(shipped tiny-olmoe not present)")
+        cfg = model.hf.config
+        desc += f"; corpus 4 random sequences of {sorted(corpus.lengths.tolist())} tokens (ragged, right-padded)"
+        return model, corpus, desc
+    if model_key == "olmoe512":
+        from transformers import AutoModelForCausalLM
+
+        from moeaudit.models import wrap_model
+
+        torch.manual_seed(0)
+        H, I, V = 512, 256, 50304
+        cfg = tiny_config("olmoe", vocab_size=V, hidden_size=H, n_layers=8, num_experts=64, top_k=8,
+                          intermediate_size=I, num_key_value_heads=4, max_position_embeddings=512)
+        hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        # Random init leaves the router near-tied and the experts tiny; rescale both (fan-in scaled) so
+        # that the routing is decisive and an ablation moves the loss (|delta loss| median ~0.015, max
+        # ~0.17 on the default list). The LM head keeps its default init (std 0.02, logit std ~0.45).
+        # With larger activations (experts at 1/sqrt(fan-in), logit std 2) float32 rounding alone (a
+        # full forward and a cached step use different matmul shapes) moves delta losses by 1-3e-5,
+        # beyond the 1e-5 check; at 0.7/sqrt(fan-in) the contenders agree to ~2e-6.
+        EXPERT_SCALE = 0.7
+        with torch.no_grad():
+            for layer in hf.model.layers:
+                layer.mlp.gate.weight.normal_(0.0, 2.0 / math.sqrt(H))
+                layer.mlp.experts.gate_up_proj.normal_(0.0, EXPERT_SCALE / math.sqrt(H))
+                layer.mlp.experts.down_proj.normal_(0.0, EXPERT_SCALE / math.sqrt(I))
+        model = wrap_model(hf, name="random-olmoe512")
+        corpus = random_token_corpus(n_seqs=4, length=512, ragged=False, vocab_size=V)
+        n_par = sum(p.numel() for p in hf.parameters())
+        desc = (f"random OLMoE architecture: hidden {H}, 8 layers, 64 experts top-8, expert intermediate {I}, "
+                f"4 heads x 128 (MHA, qk-norm), vocab {V}, untied LM head; {n_par / 1e6:.0f}M parameters; "
+                "corpus 4 random sequences of 512 tokens")
+        return model, corpus, desc
+    raise ValueError(f"--model must be tiny or olmoe512, got {model_key!r}")
+
+
+def make_requests(model, corpus, clean, *, n_ablations: int, per_position: int | None, per_sequence: int,
+                  seed: int):
+    """``n_ablations`` single-expert ablations: groups of ``per_position`` active experts (default
+    all top-k) at one (seq, t, layer), t uniform in [0, len-2], the five depth-proportional layers
+    taken in turn, on the first ceil(n_ablations / per_sequence) sequences in turn.
+
+    ``per_sequence`` defaults to 80, the density of the paper's protocol: 20 cells x 200 positions
+    x 2 ablations over 100 texts (and of the engine's audit: 2 positions per text x 5 layers x 8)."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    k = per_position or model.layout.top_k
+    layers = model.layout.depth_proportional_layers(5)
+    n_seqs = min(len(corpus), math.ceil(n_ablations / per_sequence))
+    rows, g, seen = [], 0, set()
+    while len(rows) < n_ablations:
+        s = g % n_seqs
+        t = int(rng.integers(0, corpus.lengths[s] - 1))
+        if (s, t) in seen:
+            continue
+        seen.add((s, t))
+        L = layers[g % len(layers)]
+        for e in clean.active(s, t, L)[:k]:
+            if len(rows) < n_ablations:
+                rows.append({"seq_id": s, "t": t, "layer": L, "removed": [int(e)]})
+        g += 1
+    return pd.DataFrame(rows)
+
+
+# ============================================================================================
+# Contenders
+# ============================================================================================
+def _ce(logits, target: int) -> float:
+    import torch
+
+    return float(torch.nn.functional.cross_entropy(logits.float()[None], torch.tensor([int(target)])))
+
+
+def run_released(model, corpus, req, *, definition: str):
+    """(a) / (a'): whole padded sequence, batch 1, baseline once per comparison (2 ablations)."""
+    import torch
+
+    hf, width = model.hf, int(corpus.lengths.max())
+    deltas = np.full(len(req), np.nan)
+    n_forwards = 0
+    for (s, t, L), g in req.groupby(["seq_id", "t", "layer"], sort=False):
+        ids, mask = corpus.padded([s], pad_id=model.pad_id, length=width)
+        target = int(corpus.sequences[s][t + 1])
+        gate = hf.model.layers[L].mlp.gate
+        idxs = list(g.index)
+        for c in range(0, len(idxs), 2):  # one comparison = (high, low): its own baseline
+            with torch.no_grad():
+                base = _ce(hf(input_ids=ids, attention_mask=mask).logits[0, t], target)
+            n_forwards += 1
+            for i in idxs[c:c + 2]:
+                e = int(req.at[i, "removed"][0])
+
+                def hook(module, inputs, output, e=e):
+                    logits, w, idx = output
+                    drop = torch.zeros_like(idx, dtype=torch.bool)
+                    if definition == "token":
+                        drop[t] = idx[t] == e
+                    else:
+                        drop[: t + 1] = idx[: t + 1] == e
+                    return logits, w.masked_fill(drop, 0.0), idx
+
+                h = gate.register_forward_hook(hook)
+                try:
+                    with torch.no_grad():
+                        abl = _ce(hf(input_ids=ids, attention_mask=mask).logits[0, t], target)
+                finally:
+                    h.remove()
+                n_forwards += 1
+                deltas[i] = abl - base
+    return deltas, {"full_forwards": n_forwards, "padded_width": width}
+
+
+def run_engine(model, corpus, clean, req, *, mode: str, batch_size: int, seq_batch: int):
+    from moeaudit.engine import run_ablations
+
+    rec = run_ablations(model, corpus, clean, req, mode=mode, strategy="kv", batch_size=batch_size,
+                        seq_batch=seq_batch, progress=False)
+    return rec.delta_loss.to_numpy(), {"batch_size": batch_size, "seq_batch": seq_batch}
+
+
+def run_plain_kv(model, corpus, req, *, batch_size: int, seq_batch: int):
+    """(d): what the engine's token mode does, with plain forward hooks instead of nnsight."""
+    import torch
+    from transformers import DynamicCache
+
+    from moeaudit.engine import _group_batches
+
+    hf, E, dev = model.hf, model.layout.num_experts, model.device
+    deltas = np.full(len(req), np.nan)
+    seqs = sorted(req.seq_id.unique().tolist())
+    n_steps = 0
+    for chunk in [seqs[i:i + seq_batch] for i in range(0, len(seqs), seq_batch)]:
+        sub = req[req.seq_id.isin(chunk)]
+        groups = [((int(s), int(t)), list(g.index)) for (s, t), g in sub.groupby(["seq_id", "t"], sort=True)]
+        ids, mask = corpus.padded(chunk, pad_id=model.pad_id)
+        with torch.no_grad():
+            out = hf(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=True)
+        cache_kv = [(lay.keys, lay.values) for lay in out.past_key_values.layers]
+        width, chunk_row = ids.shape[1], {s: i for i, s in enumerate(chunk)}
+        for batch in _group_batches(groups, batch_size):
+            rows = []
+            for (s, t), idxs in batch:
+                rows.append((s, t, None))
+                rows.extend((s, t, i) for i in idxs)
+            R = len(rows)
+            t_of = torch.tensor([r[1] for r in rows], dtype=torch.long)
+            sel = torch.tensor([chunk_row[r[0]] for r in rows])
+            cache = DynamicCache(ddp_cache_data=[(k.index_select(0, sel), v.index_select(0, sel)) for k, v in cache_kv])
+            attn = (torch.arange(width + 1)[None, :] < t_of[:, None]).long()
+            attn[:, width] = 1
+            input_ids = torch.tensor([int(corpus.sequences[s][t]) for s, t, _ in rows]).view(R, 1)
+            layers_here = sorted({int(req.at[i, "layer"]) for _, idxs in batch for i in idxs})
+            removal = {L: torch.zeros(R, E, dtype=torch.bool) for L in layers_here}
+            for r, (s, t, i) in enumerate(rows):
+                if i is not None:
+                    removal[int(req.at[i, "layer"])][r, list(req.at[i, "removed"])] = True
+            moe_out, handles = {}, []
+            for L in layers_here:
+                mlp = hf.model.layers[L].mlp
+
+                def gate_hook(module, inputs, output, L=L):
+                    logits, w, idx = output
+                    return logits, w.masked_fill(removal[L].gather(1, idx), 0), idx
+
+                def mlp_hook(module, inputs, output, L=L):
+                    moe_out[L] = output[:, 0]
+
+                handles += [mlp.gate.register_forward_hook(gate_hook), mlp.register_forward_hook(mlp_hook)]
+            try:
+                with torch.no_grad():
+                    logits = hf(input_ids=input_ids, attention_mask=attn, position_ids=t_of.view(R, 1),
+                                past_key_values=cache, use_cache=True).logits[:, 0]
+            finally:
+                for h in handles:
+                    h.remove()
+            n_steps += 1
+            targets = torch.tensor([int(corpus.sequences[s][t + 1]) for s, t, _ in rows])
+            losses = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none").numpy()
+            clean_row = {}
+            for r, (s, t, i) in enumerate(rows):
+                if i is None:
+                    clean_row[(s, t)] = r
+                    continue
+                c, L = clean_row[(s, t)], int(req.at[i, "layer"])
+                _gap = torch.linalg.vector_norm((moe_out[L][c] - moe_out[L][r]).float()).item()  # as the engine
+                deltas[i] = losses[r] - losses[c]
+    return deltas, {"batch_size": batch_size, "seq_batch": seq_batch, "steps": n_steps}
+
+
+def run_packed(model, corpus, req, *, batch_size: int):
+    """(e) PROTOTYPE, not in the engine: per sequence, one clean forward (LM head skipped) builds
+    a batch-1 KV cache; each batch of rows of that sequence is fed as R tokens of ONE batch-1
+    step with position ids t_r and a custom 4-D boolean mask (row r sees cached positions < t_r
+    and its own new key only). The cache is used as is (no per-row index_select; DynamicCache's
+    concatenation copies it once per batch instead of R times)."""
+    import torch
+    from transformers import DynamicCache
+
+    from moeaudit.engine import _group_batches
+
+    hf, E = model.hf, model.layout.num_experts
+    deltas = np.full(len(req), np.nan)
+    n_steps = 0
+    for s in sorted(req.seq_id.unique().tolist()):
+        sub = req[req.seq_id == s]
+        groups = [((int(s), int(t)), list(g.index)) for (_, t), g in sub.groupby(["seq_id", "t"], sort=True)]
+        seq = corpus.sequences[s]
+        T = len(seq)
+        with torch.no_grad():
+            out = hf(input_ids=torch.as_tensor(seq).view(1, -1), use_cache=True, logits_to_keep=1)
+        cache_kv = [(lay.keys, lay.values) for lay in out.past_key_values.layers]
+        for batch in _group_batches(groups, batch_size):
+            rows = []
+            for (_, t), idxs in batch:
+                rows.append((t, None))
+                rows.extend((t, i) for i in idxs)
+            R = len(rows)
+            t_of = torch.tensor([r[0] for r in rows], dtype=torch.long)
+            mask = torch.zeros(1, 1, R, T + R, dtype=torch.bool)
+            mask[0, 0, :, :T] = torch.arange(T)[None, :] < t_of[:, None]
+            mask[0, 0, torch.arange(R), T + torch.arange(R)] = True
+            cache = DynamicCache(ddp_cache_data=cache_kv)
+            input_ids = torch.tensor([int(seq[t]) for t, _ in rows]).view(1, R)
+            layers_here = sorted({int(req.at[i, "layer"]) for _, idxs in batch for i in idxs})
+            removal = {L: torch.zeros(R, E, dtype=torch.bool) for L in layers_here}
+            for r, (t, i) in enumerate(rows):
+                if i is not None:
+                    removal[int(req.at[i, "layer"])][r, list(req.at[i, "removed"])] = True
+            moe_out, handles = {}, []
+            for L in layers_here:
+                mlp = hf.model.layers[L].mlp
+
+                def gate_hook(module, inputs, output, L=L):
+                    logits, w, idx = output
+                    return logits, w.masked_fill(removal[L].gather(1, idx), 0), idx
+
+                def mlp_hook(module, inputs, output, L=L):
+                    moe_out[L] = output[0]
+
+                handles += [mlp.gate.register_forward_hook(gate_hook), mlp.register_forward_hook(mlp_hook)]
+            try:
+                with torch.no_grad():
+                    logits = hf(input_ids=input_ids, attention_mask=mask, position_ids=t_of.view(1, R),
+                                past_key_values=cache, use_cache=True).logits[0]
+            finally:
+                for h in handles:
+                    h.remove()
+            n_steps += 1
+            targets = torch.tensor([int(seq[t + 1]) for t, _ in rows])
+            losses = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none").numpy()
+            clean_row = {}
+            for r, (t, i) in enumerate(rows):
+                if i is None:
+                    clean_row[t] = r
+                    continue
+                c, L = clean_row[t], int(req.at[i, "layer"])
+                _gap = torch.linalg.vector_norm((moe_out[L][c] - moe_out[L][r]).float()).item()
+                deltas[i] = losses[r] - losses[c]
+    return deltas, {"batch_size": batch_size, "steps": n_steps}
+
+
+def run_contender(name, model, corpus, clean, req, args):
+    if name in ("a", "a_seq"):
+        return run_released(model, corpus, req, definition=DEFINITION[name])
+    if name == "b":
+        return run_engine(model, corpus, clean, req, mode="token", batch_size=args.batch_size, seq_batch=args.seq_batch)
+    if name == "c":
+        return run_engine(model, corpus, clean, req, mode="sequence", batch_size=args.seq_mode_batch_size,
+                          seq_batch=args.seq_batch)
+    if name == "d":
+        return run_plain_kv(model, corpus, req, batch_size=args.batch_size, seq_batch=args.seq_batch)
+    if name == "e":
+        return run_packed(model, corpus, req, batch_size=args.batch_size)
+    raise ValueError(f"unknown contender {name!r}; known: {', '.join(CONTENDERS)}")
+
+
+# ============================================================================================
+# Measurement (child process per contender)
+# ============================================================================================
+def _proc_status(key: str) -> int:
+    """``VmRSS`` / ``VmHWM`` of this process in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _cpu_seconds() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def child(args) -> None:
+    import gc
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    setup = pickle.loads(Path(args.setup, "setup.pkl").read_bytes())
+    model, corpus, _ = build(setup["model_key"])
+    req, clean = setup["requests"], setup["clean"]
+    # untimed warm-up on the first ablation (first-call allocations, lazy imports, nnsight setup)
+    run_contender(args.child, model, corpus, clean, req.iloc[:1].reset_index(drop=True), args)
+    walls, cpus, peaks = [], [], []
+    while True:
+        gc.collect()
+        rss0 = _proc_status("VmRSS")
+        reset = _reset_peak_rss()
+        cpu0, t0 = _cpu_seconds(), time.perf_counter()
+        deltas, info = run_contender(args.child, model, corpus, clean, req, args)
+        walls.append(time.perf_counter() - t0)
+        cpus.append(_cpu_seconds() - cpu0)
+        peak = _proc_status("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peaks.append(max(peak - rss0, 0))
+        if len(walls) >= args.repeat or sum(walls) * (1 + 1 / len(walls)) > args.repeat_budget:
+            break
+    out = {"contender": args.child, "wall_s": min(walls), "cpu_s": min(cpus), "walls": walls, "cpus": cpus,
+           "n_ablations": len(req), "rss_start_bytes": rss0, "peak_rss_bytes": peak,
+           "peak_increase_bytes": max(peaks),
+           "peak_method": "VmHWM after clear_refs reset" if reset else "ru_maxrss (not resettable: lower bound)",
+           "threads": torch.get_num_threads(), "deltas": deltas.tolist(), **info}
+    Path(args.setup, f"{args.child}.json").write_text(json.dumps(out))
+
+
+# ============================================================================================
+# Parent: setup, children, check, report
+# ============================================================================================
+def machine_info() -> dict:
+    import torch
+
+    model_name = platform.processor()
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                model_name = line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return {"cpu_model": model_name, "cores": os.cpu_count(), "torch": torch.__version__,
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "loadavg_start": os.getloadavg(), "python": platform.python_version()}
+
+
+def parent(args) -> dict:
+    import torch
+
+    import moeaudit  # noqa: F401
+    import transformers
+    import nnsight
+    from moeaudit.engine import clean_pass
+
+    info = machine_info()
+    info.update(transformers=transformers.__version__, nnsight=nnsight.__version__)
+    print(f"machine: {info}", flush=True)
+    torch.set_num_threads(args.threads)
+    model, corpus, desc = build(args.model)
+    clean = clean_pass(model, corpus, batch_size=2, progress=False)
+    req = make_requests(model, corpus, clean, n_ablations=args.n_ablations, per_position=args.per_position,
+                        per_sequence=args.per_sequence, seed=args.seed)
+    del model
+    names = [c.strip() for c in args.contenders.split(",") if c.strip()]
+    for n in names:
+        if n not in CONTENDERS:
+            raise SystemExit(f"unknown contender {n!r}; known: {', '.join(CONTENDERS)}")
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="bench_ablation_") as tmp:
+        Path(tmp, "setup.pkl").write_bytes(pickle.dumps({"model_key": args.model, "requests": req, "clean": clean}))
+        for n in names:
+            print(f"[{time.strftime('%H:%M:%S')}] load {os.getloadavg()[0]:.2f}  running {n}: {CONTENDERS[n]}", flush=True)
+            cmd = [sys.executable, __file__, "--child", n, "--setup", tmp, "--threads", str(args.threads),
+                   "--repeat", str(args.repeat), "--repeat-budget", str(args.repeat_budget),
+                   "--batch-size", str(args.batch_size), "--seq-batch", str(args.seq_batch),
+                   "--seq-mode-batch-size", str(args.seq_mode_batch_size)]
+            subprocess.run(cmd, check=True, env={**os.environ, "MOEAUDIT_PROGRESS": "0", "OMP_NUM_THREADS": str(args.threads),
+                                                "MKL_NUM_THREADS": str(args.threads)})
+            results[n] = json.loads(Path(tmp, f"{n}.json").read_text())
+            r = results[n]
+            print(f"    {len(r['walls'])} run(s); best {r['wall_s']:.1f} s wall, {r['cpu_s']:.1f} s CPU", flush=True)
+    info["loadavg_end"] = os.getloadavg()
+    # ---------------- equality check before any time is reported
+    check = {}
+    for n in names:
+        ref = REFERENCE[DEFINITION[n]]
+        if ref not in results:
+            ref = next(m for m in names if DEFINITION[m] == DEFINITION[n])
+        d = np.asarray(results[n]["deltas"]) - np.asarray(results[ref]["deltas"])
+        check[n] = {"reference": ref, "max_abs_diff": float(np.nanmax(np.abs(d))), "nan": int(np.isnan(d).sum())}
+    bad = {n: c for n, c in check.items() if not (c["max_abs_diff"] <= TOL and c["nan"] == 0)}
+    ref_deltas = np.abs(np.asarray(results[names[0]]["deltas"]))
+    report = {"model": args.model, "model_description": desc, "machine": info, "n_ablations": len(req),
+              "n_sequences": int(req.seq_id.nunique()), "threads": args.threads,
+              "abs_delta_median": float(np.median(ref_deltas)), "abs_delta_max": float(ref_deltas.max()),
+              "ablation_groups": int(req.groupby(["seq_id", "t", "layer"]).ngroups),
+              "layers": sorted(req.layer.unique().tolist()), "check": check, "tolerance": TOL,
+              "requests": req.assign(removed=[r[0] for r in req.removed]).to_dict(orient="list")}
+    if bad:
+        report["error"] = f"delta losses differ beyond {TOL}: {bad}; no time reported"
+        print(report["error"], file=sys.stderr)
+        return report
+    base = results.get("a")
+    rows = []
+    for n in names:
+        r = results[n]
+        row = {"contender": n, "description": CONTENDERS[n], "definition": DEFINITION[n],
+               "wall_s": r["wall_s"], "cpu_s": r["cpu_s"], "abl_per_s": len(req) / r["wall_s"],
+               "abl_per_cpu_s": len(req) / r["cpu_s"], "peak_increase_mb": r["peak_increase_bytes"] / 2**20,
+               "peak_rss_mb": r["peak_rss_bytes"] / 2**20, "rss_start_mb": r["rss_start_bytes"] / 2**20,
+               "max_abs_diff": check[n]["max_abs_diff"], "reference": check[n]["reference"],
+               "peak_method": r["peak_method"], "runs_wall_s": r["walls"], "runs_cpu_s": r["cpus"],
+               **{k: v for k, v in r.items() if k in ("full_forwards", "padded_width", "batch_size", "seq_batch", "steps")}}
+        if base:
+            row["speedup_wall_vs_a"] = base["wall_s"] / r["wall_s"]
+            row["speedup_cpu_vs_a"] = base["cpu_s"] / r["cpu_s"]
+        ref = results.get(REFERENCE[DEFINITION[n]])
+        if ref:
+            row["speedup_wall_vs_ref"] = ref["wall_s"] / r["wall_s"]
+            row["speedup_cpu_vs_ref"] = ref["cpu_s"] / r["cpu_s"]
+        rows.append(row)
+    if "b" in results and "d" in results:
+        report["nnsight_overhead_wall"] = results["b"]["wall_s"] / results["d"]["wall_s"] - 1
+        report["nnsight_overhead_cpu"] = results["b"]["cpu_s"] / results["d"]["cpu_s"] - 1
+    report["contenders"] = rows
+    print(markdown_table(report))
+    return report
+
+
+def markdown_table(report) -> str:
+    lines = [f"model: {report['model']} -- {report['model_description']}",
+             f"{report['n_ablations']} single-expert ablations in {report['ablation_groups']} (seq, t, layer) groups "
+             f"on {report['n_sequences']} sequence(s), layers {report['layers']}; |delta loss| median "
+             f"{report['abs_delta_median']:.2e}, max {report['abs_delta_max']:.2e}; {report['threads']} thread(s); "
+             f"load average {report['machine']['loadavg_start']} -> "
+             f"{report['machine'].get('loadavg_end')}", "",
+             "| contender | definition | max abs diff vs ref | wall s | CPU s | ablations/s (wall) | ablations/CPU-s | "
+             "x ref (wall) | x ref (CPU) | peak RSS increase MB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    nan = float("nan")
+    for r in report["contenders"]:
+        lines.append(f"| {r['contender']} | {r['definition']} | {r['max_abs_diff']:.1e} (vs {r['reference']}) | "
+                     f"{r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['abl_per_s']:.3g} | {r['abl_per_cpu_s']:.3g} | "
+                     f"{r.get('speedup_wall_vs_ref', nan):.1f} | {r.get('speedup_cpu_vs_ref', nan):.1f} | "
+                     f"{r['peak_increase_mb']:.0f} |")
+    if "nnsight_overhead_wall" in report:
+        lines.append(f"\nnnsight overhead (b over d): {100 * report['nnsight_overhead_wall']:.1f}% wall, "
+                     f"{100 * report['nnsight_overhead_cpu']:.1f}% CPU")
+    return "\n".join(lines)
+
+
+# ============================================================================================
+# FLOP model and projection to the real checkpoints
+# ============================================================================================
+#: Architecture numbers of the real checkpoints (from their config.json files).
+REAL = {
+    "OLMoE-1B-7B": dict(layers=16, d=2048, vocab=50304, attn=4 * 2048 * 2048,  # q,k,v,o (MHA, 16x128)
+                        moe_layers=16, k=8, E=64, I=1024, shared=0, dense_first=None, kv=2 * 2048, T_released=430),
+    "Qwen1.5-MoE-A2.7B": dict(layers=24, d=2048, vocab=151936, attn=4 * 2048 * 2048,  # MHA 16x128
+                              moe_layers=24, k=4, E=60, I=1408, shared=5632, dense_first=None, kv=2 * 2048, T_released=512),
+    # MLA (no q-LoRA in Lite): q 2048x(16x192), kv_a 2048x(512+64), kv_b 512x(16x256), o (16x128)x2048
+    "DeepSeek-V2-Lite": dict(layers=27, d=2048, vocab=102400,
+                             attn=2048 * 16 * 192 + 2048 * 576 + 512 * 16 * 256 + 16 * 128 * 2048,
+                             moe_layers=26, k=6, E=64, I=1408, shared=2 * 1408, dense_first=10944, kv=16 * (192 + 128),
+                             T_released=512),  # the HF implementation caches decompressed K and V
+}
+
+
+def active_params(a) -> float:
+    """Parameters touched per token, embeddings excluded, LM head included."""
+    d = a["d"]
+    moe = a["k"] * 3 * d * a["I"] + 3 * d * a["shared"] + a["E"] * d
+    dense = 3 * d * a["dense_first"] if a["dense_first"] else 0
+    return a["layers"] * a["attn"] + a["moe_layers"] * moe + dense + a["vocab"] * d
+
+
+def total_params(a) -> float:
+    d = a["d"]
+    moe = a["E"] * 3 * d * a["I"] + 3 * d * a["shared"] + a["E"] * d
+    dense = 3 * d * a["dense_first"] if a["dense_first"] else 0
+    return a["layers"] * a["attn"] + a["moe_layers"] * moe + dense + 2 * a["vocab"] * d
+
+
+def token_flops(a, context: float) -> float:
+    """Forward FLOPs of one token attending to ``context`` positions: 2 N_active + 4 L d context."""
+    return 2 * active_params(a) + 4 * a["layers"] * a["d"] * context
+
+
+def sequence_flops(a, T: int) -> float:
+    """Full causal forward of T tokens: sum over positions of token_flops(a, t+1)."""
+    return T * 2 * active_params(a) + 4 * a["layers"] * a["d"] * T * (T + 1) / 2
+
+
+def projection(*, tflops: float, mfu: float, hbm_tb_s: float, bw_eff: float, batch_rows: int = 64) -> dict:
+    """Projected H100 hours of the paper protocol, released protocol vs engine token mode.
+
+    Work: metric cells 3 models x 20 x 200 positions x 2 ablations; routing-weight control
+    3 x 5 x 200 x 2; progressive ablation (OLMoE) 6 layers x 7 k x 500 positions.
+    Released: every comparison (2 ablations) = 3 full forwards (baseline + 2) of the padded
+    sequence (OLMoE 430, others 512 tokens); progressive: 2 forwards per ablation of <= 256 tokens.
+    Token mode: one clean KV forward per text (100 texts x T; progressive 500 texts x 256) plus one
+    single-token step per ablation and one clean row per (text, t) group, at mean context T/2.
+    Time = max(FLOPs / (peak x MFU), bytes / (HBM x efficiency)) per forward / batch, where a
+    batch of ``batch_rows`` single-token rows reads every expert weight once (bf16) plus the KV
+    cache rows it attends to, and a full forward of a long sequence reads all weights once.
+    """
+    thr = tflops * 1e12 * mfu
+    bw = hbm_tb_s * 1e12 * bw_eff
+    out = {}
+    for name, a in REAL.items():
+        T = a["T_released"]
+        n_metric = 20 * 200 * 2
+        n_control = 5 * 200 * 2
+        n_prog = 6 * 7 * 500 if name == "OLMoE-1B-7B" else 0
+        wbytes = 2 * total_params(a)
+        kv_per_token = 2 * a["layers"] * a["kv"]  # bytes of cached K and V per context token (bf16)
+        # released protocol
+        f_full = sequence_flops(a, T)
+        t_full = max(f_full / thr, wbytes / bw)
+        f_prog = sequence_flops(a, 256)
+        t_prog = max(f_prog / thr, wbytes / bw)
+        released_s = (n_metric + n_control) * 1.5 * t_full + n_prog * 2 * t_prog
+        released_flops = (n_metric + n_control) * 1.5 * f_full + n_prog * 2 * f_prog
+        # token mode: rows = ablations + one clean row per 2 ablations (a comparison's positions)
+        rows = (n_metric + n_control) * 1.5 + n_prog * (8 / 7)  # progressive: 7 k share one clean row
+        f_row = token_flops(a, T / 2)
+        batches = rows / batch_rows
+        t_batch = max(batch_rows * f_row / thr, (wbytes + batch_rows * kv_per_token * T / 2) / bw)
+        f_clean = 100 * sequence_flops(a, T) + (500 * sequence_flops(a, 256) if n_prog else 0)
+        t_clean = 100 * max(sequence_flops(a, T) / thr, wbytes / bw) + (
+            500 * max(sequence_flops(a, 256) / thr, wbytes / bw) if n_prog else 0)
+        token_s = batches * t_batch + t_clean
+        out[name] = {"active_params_B": active_params(a) / 1e9, "total_params_B": total_params(a) / 1e9,
+                     "ablations": n_metric + n_control + n_prog,
+                     "flops_per_token_G": token_flops(a, 0) / 1e9,
+                     "released_full_forwards": (n_metric + n_control) * 1.5 + n_prog * 2,
+                     "released_PFLOP": released_flops / 1e15, "released_h": released_s / 3600,
+                     "released_flop_only_h": released_flops / thr / 3600,
+                     "token_PFLOP": (rows * f_row + f_clean) / 1e15, "token_h": token_s / 3600,
+                     "token_flop_only_h": (rows * f_row + f_clean) / thr / 3600,
+                     "released_per_forward_ms": 1e3 * t_full, "token_per_batch_ms": 1e3 * t_batch}
+    return out
+
+
+def projection_markdown(p, *, tflops, mfu, hbm_tb_s, bw_eff) -> str:
+    lines = [f"Projection (NOT a measurement): one H100 SXM, sustained bf16 = {mfu:.0%} of {tflops:.0f} TFLOP/s "
+             f"= {tflops * mfu:.0f} TFLOP/s; HBM {hbm_tb_s} TB/s at {bw_eff:.0%}; time per forward = max(FLOP time, "
+             "weight + KV bytes time).", "",
+             "| model | active params (B, no emb.) | GFLOP/token (ctx 0) | ablations | released: full forwards | "
+             "released PFLOP | released h | token mode PFLOP | token mode h | ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    tot_r = tot_t = 0
+    for name, r in p.items():
+        tot_r += r["released_h"]
+        tot_t += r["token_h"]
+        lines.append(f"| {name} | {r['active_params_B']:.2f} | {r['flops_per_token_G']:.2f} | {r['ablations']:,} | "
+                     f"{r['released_full_forwards']:,.0f} | {r['released_PFLOP']:.1f} | {r['released_h']:.2f} | "
+                     f"{r['token_PFLOP']:.2f} | {r['token_h']:.3f} | {r['released_h'] / r['token_h']:.0f}x |")
+    lines.append(f"| **total** | | | | | | {tot_r:.2f} | | {tot_t:.3f} | {tot_r / tot_t:.0f}x |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=("tiny", "olmoe512"), default="tiny")
+    ap.add_argument("--n-ablations", type=int, default=64)
+    ap.add_argument("--per-position", type=int, default=None, help="experts ablated per (seq, t, layer); default top-k")
+    ap.add_argument("--contenders", default="a,a_seq,b,c,d,e", help=f"comma-separated: {', '.join(CONTENDERS)}")
+    ap.add_argument("--per-sequence", type=int, default=80,
+                    help="ablations per corpus sequence (80 = the paper protocol's density)")
+    ap.add_argument("--out", default=None, help="JSON report path")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads per contender (1 by default: on an oversubscribed machine OpenMP barrier "
+                         "waits make small ops 10-40x slower with 2 threads)")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="timed runs per contender (the minimum is reported) while within --repeat-budget")
+    ap.add_argument("--repeat-budget", type=float, default=60.0,
+                    help="seconds of timed runs per contender beyond which no further repeat is started")
+    ap.add_argument("--batch-size", type=int, default=64, help="rows per single-token step (b, d, e)")
+    ap.add_argument("--seq-batch", type=int, default=4, help="sequences per clean KV forward (b, c, d)")
+    ap.add_argument("--seq-mode-batch-size", type=int, default=18,
+                    help="rows per prefix batch in (c); full logits of every prefix row are materialised")
+    ap.add_argument("--project", action="store_true", help="print the FLOP-model projection and exit")
+    ap.add_argument("--tflops", type=float, default=989.0)
+    ap.add_argument("--mfu", type=float, default=0.40)
+    ap.add_argument("--hbm", type=float, default=3.35)
+    ap.add_argument("--bw-eff", type=float, default=0.7)
+    ap.add_argument("--profile", default=None, help="profile one contender in-process (torch.profiler) and exit")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--setup", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        return child(args)
+    if args.project:
+        p = projection(tflops=args.tflops, mfu=args.mfu, hbm_tb_s=args.hbm, bw_eff=args.bw_eff)
+        print(projection_markdown(p, tflops=args.tflops, mfu=args.mfu, hbm_tb_s=args.hbm, bw_eff=args.bw_eff))
+        if args.out:
+            Path(args.out).write_text(json.dumps(p, indent=1))
+        return p
+    if args.profile:
+        return profile(args)
+    report = parent(args)
+    report["projection"] = projection(tflops=args.tflops, mfu=args.mfu, hbm_tb_s=args.hbm, bw_eff=args.bw_eff)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1, default=float))
+    if "error" in report:
+        raise SystemExit(1)
+    return report
+
+
+def profile(args):
+    import torch
+
+    from moeaudit.engine import clean_pass
+
+    torch.set_num_threads(args.threads)
+    model, corpus, _ = build(args.model)
+    clean = clean_pass(model, corpus, batch_size=2, progress=False)
+    req = make_requests(model, corpus, clean, n_ablations=args.n_ablations, per_position=args.per_position,
+                        per_sequence=args.per_sequence, seed=args.seed)
+    run_contender(args.profile, model, corpus, clean, req.iloc[:1].reset_index(drop=True), args)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        run_contender(args.profile, model, corpus, clean, req, args)
+        wall = time.perf_counter() - t0
+    print(f"{args.profile}: {wall:.2f} s for {len(req)} ablations")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    return prof
+
+
+if __name__ == "__main__":
+    main()
