@@ -69,8 +69,6 @@ data_dir = None
 results_dir = None
 
 # %%
-import time
-
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -94,12 +92,10 @@ other_mode = [m for m in ABLATION_MODES if m != mode][0]
 # audit reads from each model's configuration.
 
 # %%
-contexts, audited, loaded_s = {}, {}, {}
+contexts, audited = {}, {}
 for name in models:
-    t0 = time.time()
     ctx = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=dtype, device=device,
                   data_dir=data_dir, results_dir=results_dir)
-    loaded_s[name] = time.time() - t0
     contexts[name] = ctx
     lay = ctx.model.layout
     audited[name] = [int(L) for L in layers] if layers is not None else lay.depth_proportional_layers(5)
@@ -131,7 +127,7 @@ layout_table = pd.DataFrame(rows)
 order = ["family", "n_layers", "moe_layers", "audited_layers", "num_experts", "top_k", "active_ratio",
          "n_shared_experts", "shared_expert_gate", "norm_topk_prob", "routed_scaling_factor", "hidden_size",
          "context_length", "parameters", "dtype", "eval_texts / tokens"]
-layout_table = layout_table.loc[order].fillna("—")
+layout_table = layout_table.loc[order].map(lambda v: "—" if v is None else str(v))
 display(layout_table.style.set_caption("MoE layout of each model"))
 
 # %% [markdown]
