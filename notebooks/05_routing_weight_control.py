@@ -46,7 +46,7 @@
 
 # %% tags=["parameters"]
 models = ["tiny-olmoe", "tiny-qwen-moe", "tiny-deepseek-v2"]  # shipped names, HF ids or local dirs
-layers = None  # None: five depth-proportional MoE layers per model; or a list used for every model
+layers = None  # None: the paper's five layers for its checkpoints, else five depth-proportional MoE layers; or a list used for every model
 n_positions = 200  # token positions per cell (the paper: 200)
 seed = 42
 mode = "token"  # "token" (the paper's definition) or "sequence" (the released code's)
@@ -88,7 +88,7 @@ for name in models:
                   data_dir=data_dir, results_dir=results_dir)
     lay = ctx.model.layout
     layouts[name] = lay
-    audited = list(layers) if layers is not None else lay.depth_proportional_layers(5)
+    audited = list(layers) if layers is not None else ctx.model.audit_layers(5)
     rec = single_expert_records(ctx, layers=audited, n_positions=n_positions, seed=seed, mode=mode,
                                 min_context=min_context, batch_size=batch_size)
     depth = dict(zip(audited, report.relative_depth(audited, lay.moe_layers)))
@@ -189,8 +189,9 @@ def summary_sentence(name: str) -> str:
     else:
         s += f"No layer passes Bonferroni under the dual-test rule (α_adj = {alpha / len(t):.3g}). "
     if len(t_only):
-        s += (f"{len(t_only)} layer(s) pass on the t-test alone but not on Wilcoxon "
-              f"({', '.join(f'L{L}' for L in t_only.layer)}): a disagreement the paper counts as noise. ")
+        which = ", ".join(f"L{L}" for L in t_only.layer)
+        s += (f"{'One layer passes' if len(t_only) == 1 else f'{len(t_only)} layers pass'} on the t-test alone "
+              f"but not on Wilcoxon ({which}): a disagreement the paper's rule counts as noise. ")
     return s
 
 
@@ -237,7 +238,7 @@ display(Markdown(
 abs_d = control_cells["diff"].abs()
 linthresh = 10.0 ** np.floor(np.log10(max(float(abs_d[abs_d > 0].quantile(0.1)), 1e-6))) if (abs_d > 0).any() else 1e-3
 n_models = len(models)
-fig, axes = plt.subplots(1, n_models, figsize=(4.3 * n_models, 3.9), squeeze=False, sharey=True)
+fig, axes = plt.subplots(1, n_models, figsize=(max(6.5, 4.3 * n_models), 3.9), squeeze=False, sharey=True)
 for ax, name in zip(axes[0], models):
     g = control_cells[control_cells.model == name].assign(ratio=lambda d: d.value_high / d.value_low)
     layer_order = sorted(g.layer.unique())

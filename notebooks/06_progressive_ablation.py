@@ -42,7 +42,7 @@
 
 # %% tags=["parameters"]
 models = ["tiny-olmoe", "tiny-qwen-moe", "tiny-deepseek-v2"]  # shipped names, HF ids or local dirs
-layers = None  # None: every MoE layer of each model; or a list used for every model
+layers = None  # None: every MoE layer of each model (the paper, for OLMoE: [0, 1, 7, 8, 9, 15]); or a list used for every model
 n_positions = 200  # token positions per (layer, k) cell (the paper: 500)
 seed = 42
 mode = "token"  # "token" (the paper's definition) or "sequence" (the released code's)
@@ -96,9 +96,9 @@ records = pd.concat(all_records, ignore_index=True)
 
 # %% [markdown]
 # ## Summary statistics per (layer, k)
-# For every model, layer and removal depth: the mean cumulative loss change with a 95% t-interval,
-# the median, the 95th percentile (P95), and the share of positions where the loss rose by more
-# than `cliff_threshold` nats.
+# For every model, layer and removal depth: the mean cumulative loss change with a t-interval
+# (confidence level 1 − `alpha`, 95% by default), the median, and the 5th and 95th percentiles
+# (P5, P95).
 
 # %%
 def summarise(g: pd.DataFrame) -> pd.Series:
@@ -106,8 +106,8 @@ def summarise(g: pd.DataFrame) -> pd.Series:
     n = x.size
     half = sps.t.ppf(1 - alpha / 2, n - 1) * x.std(ddof=1) / np.sqrt(n) if n > 1 else np.nan
     return pd.Series({"n": n, "mean": x.mean(), "ci_low": x.mean() - half, "ci_high": x.mean() + half,
-                      "median": np.median(x), "p95": np.quantile(x, 0.95),
-                      "share_above": float(np.mean(x > cliff_threshold)), "clean_loss": g.clean_loss.mean()})
+                      "median": np.median(x), "p05": np.quantile(x, 0.05), "p95": np.quantile(x, 0.95),
+                      "clean_loss": g.clean_loss.mean()})
 
 
 summary = (records.groupby(["model", "layer", "k"], sort=False)[["delta_loss", "clean_loss"]]
@@ -154,8 +154,9 @@ for name in models:
     for L in audited_layers[name]:
         x = records[(records.model == name) & (records.layer == L) & (records.k == kmax)].delta_loss.to_numpy()
         deepest.append({"model": name, "layer": L, "k": kmax, "Mean": x.mean(), "Median": np.median(x),
-                        "P95": np.quantile(x, 0.95), f"share > {cliff_threshold:g} nats": np.mean(x > cliff_threshold),
-                        "top-5% share of increase": tail_share(x)})
+                        "P5": np.quantile(x, 0.05), "P95": np.quantile(x, 0.95),
+                        f"share above {cliff_threshold:g} nats": np.mean(x > cliff_threshold),
+                        "share below 0 (loss fell)": np.mean(x < 0), "top-5% share of increase": tail_share(x)})
 deepest = pd.DataFrame(deepest)
 
 for name in models:
@@ -164,29 +165,32 @@ for name in models:
     tab = d.drop(columns=["model", "k"]).T
     tab.columns = [f"L{c}" for c in tab.columns]
     display(Markdown(f"### {name} (k = {kmax})"))
-    display(tab.style.format("{:+.3f}", subset=pd.IndexSlice[["Mean", "Median", "P95"], :])
-            .format("{:.0%}", subset=pd.IndexSlice[[f"share > {cliff_threshold:g} nats",
+    display(tab.style.format("{:+.3f}", subset=pd.IndexSlice[["Mean", "Median", "P5", "P95"], :])
+            .format("{:.0%}", subset=pd.IndexSlice[[f"share above {cliff_threshold:g} nats", "share below 0 (loss fell)",
                                                       "top-5% share of increase"], :])
             .set_caption(f"{name}: cumulative ΔL (nats) at k = {kmax}, n = {n_positions} positions per layer")
             .set_properties(**{"text-align": "center"}))
 
 # %% [markdown]
-# *Conventions.* Mean, median and P95 are over positions, in nats; positive values mean the
-# prediction got worse. `share > x nats`: fraction of positions whose loss rose by more than the
-# chapter's threshold. `top-5% share of increase`: of the summed positive loss increases, the
+# *Conventions.* Mean, median, P5 and P95 (5th and 95th percentiles) are over positions, in nats;
+# positive values mean the prediction got worse. The paper reports the median and P95 only; P5 and
+# `share below 0` show the other tail, positions where removing the experts *lowered* the loss, which
+# the mean nets against the increases. `share above x nats`: fraction of positions whose loss rose by
+# more than the chapter's threshold. `top-5% share of increase`: of the summed positive loss increases, the
 # fraction contributed by the 5% of positions with the largest ones (5% would mean a perfectly
 # even spread; values near 100% mean a few positions carry everything).
 
 # %% [markdown]
 # ## The redundancy cliff
-# Top row: mean cumulative loss change against $k$, one line per layer, with the 95% interval of
-# the mean. Bottom row: the same positions summarised by their median (dashed) and P95 (solid).
+# Top row: mean cumulative loss change against $k$, one line per layer, with the confidence
+# interval of the mean. Bottom row: the same positions summarised by their median (dashed), P95 (solid) and
+# P5 (dash-dotted).
 # A layer with a redundancy buffer stays flat as experts are removed; a cliff is a sharp rise.
 # The dotted line is `cliff_threshold`.
 
 # %%
 n_models = len(models)
-fig, axes = plt.subplots(2, n_models, figsize=(4.3 * n_models, 7.2), squeeze=False, sharex="col")
+fig, axes = plt.subplots(2, n_models, figsize=(max(6.5, 4.3 * n_models), 7.2), squeeze=False, sharex="col")
 for j, name in enumerate(models):
     s = summary[summary.model == name]
     layer_order = audited_layers[name]
@@ -198,6 +202,7 @@ for j, name in enumerate(models):
         top.fill_between(g.k, g.ci_low, g.ci_high, color=colors[L], alpha=0.18, linewidth=0)
         bottom.plot(g.k, g.p95, marker="o", color=colors[L])
         bottom.plot(g.k, g["median"], marker=".", linestyle="--", color=colors[L])
+        bottom.plot(g.k, g.p05, marker="v", markersize=4, linestyle="-.", color=colors[L])
     for ax in (top, bottom):
         ax.axhline(0, color="0.3", linewidth=0.8)
         ax.axhline(cliff_threshold, color="0.3", linewidth=0.8, linestyle=":")
@@ -207,9 +212,10 @@ for j, name in enumerate(models):
     top.legend(fontsize=8, title="layer", title_fontsize=8)
     bottom.legend(handles=[Line2D([], [], color="0.3", marker="o", label="P95"),
                            Line2D([], [], color="0.3", marker=".", linestyle="--", label="median"),
+                           Line2D([], [], color="0.3", marker="v", markersize=4, linestyle="-.", label="P5"),
                            Line2D([], [], color="0.3", linestyle=":", label="threshold")], fontsize=8)
-axes[0][0].set_ylabel("mean ΔL (nats), 95% CI")
-axes[1][0].set_ylabel("median and P95 of ΔL (nats)")
+axes[0][0].set_ylabel(f"mean ΔL (nats), {1 - alpha:.0%} CI")
+axes[1][0].set_ylabel("P5, median and P95 of ΔL (nats)")
 fig.suptitle("Progressive ablation: loss change as the top-weighted active experts are removed")
 fig.tight_layout()
 plt.show()
@@ -266,7 +272,9 @@ def cliff_sentence(name: str) -> str:
           f"At k = {kmax} the median stays between {d.Median.min():+.3f} and {d.Median.max():+.3f} nats "
           f"across layers while the P95 reaches {d.P95.max():+.3f} (layer {int(d.loc[d.P95.idxmax(), 'layer'])}); "
           f"there the 5% of positions with the largest increases contribute "
-          f"{d.loc[d.P95.idxmax(), 'top-5% share of increase']:.0%} of the summed increase.")
+          f"{d.loc[d.P95.idxmax(), 'top-5% share of increase']:.0%} of the summed increase, while at "
+          f"{d.loc[d.P95.idxmax(), 'share below 0 (loss fell)']:.0%} of positions the loss fell "
+          f"(P5 {d.loc[d.P95.idxmax(), 'P5']:+.3f} nats).")
     return s
 
 
