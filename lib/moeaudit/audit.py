@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,15 +91,22 @@ def prepare(model_name: str, *, n_texts: int = 100, max_tokens: int | None = Non
                   "corpus": corpus.fingerprint(), "n_texts": n_texts, "max_tokens": max_tokens,
                   "engine_version": ENGINE_VERSION, "moeaudit": __version__}
     path = resolve_results_dir(results_dir) / "clean" / params_key(provenance)
-    path.mkdir(parents=True, exist_ok=True)
     if (path / "COMPLETE").exists():
         clean = _load_clean(path, model.name)
     else:
         clean = clean_pass(model, corpus, batch_size=batch_size, progress=progress)
-        (path / "params.json").write_text(json.dumps(provenance, indent=1, sort_keys=True))
-        corpus.to_frame().to_parquet(path / "corpus.parquet", index=False)
-        _save_clean(path, clean)
-        (path / "COMPLETE").write_text("1")
+        # write into a private folder and rename it into place, so a concurrent or interrupted
+        # run never leaves (or reads) a half-written clean pass
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        (tmp / "params.json").write_text(json.dumps(provenance, indent=1, sort_keys=True))
+        corpus.to_frame().to_parquet(tmp / "corpus.parquet", index=False)
+        _save_clean(tmp, clean)
+        (tmp / "COMPLETE").write_text("1")
+        try:
+            os.replace(tmp, path)
+        except OSError:  # another run finished first: keep its copy
+            shutil.rmtree(tmp, ignore_errors=True)
     metrics = observational_metrics(clean, num_experts=model.layout.num_experts)
     return AuditContext(model, corpus, clean, metrics, provenance, results_dir)
 
