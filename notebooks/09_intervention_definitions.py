@@ -264,7 +264,7 @@ if len(other_rows):
     size_ratio = other_rows[f"median |Δ| {MODE_B}"] / other_rows[f"median |Δ| {MODE_A}"]
     lines.append(f"At every other audited layer the largest difference is between "
                  f"{other_rows['max |Δ_tok − Δ_seq|'].min():.2g} and {other_rows['max |Δ_tok − Δ_seq|'].max():.2g} nats "
-                 f"(at least {ratio.min():.0f} times the rounding floor), the median difference between "
+                 f"(at least {ratio.min():,.0f} times the rounding floor), the median difference between "
                  f"{other_rows['median |Δ_tok − Δ_seq|'].min():.2g} and {other_rows['median |Δ_tok − Δ_seq|'].max():.2g} nats, "
                  f"and the Spearman correlation between the two measurements of the same ablation between "
                  f"{other_rows['Spearman ρ'].min():+.3f} and {other_rows['Spearman ρ'].max():+.3f}. Per layer, the median |Δ| "
@@ -553,9 +553,11 @@ for name in models:
 display(Markdown(
     "Share of padding positions in the padded batch: " + "; ".join(f"{n}: {pad_share[n]:.1%}" for n in models)
     + " (the authors' OLMoE run: about 62%). The paper's definitions recomputed from the real positions of this padded "
-    "pass agree with the metrics of the audit's clean pass to a largest relative deviation of "
-    + "; ".join(f"{n}: {recheck[n]:.1e}" for n in models)
-    + " — padding does not leak into real positions (causal attention, masked keys), so this is float rounding at most."))
+    "pass agree with the metrics of the audit's clean pass "
+    + ("exactly, for every model" if max(recheck.values()) == 0 else
+       "to a largest relative deviation of " + "; ".join(f"{n}: {recheck[n]:.1e}" for n in models))
+    + ": padding does not leak into real positions (causal attention, masked keys), so the recipes below differ from "
+    "the paper's definitions only by what they compute, not by the pass they compute it from."))
 
 # %% [markdown]
 # ### How far apart are the definitions? Spearman correlation across experts
@@ -781,9 +783,9 @@ display(Markdown(
 # experts) was produced in float16. Two features of the released numbers are what rounding
 # noise looks like. First, the medians of the loss change are within a few thousandths of a
 # nat of zero and the share of positions whose loss *improves* when experts are removed is close
-# to one half, with quartiles symmetric about zero. Second, the quartiles are exact binary
-# fractions — numbers a float16 computation lands on, and a float32 computation of a
-# continuous quantity essentially never does.
+# to one half, with quartiles on both sides of zero. Second, most quartiles are short binary
+# fractions (multiples of $2^{-16}$) — numbers a computation that keeps 11 significant bits lands
+# on, and a float32 computation of a continuous quantity almost never does.
 
 # %%
 try:
@@ -810,37 +812,46 @@ if prog is not None:
         f"highest-probability expert raises the loss at {per_model(nt['top expert Δ above 0, full'], '{:.0%}')} of the "
         f"(position, layer) pairs in {dtype}, and {half_dtype} rounding alone moves single-expert effects by a median of "
         f"{per_model(nt['median |Δ_half − Δ_full|'], '{:.1e}')} nats and flips {per_model(nt['sign flips'], '{:.1%}')} of "
-        "their signs. The float16 noise of the 7-billion-parameter model was not measured alongside the released table, "
-        "so its medians of a few thousandths of a nat cannot be told apart from rounding noise; the means, carried by the "
-        "large upper tail, are the more robust summary of that experiment."))
+        "their signs. The float16 noise of the 7-billion-parameter model was not measured alongside the released table; "
+        "without such a measurement its medians of a few thousandths of a nat cannot be told apart from rounding noise, "
+        "and the means, carried by the large upper tail, are the more robust summary of that experiment."))
 
 # %% [markdown]
 # ## 5. Lessons for your own audit
 
 # %%
 mode_non_last = other_rows if len(other_rows) else agreement
-n_cells_mode = len(cmp_mode)
-n_flip_mode = int((cmp_mode.flip_dual | cmp_mode.flip_p05).sum())
+
+
+def flips(cmp):
+    """'a of N cell verdicts change under the dual rule and b under uncorrected p_t < .05'."""
+    return (f"{int(cmp.flip_dual.sum())} of {len(cmp)} cell verdicts change under the dual rule and "
+            f"{int(cmp.flip_p05.sum())} under uncorrected p_t < .05")
+
+
+def span(values, f="{:.0%}"):
+    lo, hi = min(values), max(values)
+    return f.format(lo) if f.format(lo) == f.format(hi) else f"{f.format(lo)}–{f.format(hi)}"
+
+
 n_flip_def = int((cmp_def.flip_dual | cmp_def.flip_p05).sum())
-n_flip_half = int((cmp_half.flip_dual | cmp_half.flip_p05).sum())
 lessons = [
     f"**Name the intervention, and state where it acts.** Token-local and sequence-wide ablation of the same expert "
     f"differ by up to {mode_non_last['max |Δ_tok − Δ_seq|'].max():.2g} nats per record at layers before the last "
     f"(their rank correlation over records is {mode_non_last['Spearman ρ'].min():+.3f} to {mode_non_last['Spearman ρ'].max():+.3f}), "
-    f"the cell effect sizes by up to {cmp_mode.ddz.abs().max():.3f} in d_z, and {n_flip_mode} of {n_cells_mode} cell "
-    "verdicts change. The two coincide only at the last decoder layer, which is the one place where a result does not "
-    "depend on the choice.",
+    f"the cell effect sizes by up to {cmp_mode.ddz.abs().max():.3f} in d_z, and {flips(cmp_mode)}. The two coincide "
+    "only at the last decoder layer, which is the one place where a result does not depend on the choice.",
     f"**Implement the metric you define, on the tokens you define it on.** The released recipes order the experts of a "
     f"layer differently from the paper's definitions (ρ down to {own_rho.rho.min():+.2f} for the models' own recipes, "
-    f"{rho_defs.rho.min():+.2f} over all recipes); padding was {min(pad_share.values()):.0%}–{max(pad_share.values()):.0%} of "
-    f"the positions here and 62% in the authors' OLMoE run. On these models {n_flip_def} of {len(cmp_def)} metric-cell "
-    "verdicts change" + (" — the verdicts survive here, but a verdict obtained with another definition is evidence about "
-                         "that other quantity, not about the metric as defined." if n_flip_def == 0 else
-                         ": the definition alone decides some of the verdicts."),
+    f"{rho_defs.rho.min():+.2f} over all recipes); padding was {span(pad_share.values())} of "
+    f"the positions here and 62% in the authors' OLMoE run. On these models {flips(cmp_def)}"
+    + (" — the verdicts survive here, but a verdict obtained with another definition is evidence about that other "
+       "quantity, not about the metric as defined." if n_flip_def == 0 else
+       ": for cells near a threshold, the definition alone decides the verdict."),
     f"**Measure your precision floor before reading small effects.** In {half_dtype}, the share of single-expert "
     f"effects smaller than the 95th percentile of their own rounding error is "
     f"{per_model(nt['share |Δ_full| below 95th pct noise'], '{:.0%}')}, the share that change sign "
-    f"{per_model(nt['sign flips'], '{:.1%}')}; {n_flip_half} of {len(cmp_half)} cell verdicts change. "
+    f"{per_model(nt['sign flips'], '{:.1%}')}; {flips(cmp_half)}. "
     "Report a median near zero only together with the noise of the precision it was computed in.",
     "**Keep the clean baseline inside the same computation.** Every comparison here pairs an ablated and an un-ablated "
     f"row of the same batch; the rounding floor between two code paths for the *same* un-ablated loss was up to "
