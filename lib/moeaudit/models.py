@@ -160,6 +160,10 @@ def wrap_model(hf_model, *, tokenizer=None, name: str | None = None) -> AuditMod
     layout = layout_from_config(hf_model.config)
     _check_block_structure(hf_model, layout)
     hf_model.eval()
+    # The load-balancing loss is a training-time quantity; computing it on padded/cached batches
+    # would fail on shape checks and it plays no part in the audit.
+    if getattr(hf_model.config, "output_router_logits", False):
+        hf_model.config.output_router_logits = False
     return AuditModel(name or getattr(hf_model.config, "_name_or_path", "") or layout.family,
                       hf_model, nnsight.NNsight(hf_model), layout, tokenizer)
 
