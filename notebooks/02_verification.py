@@ -173,7 +173,8 @@ def suite_table(m: str):
     ok = ok[val.columns]
     text = val.copy().astype(object)
     for c in val.columns:
-        text[c] = [f"{v:.3g} {'✓' if p else '✗'}" for v, p in zip(val[c], ok[c])]
+        applies = m == "token" or not c.startswith("4b")  # 4b has a criterion in token mode only
+        text[c] = [f"{v:.3g} {'✓' if p else '✗'}" if applies else f"{v:.3g}" for v, p in zip(val[c], ok[c])]
     text["all passed"] = ["✓" if a else "✗" for a in ok.all(axis=1)]
     pos = s[s.check_no == 3].set_index(["model", "layer"]).check.str.extract(r"t=(\d+) vs inactive t=(\d+)")
     text.insert(0, "t / u", [f"{a} / {b}" if isinstance(a, str) else "—"
@@ -209,7 +210,9 @@ display(Markdown(
     f"In {mode} mode, {int(main_ok.sum())} of {len(main_ok)} (model, layer) suites pass every check"
     + ("." if main_ok.all() else
        "; the failing ones are " + ", ".join(f"{m} layer {L}" for (m, L), v in main_ok.items() if not v)
-       + ", and their numbers should not be trusted until the cause is found.")))
+       + ", and their numbers should not be trusted until the cause is found.")
+    + f" The table below repeats the suite in {other_mode} mode, on the same text, positions and experts"
+    + ("; there check 4b has no criterion and only its value is shown." if other_mode == "sequence" else ".")))
 display(suite_table(other_mode))
 
 # %% [markdown]
