@@ -417,7 +417,7 @@ display(Markdown(
                for v, g in by_var)
     + (f" At padding positions the router sends {pad_top.min():.0%}–{pad_top.max():.0%} of its selections "
        "to the same top-k experts of the layer (a balanced router would give them "
-       + ", ".join(sorted({f"{c.model.layout.top_k / c.model.layout.num_experts:.0%}" for c in contexts.values()}))
+       + ", ".join(f"{c.model.layout.top_k / c.model.layout.num_experts:.0%} ({n})" for n, c in contexts.items())
        + "), which is why mixing in padding inflates a few experts."
        if len(pad_top) else "")
     + " Right-padding the book's corpus to its longest text gave "
