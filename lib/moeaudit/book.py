@@ -70,17 +70,22 @@ def execute_chapter(stem: str, parameters: dict | None = None, *, book_dir: Path
     with tempfile.TemporaryDirectory() as tmp:
         raw, done = Path(tmp) / f"{stem}.ipynb", Path(tmp) / f"{stem}.out.ipynb"
         jupytext.write(jupytext.read(src), raw)
-        env_before = os.environ.get("MOEAUDIT_PROGRESS")
-        os.environ["MOEAUDIT_PROGRESS"] = "0"  # no progress bars inside rendered pages
+        # No progress bars inside rendered pages; one torch thread unless MOEAUDIT_THREADS says
+        # otherwise: the default models are so small that thread synchronisation costs more than it
+        # saves, and several threads per kernel thrash a shared CPU.
+        kernel_env = {"MOEAUDIT_PROGRESS": "0", "OMP_NUM_THREADS": os.environ.get("MOEAUDIT_THREADS", "1")}
+        saved_env = {k: os.environ.get(k) for k in kernel_env}
+        os.environ.update(kernel_env)  # inherited by the kernel process
         t0 = time.time()
         try:
             papermill.execute_notebook(str(raw), str(done), parameters=parameters, kernel_name="python3",
                                        cwd=str(REPO_ROOT), progress_bar=False)
         finally:
-            if env_before is None:
-                os.environ.pop("MOEAUDIT_PROGRESS", None)
-            else:
-                os.environ["MOEAUDIT_PROGRESS"] = env_before
+            for k, v in saved_env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         target = book_dir / f"{stem}.ipynb"
         shutil.move(done, target)
     log(f"executed {stem} in {time.time() - t0:.1f} s -> {target}")
