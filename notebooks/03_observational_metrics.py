@@ -37,7 +37,7 @@
 
 # %% tags=["parameters"]
 models = ["tiny-olmoe", "tiny-qwen-moe", "tiny-deepseek-v2"]  # shipped names, HF ids or local dirs
-layers = None  # None: the five depth-proportional MoE layers of the audit; or a list used for every model
+layers = None  # None: the paper's five layers for its checkpoints, else five depth-proportional MoE layers; or a list
 n_positions = 200  # not used here (kept so every chapter accepts the same parameters)
 seed = 42  # not used here
 mode = "token"  # not used here: no ablation is run
@@ -73,7 +73,7 @@ for name in models:
     ctx = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=dtype, device=device,
                   data_dir=data_dir, results_dir=results_dir)
     contexts[name] = ctx
-    audited[name] = [int(L) for L in layers] if layers is not None else ctx.model.layout.depth_proportional_layers(5)
+    audited[name] = [int(L) for L in layers] if layers is not None else ctx.model.audit_layers(5)
     for L in audited[name]:
         ctx.model.layout.check_layer(L)
 metrics = pd.concat([ctx.metrics.assign(model=name) for name, ctx in contexts.items()], ignore_index=True)

@@ -35,7 +35,7 @@
 
 # %% tags=["parameters"]
 models = ["tiny-olmoe", "tiny-qwen-moe", "tiny-deepseek-v2"]  # shipped names, HF ids or local dirs
-layers = None  # None: five depth-proportional MoE layers per model; or a list used for every model
+layers = None  # None: the paper's five layers for its checkpoints, else five depth-proportional MoE layers; or a list
 n_positions = 200  # token positions per cell (the paper: 200)
 seed = 42
 mode = "token"  # "token" (the paper's definition) or "sequence" (the released code's)
@@ -71,7 +71,7 @@ for name in models:
     ctx = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=dtype, device=device,
                   data_dir=data_dir, results_dir=results_dir)
     contexts[name] = ctx
-    audited = list(layers) if layers is not None else ctx.model.layout.depth_proportional_layers(5)
+    audited = list(layers) if layers is not None else ctx.model.audit_layers(5)
     rec = single_expert_records(ctx, layers=audited, n_positions=n_positions, seed=seed, mode=mode,
                                 min_context=min_context, batch_size=batch_size)
     cells = paired_cells(rec, ctx.metrics, rankings=METRICS)

@@ -45,7 +45,7 @@
 
 # %% tags=["parameters"]
 models = ["tiny-olmoe", "tiny-qwen-moe", "tiny-deepseek-v2"]  # shipped names, HF ids or local dirs
-layers = None  # None: five depth-proportional MoE layers per model (as in the audit chapter)
+layers = None  # None: the paper's five layers for its checkpoints, else five depth-proportional MoE layers; or a list
 n_positions = 200  # token positions per cell (the paper: 200); the same draw in every mode
 seed = 42
 modes = ["token", "sequence"]  # the paper's definition first, the released code's second
@@ -175,7 +175,7 @@ for name in models:
                   data_dir=data_dir, results_dir=results_dir)
     contexts[name] = ctx
     lay = ctx.model.layout
-    audited = list(layers) if layers is not None else lay.depth_proportional_layers(5)
+    audited = list(layers) if layers is not None else ctx.model.audit_layers(5)
     audited_layers[name] = audited
     for m in modes:
         records[name, m] = single_expert_records(ctx, layers=audited, n_positions=n_positions, seed=seed, mode=m,
