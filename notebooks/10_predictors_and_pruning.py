@@ -16,9 +16,10 @@
 #
 # The paper leaves three questions open (Sections 4–5):
 #
-# 1. **Is there a cheap predictor of causal expert importance?** The only signal the audit
-#    finds is the per-token routing weight $g_e(x_t)$ at one layer of one model, and the paper
-#    notes that such a per-token quantity is not what pruning methods use. Two natural
+# 1. **Is there a cheap predictor of causal expert importance?** The only signal the paper's
+#    audit finds is the per-token routing weight $g_e(x_t)$ at one layer of one model, and the
+#    paper notes that it cannot guide pruning: it needs the forward pass at that token, while a
+#    pruning decision is made before inference. Two natural
 #    candidates are cheaper than an ablation and closer to the intervention than a corpus
 #    statistic: the size of what the expert actually adds at the token, and a first-order
 #    (gradient) estimate of the ablation itself. Two criteria from the recent expert-pruning
@@ -67,7 +68,7 @@ models = ["tiny-olmoe", "tiny-qwen-moe", "tiny-deepseek-v2"]  # shipped names, H
 layers = None  # None: the paper's five layers for its checkpoints, else five depth-proportional MoE layers
 n_positions = 200  # token positions per cell (the paper: 200)
 seed = 42
-mode = "token"  # "token" (the paper's definition) or "sequence" (the released code's)
+mode = "token"  # "token" (the paper's definition) or "sequence"; attribution always estimates "token"
 dtype = "float32"
 device = "cpu"
 n_texts = 100  # first n WikiText-2 test lines longer than 50 characters
