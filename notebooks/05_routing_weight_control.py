@@ -67,6 +67,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from IPython.display import Markdown, display
+from matplotlib.ticker import LogLocator, NullFormatter, StrMethodFormatter
 
 from moeaudit import report, stats
 from moeaudit.audit import paired_cells, prepare, single_expert_records
@@ -179,6 +180,7 @@ def summary_sentence(name: str) -> str:
     best = t.loc[t.cohens_dz.abs().idxmax()]
     dual = t[t.sig_dual_bonf]
     t_only = t[t.sig_t_bonf & ~t.sig_dual_bonf]
+    w_only = t[t.sig_W_bonf & ~t.sig_t_bonf]
     seq = ", ".join(f"L{r.layer}: {r.cohens_dz:+.3f}" for r in t.itertuples())
     s = (f"**{name}.** d_z by layer: {seq}. The largest in magnitude is at layer {int(best.layer)} "
          f"(d_z = {best.cohens_dz:+.3f}, 95% CI [{best.dz_ci_low:+.3f}, {best.dz_ci_high:+.3f}], "
@@ -192,6 +194,10 @@ def summary_sentence(name: str) -> str:
         which = ", ".join(f"L{L}" for L in t_only.layer)
         s += (f"{'One layer passes' if len(t_only) == 1 else f'{len(t_only)} layers pass'} on the t-test alone "
               f"but not on Wilcoxon ({which}): a disagreement the paper's rule counts as noise. ")
+    if len(w_only):
+        which = ", ".join(f"L{L}" for L in w_only.layer)
+        s += (f"{'One layer passes' if len(w_only) == 1 else f'{len(w_only)} layers pass'} on the Wilcoxon test "
+              f"alone but not on the t-test ({which}), which the rule also sets aside. ")
     return s
 
 
@@ -246,6 +252,9 @@ for ax, name in zip(axes[0], models):
                     palette=sns.color_palette("colorblind", len(layer_order)), s=14, alpha=0.6,
                     linewidth=0, ax=ax)
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_yscale("symlog", linthresh=linthresh)
     ax.axhline(0, color="0.3", linewidth=0.8)
     ax.set_title(name)
