@@ -242,14 +242,16 @@ def ratio_rows(df, label_col, gap_col):
         first, last = s.iloc[0], s.iloc[-1]
         out.append({"model": m, "first layer": int(first.layer), "last layer": int(last.layer),
                     "mean gap norm, first": first[gap_col], "mean gap norm, last": last[gap_col],
-                    "ratio last / first": last[gap_col] / first[gap_col]})
+                    "ratio last / first": last[gap_col] / first[gap_col],
+                    "ratio largest / smallest layer": s[gap_col].max() / s[gap_col].min()})
     return out
 
 
 ratios = pd.DataFrame(ratio_rows(gap_depth, "model", "mean_gap")
                       + (ratio_rows(paper, "label", "mean_gap_norm") if paper is not None else []))
 display(ratios.set_index("model").style.format({"mean gap norm, first": "{:.3g}", "mean gap norm, last": "{:.3g}",
-                                                 "ratio last / first": "{:.1f}×"}))
+                                                 "ratio last / first": "{:.1f}×",
+                                                 "ratio largest / smallest layer": "{:.1f}×"}))
 
 # %%
 colors = report.model_colors(models)
@@ -277,9 +279,11 @@ for _, r in ratios.iterrows():
     lines.append(f"- **{r.model}**: from {r['mean gap norm, first']:.3g} at layer {r['first layer']} to "
                  f"{r['mean gap norm, last']:.3g} at layer {r['last layer']}; {change}.")
 display(Markdown("The mean gap norm, first to last analysed MoE layer:\n\n" + "\n".join(lines)
-                 + "\n\nA change of scale on the log axis means the same fraction of the residual stream "
-                   "is moved by a larger or smaller vector; the absolute values depend on each model's "
-                   "hidden size and residual-stream scale, so only ratios compare across models."))
+                 + "\n\nThe first-to-last ratio summarises the whole depth profile only when the profile is "
+                   "monotone; the last column of the table (largest over smallest layer) shows how far it moves "
+                   "in between. Absolute gap norms depend on each model's hidden size and "
+                   "residual-stream scale, so only ratios compare across models; on the log axis equal vertical "
+                   "distances are equal ratios."))
 
 # %% [markdown]
 # ## The two correlation chains (Table 7 layout)
