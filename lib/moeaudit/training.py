@@ -17,7 +17,8 @@ name                   class                     mirrors
 
 Everything is scaled down (4 layers, hidden size 64, expert width 32, a 4,096-token byte-level
 BPE vocabulary, 128-token context) so that each model trains in a few minutes on one CPU thread.
-The routing ratios (experts, top-k) and the shared-expert structure are kept.
+The routing ratios (experts, top-k) and the shared-expert structure are kept; the balance-loss
+coefficients are the real models' times :data:`AUX_COEF_SCALE` (see there why).
 
 Data: the tokenizer and the model see only the WikiText-2 *validation* split; the *test* split
 is the evaluation corpus of the audit and is used here only to measure perplexity and expert
@@ -61,6 +62,13 @@ from .zoo import ZOO_DIR, ZOO_MODELS
 #: Fraction of a layer's routing mass an expert must receive to count as "used".
 USAGE_THRESHOLD = 0.002
 
+#: The balance-loss coefficients are those of the real models times this factor, which keeps
+#: their ratios (OLMoE 10 x Qwen). With the real values (factor 1), routing in layers 2-3 of the
+#: 4-layer Qwen and DeepSeek stand-ins partly collapsed as the learning rate decayed: by the end
+#: of training 19-20% of their experts received < 0.2% of the routing mass on the test split
+#: (OLMoE's stayed balanced). With factor 5 every expert of every layer stays above 0.2%.
+AUX_COEF_SCALE = 5
+
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 
@@ -100,11 +108,11 @@ SPECS = {
             "num_experts": 64,
             "num_experts_per_tok": 8,
             "norm_topk_prob": False,
-            "router_aux_loss_coef": 0.01,
+            "router_aux_loss_coef": 0.01 * AUX_COEF_SCALE,
         },
-        "aux": {"kind": "switch", "coef": 0.01,
-                "description": "Switch-Transformer load-balancing loss computed per MoE layer and averaged over "
-                               "layers (as in OLMoE's training code), coefficient 0.01 as in OLMoE"},
+        "aux": {"kind": "switch", "coef": 0.01 * AUX_COEF_SCALE, "real_coef": 0.01,
+                "description": f"Switch-Transformer load-balancing loss computed per MoE layer and averaged over "
+                               f"layers, coefficient {0.01 * AUX_COEF_SCALE:g} ({AUX_COEF_SCALE} x OLMoE's 0.01)"},
         "train": {},
     },
     "tiny-qwen-moe": {
@@ -119,11 +127,11 @@ SPECS = {
             "num_experts": 60,
             "num_experts_per_tok": 4,
             "norm_topk_prob": False,
-            "router_aux_loss_coef": 0.001,
+            "router_aux_loss_coef": 0.001 * AUX_COEF_SCALE,
         },
-        "aux": {"kind": "switch", "coef": 0.001,
-                "description": "Switch-Transformer load-balancing loss computed per MoE layer and averaged over "
-                               "layers, coefficient 0.001 as in Qwen1.5-MoE"},
+        "aux": {"kind": "switch", "coef": 0.001 * AUX_COEF_SCALE, "real_coef": 0.001,
+                "description": f"Switch-Transformer load-balancing loss computed per MoE layer and averaged over "
+                               f"layers, coefficient {0.001 * AUX_COEF_SCALE:g} ({AUX_COEF_SCALE} x Qwen1.5-MoE's 0.001)"},
         "train": {},
     },
     "tiny-deepseek-v2": {
@@ -146,13 +154,14 @@ SPECS = {
             "qk_nope_head_dim": 16,
             "qk_rope_head_dim": 8,
             "v_head_dim": 16,
-            "aux_loss_alpha": 0.001,  # recorded as in the original DeepSeek config (used by our trainer)
+            "aux_loss_alpha": 0.001 * AUX_COEF_SCALE,  # key as in the original DeepSeek config
             "seq_aux": True,
         },
-        "aux": {"kind": "seq", "coef": 0.001,
-                "description": "DeepSeek-V2 expert-level balance loss computed per sequence (seq_aux) and summed "
-                               "over MoE layers, alpha 0.001 as in DeepSeek-V2-Lite (transformers' "
-                               "DeepseekV2ForCausalLM does not compute it, so the trainer adds it)"},
+        "aux": {"kind": "seq", "coef": 0.001 * AUX_COEF_SCALE, "real_coef": 0.001,
+                "description": f"DeepSeek-V2 expert-level balance loss computed per sequence (seq_aux) and summed "
+                               f"over MoE layers, alpha {0.001 * AUX_COEF_SCALE:g} ({AUX_COEF_SCALE} x "
+                               f"DeepSeek-V2-Lite's 0.001; transformers' DeepseekV2ForCausalLM does not compute "
+                               f"this loss, so the trainer adds it)"},
         "train": {},
     },
 }
