@@ -1,11 +1,14 @@
 """Render the book: jupytext source -> papermill execution -> Jupyter Book HTML.
 
-    python -m moeaudit.book build                       # execute every chapter, then build HTML
+    python -m moeaudit.book build                       # execute every changed chapter, then build HTML
     python -m moeaudit.book build --no-execute          # rebuild HTML from the executed notebooks
     python -m moeaudit.book chapter 04_audit -p n_positions 50 -p models '["tiny-olmoe"]'
     python -m moeaudit.book list                        # chapters and their parameters
 
-Chapter sources live in ``notebooks/<stem>.py`` (jupytext percent format, with a cell tagged
+``build`` skips a chapter whose executed notebook was produced from the same source, parameters,
+library and model files (``--force`` re-executes everything); raw records are cached separately
+(see :mod:`moeaudit.store`), so a re-executed chapter reuses them. Chapter sources live in
+``notebooks/<stem>.py`` (jupytext percent format, with a cell tagged
 ``parameters``); executed notebooks are written to ``book/<stem>.ipynb`` only when execution
 succeeded, so a failed run never leaves a page that looks complete. Parameter values given
 with ``-p`` are parsed as YAML (``50`` is an int, ``'[1, 2]'`` a list, ``null`` is None).
@@ -52,6 +55,33 @@ def notebook_parameters(stem: str) -> dict:
     return {}
 
 
+def execution_key(stem: str, parameters: dict | None = None) -> str:
+    """Hash of everything an executed chapter depends on: its source, its parameters, the library
+    and shipped model files, and the data/results locations."""
+    import hashlib  # noqa: PLC0415
+
+    h = hashlib.sha256()
+    h.update((NOTEBOOKS / f"{stem}.py").read_bytes())
+    h.update(json.dumps(parameters or {}, sort_keys=True, default=str).encode())
+    lib = Path(__file__).resolve().parent
+    for f in sorted(lib.rglob("*")):
+        if f.is_file() and f.suffix in (".py", ".json", ".safetensors", ".txt"):
+            h.update(f.relative_to(lib).as_posix().encode())
+            h.update(f.read_bytes())
+    for var in ("MOEAUDIT_DATA_DIR", "MOEAUDIT_RESULTS_DIR"):
+        h.update(f"{var}={os.environ.get(var, '')}".encode())
+    return h.hexdigest()[:16]
+
+
+def is_up_to_date(stem: str, parameters: dict | None = None, *, book_dir: Path = BOOK) -> bool:
+    """Whether ``<book_dir>/<stem>.ipynb`` was executed from exactly the current inputs."""
+    target = Path(book_dir) / f"{stem}.ipynb"
+    if not target.exists():
+        return False
+    meta = json.loads(target.read_text()).get("metadata", {}).get("moeaudit", {})
+    return meta.get("execution_key") == execution_key(stem, parameters)
+
+
 def execute_chapter(stem: str, parameters: dict | None = None, *, book_dir: Path = BOOK, log=print) -> Path:
     """Execute ``notebooks/<stem>.py`` with ``parameters`` into ``<book_dir>/<stem>.ipynb``."""
     import jupytext  # noqa: PLC0415
@@ -87,6 +117,10 @@ def execute_chapter(stem: str, parameters: dict | None = None, *, book_dir: Path
                 else:
                     os.environ[k] = v
         target = book_dir / f"{stem}.ipynb"
+        nb = json.loads(done.read_text())
+        nb.setdefault("metadata", {})["moeaudit"] = {"execution_key": execution_key(stem, parameters),
+                                                     "parameters": parameters}
+        done.write_text(json.dumps(nb, indent=1))
         shutil.move(done, target)
     log(f"executed {stem} in {time.time() - t0:.1f} s -> {target}")
     return target
@@ -115,6 +149,7 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="execute every chapter with its default parameters, then build HTML")
     b.add_argument("--no-execute", action="store_true", help="only rebuild HTML from book/*.ipynb")
+    b.add_argument("--force", action="store_true", help="re-execute chapters even when their inputs are unchanged")
     c = sub.add_parser("chapter", help="execute one chapter with other parameters, then rebuild HTML")
     c.add_argument("stem")
     c.add_argument("-p", nargs=2, action="append", metavar=("NAME", "VALUE"), help="parameter (YAML value)")
@@ -129,6 +164,9 @@ def main(argv=None) -> int:
     if args.cmd == "build":
         if not args.no_execute:
             for stem in chapters():
+                if not args.force and is_up_to_date(stem):
+                    print(f"{stem} is up to date (same source, parameters, library and models)")
+                    continue
                 execute_chapter(stem)
         build_html()
     else:
