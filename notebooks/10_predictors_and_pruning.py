@@ -112,6 +112,10 @@ EXPERT_CRITERIA = (*METRICS, *LITERATURE)  # per-expert criteria used for prunin
 MIN_CONTEXT = 0  # the audit chapter's default, so that the cached records are shared
 
 
+def pct(f: float) -> str:
+    return f"{f:.1%}".replace(".0%", "%")
+
+
 # %% [markdown]
 # ## Per-expert criteria and per-token predictors
 # The helper below turns any value attached to a single-expert record into the paper's paired
@@ -269,7 +273,8 @@ for name in models:
     n_range = f"{int(t.n.min())}–{int(t.n.max())}" if t.n.min() != t.n.max() else f"{int(t.n.min())}"
     display(Markdown(f"### {name}"))
     display(report.style_paper_layout(t, caption=f"{name}: Cohen's d_z [95% CI], p_t, p_W; n = {n_range} "
-                                                  f"positions per cell; Bonferroni family of {int(t.family_size.iloc[0])}"))
+                                                  f"positions per cell; Bonferroni family of "
+                                                  f"{int(t.family_size.iloc[0])}"))
 display(Markdown(report.SIGNIFICANCE_NOTE))
 
 # %%
@@ -284,7 +289,7 @@ for ax, name in zip(axes[0], models):
         report.dz_by_depth(ax, src[(src.model == name) & (src.ranking == r)], label=LABELS[r], color=colors[r])
     ax.axhline(0, color="0.3", linewidth=0.8)
     ax.set_title(name)
-    ax.set_xlabel("relative depth (0 = first MoE layer, 1 = last)")
+    ax.set_xlabel("relative depth (0 = first, 1 = last)", fontsize=9)
 axes[0][0].set_ylabel("Cohen's $d_z$ of D (95% CI)")
 fig.suptitle("New predictors against the routing-weight control (* = Bonferroni-significant t-test)")
 fig.tight_layout(rect=(0, 0, 0.8, 1))
@@ -345,7 +350,7 @@ for ax, name in zip(axes[0], models):
         ax.fill_between(s.rel_depth, s.ci_low, s.ci_high, color=colors[p], alpha=0.15, linewidth=0)
     ax.axhline(0, color="0.3", linewidth=0.8)
     ax.set_title(name)
-    ax.set_xlabel("relative depth (0 = first MoE layer, 1 = last)")
+    ax.set_xlabel("relative depth (0 = first, 1 = last)", fontsize=9)
     ax.set_ylim(-1, 1)
 axes[0][0].set_ylabel("Spearman ρ with measured ΔL (95% CI)")
 fig.suptitle("Rank agreement between predictor and measured single-expert ablation effect")
@@ -362,8 +367,9 @@ def token_verdict(name: str) -> str:
         sig = s[s.sig_dual_bonf]
         where = ", ".join(f"L{int(L)}" for L in sig.layer) if len(sig) else "no layer"
         r = rho[(rho.model == name) & (rho.predictor == p)]
-        parts.append(f"{LABELS[p].lower()} — significant at {where} ({len(sig)}/{len(s)}), d_z "
-                     f"{s.cohens_dz.min():+.2f} to {s.cohens_dz.max():+.2f}, ρ {r.rho.min():+.2f} to {r.rho.max():+.2f}")
+        parts.append(f"{LABELS[p]} — significant at {where} ({len(sig)}/{len(s)}), d_z "
+                     f"{s.cohens_dz.min():+.2f} to {s.cohens_dz.max():+.2f}, "
+                     f"ρ {r.rho.min():+.2f} to {r.rho.max():+.2f}")
     return f"**{name}**: " + "; ".join(parts) + "."
 
 
@@ -396,7 +402,8 @@ display(speed[["model", "few", "few_ablations", "few_ablation_s", "few_attributi
         .rename(columns={"few": "positions", "few_ablations": "single-expert ablations",
                          "few_ablation_s": "ablations (s)", "few_attribution_s": "attribution (s)",
                          "ratio": "ablation / attribution time"})
-        .style.format({"ablations (s)": "{:.2f}", "attribution (s)": "{:.2f}", "ablation / attribution time": "{:.1f}×"})
+        .style.format({"ablations (s)": "{:.2f}", "attribution (s)": "{:.2f}",
+                       "ablation / attribution time": "{:.1f}×"})
         .hide(axis="index"))
 
 # %% [markdown]
@@ -451,7 +458,8 @@ for name, ctx in contexts.items():
     for f in prune_fractions:
         for c in EXPERT_CRITERIA:
             loss = pruned_ppl(ctx, criterion_plan(crit, c, f, lay.moe_layers), held)
-            prune_rows.append({"model": name, "scope": "all", "fraction": f, "criterion": c, "draw": 0, "mean_loss": loss})
+            prune_rows.append({"model": name, "scope": "all", "fraction": f, "criterion": c, "draw": 0,
+                               "mean_loss": loss})
         for d in range(n_random_seeds):
             loss = pruned_ppl(ctx, random_plan(lay.num_experts, f, lay.moe_layers, d), held)
             prune_rows.append({"model": name, "scope": "all", "fraction": f, "criterion": "random", "draw": d,
@@ -493,8 +501,8 @@ for ax, name in zip(axes[0], models):
         ax.plot([0.0, *s.fraction], [base, *s.perplexity], marker=markers[c], color=crit_colors[c], label=LABELS[c],
                 linewidth=1.2)
     ax.set_xticks([0.0, *prune_fractions])
-    ax.set_xticklabels(["0"] + [f"{f:.1%}".replace(".0%", "%") for f in prune_fractions])
-    ax.set_xlabel("share of experts pruned per layer")
+    ax.set_xticklabels(["0"] + [pct(f) for f in prune_fractions])
+    ax.set_xlabel("share of experts pruned per layer", fontsize=9)
     ax.set_title(name)
 axes[0][0].set_ylabel("held-out perplexity")
 handles, labels_ = axes[0][0].get_legend_handles_labels()
@@ -521,7 +529,7 @@ for name in models:
     wide = wide.reindex([LABELS[c] for c in EXPERT_CRITERIA])
     r = rand.loc[name]
     wide.loc["random (mean ± sd)", "perplexity"] = [f"{m:.2f} ± {s:.2f}" for m, s in zip(r["mean"], r["std"])]
-    wide.columns = [f"{k} @ {f:.1%}".replace(".0%", "%") for k, f in wide.columns]
+    wide.columns = [f"{k} @ {pct(f)}" for k, f in wide.columns]
     fmt = {c: (lambda v: v if isinstance(v, str) else f"{v:.2f}") for c in wide.columns if c.startswith("perplexity")}
     fmt.update({c: (lambda v: v if isinstance(v, str) else f"{v:+.1f}") for c in wide.columns if c.startswith("z_vs")})
     display(Markdown(f"### {name}"))
@@ -541,7 +549,7 @@ def pruning_sentence(name: str) -> str:
         better = [LABELS[c] for c in s[s.vs_random == "better than all"].criterion]
         worse = [LABELS[c] for c in s[s.vs_random == "worse than all"].criterion]
         best = s.loc[s.perplexity.idxmin()]
-        parts.append(f"at {f:.1%} random pruning raises perplexity from {base:.2f} to {r.loc[f, 'mean']:.2f} "
+        parts.append(f"at {pct(f)} random pruning raises perplexity from {base:.2f} to {r.loc[f, 'mean']:.2f} "
                      f"(draws {r.loc[f, 'min']:.2f}–{r.loc[f, 'max']:.2f}); best criterion "
                      f"{LABELS[best.criterion]} ({best.perplexity:.2f}); better than every random draw: "
                      f"{', '.join(better) or 'none'}; worse than every draw: {', '.join(worse) or 'none'}")
@@ -577,7 +585,7 @@ else:
             ax.plot(g.rel_depth, g.delta_loss, marker=markers[c], color=crit_colors[c], label=LABELS[c], linewidth=1)
         ax.axhline(0, color="0.3", linewidth=0.8)
         ax.set_title(name)
-        ax.set_xlabel("relative depth of the pruned layer")
+        ax.set_xlabel("relative depth of the pruned layer", fontsize=9)
     axes[0][0].set_ylabel(f"mean loss increase (nats)")
     handles, labels_ = axes[0][0].get_legend_handles_labels()
     fig.suptitle(f"Pruning {max(prune_fractions):.0%} of the experts of a single MoE layer: held-out loss across depth")
@@ -621,7 +629,7 @@ link = (crit_table.groupby(["model", "ranking"], sort=False)
              dz_min=("cohens_dz", "min"), dz_max=("cohens_dz", "max")).reset_index()
         .rename(columns={"ranking": "criterion"}))
 zwide = tab.pivot_table(index=["model", "criterion"], columns="fraction", values="z_vs_random").reset_index()
-zwide.columns = ["model", "criterion", *[f"pruning z @ {f:.1%}".replace(".0%", "%") for f in prune_fractions]]
+zwide.columns = ["model", "criterion", *[f"pruning z @ {pct(f)}" for f in prune_fractions]]
 link = link.merge(zwide, on=["model", "criterion"])
 link["criterion"] = link.criterion.map(LABELS)
 link["token-level cells"] = [f"{s}/{c}" for s, c in zip(link.significant_cells, link.cells)]
@@ -747,9 +755,10 @@ narrow_null = int((paper_bf.BF10_narrow < 1 / 3).sum())
 strongest = bf.loc[bf.BF10.idxmax()]
 display(Markdown(
     f"Of the {len(paper_bf)} cells of the paper's four metrics, {n_null} give at least moderate evidence "
-    f"*for the null* (BF10 < 1/3) at r = 0.707 and {narrow_null} at r = {R_NARROW}; {n_eff} give at least "
-    f"moderate evidence for an effect. The strongest evidence for an effect among all cells is "
-    f"{LABELS[strongest.ranking].lower()} at {strongest.model} L{int(strongest.layer)} "
+    f"*for the null* (BF10 < 1/3) at r = 0.707 and {narrow_null} at r = {R_NARROW}; {n_eff} "
+    f"{'gives' if n_eff == 1 else 'give'} at least moderate evidence for an effect (r = 0.707). The strongest "
+    f"evidence for an effect among all cells is "
+    f"{LABELS[strongest.ranking]} at {strongest.model} L{int(strongest.layer)} "
     f"(BF10 = {strongest.BF10:.3g}, d_z = {strongest.cohens_dz:+.3f}, {strongest.evidence})."))
 
 # %% [markdown]
@@ -761,11 +770,10 @@ def answers() -> str:
     sig = new_table[new_table.sig_dual_bonf]
     for p in NEW:
         s = sig[sig.ranking == p]
-        where = "; ".join(f"{m} at relative depth {', '.join(f'{d:.2f}' for d in g.rel_depth)}"
+        where = "; ".join(f"in {m} at relative depth {', '.join(f'{d:.2f}' for d in g.rel_depth)}"
                           for m, g in s.groupby("model", sort=False)) or "nowhere"
         lines.append(f"- **{LABELS[p]}** is valid at the token level (dual-test Bonferroni) {where} "
                      f"({len(s)} of {int((new_table.ranking == p).sum())} cells).")
-    z = tab.pivot_table(index="criterion", columns=["model", "fraction"], values="vs_random", aggfunc="first")
     n_better = int((tab.vs_random == "better than all").sum())
     n_worse = int((tab.vs_random == "worse than all").sum())
     lines.append(f"- In one-shot pruning, {n_better} of {len(tab)} (criterion, model, fraction) settings beat every "
@@ -775,6 +783,15 @@ def answers() -> str:
     lines.append(f"- Of the {len(failed)} (model, criterion) pairs with no significant token-level cell, "
                  f"{len(beat)} still did better than the random mean at every fraction"
                  + (f" ({'; '.join(f'{r.criterion}, {r.model}' for r in beat.itertuples())})." if len(beat) else "."))
+    for name in models:
+        r = glob_rand_loss.loc[name]
+        where = ""
+        if per_layer_sweep:
+            p = per_layer[(per_layer.model == name) & (per_layer.criterion == "random")]
+            m = p.groupby("rel_depth").delta_loss.mean()
+            where = f"; pruned alone, the layer at relative depth {m.idxmax():.2f} hurts most ({m.max():+.3f} nats)"
+        lines.append(f"- {name}: random pruning of all layers costs "
+                     + ", ".join(f"{v:+.3f} nats at {pct(f)}" for f, v in r.items()) + where + ".")
     return "\n".join(lines)
 
 
