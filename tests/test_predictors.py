@@ -210,3 +210,15 @@ def test_failed_pruning_leaves_no_hooks(float32_models):
         with pruned_experts(model, {layers[0]: [0], layers[1]: [model.layout.num_experts]}):
             pass
     assert _gate_hooks(model) == 0
+
+
+def test_engine_refuses_to_run_inside_pruning(float32_models):
+    from moeaudit.engine import clean_pass
+    from moeaudit.testing import random_token_corpus
+
+    model = float32_models("olmoe")
+    corpus = random_token_corpus(n_seqs=1, length=8)
+    with pruned_experts(model, {model.layout.moe_layers[0]: [0]}):
+        with pytest.raises(ValueError, match="pruned_experts"):
+            clean_pass(model, corpus, progress=False)
+    clean_pass(model, corpus, progress=False)  # fine again once the context has exited

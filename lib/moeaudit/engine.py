@@ -72,6 +72,14 @@ def expert_outputs(experts: torch.nn.Module, x: torch.Tensor, indices: torch.Ten
     return out
 
 
+def _refuse_inside_pruning(model: AuditModel) -> None:
+    # Pruning re-routes with PyTorch forward hooks on the routers, which run after nnsight has read
+    # the router output: routing records and ablations would describe the unpruned router.
+    if getattr(model.hf, "_moeaudit_pruned", False):
+        raise ValueError("the engine cannot run inside moeaudit.pruning.pruned_experts (its routing records would "
+                         "describe the unpruned router); measure pruned models with moeaudit.pruning.perplexity")
+
+
 def _token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """``-log p(target | context)`` in float32 (the paper's per-token loss)."""
     return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
@@ -120,6 +128,7 @@ class CleanPass:
 def clean_pass(model: AuditModel, corpus: TokenizedCorpus, *, layers=None, batch_size: int = 8,
                progress: bool | None = None) -> CleanPass:
     """Run the un-ablated model over ``corpus`` and record routing, expert norms and losses."""
+    _refuse_inside_pruning(model)
     layers = sorted(model.layout.moe_layers if layers is None else layers)
     for layer in layers:
         model.layout.check_layer(layer)
@@ -264,6 +273,7 @@ def run_ablations(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, 
     ``sum_{L' > L} <y'_{L'} - y_{L'}, g> / ||g||^2`` (re-measured MoE outputs of the ablated run
     minus the clean ones; 1 would mean full restoration, 0 none, negative amplification).
     """
+    _refuse_inside_pruning(model)
     req, strategy = validate_requests(model, corpus, clean, requests, mode=mode, strategy=strategy,
                                       require_active=require_active)
     if batch_size < 2:

@@ -66,9 +66,11 @@ def pruned_experts(model: AuditModel, pruned: dict[int, list[int]]):
         return hook
 
     handles = [model.hf.model.layers[L].mlp.gate.register_forward_hook(make_hook(m)) for L, m in masks.items()]
+    model.hf._moeaudit_pruned = True  # the engine refuses to run on a re-routed model (see engine)
     try:
         yield model
     finally:
+        model.hf._moeaudit_pruned = False
         for h in handles:
             h.remove()
 
