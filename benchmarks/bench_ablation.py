@@ -20,9 +20,13 @@ Contenders (``--contenders``, comma-separated keys):
             gathered per row with index_select, same 2-D masks and single-token steps; forward
             hooks on ``mlp.gate`` (tuple output modified) and ``mlp`` (output read for the gap norm).
 * ``e``     PROTOTYPE, NOT IN THE ENGINE: token mode with the rows of one sequence packed as the
-            tokens of a single batch-1 step against the sequence's clean cache (custom 4-D mask:
-            row r sees cached positions < t_r and itself), so the cache is never copied per row;
+            tokens of a single batch-1 step against the sequence's clean cache (custom 4-D additive
+            mask: row r sees cached positions < t_r and itself), so the cache is never copied per row;
             the clean KV forward skips the LM head (``logits_to_keep=1``).
+* ``f``     PROTOTYPE, NOT IN THE ENGINE: sequence mode as the engine runs it (same prefix batches,
+            removal on every row <= t), with plain hooks and ``logits_to_keep=read_pos[:, None]`` (a
+            2-D position tensor, transformers >= 5) so that the LM head runs only at each row's t
+            instead of over every prefix position. Compare with (c) (and with (a') for the check).
 
 Every contender runs in its own subprocess (same seeded model rebuilt there), so peak memory
 is the peak resident set size of that process during the timed run: Linux ``VmHWM`` from
@@ -40,6 +44,7 @@ Usage::
     .venv/bin/python benchmarks/bench_ablation.py --model olmoe512 --n-ablations 48 --out benchmarks/results/olmoe512.json
     .venv/bin/python benchmarks/bench_ablation.py --project      # FLOP-model projection only (no model run)
     .venv/bin/python benchmarks/bench_ablation.py --model olmoe512 --profile b   # torch.profiler table
+    .venv/bin/python benchmarks/bench_ablation.py --check-prototypes   # (e), (f) vs engine, 5 families
 """
 
 from __future__ import annotations
@@ -69,8 +74,10 @@ CONTENDERS = {
     "c": "engine, sequence mode (nnsight, batched prefixes)",
     "d": "plain PyTorch replica of (b) (no nnsight)",
     "e": "PROTOTYPE (not in engine): packed single-sequence token step, no per-row cache copy",
+    "f": "PROTOTYPE (not in engine): sequence mode as (c), plain hooks, LM head only at the read position",
 }
-DEFINITION = {"a": "token", "b": "token", "d": "token", "e": "token", "a_seq": "sequence", "c": "sequence"}
+DEFINITION = {"a": "token", "b": "token", "d": "token", "e": "token", "a_seq": "sequence", "c": "sequence",
+              "f": "sequence"}
 REFERENCE = {"token": "a", "sequence": "a_seq"}
 TOL = 1e-5
 
@@ -291,8 +298,8 @@ def run_plain_kv(model, corpus, req, *, batch_size: int, seq_batch: int):
 def run_packed(model, corpus, req, *, batch_size: int):
     """(e) PROTOTYPE, not in the engine: per sequence, one clean forward (LM head skipped) builds
     a batch-1 KV cache; each batch of rows of that sequence is fed as R tokens of ONE batch-1
-    step with position ids t_r and a custom 4-D boolean mask (row r sees cached positions < t_r
-    and its own new key only). The cache is used as is (no per-row index_select; DynamicCache's
+    step with position ids t_r and a custom 4-D additive mask (row r sees cached positions < t_r
+    and its own new key only; sdpa and eager attention). The cache is used as is (no per-row index_select; DynamicCache's
     concatenation copies it once per batch instead of R times)."""
     import torch
     from transformers import DynamicCache
@@ -317,9 +324,12 @@ def run_packed(model, corpus, req, *, batch_size: int):
                 rows.extend((t, i) for i in idxs)
             R = len(rows)
             t_of = torch.tensor([r[0] for r in rows], dtype=torch.long)
-            mask = torch.zeros(1, 1, R, T + R, dtype=torch.bool)
-            mask[0, 0, :, :T] = torch.arange(T)[None, :] < t_of[:, None]
-            mask[0, 0, torch.arange(R), T + torch.arange(R)] = True
+            allowed = torch.zeros(1, 1, R, T + R, dtype=torch.bool)
+            allowed[0, 0, :, :T] = torch.arange(T)[None, :] < t_of[:, None]
+            allowed[0, 0, torch.arange(R), T + torch.arange(R)] = True
+            # additive float mask: eager attention adds the mask to the scores (a bool mask would add
+            # 0/1); sdpa accepts either. flash-attention-2 takes no custom 4-D mask at all.
+            mask = torch.zeros(allowed.shape, dtype=model.dtype).masked_fill(~allowed, torch.finfo(model.dtype).min)
             cache = DynamicCache(ddp_cache_data=cache_kv)
             input_ids = torch.tensor([int(seq[t]) for t, _ in rows]).view(1, R)
             layers_here = sorted({int(req.at[i, "layer"]) for _, idxs in batch for i in idxs})
@@ -360,6 +370,71 @@ def run_packed(model, corpus, req, *, batch_size: int):
     return deltas, {"batch_size": batch_size, "steps": n_steps}
 
 
+def run_prefix_keep(model, corpus, req, *, batch_size: int, seq_batch: int):
+    """(f) PROTOTYPE, not in the engine: the engine's sequence mode (batched prefixes x[:t+1], the
+    expert removed on every row <= t, one clean row per (seq, t)) with plain hooks and the LM head
+    applied only at each row's read position (``logits_to_keep`` as a (rows, 1) position tensor)."""
+    import torch
+
+    from moeaudit.engine import _group_batches
+
+    hf, E = model.hf, model.layout.num_experts
+    deltas = np.full(len(req), np.nan)
+    seqs = sorted(req.seq_id.unique().tolist())
+    n_steps = 0
+    for chunk in [seqs[i:i + seq_batch] for i in range(0, len(seqs), seq_batch)]:
+        sub = req[req.seq_id.isin(chunk)]
+        groups = [((int(s), int(t)), list(g.index)) for (s, t), g in sub.groupby(["seq_id", "t"], sort=True)]
+        for batch in _group_batches(groups, batch_size):
+            rows = []
+            for (s, t), idxs in batch:
+                rows.append((s, t, None))
+                rows.extend((s, t, i) for i in idxs)
+            R = len(rows)
+            t_of = torch.tensor([r[1] for r in rows], dtype=torch.long)
+            q_len = int(t_of.max()) + 1
+            input_ids = torch.full((R, q_len), model.pad_id, dtype=torch.long)
+            attn = torch.zeros((R, q_len), dtype=torch.long)
+            for r, (s, t, _) in enumerate(rows):
+                input_ids[r, : t + 1] = torch.from_numpy(corpus.sequences[s][: t + 1])
+                attn[r, : t + 1] = 1
+            layers_here = sorted({int(req.at[i, "layer"]) for _, idxs in batch for i in idxs})
+            removal = {L: torch.zeros(R * q_len, E, dtype=torch.bool) for L in layers_here}
+            for r, (s, t, i) in enumerate(rows):
+                if i is not None:
+                    removal[int(req.at[i, "layer"])][r * q_len: r * q_len + t + 1, list(req.at[i, "removed"])] = True
+            moe_out, handles = {}, []
+            for L in layers_here:
+                mlp = hf.model.layers[L].mlp
+
+                def gate_hook(module, inputs, output, L=L):
+                    logits, w, idx = output
+                    return logits, w.masked_fill(removal[L].gather(1, idx), 0), idx
+
+                def mlp_hook(module, inputs, output, L=L):
+                    moe_out[L] = output[torch.arange(R), t_of]
+
+                handles += [mlp.gate.register_forward_hook(gate_hook), mlp.register_forward_hook(mlp_hook)]
+            try:
+                with torch.no_grad():
+                    logits = hf(input_ids=input_ids, attention_mask=attn, logits_to_keep=t_of.view(R, 1)).logits[:, 0]
+            finally:
+                for h in handles:
+                    h.remove()
+            n_steps += 1
+            targets = torch.tensor([int(corpus.sequences[s][t + 1]) for s, t, _ in rows])
+            losses = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none").numpy()
+            clean_row = {}
+            for r, (s, t, i) in enumerate(rows):
+                if i is None:
+                    clean_row[(s, t)] = r
+                    continue
+                c, L = clean_row[(s, t)], int(req.at[i, "layer"])
+                _gap = torch.linalg.vector_norm((moe_out[L][c] - moe_out[L][r]).float()).item()
+                deltas[i] = losses[r] - losses[c]
+    return deltas, {"batch_size": batch_size, "seq_batch": seq_batch, "steps": n_steps}
+
+
 def run_contender(name, model, corpus, clean, req, args):
     if name in ("a", "a_seq"):
         return run_released(model, corpus, req, definition=DEFINITION[name])
@@ -372,6 +447,8 @@ def run_contender(name, model, corpus, clean, req, args):
         return run_plain_kv(model, corpus, req, batch_size=args.batch_size, seq_batch=args.seq_batch)
     if name == "e":
         return run_packed(model, corpus, req, batch_size=args.batch_size)
+    if name == "f":
+        return run_prefix_keep(model, corpus, req, batch_size=args.seq_mode_batch_size, seq_batch=args.seq_batch)
     raise ValueError(f"unknown contender {name!r}; known: {', '.join(CONTENDERS)}")
 
 
@@ -724,7 +801,7 @@ def main(argv=None):
     ap.add_argument("--model", choices=("tiny", "olmoe512"), default="tiny")
     ap.add_argument("--n-ablations", type=int, default=64)
     ap.add_argument("--per-position", type=int, default=None, help="experts ablated per (seq, t, layer); default top-k")
-    ap.add_argument("--contenders", default="a,a_seq,b,c,d,e", help=f"comma-separated: {', '.join(CONTENDERS)}")
+    ap.add_argument("--contenders", default="a,a_seq,b,c,d,e,f", help=f"comma-separated: {', '.join(CONTENDERS)}")
     ap.add_argument("--per-sequence", type=int, default=80,
                     help="ablations per corpus sequence (80 = the paper protocol's density)")
     ap.add_argument("--out", default=None, help="JSON report path")
@@ -739,13 +816,15 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=64, help="rows per single-token step (b, d, e)")
     ap.add_argument("--seq-batch", type=int, default=4, help="sequences per clean KV forward (b, c, d)")
     ap.add_argument("--seq-mode-batch-size", type=int, default=18,
-                    help="rows per prefix batch in (c); full logits of every prefix row are materialised")
+                    help="rows per prefix batch in (c) and (f); (c) materialises the logits of every prefix position")
     ap.add_argument("--project", action="store_true", help="print the FLOP-model projection and exit")
     ap.add_argument("--tflops", type=float, default=989.0)
     ap.add_argument("--mfu", type=float, default=0.40)
     ap.add_argument("--hbm", type=float, default=3.35)
     ap.add_argument("--bw-eff", type=float, default=0.7)
     ap.add_argument("--profile", default=None, help="profile one contender in-process (torch.profiler) and exit")
+    ap.add_argument("--check-prototypes", action="store_true",
+                    help="check (e) and (f) against the engine on tiny models of all five families and exit")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--setup", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -759,6 +838,8 @@ def main(argv=None):
         return p
     if args.profile:
         return profile(args)
+    if args.check_prototypes:
+        return check_prototypes(args)
     report = parent(args)
     report["projection"] = projection(tflops=args.tflops, mfu=args.mfu, hbm_tb_s=args.hbm, bw_eff=args.bw_eff)
     if args.out:
@@ -767,6 +848,38 @@ def main(argv=None):
     if "error" in report:
         raise SystemExit(1)
     return report
+
+
+def check_prototypes(args) -> dict:
+    """The prototypes (e) and (f) against the engine on tiny random models of all five families,
+    with sdpa and eager attention, several batches per sequence: max abs delta-loss difference."""
+    import torch
+
+    from moeaudit.engine import clean_pass, run_ablations
+    from moeaudit.models import SUPPORTED_FAMILIES
+    from moeaudit.testing import random_token_corpus, tiny_random_model
+
+    torch.set_num_threads(args.threads)
+    out = {}
+    for fam in SUPPORTED_FAMILIES:
+        for attn in ("sdpa", "eager"):
+            m = tiny_random_model(fam)
+            m.hf.set_attn_implementation(attn)
+            corpus = random_token_corpus()
+            clean = clean_pass(m, corpus, progress=False)
+            req = make_requests(m, corpus, clean, n_ablations=40, per_position=None, per_sequence=20, seed=1)
+            tok = run_ablations(m, corpus, clean, req, mode="token", progress=False).delta_loss.to_numpy()
+            seq = run_ablations(m, corpus, clean, req, mode="sequence", batch_size=10, progress=False).delta_loss.to_numpy()
+            de, _ = run_packed(m, corpus, req, batch_size=10)
+            df, _ = run_prefix_keep(m, corpus, req, batch_size=10, seq_batch=4)
+            out[f"{fam}/{attn}"] = {"e_vs_engine_token": float(np.abs(de - tok).max()),
+                                    "f_vs_engine_sequence": float(np.abs(df - seq).max()),
+                                    "max_abs_delta": float(np.abs(tok).max())}
+            print(fam, attn, out[f"{fam}/{attn}"], flush=True)
+    bad = {k: v for k, v in out.items() if max(v["e_vs_engine_token"], v["f_vs_engine_sequence"]) > TOL}
+    if bad:
+        raise SystemExit(f"prototype differs from the engine beyond {TOL}: {bad}")
+    return out
 
 
 def profile(args):
