@@ -1,0 +1,373 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # A1. The default models
+#
+# The paper audits three MoE language models with 1 to 16 billion parameters:
+# `allenai/OLMoE-1B-7B-0924`, `Qwen/Qwen1.5-MoE-A2.7B` and `deepseek-ai/DeepSeek-V2-Lite`.
+# Running them needs a GPU and tens of gigabytes of weights. So that every chapter of this
+# book can be executed on a laptop, without a network connection, the book ships three
+# small models, trained from scratch for this purpose, that use **the same model classes**
+# as the real checkpoints and keep the features of their routing that the audit depends on:
+#
+# | shipped model | class | stands in for | routed experts | top-k | shared experts |
+# |---|---|---|---|---|---|
+# | `tiny-olmoe` | `OlmoeForCausalLM` | OLMoE-1B-7B-0924 | 64 | 8 | none |
+# | `tiny-qwen-moe` | `Qwen2MoeForCausalLM` | Qwen1.5-MoE-A2.7B | 60 | 4 | one, with a sigmoid gate |
+# | `tiny-deepseek-v2` | `DeepseekV2ForCausalLM` | DeepSeek-V2-Lite | 64 | 6 | two; first layer dense |
+#
+# Everything else is scaled down: 4 layers instead of 16 to 27, hidden size 64 instead of
+# 2048, experts 32 units wide, a 4,096-token vocabulary and a 128-token context. Each model
+# is trained with the form of load-balancing loss its real counterpart uses (a Switch-style
+# loss for OLMoE and Qwen, DeepSeek's sequence-wise expert-balance loss), because how evenly
+# the router spreads tokens over experts is part of what the audit is about. The coefficients
+# are five times the real ones (0.05 for OLMoE, 0.005 for Qwen and DeepSeek), which keeps
+# OLMoE's ten-fold stronger balancing relative to Qwen: with the real coefficients, the routers
+# in the last two layers of the small Qwen and DeepSeek models stopped using about a fifth of
+# their experts towards the end of training.
+#
+# This page documents how the models were trained and how good they are: what data they saw,
+# their loss curves, their perplexity against a unigram baseline, how evenly each layer uses
+# its experts, and whether training is reproducible from the seed.
+#
+# ```{important}
+# The figures and tables of this book's default run come from these small models. They show
+# that the audit's machinery works and what its outputs look like; they are **not** estimates
+# of the paper's numbers. The paper's numbers need the real checkpoints on a GPU, for example
+#
+#     make chapter NB=04_audit PARAMS="-p models '[\"allenai/OLMoE-1B-7B-0924\"]' -p dtype bfloat16 -p device cuda -p n_positions 200"
+#
+# and likewise with `Qwen/Qwen1.5-MoE-A2.7B` and `deepseek-ai/DeepSeek-V2-Lite`.
+# ```
+
+# %% tags=["parameters"]
+models = ["tiny-olmoe", "tiny-qwen-moe", "tiny-deepseek-v2"]  # shipped names or directories with a training_summary.json
+data_dir = None  # folder with wikitext-2/ (default: $MOEAUDIT_DATA_DIR); only for the example predictions
+results_dir = None  # where the tables of this page are saved as CSV (default: $MOEAUDIT_RESULTS_DIR or results/)
+
+# %%
+import json
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from IPython.display import Markdown, display
+
+import moeaudit  # noqa: F401
+from moeaudit import paths, report
+from moeaudit.zoo import ZOO_MODELS, zoo_path
+
+report.use_book_style()
+colors = report.model_colors(models)
+out_dir = paths.results_dir(results_dir) / "A1_default_models"
+out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def model_dir(name):
+    return zoo_path(name) if name in ZOO_MODELS else Path(name)
+
+
+summaries = {m: json.loads((model_dir(m) / "training_summary.json").read_text()) for m in models}
+logs = {m: pd.read_csv(model_dir(m) / "training_log.csv") for m in models}
+
+# %% [markdown]
+# ## How the models were trained
+#
+# **Data.** Each model has its own byte-level BPE tokenizer (4,096 tokens, including an
+# end-of-text and a padding token) trained on the *validation* split of WikiText-2, and the
+# model itself is trained on the same split: every non-empty line is tokenized, followed by
+# an end-of-text token, and the concatenated stream is cut into 128-token chunks (a new random
+# offset and order each epoch). The *test* split, from which the audit draws its token
+# positions, is never seen during training; it is used below only for evaluation.
+#
+# **Optimisation.** AdamW with a linear warm-up and a cosine decay of the learning rate, weight
+# decay on the weight matrices only, gradient clipping at norm 1. The objective is the
+# next-token cross-entropy plus the model's load-balancing loss times its coefficient.
+# Training runs on one CPU thread with PyTorch's deterministic algorithms and a fixed seed.
+# The table lists the settings and costs as recorded by the training run. The models were
+# trained on a machine shared with other jobs, so the wall-clock times overstate what an idle
+# laptop needs; the processor time is the better guide.
+
+# %%
+def describe_model(name, s):
+    a, t, p = s["architecture"], s["training"], s["parameters"]
+    n_exp = a.get("num_experts") or a.get("n_routed_experts")
+    if "shared_expert_intermediate_size" in a:
+        shared = f"1 (width {a['shared_expert_intermediate_size']}, sigmoid gate)"
+    elif "n_shared_experts" in a:
+        shared = f"{a['n_shared_experts']} (width {a['n_shared_experts'] * a['moe_intermediate_size']})"
+    else:
+        shared = "none"
+    dense = a.get("first_k_dense_replace", 0)
+    return {
+        "class": s["class"],
+        "stands in for": s["mirrors"],
+        "layers (dense)": f"{a['num_hidden_layers']} ({dense})",
+        "hidden size": a["hidden_size"],
+        "routed experts, top-k": f"{n_exp}, top-{a['num_experts_per_tok']}",
+        "expert width": a.get("moe_intermediate_size", a.get("intermediate_size")),
+        "shared experts": shared,
+        "parameters (active per token)": f"{p['total'] / 1e6:.2f} M ({p['active_per_token'] / 1e6:.2f} M)",
+        "balance-loss coefficient (real model's)": f"{s['aux_loss']['coef']:g} ({s['aux_loss'].get('real_coef', s['aux_loss']['coef']):g})",
+        "steps × batch × context": f"{t['steps']} × {t['batch_size']} × {t['context']}",
+        "training tokens (epochs)": f"{t['tokens'] / 1e6:.2f} M ({t['epochs']:.1f})",
+        "peak learning rate, warm-up": f"{t['lr']:g}, {t['warmup_steps']} steps",
+        "weight decay, β": f"{t['weight_decay']}, {tuple(t['betas'])}",
+        "training time (wall clock)": f"{t['wall_s'] / 60:.1f} min",
+        "processor time": f"{t['cpu_s'] / 60:.1f} min on {t['threads']} thread(s)" if "cpu_s" in t else "not recorded",
+        "seed": s["seed"],
+        "torch / transformers": f"{s['versions']['torch']} / {s['versions']['transformers']}",
+    }
+
+
+recipe = pd.DataFrame({m: describe_model(m, s) for m, s in summaries.items()})
+recipe.to_csv(out_dir / "recipe.csv")
+display(recipe)
+tok = {m: s["data"]["train_stream_tokens"] for m, s in summaries.items()}
+same_tok = len({(model_dir(m) / "tokenizer.json").read_bytes() for m in models}) == 1
+display(Markdown(
+    ("The tokenizer training is deterministic, so the models' tokenizers are identical. " if same_tok and len(models) > 1
+     else "") +
+    f"The validation split is {min(tok.values()):,} tokens long in BPE tokens (WikiText-2, tokenized release); "
+    f"the longest run saw it {max(s['training']['epochs'] for s in summaries.values()):.1f} times."))
+
+# %% [markdown]
+# ## Loss curves
+#
+# Training loss per step (thin lines) and its running mean over 50 steps (thick lines), in
+# nats per token. The dashed line marks the test-split loss of a unigram model with the same
+# tokenizer, the loss of a model that ignores the context; the dotted lines are the trained
+# models' test-split losses. The right panel shows the load-balancing loss, divided by the
+# value it takes when every expert receives the same share of tokens and of router
+# probability (1 = perfectly balanced in that sense).
+
+# %%
+fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]})
+for m, log in logs.items():
+    s = summaries[m]
+    ax.plot(log.step, log.loss, color=colors[m], alpha=0.25, lw=0.7)
+    ax.plot(log.step, log.loss.rolling(50, min_periods=1).mean(), color=colors[m], lw=2, label=m)
+    ev = s.get("evaluation")
+    if ev:
+        ax.axhline(ev["model"]["nll"], color=colors[m], ls=":", lw=1.2)
+    # balanced value of each loss: top-k for the Switch-style loss (averaged over layers),
+    # number of MoE layers for DeepSeek's sequence-wise loss (summed over layers)
+    a = s["architecture"]
+    balanced = (a["num_hidden_layers"] - a.get("first_k_dense_replace", 0)) if s["aux_loss"]["kind"] == "seq" \
+        else a["num_experts_per_tok"]
+    ax2.plot(log.step, (log.aux_loss / balanced).rolling(50, min_periods=1).mean(), color=colors[m], lw=2, label=m)
+uni = np.mean([s["evaluation"]["unigram_baseline"]["nll"] for s in summaries.values() if "evaluation" in s])
+ax.axhline(uni, color="0.3", ls="--", lw=1.2, label="unigram baseline (test)")
+ax.plot([], [], color="0.3", ls=":", lw=1.2, label="trained model (test)")
+ax.set(xlabel="optimiser step", ylabel="cross-entropy (nats per token)", title="Language-model loss")
+ax.legend(frameon=True, framealpha=0.9, edgecolor="none")
+ax2.axhline(1, color="0.3", ls="--", lw=1)
+ax2.set(xlabel="optimiser step", ylabel="balance loss / balanced value", title="Load-balancing loss")
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# ## Perplexity against a unigram baseline
+#
+# Perplexity on the WikiText-2 test split, cut into consecutive 128-token chunks; each chunk is
+# scored on its tokens 2 to 128, without context from the previous chunk. The baseline is a
+# unigram model over the same tokenizer, fitted on the validation split with add-one
+# smoothing and scored on exactly the same tokens. A model that has learnt anything about
+# context must beat it by a wide margin.
+
+# %%
+rows = []
+for m, s in summaries.items():
+    ev = s["evaluation"]
+    rows.append({"model": m, "test tokens scored": ev["model"]["n_tokens"],
+                 "perplexity": ev["model"]["perplexity"], "unigram perplexity": ev["unigram_baseline"]["perplexity"],
+                 "ratio": ev["perplexity_ratio_to_unigram"],
+                 "loss (nats)": ev["model"]["nll"], "unigram loss (nats)": ev["unigram_baseline"]["nll"]})
+ppl = pd.DataFrame(rows).set_index("model")
+ppl.to_csv(out_dir / "perplexity.csv")
+display(ppl.style.format({"test tokens scored": "{:,}", "perplexity": "{:.1f}", "unigram perplexity": "{:.1f}",
+                          "ratio": "{:.3f}", "loss (nats)": "{:.3f}", "unigram loss (nats)": "{:.3f}"}))
+display(Markdown(
+    "Perplexities computed with different tokenizers are not comparable (a larger vocabulary makes each "
+    "prediction harder and each token longer), which is why the baseline uses the model's own tokenizer; "
+    "these numbers cannot be compared with published perplexities of the real checkpoints."))
+
+# %% [markdown]
+# ## Expert utilisation
+#
+# For every MoE layer, the share of the routing mass each routed expert receives on the test
+# split: the sum over all tokens of the gate weight the router gives the expert when it selects
+# it, divided by the layer's total. With perfectly even routing every expert would receive
+# 1/64 (1.6%) or, for `tiny-qwen-moe`, 1/60 (1.7%). The colour scale is logarithmic and shared
+# by the panels; experts are in their index order, and shares below 0.01% are drawn at 0.01%.
+# A collapsed router would show as a few bright cells in an otherwise dark row; the acceptance
+# criterion for the shipped models is that in every layer at least 90% of the experts receive
+# at least 0.2% of the mass. Layer 0 of `tiny-deepseek-v2` is dense, as in DeepSeek-V2-Lite,
+# and has no router.
+
+# %%
+def share_frame(s):
+    layers = s["evaluation"]["utilisation"]["layers"]
+    return pd.DataFrame({int(k): v["mass_share"] for k, v in layers.items()}).T.sort_index() * 100
+
+
+shares = {m: share_frame(s) for m, s in summaries.items()}
+vmin = max(min(float(f.values[f.values > 0].min()) for f in shares.values()), 0.01)
+vmax = max(float(f.values.max()) for f in shares.values())
+from matplotlib.colors import LogNorm  # noqa: E402
+
+from matplotlib.cm import ScalarMappable  # noqa: E402
+
+norm = LogNorm(vmin=vmin, vmax=vmax)
+fig, axes = plt.subplots(len(shares), 1, figsize=(11, 1.6 + 0.6 * sum(len(f) + 1.5 for f in shares.values())),
+                         squeeze=False, layout="constrained",
+                         gridspec_kw={"height_ratios": [len(f) for f in shares.values()]})
+for ax, (m, f) in zip(axes[:, 0], shares.items()):
+    sns.heatmap(f.clip(lower=vmin), ax=ax, cmap="viridis", norm=norm, cbar=False, xticklabels=8, yticklabels=True)
+    ax.set(title=m, xlabel="expert index", ylabel="layer")
+    ax.tick_params(axis="y", rotation=0)
+ticks = [t for t in (0.01, 0.1, 0.2, 1, 10) if vmin <= t <= vmax]
+fig.colorbar(ScalarMappable(norm=norm, cmap="viridis"), ax=axes[:, 0].tolist(), ticks=ticks, format="%g",
+             label="share of routing mass (%)", shrink=0.8, pad=0.01)
+plt.show()
+
+# %%
+rows = []
+for m, s in summaries.items():
+    util = s["evaluation"]["utilisation"]
+    for layer, u in util["layers"].items():
+        rows.append({"model": m, "layer": int(layer), "experts": util["n_experts"],
+                     f"experts with ≥ {util['threshold']:.1%} of mass": u["frac_experts_ge_threshold"],
+                     "smallest share": u["min_share"], "largest share": u["max_share"],
+                     "effective number of experts": u["effective_experts"]})
+util_table = pd.DataFrame(rows).set_index(["model", "layer"])
+util_table.to_csv(out_dir / "utilisation.csv")
+display(util_table.style.format({c: "{:.1%}" for c in util_table.columns if "share" in c or "≥" in c}
+                                | {"effective number of experts": "{:.1f}"}))
+worst = util_table.iloc[:, 1].min()
+display(Markdown(
+    f"In every MoE layer of every model at least {worst:.0%} of the routed experts receive at least 0.2% of the "
+    "routing mass (the book's acceptance threshold is 90%). The *effective number of experts* is the exponential "
+    "of the entropy of the shares: it equals the number of experts when routing is perfectly even."))
+
+# %% [markdown]
+# ## Reproducibility
+#
+# Each model was trained a second time from the same seed on the same machine, and the two
+# loss curves were compared step by step. The left panel overlays the original curve (solid)
+# and the rerun (dashed); the right panel shows their absolute difference at every step.
+
+# %%
+rep_rows, curves = [], {}
+for m, s in summaries.items():
+    rep = s.get("reproducibility")
+    path = model_dir(m) / "reproducibility_log.csv"
+    if rep is None or not path.exists():
+        continue
+    curves[m] = pd.read_csv(path)
+    rep_rows.append({"model": m, "steps compared": rep["steps"], "max |loss difference|": rep["max_abs_loss_diff"],
+                     "max |weight difference|": rep["max_abs_param_diff"],
+                     "rerun time (min)": rep["rerun_wall_s"] / 60})
+if curves:
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for m, c in curves.items():
+        ax.plot(c.step, c.loss_shipped.rolling(50, min_periods=1).mean(), color=colors[m], lw=2, label=f"{m}")
+        ax.plot(c.step, c.loss_rerun.rolling(50, min_periods=1).mean(), color="black", lw=1, ls="--")
+        ax2.plot(c.step, c.abs_diff, color=colors[m], lw=1.5, label=m)
+    ax.plot([], [], color="black", lw=1, ls="--", label="rerun, same seed")
+    ax.set(xlabel="optimiser step", ylabel="training loss (nats, running mean)", title="Original and rerun")
+    ax.legend(frameon=False)
+    top = max(float(c.abs_diff.max()) for c in curves.values())
+    ax2.set_ylim(-0.05 * max(top, 1e-6), max(top, 1e-6) * 1.05)
+    ax2.set(xlabel="optimiser step", ylabel="|loss difference| (nats)", title="Absolute difference per step")
+    ax2.legend(frameon=False)
+    fig.tight_layout()
+    plt.show()
+    repro = pd.DataFrame(rep_rows).set_index("model")
+    repro.to_csv(out_dir / "reproducibility.csv")
+    display(repro.style.format({"max |loss difference|": "{:.3g}", "max |weight difference|": "{:.3g}",
+                                "rerun time (min)": "{:.1f}"}))
+    display(Markdown(
+        "A difference of exactly zero means the rerun is bit-for-bit identical. This holds for the same software "
+        "versions, thread count and processor type; on other hardware, floating-point results may differ in the "
+        "last bits and the curves then agree only approximately."))
+else:
+    display(Markdown("No reproducibility record was found for these models."))
+
+# %% [markdown]
+# ## What the models predict
+#
+# To make the numbers above concrete: the start of the first long paragraph of the test split,
+# and each model's five most probable next tokens after it.
+
+# %%
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from moeaudit.corpus import load_wikitext2, select_texts  # noqa: E402
+
+hf_logging.disable_progress_bar()
+hf_logging.set_verbosity_error()
+try:
+    text = select_texts(load_wikitext2("test", data_dir=data_dir), n_texts=1)[0]
+except (FileNotFoundError, ValueError) as exc:
+    text = None
+    display(Markdown(f"*The test split is not available here ({type(exc).__name__}), so this example is skipped.*"))
+if text is not None:
+    prompt = " ".join(text.split()[:24])
+    display(Markdown(f"> {prompt} …"))
+    rows = []
+    for m in models:
+        tok = AutoTokenizer.from_pretrained(model_dir(m))
+        lm = AutoModelForCausalLM.from_pretrained(model_dir(m), dtype=torch.float32).eval()
+        ids = tok(prompt, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            probs = lm(input_ids=ids).logits[0, -1].softmax(-1)
+        top = torch.topk(probs, 5)
+        rows.append({"model": m, **{f"#{i + 1}": f"{tok.decode([int(j)])!r} ({float(p):.2f})"
+                                    for i, (p, j) in enumerate(zip(top.values, top.indices))}})
+    display(pd.DataFrame(rows).set_index("model"))
+
+# %% [markdown]
+# ## Using the models
+#
+# The models are ordinary Hugging Face checkpoints inside the `moeaudit` package and load
+# without a network connection:
+#
+# ```python
+# from transformers import AutoModelForCausalLM, AutoTokenizer
+# from moeaudit.zoo import zoo_path
+#
+# model = AutoModelForCausalLM.from_pretrained(zoo_path("tiny-olmoe"))
+# tokenizer = AutoTokenizer.from_pretrained(zoo_path("tiny-olmoe"))
+# ```
+#
+# Every chapter accepts the short names (`tiny-olmoe`, `tiny-qwen-moe`, `tiny-deepseek-v2`)
+# wherever it accepts a model, and each model's directory holds its model card (`README.md`),
+# training log and summary. A model is retrained, bit for bit, with
+#
+#     python -m moeaudit.training tiny-olmoe --seed 0
+#
+# (a few minutes on a laptop CPU; `--out DIR` writes elsewhere, `--steps N` shortens the run),
+# and `python scripts/check_reproducibility.py` retrains all three and compares them with the
+# shipped ones.
+#
+# The small models are stand-ins. They have the routing structure of the real models but not
+# their depth, width, data or training budget, and nothing in this book's default run says
+# how the real models behave. The chapters' conclusions about the paper's claims rest on runs
+# with the real checkpoints (see the command at the top of this page) or, where the chapter
+# says so, on the authors' released result files.
