@@ -41,10 +41,11 @@ an oversubscribed 2-core machine, OpenMP barrier waits made small ops 10-40x slo
 Usage::
 
     .venv/bin/python benchmarks/bench_ablation.py --model tiny --n-ablations 64
-    .venv/bin/python benchmarks/bench_ablation.py --model olmoe512 --n-ablations 48 --out benchmarks/results/olmoe512.json
+    .venv/bin/python benchmarks/bench_ablation.py --model olmoe512 --n-ablations 80 --contenders a,b,d,e --out benchmarks/reports/olmoe512_token.json
     .venv/bin/python benchmarks/bench_ablation.py --project      # FLOP-model projection only (no model run)
     .venv/bin/python benchmarks/bench_ablation.py --model olmoe512 --profile b   # torch.profiler table
     .venv/bin/python benchmarks/bench_ablation.py --check-prototypes   # (e), (f) vs engine, 5 families
+    .venv/bin/python benchmarks/bench_ablation.py --model tiny --n-ablations 800 --overhead --repeat 7
 """
 
 from __future__ import annotations
@@ -486,6 +487,10 @@ def child(args) -> None:
     torch.set_num_threads(args.threads)
     setup = pickle.loads(Path(args.setup, "setup.pkl").read_bytes())
     model, corpus, _ = build(setup["model_key"])
+    from moeaudit.audit import model_fingerprint
+
+    if model_fingerprint(model) != setup["fingerprint"]:  # e.g. a shipped model retrained meanwhile
+        raise SystemExit(f"contender {args.child}: the model differs from the parent's (weights changed on disk?)")
     req, clean = setup["requests"], setup["clean"]
     # untimed warm-up on the first ablation (first-call allocations, lazy imports, nnsight setup)
     run_contender(args.child, model, corpus, clean, req.iloc[:1].reset_index(drop=True), args)
@@ -544,6 +549,9 @@ def parent(args) -> dict:
     clean = clean_pass(model, corpus, batch_size=2, progress=False)
     req = make_requests(model, corpus, clean, n_ablations=args.n_ablations, per_position=args.per_position,
                         per_sequence=args.per_sequence, seed=args.seed)
+    from moeaudit.audit import model_fingerprint
+
+    fingerprint = model_fingerprint(model)
     del model
     names = [c.strip() for c in args.contenders.split(",") if c.strip()]
     for n in names:
@@ -551,7 +559,8 @@ def parent(args) -> dict:
             raise SystemExit(f"unknown contender {n!r}; known: {', '.join(CONTENDERS)}")
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench_ablation_") as tmp:
-        Path(tmp, "setup.pkl").write_bytes(pickle.dumps({"model_key": args.model, "requests": req, "clean": clean}))
+        Path(tmp, "setup.pkl").write_bytes(pickle.dumps({"model_key": args.model, "requests": req, "clean": clean,
+                                                              "fingerprint": fingerprint}))
         for n in names:
             print(f"[{time.strftime('%H:%M:%S')}] load {os.getloadavg()[0]:.2f}  running {n}: {CONTENDERS[n]}", flush=True)
             cmd = [sys.executable, __file__, "--child", n, "--setup", tmp, "--threads", str(args.threads),
@@ -574,7 +583,8 @@ def parent(args) -> dict:
         check[n] = {"reference": ref, "max_abs_diff": float(np.nanmax(np.abs(d))), "nan": int(np.isnan(d).sum())}
     bad = {n: c for n, c in check.items() if not (c["max_abs_diff"] <= TOL and c["nan"] == 0)}
     ref_deltas = np.abs(np.asarray(results[names[0]]["deltas"]))
-    report = {"model": args.model, "model_description": desc, "machine": info, "n_ablations": len(req),
+    report = {"model": args.model, "model_description": desc, "model_fingerprint": fingerprint, "machine": info,
+              "n_ablations": len(req),
               "n_sequences": int(req.seq_id.nunique()), "threads": args.threads,
               "abs_delta_median": float(np.median(ref_deltas)), "abs_delta_max": float(ref_deltas.max()),
               "ablation_groups": int(req.groupby(["seq_id", "t", "layer"]).ngroups),
@@ -823,6 +833,8 @@ def main(argv=None):
     ap.add_argument("--hbm", type=float, default=3.35)
     ap.add_argument("--bw-eff", type=float, default=0.7)
     ap.add_argument("--profile", default=None, help="profile one contender in-process (torch.profiler) and exit")
+    ap.add_argument("--overhead", action="store_true",
+                    help="paired in-process (b) vs (d) runs (--repeat times): nnsight's overhead, then exit")
     ap.add_argument("--check-prototypes", action="store_true",
                     help="check (e) and (f) against the engine on tiny models of all five families and exit")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -840,6 +852,11 @@ def main(argv=None):
         return profile(args)
     if args.check_prototypes:
         return check_prototypes(args)
+    if args.overhead:
+        out = overhead(args)
+        if args.out:
+            Path(args.out).write_text(json.dumps(out, indent=1))
+        return out
     report = parent(args)
     report["projection"] = projection(tflops=args.tflops, mfu=args.mfu, hbm_tb_s=args.hbm, bw_eff=args.bw_eff)
     if args.out:
@@ -879,6 +896,40 @@ def check_prototypes(args) -> dict:
     bad = {k: v for k, v in out.items() if max(v["e_vs_engine_token"], v["f_vs_engine_sequence"]) > TOL}
     if bad:
         raise SystemExit(f"prototype differs from the engine beyond {TOL}: {bad}")
+    return out
+
+
+def overhead(args) -> dict:
+    """nnsight's overhead, paired: (b) and (d) alternated in one process ``--repeat`` times on the
+    same list (CPU time); reports min- and median-based overhead and the cost per trace."""
+    import torch
+
+    from moeaudit.engine import _group_batches, clean_pass
+
+    torch.set_num_threads(args.threads)
+    model, corpus, desc = build(args.model)
+    clean = clean_pass(model, corpus, batch_size=2, progress=False)
+    req = make_requests(model, corpus, clean, n_ablations=args.n_ablations, per_position=args.per_position,
+                        per_sequence=args.per_sequence, seed=args.seed)
+    n_traces = 0
+    for s in range(0, req.seq_id.nunique(), args.seq_batch):
+        sub = req[req.seq_id.isin(sorted(req.seq_id.unique())[s:s + args.seq_batch])]
+        n_traces += len(_group_batches([((a, b), list(g.index)) for (a, b), g in sub.groupby(["seq_id", "t"])],
+                                       args.batch_size))
+    for name in ("b", "d"):  # warm-up
+        run_contender(name, model, corpus, clean, req.iloc[:1].reset_index(drop=True), args)
+    cpu = {"b": [], "d": []}
+    for _ in range(args.repeat):
+        for name in ("b", "d"):
+            c0 = _cpu_seconds()
+            run_contender(name, model, corpus, clean, req, args)
+            cpu[name].append(_cpu_seconds() - c0)
+    b, d = np.array(cpu["b"]), np.array(cpu["d"])
+    out = {"model": args.model, "n_ablations": len(req), "batch_size": args.batch_size, "traces": n_traces,
+           "cpu_b": b.tolist(), "cpu_d": d.tolist(), "overhead_min": float(b.min() / d.min() - 1),
+           "overhead_median": float(np.median(b) / np.median(d) - 1),
+           "ms_per_trace_median": float(1e3 * (np.median(b) - np.median(d)) / n_traces)}
+    print(json.dumps(out))
     return out
 
 
