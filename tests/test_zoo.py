@@ -1,0 +1,202 @@
+"""The shipped default models (moeaudit/zoo): loadable offline by short name, of the right
+class and structure, good enough to audit (quality gates), and reproducible from their seed."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import moeaudit  # noqa: F401  (nnsight must be imported before transformers.models.*)
+from moeaudit import paths
+from moeaudit.zoo import MIRRORS, ZOO_MODELS, load_summary, zoo_path
+
+CLASSES = {"tiny-olmoe": "OlmoeForCausalLM", "tiny-qwen-moe": "Qwen2MoeForCausalLM",
+           "tiny-deepseek-v2": "DeepseekV2ForCausalLM"}
+#: (routed experts, top-k) of the real checkpoints the shipped models mirror.
+ROUTING = {"tiny-olmoe": (64, 8), "tiny-qwen-moe": (60, 4), "tiny-deepseek-v2": (64, 6)}
+
+PPL_RATIO_MAX = 0.5     # model perplexity must be at most half the unigram baseline's
+MIN_FRAC_USED = 0.9     # share of routed experts that must get >= 0.2% of the routing mass
+MAX_DIR_MB = 10.0
+
+
+def _have_wikitext() -> bool:
+    root = os.environ.get(paths.DATA_DIR_ENV)
+    return bool(root) and (Path(root) / "wikitext-2" / "test.txt").is_file() and \
+        (Path(root) / "wikitext-2" / "valid.txt").is_file()
+
+
+needs_data = pytest.mark.skipif(not _have_wikitext(), reason=f"${paths.DATA_DIR_ENV} does not hold wikitext-2/")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The models are tiny: one thread is fastest, and far faster than two on a busy machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    """``get(name)`` -> (model, tokenizer) loaded offline from the package by short name."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            path = zoo_path(name)
+            cache[name] = (AutoModelForCausalLM.from_pretrained(path, local_files_only=True),
+                           AutoTokenizer.from_pretrained(path, local_files_only=True))
+        return cache[name]
+
+    return get
+
+
+def test_unknown_name_lists_the_shipped_models():
+    with pytest.raises(ValueError) as err:
+        zoo_path("tiny-mixtral")
+    for name in ZOO_MODELS:
+        assert name in str(err.value)
+
+
+@pytest.mark.parametrize("name", ZOO_MODELS)
+def test_loads_offline_by_short_name_from_any_directory(name, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = zoo_path(name)
+    assert path.is_absolute() and path.is_dir()
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    assert type(model).__name__ == CLASSES[name]
+    assert tok.eos_token is not None and tok.pad_token is not None and tok.pad_token_id != tok.eos_token_id
+    ids = tok("The lobster is a species of crustacean .", return_tensors="pt")["input_ids"]
+    assert ids.shape[1] > 3 and int(ids.max()) < model.config.vocab_size
+    assert tok.decode(ids[0]) == "The lobster is a species of crustacean ."
+    size_mb = sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 2**20
+    assert size_mb <= MAX_DIR_MB
+
+
+@pytest.mark.parametrize("name", ZOO_MODELS)
+def test_structure_mirrors_the_real_checkpoint(name, loaded):
+    model, _ = loaded(name)
+    cfg = model.config
+    n_exp = getattr(cfg, "num_experts", None) or cfg.n_routed_experts
+    assert (n_exp, cfg.num_experts_per_tok) == ROUTING[name]
+    assert not cfg.norm_topk_prob
+    assert not cfg.output_router_logits  # plain LM loss from model(..., labels=...)
+    layers = model.model.layers
+    if name == "tiny-olmoe":
+        assert all(not hasattr(layer.mlp, "shared_expert") for layer in layers)
+    elif name == "tiny-qwen-moe":
+        assert cfg.shared_expert_intermediate_size > 0
+        assert all(hasattr(layer.mlp, "shared_expert_gate") for layer in layers)  # sigmoid-gated shared expert
+    else:
+        assert cfg.n_shared_experts == 2 and cfg.first_k_dense_replace == 1 and cfg.q_lora_rank is None
+        assert not hasattr(layers[0].mlp, "experts")  # dense first layer
+        assert all(hasattr(layer.mlp, "shared_experts") for layer in layers[1:])
+        assert hasattr(layers[0].self_attn, "kv_a_proj_with_mqa")  # multi-head latent attention
+    summary = load_summary(name)
+    assert summary["mirrors"] == MIRRORS[name]
+    # balance-loss coefficients: the real model's times one common factor (keeps OLMoE = 10 x Qwen)
+    from moeaudit.training import AUX_COEF_SCALE
+
+    aux = summary["aux_loss"]
+    assert aux["coef"] == pytest.approx(AUX_COEF_SCALE * aux["real_coef"])
+    assert aux["real_coef"] == {"tiny-olmoe": 0.01, "tiny-qwen-moe": 0.001, "tiny-deepseek-v2": 0.001}[name]
+
+
+@pytest.mark.parametrize("name", ZOO_MODELS)
+def test_shipped_summary_passes_the_gates(name):
+    s = load_summary(name)
+    assert s["data"]["train_split"] == "validation" and s["data"]["eval_split"] == "test"
+    assert s["tokenizer"]["trained_on"] == "validation split"
+    ev = s["evaluation"]
+    assert ev["model"]["perplexity"] <= PPL_RATIO_MAX * ev["unigram_baseline"]["perplexity"]
+    n_moe = sum(1 for i in range(s["architecture"]["num_hidden_layers"])
+                if not (name == "tiny-deepseek-v2" and i < s["architecture"]["first_k_dense_replace"]))
+    assert len(ev["utilisation"]["layers"]) == n_moe
+    for layer in ev["utilisation"]["layers"].values():
+        assert layer["frac_experts_ge_threshold"] >= MIN_FRAC_USED
+        assert abs(sum(layer["mass_share"]) - 1) < 1e-4
+    log = (zoo_path(name) / "training_log.csv").read_text().splitlines()
+    assert log[0].startswith("step,loss,") and len(log) == s["training"]["steps"] + 1
+    rep = s.get("reproducibility")
+    assert rep is not None and rep["max_abs_loss_diff"] == 0.0 and rep["steps"] == s["training"]["steps"]
+
+
+@pytest.fixture(scope="module")
+def streams(loaded):
+    """Per model: (validation token stream, first 32 test chunks), tokenized with its own tokenizer."""
+    from moeaudit.corpus import load_wikitext2
+    from moeaudit.training import encode_stream, eval_chunks
+
+    valid, test = load_wikitext2("validation"), load_wikitext2("test")
+    out = {}
+
+    def get(name):
+        if name not in out:
+            model, tok = loaded(name)
+            ctx = model.config.max_position_embeddings
+            out[name] = (encode_stream(tok, valid), eval_chunks(encode_stream(tok, test[:400]), ctx, max_chunks=32))
+        return out[name]
+
+    return get
+
+
+@needs_data
+@pytest.mark.parametrize("name", ZOO_MODELS)
+def test_gates_remeasured_on_a_test_slice(name, loaded, streams):
+    from moeaudit.training import USAGE_THRESHOLD, evaluate_model, unigram_perplexity
+
+    model, tok = loaded(name)
+    train_stream, chunks = streams(name)
+    assert chunks.shape == (32, model.config.max_position_embeddings)
+    ppl, util = evaluate_model(model, chunks)
+    uni = unigram_perplexity(train_stream, chunks, len(tok))
+    assert ppl["perplexity"] <= PPL_RATIO_MAX * uni["perplexity"], (ppl, uni)
+    for layer, u in util["layers"].items():
+        share = np.asarray(u["mass_share"])
+        assert (share >= USAGE_THRESHOLD).mean() >= MIN_FRAC_USED, (layer, np.sort(share)[:8])
+
+
+@needs_data
+@pytest.mark.slow
+def test_training_is_reproducible_from_the_seed(tmp_path):
+    """A few steps of training, twice with the same seed: identical loss curves and weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    from moeaudit.training import read_log, train
+
+    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    for run in ("a", "b"):
+        train("tiny-deepseek-v2", seed=3, steps=4, out=tmp_path / run, evaluate=False, verbose=False)
+    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == (threads, det)
+    a, b = read_log(tmp_path / "a" / "training_log.csv"), read_log(tmp_path / "b" / "training_log.csv")
+    assert len(a) == 4
+    assert a["loss"].tolist() == b["loss"].tolist() and a["aux_loss"].tolist() == b["aux_loss"].tolist()
+    assert a["aux_loss"].gt(0).all()  # the balance loss is part of the objective
+    wa, wb = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
+    summary = json.loads((tmp_path / "a" / "training_summary.json").read_text())
+    assert summary["seed"] == 3 and summary["training"]["steps"] == 4 and "evaluation" not in summary
+
+
+def test_cli_rejects_an_unknown_name(capsys):
+    from moeaudit.training import main
+
+    with pytest.raises(SystemExit) as err:
+        main(["tiny-mixtral"])
+    assert err.value.code != 0 and "tiny-olmoe" in capsys.readouterr().err
