@@ -34,7 +34,7 @@
 # the router spreads tokens over experts is part of what the audit is about. The coefficients
 # are five times the real ones (0.05 for OLMoE, 0.005 for Qwen and DeepSeek), which keeps
 # OLMoE's ten-fold stronger balancing relative to Qwen: with the real coefficients, the routers
-# in the last two layers of the small Qwen and DeepSeek models stopped using about a fifth of
+# in the last two layers of the small Qwen and DeepSeek models stopped using up to a fifth of
 # their experts towards the end of training.
 #
 # This page documents how the models were trained and how good they are: what data they saw,
@@ -212,7 +212,8 @@ display(Markdown(
 # split: the sum over all tokens of the gate weight the router gives the expert when it selects
 # it, divided by the layer's total. With perfectly even routing every expert would receive
 # 1/64 (1.6%) or, for `tiny-qwen-moe`, 1/60 (1.7%). The colour scale is logarithmic and shared
-# by the panels; experts are in their index order, and shares below 0.01% are drawn at 0.01%.
+# by the panels and runs from 0.1% (shares below 0.1% get the darkest colour) upwards; experts
+# are in their index order.
 # A collapsed router would show as a few bright cells in an otherwise dark row; the acceptance
 # criterion for the shipped models is that in every layer at least 90% of the experts receive
 # at least 0.2% of the mass. Layer 0 of `tiny-deepseek-v2` is dense, as in DeepSeek-V2-Lite,
@@ -225,23 +226,24 @@ def share_frame(s):
 
 
 shares = {m: share_frame(s) for m, s in summaries.items()}
-vmin = max(min(float(f.values[f.values > 0].min()) for f in shares.values()), 0.01)
-vmax = max(float(f.values.max()) for f in shares.values())
-from matplotlib.colors import LogNorm  # noqa: E402
-
+vmin, vmax = 0.1, max(10.0, max(float(f.values.max()) for f in shares.values()))
 from matplotlib.cm import ScalarMappable  # noqa: E402
+from matplotlib.colors import LogNorm  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
 norm = LogNorm(vmin=vmin, vmax=vmax)
-fig, axes = plt.subplots(len(shares), 1, figsize=(11, 1.6 + 0.6 * sum(len(f) + 1.5 for f in shares.values())),
-                         squeeze=False, layout="constrained",
-                         gridspec_kw={"height_ratios": [len(f) for f in shares.values()]})
+n_rows = [len(f) for f in shares.values()]
+fig, axes = plt.subplots(len(shares), 1, figsize=(11, 0.9 * len(shares) + 0.42 * sum(n_rows)),
+                         squeeze=False, layout="constrained", gridspec_kw={"height_ratios": n_rows})
 for ax, (m, f) in zip(axes[:, 0], shares.items()):
     sns.heatmap(f.clip(lower=vmin), ax=ax, cmap="viridis", norm=norm, cbar=False, xticklabels=8, yticklabels=True)
     ax.set(title=m, xlabel="expert index", ylabel="layer")
     ax.tick_params(axis="y", rotation=0)
-ticks = [t for t in (0.01, 0.1, 0.2, 1, 10) if vmin <= t <= vmax]
-fig.colorbar(ScalarMappable(norm=norm, cmap="viridis"), ax=axes[:, 0].tolist(), ticks=ticks, format="%g",
-             label="share of routing mass (%)", shrink=0.8, pad=0.01)
+cb = fig.colorbar(ScalarMappable(norm=norm, cmap="viridis"), ax=axes[:, 0].tolist(), shrink=0.9, pad=0.01,
+                  label="share of routing mass (%)", extend="min")
+cb.set_ticks([t for t in (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50) if t <= vmax])
+cb.ax.yaxis.set_major_formatter("{x:g}")
+cb.ax.yaxis.set_minor_formatter(NullFormatter())
 plt.show()
 
 # %%
@@ -259,9 +261,11 @@ display(util_table.style.format({c: "{:.1%}" for c in util_table.columns if "sha
                                 | {"effective number of experts": "{:.1f}"}))
 worst = util_table.iloc[:, 1].min()
 display(Markdown(
-    f"In every MoE layer of every model at least {worst:.0%} of the routed experts receive at least 0.2% of the "
-    "routing mass (the book's acceptance threshold is 90%). The *effective number of experts* is the exponential "
-    "of the entropy of the shares: it equals the number of experts when routing is perfectly even."))
+    ("Every routed expert of every MoE layer receives at least 0.2% of the routing mass" if worst == 1 else
+     f"In every MoE layer at least {worst:.0%} of the routed experts receive at least 0.2% of the routing mass") +
+    " (the acceptance threshold for the shipped models is 90% of the experts in every layer). The *effective number "
+    "of experts* is the exponential of the entropy of the shares: it equals the number of experts when routing is "
+    "perfectly even."))
 
 # %% [markdown]
 # ## Reproducibility
@@ -292,6 +296,9 @@ if curves:
     ax.legend(frameon=False)
     top = max(float(c.abs_diff.max()) for c in curves.values())
     ax2.set_ylim(-0.05 * max(top, 1e-6), max(top, 1e-6) * 1.05)
+    if top == 0:
+        ax2.text(0.5, 0.55, "identical at every step\n(difference exactly 0)", transform=ax2.transAxes,
+                 ha="center", va="center", fontsize=11, color="0.3")
     ax2.set(xlabel="optimiser step", ylabel="|loss difference| (nats)", title="Absolute difference per step")
     ax2.legend(frameon=False)
     fig.tight_layout()
