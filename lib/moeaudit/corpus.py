@@ -8,7 +8,6 @@ loaded from the Hugging Face hub (``Salesforce/wikitext``, ``wikitext-2-raw-v1``
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 

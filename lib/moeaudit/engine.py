@@ -285,7 +285,6 @@ def run_ablations(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, 
     results = np.full((len(req), 4), np.nan)  # clean_loss, ablated_loss, gap_norm, downstream compensation
     seqs = sorted(req.seq_id.unique().tolist())
     chunks = [seqs[i:i + seq_batch] for i in range(0, len(seqs), seq_batch)]
-    n_batches_done = 0
     bar = _bar(None, total=len(req), desc=f"ablations ({mode})", progress=progress)
     for chunk in chunks:
         sub = req[req.seq_id.isin(chunk)]
@@ -363,7 +362,6 @@ def run_ablations(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, 
                     comp = sum(float(torch.dot((moe_out[Lp][r] - moe_out[Lp][c]).float().reshape(-1), g.reshape(-1)))
                                for Lp in later) / gap ** 2 if later else 0.0
                 results[i] = (losses[c], losses[r], gap, comp)
-            n_batches_done += 1
             bar.update(sum(len(idxs) for _, idxs in batch))
     bar.close()
     rec = _records(model, clean, req, results[:, :3], mode=mode, seed=seed)
