@@ -171,6 +171,48 @@ def test_batched_equals_one_at_a_time(model, clean, corpus, mode, strategy):
         np.testing.assert_allclose(big[col], one[col], atol=TOL, rtol=0, err_msg=col)
 
 
+def _uneven_requests(clean, corpus, layer):
+    """Positions per sequence 1, 3 and 2, so packed steps hold sequences with different row counts."""
+    rows = []
+    for s, ts in enumerate([(5,), (0, 8, 17), (2, 16)]):
+        for t in ts:
+            act = [int(a) for a in clean.active(s, t, layer)]
+            rows += [(s, t, layer, (a,)) for a in act] + [(s, t, layer, tuple(act))]
+    return pd.DataFrame(rows, columns=["seq_id", "t", "layer", "removed"])
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("batch_size,seq_batch", [(256, 3), (7, 3), (4, 2), (256, 1)])
+def test_packed_kv_steps_match_reference(family, corpus, attn, batch_size, seq_batch):
+    """Packed token-mode steps (rows of several positions as new tokens of their sequence's cache
+    row, uneven row counts, steps holding only part of a chunk) equal the plain-PyTorch reference,
+    with sdpa and with eager attention (where the mask is added to the scores)."""
+    model = tiny_random_model(family)
+    model.hf.set_attn_implementation(attn)
+    clean = E.clean_pass(model, corpus, progress=False)
+    layer = model.layout.moe_layers[0]
+    req = _uneven_requests(clean, corpus, layer)
+    out = _run(model, corpus, clean, req, mode="token", batch_size=batch_size, seq_batch=seq_batch)
+    for rec in out.itertuples():
+        seq = corpus.sequences[rec.seq_id]
+        base = _reference(model.hf, seq, rec.t)[0]
+        abl = _reference(model.hf, seq, rec.t, rec.layer, rec.removed)[0]
+        assert rec.clean_loss == pytest.approx(base, abs=TOL)
+        assert rec.ablated_loss == pytest.approx(abl, abs=TOL)
+
+
+def test_packed_kv_refuses_flash_attention(ds):
+    model, corpus, clean = ds
+    req = _one(clean=clean)
+    before = model.hf.config._attn_implementation
+    model.hf.config._attn_implementation = "flash_attention_2"  # refused before any forward runs
+    try:
+        with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
+            _run(model, corpus, clean, req, mode="token", strategy="kv")
+    finally:
+        model.hf.config._attn_implementation = before
+
+
 def test_sequence_mode_ignores_kv_strategy(model, clean, corpus):
     req = _requests(clean, corpus, [model.layout.moe_layers[0]], ts=(7,))
     a = _run(model, corpus, clean, req, mode="sequence", strategy="kv")
@@ -223,20 +265,22 @@ def test_fused_expert_formula_reconstructs_the_moe_output(model, corpus):
 
 @pytest.mark.parametrize("mode", ["token", "sequence"])
 def test_earlier_positions_untouched_only_in_token_mode(model, clean, corpus, mode):
-    """Capture the full-prefix logits the engine computes (hook on lm_head) for one ablation."""
+    """Capture the final hidden states of the whole prefix the engine runs (hook on the last norm;
+    the engine applies the LM head at t only) and project them to full-prefix logits."""
     L = model.layout.moe_layers[0]
     s, t = 0, int(corpus.lengths[0]) - 2
     earlier = clean.routing[L]["indices"][clean.row(0, np.arange(t))]
     e = next(int(a) for a in clean.active(s, t, L) if (earlier == a).any())  # also routed before t
     req = pd.DataFrame([(s, t, L, (e,))], columns=["seq_id", "t", "layer", "removed"])
     captured = []
-    h = model.hf.lm_head.register_forward_hook(lambda m, a, o: captured.append(o.detach().clone()))
+    h = model.hf.model.norm.register_forward_hook(lambda m, a, o: captured.append(o.detach().clone()))
     try:
         _run(model, corpus, clean, req, mode=mode, strategy="full")
     finally:
         h.remove()
     assert len(captured) == 1
-    logits = captured[0]
+    with torch.no_grad():
+        logits = model.hf.lm_head(captured[0])
     assert logits.shape[:2] == (2, t + 1)  # one clean row and one ablated row
     clean_ref = _reference(model.hf, corpus.sequences[s], t)[2]
     abl_ref = _reference(model.hf, corpus.sequences[s], t, L, (e,), mode)[2]

@@ -10,10 +10,12 @@ weights are not renormalised and shared experts are never touched.
 Two intervention definitions (``mode``):
 
 * ``token`` (the paper's Definition 2.1): only position ``t`` loses the expert. Executed by
-  default with ``strategy="kv"``: one clean forward per sequence builds a key/value cache, then
-  every ablation at position ``t`` is one batched single-token step that attends to the clean
-  cache of positions ``< t``. ``strategy="full"`` re-runs the prefix ``x[:t+1]`` and changes
-  only row ``t`` (slower; used to verify the cached path).
+  default with ``strategy="kv"``: one clean forward per chunk of sequences builds a key/value
+  cache, then the ablated and clean rows of many positions of a sequence are packed as new tokens
+  of one step against that sequence's cache, with position ids ``t`` and a 4-D mask that lets
+  each row see only the clean cache of positions ``< t`` and itself (so the cache is never
+  copied per row). ``strategy="full"`` re-runs the prefix ``x[:t+1]`` and changes only row ``t``
+  (slower; used to verify the cached path).
 * ``sequence`` (the released code's behaviour): the expert is removed at every position
   ``<= t`` where it is routed. Executed by forwarding the prefix ``x[:t+1]``.
 
@@ -228,11 +230,14 @@ def _group_batches(groups: list, batch_size: int) -> list[list]:
 
 def _run_batch(model: AuditModel, *, input_ids, attention_mask, position_ids, past_key_values,
                removal: dict[int, torch.Tensor], read_rows: torch.Tensor, read_pos: torch.Tensor,
-               read_layers=(), scale: float = 0.0):
+               read_layers=(), scale: float = 0.0, logits_to_keep: torch.Tensor | None = None):
     """One traced forward. ``removal[L]`` is a (rows, E) bool matrix over the flattened token rows of
     the batch; returns logits and MoE outputs at ``(read_rows, read_pos)`` for every ablated layer
-    and every layer in ``read_layers``."""
+    and every layer in ``read_layers``. With ``logits_to_keep`` (a (rows, 1) position tensor) the LM
+    head runs only there and the logits are read at its single kept position."""
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if logits_to_keep is not None:
+        kwargs["logits_to_keep"] = logits_to_keep
     if position_ids is not None:
         kwargs["position_ids"] = position_ids
     if past_key_values is not None:
@@ -247,8 +252,55 @@ def _run_batch(model: AuditModel, *, input_ids, attention_mask, position_ids, pa
                 new_weight = r_weight.masked_fill(hit, 0) if scale == 0.0 else torch.where(hit, r_weight * scale, r_weight)
                 mlp.gate.output = (r_logits, new_weight, r_idx)
             outputs[L] = mlp.output[read_rows, read_pos].save()
-        logits = model.nn.output.logits[read_rows, read_pos].save()
+        if logits_to_keep is None:
+            logits = model.nn.output.logits[read_rows, read_pos].save()
+        else:
+            logits = model.nn.output.logits[read_rows, 0].save()
     return logits, outputs
+
+
+def _packed_kv_step(model: AuditModel, corpus: TokenizedCorpus, rows: list, *, chunk_row: dict, width: int):
+    """Inputs of one token-mode step in which the rows of each sequence are packed as new tokens.
+
+    Sequence ``s`` of the chunk keeps batch row ``chunk_row[s]`` of the clean cache (width ``width``);
+    its rows of this step become new tokens ``0..R_s-1`` of that batch row, with position id ``t_r``.
+    The 4-D additive mask lets new token r see the cached positions ``< t_r`` and itself only, so
+    each row is exactly a single-token forward at ``t_r`` on the clean prefix, and the cache is
+    never copied per row. The mask is additive (``finfo.min`` where hidden): eager attention adds
+    it to the scores, where a boolean mask would add 0/1. Unused slots (a sequence with fewer rows
+    than the longest) attend to themselves only and are never read.
+    Returns input_ids, mask, position_ids (batch, q), the flattened token row of every request row
+    and its (batch row, query position).
+    """
+    B = len(chunk_row)
+    per_seq: dict[int, int] = {}
+    where = []
+    for s, _t, _i in rows:
+        j = per_seq.get(s, 0)
+        per_seq[s] = j + 1
+        where.append((chunk_row[s], j))
+    q = max(per_seq.values())
+    input_ids = torch.full((B, q), model.pad_id, dtype=torch.long)
+    position_ids = torch.zeros((B, q), dtype=torch.long)
+    allowed = torch.zeros((B, 1, q, width + q), dtype=torch.bool)
+    allowed[:, 0, torch.arange(q), width + torch.arange(q)] = True  # every query sees its own key
+    for (b, j), (s, t, _) in zip(where, rows):
+        input_ids[b, j] = int(corpus.sequences[s][t])
+        position_ids[b, j] = t
+        allowed[b, 0, j, :t] = True
+    dtype = model.dtype if model.dtype.is_floating_point else torch.float32
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    b_of = torch.tensor([b for b, _ in where], dtype=torch.long)
+    j_of = torch.tensor([j for _, j in where], dtype=torch.long)
+    return input_ids, mask, position_ids, b_of * q + j_of, b_of, j_of
+
+
+def _check_custom_mask_support(model: AuditModel) -> None:
+    impl = str(getattr(model.hf.config, "_attn_implementation", "") or "")
+    if "flash" in impl:
+        raise ValueError(f"token mode with strategy='kv' needs a custom 4-D attention mask, which attn_implementation="
+                         f"{impl!r} does not take; load the model with attn_implementation='sdpa' (or 'eager'), "
+                         f"or use strategy='full'")
 
 
 @torch.no_grad()
@@ -272,14 +324,24 @@ def run_ablations(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, 
     ``g = y_t - y_t^(-e)`` the later MoE layers put back at t after the ablation,
     ``sum_{L' > L} <y'_{L'} - y_{L'}, g> / ||g||^2`` (re-measured MoE outputs of the ablated run
     minus the clean ones; 1 would mean full restoration, 0 none, negative amplification).
+
+    ``batch_size`` is the number of rows (ablations plus one clean row per position) per traced
+    forward; ``seq_batch`` the number of sequences whose clean key/value cache is held at once.
+    In token mode with ``strategy="kv"`` the rows of a step are packed as new tokens of their
+    sequence's cache row (see ``_packed_kv_step``); otherwise each row is its own prefix
+    ``x[:t+1]`` and the LM head is applied at ``t`` only.
     """
     _refuse_inside_pruning(model)
     req, strategy = validate_requests(model, corpus, clean, requests, mode=mode, strategy=strategy,
                                       require_active=require_active)
     if batch_size < 2:
         raise ValueError(f"batch_size must be >= 2 (one clean row plus one ablation), got {batch_size}")
+    if seq_batch < 1:
+        raise ValueError(f"seq_batch must be >= 1, got {seq_batch}")
     if len(req) == 0:
         raise ValueError("requests is empty")
+    if strategy == "kv":
+        _check_custom_mask_support(model)
     E = model.layout.num_experts
     dev = model.device
     results = np.full((len(req), 4), np.nan)  # clean_loss, ablated_loss, gap_norm, downstream compensation
@@ -292,30 +354,34 @@ def run_ablations(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, 
         cache_kv = None
         if strategy == "kv":
             ids, mask = corpus.padded(chunk, pad_id=model.pad_id)
-            with torch.no_grad():
-                out = model.hf(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=True)
+            # Only the cache is needed: logits_to_keep=1 skips the LM head over every position.
+            out = model.hf(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=True, logits_to_keep=1)
             cache_kv = [(lay.keys, lay.values) for lay in out.past_key_values.layers]
+            del out
             width = ids.shape[1]
-            chunk_row = {s: i for i, s in enumerate(chunk)}
         for batch in _group_batches(groups, batch_size):
             rows = []  # (seq, t, request index or None)
             for (s, t), idxs in batch:
                 rows.append((s, t, None))
                 rows.extend((s, t, i) for i in idxs)
             R = len(rows)
-            seq_of = [r[0] for r in rows]
             t_of = torch.tensor([r[1] for r in rows], dtype=torch.long)
             layers_here = sorted({int(req.at[i, "layer"]) for _, idxs in batch for i in idxs})
+            logits_to_keep = None
             if strategy == "kv":
                 from transformers import DynamicCache  # noqa: PLC0415
 
-                sel = torch.tensor([chunk_row[s] for s in seq_of], device=dev)
-                cache = DynamicCache(ddp_cache_data=[(k.index_select(0, sel), v.index_select(0, sel)) for k, v in cache_kv])
-                attn = (torch.arange(width + 1)[None, :] < t_of[:, None]).long()
-                attn[:, width] = 1  # the new token attends to itself
-                input_ids = torch.tensor([int(corpus.sequences[s][t]) for s, t, _ in rows]).view(R, 1)
-                position_ids, q_len = t_of.view(R, 1), 1
-                read_pos = torch.zeros(R, dtype=torch.long)
+                in_step = sorted({s for s, _, _ in rows})
+                step_kv = cache_kv
+                if len(in_step) < len(chunk):  # keep only the cache rows of the sequences in this step
+                    sel = torch.tensor([chunk.index(s) for s in in_step], device=dev)
+                    step_kv = [(k.index_select(0, sel.to(k.device)), v.index_select(0, sel.to(v.device)))
+                               for k, v in cache_kv]
+                cache = DynamicCache(ddp_cache_data=step_kv)
+                input_ids, attn, position_ids, flat_of, read_rows, read_pos = _packed_kv_step(
+                    model, corpus, rows, chunk_row={s: b for b, s in enumerate(in_step)}, width=width)
+                q_len = input_ids.shape[1]
+                n_flat = input_ids.numel()
             else:
                 q_len = int(t_of.max()) + 1
                 input_ids = torch.full((R, q_len), model.pad_id, dtype=torch.long)
@@ -324,27 +390,28 @@ def run_ablations(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, 
                     input_ids[r, : t + 1] = torch.from_numpy(corpus.sequences[s][: t + 1])
                     attn[r, : t + 1] = 1
                 position_ids, cache = None, None
-                read_pos = t_of
-            removal = {L: torch.zeros(R * q_len, E, dtype=torch.bool) for L in layers_here}
+                flat_of = torch.arange(R) * q_len + t_of
+                n_flat = R * q_len
+                # The LM head only at each row's read position (a (rows, 1) position tensor).
+                logits_to_keep = t_of.view(R, 1)
+                read_rows, read_pos = torch.arange(R), t_of
+            removal = {L: torch.zeros(n_flat, E, dtype=torch.bool) for L in layers_here}
             for r, (s, t, i) in enumerate(rows):
                 if i is None:
                     continue
                 L, removed = int(req.at[i, "layer"]), list(req.at[i, "removed"])
-                if strategy == "kv":
-                    flat = [r]
-                elif mode == "token":
-                    flat = [r * q_len + t]
-                else:
+                if mode == "sequence":
                     flat = [r * q_len + j for j in range(t + 1)]
+                else:
+                    flat = [int(flat_of[r])]
                 for f in flat:
                     removal[L][f, removed] = True
-            read_rows = torch.arange(R)
             logits, moe_out = _run_batch(
                 model, input_ids=input_ids.to(dev), attention_mask=attn.to(dev),
                 position_ids=None if position_ids is None else position_ids.to(dev), past_key_values=cache,
                 removal=removal, read_rows=read_rows.to(dev), read_pos=read_pos.to(dev),
                 read_layers=[L for L in model.layout.moe_layers if L > min(layers_here)] if downstream else (),
-                scale=float(scale))
+                scale=float(scale), logits_to_keep=None if logits_to_keep is None else logits_to_keep.to(dev))
             targets = torch.tensor([int(corpus.sequences[s][t + 1]) for s, t, _ in rows], device=logits.device)
             losses = _token_loss(logits, targets).cpu().numpy()
             clean_row = {}
@@ -363,6 +430,7 @@ def run_ablations(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, 
                                for Lp in later) / gap ** 2 if later else 0.0
                 results[i] = (losses[c], losses[r], gap, comp)
             bar.update(sum(len(idxs) for _, idxs in batch))
+        cache_kv = None
     bar.close()
     rec = _records(model, clean, req, results[:, :3], mode=mode, seed=seed)
     if downstream:
