@@ -16,17 +16,14 @@ Contenders (``--contenders``, comma-separated keys):
 * ``a_seq`` (a') the same with the sequence-wide definition: zeroed at every row <= t where routed.
 * ``b``     the engine, token mode, strategy "kv" (``moeaudit.engine.run_ablations``).
 * ``c``     the engine, sequence mode (prefix forwards, batched).
-* ``d``     plain PyTorch replica of (b) without nnsight: same chunks, same batches, same KV cache
-            gathered per row with index_select, same 2-D masks and single-token steps; forward
-            hooks on ``mlp.gate`` (tuple output modified) and ``mlp`` (output read for the gap norm).
-* ``e``     PROTOTYPE, NOT IN THE ENGINE: token mode with the rows of one sequence packed as the
-            tokens of a single batch-1 step against the sequence's clean cache (custom 4-D additive
-            mask: row r sees cached positions < t_r and itself), so the cache is never copied per row;
-            the clean KV forward skips the LM head (``logits_to_keep=1``).
-* ``f``     PROTOTYPE, NOT IN THE ENGINE: sequence mode as the engine runs it (same prefix batches,
-            removal on every row <= t), with plain hooks and ``logits_to_keep=read_pos[:, None]`` (a
-            2-D position tensor, transformers >= 5) so that the LM head runs only at each row's t
-            instead of over every prefix position. Compare with (c) (and with (a') for the check).
+* ``d``     plain PyTorch replica of (b) without nnsight: same chunks, same packed steps (inputs
+            built by the engine's ``_packed_kv_step``), same clean KV forward; forward hooks on
+            ``mlp.gate`` (tuple output modified) and ``mlp`` (output read for the gap norm).
+* ``e``     the engine's earlier token-mode design, kept for comparison (plain hooks): every row
+            is a single-token step with its own copy of its sequence's cache (``index_select``),
+            a 2-D mask hiding positions >= t, and a clean KV forward with the full LM head.
+* ``f``     the engine's earlier sequence mode, kept for comparison (plain hooks): the same
+            prefix batches as (c), with the LM head over every prefix position instead of at t.
 
 Every contender runs in its own subprocess (same seeded model rebuilt there), so peak memory
 is the peak resident set size of that process during the timed run: Linux ``VmHWM`` from
@@ -44,7 +41,7 @@ Usage::
     .venv/bin/python benchmarks/bench_ablation.py --model olmoe512 --n-ablations 80 --contenders a,b,d,e --out benchmarks/reports/olmoe512_token.json
     .venv/bin/python benchmarks/bench_ablation.py --project      # FLOP-model projection only (no model run)
     .venv/bin/python benchmarks/bench_ablation.py --model olmoe512 --profile b   # torch.profiler table
-    .venv/bin/python benchmarks/bench_ablation.py --check-prototypes   # (e), (f) vs engine, 5 families
+    .venv/bin/python benchmarks/bench_ablation.py --check-replicas   # (d), (e), (f) vs engine, 5 families x sdpa/eager
     .venv/bin/python benchmarks/bench_ablation.py --model tiny --n-ablations 800 --overhead --repeat 7
 """
 
@@ -74,8 +71,8 @@ CONTENDERS = {
     "b": "engine, token mode, strategy kv (nnsight)",
     "c": "engine, sequence mode (nnsight, batched prefixes)",
     "d": "plain PyTorch replica of (b) (no nnsight)",
-    "e": "PROTOTYPE (not in engine): packed single-sequence token step, no per-row cache copy",
-    "f": "PROTOTYPE (not in engine): sequence mode as (c), plain hooks, LM head only at the read position",
+    "e": "earlier engine token mode: per-row cache copy, full LM head in the clean KV forward (plain hooks)",
+    "f": "earlier engine sequence mode: LM head over every prefix position (plain hooks)",
 }
 DEFINITION = {"a": "token", "b": "token", "d": "token", "e": "token", "a_seq": "sequence", "c": "sequence",
               "f": "sequence"}
@@ -227,8 +224,8 @@ def run_engine(model, corpus, clean, req, *, mode: str, batch_size: int, seq_bat
     return rec.delta_loss.to_numpy(), {"batch_size": batch_size, "seq_batch": seq_batch}
 
 
-def run_plain_kv(model, corpus, req, *, batch_size: int, seq_batch: int):
-    """(d): what the engine's token mode does, with plain forward hooks instead of nnsight."""
+def run_per_row_copy(model, corpus, req, *, batch_size: int, seq_batch: int):
+    """(e): the engine's earlier token mode (before packed steps), with plain forward hooks."""
     import torch
     from transformers import DynamicCache
 
@@ -296,48 +293,43 @@ def run_plain_kv(model, corpus, req, *, batch_size: int, seq_batch: int):
     return deltas, {"batch_size": batch_size, "seq_batch": seq_batch, "steps": n_steps}
 
 
-def run_packed(model, corpus, req, *, batch_size: int):
-    """(e) PROTOTYPE, not in the engine: per sequence, one clean forward (LM head skipped) builds
-    a batch-1 KV cache; each batch of rows of that sequence is fed as R tokens of ONE batch-1
-    step with position ids t_r and a custom 4-D additive mask (row r sees cached positions < t_r
-    and its own new key only; sdpa and eager attention). The cache is used as is (no per-row index_select; DynamicCache's
-    concatenation copies it once per batch instead of R times)."""
+def run_plain_packed(model, corpus, req, *, batch_size: int, seq_batch: int):
+    """(d): what the engine's token mode does (same chunks, same packed steps built by the engine's
+    ``_packed_kv_step``), with plain forward hooks instead of an nnsight trace."""
     import torch
     from transformers import DynamicCache
 
-    from moeaudit.engine import _group_batches
+    from moeaudit.engine import _group_batches, _packed_kv_step
 
-    hf, E = model.hf, model.layout.num_experts
+    hf, E, dev = model.hf, model.layout.num_experts, model.device
     deltas = np.full(len(req), np.nan)
+    seqs = sorted(req.seq_id.unique().tolist())
     n_steps = 0
-    for s in sorted(req.seq_id.unique().tolist()):
-        sub = req[req.seq_id == s]
-        groups = [((int(s), int(t)), list(g.index)) for (_, t), g in sub.groupby(["seq_id", "t"], sort=True)]
-        seq = corpus.sequences[s]
-        T = len(seq)
+    for chunk in [seqs[i:i + seq_batch] for i in range(0, len(seqs), seq_batch)]:
+        sub = req[req.seq_id.isin(chunk)]
+        groups = [((int(s), int(t)), list(g.index)) for (s, t), g in sub.groupby(["seq_id", "t"], sort=True)]
+        ids, mask = corpus.padded(chunk, pad_id=model.pad_id)
         with torch.no_grad():
-            out = hf(input_ids=torch.as_tensor(seq).view(1, -1), use_cache=True, logits_to_keep=1)
+            out = hf(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=True, logits_to_keep=1)
         cache_kv = [(lay.keys, lay.values) for lay in out.past_key_values.layers]
+        width = ids.shape[1]
         for batch in _group_batches(groups, batch_size):
             rows = []
-            for (_, t), idxs in batch:
-                rows.append((t, None))
-                rows.extend((t, i) for i in idxs)
-            R = len(rows)
-            t_of = torch.tensor([r[0] for r in rows], dtype=torch.long)
-            allowed = torch.zeros(1, 1, R, T + R, dtype=torch.bool)
-            allowed[0, 0, :, :T] = torch.arange(T)[None, :] < t_of[:, None]
-            allowed[0, 0, torch.arange(R), T + torch.arange(R)] = True
-            # additive float mask: eager attention adds the mask to the scores (a bool mask would add
-            # 0/1); sdpa accepts either. flash-attention-2 takes no custom 4-D mask at all.
-            mask = torch.zeros(allowed.shape, dtype=model.dtype).masked_fill(~allowed, torch.finfo(model.dtype).min)
-            cache = DynamicCache(ddp_cache_data=cache_kv)
-            input_ids = torch.tensor([int(seq[t]) for t, _ in rows]).view(1, R)
+            for (s, t), idxs in batch:
+                rows.append((s, t, None))
+                rows.extend((s, t, i) for i in idxs)
+            in_step = sorted({s for s, _, _ in rows})
+            step_kv = cache_kv
+            if len(in_step) < len(chunk):
+                sel = torch.tensor([chunk.index(s) for s in in_step])
+                step_kv = [(k.index_select(0, sel), v.index_select(0, sel)) for k, v in cache_kv]
+            input_ids, attn, position_ids, flat_of, read_rows, read_pos = _packed_kv_step(
+                model, corpus, rows, chunk_row={s: b for b, s in enumerate(in_step)}, width=width)
             layers_here = sorted({int(req.at[i, "layer"]) for _, idxs in batch for i in idxs})
-            removal = {L: torch.zeros(R, E, dtype=torch.bool) for L in layers_here}
-            for r, (t, i) in enumerate(rows):
+            removal = {L: torch.zeros(input_ids.numel(), E, dtype=torch.bool) for L in layers_here}
+            for r, (s, t, i) in enumerate(rows):
                 if i is not None:
-                    removal[int(req.at[i, "layer"])][r, list(req.at[i, "removed"])] = True
+                    removal[int(req.at[i, "layer"])][int(flat_of[r]), list(req.at[i, "removed"])] = True
             moe_out, handles = {}, []
             for L in layers_here:
                 mlp = hf.model.layers[L].mlp
@@ -347,34 +339,35 @@ def run_packed(model, corpus, req, *, batch_size: int):
                     return logits, w.masked_fill(removal[L].gather(1, idx), 0), idx
 
                 def mlp_hook(module, inputs, output, L=L):
-                    moe_out[L] = output[0]
+                    moe_out[L] = output[read_rows, read_pos]
 
                 handles += [mlp.gate.register_forward_hook(gate_hook), mlp.register_forward_hook(mlp_hook)]
             try:
                 with torch.no_grad():
-                    logits = hf(input_ids=input_ids, attention_mask=mask, position_ids=t_of.view(1, R),
-                                past_key_values=cache, use_cache=True).logits[0]
+                    logits = hf(input_ids=input_ids, attention_mask=attn, position_ids=position_ids,
+                                past_key_values=DynamicCache(ddp_cache_data=step_kv), use_cache=True).logits
             finally:
                 for h in handles:
                     h.remove()
+            logits = logits[read_rows, read_pos]
             n_steps += 1
-            targets = torch.tensor([int(seq[t + 1]) for t, _ in rows])
+            targets = torch.tensor([int(corpus.sequences[s][t + 1]) for s, t, _ in rows])
             losses = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none").numpy()
             clean_row = {}
-            for r, (t, i) in enumerate(rows):
+            for r, (s, t, i) in enumerate(rows):
                 if i is None:
-                    clean_row[t] = r
+                    clean_row[(s, t)] = r
                     continue
-                c, L = clean_row[t], int(req.at[i, "layer"])
-                _gap = torch.linalg.vector_norm((moe_out[L][c] - moe_out[L][r]).float()).item()
+                c, L = clean_row[(s, t)], int(req.at[i, "layer"])
+                _gap = torch.linalg.vector_norm((moe_out[L][c] - moe_out[L][r]).float()).item()  # as the engine
                 deltas[i] = losses[r] - losses[c]
-    return deltas, {"batch_size": batch_size, "steps": n_steps}
+    return deltas, {"batch_size": batch_size, "seq_batch": seq_batch, "steps": n_steps}
 
 
-def run_prefix_keep(model, corpus, req, *, batch_size: int, seq_batch: int):
-    """(f) PROTOTYPE, not in the engine: the engine's sequence mode (batched prefixes x[:t+1], the
-    expert removed on every row <= t, one clean row per (seq, t)) with plain hooks and the LM head
-    applied only at each row's read position (``logits_to_keep`` as a (rows, 1) position tensor)."""
+def run_prefix_full_head(model, corpus, req, *, batch_size: int, seq_batch: int):
+    """(f): the engine's earlier sequence mode (batched prefixes x[:t+1], the expert removed on
+    every row <= t, one clean row per (seq, t)) with plain hooks and the LM head over every prefix
+    position; the engine now applies it at t only (``logits_to_keep``)."""
     import torch
 
     from moeaudit.engine import _group_batches
@@ -418,7 +411,7 @@ def run_prefix_keep(model, corpus, req, *, batch_size: int, seq_batch: int):
                 handles += [mlp.gate.register_forward_hook(gate_hook), mlp.register_forward_hook(mlp_hook)]
             try:
                 with torch.no_grad():
-                    logits = hf(input_ids=input_ids, attention_mask=attn, logits_to_keep=t_of.view(R, 1)).logits[:, 0]
+                    logits = hf(input_ids=input_ids, attention_mask=attn).logits[torch.arange(R), t_of]
             finally:
                 for h in handles:
                     h.remove()
@@ -445,11 +438,11 @@ def run_contender(name, model, corpus, clean, req, args):
         return run_engine(model, corpus, clean, req, mode="sequence", batch_size=args.seq_mode_batch_size,
                           seq_batch=args.seq_batch)
     if name == "d":
-        return run_plain_kv(model, corpus, req, batch_size=args.batch_size, seq_batch=args.seq_batch)
+        return run_plain_packed(model, corpus, req, batch_size=args.batch_size, seq_batch=args.seq_batch)
     if name == "e":
-        return run_packed(model, corpus, req, batch_size=args.batch_size)
+        return run_per_row_copy(model, corpus, req, batch_size=args.batch_size, seq_batch=args.seq_batch)
     if name == "f":
-        return run_prefix_keep(model, corpus, req, batch_size=args.seq_mode_batch_size, seq_batch=args.seq_batch)
+        return run_prefix_full_head(model, corpus, req, batch_size=args.seq_mode_batch_size, seq_batch=args.seq_batch)
     raise ValueError(f"unknown contender {name!r}; known: {', '.join(CONTENDERS)}")
 
 
@@ -727,10 +720,11 @@ def projection(*, tflops: float, mfu: float, hbm_tb_s: float, bw_eff: float, eng
     Released protocol: each comparison (2 ablations) = 3 full forwards of the padded sequence
     (baseline recomputed), batch 1. Progressive (OLMoE): 1 baseline per (position, layer) and one
     forward per k, sequences <= 256 tokens (assumed; in favour of the released protocol).
-    Engine token mode as it is (batches of ``engine_batch`` rows, cache gathered per row by
-    index_select and concatenated again by the cache update: 2 copies of the full-width cache per
-    row, each read + written) and with the packed prototype (batches of ``packed_batch`` rows of one
-    sequence, no per-row copy). Both add clean KV forwards of 4 texts each (100 texts x T; 500 x 256
+    Token mode with the engine's earlier per-row cache copy (batches of ``engine_batch`` rows, cache
+    gathered per row by index_select and concatenated again by the cache update: 2 copies of the
+    full-width cache per row, each read + written) and with the engine's packed steps (batches of
+    ``packed_batch`` rows packed onto their sequence's cache row, no per-row copy; set
+    ``run_ablations(batch_size=...)`` accordingly on a GPU). Both add clean KV forwards of 4 texts each (100 texts x T; 500 x 256
     for progressive), and every row attends on average to T/2 positions.
     """
     thr = tflops * 1e12 * mfu
@@ -778,8 +772,8 @@ def projection_markdown(p, *, tflops, mfu, hbm_tb_s, bw_eff) -> str:
              f"= {tflops * mfu:.0f} TFLOP/s, HBM {hbm_tb_s} TB/s at {bw_eff:.0%}; time of each forward or step = "
              "max(FLOP time, weight + KV-cache bytes time). Times in seconds.", "",
              "| model | active / all params (B) | GFLOP/token | released list: ablations | released: full forwards | "
-             "released PFLOP | released s | token mode, same list: PFLOP | engine s (B=64) | packed s (B=512) | "
-             "audit design: ablations | engine s | packed s |",
+             "released PFLOP | released s | token mode, same list: PFLOP | per-row copy s (B=64) | packed s (B=512) | "
+             "audit design: ablations | per-row copy s | packed s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     keys = ("released_h", "token_released_list_engine_h", "token_released_list_packed_h", "token_audit_engine_h",
             "token_audit_packed_h")
@@ -798,8 +792,8 @@ def projection_markdown(p, *, tflops, mfu, hbm_tb_s, bw_eff) -> str:
                  f"{sec['token_released_list_packed_h']:.1f} | | {sec['token_audit_engine_h']:.1f} | "
                  f"{sec['token_audit_packed_h']:.1f} |")
     lines.append(f"\nReleased / token mode on the same list: {tot['released_h'] / tot['token_released_list_engine_h']:.0f}x "
-                 f"with the engine as it is, {tot['released_h'] / tot['token_released_list_packed_h']:.0f}x with the packed "
-                 "step. The released runs' recorded wall time (8.4 h for OLMoE's 20 metric cells = 12,000 full forwards, "
+                 f"with the earlier per-row cache copy, {tot['released_h'] / tot['token_released_list_packed_h']:.0f}x with "
+                 "the engine's packed steps. The released runs' recorded wall time (8.4 h for OLMoE's 20 metric cells = 12,000 full forwards, "
                  "about 2.5 s each) is ~400x this roofline's 5.9 ms per forward: the projection assumes an efficient "
                  "bf16 implementation for both protocols.")
     return "\n".join(lines)
@@ -823,10 +817,10 @@ def main(argv=None):
                     help="timed runs per contender (the minimum is reported) while within --repeat-budget")
     ap.add_argument("--repeat-budget", type=float, default=60.0,
                     help="seconds of timed runs per contender beyond which no further repeat is started")
-    ap.add_argument("--batch-size", type=int, default=64, help="rows per single-token step (b, d, e)")
-    ap.add_argument("--seq-batch", type=int, default=4, help="sequences per clean KV forward (b, c, d)")
+    ap.add_argument("--batch-size", type=int, default=64, help="rows per token-mode step (b, d, e)")
+    ap.add_argument("--seq-batch", type=int, default=4, help="sequences per clean KV forward (b, c, d, e, f)")
     ap.add_argument("--seq-mode-batch-size", type=int, default=18,
-                    help="rows per prefix batch in (c) and (f); (c) materialises the logits of every prefix position")
+                    help="rows per prefix batch in (c) and (f); (f) materialises the logits of every prefix position")
     ap.add_argument("--project", action="store_true", help="print the FLOP-model projection and exit")
     ap.add_argument("--tflops", type=float, default=989.0)
     ap.add_argument("--mfu", type=float, default=0.40)
@@ -835,8 +829,8 @@ def main(argv=None):
     ap.add_argument("--profile", default=None, help="profile one contender in-process (torch.profiler) and exit")
     ap.add_argument("--overhead", action="store_true",
                     help="paired in-process (b) vs (d) runs (--repeat times): nnsight's overhead, then exit")
-    ap.add_argument("--check-prototypes", action="store_true",
-                    help="check (e) and (f) against the engine on tiny models of all five families and exit")
+    ap.add_argument("--check-replicas", action="store_true",
+                    help="check (d), (e) and (f) against the engine on tiny models of all five families and exit")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--setup", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -850,8 +844,8 @@ def main(argv=None):
         return p
     if args.profile:
         return profile(args)
-    if args.check_prototypes:
-        return check_prototypes(args)
+    if args.check_replicas:
+        return check_replicas(args)
     if args.overhead:
         out = overhead(args)
         if args.out:
@@ -867,9 +861,10 @@ def main(argv=None):
     return report
 
 
-def check_prototypes(args) -> dict:
-    """The prototypes (e) and (f) against the engine on tiny random models of all five families,
-    with sdpa and eager attention, several batches per sequence: max abs delta-loss difference."""
+def check_replicas(args) -> dict:
+    """The plain-hook contenders (d), (e), (f) against the engine on tiny random models of all
+    five families, with sdpa and eager attention, several steps per sequence and sequences with
+    different numbers of positions: max abs delta-loss difference."""
     import torch
 
     from moeaudit.engine import clean_pass, run_ablations
@@ -885,17 +880,20 @@ def check_prototypes(args) -> dict:
             corpus = random_token_corpus()
             clean = clean_pass(m, corpus, progress=False)
             req = make_requests(m, corpus, clean, n_ablations=40, per_position=None, per_sequence=20, seed=1)
-            tok = run_ablations(m, corpus, clean, req, mode="token", progress=False).delta_loss.to_numpy()
+            tok = run_ablations(m, corpus, clean, req, mode="token", batch_size=10, progress=False).delta_loss.to_numpy()
             seq = run_ablations(m, corpus, clean, req, mode="sequence", batch_size=10, progress=False).delta_loss.to_numpy()
-            de, _ = run_packed(m, corpus, req, batch_size=10)
-            df, _ = run_prefix_keep(m, corpus, req, batch_size=10, seq_batch=4)
-            out[f"{fam}/{attn}"] = {"e_vs_engine_token": float(np.abs(de - tok).max()),
+            dd, _ = run_plain_packed(m, corpus, req, batch_size=10, seq_batch=4)
+            de, _ = run_per_row_copy(m, corpus, req, batch_size=10, seq_batch=4)
+            df, _ = run_prefix_full_head(m, corpus, req, batch_size=10, seq_batch=4)
+            out[f"{fam}/{attn}"] = {"d_vs_engine_token": float(np.abs(dd - tok).max()),
+                                    "e_vs_engine_token": float(np.abs(de - tok).max()),
                                     "f_vs_engine_sequence": float(np.abs(df - seq).max()),
                                     "max_abs_delta": float(np.abs(tok).max())}
             print(fam, attn, out[f"{fam}/{attn}"], flush=True)
-    bad = {k: v for k, v in out.items() if max(v["e_vs_engine_token"], v["f_vs_engine_sequence"]) > TOL}
+    bad = {k: v for k, v in out.items()
+           if max(v["d_vs_engine_token"], v["e_vs_engine_token"], v["f_vs_engine_sequence"]) > TOL}
     if bad:
-        raise SystemExit(f"prototype differs from the engine beyond {TOL}: {bad}")
+        raise SystemExit(f"a replica differs from the engine beyond {TOL}: {bad}")
     return out
 
 
