@@ -17,7 +17,7 @@ Contenders (``--contenders``, comma-separated keys):
 * ``b``     the engine, token mode, strategy "kv" (``moeaudit.engine.run_ablations``).
 * ``c``     the engine, sequence mode (prefix forwards, batched).
 * ``d``     plain PyTorch replica of (b) without nnsight: same chunks, same packed steps (inputs
-            built by the engine's ``_packed_kv_step``), same clean KV forward; forward hooks on
+            built by the engine's ``packed_step``), same clean KV forward; forward hooks on
             ``mlp.gate`` (tuple output modified) and ``mlp`` (output read for the gap norm).
 * ``e``     the engine's earlier token-mode design, kept for comparison (plain hooks): every row
             is a single-token step with its own copy of its sequence's cache (``index_select``),
@@ -294,42 +294,32 @@ def run_per_row_copy(model, corpus, req, *, batch_size: int, seq_batch: int):
 
 
 def run_plain_packed(model, corpus, req, *, batch_size: int, seq_batch: int):
-    """(d): what the engine's token mode does (same chunks, same packed steps built by the engine's
-    ``_packed_kv_step``), with plain forward hooks instead of an nnsight trace."""
+    """(d): what the engine's token mode does (same chunks, the same clean cache and packed steps,
+    built by the engine's ``clean_cache`` and ``packed_step``), with plain forward hooks instead of
+    an nnsight trace."""
     import torch
-    from transformers import DynamicCache
 
-    from moeaudit.engine import _group_batches, _packed_kv_step
+    from moeaudit.engine import _group_batches, clean_cache, packed_step
 
-    hf, E, dev = model.hf, model.layout.num_experts, model.device
+    hf, E = model.hf, model.layout.num_experts
     deltas = np.full(len(req), np.nan)
     seqs = sorted(req.seq_id.unique().tolist())
     n_steps = 0
     for chunk in [seqs[i:i + seq_batch] for i in range(0, len(seqs), seq_batch)]:
         sub = req[req.seq_id.isin(chunk)]
         groups = [((int(s), int(t)), list(g.index)) for (s, t), g in sub.groupby(["seq_id", "t"], sort=True)]
-        ids, mask = corpus.padded(chunk, pad_id=model.pad_id)
-        with torch.no_grad():
-            out = hf(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=True, logits_to_keep=1)
-        cache_kv = [(lay.keys, lay.values) for lay in out.past_key_values.layers]
-        width = ids.shape[1]
+        cache_kv, width = clean_cache(model, corpus, chunk)
         for batch in _group_batches(groups, batch_size):
             rows = []
             for (s, t), idxs in batch:
                 rows.append((s, t, None))
                 rows.extend((s, t, i) for i in idxs)
-            in_step = sorted({s for s, _, _ in rows})
-            step_kv = cache_kv
-            if len(in_step) < len(chunk):
-                sel = torch.tensor([chunk.index(s) for s in in_step])
-                step_kv = [(k.index_select(0, sel), v.index_select(0, sel)) for k, v in cache_kv]
-            input_ids, attn, position_ids, flat_of, read_rows, read_pos = _packed_kv_step(
-                model, corpus, rows, chunk_row={s: b for b, s in enumerate(in_step)}, width=width)
+            step = packed_step(model, corpus, rows, chunk=chunk, cache_kv=cache_kv, width=width)
             layers_here = sorted({int(req.at[i, "layer"]) for _, idxs in batch for i in idxs})
-            removal = {L: torch.zeros(input_ids.numel(), E, dtype=torch.bool) for L in layers_here}
+            removal = {L: torch.zeros(step.input_ids.numel(), E, dtype=torch.bool) for L in layers_here}
             for r, (s, t, i) in enumerate(rows):
                 if i is not None:
-                    removal[int(req.at[i, "layer"])][int(flat_of[r]), list(req.at[i, "removed"])] = True
+                    removal[int(req.at[i, "layer"])][int(step.flat[r]), list(req.at[i, "removed"])] = True
             moe_out, handles = {}, []
             for L in layers_here:
                 mlp = hf.model.layers[L].mlp
@@ -339,17 +329,17 @@ def run_plain_packed(model, corpus, req, *, batch_size: int, seq_batch: int):
                     return logits, w.masked_fill(removal[L].gather(1, idx), 0), idx
 
                 def mlp_hook(module, inputs, output, L=L):
-                    moe_out[L] = output[read_rows, read_pos]
+                    moe_out[L] = output[step.read_rows, step.read_pos]
 
                 handles += [mlp.gate.register_forward_hook(gate_hook), mlp.register_forward_hook(mlp_hook)]
             try:
                 with torch.no_grad():
-                    logits = hf(input_ids=input_ids, attention_mask=attn, position_ids=position_ids,
-                                past_key_values=DynamicCache(ddp_cache_data=step_kv), use_cache=True).logits
+                    logits = hf(input_ids=step.input_ids, attention_mask=step.attention_mask,
+                                position_ids=step.position_ids, past_key_values=step.cache, use_cache=True).logits
             finally:
                 for h in handles:
                     h.remove()
-            logits = logits[read_rows, read_pos]
+            logits = logits[step.read_rows, step.read_pos]
             n_steps += 1
             targets = torch.tensor([int(corpus.sequences[s][t + 1]) for s, t, _ in rows])
             losses = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none").numpy()

@@ -210,7 +210,7 @@ crits = pairs.groupby("model").critical.max()
 display(Markdown(
     "Rows and columns: **util** utilization rate, **norm** activation norm, **weight** mean routing "
     "weight, **std** activation std. n is the number of experts in the layer that enter the correlation. "
-    f"With these n, |ρ| must exceed about "
+    "With these n, |ρ| must exceed about "
     + ", ".join(f"{crits[m]:.2f} ({m})" for m in models)
     + f" to differ from zero at the uncorrected {alpha:g} level; correlations between experts of one "
     "layer are descriptive, not independent tests."))

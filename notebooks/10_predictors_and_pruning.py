@@ -95,11 +95,11 @@ from scipy import stats as sps
 
 from moeaudit import report, stats
 from moeaudit.attribution import attribution_estimates
-from moeaudit.audit import audit_positions, paired_cells, prepare, single_expert_records
+from moeaudit.audit import audit_positions, paired_cells, prepare, pruned_perplexities, single_expert_records
 from moeaudit.corpus import TokenizedCorpus
 from moeaudit.engine import run_ablations
 from moeaudit.metrics import METRIC_LABELS, METRICS, ROUTING_WEIGHT, expert_metrics_from_routing
-from moeaudit.pruning import lowest_ranked, perplexity, pruned_experts
+from moeaudit.pruning import lowest_ranked
 
 report.use_book_style()
 
@@ -435,46 +435,35 @@ def random_plan(n_experts: int, fraction: float, moe_layers, draw: int) -> dict:
     return {L: sorted(rng.choice(n_experts, size=n, replace=False).tolist()) for L in moe_layers}
 
 
-_evaluated = {}  # criteria often agree on the experts to remove; evaluate each distinct plan once
-
-
-def pruned_ppl(ctx, plan: dict, corpus: TokenizedCorpus) -> float:
-    key = (ctx.name, tuple((L, tuple(v)) for L, v in sorted(plan.items())))
-    if key not in _evaluated:
-        with pruned_experts(ctx.model, plan):
-            _evaluated[key] = perplexity(ctx.model, corpus, batch_size=len(corpus), progress=False)["mean_loss"]
-    return _evaluated[key]
-
-
 prune_rows, held_out_info = [], {}
-t_prune = time.perf_counter()
 for name, ctx in contexts.items():
     lay = ctx.model.layout
     held = ppl_corpus(ctx, splits[name])
-    base = perplexity(ctx.model, held, batch_size=len(held), progress=False)
-    held_out_info[name] = {"texts": len(held), "tokens": base["n_tokens"], "perplexity": base["perplexity"],
-                           "mean_loss": base["mean_loss"]}
     crit = criteria[name]
+    plans, meta = [{}], [None]  # plan 0: the unpruned model
     for f in prune_fractions:
         for c in EXPERT_CRITERIA:
-            loss = pruned_ppl(ctx, criterion_plan(crit, c, f, lay.moe_layers), held)
-            prune_rows.append({"model": name, "scope": "all", "fraction": f, "criterion": c, "draw": 0,
-                               "mean_loss": loss})
+            plans.append(criterion_plan(crit, c, f, lay.moe_layers))
+            meta.append({"scope": "all", "fraction": f, "criterion": c, "draw": 0})
         for d in range(n_random_seeds):
-            loss = pruned_ppl(ctx, random_plan(lay.num_experts, f, lay.moe_layers, d), held)
-            prune_rows.append({"model": name, "scope": "all", "fraction": f, "criterion": "random", "draw": d,
-                               "mean_loss": loss})
+            plans.append(random_plan(lay.num_experts, f, lay.moe_layers, d))
+            meta.append({"scope": "all", "fraction": f, "criterion": "random", "draw": d})
     # one layer at a time, at the largest fraction: where does the model break?
     f = max(prune_fractions)
     for L in (lay.moe_layers if per_layer_sweep else []):
         for c in EXPERT_CRITERIA:
-            loss = pruned_ppl(ctx, criterion_plan(crit, c, f, [L]), held)
-            prune_rows.append({"model": name, "scope": L, "fraction": f, "criterion": c, "draw": 0, "mean_loss": loss})
+            plans.append(criterion_plan(crit, c, f, [L]))
+            meta.append({"scope": L, "fraction": f, "criterion": c, "draw": 0})
         for d in range(n_random_seeds):
-            loss = pruned_ppl(ctx, random_plan(lay.num_experts, f, [L], d), held)
-            prune_rows.append({"model": name, "scope": L, "fraction": f, "criterion": "random", "draw": d,
-                               "mean_loss": loss})
-t_prune = time.perf_counter() - t_prune
+            plans.append(random_plan(lay.num_experts, f, [L], d))
+            meta.append({"scope": L, "fraction": f, "criterion": "random", "draw": d})
+    # cached with the records: criteria often agree on the experts to remove, and each distinct
+    # plan is evaluated once
+    ppl = pruned_perplexities(ctx, plans, held)
+    base = ppl.iloc[0]
+    held_out_info[name] = {"texts": len(held), "tokens": int(base.n_tokens), "perplexity": float(base.perplexity),
+                           "mean_loss": float(base.mean_loss)}
+    prune_rows += [{"model": name, **m, "mean_loss": float(loss)} for m, loss in zip(meta[1:], ppl.mean_loss[1:])]
 pruning = pd.DataFrame(prune_rows)
 pruning["perplexity"] = np.exp(pruning.mean_loss)
 pruning["delta_loss"] = pruning.mean_loss - pruning.model.map({m: v["mean_loss"] for m, v in held_out_info.items()})
@@ -586,7 +575,7 @@ else:
         ax.axhline(0, color="0.3", linewidth=0.8)
         ax.set_title(name)
         ax.set_xlabel("relative depth of the pruned layer", fontsize=9)
-    axes[0][0].set_ylabel(f"mean loss increase (nats)")
+    axes[0][0].set_ylabel("mean loss increase (nats)")
     handles, labels_ = axes[0][0].get_legend_handles_labels()
     fig.suptitle(f"Pruning {max(prune_fractions):.0%} of the experts of a single MoE layer: held-out loss across depth")
     fig.tight_layout(rect=(0, 0, 0.8, 1))

@@ -130,3 +130,28 @@ def test_prepare_from_a_local_model_directory_and_corpus(tmp_path):
     np.testing.assert_array_equal(ctx.clean.routing[0]["indices"], again.clean.routing[0]["indices"])
     with pytest.raises(ValueError, match="n_texts"):
         prepare(str(tmp_path / "model"), n_texts=50, data_dir=tmp_path / "data", results_dir=tmp_path / "res")
+
+
+def test_pruned_perplexities_match_direct_evaluation_and_are_cached(ctx, monkeypatch):
+    from moeaudit import audit
+    from moeaudit.pruning import perplexity, pruned_experts
+
+    held = random_token_corpus(n_seqs=2, length=20, seed=5)
+    plans = [{}, {1: [0, 5]}, {0: [2], 2: [7, 1]}, {1: [5, 0]}]  # the last is the second, reordered
+    out = audit.pruned_perplexities(ctx, plans, held, plans_per_chunk=2, progress=False)
+    assert list(out.plan) == [0, 1, 2, 3]
+    for plan, loss in zip(plans, out.mean_loss):
+        with pruned_experts(ctx.model, plan):
+            ref = perplexity(ctx.model, held, batch_size=2, progress=False)["mean_loss"]
+        assert loss == pytest.approx(ref, abs=1e-6)
+    assert out.mean_loss[1] == out.mean_loss[3] and out.mean_loss[1] != out.mean_loss[0]
+    np.testing.assert_allclose(out.perplexity, np.exp(out.mean_loss))
+
+    def fail(*a, **k):
+        raise AssertionError("a cached plan was re-evaluated")
+
+    monkeypatch.setattr(audit, "perplexity", fail)
+    again = audit.pruned_perplexities(ctx, plans, held, plans_per_chunk=2, progress=False)
+    pd.testing.assert_frame_equal(out, again)
+    with pytest.raises(AssertionError, match="re-evaluated"):  # a new plan is not silently reused
+        audit.pruned_perplexities(ctx, [{2: [3]}], held, progress=False)

@@ -81,3 +81,13 @@ def test_a_changed_parameter_produces_a_new_record_set(rendered):
 def test_unknown_chapter_parameter_is_rejected():
     with pytest.raises(ValueError, match="has no parameter"):
         book.execute_chapter("04_audit", {"n_postions": 5})
+
+
+def test_parallel_execution_reports_every_failed_chapter():
+    """Chapters run in separate processes; a failure in one does not hide another's."""
+    logs = []
+    with pytest.raises(RuntimeError, match=r"\['no_such_chapter', 'no_such_chapter_either'\]"):
+        book.execute_chapters(["no_such_chapter", "no_such_chapter_either"], jobs=2, log=logs.append)
+    assert sum("no chapter 'no_such_chapter" in line for line in logs) == 2
+    with pytest.raises(ValueError, match="jobs must be >= 1"):
+        book.execute_chapters(["01_introduction"], jobs=0)

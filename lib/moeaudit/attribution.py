@@ -6,9 +6,10 @@ by ``-g_e(x_t) E_e(x_t)`` and, to first order, the loss at t changes by
     dL_hat(t, e) = -grad_{y_t^L} L_t . g_e(x_t) E_e(x_t)
 
 (Syed, Rager and Conmy 2023, "Attribution patching"). The gradient of L_t with respect to the
-MoE output at t is taken in the KV-cached single-token step of the engine's ``token`` mode: the
-cache of positions < t is a constant, so one forward and one backward over a batch of positions
-gives the exact per-position gradients ``d L_t / d y_t`` for every MoE layer at once. The
+MoE output at t is taken in the engine's packed ``token``-mode step (:func:`moeaudit.engine.packed_step`):
+the cache of positions < t is a constant and the packed rows do not see each other, so one
+forward and one backward over a batch of positions gives the exact per-position gradients
+``d L_t / d y_t`` for every MoE layer at once. The
 estimate costs one forward and one backward per batch of positions, against ``k`` forwards per
 position and layer for the measured ablations.
 """
@@ -20,7 +21,7 @@ import pandas as pd
 import torch
 
 from .corpus import TokenizedCorpus
-from .engine import CleanPass, _bar, _token_loss, expert_outputs
+from .engine import CleanPass, _token_loss, clean_cache, expert_outputs, packed_step, progress_bar
 from .models import AuditModel
 
 
@@ -29,8 +30,6 @@ def attribution_estimates(model: AuditModel, corpus: TokenizedCorpus, clean: Cle
                           progress: bool | None = None) -> pd.DataFrame:
     """One row per (position, layer, active expert) with ``attribution`` = the first-order estimate
     of ``delta_loss`` for ablating that expert alone at that token (``token`` mode)."""
-    from transformers import DynamicCache  # noqa: PLC0415
-
     layers = sorted(layers)
     for L in layers:
         model.layout.check_layer(L)
@@ -38,27 +37,20 @@ def attribution_estimates(model: AuditModel, corpus: TokenizedCorpus, clean: Cle
     pos = positions[["seq_id", "t"]].drop_duplicates().sort_values(["seq_id", "t"]).reset_index(drop=True)
     seqs = sorted(pos.seq_id.unique().tolist())
     frames = []
-    for c0 in _bar(range(0, len(seqs), seq_batch), desc="attribution", progress=progress):
+    for c0 in progress_bar(range(0, len(seqs), seq_batch), desc="attribution", progress=progress):
         chunk = seqs[c0:c0 + seq_batch]
-        ids, mask = corpus.padded(chunk, pad_id=model.pad_id)
-        with torch.no_grad():
-            out = model.hf(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=True)
-        cache_kv = [(lay.keys, lay.values) for lay in out.past_key_values.layers]
-        width, row_of = ids.shape[1], {s: i for i, s in enumerate(chunk)}
+        cache_kv, width = clean_cache(model, corpus, chunk)
         sub = pos[pos.seq_id.isin(chunk)]
         for b0 in range(0, len(sub), batch_size):
             rows = sub.iloc[b0:b0 + batch_size]
-            R = len(rows)
-            sel = torch.tensor([row_of[s] for s in rows.seq_id], device=dev)
-            cache = DynamicCache(ddp_cache_data=[(k.index_select(0, sel), v.index_select(0, sel)) for k, v in cache_kv])
-            t_of = torch.tensor(rows.t.to_numpy())
-            attn = (torch.arange(width + 1)[None, :] < t_of[:, None]).long()
-            attn[:, width] = 1
-            step_ids = torch.tensor([int(corpus.sequences[s][t]) for s, t in zip(rows.seq_id, rows.t)]).view(R, 1)
+            step = packed_step(model, corpus, list(zip(rows.seq_id, rows.t)), chunk=chunk, cache_kv=cache_kv,
+                               width=width)
             targets = torch.tensor([int(corpus.sequences[s][t + 1]) for s, t in zip(rows.seq_id, rows.t)], device=dev)
+            flat, rr, rp = step.flat.to(dev), step.read_rows.to(dev), step.read_pos.to(dev)
             saved, grads = {}, {}
-            with torch.enable_grad(), model.nn.trace(input_ids=step_ids.to(dev), attention_mask=attn.to(dev),
-                                                     position_ids=t_of.view(R, 1).to(dev), past_key_values=cache,
+            with torch.enable_grad(), model.nn.trace(input_ids=step.input_ids.to(dev),
+                                                     attention_mask=step.attention_mask.to(dev),
+                                                     position_ids=step.position_ids.to(dev), past_key_values=step.cache,
                                                      use_cache=True, remote=model.remote):
                 emb = model.nn.model.embed_tokens.output
                 emb.requires_grad_(True)  # weights stay frozen; gradients flow through activations only
@@ -70,16 +62,20 @@ def attribution_estimates(model: AuditModel, corpus: TokenizedCorpus, clean: Cle
                     saved[L] = (x, w.save(), idx.save())
                     ys[L] = mlp.output
                 logits = model.nn.output.logits
-                loss = _token_loss(logits[:, -1], targets).sum()  # rows are independent: d(sum)/dy_r = dL_r/dy_r
+                # packed rows are independent (none attends to another): d(sum)/dy_r = dL_r/dy_r
+                loss = _token_loss(logits[rr, rp], targets).sum()
                 with loss.backward():
                     for L in reversed(layers):  # gradients arrive in reverse execution order
                         grads[L] = ys[L].grad.save()
             for L in layers:
                 x, w, idx = saved[L]
                 experts = model.hf.model.layers[L].mlp.experts
+                x = x.reshape(-1, x.shape[-1])[flat].detach()
+                w, idx = w.reshape(-1, w.shape[-1])[flat].detach(), idx.reshape(-1, idx.shape[-1])[flat]
+                g = grads[L].reshape(-1, grads[L].shape[-1])[flat]
                 with torch.no_grad():
-                    contrib = expert_outputs(experts, x.reshape(R, -1).detach(), idx) * w.detach()[..., None]
-                    est = -(grads[L].reshape(R, 1, -1).float() * contrib.float()).sum(-1)  # (R, k)
+                    contrib = expert_outputs(experts, x, idx) * w[..., None]
+                    est = -(g[:, None, :].float() * contrib.float()).sum(-1)  # (R, k)
                 k = idx.shape[1]
                 frames.append(pd.DataFrame({
                     "seq_id": np.repeat(rows.seq_id.to_numpy(), k), "t": np.repeat(rows.t.to_numpy(), k),

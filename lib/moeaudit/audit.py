@@ -24,10 +24,11 @@ from .corpus import TokenizedCorpus, load_eval_corpus, sample_positions
 from .engine import CleanPass, clean_pass, run_ablations
 from .metrics import METRICS, ROUTING_WEIGHT, check_rankings, observational_metrics
 from .models import AuditModel, load_model
+from .pruning import perplexity, pruned_experts
 from .paths import results_dir as resolve_results_dir
-from .store import cached_records, params_key
+from .store import cached_records, exclusive, params_key
 
-ENGINE_VERSION = 1  # bump when the engine's numerics change, so cached records are recomputed
+ENGINE_VERSION = 2  # bump when the engine's numerics change, so cached records are recomputed
 
 
 def model_fingerprint(model: AuditModel) -> str:
@@ -73,6 +74,23 @@ def _load_clean(path, model_name: str) -> CleanPass:
     return CleanPass(model_name, tokens, dict(sorted(routing.items())), z["offsets"])
 
 
+def _compute_and_save_clean(model: AuditModel, corpus: TokenizedCorpus, provenance: dict, path, *, batch_size: int,
+                            progress) -> None:
+    clean = clean_pass(model, corpus, batch_size=batch_size, progress=progress)
+    # write into a private folder and rename it into place, so an interrupted run never leaves
+    # (or reads) a half-written clean pass
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "params.json").write_text(json.dumps(provenance, indent=1, sort_keys=True))
+    corpus.to_frame().to_parquet(tmp / "corpus.parquet", index=False)
+    _save_clean(tmp, clean)
+    (tmp / "COMPLETE").write_text("1")
+    try:
+        os.replace(tmp, path)
+    except OSError:  # a finished copy is already there: keep it
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def prepare(model_name: str, *, n_texts: int = 100, max_tokens: int | None = None, dtype: str = "float32",
             device: str | None = "cpu", device_map=None, data_dir=None, results_dir=None,
             batch_size: int = 8, progress: bool | None = None) -> AuditContext:
@@ -91,22 +109,12 @@ def prepare(model_name: str, *, n_texts: int = 100, max_tokens: int | None = Non
                   "corpus": corpus.fingerprint(), "n_texts": n_texts, "max_tokens": max_tokens,
                   "engine_version": ENGINE_VERSION, "moeaudit": __version__}
     path = resolve_results_dir(results_dir) / "clean" / params_key(provenance)
-    if (path / "COMPLETE").exists():
-        clean = _load_clean(path, model.name)
-    else:
-        clean = clean_pass(model, corpus, batch_size=batch_size, progress=progress)
-        # write into a private folder and rename it into place, so a concurrent or interrupted
-        # run never leaves (or reads) a half-written clean pass
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)
-        (tmp / "params.json").write_text(json.dumps(provenance, indent=1, sort_keys=True))
-        corpus.to_frame().to_parquet(tmp / "corpus.parquet", index=False)
-        _save_clean(tmp, clean)
-        (tmp / "COMPLETE").write_text("1")
-        try:
-            os.replace(tmp, path)
-        except OSError:  # another run finished first: keep its copy
-            shutil.rmtree(tmp, ignore_errors=True)
+    if not (path / "COMPLETE").exists():
+        # one process computes a clean pass, others needing it wait for it (chapters run in parallel)
+        with exclusive(path.with_name(f"{path.name}.lock")):  # a lock file beside the folder
+            if not (path / "COMPLETE").exists():
+                _compute_and_save_clean(model, corpus, provenance, path, batch_size=batch_size, progress=progress)
+    clean = _load_clean(path, model.name)
     metrics = observational_metrics(clean, num_experts=model.layout.num_experts)
     return AuditContext(model, corpus, clean, metrics, provenance, results_dir)
 
@@ -185,6 +193,36 @@ def progressive_records(ctx: AuditContext, *, layers, n_positions: int, seed: in
               "max_k": max_k}
     return _ablation_records(ctx, "progressive", req, params, mode=mode, batch_size=batch_size,
                              seq_per_chunk=seq_per_chunk, progress=progress)
+
+
+def pruned_perplexities(ctx: AuditContext, plans: list[dict], corpus: TokenizedCorpus, *, plans_per_chunk: int = 8,
+                        progress: bool | None = None) -> pd.DataFrame:
+    """Perplexity of ``corpus`` under each pruning plan (``{layer: [experts removed]}``; ``{}`` is
+    the unpruned model), cached and resumable like the ablation records (keyed by the model, the
+    corpus and the list of plans). One row per plan, in order: ``plan`` (its index), ``mean_loss``,
+    ``perplexity``, ``n_tokens``; identical plans are evaluated once."""
+    canon = [{int(L): sorted(int(e) for e in v) for L, v in sorted(p.items())} for p in plans]
+    distinct = list(dict.fromkeys(json.dumps(p, sort_keys=True) for p in canon))
+    chunks = [distinct[i:i + plans_per_chunk] for i in range(0, len(distinct), plans_per_chunk)]
+
+    def compute(chunk):
+        rows = []
+        for blob in chunk:
+            plan = {int(L): v for L, v in json.loads(blob).items()}
+            with pruned_experts(ctx.model, plan):
+                r = perplexity(ctx.model, corpus, batch_size=len(corpus), progress=False)
+            rows.append({"plan_json": blob, "mean_loss": r["mean_loss"], "n_tokens": r["n_tokens"]})
+        return pd.DataFrame(rows)
+
+    params = {**ctx.provenance, "kind": "pruned_perplexity", "eval_corpus": corpus.fingerprint(), "plans": distinct}
+    done, _ = cached_records("pruned_perplexity", params, chunks, compute, results_dir=ctx.results_dir,
+                             progress=progress)
+    by_plan = done.set_index("plan_json")
+    out = pd.DataFrame({"plan": range(len(canon)), "plan_json": [json.dumps(p, sort_keys=True) for p in canon]})
+    out["mean_loss"] = by_plan.mean_loss.reindex(out.plan_json).to_numpy()
+    out["n_tokens"] = by_plan.n_tokens.reindex(out.plan_json).to_numpy()
+    out["perplexity"] = np.exp(out.mean_loss)
+    return out
 
 
 def paired_cells(records: pd.DataFrame, metrics: pd.DataFrame, *, rankings=None) -> pd.DataFrame:

@@ -1,6 +1,7 @@
 """Render the book: jupytext source -> papermill execution -> Jupyter Book HTML.
 
     python -m moeaudit.book build                       # execute every changed chapter, then build HTML
+    python -m moeaudit.book build --jobs 1              # one chapter at a time (default: 2 in parallel)
     python -m moeaudit.book build --no-execute          # rebuild HTML from the executed notebooks
     python -m moeaudit.book chapter 04_audit -p n_positions 50 -p models '["tiny-olmoe"]'
     python -m moeaudit.book list                        # chapters and their parameters
@@ -12,11 +13,17 @@ library and model files (``--force`` re-executes everything); raw records are ca
 ``parameters``); executed notebooks are written to ``book/<stem>.ipynb`` only when execution
 succeeded, so a failed run never leaves a page that looks complete. Parameter values given
 with ``-p`` are parsed as YAML (``50`` is an int, ``'[1, 2]'`` a list, ``null`` is None).
+
+``build`` executes up to ``--jobs`` chapters at once, each in its own process and kernel with one
+torch thread (``MOEAUDIT_BOOK_JOBS`` sets the default, 2): the chapters are independent, and
+chapters that need the same records or clean pass wait for the first one computing them (see
+:mod:`moeaudit.store`).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import shutil
@@ -126,6 +133,35 @@ def execute_chapter(stem: str, parameters: dict | None = None, *, book_dir: Path
     return target
 
 
+def execute_chapters(stems: list[str], *, jobs: int = 2, log=print) -> None:
+    """Execute ``stems`` with their default parameters, ``jobs`` at a time, each in a separate
+    ``python -m moeaudit.book chapter <stem> --no-html`` process; raise if any failed (after the
+    others finished, so one failure does not discard the rest)."""
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    if jobs == 1 or len(stems) <= 1:
+        for stem in stems:
+            execute_chapter(stem, log=log)
+        return
+
+    def run(stem):
+        t0 = time.time()
+        proc = subprocess.run([sys.executable, "-m", "moeaudit.book", "chapter", stem, "--no-html"],
+                              capture_output=True, text=True, cwd=str(REPO_ROOT))
+        return stem, proc, time.time() - t0
+
+    failed = []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        for stem, proc, seconds in pool.map(run, stems):
+            if proc.returncode == 0:
+                log(f"executed {stem} in {seconds:.1f} s (process wall time, {jobs} in parallel)")
+            else:
+                failed.append(stem)
+                log(f"FAILED {stem} after {seconds:.1f} s:\n{proc.stdout[-4000:]}{proc.stderr[-4000:]}")
+    if failed:
+        raise RuntimeError(f"chapter(s) {failed} failed to execute (output above)")
+
+
 def build_html(*, root: Path = REPO_ROOT, strict: bool = True) -> Path:
     """``jupyter-book build`` of ``root`` (holding ``_config.yml``, ``_toc.yml`` and ``book/``) into
     ``<root>/book/_build/html``, with warnings as errors when ``strict``."""
@@ -150,6 +186,8 @@ def main(argv=None) -> int:
     b = sub.add_parser("build", help="execute every chapter with its default parameters, then build HTML")
     b.add_argument("--no-execute", action="store_true", help="only rebuild HTML from book/*.ipynb")
     b.add_argument("--force", action="store_true", help="re-execute chapters even when their inputs are unchanged")
+    b.add_argument("--jobs", type=int, default=int(os.environ.get("MOEAUDIT_BOOK_JOBS", "2")),
+                   help="chapters executed at once, each in its own process (default 2, or $MOEAUDIT_BOOK_JOBS)")
     c = sub.add_parser("chapter", help="execute one chapter with other parameters, then rebuild HTML")
     c.add_argument("stem")
     c.add_argument("-p", nargs=2, action="append", metavar=("NAME", "VALUE"), help="parameter (YAML value)")
@@ -163,11 +201,13 @@ def main(argv=None) -> int:
     t0 = time.time()
     if args.cmd == "build":
         if not args.no_execute:
+            todo = []
             for stem in chapters():
                 if not args.force and is_up_to_date(stem):
                     print(f"{stem} is up to date (same source, parameters, library and models)")
-                    continue
-                execute_chapter(stem)
+                else:
+                    todo.append(stem)
+            execute_chapters(todo, jobs=args.jobs)
         build_html()
     else:
         execute_chapter(args.stem, _parse_params(args.p))

@@ -48,7 +48,8 @@ def progress_enabled(progress: bool | None) -> bool:
     return os.environ.get("MOEAUDIT_PROGRESS", "1") not in ("0", "false", "False")
 
 
-def _bar(iterable, *, total=None, desc="", progress=None):
+def progress_bar(iterable, *, total=None, desc="", progress=None):
+    """A tqdm bar on stderr, shown unless ``progress_enabled(progress)`` is false."""
     return tqdm(iterable, total=total, desc=desc, disable=not progress_enabled(progress), file=sys.stderr,
                 leave=False, dynamic_ncols=True)
 
@@ -137,7 +138,7 @@ def clean_pass(model: AuditModel, corpus: TokenizedCorpus, *, layers=None, batch
     token_rows, routing = [], {L: {k: [] for k in ("indices", "weight", "prob", "norm")} for L in layers}
     order = list(range(len(corpus)))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    for seq_ids in _bar(batches, desc="clean pass", progress=progress):
+    for seq_ids in progress_bar(batches, desc="clean pass", progress=progress):
         ids, mask = corpus.padded(seq_ids, pad_id=model.pad_id)
         ids, mask = ids.to(model.device), mask.to(model.device)
         saved = {}
@@ -259,32 +260,58 @@ def _run_batch(model: AuditModel, *, input_ids, attention_mask, position_ids, pa
     return logits, outputs
 
 
-def _packed_kv_step(model: AuditModel, corpus: TokenizedCorpus, rows: list, *, chunk_row: dict, width: int):
-    """Inputs of one token-mode step in which the rows of each sequence are packed as new tokens.
+@dataclass
+class PackedStep:
+    """Inputs of one token-mode step against a chunk's clean key/value cache (see :func:`packed_step`).
 
-    Sequence ``s`` of the chunk keeps batch row ``chunk_row[s]`` of the clean cache (width ``width``);
-    its rows of this step become new tokens ``0..R_s-1`` of that batch row, with position id ``t_r``.
-    The 4-D additive mask lets new token r see the cached positions ``< t_r`` and itself only, so
-    each row is exactly a single-token forward at ``t_r`` on the clean prefix, and the cache is
-    never copied per row. The mask is additive (``finfo.min`` where hidden): eager attention adds
-    it to the scores, where a boolean mask would add 0/1. Unused slots (a sequence with fewer rows
-    than the longest) attend to themselves only and are never read.
-    Returns input_ids, mask, position_ids (batch, q), the flattened token row of every request row
-    and its (batch row, query position).
+    ``flat`` is each row's index among the step's flattened tokens (the router's rows);
+    ``read_rows``/``read_pos`` its (batch row, query position) in the outputs."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    cache: object
+    flat: torch.Tensor
+    read_rows: torch.Tensor
+    read_pos: torch.Tensor
+
+
+def packed_step(model: AuditModel, corpus: TokenizedCorpus, rows: list, *, chunk: list[int], cache_kv: list,
+                width: int) -> PackedStep:
+    """Pack ``rows`` = [(seq_id, t, ...), ...] as new tokens of their sequences' clean cache rows.
+
+    ``cache_kv`` holds the (keys, values) per layer of a clean forward over the sequences ``chunk``
+    right-padded to ``width``. Sequence ``s`` keeps its cache row; its rows of this step become new
+    tokens ``0..R_s-1`` of that row, with position id ``t``. The 4-D additive mask lets new token r
+    see the cached positions ``< t_r`` and itself only, so each row is exactly a single-token
+    forward at ``t_r`` on the clean prefix, and the cache is never copied per row (only the cache
+    rows of sequences absent from the step are dropped, once per step). The mask is additive
+    (``finfo.min`` where hidden): eager attention adds it to the scores, where a boolean mask would
+    add 0/1. Unused slots (a sequence with fewer rows than the longest) attend to themselves only
+    and are never read.
     """
-    B = len(chunk_row)
+    from transformers import DynamicCache  # noqa: PLC0415
+
+    in_step = sorted({int(r[0]) for r in rows})
+    step_kv = cache_kv
+    if len(in_step) < len(chunk):
+        sel = torch.tensor([chunk.index(s) for s in in_step])
+        step_kv = [(k.index_select(0, sel.to(k.device)), v.index_select(0, sel.to(v.device))) for k, v in cache_kv]
+    batch_row = {s: b for b, s in enumerate(in_step)}
     per_seq: dict[int, int] = {}
     where = []
-    for s, _t, _i in rows:
+    for r in rows:
+        s = int(r[0])
         j = per_seq.get(s, 0)
         per_seq[s] = j + 1
-        where.append((chunk_row[s], j))
-    q = max(per_seq.values())
+        where.append((batch_row[s], j))
+    B, q = len(in_step), max(per_seq.values())
     input_ids = torch.full((B, q), model.pad_id, dtype=torch.long)
     position_ids = torch.zeros((B, q), dtype=torch.long)
     allowed = torch.zeros((B, 1, q, width + q), dtype=torch.bool)
     allowed[:, 0, torch.arange(q), width + torch.arange(q)] = True  # every query sees its own key
-    for (b, j), (s, t, _) in zip(where, rows):
+    for (b, j), r in zip(where, rows):
+        s, t = int(r[0]), int(r[1])
         input_ids[b, j] = int(corpus.sequences[s][t])
         position_ids[b, j] = t
         allowed[b, 0, j, :t] = True
@@ -292,7 +319,17 @@ def _packed_kv_step(model: AuditModel, corpus: TokenizedCorpus, rows: list, *, c
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
     b_of = torch.tensor([b for b, _ in where], dtype=torch.long)
     j_of = torch.tensor([j for _, j in where], dtype=torch.long)
-    return input_ids, mask, position_ids, b_of * q + j_of, b_of, j_of
+    return PackedStep(input_ids, mask, position_ids, DynamicCache(ddp_cache_data=step_kv), b_of * q + j_of, b_of, j_of)
+
+
+def clean_cache(model: AuditModel, corpus: TokenizedCorpus, chunk: list[int]) -> tuple[list, int]:
+    """Key/value cache of a clean forward over the sequences ``chunk`` (right-padded), and its
+    width. The LM head is skipped (``logits_to_keep=1``): only the cache is needed."""
+    ids, mask = corpus.padded(chunk, pad_id=model.pad_id)
+    with torch.no_grad():
+        out = model.hf(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), use_cache=True,
+                       logits_to_keep=1)
+    return [(lay.keys, lay.values) for lay in out.past_key_values.layers], int(ids.shape[1])
 
 
 def _check_custom_mask_support(model: AuditModel) -> None:
@@ -328,7 +365,7 @@ def run_ablations(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, 
     ``batch_size`` is the number of rows (ablations plus one clean row per position) per traced
     forward; ``seq_batch`` the number of sequences whose clean key/value cache is held at once.
     In token mode with ``strategy="kv"`` the rows of a step are packed as new tokens of their
-    sequence's cache row (see ``_packed_kv_step``); otherwise each row is its own prefix
+    sequence's cache row (see :func:`packed_step`); otherwise each row is its own prefix
     ``x[:t+1]`` and the LM head is applied at ``t`` only.
     """
     _refuse_inside_pruning(model)
@@ -347,18 +384,13 @@ def run_ablations(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, 
     results = np.full((len(req), 4), np.nan)  # clean_loss, ablated_loss, gap_norm, downstream compensation
     seqs = sorted(req.seq_id.unique().tolist())
     chunks = [seqs[i:i + seq_batch] for i in range(0, len(seqs), seq_batch)]
-    bar = _bar(None, total=len(req), desc=f"ablations ({mode})", progress=progress)
+    bar = progress_bar(None, total=len(req), desc=f"ablations ({mode})", progress=progress)
     for chunk in chunks:
         sub = req[req.seq_id.isin(chunk)]
         groups = [((int(s), int(t)), list(g.index)) for (s, t), g in sub.groupby(["seq_id", "t"], sort=True)]
         cache_kv = None
         if strategy == "kv":
-            ids, mask = corpus.padded(chunk, pad_id=model.pad_id)
-            # Only the cache is needed: logits_to_keep=1 skips the LM head over every position.
-            out = model.hf(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=True, logits_to_keep=1)
-            cache_kv = [(lay.keys, lay.values) for lay in out.past_key_values.layers]
-            del out
-            width = ids.shape[1]
+            cache_kv, width = clean_cache(model, corpus, chunk)
         for batch in _group_batches(groups, batch_size):
             rows = []  # (seq, t, request index or None)
             for (s, t), idxs in batch:
@@ -369,19 +401,10 @@ def run_ablations(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, 
             layers_here = sorted({int(req.at[i, "layer"]) for _, idxs in batch for i in idxs})
             logits_to_keep = None
             if strategy == "kv":
-                from transformers import DynamicCache  # noqa: PLC0415
-
-                in_step = sorted({s for s, _, _ in rows})
-                step_kv = cache_kv
-                if len(in_step) < len(chunk):  # keep only the cache rows of the sequences in this step
-                    sel = torch.tensor([chunk.index(s) for s in in_step], device=dev)
-                    step_kv = [(k.index_select(0, sel.to(k.device)), v.index_select(0, sel.to(v.device)))
-                               for k, v in cache_kv]
-                cache = DynamicCache(ddp_cache_data=step_kv)
-                input_ids, attn, position_ids, flat_of, read_rows, read_pos = _packed_kv_step(
-                    model, corpus, rows, chunk_row={s: b for b, s in enumerate(in_step)}, width=width)
-                q_len = input_ids.shape[1]
-                n_flat = input_ids.numel()
+                step = packed_step(model, corpus, rows, chunk=chunk, cache_kv=cache_kv, width=width)
+                input_ids, attn, position_ids, cache = step.input_ids, step.attention_mask, step.position_ids, step.cache
+                flat_of, read_rows, read_pos = step.flat, step.read_rows, step.read_pos
+                q_len, n_flat = input_ids.shape[1], input_ids.numel()
             else:
                 q_len = int(t_of.max()) + 1
                 input_ids = torch.full((R, q_len), model.pad_id, dtype=torch.long)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .corpus import TokenizedCorpus
-from .engine import _bar, _token_loss
+from .engine import progress_bar, _token_loss
 from .models import AuditModel
 
 
@@ -82,7 +82,7 @@ def perplexity(model: AuditModel, corpus: TokenizedCorpus, *, batch_size: int = 
     ``corpus`` (float32 losses), with the token count and mean loss."""
     total, count = 0.0, 0
     order = list(range(len(corpus)))
-    for b in _bar(range(0, len(order), batch_size), desc="perplexity", progress=progress):
+    for b in progress_bar(range(0, len(order), batch_size), desc="perplexity", progress=progress):
         seq_ids = order[b:b + batch_size]
         ids, mask = corpus.padded(seq_ids, pad_id=model.pad_id)
         ids, mask = ids.to(model.device), mask.to(model.device)

@@ -5,11 +5,15 @@ its parameters (``params.json`` is written beside the records). Work is split in
 each finished chunk is written atomically as ``part-XXXXX.parquet``, so an interrupted run
 resumes at the first missing chunk. ``COMPLETE`` is written last: a directory without it is
 never read as a finished result. Changing any parameter changes the key, so stale records
-are never silently reused.
+are never silently reused. Processes that need the same records at the same time (chapters
+executed in parallel) take an exclusive lock on the run directory: the first computes, the
+others wait and then read.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -18,7 +22,7 @@ from typing import Callable, Sequence
 
 import pandas as pd
 
-from .engine import _bar
+from .engine import progress_bar
 from .paths import results_dir as resolve_results_dir
 
 
@@ -51,7 +55,7 @@ class RecordStore:
         return self.chunk_path(i).exists()
 
     def save_chunk(self, i: int, df: pd.DataFrame) -> None:
-        tmp = self.chunk_path(i).with_suffix(".tmp")
+        tmp = self.chunk_path(i).with_suffix(f".tmp-{os.getpid()}")
         df.to_parquet(tmp, index=False)
         os.replace(tmp, self.chunk_path(i))
 
@@ -66,9 +70,23 @@ class RecordStore:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_suffix(path.suffix + f".tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def exclusive(lock_file: Path):
+    """Hold an exclusive advisory lock (``flock``) on ``lock_file`` for the block; another process
+    asking for the same lock waits until it is released (or its holder exits)."""
+    lock_file = Path(lock_file)
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def cached_records(kind: str, params: dict, chunks: Sequence, compute: Callable[[object], pd.DataFrame], *,
@@ -76,8 +94,10 @@ def cached_records(kind: str, params: dict, chunks: Sequence, compute: Callable[
     """Return the records for ``params``, computing (and saving) only the chunks not on disk yet."""
     store = RecordStore(kind, params, results_dir=results_dir)
     if not store.complete:
-        todo = [i for i in range(len(chunks)) if not store.has_chunk(i)]
-        for i in _bar(todo, desc=kind, progress=progress):
-            store.save_chunk(i, compute(chunks[i]))
-        store.mark_complete(len(chunks))
+        with exclusive(store.path / ".lock"):  # re-checked under the lock: another process may have finished it
+            if not store.complete:
+                todo = [i for i in range(len(chunks)) if not store.has_chunk(i)]
+                for i in progress_bar(todo, desc=kind, progress=progress):
+                    store.save_chunk(i, compute(chunks[i]))
+                store.mark_complete(len(chunks))
     return store.load(), store
