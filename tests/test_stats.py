@@ -324,6 +324,19 @@ def test_spearman_matches_scipy_and_bootstrap_ci(rng):
     assert other["ci_low"] != res["ci_low"]
 
 
+@pytest.mark.parametrize("method", ["BCa", "percentile"])
+def test_spearman_bootstrap_equals_resampling_spearmanr_itself(rng, method):
+    # the vectorised statistic (Pearson of average ranks) against scipy's spearmanr called on
+    # every resample, with ties in both variables
+    x = np.round(rng.normal(size=80), 1)
+    y = np.round(0.3 * x + rng.normal(size=80), 1)
+    res = S.spearman(x, y, n_boot=400, seed=3, method=method).iloc[0]
+    ref = sps.bootstrap((x, y), lambda a, b: sps.spearmanr(a, b).statistic, paired=True, vectorized=False,
+                        n_resamples=400, method=method, rng=np.random.default_rng(3)).confidence_interval
+    assert res["ci_low"] == pytest.approx(ref.low, abs=1e-12)
+    assert res["ci_high"] == pytest.approx(ref.high, abs=1e-12)
+
+
 def test_spearman_bootstrap_is_paired():
     # y is a monotone function of x: every paired resample gives rho = 1; an unpaired
     # resample would not

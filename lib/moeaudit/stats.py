@@ -430,7 +430,10 @@ def spearman(
     ``rho`` and ``p`` (two-sided) are ``scipy.stats.spearmanr(x, y)``. The interval is
     ``scipy.stats.bootstrap((x, y), paired=True)``: positions are resampled with their
     (x, y) pairs kept together, ``n_boot`` resamples, ``method`` (default bias-corrected
-    and accelerated), generator ``numpy.random.default_rng(seed)``.
+    and accelerated), generator ``numpy.random.default_rng(seed)``. The statistic of each
+    resample is Spearman's rho as the Pearson correlation of the average ranks
+    (``scipy.stats.pearsonr(rankdata(a), rankdata(b))``, which is how ``spearmanr`` defines
+    it), computed for all resamples at once (``vectorized=True``).
 
     Returns a one-row DataFrame: ``n``, ``rho``, ``p``, ``ci_low``, ``ci_high``,
     ``ci_level``, ``n_boot``, ``ci_method``.
@@ -441,10 +444,10 @@ def spearman(
         raise ValueError("x and y must have the same length")
     res = stats.spearmanr(xa, ya)
 
-    def rho(a, b):
-        return stats.spearmanr(a, b).statistic
+    def rho(a, b, axis=-1):
+        return stats.pearsonr(stats.rankdata(a, axis=axis), stats.rankdata(b, axis=axis), axis=axis).statistic
 
-    boot = stats.bootstrap((xa, ya), rho, paired=True, vectorized=False, n_resamples=n_boot,
+    boot = stats.bootstrap((xa, ya), rho, paired=True, vectorized=True, n_resamples=n_boot,
                            confidence_level=ci, method=method, rng=np.random.default_rng(seed))
     return pd.DataFrame([{
         "n": int(xa.size),
