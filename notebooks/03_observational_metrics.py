@@ -180,8 +180,9 @@ def critical_rho(n: int, level: float) -> float:
 
 
 ncols = max(len(v) for v in audited.values())
-fig, axes = plt.subplots(len(models), ncols, figsize=(2.5 * ncols + 1.6, 2.7 * len(models)), squeeze=False,
-                         layout="constrained")
+# no layout engine while drawing: seaborn draws the whole figure for every annotated heat map, and
+# constrained layout would be recomputed each time; it is switched on once at the end
+fig, axes = plt.subplots(len(models), ncols, figsize=(2.5 * ncols + 1.6, 2.7 * len(models)), squeeze=False)
 pairs = []
 short = ["util", "norm", "weight", "std"]
 for r, name in enumerate(models):
@@ -203,6 +204,7 @@ for r, name in enumerate(models):
             for j in range(i + 1, len(METRICS)):
                 pairs.append({"model": name, "layer": L, "pair": f"{short[i]}–{short[j]}",
                               "rho": rho.iloc[i, j], "n": n, "critical": crit})
+fig.set_layout_engine("constrained")
 fig.colorbar(axes[0][0].collections[0], ax=axes, shrink=0.6, label="Spearman ρ across experts")
 plt.show()
 pairs = pd.DataFrame(pairs)

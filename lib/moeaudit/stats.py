@@ -19,6 +19,9 @@ is on the paired differences ``D = high - low``: a valid criterion predicts ``D 
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import gc
 from collections.abc import Sequence
 
 import numpy as np
@@ -125,6 +128,7 @@ def dz_confidence_interval(dz: float, n: int, *, ci: float = 0.95) -> tuple[floa
     return solve(1.0 - tail) / np.sqrt(n), solve(tail) / np.sqrt(n)
 
 
+@functools.lru_cache(maxsize=4096)  # a deterministic root search, asked for the same (n, alpha) in every cell
 def min_detectable_dz(n: int, *, alpha: float = 0.05, power: float = 0.8) -> float:
     """Smallest |d_z| a two-sided paired t test at level ``alpha`` detects with ``power``.
 
@@ -323,6 +327,19 @@ def summary_effect(
     }])
 
 
+@contextlib.contextmanager
+def _frozen_heap():
+    """statsmodels' ``multipletests(method="holm")`` calls ``gc.collect()`` on every call, which
+    costs ~0.3 s with a model and its records in memory (a full book calls it hundreds of times).
+    ``gc.freeze()`` moves the existing objects out of the collector's view for the block, so that
+    collection only scans what was allocated since; ``gc.unfreeze()`` puts them back."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def correct_family(
     table: pd.DataFrame,
     *,
@@ -352,8 +369,9 @@ def correct_family(
         for p in ("p_t", "p_W"):
             adj = pd.Series(np.nan, index=out.index, dtype=np.float64)
             for _, idx in fam_keys.groupby(fam_keys).groups.items():
-                adj.loc[idx] = multipletests(out.loc[idx, p].to_numpy(dtype=np.float64),
-                                             alpha=alpha, method=method)[1]
+                with _frozen_heap():
+                    adj.loc[idx] = multipletests(out.loc[idx, p].to_numpy(dtype=np.float64),
+                                                 alpha=alpha, method=method)[1]
             out[f"{p}_{suffix}"] = adj
         out[f"sig_t_{suffix}"] = out[f"p_t_{suffix}"] < alpha
         out[f"sig_W_{suffix}"] = out[f"p_W_{suffix}"] < alpha
