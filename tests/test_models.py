@@ -14,7 +14,7 @@ import torch
 
 from moeaudit import engine as E
 from moeaudit.models import SUPPORTED_FAMILIES, MoELayout, layout_from_config, load_model, wrap_model
-from moeaudit.testing import TINY_VOCAB, tiny_config, tiny_random_model
+from moeaudit.testing import save_tiny_checkpoint, tiny_config, tiny_random_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -205,18 +205,6 @@ def test_load_model_unsupported_architecture(tmp_path):
         load_model(str(tmp_path))
 
 
-def _tokenizer():
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import Whitespace
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<unk>": 1, **{f"w{i}": i for i in range(2, TINY_VOCAB)}}
-    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """Each family (three at most, for time) saved with save_pretrained plus a tokenizer."""
@@ -224,8 +212,7 @@ def saved(tmp_path_factory):
     out = {}
     for fam in ("olmoe", "qwen2_moe", "deepseek_v2"):
         m = tiny_random_model(fam, seed=3)
-        m.hf.save_pretrained(root / fam)
-        _tokenizer().save_pretrained(root / fam)
+        save_tiny_checkpoint(m, root / fam)
         out[fam] = (root / fam, m)
     return out
 

@@ -26,21 +26,9 @@ import torch
 
 from moeaudit import engine as E
 from moeaudit.models import AuditModel, load_model, wrap_model
-from moeaudit.testing import TINY_VOCAB, random_token_corpus, tiny_random_model
+from moeaudit.testing import random_token_corpus, save_tiny_checkpoint, tiny_random_model
 
 TOL = 1e-6
-
-
-def _tokenizer():
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import Whitespace
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<unk>": 1, **{f"w{i}": i for i in range(2, TINY_VOCAB)}}
-    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +36,7 @@ def saved(tmp_path_factory):
     """A tiny random OLMoE (16 experts, top-4) and a WordLevel tokenizer saved in one directory."""
     path = tmp_path_factory.mktemp("scale") / "tiny-olmoe-random"
     m = tiny_random_model("olmoe", seed=7, num_experts=16, top_k=4)
-    m.hf.save_pretrained(path)
-    _tokenizer().save_pretrained(path)
+    save_tiny_checkpoint(m, path)
     return path
 
 

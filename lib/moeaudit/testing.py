@@ -69,6 +69,26 @@ def tiny_random_model(family: str, *, seed: int = 0, dtype: torch.dtype = torch.
     return wrap_model(hf, name=f"tiny-random-{family}")
 
 
+def tiny_word_tokenizer(*, vocab_size: int = TINY_VOCAB):
+    """A word-level fast tokenizer over ``<pad>``, ``<unk>``, ``w2`` .. ``w{vocab_size-1}`` (ids equal
+    to the word numbers), so that a saved tiny model loads with a tokenizer and no download."""
+    from tokenizers import Tokenizer  # noqa: PLC0415
+    from tokenizers.models import WordLevel  # noqa: PLC0415
+    from tokenizers.pre_tokenizers import Whitespace  # noqa: PLC0415
+    from transformers import PreTrainedTokenizerFast  # noqa: PLC0415
+
+    vocab = {"<pad>": 0, "<unk>": 1, **{f"w{i}": i for i in range(2, vocab_size)}}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
+
+
+def save_tiny_checkpoint(model: AuditModel, path) -> None:
+    """``save_pretrained`` of a tiny model plus :func:`tiny_word_tokenizer`, as a loadable directory."""
+    model.hf.save_pretrained(path)
+    tiny_word_tokenizer(vocab_size=model.hf.config.vocab_size).save_pretrained(path)
+
+
 def random_token_corpus(*, n_seqs: int = 3, length: int = 24, vocab_size: int = TINY_VOCAB, seed: int = 0,
                         ragged: bool = True):
     """A :class:`~moeaudit.corpus.TokenizedCorpus` of random ids (ids >= 1; 0 is padding)."""
