@@ -66,7 +66,7 @@ import pandas as pd
 import seaborn as sns
 from IPython.display import Markdown, display
 
-import moeaudit  # noqa: F401
+import moeaudit.models  # noqa: F401  (imports nnsight, which must precede transformers.models.*)
 from moeaudit import paths, report
 from moeaudit.zoo import ZOO_MODELS, zoo_path
 

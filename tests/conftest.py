@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import moeaudit  # noqa: F401  (nnsight must be imported before transformers.models.*)
+import moeaudit.models  # noqa: F401  (imports nnsight, which must precede transformers.models.*)
 from moeaudit.testing import random_token_corpus, tiny_random_model
 
 FAMILIES = ("olmoe", "qwen2_moe", "deepseek_v2", "qwen3_moe", "mixtral")

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import moeaudit  # noqa: F401  (nnsight must be imported before transformers.models.*)
+import moeaudit.models  # noqa: F401  (imports nnsight, which must precede transformers.models.*)
 from moeaudit import paths
 from moeaudit.zoo import MIRRORS, ZOO_MODELS, load_summary, zoo_path
 

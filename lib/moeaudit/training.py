@@ -55,6 +55,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import nnsight  # noqa: F401  (must precede transformers.models.*: trained models are audited in the same process)
 import numpy as np
 
 from .zoo import ZOO_DIR, ZOO_MODELS
