@@ -91,6 +91,39 @@ def test_interrupted_run_resumes_and_is_never_read_as_complete(tmp_path):
     assert df.chunk.tolist() == chunks and store.complete
 
 
+def _count_and_compute(chunk, log, pause):
+    import time
+
+    with open(log, "a") as fh:
+        fh.write(f"{chunk}\n")
+    time.sleep(pause)  # long enough that both processes ask for the records while one computes
+    return pd.DataFrame({"chunk": [chunk]})
+
+
+def _records_in_child(results_dir, log):
+    import functools
+
+    cached_records("shared", {"x": 1}, ["a", "b"], functools.partial(_count_and_compute, log=log, pause=0.5),
+                   results_dir=results_dir, progress=False)
+
+
+def test_concurrent_processes_compute_shared_records_once(tmp_path):
+    import multiprocessing
+
+    log = tmp_path / "computed.txt"
+    procs = [multiprocessing.get_context("fork").Process(target=_records_in_child, args=(tmp_path, log))
+             for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert sorted(log.read_text().split()) == ["a", "b"]  # each chunk computed by one process only
+    df, _ = cached_records("shared", {"x": 1}, ["a", "b"], lambda c: pytest.fail("recomputed"),
+                           results_dir=tmp_path, progress=False)
+    assert df.chunk.tolist() == ["a", "b"]
+
+
 def test_progressive_removes_top_weight_experts_cumulatively(ctx):
     rec = progressive_records(ctx, layers=[2], n_positions=6, seed=0, progress=False)
     assert sorted(rec.k.unique()) == [1, 2]

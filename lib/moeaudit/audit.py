@@ -24,8 +24,8 @@ from .corpus import TokenizedCorpus, load_eval_corpus, sample_positions
 from .engine import CleanPass, clean_pass, run_ablations
 from .metrics import METRICS, ROUTING_WEIGHT, check_rankings, observational_metrics
 from .models import AuditModel, load_model
-from .pruning import perplexity, pruned_experts
 from .paths import results_dir as resolve_results_dir
+from .pruning import perplexity, pruned_experts
 from .store import cached_records, exclusive, params_key
 
 ENGINE_VERSION = 2  # bump when the engine's numerics change, so cached records are recomputed
@@ -201,8 +201,8 @@ def pruned_perplexities(ctx: AuditContext, plans: list[dict], corpus: TokenizedC
     the unpruned model), cached and resumable like the ablation records (keyed by the model, the
     corpus and the list of plans). One row per plan, in order: ``plan`` (its index), ``mean_loss``,
     ``perplexity``, ``n_tokens``; identical plans are evaluated once."""
-    canon = [{int(L): sorted(int(e) for e in v) for L, v in sorted(p.items())} for p in plans]
-    distinct = list(dict.fromkeys(json.dumps(p, sort_keys=True) for p in canon))
+    blobs = [json.dumps({int(L): sorted(int(e) for e in v) for L, v in p.items()}, sort_keys=True) for p in plans]
+    distinct = list(dict.fromkeys(blobs))
     chunks = [distinct[i:i + plans_per_chunk] for i in range(0, len(distinct), plans_per_chunk)]
 
     def compute(chunk):
@@ -218,7 +218,7 @@ def pruned_perplexities(ctx: AuditContext, plans: list[dict], corpus: TokenizedC
     done, _ = cached_records("pruned_perplexity", params, chunks, compute, results_dir=ctx.results_dir,
                              progress=progress)
     by_plan = done.set_index("plan_json")
-    out = pd.DataFrame({"plan": range(len(canon)), "plan_json": [json.dumps(p, sort_keys=True) for p in canon]})
+    out = pd.DataFrame({"plan": range(len(plans)), "plan_json": blobs})
     out["mean_loss"] = by_plan.mean_loss.reindex(out.plan_json).to_numpy()
     out["n_tokens"] = by_plan.n_tokens.reindex(out.plan_json).to_numpy()
     out["perplexity"] = np.exp(out.mean_loss)

@@ -453,7 +453,6 @@ def run_ablations(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, 
                                for Lp in later) / gap ** 2 if later else 0.0
                 results[i] = (losses[c], losses[r], gap, comp)
             bar.update(sum(len(idxs) for _, idxs in batch))
-        cache_kv = None
     bar.close()
     rec = _records(model, clean, req, results[:, :3], mode=mode, seed=seed)
     if downstream:
