@@ -71,6 +71,7 @@ t = None  # None: the middle position of that text
 n_texts = 10  # texts loaded for the example (only seq_id is used)
 dtype = "float32"
 device = "cpu"
+corpus = "auto"  # "auto": WikiText-2 if found locally or on the hub, else the embedded corpus; "wikitext-2"; "embedded"; or a text file (one text per line)
 data_dir = None  # folder with wikitext-2/ (default: $MOEAUDIT_DATA_DIR)
 results_dir = None  # record cache (default: $MOEAUDIT_RESULTS_DIR or results/)
 
@@ -85,17 +86,18 @@ from moeaudit.audit import prepare
 from moeaudit.engine import run_ablations
 
 report.use_book_style()
+corpus_source = report.show_corpus(corpus, data_dir=data_dir)
 
 # %% [markdown]
 # ## One token, seen and intervened on
 #
-# The model below is loaded, the first evaluation texts of the WikiText-2 test split are run
-# through it once (the *clean pass*, which records at every token which experts the router
+# The model below is loaded, the first texts of the evaluation corpus (named in the box at the
+# top of this page) are run through it once (the *clean pass*, which records at every token which experts the router
 # selected and with what weight), and one token position is picked.
 
 # %%
 name = models[0]
-ctx = prepare(name, n_texts=n_texts, dtype=dtype, device=device, data_dir=data_dir, results_dir=results_dir)
+ctx = prepare(name, n_texts=n_texts, dtype=dtype, device=device, corpus=corpus_source, data_dir=data_dir, results_dir=results_dir)
 lay = ctx.model.layout
 L = lay.moe_layers[-1] if layer is None else int(layer)
 lay.check_layer(L)
@@ -284,8 +286,10 @@ display(Markdown(
 # Parameter values are read as YAML (`50` is a number, `'["a", "b"]'` a list, `null` is
 # None). Models are given as shipped names, Hugging Face ids (e.g.
 # `'["allenai/OLMoE-1B-7B-0924"]'` with `-p device cuda -p dtype bfloat16`) or local
-# directories. The WikiText-2 files are read from `$MOEAUDIT_DATA_DIR` (or the `data_dir`
-# parameter). Ablation records are cached on disk (`results/`, or `$MOEAUDIT_RESULTS_DIR`)
+# directories. The `corpus` parameter names the evaluation text: `"auto"` (the default) reads
+# WikiText-2 from `$MOEAUDIT_DATA_DIR` (or the `data_dir` parameter) or from the Hugging Face
+# hub, and otherwise the corpus of original prose shipped with the project, whose numbers are
+# illustrative; `"wikitext-2"` insists on WikiText-2; a file path reads one text per line. Ablation records are cached on disk (`results/`, or `$MOEAUDIT_RESULTS_DIR`)
 # under a key made of every parameter that produced them, so a re-run reuses them, an
 # interrupted run resumes, and a changed parameter computes new records.
 #

@@ -65,6 +65,7 @@ dtype = "float32"
 device = "cpu"
 n_texts = 100
 max_tokens = None
+corpus = "auto"  # "auto": WikiText-2 if found locally or on the hub, else the embedded corpus; "wikitext-2"; "embedded"; or a text file (one text per line)
 data_dir = None
 results_dir = None
 
@@ -80,6 +81,7 @@ from moeaudit.engine import ABLATION_MODES
 from moeaudit.verify import verification_suite
 
 report.use_book_style()
+corpus_source = report.show_corpus(corpus, data_dir=data_dir)
 if mode not in ABLATION_MODES:
     raise ValueError(f"mode={mode!r} is not one of {ABLATION_MODES}")
 other_mode = [m for m in ABLATION_MODES if m != mode][0]
@@ -87,15 +89,15 @@ other_mode = [m for m in ABLATION_MODES if m != mode][0]
 # %% [markdown]
 # ## The models
 #
-# Each model is loaded once and run over the evaluation corpus (the first WikiText-2 test
-# lines longer than 50 characters) to record its routing. The table describes what the
+# Each model is loaded once and run over the evaluation corpus (its first lines longer than 50
+# characters, as the paper takes them from the WikiText-2 test split) to record its routing. The table describes what the
 # audit reads from each model's configuration.
 
 # %%
 contexts, audited = {}, {}
 for name in models:
     ctx = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=dtype, device=device,
-                  data_dir=data_dir, results_dir=results_dir)
+                  corpus=corpus_source, data_dir=data_dir, results_dir=results_dir)
     contexts[name] = ctx
     lay = ctx.model.layout
     audited[name] = [int(L) for L in layers] if layers is not None else ctx.model.audit_layers(5)

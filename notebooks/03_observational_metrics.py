@@ -48,6 +48,7 @@ max_tokens = None
 batch_size = 8
 alpha = 0.05  # level for the significance threshold of Spearman correlations
 released_pad_share = 0.62  # share of padding positions in the released statistics run (OLMoE)
+corpus = "auto"  # "auto": WikiText-2 if found locally or on the hub, else the embedded corpus; "wikitext-2"; "embedded"; or a text file (one text per line)
 data_dir = None
 results_dir = None
 
@@ -66,12 +67,13 @@ from moeaudit.audit import prepare
 from moeaudit.metrics import METRIC_LABELS, METRICS
 
 report.use_book_style()
+corpus_source = report.show_corpus(corpus, data_dir=data_dir)
 
 # %%
 contexts, audited = {}, {}
 for name in models:
     ctx = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=dtype, device=device,
-                  data_dir=data_dir, results_dir=results_dir)
+                  corpus=corpus_source, data_dir=data_dir, results_dir=results_dir)
     contexts[name] = ctx
     audited[name] = [int(L) for L in layers] if layers is not None else ctx.model.audit_layers(5)
     for L in audited[name]:

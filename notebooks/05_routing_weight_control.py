@@ -52,11 +52,12 @@ seed = 42
 mode = "token"  # "token" (the paper's definition) or "sequence" (the released code's)
 dtype = "float32"
 device = "cpu"
-n_texts = 100  # first n WikiText-2 test lines longer than 50 characters
+n_texts = 100  # the first n lines of the corpus longer than 50 characters (the paper: WikiText-2 test)
 max_tokens = None  # None: min(512, the model's context)
 min_context = 0
 batch_size = 64
 alpha = 0.05
+corpus = "auto"  # "auto": WikiText-2 if found locally or on the hub, else the embedded corpus; "wikitext-2"; "embedded"; or a text file (one text per line)
 data_dir = None  # folder with wikitext-2/ (default: $MOEAUDIT_DATA_DIR)
 results_dir = None  # record cache (default: $MOEAUDIT_RESULTS_DIR or results/)
 n_boot = 2000  # bootstrap resamples for the Spearman confidence intervals
@@ -74,6 +75,7 @@ from moeaudit.audit import paired_cells, prepare, single_expert_records
 from moeaudit.metrics import METRICS, ROUTING_WEIGHT
 
 report.use_book_style()
+corpus_source = report.show_corpus(corpus, data_dir=data_dir)
 
 # %% [markdown]
 # ## The records
@@ -86,7 +88,7 @@ report.use_book_style()
 control_cells, observational_cells, layouts = [], [], {}
 for name in models:
     ctx = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=dtype, device=device,
-                  data_dir=data_dir, results_dir=results_dir)
+                  corpus=corpus_source, data_dir=data_dir, results_dir=results_dir)
     lay = ctx.model.layout
     layouts[name] = lay
     audited = list(layers) if layers is not None else ctx.model.audit_layers(5)

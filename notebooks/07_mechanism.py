@@ -58,10 +58,11 @@ seed = 42
 mode = "token"  # "token" (the paper's definition) or "sequence" (the released code's)
 dtype = "float32"
 device = "cpu"
-n_texts = 100  # first n WikiText-2 test lines longer than 50 characters
+n_texts = 100  # the first n lines of the corpus longer than 50 characters (the paper: WikiText-2 test)
 max_tokens = None  # None: min(512, the model's context)
 batch_size = 64
 min_activations = 5  # an expert enters a correlation only with at least this many activations
+corpus = "auto"  # "auto": WikiText-2 if found locally or on the hub, else the embedded corpus; "wikitext-2"; "embedded"; or a text file (one text per line)
 data_dir = None  # folder with wikitext-2/ (default: $MOEAUDIT_DATA_DIR)
 results_dir = None  # record cache (default: $MOEAUDIT_RESULTS_DIR or results/)
 
@@ -78,6 +79,7 @@ from moeaudit.audit import prepare, single_expert_records
 from moeaudit.engine import expert_outputs
 
 report.use_book_style()
+corpus_source = report.show_corpus(corpus, data_dir=data_dir)
 
 
 def stars(p) -> str:
@@ -159,7 +161,7 @@ def block_geometry(ctx, moe_layers, *, batch_size: int) -> pd.DataFrame:
 geo_all, rec_all, info, last_moe_layer = [], [], [], {}
 for name in models:
     ctx = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=dtype, device=device,
-                  data_dir=data_dir, results_dir=results_dir)
+                  corpus=corpus_source, data_dir=data_dir, results_dir=results_dir)
     ctx.model.hf.config.output_router_logits = False  # no auxiliary balancing loss during analysis forwards
     lay = ctx.model.layout
     moe = list(layers) if layers is not None else list(lay.moe_layers)
@@ -230,6 +232,7 @@ gap_depth = (per_expert.groupby(["model", "layer", "rel_depth"], sort=False)
 
 try:
     paper = released.redistribution(data_dir=data_dir)
+    paper_source = released.released_source(data_dir).describe()
     paper["rel_depth"] = paper.groupby("model").layer.transform(lambda s: s / s.max())
     paper["label"] = paper.model.map({"olmoe": "paper: OLMoE-1B-7B", "qwen": "paper: Qwen1.5-MoE-A2.7B"})
 except released.ReleasedDataUnavailable:
@@ -252,6 +255,8 @@ ratios = pd.DataFrame(ratio_rows(gap_depth, "model", "mean_gap")
 display(ratios.set_index("model").style.format({"mean gap norm, first": "{:.3g}", "mean gap norm, last": "{:.3g}",
                                                  "ratio last / first": "{:.1f}×",
                                                  "ratio largest / smallest layer": "{:.1f}×"}))
+if paper is not None:
+    display(Markdown(f"*The paper's rows are read from {paper_source}.*"))
 
 # %%
 colors = report.model_colors(models)

@@ -23,7 +23,9 @@
 # summaries were released. The OLMoE routing-weight control (the paper's Table 4, which holds
 # its one positive result) was not released.
 #
-# This chapter does three things with these files.
+# This chapter does three things with these records. It reads the original files when they are
+# present, and otherwise a table of the values it uses, derived from those files and shipped with
+# the project (with the sha256 of every source file); the box below says which.
 #
 # 1. It recomputes every table cell it can, from the per-position records where they exist
 #    and from the stored summaries otherwise, and sets each value beside the number printed
@@ -59,11 +61,13 @@ import seaborn as sns
 from IPython.display import display
 
 from moeaudit import released as R
+from moeaudit import report
 from moeaudit import stats as S
 
 MODEL_ORDER = ["olmoe", "qwen", "deepseek"]
 METRIC_LABELS = {**R.METRICS, "routing_weight": "Routing weight (control)"}
 METRIC_RANK = {m: i for i, m in enumerate(METRIC_LABELS)}
+released_source = report.show_released_source(data_dir)
 N_METRIC_CELLS = 4 * 5  # the paper's Bonferroni family per model: 4 metrics x 5 layers
 N_CONTROL_CELLS = 5  # and for the routing-weight control: 5 layers
 KEYS = ["model", "experiment", "layer", "metric"]

@@ -52,11 +52,12 @@ modes = ["token", "sequence"]  # the paper's definition first, the released code
 half_dtype = "bfloat16"  # precision compared against `dtype` in the noise-floor section
 dtype = "float32"
 device = "cpu"
-n_texts = 100  # first n WikiText-2 test lines longer than 50 characters
+n_texts = 100  # the first n lines of the corpus longer than 50 characters (the paper: WikiText-2 test)
 max_tokens = None  # None: min(512, the model's context)
 batch_size = 64
 alpha = 0.05
 n_boot = 2000  # bootstrap resamples for the confidence intervals of differences of d_z
+corpus = "auto"  # "auto": WikiText-2 if found locally or on the hub, else the embedded corpus; "wikitext-2"; "embedded"; or a text file (one text per line)
 data_dir = None  # folder with wikitext-2/ and paper-released/ (default: $MOEAUDIT_DATA_DIR)
 results_dir = None  # record cache (default: $MOEAUDIT_RESULTS_DIR or results/)
 
@@ -79,6 +80,7 @@ from moeaudit.engine import expert_outputs
 from moeaudit.metrics import METRIC_LABELS, METRICS, ROUTING_WEIGHT
 
 report.use_book_style()
+corpus_source = report.show_corpus(corpus, data_dir=data_dir)
 if len(modes) != 2 or len(set(modes)) != 2 or not set(modes) <= {"token", "sequence"}:
     raise ValueError(f"modes={modes!r} must name the two intervention definitions, e.g. ['token', 'sequence']")
 if half_dtype == dtype:
@@ -172,7 +174,7 @@ fig.tight_layout(rect=(0.01, 0.155, 1, 1))
 contexts, records, audited_layers = {}, {}, {}
 for name in models:
     ctx = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=dtype, device=device,
-                  data_dir=data_dir, results_dir=results_dir)
+                  corpus=corpus_source, data_dir=data_dir, results_dir=results_dir)
     contexts[name] = ctx
     lay = ctx.model.layout
     audited = list(layers) if layers is not None else ctx.model.audit_layers(5)
@@ -677,7 +679,7 @@ display(grid.style.format({"max_abs_dz": "{:.3f}"}).hide(axis="index").set_capti
 half_recs, half_ctx_metrics = {}, {}
 for name in models:
     ctx_h = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=half_dtype, device=device,
-                    data_dir=data_dir, results_dir=results_dir)
+                    corpus=corpus_source, data_dir=data_dir, results_dir=results_dir)
     half_recs[name] = single_expert_records(ctx_h, layers=audited_layers[name], n_positions=n_positions, seed=seed,
                                             mode="token", batch_size=batch_size)
     half_ctx_metrics[name] = ctx_h.metrics
@@ -790,6 +792,7 @@ display(Markdown(
 # %%
 try:
     prog = released.progressive_ablation(data_dir=data_dir)
+    display(Markdown(f"*The released progressive-ablation summary is read from {released.released_source(data_dir).describe()}.*"))
 except released.ReleasedDataUnavailable:
     prog = None
     display(Markdown("*The authors' released result files were not found (set `data_dir` or `$MOEAUDIT_DATA_DIR` to a "

@@ -71,7 +71,7 @@ seed = 42
 mode = "token"  # "token" (the paper's definition) or "sequence"; attribution always estimates "token"
 dtype = "float32"
 device = "cpu"
-n_texts = 100  # first n WikiText-2 test lines longer than 50 characters
+n_texts = 100  # the first n lines of the corpus longer than 50 characters (the paper: WikiText-2 test)
 max_tokens = None  # None: min(512, the model's context)
 batch_size = 64
 prune_fractions = [0.125, 0.25, 0.5]  # share of routed experts removed from every MoE layer
@@ -80,6 +80,7 @@ ppl_texts = 40  # held-out texts (second half of the corpus) for perplexity
 alpha = 0.05
 n_boot = 400  # bootstrap resamples for the Spearman intervals (percentile method)
 per_layer_sweep = True  # also prune one MoE layer at a time at the largest fraction (criteria and random draws)
+corpus = "auto"  # "auto": WikiText-2 if found locally or on the hub, else the embedded corpus; "wikitext-2"; "embedded"; or a text file (one text per line)
 data_dir = None  # folder with wikitext-2/ (default: $MOEAUDIT_DATA_DIR)
 results_dir = None  # record cache (default: $MOEAUDIT_RESULTS_DIR or results/)
 
@@ -102,6 +103,7 @@ from moeaudit.metrics import METRIC_LABELS, METRICS, ROUTING_WEIGHT, expert_metr
 from moeaudit.pruning import lowest_ranked
 
 report.use_book_style()
+corpus_source = report.show_corpus(corpus, data_dir=data_dir)
 
 TOKEN_PREDICTORS = ("gap_norm", "attribution")
 LITERATURE = ("freq_weighted_norm", "reap")
@@ -182,7 +184,7 @@ def expert_criteria(ctx, seq_ids) -> pd.DataFrame:
 contexts, records, criteria, audited_layers, timings, splits = {}, {}, {}, {}, [], {}
 for name in models:
     ctx = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=dtype, device=device,
-                  data_dir=data_dir, results_dir=results_dir)
+                  corpus=corpus_source, data_dir=data_dir, results_dir=results_dir)
     contexts[name] = ctx
     lay = ctx.model.layout
     audited = list(layers) if layers is not None else ctx.model.audit_layers(5)

@@ -53,6 +53,7 @@
 
 # %% tags=["parameters"]
 models = ["tiny-olmoe", "tiny-qwen-moe", "tiny-deepseek-v2"]  # shipped names or directories with a training_summary.json
+corpus = "auto"  # "auto": WikiText-2 if found locally or on the hub, else the embedded corpus; "wikitext-2"; "embedded"; or a text file (one text per line)
 data_dir = None  # folder with wikitext-2/ (default: $MOEAUDIT_DATA_DIR); only for the example predictions
 results_dir = None  # where the tables of this page are saved as CSV (default: $MOEAUDIT_RESULTS_DIR or results/)
 
@@ -71,6 +72,7 @@ from moeaudit import paths, report
 from moeaudit.zoo import ZOO_MODELS, zoo_path
 
 report.use_book_style()
+corpus_source = report.show_corpus(corpus, data_dir=data_dir, scope="example")
 colors = report.model_colors(models)
 out_dir = paths.results_dir(results_dir) / "A1_default_models"
 out_dir.mkdir(parents=True, exist_ok=True)
@@ -317,23 +319,20 @@ else:
 # %% [markdown]
 # ## What the models predict
 #
-# To make the numbers above concrete: the start of the first long paragraph of the test split,
-# and each model's five most probable next tokens after it.
+# To make the numbers above concrete: the start of the first long paragraph of the evaluation
+# corpus, and each model's five most probable next tokens after it.
 
 # %%
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from moeaudit.corpus import load_wikitext2, select_texts  # noqa: E402
+from moeaudit.corpus import select_texts  # noqa: E402
 
 hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()
-try:
-    text = select_texts(load_wikitext2("test", data_dir=data_dir), n_texts=1)[0]
-except (FileNotFoundError, ValueError) as exc:
-    text = None
-    display(Markdown(f"*The test split is not available here ({type(exc).__name__}), so this example is skipped.*"))
+text = select_texts(list(corpus_source.lines), n_texts=1)[0]
+display(Markdown(f"From {corpus_source.describe()}:"))
 if text is not None:
     prompt = " ".join(text.split()[:24])
     display(Markdown(f"> {prompt} …"))

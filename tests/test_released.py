@@ -76,9 +76,53 @@ def test_offline_without_copy_gives_clear_error(monkeypatch, tmp_path):
         assert R.RELEASED_COMMIT in msg
     with pytest.raises(R.ReleasedDataUnavailable, match="download=False"):
         R.released_dir(empty, download=False)
-    # the loaders surface the same error
+    # the loaders fall back to the embedded derived table, and say so
+    src = R.released_source(empty)
+    assert src.kind == "embedded" and src.path == R.EMBEDDED_TABLE and "not found" in src.reason
+    assert "18bd31b" in src.describe() and "sha256" in src.describe()
+    assert len(R.progressive_ablation(data_dir=empty)) == 42
+    with pytest.raises(R.ReleasedDataUnavailable):
+        R.released_source(empty, embedded=False)
+    monkeypatch.setattr(R, "EMBEDDED_TABLE", tmp_path / "no-such-table.parquet")
     with pytest.raises(R.ReleasedDataUnavailable):
         R.progressive_ablation(data_dir=empty)
+
+
+def test_embedded_provenance_names_every_source_file():
+    prov = R.embedded_provenance()
+    assert prov["source_repository"] == R.RELEASED_REPO and prov["source_commit"] == R.RELEASED_COMMIT
+    assert set(prov["source_files"]) == set(R.RELEASED_FILES)
+    assert all(len(h) == 64 and int(h, 16) >= 0 for h in prov["source_files"].values())
+    assert set(prov["tables"]) == set(R.DERIVED_TABLES)
+
+
+def test_embedded_table_filters_like_the_files(monkeypatch, tmp_path):
+    """The model/experiment filters return the same rows, in the same order, as a filtered build."""
+    monkeypatch.setenv(R.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(R, "_urlopen", lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("offline")))
+    empty = tmp_path / "data"
+    empty.mkdir()
+    every = R.stored_statistics(data_dir=empty)
+    qwen_control = R.stored_statistics(model="qwen", experiment="control", data_dir=empty)
+    expected = every[(every.model == "qwen") & (every.experiment == "control")].reset_index(drop=True)
+    pd.testing.assert_frame_equal(qwen_control, expected)
+    assert list(qwen_control.index) == list(range(len(qwen_control))) and len(qwen_control) == 5
+    deepseek = R.metric_comparisons(model="deepseek", data_dir=empty)
+    assert set(deepseek.model) == {"deepseek"} and len(deepseek) == 4000
+    with pytest.raises(ValueError, match="model must be one of"):
+        R.metric_comparisons(model="qwen", data_dir=empty)
+
+
+@needs_data
+def test_embedded_table_is_rederived_identically_from_the_files(tmp_path):
+    """`python -m moeaudit.released pack` on the original files gives the shipped table and
+    provenance, and every table equals the one built from the files, cell for cell and dtype for dtype."""
+    root = R.released_dir()
+    for name, table in R.derived_tables(root).items():
+        pd.testing.assert_frame_equal(table, R._embedded_table(name), check_exact=True)
+    out = R.pack(out=tmp_path / "released_derived.parquet", download=False)
+    pd.testing.assert_frame_equal(pd.read_parquet(out), pd.read_parquet(R.EMBEDDED_TABLE), check_exact=True)
+    assert out.with_suffix(".json").read_text() == R.EMBEDDED_PROVENANCE.read_text()
 
 
 @needs_data
@@ -114,7 +158,6 @@ def test_cache_dir_is_outside_repository(monkeypatch):
 # ----------------------------------------------------------------------------- loaders
 
 
-@needs_data
 def test_metric_comparisons_shape(metric_records):
     df = metric_records
     assert len(df) == 2 * 5 * 4 * 200
@@ -126,7 +169,6 @@ def test_metric_comparisons_shape(metric_records):
     assert set(df.model) == {"olmoe", "deepseek"}
 
 
-@needs_data
 def test_control_comparisons_shape():
     df = R.control_comparisons()
     assert len(df) == 5 * 200 and list(df.layer.unique()) == list(R.LAYERS["deepseek"])
@@ -134,7 +176,6 @@ def test_control_comparisons_shape():
     assert (df.weight_high >= df.weight_low).all()
 
 
-@needs_data
 def test_summaries_shapes(stored):
     assert len(stored) == 20 * 3 + 5 * 2
     assert len(R.qwen_summaries()) == 25
@@ -151,7 +192,6 @@ def test_summaries_shapes(stored):
 # ----------------------------------------------------------------------------- recomputation
 
 
-@needs_data
 @pytest.mark.parametrize("model,table", [("olmoe", 1), ("deepseek", 3)])
 def test_recomputed_metric_cells_equal_stored(metric_records, stored, model, table):
     recs = metric_records[metric_records.model == model]
@@ -175,7 +215,6 @@ def test_recomputed_metric_cells_equal_stored(metric_records, stored, model, tab
         assert np.std(d, ddof=0) == pytest.approx(row.sd_diff, rel=1e-9)
 
 
-@needs_data
 def test_recomputed_control_cells_equal_stored(stored):
     recs = R.control_comparisons()
     st = stored[(stored.model == "deepseek") & (stored.experiment == "control")]
@@ -223,7 +262,6 @@ def _long_stored(stored):
                   value_vars=["d", "p_t", "p_W", "rho"], var_name="quantity", value_name="data")
 
 
-@needs_data
 def test_tables_1_to_6_against_released(stored, printed):
     merged = printed[printed.table <= 6].merge(
         _long_stored(stored), on=["model", "experiment", "layer", "metric", "quantity"], how="left")
@@ -239,7 +277,6 @@ def test_tables_1_to_6_against_released(stored, printed):
     assert (np.abs(bad.data - bad.printed.astype(float)) < 1.5e-3).all()
 
 
-@needs_data
 def test_tables_7_to_9_against_released(printed):
     prog = R.progressive_ablation().melt(
         id_vars=["layer", "k"], value_vars=["mean_delta", "median_delta", "p95_delta"],
@@ -258,7 +295,6 @@ def test_tables_7_to_9_against_released(printed):
         (12, "mean_gap_norm")]
 
 
-@needs_data
 def test_stored_redistribution_and_paper_gap_norm():
     red = R.redistribution().set_index(["model", "layer"])
     # Section 3: mean gap norm 0.0041 at OLMoE L0 and 0.1697 at L15, a 41x increase

@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from . import __version__
-from .corpus import TokenizedCorpus, load_eval_corpus, sample_positions
+from .corpus import CorpusSource, TokenizedCorpus, load_eval_corpus, resolve_corpus, sample_positions
 from .engine import CleanPass, clean_pass, run_ablations
 from .metrics import METRICS, ROUTING_WEIGHT, check_rankings, observational_metrics
 from .models import AuditModel, load_model
@@ -50,6 +50,7 @@ class AuditContext:
     metrics: pd.DataFrame
     provenance: dict
     results_dir: object = None
+    corpus_source: CorpusSource | None = None
 
     @property
     def name(self) -> str:
@@ -91,32 +92,36 @@ def _compute_and_save_clean(model: AuditModel, corpus: TokenizedCorpus, provenan
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def prepare(model_name: str, *, n_texts: int = 100, max_tokens: int | None = None, dtype: str = "float32",
-            device: str | None = "cpu", device_map=None, data_dir=None, results_dir=None,
-            batch_size: int = 8, progress: bool | None = None) -> AuditContext:
+def prepare(model_name: str, *, corpus: str | os.PathLike | CorpusSource = "auto", n_texts: int = 100,
+            max_tokens: int | None = None, dtype: str = "float32", device: str | None = "cpu", device_map=None,
+            data_dir=None, results_dir=None, batch_size: int = 8, progress: bool | None = None) -> AuditContext:
     """Load a model and the evaluation corpus, and run (or reuse) the clean pass over it.
 
-    ``max_tokens=None`` truncates texts to ``min(512, max_position_embeddings)`` (the paper used up
-    to 512 tokens; the shipped small models were trained on shorter contexts).
+    ``corpus`` is resolved first (see :func:`moeaudit.corpus.resolve_corpus`), so a bad value
+    fails before any model is loaded; the corpus used is part of the provenance (and so of every
+    record-cache key and ``params.json``). ``max_tokens=None`` truncates texts to
+    ``min(512, max_position_embeddings)`` (the paper used up to 512 tokens; the shipped small
+    models were trained on shorter contexts).
     """
+    source = corpus if isinstance(corpus, CorpusSource) else resolve_corpus(corpus, data_dir=data_dir)
     model = load_model(model_name, dtype=dtype, device=device, device_map=device_map)
     if max_tokens is None:
         max_tokens = int(min(512, getattr(model.hf.config, "max_position_embeddings", 512) or 512))
     if model.tokenizer is None:
         raise ValueError(f"model {model_name!r} has no tokenizer; the evaluation corpus cannot be tokenized")
-    corpus = load_eval_corpus(model.tokenizer, n_texts=n_texts, max_tokens=max_tokens, data_dir=data_dir)
+    tokenized = load_eval_corpus(model.tokenizer, corpus=source, n_texts=n_texts, max_tokens=max_tokens)
     provenance = {"model": model_name, "model_fingerprint": model_fingerprint(model), "dtype": dtype,
-                  "corpus": corpus.fingerprint(), "n_texts": n_texts, "max_tokens": max_tokens,
+                  "corpus": tokenized.fingerprint(), **source.key(), "n_texts": n_texts, "max_tokens": max_tokens,
                   "engine_version": ENGINE_VERSION, "moeaudit": __version__}
     path = resolve_results_dir(results_dir) / "clean" / params_key(provenance)
     if not (path / "COMPLETE").exists():
         # one process computes a clean pass, others needing it wait for it (chapters run in parallel)
         with exclusive(path.with_name(f"{path.name}.lock")):  # a lock file beside the folder
             if not (path / "COMPLETE").exists():
-                _compute_and_save_clean(model, corpus, provenance, path, batch_size=batch_size, progress=progress)
+                _compute_and_save_clean(model, tokenized, provenance, path, batch_size=batch_size, progress=progress)
     clean = _load_clean(path, model.name)
     metrics = observational_metrics(clean, num_experts=model.layout.num_experts)
-    return AuditContext(model, corpus, clean, metrics, provenance, results_dir)
+    return AuditContext(model, tokenized, clean, metrics, provenance, results_dir, source)
 
 
 def _seq_chunks(positions: pd.DataFrame, per_chunk: int) -> list[list[int]]:

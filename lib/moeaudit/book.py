@@ -39,6 +39,10 @@ NOTEBOOKS = REPO_ROOT / "notebooks"
 BOOK = REPO_ROOT / "book"
 
 
+class ChapterError(RuntimeError):
+    """A chapter failed to execute; the message is one line naming the chapter, the cell and the error."""
+
+
 def chapters() -> list[str]:
     """Chapter stems in table-of-contents order (read from ``_toc.yml``)."""
     import yaml  # noqa: PLC0415
@@ -72,7 +76,7 @@ def execution_key(stem: str, parameters: dict | None = None) -> str:
     h.update(json.dumps(parameters or {}, sort_keys=True, default=str).encode())
     lib = Path(__file__).resolve().parent
     for f in sorted(lib.rglob("*")):
-        if f.is_file() and f.suffix in (".py", ".json", ".safetensors", ".txt"):
+        if f.is_file() and f.suffix in (".py", ".json", ".safetensors", ".txt", ".parquet"):
             h.update(f.relative_to(lib).as_posix().encode())
             h.update(f.read_bytes())
     for var in ("MOEAUDIT_DATA_DIR", "MOEAUDIT_RESULTS_DIR"):
@@ -102,6 +106,14 @@ def execute_chapter(stem: str, parameters: dict | None = None, *, book_dir: Path
     unknown = sorted(set(parameters) - set(known))
     if unknown:
         raise ValueError(f"chapter {stem} has no parameter(s) {unknown}; its parameters are {sorted(known)}")
+    if "corpus" in known:  # a bad corpus fails here, in a second, not after the kernel has started
+        import warnings  # noqa: PLC0415
+
+        from .corpus import CorpusFallbackWarning, resolve_corpus  # noqa: PLC0415
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CorpusFallbackWarning)
+            resolve_corpus(parameters.get("corpus", known["corpus"]), data_dir=parameters.get("data_dir", known.get("data_dir")))
     book_dir = Path(book_dir)
     book_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -117,6 +129,12 @@ def execute_chapter(stem: str, parameters: dict | None = None, *, book_dir: Path
         try:
             papermill.execute_notebook(str(raw), str(done), parameters=parameters, kernel_name="python3",
                                        cwd=str(REPO_ROOT), progress_bar=False)
+        except papermill.PapermillExecutionError as err:
+            kept = book_dir / f"{stem}.failed.ipynb"  # not in the table of contents: never rendered
+            if done.exists():
+                shutil.copy(done, kept)
+            raise ChapterError(f"chapter {stem} failed in cell {err.exec_count} after {time.time() - t0:.0f} s: "
+                               f"{err.ename}: {err.evalue} (executed notebook with the traceback: {kept})") from None
         finally:
             for k, v in saved_env.items():
                 if v is None:
@@ -124,6 +142,7 @@ def execute_chapter(stem: str, parameters: dict | None = None, *, book_dir: Path
                 else:
                     os.environ[k] = v
         target = book_dir / f"{stem}.ipynb"
+        (book_dir / f"{stem}.failed.ipynb").unlink(missing_ok=True)
         nb = json.loads(done.read_text())
         nb.setdefault("metadata", {})["moeaudit"] = {"execution_key": execution_key(stem, parameters),
                                                      "parameters": parameters}
@@ -157,9 +176,69 @@ def execute_chapters(stems: list[str], *, jobs: int = 2, log=print) -> None:
                 log(f"executed {stem} in {seconds:.1f} s (process wall time, {jobs} in parallel)")
             else:
                 failed.append(stem)
-                log(f"FAILED {stem} after {seconds:.1f} s:\n{proc.stdout[-4000:]}{proc.stderr[-4000:]}")
+                lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
+                reason = next((ln for ln in reversed(lines) if ln.startswith("FAILED: ")), None)
+                log(reason or f"FAILED {stem} after {seconds:.1f} s:\n" + "\n".join(lines[-40:]))
     if failed:
         raise RuntimeError(f"chapter(s) {failed} failed to execute (output above)")
+
+
+def preflight(stems: list[str] | None = None, *, log=print) -> list[str]:
+    """Check, in seconds and before any chapter starts, what the chapters' default parameters need:
+    the evaluation corpus, the authors' released results, the models and the offline MathJax
+    extension. Logs one line per item saying what will be used; returns the list of problems
+    (empty when everything is there)."""
+    import importlib.util  # noqa: PLC0415
+
+    stems = chapters() if stems is None else stems
+    defaults = {stem: notebook_parameters(stem) for stem in stems}
+    problems: list[str] = []
+    corpora = {(p.get("corpus"), p.get("data_dir")) for p in defaults.values() if "corpus" in p}
+    if corpora:
+        import warnings  # noqa: PLC0415
+
+        from .corpus import CorpusFallbackWarning, resolve_corpus  # noqa: PLC0415
+
+        for corpus, data_dir in sorted(corpora, key=str):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", CorpusFallbackWarning)
+                    src = resolve_corpus(corpus, data_dir=data_dir)
+                note = "" if src.is_paper_corpus else f" -- not WikiText-2, numbers are illustrative ({src.fallback_reason})"
+                log(f"corpus={corpus!r}: {src.describe()}{note}")
+            except (OSError, ValueError, TypeError) as err:
+                problems.append(f"corpus={corpus!r}: {err}")
+    if any(stem.startswith("08_") for stem in stems):
+        from .released import ReleasedDataUnavailable, released_source  # noqa: PLC0415
+
+        try:
+            log(f"released results: {released_source().describe()}")
+        except ReleasedDataUnavailable as err:
+            problems.append(f"released results: {err}")
+    from .zoo import ZOO_MODELS, zoo_path  # noqa: PLC0415
+
+    names = sorted({m for p in defaults.values() for m in (p.get("models") or [])})
+    for name in names:
+        if name in ZOO_MODELS:
+            try:
+                folder = zoo_path(name)
+                missing = [f for f in ("config.json", "model.safetensors", "tokenizer.json") if not (folder / f).is_file()]
+                if missing:
+                    problems.append(f"model {name}: {', '.join(missing)} missing in {folder}")
+            except (OSError, ValueError) as err:
+                problems.append(f"model {name}: {err}")
+        elif Path(name).expanduser().is_dir():
+            continue
+        else:
+            log(f"model {name}: not shipped and not a local directory; it will be loaded from the hub")
+    if names:
+        log(f"models: {', '.join(names)}")
+    if importlib.util.find_spec("sphinx-mathjax-offline") is None:
+        problems.append("the Sphinx extension sphinx-mathjax-offline is not installed (math would not render offline); "
+                        "run `make install`")
+    for problem in problems:
+        log(f"PROBLEM {problem}")
+    return problems
 
 
 def build_html(*, root: Path = REPO_ROOT, strict: bool = True) -> Path:
@@ -199,15 +278,35 @@ def main(argv=None) -> int:
             print(stem, json.dumps(notebook_parameters(stem), default=str))
         return 0
     t0 = time.time()
+    try:
+        return _run(args, t0)
+    except ChapterError as err:
+        print(f"FAILED: {err}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError, TypeError) as err:  # a bad parameter, a missing corpus or model
+        print(f"FAILED: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+
+
+def _run(args, t0) -> int:
     if args.cmd == "build":
         if not args.no_execute:
+            problems = preflight()
+            if problems:
+                print(f"FAILED: {len(problems)} problem(s) found before executing any chapter (listed above)",
+                      file=sys.stderr)
+                return 1
             todo = []
             for stem in chapters():
                 if not args.force and is_up_to_date(stem):
                     print(f"{stem} is up to date (same source, parameters, library and models)")
                 else:
                     todo.append(stem)
-            execute_chapters(todo, jobs=args.jobs)
+            try:
+                execute_chapters(todo, jobs=args.jobs)
+            except RuntimeError as err:
+                print(f"FAILED: {err}", file=sys.stderr)
+                return 1
         build_html()
     else:
         execute_chapter(args.stem, _parse_params(args.p))

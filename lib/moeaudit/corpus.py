@@ -1,13 +1,35 @@
-"""The evaluation corpus (WikiText-2) and the seeded position sampler.
+"""The evaluation corpus and the seeded position sampler.
 
-The corpus is read from a local directory when one is given (``data_dir`` or
-``$MOEAUDIT_DATA_DIR``); both the tokenized release (``test.txt``/``valid.txt``/``train.txt``)
-and the raw release (``wiki.test.raw`` ...) are accepted. Without a local copy it is
-loaded from the Hugging Face hub (``Salesforce/wikitext``, ``wikitext-2-raw-v1``).
+Which text the audit reads is the ``corpus`` parameter (every chapter has it):
+
+``"auto"`` (default)
+    WikiText-2 (the paper's corpus) when it is found locally or can be loaded from the hub,
+    otherwise the embedded corpus. The fallback is reported: :func:`resolve_corpus` issues a
+    :class:`CorpusFallbackWarning` and the returned :class:`CorpusSource` says why.
+``"wikitext-2"``
+    WikiText-2 or a :class:`FileNotFoundError` that says where it was looked for.
+``"embedded"``
+    Original prose written for this project and shipped with the package
+    (``moeaudit/data/embedded_corpus.txt``, one paragraph per line; see its data card
+    ``EMBEDDED_CORPUS.md``). It makes the book executable anywhere; its numbers are
+    illustrative, not the paper's.
+a path
+    A plain-text file (UTF-8) with one text per line.
+
+WikiText-2 is read from a local directory when one is given (``data_dir`` or
+``$MOEAUDIT_DATA_DIR``, folder ``wikitext-2/``); both the tokenized release
+(``test.txt``/``valid.txt``/``train.txt`` or ``wiki.*.tokens``: ``wikitext-2-v1``, with ``<unk>``)
+and the raw release (``wiki.test.raw`` ...: ``wikitext-2-raw-v1``) are accepted, and the variant
+read is recorded. Without a local copy it is loaded from the Hugging Face hub
+(``Salesforce/wikitext``, ``wikitext-2-raw-v1``, the release the paper used). WikiText-2's text is
+never copied into this repository.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +46,60 @@ _LOCAL_NAMES = {
 }
 HUB_DATASET = ("Salesforce/wikitext", "wikitext-2-raw-v1")
 
+#: the named choices of the ``corpus`` parameter (anything else is read as a file path)
+CORPUS_CHOICES = ("auto", "wikitext-2", "embedded")
+#: the embedded corpus shipped as package data (one paragraph per line)
+EMBEDDED_CORPUS = Path(__file__).resolve().parent / "data" / "embedded_corpus.txt"
+#: version of the embedded corpus; part of every record-cache key that uses it
+EMBEDDED_VERSION = "embedded-v1"
+#: the two releases of WikiText-2 (hub configuration names)
+WIKITEXT_TOKENIZED, WIKITEXT_RAW = "wikitext-2-v1", "wikitext-2-raw-v1"
+
+
+class CorpusFallbackWarning(UserWarning):
+    """``corpus="auto"`` could not find WikiText-2 and uses the embedded corpus instead."""
+
+
+@dataclass(frozen=True)
+class CorpusSource:
+    """The text an audit reads, and where it came from.
+
+    ``name`` is ``"wikitext-2"``, ``"embedded"`` or ``"file"``; ``variant`` identifies the text
+    without naming a machine-specific path (``"wikitext-2-v1"``/``"wikitext-2-raw-v1"`` for
+    WikiText-2, :data:`EMBEDDED_VERSION`, or ``"sha256:<16 hex>"`` of a file's content);
+    ``origin`` says where it was read (a path or the hub id); ``requested`` is the parameter
+    value; ``fallback_reason`` is set when ``"auto"`` fell back to the embedded corpus. ``lines``
+    are the file's lines as read (unstripped; empty lines included).
+    """
+
+    name: str
+    variant: str
+    origin: str
+    requested: str
+    split: str = "test"
+    fallback_reason: str | None = None
+    lines: tuple[str, ...] = field(default=(), repr=False, compare=False)
+
+    @property
+    def is_paper_corpus(self) -> bool:
+        """Whether this is WikiText-2, the corpus of the paper (Section 2)."""
+        return self.name == "wikitext-2"
+
+    def key(self) -> dict:
+        """What identifies the text in a record-cache key and in ``params.json``."""
+        return {"corpus_source": self.name, "corpus_variant": self.variant}
+
+    def describe(self) -> str:
+        """One line naming the corpus, its variant and where it was read."""
+        if self.name == "wikitext-2":
+            release = ("tokenized release, with <unk>" if self.variant == WIKITEXT_TOKENIZED
+                       else "raw release, the paper's")
+            return f"WikiText-2 {self.split} split ({self.variant}, {release}) from {self.origin}"
+        if self.name == "embedded":
+            n = sum(1 for ln in self.lines if ln.strip())
+            return f"the embedded corpus ({EMBEDDED_VERSION}, {n} paragraphs of original prose) from {self.origin}"
+        return f"the file {self.origin} ({self.variant})"
+
 
 def _local_file(split: str, root: Path) -> Path | None:
     for folder in (root / "wikitext-2", root / "wikitext-2-raw", root):
@@ -33,27 +109,133 @@ def _local_file(split: str, root: Path) -> Path | None:
     return None
 
 
-def load_wikitext2(split: str = "test", *, data_dir: str | Path | None = None) -> list[str]:
-    """Lines of one WikiText-2 split (unstripped, as distributed; empty lines included)."""
+def _local_variant(path: Path, lines: list[str]) -> str:
+    """Which WikiText-2 release a local file holds: the tokenized one has ``<unk>`` and ``@-@``."""
+    if path.name.endswith(".raw"):
+        return WIKITEXT_RAW
+    if path.name.endswith(".tokens"):
+        return WIKITEXT_TOKENIZED
+    sample = "\n".join(lines[:5000])
+    return WIKITEXT_TOKENIZED if ("<unk>" in sample or " @-@ " in sample) else WIKITEXT_RAW
+
+
+def _hub_offline_mode() -> bool:
+    """Whether the Hugging Face libraries are told to work from their local cache only."""
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+_HUB_PROBE: dict[str, bool] = {}
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connection to the hub's host (``$HF_ENDPOINT``, default huggingface.co), remembered
+    for the process. Without it an unreachable hub costs ~25 s of retries inside ``datasets``
+    before the fallback; with ``HF_HUB_OFFLINE=1`` the probe is skipped and ``datasets`` reads
+    its local cache."""
+    import socket  # noqa: PLC0415
+    from urllib.parse import urlsplit  # noqa: PLC0415
+
+    endpoint = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    key = f"{host}:{port}"
+    if key not in _HUB_PROBE:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            _HUB_PROBE[key] = True
+        except OSError:
+            _HUB_PROBE[key] = False
+    return _HUB_PROBE[key]
+
+
+def _load_wikitext2(split: str, data_dir) -> tuple[list[str], str, str]:
+    """(lines, variant, origin) of one WikiText-2 split, or FileNotFoundError."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not one of {SPLITS}")
     root = resolve_data_dir(data_dir)
     if root is not None:
         path = _local_file(split, root)
         if path is not None:
-            return path.read_text(encoding="utf-8").splitlines()
+            lines = path.read_text(encoding="utf-8").splitlines()
+            return lines, _local_variant(path, lines), str(path)
     try:
+        if not _hub_offline_mode() and not _hub_reachable():
+            raise ConnectionError("the hub is unreachable")
         import datasets  # noqa: PLC0415
 
         ds = datasets.load_dataset(*HUB_DATASET, split=split)
-        return list(ds["text"])
+        return list(ds["text"]), WIKITEXT_RAW, f"the hub ({HUB_DATASET[0]}, {HUB_DATASET[1]})"
     except Exception as exc:  # offline, hub unreachable, or datasets missing
-        where = f" (looked in {root})" if root is not None else ""
+        where = f" (looked in {root})" if root is not None else f" (no data directory: ${DATA_DIR_ENV} is unset)"
         raise FileNotFoundError(
             f"WikiText-2 split {split!r} not found locally{where} and could not be loaded from the hub "
             f"{HUB_DATASET[0]}/{HUB_DATASET[1]} ({type(exc).__name__}). Put test.txt/valid.txt (or "
             f"wiki.test.raw/wiki.valid.raw) in <dir>/wikitext-2/ and set ${DATA_DIR_ENV}=<dir> or pass data_dir=<dir>."
         ) from None
+
+
+def load_wikitext2(split: str = "test", *, data_dir: str | Path | None = None) -> list[str]:
+    """Lines of one WikiText-2 split (unstripped, as distributed; empty lines included).
+
+    Raises ``ValueError`` for an unknown split and ``FileNotFoundError`` (with instructions)
+    when the split is neither found locally nor loadable from the hub.
+    """
+    return _load_wikitext2(split, data_dir)[0]
+
+
+def _read_text_file(path: Path, what: str) -> list[str]:
+    if not path.exists():
+        raise FileNotFoundError(f"{what}: no such file {str(path)!r}")
+    if not path.is_file():
+        raise ValueError(f"{what}: {str(path)!r} is not a file (give a plain-text file with one text per line)")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{what}: {str(path)!r} is not UTF-8 text ({exc})") from None
+    if not any(ln.strip() for ln in lines):
+        raise ValueError(f"{what}: {str(path)!r} is empty (it needs one text per line)")
+    return lines
+
+
+def resolve_corpus(corpus: str | os.PathLike = "auto", *, split: str = "test",
+                   data_dir: str | Path | None = None) -> CorpusSource:
+    """Find the text named by the ``corpus`` parameter (see the module docstring).
+
+    Returns a :class:`CorpusSource`. Raises ``TypeError`` if ``corpus`` is not a string or path,
+    ``FileNotFoundError`` for ``"wikitext-2"`` when WikiText-2 is unavailable or for a path that
+    does not exist, ``ValueError`` for an empty or non-text file, or for ``split`` other than
+    ``"test"`` with the embedded corpus or a file (they hold one set of texts). With
+    ``"auto"``, falling back to the embedded corpus issues a :class:`CorpusFallbackWarning`.
+    """
+    if not isinstance(corpus, (str, os.PathLike)) or (isinstance(corpus, str) and not corpus.strip()):
+        raise TypeError(f"corpus={corpus!r}: expected one of {CORPUS_CHOICES} or the path of a text file")
+    requested = os.fspath(corpus)
+    if requested in ("auto", "wikitext-2"):
+        try:
+            lines, variant, origin = _load_wikitext2(split, data_dir)
+            return CorpusSource("wikitext-2", variant, origin, requested, split, None, tuple(lines))
+        except FileNotFoundError as exc:
+            if requested == "wikitext-2":
+                raise FileNotFoundError(f"corpus='wikitext-2': {exc}") from None
+            reason = str(exc).split(". Put ")[0]
+        source = _embedded(requested, split, reason)
+        warnings.warn(f"corpus='auto': {reason}; using {source.describe()} instead (numbers are illustrative, "
+                      "not the paper's)", CorpusFallbackWarning, stacklevel=2)
+        return source
+    if requested == "embedded":
+        return _embedded(requested, split, None)
+    path = Path(requested).expanduser()
+    if split != "test":
+        raise ValueError(f"corpus={requested!r} holds one set of texts; split={split!r} applies only to WikiText-2")
+    lines = _read_text_file(path, f"corpus={requested!r}")
+    digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+    return CorpusSource("file", f"sha256:{digest}", str(path.resolve()), requested, split, None, tuple(lines))
+
+
+def _embedded(requested: str, split: str, reason: str | None) -> CorpusSource:
+    if split != "test":
+        raise ValueError(f"the embedded corpus holds one set of evaluation texts; split={split!r} applies only to WikiText-2")
+    lines = _read_text_file(EMBEDDED_CORPUS, "the embedded corpus (package data)")
+    return CorpusSource("embedded", EMBEDDED_VERSION, "the moeaudit package", requested, split, reason, tuple(lines))
 
 
 def select_texts(lines: list[str], *, n_texts: int = 100, min_chars: int = 50) -> list[str]:
@@ -112,8 +294,6 @@ class TokenizedCorpus:
                              "token_ids": [s.tolist() for s in self.sequences]})
 
     def fingerprint(self) -> str:
-        import hashlib  # noqa: PLC0415
-
         h = hashlib.sha256()
         for s in self.sequences:
             h.update(s.tobytes())
@@ -121,11 +301,24 @@ class TokenizedCorpus:
         return h.hexdigest()[:16]
 
 
-def load_eval_corpus(tokenizer, *, n_texts: int = 100, max_tokens: int = 512, min_chars: int = 50,
-                     split: str = "test", data_dir: str | Path | None = None) -> TokenizedCorpus:
-    """The paper's evaluation corpus: first ``n_texts`` test lines longer than ``min_chars``, tokenized."""
-    texts = select_texts(load_wikitext2(split, data_dir=data_dir), n_texts=n_texts, min_chars=min_chars)
-    return TokenizedCorpus.from_texts(texts, tokenizer, max_tokens=max_tokens, split=split, n_texts=n_texts, min_chars=min_chars)
+def load_eval_corpus(tokenizer, *, corpus: str | os.PathLike | CorpusSource = "auto", n_texts: int = 100,
+                     max_tokens: int = 512, min_chars: int = 50, split: str = "test",
+                     data_dir: str | Path | None = None) -> TokenizedCorpus:
+    """The paper's evaluation corpus: the first ``n_texts`` lines longer than ``min_chars``
+    characters (stripped), tokenized and truncated to ``max_tokens`` (paper, Section 2).
+
+    ``corpus`` is the parameter value or an already resolved :class:`CorpusSource`; its
+    :meth:`CorpusSource.key` is stored in ``meta`` (and so in every record-cache key).
+    Raises as :func:`resolve_corpus` does, and ``ValueError`` naming ``corpus`` when it has fewer
+    than ``n_texts`` long enough lines.
+    """
+    source = corpus if isinstance(corpus, CorpusSource) else resolve_corpus(corpus, split=split, data_dir=data_dir)
+    try:
+        texts = select_texts(list(source.lines), n_texts=n_texts, min_chars=min_chars)
+    except ValueError as exc:
+        raise ValueError(f"corpus={source.requested!r} ({source.describe()}): {exc}") from None
+    return TokenizedCorpus.from_texts(texts, tokenizer, max_tokens=max_tokens, split=source.split, n_texts=n_texts,
+                                      min_chars=min_chars, **source.key())
 
 
 def valid_positions(corpus: TokenizedCorpus, *, min_context: int = 0) -> pd.DataFrame:

@@ -20,11 +20,13 @@ be shown beside what the paper reports.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +43,15 @@ __all__ = [
     "METRICS",
     "LAYERS",
     "ReleasedDataUnavailable",
+    "ReleasedSource",
+    "DERIVED_TABLES",
+    "EMBEDDED_TABLE",
     "cache_dir",
     "released_dir",
+    "released_source",
+    "embedded_provenance",
+    "derived_tables",
+    "pack",
     "metric_comparisons",
     "control_comparisons",
     "stored_statistics",
@@ -171,8 +180,8 @@ def released_dir(data_dir: str | os.PathLike | None = None, *, download: bool = 
     )
 
 
-def _read_json(relpath: str, data_dir) -> dict:
-    with open(released_dir(data_dir) / relpath, encoding="utf-8") as fh:
+def _read_json(relpath: str, root: Path) -> dict:
+    with open(Path(root) / relpath, encoding="utf-8") as fh:
         return json.load(fh)
 
 
@@ -187,7 +196,7 @@ def _check_model(model: str | None, allowed: tuple[str, ...]) -> tuple[str, ...]
 # ----------------------------------------------------------------------------- raw records
 
 
-def metric_comparisons(*, model: str | None = None, data_dir=None) -> pd.DataFrame:
+def _files_metric_comparisons(root: Path, *, model: str | None = None) -> pd.DataFrame:
     """Per-position records of the observational-metric audit (OLMoE and DeepSeek).
 
     One row per (model, layer, metric, sampled position); 200 positions per cell. Columns:
@@ -202,7 +211,7 @@ def metric_comparisons(*, model: str | None = None, data_dir=None) -> pd.DataFra
     rows = []
     for m in _check_model(model, ("olmoe", "deepseek")):
         for layer in LAYERS[m]:
-            payload = _read_json(_METRIC_FILE[m].format(layer=layer), data_dir)
+            payload = _read_json(_METRIC_FILE[m].format(layer=layer), root)
             if payload["layer_idx"] != layer:
                 raise ValueError(f"{m} file for layer {layer} says layer {payload['layer_idx']}")
             for metric in METRICS:
@@ -228,7 +237,7 @@ def metric_comparisons(*, model: str | None = None, data_dir=None) -> pd.DataFra
     return pd.DataFrame(rows)
 
 
-def control_comparisons(*, data_dir=None) -> pd.DataFrame:
+def _files_control_comparisons(root: Path) -> pd.DataFrame:
     """Per-position records of the DeepSeek-V2-Lite routing-weight control (Table 6).
 
     At each sampled position the active expert with the largest routing weight is
@@ -239,7 +248,7 @@ def control_comparisons(*, data_dir=None) -> pd.DataFrame:
     ``delta_high``, ``delta_low``. The file does not record which text a position belongs
     to, only ``token_pos``.
     """
-    payload = _read_json(_DEEPSEEK_CONTROL, data_dir)
+    payload = _read_json(_DEEPSEEK_CONTROL, root)
     rows = []
     for key, res in payload.items():
         layer = int(res["layer"])
@@ -273,8 +282,8 @@ def _implied_ddof(d: float, t: float, n: int) -> int:
     return 0 if abs(d - t / np.sqrt(n - 1)) < abs(d - t / np.sqrt(n)) else 1
 
 
-def stored_statistics(*, model: str | None = None, experiment: str | None = None,
-                      data_dir=None) -> pd.DataFrame:
+def _files_stored_statistics(root: Path, *, model: str | None = None,
+                             experiment: str | None = None) -> pd.DataFrame:
     """The per-cell statistics as stored in the released files.
 
     One row per cell: ``experiment`` is ``"metric"`` (observational-metric audit; ``metric``
@@ -296,7 +305,7 @@ def stored_statistics(*, model: str | None = None, experiment: str | None = None
     if experiment in (None, "metric"):
         for m in models:
             if m == "qwen":
-                payload = _read_json(_QWEN_METRIC, data_dir)
+                payload = _read_json(_QWEN_METRIC, root)
                 for layer_key, per_metric in payload.items():
                     for metric, s in per_metric.items():
                         rows.append({
@@ -309,7 +318,7 @@ def stored_statistics(*, model: str | None = None, experiment: str | None = None
                 continue
             for layer in LAYERS[m]:
                 rel = _METRIC_FILE[m].format(layer=layer)
-                payload = _read_json(rel, data_dir)
+                payload = _read_json(rel, root)
                 for metric in METRICS:
                     s = payload["metric_results"][metric]["statistics"]
                     rows.append({
@@ -326,7 +335,7 @@ def stored_statistics(*, model: str | None = None, experiment: str | None = None
             if m == "olmoe":
                 continue
             rel = _QWEN_CONTROL if m == "qwen" else _DEEPSEEK_CONTROL
-            payload = _read_json(rel, data_dir)
+            payload = _read_json(rel, root)
             for layer_key, s in payload.items():
                 rows.append({
                     "model": m, "experiment": "control", "layer": int(layer_key),
@@ -358,7 +367,7 @@ def qwen_summaries(*, data_dir=None) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- summaries
 
 
-def progressive_ablation(*, data_dir=None) -> pd.DataFrame:
+def _files_progressive_ablation(root: Path) -> pd.DataFrame:
     """OLMoE progressive ablation summary (the paper's Tables 8 and 9).
 
     One row per (layer, k), where the k highest-weight active experts were removed.
@@ -368,7 +377,7 @@ def progressive_ablation(*, data_dir=None) -> pd.DataFrame:
     change), ``weight_share_removed_mean`` (mean fraction of routing weight removed),
     ``n`` (positions), ``baseline_loss_mean``.
     """
-    path = released_dir(data_dir) / _PROGRESSIVE
+    path = Path(root) / _PROGRESSIVE
     raw = pd.read_csv(path)
     out = raw.rename(columns={
         "n_removed": "k", "delta_loss_mean": "mean_delta", "delta_loss_std": "sd_delta",
@@ -389,16 +398,16 @@ _REDIST_PAIRS = {
 }
 
 
-def _redistribution_files(data_dir):
+def _redistribution_files(root):
     for layer in range(16):
         rel = _OLMOE_REDIST.format(layer=layer)
-        yield "olmoe", layer, rel, _read_json(rel, data_dir)
+        yield "olmoe", layer, rel, _read_json(rel, root)
     for layer in LAYERS["qwen"]:
         rel = _QWEN_REDIST.format(layer=layer)
-        yield "qwen", layer, rel, _read_json(rel, data_dir)
+        yield "qwen", layer, rel, _read_json(rel, root)
 
 
-def redistribution_experts(*, data_dir=None) -> pd.DataFrame:
+def _files_redistribution_experts(root: Path) -> pd.DataFrame:
     """Per-expert redistribution aggregates (OLMoE layers 0-15, Qwen layers 0/6/12/18/23).
 
     Columns: ``model``, ``layer``, ``expert``, ``mean_routing_weight``, ``token_coverage``,
@@ -406,13 +415,13 @@ def redistribution_experts(*, data_dir=None) -> pd.DataFrame:
     ``n_active_tokens``.
     """
     rows = []
-    for m, layer, _, payload in _redistribution_files(data_dir):
+    for m, layer, _, payload in _redistribution_files(root):
         for expert, e in payload["experts"].items():
             rows.append({"model": m, "layer": layer, "expert": int(expert), **e})
     return pd.DataFrame(rows)
 
 
-def redistribution(*, data_dir=None) -> pd.DataFrame:
+def _files_redistribution(root: Path) -> pd.DataFrame:
     """Per-layer redistribution aggregates (the paper's Table 7 and Section 3 gap norms).
 
     Columns: ``model``, ``layer``, ``n_experts``, ``n_tokens``, ``mean_gap_norm`` (mean over
@@ -423,7 +432,7 @@ def redistribution(*, data_dir=None) -> pd.DataFrame:
     ``source``.
     """
     rows = []
-    for m, layer, rel, payload in _redistribution_files(data_dir):
+    for m, layer, rel, payload in _redistribution_files(root):
         gaps = np.array([e["mean_gap_norm"] for e in payload["experts"].values()], dtype=np.float64)
         row = {"model": m, "layer": layer, "n_experts": len(gaps),
                "n_tokens": payload.get("n_tokens_total", payload.get("n_tokens")),
@@ -434,6 +443,199 @@ def redistribution(*, data_dir=None) -> pd.DataFrame:
         row["source"] = rel
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- sources
+
+#: the embedded derived table (package data) and its provenance record
+EMBEDDED_TABLE = Path(__file__).resolve().parent / "data" / "released_derived.parquet"
+EMBEDDED_PROVENANCE = EMBEDDED_TABLE.with_suffix(".json")
+#: the tables of the embedded derived table: public function -> its file-based builder
+_TABLE_BUILDERS = {
+    "metric_comparisons": lambda root: _files_metric_comparisons(root),
+    "control_comparisons": lambda root: _files_control_comparisons(root),
+    "stored_statistics": lambda root: _files_stored_statistics(root),
+    "progressive_ablation": lambda root: _files_progressive_ablation(root),
+    "redistribution": lambda root: _files_redistribution(root),
+}
+DERIVED_TABLES: tuple[str, ...] = tuple(_TABLE_BUILDERS)
+
+
+@dataclass(frozen=True)
+class ReleasedSource:
+    """Where the released results are read from.
+
+    ``kind`` is ``"files"`` (the original files: ``path`` is their ``paper-released/`` folder, in
+    the data directory or the download cache) or ``"embedded"`` (the derived table shipped with
+    the package: ``path`` is :data:`EMBEDDED_TABLE`); ``reason`` says why the files were not used.
+    """
+
+    kind: str
+    path: Path
+    reason: str | None = None
+
+    def describe(self) -> str:
+        if self.kind == "files":
+            return f"the original result files of {RELEASED_REPO} at commit {RELEASED_COMMIT[:7]}, read from {self.path}"
+        prov = embedded_provenance()
+        return (f"the derived table shipped with moeaudit ({EMBEDDED_TABLE.name}), built by "
+                f"`python -m moeaudit.released pack` from {len(prov['source_files'])} result files of "
+                f"{prov['source_repository']} at commit {prov['source_commit'][:7]} (sha256 of each in "
+                f"{EMBEDDED_PROVENANCE.name})")
+
+
+def embedded_provenance() -> dict:
+    """The provenance record of the embedded table: source repository, commit, the sha256 of every
+    source file, and each table's columns and dtypes. ``FileNotFoundError`` if it is missing."""
+    if not EMBEDDED_PROVENANCE.is_file():
+        raise FileNotFoundError(f"the embedded released table is missing ({EMBEDDED_PROVENANCE}); "
+                                "build it with `python -m moeaudit.released pack`")
+    return json.loads(EMBEDDED_PROVENANCE.read_text(encoding="utf-8"))
+
+
+def released_source(data_dir: str | os.PathLike | None = None, *, download: bool = True,
+                    embedded: bool = True) -> ReleasedSource:
+    """The original files when present (:func:`released_dir`: data directory, download cache, or a
+    download), else the embedded derived table when ``embedded``.
+
+    Raises :class:`ReleasedDataUnavailable` when neither is available.
+    """
+    try:
+        return ReleasedSource("files", released_dir(data_dir, download=download))
+    except ReleasedDataUnavailable as err:
+        if not embedded or not EMBEDDED_TABLE.is_file():
+            raise
+        return ReleasedSource("embedded", EMBEDDED_TABLE, str(err).split(" To fix:")[0])
+
+
+_EMBEDDED_CACHE: dict[str, pd.DataFrame] = {}
+
+
+def _embedded_table(name: str) -> pd.DataFrame:
+    """One table of the embedded derived table, with the columns, order and dtypes it had when built."""
+    if name not in _EMBEDDED_CACHE:
+        spec = embedded_provenance()["tables"][name]
+        long = pd.read_parquet(EMBEDDED_TABLE, filters=[("table", "==", name)])
+        out = long[spec["columns"]].reset_index(drop=True)
+        for col, dtype in spec["dtypes"].items():
+            if dtype == "object":
+                out[col] = out[col].astype(object).where(out[col].notna(), None)
+            else:
+                out[col] = out[col].astype(dtype)
+        _EMBEDDED_CACHE[name] = out
+    return _EMBEDDED_CACHE[name].copy()
+
+
+def _table(name: str, data_dir) -> pd.DataFrame:
+    src = released_source(data_dir)
+    if src.kind == "embedded":
+        return _embedded_table(name)
+    return _TABLE_BUILDERS[name](src.path)
+
+
+def _only(df: pd.DataFrame, column: str, value) -> pd.DataFrame:
+    return df if value is None else df[df[column] == value].reset_index(drop=True)
+
+
+def metric_comparisons(*, model: str | None = None, data_dir=None) -> pd.DataFrame:
+    """Per-position records of the observational-metric audit (OLMoE and DeepSeek); see
+    :func:`_files_metric_comparisons` for the columns. Read from the original files when present,
+    else from the embedded derived table (identical values; see :func:`released_source`)."""
+    _check_model(model, ("olmoe", "deepseek"))
+    return _only(_table("metric_comparisons", data_dir), "model", model)
+
+
+def control_comparisons(*, data_dir=None) -> pd.DataFrame:
+    """Per-position records of the DeepSeek-V2-Lite routing-weight control (Table 6); see
+    :func:`_files_control_comparisons` for the columns. Source as in :func:`metric_comparisons`."""
+    return _table("control_comparisons", data_dir)
+
+
+def stored_statistics(*, model: str | None = None, experiment: str | None = None, data_dir=None) -> pd.DataFrame:
+    """The per-cell statistics as stored in the released files; see
+    :func:`_files_stored_statistics` for the columns. Source as in :func:`metric_comparisons`."""
+    if experiment not in (None, "metric", "control"):
+        raise ValueError("experiment must be 'metric', 'control' or None")
+    _check_model(model, ("olmoe", "qwen", "deepseek"))
+    return _only(_only(_table("stored_statistics", data_dir), "model", model), "experiment", experiment)
+
+
+def progressive_ablation(*, data_dir=None) -> pd.DataFrame:
+    """OLMoE progressive ablation summary (Tables 8 and 9); see
+    :func:`_files_progressive_ablation` for the columns. Source as in :func:`metric_comparisons`."""
+    return _table("progressive_ablation", data_dir)
+
+
+def redistribution(*, data_dir=None) -> pd.DataFrame:
+    """Per-layer redistribution aggregates (Table 7 and Section 3's gap norms); see
+    :func:`_files_redistribution` for the columns. Source as in :func:`metric_comparisons`."""
+    return _table("redistribution", data_dir)
+
+
+def redistribution_experts(*, data_dir=None) -> pd.DataFrame:
+    """Per-expert redistribution aggregates; needs the original files (not in the embedded table)."""
+    return _files_redistribution_experts(released_dir(data_dir))
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def derived_tables(root: str | os.PathLike) -> dict[str, pd.DataFrame]:
+    """Every table of the embedded derived table, built from the original files in ``root``
+    (a ``paper-released/`` folder)."""
+    return {name: build(Path(root)) for name, build in _TABLE_BUILDERS.items()}
+
+
+def pack(*, data_dir=None, out: str | os.PathLike | None = None, download: bool = True) -> Path:
+    """Build the embedded derived table from the original files (``python -m moeaudit.released pack``).
+
+    Writes ``out`` (default :data:`EMBEDDED_TABLE`): one parquet table, the rows of the tables in
+    :data:`DERIVED_TABLES` stacked with a ``table`` column (zstd-compressed), and beside it a JSON
+    provenance record (source repository, commit, sha256 of every source file, each table's
+    columns and dtypes). Nothing of the original files is copied except the values these tables
+    hold. Raises :class:`ReleasedDataUnavailable` if the original files cannot be found.
+    """
+    root = released_dir(data_dir, download=download)
+    tables = derived_tables(root)
+    out = Path(out) if out is not None else EMBEDDED_TABLE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    long = pd.concat([t.assign(table=name) for name, t in tables.items()], ignore_index=True)
+    for col in long.columns:  # one parquet type per column across the stacked tables
+        if long[col].dtype == object:
+            long[col] = long[col].astype("string")
+    long.to_parquet(out, index=False, compression="zstd")
+    used = {rel: _sha256(root / rel) for rel in RELEASED_FILES}
+    provenance = {
+        "source_repository": RELEASED_REPO,
+        "source_commit": RELEASED_COMMIT,
+        "source_files": dict(sorted(used.items())),
+        "generated_by": "python -m moeaudit.released pack",
+        "tables": {name: {"rows": len(t), "columns": list(t.columns),
+                          "dtypes": {c: str(t[c].dtype) for c in t.columns}} for name, t in tables.items()},
+    }
+    out.with_suffix(".json").write_text(json.dumps(provenance, indent=1) + "\n", encoding="utf-8")
+    _EMBEDDED_CACHE.clear()
+    return out
+
+
+def main(argv=None) -> int:
+    import argparse  # noqa: PLC0415
+
+    ap = argparse.ArgumentParser(prog="python -m moeaudit.released",
+                                 description="The authors' released result files: where they are read from, and the embedded derived table.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    pk = sub.add_parser("pack", help="build the embedded derived table from the original files")
+    pk.add_argument("--data-dir", default=None, help="folder holding paper-released/ (default: $MOEAUDIT_DATA_DIR)")
+    pk.add_argument("--out", default=None, help=f"output parquet (default: {EMBEDDED_TABLE})")
+    sub.add_parser("source", help="print where the released results would be read from")
+    args = ap.parse_args(argv)
+    if args.cmd == "pack":
+        out = pack(data_dir=args.data_dir, out=args.out)
+        print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KiB) and {out.with_suffix('.json')}")
+    else:
+        print(released_source().describe())
+    return 0
 
 
 # ----------------------------------------------------------------------------- the paper
@@ -574,3 +776,7 @@ def agrees_at_printed_precision(value, printed, decimals):
     printed = np.asarray(printed, dtype=np.float64)
     tol = 0.5 * np.power(10.0, -np.asarray(decimals, dtype=np.float64)) + 1e-12
     return np.abs(value - printed) <= tol
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

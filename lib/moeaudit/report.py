@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import html
+import warnings
+
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -101,3 +104,82 @@ def describe(values) -> str:
     """Short text summary of a numeric vector (for prose generated from results)."""
     v = np.asarray(values, dtype=float)
     return f"min {np.nanmin(v):+.3f}, median {np.nanmedian(v):+.3f}, max {np.nanmax(v):+.3f}"
+
+
+def _admonition(kind: str, title: str, body_html: str, plain: str):
+    """An admonition as rich output: HTML in the theme's admonition classes, plain text otherwise."""
+    from IPython.display import HTML  # noqa: PLC0415
+
+    class _Admonition(HTML):
+        def __repr__(self):  # text/plain, e.g. in a terminal
+            return plain
+
+    return _Admonition(f'<div class="admonition {kind}"><p class="admonition-title">{html.escape(title)}</p>'
+                       f"{body_html}</div>")
+
+
+_SCOPES = {
+    "page": "The numbers on this page are <strong>illustrative</strong>: they measure the models on other text "
+            "than the paper's WikiText-2.",
+    "example": "Only the example predictions at the end of this page read it; the model card's measurements "
+               "come from the training records (WikiText-2).",
+}
+
+
+def corpus_admonition(source, *, scope: str = "page"):
+    """The box at the top of a chapter naming the corpus it reads (``source``: a
+    :class:`moeaudit.corpus.CorpusSource`): a note for WikiText-2, a warning for any other corpus
+    (``scope="page"``: the page's numbers are illustrative; ``"example"``: only an example reads
+    it), with how to get WikiText-2. ``ValueError`` for another ``scope``."""
+    if scope not in _SCOPES:
+        raise ValueError(f"scope={scope!r} is not one of {tuple(_SCOPES)}")
+    what = html.escape(source.describe())
+    if source.is_paper_corpus:
+        body = f"<p>Evaluation corpus: {what} (parameter <code>corpus={html.escape(repr(source.requested))}</code>).</p>"
+        return _admonition("note", "Corpus: WikiText-2", body, f"Corpus: {source.describe()}")
+    why = (f" WikiText-2 was not found: {html.escape(source.fallback_reason)}." if source.fallback_reason else "")
+    body = (f"<p>Evaluation corpus: {what} (parameter <code>corpus={html.escape(repr(source.requested))}</code>)."
+            f"{why}</p><p>{_SCOPES[scope]} To use WikiText-2, set <code>MOEAUDIT_DATA_DIR</code> to a "
+            "folder holding <code>wikitext-2/</code> (<code>test.txt</code> or <code>wiki.test.raw</code>), or run "
+            "where the Hugging Face hub is reachable, and execute the chapter again.</p>")
+    return _admonition("warning", "Corpus: not WikiText-2", body, f"Corpus: {source.describe()} (not WikiText-2)")
+
+
+def show_corpus(corpus="auto", *, data_dir=None, scope: str = "page"):
+    """Resolve the ``corpus`` parameter, display :func:`corpus_admonition`, and return the
+    :class:`moeaudit.corpus.CorpusSource` (pass it on to :func:`moeaudit.audit.prepare`).
+
+    Called in a chapter's first cell, so a bad ``corpus`` fails before any model is loaded. The
+    fallback warning of ``corpus="auto"`` is shown by the box instead of on stderr.
+    """
+    from IPython.display import display  # noqa: PLC0415
+
+    from .corpus import CorpusFallbackWarning, resolve_corpus  # noqa: PLC0415
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CorpusFallbackWarning)
+        source = resolve_corpus(corpus, data_dir=data_dir)
+    display(corpus_admonition(source, scope=scope))
+    return source
+
+
+def show_released_source(data_dir=None):
+    """Display where the authors' released results are read from (original files or the embedded
+    derived table) and return the :class:`moeaudit.released.ReleasedSource`."""
+    from IPython.display import display  # noqa: PLC0415
+
+    from .released import released_source  # noqa: PLC0415
+
+    source = released_source(data_dir)
+    what = html.escape(source.describe())
+    if source.kind == "files":
+        display(_admonition("note", "Released results: the original files", f"<p>Read from {what}.</p>",
+                            f"Released results: {source.describe()}"))
+    else:
+        body = (f"<p>The original files were not found ({html.escape(source.reason or '')}), so this page reads "
+                f"{what}. Its values are those of the original files, cell for cell (checked by the test suite "
+                "when the files are present). To read the files themselves, set <code>MOEAUDIT_DATA_DIR</code> to a "
+                "folder holding <code>paper-released/</code>, or run once with network access.</p>")
+        display(_admonition("note", "Released results: the embedded derived table", body,
+                            f"Released results: {source.describe()}"))
+    return source

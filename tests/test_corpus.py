@@ -1,0 +1,247 @@
+"""The ``corpus`` parameter: WikiText-2, the embedded corpus, a text file; fallback and errors."""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+
+import numpy as np
+import pytest
+
+import moeaudit.models  # noqa: F401  (nnsight before transformers.models.*)
+from moeaudit import audit, book, corpus as C, report
+from moeaudit.zoo import zoo_path
+
+TOKENIZED = [" = Title = ", "", " The river @-@ side town had 1 @,@ 200 <unk> residents and a mill on the bank .", ""]
+RAW = [" = Title = ", "", " The river-side town had 1,200 residents in 1900 and a mill on the bank of the river.", ""]
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    """No local WikiText-2 and no hub: what a fresh machine without network sees."""
+    monkeypatch.delenv("MOEAUDIT_DATA_DIR", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(C, "_hub_reachable", lambda timeout=3.0: False)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(zoo_path("tiny-olmoe"))
+
+
+def _embedded_paragraphs():
+    return [ln for ln in C.EMBEDDED_CORPUS.read_text(encoding="utf-8").splitlines() if ln.strip()]
+
+
+# ----------------------------------------------------------------------------- the embedded corpus
+
+
+def test_embedded_corpus_size_and_form():
+    paras = _embedded_paragraphs()
+    words = [len(p.split()) for p in paras]
+    assert len(paras) >= 120 and min(words) >= 90
+    assert len(set(paras)) == len(paras), "duplicate paragraphs"
+    C.EMBEDDED_CORPUS.read_bytes().decode("ascii")  # plain ASCII, no markup
+    assert not any(p.lstrip().startswith(("#", "=", "-", "*")) for p in paras)
+
+
+def test_embedded_corpus_gives_the_papers_draw(tokenizer):
+    """100 texts of 128 tokens can be drawn as the paper draws them from WikiText-2."""
+    tc = C.load_eval_corpus(tokenizer, corpus="embedded", n_texts=100, max_tokens=128)
+    assert len(tc) == 100 and (tc.lengths == 128).all()
+    assert tc.meta["corpus_source"] == "embedded" and tc.meta["corpus_variant"] == C.EMBEDDED_VERSION
+
+
+def test_data_card_states_the_measured_size(tokenizer):
+    """The data card's paragraph, word and token counts are those of the shipped file."""
+    card = (C.EMBEDDED_CORPUS.parent / "EMBEDDED_CORPUS.md").read_text()
+    paras = _embedded_paragraphs()
+    n_tokens = [len(tokenizer(p)["input_ids"]) for p in paras]
+    n_words = [len(p.split()) for p in paras]
+    assert f"- {len(paras)} paragraphs" in card
+    assert f"{sum(n_words):,} words; {min(n_words)} to {max(n_words)} words per paragraph" in card
+    assert f"{sum(n_tokens):,} tokens" in card and f"{min(n_tokens)} to {max(n_tokens)} per paragraph" in card
+    assert C.EMBEDDED_VERSION in card and "MIT" in card
+
+
+# ----------------------------------------------------------------------------- resolution
+
+
+def test_auto_falls_back_loudly_without_wikitext(no_hub):
+    with pytest.warns(C.CorpusFallbackWarning, match="embedded corpus"):
+        src = C.resolve_corpus("auto")
+    assert src.name == "embedded" and not src.is_paper_corpus
+    assert "MOEAUDIT_DATA_DIR" in src.fallback_reason and "hub" in src.fallback_reason
+    assert src.key() == {"corpus_source": "embedded", "corpus_variant": C.EMBEDDED_VERSION}
+
+
+def test_embedded_by_name_does_not_warn(no_hub):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        src = C.resolve_corpus("embedded")
+    assert src.name == "embedded" and src.fallback_reason is None
+
+
+@pytest.mark.parametrize("name,lines,variant", [("test.txt", TOKENIZED, C.WIKITEXT_TOKENIZED),
+                                                ("test.txt", RAW, C.WIKITEXT_RAW),
+                                                ("wiki.test.raw", RAW, C.WIKITEXT_RAW),
+                                                ("wiki.test.tokens", TOKENIZED, C.WIKITEXT_TOKENIZED)])
+def test_local_wikitext_and_its_release_are_named(tmp_path, no_hub, name, lines, variant):
+    (tmp_path / "wikitext-2").mkdir()
+    (tmp_path / "wikitext-2" / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    for requested in ("auto", "wikitext-2"):
+        src = C.resolve_corpus(requested, data_dir=tmp_path)
+        assert src.name == "wikitext-2" and src.variant == variant and src.is_paper_corpus
+        assert list(src.lines) == lines and name in src.origin and variant in src.describe()
+
+
+def test_wikitext_required_but_absent_is_one_clear_error(no_hub):
+    with pytest.raises(FileNotFoundError, match=r"corpus='wikitext-2'.*MOEAUDIT_DATA_DIR"):
+        C.resolve_corpus("wikitext-2")
+
+
+def test_text_file_corpus(tmp_path, tokenizer):
+    f = tmp_path / "texts.txt"
+    f.write_text("\n".join(f"Text number {i} is a sentence that is long enough to be selected here." for i in range(5)))
+    src = C.resolve_corpus(str(f))
+    assert src.name == "file" and src.variant.startswith("sha256:") and str(f) in src.describe()
+    tc = C.load_eval_corpus(tokenizer, corpus=src, n_texts=5, max_tokens=64)
+    assert len(tc) == 5 and tc.meta["corpus_source"] == "file"
+    with pytest.raises(ValueError, match=r"corpus=.*texts.txt.*n_texts=6"):
+        C.load_eval_corpus(tokenizer, corpus=str(f), n_texts=6)
+    f.write_text("Another text entirely, long enough to be selected by the rule of fifty characters.\n")
+    assert C.resolve_corpus(str(f)).variant != src.variant  # the content identifies the corpus
+
+
+@pytest.mark.parametrize("value,error,pattern", [
+    ("no/such/file.txt", FileNotFoundError, r"corpus='no/such/file.txt': no such file"),
+    ("", TypeError, r"corpus=''"),
+    (3, TypeError, r"corpus=3"),
+    (None, TypeError, r"corpus=None"),
+])
+def test_bad_corpus_values(value, error, pattern):
+    with pytest.raises(error, match=pattern):
+        C.resolve_corpus(value)
+
+
+def test_empty_or_directory_or_binary_corpus_file(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(ValueError, match=r"corpus=.*empty.txt.*is empty"):
+        C.resolve_corpus(str(empty))
+    with pytest.raises(ValueError, match="is not a file"):
+        C.resolve_corpus(str(tmp_path))
+    binary = tmp_path / "weights.bin"
+    binary.write_bytes(b"\xff\xfe\x00\x81" * 10)
+    with pytest.raises(ValueError, match="not UTF-8"):
+        C.resolve_corpus(str(binary))
+    with pytest.raises(ValueError, match="split='validation'"):
+        C.resolve_corpus("embedded", split="validation")
+
+
+def test_hub_probe_is_skipped_in_offline_mode(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert C._hub_offline_mode()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    assert not C._hub_offline_mode()
+
+
+# ----------------------------------------------------------------------------- use by the audit and the book
+
+
+def test_bad_corpus_fails_before_any_model_is_loaded(monkeypatch, tmp_path):
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the corpus was checked")
+
+    monkeypatch.setattr(audit, "load_model", no_load)
+    with pytest.raises(FileNotFoundError, match="corpus="):
+        audit.prepare("tiny-olmoe", corpus=str(tmp_path / "missing.txt"), results_dir=tmp_path)
+
+
+def test_corpus_is_part_of_the_record_key(tmp_path, no_hub):
+    """The clean pass of the same model on two corpora is stored under two keys, each naming its corpus."""
+    f = tmp_path / "texts.txt"
+    f.write_text("\n".join(f"Paragraph {i}: the harbour town built a stone bridge over the river in {1800 + i}."
+                           for i in range(4)))
+    keys = {}
+    for corpus in ("embedded", str(f)):
+        ctx = audit.prepare("tiny-olmoe", corpus=corpus, n_texts=2, results_dir=tmp_path / "results")
+        keys[ctx.provenance["corpus_source"]] = audit.params_key(ctx.provenance)
+        assert ctx.corpus_source.requested == corpus
+    assert set(keys) == {"embedded", "file"} and len(set(keys.values())) == 2
+    for key in keys.values():
+        params = json.loads((tmp_path / "results" / "clean" / key / "params.json").read_text())
+        assert params["corpus_source"] in ("embedded", "file") and params["corpus_variant"]
+
+
+def test_admonition_names_the_corpus_and_says_when_numbers_are_illustrative(no_hub, tmp_path):
+    (tmp_path / "wikitext-2").mkdir()
+    (tmp_path / "wikitext-2" / "test.txt").write_text("\n".join(TOKENIZED))
+    paper = report.corpus_admonition(C.resolve_corpus("auto", data_dir=tmp_path))._repr_html_()
+    assert "admonition note" in paper and "wikitext-2-v1" in paper and "illustrative" not in paper
+    with pytest.warns(C.CorpusFallbackWarning):
+        fallback = C.resolve_corpus("auto")
+    page = report.corpus_admonition(fallback)._repr_html_()
+    assert "admonition warning" in page and "illustrative" in page and "MOEAUDIT_DATA_DIR" in page
+    example = report.corpus_admonition(fallback, scope="example")._repr_html_()
+    assert "example predictions" in example
+    with pytest.raises(ValueError, match="scope="):
+        report.corpus_admonition(fallback, scope="chapter")
+
+
+def test_every_chapter_that_reads_text_has_the_corpus_parameter_and_shows_it():
+    for stem in book.chapters():
+        src = (book.NOTEBOOKS / f"{stem}.py").read_text()
+        if stem.startswith("08_"):
+            assert "report.show_released_source(" in src
+            continue
+        assert book.notebook_parameters(stem)["corpus"] == "auto", stem
+        assert "report.show_corpus(corpus" in src, stem
+        for call in re.findall(r"prepare\([^)]*\)", src, flags=re.S):
+            assert "corpus=corpus_source" in call, f"{stem}: {call}"
+
+
+def test_chapter_with_bad_corpus_fails_in_a_second(monkeypatch, tmp_path):
+    import papermill
+
+    def never(*args, **kwargs):
+        raise AssertionError("the kernel was started")
+
+    monkeypatch.setattr(papermill, "execute_notebook", never)
+    with pytest.raises(FileNotFoundError, match=r"corpus='.*missing.txt': no such file"):
+        book.execute_chapter("04_audit", {"corpus": str(tmp_path / "missing.txt")}, book_dir=tmp_path)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="is empty"):
+        book.execute_chapter("01_introduction", {"corpus": str(empty)}, book_dir=tmp_path)
+
+
+def test_preflight_reports_what_will_be_used(no_hub):
+    lines = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fallback is reported as a line, not a stray warning
+        problems = book.preflight(log=lines.append)
+    assert problems == []
+    text = "\n".join(lines)
+    assert "corpus='auto': the embedded corpus" in text and "illustrative" in text
+    assert "released results:" in text and "models: tiny-deepseek-v2, tiny-olmoe, tiny-qwen-moe" in text
+
+
+def test_preflight_finds_a_missing_model(monkeypatch, tmp_path):
+    import moeaudit.zoo as zoo
+
+    monkeypatch.setattr(zoo, "zoo_path", lambda name: tmp_path)
+    problems = book.preflight(["04_audit"], log=lambda *_: None)
+    assert len(problems) == 3 and all("config.json" in p for p in problems)
+
+
+def test_sampler_on_the_embedded_corpus_is_seeded(tokenizer):
+    tc = C.load_eval_corpus(tokenizer, corpus="embedded", n_texts=20, max_tokens=64)
+    a, b = C.sample_positions(tc, n=50, seed=1), C.sample_positions(tc, n=50, seed=1)
+    assert a.equals(b) and not a.equals(C.sample_positions(tc, n=50, seed=2))
+    assert np.all(a.t.to_numpy() <= tc.lengths[a.seq_id.to_numpy()] - 2)
