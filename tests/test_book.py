@@ -2,7 +2,9 @@
 as errors. Slow (a few minutes): it renders a complete miniature of the book."""
 
 import json
+import re
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -64,6 +66,48 @@ def test_built_html_contains_every_chapter(rendered):
         page = html / "book" / f"{stem}.html"
         assert page.exists(), f"{stem} missing from the HTML build"
         assert "Traceback" not in page.read_text(errors="replace")
+
+
+def _outputs_text(path) -> str:
+    nb = json.loads(Path(path).read_text())
+    texts = []
+    for cell in nb["cells"]:
+        for out in cell.get("outputs", []):
+            data = out.get("data", {})
+            texts.append("".join(data.get("text/html", "")) + "".join(data.get("text/markdown", "")))
+    return [t for t in texts if t.strip()]
+
+
+def test_every_page_names_its_corpus_or_released_source(rendered):
+    """The first output of every chapter is the box naming the corpus it read (chapter 8: the
+    released results' source); without WikiText-2 the box says the numbers are illustrative."""
+    from moeaudit.corpus import CorpusFallbackWarning, resolve_corpus
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CorpusFallbackWarning)
+        expected = resolve_corpus("auto")
+    _, executed, html = rendered
+    for stem, path in executed.items():
+        text = _outputs_text(path)[0]
+        if stem.startswith("08_"):
+            assert "Released results:" in text and "18bd31b" in text
+            continue
+        assert "Corpus:" in text and expected.variant in text, stem
+        assert ("illustrative" in text) == (not expected.is_paper_corpus), stem
+        page = (html / "book" / f"{stem}.html").read_text()
+        assert 'class="admonition' in page and "Corpus:" in page, stem
+
+
+def test_math_is_served_from_the_book_not_a_cdn(rendered):
+    """MathJax is copied into the built book; no page loads a script from another host."""
+    _, _, html = rendered
+    assert (html / "_static" / "mathjax" / "tex-chtml.js").is_file()
+    for page in html.rglob("*.html"):
+        text = page.read_text(errors="replace")
+        external = re.findall(r"<script[^>]*\ssrc=[\"'](?:https?:)?//[^\"']+", text)
+        assert not external, f"{page.name} loads {external}"
+    intro = (html / "book" / "01_introduction.html").read_text()
+    assert "_static/mathjax/tex-chtml.js" in intro
 
 
 def test_a_changed_parameter_produces_a_new_record_set(rendered):

@@ -46,7 +46,9 @@ def test_ci_runs_the_readme_test_command():
     test_cmd = setup[1]
     ci = (ROOT / ".ci" / "run").read_text()
     assert test_cmd in ci, f"CI does not run the README's test command {test_cmd!r}"
-    assert "MOEAUDIT_DATA_DIR" in ci
+    # both configurations: with the data directory, and without it (a fresh machine)
+    assert re.search(r'MOEAUDIT_DATA_DIR="\$data" ' + re.escape(test_cmd), ci)
+    assert re.search(r"env -u MOEAUDIT_DATA_DIR .*" + re.escape(test_cmd), ci)
 
 
 def test_toc_lists_only_existing_chapter_sources():

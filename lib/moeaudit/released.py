@@ -457,6 +457,7 @@ _TABLE_BUILDERS = {
     "stored_statistics": lambda root: _files_stored_statistics(root),
     "progressive_ablation": lambda root: _files_progressive_ablation(root),
     "redistribution": lambda root: _files_redistribution(root),
+    "redistribution_experts": lambda root: _files_redistribution_experts(root),
 }
 DERIVED_TABLES: tuple[str, ...] = tuple(_TABLE_BUILDERS)
 
@@ -573,8 +574,9 @@ def redistribution(*, data_dir=None) -> pd.DataFrame:
 
 
 def redistribution_experts(*, data_dir=None) -> pd.DataFrame:
-    """Per-expert redistribution aggregates; needs the original files (not in the embedded table)."""
-    return _files_redistribution_experts(released_dir(data_dir))
+    """Per-expert redistribution aggregates (OLMoE layers 0-15, Qwen's five layers); see
+    :func:`_files_redistribution_experts` for the columns. Source as in :func:`metric_comparisons`."""
+    return _table("redistribution_experts", data_dir)
 
 
 def _sha256(path: Path) -> str:
