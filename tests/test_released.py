@@ -78,7 +78,7 @@ def test_offline_without_copy_gives_clear_error(monkeypatch, tmp_path):
         R.released_dir(empty, download=False)
     # the loaders fall back to the embedded derived table, and say so
     src = R.released_source(empty)
-    assert src.kind == "embedded" and src.path == R.EMBEDDED_TABLE and "not found" in src.reason
+    assert src.kind == "embedded" and src.path == R.EMBEDDED_TABLE and src.reason.startswith("Looked in:")
     assert "18bd31b" in src.describe() and "sha256" in src.describe()
     assert len(R.progressive_ablation(data_dir=empty)) == 42
     with pytest.raises(R.ReleasedDataUnavailable):

@@ -506,7 +506,8 @@ def released_source(data_dir: str | os.PathLike | None = None, *, download: bool
     except ReleasedDataUnavailable as err:
         if not embedded or not EMBEDDED_TABLE.is_file():
             raise
-        return ReleasedSource("embedded", EMBEDDED_TABLE, str(err).split(" To fix:")[0])
+        reason = str(err).split(" To fix:")[0].removeprefix("The authors' released result files were not found. ")
+        return ReleasedSource("embedded", EMBEDDED_TABLE, reason.rstrip("."))
 
 
 _EMBEDDED_CACHE: dict[str, pd.DataFrame] = {}
