@@ -374,3 +374,57 @@ def test_input_validation():
         S.paired_effect([1.0, 2.0], [0.0, 0.0, 0.0])
     with pytest.raises(ValueError):
         S.paired_effect([1.0, 1.0, 1.0], [0.0, 0.0, 0.0])
+
+
+# ----------------------------------------------------------------------------- small shared helpers
+
+
+def test_spearman_defined_drops_non_finite_pairs_and_is_nan_when_undefined():
+    # finite pairs (1,2), (2,1), (3,4), (4,3): ranks x = 1..4, y = 2,1,4,3 -> sum d^2 = 4
+    # rho = 1 - 6*4 / (4*(16-1)) = 0.6 (no ties, so the textbook formula is exact)
+    rho, p, n = S.spearman_defined([1, 2, np.nan, 3, 4, 5], [2, 1, 7, 4, 3, np.inf])
+    assert n == 4 and rho == pytest.approx(0.6) and 0 < p < 1
+    assert np.isnan(S.spearman_defined([1, 2, 3], [5, 5, 5])[0])  # constant column
+    rho, p, n = S.spearman_defined([1, 2, np.nan], [1, 2, 3])  # two finite pairs
+    assert np.isnan(rho) and np.isnan(p) and n == 2
+    with pytest.raises(ValueError, match="same length"):
+        S.spearman_defined([1, 2, 3], [1, 2])
+
+
+def test_critical_spearman_rho_by_hand():
+    # n = 12, alpha = 0.05: t_crit = t_{0.975, 10} = 2.228139 -> rho = 2.228139 / sqrt(14.964603) = 2.228139 / 3.868411 = 0.575983
+    assert S.critical_spearman_rho(12, alpha=0.05) == pytest.approx(0.575983, abs=1e-6)
+    # at exactly that rho, spearmanr's t-approximation p-value is alpha
+    r = S.critical_spearman_rho(30, alpha=0.01)
+    t = r * np.sqrt(28 / (1 - r * r))
+    assert 2 * sps.t.sf(t, 28) == pytest.approx(0.01)
+    assert np.isnan(S.critical_spearman_rho(3))
+    with pytest.raises(ValueError, match="alpha"):
+        S.critical_spearman_rho(10, alpha=1.5)
+
+
+def test_dz_difference_ci_covers_the_point_difference_and_is_zero_for_identical_inputs():
+    rng = np.random.default_rng(0)
+    d1 = rng.normal(0.5, 1, 200)
+    d2 = d1 + rng.normal(-0.5, 0.3, 200)
+    point = d1.mean() / d1.std(ddof=1) - d2.mean() / d2.std(ddof=1)
+    lo, hi = S.dz_difference_ci(d1, d2, n_boot=500, seed=1)
+    assert lo < point < hi and lo > 0  # d2 is shifted down: its d_z is clearly smaller
+    assert S.dz_difference_ci(d1, d2, n_boot=500, seed=1) == (lo, hi)  # seeded
+    assert S.dz_difference_ci(d1, d1.copy()) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="same length"):
+        S.dz_difference_ci(d1, d2[:10])
+    with pytest.raises(ValueError, match="at least 3"):
+        S.dz_difference_ci([1.0, 2.0], [2.0, 1.0])
+
+
+@pytest.mark.parametrize("bf,label", [(150, "extreme H1"), (100, "very strong H1"), (5, "moderate H1"), (1.0, "anecdotal H0"),
+                                      (0.2, "moderate H0"), (1 / 3, "moderate H0"), (0.05, "strong H0"), (0.0, "extreme H0")])
+def test_jeffreys_label_bands(bf, label):
+    assert S.jeffreys_label(bf) == label
+
+
+def test_jeffreys_label_rejects_nan_and_negative():
+    for bad in (float("nan"), -1.0):
+        with pytest.raises(ValueError):
+            S.jeffreys_label(bad)

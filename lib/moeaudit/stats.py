@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -44,7 +45,12 @@ __all__ = [
     "correct_family",
     "audit_table",
     "spearman",
+    "spearman_defined",
+    "critical_spearman_rho",
+    "dz_difference_ci",
     "jzs_bayes_factor",
+    "jeffreys_label",
+    "JEFFREYS_SCALE",
 ]
 
 #: Multiple-comparison corrections applied by :func:`audit_table`: column suffix ->
@@ -492,3 +498,89 @@ def jzs_bayes_factor(d_values, *, r: float = 0.707) -> float:
         raise ValueError("need at least 2 differences")
     t = float(stats.ttest_1samp(d, 0.0).statistic)
     return float(pingouin.bayesfactor_ttest(t, int(d.size), paired=True, r=r))
+
+
+def spearman_defined(x, y) -> tuple[float, float, int]:
+    """Spearman's rho and its two-sided p-value over the pairs where both values are finite.
+
+    ``scipy.stats.spearmanr`` on the finite pairs; ``(nan, nan, n)`` when rho is undefined:
+    fewer than 3 finite pairs or a constant column (for example an expert metric that is NaN for
+    never-selected experts, or a layer where every value ties). Returns ``(rho, p, n)``, ``n`` the
+    number of finite pairs used. ``ValueError`` if ``x`` and ``y`` differ in length.
+    """
+    xa, ya = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
+    if xa.shape != ya.shape:
+        raise ValueError(f"x and y must have the same length, got {xa.size} and {ya.size}")
+    ok = np.isfinite(xa) & np.isfinite(ya)
+    xa, ya = xa[ok], ya[ok]
+    n = int(xa.size)
+    if n < 3 or np.ptp(xa) == 0 or np.ptp(ya) == 0:
+        return float("nan"), float("nan"), n
+    res = stats.spearmanr(xa, ya)
+    return float(res.statistic), float(res.pvalue), n
+
+
+def critical_spearman_rho(n: int, *, alpha: float = 0.05) -> float:
+    """Smallest |rho| that a two-sided test of Spearman's rho calls significant at ``alpha``.
+
+    Uses the t approximation that ``scipy.stats.spearmanr`` uses for its p-value,
+    ``t = rho * sqrt((n - 2) / (1 - rho^2))`` with ``n - 2`` degrees of freedom, solved for rho:
+    ``rho_crit = t_crit / sqrt(n - 2 + t_crit^2)`` with ``t_crit`` the ``1 - alpha/2`` quantile of
+    Student's t (``scipy.stats.t.ppf``). NaN for ``n < 4``; ``ValueError`` unless 0 < alpha < 1.
+    """
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if n < 4:
+        return float("nan")
+    t = float(stats.t.ppf(1 - alpha / 2, n - 2))
+    return t / float(np.sqrt(n - 2 + t * t))
+
+
+def dz_difference_ci(d1, d2, *, n_boot: int = 2000, seed: int = 0, ci: float = 0.95) -> tuple[float, float]:
+    """Paired-bootstrap confidence interval of ``d_z(d1) - d_z(d2)``.
+
+    ``d1`` and ``d2`` are paired differences measured at the same positions (for example the
+    paired effects of one cell under two ablation definitions); positions are resampled with both
+    values together (``scipy.stats.bootstrap(paired=True)``, ``n_boot`` resamples, generator
+    ``numpy.random.default_rng(seed)``), ``d_z = mean / std(ddof=1)``. BCa interval, or the
+    percentile interval where BCa is degenerate. ``(0.0, 0.0)`` when ``d1`` and ``d2`` are
+    identical. ``ValueError`` for different lengths or fewer than 3 positions.
+    """
+    a, b = _as_float_array(d1, "d1"), _as_float_array(d2, "d2")
+    if a.shape != b.shape:
+        raise ValueError(f"d1 and d2 must have the same length, got {a.size} and {b.size}")
+    if a.size < 3:
+        raise ValueError(f"need at least 3 positions, got {a.size}")
+    if np.array_equal(a, b):
+        return 0.0, 0.0
+
+    def diff(x, y, axis=-1):
+        return (np.mean(x, axis=axis) / np.std(x, axis=axis, ddof=1)
+                - np.mean(y, axis=axis) / np.std(y, axis=axis, ddof=1))
+
+    kw = dict(paired=True, vectorized=True, n_resamples=n_boot, confidence_level=ci)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", stats.DegenerateDataWarning)
+        try:
+            res = stats.bootstrap((a, b), diff, method="BCa", rng=np.random.default_rng(seed), **kw)
+        except stats.DegenerateDataWarning:
+            res = stats.bootstrap((a, b), diff, method="percentile", rng=np.random.default_rng(seed), **kw)
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+#: Jeffreys' (1961) evidence categories for BF10, as tabulated by Lee and Wagenmakers (2013):
+#: (lower bound, label), the first bound that BF10 exceeds gives the label.
+JEFFREYS_SCALE: tuple[tuple[float, str], ...] = (
+    (100, "extreme H1"), (30, "very strong H1"), (10, "strong H1"), (3, "moderate H1"), (1, "anecdotal H1"),
+    (1 / 3, "anecdotal H0"), (1 / 10, "moderate H0"), (1 / 30, "strong H0"), (1 / 100, "very strong H0"),
+    (0, "extreme H0"),
+)
+
+
+def jeffreys_label(bf10: float) -> str:
+    """The evidence category of a Bayes factor BF10 on Jeffreys' scale (:data:`JEFFREYS_SCALE`):
+    ``"moderate H0"`` for 1/10 < BF10 <= 1/3, and so on. ``ValueError`` for a negative or NaN BF10."""
+    bf = float(bf10)
+    if not bf >= 0:
+        raise ValueError(f"a Bayes factor is >= 0, got {bf10}")
+    return next(label for bound, label in JEFFREYS_SCALE if bf > bound or bound == 0)
