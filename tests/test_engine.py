@@ -598,3 +598,32 @@ def test_load_wikitext2_nonexistent_data_dir(offline, tmp_path, monkeypatch):
     monkeypatch.setenv("MOEAUDIT_DATA_DIR", str(missing))
     with pytest.raises((FileNotFoundError, ValueError), match=r"MOEAUDIT_DATA_DIR"):
         load_wikitext2("test")
+
+
+# ------------------------------------------------------------------------------ the plain trace
+
+
+@pytest.mark.parametrize("mode", E.ABLATION_MODES)
+def test_trace_ablation_equals_run_ablations(model, clean, corpus, mode, single_thread):
+    """The one-prefix nnsight trace shown in the book is what the batched engine computes."""
+    from moeaudit.engine import trace_ablation
+
+    L = model.layout.moe_layers[-1]
+    for seq_id, t in ((0, 5), (2, 11)):
+        active = clean.active(seq_id, t, L)
+        req = pd.DataFrame({"seq_id": seq_id, "t": t, "layer": L, "removed": [[int(active[0])], [int(e) for e in active[:2]]]})
+        rec = E.run_ablations(model, corpus, clean, req, mode=mode, progress=False)
+        for removed, expected in zip(req.removed, rec.delta_loss):
+            got = trace_ablation(model, corpus.sequences[seq_id], layer=L, experts=removed, t=t, mode=mode)
+            assert got["delta_loss"] == pytest.approx(expected, abs=2e-5)
+            assert (got["rows_changed"] == [t]) if mode == "token" else (t in got["rows_changed"])
+
+
+def test_trace_ablation_refuses_bad_arguments(model_cache, corpus):
+    from moeaudit.engine import trace_ablation
+
+    m = model_cache("olmoe")
+    with pytest.raises(ValueError, match="mode="):
+        trace_ablation(m, corpus.sequences[0], layer=0, experts=[0], t=3, mode="tokens")
+    with pytest.raises(ValueError, match="out of range"):
+        trace_ablation(m, corpus.sequences[0], layer=0, experts=[0], t=len(corpus.sequences[0]) - 1)

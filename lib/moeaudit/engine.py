@@ -260,6 +260,50 @@ def _run_batch(model: AuditModel, *, input_ids, attention_mask, position_ids, pa
     return logits, outputs
 
 
+@torch.no_grad()
+def trace_ablation(model: AuditModel, token_ids, *, layer: int, experts, t: int, mode: str = "token") -> dict:
+    """The intervention written out once, plainly: remove ``experts`` at ``layer`` inside one nnsight
+    trace of the prefix ``x[:t+1]`` and read the next-token loss at ``t``.
+
+    Inside the trace the router output ``mlp.gate.output = (logits, combine_weights, indices)``
+    (one row per token of the prefix) is read, the combine weight of every removed expert is set
+    to zero on the chosen rows (``mode="token"``: row ``t`` only, the paper's Definition 2.1;
+    ``"sequence"``: every row ``<= t``, the released code's hook), and the triple is written back, so
+    the layer output loses ``sum_e g_e(x) E_e(x)`` there and nothing else changes. A second,
+    un-ablated trace gives the clean loss. This is the reference that :func:`run_ablations`
+    (batched, with a key/value cache) must agree with; it runs one prefix per call.
+
+    ``token_ids``: 1-D sequence of token ids (at least ``t + 2`` long: ``x_{t+1}`` is the target).
+    Returns ``clean_loss``, ``ablated_loss`` and ``delta_loss`` (nats, float32 losses) and
+    ``rows_changed`` (token rows whose combine weights were zeroed). ``ValueError`` for a bad
+    ``mode``, layer or position.
+    """
+    if mode not in ABLATION_MODES:
+        raise ValueError(f"mode={mode!r} is not one of {ABLATION_MODES}")
+    model.layout.check_layer(layer)
+    ids = torch.as_tensor(np.asarray(token_ids), dtype=torch.long).reshape(-1)
+    if not 0 <= t <= len(ids) - 2:
+        raise ValueError(f"t={t} is out of range for a sequence of {len(ids)} tokens: use 0 <= t <= {len(ids) - 2}")
+    removed = torch.as_tensor(np.atleast_1d(experts), dtype=torch.long)
+    prefix = ids[: t + 1].unsqueeze(0).to(model.device)
+    target = ids[t + 1: t + 2].to(model.device)
+    mlp = model.layers()[layer].mlp
+    with model.nn.trace(input_ids=prefix, remote=model.remote):
+        clean_logits = model.nn.output.logits[0, t].save()
+    with model.nn.trace(input_ids=prefix, remote=model.remote):
+        logits, weights, indices = mlp.gate.output             # rows = tokens 0..t of the prefix
+        rows = torch.zeros(indices.shape[0], 1, dtype=torch.bool, device=indices.device)
+        rows[t if mode == "token" else slice(None)] = True     # which token rows lose the expert
+        hit = torch.isin(indices, removed.to(indices.device)) & rows
+        mlp.gate.output = (logits, weights.masked_fill(hit, 0.0), indices)
+        changed = hit.any(dim=1).nonzero().flatten().save()
+        ablated_logits = model.nn.output.logits[0, t].save()
+    clean_loss = float(_token_loss(clean_logits[None], target)[0])
+    ablated_loss = float(_token_loss(ablated_logits[None], target)[0])
+    return {"clean_loss": clean_loss, "ablated_loss": ablated_loss, "delta_loss": ablated_loss - clean_loss,
+            "rows_changed": [int(r) for r in changed.tolist()]}
+
+
 @dataclass
 class PackedStep:
     """Inputs of one token-mode step against a chunk's clean key/value cache (see :func:`packed_step`).
