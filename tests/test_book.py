@@ -36,7 +36,8 @@ def rendered(tmp_path_factory):
     for m in ZOO_MODELS:  # the default book needs every shipped model
         assert (zoo_path(m) / "config.json").exists(), f"shipped model {m} is missing"
     root = tmp_path_factory.mktemp("bookroot")
-    for f in ("_config.yml", "_toc.yml"):
+    for f in ("_config.yml", "_toc.yml", "book/references.bib", "book/references.md"):
+        (root / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(book.REPO_ROOT / f, root / f)
     mp = pytest.MonkeyPatch()
     mp.setenv("MOEAUDIT_RESULTS_DIR", str(root / "results"))  # inherited by the notebook kernels
