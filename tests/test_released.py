@@ -307,3 +307,18 @@ def test_stored_redistribution_and_paper_gap_norm():
     q0 = experts[(experts.model == "qwen") & (experts.layer == 0)]
     rho = sps.spearmanr(q0.mean_routing_weight, q0.mean_gap_norm).statistic
     assert rho == pytest.approx(red.loc[("qwen", 0), "rho_rw_gap"], abs=1e-9)
+
+
+def test_paper_family_verdicts_match_the_printed_tables(printed):
+    """Counted by hand from Tables 1-3: bold cells (p_t < 0.05) are 1 (OLMoE), 2 (Qwen), 3 (DeepSeek);
+    only Qwen activation std L23 (p_t = 0.002) is below 0.05/20 on p_t, only DeepSeek utilization L20
+    on p_W; none on both; the largest |d| is Qwen's 0.222."""
+    v = R.paper_family_verdicts().set_index("model")
+    assert v.cells.tolist() == [20, 20, 20] and v.alpha_bonferroni.tolist() == [0.0025] * 3
+    assert v.uncorrected_t.to_dict() == {"olmoe": 1, "qwen": 2, "deepseek": 3}
+    assert v.bonferroni_t.to_dict() == {"olmoe": 0, "qwen": 1, "deepseek": 0}
+    assert v.bonferroni_W.to_dict() == {"olmoe": 0, "qwen": 0, "deepseek": 1}
+    assert v.bonferroni_both.sum() == 0
+    bold = printed[(printed.table <= 3) & (printed.quantity == "p_t")].groupby("model").bold.sum()
+    assert bold.to_dict() == v.uncorrected_t.to_dict()
+    assert round(v.max_abs_d.max(), 3) == 0.222

@@ -428,3 +428,24 @@ def test_jeffreys_label_rejects_nan_and_negative():
     for bad in (float("nan"), -1.0):
         with pytest.raises(ValueError):
             S.jeffreys_label(bad)
+
+
+def test_family_verdicts_counts_by_hand():
+    rng = np.random.default_rng(3)
+    rows = []
+    for m, shift in (("a", 0.0), ("b", 0.6)):
+        for layer in range(3):
+            high = rng.normal(shift if layer == 2 else 0.0, 1, 80)
+            rows += [{"model": m, "layer": layer, "high": h, "low": 0.0} for h in high]
+    table = S.audit_table(pd.DataFrame(rows), by=("model", "layer"), high_col="high", low_col="low")
+    v = S.family_verdicts(table, alpha=0.05).set_index("model")
+    assert list(v.index) == ["a", "b"] and (v.cells == 3).all() and v.alpha_bonferroni.tolist() == [0.05 / 3] * 2
+    for m in "ab":
+        t = table[table.model == m]
+        assert v.loc[m, "uncorrected_t"] == int((t.p_t < 0.05).sum())
+        assert v.loc[m, "bonferroni_dual"] == int((t.sig_t_bonf & t.sig_W_bonf & t.same_sign).sum())
+        assert v.loc[m, "max_abs_dz"] == pytest.approx(t.cohens_dz.abs().max())
+        assert v.loc[m, "share_positive"] == pytest.approx((t.cohens_dz > 0).mean())
+    assert v.loc["b", "bonferroni_dual"] >= 1  # a shift of 0.6 sd at n = 80 is found
+    with pytest.raises(KeyError, match="lacks columns"):
+        S.family_verdicts(table.drop(columns=["mde_dz"]))

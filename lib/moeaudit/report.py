@@ -183,3 +183,86 @@ def show_released_source(data_dir=None):
         display(_admonition("note", "Released results: the embedded derived table", body,
                             f"Released results: {source.describe()}"))
     return source
+
+
+def _n(k: int, word: str) -> str:
+    return f"{k} {word}" if k == 1 else f"{k} {word}s"
+
+
+def family_verdict_text(verdicts: pd.DataFrame, table: pd.DataFrame | None = None, *, short: bool = False) -> str:
+    """The verdicts of :func:`moeaudit.stats.family_verdicts` as sentences (markdown).
+
+    The first sentence says whether any cell passes the paper's dual rule under Bonferroni, naming
+    the passing cells when ``table`` (the :func:`moeaudit.stats.audit_table` result) is given;
+    unless ``short``, one sentence per model follows with its counts, so every number stated is a
+    cell of ``verdicts``. Wording follows the numbers (no cell / one cell / several cells).
+    """
+    total = int(verdicts.bonferroni_dual.sum())
+    if total == 0:
+        head = ("**No cell passes** the paper's rule (t and Wilcoxon tests both significant after Bonferroni, "
+                "same sign) in any model: no observational metric is shown to predict which active expert "
+                "matters more at a token.")
+    else:
+        head = (f"**{_n(total, 'cell')} pass{'es' if total == 1 else ''}** the paper's rule (t and Wilcoxon tests both "
+                "significant after Bonferroni, same sign)")
+        if table is not None:
+            hits = table[table.sig_dual_bonf.astype(bool)]
+            head += ": " + "; ".join(f"{r.model}, {getattr(r, 'ranking', '')} at layer {r.layer} (d_z = {r.cohens_dz:+.3f})"
+                                     for r in hits.itertuples())
+        head += "."
+    if short:
+        return head
+    lines = [head]
+    for r in verdicts.itertuples():
+        alpha = r.alpha_bonferroni * r.cells
+        lines.append(
+            f"**{r.model}**: {r.bonferroni_dual} of {r.cells} cells pass the dual rule at the Bonferroni level "
+            f"{r.alpha_bonferroni:.4g} ({r.holm_dual} under Holm, {r.bh_dual} under Benjamini–Hochberg); "
+            f"{r.bonferroni_t} pass the t-test alone and {r.bonferroni_W} the Wilcoxon test alone at that level; "
+            f"{r.uncorrected_t} {'has' if r.uncorrected_t == 1 else 'have'} uncorrected p_t < {alpha:g}; "
+            f"{r.equivalent} {'is' if r.equivalent == 1 else 'are'} demonstrably small (TOST); "
+            f"the largest |d_z| is {r.max_abs_dz:.3f}, and {r.share_positive:.0%} of the cells have d_z > 0.")
+    return "\n\n".join(lines)
+
+
+def audit_comparison_text(verdicts: pd.DataFrame, paper: pd.DataFrame, table: pd.DataFrame | None = None) -> str:
+    """Sentences comparing this run's audit (:func:`moeaudit.stats.family_verdicts`) with the paper's
+    (:func:`moeaudit.released.paper_family_verdicts`): passing cells, uncorrected hits against the
+    number expected by chance alone (``cells * alpha``), largest effect, and the share of positive
+    effects (a valid ranking makes d_z positive). With ``table`` (the per-cell
+    :func:`moeaudit.stats.audit_table`), cells passing here are also tested at the paper's stricter
+    per-cell level. Every number is computed from the frames."""
+    alpha = float((paper.alpha_bonferroni * paper.cells).iloc[0])
+    here_alpha = float((verdicts.alpha_bonferroni * verdicts.cells).iloc[0])
+    p_cells, h_cells = int(paper.cells.sum()), int(verdicts.cells.sum())
+    p_pass, h_pass = int(paper.bonferroni_both.sum()), int(verdicts.bonferroni_dual.sum())
+    p_unc, h_unc = int(paper.uncorrected_t.sum()), int(verdicts.uncorrected_t.sum())
+    p_top = paper.loc[paper.max_abs_d.idxmax()]
+    h_top = verdicts.loc[verdicts.max_abs_dz.idxmax()]
+    p_pos = float((paper.share_positive * paper.cells).sum() / p_cells)
+    h_pos = float((verdicts.share_positive * verdicts.cells).sum() / h_cells)
+    out = [
+        f"In the paper, {p_pass} of {p_cells} cells pass both tests at the Bonferroni level; {p_unc} reach "
+        f"uncorrected p_t < {alpha:g}, where chance alone would give about {p_cells * alpha:.1f}; the largest |d| is "
+        f"{p_top.max_abs_d:.3f} ({p_top.model}). In this run, {h_pass} of {h_cells} cells pass the dual rule; {h_unc} "
+        f"reach uncorrected p_t < {here_alpha:g} (chance: about {h_cells * here_alpha:.1f}); the largest |d_z| is "
+        f"{h_top.max_abs_dz:.3f} ({h_top.model}).",
+        f"A metric that identified the important expert would make d_z positive in most cells: {p_pos:.0%} of the "
+        f"paper's cells are positive and {h_pos:.0%} of this run's.",
+    ]
+    if p_pass == 0 and h_pass == 0:
+        out.append("**The default models agree with the paper's verdict**: no observational metric passes the "
+                   "corrected audit.")
+    elif h_pass > 0 and p_pass == 0:
+        text = (f"**Unlike the paper**, {_n(h_pass, 'cell')} of this run pass{'es' if h_pass == 1 else ''} the "
+                "corrected audit")
+        p_level = float(paper.alpha_bonferroni.min())
+        if table is not None and float(verdicts.alpha_bonferroni.min()) > p_level:
+            hits = table[table.sig_dual_bonf.astype(bool)]
+            strict = int(((hits.p_t < p_level) & (hits.p_W < p_level)).sum())
+            text += (f"; the families here are smaller, so their Bonferroni level is less strict than the paper's "
+                     f"{p_level:.4g}, and {strict} of {_n(h_pass, 'passing cell')} would also pass at that level")
+        out.append(text + ".")
+    else:
+        out.append(f"The paper has {_n(p_pass, 'passing cell')} and this run {h_pass}.")
+    return "\n\n".join(out)

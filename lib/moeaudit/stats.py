@@ -44,6 +44,7 @@ __all__ = [
     "summary_effect",
     "correct_family",
     "audit_table",
+    "family_verdicts",
     "spearman",
     "spearman_defined",
     "critical_spearman_rho",
@@ -584,3 +585,37 @@ def jeffreys_label(bf10: float) -> str:
     if not bf >= 0:
         raise ValueError(f"a Bayes factor is >= 0, got {bf10}")
     return next(label for bound, label in JEFFREYS_SCALE if bf > bound or bound == 0)
+
+
+def family_verdicts(table: pd.DataFrame, *, by: str = "model", alpha: float = 0.05) -> pd.DataFrame:
+    """One row per multiple-comparison family of an :func:`audit_table` result: how many of its
+    cells pass each test and correction, and how large the effects are.
+
+    Columns: ``by``, ``cells`` (the family size), ``alpha_bonferroni`` (``alpha / cells``, the
+    paper's per-cell level), ``uncorrected_t`` (cells with p_t < ``alpha``), ``bonferroni_t``,
+    ``bonferroni_W``, ``bonferroni_dual`` (the paper's rule: t and Wilcoxon both significant at the
+    Bonferroni level, same sign), ``holm_dual``, ``bh_dual``, ``equivalent`` (TOST supports
+    |d_z| below the bound), ``max_abs_dz``, ``share_positive`` (fraction of cells with d_z > 0:
+    a valid ranking makes d_z positive), ``min_detectable_dz`` (at the Bonferroni level).
+    ``KeyError`` if ``table`` lacks the columns :func:`audit_table` adds.
+    """
+    need = [by, "family_size", "p_t", "cohens_dz", "sig_t_bonf", "sig_W_bonf", "sig_dual_bonf", "sig_dual_holm",
+            "sig_dual_bh", "equivalent", "mde_dz"]
+    missing = [c for c in need if c not in table.columns]
+    if missing:
+        raise KeyError(f"table lacks columns {missing}")
+    out = table.groupby(by, sort=False).agg(
+        cells=("family_size", "first"),
+        uncorrected_t=("p_t", lambda p: int((p < alpha).sum())),
+        bonferroni_t=("sig_t_bonf", "sum"), bonferroni_W=("sig_W_bonf", "sum"),
+        bonferroni_dual=("sig_dual_bonf", "sum"), holm_dual=("sig_dual_holm", "sum"), bh_dual=("sig_dual_bh", "sum"),
+        equivalent=("equivalent", "sum"),
+        max_abs_dz=("cohens_dz", lambda d: float(d.abs().max())),
+        share_positive=("cohens_dz", lambda d: float((d > 0).mean())),
+        min_detectable_dz=("mde_dz", "first"),
+    ).reset_index()
+    out.insert(2, "alpha_bonferroni", alpha / out["cells"])
+    int_cols = ["cells", "uncorrected_t", "bonferroni_t", "bonferroni_W", "bonferroni_dual", "holm_dual", "bh_dual",
+                "equivalent"]
+    out[int_cols] = out[int_cols].astype(int)
+    return out

@@ -1,0 +1,57 @@
+"""Verdict sentences generated from numbers: every number stated is in the frames, wording follows them."""
+
+from __future__ import annotations
+
+import re
+
+import pandas as pd
+
+from moeaudit import report
+
+
+def _verdicts(dual=(0, 0), cells=(16, 12), unc=(1, 0), maxd=(0.12, 0.2), pos=(0.5, 0.75)):
+    return pd.DataFrame({
+        "model": ["m1", "m2"], "cells": list(cells), "alpha_bonferroni": [0.05 / c for c in cells],
+        "uncorrected_t": list(unc), "bonferroni_t": [0, 1], "bonferroni_W": [0, 0], "bonferroni_dual": list(dual),
+        "holm_dual": list(dual), "bh_dual": list(dual), "equivalent": [3, 1], "max_abs_dz": list(maxd),
+        "share_positive": list(pos), "min_detectable_dz": [0.3, 0.28]})
+
+
+def _paper():
+    return pd.DataFrame({"model": ["olmoe", "qwen"], "cells": [20, 20], "alpha_bonferroni": [0.0025, 0.0025],
+                         "uncorrected_t": [1, 2], "bonferroni_t": [0, 1], "bonferroni_W": [0, 0],
+                         "bonferroni_both": [0, 0], "max_abs_d": [0.141, 0.222], "share_positive": [0.55, 0.85]})
+
+
+def test_no_passing_cell_is_said_plainly_and_counts_come_from_the_frame():
+    text = report.family_verdict_text(_verdicts())
+    assert text.startswith("**No cell passes**")
+    assert "0 of 16 cells" in text and "0 of 12 cells" in text and "0.003125" in text and "0.004167" in text
+    assert "1 has uncorrected p_t < 0.05" in text and "0 have uncorrected" in text
+    assert "75% of the cells have d_z > 0" in text
+
+
+def test_passing_cells_are_named_from_the_table():
+    v = _verdicts(dual=(1, 0))
+    table = pd.DataFrame({"model": ["m1", "m1"], "ranking": ["activation_std", "utilization_rate"], "layer": [3, 1],
+                          "cohens_dz": [0.41, 0.02], "sig_dual_bonf": [True, False]})
+    text = report.family_verdict_text(v, table, short=True)
+    assert text.startswith("**1 cell passes**") and "activation_std at layer 3 (d_z = +0.410)" in text
+    assert "utilization_rate" not in text
+
+
+def test_comparison_with_the_paper_follows_the_numbers():
+    agree = report.audit_comparison_text(_verdicts(), _paper())
+    assert "0 of 40 cells pass both tests" in agree and "0 of 28 cells pass the dual rule" in agree
+    assert "chance alone would give about 2.0" in agree and "(chance: about 1.4)" in agree
+    assert "0.222 (qwen)" in agree and "0.200 (m2)" in agree
+    assert "agree with the paper" in agree
+    # 0.55*20 + 0.85*20 = 28 of 40 = 70%; 0.5*16 + 0.75*12 = 17 of 28 = 61%
+    assert "70% of the paper's cells" in agree and "61% of this run's" in agree
+    differ = report.audit_comparison_text(_verdicts(dual=(2, 0)), _paper())
+    assert "Unlike the paper" in differ and "2 cells" in differ and "agree" not in differ
+    table = pd.DataFrame({"model": ["m1", "m1"], "sig_dual_bonf": [True, True], "p_t": [0.003, 0.0001],
+                          "p_W": [0.001, 0.002]})
+    strict = report.audit_comparison_text(_verdicts(dual=(2, 0)), _paper(), table)
+    assert "less strict than the paper's 0.0025, and 1 of 2 passing cells would also pass" in strict
+    assert not re.search(r"\bnan\b", agree + differ)
