@@ -79,6 +79,7 @@ results_dir = None  # record cache (default: $MOEAUDIT_RESULTS_DIR or results/)
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import torch
 from IPython.display import Markdown, display
 
 from moeaudit import report
@@ -191,26 +192,42 @@ fig.tight_layout()
 plt.show()
 
 # %%
-top_router = int(example.expert.iloc[0])
-bottom_router = int(example.expert.iloc[-1])
-top_ablation = int(example.sort_values("ΔL token", ascending=False).expert.iloc[0])
-d_high, d_low = float(example["ΔL token"].iloc[0]), float(example["ΔL token"].iloc[-1])
-rho = float(pd.Series(example["g"]).rank().corr(pd.Series(example["ΔL token"]).rank()))
-n_neg = int((example["ΔL token"] < 0).sum())
-agree = top_router == top_ablation
+display(Markdown(report.one_token_text(example)))
+
+# %% [markdown]
+# ## The intervention, written out
+#
+# Every ablation in this book is the same few lines inside an nnsight trace
+# {cite}`fiottokaufman2025nnsight`. The router of the MoE block returns, for every token row, its
+# logits, the combine weights the block will multiply each selected expert's output by, and the
+# indices of the selected experts. Reading that output, setting the combine weight of expert $e$
+# to zero on the row of token $t$, and writing the triple back makes the block output at $t$ lose
+# exactly $g_e(\mathbf{x}_t)\,E_e(\mathbf{x}_t)$; nothing else in the forward pass is touched. The
+# cell below does this for the router's top expert at the token above and reads the next-token loss.
+
+# %%
+e = int(example.expert.iloc[0])                      # the router's top expert at token t
+mlp = ctx.model.layers()[L].mlp                      # the MoE block of layer L, seen through nnsight
+prefix = torch.as_tensor(ids[: t_ex + 1])[None]      # the text up to and including token t
+with torch.no_grad(), ctx.model.nn.trace(input_ids=prefix):
+    logits, weights, experts = mlp.gate.output       # router output: one row per token of the prefix
+    row_t = torch.zeros_like(experts, dtype=torch.bool)
+    row_t[t_ex] = True                               # only the row of token t ...
+    mlp.gate.output = (logits, weights.masked_fill((experts == e) & row_t, 0.0), experts)  # ... loses e
+    next_token_logits = ctx.model.nn.output.logits[0, t_ex].save()
+ablated_loss = torch.nn.functional.cross_entropy(next_token_logits[None].float(), torch.tensor([int(ids[t_ex + 1])]))
+
+# %%
+by_trace = float(ablated_loss) - clean_loss
+by_engine = float(token_rec.delta_loss[[r[0] == e for r in token_rec.removed]].iloc[0])
 display(Markdown(
-    f"At this token the router gives its largest weight to expert {top_router} (g = {example.g.iloc[0]:.3f}). "
-    + ("Removing that expert is also the ablation that hurts the prediction most "
-       f"(ΔL = {d_high:+.4f} nats). " if agree else
-       f"The ablation that hurts the prediction most, however, is that of expert {top_ablation} "
-       f"(ΔL = {example['ΔL token'].max():+.4f} nats), ranked {int(example.loc[example.expert == top_ablation, 'router rank'].iloc[0])} "
-       f"of {len(example)} by the router. ")
-    + f"The paired difference the audit is built on, highest-weight minus lowest-weight expert, is "
-    f"D = {d_high:+.4f} − ({d_low:+.4f}) = {d_high - d_low:+.4f} nats here. Over the {len(example)} active "
-    f"experts the rank correlation between weight and loss change is {rho:+.2f}"
-    + (f", and removing {n_neg} of them *lowers* the loss (green bars in the right panel; "
-       "vermilion bars mark removals that raise it)." if n_neg else
-       "; no removal lowers the loss.")))
+    f"Removing expert {e} at token t by hand gives ΔL = {by_trace:+.6f} nats; the batched engine "
+    f"(`run_ablations`, many positions per forward against a key/value cache) gave {by_engine:+.6f} nats for the "
+    + ("same request: identical. " if by_trace == by_engine else
+       f"same request, a difference of {abs(by_trace - by_engine):.1e} nats (floating-point rounding between a "
+       "batched step and a single prefix). ")
+    + "`engine.trace_ablation` is this cell as a library function, in both "
+    "ablation modes, and the test suite checks it against the engine on every supported model family."))
 
 # %% [markdown]
 # One token proves nothing either way: a weight that predicts the loss change at one token

@@ -19,7 +19,7 @@
 # given token. A null result there has two readings: either those statistics carry no
 # information about token-level importance, or the audit is too weak to see any information at
 # all. This chapter separates the two readings, as the paper does in its control experiment
-# (Section 3, Appendix A.2, Tables 4–6 and Figure 1).
+# (Section 3, Appendix A.2, Tables 4–6 and Figure 1 of {cite}`engmann2026audit`).
 #
 # **The control ranking.** Instead of a corpus statistic, the active experts at token $t$ are
 # ranked by the router's own probability at that token, $g_e(x_t) = \mathrm{softmax}(W_g x_t)_e$.
@@ -37,7 +37,9 @@
 # $D = \Delta\mathcal{L}_{\text{high}} - \Delta\mathcal{L}_{\text{low}}$ is tested as before:
 # paired t-test with Cohen's $d_z$ and its exact 95% confidence interval, Wilcoxon signed-rank
 # test, and the paper's dual-test rule. The family for the Bonferroni correction is one model's
-# control cells, one per audited layer (the paper: five layers, $\alpha_{\text{adj}} = 0.05/5$).
+# control cells, one per audited layer (the paper: {glue:text}`paper_control_family` layers,
+# $\alpha_{\text{adj}}$ = {glue:text}`paper_control_alpha:.3g`); this run's families are
+# {glue:md}`control_families`.
 #
 # The paper's tables add one more statistic: the Spearman correlation between the *ratio* of the
 # two routing weights, $w_{\text{high}}/w_{\text{low}}$, and $D$. It asks a finer question than
@@ -56,7 +58,8 @@ n_texts = 100  # the first n lines of the corpus longer than 50 characters (the 
 max_tokens = None  # None: min(512, the model's context)
 min_context = 0
 batch_size = 64
-alpha = 0.05
+alpha = 0.05  # family-wise level before correction
+power = 0.8  # power for the minimum detectable effect and the sample-size plan
 corpus = "auto"  # "auto": WikiText-2 if found locally or on the hub, else the embedded corpus; "wikitext-2"; "embedded"; or a text file (one text per line)
 data_dir = None  # folder with wikitext-2/ (default: $MOEAUDIT_DATA_DIR)
 results_dir = None  # record cache (default: $MOEAUDIT_RESULTS_DIR or results/)
@@ -69,13 +72,17 @@ import pandas as pd
 import seaborn as sns
 from IPython.display import Markdown, display
 from matplotlib.ticker import LogLocator, NullFormatter, StrMethodFormatter
+from myst_nb import glue
 
-from moeaudit import report, stats
+from moeaudit import released, report, stats
 from moeaudit.audit import paired_cells, prepare, single_expert_records
 from moeaudit.metrics import METRICS, ROUTING_WEIGHT
 
 report.use_book_style()
 corpus_source = report.show_corpus(corpus, data_dir=data_dir)
+paper_control = released.paper_printed_values().query("table in (4, 5, 6) and quantity == 'd'")
+glue("paper_control_family", len(released.LAYERS["olmoe"]), display=False)
+glue("paper_control_alpha", alpha / len(released.LAYERS["olmoe"]), display=False)
 
 # %% [markdown]
 # ## The records
@@ -112,7 +119,11 @@ observational_cells = pd.concat(observational_cells, ignore_index=True)
 
 # %%
 control = stats.audit_table(control_cells, by=("model", "ranking", "layer"), high_col="delta_loss_high",
-                            low_col="delta_loss_low", family=("model",), alpha=alpha)
+                            low_col="delta_loss_low", family=("model",), alpha=alpha, power=power)
+control_verdicts = stats.family_verdicts(control, alpha=alpha)
+glue("control_families", Markdown("; ".join(
+    f"{r.cells} layer{'s' if r.cells != 1 else ''} for {r.model} (Bonferroni level α = {alpha:g}/{r.cells} = "
+    f"{r.alpha_bonferroni:.4g})" for r in control_verdicts.itertuples())), display=False)
 depths = control_cells[["model", "layer", "rel_depth"]].drop_duplicates()
 control = control.merge(depths, on=["model", "layer"], how="left")
 
@@ -129,6 +140,7 @@ means = control_cells.groupby(["model", "layer"], sort=False)[["delta_loss_high"
 control = control.merge(means.reset_index(), on=["model", "layer"], how="left")
 
 
+# %% tags=["hide-input"]
 def control_table(t: pd.DataFrame):
     """The paper's layout: statistics as rows, layers as columns."""
     t = t.sort_values("layer")
@@ -164,6 +176,8 @@ for name in models:
     display(control_table(control[control.model == name]))
 
 # %% [markdown]
+# {glue:md}`control_verdict`
+#
 # *How to read these tables.* Cohen's $d_z = \bar D / s_D$ is the mean paired difference in units
 # of its standard deviation; positive means that ablating the expert with the larger routing weight
 # at the token hurts the next-token prediction more. The interval is the exact 95% interval of
@@ -204,18 +218,21 @@ def summary_sentence(name: str) -> str:
 
 
 display(Markdown("\n\n".join(summary_sentence(name) for name in models)))
+glue("control_verdict", Markdown(report.family_verdict_text(control_verdicts, control, short=True)
+                                 .replace("no observational metric is shown to predict", "the router's own weight is not "
+                                          "shown to predict")), display=False)
 
 # %% [markdown]
 # ## Figure 1: the control against the range of the observational metrics
-# Each line is one model's control effect across relative depth (0 = first MoE layer, 1 = last),
-# with its 95% confidence band. The grey band spans the effect sizes of *all* observational cells
+# Each line is one model's control effect across relative depth (from its first MoE layer on the
+# left to its last on the right), with its 95% confidence band. The grey band spans the effect sizes of *all* observational cells
 # — four metrics, every audited layer, every model — computed here from the same records. A
 # control effect above the band is a token-level signal that none of the population-level
 # statistics came close to; a control effect inside the band is no stronger than what the
 # observational metrics produced. An asterisk marks a layer that passes Bonferroni within its
 # model (on the t-test; see the tables for the dual rule).
 
-# %%
+# %% tags=["hide-input"]
 observational = stats.audit_table(observational_cells, by=("model", "ranking", "layer"),
                                   high_col="delta_loss_high", low_col="delta_loss_low",
                                   family=("model",), alpha=alpha)
@@ -242,7 +259,7 @@ display(Markdown(
 # $D$ on a symmetric-log axis (linear in a narrow band around zero, stated on the axis, and
 # logarithmic outside it, because a few positions carry much larger loss changes than most).
 
-# %%
+# %% tags=["hide-input"]
 abs_d = control_cells["diff"].abs()
 linthresh = 10.0 ** np.floor(np.log10(max(float(abs_d[abs_d > 0].quantile(0.1)), 1e-6))) if (abs_d > 0).any() else 1e-3
 n_models = len(models)
@@ -270,34 +287,40 @@ plt.show()
 # %% [markdown]
 # ## How many positions would a detection need?
 # For every control cell, the number of positions a two-sided paired t-test needs to detect the
-# *observed* $d_z$ with 80% power at the model's Bonferroni level, beside the smallest $|d_z|$ the
+# *observed* $d_z$ with {glue:text}`power:.0%` power at the model's Bonferroni level, beside the smallest $|d_z|$ the
 # present n detects with that power. These numbers treat the observed effect as if it were the
 # true one, so they are a planning aid for the exercises below, not a verdict.
 
 # %%
 plan = control[["model", "layer", "n", "cohens_dz", "alpha_corrected", "mde_dz"]].copy()
-plan["n_needed"] = [stats.required_n(d, alpha=a) if abs(d) > 1e-3 else np.inf
+plan["n_needed"] = [stats.required_n(d, alpha=a, power=power) if abs(d) > 1e-3 else np.inf
                     for d, a in zip(plan.cohens_dz, plan.alpha_corrected)]
+n_col = f"n for {power:.0%} power"
 plan = plan.rename(columns={"cohens_dz": "observed d_z", "alpha_corrected": "α_adj",
-                            "mde_dz": "detectable |d_z| at n", "n_needed": "n for 80% power"})
+                            "mde_dz": "detectable |d_z| at n", "n_needed": n_col})
 display(plan.style.format({"observed d_z": "{:+.3f}", "α_adj": "{:.3g}", "detectable |d_z| at n": "{:.3f}",
-                           "n for 80% power": "{:,.0f}"}).hide(axis="index"))
+                           n_col: "{:,.0f}"}).hide(axis="index"))
+glue("power", power, display=False)
 
 # %% [markdown]
-# `detectable |d_z| at n` is the smallest effect the t-test finds with probability 0.8 at the
-# current number of positions and the Bonferroni level; `n for 80% power` is the number of
-# positions that would be needed if the observed effect were the true one (∞ where it is
-# practically zero).
+# `detectable |d_z| at n` is the smallest effect the t-test finds with probability
+# {glue:text}`power` at the current number of positions and the Bonferroni level; the last column
+# is the number of positions that would be needed if the observed effect were the true one (∞
+# where it is practically zero).
 
 # %%
 from statsmodels.stats.power import TTestPower
 
-paper_mde = stats.min_detectable_dz(200, alpha=0.05 / 5)
+paper_n = int(released.stored_statistics(model="deepseek", experiment="control").n.iloc[0])
+paper_k = len(released.LAYERS["olmoe"])
+paper_best = paper_control[(paper_control.model == "olmoe")].sort_values("value").iloc[-1]
+paper_mde = stats.min_detectable_dz(paper_n, alpha=alpha / paper_k, power=power)
 display(Markdown(
-    f"For comparison, the paper's design (n = 200 positions, Bonferroni over five layers, "
-    f"α_adj = 0.01) detects |d_z| ≥ {paper_mde:.3f} with 80% power. Its one significant control "
-    f"effect, d = +0.231 at OLMoE's last MoE layer, lies close to that edge: an effect of that size "
-    f"is found only about {TTestPower().power(0.231, nobs=200, alpha=0.05 / 5, alternative='two-sided'):.0%} of the time."))
+    f"For comparison, the paper's design (n = {paper_n} positions, Bonferroni over {paper_k} layers, "
+    f"α_adj = {alpha / paper_k:.3g}) detects |d_z| ≥ {paper_mde:.3f} with {power:.0%} power. Its largest control "
+    f"effect, d = {paper_best.printed} at OLMoE's layer {paper_best.layer}, is found with that design only about "
+    f"{TTestPower().power(paper_best.value, nobs=paper_n, alpha=alpha / paper_k, alternative='two-sided'):.0%} "
+    "of the time."))
 
 # %% [markdown]
 # ## What this shows, and what it does not
@@ -319,29 +342,25 @@ display(Markdown(
 # %% [markdown]
 # ## Exercises
 # Each exercise changes parameters only. Write down your prediction before running the command
-# (from the repository root), then open the expected result. The shipped models have four
-# layers; layer 3 is the last MoE layer in all three, layer 1 the first one that is MoE in all
-# three (layer 0 of the DeepSeek-style model is dense).
+# (from the repository root), then open the expected result. {glue:md}`ex_layers_note`
 #
 # **1. Power at a single layer.** Pick the layer whose control effect you consider most likely
-# to be real, look up its `n for 80% power` above, and predict what happens to its confidence
-# interval and p-value with four times as many positions. Run, e.g.
-#
-# ```bash
-# make chapter NB=05_routing_weight_control PARAMS="-p layers '[3]' -p n_positions 800"
-# ```
+# to be real, look up the number of positions it needs in the power table above, and predict
+# what happens to its confidence interval and p-value with {glue:text}`ex_factor` times as many
+# positions. Run, e.g., {glue:md}`ex1_cmd`.
 
 # %% [markdown]
 # ````{admonition} Expected result
 # :class: dropdown
-# The confidence interval of $d_z$ becomes about half as wide (its width scales as
-# $1/\sqrt{n}$). The point estimate moves by no more than roughly the old interval's half-width.
-# If the effect is real, $p_t$ falls by orders of magnitude and the cell moves into the
-# significant range; if it is noise, the estimate shrinks toward zero and the interval now
-# straddles zero more tightly. With a single audited layer the Bonferroni family has size one,
-# so the corrected level is $\alpha$ itself — a reminder that the correction depends on how many
-# tests you decided to run. (The records at 800 positions also take about four times as long to
-# compute the first time.)
+# The width of the confidence interval of $d_z$ is multiplied by about
+# {glue:text}`ex_ci_factor:.2f` (it scales as $1/\sqrt{n}$). The point estimate moves by
+# no more than roughly the old interval's half-width. If the effect is real, $p_t$ falls by
+# orders of magnitude and the cell moves into the significant range; if it is noise, the estimate
+# shrinks toward zero and the interval straddles zero more tightly. With a single audited layer
+# the Bonferroni family has size one, so the corrected level is $\alpha$ itself
+# ({glue:text}`alpha_plain`) — a reminder that the correction depends on how many tests you
+# decided to run. The records at the larger n also take proportionally longer to compute the
+# first time.
 # ````
 
 # %% [markdown]
@@ -377,11 +396,32 @@ display(Markdown(
 # %% [markdown]
 # ````{admonition} Expected result
 # :class: dropdown
-# Each $d_z$ moves by an amount comparable to its confidence interval's half-width (about
-# $2/\sqrt{n} \approx 0.14$ at n = 200). Cells whose interval was far from zero keep their sign
-# and verdict; cells with $p_t$ near the Bonferroni level can flip in either direction, and
-# uncorrected "bold" cells of the observational kind come and go. A verdict that does not
-# survive a new seed was never strong evidence — which is why the paper's single significant
-# control effect, at $p = 0.0013$ against $\alpha_{\text{adj}} = 0.01$, is reported with its
-# depth trend and not on its own.
+# Each $d_z$ moves by an amount comparable to its confidence interval's half-width (on this run
+# {glue:md}`ex_halfwidth`). Cells whose
+# interval was far from zero keep their sign and verdict; cells with $p_t$ near the Bonferroni
+# level can flip in either direction, and uncorrected "bold" cells of the observational kind come
+# and go. A verdict that does not survive a new seed was never strong evidence — which is why the
+# paper's largest control effect, at $p_t$ = {glue:md}`paper_best_p` against
+# $\alpha_{\text{adj}}$ = {glue:text}`paper_control_alpha:.3g`, is reported with its depth trend
+# and not on its own.
 # ````
+
+# %%
+common_last = sorted({max(lay.moe_layers) for lay in layouts.values()})
+common_first = max(min(lay.moe_layers) for lay in layouts.values())
+ex_layer = common_last[0] if len(common_last) == 1 else max(layouts[models[0]].moe_layers)
+glue("ex_layers_note", Markdown(
+    (f"Layer {ex_layer} is the last MoE layer of every model here, " if len(common_last) == 1 else
+     f"The last MoE layers differ between the models ({', '.join(f'{m}: {max(l.moe_layers)}' for m, l in layouts.items())}); ")
+    + f"layer {common_first} is the first layer that is MoE in all of them."), display=False)
+factor = 4
+glue("ex_factor", factor, display=False)
+glue("ex_ci_factor", factor ** -0.5, display=False)
+glue("ex1_cmd", Markdown(f"`make chapter NB=05_routing_weight_control PARAMS=\"-p layers '[{ex_layer}]' "
+                         f"-p n_positions {factor * n_positions}\"`"), display=False)
+glue("alpha_plain", alpha, display=False)
+half = (control.dz_ci_high - control.dz_ci_low) / 2
+glue("ex_halfwidth", Markdown(f"about {half.mean():.2f}" if half.max() - half.min() < 0.005 else
+                              f"between {half.min():.2f} and {half.max():.2f}"), display=False)
+paper_p = released.paper_printed_values().query("table == 4 and quantity == 'p_t'")
+glue("paper_best_p", Markdown(paper_p[paper_p.layer == paper_best.layer].printed.iloc[0]), display=False)

@@ -136,3 +136,43 @@ def test_parallel_execution_reports_every_failed_chapter():
     assert sum("no chapter 'no_such_chapter" in line for line in logs) == 2
     with pytest.raises(ValueError, match="jobs must be >= 1"):
         book.execute_chapters(["01_introduction"], jobs=0)
+
+
+def _glued(path) -> dict:
+    """The glued values of an executed notebook: name -> text (markdown or plain)."""
+    out = {}
+    for cell in json.loads(Path(path).read_text())["cells"]:
+        for o in cell.get("outputs", []):
+            name = o.get("metadata", {}).get("scrapbook", {}).get("name")
+            if name:
+                data = o["data"]
+                text = data.get("application/papermill.record/text/markdown",
+                                data.get("application/papermill.record/text/plain"))
+                out[name] = "".join(text) if isinstance(text, list) else text
+    return out
+
+
+def test_computed_prose_follows_a_two_layer_subset(rendered, tmp_path):
+    """Chapters 4 and 5 on two layers: the family sizes, Bonferroni levels and verdicts stated in the
+    prose are those of this run, recomputed here from the cached records."""
+    from moeaudit import stats
+    from moeaudit.audit import paired_cells, prepare, single_expert_records
+    from moeaudit.metrics import METRICS, ROUTING_WEIGHT
+
+    params = {**_tiny_params("04_audit"), "layers": [1, 3]}
+    ch4 = _glued(book.execute_chapter("04_audit", params, book_dir=tmp_path, log=lambda *_: None))
+    ch5 = _glued(book.execute_chapter("05_routing_weight_control", params, book_dir=tmp_path, log=lambda *_: None))
+    model = params["models"][0]
+    assert ch4["families"] == (f"{2 * len(METRICS)} cells for {model} ({len(METRICS)} metrics × 2 layers, "
+                               f"Bonferroni level α = 0.05/8 = 0.00625)")
+    assert ch5["control_families"] == f"2 layers for {model} (Bonferroni level α = 0.05/2 = 0.025)"
+    assert ch4["one_layer_family"] == str(len(METRICS)) and float(ch4["one_layer_alpha"]) == 0.05 / len(METRICS)
+    ctx = prepare(model, n_texts=params["n_texts"])
+    rec = single_expert_records(ctx, layers=[1, 3], n_positions=params["n_positions"], seed=42)
+    for rankings, text in ((list(METRICS), ch4["verdict_text"]), ([ROUTING_WEIGHT], ch5["control_verdict"])):
+        table = stats.audit_table(paired_cells(rec, ctx.metrics, rankings=rankings), by=("model", "ranking", "layer"),
+                                  high_col="delta_loss_high", low_col="delta_loss_low", family=("model",))
+        passing = int(table.sig_dual_bonf.sum())
+        assert text.startswith("**No cell passes**") == (passing == 0), text
+        if rankings != [ROUTING_WEIGHT]:
+            assert f"{passing} of 8 cells pass the dual rule at the Bonferroni level 0.00625" in text

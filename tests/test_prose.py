@@ -18,7 +18,8 @@ from moeaudit import book
 COMPUTED_PROSE = ("04_audit", "05_routing_weight_control")
 
 _STRIP = [
-    re.compile(r"```.*?```", re.S),                     # code fences (and directives written as fences)
+    re.compile(r"^(`{3,})(?:bash|sh|python|console|text|)[ \t]*$.*?^\1[ \t]*$", re.S | re.M),  # code blocks
+    re.compile(r"^`{3,}\{.*$|^`{3,}[ \t]*$|^:[a-z\-]+:.*$", re.M),  # directive fences and options (content kept)
     re.compile(r"\$\$.*?\$\$", re.S),                   # display math
     re.compile(r"\$[^$\n]+\$"),                         # inline math
     re.compile(r"\{[a-z:]+\}`[^`]*`"),                  # roles: {glue:text}`x`, {cite}`y`, {ref}`z`
@@ -26,9 +27,10 @@ _STRIP = [
     re.compile(r"\]\([^)]*\)"),                         # link targets
     re.compile(r"<[^>\n]+>"),                           # html tags
     re.compile(r"^\s*#+ .*$", re.M),                     # headings (chapter numbers, section titles)
-    re.compile(r"^:::.*$|^```\{.*$", re.M),              # directive lines
+    re.compile(r"^:::.*$", re.M),                         # colon-fence directive lines
     re.compile(r"^\s*\d+\.\s", re.M),                      # numbered-list markers
-    re.compile(r"\b95% (?=CI|confidence)"),             # the interval type, not a result
+    re.compile(r"\b95% (?=CI|confidence|interval)"),    # the interval type, not a result
+    re.compile(r"\*\*\d+\.|\bEquations? \(\d+\)"),          # exercise numbers, equation labels
 ]
 #: references to the paper's structure and Pearl's ladder, which are names, not results
 _REFERENCE = re.compile(
@@ -61,6 +63,8 @@ def test_lint_finds_typed_numbers_and_allows_references():
     assert typed_numbers("its d_z is +0.231 at the last layer") == ["+0.231"]
     assert typed_numbers("about 12% of positions") == ["12%"]
     assert typed_numbers("1. first step\n2. second step, with a 95% CI") == []
+    assert typed_numbers("```bash\nmake chapter -p n 800\n```\n") == []
+    assert typed_numbers("````{admonition} Expected\n:class: dropdown\nabout 0.14 wide\n````\n") == ["0.14"]
     clean = ("Definition 2.1 (Section 3, Tables 1–3) on OLMoE-1B-7B-0924 and Qwen1.5-MoE-A2.7B, WikiText-2, "
              "float32, top-8, rung 2 of the ladder, $0.05/20$, `n_positions = 200`, {glue:text}`n_cells`, "
              "{cite}`merity2016`, [chapter](10_predictors_and_pruning.ipynb).")

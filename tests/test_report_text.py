@@ -55,3 +55,27 @@ def test_comparison_with_the_paper_follows_the_numbers():
     strict = report.audit_comparison_text(_verdicts(dual=(2, 0)), _paper(), table)
     assert "less strict than the paper's 0.0025, and 1 of 2 passing cells would also pass" in strict
     assert not re.search(r"\bnan\b", agree + differ)
+
+
+def _token(deltas, g=None):
+    k = len(deltas)
+    g = g or sorted([0.5 / (i + 1) for i in range(k)], reverse=True)
+    return pd.DataFrame({"expert": [10 + i for i in range(k)], "g": g, "ΔL token": deltas})
+
+
+def test_one_token_text_when_every_removal_lowers_the_loss():
+    text = report.one_token_text(_token([-0.02, -0.0084, -0.05]))
+    assert "No removal hurts the prediction here: all 3 removals lower the loss" in text
+    assert "expert 11 (ΔL = -0.0084 nats)" in text and "hurts the prediction most" not in text
+    assert "D = -0.0200 − (-0.0500) = +0.0300" in text
+
+
+def test_one_token_text_names_the_worst_removal_and_its_router_rank():
+    agree = report.one_token_text(_token([0.3, 0.1, -0.01]))
+    assert "Removing that expert is also the removal that hurts the prediction most (ΔL = +0.3000" in agree
+    assert "Removing 1 of them *lowers* the loss" in agree
+    disagree = report.one_token_text(_token([0.01, 0.2, 0.05]))
+    assert "that of expert 11 (ΔL = +0.2000 nats), ranked 2 of 3 by the router" in disagree
+    assert "No removal lowers the loss." in disagree
+    # g = 0.5, 0.25, 0.1667 against ΔL = 0.01, 0.2, 0.05: ranks (3,2,1) vs (1,3,2) -> rho = -0.5
+    assert "rank correlation between weight and loss change is -0.50" in disagree

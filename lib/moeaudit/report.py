@@ -266,3 +266,53 @@ def audit_comparison_text(verdicts: pd.DataFrame, paper: pd.DataFrame, table: pd
     else:
         out.append(f"The paper has {_n(p_pass, 'passing cell')} and this run {h_pass}.")
     return "\n\n".join(out)
+
+
+def one_token_text(example: pd.DataFrame) -> str:
+    """What one token's ablations show, worded from the numbers (markdown).
+
+    ``example`` has one row per active expert, sorted by routing weight (highest first), with
+    columns ``expert``, ``g`` (routing weight) and ``ΔL token`` (loss change in nats when the expert
+    is removed at the token; positive = the prediction gets worse). The text names the router's top
+    expert, the removal that hurts most — or, when no removal raises the loss, says so —, the paired
+    difference D (top minus bottom expert) the audit is built on, and the rank correlation between
+    weight and loss change (Spearman, ``scipy.stats.spearmanr``).
+    """
+    from scipy import stats as sps  # noqa: PLC0415
+
+    d = example["ΔL token"].to_numpy(dtype=float)
+    k = len(example)
+    top_router = int(example.expert.iloc[0])
+    n_up, n_down = int((d > 0).sum()), int((d < 0).sum())
+    worst = int(np.argmax(d))
+    parts = [f"At this token the router gives its largest weight to expert {top_router} (g = {example.g.iloc[0]:.3f})."]
+    if n_up == 0:
+        parts.append(f"No removal hurts the prediction here: all {k} removals {'lower' if n_down == k else 'lower or leave'} "
+                     f"the loss, the smallest decrease being that of expert {int(example.expert.iloc[worst])} "
+                     f"(ΔL = {d[worst]:+.4f} nats).")
+    elif worst == 0:
+        parts.append(f"Removing that expert is also the removal that hurts the prediction most (ΔL = {d[0]:+.4f} nats).")
+    else:
+        parts.append(f"The removal that hurts the prediction most, however, is that of expert "
+                     f"{int(example.expert.iloc[worst])} (ΔL = {d[worst]:+.4f} nats), ranked {worst + 1} of {k} by "
+                     "the router.")
+    parts.append(f"The paired difference the audit is built on, highest-weight minus lowest-weight expert, is "
+                 f"D = {d[0]:+.4f} − ({d[-1]:+.4f}) = {d[0] - d[-1]:+.4f} nats here.")
+    rho = sps.spearmanr(example.g, d).statistic if k >= 3 and np.ptp(d) > 0 else float("nan")
+    if np.isfinite(rho):
+        parts.append(f"Over the {k} active experts the rank correlation between weight and loss change is {rho:+.2f}.")
+    if 0 < n_down < k:
+        parts.append(f"Removing {n_down} of them *lowers* the loss (green bars in the right panel; vermilion bars mark "
+                     "removals that raise it).")
+    elif n_down == 0:
+        parts.append("No removal lowers the loss.")
+    return " ".join(parts)
+
+
+def significance_stars(p) -> str:
+    """The paper's significance markers (Table 7, Figure 2): ``"***"`` for p < 0.001, ``"**"`` for
+    p < 0.01, ``"*"`` for p < 0.05, else ``""`` (also for None or NaN). Uncorrected, two-sided."""
+    if p is None or not np.isfinite(float(p)):
+        return ""
+    p = float(p)
+    return "***" if p < 0.001 else "**" if p < 0.01 else "*" if p < 0.05 else ""
