@@ -14,28 +14,21 @@
 # %% [markdown]
 # # A1. The default models
 #
-# The paper audits three MoE language models with 1 to 16 billion parameters:
-# `allenai/OLMoE-1B-7B-0924`, `Qwen/Qwen1.5-MoE-A2.7B` and `deepseek-ai/DeepSeek-V2-Lite`.
-# Running them needs a GPU and tens of gigabytes of weights. So that every chapter of this
-# book can be executed on a laptop, without a network connection, the book ships three
-# small models, trained from scratch for this purpose, that use **the same model classes**
-# as the real checkpoints and keep the features of their routing that the audit depends on:
+# The paper audits three MoE language models with billions of parameters
+# {cite}`muennighoff2025olmoe,qwen2024moe,deepseekai2024v2`: `allenai/OLMoE-1B-7B-0924`,
+# `Qwen/Qwen1.5-MoE-A2.7B` and `deepseek-ai/DeepSeek-V2-Lite`. Running them needs a GPU and tens of
+# gigabytes of weights. So that every chapter of this book can be executed on a laptop, without a
+# network connection, the book ships three small models, trained from scratch for this purpose,
+# that use **the same model classes** as the real checkpoints and keep the features of their
+# routing that the audit depends on — the number of routed experts, top-k, shared experts and
+# their gate, a dense first layer where the real model has one: {glue:md}`stand_ins`.
 #
-# | shipped model | class | stands in for | routed experts | top-k | shared experts |
-# |---|---|---|---|---|---|
-# | `tiny-olmoe` | `OlmoeForCausalLM` | OLMoE-1B-7B-0924 | 64 | 8 | none |
-# | `tiny-qwen-moe` | `Qwen2MoeForCausalLM` | Qwen1.5-MoE-A2.7B | 60 | 4 | one, with a sigmoid gate |
-# | `tiny-deepseek-v2` | `DeepseekV2ForCausalLM` | DeepSeek-V2-Lite | 64 | 6 | two; first layer dense |
-#
-# Everything else is scaled down: 4 layers instead of 16 to 27, hidden size 64 instead of
-# 2048, experts 32 units wide, a 4,096-token vocabulary and a 128-token context. Each model
-# is trained with the form of load-balancing loss its real counterpart uses (a Switch-style
-# loss for OLMoE and Qwen, DeepSeek's sequence-wise expert-balance loss), because how evenly
-# the router spreads tokens over experts is part of what the audit is about. The coefficients
-# are five times the real ones (0.05 for OLMoE, 0.005 for Qwen and DeepSeek), which keeps
-# OLMoE's ten-fold stronger balancing relative to Qwen: with the real coefficients, the routers
-# in the last two layers of the small Qwen and DeepSeek models stopped using up to a fifth of
-# their experts towards the end of training.
+# Everything else is scaled down: {glue:md}`scaled_down`. Each model is trained with the form of
+# load-balancing loss its real counterpart uses (a Switch-style loss {cite}`fedus2022switch` for
+# OLMoE and Qwen, DeepSeek's sequence-wise expert-balance loss), because how evenly the router
+# spreads tokens over experts is part of what the audit is about. {glue:md}`coefficients` With the
+# real coefficients, the routers in the last layers of the small Qwen and DeepSeek models stopped
+# using a sizeable share of their experts towards the end of training.
 #
 # This page documents how the models were trained and how good they are: what data they saw,
 # their loss curves, their perplexity against a unigram baseline, how evenly each layer uses
@@ -44,9 +37,11 @@
 # ```{important}
 # The figures and tables of this book's default run come from these small models. They show
 # that the audit's machinery works and what its outputs look like; they are **not** estimates
-# of the paper's numbers. The paper's numbers need the real checkpoints on a GPU, for example
+# of the paper's numbers, and no chapter of this book contains a run of the real checkpoints:
+# every comparison with the paper uses its printed tables and the authors' released result
+# files. The real checkpoints run with the same chapters on a GPU, for example
 #
-#     make chapter NB=04_audit PARAMS="-p models '[\"allenai/OLMoE-1B-7B-0924\"]' -p dtype bfloat16 -p device cuda -p n_positions 200"
+#     make chapter NB=04_audit PARAMS="-p models '[\"allenai/OLMoE-1B-7B-0924\"]' -p dtype bfloat16 -p device cuda"
 #
 # and likewise with `Qwen/Qwen1.5-MoE-A2.7B` and `deepseek-ai/DeepSeek-V2-Lite`.
 # ```
@@ -66,6 +61,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from IPython.display import Markdown, display
+from myst_nb import glue
 
 import moeaudit.models  # noqa: F401  (imports nnsight, which must precede transformers.models.*)
 from moeaudit import paths, report
@@ -88,15 +84,15 @@ logs = {m: pd.read_csv(model_dir(m) / "training_log.csv") for m in models}
 # %% [markdown]
 # ## How the models were trained
 #
-# **Data.** Each model has its own byte-level BPE tokenizer (4,096 tokens, including an
-# end-of-text and a padding token) trained on the *validation* split of WikiText-2, and the
-# model itself is trained on the same split: every non-empty line is tokenized, followed by
-# an end-of-text token, and the concatenated stream is cut into 128-token chunks (a new random
-# offset and order each epoch). The *test* split, from which the audit draws its token
+# **Data.** Each model has its own byte-level BPE tokenizer ({glue:text}`vocab` tokens,
+# including an end-of-text and a padding token) trained on the *validation* split of WikiText-2
+# {cite}`merity2016pointer`, and the model itself is trained on the same split: every non-empty
+# line is tokenized, followed by an end-of-text token, and the concatenated stream is cut into
+# {glue:text}`context`-token chunks (a new random offset and order each epoch). The *test* split, from which the audit draws its token
 # positions, is never seen during training; it is used below only for evaluation.
 #
 # **Optimisation.** AdamW with a linear warm-up and a cosine decay of the learning rate, weight
-# decay on the weight matrices only, gradient clipping at norm 1. The objective is the
+# decay on the weight matrices only, gradient clipping at norm {glue:text}`grad_clip`. The objective is the
 # next-token cross-entropy plus the model's load-balancing loss times its coefficient.
 # Training runs on one CPU thread with PyTorch's deterministic algorithms and a fixed seed.
 # The table lists the settings and costs as recorded by the training run. The models were
@@ -136,6 +132,31 @@ def describe_model(name, s):
 
 
 recipe = pd.DataFrame({m: describe_model(m, s) for m, s in summaries.items()})
+first = summaries[models[0]]
+arch = {m: s["architecture"] for m, s in summaries.items()}
+
+
+def _span(key, fmt="{:,}"):
+    vals = sorted({a.get(key) for a in arch.values() if a.get(key) is not None})
+    return fmt.format(vals[0]) if len(vals) == 1 else f"{fmt.format(vals[0])} to {fmt.format(vals[-1])}"
+
+
+glue("stand_ins", Markdown("; ".join(f"`{m}` ({s['class']}, for {s['mirrors']}): routed experts "
+                                     f"{recipe.loc['routed experts, top-k', m]}, shared experts "
+                                     f"{recipe.loc['shared experts', m]}, layers (of them dense) "
+                                     f"{recipe.loc['layers (dense)', m]}" for m, s in summaries.items())), display=False)
+glue("scaled_down", Markdown(f"{_span('num_hidden_layers')} layers, hidden size {_span('hidden_size')}, experts "
+                             f"{_span('moe_intermediate_size') if any('moe_intermediate_size' in a for a in arch.values()) else _span('intermediate_size')} "
+                             f"units wide, a vocabulary of {_span('vocab_size')} tokens and a context of "
+                             f"{_span('max_position_embeddings')} tokens"), display=False)
+coefs = {m: (s["aux_loss"]["coef"], s["aux_loss"].get("real_coef", s["aux_loss"]["coef"])) for m, s in summaries.items()}
+ratios = sorted({round(c / r, 6) for c, r in coefs.values()})
+glue("coefficients", Markdown(
+    f"The balance-loss coefficients are {' and '.join(f'{x:g}' for x in ratios)} times the real models' ("
+    + "; ".join(f"{m}: {c:g}, real {r:g}" for m, (c, r) in coefs.items()) + ")."), display=False)
+glue("vocab", int(first["architecture"]["vocab_size"]), display=False)
+glue("context", int(first["training"]["context"]), display=False)
+glue("grad_clip", first["training"]["grad_clip"], display=False)
 recipe.to_csv(out_dir / "recipe.csv")
 display(recipe)
 tok = {m: s["data"]["train_stream_tokens"] for m, s in summaries.items()}
@@ -149,19 +170,21 @@ display(Markdown(
 # %% [markdown]
 # ## Loss curves
 #
-# Training loss per step (thin lines) and its running mean over 50 steps (thick lines), in
-# nats per token. The dashed line marks the test-split loss of a unigram model with the same
+# Training loss per step (thin lines) and its running mean over {glue:text}`window` steps (thick
+# lines), in nats per token. The dashed line marks the test-split loss of a unigram model with the same
 # tokenizer, the loss of a model that ignores the context; the dotted lines are the trained
 # models' test-split losses. The right panel shows the load-balancing loss, divided by the
 # value it takes when every expert receives the same share of tokens and of router
-# probability (1 = perfectly balanced in that sense).
+# probability (the dashed line: perfectly balanced in that sense).
 
-# %%
+# %% tags=["hide-input"]
+window = 50
+glue("window", window, display=False)
 fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]})
 for m, log in logs.items():
     s = summaries[m]
     ax.plot(log.step, log.loss, color=colors[m], alpha=0.25, lw=0.7)
-    ax.plot(log.step, log.loss.rolling(50, min_periods=1).mean(), color=colors[m], lw=2, label=m)
+    ax.plot(log.step, log.loss.rolling(window, min_periods=1).mean(), color=colors[m], lw=2, label=m)
     ev = s.get("evaluation")
     if ev:
         ax.axhline(ev["model"]["nll"], color=colors[m], ls=":", lw=1.2)
@@ -170,7 +193,7 @@ for m, log in logs.items():
     a = s["architecture"]
     balanced = (a["num_hidden_layers"] - a.get("first_k_dense_replace", 0)) if s["aux_loss"]["kind"] == "seq" \
         else a["num_experts_per_tok"]
-    ax2.plot(log.step, (log.aux_loss / balanced).rolling(50, min_periods=1).mean(), color=colors[m], lw=2, label=m)
+    ax2.plot(log.step, (log.aux_loss / balanced).rolling(window, min_periods=1).mean(), color=colors[m], lw=2, label=m)
 uni = np.mean([s["evaluation"]["unigram_baseline"]["nll"] for s in summaries.values() if "evaluation" in s])
 ax.axhline(uni, color="0.3", ls="--", lw=1.2, label="unigram baseline (test)")
 ax.plot([], [], color="0.3", ls=":", lw=1.2, label="trained model (test)")
@@ -181,11 +204,29 @@ ax2.set(xlabel="optimiser step", ylabel="balance loss / balanced value", title="
 fig.tight_layout()
 plt.show()
 
+# %%
+gap = pd.DataFrame({m: {"training loss, last steps (nats)": s["training"]["final_loss_mean_last_50"],
+                        "test loss (nats)": s["evaluation"]["model"]["nll"], "epochs": s["training"]["epochs"],
+                        "training tokens": s["data"]["train_stream_tokens"]} for m, s in summaries.items()}).T
+gap["gap (nats)"] = gap["test loss (nats)"] - gap["training loss, last steps (nats)"]
+glue("gap_text", Markdown(
+    f"The test loss lies {gap['gap (nats)'].min():.2f} to {gap['gap (nats)'].max():.2f} nats above the training loss of "
+    f"the last steps (mean over the last 50 steps: " + ", ".join(f"{m} {r['training loss, last steps (nats)']:.2f} vs "
+    f"{r['test loss (nats)']:.2f}" for m, r in gap.iterrows()) + f"). The models saw their "
+    f"{int(gap['training tokens'].min()):,}-token training split "
+    + (f"{gap.epochs.min():.1f}" if round(gap.epochs.min(), 1) == round(gap.epochs.max(), 1) else
+       f"{gap.epochs.min():.1f} to {gap.epochs.max():.1f}") + " times, "
+    "so they fit it better than text they have not seen: a generalisation gap. The audit measures the models on "
+    "test text only, where their loss is the higher one."), display=False)
+
 # %% [markdown]
+# {glue:md}`gap_text` Whatever they learnt, the models remain far better than a model that ignores
+# the context, as the next section shows.
+#
 # ## Perplexity against a unigram baseline
 #
-# Perplexity on the WikiText-2 test split, cut into consecutive 128-token chunks; each chunk is
-# scored on its tokens 2 to 128, without context from the previous chunk. The baseline is a
+# Perplexity on the WikiText-2 test split, cut into consecutive {glue:text}`context`-token chunks;
+# each chunk is scored on all its tokens after the first, without context from the previous chunk. The baseline is a
 # unigram model over the same tokenizer, fitted on the validation split with add-one
 # smoothing and scored on exactly the same tokens. A model that has learnt anything about
 # context must beat it by a wide margin.
@@ -213,22 +254,35 @@ display(Markdown(
 # For every MoE layer, the share of the routing mass each routed expert receives on the test
 # split: the sum over all tokens of the gate weight the router gives the expert when it selects
 # it, divided by the layer's total. With perfectly even routing every expert would receive
-# 1/64 (1.6%) or, for `tiny-qwen-moe`, 1/60 (1.7%). The colour scale is logarithmic and shared
-# by the panels and runs from 0.1% (shares below 0.1% get the darkest colour) upwards; experts
-# are in their index order.
-# A collapsed router would show as a few bright cells in an otherwise dark row; the acceptance
-# criterion for the shipped models is that in every layer at least 90% of the experts receive
-# at least 0.2% of the mass. Layer 0 of `tiny-deepseek-v2` is dense, as in DeepSeek-V2-Lite,
-# and has no router.
+# {glue:md}`even_share`. The colour scale is logarithmic and shared by the panels and runs from
+# {glue:text}`vmin_pct`% (smaller shares get the darkest colour) upwards; experts are in their
+# index order. A collapsed router would show as a few bright cells in an otherwise dark row; the
+# acceptance criterion for the shipped models is that in every layer at least
+# {glue:text}`accept_frac:.0%` of the experts receive at least {glue:text}`usage_threshold:.1%` of
+# the mass. {glue:md}`dense_note`
 
-# %%
+# %% tags=["hide-input"]
+from moeaudit.training import MIN_FRAC_USED, USAGE_THRESHOLD  # noqa: E402
+
+n_exp = {m: (a.get("num_experts") or a.get("n_routed_experts")) for m, a in arch.items()}
+glue("even_share", Markdown(", ".join(f"1/{n} ({1 / n:.1%}) in {m}" for m, n in n_exp.items())), display=False)
+glue("accept_frac", MIN_FRAC_USED, display=False)
+glue("usage_threshold", USAGE_THRESHOLD, display=False)
+dense = {m: a.get("first_k_dense_replace", 0) for m, a in arch.items() if a.get("first_k_dense_replace", 0)}
+glue("dense_note", Markdown(" ".join((f"The first layer of `{m}` is dense" if k == 1 else f"The first {k} layers of "
+                                      f"`{m}` are dense") + ", as in its real counterpart, without a router."
+                                     for m, k in dense.items())), display=False)
+
+
 def share_frame(s):
     layers = s["evaluation"]["utilisation"]["layers"]
     return pd.DataFrame({int(k): v["mass_share"] for k, v in layers.items()}).T.sort_index() * 100
 
 
 shares = {m: share_frame(s) for m, s in summaries.items()}
-vmin, vmax = 0.1, max(10.0, max(float(f.values.max()) for f in shares.values()))
+vmin_pct = 0.1
+glue("vmin_pct", vmin_pct, display=False)
+vmin, vmax = vmin_pct, max(10.0, max(float(f.values.max()) for f in shares.values()))
 from matplotlib.cm import ScalarMappable  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
@@ -263,9 +317,10 @@ display(util_table.style.format({c: "{:.1%}" for c in util_table.columns if "sha
                                 | {"effective number of experts": "{:.1f}"}))
 worst = util_table.iloc[:, 1].min()
 display(Markdown(
-    ("Every routed expert of every MoE layer receives at least 0.2% of the routing mass" if worst == 1 else
-     f"In every MoE layer at least {worst:.0%} of the routed experts receive at least 0.2% of the routing mass") +
-    " (the acceptance threshold for the shipped models is 90% of the experts in every layer). The *effective number "
+    (f"Every routed expert of every MoE layer receives at least {USAGE_THRESHOLD:.1%} of the routing mass" if worst == 1
+     else f"In every MoE layer at least {worst:.0%} of the routed experts receive at least {USAGE_THRESHOLD:.1%} of the "
+     "routing mass") +
+    f" (the acceptance threshold for the shipped models is {MIN_FRAC_USED:.0%} of the experts in every layer). The *effective number "
     "of experts* is the exponential of the entropy of the shares: it equals the number of experts when routing is "
     "perfectly even."))
 
@@ -276,7 +331,7 @@ display(Markdown(
 # loss curves were compared step by step. The left panel overlays the original curve (solid)
 # and the rerun (dashed); the right panel shows their absolute difference at every step.
 
-# %%
+# %% tags=["hide-input"]
 rep_rows, curves = [], {}
 for m, s in summaries.items():
     rep = s.get("reproducibility")
@@ -366,14 +421,38 @@ if text is not None:
 # wherever it accepts a model, and each model's directory holds its model card (`README.md`),
 # training log and summary. A model is retrained, bit for bit, with
 #
-#     python -m moeaudit.training tiny-olmoe --seed 0
+# ```bash
+# python -m moeaudit.training tiny-olmoe --seed 0
+# ```
 #
 # (a few minutes on a laptop CPU; `--out DIR` writes elsewhere, `--steps N` shortens the run),
 # and `python scripts/check_reproducibility.py` retrains all three and compares them with the
 # shipped ones.
 #
-# The small models are stand-ins. They have the routing structure of the real models but not
-# their depth, width, data or training budget, and nothing in this book's default run says
-# how the real models behave. The chapters' conclusions about the paper's claims rest on runs
-# with the real checkpoints (see the command at the top of this page) or, where the chapter
-# says so, on the authors' released result files.
+# ## What this shows, and what it does not
+#
+# **Shows.** How the default models were made and that they are usable stand-ins for the
+# audit's machinery: they predict text far better than a unigram model, every layer's router
+# spreads its mass over its experts, and training is reproducible from the seed.
+#
+# **Does not show.** Anything about the real checkpoints. The small models have the routing
+# structure of the real ones but not their depth, width, data or training budget; they were
+# trained for several epochs on a small split and fit it better than unseen text. Nothing in this
+# book's default run says how the real models behave, and no chapter contains a run of them.
+#
+# ## Exercises
+# 1. **Another seed.** Train a model from another seed into a folder of your own and audit it:
+#    `python -m moeaudit.training tiny-olmoe --seed 1 --out /tmp/tiny-olmoe-seed1`, then
+#    `make chapter NB=04_audit PARAMS="-p models '[\"/tmp/tiny-olmoe-seed1\"]'"`.
+#    *Expected:* the test perplexity stays close to the shipped model's
+#    ({glue:text}`ppl_first:.1f`) and far below the unigram baseline; individual $d_z$ values
+#    of the audit move by about their confidence intervals, because a different seed gives
+#    different experts.
+# 2. **Check reproducibility.** Run `python -m moeaudit.training tiny-olmoe --check-repro`.
+#    *Expected:* the largest loss difference over the {glue:text}`steps_first` steps is exactly
+#    zero on a machine like the one that trained the shipped models; on other processors it may
+#    differ in the last bits.
+
+# %%
+glue("ppl_first", summaries[models[0]]["evaluation"]["model"]["perplexity"], display=False)
+glue("steps_first", summaries[models[0]]["training"]["steps"], display=False)

@@ -20,7 +20,7 @@ CLASSES = {"tiny-olmoe": "OlmoeForCausalLM", "tiny-qwen-moe": "Qwen2MoeForCausal
 ROUTING = {"tiny-olmoe": (64, 8), "tiny-qwen-moe": (60, 4), "tiny-deepseek-v2": (64, 6)}
 
 PPL_RATIO_MAX = 0.5     # model perplexity must be at most half the unigram baseline's
-MIN_FRAC_USED = 0.9     # share of routed experts that must get >= 0.2% of the routing mass
+from moeaudit.training import MIN_FRAC_USED  # noqa: E402  (share of routed experts that must get >= 0.2% of the mass)
 MAX_DIR_MB = 10.0
 
 

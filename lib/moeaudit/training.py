@@ -62,6 +62,9 @@ from .zoo import ZOO_DIR, ZOO_MODELS
 
 #: Fraction of a layer's routing mass an expert must receive to count as "used".
 USAGE_THRESHOLD = 0.002
+#: quality gate of the shipped models: in every MoE layer at least this share of the routed experts
+#: receives at least USAGE_THRESHOLD of the routing mass on the test split
+MIN_FRAC_USED = 0.9
 
 #: The balance-loss coefficients are those of the real models times this factor, which keeps
 #: their ratios (OLMoE 10 x Qwen). With the real values (factor 1), routing in layers 2-3 of the
