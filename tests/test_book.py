@@ -176,3 +176,23 @@ def test_computed_prose_follows_a_two_layer_subset(rendered, tmp_path):
         assert text.startswith("**No cell passes**") == (passing == 0), text
         if rankings != [ROUTING_WEIGHT]:
             assert f"{passing} of 8 cells pass the dual rule at the Bonferroni level 0.00625" in text
+
+
+def test_imported_modules_are_found_in_chapters_and_in_the_package():
+    chapter = "import moeaudit.models\nfrom moeaudit import report, stats\nfrom moeaudit.audit import prepare\n" \
+              "def f():\n    from moeaudit.training import MIN_FRAC_USED\n"
+    assert book._imported_modules(chapter, relative=False) == {"models", "report", "stats", "audit", "training"}
+    module = "from . import paths\nfrom .engine import run\nimport numpy\nfrom moeaudit.x import y\n"
+    assert book._imported_modules(module, relative=True) == {"paths", "engine"}
+
+
+def test_execution_key_depends_only_on_what_a_chapter_imports(monkeypatch):
+    """Training code and test helpers are imported by no analysis chapter, so editing them does not
+    mark the audit stale; the appendix on the default models does import the training constants."""
+    assert {"audit", "engine", "stats", "corpus", "zoo"} <= set(book.chapter_modules("04_audit"))
+    for stem in ("04_audit", "08_released_reanalysis"):
+        assert not {"training", "testing", "book"} & set(book.chapter_modules(stem))
+    assert "training" in book.chapter_modules("A1_default_models")
+    key = book.execution_key("04_audit")
+    monkeypatch.setattr(book, "chapter_modules", lambda stem: ["__init__", "stats"])
+    assert book.execution_key("04_audit") != key  # the key is made of those modules' contents

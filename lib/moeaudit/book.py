@@ -66,19 +66,60 @@ def notebook_parameters(stem: str) -> dict:
     return {}
 
 
+def _imported_modules(source: str, *, relative: bool) -> set[str]:
+    """Names of this package's modules imported by ``source``: ``moeaudit.x`` imports (a chapter) or
+    ``.x`` imports (a module of the package), anywhere in the file (also inside functions)."""
+    import ast  # noqa: PLC0415
+
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("moeaudit.")}
+        elif isinstance(node, ast.ImportFrom):
+            if relative and node.level == 1:
+                base = node.module
+            elif not relative and node.level == 0 and (node.module or "").split(".")[0] == "moeaudit":
+                base = node.module.split(".")[1] if "." in node.module else None
+            else:
+                continue
+            found |= {base.split(".")[0]} if base else {a.name for a in node.names}
+    return found
+
+
+def chapter_modules(stem: str) -> list[str]:
+    """The package modules a chapter depends on: those it imports and, transitively, theirs."""
+    lib = Path(__file__).resolve().parent
+    todo = _imported_modules((NOTEBOOKS / f"{stem}.py").read_text(), relative=False) | {"__init__"}
+    seen: set[str] = set()
+    while todo:
+        name = todo.pop()
+        path = lib / f"{name}.py"
+        if not path.is_file():
+            path = lib / name / "__init__.py"  # a subpackage (the shipped models' zoo)
+        if name in seen or not path.is_file():
+            continue
+        seen.add(name)
+        todo |= _imported_modules(path.read_text(), relative=True)
+    return sorted(seen)
+
+
 def execution_key(stem: str, parameters: dict | None = None) -> str:
-    """Hash of everything an executed chapter depends on: its source, its parameters, the library
-    and shipped model files, and the data/results locations."""
+    """Hash of everything an executed chapter depends on: its source, its parameters, the package
+    modules it imports (directly or through other modules, :func:`chapter_modules`), the package
+    data (shipped models, embedded corpus and released table) and the data/results locations.
+    Editing a module no chapter imports (training code, tests, benchmarks) leaves the key alone."""
     import hashlib  # noqa: PLC0415
 
     h = hashlib.sha256()
     h.update((NOTEBOOKS / f"{stem}.py").read_bytes())
     h.update(json.dumps(parameters or {}, sort_keys=True, default=str).encode())
     lib = Path(__file__).resolve().parent
-    for f in sorted(lib.rglob("*")):
-        if f.is_file() and f.suffix in (".py", ".json", ".safetensors", ".txt", ".parquet"):
-            h.update(f.relative_to(lib).as_posix().encode())
-            h.update(f.read_bytes())
+    files = [lib / f"{m}.py" if (lib / f"{m}.py").is_file() else lib / m / "__init__.py" for m in chapter_modules(stem)]
+    files += [f for folder in ("data", "zoo") for f in sorted((lib / folder).rglob("*"))
+              if f.is_file() and f.suffix in (".json", ".safetensors", ".txt", ".parquet", ".csv")]
+    for f in files:
+        h.update(f.relative_to(lib).as_posix().encode())
+        h.update(f.read_bytes())
     for var in ("MOEAUDIT_DATA_DIR", "MOEAUDIT_RESULTS_DIR"):
         h.update(f"{var}={os.environ.get(var, '')}".encode())
     return h.hexdigest()[:16]
