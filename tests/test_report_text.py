@@ -79,3 +79,22 @@ def test_one_token_text_names_the_worst_removal_and_its_router_rank():
     assert "No removal lowers the loss." in disagree
     # g = 0.5, 0.25, 0.1667 against ΔL = 0.01, 0.2, 0.05: ranks (3,2,1) vs (1,3,2) -> rho = -0.5
     assert "rank correlation between weight and loss change is -0.50" in disagree
+
+
+def test_protocol_departures_follow_the_parameters():
+    from moeaudit.corpus import resolve_corpus
+
+    params = {"mode": "token", "n_positions": 50, "seed": 7, "layers": None, "n_texts": 20, "max_tokens": None,
+              "dtype": "bfloat16"}
+    t = report.protocol_departures(params=params, corpus_source=resolve_corpus("embedded"),
+                                   audited={"m": [1, 3]}, n_moe_layers={"m": 3}, contexts={"m": 128},
+                                   n_parameters={"m": 2_500_000}, n_metrics=4).set_index("aspect")["this build"]
+    assert list(t.index) == list(report.PROTOCOL_REFERENCE)
+    assert "50 positions" in t["positions"] and "seed 7" in t["positions"]
+    assert t["layers"] == "m: 2 of 3 MoE layers [1, 3]" and t["family"].startswith("m: 8 cells (2 for the control)")
+    assert "2.50 M parameters" in t["models"] and "up to 128 tokens (m)" in t["context"]
+    assert "embedded corpus" in t["corpus"] and "'bfloat16'" in t["precision"] and "token-local" in t["ablation"]
+    seq = report.protocol_departures(params={**params, "mode": "sequence"}, corpus_source=resolve_corpus("embedded"),
+                                     audited={"m": [1]}, n_moe_layers={"m": 3}, contexts={"m": 64},
+                                     n_parameters={"m": None}, n_metrics=4).set_index("aspect")["this build"]
+    assert "sequence-wide" in seq["ablation"] and "size not recorded" in seq["models"]

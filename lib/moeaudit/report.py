@@ -316,3 +316,85 @@ def significance_stars(p) -> str:
         return ""
     p = float(p)
     return "***" if p < 0.001 else "**" if p < 0.01 else "*" if p < 0.05 else ""
+
+
+def model_panels(models, *, height: float = 3.9, sharey: bool = False):
+    """One panel per model in a row, titled with the model's name, with room on the right for a
+    figure legend (see :func:`finish_panels`). Returns ``(fig, axes)``, ``axes`` a list."""
+    fig, axes = plt.subplots(1, len(models), figsize=(4.0 * len(models) + 2.2, height), sharey=sharey, squeeze=False)
+    for ax, name in zip(axes[0], models):
+        ax.set_title(name)
+    return fig, list(axes[0])
+
+
+def finish_panels(fig, axes, *, title: str, ylabel: str, xlabel: str | None = None, zero_line: bool = False,
+                  legend: bool = True) -> None:
+    """Label, lay out and show a :func:`model_panels` figure: ``ylabel`` on the first panel,
+    ``xlabel`` on every panel, a horizontal line at 0 if asked, the first panel's legend on the right."""
+    for ax in axes:
+        if xlabel:
+            ax.set_xlabel(xlabel, fontsize=9)
+        if zero_line:
+            ax.axhline(0, color="0.3", linewidth=0.8)
+    axes[0].set_ylabel(ylabel)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 0.8 if legend else 1, 1))
+    if legend:
+        fig.legend(*axes[0].get_legend_handles_labels(), fontsize=8, loc="center right")
+    plt.show()
+
+
+#: The paper's protocol and the released code's, for the table of departures. Each value is
+#: documented: paper = arXiv:2606.10703v1, Sections 2-3 and Appendix A; released code = the
+#: repository callmeloui/observational_metrics at commit 18bd31b (its behaviour as read and
+#: re-run, see the chapter on the released results).
+PROTOCOL_REFERENCE: dict[str, tuple[str, str]] = {
+    "ablation": ("the expert's contribution removed at token t only (Definition 2.1)",
+                 "the expert zeroed at every position of the sequence where it is routed (forward hook)"),
+    "positions": ("200 positions per cell", "a fresh seeded draw (seed 42) per metric; the control draws with replacement"),
+    "layers": ("five hand-picked MoE layers per model, spread over depth", "the same five layers"),
+    "family": ("Bonferroni over 4 metrics x 5 layers = 20 cells per model (5 for the control)",
+               "no correction and no agreement rule in the code"),
+    "models": ("OLMoE-1B-7B-0924, Qwen1.5-MoE-A2.7B, DeepSeek-V2-Lite", "the same checkpoints"),
+    "context": ("the first 100 WikiText-2 test lines longer than 50 characters, up to 512 tokens",
+                "texts right-padded to the longest (430 tokens for OLMoE, 512 for DeepSeek)"),
+    "corpus": ("WikiText-2 test split (the hub's raw release)", "the hub's lines fed unstripped (leading space, trailing newline)"),
+    "metrics": ("utilisation, activation norm/std, mean routing weight over the real tokens that select the expert",
+                "differs per model: router logits and padding positions included for OLMoE, padding counted for DeepSeek"),
+    "statistics": ("Cohen's d, paired t-test, Wilcoxon signed-rank, Bonferroni, t-and-Wilcoxon agreement",
+                   "d with ddof 0 in the per-token scripts, ddof 1 elsewhere; scipy defaults"),
+    "precision": ("float32 losses", "float32 losses; the progressive ablation ran in float16"),
+}
+
+
+def protocol_departures(*, params: dict, corpus_source, audited: dict, n_moe_layers: dict, contexts: dict,
+                        n_parameters: dict, n_metrics: int) -> pd.DataFrame:
+    """One row per aspect of the protocol: what the paper says, what the released code does
+    (:data:`PROTOCOL_REFERENCE`), and what this build does. The last column is computed from the
+    audit chapter's parameters (``params``), the resolved corpus (``corpus_source``, a
+    :class:`moeaudit.corpus.CorpusSource`), and per model: the audited layers, the number of MoE
+    layers, the context length in tokens and the parameter count; ``n_metrics`` is the number of
+    observational metrics. ``KeyError`` if ``params`` lacks an audit parameter.
+    """
+    build = {
+        "ablation": f"mode = {params['mode']!r}: "
+                    + ("token-local, as the paper defines it" if params["mode"] == "token" else "sequence-wide, as the released code")
+                    + "; the other definition is one parameter away and compared in the chapter on intervention definitions",
+        "positions": f"{params['n_positions']} positions per model, one seeded draw (seed {params['seed']}) shared by every "
+                     "metric, layer and the control, without replacement",
+        "layers": "; ".join(f"{m}: {len(a)} of {n_moe_layers[m]} MoE layers {list(a)}" for m, a in audited.items()),
+        "family": "; ".join(f"{m}: {n_metrics * len(a)} cells ({len(a)} for the control)" for m, a in audited.items())
+                  + "; the paper's dual rule, with Holm and Benjamini-Hochberg beside Bonferroni",
+        "models": "; ".join(f"{m}: {n / 1e6:.2f} M parameters" if n else f"{m}: size not recorded"
+                            for m, n in n_parameters.items()),
+        "context": f"the first {params['n_texts']} corpus lines longer than 50 characters, up to "
+                   + ", ".join(f"{c} tokens ({m})" for m, c in contexts.items()) + "; each text unpadded",
+        "corpus": corpus_source.describe(),
+        "metrics": "the paper's definitions, over the real tokens only",
+        "statistics": "Cohen's d_z with ddof 1 and an exact (noncentral t) 95% interval, paired t-test, Wilcoxon "
+                      "signed-rank, TOST equivalence and the minimum detectable effect",
+        "precision": f"dtype = {params['dtype']!r} for the model; losses in float32",
+    }
+    build["corpus"] += "; lines stripped of surrounding whitespace"
+    return pd.DataFrame([{"aspect": k, "paper": v[0], "released code": v[1], "this build": build[k]}
+                         for k, v in PROTOCOL_REFERENCE.items()])

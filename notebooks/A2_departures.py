@@ -1,0 +1,103 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # A2. Departures from the paper's protocol
+#
+# A reproduction is only as useful as its list of differences. This page gathers in one table
+# every point where this book's default build departs from the protocol of the paper
+# {cite}`engmann2026audit` or from what the authors' released code does
+# {cite}`engmann2026code`: the ablation definition, the draw of token positions, the audited
+# layers and the size of the correction family, the models, the context length, the corpus and
+# its form, the definitions of the observational metrics, the statistics and the numerical
+# precision. The column *this build* is computed from the parameters the audit chapter runs
+# with by default, the shipped models' configurations and the corpus actually found, so it
+# changes when they change.
+
+# %% tags=["parameters"]
+chapter = "04_audit"  # the chapter whose default parameters define "this build"
+corpus = "auto"  # as in the chapters: "auto", "wikitext-2", "embedded", or a text file
+data_dir = None  # folder with wikitext-2/ (default: $MOEAUDIT_DATA_DIR)
+
+# %%
+import json
+from pathlib import Path
+
+from IPython.display import Markdown, display
+from myst_nb import glue
+from transformers import AutoConfig
+
+import moeaudit.models  # noqa: F401  (imports nnsight, which must precede transformers.models.*)
+from moeaudit import book, report
+from moeaudit.metrics import METRICS
+from moeaudit.models import PAPER_LAYERS, layout_from_config, resolve_model_path
+
+report.use_book_style()
+corpus_source = report.show_corpus(corpus, data_dir=data_dir)
+params = book.notebook_parameters(chapter)
+configs = {m: AutoConfig.from_pretrained(resolve_model_path(m)) for m in params["models"]}
+layouts = {m: layout_from_config(c) for m, c in configs.items()}
+audited = {m: (params["layers"] if params["layers"] is not None else  # the rule of AuditModel.audit_layers
+               list(PAPER_LAYERS.get(m, ())) or lay.depth_proportional_layers(5)) for m, lay in layouts.items()}
+contexts = {m: int(min(512, c.max_position_embeddings)) if params["max_tokens"] is None else int(params["max_tokens"])
+            for m, c in configs.items()}
+n_parameters = {}
+for m in params["models"]:
+    summary = Path(resolve_model_path(m)) / "training_summary.json"  # shipped models record their size
+    n_parameters[m] = json.loads(summary.read_text())["parameters"]["total"] if summary.is_file() else None
+table = report.protocol_departures(params=params, corpus_source=corpus_source, audited=audited,
+                                   n_moe_layers={m: len(lay.moe_layers) for m, lay in layouts.items()},
+                                   contexts=contexts, n_parameters=n_parameters, n_metrics=len(METRICS))
+glue("n_aspects", len(table), display=False)
+
+# %% [markdown]
+# ## The table
+# {glue:text}`n_aspects` aspects of the protocol. Where the released code and the paper disagree,
+# the chapter on the released results shows the evidence in the authors' own records; where
+# this build differs from both, the chapter named in the last column of the next section
+# measures what the difference changes.
+
+# %% tags=["hide-input"]
+display(table.set_index("aspect").style.format(escape="html").set_properties(**{"text-align": "left", "white-space": "pre-wrap",
+                                                           "font-size": "0.85em"}))
+
+# %% [markdown]
+# ## Where each difference is measured
+#
+# - **Ablation definition**: the chapter on intervention definitions runs the audit under both
+#   definitions and compares every cell.
+# - **Shared position draw**: sharing positions makes the metrics of a cell comparable with
+#   each other; the released files' own draws are re-analysed in the chapter on the released
+#   results.
+# - **Layers, family size, models, context**: consequences of running on small stand-in models
+#   by default (see the appendix on the default models); the same chapters run the paper's
+#   layers, family and context on the real checkpoints.
+# - **Metric definitions**: the intervention-definitions chapter audits the released recipes
+#   beside the paper's definitions.
+# - **Precision**: the intervention-definitions chapter measures how often half precision
+#   changes the sign of a single-expert effect.
+#
+# ## What this shows, and what it does not
+#
+# **Shows.** Every place where a number in this book could differ from the paper's for a
+# reason other than chance, with the value this build uses.
+#
+# **Does not show.** How much each difference moves the results: that is measured in the
+# chapters named above, one difference at a time.
+#
+# ## Exercises
+# 1. Run `make chapter NB=A2_departures PARAMS="-p corpus embedded"`. *Expected:* only the
+#    corpus row changes, and it names the embedded corpus.
+# 2. Run `make chapter NB=A2_departures PARAMS="-p chapter 05_routing_weight_control"`.
+#    *Expected:* the table is unchanged, because the control chapter runs with the same
+#    positions, layers and models as the audit.
