@@ -15,7 +15,8 @@
 # # The observational metrics
 #
 # Pruning methods rank experts by statistics observed on a corpus, before any expert is
-# removed. The paper audits four of them (Section 2). For expert $i$ at layer $L$, over the
+# removed. The paper audits four of them (Section 2) {cite}`engmann2026audit`, drawn from the
+# expert-pruning literature {cite}`lu2024notall,xie2024moepruner,muzio2024seer`. For expert $i$ at layer $L$, over the
 # $N$ real tokens of the evaluation corpus and the set $S_i$ of tokens whose top-k selects $i$:
 #
 # | metric | definition | reads as |
@@ -57,14 +58,15 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
-import torch
 from IPython.display import Markdown, display
 from matplotlib.colors import TwoSlopeNorm
-from scipy import stats as sps
+from myst_nb import glue
 
+from moeaudit import metrics as M
 from moeaudit import report
 from moeaudit.audit import prepare
 from moeaudit.metrics import METRIC_LABELS, METRICS
+from moeaudit.stats import critical_spearman_rho
 
 report.use_book_style()
 corpus_source = report.show_corpus(corpus, data_dir=data_dir)
@@ -79,12 +81,15 @@ for name in models:
     for L in audited[name]:
         ctx.model.layout.check_layer(L)
 metrics = pd.concat([ctx.metrics.assign(model=name) for name, ctx in contexts.items()], ignore_index=True)
-display(Markdown("; ".join(
+glue("n_metrics", len(METRICS), display=False)
+glue("models_text", Markdown("; ".join(
     f"**{name}**: {ctx.model.layout.num_experts} routed experts × {len(ctx.model.layout.moe_layers)} MoE layers, "
     f"top-{ctx.model.layout.top_k}, metrics over {int(ctx.metrics.n_tokens.iloc[0]):,} real tokens"
-    for name, ctx in contexts.items()) + "."))
+    for name, ctx in contexts.items()) + "."), display=False)
 
 # %% [markdown]
+# The models and corpus of this run: {glue:md}`models_text`
+#
 # ## Distributions across experts and depth
 #
 # Each point is one expert at one MoE layer; the boxes show the median and quartiles over a
@@ -94,99 +99,84 @@ display(Markdown("; ".join(
 # expert's raw output vector) and are drawn on a log scale: a few rarely selected experts
 # can have outputs many times larger than the rest.
 
-# %%
+# %% tags=["hide-input"]
 UNITS = {"utilization_rate": "share of tokens", "activation_norm": "mean ‖E(x)‖₂",
          "mean_routing_weight": "router probability g", "activation_std": "std of ‖E(x)‖₂"}
 LOG_METRICS = ("activation_norm", "activation_std")  # positive, with a few very large values
 fig, axes = plt.subplots(len(models), len(METRICS), figsize=(3.6 * len(METRICS), 2.9 * len(models)), squeeze=False)
 pal = sns.color_palette(report.PALETTE)
 for r, name in enumerate(models):
-    m = metrics[metrics.model == name]
-    lay = contexts[name].model.layout
+    m, lay = metrics[metrics.model == name], contexts[name].model.layout
     many = len(lay.moe_layers) > 8
     for c, metric in enumerate(METRICS):
-        ax = axes[r][c]
+        ax, log = axes[r][c], metric in LOG_METRICS
         d = m.dropna(subset=[metric])
-        log = metric in LOG_METRICS
-        if log:
-            d = d[d[metric] > 0]
+        d = d[d[metric] > 0] if log else d
         sns.boxplot(data=d, x="layer", y=metric, ax=ax, color=pal[c], fliersize=0, width=0.6,
                     boxprops={"alpha": 0.35}, log_scale=log)
         sns.stripplot(data=d, x="layer", y=metric, ax=ax, color=pal[c], size=2.2 if many else 3, jitter=0.25,
                       log_scale=log)
         if metric == "utilization_rate":
             ax.axhline(lay.top_k / lay.num_experts, color="0.25", linestyle="--", linewidth=1)
-        ax.set_xlabel("MoE layer" if r == len(models) - 1 else "")
+        ax.set(xlabel="MoE layer" if r == len(models) - 1 else "", title=METRIC_LABELS[metric] if r == 0 else "")
         ax.set_ylabel(UNITS[metric] + (" (log scale)" if log else ""), fontsize=9)
-        ax.set_title(f"{METRIC_LABELS[metric]}" if r == 0 else "")
-        if many:
-            for i, lab in enumerate(ax.get_xticklabels()):
-                lab.set_visible(i % max(1, len(lay.moe_layers) // 8) == 0)
+        for i, lab in enumerate(ax.get_xticklabels() if many else []):  # at most about 8 layer labels
+            lab.set_visible(i % max(1, len(lay.moe_layers) // 8) == 0)
     axes[r][0].annotate(name, xy=(-0.42, 0.5), xycoords="axes fraction", rotation=90, va="center",
                         ha="center", fontweight="bold")
 fig.tight_layout()
 plt.show()
 
+# %% [markdown]
+# The table gives, for each model and metric, the Spearman correlation between the MoE layer
+# index and the median of the metric over that layer's experts
+# (`metrics.metric_depth_trend`): $+1$ means the typical value rises monotonically with depth,
+# $-1$ that it falls. It describes the layers of one model; with few MoE layers it is a
+# description, not a test.
+
 # %%
-def spread(v):
-    v = np.asarray(v, float)
-    v = v[np.isfinite(v)]
-    return np.nan if len(v) == 0 or np.mean(v) == 0 else np.std(v) / np.mean(v)
-
-
-depth = (metrics.groupby(["model", "layer"])[list(METRICS)].median().reset_index())
-trend = []
-for name in models:
-    d = depth[depth.model == name]
-    row = {"model": name}
-    for metric in METRICS:
-        rho = sps.spearmanr(d.layer, d[metric]).statistic if len(d) > 2 else np.nan
-        row[metric] = rho
-    trend.append(row)
-trend = pd.DataFrame(trend).set_index("model")
+trend = pd.DataFrame({name: M.metric_depth_trend(metrics[metrics.model == name]) for name in models}).T
 trend.columns = [METRIC_LABELS[c] for c in trend.columns]
 display(trend.style.format("{:+.2f}", na_rep="—").background_gradient(cmap="vlag", vmin=-1, vmax=1, axis=None)
         .set_caption("Trend of each metric's per-layer median across depth"))
-display(Markdown(
-    "Each cell is the Spearman correlation between the MoE layer index and the median of the metric over "
-    "that layer's experts: +1 means the typical value rises monotonically with depth, −1 that it falls. "
-    "It describes the layers of one model; with few MoE layers it is a description, not a test."))
 
 # %% [markdown]
-# The scale of the activation metrics changes with depth, so a single global ranking of
-# experts by activation norm would be dominated by the deep layers. The audit ranks experts
-# only *within* one layer and, there, only among the experts active at one token, so such
-# shifts of scale between layers do not enter it.
+# The scale of the activation metrics can change with depth, so a single global ranking of
+# experts by activation norm would be dominated by the layers where it is largest. The audit
+# ranks experts only *within* one layer and, there, only among the experts active at one
+# token, so such shifts of scale between layers do not enter it.
 #
 # ## How the metrics relate to each other
 #
-# If the four metrics were near-copies of one another, the audit would be testing one
-# quantity four times. The heat maps give the Spearman rank correlation between each pair of
-# metrics across the experts of one layer (experts selected at least twice, so that all four
-# are defined), at each audited layer.
+# If the {glue:text}`n_metrics` metrics were near-copies of one another, the audit would be
+# testing one quantity several times. The heat maps give the Spearman rank correlation between
+# each pair of metrics across the experts of one layer (experts selected at least twice, so
+# that all of them are defined; `metrics.metric_rank_correlations`), at each audited layer.
+# The threshold $\lvert\rho\rvert$ must exceed to differ from zero at the uncorrected level
+# $\alpha$ = {glue:text}`alpha_corr` is `stats.critical_spearman_rho`: {glue:md}`crit_text`.
+# Correlations between experts of one layer are descriptive, not independent tests.
 
 # %%
-def corr_matrix(m: pd.DataFrame) -> tuple[pd.DataFrame, int]:
-    d = m[m.n_selected >= 2][list(METRICS)].dropna()
-    rho = d.rank().corr(method="pearson")  # Pearson on ranks = Spearman
-    rho.index = rho.columns = [METRIC_LABELS[c] for c in METRICS]
-    return rho, len(d)
+SHORT = ["util", "norm", "weight", "std"]
+corr, pairs = {}, []
+for name in models:
+    for L in audited[name]:
+        rho, n = M.metric_rank_correlations(metrics[(metrics.model == name) & (metrics.layer == L)])
+        rho.index = rho.columns = SHORT
+        corr[name, L] = (rho, n)
+        pairs += [{"model": name, "layer": L, "pair": f"{SHORT[i]}–{SHORT[j]}", "rho": rho.iloc[i, j], "n": n,
+                   "critical": critical_spearman_rho(n, alpha=alpha)}
+                  for i in range(len(METRICS)) for j in range(i + 1, len(METRICS))]
+pairs = pd.DataFrame(pairs)
+crits = pairs.groupby("model", sort=False).critical.max()
+glue("alpha_corr", alpha, display=False)
+glue("crit_text", Markdown(", ".join(f"{crits[m]:.2f} ({m}, smallest n = {pairs[pairs.model == m].n.min()})"
+                                     for m in models)), display=False)
 
-
-def critical_rho(n: int, level: float) -> float:
-    """|rho| beyond which Spearman's rho is significant at ``level`` (two-sided, t approximation)."""
-    if n < 4:
-        return np.nan
-    t = sps.t.ppf(1 - level / 2, n - 2)
-    return float(t / np.sqrt(n - 2 + t ** 2))
-
-
+# %% tags=["hide-input"]
 ncols = max(len(v) for v in audited.values())
-# no layout engine while drawing: seaborn draws the whole figure for every annotated heat map, and
-# constrained layout would be recomputed each time; it is switched on once at the end
+# no layout engine while drawing: constrained layout would be recomputed for every annotated heat map
 fig, axes = plt.subplots(len(models), ncols, figsize=(2.5 * ncols + 1.6, 2.7 * len(models)), squeeze=False)
-pairs = []
-short = ["util", "norm", "weight", "std"]
 for r, name in enumerate(models):
     for c in range(ncols):
         ax = axes[r][c]
@@ -194,134 +184,139 @@ for r, name in enumerate(models):
             ax.axis("off")
             continue
         L = audited[name][c]
-        rho, n = corr_matrix(metrics[(metrics.model == name) & (metrics.layer == L)])
-        crit = critical_rho(n, alpha)
+        rho, n = corr[name, L]
         sns.heatmap(rho, ax=ax, vmin=-1, vmax=1, cmap="vlag", annot=True, fmt="+.2f", annot_kws={"size": 7},
-                    cbar=False, square=True, xticklabels=short, yticklabels=short if c == 0 else False)
+                    cbar=False, square=True, xticklabels=SHORT, yticklabels=SHORT if c == 0 else False)
         ax.set_title(f"layer {L} (n = {n})", fontsize=9)
         if c == 0:
             ax.set_ylabel(name, fontweight="bold", fontsize=9)
         ax.tick_params(labelsize=8)
-        for i in range(len(METRICS)):
-            for j in range(i + 1, len(METRICS)):
-                pairs.append({"model": name, "layer": L, "pair": f"{short[i]}–{short[j]}",
-                              "rho": rho.iloc[i, j], "n": n, "critical": crit})
 fig.set_layout_engine("constrained")
 fig.colorbar(axes[0][0].collections[0], ax=axes, shrink=0.6, label="Spearman ρ across experts")
 plt.show()
-pairs = pd.DataFrame(pairs)
-crits = pairs.groupby("model").critical.max()
-display(Markdown(
-    "Rows and columns: **util** utilization rate, **norm** activation norm, **weight** mean routing "
-    "weight, **std** activation std. n is the number of experts in the layer that enter the correlation. "
-    "With these n, |ρ| must exceed about "
-    + ", ".join(f"{crits[m]:.2f} ({m})" for m in models)
-    + f" to differ from zero at the uncorrected {alpha:g} level; correlations between experts of one "
-    "layer are descriptive, not independent tests."))
+
+# %% [markdown]
+# Rows and columns: **util** utilization rate, **norm** activation norm, **weight** mean routing
+# weight, **std** activation std; n is the number of experts of the layer that enter the
+# correlation. Over all audited layers: {glue:md}`pairs_text`
 
 # %%
 summary = pairs.groupby("pair").agg(median_rho=("rho", "median"), min_rho=("rho", "min"),
                                     max_rho=("rho", "max")).sort_values("median_rho")
-strongest, weakest = summary.index[-1], summary.index[0]
 display(summary.style.format("{:+.2f}").set_caption("Spearman ρ of each metric pair over all audited layers and models"))
-display(Markdown(
-    f"Over all {len(pairs) // max(1, len(summary))} audited (model, layer) pairs, the most closely related metrics are "
-    f"**{strongest}** (median ρ = {summary.loc[strongest, 'median_rho']:+.2f}, range "
-    f"{summary.loc[strongest, 'min_rho']:+.2f} to {summary.loc[strongest, 'max_rho']:+.2f}) and the least related "
-    f"**{weakest}** (median ρ = {summary.loc[weakest, 'median_rho']:+.2f}). "
-    "Pairs with |ρ| well below one rank the active experts at a token differently, so the four rows of "
-    "the audit's tables are not four copies of one test; pairs close to ±1 are."))
+by_abs = summary.median_rho.abs().sort_values()
+closest, farthest = by_abs.index[-1], by_abs.index[0]
+glue("pairs_text", Markdown(
+    f"over the {pairs.groupby(['model', 'layer']).ngroups} audited (model, layer) pairs, the most closely related "
+    f"metrics are **{closest}** (median ρ = {summary.loc[closest, 'median_rho']:+.2f}, range "
+    f"{summary.loc[closest, 'min_rho']:+.2f} to {summary.loc[closest, 'max_rho']:+.2f}) and the least related "
+    f"**{farthest}** (median ρ = {summary.loc[farthest, 'median_rho']:+.2f}). "
+    + (f"Pairs with a median |ρ| of at least 0.8 ({', '.join(by_abs.index[by_abs >= 0.8])}) put nearly the same "
+       "order on the experts, so their rows of the audit's tables are close to one test run twice; "
+       if (by_abs >= 0.8).any() else "No pair reaches a median |ρ| of 0.8, so no two rows of the audit's tables "
+       "repeat one test; ")
+    + "pairs with |ρ| well below one rank the active experts differently."), display=False)
 
 # %% [markdown]
 # ## How evenly the router spreads the load
 #
+# MoE routers are trained with an auxiliary load-balancing loss that pushes every expert
+# towards the same share of tokens {cite}`shazeer2017outrageously,fedus2022switch`; the paper
+# notes that its coefficient differs by an order of magnitude between its three models. The
+# better the balance, the less there is for utilisation to rank: if every expert had exactly
+# the uniform share, the utilisation ranking of the active experts at a token would be decided
+# by ties alone. How far from uniform the routers of these models are is therefore part of
+# what the audit's utilisation row can detect.
+#
 # Utilisation per expert and layer, relative to the uniform share $k/N_E$, on a log₂ scale:
-# 0 (white) is exactly the uniform share, +1 twice it, −1 half of it; the scale is clipped at
-# ±3 (eight times and one eighth of the uniform share). Experts the router never selected on
-# the corpus are black. Expert ids are the model's own; expert $i$ of one layer is
-# unrelated to expert $i$ of another.
+# $0$ (white) is exactly the uniform share, $+1$ twice it, $-1$ half of it; the scale is
+# clipped at $\pm$ {glue:text}`heat_limit` ({glue:text}`heat_factor` times and one
+# {glue:text}`heat_factor`-th of the uniform share). Experts the router never selected on the
+# corpus are black. Expert ids are the model's own; expert $i$ of one layer is unrelated to
+# expert $i$ of another.
 
-# %%
-HEAT_LIMIT = 3.0  # colour scale clipped at 1/8 and 8 times the uniform share
+# %% tags=["hide-input"]
+HEAT_LIMIT = 3.0  # colour scale clipped at 2**-3 and 2**3 times the uniform share
+glue("heat_limit", int(HEAT_LIMIT), display=False)
+glue("heat_factor", int(2 ** HEAT_LIMIT), display=False)
+cmap = sns.color_palette("vlag", as_cmap=True).copy()
+cmap.set_bad("black")
 fig, axes = plt.subplots(1, len(models), figsize=(4.4 * len(models), 4.6), squeeze=False)
 for ax, name in zip(axes[0], models):
     lay = contexts[name].model.layout
-    m = metrics[metrics.model == name]
-    rel = m.pivot(index="expert", columns="layer", values="utilization_rate") / (lay.top_k / lay.num_experts)
+    rel = (metrics[metrics.model == name].pivot(index="expert", columns="layer", values="utilization_rate")
+           / (lay.top_k / lay.num_experts))
     with np.errstate(divide="ignore"):
         val = np.log2(rel.to_numpy(float))
-    val[~np.isfinite(val)] = np.nan
-    lim = HEAT_LIMIT
-    cmap = sns.color_palette("vlag", as_cmap=True).copy()
-    cmap.set_bad("black")
-    im = ax.imshow(np.ma.masked_invalid(val), aspect="auto", cmap=cmap,
-                   norm=TwoSlopeNorm(vcenter=0, vmin=-lim, vmax=lim), interpolation="nearest")
+    im = ax.imshow(np.ma.masked_invalid(np.where(np.isfinite(val), val, np.nan)), aspect="auto", cmap=cmap,
+                   norm=TwoSlopeNorm(vcenter=0, vmin=-HEAT_LIMIT, vmax=HEAT_LIMIT), interpolation="nearest")
     ax.set_xticks(range(rel.shape[1]))
     ax.set_xticklabels(rel.columns, fontsize=8)
-    if rel.shape[1] > 8:
-        for i, lab in enumerate(ax.get_xticklabels()):
-            lab.set_visible(i % max(1, rel.shape[1] // 8) == 0)
-    ax.set_xlabel("MoE layer")
-    ax.set_ylabel("expert id")
-    ax.set_title(name)
+    for i, lab in enumerate(ax.get_xticklabels()):
+        lab.set_visible(rel.shape[1] <= 8 or i % max(1, rel.shape[1] // 8) == 0)
+    ax.set(xlabel="MoE layer", ylabel="expert id", title=name)
     ax.grid(False)
     fig.colorbar(im, ax=ax, label="log₂(utilisation / uniform share)", shrink=0.85, extend="both")
 fig.tight_layout()
 plt.show()
 
+# %% [markdown]
+# The table summarises each MoE layer (`metrics.load_balance`). `never selected`: experts with no
+# selection on the corpus; the three other metrics are undefined for them, so they drop out of
+# every ranking (they are never active at an audited token either). `max / uniform`,
+# `min / uniform`: the highest and lowest utilisation as a multiple of $k/N_E$. `CV`: standard
+# deviation over mean of utilisation ($0$ = perfectly balanced). `top-10% share`: the share of
+# all selections that goes to the tenth of experts selected most (a tenth when balanced).
+# {glue:md}`never_text`
+
 # %%
-rows = []
-for name in models:
-    lay = contexts[name].model.layout
-    for L, m in metrics[metrics.model == name].groupby("layer"):
-        u = m.utilization_rate.to_numpy()
-        share = lay.top_k / lay.num_experts
-        rows.append({"model": name, "layer": L, "audited": "●" if L in audited[name] else "",
-                     "never selected": int((m.n_selected == 0).sum()),
-                     "selected < 10 times": int(((m.n_selected > 0) & (m.n_selected < 10)).sum()),
-                     "max / uniform": u.max() / share, "min / uniform": u.min() / share,
-                     "CV of utilisation": u.std() / u.mean(),
-                     "top-10% experts' share of selections": np.sort(u)[::-1][:max(1, len(u) // 10)].sum() / u.sum()})
-load = pd.DataFrame(rows).set_index(["model", "layer"])
-display(load.style.format({"max / uniform": "{:.2f}", "min / uniform": "{:.2f}", "CV of utilisation": "{:.2f}",
-                           "top-10% experts' share of selections": "{:.1%}"})
-        .background_gradient(subset=["never selected"], cmap="Greys", vmin=0)
-        .set_caption("Load balance per MoE layer"))
-never = load["never selected"]
-display(Markdown(
-    "`never selected`: experts with no selection on the corpus; the three other metrics are undefined for "
-    "them, so they drop out of every ranking (they are never active at an audited token either). "
-    "`max / uniform`, `min / uniform`: the highest and lowest utilisation as a multiple of $k/N_E$. "
-    "`CV`: standard deviation over mean of utilisation (0 = perfectly balanced). `top-10% experts' share`: "
-    "the share of all selections that goes to the tenth of experts selected most (10% = balanced). "
-    f"In total {int(never.sum())} (expert, layer) slots are never selected"
-    + (", in " + ", ".join(f"{m} ({int(v)})" for m, v in never.groupby(level='model').sum().items() if v > 0)
-       if never.sum() else "") + "."))
+load = pd.DataFrame([{"model": name, "layer": L, "audited": "●" if L in audited[name] else "",
+                      **M.load_balance(m.utilization_rate.to_numpy(), m.n_selected.to_numpy(),
+                                       top_k=contexts[name].model.layout.top_k,
+                                       num_experts=contexts[name].model.layout.num_experts)}
+                     for name in models for L, m in metrics[metrics.model == name].groupby("layer")])
+load = load.set_index(["model", "layer"]).rename(columns={
+    "never": "never selected", "rare": "selected < 10 times", "max_rel": "max / uniform", "min_rel": "min / uniform",
+    "cv": "CV", "top10_share": "top-10% share"})
+display(load.style.format({"max / uniform": "{:.2f}", "min / uniform": "{:.2f}", "CV": "{:.2f}",
+                           "top-10% share": "{:.1%}"})
+        .background_gradient(subset=["never selected"], cmap="Greys", vmin=0).set_caption("Load balance per MoE layer"))
+never = load["never selected"].groupby(level="model", sort=False).sum()
+glue("never_text", Markdown(
+    f"In this run {int(never.sum())} (expert, layer) slots are never selected"
+    + (": " + ", ".join(f"{m} ({int(v)})" for m, v in never.items() if v > 0) if never.sum() else "")
+    + f"; the most-selected tenth of a layer's experts takes between {load['top-10% share'].min():.1%} and "
+    f"{load['top-10% share'].max():.1%} of its selections."), display=False)
 
 # %% [markdown]
 # ## The released code's versions of the metrics
 #
-# The paper defines the metrics as above. The authors' released scripts compute them
-# differently, and differently per model:
+# The paper defines the metrics as above. The authors' released scripts {cite}`engmann2026code`
+# compute them differently, and differently per model:
 #
-# * **OLMoE.** The statistics hook records the gate module's output, which in OLMoE is a
-#   linear layer: the recorded values are **router logits**, not probabilities, and they are
-#   recorded at **every padded position**; padding made up about 62% of the positions.
-#   "Utilization rate" is therefore the mean logit of the expert over real and padding
-#   positions (a negative number), not a selection frequency; "mean routing weight when
-#   active" is a mean logit over an incorrectly built mask. "Activation norm" and "activation
-#   std" are the mean and unbiased standard deviation of the norms of the expert's raw output
-#   over its routed tokens, padding tokens included.
+# * **OLMoE** {cite}`muennighoff2025olmoe`. The statistics hook records the gate module's output,
+#   which in OLMoE is a linear layer: the recorded values are **router logits**, not
+#   probabilities, and they are recorded at **every padded position**; padding made up about
+#   $62\%$ of the positions of that run. "Utilization rate" is therefore the mean logit of the
+#   expert over real and padding positions (a negative number), not a selection frequency.
+#   "Mean routing weight when active" is a mean logit over a mask that is OR-accumulated over
+#   all positions with the rule "logit of $e$ at least the $k$-th largest logit of that
+#   position": it reduces to one threshold per layer, the smallest $k$-th largest logit over
+#   all positions, and so admits every position at which the expert is selected and many at
+#   which it is not (chapter 9 rebuilds it). "Activation norm" and "activation std" are the mean
+#   and unbiased standard deviation of the norms of the expert's raw output over its routed
+#   tokens, padding tokens included.
 # * **DeepSeek-V2-Lite.** Utilization is the fraction of padded positions that select the
-#   expert. Padding positions all route to the same five or six experts, which inflates those.
-# * **Qwen1.5-MoE.** Utilization is count / (k · T) over real tokens, which ranks experts as
-#   the paper's definition does; activation norm comes from the first 30 texts only; "activation
-#   std" is the standard deviation of the first 32 coordinates of every output, pooled over
+#   expert. Padding positions all route to the same few experts, which inflates those.
+# * **Qwen1.5-MoE.** Utilization is count / ($k\cdot T$) over real tokens, which ranks experts as
+#   the paper's definition does; activation norm comes from the first $30$ texts only; "activation
+#   std" is the standard deviation of the first $32$ coordinates of every output, pooled over
 #   tokens, a different quantity from the spread of output norms.
 #
 # The audit uses a metric only through the order it puts on the experts active at a token, so
-# what matters is whether these versions *rank* experts as the paper's definitions do. Three
-# variants of utilisation can be re-created on the book's models:
+# what matters is whether these versions *rank* experts as the paper's definitions do. The
+# {glue:text}`n_variants` utilisation variants below can be re-created on the book's models
+# (`metrics.released_utilisation_variants`):
 #
 # * **mean logit, real tokens**: the mean router logit over real tokens (logits in place of
 #   selections, no padding);
@@ -332,119 +327,97 @@ display(Markdown(
 #
 # The book's texts are truncated to the models' context, so right-padding them to the longest
 # one produces far less padding than the released run had. The corpus is therefore run once
-# right-padded, the statistics are accumulated separately over real and padding positions, and
-# the padded variants mix the two at the share `released_pad_share` (a parameter; 0.62 is the
-# share the released-code notes report for the OLMoE statistics run). This re-creates the
-# direction and rough size of the departure on these models, not the authors' numbers.
+# right-padded, the statistics are accumulated separately over real and padding positions
+# inside one nnsight trace per batch (`metrics.router_sums_real_and_padding`), and the padded
+# variants mix the two at the share `released_pad_share` (a parameter, here
+# {glue:text}`pad_share:.0%`). This re-creates the direction and rough size of the departure on
+# these models, not the authors' numbers.
 
 # %%
-@torch.no_grad()
-def router_stats_real_and_padding(ctx, *, batch_size: int = 8) -> dict:
-    """Per MoE layer: sums of router logits and selection counts over the real tokens and,
-    separately, over the padding positions of the corpus right-padded to its longest text."""
-    model, corpus = ctx.model, ctx.corpus
-    E, moe = model.layout.num_experts, list(model.layout.moe_layers)
-    width = int(corpus.lengths.max())
-    acc = {L: {k: np.zeros(E) for k in ("logit_real", "logit_pad", "sel_real", "sel_pad")} for L in moe}
-    n_real = n_pad = 0
-    for b in range(0, len(corpus), batch_size):
-        ids, mask = corpus.padded(list(range(b, min(b + batch_size, len(corpus)))), pad_id=model.pad_id, length=width)
-        saved = {}
-        with model.nn.trace(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), remote=model.remote):
-            for L in moe:
-                r_logits, _r_weight, r_idx = model.layers()[L].mlp.gate.output
-                saved[L] = (r_logits.save(), r_idx.save())
-        pad = (mask.reshape(-1) == 0).numpy()
-        n_real += int((~pad).sum())
-        n_pad += int(pad.sum())
-        for L, (lg, ix) in saved.items():
-            lg = lg.reshape(pad.size, -1).float().cpu().numpy()
-            ix = ix.reshape(pad.size, -1).cpu().numpy()
-            acc[L]["logit_real"] += lg[~pad].sum(0)
-            acc[L]["logit_pad"] += lg[pad].sum(0)
-            acc[L]["sel_real"] += np.bincount(ix[~pad].reshape(-1), minlength=E)
-            acc[L]["sel_pad"] += np.bincount(ix[pad].reshape(-1), minlength=E)
-    return {"layers": acc, "n_real": n_real, "n_pad": n_pad, "width": width}
-
-
-def pick_active(idx: np.ndarray, score: np.ndarray, *, high: bool) -> np.ndarray:
-    """At each token (row of ``idx``), the active expert ranked highest (or lowest) by the
-    per-expert ``score``; ties broken by expert id as in the audit (lowest id wins 'high',
-    highest id wins 'low')."""
-    v = score[idx]
-    key = np.where(np.isnan(v), -np.inf if high else np.inf, v)
-    order = np.lexsort((idx if high else -idx, -key if high else key), axis=1)
-    return idx[np.arange(len(idx)), order[:, 0]]
-
-
+glue("n_variants", len(M.RELEASED_UTILISATION_VARIANTS), display=False)
+glue("pad_share", released_pad_share, display=False)
 RHO = "ρ with paper's utilisation"
 rows, pad_stats = [], {}
 for name, ctx in contexts.items():
-    st = router_stats_real_and_padding(ctx, batch_size=batch_size)
-    pad_stats[name] = st
-    k = ctx.model.layout.top_k
-    p = released_pad_share
+    pad_stats[name] = st = M.router_sums_real_and_padding(ctx.model, ctx.corpus, batch_size=batch_size)
     for L in audited[name]:
-        a = st["layers"][L]
         ours = ctx.metrics[ctx.metrics.layer == L].set_index("expert").sort_index().utilization_rate.to_numpy(float)
-        logit_real = a["logit_real"] / max(st["n_real"], 1)
-        variants = {"mean logit, real tokens": logit_real}
-        if st["n_pad"]:
-            variants["mean logit, padded"] = (1 - p) * logit_real + p * a["logit_pad"] / st["n_pad"]
-            variants["selection share, padded"] = (1 - p) * ours + p * a["sel_pad"] / st["n_pad"]
-        idx = ctx.clean.routing[L]["indices"]
-        hi_ours, lo_ours = pick_active(idx, ours, high=True), pick_active(idx, ours, high=False)
-        top_pad = np.sort(a["sel_pad"])[::-1]
-        for label, score in variants.items():
-            rows.append({"model": name, "layer": L, "variant": label,
-                         RHO: sps.spearmanr(ours, score).statistic,
-                         "same high expert": np.mean(pick_active(idx, score, high=True) == hi_ours),
-                         "same low expert": np.mean(pick_active(idx, score, high=False) == lo_ours),
-                         "pad_topk": top_pad[:k].sum() / top_pad.sum() if top_pad.sum() else np.nan})
-released_cmp = pd.DataFrame(rows)
-display(released_cmp.drop(columns="pad_topk").set_index(["model", "layer", "variant"]).style
+        idx, acc = ctx.clean.routing[L]["indices"], st["layers"][L]
+        for share in (released_pad_share, 0.0):
+            for label, score in M.released_utilisation_variants(ours, acc, pad_share=share).items():
+                rows.append({"model": name, "layer": L, "variant": label, "pad_share": share,
+                             **M.ranking_agreement(idx, ours, score)})
+cmp_all = pd.DataFrame(rows).rename(columns={"rho": RHO, "same_high": "same high expert",
+                                             "same_low": "same low expert"})
+released_cmp = cmp_all[cmp_all.pad_share == released_pad_share].drop(columns="pad_share")
+display(released_cmp.set_index(["model", "layer", "variant"]).style
         .format({RHO: "{:+.2f}", "same high expert": "{:.0%}", "same low expert": "{:.0%}"})
         .background_gradient(subset=["same high expert", "same low expert"], cmap="Greys_r", vmin=0, vmax=1)
         .set_caption(f"Released-code utilisation variants vs the paper's definition, audited layers "
                      f"(padding share {released_pad_share:.0%})"))
 
+# %% [markdown]
+# `ρ`: Spearman correlation across the layer's experts between the paper's utilisation
+# (selection share over real tokens) and the variant. `same high expert` / `same low expert`:
+# the share of real tokens at which the variant picks the same highest-ranked / lowest-ranked
+# active expert as the paper's definition (`metrics.pick_active`), i.e. the share of the
+# audit's pairs it would leave unchanged (darker: fewer). {glue:md}`variants_text`
+
 # %%
-by_var = released_cmp.groupby("variant", sort=False)
-pad_top = released_cmp.drop_duplicates(["model", "layer"]).pad_topk.dropna()
-display(Markdown(
-    "`ρ`: Spearman correlation across the layer's experts between the paper's utilisation (selection share "
-    "over real tokens) and the variant. `same high expert` / `same low expert`: the share of real tokens at "
-    "which the variant picks the same highest-ranked / lowest-ranked active expert as the paper's "
-    "definition, i.e. the share of the audit's pairs it would leave unchanged (darker: fewer). "
-    + " ".join(f"**{v}**: ρ from {g[RHO].min():+.2f} to {g[RHO].max():+.2f}, same high expert at "
-               f"{g['same high expert'].min():.0%}–{g['same high expert'].max():.0%} of tokens."
-               for v, g in by_var)
-    + (f" At padding positions the router sends {pad_top.min():.0%}–{pad_top.max():.0%} of its selections "
-       "to the same top-k experts of the layer (a balanced router would give them "
+pad_top = {(n, L): np.sort(st["layers"][L]["sel_pad"])[::-1][:contexts[n].model.layout.top_k].sum()
+           / st["layers"][L]["sel_pad"].sum() for n, st in pad_stats.items() for L in audited[n]
+           if st["layers"][L]["sel_pad"].sum()}
+pad_pct = {n: 100 * a["n_pad"] / (a["n_pad"] + a["n_real"]) for n, st in pad_stats.items()
+           for a in [st["layers"][audited[n][0]]]}
+glue("variants_text", Markdown(
+    " ".join(f"**{v}**: ρ from {g[RHO].min():+.2f} to {g[RHO].max():+.2f}, same high expert at "
+             f"{g['same high expert'].min():.0%}–{g['same high expert'].max():.0%} of tokens."
+             for v, g in released_cmp.groupby("variant", sort=False))
+    + (f" At padding positions the router sends {min(pad_top.values()):.0%}–{max(pad_top.values()):.0%} of its "
+       "selections to the same top-k experts of the layer (a balanced router would give them "
        + ", ".join(f"{c.model.layout.top_k / c.model.layout.num_experts:.0%} ({n})" for n, c in contexts.items())
-       + "), which is why mixing in padding inflates a few experts."
-       if len(pad_top) else "")
+       + ")." if pad_top else "")
     + " Right-padding the book's corpus to its longest text gave "
-    + ", ".join(f"{100 * s['n_pad'] / (s['n_pad'] + s['n_real']):.0f}% padding ({n})" for n, s in pad_stats.items())
-    + "."))
+    + ", ".join(f"{p:.0f}% padding ({n})" for n, p in pad_pct.items()) + "."), display=False)
+zero = cmp_all[(cmp_all.pad_share == 0.0) & (cmp_all.variant == "selection share, padded")]
+crit_001 = np.array([critical_spearman_rho(n, alpha=0.01) for n in pairs.n])
+for key, value in {"ex_pad0_same_high": float(zero["same high expert"].min()), "ex_crit_001": float(crit_001.max()),
+                   "ex_n_above_001": int((pairs.rho.abs() > crit_001).sum()), "ex_n_pairs": len(pairs),
+                   "n_above_alpha": int((pairs.rho.abs() > pairs.critical).sum())}.items():
+    glue(key, value, display=False)
 
 # %% [markdown]
-# Where the agreement shares are well below 100%, a released "utilization" cell tests a
-# different ranking from the one the paper describes; where they are close to 100%, the
+# Where the agreement shares are well below one, a released "utilization" cell tests a
+# different ranking from the one the paper describes; where they are close to one, the
 # departure is immaterial for the audit even though the numbers differ. The per-token
 # routing-weight control (chapter 5) ranks by the router probability of the token at hand,
 # in the released code as in the paper, so it is unaffected.
 #
 # ## What this shows, and what it does not
 #
-# **Shows.** What the four metrics look like on each model: their spread across experts and
-# depth, how strongly they co-vary (and hence how many genuinely different rankings the
-# audit tests), how evenly the router uses its experts and how many it never uses, and how
-# much the released code's utilisation variants would reorder the experts.
+# **Shows.** What the {glue:text}`n_metrics` metrics look like on each model: their spread
+# across experts and depth, how strongly they co-vary ({glue:text}`n_above_alpha` of the
+# {glue:text}`ex_n_pairs` layer-wise metric pairs have $\lvert\rho\rvert$ above the uncorrected
+# threshold), how evenly the router uses its experts and how many it never uses, and how much
+# the released code's {glue:text}`n_variants` utilisation variants would reorder the experts.
 #
 # **Does not show.** Whether any of the metrics predicts what removing an expert does; that
 # is the audit (chapter 4). A metric with a wide spread across experts is not thereby a
 # better predictor, and two metrics that agree can be equally uninformative about the
-# intervention. The released-code comparison re-creates two utilisation variants on the
-# book's models; it does not reproduce the authors' numbers, whose own records are examined
-# in chapter 8.
+# intervention. The released-code comparison re-creates the utilisation variants on the
+# book's models at a chosen padding share; it does not reproduce the authors' numbers, whose
+# own records are examined in chapter 8.
+#
+# ## Exercises
+#
+# 1. **No padding.** Run
+#    `make chapter NB=03_observational_metrics PARAMS="-p released_pad_share 0.0"`.
+#    *Expected outcome:* the "selection share, padded" variant becomes the paper's utilisation
+#    itself and picks the same high expert at every token (smallest share over the audited
+#    layers: {glue:text}`ex_pad0_same_high:.0%`); "mean logit, padded" equals "mean logit, real
+#    tokens", whose disagreement is due to logits alone.
+# 2. **A stricter level for the metric correlations.** Run
+#    `make chapter NB=03_observational_metrics PARAMS="-p alpha 0.01"`.
+#    *Expected outcome:* the critical $\lvert\rho\rvert$ rises to at most
+#    {glue:text}`ex_crit_001:.2f`, and {glue:text}`ex_n_above_001` of the
+#    {glue:text}`ex_n_pairs` layer-wise metric pairs still exceed it.

@@ -62,3 +62,265 @@ def observational_metrics(clean: CleanPass, *, num_experts: int, layers=None) ->
         df.insert(0, "layer", L)
         frames.append(df)
     return pd.concat(frames, ignore_index=True)
+
+
+# --- Expert-pruning criteria from the literature, and per-token predictors -----------------------
+
+#: per-expert criteria of the expert-pruning literature (computed on a calibration corpus)
+LITERATURE_CRITERIA = ("freq_weighted_norm", "reap")
+#: per-token predictors of a single-expert ablation's effect (read at the audited token)
+TOKEN_PREDICTORS = ("gap_norm", "attribution")
+CRITERION_LABELS = {**METRIC_LABELS, "gap_norm": "Per-token gap norm", "attribution": "Attribution patching",
+                    "freq_weighted_norm": "Freq.-weighted act. norm", "reap": "REAP"}
+
+
+def literature_criteria_from_routing(indices: np.ndarray, weights: np.ndarray, norms: np.ndarray, *,
+                                     num_experts: int) -> pd.DataFrame:
+    """Two expert-pruning criteria per expert, from (N, k) arrays over N calibration tokens.
+
+    ``indices`` are the selected experts, ``weights`` their combine weights g_e(x_s) as applied by
+    the model and ``norms`` the expert output norms ||E_e(x_s)||_2; S_e is the set of tokens that
+    select e. Returns one row per expert 0..num_experts-1 with
+
+    * ``freq_weighted_norm`` = (1/N) sum_{s in S_e} ||E_e(x_s)|| — the mean output norm over S_e
+      times the utilisation |S_e|/N: an activation-norm criterion weighted by routing frequency,
+      of the kind benchmarked by Jaiswal et al. (2025, MC-Suite); 0 for an expert never selected;
+    * ``reap`` = (1/|S_e|) sum_{s in S_e} g_e(x_s) ||E_e(x_s)|| — router-weighted expert activation
+      (REAP, Lasby et al. 2025): the mean size of the expert's weighted contribution; NaN for an
+      expert never selected.
+
+    ``ValueError`` if the three arrays differ in shape, are not 2-D, or hold an expert id outside
+    ``[0, num_experts)``.
+    """
+    idx, w, nrm = (np.asarray(a) for a in (indices, weights, norms))
+    if idx.ndim != 2 or idx.shape != w.shape or idx.shape != nrm.shape:
+        raise ValueError(f"indices, weights and norms must be (N, k) arrays of one shape, got "
+                         f"{idx.shape}, {w.shape}, {nrm.shape}")
+    if idx.size and (idx.min() < 0 or idx.max() >= num_experts):
+        raise ValueError(f"expert ids must lie in [0, {num_experts}), got {idx.min()}..{idx.max()}")
+    flat = pd.DataFrame({"expert": idx.reshape(-1), "gap": (w.astype(np.float64) * nrm).reshape(-1),
+                         "norm": nrm.reshape(-1).astype(np.float64)})
+    g = flat.groupby("expert")
+    experts = pd.RangeIndex(num_experts, name="expert")
+    return pd.DataFrame({"expert": np.arange(num_experts),
+                         "freq_weighted_norm": (g.norm.sum().reindex(experts).fillna(0.0) / idx.shape[0]).to_numpy(),
+                         "reap": g.gap.mean().reindex(experts).to_numpy()})
+
+
+def pruning_criteria(clean: CleanPass, *, num_experts: int, seq_ids=None, layers=None) -> pd.DataFrame:
+    """Every per-expert criterion — the paper's four metrics (:func:`expert_metrics_from_routing`)
+    and the literature criteria (:func:`literature_criteria_from_routing`) — over the real tokens
+    of the texts ``seq_ids`` of a clean pass (all texts when None). One row per (layer, expert)."""
+    keep = np.ones(len(clean.tokens), bool) if seq_ids is None else clean.tokens.seq_id.isin(list(seq_ids)).to_numpy()
+    frames = []
+    for L in (sorted(clean.routing) if layers is None else list(layers)):
+        r = clean.routing[L]
+        idx, norm = r["indices"][keep], r["norm"][keep]
+        df = expert_metrics_from_routing(idx, r["prob"][keep], norm, num_experts=num_experts)
+        lit = literature_criteria_from_routing(idx, r["weight"][keep], norm, num_experts=num_experts)
+        df = df.merge(lit, on="expert")
+        df.insert(0, "layer", L)
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True)
+
+
+def token_gap_norm(clean: CleanPass, records: pd.DataFrame) -> np.ndarray:
+    """Per-token gap norm g_e(x_t) ||E_e(x_t)||_2 of every record, predicted from the clean pass.
+
+    ``records`` needs ``layer``, ``seq_id``, ``t``, ``expert`` and ``weight`` (the combine weight
+    g_e(x_t)); the output norm is read from ``clean.routing[layer]["norm"]`` in the slot of the
+    record's expert. This is the size of what a ``token``-mode ablation removes from the MoE
+    output at t. NaN where the expert is not active at that token; ``ValueError`` for a layer the
+    clean pass did not record.
+    """
+    out = np.full(len(records), np.nan)
+    layer = records.layer.to_numpy()
+    rows = clean.row(records.seq_id.to_numpy(), records.t.to_numpy())
+    expert = records.expert.to_numpy()
+    for L in np.unique(layer):
+        if int(L) not in clean.routing:
+            raise ValueError(f"layer {L} was not recorded in the clean pass")
+        m = layer == L
+        r = clean.routing[int(L)]
+        hit = r["indices"][rows[m]] == expert[m][:, None]
+        norm = np.where(hit, r["norm"][rows[m]], 0.0).sum(1)
+        out[m] = np.where(hit.any(1), norm, np.nan)
+    return records.weight.to_numpy(dtype=np.float64) * out
+
+
+def paired_by_value(records: pd.DataFrame, value_col: str, *, ranking: str) -> pd.DataFrame:
+    """The paper's paired cells (Section 2, Definition 2.1) for any per-record value.
+
+    At every (layer, seq_id, t) of the single-expert ``records``, the active expert with the
+    highest ``value_col`` ("high") and the one with the lowest ("low"); records whose value is NaN
+    are left out. Ties are broken by expert id, lowest id wins "high" and highest id wins "low",
+    as in :func:`moeaudit.audit.paired_cells`; a position where high and low coincide is dropped.
+    One row per position with ``expert_high/low``, ``value_high/low``, ``delta_loss_high/low`` and
+    ``diff = delta_loss_high - delta_loss_low`` (nats), ``ranking`` set to ``ranking``.
+    """
+    df = records.assign(value=records[value_col]).dropna(subset=["value"])
+    keys = ["layer", "seq_id", "t"]
+    high = (df.sort_values([*keys, "value", "expert"], ascending=[True, True, True, False, True])
+            .groupby(keys, sort=False).head(1).set_index(keys))
+    low = (df.sort_values([*keys, "value", "expert"], ascending=[True, True, True, True, False])
+           .groupby(keys, sort=False).head(1).set_index(keys))
+    cols = ["expert", "value", "delta_loss"]
+    lead = [c for c in ("model", "family", "mode") if c in df.columns]
+    pair = high[[*lead, *cols]].merge(low[cols], left_index=True, right_index=True, suffixes=("_high", "_low"))
+    pair = pair[pair.expert_high != pair.expert_low].reset_index()
+    pair.insert(3, "ranking", ranking)
+    pair["diff"] = pair.delta_loss_high - pair.delta_loss_low
+    return pair.sort_values(keys).reset_index(drop=True)
+
+
+# --- Describing the observational metrics (chapter 3) --------------------------------------------
+
+def metric_depth_trend(metrics: pd.DataFrame, *, columns=METRICS) -> dict[str, float]:
+    """Spearman rho between the layer index and each metric's per-layer median over experts.
+
+    ``metrics``: the rows of one model (:func:`observational_metrics`: ``layer`` and the metric
+    columns). Medians skip NaN (never-selected experts); rho from
+    :func:`moeaudit.stats.spearman_defined`, NaN with fewer than 3 layers or a constant median.
+    """
+    from .stats import spearman_defined  # noqa: PLC0415
+
+    med = metrics.groupby("layer")[list(columns)].median()
+    return {c: spearman_defined(med.index.to_numpy(float), med[c].to_numpy(float))[0] for c in columns}
+
+
+def metric_rank_correlations(layer_metrics: pd.DataFrame, *, min_selected: int = 2,
+                             columns=METRICS) -> tuple[pd.DataFrame, int]:
+    """Spearman rho between every pair of metrics across the experts of one layer.
+
+    Experts with ``n_selected >= min_selected`` and every metric finite enter (with 2 selections
+    all four metrics are defined); rho is the Pearson correlation of the ranks (average ranks for
+    ties), i.e. Spearman's. Returns the (metric × metric) matrix and the number of experts used.
+    """
+    d = layer_metrics[layer_metrics.n_selected >= min_selected][list(columns)].dropna()
+    return d.rank().corr(method="pearson"), len(d)
+
+
+def load_balance(utilization: np.ndarray, n_selected: np.ndarray, *, top_k: int, num_experts: int) -> dict:
+    """How evenly one layer's router spreads its selections over the experts.
+
+    ``utilization``/``n_selected``: per expert (length ``num_experts``), as in
+    :func:`expert_metrics_from_routing`. The uniform share is ``top_k / num_experts``. Returns
+    ``never`` (experts never selected), ``rare`` (selected 1–9 times), ``max_rel``/``min_rel``
+    (highest/lowest utilisation over the uniform share), ``cv`` (std/mean of utilisation, ddof=0),
+    ``top10_share`` (share of all selections made by the most-selected tenth of the experts, at
+    least one expert). ``ValueError`` on length mismatch or no selections.
+    """
+    u, n = np.asarray(utilization, float), np.asarray(n_selected)
+    if len(u) != num_experts or len(n) != num_experts:
+        raise ValueError(f"expected {num_experts} experts, got {len(u)} and {len(n)}")
+    if u.sum() <= 0:
+        raise ValueError("no selections")
+    share = top_k / num_experts
+    top = np.sort(u)[::-1][:max(1, num_experts // 10)]
+    return {"never": int((n == 0).sum()), "rare": int(((n > 0) & (n < 10)).sum()),
+            "max_rel": float(u.max() / share), "min_rel": float(u.min() / share),
+            "cv": float(u.std() / u.mean()), "top10_share": float(top.sum() / u.sum())}
+
+
+def pick_active(idx: np.ndarray, score: np.ndarray, *, high: bool) -> np.ndarray:
+    """At each token (row of the (N, k) array ``idx`` of selected experts), the selected expert
+    that the per-expert ``score`` (length num_experts) ranks highest (``high=True``) or lowest.
+
+    NaN scores rank last either way; ties go to the lowest expert id for 'high' and the highest
+    for 'low', as in :func:`moeaudit.audit.paired_cells`. Returns an (N,) array of expert ids.
+    """
+    idx = np.asarray(idx)
+    v = np.asarray(score, float)[idx]
+    key = np.where(np.isnan(v), -np.inf if high else np.inf, v)
+    order = np.lexsort((idx if high else -idx, -key if high else key), axis=1)
+    return idx[np.arange(len(idx)), order[:, 0]]
+
+
+def accumulate_router_sums(acc: dict, logits: np.ndarray, indices: np.ndarray, pad: np.ndarray) -> dict:
+    """Add one batch to per-expert sums over real and padding positions (in place; returns ``acc``).
+
+    ``logits`` (P, E) router logits, ``indices`` (P, k) selected experts and ``pad`` (P,) bool for
+    P flattened positions. ``acc`` holds length-E arrays ``logit_real``, ``logit_pad`` (summed
+    logits) and ``sel_real``, ``sel_pad`` (selection counts), and the counts ``n_real``, ``n_pad``.
+    """
+    pad = np.asarray(pad, bool)
+    E = acc["logit_real"].shape[0]
+    acc["logit_real"] += logits[~pad].sum(0)
+    acc["logit_pad"] += logits[pad].sum(0)
+    acc["sel_real"] += np.bincount(indices[~pad].reshape(-1), minlength=E)
+    acc["sel_pad"] += np.bincount(indices[pad].reshape(-1), minlength=E)
+    acc["n_real"] += int((~pad).sum())
+    acc["n_pad"] += int(pad.sum())
+    return acc
+
+
+def router_sums_real_and_padding(model, corpus, *, batch_size: int = 8) -> dict:
+    """Per MoE layer, router-logit sums and selection counts over real and padding positions.
+
+    The corpus is right-padded to its longest text (``model.pad_id``, attention mask 0) and run in
+    batches of ``batch_size`` texts; inside one nnsight trace per batch the router output
+    ``mlp.gate.output = (logits, combine_weights, indices)`` of every MoE layer is saved and
+    accumulated with :func:`accumulate_router_sums`. Returns ``{layer: acc}`` plus ``width``.
+    This re-creates the released statistics pass, which reads every padded position.
+    """
+    import torch  # noqa: PLC0415
+
+    E, moe = model.layout.num_experts, list(model.layout.moe_layers)
+    width = int(corpus.lengths.max())
+    acc = {L: {"logit_real": np.zeros(E), "logit_pad": np.zeros(E), "sel_real": np.zeros(E), "sel_pad": np.zeros(E),
+               "n_real": 0, "n_pad": 0} for L in moe}
+    with torch.no_grad():
+        for b in range(0, len(corpus), batch_size):
+            ids, mask = corpus.padded(list(range(b, min(b + batch_size, len(corpus)))), pad_id=model.pad_id,
+                                      length=width)
+            saved = {}
+            with model.nn.trace(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                                remote=model.remote):
+                for L in moe:
+                    r_logits, _w, r_idx = model.layers()[L].mlp.gate.output
+                    saved[L] = (r_logits.save(), r_idx.save())
+            pad = (mask.reshape(-1) == 0).numpy()
+            for L, (lg, ix) in saved.items():
+                accumulate_router_sums(acc[L], lg.reshape(pad.size, -1).float().cpu().numpy(),
+                                       ix.reshape(pad.size, -1).cpu().numpy(), pad)
+    return {"layers": acc, "width": width}
+
+
+#: the released code's utilisation variants that can be re-created from real and padding sums
+RELEASED_UTILISATION_VARIANTS = ("mean logit, real tokens", "mean logit, padded", "selection share, padded")
+
+
+def released_utilisation_variants(utilization: np.ndarray, acc: dict, *, pad_share: float) -> dict[str, np.ndarray]:
+    """The released code's versions of utilisation, per expert, from one layer's sums.
+
+    ``utilization``: the paper's (selected share of real tokens); ``acc``: one layer of
+    :func:`router_sums_real_and_padding`; ``pad_share``: the share ``p`` of padding positions to
+    mix in (0.62 in the released OLMoE statistics run). Variants:
+    ``mean logit, real tokens`` = sum of logits / n_real; ``mean logit, padded`` =
+    ``(1 - p) * mean logit over real + p * mean logit over padding``; ``selection share, padded``
+    = ``(1 - p) * utilization + p * selections at padding / n_pad``. The padded variants are left
+    out when there is no padding. ``ValueError`` unless 0 <= pad_share < 1.
+    """
+    if not 0 <= pad_share < 1:
+        raise ValueError(f"pad_share must be in [0, 1), got {pad_share}")
+    p = pad_share
+    real = acc["logit_real"] / max(acc["n_real"], 1)
+    out = {RELEASED_UTILISATION_VARIANTS[0]: real}
+    if acc["n_pad"]:
+        out[RELEASED_UTILISATION_VARIANTS[1]] = (1 - p) * real + p * acc["logit_pad"] / acc["n_pad"]
+        out[RELEASED_UTILISATION_VARIANTS[2]] = (1 - p) * np.asarray(utilization, float) + p * acc["sel_pad"] / acc["n_pad"]
+    return out
+
+
+def ranking_agreement(idx: np.ndarray, reference: np.ndarray, score: np.ndarray) -> dict:
+    """How far a per-expert ``score`` ranks one layer's experts as ``reference`` does.
+
+    ``rho``: Spearman rho across experts (:func:`moeaudit.stats.spearman_defined`); ``same_high``
+    / ``same_low``: share of tokens (rows of the (N, k) ``idx``) at which :func:`pick_active`
+    picks the same highest / lowest selected expert under both scores.
+    """
+    from .stats import spearman_defined  # noqa: PLC0415
+
+    return {"rho": spearman_defined(reference, score)[0],
+            "same_high": float(np.mean(pick_active(idx, score, high=True) == pick_active(idx, reference, high=True))),
+            "same_low": float(np.mean(pick_active(idx, score, high=False) == pick_active(idx, reference, high=False)))}
