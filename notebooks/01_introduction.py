@@ -15,8 +15,8 @@
 # # From observation to intervention
 #
 # This book reproduces, as executable chapters, the paper *From Observation to Intervention:
-# A Causal Audit of Expert Importance in Mixture-of-Experts Models* (Engmann, Adriano and
-# Giese, 2026). Every number, table and figure on these pages is computed when the page is
+# A Causal Audit of Expert Importance in Mixture-of-Experts Models* {cite}`engmann2026audit`.
+# Every number, table and figure on these pages is computed when the page is
 # executed; none is copied from the paper, except in the chapter that re-analyses the
 # authors' own result files.
 #
@@ -46,7 +46,8 @@
 #
 # ## Two rungs of Pearl's ladder
 #
-# Pearl's hierarchy separates questions by the evidence they need. **Rung 1, association**
+# Pearl's hierarchy {cite}`pearl2009causality,bareinboim2022hierarchy` separates questions by the
+# evidence they need. **Rung 1, association**
 # ("seeing") asks what we observe together: which experts the router selects at a token,
 # and with what weight. **Rung 2, intervention** ("doing") asks what happens if we *set* part
 # of the system: if expert $e$'s contribution at token $t$ is removed, how does the model's

@@ -15,7 +15,8 @@ import pytest
 from moeaudit import book
 
 #: chapters whose prose has been made computed; every chapter is meant to join this list
-COMPUTED_PROSE = ("04_audit", "05_routing_weight_control")
+COMPUTED_PROSE = ("01_introduction", "02_verification", "03_observational_metrics", "04_audit",
+                  "05_routing_weight_control", "A1_default_models", "A2_departures")
 
 _STRIP = [
     re.compile(r"^(`{3,})(?:bash|sh|python|console|text|)[ \t]*$.*?^\1[ \t]*$", re.S | re.M),  # code blocks
@@ -31,6 +32,7 @@ _STRIP = [
     re.compile(r"^\s*\d+\.\s", re.M),                      # numbered-list markers
     re.compile(r"\b95% (?=CI|confidence|interval)"),    # the interval type, not a result
     re.compile(r"\*\*\d+\.|\bEquations? \(\d+\)"),          # exercise numbers, equation labels
+    re.compile(r"\[\d+\. "),                               # chapter numbers in a table of contents
 ]
 #: references to the paper's structure and Pearl's ladder, which are names, not results
 _REFERENCE = re.compile(
