@@ -64,7 +64,7 @@ from IPython.display import Markdown, display
 from myst_nb import glue
 
 import moeaudit.models  # noqa: F401  (imports nnsight, which must precede transformers.models.*)
-from moeaudit import paths, report
+from moeaudit import paths, report, zoo
 from moeaudit.zoo import ZOO_MODELS, zoo_path
 
 report.use_book_style()
@@ -100,45 +100,13 @@ logs = {m: pd.read_csv(model_dir(m) / "training_log.csv") for m in models}
 # laptop needs; the processor time is the better guide.
 
 # %%
-def describe_model(name, s):
-    a, t, p = s["architecture"], s["training"], s["parameters"]
-    n_exp = a.get("num_experts") or a.get("n_routed_experts")
-    if "shared_expert_intermediate_size" in a:
-        shared = f"1 (width {a['shared_expert_intermediate_size']}, sigmoid gate)"
-    elif "n_shared_experts" in a:
-        shared = f"{a['n_shared_experts']} (width {a['n_shared_experts'] * a['moe_intermediate_size']})"
-    else:
-        shared = "none"
-    dense = a.get("first_k_dense_replace", 0)
-    return {
-        "class": s["class"],
-        "stands in for": s["mirrors"],
-        "layers (dense)": f"{a['num_hidden_layers']} ({dense})",
-        "hidden size": a["hidden_size"],
-        "routed experts, top-k": f"{n_exp}, top-{a['num_experts_per_tok']}",
-        "expert width": a.get("moe_intermediate_size", a.get("intermediate_size")),
-        "shared experts": shared,
-        "parameters (active per token)": f"{p['total'] / 1e6:.2f} M ({p['active_per_token'] / 1e6:.2f} M)",
-        "balance-loss coefficient (real model's)": f"{s['aux_loss']['coef']:g} ({s['aux_loss'].get('real_coef', s['aux_loss']['coef']):g})",
-        "steps × batch × context": f"{t['steps']} × {t['batch_size']} × {t['context']}",
-        "training tokens (epochs)": f"{t['tokens'] / 1e6:.2f} M ({t['epochs']:.1f})",
-        "peak learning rate, warm-up": f"{t['lr']:g}, {t['warmup_steps']} steps",
-        "weight decay, β": f"{t['weight_decay']}, {tuple(t['betas'])}",
-        "training time (wall clock)": f"{t['wall_s'] / 60:.1f} min",
-        "processor time": f"{t['cpu_s'] / 60:.1f} min on {t['threads']} thread(s)" if "cpu_s" in t else "not recorded",
-        "seed": s["seed"],
-        "torch / transformers": f"{s['versions']['torch']} / {s['versions']['transformers']}",
-    }
-
-
-recipe = pd.DataFrame({m: describe_model(m, s) for m, s in summaries.items()})
+recipe = pd.DataFrame({m: zoo.recipe_row(s) for m, s in summaries.items()})
 first = summaries[models[0]]
 arch = {m: s["architecture"] for m, s in summaries.items()}
 
 
-def _span(key, fmt="{:,}"):
-    vals = sorted({a.get(key) for a in arch.values() if a.get(key) is not None})
-    return fmt.format(vals[0]) if len(vals) == 1 else f"{fmt.format(vals[0])} to {fmt.format(vals[-1])}"
+def _span(key):
+    return zoo.value_span(a.get(key) for a in arch.values())
 
 
 glue("stand_ins", Markdown("; ".join(f"`{m}` ({s['class']}, for {s['mirrors']}): routed experts "
@@ -205,17 +173,12 @@ fig.tight_layout()
 plt.show()
 
 # %%
-gap = pd.DataFrame({m: {"training loss, last steps (nats)": s["training"]["final_loss_mean_last_50"],
-                        "test loss (nats)": s["evaluation"]["model"]["nll"], "epochs": s["training"]["epochs"],
-                        "training tokens": s["data"]["train_stream_tokens"]} for m, s in summaries.items()}).T
-gap["gap (nats)"] = gap["test loss (nats)"] - gap["training loss, last steps (nats)"]
+gap = zoo.generalisation_gap(summaries)
 glue("gap_text", Markdown(
-    f"The test loss lies {gap['gap (nats)'].min():.2f} to {gap['gap (nats)'].max():.2f} nats above the training loss of "
-    f"the last steps (mean over the last 50 steps: " + ", ".join(f"{m} {r['training loss, last steps (nats)']:.2f} vs "
-    f"{r['test loss (nats)']:.2f}" for m, r in gap.iterrows()) + f"). The models saw their "
-    f"{int(gap['training tokens'].min()):,}-token training split "
-    + (f"{gap.epochs.min():.1f}" if round(gap.epochs.min(), 1) == round(gap.epochs.max(), 1) else
-       f"{gap.epochs.min():.1f} to {gap.epochs.max():.1f}") + " times, "
+    f"The test loss lies {zoo.value_span(gap.gap, '{:.2f}')} nats above the training loss of the last steps "
+    "(mean over the last 50 steps: " + ", ".join(f"{m} {r.train_loss:.2f} vs {r.test_loss:.2f}" for m, r in gap.iterrows())
+    + f"). The models saw their {int(gap.training_tokens.min()):,}-token training split "
+    + zoo.value_span(gap.epochs.round(1), "{:.1f}") + " times, "
     "so they fit it better than text they have not seen: a generalisation gap. The audit measures the models on "
     "test text only, where their loss is the higher one."), display=False)
 
@@ -232,14 +195,7 @@ glue("gap_text", Markdown(
 # context must beat it by a wide margin.
 
 # %%
-rows = []
-for m, s in summaries.items():
-    ev = s["evaluation"]
-    rows.append({"model": m, "test tokens scored": ev["model"]["n_tokens"],
-                 "perplexity": ev["model"]["perplexity"], "unigram perplexity": ev["unigram_baseline"]["perplexity"],
-                 "ratio": ev["perplexity_ratio_to_unigram"],
-                 "loss (nats)": ev["model"]["nll"], "unigram loss (nats)": ev["unigram_baseline"]["nll"]})
-ppl = pd.DataFrame(rows).set_index("model")
+ppl = zoo.perplexity_table(summaries)
 ppl.to_csv(out_dir / "perplexity.csv")
 display(ppl.style.format({"test tokens scored": "{:,}", "perplexity": "{:.1f}", "unigram perplexity": "{:.1f}",
                           "ratio": "{:.3f}", "loss (nats)": "{:.3f}", "unigram loss (nats)": "{:.3f}"}))
@@ -274,44 +230,14 @@ glue("dense_note", Markdown(" ".join((f"The first layer of `{m}` is dense" if k 
                                      for m, k in dense.items())), display=False)
 
 
-def share_frame(s):
-    layers = s["evaluation"]["utilisation"]["layers"]
-    return pd.DataFrame({int(k): v["mass_share"] for k, v in layers.items()}).T.sort_index() * 100
-
-
-shares = {m: share_frame(s) for m, s in summaries.items()}
+shares = {m: zoo.routing_mass_shares(s) for m, s in summaries.items()}
 vmin_pct = 0.1
 glue("vmin_pct", vmin_pct, display=False)
-vmin, vmax = vmin_pct, max(10.0, max(float(f.values.max()) for f in shares.values()))
-from matplotlib.cm import ScalarMappable  # noqa: E402
-from matplotlib.colors import LogNorm  # noqa: E402
-from matplotlib.ticker import NullFormatter  # noqa: E402
-
-norm = LogNorm(vmin=vmin, vmax=vmax)
-n_rows = [len(f) for f in shares.values()]
-fig, axes = plt.subplots(len(shares), 1, figsize=(11, 0.9 * len(shares) + 0.42 * sum(n_rows)),
-                         squeeze=False, layout="constrained", gridspec_kw={"height_ratios": n_rows})
-for ax, (m, f) in zip(axes[:, 0], shares.items()):
-    sns.heatmap(f.clip(lower=vmin), ax=ax, cmap="viridis", norm=norm, cbar=False, xticklabels=8, yticklabels=True)
-    ax.set(title=m, xlabel="expert index", ylabel="layer")
-    ax.tick_params(axis="y", rotation=0)
-cb = fig.colorbar(ScalarMappable(norm=norm, cmap="viridis"), ax=axes[:, 0].tolist(), shrink=0.9, pad=0.01,
-                  label="share of routing mass (%)", extend="min")
-cb.set_ticks([t for t in (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50) if t <= vmax])
-cb.ax.yaxis.set_major_formatter("{x:g}")
-cb.ax.yaxis.set_minor_formatter(NullFormatter())
+report.routing_share_heatmaps(shares, vmin=vmin_pct)
 plt.show()
 
 # %%
-rows = []
-for m, s in summaries.items():
-    util = s["evaluation"]["utilisation"]
-    for layer, u in util["layers"].items():
-        rows.append({"model": m, "layer": int(layer), "experts": util["n_experts"],
-                     f"experts with ≥ {util['threshold']:.1%} of mass": u["frac_experts_ge_threshold"],
-                     "smallest share": u["min_share"], "largest share": u["max_share"],
-                     "effective number of experts": u["effective_experts"]})
-util_table = pd.DataFrame(rows).set_index(["model", "layer"])
+util_table = zoo.utilisation_table(summaries)
 util_table.to_csv(out_dir / "utilisation.csv")
 display(util_table.style.format({c: "{:.1%}" for c in util_table.columns if "share" in c or "≥" in c}
                                 | {"effective number of experts": "{:.1f}"}))
@@ -332,16 +258,7 @@ display(Markdown(
 # and the rerun (dashed); the right panel shows their absolute difference at every step.
 
 # %% tags=["hide-input"]
-rep_rows, curves = [], {}
-for m, s in summaries.items():
-    rep = s.get("reproducibility")
-    path = model_dir(m) / "reproducibility_log.csv"
-    if rep is None or not path.exists():
-        continue
-    curves[m] = pd.read_csv(path)
-    rep_rows.append({"model": m, "steps compared": rep["steps"], "max |loss difference|": rep["max_abs_loss_diff"],
-                     "max |weight difference|": rep["max_abs_param_diff"],
-                     "rerun time (min)": rep["rerun_wall_s"] / 60})
+repro, curves = zoo.reproducibility_table(summaries, {m: model_dir(m) for m in models})
 if curves:
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
     for m, c in curves.items():
@@ -360,7 +277,6 @@ if curves:
     ax2.legend(frameon=False)
     fig.tight_layout()
     plt.show()
-    repro = pd.DataFrame(rep_rows).set_index("model")
     repro.to_csv(out_dir / "reproducibility.csv")
     display(repro.style.format({"max |loss difference|": "{:.3g}", "max |weight difference|": "{:.3g}",
                                 "rerun time (min)": "{:.1f}"}))
@@ -378,30 +294,15 @@ else:
 # corpus, and each model's five most probable next tokens after it.
 
 # %%
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from moeaudit.corpus import select_texts  # noqa: E402
 
 hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()
-text = select_texts(list(corpus_source.lines), n_texts=1)[0]
-display(Markdown(f"From {corpus_source.describe()}:"))
-if text is not None:
-    prompt = " ".join(text.split()[:24])
-    display(Markdown(f"> {prompt} …"))
-    rows = []
-    for m in models:
-        tok = AutoTokenizer.from_pretrained(model_dir(m))
-        lm = AutoModelForCausalLM.from_pretrained(model_dir(m), dtype=torch.float32).eval()
-        ids = tok(prompt, return_tensors="pt")["input_ids"]
-        with torch.no_grad():
-            probs = lm(input_ids=ids).logits[0, -1].softmax(-1)
-        top = torch.topk(probs, 5)
-        rows.append({"model": m, **{f"#{i + 1}": f"{tok.decode([int(j)])!r} ({float(p):.2f})"
-                                    for i, (p, j) in enumerate(zip(top.values, top.indices))}})
-    display(pd.DataFrame(rows).set_index("model"))
+prompt = " ".join(select_texts(list(corpus_source.lines), n_texts=1)[0].split()[:24])
+display(Markdown(f"From {corpus_source.describe()}:\n\n> {prompt} …"))
+display(pd.DataFrame({m: zoo.top_next_tokens(model_dir(m), prompt) for m in models}).T.rename_axis("model"))
 
 # %% [markdown]
 # ## Using the models

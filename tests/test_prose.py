@@ -85,3 +85,28 @@ def test_no_number_is_typed_into_the_prose(stem):
     offending = {i: typed_numbers(src) for i, src in enumerate(_markdown_cells(stem))}
     offending = {i: nums for i, nums in offending.items() if nums}
     assert not offending, f"{stem}: typed numbers in markdown cells {offending}"
+
+
+def code_budget(stem: str) -> tuple[float, int]:
+    """(share of the chapter's non-blank lines that are code, length of its longest code cell)."""
+    import jupytext
+
+    nb = jupytext.read(book.NOTEBOOKS / f"{stem}.py")
+    code = md = 0
+    longest = 0
+    for c in nb.cells:
+        n = sum(1 for line in c.source.splitlines() if line.strip())
+        if c.cell_type == "code":
+            code += n
+            longest = max(longest, n)
+        else:
+            md += n
+    return code / max(1, code + md), longest
+
+
+@pytest.mark.parametrize("stem", COMPUTED_PROSE)
+def test_chapters_are_prose_first(stem):
+    """Code at most 60% of a chapter's non-blank lines, no code cell longer than 40 lines."""
+    share, longest = code_budget(stem)
+    assert share <= 0.60, f"{stem}: {share:.0%} of the lines are code"
+    assert longest <= 40, f"{stem}: a code cell of {longest} lines"

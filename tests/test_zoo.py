@@ -200,3 +200,23 @@ def test_cli_rejects_an_unknown_name(capsys):
     with pytest.raises(SystemExit) as err:
         main(["tiny-mixtral"])
     assert err.value.code != 0 and "tiny-olmoe" in capsys.readouterr().err
+
+
+def test_model_card_tables_from_the_summaries():
+    from moeaudit.zoo import generalisation_gap, recipe_row, routing_mass_shares, utilisation_table, value_span
+
+    summaries = {m: load_summary(m) for m in ZOO_MODELS}
+    row = recipe_row(summaries["tiny-olmoe"])
+    assert row["routed experts, top-k"] == "64, top-8" and row["shared experts"] == "none"
+    assert recipe_row(summaries["tiny-deepseek-v2"])["layers (dense)"].endswith("(1)")
+    assert value_span([4, 4, None]) == "4" and value_span([2048, 64]) == "64 to 2,048"
+    with pytest.raises(ValueError):
+        value_span([None])
+    gap = generalisation_gap(summaries)
+    s = summaries["tiny-qwen-moe"]
+    assert gap.loc["tiny-qwen-moe", "gap"] == pytest.approx(
+        s["evaluation"]["model"]["nll"] - s["training"]["final_loss_mean_last_50"])
+    shares = routing_mass_shares(summaries["tiny-olmoe"])
+    assert np.allclose(shares.sum(axis=1), 100, atol=1e-2) and shares.shape[1] == 64
+    util = utilisation_table(summaries)
+    assert len(util) == 4 + 4 + 3 and (util["experts"] > 0).all()

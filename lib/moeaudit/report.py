@@ -398,3 +398,28 @@ def protocol_departures(*, params: dict, corpus_source, audited: dict, n_moe_lay
     build["corpus"] += "; lines stripped of surrounding whitespace"
     return pd.DataFrame([{"aspect": k, "paper": v[0], "released code": v[1], "this build": build[k]}
                          for k, v in PROTOCOL_REFERENCE.items()])
+
+
+def routing_share_heatmaps(shares: dict, *, vmin: float = 0.1):
+    """One heat map per model of the routing-mass share (percent) per (layer, expert), on one shared
+    logarithmic colour scale from ``vmin`` percent (smaller shares get its colour) to the largest
+    share (at least 10%), with one colour bar. ``shares``: model -> frame (layers x experts)."""
+    from matplotlib.cm import ScalarMappable  # noqa: PLC0415
+    from matplotlib.colors import LogNorm  # noqa: PLC0415
+    from matplotlib.ticker import NullFormatter  # noqa: PLC0415
+
+    vmax = max(10.0, max(float(f.values.max()) for f in shares.values()))
+    norm = LogNorm(vmin=vmin, vmax=vmax)
+    n_rows = [len(f) for f in shares.values()]
+    fig, axes = plt.subplots(len(shares), 1, figsize=(11, 0.9 * len(shares) + 0.42 * sum(n_rows)),
+                             squeeze=False, layout="constrained", gridspec_kw={"height_ratios": n_rows})
+    for ax, (m, f) in zip(axes[:, 0], shares.items()):
+        sns.heatmap(f.clip(lower=vmin), ax=ax, cmap="viridis", norm=norm, cbar=False, xticklabels=8, yticklabels=True)
+        ax.set(title=m, xlabel="expert index", ylabel="layer")
+        ax.tick_params(axis="y", rotation=0)
+    cb = fig.colorbar(ScalarMappable(norm=norm, cmap="viridis"), ax=axes[:, 0].tolist(), shrink=0.9, pad=0.01,
+                      label="share of routing mass (%)", extend="min")
+    cb.set_ticks([t for t in (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50) if vmin <= t <= vmax])
+    cb.ax.yaxis.set_major_formatter("{x:g}")
+    cb.ax.yaxis.set_minor_formatter(NullFormatter())
+    return fig

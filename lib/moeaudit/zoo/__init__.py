@@ -49,3 +49,132 @@ def zoo_path(name: str) -> Path:
 def load_summary(name: str) -> dict:
     """The ``training_summary.json`` of the shipped model ``name``."""
     return json.loads((zoo_path(name) / "training_summary.json").read_text())
+
+
+# ----------------------------------------------------------------------------- model-card tables
+# What the appendix on the default models shows, computed from ``training_summary.json`` records
+# (one dict per model, as written by :mod:`moeaudit.training`).
+
+
+def recipe_row(summary: dict) -> dict:
+    """One model's architecture, training settings and costs as display strings (appendix A1)."""
+    a, t, p = summary["architecture"], summary["training"], summary["parameters"]
+    n_exp = a.get("num_experts") or a.get("n_routed_experts")
+    if "shared_expert_intermediate_size" in a:
+        shared = f"1 (width {a['shared_expert_intermediate_size']}, sigmoid gate)"
+    elif "n_shared_experts" in a:
+        shared = f"{a['n_shared_experts']} (width {a['n_shared_experts'] * a['moe_intermediate_size']})"
+    else:
+        shared = "none"
+    aux = summary["aux_loss"]
+    return {
+        "class": summary["class"],
+        "stands in for": summary["mirrors"],
+        "layers (dense)": f"{a['num_hidden_layers']} ({a.get('first_k_dense_replace', 0)})",
+        "hidden size": a["hidden_size"],
+        "routed experts, top-k": f"{n_exp}, top-{a['num_experts_per_tok']}",
+        "expert width": a.get("moe_intermediate_size", a.get("intermediate_size")),
+        "shared experts": shared,
+        "parameters (active per token)": f"{p['total'] / 1e6:.2f} M ({p['active_per_token'] / 1e6:.2f} M)",
+        "balance-loss coefficient (real model's)": f"{aux['coef']:g} ({aux.get('real_coef', aux['coef']):g})",
+        "steps × batch × context": f"{t['steps']} × {t['batch_size']} × {t['context']}",
+        "training tokens (epochs)": f"{t['tokens'] / 1e6:.2f} M ({t['epochs']:.1f})",
+        "peak learning rate, warm-up": f"{t['lr']:g}, {t['warmup_steps']} steps",
+        "weight decay, β": f"{t['weight_decay']}, {tuple(t['betas'])}",
+        "training time (wall clock)": f"{t['wall_s'] / 60:.1f} min",
+        "processor time": f"{t['cpu_s'] / 60:.1f} min on {t['threads']} thread(s)" if "cpu_s" in t else "not recorded",
+        "seed": summary["seed"],
+        "torch / transformers": f"{summary['versions']['torch']} / {summary['versions']['transformers']}",
+    }
+
+
+def value_span(values, fmt: str = "{:,}") -> str:
+    """``"4"`` when all values agree, else ``"4 to 8"`` (the smallest and largest), ignoring None."""
+    vals = sorted({v for v in values if v is not None})
+    if not vals:
+        raise ValueError("no values")
+    return fmt.format(vals[0]) if len(vals) == 1 else f"{fmt.format(vals[0])} to {fmt.format(vals[-1])}"
+
+
+def generalisation_gap(summaries: dict) -> "pandas.DataFrame":
+    """Per model: the training loss of the last steps (mean over the last 50 recorded steps, nats),
+    the test-split loss (nats), their difference ``gap`` (nats), the epochs and training tokens."""
+    import pandas as pd  # noqa: PLC0415
+
+    rows = {m: {"train_loss": s["training"]["final_loss_mean_last_50"], "test_loss": s["evaluation"]["model"]["nll"],
+                "epochs": s["training"]["epochs"], "training_tokens": s["data"]["train_stream_tokens"]}
+            for m, s in summaries.items()}
+    out = pd.DataFrame(rows).T
+    out["gap"] = out["test_loss"] - out["train_loss"]
+    return out
+
+
+def routing_mass_shares(summary: dict) -> "pandas.DataFrame":
+    """Share of the routing mass (percent) per (MoE layer, expert) on the test split: rows are
+    layers, columns expert ids; each row sums to 100."""
+    import pandas as pd  # noqa: PLC0415
+
+    layers = summary["evaluation"]["utilisation"]["layers"]
+    return pd.DataFrame({int(k): v["mass_share"] for k, v in layers.items()}).T.sort_index() * 100
+
+
+def utilisation_table(summaries: dict) -> "pandas.DataFrame":
+    """Per (model, MoE layer): number of routed experts, the share of them with at least the usage
+    threshold of the routing mass, the smallest and largest share, and the effective number of
+    experts (exponential of the entropy of the shares)."""
+    import pandas as pd  # noqa: PLC0415
+
+    rows = []
+    for m, s in summaries.items():
+        util = s["evaluation"]["utilisation"]
+        for layer, u in util["layers"].items():
+            rows.append({"model": m, "layer": int(layer), "experts": util["n_experts"],
+                         f"experts with ≥ {util['threshold']:.1%} of mass": u["frac_experts_ge_threshold"],
+                         "smallest share": u["min_share"], "largest share": u["max_share"],
+                         "effective number of experts": u["effective_experts"]})
+    return pd.DataFrame(rows).set_index(["model", "layer"])
+
+
+def perplexity_table(summaries: dict) -> "pandas.DataFrame":
+    """Per model: test tokens scored, perplexity and loss (nats) of the model and of the unigram
+    baseline with the same tokenizer, and the perplexity ratio (model / unigram)."""
+    import pandas as pd  # noqa: PLC0415
+
+    rows = {}
+    for m, s in summaries.items():
+        ev = s["evaluation"]
+        rows[m] = {"test tokens scored": ev["model"]["n_tokens"], "perplexity": ev["model"]["perplexity"],
+                   "unigram perplexity": ev["unigram_baseline"]["perplexity"], "ratio": ev["perplexity_ratio_to_unigram"],
+                   "loss (nats)": ev["model"]["nll"], "unigram loss (nats)": ev["unigram_baseline"]["nll"]}
+    return pd.DataFrame(rows).T.rename_axis("model")
+
+
+def reproducibility_table(summaries: dict, dirs: dict) -> tuple["pandas.DataFrame", dict]:
+    """The same-seed retraining records: a table (steps compared, largest loss and weight difference,
+    rerun time in minutes) and the per-step curves (``reproducibility_log.csv``) of the models that
+    have them; ``dirs`` maps each model to its directory."""
+    import pandas as pd  # noqa: PLC0415
+
+    rows, curves = {}, {}
+    for m, s in summaries.items():
+        rep, path = s.get("reproducibility"), Path(dirs[m]) / "reproducibility_log.csv"
+        if rep is None or not path.exists():
+            continue
+        curves[m] = pd.read_csv(path)
+        rows[m] = {"steps compared": rep["steps"], "max |loss difference|": rep["max_abs_loss_diff"],
+                   "max |weight difference|": rep["max_abs_param_diff"], "rerun time (min)": rep["rerun_wall_s"] / 60}
+    return pd.DataFrame(rows).T.rename_axis("model"), curves
+
+
+def top_next_tokens(model_dir, prompt: str, *, k: int = 5) -> dict:
+    """The ``k`` most probable next tokens (and their probabilities) of the model in ``model_dir``
+    after ``prompt``, as ``{"#1": "'token' (0.12)", ...}``."""
+    import torch  # noqa: PLC0415
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        probs = lm(input_ids=tok(prompt, return_tensors="pt")["input_ids"]).logits[0, -1].softmax(-1)
+    top = torch.topk(probs, k)
+    return {f"#{i + 1}": f"{tok.decode([int(j)])!r} ({float(p):.2f})" for i, (p, j) in enumerate(zip(top.values, top.indices))}
