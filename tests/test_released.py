@@ -76,6 +76,7 @@ def test_offline_without_copy_gives_clear_error(monkeypatch, tmp_path):
         assert R.RELEASED_COMMIT in msg
     with pytest.raises(R.ReleasedDataUnavailable, match="download=False"):
         R.released_dir(empty, download=False)
+    assert not (tmp_path / "cache").exists(), "a failed download left folders in the cache"
     # the loaders fall back to the embedded derived table, and say so
     src = R.released_source(empty)
     assert src.kind == "embedded" and src.path == R.EMBEDDED_TABLE and src.reason.startswith("Looked in:")
