@@ -16,32 +16,32 @@
 #
 # An interventional audit is only as precise as the intervention it names. The paper defines
 # its intervention at one token (Definition 2.1: the loss at position $t$ "with $E_i$ replaced by
-# zero" at $t$) and defines its four observational metrics over real tokens with softmax routing
-# probabilities (Section 2). The authors' released code departs from both definitions in ways
-# that are easy to make in any audit:
+# zero" at $t$) and its four observational metrics over real tokens with softmax routing
+# probabilities (Section 2) {cite}`engmann2026audit`. The authors' released code
+# {cite}`engmann2026code` departs from both definitions in ways that are easy to make in any audit:
 #
 # * **The intervention.** The released code zeroes the expert at *every* position of the
 #   sequence where it is routed, not only at $t$. Call this the *sequence-wide* ablation and
 #   the paper's the *token-local* one. The loss at $t$ then also carries, through attention,
 #   the effect of removing the expert at earlier positions.
 # * **The metrics.** For OLMoE the released script records router *logits* (not probabilities)
-#   over padded batches, so "utilization" becomes a mean logit and padding enters every
+#   over padded batches, so "utilization" becomes a mean logit, "mean routing weight when active"
+#   a mean logit over a mask wider than the router's selection, and padding enters every
 #   statistic; for DeepSeek the utilization counts padding positions; for Qwen "activation std"
-#   is the spread of the first 32 coordinates of the expert outputs rather than of their norms.
+#   is the spread of the first coordinates of the expert outputs rather than of their norms.
 # * **The precision.** The released progressive ablation ran in float16.
 #
-# This chapter runs the same audit cells — same positions, same layers, same pairs of
-# experts — under each choice and asks three questions: how far apart are the measurements,
-# and does any verdict (significant or not) change? It ends with a short list of lessons for
-# anyone designing such an audit, and exercises.
+# This chapter runs the same audit cells (same positions, same layers, same pairs of experts)
+# under each choice and asks how far apart the measurements are and whether any verdict
+# (significant or not) changes.
 #
-# **Conventions.** $\Delta$ is the change of the next-token loss
-# $-\log p(x_{t+1}\mid x_{\le t})$ in nats when one expert is removed; $D = \Delta_{\text{high}} -
-# \Delta_{\text{low}}$ the paired difference between the highest- and lowest-ranked active
-# expert at a position; $d_z = \bar D / s_D$ Cohen's effect size of a cell. A verdict is either
-# the paper's dual rule (paired t-test *and* Wilcoxon below the Bonferroni level of the family,
-# pointing the same way; families as in the audit and control chapters: the 4 metrics × layers of
-# a model, and the control layers of a model) or the looser "uncorrected $p_t < 0.05$".
+# **Conventions.** $\Delta$ is the change of the next-token loss $-\log p(x_{t+1}\mid x_{\le t})$
+# in nats when one expert is removed; $D = \Delta_{\text{high}} - \Delta_{\text{low}}$ the paired
+# difference between the highest- and lowest-ranked active expert at a position; $d_z = \bar D /
+# s_D$ Cohen's effect size of a cell. A verdict is either the paper's dual rule (paired t-test
+# *and* Wilcoxon below the Bonferroni level of the family, pointing the same way; a family is
+# the metric cells of one model, or its control cells) or the looser "uncorrected $p_t$ below
+# `alpha`".
 
 # %% tags=["parameters"]
 models = ["tiny-olmoe", "tiny-qwen-moe", "tiny-deepseek-v2"]  # shipped names, HF ids or local dirs
@@ -63,20 +63,19 @@ results_dir = None  # record cache (default: $MOEAUDIT_RESULTS_DIR or results/)
 
 # %%
 import gc
-import warnings
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
 import torch
+import torch.nn.functional as F
 from IPython.display import Markdown, display
 from matplotlib.patches import Patch, Rectangle
-from scipy import stats as sps
+from myst_nb import glue
 
-from moeaudit import released, report, stats
-from moeaudit.audit import paired_cells, prepare, single_expert_records
-from moeaudit.engine import expert_outputs
+from moeaudit import engine, released, report, stats
+from moeaudit.audit import paired_cells, prepare, progressive_records, single_expert_records
 from moeaudit.metrics import METRIC_LABELS, METRICS, ROUTING_WEIGHT
 
 report.use_book_style()
@@ -88,15 +87,22 @@ if half_dtype == dtype:
 MODE_A, MODE_B = modes
 RANKINGS = [*METRICS, ROUTING_WEIGHT]
 LABEL = {**METRIC_LABELS, ROUTING_WEIGHT: "Routing weight (control)"}
+colors = report.model_colors(models)
 
 
-def fmt_list(values, f="{:.3g}"):
-    return ", ".join(f.format(v) for v in values)
+def per_model(values: dict, f="{:.3g}") -> str:
+    """'model-a 0.1, model-b 0.2' from {model: value}."""
+    return ", ".join(f"{name} {f.format(v)}" for name, v in values.items())
 
 
-def per_model(series, f="{:.3g}"):
-    """'model-a 0.1, model-b 0.2' from a Series indexed by model name."""
-    return ", ".join(f"{name} {f.format(v)}" for name, v in series.items())
+def glue_all(**values):
+    for key, value in values.items():
+        glue(key, value, display=False)
+
+
+def span(values, f="{:.2g}") -> str:
+    lo, hi = f.format(min(values)), f.format(max(values))
+    return lo if lo == hi else f"{lo} to {hi}"
 
 
 # %% [markdown]
@@ -109,46 +115,40 @@ def per_model(series, f="{:.3g}"):
 # carries every change to all later positions (light). Under the token-local definition only
 # column $t$ ever changes, whatever the layer. Under the sequence-wide definition, ablating at a
 # middle layer changes earlier columns, whose keys and values the token $t$ reads at every
-# later layer — so the two definitions measure different things. At the **last** layer there is
+# later layer, so the two definitions measure different things. At the **last** layer there is
 # no attention left: the earlier columns change, but nothing reads them before the loss, so the
 # two definitions give the same number. This holds at the last *decoder* layer; if a model ended
 # with dense layers after its last MoE layer, the two would differ everywhere.
 
-# %%
+# %% tags=["hide-input"]
 def changed_states(n_pos, n_layers, t, layer, routed, mode):
     """0 = unchanged, 1 = the expert is removed here, 2 = changed downstream (residual stream, attention)."""
     state = np.zeros((n_layers, n_pos), dtype=int)
-    direct = [p for p in range(t + 1) if p == t or (mode == "sequence" and p in routed)]
-    state[layer, direct] = 1
-    for ell in range(layer + 1, n_layers):
-        # position p keeps its own change and reads every earlier position q <= p through attention
-        reach = np.cumsum(state[ell - 1, : t + 1] > 0) > 0
-        state[ell, : t + 1] = np.where(reach, 2, 0)
+    state[layer, [p for p in range(t + 1) if p == t or (mode == "sequence" and p in routed)]] = 1
+    for ell in range(layer + 1, n_layers):  # position p keeps its change and reads every q <= p
+        state[ell, : t + 1] = np.where(np.cumsum(state[ell - 1, : t + 1] > 0) > 0, 2, 0)
     return state
 
 
-n_pos_demo, n_layers_demo, t_demo, routed_demo = 9, 6, 7, {1, 3, 4, 7}
+n_pos_d, n_lay_d, t_d, routed_d = 9, 6, 7, {1, 3, 4, 7}
 shades = {0: "0.93", 1: sns.color_palette("colorblind")[3], 2: sns.color_palette("colorblind")[1]}
 fig, axes = plt.subplots(2, 2, figsize=(9.5, 6.4), sharex=True, sharey=True)
-for row, (abl_layer, where) in enumerate([(2, "a middle layer"), (n_layers_demo - 1, "the last layer")]):
-    for col, mode_demo in enumerate(["token", "sequence"]):
-        ax = axes[row, col]
-        grid = changed_states(n_pos_demo, n_layers_demo, t_demo, abl_layer, routed_demo, mode_demo)
-        for ell in range(n_layers_demo):
-            for p in range(n_pos_demo):
-                faded = p > t_demo
-                ax.add_patch(Rectangle((p - 0.45, ell - 0.45), 0.9, 0.9, facecolor="white" if faded else shades[grid[ell, p]],
-                                       edgecolor="0.75", hatch="////" if faded else None, linewidth=0.6))
-        for p in sorted(routed_demo):
+for row, (abl, where) in enumerate([(2, "a middle layer"), (n_lay_d - 1, "the last layer")]):
+    for col, mode_d in enumerate(["token", "sequence"]):
+        ax, grid = axes[row, col], changed_states(n_pos_d, n_lay_d, t_d, abl, routed_d, mode_d)
+        for ell in range(n_lay_d):
+            for p in range(n_pos_d):
+                ax.add_patch(Rectangle((p - 0.45, ell - 0.45), 0.9, 0.9, edgecolor="0.75", linewidth=0.6,
+                                       facecolor="white" if p > t_d else shades[grid[ell, p]], hatch="////" if p > t_d else None))
+        for p in sorted(routed_d):
             ax.text(p, -0.95, "e", ha="center", va="center", fontsize=9, color="0.25")
-        ax.axhline(abl_layer, color="0.2", linewidth=0.8, linestyle=":")
-        ax.plot([t_demo], [n_layers_demo - 0.2], marker="*", markersize=12, color="black")
-        ax.set_xlim(-0.6, n_pos_demo - 0.4)
-        ax.set_ylim(-1.3, n_layers_demo + 0.1)
-        ax.set_title(f"{mode_demo}-{'local' if mode_demo == 'token' else 'wide'}, ablated at {where}", fontsize=10, pad=6)
+        ax.axhline(abl, color="0.2", linewidth=0.8, linestyle=":")
+        ax.plot([t_d], [n_lay_d - 0.2], marker="*", markersize=12, color="black")
+        ax.set(xlim=(-0.6, n_pos_d - 0.4), ylim=(-1.3, n_lay_d + 0.1))
+        ax.set_title(f"{mode_d}-{'local' if mode_d == 'token' else 'wide'}, ablated at {where}", fontsize=10, pad=6)
         ax.grid(False)
-        ax.set_xticks(range(n_pos_demo), [("t" if p == t_demo else str(p)) for p in range(n_pos_demo)])
-        ax.set_yticks(range(n_layers_demo), [str(i) for i in range(n_layers_demo)])
+        ax.set_xticks(range(n_pos_d), [("t" if p == t_d else str(p)) for p in range(n_pos_d)])
+        ax.set_yticks(range(n_lay_d), [str(i) for i in range(n_lay_d)])
 fig.supxlabel("token position (letters 'e': positions where the expert is routed at the ablated layer)", fontsize=10, y=0.135)
 fig.supylabel("layer (hidden state after it)", fontsize=10)
 fig.legend(handles=[Patch(facecolor=shades[1], label="changed: expert removed here"),
@@ -158,35 +158,85 @@ fig.legend(handles=[Patch(facecolor=shades[1], label="changed: expert removed he
                     plt.Line2D([], [], marker="*", color="black", linestyle="", markersize=11, label="loss at t read here")],
            loc="lower center", ncol=3, fontsize=8.5, frameon=False)
 fig.suptitle("Which hidden states an ablation changes, by definition and layer")
-fig.tight_layout(rect=(0.01, 0.155, 1, 1))
+fig.tight_layout(rect=(0.01, 0.155, 1, 1));
 
 # %% [markdown]
 # ## 2. The same cells under both definitions
 #
-# For every model the positions are the audit chapter's seeded draw and every active routed
+# For every model the positions are the audit chapter's seeded draw, and every active routed
 # expert is ablated once on its own at each audited layer, in each mode. The token-local records
 # are the audit chapter's records (read from the same cache); the sequence-wide records re-run
-# the prefix $x_{\le t}$ with the expert removed at every position where it is routed. The
-# metric values and the per-token routing weights come from one clean pass, so the pairs of
-# experts compared at a position are identical in both modes: only the measured $\Delta$ differ.
+# the prefix $x_{\le t}$ with the expert removed at every position where it is routed. The metric
+# values and the per-token routing weights come from one clean pass, so the pairs of experts
+# compared at a position are identical in both modes: only the measured $\Delta$ differ.
 
 # %%
 contexts, records, audited_layers = {}, {}, {}
 for name in models:
-    ctx = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=dtype, device=device,
-                  corpus=corpus_source, data_dir=data_dir, results_dir=results_dir)
-    contexts[name] = ctx
+    ctx = contexts[name] = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=dtype, device=device,
+                                   corpus=corpus_source, data_dir=data_dir, results_dir=results_dir)
     lay = ctx.model.layout
-    audited = list(layers) if layers is not None else ctx.model.audit_layers(5)
-    audited_layers[name] = audited
+    audited_layers[name] = list(layers) if layers is not None else ctx.model.audit_layers(5)
     for m in modes:
-        records[name, m] = single_expert_records(ctx, layers=audited, n_positions=n_positions, seed=seed, mode=m,
-                                                 batch_size=batch_size)
+        records[name, m] = single_expert_records(ctx, layers=audited_layers[name], n_positions=n_positions,
+                                                 seed=seed, mode=m, batch_size=batch_size)
     display(Markdown(f"**{name}** ({lay.family}): MoE layers {list(lay.moe_layers)} of {lay.n_layers} decoder "
-                     f"layers, {lay.num_experts} routed experts, top-{lay.top_k}; audited layers {audited}; "
+                     f"layers, {lay.num_experts} routed experts, top-{lay.top_k}; audited layers {audited_layers[name]}; "
                      f"{len(records[name, MODE_A]):,} single-expert ablations per mode."))
 
 # %% [markdown]
+# ### The sequence-wide intervention, written out
+# Inside one nnsight trace {cite}`fiottokaufman2025nnsight` of the prefix $x_{\le t}$, the router
+# output of the ablated layer, `(logits, combine_weights, indices)` with one row per token, is
+# read; the combine weight of expert $e$ is set to zero on **every** row where $e$ is routed,
+# and the triple is written back. The token-local ablation differs in one place only: it zeroes
+# row $t$ alone. The example below takes the first model, its first audited layer before the
+# last, and the first drawn position (lowest text and token index), and removes the active expert
+# with the largest routing weight there.
+
+# %%
+name_d, ctx_d, model_d = models[0], contexts[models[0]], contexts[models[0]].model
+early = [L for L in audited_layers[name_d] if L != model_d.layout.n_layers - 1] or audited_layers[name_d]
+rec_d = records[name_d, "sequence"]
+first = rec_d[rec_d.layer == early[0]].sort_values(["seq_id", "t", "prob"], ascending=[True, True, False]).iloc[0]
+L_d, e_d, seq_d, t_d = int(first.layer), int(first.expert), int(first.seq_id), int(first.t)
+ids = torch.as_tensor(ctx_d.corpus.sequences[seq_d][: t_d + 2], dtype=torch.long)
+prefix, target = ids[None, : t_d + 1].to(model_d.device), ids[t_d + 1: t_d + 2].to(model_d.device)
+
+# %%
+mlp = model_d.layers()[L_d].mlp
+with torch.no_grad(), model_d.nn.trace(input_ids=prefix, remote=model_d.remote):
+    router_logits, weights, indices = mlp.gate.output           # one row per token 0..t
+    hit = indices == e_d                                          # every row where e is routed: sequence-wide
+    mlp.gate.output = (router_logits, weights.masked_fill(hit, 0.0), indices)
+    rows_hit = hit.any(dim=1).sum().save()                        # how many rows lost expert e
+    ablated_logits = model_d.nn.output.logits[0, t_d].save()
+with torch.no_grad(), model_d.nn.trace(input_ids=prefix, remote=model_d.remote):
+    clean_logits = model_d.nn.output.logits[0, t_d].save()
+delta_trace = float(F.cross_entropy(ablated_logits.float()[None], target) - F.cross_entropy(clean_logits.float()[None], target))
+
+# %%
+req = pd.DataFrame({"seq_id": [seq_d], "t": [t_d], "layer": [L_d], "removed": [[e_d]]})
+delta_engine = {m: float(engine.run_ablations(model_d, ctx_d.corpus, ctx_d.clean, req, mode=m, progress=False).delta_loss.iloc[0])
+                for m in modes}
+delta_ref = engine.trace_ablation(model_d, ids.numpy(), layer=L_d, experts=[e_d], t=t_d, mode="sequence")["delta_loss"]
+print(f"{name_d}, layer {L_d}, text {seq_d}, t = {t_d}, expert {e_d} removed at {int(rows_hit)} of {t_d + 1} rows\n"
+      + pd.Series({"the trace above": delta_trace, "engine.trace_ablation(mode='sequence')": delta_ref,
+                   "run_ablations(mode='sequence')": delta_engine["sequence"],
+                   "run_ablations(mode='token'), for contrast": delta_engine["token"]}).to_string(float_format="{:+.6f} nats".format))
+glue("demo_gap", abs(delta_trace - delta_engine["sequence"]), display=False)
+glue("demo_mode_gap", abs(delta_engine["sequence"] - delta_engine["token"]), display=False)
+
+# %% [markdown]
+# The written-out trace and the batched engine agree to {glue:text}`demo_gap:.1e` nats; the
+# token-local ablation of the same expert at the same position differs from the sequence-wide
+# one by {glue:text}`demo_mode_gap:.2g` nats. The engine reaches the same number by another
+# route: it batches many ablations into one forward pass, re-runs each prefix with the expert's
+# combine weight zeroed on the same rows, and reads the clean loss from an un-ablated row of the
+# same batch. `engine.trace_ablation` is the trace above packaged as a function, with
+# `mode="token"` restricting the zeroed rows to row $t$; the test suite checks that it equals
+# `run_ablations` in both modes on every supported model family.
+#
 # ### Where the two definitions agree: layer by layer
 # Each record of one mode has a twin in the other (same position, layer and expert). The table
 # gives, per audited layer, the largest and the median absolute difference
@@ -198,118 +248,58 @@ for name in models:
 # same positions.
 
 # %%
-twin_rows, twins = [], {}
-for name in models:
-    a, b = records[name, MODE_A], records[name, MODE_B]
-    key = ["seq_id", "t", "layer", "expert"]
-    tw = a[key + ["delta_loss", "clean_loss"]].merge(b[key + ["delta_loss", "clean_loss"]], on=key,
-                                                      suffixes=(f"_{MODE_A}", f"_{MODE_B}"))
-    tw["abs_diff"] = (tw[f"delta_loss_{MODE_A}"] - tw[f"delta_loss_{MODE_B}"]).abs()
-    twins[name] = tw
-    lay = contexts[name].model.layout
-    floor = float((tw[f"clean_loss_{MODE_A}"] - tw[f"clean_loss_{MODE_B}"]).abs().max())
-    for L, g in tw.groupby("layer"):
-        twin_rows.append({
-            "model": name, "layer": L, "last decoder layer": L == lay.n_layers - 1,
-            "max |Δ_tok − Δ_seq|": g.abs_diff.max(), "median |Δ_tok − Δ_seq|": g.abs_diff.median(),
-            "rounding floor": floor,
-            f"median |Δ| {MODE_A}": g[f"delta_loss_{MODE_A}"].abs().median(),
-            f"median |Δ| {MODE_B}": g[f"delta_loss_{MODE_B}"].abs().median(),
-            "Spearman ρ": sps.spearmanr(g[f"delta_loss_{MODE_A}"], g[f"delta_loss_{MODE_B}"]).statistic,
-            "records": len(g),
-        })
-agreement = pd.DataFrame(twin_rows)
-display(agreement.style.format({c: "{:.2e}" for c in agreement.columns if "|" in c or c == "rounding floor"}
-                               | {"Spearman ρ": "{:+.3f}"}).hide(axis="index")
+agreement = pd.concat([released.ablation_agreement(records[n, MODE_A], records[n, MODE_B],
+                                                   last_layer=contexts[n].model.layout.n_layers - 1).assign(model=n)
+                       for n in models], ignore_index=True)
+
+# %% tags=["hide-input"]
+view = agreement.rename(columns={"max_diff": "max |Δ_tok − Δ_seq|", "median_diff": "median |Δ_tok − Δ_seq|",
+                                 "floor": "rounding floor", "median_abs_a": f"median |Δ| {MODE_A}",
+                                 "median_abs_b": f"median |Δ| {MODE_B}", "rho": "Spearman ρ", "last": "last decoder layer"})
+display(view[["model", *view.columns[:-1]]].style.format({c: "{:.2e}" for c in view.columns if "|" in c or c == "rounding floor"}
+                                                       | {"Spearman ρ": "{:+.3f}"}).hide(axis="index")
         .set_caption("Token-local vs sequence-wide ablation of the same expert at the same position (Δ in nats)"))
 
 # %%
-fig, axes = plt.subplots(1, len(models), figsize=(4.3 * len(models), 3.7), sharey=True, squeeze=False)
-pal = sns.color_palette("colorblind")
-tiny = 1e-12  # exact zeros are drawn at this height on the log axis
-for ax, name in zip(axes[0], models):
-    g = agreement[agreement.model == name]
-    x = np.arange(len(g))
-    ax.plot(x, g["max |Δ_tok − Δ_seq|"].clip(lower=tiny), marker="o", color=pal[0], label="max |Δ_tok − Δ_seq|")
-    ax.plot(x, g["median |Δ_tok − Δ_seq|"].clip(lower=tiny), marker="s", color=pal[2], label="median |Δ_tok − Δ_seq|")
-    ax.plot(x, g[f"median |Δ| {MODE_A}"].clip(lower=tiny), marker="^", linestyle="--", color="0.45",
-            label="median |Δ| (token-local), for scale")
-    ax.axhline(max(g["rounding floor"].iloc[0], tiny), color=pal[3], linestyle=":", label="rounding floor")
-    for xi, v in zip(x, g["median |Δ_tok − Δ_seq|"]):
-        if v == 0:
-            ax.annotate("exactly 0", (xi, tiny), textcoords="offset points", xytext=(-4, 7), ha="right", fontsize=8, color=pal[2])
-    ax.set_yscale("log")
-    ax.set_xticks(x, [f"L{L}" + ("\n(last)" if last else "") for L, last in zip(g.layer, g["last decoder layer"])])
-    ax.set_xlabel("audited MoE layer")
-    ax.set_title(name)
-axes[0][0].set_ylabel("loss change (nats, log scale;\nexact zeros drawn at 1e-12)")
-axes[0][-1].legend(fontsize=7.5, loc="lower left")
-fig.suptitle("Token-local and sequence-wide ablations coincide only at the last layer")
-fig.tight_layout()
-
-# %%
-last_rows = agreement[agreement["last decoder layer"]]
-other_rows = agreement[~agreement["last decoder layer"]]
-lines = []
+last_rows, other_rows = agreement[agreement["last"]], agreement[~agreement["last"]]
+parts = []
 if len(last_rows):
-    worst_last = last_rows.loc[last_rows["max |Δ_tok − Δ_seq|"].idxmax()]
-    last_ratio = (last_rows["max |Δ_tok − Δ_seq|"] / last_rows["rounding floor"].clip(lower=1e-12)).max()
-    lines.append(f"At the last decoder layer the largest difference over all records of all models is "
-                 f"{worst_last['max |Δ_tok − Δ_seq|']:.1e} nats, at most {last_ratio:.1f} times the rounding floor of the "
-                 f"same model (a Δ is the difference of two losses, each carrying rounding of that size), and the median "
-                 f"difference is {fmt_list(last_rows['median |Δ_tok − Δ_seq|'], '{:.1e}')} nats: the two definitions agree "
-                 f"up to float rounding, as the picture says they must.")
+    ratio_last = (last_rows.max_diff / last_rows.floor.clip(lower=1e-12)).max()
+    parts.append(f"At the last decoder layer the largest difference over all records is {last_rows.max_diff.max():.1e} nats, "
+                 f"at most {ratio_last:.1f} times the rounding floor of the same model (a Δ is the difference of two losses, "
+                 f"each carrying rounding of that size): the two definitions agree up to float rounding"
+                 + (", as the picture says they must." if ratio_last <= 4 else
+                    ", though by more than a few rounding floors, which the picture does not predict."))
 else:
-    lines.append("No audited layer is the last decoder layer, so no layer is expected to agree.")
+    parts.append("No audited layer is the last decoder layer, so no layer is expected to agree.")
 if len(other_rows):
-    ratio = (other_rows["max |Δ_tok − Δ_seq|"] / other_rows["rounding floor"].clip(lower=1e-12))
-    size_ratio = other_rows[f"median |Δ| {MODE_B}"] / other_rows[f"median |Δ| {MODE_A}"]
-    lines.append(f"At every other audited layer the largest difference is between "
-                 f"{other_rows['max |Δ_tok − Δ_seq|'].min():.2g} and {other_rows['max |Δ_tok − Δ_seq|'].max():.2g} nats "
-                 f"(at least {ratio.min():,.0f} times the rounding floor), the median difference between "
-                 f"{other_rows['median |Δ_tok − Δ_seq|'].min():.2g} and {other_rows['median |Δ_tok − Δ_seq|'].max():.2g} nats, "
-                 f"and the Spearman correlation between the two measurements of the same ablation between "
-                 f"{other_rows['Spearman ρ'].min():+.3f} and {other_rows['Spearman ρ'].max():+.3f}. Per layer, the median |Δ| "
-                 f"of the {MODE_B}-mode ablation is {size_ratio.min():.2f}–{size_ratio.max():.2f} times that of the {MODE_A}-mode "
-                 f"one (largest at layer {int(other_rows.loc[size_ratio.idxmax(), 'layer'])} of {other_rows.loc[size_ratio.idxmax(), 'model']}).")
-display(Markdown(" ".join(lines)))
+    size = other_rows.median_abs_b / other_rows.median_abs_a
+    parts.append(f"At the other audited layers the largest difference is {span(other_rows.max_diff)} nats (at least "
+                 f"{(other_rows.max_diff / other_rows.floor.clip(lower=1e-12)).min():,.0f} times the rounding floor), the "
+                 f"median difference {span(other_rows.median_diff)} nats, and the Spearman correlation between the two "
+                 f"measurements of the same ablation {span(other_rows.rho, '{:+.3f}')}. Per layer, the median |Δ| of the "
+                 f"{MODE_B}-mode ablation is {span(size, '{:.2f}')} times that of the {MODE_A}-mode one.")
+display(Markdown(" ".join(parts)))
 
 # %% [markdown]
 # ### Cell by cell: effect sizes, their difference, and the verdicts
-# Every cell of the audit (four metrics × layers) and of the routing-weight control (one per
-# layer) is computed from each mode's records. Because the positions and the pairs of experts
-# are the same, the two $d_z$ of a cell are paired: the confidence interval of their difference
-# comes from a paired bootstrap over positions (positions resampled with both of their $D$
-# values; bias-corrected and accelerated, `scipy.stats.bootstrap`). A verdict *flips* when a
-# cell is significant in one mode and not in the other.
+# Every cell of the audit (the four metrics at each audited layer) and of the routing-weight
+# control (one per layer) is computed from each mode's records. Because the positions and the
+# pairs of experts are the same, the two $d_z$ of a cell are paired: the confidence interval of
+# their difference comes from a paired bootstrap over positions (bias-corrected and accelerated
+# {cite}`efron1987better`). A verdict *flips* when a cell is significant in one mode and not in
+# the other.
+#
+# How to read the tables: one row per cell (ranking, layer); the two $d_z$ columns carry ★ where
+# the cell passes the dual rule and • where its uncorrected $p_t$ is below `alpha`; the
+# *difference* column gives $d_z$ of the first variant minus $d_z$ of the second, with its interval
+# and ◆ where the interval excludes zero; the last column names the rules under which the verdict
+# changes. The same layout is used again for the metric definitions and for the precision.
 
 # %%
-def dz_vec(a, axis=-1):
-    return np.mean(a, axis=axis) / np.std(a, axis=axis, ddof=1)
-
-
-def dz_difference_ci(d1, d2, *, rng_seed):
-    """95% paired-bootstrap CI of d_z(d1) - d_z(d2) (positions resampled together)."""
-    d1, d2 = np.asarray(d1, float), np.asarray(d2, float)
-    if np.array_equal(d1, d2):
-        return 0.0, 0.0
-    kw = dict(paired=True, vectorized=True, n_resamples=n_boot, confidence_level=0.95)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", sps.DegenerateDataWarning)
-        try:
-            res = sps.bootstrap((d1, d2), lambda a, b, axis: dz_vec(a, axis) - dz_vec(b, axis), method="BCa",
-                                rng=np.random.default_rng(rng_seed), **kw)
-        except sps.DegenerateDataWarning:
-            res = sps.bootstrap((d1, d2), lambda a, b, axis: dz_vec(a, axis) - dz_vec(b, axis), method="percentile",
-                                rng=np.random.default_rng(rng_seed), **kw)
-    return float(res.confidence_interval.low), float(res.confidence_interval.high)
-
-
-def cells_for(rec, metrics_table, *, variant):
-    c = paired_cells(rec, metrics_table, rankings=RANKINGS)
-    c["set"] = np.where(c.ranking == ROUTING_WEIGHT, "control", "metrics")
-    c["variant"] = variant
-    return c
+def cells_for(rec, metrics_table, *, variant, rankings=RANKINGS):
+    c = paired_cells(rec, metrics_table, rankings=rankings)
+    return c.assign(set=np.where(c.ranking == ROUTING_WEIGHT, "control", "metrics"), variant=variant)
 
 
 def table_for(cells):
@@ -317,74 +307,34 @@ def table_for(cells):
                              low_col="delta_loss_low", family=("model", "variant", "set"), alpha=alpha)
 
 
-def compare_variants(cells, table, va, vb):
-    """One row per cell: d_z under variants va and vb, bootstrap CI of the difference, verdicts."""
-    key = ["model", "set", "ranking", "layer"]
-    ta, tb = (table[table.variant == v].set_index(key) for v in (va, vb))
-    groups = {v: dict(list(cells[cells.variant == v].groupby(["model", "ranking", "layer"], sort=False)))
-              for v in (va, vb)}
-    rows = []
-    for i, (k, ra) in enumerate(ta.iterrows()):
-        if k not in tb.index:
-            continue
-        rb = tb.loc[k]
-        ca, cb = groups[va][k[0], k[2], k[3]], groups[vb][k[0], k[2], k[3]]
-        both = ca[["seq_id", "t", "diff"]].merge(cb[["seq_id", "t", "diff"]], on=["seq_id", "t"], suffixes=("_a", "_b"))
-        lo, hi = dz_difference_ci(both.diff_a, both.diff_b, rng_seed=seed + i)
-        rows.append({**dict(zip(key, k)), "n": len(both), "dz_a": ra.cohens_dz, "dz_b": rb.cohens_dz,
-                     "ddz": dz_vec(both.diff_a.to_numpy()) - dz_vec(both.diff_b.to_numpy()), "ddz_lo": lo, "ddz_hi": hi,
-                     "dual_a": bool(ra.sig_dual_bonf), "dual_b": bool(rb.sig_dual_bonf),
-                     "p05_a": bool(ra.p_t < alpha), "p05_b": bool(rb.p_t < alpha),
-                     "p_t_a": ra.p_t, "p_t_b": rb.p_t})
-    out = pd.DataFrame(rows)
-    out["flip_dual"] = out.dual_a != out.dual_b
-    out["flip_p05"] = out.p05_a != out.p05_b
-    return out
-
-
-def styled_comparison(cmp, name, la, lb, caption):
-    t = cmp[cmp.model == name].copy()
-
-    def mark(dz, dual, p05):
-        return f"{dz:+.3f}{' ★' if dual else ''}{' •' if p05 else ''}"
-
-    view = pd.DataFrame({
-        "ranking": [LABEL[r] for r in t.ranking], "layer": [f"L{L}" for L in t.layer],
-        f"d_z {la}": [mark(*r) for r in zip(t.dz_a, t.dual_a, t.p05_a)],
-        f"d_z {lb}": [mark(*r) for r in zip(t.dz_b, t.dual_b, t.p05_b)],
-        "difference [95% CI]": [f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, lo, hi in zip(t.ddz, t.ddz_lo, t.ddz_hi)],
-        "verdict flips": [", ".join(s for s, f in (("dual rule", fd), ("uncorrected p_t", fp)) if f) or "–"
-                          for fd, fp in zip(t.flip_dual, t.flip_p05)],
-    })
-    excl = ~((t.ddz_lo <= 0) & (t.ddz_hi >= 0)).to_numpy()
-    flip = (t.flip_dual | t.flip_p05).to_numpy()
-
-    def css(df):
-        out = pd.DataFrame("", index=df.index, columns=df.columns)
-        out.loc[excl, "difference [95% CI]"] = "font-weight: bold"
-        out.loc[flip, "verdict flips"] = "background-color: #fde0c5"
-        return out
-
-    return (view.style.apply(css, axis=None).hide(axis="index").set_caption(caption)
-            .set_properties(**{"text-align": "center", "font-size": "0.88em"}))
-
-
-cells_mode = pd.concat([cells_for(records[name, m], contexts[name].metrics, variant=m) for name in models for m in modes],
+cells_mode = pd.concat([cells_for(records[n, m], contexts[n].metrics, variant=m) for n in models for m in modes],
                        ignore_index=True)
 table_mode = table_for(cells_mode)
-cmp_mode = compare_variants(cells_mode, table_mode, MODE_A, MODE_B)
-for name in models:
-    display(Markdown(f"#### {name}"))
-    display(styled_comparison(cmp_mode, name, MODE_A, MODE_B,
-                              f"{name}: Cohen's d_z per cell, {MODE_A}-mode vs {MODE_B}-mode ablation; n = {n_positions} positions"))
-display(Markdown(
-    "★: significant under the dual rule (Bonferroni within the model's family of cells, t-test and Wilcoxon agreeing). "
-    "•: uncorrected p_t < 0.05. *difference*: d_z(first mode) − d_z(second mode) with its paired-bootstrap 95% CI; "
-    "**bold** where the interval excludes zero. Shaded: a verdict that changes between the modes."))
+cmp_mode = released.compare_audit_variants(cells_mode, table_mode, MODE_A, MODE_B, alpha=alpha, n_boot=n_boot, seed=seed)
 
-# %%
+# %% tags=["hide-input"]
+def show_comparison(cmp, la, lb, what):
+    for name in models:
+        t = cmp[cmp.model == name]
+        mark = lambda dz, dual, p05: f"{dz:+.3f}{' ★' if dual else ''}{' •' if p05 else ''}"  # noqa: E731
+        view = pd.DataFrame({
+            "ranking": [LABEL[r] for r in t.ranking], "layer": [f"L{L}" for L in t.layer],
+            f"d_z {la}": [mark(*r) for r in zip(t.dz_a, t.dual_a, t.p05_a)],
+            f"d_z {lb}": [mark(*r) for r in zip(t.dz_b, t.dual_b, t.p05_b)],
+            "difference [95% CI]": [f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]{' ◆' if x else ''}"
+                                    for d, lo, hi, x in zip(t.ddz, t.ddz_lo, t.ddz_hi, t.ci_excludes_0)],
+            "verdict flips": [", ".join(s for s, f in (("dual rule", fd), ("uncorrected p_t", fp)) if f) or "–"
+                              for fd, fp in zip(t.flip_dual, t.flip_p05)]})
+        display(view.style.hide(axis="index").set_properties(**{"font-size": "0.88em"})
+                .set_caption(f"{name}: Cohen's d_z per cell, {what}; n = {n_positions} positions"))
+    display(Markdown(f"★: significant under the dual rule. •: uncorrected p_t < {alpha:g}. *difference*: d_z({la}) − "
+                     f"d_z({lb}) with its paired-bootstrap 95% CI; ◆ where it excludes zero."))
+
+
+show_comparison(cmp_mode, MODE_A, MODE_B, f"{MODE_A}-mode vs {MODE_B}-mode ablation")
+
+# %% tags=["hide-input"]
 fig, ax = plt.subplots(figsize=(6.2, 5.2))
-colors = report.model_colors(models)
 markers = dict(zip(RANKINGS, ["o", "s", "D", "^", "*"]))
 for r in cmp_mode.itertuples():
     last = r.layer == contexts[r.model].model.layout.n_layers - 1
@@ -392,232 +342,160 @@ for r in cmp_mode.itertuples():
                edgecolor="black" if last else "none", linewidth=1.0, alpha=0.9)
 lim = float(np.nanmax(np.abs(cmp_mode[["dz_a", "dz_b"]].to_numpy()))) * 1.1 + 0.02
 ax.plot([-lim, lim], [-lim, lim], color="0.4", linewidth=0.8)
-ax.axhline(0, color="0.8", linewidth=0.6)
-ax.axvline(0, color="0.8", linewidth=0.6)
-ax.set_xlim(-lim, lim)
-ax.set_ylim(-lim, lim)
-ax.set_xlabel(f"Cohen's $d_z$, {MODE_A}-mode ablation")
-ax.set_ylabel(f"Cohen's $d_z$, {MODE_B}-mode ablation")
-handles = [Patch(color=colors[m], label=m) for m in models]
-handles += [plt.Line2D([], [], marker=markers[r], color="0.3", linestyle="", label=LABEL[r]) for r in RANKINGS]
-handles += [plt.Line2D([], [], marker="o", markerfacecolor="white", markeredgecolor="black", linestyle="",
-                       label="last decoder layer")]
-ax.legend(handles=handles, fontsize=7.5, loc="upper left")
-ax.set_title("Same cells, two intervention definitions")
+ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xlabel=f"Cohen's $d_z$, {MODE_A}-mode ablation",
+       ylabel=f"Cohen's $d_z$, {MODE_B}-mode ablation", title="Same cells, two intervention definitions")
+ax.legend(handles=[Patch(color=colors[m], label=m) for m in models]
+          + [plt.Line2D([], [], marker=markers[r], color="0.3", linestyle="", label=LABEL[r]) for r in RANKINGS]
+          + [plt.Line2D([], [], marker="o", mfc="white", mec="black", linestyle="", label="last decoder layer")],
+          fontsize=7.5, loc="upper left")
 fig.tight_layout()
 
 # %%
-def flip_summary(cmp, la, lb):
-    parts = []
-    for name in models:
-        t = cmp[cmp.model == name]
-        fl = t[t.flip_dual | t.flip_p05]
-        excl = t[~((t.ddz_lo <= 0) & (t.ddz_hi >= 0))]
-        s = (f"**{name}**: |d_z({la}) − d_z({lb})| up to {t.ddz.abs().max():.3f} (median {t.ddz.abs().median():.3f}) over "
-             f"{len(t)} cells; {len(excl)} difference interval(s) exclude zero. ")
-        if len(fl):
-            s += "Verdicts that change: " + "; ".join(
-                f"{LABEL[r.ranking]} L{r.layer} ({'dual rule' if r.flip_dual else ''}{' and ' if r.flip_dual and r.flip_p05 else ''}"
-                f"{'p_t < .05' if r.flip_p05 else ''}: p_t = {r.p_t_a:.3g} vs {r.p_t_b:.3g})" for r in fl.itertuples()) + "."
-        else:
-            s += "No verdict changes, under either rule."
-        parts.append(s)
-    return "\n\n".join(parts)
+def flip_text(cmp, la, lb) -> str:
+    """Per model: the size of the d_z differences and the verdicts that change (from compare_audit_variants)."""
+    out = []
+    for s in released.variant_flip_summary(cmp).itertuples():
+        fl = cmp[(cmp.model == s.model) & (cmp.flip_dual | cmp.flip_p05)]
+        changes = "; ".join(f"{LABEL[r.ranking]} L{r.layer} ({'dual rule' if r.flip_dual else 'uncorrected p_t'}: "
+                            f"p_t = {r.p_t_a:.3g} vs {r.p_t_b:.3g})" for r in fl.itertuples())
+        out.append(f"**{s.model}**: |d_z({la}) − d_z({lb})| up to {s.max_abs_ddz:.3f} (median {s.median_abs_ddz:.3f}) over "
+                   f"{s.cells} cells; {s.ci_excluding_0} difference interval(s) exclude zero. "
+                   + (f"Verdicts that change: {changes}." if len(fl) else "No verdict changes, under either rule."))
+    return "\n\n".join(out)
 
 
-display(Markdown(flip_summary(cmp_mode, MODE_A, MODE_B)))
+display(Markdown(flip_text(cmp_mode, MODE_A, MODE_B)))
 
 # %% [markdown]
 # ## 3. The paper's metric definitions and the released ones
 #
 # The released scripts compute the four metrics differently for each model (see the
-# re-analysis chapter). Here each departure is re-implemented on the book's models, following
-# the script written for the real model the book's model stands in for, and applied to the
-# same clean texts:
+# re-analysis chapter). Each departure is re-implemented in `moeaudit.released`, following the
+# script written for the real model the book's model stands in for, and applied to the same clean
+# texts:
 #
 # | recipe | utilization rate | mean routing weight when active | activation norm | activation std |
 # | --- | --- | --- | --- | --- |
 # | paper (Section 2) | share of real tokens selecting $i$ | mean softmax probability $g_i$ over those tokens | mean $\lVert E_i(x)\rVert$ over those tokens | std of $\lVert E_i(x)\rVert$ over those tokens |
-# | OLMoE script | mean router **logit** of $i$ over all positions, **padding included** | mean router **logit** over padded positions selecting $i$ ¹ | as paper, padding included | as paper, padding included |
+# | OLMoE script | mean router **logit** of $i$ over all positions, **padding included** | mean router **logit** over the positions where $\text{logit}_i \ge \tau$, **padding included** (below) | as paper, padding included | as paper, padding included |
 # | DeepSeek script | share of positions selecting $i$, **padding included** | as paper | as paper | as paper |
-# | Qwen script | count / ($k$ · real tokens) | as paper | as paper, **first 30 texts only** | std of the **first 32 coordinates** of every output $E_i(x)$, pooled |
+# | Qwen script | count / ($k$ · real tokens) | as paper | as paper, **first {glue:text}`qwen_texts` texts only** | std of the **first {glue:text}`qwen_coords` coordinates** of every output $E_i(x)$, pooled |
 #
-# ¹ The released OLMoE script averages logits over a mask that is built incorrectly; the mean
-# over the positions that select the expert is the closest well-defined reading, so the
-# distance measured here is, if anything, a lower bound for that metric.
+# **The released "mean routing weight when active".** For every expert the OLMoE script loops
+# over all recorded positions $y$ (padding included), takes the $k$-th largest router logit of
+# $y$, and ORs "$\text{logit}_i(x) \ge$ that value" into the mask of every position $x$. The
+# union over $y$ is one condition: position $x$ is admitted for expert $i$ iff
+# $\text{logit}_i(x) \ge \tau = \min_y c_k(y)$, where $c_k(y)$ is the $k$-th largest logit of $y$:
+# one threshold per layer, the same for every expert. The metric is the mean logit over that mask
+# (`released.released_mean_routing_weight_when_active`). Because $\tau$ is the loosest top-$k$
+# cut-off of any position, the mask admits every position's own top-$k$ experts and, besides them,
+# every (position, expert) pair whose logit clears that loosest cut-off. Without the real checkpoints the released numeric values cannot be recomputed
+# here; what follows is the recipe applied to the book's models.
 #
 # To include padding the texts are run right-padded to the longest text, as one batch would be,
 # and the router logits, the routing decisions and the raw expert outputs are recorded at every
-# position. The same pass also recomputes the paper's definitions on the real positions, which
-# checks the code path against the clean pass of the audit.
+# position (`released.padded_router_pass`).
 
 # %%
-FAMILY_RECIPE = {"olmoe": "OLMoE script", "mixtral": "OLMoE script", "deepseek_v2": "DeepSeek script",
-                 "qwen2_moe": "Qwen script", "qwen3_moe": "Qwen script"}
-RECIPES = ["OLMoE script", "DeepSeek script", "Qwen script"]
-N_COORDS, N_TEXTS_NORM = 32, 30  # the Qwen script's choices
-
-
-@torch.no_grad()
-def padded_pass(ctx, layers_, *, texts_per_batch=8):
-    """Router logits, routing decisions, expert output norms and first coordinates at every position
-    of the corpus right-padded to its longest text (padding included)."""
-    model, corpus = ctx.model, ctx.corpus
-    width = int(corpus.lengths.max())
-    out = {L: {k: [] for k in ("logits", "idx", "prob", "norm", "coords")} for L in layers_}
-    real_all, seq_all = [], []
-    for start in range(0, len(corpus), texts_per_batch):
-        chunk = list(range(start, min(start + texts_per_batch, len(corpus))))
-        ids, mask = corpus.padded(chunk, pad_id=model.pad_id, length=width)
-        saved = {}
-        with model.nn.trace(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), remote=model.remote):
-            for L in layers_:
-                mlp = model.layers()[L].mlp
-                x = mlp.input.save()  # nnsight needs the accesses in execution order: input, then router
-                r_logits, _, r_idx = mlp.gate.output
-                saved[L] = (x, r_logits.save(), r_idx.save())
-        real_all.append(mask.reshape(-1).bool().numpy())
-        seq_all.append(np.repeat(np.array(chunk), width))
-        for L in layers_:
-            x, lg, idx = saved[L]
-            x = x.reshape(-1, x.shape[-1])
-            idx = idx.reshape(x.shape[0], -1)
-            lg = lg.reshape(x.shape[0], -1).float()
-            y = expert_outputs(model.hf.model.layers[L].mlp.experts, x, idx.to(x.device)).float()
-            out[L]["logits"].append(lg.cpu().numpy().astype(np.float64))
-            out[L]["idx"].append(idx.cpu().numpy().astype(np.int64))
-            out[L]["prob"].append(torch.softmax(lg, -1).gather(1, idx.to(lg.device)).cpu().numpy().astype(np.float64))
-            out[L]["norm"].append(torch.linalg.vector_norm(y, dim=-1).cpu().numpy().astype(np.float64))
-            out[L]["coords"].append(y[..., :N_COORDS].cpu().numpy().astype(np.float32))
-    arrays = {L: {k: np.concatenate(v) for k, v in d.items()} for L, d in out.items()}
-    return arrays, np.concatenate(real_all), np.concatenate(seq_all)
-
-
-def per_expert(idx, values, rows, num_experts, how):
-    """Aggregate ``values`` (N, k) over the (row, slot) pairs that select each expert, rows restricted."""
-    e = idx[rows].reshape(-1)
-    v = values[rows].reshape(-1) if values.ndim == 2 else values[rows].reshape(-1, values.shape[-1])
-    out = np.full(num_experts, np.nan)
-    for j in np.unique(e):
-        sel = v[e == j]
-        if how == "mean":
-            out[j] = sel.mean()
-        elif how == "std":
-            out[j] = sel.std(ddof=1) if sel.size > 1 else np.nan
-        elif how == "pooled_std":
-            out[j] = sel.reshape(-1).std(ddof=1) if sel.size > 1 else np.nan
-    return out
-
-
-def metric_tables(ctx, arrays, real, seq_ids):
-    E, k = ctx.model.layout.num_experts, ctx.model.layout.top_k
-    everything = np.ones_like(real)
-    tables = {}
-    for recipe in ["paper (re-computed)", *RECIPES]:
-        frames = []
-        for L, a in arrays.items():
-            idx = a["idx"]
-            paper = {
-                "utilization_rate": np.bincount(idx[real].reshape(-1), minlength=E) / real.sum(),
-                "mean_routing_weight": per_expert(idx, a["prob"], real, E, "mean"),
-                "activation_norm": per_expert(idx, a["norm"], real, E, "mean"),
-                "activation_std": per_expert(idx, a["norm"], real, E, "std"),
-            }
-            m = dict(paper)
-            if recipe == "OLMoE script":
-                lg_sel = np.take_along_axis(a["logits"], idx, axis=1)
-                m["utilization_rate"] = a["logits"].mean(axis=0)
-                m["mean_routing_weight"] = per_expert(idx, lg_sel, everything, E, "mean")
-                m["activation_norm"] = per_expert(idx, a["norm"], everything, E, "mean")
-                m["activation_std"] = per_expert(idx, a["norm"], everything, E, "std")
-            elif recipe == "DeepSeek script":
-                m["utilization_rate"] = np.bincount(idx.reshape(-1), minlength=E) / len(idx)
-            elif recipe == "Qwen script":
-                m["utilization_rate"] = np.bincount(idx[real].reshape(-1), minlength=E) / (k * real.sum())
-                m["activation_norm"] = per_expert(idx, a["norm"], real & (seq_ids < N_TEXTS_NORM), E, "mean")
-                m["activation_std"] = per_expert(idx, a["coords"], real, E, "pooled_std")
-            df = pd.DataFrame({"layer": L, "expert": np.arange(E), **m})
-            frames.append(df)
-        tables[recipe] = pd.concat(frames, ignore_index=True)
-    return tables
-
-
-metric_defs, pad_share, recheck = {}, {}, {}
+glue_all(qwen_texts=released.QWEN_NORM_TEXTS, qwen_coords=released.QWEN_STD_COORDS)
+metric_defs, pad_share, recheck, mask_rows, sub_rows = {}, {}, {}, [], []
 for name in models:
     ctx = contexts[name]
-    arrays, real, seq_ids = padded_pass(ctx, audited_layers[name])
-    metric_defs[name] = metric_tables(ctx, arrays, real, seq_ids)
-    pad_share[name] = 1 - real.mean()
-    a = metric_defs[name]["paper (re-computed)"].set_index(["layer", "expert"])[list(METRICS)]
+    padded = released.padded_router_pass(ctx.model, ctx.corpus, layers=audited_layers[name])
+    metric_defs[name] = released.recipe_metric_tables(padded)
+    pad_share[name] = padded.padding_share
+    a = metric_defs[name][released.PAPER_RECIPE].set_index(["layer", "expert"])[list(METRICS)]
     b = ctx.metrics.set_index(["layer", "expert"]).loc[a.index, list(METRICS)]
     recheck[name] = float(np.nanmax(np.abs(a.to_numpy() - b.to_numpy()) / np.maximum(np.abs(b.to_numpy()), 1e-12)))
-    del arrays
-display(Markdown(
-    "Share of padding positions in the padded batch: " + "; ".join(f"{n}: {pad_share[n]:.1%}" for n in models)
-    + " (the authors' OLMoE run: about 62%). The paper's definitions recomputed from the real positions of this padded "
-    "pass agree with the metrics of the audit's clean pass "
-    + ("exactly, for every model" if max(recheck.values()) == 0 else
-       "to a largest relative deviation of " + "; ".join(f"{n}: {recheck[n]:.1e}" for n in models))
-    + ": padding does not leak into real positions (causal attention, masked keys), so the recipes below differ from "
-    "the paper's definitions only by what they compute, not by the pass they compute it from."))
+    for L, arr in padded.layers.items():
+        admitted = released.released_active_mask(arr["logits"], top_k=padded.top_k).mean(axis=0)
+        sel_logit = released.per_expert_aggregate(arr["idx"], np.take_along_axis(arr["logits"], arr["idx"], axis=1),
+                                                  np.ones_like(padded.real), num_experts=padded.num_experts, how="mean")
+        paper_L = metric_defs[name][released.PAPER_RECIPE].query("layer == @L").mean_routing_weight
+        rel_L = metric_defs[name]["OLMoE script"].query("layer == @L").mean_routing_weight
+        sub_rows.append({"model": name, "layer": L, "rho": stats.spearman_defined(paper_L, sel_logit)[0],
+                         "rho_released": stats.spearman_defined(rel_L, sel_logit)[0]})
+        mask_rows.append({"model": name, "layer": L, "threshold": released.released_active_threshold(arr["logits"], top_k=padded.top_k),
+                          "selected_share": padded.top_k / padded.num_experts, "admitted_median": float(np.median(admitted)),
+                          "admitted_min": float(admitted.min()), "admitted_max": float(admitted.max())})
+    del padded
+masks, substitute = pd.DataFrame(mask_rows), pd.DataFrame(sub_rows)
+glue_all(pad_share=Markdown(per_model(pad_share, "{:.1%}")), admitted_span=span(masks.admitted_median, "{:.0%}"),
+         selected_span=span(masks.selected_share, "{:.1%}"),
+         recheck=Markdown("exactly, for every model" if max(recheck.values()) == 0 else
+                          "to a largest relative deviation of " + per_model(recheck, "{:.1e}")))
+display(masks.style.format({"threshold": "{:+.3f}", "selected_share": "{:.1%}", "admitted_median": "{:.1%}",
+                            "admitted_min": "{:.1%}", "admitted_max": "{:.1%}"}).hide(axis="index")
+        .set_caption("The released OLMoE mask: the threshold τ (a router logit) and the share of all padded positions it "
+                     "admits per expert (median, min, max over experts), against the share k/E the router selects"))
 
 # %% [markdown]
+# How to read the table: $\tau$ is set by a single position, the one whose $k$-th largest logit is
+# the lowest of the whole padded corpus. Every expert is then judged against that one low bar at
+# every position, so an expert whose logits run high is "active" at many positions, and one whose
+# logits run low is admitted at few positions beyond those that select it. The spread between the
+# minimum and the maximum column is that difference between experts; the metric then averages
+# each expert's logits over its own admitted positions.
+#
+# Share of padding positions in the padded batch: {glue:md}`pad_share`. The paper's definitions
+# recomputed from the real positions of this padded pass agree with the metrics of the audit's
+# clean pass {glue:md}`recheck`, so padding does not leak into real positions (causal attention,
+# masked keys) and the recipes differ from the paper's definitions only by what they compute. The
+# median over experts of the share of positions the released mask admits is
+# {glue:text}`admitted_span` (range over layers and models), where the router selects
+# {glue:text}`selected_span`.
+#
 # ### How far apart are the definitions? Spearman correlation across experts
 # For each audited layer, the vector of one metric over all routed experts under the paper's
 # definition is rank-correlated with the same vector under each released recipe. A value of
-# +1 means the recipe orders the experts exactly as the paper's definition does — which is all
+# $+1$ means the recipe orders the experts exactly as the paper's definition does, which is all
 # the audit uses, since it only ranks the active experts at a token. Experts never selected
-# (undefined metric) are left out. Each model's own recipe is the one its real counterpart was
-# audited with; the other two show how sensitive the ranking is to each departure.
+# (undefined metric) are left out. Each model's own recipe (▶) is the one its real counterpart
+# was audited with; the other two show how sensitive the ranking is to each departure.
 
 # %%
-rho_rows = []
-for name in models:
-    paper = metric_defs[name]["paper (re-computed)"]
-    for recipe in RECIPES:
-        rel = metric_defs[name][recipe]
-        for L in audited_layers[name]:
-            p, r = paper[paper.layer == L], rel[rel.layer == L]
-            for metric in METRICS:
-                ok = p[metric].notna().to_numpy() & r[metric].notna().to_numpy()
-                x, y = p[metric].to_numpy()[ok], r[metric].to_numpy()[ok]
-                rho = np.nan if ok.sum() < 3 or np.ptp(x) == 0 or np.ptp(y) == 0 else sps.spearmanr(x, y).statistic
-                rho_rows.append({"model": name, "recipe": recipe, "own": FAMILY_RECIPE.get(contexts[name].model.layout.family) == recipe,
-                                 "layer": L, "metric": metric, "rho": rho, "experts": int(ok.sum())})
-rho_defs = pd.DataFrame(rho_rows)
+rho_defs = pd.concat([released.recipe_rank_agreement(metric_defs[n]).assign(
+    model=n, own=lambda d, n=n: d.recipe == released.RECIPE_OF_FAMILY.get(contexts[n].model.layout.family))
+    for n in models], ignore_index=True)
+own_rho = rho_defs[rho_defs.own]
 
+# %% tags=["hide-input"]
 fig, axes = plt.subplots(len(models), 1, figsize=(7.5, 4.3 * len(models)), squeeze=False)
 for ax, name in zip(axes[:, 0], models):
     g = rho_defs[rho_defs.model == name]
     mat = g.pivot_table(index=["recipe", "metric"], columns="layer", values="rho", sort=False, dropna=False)
-    own = FAMILY_RECIPE.get(contexts[name].model.layout.family)
+    own = released.RECIPE_OF_FAMILY.get(contexts[name].model.layout.family)
     mat.index = [f"{'▶ ' if rcp == own else ''}{rcp}: {METRIC_LABELS[m]}" for rcp, m in mat.index]
     mat.columns = [f"L{L}" for L in mat.columns]
     sns.heatmap(mat, ax=ax, vmin=-1, vmax=1, cmap="vlag", annot=True, fmt=".2f", annot_kws={"fontsize": 7.5},
                 cbar_kws={"label": "Spearman ρ, paper vs recipe"})
-    ax.set_xlabel("audited MoE layer")
-    ax.set_ylabel("")
-    ax.set_title(f"{name} (▶: its own recipe)")
+    ax.set(xlabel="audited MoE layer", ylabel="", title=f"{name} (▶: its own recipe)")
 fig.suptitle("Rank agreement between the paper's and the released metric definitions")
 fig.tight_layout()
 
 # %%
-own_rho = rho_defs[rho_defs.own]
-changed = own_rho[own_rho.rho < 0.999]
-parts = []
-for name in models:
-    g = own_rho[own_rho.model == name]
-    if not len(g):
-        parts.append(f"**{name}**: no released recipe corresponds to its family.")
-        continue
-    by_metric = g.groupby("metric", sort=False).rho.agg(["min", "max"])
-    parts.append(f"**{name}** ({g.recipe.iloc[0]}): " + "; ".join(
-        f"{METRIC_LABELS[m]} ρ ∈ [{r['min']:+.2f}, {r['max']:+.2f}]" for m, r in by_metric.iterrows()) + ".")
-display(Markdown("Per model, the range over layers of ρ between the paper's definition and the model's own released "
-                 "recipe: " + " ".join(parts) + f" Of the {len(own_rho)} metric-layer vectors, {len(changed)} are ordered "
-                 "differently from the paper's definition (ρ < 0.999)."))
+mrw = rho_defs[(rho_defs.recipe == "OLMoE script") & (rho_defs.metric == "mean_routing_weight")]
+RHO_SAME = 0.999  # a rank correlation at least this high counts as "the same order"
+glue_all(mrw_rho=span(mrw.rho, "{:+.2f}"), n_vectors=len(own_rho), rho_same=RHO_SAME,
+         n_reordered=int((own_rho.rho < RHO_SAME).sum()))
+display(Markdown("Per model, the range over layers of ρ between the paper's definition and the model's own recipe: " + " ".join(
+    f"**{n}** ({g.recipe.iloc[0]}): " + "; ".join(f"{METRIC_LABELS[m]} ρ {span(r.rho, '{:+.2f}')}"
+                                                   for m, r in g.groupby("metric", sort=False)) + "."
+    for n, g in own_rho.groupby("model", sort=False))))
 
 # %% [markdown]
+# A row of $+1$ in the heatmap means the recipe's departure is an order-preserving change of the
+# paper's definition. The Qwen utilization, for example, is the paper's share divided by the
+# constant $k$, so it cannot change which active expert ranks highest at a token, and the audit
+# cannot see it. Rows below $+1$ change the ranking, and with it the pairs of experts compared.
+#
+# Of the {glue:text}`n_vectors` metric-by-layer vectors of the models' own recipes,
+# {glue:text}`n_reordered` order the experts differently from the paper's definition ($\rho$
+# below {glue:text}`rho_same`). The released "mean routing weight when active", applied to every model, correlates
+# with the paper's mean routing probability at $\rho$ = {glue:text}`mrw_rho` across layers and
+# models: a mean logit over a layer-wide mask is a different quantity from a mean probability
+# over the router's selections.
+#
 # ### Do the released definitions change the audit?
 # The records are the same; only the table that ranks the experts changes. Each model is
 # re-audited with its own recipe, in the token-local mode (the definition question alone) and in
@@ -626,308 +504,251 @@ display(Markdown("Per model, the range over layers of ρ between the paper's def
 # the four metric rows can change.
 
 # %%
-def_cells = []
-for name in models:
-    own = FAMILY_RECIPE.get(contexts[name].model.layout.family, "OLMoE script")
-    rel = metric_defs[name][own]
-    for m in modes:
-        c = paired_cells(records[name, m], rel, rankings=list(METRICS))
-        c["set"], c["variant"] = "metrics", f"released defs, {m}"
-        def_cells.append(c)
-def_cells = pd.concat(def_cells, ignore_index=True)
-cells_def = pd.concat([cells_mode[cells_mode.set == "metrics"].assign(variant=lambda d: "paper defs, " + d.variant),
-                       def_cells], ignore_index=True)
-# the paper-definition cells were already tested above, in the same families (a model's metric cells per mode)
-table_def = pd.concat([table_mode[table_mode.set == "metrics"].assign(variant=lambda d: "paper defs, " + d.variant),
-                       table_for(def_cells)], ignore_index=True)
-cmp_def = compare_variants(cells_def, table_def, f"paper defs, {MODE_A}", f"released defs, {MODE_A}")
-for name in models:
-    display(Markdown(f"#### {name}"))
-    display(styled_comparison(cmp_def, name, "paper defs", "released defs",
-                              f"{name}: Cohen's d_z per metric cell, paper's vs released metric definitions "
-                              f"({MODE_A}-mode records); n = {n_positions} positions"))
-display(Markdown("Conventions as in the previous tables. Where a recipe does not change a metric's order of the "
-                 "experts, the two columns are identical by construction."))
-display(Markdown(flip_summary(cmp_def, "paper", "released")))
-
-# %%
-variants = [f"paper defs, {MODE_A}", f"paper defs, {MODE_B}", f"released defs, {MODE_A}", f"released defs, {MODE_B}"]
-grid = table_def.groupby(["model", "variant"], sort=False).agg(
-    cells=("p_t", "size"), dual_bonferroni=("sig_dual_bonf", "sum"),
-    uncorrected_p_t=("p_t", lambda p: int((p < alpha).sum())),
-    max_abs_dz=("cohens_dz", lambda d: float(d.abs().max()))).reset_index()
-grid["variant"] = pd.Categorical(grid.variant, variants, ordered=True)
-grid["model"] = pd.Categorical(grid.model, models, ordered=True)
-grid = grid.sort_values(["model", "variant"])
-display(grid.style.format({"max_abs_dz": "{:.3f}"}).hide(axis="index").set_caption(
-    "The four metric rows of the audit under each combination of metric definition and intervention: "
-    "number of cells significant under the dual rule, with uncorrected p_t below 0.05, and the largest |d_z|"))
+def_cells = pd.concat([cells_for(records[n, m], metric_defs[n][released.RECIPE_OF_FAMILY.get(
+    contexts[n].model.layout.family, "OLMoE script")], variant=f"released defs, {m}", rankings=list(METRICS))
+    for n in models for m in modes], ignore_index=True)
+paper_metric = lambda d: d[d.set == "metrics"].assign(variant="paper defs, " + d[d.set == "metrics"].variant)  # noqa: E731
+cells_def = pd.concat([paper_metric(cells_mode), def_cells], ignore_index=True)
+table_def = pd.concat([paper_metric(table_mode), table_for(def_cells)], ignore_index=True)
+cmp_def = released.compare_audit_variants(cells_def, table_def, f"paper defs, {MODE_A}", f"released defs, {MODE_A}",
+                                          alpha=alpha, n_boot=n_boot, seed=seed)
+show_comparison(cmp_def, "paper defs", "released defs", f"paper's vs released metric definitions ({MODE_A}-mode records)")
+display(Markdown(flip_text(cmp_def, "paper", "released")))
 
 # %% [markdown]
 # ## 4. The noise floor of half precision
 #
-# Half-precision formats keep 8 (bfloat16) or 11 (float16) significant bits, so every hidden
-# state carries a relative rounding error of order $2^{-8}$ or $2^{-11}$. A single-expert
-# ablation that changes the loss by less than the rounding noise of the whole forward pass cannot
-# be measured in that precision. Here the same ablations are run with the model in the half
-# precision set by `half_dtype`. Its clean pass differs too (routing decisions can change at
-# near-ties), so records are matched by (position, layer, expert) and only the ablations of an
-# expert that is active in both precisions are compared. Both precisions compute the loss in
-# float32 from their own logits.
+# bfloat16 keeps $8$ significant bits and float16 $11$, so every hidden state carries a relative
+# rounding error of order $2^{-8}$ or $2^{-11}$. A single-expert ablation that changes the loss by
+# less than the rounding noise of the whole forward pass cannot be measured in that precision.
+# Here the same ablations are run with the model in the precision set by `half_dtype`. Its
+# clean pass differs too (routing decisions can change at near-ties), so records are matched by
+# (position, layer, expert) and only the ablations of an expert active in both precisions are
+# compared. Both precisions compute the loss in float32 from their own logits.
 
 # %%
-half_recs, half_ctx_metrics = {}, {}
+half_recs, half_metrics, noise, noise_sum = {}, {}, {}, {}
 for name in models:
     ctx_h = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=half_dtype, device=device,
                     corpus=corpus_source, data_dir=data_dir, results_dir=results_dir)
     half_recs[name] = single_expert_records(ctx_h, layers=audited_layers[name], n_positions=n_positions, seed=seed,
                                             mode="token", batch_size=batch_size)
-    half_ctx_metrics[name] = ctx_h.metrics
+    half_metrics[name] = ctx_h.metrics
+    noise[name], noise_sum[name] = released.precision_noise(records[name, "token"], half_recs[name])
     del ctx_h
     gc.collect()
-
-def top_expert_hurts(rec):
-    """Share of (position, layer) where removing the active expert with the largest router probability raises the loss."""
-    top = rec.sort_values(["seq_id", "t", "layer", "prob"], ascending=[True, True, True, False])
-    top = top.groupby(["seq_id", "t", "layer"], sort=False).head(1)
-    return float((top.delta_loss > 0).mean())
-
-
-noise_rows, noise = [], {}
-key = ["seq_id", "t", "layer", "expert"]
-for name in models:
-    full = records[name, "token"]
-    half = half_recs[name]
-    m = full[key + ["delta_loss", "clean_loss"]].merge(half[key + ["delta_loss", "clean_loss"]], on=key, suffixes=("_full", "_half"))
-    m["model"] = name
-    m["abs_full"] = m.delta_loss_full.abs()
-    m["err"] = (m.delta_loss_half - m.delta_loss_full).abs()
-    noise[name] = m
-    nz = (m.delta_loss_full != 0) & (m.delta_loss_half != 0)
-    p95 = float(m.err.quantile(0.95))
-    noise_rows.append({
-        "model": name, "matched": len(m), "share of fp records matched": len(m) / len(full),
-        "median |clean loss diff|": float((m.clean_loss_half - m.clean_loss_full).abs().median()),
-        "median |Δ_half − Δ_full|": float(m.err.median()), "95th pct |Δ_half − Δ_full|": p95,
-        "median |Δ_full|": float(m.abs_full.median()),
-        "share |Δ_full| below 95th pct noise": float((m.abs_full < p95).mean()),
-        "sign flips": float((np.sign(m.delta_loss_full[nz]) != np.sign(m.delta_loss_half[nz])).mean()),
-        "exact zeros, full": float((m.delta_loss_full == 0).mean()), "exact zeros, half": float((m.delta_loss_half == 0).mean()),
-        "top expert Δ above 0, full": top_expert_hurts(full), "top expert Δ above 0, half": top_expert_hurts(half),
-    })
-noise_tab = pd.DataFrame(noise_rows)
-pct_cols = ["share of fp records matched", "share |Δ_full| below 95th pct noise", "sign flips", "exact zeros, full",
-            "exact zeros, half", "top expert Δ above 0, full", "top expert Δ above 0, half"]
-display(noise_tab.style.format({c: "{:.1%}" for c in pct_cols}
-                               | {c: "{:.2e}" for c in noise_tab.columns if "|" in c and c not in pct_cols})
-        .hide(axis="index")
-        .set_caption(f"Single-expert ablations in {dtype} ('full') and {half_dtype} ('half'), matched by position, layer "
-                     "and expert (loss changes in nats)"))
-
-# %%
-allnoise = pd.concat(noise.values(), ignore_index=True)
-fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-floor_plot = 1e-9
-for name in models:
-    g = allnoise[allnoise.model == name]
-    for col, ls, lab in (("err", "-", f"|Δ_{half_dtype} − Δ_{dtype}|"), ("abs_full", "--", f"|Δ_{dtype}|")):
-        v = np.sort(g[col].clip(lower=floor_plot).to_numpy())
-        axes[0].plot(v, np.arange(1, len(v) + 1) / len(v), linestyle=ls, color=colors[name], label=f"{name}: {lab}")
-axes[0].set_xscale("log")
-axes[0].set_xlabel("nats (log scale)")
-axes[0].set_ylabel("cumulative share of records")
-axes[0].set_title("Precision noise (solid) against effect size (dashed)")
-axes[0].legend(fontsize=7)
-sub = pd.concat([g.sample(min(len(g), 4000), random_state=seed) for _, g in allnoise.groupby("model", sort=False)])
-flip = np.sign(sub.delta_loss_full) != np.sign(sub.delta_loss_half)
-for name in models:
-    s = sub[sub.model == name]
-    axes[1].scatter(s.abs_full.clip(lower=floor_plot), s.err.clip(lower=floor_plot), s=5, alpha=0.35, color=colors[name], label=name)
-axes[1].scatter(sub.abs_full[flip].clip(lower=floor_plot), sub.err[flip].clip(lower=floor_plot), s=12, facecolor="none",
-                edgecolor="black", linewidth=0.5, label="sign flip")
-lo = floor_plot
-hi = float(max(allnoise.abs_full.max(), allnoise.err.max())) * 1.5
-axes[1].plot([lo, hi], [lo, hi], color="0.3", linewidth=0.8, label="noise = effect")
-axes[1].set_xscale("log")
-axes[1].set_yscale("log")
-axes[1].set_xlabel(f"|Δ_{dtype}| (nats, log scale)")
-axes[1].set_ylabel(f"|Δ_{half_dtype} − Δ_{dtype}| (nats, log scale)")
-axes[1].set_title("Per record (up to 4000 per model)")
-axes[1].legend(fontsize=7, markerscale=2)
-fig.tight_layout()
-
-# %% [markdown]
-# Above the diagonal of the right panel the precision error is larger than the effect being
-# measured; a sign flip there means the half-precision run reports the opposite direction.
-# Does half precision change the audit's verdicts? The whole audit is re-run from the
-# half-precision records and metrics (the pairs of experts can differ where routing differs).
-
-# %%
-half_cells = pd.concat([cells_for(half_recs[n], half_ctx_metrics[n], variant=half_dtype) for n in models], ignore_index=True)
+nt = pd.DataFrame(noise_sum).T
+half_cells = pd.concat([cells_for(half_recs[n], half_metrics[n], variant=half_dtype) for n in models], ignore_index=True)
 cells_half = pd.concat([cells_mode[cells_mode.variant == "token"].assign(variant=dtype), half_cells], ignore_index=True)
 table_half = pd.concat([table_mode[table_mode.variant == "token"].assign(variant=dtype), table_for(half_cells)],
                        ignore_index=True)
-cmp_half = compare_variants(cells_half, table_half, dtype, half_dtype)
-display(Markdown(flip_summary(cmp_half, dtype, half_dtype)))
+cmp_half = released.compare_audit_variants(cells_half, table_half, dtype, half_dtype, alpha=alpha, n_boot=n_boot, seed=seed)
+for key, col, f in (("noise_median", "median_err", "{:.1e}"), ("noise_p95", "p95_err", "{:.1e}"),
+                    ("effect_median", "median_abs_full", "{:.1e}"), ("below_noise", "share_below_p95_err", "{:.0%}"),
+                    ("sign_flips", "sign_flips", "{:.1%}")):
+    glue(key, Markdown(per_model(nt[col].to_dict(), f)), display=False)
+display(nt.style.format("{:.3g}").format({"matched": "{:,.0f}"}).set_caption(f"Single-expert ablations in {dtype} ('full') and {half_dtype} ('half'), "
+                                              "matched by position, layer and expert (nats; shares as fractions)"))
 
-nt = noise_tab.set_index("model")
-display(Markdown(
-    f"Median precision error of one ablation (nats): {per_model(nt['median |Δ_half − Δ_full|'], '{:.1e}')}; its 95th "
-    f"percentile: {per_model(nt['95th pct |Δ_half − Δ_full|'], '{:.1e}')}; median effect in {dtype}: "
-    f"{per_model(nt['median |Δ_full|'], '{:.1e}')}. Share of the {dtype} effects smaller than that 95th percentile: "
-    f"{per_model(nt['share |Δ_full| below 95th pct noise'], '{:.0%}')}; share of ablations whose sign changes: "
-    f"{per_model(nt['sign flips'], '{:.1%}')}. The table's last two columns give the share of positions where removing "
-    "the highest-probability active expert raises the loss, in each precision."))
+# %% [markdown]
+# The median precision error of one ablation, $|\Delta_{\text{half}} - \Delta_{\text{full}}|$, is
+# {glue:md}`noise_median` nats and its 95th percentile {glue:md}`noise_p95` nats, against a median
+# effect $|\Delta_{\text{full}}|$ of {glue:md}`effect_median` nats. The share of full-precision
+# effects smaller than that 95th percentile is {glue:md}`below_noise`; the share of ablations
+# whose sign changes is {glue:md}`sign_flips`. The curves below compare the two distributions;
+# the audit is then re-run from the half-precision records and metrics (the pairs of experts can
+# differ where routing differs).
+
+# %% tags=["hide-input"]
+fig, ax = plt.subplots(figsize=(7, 4.2))
+for name in models:
+    for col, ls, lab in (("err", "-", f"|Δ_{half_dtype} − Δ_{dtype}|"), ("abs_full", "--", f"|Δ_{dtype}|")):
+        v = np.sort(noise[name][col].clip(lower=1e-9).to_numpy())
+        ax.plot(v, np.arange(1, len(v) + 1) / len(v), linestyle=ls, color=colors[name], label=f"{name}: {lab}")
+ax.set(xscale="log", xlabel="nats (log scale; zeros drawn at 1e-9)", ylabel="cumulative share of records",
+       title="Precision noise (solid) against effect size (dashed)")
+ax.legend(fontsize=7)
+fig.tight_layout()
+
+# %%
+display(Markdown(flip_text(cmp_half, dtype, half_dtype)))
 
 # %% [markdown]
 # ### The released progressive ablation in float16
 # The authors' progressive-ablation summary (OLMoE, removing the $k$ highest-weight active
-# experts) was produced in float16. Two features of the released numbers are what rounding
-# noise looks like. First, the medians of the loss change are within a few thousandths of a
-# nat of zero and the share of positions whose loss *improves* when experts are removed is close
-# to one half, with quartiles on both sides of zero. Second, most quartiles are short binary
-# fractions (multiples of $2^{-16}$) — numbers a computation that keeps 11 significant bits lands
-# on, and a float32 computation of a continuous quantity almost never does.
+# experts at one position per text) was produced in float16, and its losses were computed from
+# float16 logits. A float16 loss near the released baseline losses is a multiple of one float16
+# step (`released.float16_spacing`), so the difference of two losses is resolved only to that
+# step. The table gives each released median and quartile in those steps. For comparison, the
+# book's own progressive ablation (the progressive-ablation chapter's records, in float32, every
+# MoE layer) gives the share of positions whose loss *falls* when all but one active expert is
+# removed.
+#
+# How to read the table: *step* is the distance between neighbouring float16 numbers at the
+# layer's mean baseline loss; *median steps*, *p25 steps* and *p75 steps* divide the absolute
+# median and quartiles of the loss change by that step. A value at or below one step is within the
+# error of a difference of two losses that were each rounded to the nearest float16 number; a
+# value of many steps is not produced by that rounding. The forward pass itself also runs in
+# float16 and adds noise of its own, which this table does not measure.
 
 # %%
 try:
     prog = released.progressive_ablation(data_dir=data_dir)
-    display(Markdown(f"*The released progressive-ablation summary is read from {released.released_source(data_dir).describe()}.*"))
 except released.ReleasedDataUnavailable:
     prog = None
     display(Markdown("*The authors' released result files were not found (set `data_dir` or `$MOEAUDIT_DATA_DIR` to a "
-                     "folder with `paper-released/`); this comparison is skipped.*"))
+                     "folder with `paper-released/`); the released half of this comparison is skipped.*"))
+falls = {}
+for name, ctx in contexts.items():  # every MoE layer, as in the progressive-ablation chapter (same cached records)
+    prog_rec = progressive_records(ctx, layers=list(ctx.model.layout.moe_layers), n_positions=n_positions, seed=seed,
+                                   mode="token", batch_size=batch_size)
+    falls[name] = prog_rec[prog_rec.k == prog_rec.k.max()].groupby("layer").delta_loss.apply(lambda d: float((d < 0).mean()))
+glue("book_falls", Markdown(per_model({n: span(v, "{:.0%}") for n, v in falls.items()}, "{}")), display=False)
 if prog is not None:
-    q = prog[["p25_delta", "median_delta", "p75_delta"]].to_numpy().reshape(-1)
-    on_grid = float(np.mean(np.abs(q * 2 ** 16 - np.round(q * 2 ** 16)) < 1e-6))
-    k1 = prog[prog.k == 1]
-    view = k1[["layer", "median_delta", "p25_delta", "p75_delta", "share_positive", "n"]].rename(columns={
-        "median_delta": "median Δ (nats)", "p25_delta": "25th pct", "p75_delta": "75th pct",
-        "share_positive": "share Δ > 0"})
-    display(view.style.format({"median Δ (nats)": "{:+.4f}", "25th pct": "{:+.4f}", "75th pct": "{:+.4f}",
-                               "share Δ > 0": "{:.1%}"}).hide(axis="index")
-            .set_caption("Released OLMoE progressive ablation, k = 1 (the highest-weight active expert removed), float16"))
-    zero_medians = int((prog.median_delta == 0).sum())
-    display(Markdown(
-        f"Over all {len(prog)} released (layer, k) rows, {on_grid:.0%} of the quartiles and medians are exact multiples "
-        f"of 2⁻¹⁶ and {zero_medians} median(s) are exactly 0. At k = 1 the share of positions with a positive loss change "
-        f"is {k1.share_positive.min():.1%}–{k1.share_positive.max():.1%}. On the book's models, removing the "
-        f"highest-probability expert raises the loss at {per_model(nt['top expert Δ above 0, full'], '{:.0%}')} of the "
-        f"(position, layer) pairs in {dtype}, and {half_dtype} rounding alone moves single-expert effects by a median of "
-        f"{per_model(nt['median |Δ_half − Δ_full|'], '{:.1e}')} nats and flips {per_model(nt['sign flips'], '{:.1%}')} of "
-        "their signs. The float16 noise of the 7-billion-parameter model was not measured alongside the released table; "
-        "without such a measurement its medians of a few thousandths of a nat cannot be told apart from rounding noise, "
-        "and the means, carried by the large upper tail, are the more robust summary of that experiment."))
-
-# %% [markdown]
-# ## 5. Lessons for your own audit
+    steps = released.progressive_in_float16_steps(prog)
+    glue_all(rel_step=Markdown(span(steps.step, "{:.3g}")), rel_grid=float(steps.n_on_2_16.sum() / (3 * len(steps))),
+             rel_pos_k1=Markdown(span(steps[steps.k == 1].share_positive, "{:.1%}")),
+             rel_pos_deep=Markdown(span(steps[steps.k == steps.k.max()].share_positive, "{:.1%}")))
+    q_steps = steps[["p25_steps", "p75_steps"]].to_numpy()
+    q_nats = np.abs(steps[["p25_delta", "p75_delta"]].to_numpy())
+    glue_all(rel_q_nats=Markdown(span(q_nats.ravel(), "{:.3f}")), rel_q_steps=Markdown(span(q_steps.ravel(), "{:.0f}")))
+    display(steps[["layer", "k", "baseline_loss_mean", "step", "median_delta", "median_steps", "p25_delta", "p25_steps",
+                   "p75_delta", "p75_steps", "share_positive"]].style.format("{:.3g}").format(
+        {"layer": "{:d}", "k": "{:d}", "share_positive": "{:.1%}"}).hide(axis="index")
+        .set_caption("Released OLMoE progressive ablation (float16): medians and quartiles of the loss change in nats "
+                     "and in float16 steps at the layer's mean baseline loss"))
 
 # %%
-mode_non_last = other_rows if len(other_rows) else agreement
+if prog is not None:
+    within = steps.median_steps <= 1  # a difference of two losses each rounded to half a step is off by at most one step
+    q_min = float(q_steps.min())
+    glue_all(n_med_within=int(within.sum()), n_med=len(steps),
+             med_within_nats=float(steps.median_delta[within].abs().max()) if within.any() else 0.0)
+    glue("verdict_median", Markdown(
+        "All of them cannot be told apart from the rounding of the stored losses" if within.all() else
+        f"These cannot be told apart from the rounding of the stored losses; the other {int((~within).sum())} reach up to "
+        f"{steps.median_delta.abs().max():.4f} nats ({steps.median_steps.max():.1f} steps) and are resolved in float16"),
+        display=False)
+    glue("verdict_quartiles", Markdown(
+        "The quartiles are many times that step, so the spread of the released loss changes is not the rounding of "
+        "the stored losses" if q_min >= 5 else
+        "Some quartiles are within a few steps of zero, so rounding of the stored losses can account for part of the spread"),
+        display=False)
 
-
-def flips(cmp):
-    """'a of N cell verdicts change under the dual rule and b under uncorrected p_t < .05'."""
-    return (f"{int(cmp.flip_dual.sum())} of {len(cmp)} cell verdicts change under the dual rule and "
-            f"{int(cmp.flip_p05.sum())} under uncorrected p_t < .05")
-
-
-def span(values, f="{:.0%}"):
-    lo, hi = min(values), max(values)
-    return f.format(lo) if f.format(lo) == f.format(hi) else f"{f.format(lo)}–{f.format(hi)}"
-
-
-n_flip_def = int((cmp_def.flip_dual | cmp_def.flip_p05).sum())
-lessons = [
-    f"**Name the intervention, and state where it acts.** Token-local and sequence-wide ablation of the same expert "
-    f"differ by up to {mode_non_last['max |Δ_tok − Δ_seq|'].max():.2g} nats per record at layers before the last "
-    f"(their rank correlation over records is {mode_non_last['Spearman ρ'].min():+.3f} to {mode_non_last['Spearman ρ'].max():+.3f}), "
-    f"the cell effect sizes by up to {cmp_mode.ddz.abs().max():.3f} in d_z, and {flips(cmp_mode)}. The two coincide "
-    "only at the last decoder layer, which is the one place where a result does not depend on the choice.",
-    f"**Implement the metric you define, on the tokens you define it on.** The released recipes order the experts of a "
-    f"layer differently from the paper's definitions (ρ down to {own_rho.rho.min():+.2f} for the models' own recipes, "
-    f"{rho_defs.rho.min():+.2f} over all recipes); padding was {span(pad_share.values())} of "
-    f"the positions here and 62% in the authors' OLMoE run. On these models {flips(cmp_def)}"
-    + (" — the verdicts survive here, but a verdict obtained with another definition is evidence about that other "
-       "quantity, not about the metric as defined." if n_flip_def == 0 else
-       ": for cells near a threshold, the definition alone decides the verdict."),
-    f"**Measure your precision floor before reading small effects.** In {half_dtype}, the share of single-expert "
-    f"effects smaller than the 95th percentile of their own rounding error is "
-    f"{per_model(nt['share |Δ_full| below 95th pct noise'], '{:.0%}')}, the share that change sign "
-    f"{per_model(nt['sign flips'], '{:.1%}')}; {flips(cmp_half)}. "
-    "Report a median near zero only together with the noise of the precision it was computed in.",
-    "**Keep the clean baseline inside the same computation.** Every comparison here pairs an ablated and an un-ablated "
-    f"row of the same batch; the rounding floor between two code paths for the *same* un-ablated loss was up to "
-    f"{agreement['rounding floor'].max():.1e} nats in {dtype}, and in half precision the clean losses of the two "
-    f"precisions differ by a median of {per_model(nt['median |clean loss diff|'], '{:.1e}')} nats — a baseline computed "
-    "elsewhere adds this to every Δ.",
-]
-display(Markdown("\n".join(f"{i}. {s}" for i, s in enumerate(lessons, 1))))
+# %% [markdown]
+# The released baseline losses put one float16 step at {glue:md}`rel_step` nats. Of the
+# {glue:text}`n_med` released medians, {glue:text}`n_med_within` lie within one step of zero
+# (at most {glue:text}`med_within_nats:.4f` nats). {glue:md}`verdict_median`. {glue:md}`verdict_quartiles`:
+# the 25th and 75th percentiles lie {glue:md}`rel_q_nats` nats from zero, {glue:md}`rel_q_steps`
+# steps; {glue:text}`rel_grid:.0%` of the released medians and quartiles are exact multiples of
+# $2^{-16}$, as differences of float16 losses are. The released share of positions whose loss
+# *rises* is {glue:md}`rel_pos_k1` when the top expert is removed and {glue:md}`rel_pos_deep` at
+# the deepest removal. A share near one half does not by itself point to rounding: in the book's
+# float32 runs, with no half-precision rounding at all, the loss *falls* at the deepest removal
+# at {glue:md}`book_falls` of the positions (range over layers, per model). What the float16
+# noise of the whole forward pass of the seven-billion-parameter model adds to these numbers was
+# not measured with the released table; this section bounds only the rounding of the stored losses.
 
 # %% [markdown]
 # ## What this shows, and what it does not
-# **Shows.** On the same positions and pairs of experts, how much the measured loss changes,
-# the effect sizes and the verdicts of the audit depend on three implementation choices: where
-# the expert is removed (at the token or along the whole sequence), how the observational
-# metrics are computed (the paper's definitions or the released scripts'), and the numerical
-# precision. The token-local and sequence-wide definitions agree at the last decoder layer, up
-# to float rounding, and nowhere else, which the records confirm.
+
+# %%
+flips = lambda c: f"{int(c.flip_dual.sum())} of {len(c)} cell verdicts change under the dual rule, {int(c.flip_p05.sum())} under uncorrected p_t below {alpha:g}"  # noqa: E731
+glue_all(l_mode_text=Markdown(
+    f"Token-local and sequence-wide ablation of the same expert differ by up to {other_rows.max_diff.max():.2g} nats per "
+    f"record at the audited layers before the last (rank correlation over records {span(other_rows.rho, '{:+.3f}')})"
+    if len(other_rows) else f"Only the last decoder layer was audited, where the two ablations differ by at most "
+                            f"{agreement.max_diff.max():.1e} nats per record"), half_name=half_dtype,
+         l_ddz_mode=float(cmp_mode.ddz.abs().max()), l_ddz_def=float(cmp_def.ddz.abs().max()),
+         l_min_rho=float(own_rho.rho.min()), l_flips_mode=flips(cmp_mode), l_flips_def=flips(cmp_def),
+         l_flips_half=flips(cmp_half))
+
+# %% [markdown]
+# **Shows.** On the same positions and pairs of experts, how much the measured loss, the effect
+# sizes and the verdicts of the audit depend on three implementation choices:
+#
+# 1. **Where the expert is removed.** {glue:md}`l_mode_text`, the cell effect sizes by up to
+#    {glue:text}`l_ddz_mode:.3f` in $d_z$; {glue:text}`l_flips_mode`. The sequence-wide
+#    intervention is a plain nnsight trace that differs from the paper's in one line, and it agrees
+#    with the batched engine to {glue:text}`demo_gap:.1e` nats.
+# 2. **How the metrics are computed.** The models' own released recipes order the experts of a
+#    layer differently from the paper's definitions in {glue:text}`n_reordered` of
+#    {glue:text}`n_vectors` vectors ($\rho$ down to {glue:text}`l_min_rho:+.2f`). The released
+#    OLMoE "mean routing weight when active" is a mean logit over one layer-wide threshold; at the
+#    median expert it admits {glue:text}`admitted_span` of the positions, where the router selects
+#    {glue:text}`selected_span`. Cell effect sizes move by up to
+#    {glue:text}`l_ddz_def:.3f` in $d_z$; {glue:text}`l_flips_def`.
+# 3. **The precision.** In {glue:text}`half_name`, the share of single-expert effects smaller than the 95th
+#    percentile of their own rounding error is {glue:md}`below_noise`;
+#    {glue:text}`l_flips_half`. A median near zero means little without the noise of the
+#    precision it was computed in; and the float32 runs of these models, free of half-precision
+#    rounding, have the loss fall at the deepest removal at {glue:md}`book_falls` of the positions.
 #
 # **Does not show.** Which definition is "right": the token-local one answers the paper's
 # question (does the metric predict the importance of an expert *at this token*), the
 # sequence-wide one a different question (what is lost if the expert is absent from the whole
 # context), closer to pruning. The sizes measured here belong to the book's small models; on the
-# paper's checkpoints, with longer contexts and more padding, the gap between the two
-# interventions and between the metric definitions can be larger or smaller, and float16 noise
-# can only be bounded by measuring it on those models (re-run this chapter with `models` set to
-# the checkpoint ids and `half_dtype="float16"` on a GPU).
+# paper's checkpoints, with longer contexts and more padding, the gaps can be larger or smaller.
+# The released metric values of the real checkpoints are not recomputed here (that needs the
+# checkpoints' router logits), so how the released "mean routing weight when active" ranks the
+# experts of the real OLMoE checkpoint is not known from this chapter: on the book's models its
+# rank correlation with the paper's definition is {glue:text}`mrw_rho`, a number that depends on
+# how each router's logits are distributed. Nor is the float16 noise of the checkpoints' forward
+# passes measured; it can only be bounded on those models (re-run this chapter with `models` set
+# to the checkpoint ids and `half_dtype="float16"` on a GPU).
 #
 # ## Exercises
+
+# %%
+last_cmp = cmp_mode[[r.layer == contexts[r.model].model.layout.n_layers - 1 for r in cmp_mode.itertuples()]]
+fam = int(table_mode[(table_mode.model == models[0]) & (table_mode.set == "metrics")].family_size.iloc[0])
+n_small, power = max(3, n_positions // 5), 0.8
+glue("ex_last", Markdown(
+    f"Only rounding. In this build the largest difference at the last decoder layer is {last_rows.max_diff.max():.1e} nats, "
+    f"the largest difference of d_z between the two modes there {last_cmp.ddz.abs().max():.1e}, and "
+    f"{int((last_cmp.flip_dual | last_cmp.flip_p05).sum())} verdict(s) change there." if len(last_rows) and len(last_cmp) else
+    "This build audited no last decoder layer, so it has no number to compare with; the picture of section 1 predicts "
+    "differences at the rounding floor."), display=False)
+glue_all(ex3_cmd=Markdown(f"`make chapter NB=09_intervention_definitions PARAMS=\"-p n_positions {n_small}\"`"),
+         ex_last_layer=contexts[models[0]].model.layout.n_layers - 1, ex_sub_rho=span(substitute.rho, "{:+.2f}"),
+         ex_sub_rel_rho=span(substitute.rho_released, "{:+.2f}"), ex_family=fam, ex_power=power,
+         ex_widen=float(np.sqrt(n_positions / n_small)),
+         ex_mde_now=stats.min_detectable_dz(n_positions, alpha=alpha / fam, power=power),
+         ex_mde_small=stats.min_detectable_dz(n_small, alpha=alpha / fam, power=power))
+
+# %% [markdown]
+# **1. The last layer alone.** Run `make chapter NB=09_intervention_definitions PARAMS="-p layers '[L]'"`
+# with `L` the last decoder layer of the first model ({glue:text}`ex_last_layer` here). What is left
+# of the difference between the two interventions, and of the difference between their effect sizes?
 #
-# **1. Shorter contexts.** Set `max_tokens = 32`. What happens to the gap between the
-# token-local and the sequence-wide measurements at the early layers, and to the share of
-# padding in the released-style metrics?
-
-# %% [markdown]
 # :::{admonition} Expected result
 # :class: dropdown
-# With at most 32 tokens of context, an expert is removed at fewer earlier positions in the
-# sequence-wide mode, so the median and largest $|\Delta_{\text{token}} - \Delta_{\text{sequence}}|$
-# at the early and middle layers shrink (they stay at the rounding floor at the last layer), and
-# the two columns of effect sizes move closer together. Almost every text is longer than 32
-# tokens, so the padded batch has almost no padding: the DeepSeek-style utilization becomes
-# rank-identical to the paper's, the OLMoE-style norms nearly so, while the OLMoE-style
-# utilization and mean routing weight still differ because they average router logits instead
-# of probabilities — that departure does not depend on padding at all.
+# {glue:md}`ex_last`
 # :::
-
-# %% [markdown]
-# **2. float16 instead of bfloat16.** Set `half_dtype = "float16"` (on a GPU, or on a CPU whose
-# PyTorch build supports it). How do the noise floor and the share of sign flips change?
-
-# %% [markdown]
+#
+# **2. The router's own mask.** In a copy of `released.released_mean_routing_weight_when_active`,
+# replace the layer-wide threshold $\tau$ by each position's own $k$-th largest logit, so that
+# the mask is the router's selection, and recompute the OLMoE-script mean routing weight with it
+# (mean logit over the selecting positions, padding included). Which share of positions does the
+# mask admit now, and how well does the result rank the experts like the paper's definition?
+#
 # :::{admonition} Expected result
 # :class: dropdown
-# float16 keeps three more significant bits than bfloat16, so the rounding error of each
-# operation is about eight times smaller: the median and 95th percentile of
-# $|\Delta_{\text{half}} - \Delta_{\text{full}}|$ drop by roughly that factor, fewer effects fall
-# below the noise, and the share of sign flips falls. It does not vanish: the smallest
-# single-expert effects (the left tail of the dashed curves) remain below the float16 floor,
-# which is the regime of the released progressive-ablation medians.
+# The mask admits exactly the router's share $k/E$ of each position's experts
+# ({glue:text}`selected_span`). The mean logit over the selecting positions correlates with the
+# paper's mean routing probability at $\rho$ = {glue:text}`ex_sub_rho` across layers and models,
+# against {glue:text}`mrw_rho` for the released layer-wide mask, and with the released recipe at
+# $\rho$ = {glue:text}`ex_sub_rel_rho`.
 # :::
-
-# %% [markdown]
-# **3. A different draw of positions.** Set `seed = 7` (and keep everything else). Which
-# conclusions of this chapter survive a new sample of 200 positions?
-
-# %% [markdown]
+#
+# **3. Fewer positions.** Run {glue:md}`ex3_cmd` (a fifth of the positions of this build).
+# How large must an effect be before the dual rule can detect it in the family of metric cells?
+#
 # :::{admonition} Expected result
 # :class: dropdown
-# The structural results do not depend on the sample: the two modes still agree at the last
-# layer up to rounding and nowhere else, the Spearman correlations between metric definitions
-# are unchanged (they do not use positions at all), and the precision noise has the same size.
-# Which individual cells change verdict between modes, definitions or precisions does change:
-# those flips happen in cells whose $p$-values sit near a threshold, and a new draw moves
-# $p$-values around by about as much as the definitions do. The confidence intervals of the
-# differences of $d_z$ are the honest summary of how much the choice matters.
+# With the family of {glue:text}`ex_family` metric cells of the first model, the minimum
+# detectable $d_z$ (power {glue:text}`ex_power`, two-sided, at the Bonferroni level) rises from
+# {glue:text}`ex_mde_now:.2f` to {glue:text}`ex_mde_small:.2f`, and the confidence intervals of
+# the differences of $d_z$ widen by a factor of about {glue:text}`ex_widen:.1f` (the square root of
+# the ratio of the numbers of positions).
 # :::
