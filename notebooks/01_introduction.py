@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -13,7 +15,25 @@
 
 # %% [markdown]
 # # From observation to intervention
-#
+
+# %% tags=["parameters", "hide-input"]
+models = ["tiny-olmoe"]  # the example uses the first model: shipped name, HF id or local dir
+layer = None  # None: the model's last MoE layer
+seq_id = 0  # which evaluation text
+t = None  # None: the middle position of that text
+n_texts = 10  # texts loaded for the example (only seq_id is used)
+dtype = "float32"
+device = "cpu"
+corpus = "auto"  # "auto": WikiText-2 if found locally or on the hub, else the embedded corpus; "wikitext-2"; "embedded"; or a text file (one text per line)
+data_dir = None  # folder with wikitext-2/ (default: $MOEAUDIT_DATA_DIR)
+results_dir = None  # record cache (default: $MOEAUDIT_RESULTS_DIR or results/)
+
+# %% tags=["hide-input"]
+from moeaudit import report
+
+corpus_source = report.show_corpus(corpus, data_dir=data_dir)
+
+# %% [markdown]
 # This book reproduces, as executable chapters, the paper *From Observation to Intervention:
 # A Causal Audit of Expert Importance in Mixture-of-Experts Models* {cite}`engmann2026audit`.
 # Every number, table and figure on these pages is computed when the page is
@@ -64,18 +84,6 @@
 #
 # The cells below make the two rungs concrete on one token of one model.
 
-# %% tags=["parameters"]
-models = ["tiny-olmoe"]  # the example uses the first model: shipped name, HF id or local dir
-layer = None  # None: the model's last MoE layer
-seq_id = 0  # which evaluation text
-t = None  # None: the middle position of that text
-n_texts = 10  # texts loaded for the example (only seq_id is used)
-dtype = "float32"
-device = "cpu"
-corpus = "auto"  # "auto": WikiText-2 if found locally or on the hub, else the embedded corpus; "wikitext-2"; "embedded"; or a text file (one text per line)
-data_dir = None  # folder with wikitext-2/ (default: $MOEAUDIT_DATA_DIR)
-results_dir = None  # record cache (default: $MOEAUDIT_RESULTS_DIR or results/)
-
 # %%
 import matplotlib.pyplot as plt
 import numpy as np
@@ -88,7 +96,6 @@ from moeaudit.audit import prepare
 from moeaudit.engine import run_ablations
 
 report.use_book_style()
-corpus_source = report.show_corpus(corpus, data_dir=data_dir)
 
 # %% [markdown]
 # ## One token, seen and intervened on

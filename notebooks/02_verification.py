@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -13,7 +15,28 @@
 
 # %% [markdown]
 # # Setup and verification
-#
+
+# %% tags=["parameters", "hide-input"]
+models = ["tiny-olmoe", "tiny-qwen-moe", "tiny-deepseek-v2"]  # shipped names, HF ids or local dirs
+layers = None  # None: the paper's five layers for its checkpoints, else five depth-proportional MoE layers; or a list
+n_positions = 200  # not used here (kept so every chapter accepts the same parameters)
+seed = 42  # not used here: the suite's positions are fixed by the text (see below)
+mode = "token"  # the main table's mode; the contrast runs the other one
+seq_id = None  # text the suite runs on; None: the longest evaluation text
+dtype = "float32"
+device = "cpu"
+n_texts = 100
+max_tokens = None
+corpus = "auto"  # "auto": WikiText-2 if found locally or on the hub, else the embedded corpus; "wikitext-2"; "embedded"; or a text file (one text per line)
+data_dir = None
+results_dir = None
+
+# %% tags=["hide-input"]
+from moeaudit import report
+
+corpus_source = report.show_corpus(corpus, data_dir=data_dir)
+
+# %% [markdown]
 # Before any audit number can be trusted, two things must be established for each model:
 # what its MoE layers look like (which layers route, over how many experts, how the top-k
 # weights are combined, whether shared experts sit beside the routed ones), and that the
@@ -67,21 +90,6 @@
 # attention. The inactive-position effect is then nonzero, yet usually smaller than the active
 # one. The chapter runs the suite in both modes and judges the position check by all three rules.
 
-# %% tags=["parameters"]
-models = ["tiny-olmoe", "tiny-qwen-moe", "tiny-deepseek-v2"]  # shipped names, HF ids or local dirs
-layers = None  # None: the paper's five layers for its checkpoints, else five depth-proportional MoE layers; or a list
-n_positions = 200  # not used here (kept so every chapter accepts the same parameters)
-seed = 42  # not used here: the suite's positions are fixed by the text (see below)
-mode = "token"  # the main table's mode; the contrast runs the other one
-seq_id = None  # text the suite runs on; None: the longest evaluation text
-dtype = "float32"
-device = "cpu"
-n_texts = 100
-max_tokens = None
-corpus = "auto"  # "auto": WikiText-2 if found locally or on the hub, else the embedded corpus; "wikitext-2"; "embedded"; or a text file (one text per line)
-data_dir = None
-results_dir = None
-
 # %%
 import matplotlib.pyplot as plt
 import numpy as np
@@ -96,7 +104,6 @@ from moeaudit.verify import (check4_rules, check4_summary, layout_summary, round
                              verification_suite)
 
 report.use_book_style()
-corpus_source = report.show_corpus(corpus, data_dir=data_dir)
 if mode not in ABLATION_MODES:
     raise ValueError(f"mode={mode!r} is not one of {ABLATION_MODES}")
 other_mode = [m for m in ABLATION_MODES if m != mode][0]

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -13,7 +15,30 @@
 
 # %% [markdown]
 # # The observational metrics
-#
+
+# %% tags=["parameters", "hide-input"]
+models = ["tiny-olmoe", "tiny-qwen-moe", "tiny-deepseek-v2"]  # shipped names, HF ids or local dirs
+layers = None  # None: the paper's five layers for its checkpoints, else five depth-proportional MoE layers; or a list
+n_positions = 200  # not used here (kept so every chapter accepts the same parameters)
+seed = 42  # not used here
+mode = "token"  # not used here: no ablation is run
+dtype = "float32"
+device = "cpu"
+n_texts = 100
+max_tokens = None
+batch_size = 8
+alpha = 0.05  # level for the significance threshold of Spearman correlations
+released_pad_share = 0.62  # share of padding positions in the released statistics run (OLMoE)
+corpus = "auto"  # "auto": WikiText-2 if found locally or on the hub, else the embedded corpus; "wikitext-2"; "embedded"; or a text file (one text per line)
+data_dir = None
+results_dir = None
+
+# %% tags=["hide-input"]
+from moeaudit import report
+
+corpus_source = report.show_corpus(corpus, data_dir=data_dir)
+
+# %% [markdown]
 # Pruning methods rank experts by statistics observed on a corpus, before any expert is
 # removed. The paper audits four of them (Section 2) {cite}`engmann2026audit`, drawn from the
 # expert-pruning literature {cite}`lu2024notall,xie2024moepruner,muzio2024seer`. For expert $i$ at layer $L$, over the
@@ -36,23 +61,6 @@
 # depth, how far they measure different things, how evenly the router spreads the load,
 # and how the released code's versions of them differ from these definitions.
 
-# %% tags=["parameters"]
-models = ["tiny-olmoe", "tiny-qwen-moe", "tiny-deepseek-v2"]  # shipped names, HF ids or local dirs
-layers = None  # None: the paper's five layers for its checkpoints, else five depth-proportional MoE layers; or a list
-n_positions = 200  # not used here (kept so every chapter accepts the same parameters)
-seed = 42  # not used here
-mode = "token"  # not used here: no ablation is run
-dtype = "float32"
-device = "cpu"
-n_texts = 100
-max_tokens = None
-batch_size = 8
-alpha = 0.05  # level for the significance threshold of Spearman correlations
-released_pad_share = 0.62  # share of padding positions in the released statistics run (OLMoE)
-corpus = "auto"  # "auto": WikiText-2 if found locally or on the hub, else the embedded corpus; "wikitext-2"; "embedded"; or a text file (one text per line)
-data_dir = None
-results_dir = None
-
 # %%
 import matplotlib.pyplot as plt
 import numpy as np
@@ -69,7 +77,6 @@ from moeaudit.metrics import METRIC_LABELS, METRICS
 from moeaudit.stats import critical_spearman_rho
 
 report.use_book_style()
-corpus_source = report.show_corpus(corpus, data_dir=data_dir)
 
 # %%
 contexts, audited = {}, {}

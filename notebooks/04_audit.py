@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -13,7 +15,32 @@
 
 # %% [markdown]
 # # The audit: do observational metrics predict causal expert importance?
-#
+
+# %% tags=["parameters", "hide-input"]
+models = ["tiny-olmoe", "tiny-qwen-moe", "tiny-deepseek-v2"]  # shipped names, HF ids or local dirs
+layers = None  # None: the paper's five layers for its checkpoints, else five depth-proportional MoE layers; or a list
+n_positions = 200  # token positions per cell (the paper: 200)
+seed = 42
+mode = "token"  # "token" (the paper's definition) or "sequence" (the released code's)
+dtype = "float32"
+device = "cpu"
+n_texts = 100  # the first n lines of the corpus longer than 50 characters (the paper: WikiText-2 test)
+max_tokens = None  # None: min(512, the model's context)
+min_context = 0
+batch_size = 64
+alpha = 0.05  # family-wise level before correction
+tost_bound_d = 0.2  # equivalence bound for TOST, in d_z units
+power = 0.8  # power at which the minimum detectable effect is computed
+corpus = "auto"  # "auto": WikiText-2 if found locally or on the hub, else the embedded corpus; "wikitext-2"; "embedded"; or a text file (one text per line)
+data_dir = None  # folder with wikitext-2/ (default: $MOEAUDIT_DATA_DIR)
+results_dir = None  # record cache (default: $MOEAUDIT_RESULTS_DIR or results/)
+
+# %% tags=["hide-input"]
+from moeaudit import report
+
+corpus_source = report.show_corpus(corpus, data_dir=data_dir)
+
+# %% [markdown]
 # This chapter reproduces the paper's central experiment (Section 3, Tables 1–3 of
 # {cite}`engmann2026audit`). For each model and each audited MoE layer, it asks the question of
 # Definition 2.1: *at a token position t, does the active expert that an observational metric
@@ -38,25 +65,6 @@
 # families of this run are stated with the tables below. Holm {cite}`holm1979simple` and
 # Benjamini–Hochberg {cite}`benjamini1995controlling` are shown beside Bonferroni.
 
-# %% tags=["parameters"]
-models = ["tiny-olmoe", "tiny-qwen-moe", "tiny-deepseek-v2"]  # shipped names, HF ids or local dirs
-layers = None  # None: the paper's five layers for its checkpoints, else five depth-proportional MoE layers; or a list
-n_positions = 200  # token positions per cell (the paper: 200)
-seed = 42
-mode = "token"  # "token" (the paper's definition) or "sequence" (the released code's)
-dtype = "float32"
-device = "cpu"
-n_texts = 100  # the first n lines of the corpus longer than 50 characters (the paper: WikiText-2 test)
-max_tokens = None  # None: min(512, the model's context)
-min_context = 0
-batch_size = 64
-alpha = 0.05  # family-wise level before correction
-tost_bound_d = 0.2  # equivalence bound for TOST, in d_z units
-power = 0.8  # power at which the minimum detectable effect is computed
-corpus = "auto"  # "auto": WikiText-2 if found locally or on the hub, else the embedded corpus; "wikitext-2"; "embedded"; or a text file (one text per line)
-data_dir = None  # folder with wikitext-2/ (default: $MOEAUDIT_DATA_DIR)
-results_dir = None  # record cache (default: $MOEAUDIT_RESULTS_DIR or results/)
-
 # %%
 import pandas as pd
 from IPython.display import Markdown, display
@@ -67,7 +75,6 @@ from moeaudit.audit import paired_cells, prepare, single_expert_records
 from moeaudit.metrics import METRICS
 
 report.use_book_style()
-corpus_source = report.show_corpus(corpus, data_dir=data_dir)
 paper = released.paper_family_verdicts(alpha=alpha)
 glue("paper_family", int(paper.cells.iloc[0]), display=False)
 glue("paper_metrics", len(released.METRICS), display=False)

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -13,7 +15,32 @@
 
 # %% [markdown]
 # # The routing-weight control: is there any signal for a ranking to find?
-#
+
+# %% tags=["parameters", "hide-input"]
+models = ["tiny-olmoe", "tiny-qwen-moe", "tiny-deepseek-v2"]  # shipped names, HF ids or local dirs
+layers = None  # None: the paper's five layers for its checkpoints, else five depth-proportional MoE layers; or a list used for every model
+n_positions = 200  # token positions per cell (the paper: 200)
+seed = 42
+mode = "token"  # "token" (the paper's definition) or "sequence" (the released code's)
+dtype = "float32"
+device = "cpu"
+n_texts = 100  # the first n lines of the corpus longer than 50 characters (the paper: WikiText-2 test)
+max_tokens = None  # None: min(512, the model's context)
+min_context = 0
+batch_size = 64
+alpha = 0.05  # family-wise level before correction
+power = 0.8  # power for the minimum detectable effect and the sample-size plan
+corpus = "auto"  # "auto": WikiText-2 if found locally or on the hub, else the embedded corpus; "wikitext-2"; "embedded"; or a text file (one text per line)
+data_dir = None  # folder with wikitext-2/ (default: $MOEAUDIT_DATA_DIR)
+results_dir = None  # record cache (default: $MOEAUDIT_RESULTS_DIR or results/)
+n_boot = 2000  # bootstrap resamples for the Spearman confidence intervals
+
+# %% tags=["hide-input"]
+from moeaudit import report
+
+corpus_source = report.show_corpus(corpus, data_dir=data_dir)
+
+# %% [markdown]
 # The audit of the previous chapter asked whether four *population-level* statistics of an
 # expert (computed once over the whole corpus) predict which active expert matters more at a
 # given token. A null result there has two readings: either those statistics carry no
@@ -46,25 +73,6 @@
 # the t-test: when the router is more decisive at a token, is the difference in importance
 # larger?
 
-# %% tags=["parameters"]
-models = ["tiny-olmoe", "tiny-qwen-moe", "tiny-deepseek-v2"]  # shipped names, HF ids or local dirs
-layers = None  # None: the paper's five layers for its checkpoints, else five depth-proportional MoE layers; or a list used for every model
-n_positions = 200  # token positions per cell (the paper: 200)
-seed = 42
-mode = "token"  # "token" (the paper's definition) or "sequence" (the released code's)
-dtype = "float32"
-device = "cpu"
-n_texts = 100  # the first n lines of the corpus longer than 50 characters (the paper: WikiText-2 test)
-max_tokens = None  # None: min(512, the model's context)
-min_context = 0
-batch_size = 64
-alpha = 0.05  # family-wise level before correction
-power = 0.8  # power for the minimum detectable effect and the sample-size plan
-corpus = "auto"  # "auto": WikiText-2 if found locally or on the hub, else the embedded corpus; "wikitext-2"; "embedded"; or a text file (one text per line)
-data_dir = None  # folder with wikitext-2/ (default: $MOEAUDIT_DATA_DIR)
-results_dir = None  # record cache (default: $MOEAUDIT_RESULTS_DIR or results/)
-n_boot = 2000  # bootstrap resamples for the Spearman confidence intervals
-
 # %%
 import matplotlib.pyplot as plt
 import numpy as np
@@ -79,7 +87,6 @@ from moeaudit.audit import paired_cells, prepare, single_expert_records
 from moeaudit.metrics import METRICS, ROUTING_WEIGHT
 
 report.use_book_style()
-corpus_source = report.show_corpus(corpus, data_dir=data_dir)
 paper_control = released.paper_printed_values().query("table in (4, 5, 6) and quantity == 'd'")
 glue("paper_control_family", len(released.LAYERS["olmoe"]), display=False)
 glue("paper_control_alpha", alpha / len(released.LAYERS["olmoe"]), display=False)

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -13,7 +15,31 @@
 
 # %% [markdown]
 # # Beyond the paper (1): does the definition of the intervention change the verdict?
-#
+
+# %% tags=["parameters", "hide-input"]
+models = ["tiny-olmoe", "tiny-qwen-moe", "tiny-deepseek-v2"]  # shipped names, HF ids or local dirs
+layers = None  # None: the paper's five layers for its checkpoints, else five depth-proportional MoE layers; or a list
+n_positions = 200  # token positions per cell (the paper: 200); the same draw in every mode
+seed = 42
+modes = ["token", "sequence"]  # the paper's definition first, the released code's second
+half_dtype = "bfloat16"  # precision compared against `dtype` in the noise-floor section
+dtype = "float32"
+device = "cpu"
+n_texts = 100  # the first n lines of the corpus longer than 50 characters (the paper: WikiText-2 test)
+max_tokens = None  # None: min(512, the model's context)
+batch_size = 64
+alpha = 0.05
+n_boot = 2000  # bootstrap resamples for the confidence intervals of differences of d_z
+corpus = "auto"  # "auto": WikiText-2 if found locally or on the hub, else the embedded corpus; "wikitext-2"; "embedded"; or a text file (one text per line)
+data_dir = None  # folder with wikitext-2/ and paper-released/ (default: $MOEAUDIT_DATA_DIR)
+results_dir = None  # record cache (default: $MOEAUDIT_RESULTS_DIR or results/)
+
+# %% tags=["hide-input"]
+from moeaudit import report
+
+corpus_source = report.show_corpus(corpus, data_dir=data_dir)
+
+# %% [markdown]
 # An interventional audit is only as precise as the intervention it names. The paper defines
 # its intervention at one token (Definition 2.1: the loss at position $t$ "with $E_i$ replaced by
 # zero" at $t$) and its four observational metrics over real tokens with softmax routing
@@ -43,24 +69,6 @@
 # the metric cells of one model, or its control cells) or the looser "uncorrected $p_t$ below
 # `alpha`".
 
-# %% tags=["parameters"]
-models = ["tiny-olmoe", "tiny-qwen-moe", "tiny-deepseek-v2"]  # shipped names, HF ids or local dirs
-layers = None  # None: the paper's five layers for its checkpoints, else five depth-proportional MoE layers; or a list
-n_positions = 200  # token positions per cell (the paper: 200); the same draw in every mode
-seed = 42
-modes = ["token", "sequence"]  # the paper's definition first, the released code's second
-half_dtype = "bfloat16"  # precision compared against `dtype` in the noise-floor section
-dtype = "float32"
-device = "cpu"
-n_texts = 100  # the first n lines of the corpus longer than 50 characters (the paper: WikiText-2 test)
-max_tokens = None  # None: min(512, the model's context)
-batch_size = 64
-alpha = 0.05
-n_boot = 2000  # bootstrap resamples for the confidence intervals of differences of d_z
-corpus = "auto"  # "auto": WikiText-2 if found locally or on the hub, else the embedded corpus; "wikitext-2"; "embedded"; or a text file (one text per line)
-data_dir = None  # folder with wikitext-2/ and paper-released/ (default: $MOEAUDIT_DATA_DIR)
-results_dir = None  # record cache (default: $MOEAUDIT_RESULTS_DIR or results/)
-
 # %%
 import gc
 
@@ -79,7 +87,6 @@ from moeaudit.audit import paired_cells, prepare, progressive_records, single_ex
 from moeaudit.metrics import METRIC_LABELS, METRICS, ROUTING_WEIGHT
 
 report.use_book_style()
-corpus_source = report.show_corpus(corpus, data_dir=data_dir)
 if len(modes) != 2 or len(set(modes)) != 2 or not set(modes) <= {"token", "sequence"}:
     raise ValueError(f"modes={modes!r} must name the two intervention definitions, e.g. ['token', 'sequence']")
 if half_dtype == dtype:

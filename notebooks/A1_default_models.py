@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -13,7 +15,19 @@
 
 # %% [markdown]
 # # A1. The default models
-#
+
+# %% tags=["parameters", "hide-input"]
+models = ["tiny-olmoe", "tiny-qwen-moe", "tiny-deepseek-v2"]  # shipped names or directories with a training_summary.json
+corpus = "auto"  # "auto": WikiText-2 if found locally or on the hub, else the embedded corpus; "wikitext-2"; "embedded"; or a text file (one text per line)
+data_dir = None  # folder with wikitext-2/ (default: $MOEAUDIT_DATA_DIR); only for the example predictions
+results_dir = None  # where the tables of this page are saved as CSV (default: $MOEAUDIT_RESULTS_DIR or results/)
+
+# %% tags=["hide-input"]
+from moeaudit import report
+
+corpus_source = report.show_corpus(corpus, data_dir=data_dir, scope="example")
+
+# %% [markdown]
 # The paper audits three MoE language models with billions of parameters
 # {cite}`muennighoff2025olmoe,qwen2024moe,deepseekai2024v2`: `allenai/OLMoE-1B-7B-0924`,
 # `Qwen/Qwen1.5-MoE-A2.7B` and `deepseek-ai/DeepSeek-V2-Lite`. Running them needs a GPU and tens of
@@ -46,12 +60,6 @@
 # and likewise with `Qwen/Qwen1.5-MoE-A2.7B` and `deepseek-ai/DeepSeek-V2-Lite`.
 # ```
 
-# %% tags=["parameters"]
-models = ["tiny-olmoe", "tiny-qwen-moe", "tiny-deepseek-v2"]  # shipped names or directories with a training_summary.json
-corpus = "auto"  # "auto": WikiText-2 if found locally or on the hub, else the embedded corpus; "wikitext-2"; "embedded"; or a text file (one text per line)
-data_dir = None  # folder with wikitext-2/ (default: $MOEAUDIT_DATA_DIR); only for the example predictions
-results_dir = None  # where the tables of this page are saved as CSV (default: $MOEAUDIT_RESULTS_DIR or results/)
-
 # %%
 import json
 from pathlib import Path
@@ -68,7 +76,6 @@ from moeaudit import paths, report, zoo
 from moeaudit.zoo import ZOO_MODELS, zoo_path
 
 report.use_book_style()
-corpus_source = report.show_corpus(corpus, data_dir=data_dir, scope="example")
 colors = report.model_colors(models)
 out_dir = paths.results_dir(results_dir) / "A1_default_models"
 out_dir.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -13,7 +15,18 @@
 
 # %% [markdown]
 # # A2. Departures from the paper's protocol
-#
+
+# %% tags=["parameters", "hide-input"]
+chapter = "04_audit"  # the chapter whose default parameters define "this build"
+corpus = "auto"  # as in the chapters: "auto", "wikitext-2", "embedded", or a text file
+data_dir = None  # folder with wikitext-2/ (default: $MOEAUDIT_DATA_DIR)
+
+# %% tags=["hide-input"]
+from moeaudit import report
+
+corpus_source = report.show_corpus(corpus, data_dir=data_dir)
+
+# %% [markdown]
 # A reproduction is only as useful as its list of differences. This page gathers in one table
 # every point where this book's default build departs from the protocol of the paper
 # {cite}`engmann2026audit` or from what the authors' released code does
@@ -23,11 +36,6 @@
 # precision. The column *this build* is computed from the parameters the audit chapter runs
 # with by default, the shipped models' configurations and the corpus actually found, so it
 # changes when they change.
-
-# %% tags=["parameters"]
-chapter = "04_audit"  # the chapter whose default parameters define "this build"
-corpus = "auto"  # as in the chapters: "auto", "wikitext-2", "embedded", or a text file
-data_dir = None  # folder with wikitext-2/ (default: $MOEAUDIT_DATA_DIR)
 
 # %%
 import json
@@ -43,7 +51,6 @@ from moeaudit.metrics import METRICS
 from moeaudit.models import PAPER_LAYERS, layout_from_config, resolve_model_path
 
 report.use_book_style()
-corpus_source = report.show_corpus(corpus, data_dir=data_dir)
 params = book.notebook_parameters(chapter)
 configs = {m: AutoConfig.from_pretrained(resolve_model_path(m)) for m in params["models"]}
 layouts = {m: layout_from_config(c) for m, c in configs.items()}
