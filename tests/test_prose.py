@@ -16,7 +16,8 @@ from moeaudit import book
 
 #: chapters whose prose has been made computed; every chapter is meant to join this list
 COMPUTED_PROSE = ("01_introduction", "02_verification", "03_observational_metrics", "04_audit",
-                  "05_routing_weight_control", "A1_default_models", "A2_departures")
+                  "05_routing_weight_control", "08_released_reanalysis", "09_intervention_definitions",
+                  "A1_default_models", "A2_departures")
 
 _STRIP = [
     re.compile(r"^(`{3,})(?:bash|sh|python|console|text|)[ \t]*$.*?^\1[ \t]*$", re.S | re.M),  # code blocks
