@@ -13,34 +13,8 @@
 
 # %% [markdown]
 # # Progressive ablation: how much redundancy does a layer have?
-#
-# The audit removes *one* active expert at a token and finds that, in most layers, it hardly
-# matters which one. The paper reads this as a property of the regime, not of the metrics: if a
-# layer's active experts are largely redundant, every choice of expert to remove looks harmless,
-# and every selection criterion looks equally good. This chapter tests the premise directly
-# (paper, Section 3 "Progressive ablation", Appendix C, Tables 8–9).
-#
-# **Protocol.** At each sampled token position and layer, the active routed experts are ordered
-# by their combine weight at that token, and the $k$ highest-weighted ones are removed together,
-# for $k = 1, \dots, \text{top-}k - 1$ (at least one routed expert always stays; shared experts
-# are never touched). The recorded quantity is the *cumulative* loss change
-# $\Delta\mathcal{L}(k) = \mathcal{L}_t^{(-\{e_1..e_k\})} - \mathcal{L}_t$ in nats, where
-# $\mathcal{L}_t = -\log p(x_{t+1}\mid x_{\le t})$. Removal means that the experts' combine weights
-# are set to zero at token $t$ inside the forward pass; the remaining weights are not
-# renormalised, exactly as in the single-expert audit.
-#
-# Removing the *highest*-weight experts first is the hardest test of redundancy a routing-based
-# order can set: if even these can go without a large loss change, the layer's output at that
-# token is carried by many experts at once. A **redundancy cliff** is a removal depth $k$ at
-# which the loss change jumps instead of growing slowly.
-#
-# **Positions.** The positions are the audit's: one seeded draw per model, shared with the
-# single-expert audit and the routing-weight control. (The paper's released run drew one position
-# per text with at least 32 tokens of context, from texts of up to 256 tokens; set `min_context`
-# to 32 to exclude the shortest contexts here too.) The paper audited six OLMoE layers with
-# n = 500 positions; by default this chapter audits every MoE layer of each model with 200.
 
-# %% tags=["parameters"]
+# %% tags=["parameters", "hide-input"]
 models = ["tiny-olmoe", "tiny-qwen-moe", "tiny-deepseek-v2"]  # shipped names, HF ids or local dirs
 layers = None  # None: every MoE layer of each model (the paper, for OLMoE: [0, 1, 7, 8, 9, 15]); or a list used for every model
 n_positions = 200  # token positions per (layer, k) cell (the paper: 500)
@@ -58,6 +32,41 @@ data_dir = None  # folder with wikitext-2/ (default: $MOEAUDIT_DATA_DIR)
 results_dir = None  # record cache (default: $MOEAUDIT_RESULTS_DIR or results/)
 cliff_threshold = 0.1  # mean loss increase (nats) that counts as a layer "breaking"
 
+# %% tags=["hide-input"]
+from moeaudit import report
+
+corpus_source = report.show_corpus(corpus, data_dir=data_dir)
+
+# %% [markdown]
+# The audit removes *one* active expert at a token and finds that, in most layers, it hardly
+# matters which one. The paper reads this as a property of the regime, not of the metrics: if a
+# layer's active experts are largely redundant, every choice of expert to remove looks harmless,
+# and every selection criterion looks equally good. This chapter tests the premise directly
+# (Section 3 "Progressive ablation", Appendix C and Tables 8–9 of {cite}`engmann2026audit`).
+#
+# **Protocol.** At each sampled token position and layer, the active routed experts are ordered
+# by their combine weight at that token, and the $k$ highest-weighted ones are removed together,
+# for $k = 1, \dots, \text{top-}k - 1$ (at least one routed expert always stays; shared experts
+# are never touched). The recorded quantity is the *cumulative* loss change
+# $\Delta\mathcal{L}(k) = \mathcal{L}_t^{(-\{e_1..e_k\})} - \mathcal{L}_t$ in nats, where
+# $\mathcal{L}_t = -\log p(x_{t+1}\mid x_{\le t})$. Removal means that the experts' combine weights
+# are set to zero at token $t$ inside the forward pass (the same nnsight intervention as the
+# single-expert audit, {cite}`fiottokaufman2025nnsight`); the remaining weights are not
+# renormalised.
+#
+# Removing the *highest*-weight experts first is the hardest test of redundancy that a
+# routing-based order can set: if even these can go without a large loss change, the layer's
+# output at that token is carried by many experts at once. A **redundancy cliff** is a removal
+# depth $k$ at which the loss change jumps instead of growing slowly.
+#
+# **Positions.** The positions are the audit's: one seeded draw per model, shared with the
+# single-expert audit and the routing-weight control; this run uses {glue:text}`n_positions`
+# positions per (layer, $k$) cell, against the paper's {glue:text}`paper_n` on
+# {glue:text}`paper_n_layers` OLMoE layers.
+# The paper's released run drew one position per text and required some context before it; set
+# `min_context=32`, the released minimum, to exclude short contexts here as well (this run:
+# `min_context` = {glue:text}`min_context`).
+
 # %%
 import matplotlib.pyplot as plt
 import numpy as np
@@ -65,31 +74,36 @@ import pandas as pd
 import seaborn as sns
 from IPython.display import Markdown, display
 from matplotlib.lines import Line2D
+from myst_nb import glue
 from scipy import stats as sps
 
-from moeaudit import report
-from moeaudit.audit import prepare, progressive_records
+from moeaudit import released, report
+from moeaudit.audit import (deepest_removal_summary, paper_progressive_table, prepare, progressive_records,
+                            progressive_summary, redundancy_breaks)
+from moeaudit.corpus import valid_positions
 
 report.use_book_style()
-corpus_source = report.show_corpus(corpus, data_dir=data_dir)
+paper = paper_progressive_table()
+for key, value in {"n_positions": n_positions, "paper_n": int(paper.n.iloc[0]), "min_context": min_context,
+                   "paper_n_layers": int(paper.layer.nunique()),
+                   "alpha_pct": f"{1 - alpha:.0%}", "threshold": cliff_threshold}.items():
+    glue(key, value, display=False)
 
 # %% [markdown]
 # ## Run the ablations
-# One record per (position, layer, k). Records are cached under a key made of every parameter
+# One record per (position, layer, $k$). Records are cached under a key made of every parameter
 # that produced them, so re-running the page reuses them.
 
 # %%
-all_records, layouts, audited_layers = [], {}, {}
+all_records, layouts, audited_layers, eligible = [], {}, {}, {}
 for name in models:
     ctx = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=dtype, device=device,
                   corpus=corpus_source, data_dir=data_dir, results_dir=results_dir)
-    lay = ctx.model.layout
-    layouts[name] = lay
-    audited = list(layers) if layers is not None else list(lay.moe_layers)
-    audited_layers[name] = audited
+    lay = layouts[name] = ctx.model.layout
+    audited = audited_layers[name] = list(layers) if layers is not None else list(lay.moe_layers)
+    eligible[name] = {c: len(valid_positions(ctx.corpus, min_context=c)) for c in (min_context, 32)}
     rec = progressive_records(ctx, layers=audited, n_positions=n_positions, seed=seed, mode=mode,
                               min_context=min_context, batch_size=batch_size)
-    rec["rel_depth"] = rec.layer.map(dict(zip(audited, report.relative_depth(audited, lay.moe_layers))))
     all_records.append(rec)
     display(Markdown(f"**{name}** ({lay.family}): MoE layers {list(lay.moe_layers)} of {lay.n_layers}, "
                      f"{lay.num_experts} routed experts, top-{lay.top_k}, {lay.n_shared_experts} shared; "
@@ -98,29 +112,14 @@ records = pd.concat(all_records, ignore_index=True)
 
 # %% [markdown]
 # ## Summary statistics per (layer, k)
-# For every model, layer and removal depth: the mean cumulative loss change with a t-interval
-# (confidence level 1 − `alpha`, 95% by default), the median, and the 5th and 95th percentiles
-# (P5, P95).
+# For every model, layer and removal depth: the mean cumulative loss change with a Student-t
+# interval at confidence level {glue:text}`alpha_pct` (parameter `alpha`), the median, and the
+# 5th and 95th percentiles (P5, P95), all over positions and in nats
+# (`moeaudit.audit.progressive_summary`).
 
 # %%
-def summarise(g: pd.DataFrame) -> pd.Series:
-    x = g.delta_loss.to_numpy(dtype=float)
-    n = x.size
-    half = sps.t.ppf(1 - alpha / 2, n - 1) * x.std(ddof=1) / np.sqrt(n) if n > 1 else np.nan
-    return pd.Series({"n": n, "mean": x.mean(), "ci_low": x.mean() - half, "ci_high": x.mean() + half,
-                      "median": np.median(x), "p05": np.quantile(x, 0.05), "p95": np.quantile(x, 0.95),
-                      "clean_loss": g.clean_loss.mean()})
-
-
-summary = (records.groupby(["model", "layer", "k"], sort=False)[["delta_loss", "clean_loss"]]
-           .apply(summarise).reset_index())
-summary["n"] = summary["n"].astype(int)
-
-
-def signed_table(values: pd.DataFrame, caption: str):
-    return (values.style.format("{:+.3f}").background_gradient(cmap="Blues", axis=None)
-            .set_caption(caption).set_properties(**{"text-align": "center"}))
-
+summary = progressive_summary(records, alpha=alpha)
+summary.head().round(3)
 
 # %% [markdown]
 # ## Mean cumulative loss change (the paper's Table 8)
@@ -128,77 +127,62 @@ def signed_table(values: pd.DataFrame, caption: str):
 # $\Delta\mathcal{L}$ in nats over the positions; the shading runs from the smallest to the largest
 # value within each table.
 
-# %%
+# %% tags=["hide-input"]
 for name in models:
     s = summary[summary.model == name]
-    tab = s.pivot(index="k", columns="layer", values="mean")
-    tab.columns = [f"L{c}" for c in tab.columns]
+    tab = s.pivot(index="k", columns="layer", values="mean").rename(columns=lambda c: f"L{c}")
     display(Markdown(f"### {name}"))
-    display(signed_table(tab, f"{name}: mean cumulative ΔL (nats) under progressive ablation of the k "
-                              f"highest-weight active experts; n = {int(s.n.min())} positions per cell."))
-
-# %% [markdown]
-# ## Median and P95 at the deepest removal (the paper's Table 9)
-# At $k = \text{top-}k - 1$ (all active experts but one removed). A mean far above the median
-# means the increase is carried by a minority of positions; the last two rows quantify that tail.
-
-# %%
-def tail_share(x: np.ndarray, q: float = 0.95) -> float:
-    """Share of the summed positive loss increase that comes from the positions above quantile q."""
-    pos = np.clip(x, 0, None)
-    total = pos.sum()
-    return float(pos[x > np.quantile(x, q)].sum() / total) if total > 0 else np.nan
-
-
-deepest = []
-for name in models:
-    kmax = layouts[name].top_k - 1
-    for L in audited_layers[name]:
-        x = records[(records.model == name) & (records.layer == L) & (records.k == kmax)].delta_loss.to_numpy()
-        deepest.append({"model": name, "layer": L, "k": kmax, "Mean": x.mean(), "Median": np.median(x),
-                        "P5": np.quantile(x, 0.05), "P95": np.quantile(x, 0.95),
-                        f"share above {cliff_threshold:g} nats": np.mean(x > cliff_threshold),
-                        "share below 0 (loss fell)": np.mean(x < 0), "top-5% share of increase": tail_share(x)})
-deepest = pd.DataFrame(deepest)
-
-for name in models:
-    d = deepest[deepest.model == name].set_index("layer")
-    kmax = int(d.k.iloc[0])
-    tab = d.drop(columns=["model", "k"]).T
-    tab.columns = [f"L{c}" for c in tab.columns]
-    display(Markdown(f"### {name} (k = {kmax})"))
-    display(tab.style.format("{:+.3f}", subset=pd.IndexSlice[["Mean", "Median", "P5", "P95"], :])
-            .format("{:.0%}", subset=pd.IndexSlice[[f"share above {cliff_threshold:g} nats", "share below 0 (loss fell)",
-                                                      "top-5% share of increase"], :])
-            .set_caption(f"{name}: cumulative ΔL (nats) at k = {kmax}, n = {n_positions} positions per layer")
+    display(tab.style.format("{:+.3f}").background_gradient(cmap="Blues", axis=None)
+            .set_caption(f"{name}: mean cumulative ΔL (nats) under progressive ablation of the k highest-weight "
+                         f"active experts; n = {int(s.n.min())} positions per cell.")
             .set_properties(**{"text-align": "center"}))
 
 # %% [markdown]
-# *Conventions.* Mean, median, P5 and P95 (5th and 95th percentiles) are over positions, in nats;
-# positive values mean the prediction got worse. The paper reports the median and P95 only; P5 and
-# `share below 0` show the other tail, positions where removing the experts *lowered* the loss, which
-# the mean nets against the increases. `share above x nats`: fraction of positions whose loss rose by
-# more than the chapter's threshold. `top-5% share of increase`: of the summed positive loss increases, the
-# fraction contributed by the 5% of positions with the largest ones (5% would mean a perfectly
-# even spread; values near 100% mean a few positions carry everything).
+# ## The distribution at the deepest removal (the paper's Table 9)
+# At $k = \text{top-}k - 1$ (all active experts but one removed), per layer
+# (`moeaudit.audit.deepest_removal_summary`). A mean far above the median means the increase is
+# carried by a minority of positions; the last rows quantify that tail.
+
+# %%
+deepest = deepest_removal_summary(records, threshold=cliff_threshold)
+share_cols = {"share_above": f"share above {cliff_threshold:g} nats", "share_below_zero": "share below 0 (loss fell)",
+              "top5_share": "top-5% share of increase"}
+
+# %% tags=["hide-input"]
+for name in models:
+    d = deepest[deepest.model == name].set_index("layer")
+    tab = d[["mean", "median", "p05", "p95", *share_cols]].rename(columns={**share_cols, "mean": "Mean",
+                                                                          "median": "Median", "p05": "P5", "p95": "P95"}).T
+    tab.columns = [f"L{c}" for c in tab.columns]
+    display(Markdown(f"### {name} (k = {int(d.k.iloc[0])})"))
+    display(tab.style.format("{:+.3f}", subset=pd.IndexSlice[["Mean", "Median", "P5", "P95"], :])
+            .format("{:.0%}", subset=pd.IndexSlice[list(share_cols.values()), :])
+            .set_caption(f"{name}: cumulative ΔL (nats) at k = {int(d.k.iloc[0])}, n = {int(d.n.min())} positions per layer")
+            .set_properties(**{"text-align": "center"}))
+
+# %% [markdown]
+# *Conventions.* Positive values mean the prediction got worse. The paper reports the median and
+# P95 only; P5 and the share below zero show the other tail, positions where removing the experts
+# *lowered* the loss, which the mean nets against the increases. "Share above": fraction of
+# positions whose loss rose by more than `cliff_threshold` ({glue:text}`threshold` nats). "Top-5%
+# share of increase": of the summed positive loss increases, the fraction contributed by the
+# positions above the 95th percentile (`moeaudit.audit.tail_share`); an even spread gives about
+# a twentieth, values near one mean that a few positions carry everything.
 
 # %% [markdown]
 # ## The redundancy cliff
 # Top row: mean cumulative loss change against $k$, one line per layer, with the confidence
-# interval of the mean. Bottom row: the same positions summarised by their median (dashed), P95 (solid) and
-# P5 (dash-dotted).
-# A layer with a redundancy buffer stays flat as experts are removed; a cliff is a sharp rise.
-# The dotted line is `cliff_threshold`.
+# interval of the mean. Bottom row: the same positions summarised by their median (dashed), P95
+# (solid) and P5 (dash-dotted). A layer with a redundancy buffer stays flat as experts are
+# removed; a cliff is a sharp rise. The dotted line is `cliff_threshold`.
 
-# %%
-n_models = len(models)
-fig, axes = plt.subplots(2, n_models, figsize=(max(6.5, 4.3 * n_models), 7.2), squeeze=False, sharex="col")
+# %% tags=["hide-input"]
+fig, axes = plt.subplots(2, len(models), figsize=(max(6.5, 4.3 * len(models)), 7.2), squeeze=False, sharex="col")
 for j, name in enumerate(models):
     s = summary[summary.model == name]
-    layer_order = audited_layers[name]
-    colors = dict(zip(layer_order, sns.color_palette("colorblind", len(layer_order))))
+    colors = dict(zip(audited_layers[name], sns.color_palette("colorblind", len(audited_layers[name]))))
     top, bottom = axes[0][j], axes[1][j]
-    for L in layer_order:
+    for L in audited_layers[name]:
         g = s[s.layer == L].sort_values("k")
         top.plot(g.k, g["mean"], marker="o", color=colors[L], label=f"L{L}")
         top.fill_between(g.k, g.ci_low, g.ci_high, color=colors[L], alpha=0.18, linewidth=0)
@@ -224,123 +208,149 @@ plt.show()
 
 # %% [markdown]
 # ## Where does a layer break?
-# Three descriptions of each layer's trajectory: the first $k$ at which the mean loss change
-# crosses `cliff_threshold` (none if it never does), the largest single step
-# $\overline{\Delta\mathcal{L}}(k) - \overline{\Delta\mathcal{L}}(k-1)$ (with
+# Three descriptions of each layer's trajectory (`moeaudit.audit.redundancy_breaks`): the first
+# $k$ at which the mean loss change crosses `cliff_threshold` (none if it never does), the
+# largest single step $\overline{\Delta\mathcal{L}}(k) - \overline{\Delta\mathcal{L}}(k-1)$ (with
 # $\overline{\Delta\mathcal{L}}(0) = 0$) and where it occurs, and the mean at the deepest removal
 # relative to the mean clean loss of the same positions.
 
 # %%
-rows = []
-for (name, L), g in summary.groupby(["model", "layer"], sort=False):
-    g = g.sort_values("k")
-    means = g["mean"].to_numpy()
-    steps = np.diff(np.concatenate([[0.0], means]))
-    crossed = g.k[g["mean"] > cliff_threshold]
-    rows.append({"model": name, "layer": L, "first k above threshold": int(crossed.iloc[0]) if len(crossed) else None,
-                 "largest step (nats)": float(steps.max()), "at k": int(g.k.iloc[int(steps.argmax())]),
-                 "mean ΔL at deepest k": float(means[-1]), "mean clean loss": float(g.clean_loss.iloc[-1]),
-                 "ΔL / clean loss": float(means[-1] / g.clean_loss.iloc[-1])})
-breaks = pd.DataFrame(rows)
-display(breaks.style.format({"largest step (nats)": "{:+.3f}", "mean ΔL at deepest k": "{:+.3f}",
-                             "mean clean loss": "{:.3f}", "ΔL / clean loss": "{:.1%}",
-                             "first k above threshold": lambda v: "none" if pd.isna(v) else f"{int(v)}"})
+breaks = redundancy_breaks(summary, threshold=cliff_threshold)
+display(breaks.style.format({"largest_step": "{:+.3f}", "mean_deepest": "{:+.3f}", "clean_loss": "{:.3f}",
+                             "ratio_to_clean": "{:.1%}", "first_k_above": lambda v: "none" if pd.isna(v) else f"{int(v)}"})
         .hide(axis="index"))
 
 
-# %%
+# %% tags=["hide-input"]
 def cliff_sentence(name: str) -> str:
-    b = breaks[breaks.model == name]
-    d = deepest[deepest.model == name]
+    b, d = breaks[breaks.model == name], deepest[deepest.model == name].set_index("layer")
     kmax = int(d.k.iloc[0])
-    worst = b.loc[b["mean ΔL at deepest k"].idxmax()]
-    mildest = b.loc[b["mean ΔL at deepest k"].idxmin()]
-    broken = b[b["first k above threshold"].notna()]
-    steepest = b.loc[b["largest step (nats)"].idxmax()]
+    worst, mildest = b.loc[b.mean_deepest.idxmax()], b.loc[b.mean_deepest.idxmin()]
+    broken, steepest, tail = b[b.first_k_above.notna()], b.loc[b.largest_step.idxmax()], d.loc[d.p95.idxmax()]
     s = (f"**{name}.** Removing {kmax} of the {kmax + 1} active experts changes the loss by "
-         f"{mildest['mean ΔL at deepest k']:+.3f} nats on average at layer {int(mildest.layer)} and by "
-         f"{worst['mean ΔL at deepest k']:+.3f} nats at layer {int(worst.layer)} "
-         f"({worst['ΔL / clean loss']:.1%} of the clean loss there). ")
+         f"{mildest.mean_deepest:+.3f} nats on average at layer {mildest.layer} and by {worst.mean_deepest:+.3f} nats "
+         f"at layer {worst.layer} ({worst.ratio_to_clean:.1%} of the clean loss there). ")
     if len(broken):
-        s += ("The mean crosses the threshold of "
-              f"{cliff_threshold:g} nats at " + ", ".join(
-                  f"layer {int(r.layer)} (k = {int(r['first k above threshold'])})" for _, r in broken.iterrows()) + "; ")
         rest = sorted(set(b.layer) - set(broken.layer))
-        s += (f"layers {rest} stay below it at every k. " if rest else "no layer stays below it. ")
+        s += (f"The mean crosses {cliff_threshold:g} nats at "
+              + ", ".join(f"layer {r.layer} (k = {r.first_k_above})" for r in broken.itertuples())
+              + (f"; layers {rest} stay below it at every k. " if rest else "; no layer stays below it. "))
     else:
-        s += f"No layer's mean crosses {cliff_threshold:g} nats at any k: a redundancy buffer everywhere. "
-    s += (f"The largest single step of any layer is at layer {int(steepest.layer)}, k = {int(steepest['at k'])} "
-          f"({steepest['largest step (nats)']:+.3f} nats). "
-          f"At k = {kmax} the median stays between {d.Median.min():+.3f} and {d.Median.max():+.3f} nats "
-          f"across layers while the P95 reaches {d.P95.max():+.3f} (layer {int(d.loc[d.P95.idxmax(), 'layer'])}); "
-          f"there the 5% of positions with the largest increases contribute "
-          f"{d.loc[d.P95.idxmax(), 'top-5% share of increase']:.0%} of the summed increase, while at "
-          f"{d.loc[d.P95.idxmax(), 'share below 0 (loss fell)']:.0%} of positions the loss fell "
-          f"(P5 {d.loc[d.P95.idxmax(), 'P5']:+.3f} nats).")
-    return s
+        s += f"No layer's mean crosses {cliff_threshold:g} nats at any k. "
+    return s + (f"The largest single step is at layer {steepest.layer}, k = {steepest.largest_step_k} "
+                f"({steepest.largest_step:+.3f} nats). At k = {kmax} the median lies between {d['median'].min():+.3f} "
+                f"and {d['median'].max():+.3f} nats across layers while the P95 reaches {tail.p95:+.3f} (layer "
+                f"{tail.name}); there the positions above the 95th percentile contribute {tail.top5_share:.0%} of "
+                f"the summed increase, while at {tail.share_below_zero:.0%} of positions the loss fell "
+                f"(P5 {tail.p05:+.3f} nats).")
 
 
 display(Markdown("\n\n".join(cliff_sentence(name) for name in models)))
 
 # %% [markdown]
 # ## Reading the result against the paper
-# In the paper's OLMoE, layers 0 to 9 stay below +0.083 nats of mean loss change even with
-# seven of eight active experts removed, while the last MoE layer breaks at $k = 2$ and reaches
-# +0.431 nats; its median stays below +0.02 nats and its P95 reaches +2.6 nats, so the cliff is a
-# heavy tail of positions rather than a uniform shift. The argument built on it is structural:
-# where a layer has a redundancy buffer, *any* selection criterion removes experts at little
-# cost, so the observational metrics cannot be told apart by pruning outcomes there, and any
-# token-level signal can only show where the buffer ends. The tables above say whether the
-# models audited here have such a buffer, at which layers it ends, and whether the break is a
-# shift of the whole distribution (median rising with the mean) or a tail (median flat, P95
-# rising).
+# In the paper's OLMoE ({glue:text}`paper_n` positions per cell), every audited layer but the
+# last has a mean loss change of at most {glue:text}`paper_early_max:+.3f` nats at
+# $k$ = {glue:text}`paper_kmax`, with {glue:text}`paper_kmax` of {glue:text}`paper_topk` active experts removed, while layer
+# {glue:text}`paper_last` {glue:md}`paper_last_break` and reaches
+# {glue:text}`paper_last_deep:+.3f` nats. Its median stays at or below
+# {glue:text}`paper_median_max:+.3f` nats at every audited layer while its P95 reaches
+# {glue:text}`paper_last_p95:+.3f` nats (against at most {glue:text}`paper_early_p95:+.3f`
+# elsewhere): the cliff is a heavy tail of positions rather than a uniform shift. The released
+# summary behind these tables also gives the share of positions whose loss *rose* at
+# $k$ = {glue:text}`paper_kmax`: {glue:md}`paper_share_positive`.
+#
+# The argument built on it is structural: where a layer has a redundancy buffer, *any* selection
+# criterion removes experts at little cost, so the observational metrics cannot be told apart by
+# pruning outcomes there, and a token-level signal can only show where the buffer ends. For the
+# models audited here, with the same threshold applied to the paper's Table 8:
+#
+# ```{glue:md} comparison
+# :format: myst
+# ```
+
+# %%
+paper_breaks = redundancy_breaks(paper, threshold=cliff_threshold).set_index("layer")
+paper_last, kmax_paper = int(paper.layer.max()), int(paper.k.max())
+p_last, p_deep = paper_breaks.loc[paper_last], paper[paper.k == kmax_paper].set_index("layer")
+first = p_last.first_k_above
+glue("paper_kmax", kmax_paper, display=False)
+glue("paper_topk", kmax_paper + 1, display=False)
+glue("paper_last", paper_last, display=False)
+glue("paper_early_max", float(paper_breaks.drop(index=paper_last).mean_deepest.max()), display=False)
+glue("paper_last_break", Markdown(f"crosses {cliff_threshold:g} nats at k = {first} (mean "
+                                  f"{paper.set_index(['layer', 'k']).loc[(paper_last, first), 'mean']:+.3f})"
+                                  if pd.notna(first) else f"never crosses {cliff_threshold:g} nats"), display=False)
+glue("paper_last_deep", float(p_last.mean_deepest), display=False)
+glue("paper_median_max", float(p_deep["median"].max()), display=False)
+glue("paper_last_p95", float(p_deep.loc[paper_last, "p95"]), display=False)
+glue("paper_early_p95", float(p_deep.drop(index=paper_last).p95.max()), display=False)
+rel = released.progressive_ablation(data_dir=data_dir)
+rel = rel[rel.k == kmax_paper]
+glue("paper_share_positive", Markdown(f"between {rel.share_positive.min():.0%} and {rel.share_positive.max():.0%} "
+                                      "across layers"), display=False)
+
+
+# %% tags=["hide-input"]
+def comparison_line(name: str) -> str:
+    b = breaks[breaks.model == name].set_index("layer")
+    d = deepest[deepest.model == name].set_index("layer")
+    last, worst = audited_layers[name][-1], b.mean_deepest.idxmax()
+    crossed = list(b.index[b.first_k_above.notna()])
+    if not crossed:
+        shape = f"no layer crosses {cliff_threshold:g} nats, so by this threshold every audited layer keeps a buffer"
+    elif crossed == [last]:
+        shape = f"only the last audited layer ({last}) crosses {cliff_threshold:g} nats, as in the paper"
+    else:
+        shape = (f"layer{'s' if len(crossed) > 1 else ''} {', '.join(map(str, crossed))} cross{'' if len(crossed) > 1 else 'es'}"
+                 f" {cliff_threshold:g} nats, unlike the paper, where only the last audited layer does")
+    where = ("the largest mean change at the deepest removal is at the last audited layer"
+             if worst == last else f"the largest mean change at the deepest removal is at layer {worst}, not the last")
+    tail = d.loc[worst]
+    form = ("a tail (median {:+.3f} against P95 {:+.3f} nats)" if abs(tail["median"]) < 0.25 * tail.p95
+            else "a shift of the whole distribution (median {:+.3f}, P95 {:+.3f} nats)").format(tail["median"], tail.p95)
+    return f"- **{name}**: {shape}; {where}, and there the damage is {form}."
+
+
+glue("comparison", Markdown("\n".join(comparison_line(name) for name in models)), display=False)
 
 # %% [markdown]
 # ## What this shows, and what it does not
 # **Shows.** How much of a layer's active computation at a token can be removed, highest-weight
 # experts first, before the next-token loss changes appreciably; at which layers and removal
-# depths that tolerance ends; and whether the damage is spread over positions or concentrated
-# in a tail. This is the regime the paper uses to explain why observational pruning criteria
-# "work" without identifying dispensable experts.
+# depths that tolerance ends; and whether the damage is spread over positions or concentrated in
+# a tail. On the models of this run, {glue:md}`shows_summary` This is the regime the paper uses to
+# explain why observational pruning criteria "work" without identifying dispensable experts.
 #
-# **Does not show.** What pruning would do. The ablation here removes experts at *one* token
-# and keeps the rest of the sequence intact; pruning removes an expert at every token, in every
+# **Does not show.** What pruning would do. The ablation here removes experts at *one* token and
+# keeps the rest of the sequence intact; pruning removes an expert at every token, in every
 # sequence, usually followed by fine-tuning. Removing the highest-weight experts first is also
-# only one order: a low-weight-first order would show more redundancy, a random order something
-# in between. And the means depend on the sampled positions; the intervals in the figure show
-# how much. With the book's default small models, the numbers describe those models, not the
-# paper's OLMoE checkpoint.
+# only one order: a low-weight-first order would remove less of the layer's output at each $k$,
+# a random order something in between. A mean that stays small does not mean that no position
+# is hurt: the P95 and the share of positions whose loss *fell* show that small means net large
+# changes of both signs. The means depend on the sampled positions (the intervals in the figure
+# show how much), and whether a layer "breaks" depends on `cliff_threshold`, which the paper does
+# not state. With the book's small models, the numbers describe those models, not the paper's
+# OLMoE checkpoint.
+
+# %%
+n_crossed = int(breaks.first_k_above.notna().sum())
+glue("shows_summary", Markdown(
+    (f"the mean loss change at the deepest removal ranges from {breaks.mean_deepest.min():+.3f} to "
+     f"{breaks.mean_deepest.max():+.3f} nats over {len(breaks)} audited layers; "
+     + (f"no layer crosses {cliff_threshold:g} nats." if n_crossed == 0 else
+        f"{n_crossed} of them cross{'es' if n_crossed == 1 else ''} {cliff_threshold:g} nats.")
+     + f" At the deepest removal the loss fell at {deepest.share_below_zero.min():.0%} to "
+       f"{deepest.share_below_zero.max():.0%} of positions.")), display=False)
 
 # %% [markdown]
 # ## Exercises
 # Each exercise changes parameters only. Predict first, then run the command from the repository
 # root and compare with the expected result.
 #
-# **1. Where is the buffer?** Before running, predict for one model which layer breaks first
-# and at which $k$. Then audit only its first and last MoE layers with more positions, so the
-# intervals are narrow enough to compare them (layer 1 is the first MoE layer of all three
-# shipped models, layer 3 the last):
-#
-# ```bash
-# make chapter NB=06_progressive_ablation PARAMS="-p layers '[1, 3]' -p n_positions 500"
-# ```
-
-# %% [markdown]
-# ````{admonition} Expected result
-# :class: dropdown
-# With 500 positions the intervals of the mean shrink by about $\sqrt{500/200} \approx 1.6$.
-# The kind of result the paper reports is a flat early layer and a later layer that rises
-# steeply from small $k$ on, with a median that stays near zero while the P95 climbs. In
-# small models trained briefly the buffer may be thinner everywhere (every layer rises
-# steadily) or the break may sit at a different depth; what the exercise tests is whether your
-# prediction matched the *shape*, and whether the difference between the two layers exceeds
-# the width of the intervals.
-# ````
-
-# %% [markdown]
-# **2. What counts as a cliff?** The verdict "layer L breaks at k" depends on a threshold that the
-# paper does not state. Predict how the table "Where does a layer break?" changes if the
-# threshold is halved, then run
+# **1. What counts as a cliff?** The verdict "layer L breaks at k" depends on a threshold that the
+# paper does not state. Predict how the table "Where does a layer break?" changes with
+# `cliff_threshold 0.05`, then run
 #
 # ```bash
 # make chapter NB=06_progressive_ablation PARAMS="-p cliff_threshold 0.05"
@@ -349,17 +359,33 @@ display(Markdown("\n\n".join(cliff_sentence(name) for name in models)))
 # %% [markdown]
 # ````{admonition} Expected result
 # :class: dropdown
-# The records are reused from the cache (the threshold only changes the summary), so the run
-# is quick. Layers whose mean rises slowly now "break" at some $k$, and layers that already
-# broke do so at the same or a smaller $k$. The largest step and the median/P95 values do not
-# change. A description of a redundancy cliff that depends on an arbitrary threshold is weaker
-# than one that does not: the largest-step column and the median/P95 contrast are the
-# threshold-free part of the evidence.
+# The records are reused from the cache (the threshold only changes the summaries), so the run is
+# quick. The largest-step column and the medians and percentiles do not change. The first $k$
+# above the threshold becomes, per layer: {glue:md}`ex1_breaks` A description of a redundancy
+# cliff that depends on an arbitrary threshold is weaker than one that does not: the largest step
+# and the median/P95 contrast are the threshold-free part of the evidence.
 # ````
 
 # %% [markdown]
-# **3. Enough context?** The paper's progressive run used only positions with at least 32 tokens
-# of context. Predict whether excluding short contexts raises or lowers the loss changes, then run
+# **2. How wide are the intervals?** Predict how the confidence bands of the top row of the
+# figure change with `alpha 0.01` (a higher confidence level), then run
+#
+# ```bash
+# make chapter NB=06_progressive_ablation PARAMS="-p alpha 0.01"
+# ```
+
+# %% [markdown]
+# ````{admonition} Expected result
+# :class: dropdown
+# The records are reused and the means do not move. Every interval's half-width is multiplied by
+# the ratio of Student-t quantiles, {glue:text}`ex2_factor:.2f` at this run's
+# {glue:text}`n_positions` positions; the widest half-width, now {glue:text}`ex2_now:.3f` nats,
+# becomes {glue:text}`ex2_then:.3f`. {glue:md}`ex2_zero`
+# ````
+
+# %% [markdown]
+# **3. Enough context?** The paper's released progressive run used only positions with some context
+# before them (`min_context=32`). Predict whether excluding short contexts raises or lowers the loss changes, then run
 #
 # ```bash
 # make chapter NB=06_progressive_ablation PARAMS="-p min_context 32"
@@ -368,10 +394,31 @@ display(Markdown("\n\n".join(cliff_sentence(name) for name in models)))
 # %% [markdown]
 # ````{admonition} Expected result
 # :class: dropdown
-# A new draw of positions is made, so all records are computed afresh. The mean clean loss of
-# the drawn positions falls (more context, better predictions; see the "mean clean loss" column).
-# The loss changes can move either way: a confident prediction has more to lose, but a long
-# context also offers more routes to the same prediction. The typical outcome is a modest change
-# in the means with the same ordering of layers. If the ordering of layers changes, the earlier
-# conclusion depended on which positions were drawn.
+# A new draw of positions is made from a smaller pool ({glue:md}`ex3_pool`), so all records are
+# computed afresh. The "mean clean loss" column of the break table tells whether the positions
+# with more context are predicted better than this run's ({glue:md}`ex3_clean`). The loss changes
+# can move either way: a confident prediction has more to lose, but a long context also offers
+# more routes to the same prediction. If the ordering of layers by their deepest-removal mean
+# changes, the earlier conclusion depended on which positions were drawn.
 # ````
+
+# %% tags=["hide-input"]
+ex1 = redundancy_breaks(summary, threshold=0.05)
+glue("ex1_breaks", Markdown("; ".join(
+    f"{m}: " + ", ".join(f"L{r.layer} {'none' if pd.isna(r.first_k_above) else f'k = {r.first_k_above}'}"
+                         for r in g.itertuples()) for m, g in ex1.groupby("model", sort=False)) + "."), display=False)
+widest = float((summary.ci_high - summary["mean"]).max())
+factor = float(sps.t.ppf(1 - 0.01 / 2, n_positions - 1) / sps.t.ppf(1 - alpha / 2, n_positions - 1))
+glue("ex2_factor", factor, display=False)
+glue("ex2_now", widest, display=False)
+glue("ex2_then", widest * factor, display=False)
+straddle = lambda lo, hi: int(((lo < 0) & (hi > 0)).sum())  # noqa: E731
+half = (summary.ci_high - summary["mean"]) * factor
+glue("ex2_zero", Markdown(f"Intervals that contain zero: {straddle(summary.ci_low, summary.ci_high)} of {len(summary)} "
+                          f"now, {straddle(summary['mean'] - half, summary['mean'] + half)} then."), display=False)
+pools = {(e[32], e[min_context]) for e in eligible.values()}
+glue("ex3_pool", Markdown("; ".join(f"{m}: {e[32]:,} eligible positions instead of {e[min_context]:,}"
+                                    for m, e in eligible.items()) if len(pools) > 1 else
+                          "{:,} eligible positions instead of {:,} for every model".format(*pools.pop())), display=False)
+glue("ex3_clean", Markdown("; ".join(f"{m} now {g.clean_loss.mean():.3f} nats" for m, g in breaks.groupby("model", sort=False))),
+     display=False)

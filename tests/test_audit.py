@@ -6,21 +6,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moeaudit.audit import AuditContext, paired_cells, prepare, progressive_records, single_expert_records
-from moeaudit.engine import clean_pass
-from moeaudit.metrics import METRICS, ROUTING_WEIGHT, observational_metrics
+from moeaudit.audit import paired_cells, prepare, progressive_records, single_expert_records
+from moeaudit.metrics import METRICS, ROUTING_WEIGHT
 from moeaudit.store import RecordStore, cached_records
 from moeaudit.testing import random_token_corpus, tiny_random_model
 
 
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory):
-    model = tiny_random_model("olmoe", n_layers=3, num_experts=8, top_k=3)
-    corpus = random_token_corpus(n_seqs=4, length=30)
-    clean = clean_pass(model, corpus, progress=False)
-    metrics = observational_metrics(clean, num_experts=8)
-    return AuditContext(model, corpus, clean, metrics, {"model": "tiny", "corpus": corpus.fingerprint()},
-                        tmp_path_factory.mktemp("results"))
+    from moeaudit.testing import tiny_audit_context
+
+    return tiny_audit_context(tmp_path_factory.mktemp("results"))
 
 
 def test_single_expert_records_cover_every_active_expert(ctx):

@@ -99,3 +99,18 @@ def random_token_corpus(*, n_seqs: int = 3, length: int = 24, vocab_size: int = 
     rng = np.random.default_rng(seed)
     lens = [length - (3 * i if ragged else 0) for i in range(n_seqs)]
     return TokenizedCorpus.from_token_ids([rng.integers(1, vocab_size, size=n) for n in lens], source="random")
+
+
+def tiny_audit_context(results_dir, *, n_layers: int = 3, num_experts: int = 8, top_k: int = 3, n_seqs: int = 4,
+                       length: int = 30):
+    """An :class:`moeaudit.audit.AuditContext` on a tiny random OLMoE and a random-token corpus, with
+    its clean pass and observational metrics, caching records under ``results_dir`` (tests only)."""
+    from .audit import AuditContext  # noqa: PLC0415
+    from .engine import clean_pass  # noqa: PLC0415
+    from .metrics import observational_metrics  # noqa: PLC0415
+
+    model = tiny_random_model("olmoe", n_layers=n_layers, num_experts=num_experts, top_k=top_k)
+    corpus = random_token_corpus(n_seqs=n_seqs, length=length)
+    clean = clean_pass(model, corpus, progress=False)
+    metrics = observational_metrics(clean, num_experts=num_experts)
+    return AuditContext(model, corpus, clean, metrics, {"model": "tiny", "corpus": corpus.fingerprint()}, results_dir)
