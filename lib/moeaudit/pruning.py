@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 
 import numpy as np
+import pandas as pd
 import torch
 
 from .corpus import TokenizedCorpus
@@ -103,3 +104,117 @@ def lowest_ranked(values: np.ndarray, fraction: float) -> list[int]:
     n = int(round(fraction * len(values)))
     key = np.where(np.isnan(values), -np.inf, values)
     return sorted(np.lexsort((np.arange(len(values)), key))[:n].tolist())
+
+
+# --- Pruning plans and the random baseline -------------------------------------------------------
+
+def n_pruned(num_experts: int, fraction: float) -> int:
+    """Experts removed per layer when pruning ``fraction`` of ``num_experts``: ``round(fraction * n)``
+    (as :func:`lowest_ranked`). ``ValueError`` unless 0 <= fraction < 1."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"fraction={fraction} must be in [0, 1)")
+    return int(round(fraction * num_experts))
+
+
+def criterion_plan(criteria, criterion: str, fraction: float, layers) -> dict[int, list[int]]:
+    """Pruning plan ``{layer: experts}`` removing the lowest-ranked ``fraction`` of each layer's
+    experts by the column ``criterion`` of ``criteria`` (one row per (layer, expert), for example
+    :func:`moeaudit.metrics.pruning_criteria`); NaN ranks lowest, ties go to the lower id
+    (:func:`lowest_ranked`). ``KeyError`` for an unknown criterion or a layer without rows."""
+    plan = {}
+    for L in layers:
+        rows = criteria[criteria.layer == L].sort_values("expert")
+        if rows.empty:
+            raise KeyError(f"no criterion rows for layer {L}")
+        plan[int(L)] = lowest_ranked(rows[criterion].to_numpy(dtype=float), fraction)
+    return plan
+
+
+def random_plan(num_experts: int, fraction: float, layers, *, seed: int, draw: int) -> dict[int, list[int]]:
+    """Uniformly random pruning plan: at each layer ``n_pruned(num_experts, fraction)`` experts drawn
+    without replacement from ``numpy.random.default_rng([seed, draw, round(1e6 * fraction), layer])``.
+    A layer's choice depends only on (seed, draw, fraction, layer), so draw d prunes the same
+    experts of layer L whether L is pruned alone or with the other layers."""
+    n = n_pruned(num_experts, fraction)
+    return {int(L): sorted(np.random.default_rng([seed, draw, int(round(fraction * 1e6)), int(L)])
+                           .choice(num_experts, size=n, replace=False).tolist()) for L in layers}
+
+
+def pruning_plans(criteria, *, criteria_names, fractions, n_random: int, moe_layers, num_experts: int, seed: int,
+                  per_layer_fraction: float | None = None, n_random_per_layer: int | None = None):
+    """The plans of the pruning experiment and one metadata row per plan.
+
+    Plan 0 is the unpruned model (``{}``). Then, for every fraction, one plan per criterion and
+    ``n_random`` random plans pruning every layer of ``moe_layers`` at once (``scope = "all"``);
+    and, when ``per_layer_fraction`` is given, the same at that fraction for one layer at a time
+    (``scope`` = the layer), with ``n_random_per_layer`` random plans (default ``n_random``). Returns ``(plans, meta)``: ``meta`` is a DataFrame aligned with
+    ``plans[1:]`` with ``scope``, ``fraction``, ``criterion`` (``"random"`` for the draws) and ``draw``.
+    """
+    n_single = n_random if n_random_per_layer is None else n_random_per_layer
+    if min(n_random, n_single) < 1:
+        raise ValueError(f"n_random={n_random} and n_random_per_layer={n_random_per_layer} must be >= 1")
+    plans, meta = [{}], []
+    settings = [("all", f, list(moe_layers), n_random) for f in fractions]
+    if per_layer_fraction is not None:
+        settings += [(int(L), per_layer_fraction, [L], n_single) for L in moe_layers]
+    for scope, f, layers, n_draws in settings:
+        for c in criteria_names:
+            plans.append(criterion_plan(criteria, c, f, layers))
+            meta.append({"scope": scope, "fraction": f, "criterion": c, "draw": 0})
+        for d in range(n_draws):
+            plans.append(random_plan(num_experts, f, layers, seed=seed, draw=d))
+            meta.append({"scope": scope, "fraction": f, "criterion": "random", "draw": d})
+    return plans, pd.DataFrame(meta)
+
+
+def random_rank_pvalue(value: float, random_values, *, lower_is_better: bool = True) -> float:
+    """Monte-Carlo rank p-value of a criterion's result among ``n`` random draws.
+
+    ``p = (1 + #{draws at least as good as value}) / (1 + n)``, "at least as good" meaning
+    ``<= value`` when lower is better (perplexity, loss) and ``>= value`` otherwise. Under the null
+    that the criterion's plan is exchangeable with a uniformly random plan, the criterion's rank
+    among the n + 1 results is uniform, so ``P(p <= a) <= a``; the smallest attainable p is
+    ``1 / (n + 1)``. Source: Davison & Hinkley (1997), *Bootstrap Methods and their Application*,
+    Section 4.2 (Monte Carlo tests); Phipson & Smyth (2010), "Permutation p-values should never be
+    zero". ``ValueError`` for no draws or a NaN value or draw.
+    """
+    r = np.asarray(random_values, dtype=np.float64).ravel()
+    v = float(value)
+    if r.size == 0:
+        raise ValueError("need at least one random draw")
+    if np.isnan(v) or np.isnan(r).any():
+        raise ValueError("value and random draws must not be NaN")
+    as_good = int((r <= v).sum()) if lower_is_better else int((r >= v).sum())
+    return (1 + as_good) / (1 + r.size)
+
+
+def compare_with_random(results, *, keys=("model", "scope", "fraction"), value: str = "perplexity"):
+    """Each criterion's pruning result against the random draws of the same setting.
+
+    ``results`` has one row per plan with the columns ``keys``, ``criterion`` (``"random"`` for a
+    draw) and ``value`` (lower is better). One row per criterion and setting with the value, the
+    random draws' ``n_draws``, ``random_mean``, ``random_sd`` (ddof = 1), ``random_min``,
+    ``random_median``, ``random_max``, ``z = (value - random_mean) / random_sd``, the rank p-value
+    ``p_rank`` (:func:`random_rank_pvalue`), and the flags ``beats_mean`` (value below the random
+    mean), ``beats_all`` (below every draw) and ``loses_to_all`` (above every draw).
+    ``ValueError`` if a setting has a criterion but no random draw.
+    """
+    keys = list(keys)
+    rnd = results[results.criterion == "random"]
+    crit = results[results.criterion != "random"]
+    draws = {k: g[value].to_numpy(dtype=np.float64) for k, g in rnd.groupby(keys, sort=False)}
+    rows = []
+    for r in crit.itertuples(index=False):
+        k = tuple(getattr(r, c) for c in keys)
+        d = draws.get(k)
+        if d is None:
+            raise ValueError(f"no random draw for setting {dict(zip(keys, k))}")
+        v = float(getattr(r, value))
+        sd = float(d.std(ddof=1)) if d.size > 1 else float("nan")
+        rows.append({**dict(zip(keys, k)), "criterion": r.criterion, value: v, "n_draws": int(d.size),
+                     "random_mean": float(d.mean()), "random_sd": sd, "random_min": float(d.min()),
+                     "random_median": float(np.median(d)), "random_max": float(d.max()),
+                     "z": (v - float(d.mean())) / sd if sd > 0 else float("nan"),
+                     "p_rank": random_rank_pvalue(v, d), "beats_mean": v < float(d.mean()),
+                     "beats_all": v < float(d.min()), "loses_to_all": v > float(d.max())})
+    return pd.DataFrame(rows)

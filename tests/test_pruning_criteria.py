@@ -1,0 +1,152 @@
+"""Pruning criteria (metrics), pruning plans and the random baseline (pruning), on hand-computed inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from moeaudit import metrics, pruning
+from moeaudit.engine import CleanPass
+
+
+# ---- literature criteria ------------------------------------------------------------------------
+
+def test_literature_criteria_by_hand():
+    # three tokens, top-2, four experts; expert 3 is never selected
+    idx = np.array([[0, 1], [0, 2], [1, 0]])
+    w = np.array([[0.5, 0.5], [0.25, 0.75], [1.0, 0.0]])
+    nrm = np.array([[2.0, 4.0], [8.0, 1.0], [6.0, 10.0]])
+    got = metrics.literature_criteria_from_routing(idx, w, nrm, num_experts=4).set_index("expert")
+    # freq-weighted norm: sum of the expert's norms over the N = 3 tokens, divided by 3
+    assert got.freq_weighted_norm.tolist() == pytest.approx([(2 + 8 + 10) / 3, (4 + 6) / 3, 1 / 3, 0.0])
+    # REAP: mean of g * ||E|| over the tokens that select the expert
+    assert got.reap[0] == pytest.approx((0.5 * 2 + 0.25 * 8 + 0.0 * 10) / 3)
+    assert got.reap[1] == pytest.approx((0.5 * 4 + 1.0 * 6) / 2)
+    assert got.reap[2] == pytest.approx(0.75)
+    assert np.isnan(got.reap[3])
+
+
+def test_literature_criteria_reject_bad_input():
+    with pytest.raises(ValueError, match="one shape"):
+        metrics.literature_criteria_from_routing(np.zeros((2, 2), int), np.zeros((2, 1)), np.zeros((2, 2)),
+                                                 num_experts=4)
+    with pytest.raises(ValueError, match="expert ids"):
+        metrics.literature_criteria_from_routing(np.array([[0, 5]]), np.ones((1, 2)), np.ones((1, 2)), num_experts=4)
+
+
+def _clean():
+    tokens = pd.DataFrame({"seq_id": [0, 0, 1], "t": [0, 1, 0]})
+    routing = {3: {"indices": np.array([[0, 1], [0, 2], [1, 0]]),
+                   "weight": np.array([[0.5, 0.5], [0.25, 0.75], [1.0, 0.0]]),
+                   "prob": np.array([[0.4, 0.3], [0.2, 0.6], [0.7, 0.1]]),
+                   "norm": np.array([[2.0, 4.0], [8.0, 1.0], [6.0, 10.0]])}}
+    return CleanPass(model_name="toy", tokens=tokens, routing=routing, offsets=np.array([0, 2]))
+
+
+def test_pruning_criteria_restricts_to_the_calibration_texts():
+    crit = metrics.pruning_criteria(_clean(), num_experts=4, seq_ids=[0]).set_index("expert")
+    # text 0 only (two tokens): expert 0 selected twice with norms 2 and 8
+    assert crit.utilization_rate.tolist() == pytest.approx([1.0, 0.5, 0.5, 0.0])
+    assert crit.freq_weighted_norm[0] == pytest.approx((2 + 8) / 2)
+    assert crit.reap[0] == pytest.approx((0.5 * 2 + 0.25 * 8) / 2)
+    assert crit.mean_routing_weight[0] == pytest.approx(0.3)
+    assert set(crit.layer) == {3}
+
+
+def test_token_gap_norm_reads_the_experts_slot():
+    rec = pd.DataFrame({"layer": [3, 3, 3], "seq_id": [0, 1, 0], "t": [1, 0, 0], "expert": [2, 0, 3],
+                        "weight": [0.75, 0.5, 0.1]})
+    got = metrics.token_gap_norm(_clean(), rec)
+    assert got[:2] == pytest.approx([0.75 * 1.0, 0.5 * 10.0])
+    assert np.isnan(got[2])  # expert 3 is not active there
+    with pytest.raises(ValueError, match="layer 5"):
+        metrics.token_gap_norm(_clean(), rec.assign(layer=5))
+
+
+def test_paired_by_value_takes_extremes_and_breaks_ties_by_id():
+    rec = pd.DataFrame({"model": "toy", "layer": 0, "seq_id": [0, 0, 0, 1, 1, 2, 2],
+                        "t": [4, 4, 4, 2, 2, 1, 1], "expert": [5, 1, 3, 0, 7, 2, 3],
+                        "v": [0.2, 0.9, 0.2, 0.5, 0.5, 1.0, np.nan],
+                        "delta_loss": [0.1, 0.3, -0.2, 0.05, 0.01, 0.4, 0.0]})
+    got = metrics.paired_by_value(rec, "v", ranking="toy_rank")
+    # position (0, 4): high = expert 1; low tie between 5 and 3 at 0.2 -> the higher id, 5
+    # position (1, 2): all tied -> high = lowest id 0, low = highest id 7
+    # position (2, 1): only one expert has a value -> dropped
+    assert got[["seq_id", "expert_high", "expert_low"]].values.tolist() == [[0, 1, 5], [1, 0, 7]]
+    assert got["diff"].tolist() == pytest.approx([0.3 - 0.1, 0.05 - 0.01])
+    assert (got.ranking == "toy_rank").all()
+
+
+# ---- plans -----------------------------------------------------------------------------------
+
+def test_criterion_plan_removes_the_lowest_per_layer():
+    crit = pd.DataFrame({"layer": [1] * 4 + [2] * 4, "expert": [0, 1, 2, 3] * 2,
+                         "c": [0.3, np.nan, 0.1, 0.9, 5.0, 4.0, 4.0, 1.0]})
+    assert pruning.criterion_plan(crit, "c", 0.5, [1, 2]) == {1: [1, 2], 2: [1, 3]}
+    with pytest.raises(KeyError):
+        pruning.criterion_plan(crit, "c", 0.5, [7])
+
+
+def test_random_plan_is_seeded_per_layer_and_sized():
+    a = pruning.random_plan(8, 0.25, [0, 1], seed=1, draw=0)
+    assert [len(v) for v in a.values()] == [2, 2] and all(len(set(v)) == 2 for v in a.values())
+    assert pruning.random_plan(8, 0.25, [1], seed=1, draw=0) == {1: a[1]}  # same choice alone or together
+    draws = {tuple(pruning.random_plan(8, 0.25, [0], seed=1, draw=d)[0]) for d in range(20)}
+    assert len(draws) > 5  # different draws differ
+    with pytest.raises(ValueError):
+        pruning.n_pruned(8, 1.0)
+
+
+def test_pruning_plans_layout():
+    crit = pd.DataFrame({"layer": [1] * 4 + [2] * 4, "expert": [0, 1, 2, 3] * 2, "c": np.arange(8.0)})
+    plans, meta = pruning.pruning_plans(crit, criteria_names=["c"], fractions=[0.25, 0.5], n_random=3,
+                                        moe_layers=[1, 2], num_experts=4, seed=0, per_layer_fraction=0.5)
+    assert plans[0] == {} and len(plans) == 1 + len(meta)
+    assert len(meta) == 2 * (1 + 3) + 2 * (1 + 3)
+    assert meta.criterion.value_counts()["random"] == 12
+    assert plans[1] == {1: [0], 2: [0]}
+    single = meta.index[(meta.scope == 2) & (meta.criterion == "c")][0]
+    assert plans[1 + single] == {2: [0, 1]}
+    _, meta2 = pruning.pruning_plans(crit, criteria_names=["c"], fractions=[0.25], n_random=3, moe_layers=[1, 2],
+                                     num_experts=4, seed=0, per_layer_fraction=0.5, n_random_per_layer=1)
+    assert meta2.groupby("scope").size().to_dict() == {"all": 4, 1: 2, 2: 2}
+    with pytest.raises(ValueError):
+        pruning.pruning_plans(crit, criteria_names=["c"], fractions=[0.25], n_random=0, moe_layers=[1],
+                              num_experts=4, seed=0)
+
+
+# ---- random baseline ----------------------------------------------------------------------------
+
+def test_random_rank_pvalue_by_hand():
+    draws = [10.0, 12.0, 11.0, 9.0]
+    assert pruning.random_rank_pvalue(8.0, draws) == pytest.approx(1 / 5)      # better than all four
+    assert pruning.random_rank_pvalue(10.5, draws) == pytest.approx(3 / 5)     # 9 and 10 are as good
+    assert pruning.random_rank_pvalue(11.0, draws) == pytest.approx(4 / 5)     # a tie counts as at least as good
+    assert pruning.random_rank_pvalue(13.0, draws) == pytest.approx(1.0)
+    assert pruning.random_rank_pvalue(13.0, draws, lower_is_better=False) == pytest.approx(1 / 5)
+    with pytest.raises(ValueError):
+        pruning.random_rank_pvalue(1.0, [])
+    with pytest.raises(ValueError):
+        pruning.random_rank_pvalue(np.nan, draws)
+
+
+def test_random_rank_pvalue_is_uniform_under_exchangeability():
+    rng = np.random.default_rng(0)
+    n = 19
+    ps = np.array([pruning.random_rank_pvalue(x[0], x[1:]) for x in rng.normal(size=(4000, n + 1))])
+    assert ps.min() == pytest.approx(1 / (n + 1))
+    assert abs((ps <= 0.05).mean() - 1 / 20) < 0.015  # P(p <= 1/20) = 1/20 exactly for 19 draws
+
+
+def test_compare_with_random_summaries():
+    res = pd.DataFrame({"model": "m", "scope": "all", "fraction": 0.5,
+                        "criterion": ["a", "b", *["random"] * 4], "perplexity": [8.0, 10.5, 10, 12, 11, 9]})
+    got = pruning.compare_with_random(res).set_index("criterion")
+    assert got.loc["a", "p_rank"] == pytest.approx(1 / 5) and bool(got.loc["a", "beats_all"])
+    assert got.loc["b", "random_median"] == pytest.approx(10.5)
+    assert got.loc["b", "random_mean"] == pytest.approx(10.5) and not bool(got.loc["b", "beats_mean"])
+    assert got.loc["a", "z"] == pytest.approx((8 - 10.5) / np.std([10, 12, 11, 9], ddof=1))
+    assert (got.n_draws == 4).all() and got.loc["b", "random_min"] == 9
+    with pytest.raises(ValueError, match="no random draw"):
+        pruning.compare_with_random(res.assign(fraction=[0.25, 0.5, 0.5, 0.5, 0.5, 0.5]))
