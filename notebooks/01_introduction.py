@@ -25,13 +25,14 @@ n_texts = 10  # texts loaded for the example (only seq_id is used)
 dtype = "float32"
 device = "cpu"
 corpus = "auto"  # "auto": WikiText-2 if found locally or on the hub, else the embedded corpus; "wikitext-2"; "embedded"; or a text file (one text per line)
+text_form = "released"  # "released": each text as the corpus serves it (WikiText-2: leading space and line break kept, as the released code feeds it); "stripped"
 data_dir = None  # folder with wikitext-2/ (default: $MOEAUDIT_DATA_DIR)
 results_dir = None  # record cache (default: $MOEAUDIT_RESULTS_DIR or results/)
 
 # %% tags=["hide-input"]
 from moeaudit import report
 
-corpus_source = report.show_corpus(corpus, data_dir=data_dir)
+corpus_source = report.show_corpus(corpus, data_dir=data_dir, text_form=text_form)
 
 # %% [markdown]
 # This book reproduces, as executable chapters, the paper *From Observation to Intervention:
@@ -106,7 +107,7 @@ report.use_book_style()
 
 # %%
 name = models[0]
-ctx = prepare(name, n_texts=n_texts, dtype=dtype, device=device, corpus=corpus_source, data_dir=data_dir, results_dir=results_dir)
+ctx = prepare(name, n_texts=n_texts, dtype=dtype, device=device, corpus=corpus_source, text_form=text_form, data_dir=data_dir, results_dir=results_dir)
 lay = ctx.model.layout
 L = lay.moe_layers[-1] if layer is None else int(layer)
 lay.check_layer(L)
@@ -314,7 +315,10 @@ display(Markdown(
 # directories. The `corpus` parameter names the evaluation text: `"auto"` (the default) reads
 # WikiText-2 from `$MOEAUDIT_DATA_DIR` (or the `data_dir` parameter) or from the Hugging Face
 # hub, and otherwise the corpus of original prose shipped with the project, whose numbers are
-# illustrative; `"wikitext-2"` insists on WikiText-2; a file path reads one text per line. Ablation records are cached on disk (`results/`, or `$MOEAUDIT_RESULTS_DIR`)
+# illustrative; `"wikitext-2"` insists on WikiText-2; a file path reads one text per line.
+# `text_form` says how a line becomes a text: `"released"` (the default) keeps it as the corpus
+# serves it, with its leading space and line break, as the released code does; `"stripped"`
+# removes that whitespace, which changes every text's first token. Ablation records are cached on disk (`results/`, or `$MOEAUDIT_RESULTS_DIR`)
 # under a key made of every parameter that produced them, so a re-run reuses them, an
 # interrupted run resumes, and a changed parameter computes new records.
 #

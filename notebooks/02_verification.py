@@ -28,13 +28,14 @@ device = "cpu"
 n_texts = 100
 max_tokens = None
 corpus = "auto"  # "auto": WikiText-2 if found locally or on the hub, else the embedded corpus; "wikitext-2"; "embedded"; or a text file (one text per line)
+text_form = "released"  # "released": each text as the corpus serves it (WikiText-2: leading space and line break kept, as the released code feeds it); "stripped"
 data_dir = None
 results_dir = None
 
 # %% tags=["hide-input"]
 from moeaudit import report
 
-corpus_source = report.show_corpus(corpus, data_dir=data_dir)
+corpus_source = report.show_corpus(corpus, data_dir=data_dir, text_form=text_form)
 
 # %% [markdown]
 # Before any audit number can be trusted, two things must be established for each model:
@@ -119,7 +120,7 @@ other_mode = [m for m in ABLATION_MODES if m != mode][0]
 contexts, audited = {}, {}
 for name in models:
     contexts[name] = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=dtype, device=device,
-                             corpus=corpus_source, data_dir=data_dir, results_dir=results_dir)
+                             corpus=corpus_source, text_form=text_form, data_dir=data_dir, results_dir=results_dir)
     audited[name] = [int(L) for L in layers] if layers is not None else contexts[name].model.audit_layers(5)
     for L in audited[name]:
         contexts[name].model.layout.check_layer(L)

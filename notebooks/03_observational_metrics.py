@@ -30,13 +30,14 @@ batch_size = 8
 alpha = 0.05  # level for the significance threshold of Spearman correlations
 released_pad_share = 0.62  # share of padding positions in the released statistics run (OLMoE)
 corpus = "auto"  # "auto": WikiText-2 if found locally or on the hub, else the embedded corpus; "wikitext-2"; "embedded"; or a text file (one text per line)
+text_form = "released"  # "released": each text as the corpus serves it (WikiText-2: leading space and line break kept, as the released code feeds it); "stripped"
 data_dir = None
 results_dir = None
 
 # %% tags=["hide-input"]
 from moeaudit import report
 
-corpus_source = report.show_corpus(corpus, data_dir=data_dir)
+corpus_source = report.show_corpus(corpus, data_dir=data_dir, text_form=text_form)
 
 # %% [markdown]
 # Pruning methods rank experts by statistics observed on a corpus, before any expert is
@@ -82,7 +83,7 @@ report.use_book_style()
 contexts, audited = {}, {}
 for name in models:
     ctx = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=dtype, device=device,
-                  corpus=corpus_source, data_dir=data_dir, results_dir=results_dir)
+                  corpus=corpus_source, text_form=text_form, data_dir=data_dir, results_dir=results_dir)
     contexts[name] = ctx
     audited[name] = [int(L) for L in layers] if layers is not None else ctx.model.audit_layers(5)
     for L in audited[name]:

@@ -32,13 +32,14 @@ alpha = 0.05  # family-wise level before correction
 tost_bound_d = 0.2  # equivalence bound for TOST, in d_z units
 power = 0.8  # power at which the minimum detectable effect is computed
 corpus = "auto"  # "auto": WikiText-2 if found locally or on the hub, else the embedded corpus; "wikitext-2"; "embedded"; or a text file (one text per line)
+text_form = "released"  # "released": each text as the corpus serves it (WikiText-2: leading space and line break kept, as the released code feeds it); "stripped"
 data_dir = None  # folder with wikitext-2/ (default: $MOEAUDIT_DATA_DIR)
 results_dir = None  # record cache (default: $MOEAUDIT_RESULTS_DIR or results/)
 
 # %% tags=["hide-input"]
 from moeaudit import report
 
-corpus_source = report.show_corpus(corpus, data_dir=data_dir)
+corpus_source = report.show_corpus(corpus, data_dir=data_dir, text_form=text_form)
 
 # %% [markdown]
 # This chapter reproduces the paper's central experiment (Section 3, Tables 1–3 of
@@ -91,7 +92,7 @@ glue("paper_alpha", float(paper.alpha_bonferroni.iloc[0]), display=False)
 all_cells, contexts = [], {}
 for name in models:
     ctx = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=dtype, device=device,
-                  corpus=corpus_source, data_dir=data_dir, results_dir=results_dir)
+                  corpus=corpus_source, text_form=text_form, data_dir=data_dir, results_dir=results_dir)
     contexts[name] = ctx
     audited = list(layers) if layers is not None else ctx.model.audit_layers(5)
     rec = single_expert_records(ctx, layers=audited, n_positions=n_positions, seed=seed, mode=mode,

@@ -31,6 +31,7 @@ batch_size = 64
 alpha = 0.05  # family-wise level before correction
 power = 0.8  # power for the minimum detectable effect and the sample-size plan
 corpus = "auto"  # "auto": WikiText-2 if found locally or on the hub, else the embedded corpus; "wikitext-2"; "embedded"; or a text file (one text per line)
+text_form = "released"  # "released": each text as the corpus serves it (WikiText-2: leading space and line break kept, as the released code feeds it); "stripped"
 data_dir = None  # folder with wikitext-2/ (default: $MOEAUDIT_DATA_DIR)
 results_dir = None  # record cache (default: $MOEAUDIT_RESULTS_DIR or results/)
 n_boot = 2000  # bootstrap resamples for the Spearman confidence intervals
@@ -38,7 +39,7 @@ n_boot = 2000  # bootstrap resamples for the Spearman confidence intervals
 # %% tags=["hide-input"]
 from moeaudit import report
 
-corpus_source = report.show_corpus(corpus, data_dir=data_dir)
+corpus_source = report.show_corpus(corpus, data_dir=data_dir, text_form=text_form)
 
 # %% [markdown]
 # The audit of the previous chapter asked whether four *population-level* statistics of an
@@ -102,7 +103,7 @@ glue("paper_control_alpha", alpha / len(released.LAYERS["olmoe"]), display=False
 control_cells, observational_cells, layouts = [], [], {}
 for name in models:
     ctx = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=dtype, device=device,
-                  corpus=corpus_source, data_dir=data_dir, results_dir=results_dir)
+                  corpus=corpus_source, text_form=text_form, data_dir=data_dir, results_dir=results_dir)
     lay = ctx.model.layout
     layouts[name] = lay
     audited = list(layers) if layers is not None else ctx.model.audit_layers(5)

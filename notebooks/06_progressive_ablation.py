@@ -28,6 +28,7 @@ min_context = 0
 batch_size = 64
 alpha = 0.05  # 1 - confidence level of the intervals on the mean
 corpus = "auto"  # "auto": WikiText-2 if found locally or on the hub, else the embedded corpus; "wikitext-2"; "embedded"; or a text file (one text per line)
+text_form = "released"  # "released": each text as the corpus serves it (WikiText-2: leading space and line break kept, as the released code feeds it); "stripped"
 data_dir = None  # folder with wikitext-2/ (default: $MOEAUDIT_DATA_DIR)
 results_dir = None  # record cache (default: $MOEAUDIT_RESULTS_DIR or results/)
 cliff_threshold = 0.1  # mean loss increase (nats) that counts as a layer "breaking"
@@ -35,7 +36,7 @@ cliff_threshold = 0.1  # mean loss increase (nats) that counts as a layer "break
 # %% tags=["hide-input"]
 from moeaudit import report
 
-corpus_source = report.show_corpus(corpus, data_dir=data_dir)
+corpus_source = report.show_corpus(corpus, data_dir=data_dir, text_form=text_form)
 
 # %% [markdown]
 # The audit removes *one* active expert at a token and finds that, in most layers, it hardly
@@ -98,7 +99,7 @@ for key, value in {"n_positions": n_positions, "paper_n": int(paper.n.iloc[0]), 
 all_records, layouts, audited_layers, eligible = [], {}, {}, {}
 for name in models:
     ctx = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=dtype, device=device,
-                  corpus=corpus_source, data_dir=data_dir, results_dir=results_dir)
+                  corpus=corpus_source, text_form=text_form, data_dir=data_dir, results_dir=results_dir)
     lay = layouts[name] = ctx.model.layout
     audited = audited_layers[name] = list(layers) if layers is not None else list(lay.moe_layers)
     eligible[name] = {c: len(valid_positions(ctx.corpus, min_context=c)) for c in (min_context, 32)}

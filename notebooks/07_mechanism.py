@@ -27,13 +27,14 @@ max_tokens = None  # None: min(512, the model's context)
 batch_size = 64
 min_activations = 5  # an expert enters a correlation only with at least this many activations
 corpus = "auto"  # "auto": WikiText-2 if found locally or on the hub, else the embedded corpus; "wikitext-2"; "embedded"; or a text file (one text per line)
+text_form = "released"  # "released": each text as the corpus serves it (WikiText-2: leading space and line break kept, as the released code feeds it); "stripped"
 data_dir = None  # folder with wikitext-2/ (default: $MOEAUDIT_DATA_DIR)
 results_dir = None  # record cache (default: $MOEAUDIT_RESULTS_DIR or results/)
 
 # %% tags=["hide-input"]
 from moeaudit import report
 
-corpus_source = report.show_corpus(corpus, data_dir=data_dir)
+corpus_source = report.show_corpus(corpus, data_dir=data_dir, text_form=text_form)
 
 # %% [markdown]
 # The paper explains its one surviving signal (routing weight at the last OLMoE layer) with two
@@ -134,7 +135,7 @@ for key, value in {"olmoe_gap_first": paper_ratios.loc["olmoe", "gap_first"], "o
 geo_all, rec_all, info, last_moe_layer = [], [], [], {}
 for name in models:
     ctx = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=dtype, device=device,
-                  corpus=corpus_source, data_dir=data_dir, results_dir=results_dir)
+                  corpus=corpus_source, text_form=text_form, data_dir=data_dir, results_dir=results_dir)
     ctx.model.hf.config.output_router_logits = False  # no auxiliary balancing loss during analysis forwards
     lay = ctx.model.layout
     moe = list(layers) if layers is not None else list(lay.moe_layers)

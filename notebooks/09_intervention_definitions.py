@@ -31,13 +31,14 @@ batch_size = 64
 alpha = 0.05
 n_boot = 2000  # bootstrap resamples for the confidence intervals of differences of d_z
 corpus = "auto"  # "auto": WikiText-2 if found locally or on the hub, else the embedded corpus; "wikitext-2"; "embedded"; or a text file (one text per line)
+text_form = "released"  # "released": each text as the corpus serves it (WikiText-2: leading space and line break kept, as the released code feeds it); "stripped"
 data_dir = None  # folder with wikitext-2/ and paper-released/ (default: $MOEAUDIT_DATA_DIR)
 results_dir = None  # record cache (default: $MOEAUDIT_RESULTS_DIR or results/)
 
 # %% tags=["hide-input"]
 from moeaudit import report
 
-corpus_source = report.show_corpus(corpus, data_dir=data_dir)
+corpus_source = report.show_corpus(corpus, data_dir=data_dir, text_form=text_form)
 
 # %% [markdown]
 # An interventional audit is only as precise as the intervention it names. The paper defines
@@ -181,7 +182,7 @@ fig.tight_layout(rect=(0.01, 0.155, 1, 1));
 contexts, records, audited_layers = {}, {}, {}
 for name in models:
     ctx = contexts[name] = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=dtype, device=device,
-                                   corpus=corpus_source, data_dir=data_dir, results_dir=results_dir)
+                                   corpus=corpus_source, text_form=text_form, data_dir=data_dir, results_dir=results_dir)
     lay = ctx.model.layout
     audited_layers[name] = list(layers) if layers is not None else ctx.model.audit_layers(5)
     for m in modes:
@@ -537,7 +538,7 @@ display(Markdown(flip_text(cmp_def, "paper", "released")))
 half_recs, half_metrics, noise, noise_sum = {}, {}, {}, {}
 for name in models:
     ctx_h = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=half_dtype, device=device,
-                    corpus=corpus_source, data_dir=data_dir, results_dir=results_dir)
+                    corpus=corpus_source, text_form=text_form, data_dir=data_dir, results_dir=results_dir)
     half_recs[name] = single_expert_records(ctx_h, layers=audited_layers[name], n_positions=n_positions, seed=seed,
                                             mode="token", batch_size=batch_size)
     half_metrics[name] = ctx_h.metrics

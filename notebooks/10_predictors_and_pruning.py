@@ -35,13 +35,14 @@ n_random_draws_per_layer = 5  # random plans per layer in that sweep (it describ
 bf_prior_r = 0.707  # scale of the Cauchy prior on the standardised effect (JZS Bayes factor)
 bf_prior_r_narrow = 0.354  # a second, narrower prior (expects smaller effects)
 corpus = "auto"  # "auto": WikiText-2 if found locally or on the hub, else the embedded corpus; "wikitext-2"; "embedded"; or a text file (one text per line)
+text_form = "released"  # "released": each text as the corpus serves it (WikiText-2: leading space and line break kept, as the released code feeds it); "stripped"
 data_dir = None  # folder with wikitext-2/ (default: $MOEAUDIT_DATA_DIR)
 results_dir = None  # record cache (default: $MOEAUDIT_RESULTS_DIR or results/)
 
 # %% tags=["hide-input"]
 from moeaudit import report
 
-corpus_source = report.show_corpus(corpus, data_dir=data_dir)
+corpus_source = report.show_corpus(corpus, data_dir=data_dir, text_form=text_form)
 
 # %% [markdown]
 # The paper {cite}`engmann2026audit` leaves three questions open (Sections 4–5):
@@ -138,7 +139,7 @@ glue_all(alpha=alpha, n_random_draws=n_random_draws, ppl_texts=ppl_texts, r_wide
 contexts, records, criteria, setup = {}, {}, {}, []
 for name in models:
     ctx = contexts[name] = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=dtype, device=device,
-                                   corpus=corpus_source, data_dir=data_dir, results_dir=results_dir)
+                                   corpus=corpus_source, text_form=text_form, data_dir=data_dir, results_dir=results_dir)
     lay = ctx.model.layout
     audited = list(layers) if layers is not None else ctx.model.audit_layers(5)
     rec = single_expert_records(ctx, layers=audited, n_positions=n_positions, seed=seed, mode=mode,

@@ -19,13 +19,14 @@
 # %% tags=["parameters", "hide-input"]
 models = ["tiny-olmoe", "tiny-qwen-moe", "tiny-deepseek-v2"]  # shipped names or directories with a training_summary.json
 corpus = "auto"  # "auto": WikiText-2 if found locally or on the hub, else the embedded corpus; "wikitext-2"; "embedded"; or a text file (one text per line)
+text_form = "released"  # "released": each text as the corpus serves it (WikiText-2: leading space and line break kept, as the released code feeds it); "stripped"
 data_dir = None  # folder with wikitext-2/ (default: $MOEAUDIT_DATA_DIR); only for the example predictions
 results_dir = None  # where the tables of this page are saved as CSV (default: $MOEAUDIT_RESULTS_DIR or results/)
 
 # %% tags=["hide-input"]
 from moeaudit import report
 
-corpus_source = report.show_corpus(corpus, data_dir=data_dir, scope="example")
+corpus_source = report.show_corpus(corpus, data_dir=data_dir, text_form=text_form, scope="example")
 
 # %% [markdown]
 # The paper audits three MoE language models with billions of parameters
@@ -307,7 +308,7 @@ from moeaudit.corpus import select_texts  # noqa: E402
 
 hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()
-prompt = " ".join(select_texts(list(corpus_source.lines), n_texts=1)[0].split()[:24])
+prompt = " ".join(select_texts(list(corpus_source.lines), n_texts=1, text_form=text_form)[0].split()[:24])
 display(Markdown(f"From {corpus_source.describe()}:\n\n> {prompt} …"))
 display(pd.DataFrame({m: zoo.top_next_tokens(model_dir(m), prompt) for m in models}).T.rename_axis("model"))
 

@@ -203,7 +203,9 @@ def test_every_chapter_that_reads_text_has_the_corpus_parameter_and_shows_it():
         assert book.notebook_parameters(stem)["corpus"] == "auto", stem
         assert "report.show_corpus(corpus" in src, stem
         for call in re.findall(r"prepare\([^)]*\)", src, flags=re.S):
-            assert "corpus=corpus_source" in call, f"{stem}: {call}"
+            assert "corpus=corpus_source" in call and "text_form=text_form" in call, f"{stem}: {call}"
+        if stem != "A2_departures":
+            assert book.notebook_parameters(stem)["text_form"] == "released", stem
 
 
 def test_chapter_with_bad_corpus_fails_in_a_second(monkeypatch, tmp_path):
@@ -245,3 +247,26 @@ def test_sampler_on_the_embedded_corpus_is_seeded(tokenizer):
     a, b = C.sample_positions(tc, n=50, seed=1), C.sample_positions(tc, n=50, seed=1)
     assert a.equals(b) and not a.equals(C.sample_positions(tc, n=50, seed=2))
     assert np.all(a.t.to_numpy() <= tc.lengths[a.seq_id.to_numpy()] - 2)
+
+
+def test_text_forms(tokenizer):
+    """The released form keeps a line as served (leading space, line break); it changes the first token."""
+    lines = [" = Heading = ", " The harbour town built a stone bridge over the river in the year of the flood . "]
+    released = C.select_texts(lines, n_texts=1, min_chars=20)
+    stripped = C.select_texts(lines, n_texts=1, min_chars=20, text_form="stripped")
+    assert released == [lines[1] + "\n"] and stripped == [lines[1].strip()]
+    assert C.select_texts([lines[1] + "\n"], n_texts=1, min_chars=20) == [lines[1] + "\n"]  # hub lines keep theirs
+    ids_r, ids_s = (tokenizer(t)["input_ids"] for t in (released[0], stripped[0]))
+    assert ids_r[0] != ids_s[0] and len(ids_r) > len(ids_s)
+    with pytest.raises(ValueError, match="text_form='raw'"):
+        C.select_texts(lines, n_texts=1, text_form="raw")
+    tc = C.load_eval_corpus(tokenizer, corpus="embedded", n_texts=3, max_tokens=64, text_form="stripped")
+    assert tc.meta["text_form"] == "stripped"
+
+
+def test_text_form_is_checked_before_loading_and_part_of_the_key(monkeypatch, tmp_path, no_hub):
+    with pytest.raises(ValueError, match="text_form="):
+        audit.prepare("tiny-olmoe", corpus="embedded", text_form="strip", results_dir=tmp_path)
+    keys = {form: audit.params_key(audit.prepare("tiny-olmoe", corpus="embedded", n_texts=2, text_form=form,
+                                                 results_dir=tmp_path).provenance) for form in C.TEXT_FORMS}
+    assert len(set(keys.values())) == 2

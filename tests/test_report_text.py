@@ -85,7 +85,7 @@ def test_protocol_departures_follow_the_parameters():
     from moeaudit.corpus import resolve_corpus
 
     params = {"mode": "token", "n_positions": 50, "seed": 7, "layers": None, "n_texts": 20, "max_tokens": None,
-              "dtype": "bfloat16"}
+              "dtype": "bfloat16", "text_form": "stripped"}
     t = report.protocol_departures(params=params, corpus_source=resolve_corpus("embedded"),
                                    audited={"m": [1, 3]}, n_moe_layers={"m": 3}, contexts={"m": 128},
                                    n_parameters={"m": 2_500_000}, n_metrics=4).set_index("aspect")["this build"]
@@ -94,7 +94,12 @@ def test_protocol_departures_follow_the_parameters():
     assert t["layers"] == "m: 2 of 3 MoE layers [1, 3]" and t["family"].startswith("m: 8 cells (2 for the control)")
     assert "2.50 M parameters" in t["models"] and "up to 128 tokens (m)" in t["context"]
     assert "embedded corpus" in t["corpus"] and "'bfloat16'" in t["precision"] and "token-local" in t["ablation"]
+    assert t["corpus"].endswith("lines stripped of surrounding whitespace")
     seq = report.protocol_departures(params={**params, "mode": "sequence"}, corpus_source=resolve_corpus("embedded"),
                                      audited={"m": [1]}, n_moe_layers={"m": 3}, contexts={"m": 64},
                                      n_parameters={"m": None}, n_metrics=4).set_index("aspect")["this build"]
     assert "sequence-wide" in seq["ablation"] and "size not recorded" in seq["models"]
+    seq = report.protocol_departures(params={**params, "text_form": "released"}, corpus_source=resolve_corpus("embedded"),
+                                     audited={"m": [1]}, n_moe_layers={"m": 3}, contexts={"m": 64},
+                                     n_parameters={"m": None}, n_metrics=4).set_index("aspect")["this build"]
+    assert "leading space and line break" in seq["corpus"]

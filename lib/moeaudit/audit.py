@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from . import __version__
-from .corpus import CorpusSource, TokenizedCorpus, load_eval_corpus, resolve_corpus, sample_positions
+from .corpus import TEXT_FORMS, CorpusSource, TokenizedCorpus, load_eval_corpus, resolve_corpus, sample_positions
 from .engine import CleanPass, clean_pass, run_ablations
 from .metrics import METRICS, ROUTING_WEIGHT, check_rankings, observational_metrics
 from .models import AuditModel, load_model
@@ -93,25 +93,31 @@ def _compute_and_save_clean(model: AuditModel, corpus: TokenizedCorpus, provenan
 
 
 def prepare(model_name: str, *, corpus: str | os.PathLike | CorpusSource = "auto", n_texts: int = 100,
-            max_tokens: int | None = None, dtype: str = "float32", device: str | None = "cpu", device_map=None,
+            text_form: str = "released", max_tokens: int | None = None, dtype: str = "float32",
+            device: str | None = "cpu", device_map=None,
             data_dir=None, results_dir=None, batch_size: int = 8, progress: bool | None = None) -> AuditContext:
     """Load a model and the evaluation corpus, and run (or reuse) the clean pass over it.
 
     ``corpus`` is resolved first (see :func:`moeaudit.corpus.resolve_corpus`), so a bad value
-    fails before any model is loaded; the corpus used is part of the provenance (and so of every
+    fails before any model is loaded; ``text_form`` says how a selected line becomes a text
+    (:func:`moeaudit.corpus.select_texts`). The corpus used and its form are part of the provenance (and so of every
     record-cache key and ``params.json``). ``max_tokens=None`` truncates texts to
     ``min(512, max_position_embeddings)`` (the paper used up to 512 tokens; the shipped small
     models were trained on shorter contexts).
     """
     source = corpus if isinstance(corpus, CorpusSource) else resolve_corpus(corpus, data_dir=data_dir)
+    if text_form not in TEXT_FORMS:
+        raise ValueError(f"text_form={text_form!r} is not one of {TEXT_FORMS}")
     model = load_model(model_name, dtype=dtype, device=device, device_map=device_map)
     if max_tokens is None:
         max_tokens = int(min(512, getattr(model.hf.config, "max_position_embeddings", 512) or 512))
     if model.tokenizer is None:
         raise ValueError(f"model {model_name!r} has no tokenizer; the evaluation corpus cannot be tokenized")
-    tokenized = load_eval_corpus(model.tokenizer, corpus=source, n_texts=n_texts, max_tokens=max_tokens)
+    tokenized = load_eval_corpus(model.tokenizer, corpus=source, n_texts=n_texts, max_tokens=max_tokens,
+                                 text_form=text_form)
     provenance = {"model": model_name, "model_fingerprint": model_fingerprint(model), "dtype": dtype,
-                  "corpus": tokenized.fingerprint(), **source.key(), "n_texts": n_texts, "max_tokens": max_tokens,
+                  "corpus": tokenized.fingerprint(), **source.key(), "text_form": text_form, "n_texts": n_texts,
+                  "max_tokens": max_tokens,
                   "engine_version": ENGINE_VERSION, "moeaudit": __version__}
     path = resolve_results_dir(results_dir) / "clean" / params_key(provenance)
     if not (path / "COMPLETE").exists():

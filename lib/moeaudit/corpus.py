@@ -238,14 +238,31 @@ def _embedded(requested: str, split: str, reason: str | None) -> CorpusSource:
     return CorpusSource("embedded", EMBEDDED_VERSION, "the moeaudit package", requested, split, reason, tuple(lines))
 
 
-def select_texts(lines: list[str], *, n_texts: int = 100, min_chars: int = 50) -> list[str]:
-    """The paper's text selection: the first ``n_texts`` lines longer than ``min_chars`` characters."""
+#: how a selected line becomes a text: "released" keeps it as the corpus serves it (WikiText-2's lines
+#: start with a space and end with a line break, and the released code feeds them so); "stripped"
+#: removes the surrounding whitespace
+TEXT_FORMS = ("released", "stripped")
+
+
+def select_texts(lines: list[str], *, n_texts: int = 100, min_chars: int = 50, text_form: str = "released") -> list[str]:
+    """The paper's text selection: the first ``n_texts`` lines longer than ``min_chars`` characters
+    (counted without surrounding whitespace; paper, Section 2).
+
+    ``text_form="released"`` returns each line as the corpus serves it, ending with its line break
+    (restored when the file was read line by line), which is how the released code feeds the hub's
+    lines to the tokenizer; ``"stripped"`` strips surrounding whitespace. The two give different
+    first and last tokens. ``ValueError`` for ``n_texts < 1``, an unknown ``text_form`` or too few lines.
+    """
     if n_texts < 1:
         raise ValueError(f"n_texts must be >= 1, got {n_texts}")
-    chosen = [ln.strip() for ln in lines if len(ln.strip()) > min_chars][:n_texts]
+    if text_form not in TEXT_FORMS:
+        raise ValueError(f"text_form={text_form!r} is not one of {TEXT_FORMS}")
+    chosen = [ln for ln in lines if len(ln.strip()) > min_chars][:n_texts]
     if len(chosen) < n_texts:
         raise ValueError(f"n_texts={n_texts} but only {len(chosen)} lines are longer than {min_chars} characters")
-    return chosen
+    if text_form == "stripped":
+        return [ln.strip() for ln in chosen]
+    return [ln if ln.endswith("\n") else ln + "\n" for ln in chosen]
 
 
 @dataclass
@@ -302,23 +319,24 @@ class TokenizedCorpus:
 
 
 def load_eval_corpus(tokenizer, *, corpus: str | os.PathLike | CorpusSource = "auto", n_texts: int = 100,
-                     max_tokens: int = 512, min_chars: int = 50, split: str = "test",
+                     max_tokens: int = 512, min_chars: int = 50, split: str = "test", text_form: str = "released",
                      data_dir: str | Path | None = None) -> TokenizedCorpus:
     """The paper's evaluation corpus: the first ``n_texts`` lines longer than ``min_chars``
-    characters (stripped), tokenized and truncated to ``max_tokens`` (paper, Section 2).
+    characters (:func:`select_texts`, in ``text_form``), tokenized and truncated to ``max_tokens``
+    (paper, Section 2).
 
     ``corpus`` is the parameter value or an already resolved :class:`CorpusSource`; its
-    :meth:`CorpusSource.key` is stored in ``meta`` (and so in every record-cache key).
-    Raises as :func:`resolve_corpus` does, and ``ValueError`` naming ``corpus`` when it has fewer
-    than ``n_texts`` long enough lines.
+    :meth:`CorpusSource.key` and ``text_form`` are stored in ``meta`` (and so in every
+    record-cache key). Raises as :func:`resolve_corpus` does, and ``ValueError`` naming ``corpus``
+    when it has fewer than ``n_texts`` long enough lines.
     """
     source = corpus if isinstance(corpus, CorpusSource) else resolve_corpus(corpus, split=split, data_dir=data_dir)
     try:
-        texts = select_texts(list(source.lines), n_texts=n_texts, min_chars=min_chars)
+        texts = select_texts(list(source.lines), n_texts=n_texts, min_chars=min_chars, text_form=text_form)
     except ValueError as exc:
         raise ValueError(f"corpus={source.requested!r} ({source.describe()}): {exc}") from None
     return TokenizedCorpus.from_texts(texts, tokenizer, max_tokens=max_tokens, split=source.split, n_texts=n_texts,
-                                      min_chars=min_chars, **source.key())
+                                      min_chars=min_chars, text_form=text_form, **source.key())
 
 
 def valid_positions(corpus: TokenizedCorpus, *, min_context: int = 0) -> pd.DataFrame:

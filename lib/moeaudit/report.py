@@ -126,26 +126,38 @@ _SCOPES = {
 }
 
 
-def corpus_admonition(source, *, scope: str = "page"):
+_FORMS = {
+    "released": "Each text is a line as the corpus serves it, with its leading space and line break (the form the "
+                "released code feeds to the tokenizer; parameter <code>text_form</code>).",
+    "stripped": "Each text is a line stripped of its surrounding whitespace (parameter <code>text_form</code>; the "
+                "released code keeps it).",
+}
+
+
+def corpus_admonition(source, *, scope: str = "page", text_form: str | None = None):
     """The box at the top of a chapter naming the corpus it reads (``source``: a
     :class:`moeaudit.corpus.CorpusSource`): a note for WikiText-2, a warning for any other corpus
     (``scope="page"``: the page's numbers are illustrative; ``"example"``: only an example reads
-    it), with how to get WikiText-2. ``ValueError`` for another ``scope``."""
+    it), with how to get WikiText-2; with ``text_form`` (see :func:`moeaudit.corpus.select_texts`)
+    also how lines become texts. ``ValueError`` for another ``scope`` or ``text_form``."""
     if scope not in _SCOPES:
         raise ValueError(f"scope={scope!r} is not one of {tuple(_SCOPES)}")
+    if text_form is not None and text_form not in _FORMS:
+        raise ValueError(f"text_form={text_form!r} is not one of {tuple(_FORMS)}")
+    form = f" {_FORMS[text_form]}" if text_form else ""
     what = html.escape(source.describe())
     if source.is_paper_corpus:
-        body = f"<p>Evaluation corpus: {what} (parameter <code>corpus={html.escape(repr(source.requested))}</code>).</p>"
+        body = f"<p>Evaluation corpus: {what} (parameter <code>corpus={html.escape(repr(source.requested))}</code>).{form}</p>"
         return _admonition("note", "Corpus: WikiText-2", body, f"Corpus: {source.describe()}")
     why = (f" WikiText-2 was not found: {html.escape(source.fallback_reason)}." if source.fallback_reason else "")
     body = (f"<p>Evaluation corpus: {what} (parameter <code>corpus={html.escape(repr(source.requested))}</code>)."
-            f"{why}</p><p>{_SCOPES[scope]} To use WikiText-2, set <code>MOEAUDIT_DATA_DIR</code> to a "
+            f"{why}{form}</p><p>{_SCOPES[scope]} To use WikiText-2, set <code>MOEAUDIT_DATA_DIR</code> to a "
             "folder holding <code>wikitext-2/</code> (<code>test.txt</code> or <code>wiki.test.raw</code>), or run "
             "where the Hugging Face hub is reachable, and execute the chapter again.</p>")
     return _admonition("warning", "Corpus: not WikiText-2", body, f"Corpus: {source.describe()} (not WikiText-2)")
 
 
-def show_corpus(corpus="auto", *, data_dir=None, scope: str = "page"):
+def show_corpus(corpus="auto", *, data_dir=None, scope: str = "page", text_form: str | None = None):
     """Resolve the ``corpus`` parameter, display :func:`corpus_admonition`, and return the
     :class:`moeaudit.corpus.CorpusSource` (pass it on to :func:`moeaudit.audit.prepare`).
 
@@ -159,7 +171,7 @@ def show_corpus(corpus="auto", *, data_dir=None, scope: str = "page"):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CorpusFallbackWarning)
         source = resolve_corpus(corpus, data_dir=data_dir)
-    display(corpus_admonition(source, scope=scope))
+    display(corpus_admonition(source, scope=scope, text_form=text_form))
     return source
 
 
@@ -395,7 +407,9 @@ def protocol_departures(*, params: dict, corpus_source, audited: dict, n_moe_lay
                       "signed-rank, TOST equivalence and the minimum detectable effect",
         "precision": f"dtype = {params['dtype']!r} for the model; losses in float32",
     }
-    build["corpus"] += "; lines stripped of surrounding whitespace"
+    build["corpus"] += ("; each line as the corpus serves it, with its leading space and line break"
+                        if params.get("text_form", "released") == "released" else
+                        "; lines stripped of surrounding whitespace")
     return pd.DataFrame([{"aspect": k, "paper": v[0], "released code": v[1], "this build": build[k]}
                          for k, v in PROTOCOL_REFERENCE.items()])
 
