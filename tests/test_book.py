@@ -198,3 +198,12 @@ def test_execution_key_depends_only_on_what_a_chapter_imports(monkeypatch):
     key = book.execution_key("04_audit")
     monkeypatch.setattr(book, "chapter_modules", lambda stem: ["__init__", "stats"])
     assert book.execution_key("04_audit") != key  # the key is made of those modules' contents
+
+
+def test_longest_chapters_are_started_first(tmp_path):
+    """The recorded execution time orders the chapters; without one, a measured or size estimate."""
+    for stem, seconds in (("04_audit", 90.0), ("01_introduction", 5.0)):
+        (tmp_path / f"{stem}.ipynb").write_text(json.dumps({"metadata": {"moeaudit": {"seconds": seconds}}}))
+    assert book.expected_seconds("04_audit", book_dir=tmp_path) == 90.0
+    assert book.expected_seconds("01_introduction", book_dir=tmp_path) == 5.0
+    assert book.expected_seconds("A2_departures", book_dir=tmp_path) > 0

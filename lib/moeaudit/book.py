@@ -186,17 +186,36 @@ def execute_chapter(stem: str, parameters: dict | None = None, *, book_dir: Path
         (book_dir / f"{stem}.failed.ipynb").unlink(missing_ok=True)
         nb = json.loads(done.read_text())
         nb.setdefault("metadata", {})["moeaudit"] = {"execution_key": execution_key(stem, parameters),
-                                                     "parameters": parameters}
+                                                     "parameters": parameters,
+                                                     "seconds": round(time.time() - t0, 1)}
         done.write_text(json.dumps(nb, indent=1))
         shutil.move(done, target)
     log(f"executed {stem} in {time.time() - t0:.1f} s -> {target}")
     return target
 
 
+def expected_seconds(stem: str, *, book_dir: Path = BOOK) -> float:
+    """How long ``stem`` is expected to take: its last execution time (recorded in
+    ``<book_dir>/<stem>.ipynb``), else the cold time measured by ``benchmarks/bench_book.py``
+    (``benchmarks/reports/book_timing.json``), else its source size in kB (a rough proxy)."""
+    done = Path(book_dir) / f"{stem}.ipynb"
+    if done.exists():
+        seconds = json.loads(done.read_text()).get("metadata", {}).get("moeaudit", {}).get("seconds")
+        if seconds:
+            return float(seconds)
+    report = REPO_ROOT / "benchmarks" / "reports" / "book_timing.json"
+    if report.is_file():
+        measured = json.loads(report.read_text()).get("cold", {}).get("chapters_s", {})
+        if stem in measured:
+            return float(measured[stem])
+    return (NOTEBOOKS / f"{stem}.py").stat().st_size / 1000
+
+
 def execute_chapters(stems: list[str], *, jobs: int = 2, log=print) -> None:
     """Execute ``stems`` with their default parameters, ``jobs`` at a time, each in a separate
-    ``python -m moeaudit.book chapter <stem> --no-html`` process; raise if any failed (after the
-    others finished, so one failure does not discard the rest)."""
+    ``python -m moeaudit.book chapter <stem> --no-html`` process, longest expected first
+    (:func:`expected_seconds`; it shortens the whole run when chapters differ much in length);
+    raise if any failed (after the others finished, so one failure does not discard the rest)."""
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     if jobs == 1 or len(stems) <= 1:
@@ -211,8 +230,9 @@ def execute_chapters(stems: list[str], *, jobs: int = 2, log=print) -> None:
         return stem, proc, time.time() - t0
 
     failed = []
+    order = sorted(stems, key=expected_seconds, reverse=True)
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-        for stem, proc, seconds in pool.map(run, stems):
+        for stem, proc, seconds in pool.map(run, order):
             if proc.returncode == 0:
                 log(f"executed {stem} in {seconds:.1f} s (process wall time, {jobs} in parallel)")
             else:
