@@ -221,7 +221,8 @@ def pruned_perplexities(ctx: AuditContext, plans: list[dict], corpus: TokenizedC
         for blob in chunk:
             plan = {int(L): v for L, v in json.loads(blob).items()}
             with pruned_experts(ctx.model, plan):
-                r = perplexity(ctx.model, corpus, batch_size=len(corpus), progress=False)
+                # eight texts per forward: a quarter faster than one batch of all of them on one CPU thread
+                r = perplexity(ctx.model, corpus, batch_size=8, progress=False)
             rows.append({"plan_json": blob, "mean_loss": r["mean_loss"], "n_tokens": r["n_tokens"]})
         return pd.DataFrame(rows)
 
