@@ -221,6 +221,10 @@ def test_chapter_with_bad_corpus_fails_in_a_second(monkeypatch, tmp_path):
     empty.write_text("")
     with pytest.raises(ValueError, match="is empty"):
         book.execute_chapter("01_introduction", {"corpus": str(empty)}, book_dir=tmp_path)
+    with pytest.raises(ValueError, match="text_form='raw'"):
+        book.execute_chapter("04_audit", {"text_form": "raw"}, book_dir=tmp_path)
+    with pytest.raises(TypeError, match="corpus=5"):
+        book.execute_chapter("04_audit", {"corpus": 5}, book_dir=tmp_path)
 
 
 def test_preflight_reports_what_will_be_used(no_hub):

@@ -155,6 +155,11 @@ def execute_chapter(stem: str, parameters: dict | None = None, *, book_dir: Path
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", CorpusFallbackWarning)
             resolve_corpus(parameters.get("corpus", known["corpus"]), data_dir=parameters.get("data_dir", known.get("data_dir")))
+    if "text_form" in known:
+        from .corpus import TEXT_FORMS  # noqa: PLC0415
+
+        if parameters.get("text_form", known["text_form"]) not in TEXT_FORMS:
+            raise ValueError(f"text_form={parameters['text_form']!r} is not one of {TEXT_FORMS}")
     book_dir = Path(book_dir)
     book_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
