@@ -92,7 +92,7 @@ class CorpusSource:
     def describe(self) -> str:
         """One line naming the corpus, its variant and where it was read."""
         if self.name == "wikitext-2":
-            release = ("tokenized release, with <unk>" if self.variant == WIKITEXT_TOKENIZED
+            release = ("tokenized release, rare words replaced by an unknown-word token" if self.variant == WIKITEXT_TOKENIZED
                        else "raw release, the paper's")
             return f"WikiText-2 {self.split} split ({self.variant}, {release}) from {self.origin}"
         if self.name == "embedded":

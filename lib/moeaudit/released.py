@@ -42,6 +42,7 @@ __all__ = [
     "MODELS",
     "METRICS",
     "LAYERS",
+    "PAPER_ALPHA",
     "ReleasedDataUnavailable",
     "ReleasedSource",
     "DERIVED_TABLES",
@@ -132,6 +133,9 @@ LAYERS: dict[str, tuple[int, ...]] = {
     "deepseek": (1, 7, 13, 20, 26),
 }
 PROGRESSIVE_LAYERS: tuple[int, ...] = (0, 1, 7, 8, 9, 15)
+#: the family-wise level of the paper's tests (Section 2: alpha_adj = 0.05/20 and 0.05/5); statements
+#: about the paper use it, whatever level a chapter's own tests use
+PAPER_ALPHA: float = 0.05
 
 _METRIC_FILE = {
     "olmoe": "olmoe/olmoe_per_token_ablation/layer_{layer:02d}_results.json",
