@@ -38,8 +38,9 @@ corpus_source = report.show_corpus(corpus, data_dir=data_dir, text_form=text_for
 # This book reproduces, as executable chapters, the paper *From Observation to Intervention:
 # A Causal Audit of Expert Importance in Mixture-of-Experts Models* {cite}`engmann2026audit`.
 # Every number, table and figure on these pages is computed when the page is
-# executed; none is copied from the paper, except in the chapter that re-analyses the
-# authors' own result files.
+# executed. Where a chapter sets its results beside the paper's, the paper's numbers are read
+# from its printed tables (entered once in the library) or from the authors' released result
+# files, and are labelled as the paper's.
 #
 # ## The question
 #
@@ -286,13 +287,15 @@ display(Markdown(
 # | [9. Two intervention definitions](09_intervention_definitions.ipynb) | Token-local (the paper's) and sequence-wide (the released code's) ablation side by side: where they differ and whether the audit's conclusions depend on the choice. |
 # | [10. Better predictors and pruning](10_predictors_and_pruning.ipynb) | Predictors closer to the intervention than corpus statistics, whether token-level validity predicts one-shot pruning, and Bayes factors for the audit's null results. |
 # | [A. The default models](A1_default_models.ipynb) | The three small MoE models the book runs on by default, how they were trained, and what they share with the real checkpoints. |
+# | [A. Departures from the protocol](A2_departures.ipynb) | Every point where this build differs from the paper's protocol or the released code, with the value it uses. |
 #
 # The book runs by default on three small MoE models shipped with it, built with the same
 # model classes as OLMoE-1B-7B-0924, Qwen1.5-MoE-A2.7B and DeepSeek-V2-Lite (routed and
 # shared experts, top-k, routing and scaling rules) so that every chapter executes on a
 # laptop CPU in seconds to minutes. Their numbers describe those small models, not the
-# paper's checkpoints. The same chapters run unchanged on the real checkpoints given a GPU,
-# and chapter 8 works directly with the authors' released results.
+# paper's checkpoints. The chapters are written to run unchanged on the real checkpoints given a
+# GPU (this build contains no such run), and chapter 8 works directly with the authors'
+# released results.
 #
 # ## Re-running a chapter
 #

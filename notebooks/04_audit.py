@@ -74,9 +74,10 @@ from myst_nb import glue
 from moeaudit import released, report, stats
 from moeaudit.audit import paired_cells, prepare, single_expert_records
 from moeaudit.metrics import METRICS
+from moeaudit.zoo import ZOO_MODELS
 
 report.use_book_style()
-paper = released.paper_family_verdicts(alpha=alpha)
+paper = released.paper_family_verdicts(alpha=released.PAPER_ALPHA)
 glue("paper_family", int(paper.cells.iloc[0]), display=False)
 glue("paper_metrics", len(released.METRICS), display=False)
 glue("paper_layers", len(released.LAYERS["olmoe"]), display=False)
@@ -130,7 +131,8 @@ display(Markdown(report.SIGNIFICANCE_NOTE))
 # How many of each model's cells reach significance under Bonferroni (the paper), Holm, and
 # Benjamini–Hochberg, for the t-test alone, the Wilcoxon test alone and the dual-test rule; how
 # many cells are *demonstrably* small (TOST equivalence {cite}`lakens2017equivalence` at
-# $|d_z|$ < {glue:text}`tost_bound`); and the smallest effect each family can detect.
+# $|d_z|$ < {glue:text}`tost_bound`, tested at the family's Bonferroni level); and the smallest
+# effect each family can detect.
 
 # %%
 glue("tost_bound", tost_bound_d, display=False)
@@ -174,15 +176,15 @@ fig.tight_layout()
 display(paper.style.hide(axis="index").format(
     {"alpha_bonferroni": "{:.4g}", "max_abs_d": "{:.3f}", "share_positive": "{:.0%}"})
         .set_caption("The paper's audit (Tables 1–3), per model: counts of cells, from the released statistics"))
-glue("comparison_text", Markdown(report.audit_comparison_text(verdicts, paper, table)), display=False)
+glue("comparison_text", Markdown(report.audit_comparison_text(verdicts, paper, table, paper_names=released.MODELS)),
+     display=False)
+glue("limits", Markdown(report.audit_limits_text(default_models=all(m in ZOO_MODELS for m in models),
+                                                  paper_corpus=corpus_source.is_paper_corpus)), display=False)
 
 # %% [markdown]
 # {glue:md}`comparison_text`
 #
-# Two differences limit the comparison. The default models are small stand-ins trained for this
-# book (see the appendix on them), with fewer MoE layers, so their families are smaller and their
-# Bonferroni level is less strict than the paper's. And the effects are measured on a different
-# corpus when the box at the top of this page says so.
+# {glue:md}`limits`
 
 # %% [markdown]
 # ## Traceability

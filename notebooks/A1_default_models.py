@@ -41,9 +41,10 @@ corpus_source = report.show_corpus(corpus, data_dir=data_dir, text_form=text_for
 # Everything else is scaled down: {glue:md}`scaled_down`. Each model is trained with the form of
 # load-balancing loss its real counterpart uses (a Switch-style loss {cite}`fedus2022switch` for
 # OLMoE and Qwen, DeepSeek's sequence-wise expert-balance loss), because how evenly the router
-# spreads tokens over experts is part of what the audit is about. {glue:md}`coefficients` With the
-# real coefficients, the routers in the last layers of the small Qwen and DeepSeek models stopped
-# using a sizeable share of their experts towards the end of training.
+# spreads tokens over experts is part of what the audit is about. {glue:md}`coefficients` The
+# larger coefficients were chosen because, when these small models were first trained with the
+# real ones, the routers in the last layers of the Qwen- and DeepSeek-like models stopped using a
+# sizeable share of their experts towards the end of training (those runs are not shipped).
 #
 # This page documents how the models were trained and how good they are: what data they saw,
 # their loss curves, their perplexity against a unigram baseline, how evenly each layer uses
@@ -54,7 +55,7 @@ corpus_source = report.show_corpus(corpus, data_dir=data_dir, text_form=text_for
 # that the audit's machinery works and what its outputs look like; they are **not** estimates
 # of the paper's numbers, and no chapter of this book contains a run of the real checkpoints:
 # every comparison with the paper uses its printed tables and the authors' released result
-# files. The real checkpoints run with the same chapters on a GPU, for example
+# files. The chapters are written to run on the real checkpoints on a GPU, for example
 #
 #     make chapter NB=04_audit PARAMS="-p models '[\"allenai/OLMoE-1B-7B-0924\"]' -p dtype bfloat16 -p device cuda"
 #
@@ -334,7 +335,8 @@ display(pd.DataFrame({m: zoo.top_next_tokens(model_dir(m), prompt) for m in mode
 # python -m moeaudit.training tiny-olmoe --seed 0
 # ```
 #
-# (a few minutes on a laptop CPU; `--out DIR` writes elsewhere, `--steps N` shortens the run),
+# ({glue:md}`train_cpu` of processor time for the shipped models; `--out DIR` writes elsewhere,
+# `--steps N` shortens the run),
 # and `python scripts/check_reproducibility.py` retrains all three and compares them with the
 # shipped ones.
 #
@@ -353,10 +355,11 @@ display(pd.DataFrame({m: zoo.top_next_tokens(model_dir(m), prompt) for m in mode
 # 1. **Another seed.** Train a model from another seed into a folder of your own and audit it:
 #    `python -m moeaudit.training tiny-olmoe --seed 1 --out /tmp/tiny-olmoe-seed1`, then
 #    `make chapter NB=04_audit PARAMS="-p models '[\"/tmp/tiny-olmoe-seed1\"]'"`.
-#    *Expected:* the test perplexity stays close to the shipped model's
-#    ({glue:text}`ppl_first:.1f`) and far below the unigram baseline; individual $d_z$ values
-#    of the audit move by about their confidence intervals, because a different seed gives
-#    different experts.
+#    *Expected:* the test perplexity should stay close to the shipped model's
+#    ({glue:text}`ppl_first:.1f`) and far below the unigram baseline, since only the seed changes;
+#    the audit's individual $d_z$ values can move by amounts comparable to their confidence
+#    intervals, because a different seed trains different experts — that spread is the
+#    uncertainty a single trained model does not show.
 # 2. **Check reproducibility.** Run `python -m moeaudit.training tiny-olmoe --check-repro`.
 #    *Expected:* the largest loss difference over the {glue:text}`steps_first` steps is exactly
 #    zero on a machine like the one that trained the shipped models; on other processors it may
@@ -364,4 +367,7 @@ display(pd.DataFrame({m: zoo.top_next_tokens(model_dir(m), prompt) for m in mode
 
 # %%
 glue("ppl_first", summaries[models[0]]["evaluation"]["model"]["perplexity"], display=False)
+cpu_min = [s["training"]["cpu_s"] / 60 for s in summaries.values() if "cpu_s" in s["training"]]
+glue("train_cpu", Markdown(f"{zoo.value_span([round(m, 1) for m in cpu_min], '{:.1f}')} minutes" if cpu_min
+                           else "minutes"), display=False)
 glue("steps_first", summaries[models[0]]["training"]["steps"], display=False)

@@ -71,8 +71,8 @@ glue("n_aspects", len(table), display=False)
 # ## The table
 # {glue:text}`n_aspects` aspects of the protocol. Where the released code and the paper disagree,
 # the chapter on the released results shows the evidence in the authors' own records; where
-# this build differs from both, the chapter named in the last column of the next section
-# measures what the difference changes.
+# this build differs from both, the chapters listed in the next section measure what the
+# difference changes. "Not stated" means the paper's text does not say.
 
 # %% tags=["hide-input"]
 display(table.set_index("aspect").style.format(escape="html").set_properties(**{"text-align": "left", "white-space": "pre-wrap",
@@ -87,8 +87,8 @@ display(table.set_index("aspect").style.format(escape="html").set_properties(**{
 #   each other; the released files' own draws are re-analysed in the chapter on the released
 #   results.
 # - **Layers, family size, models, context**: consequences of running on small stand-in models
-#   by default (see the appendix on the default models); the same chapters run the paper's
-#   layers, family and context on the real checkpoints.
+#   by default (see the appendix on the default models); on the real checkpoints the same
+#   chapters use the paper's layers, family and context (this build contains no such run).
 # - **Metric definitions**: the intervention-definitions chapter audits the released recipes
 #   beside the paper's definitions.
 # - **Precision**: the intervention-definitions chapter measures how often half precision

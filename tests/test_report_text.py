@@ -12,14 +12,15 @@ from moeaudit import report
 def _verdicts(dual=(0, 0), cells=(16, 12), unc=(1, 0), maxd=(0.12, 0.2), pos=(0.5, 0.75)):
     return pd.DataFrame({
         "model": ["m1", "m2"], "cells": list(cells), "alpha_bonferroni": [0.05 / c for c in cells],
-        "uncorrected_t": list(unc), "bonferroni_t": [0, 1], "bonferroni_W": [0, 0], "bonferroni_dual": list(dual),
+        "uncorrected_t": list(unc), "uncorrected_t_positive": [min(u, 1) for u in unc], "bonferroni_t": [0, 1], "bonferroni_W": [0, 0], "bonferroni_dual": list(dual),
         "holm_dual": list(dual), "bh_dual": list(dual), "equivalent": [3, 1], "max_abs_dz": list(maxd),
         "share_positive": list(pos), "min_detectable_dz": [0.3, 0.28]})
 
 
 def _paper():
     return pd.DataFrame({"model": ["olmoe", "qwen"], "cells": [20, 20], "alpha_bonferroni": [0.0025, 0.0025],
-                         "uncorrected_t": [1, 2], "bonferroni_t": [0, 1], "bonferroni_W": [0, 0],
+                         "uncorrected_t": [1, 2], "uncorrected_t_positive": [1, 2], "bonferroni_t": [0, 1],
+                         "bonferroni_W": [0, 0],
                          "bonferroni_both": [0, 0], "max_abs_d": [0.141, 0.222], "share_positive": [0.55, 0.85]})
 
 
@@ -27,7 +28,8 @@ def test_no_passing_cell_is_said_plainly_and_counts_come_from_the_frame():
     text = report.family_verdict_text(_verdicts())
     assert text.startswith("**No cell passes**")
     assert "0 of 16 cells" in text and "0 of 12 cells" in text and "0.003125" in text and "0.004167" in text
-    assert "1 has uncorrected p_t < 0.05" in text and "0 have uncorrected" in text
+    assert "1 has uncorrected p_t < 0.05 (all with d_z > 0)" in text and "0 have uncorrected" in text
+    assert "1 passes the t-test alone" in text
     assert "75% of the cells have d_z > 0" in text
 
 
@@ -41,13 +43,14 @@ def test_passing_cells_are_named_from_the_table():
 
 
 def test_comparison_with_the_paper_follows_the_numbers():
-    agree = report.audit_comparison_text(_verdicts(), _paper())
+    agree = report.audit_comparison_text(_verdicts(), _paper(), paper_names={"qwen": "Qwen1.5-MoE-A2.7B"})
     assert "0 of 40 cells pass both tests" in agree and "0 of 28 cells pass the dual rule" in agree
+    assert "3 reach uncorrected p_t < 0.05, all with d > 0" in agree and "0.222 (Qwen1.5-MoE-A2.7B)" in agree
     assert "chance alone would give about 2.0" in agree and "(chance: about 1.4)" in agree
-    assert "0.222 (qwen)" in agree and "0.200 (m2)" in agree
-    assert "agree with the paper" in agree
-    # 0.55*20 + 0.85*20 = 28 of 40 = 70%; 0.5*16 + 0.75*12 = 17 of 28 = 61%
-    assert "70% of the paper's cells" in agree and "61% of this run's" in agree
+    assert "0.200 (m2)" in agree and "agrees with the paper's verdict" in agree
+    # 0.55*20 + 0.85*20 = 28 of 40 positive: binomtest(28, 40) p = 0.0166; 0.5*16 + 0.75*12 = 17 of 28: p = 0.345
+    assert "28 of the paper's 40 cells are positive (two-sided sign test p = 0.017)" in agree
+    assert "17 of this run's 28 (p = 0.34)" in agree and "differs in whether the effects lean positive" in agree
     differ = report.audit_comparison_text(_verdicts(dual=(2, 0)), _paper())
     assert "Unlike the paper" in differ and "2 cells" in differ and "agree" not in differ
     table = pd.DataFrame({"model": ["m1", "m1"], "sig_dual_bonf": [True, True], "p_t": [0.003, 0.0001],
@@ -92,7 +95,7 @@ def test_protocol_departures_follow_the_parameters():
     assert list(t.index) == list(report.PROTOCOL_REFERENCE)
     assert "50 positions" in t["positions"] and "seed 7" in t["positions"]
     assert t["layers"] == "m: 2 of 3 MoE layers [1, 3]" and t["family"].startswith("m: 8 cells (2 for the control)")
-    assert "2.50 M parameters" in t["models"] and "up to 128 tokens (m)" in t["context"]
+    assert "2.50 M parameters" in t["models"] and "up to 128 tokens;" in t["context"]
     assert "embedded corpus" in t["corpus"] and "'bfloat16'" in t["precision"] and "token-local" in t["ablation"]
     assert t["corpus"].endswith("lines stripped of surrounding whitespace")
     seq = report.protocol_departures(params={**params, "mode": "sequence"}, corpus_source=resolve_corpus("embedded"),
@@ -103,3 +106,10 @@ def test_protocol_departures_follow_the_parameters():
                                      audited={"m": [1]}, n_moe_layers={"m": 3}, contexts={"m": 64},
                                      n_parameters={"m": None}, n_metrics=4).set_index("aspect")["this build"]
     assert "leading space and line break" in seq["corpus"]
+
+
+def test_audit_limits_follow_the_run():
+    both = report.audit_limits_text(default_models=True, paper_corpus=False)
+    assert "small stand-ins" in both and "another corpus" in both and "departures" in both
+    real = report.audit_limits_text(default_models=False, paper_corpus=True)
+    assert "stand-ins" not in real and "another corpus" not in real and "sequence-wide" in real

@@ -610,3 +610,394 @@ def compensation_factors(per_expert: pd.DataFrame, *, by=("model", "layer")) -> 
                                         else float("nan")),
                      "slope_rel_comp": log_log_slope(s.mean_gap, s.mean_rel_comp)})
     return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- chapters 5-6: computed wording
+# (sentences whose every number and verdict is picked from the tables beside them)
+
+def fmt_signed(x: float, decimals: int = 3) -> str:
+    """``x`` with an explicit sign and ``decimals`` decimals; a value that rounds to zero prints as
+    ``+0.000`` (never ``-0.000``)."""
+    s = f"{float(x):+.{decimals}f}"
+    return "+" + s[1:] if float(s) == 0 else s
+
+
+def join_words(items) -> str:
+    """``[1, 2, 3]`` -> ``"1, 2 and 3"``; one item as itself; ``""`` for none."""
+    items = [str(i) for i in items]
+    if len(items) < 2:
+        return "".join(items)
+    return ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _plural(k: int, word: str, plural: str | None = None) -> str:
+    return f"{k} {word if k == 1 else (plural or word + 's')}"
+
+
+def control_against_observational(control: pd.DataFrame, observational: pd.DataFrame) -> pd.DataFrame:
+    """Each routing-weight control cell against the observational cells (chapter 5, the paper's Figure 1).
+
+    ``control`` and ``observational``: :func:`moeaudit.stats.audit_table` results with ``model``,
+    ``layer``, ``cohens_dz`` (control also ``dz_ci_low``/``dz_ci_high``; observational ``ranking``).
+    One row per control cell with ``control_dz``, ``dz_ci_low``, ``dz_ci_high``; ``best_ranking`` and
+    ``best_dz``: the observational cell of the same model and layer with the largest d_z; ``beaten``
+    (``best_dz > control_dz``); ``band_low``/``band_high``: min and max d_z of *all* observational cells
+    (the grey band); ``position`` ("above", "below" or "inside" the band), ``margin`` (distance beyond
+    the nearest band edge, 0 inside) and ``ci_overlaps_band`` (the control's interval meets the band).
+    ``ValueError`` when ``observational`` is empty.
+    """
+    if observational.empty:
+        raise ValueError("observational is empty")
+    lo, hi = float(observational.cohens_dz.min()), float(observational.cohens_dz.max())
+    best = observational.loc[observational.groupby(["model", "layer"], sort=False).cohens_dz.idxmax(),
+                             ["model", "layer", "ranking", "cohens_dz"]]
+    best = best.rename(columns={"ranking": "best_ranking", "cohens_dz": "best_dz"})
+    out = control[["model", "layer", "cohens_dz", "dz_ci_low", "dz_ci_high"]].rename(columns={"cohens_dz": "control_dz"})
+    out = out.merge(best, on=["model", "layer"], how="left").reset_index(drop=True)
+    out["beaten"] = out.best_dz > out.control_dz
+    out["band_low"], out["band_high"] = lo, hi
+    out["position"] = np.where(out.control_dz > hi, "above", np.where(out.control_dz < lo, "below", "inside"))
+    out["margin"] = np.clip(out.control_dz - hi, 0, None) + np.clip(lo - out.control_dz, 0, None)
+    out["ci_overlaps_band"] = (out.dz_ci_low <= hi) & (out.dz_ci_high >= lo)
+    return out
+
+
+def control_beaten_text(cmp: pd.DataFrame) -> str:
+    """How often a population-level statistic ranks a token's experts better than the control does
+    (a :func:`control_against_observational` result), with the largest such margin."""
+    beaten = cmp[cmp.beaten]
+    if beaten.empty:
+        return (f"on this run the control's d_z is at least as large as every observational d_z at all "
+                f"{len(cmp)} audited layers")
+    r = beaten.loc[(beaten.best_dz - beaten.control_dz).idxmax()]
+    return (f"on this run, at {len(beaten)} of {len(cmp)} audited layers at least one population-level "
+            f"statistic has a larger d_z than the control (the largest gap: {r.model} layer {r.layer}, control "
+            f"{fmt_signed(r.control_dz)} against {str(r.best_ranking).replace('_', ' ')} {fmt_signed(r.best_dz)})")
+
+
+def figure1_text(control: pd.DataFrame, observational: pd.DataFrame, *, alpha: float) -> str:
+    """The paragraph under Figure 1 of chapter 5: the grey band, the control cells outside it (by how
+    much, and whether their intervals still meet the band), and the counts of passing cells.
+    ``control`` also needs ``sig_dual_bonf`` and ``p_t``."""
+    cmp = control_against_observational(control, observational)
+    s = (f"The {len(observational)} observational cells span d_z from {fmt_signed(cmp.band_low.iloc[0])} to "
+         f"{fmt_signed(cmp.band_high.iloc[0])}. ")
+    out = cmp[cmp.position != "inside"]
+    if out.empty:
+        s += ("Every control cell lies inside that range: per-token conditioning does not produce a larger effect "
+              "than the population-level metrics did. ")
+    for r in out.itertuples():
+        s += (f"{r.model} layer {r.layer} lies {r.position} the band (d_z = {fmt_signed(r.control_dz)}, "
+              f"{r.margin:.3f} beyond its edge); its 95% interval [{fmt_signed(r.dz_ci_low)}, {fmt_signed(r.dz_ci_high)}] "
+              + ("overlaps the band, so it is not shown to be stronger than the strongest observational cell. "
+                 if r.ci_overlaps_band else "does not overlap the band. "))
+    n_dual, n_unc = int(control.sig_dual_bonf.sum()), int((control.p_t < alpha).sum())
+    return s + (f"Of the {len(control)} control cells, {n_dual} pass{'es' if n_dual == 1 else ''} the dual-test rule "
+                f"under Bonferroni within their model, and {n_unc} reach{'es' if n_unc == 1 else ''} uncorrected "
+                f"p_t < {alpha:g}.")
+
+
+def control_summary_text(t: pd.DataFrame, *, alpha: float) -> str:
+    """One model's control cells (rows of the control table, one per layer) as a paragraph: d_z by
+    layer, the largest, and which layers pass Bonferroni on both tests, on one alone."""
+    t = t.sort_values("layer")
+    best = t.loc[t.cohens_dz.abs().idxmax()]
+    dual, t_only, w_only = t[t.sig_dual_bonf], t[t.sig_t_bonf & ~t.sig_dual_bonf], t[t.sig_W_bonf & ~t.sig_t_bonf]
+    seq = ", ".join(f"L{r.layer}: {fmt_signed(r.cohens_dz)}" for r in t.itertuples())
+    s = (f"**{t.model.iloc[0]}.** d_z by layer: {seq}. The largest in magnitude is at layer {int(best.layer)} "
+         f"(d_z = {fmt_signed(best.cohens_dz)}, 95% CI [{fmt_signed(best.dz_ci_low)}, {fmt_signed(best.dz_ci_high)}], "
+         f"p_t = {best.p_t:.3g}, p_W = {best.p_W:.3g}). ")
+    if len(dual):
+        s += (f"{len(dual)} of {len(t)} layers pass{'es' if len(dual) == 1 else ''} Bonferroni under the dual-test rule "
+              f"({join_words(f'L{L}' for L in dual.layer)}). ")
+    else:
+        s += f"No layer passes Bonferroni under the dual-test rule (α_adj = {alpha / len(t):.3g}). "
+    for sub, what, why in ((t_only, "on the t-test alone but not on Wilcoxon", "a disagreement the paper's audit rule "
+                            "counts as noise"), (w_only, "on the Wilcoxon test alone but not on the t-test",
+                                                 "which the rule also sets aside")):
+        if len(sub):
+            s += (f"{'One layer passes' if len(sub) == 1 else f'{len(sub)} layers pass'} {what} "
+                  f"({join_words(f'L{L}' for L in sub.layer)}): {why}. ")
+    return s
+
+
+def control_reading_text(control: pd.DataFrame) -> str:
+    """Whether this run's control separates the two readings of the audit's null (chapter 5), and
+    which Spearman intervals (``rho``, ``rho_ci_low``, ``rho_ci_high``) exclude zero."""
+    dual = control[control.sig_dual_bonf.astype(bool)]
+    if dual.empty:
+        s = ("On this run no control cell passes the dual-test rule under Bonferroni, so the control does not "
+             "separate the two readings: the observational null stays ambiguous here. ")
+    else:
+        s = (f"On this run {_plural(len(dual), 'control cell')} pass{'es' if len(dual) == 1 else ''} the rule ("
+             + join_words(f"{r.model} layer {r.layer}" for r in dual.itertuples())
+             + "): the audit detects an effect of that size, and the observational null is informative there. ")
+    ex = control[(control.rho_ci_low > 0) | (control.rho_ci_high < 0)]
+    if ex.empty:
+        return s + f"No Spearman interval of the {len(control)} cells excludes zero."
+    return s + (f"The Spearman interval excludes zero at {_plural(len(ex), 'cell')} of {len(control)}: "
+                + "; ".join(f"{r.model} layer {r.layer} (ρ = {fmt_signed(r.rho)}, [{fmt_signed(r.rho_ci_low)}, "
+                            f"{fmt_signed(r.rho_ci_high)}])" for r in ex.itertuples()) + ".")
+
+
+def paper_control_notes(pv: pd.DataFrame | None = None, *, alpha: float | None = None) -> dict[str, str]:
+    """What the paper's Table 4 (OLMoE control) and its text do with the significance rule, as sentences.
+
+    ``pv``: :func:`moeaudit.released.paper_printed_values` (default: loaded); ``alpha``: the paper's
+    family-wise level (default :data:`moeaudit.released.PAPER_ALPHA`), Bonferroni over the table's
+    layers. Returns ``{"rule": ..., "trend": ...}``: ``rule`` compares the layers that pass on p_t,
+    on both tests and the bold layers of Table 4; ``trend`` says whether its d rise monotonically with depth.
+    """
+    from .released import PAPER_ALPHA, paper_printed_values  # noqa: PLC0415
+
+    alpha = PAPER_ALPHA if alpha is None else alpha
+    pv = paper_printed_values() if pv is None else pv
+    t4 = pv[pv.table == 4].pivot_table(index="layer", columns="quantity", values="value")
+    printed = pv[pv.table == 4].set_index(["layer", "quantity"]).printed
+    bold = sorted(pv[(pv.table == 4) & (pv.quantity == "d") & pv.bold.astype(bool)].layer)
+    k = len(t4)
+    a_adj = alpha / k
+    t_pass = list(t4.index[t4.p_t < a_adj])
+    dual = list(t4.index[(t4.p_t < a_adj) & (t4.p_W < a_adj)])
+    unc = list(t4.index[t4.p_t < alpha])
+    cell = lambda L: f"layer {L}: p_t = {printed[(L, 'p_t')]}, p_W = {printed[(L, 'p_W')]}"  # noqa: E731
+    rule = (f"In the paper's Table 4 (OLMoE, α_adj = {alpha:g}/{k} = {a_adj:.3g}) "
+            + (f"{_plural(len(t_pass), 'layer')} pass{'es' if len(t_pass) == 1 else ''} the t-test at that level "
+               f"({'; '.join(cell(L) for L in t_pass)}), " if t_pass else "no layer passes the t-test at that level, ")
+            + (f"and {_plural(len(dual), 'layer')} also pass{'es' if len(dual) == 1 else ''} Wilcoxon. " if dual
+               else "and none also passes Wilcoxon. "))
+    if t_pass and not dual:
+        rule += ("The paper's text nevertheless calls that result the one to survive Bonferroni correction: "
+                 "for the control, the paper counts a t-test below α_adj alone, not the dual rule it applies to the "
+                 "audit cells. ")
+    extra = [L for L in bold if L not in t_pass]
+    rule += (f"Its caption says bold marks Bonferroni significance, but it bolds layer{'s' if len(bold) != 1 else ''} "
+             f"{join_words(bold)}" + (f", including {'; '.join(cell(L) for L in extra)} above α_adj" if extra else "")
+             + (f"; the bold layers are exactly those with uncorrected p_t < {alpha:g}." if bold == unc else "."))
+    d = t4.d.sort_index()
+    mono = bool(np.all(np.diff(d.to_numpy()) > 0))
+    seq = ", ".join(f"L{L} {printed[(L, 'd')]}" for L in d.index)
+    trend = (f"its Table 4 d rise with depth at every step ({seq})" if mono else
+             f"its text says that the OLMoE effect grows monotonically with depth, but the d of its Table 4 ({seq}) "
+             f"do not rise at every step")
+    return {"rule": rule, "trend": trend}
+
+
+def distribution_shape(*, median: float, p05: float, p95: float, ratio: float = 0.25) -> str:
+    """The shape of a distribution of loss changes (nats) from its median and 5th/95th percentiles.
+
+    With ``scale = max(|p05|, |p95|)``: ``"shift"`` when ``|median| >= ratio·scale`` (the centre moved);
+    otherwise ``"two-sided"`` when both tails are long — ``p05 < 0 < p95`` and
+    ``min(|p05|, p95) >= ratio·scale`` (a wide spread of both signs); otherwise ``"upper tail"``
+    (``p95`` is the long side: a tail of large increases) or ``"lower tail"``; ``"none"`` when
+    ``scale`` is 0. ``ValueError`` unless ``0 < ratio < 1`` or when ``p05 > p95``.
+    """
+    if not 0 < ratio < 1:
+        raise ValueError(f"ratio must be in (0, 1), got {ratio}")
+    if p05 > p95:
+        raise ValueError(f"p05 ({p05}) exceeds p95 ({p95})")
+    scale = max(abs(p05), abs(p95))
+    if scale == 0:
+        return "none"
+    if abs(median) >= ratio * scale:
+        return "shift"
+    if p05 < 0 < p95 and min(-p05, p95) >= ratio * scale:
+        return "two-sided"
+    return "upper tail" if abs(p95) >= abs(p05) else "lower tail"
+
+
+def threshold_calls(summary: pd.DataFrame, *, threshold: float) -> pd.DataFrame:
+    """At each model's deepest removal, whether a layer's mean loss change is above or below
+    ``threshold`` (nats) beyond its confidence interval.
+
+    ``summary``: a :func:`progressive_summary` result. One row per (model, layer) at the model's
+    largest ``k`` with ``k``, ``mean``, ``ci_low``, ``ci_high`` and ``call``: ``"above"`` (``ci_low >
+    threshold``), ``"below"`` (``ci_high < threshold``) or ``"undecided"`` (the interval contains the
+    threshold, or is NaN).
+    """
+    rows = []
+    for model, m in summary.groupby("model", sort=False):
+        deep = m[m.k == m.k.max()]
+        for r in deep.itertuples():
+            call = "above" if r.ci_low > threshold else "below" if r.ci_high < threshold else "undecided"
+            rows.append({"model": model, "layer": r.layer, "k": int(r.k), "mean": r.mean, "ci_low": r.ci_low,
+                         "ci_high": r.ci_high, "call": call})
+    return pd.DataFrame(rows)
+
+
+def gap_rounding_ratio(measured, clean, r_norm, *, dtype: str = "float32") -> np.ndarray:
+    """How far a measured gap norm departs from its clean-pass value, in units of the rounding that
+    the subtraction ``g = y - y'`` can produce.
+
+    ``measured``: ``||y - y'||`` from an ablation (nats-free, hidden-space units); ``clean``:
+    ``w_e · ||E_e(x)||`` from the clean pass; ``r_norm``: ``||r||``, the norm of the rest of the
+    block's output. Each of ``y`` and ``y'`` is rounded to about ``eps · ||y||`` (``eps`` = machine
+    epsilon of ``dtype``), so their difference carries an absolute error of order
+    ``eps · (||r|| + ||g||)`` and a relative error of order ``eps · (||r|| + ||g||) / ||g||``
+    (cancellation: small gaps beside a large rest lose the most digits). Returns, elementwise,
+    ``(|measured - clean| / clean) / (eps · (r_norm + clean) / clean)``; values of order one mean
+    the disagreement is that rounding. Raises ValueError for arrays of different lengths.
+    """
+    m, c, r = (np.asarray(v, dtype=np.float64) for v in (measured, clean, r_norm))
+    if not (m.shape == c.shape == r.shape):
+        raise ValueError(f"measured, clean and r_norm must have one shape, got {m.shape}, {c.shape}, {r.shape}")
+    eps = float(torch.finfo(getattr(torch, dtype)).eps)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (np.abs(m - c) / c) / (eps * (r + c) / c)
+
+
+def cosine_against_chance(median_cos: pd.DataFrame, hidden_size: dict) -> pd.DataFrame:
+    """Per model: the median (over experts) mean cosine between the removed and the remaining output,
+    set against the spread of the cosine of two unrelated directions.
+
+    For two independent isotropic directions in ``d`` dimensions the cosine has mean 0 and standard
+    deviation ``1/sqrt(d)`` (exactly ``1/sqrt(d)``, since ``E[cos^2] = 1/d``). ``median_cos``: rows
+    with ``model`` and ``median_cos`` (one per layer, :func:`compensation_factors`);
+    ``hidden_size``: {model: d}. Returns one row per model (in order of appearance) with ``d``,
+    ``chance`` = ``1/sqrt(d)``, ``lo``/``hi`` (range over layers of the median cosine),
+    ``ratio_lo``/``ratio_hi`` (the same in units of ``chance``) and ``relation``: ``"above"`` when
+    every layer lies above ``chance``, ``"below"`` when every layer lies below it, else ``"across"``.
+    Raises KeyError for a model without a hidden size.
+    """
+    rows = []
+    for model, s in median_cos.groupby("model", sort=False):
+        d = int(hidden_size[model])
+        chance = 1.0 / float(np.sqrt(d))
+        lo, hi = float(s.median_cos.min()), float(s.median_cos.max())
+        rows.append({"model": model, "d": d, "chance": chance, "lo": lo, "hi": hi, "ratio_lo": lo / chance,
+                     "ratio_hi": hi / chance,
+                     "relation": "above" if lo > chance else "below" if hi < chance else "across"})
+    return pd.DataFrame(rows)
+
+
+def slope_sign_separation(slope, rho) -> dict:
+    """Do layers with a negative and with a positive correlation fall into two groups by slope?
+
+    ``slope``, ``rho``: one value per layer (e.g. the log–log slope of the cosine against the gap norm
+    and ρ(gap norm, rel. comp.)); NaNs are dropped pairwise. Returns ``n_neg``, ``n_pos``,
+    ``max_slope_neg`` (largest slope among layers with ρ < 0), ``min_slope_pos`` (smallest among
+    ρ > 0), ``separated`` (True when ``max_slope_neg < min_slope_pos``, i.e. a single slope threshold
+    splits the signs; None when one group is empty) and ``n_overlap`` (layers whose slope lies in the
+    overlap ``[min_slope_pos, max_slope_neg]``).
+    """
+    s, r = np.asarray(slope, dtype=float), np.asarray(rho, dtype=float)
+    ok = np.isfinite(s) & np.isfinite(r)
+    s, r = s[ok], r[ok]
+    neg, pos = s[r < 0], s[r > 0]
+    out = {"n_neg": int(neg.size), "n_pos": int(pos.size),
+           "max_slope_neg": float(neg.max()) if neg.size else float("nan"),
+           "min_slope_pos": float(pos.min()) if pos.size else float("nan")}
+    if not (neg.size and pos.size):
+        return {**out, "separated": None, "n_overlap": 0}
+    lo, hi = out["min_slope_pos"], out["max_slope_neg"]
+    return {**out, "separated": bool(hi < lo), "n_overlap": int(((s >= lo) & (s <= hi)).sum()) if hi >= lo else 0}
+
+
+def significant_signs_text(layers, rho, p, *, alpha: float = 0.05) -> str:
+    """'k of n layers' at which ``p < alpha``, with the sign of those correlations.
+
+    ``layers``, ``rho``, ``p``: one value per layer (NaN ρ or p: the layer is left out of n). Returns
+    e.g. ``"3 of 4 layers, all negative (-0.43 to -0.33)"``, ``"2 of 3 layers, of opposite signs
+    (L0 -0.42, L1 +0.41)"``, ``"1 of 4 layers (positive, +0.31)"`` or ``"0 of 4 layers"``.
+    """
+    L, r, pv = (np.asarray(v) for v in (layers, rho, p))
+    ok = np.isfinite(r.astype(float)) & np.isfinite(pv.astype(float))
+    L, r, pv = L[ok], r[ok].astype(float), pv[ok].astype(float)
+    sig = pv < alpha
+    head = f"{int(sig.sum())} of {len(r)} layer{'' if len(r) == 1 else 's'}"
+    if not sig.any():
+        return head
+    rs, Ls = r[sig], L[sig]
+    fmt = lambda v: f"{0.0 if round(v, 2) == 0 else v:+.2f}"  # noqa: E731
+    if sig.sum() == 1:
+        return f"{head} ({'positive' if rs[0] > 0 else 'negative'}, {fmt(rs[0])})"
+    if (rs > 0).all() or (rs < 0).all():
+        word = "positive" if rs[0] > 0 else "negative"
+        rng = fmt(rs.min()) if fmt(rs.min()) == fmt(rs.max()) else f"{fmt(rs.min())} to {fmt(rs.max())}"
+        return f"{head}, all {word} ({rng})"
+    return f"{head}, of opposite signs (" + ", ".join(f"L{a} {fmt(b)}" for a, b in zip(Ls, rs)) + ")"
+
+
+_SHAPE_WORDS = {"shift": "a shift of the whole distribution", "two-sided": "a wide spread of both signs",
+                "upper tail": "a tail of large increases", "lower tail": "a tail of large decreases",
+                "none": "no change at all"}
+
+
+def shape_phrase(row) -> str:
+    """A :func:`deepest_removal_summary` row (``median``, ``p05``, ``p95``, ``share_below_zero``) as
+    its :func:`distribution_shape` in words, with the numbers it rests on."""
+    shape = distribution_shape(median=row["median"], p05=row["p05"], p95=row["p95"])
+    return (f"{_SHAPE_WORDS[shape]} (median {fmt_signed(row['median'])}, P5 {fmt_signed(row['p05'])}, "
+            f"P95 {fmt_signed(row['p95'])} nats; the loss fell at {row['share_below_zero']:.0%} of positions)")
+
+
+def _undecided(calls: pd.DataFrame, threshold: float) -> str:
+    u = calls[calls.call == "undecided"]
+    if u.empty:
+        return ""
+    return (f" At k = {int(u.k.iloc[0])} the {'interval' if len(u) == 1 else 'intervals'} of the mean at "
+            f"layer{'s' if len(u) > 1 else ''} {join_words(u.layer)} "
+            + "; ".join(f"[{fmt_signed(r.ci_low)}, {fmt_signed(r.ci_high)}]" for r in u.itertuples())
+            + f" contain{'s' if len(u) == 1 else ''} {threshold:g} nats, so whether "
+            + ("that layer is" if len(u) == 1 else "those layers are")
+            + " above or below the threshold cannot be told apart on these positions.")
+
+
+def cliff_text(breaks: pd.DataFrame, deepest: pd.DataFrame, calls: pd.DataFrame, *, threshold: float) -> str:
+    """One model's progressive-ablation result as a paragraph (chapter 6): the deepest-removal means,
+    the layers whose mean crosses ``threshold``, the interval calls at the deepest k
+    (:func:`threshold_calls`), the largest step and the shape of the widest distribution.
+    All three tables restricted to one model."""
+    b, d = breaks, deepest.set_index("layer")
+    kmax = int(d.k.iloc[0])
+    worst, mildest = b.loc[b.mean_deepest.idxmax()], b.loc[b.mean_deepest.idxmin()]
+    broken, steepest, tail = b[b.first_k_above.notna()], b.loc[b.largest_step.idxmax()], d.loc[d.p95.idxmax()]
+    s = (f"**{b.model.iloc[0]}.** Removing {kmax} of the {kmax + 1} active experts changes the loss by "
+         f"{fmt_signed(mildest.mean_deepest)} nats on average at layer {mildest.layer} and by "
+         f"{fmt_signed(worst.mean_deepest)} nats at layer {worst.layer} ({worst.ratio_to_clean:.1%} of the clean loss there). ")
+    if len(broken):
+        rest = sorted(set(b.layer) - set(broken.layer))
+        s += (f"The mean crosses {threshold:g} nats at "
+              + join_words(f"layer {r.layer} (k = {r.first_k_above})" for r in broken.itertuples())
+              + (f"; layer{'s' if len(rest) > 1 else ''} {join_words(rest)} stay{'' if len(rest) > 1 else 's'} below it "
+                 "at every k." if rest else "; no layer stays below it."))
+    else:
+        s += f"No layer's mean crosses {threshold:g} nats at any k."
+    s += _undecided(calls, threshold)
+    return s + (f" The largest single step is at layer {steepest.layer}, k = {steepest.largest_step_k} "
+                f"({fmt_signed(steepest.largest_step)} nats). At k = {kmax} the median lies between "
+                f"{fmt_signed(d['median'].min())} and {fmt_signed(d['median'].max())} nats across layers; the widest "
+                f"upper tail is at layer {tail.name}, where the distribution is {shape_phrase(tail)}, and the positions "
+                f"above the 95th percentile contribute {tail.top5_share:.0%} of the summed increase.")
+
+
+def _crossing(crossed, last, threshold: float) -> str:
+    if not crossed:
+        return f"no layer crosses {threshold:g} nats"
+    if list(crossed) == [last]:
+        return f"only the last audited layer ({last}) crosses {threshold:g} nats"
+    return f"layer{'s' if len(crossed) > 1 else ''} {join_words(crossed)} cross{'' if len(crossed) > 1 else 'es'} {threshold:g} nats"
+
+
+def cliff_comparison_text(breaks: pd.DataFrame, deepest: pd.DataFrame, calls: pd.DataFrame, paper_breaks: pd.DataFrame,
+                          *, last: int, threshold: float) -> str:
+    """One bullet comparing one model's crossings of ``threshold`` with the paper's Table 8
+    (``paper_breaks``: :func:`redundancy_breaks` of :func:`paper_progressive_table`), where the largest
+    deepest-removal mean lies, and the shape of the damage there (:func:`shape_phrase`)."""
+    b, d = breaks.set_index("layer"), deepest.set_index("layer")
+    crossed = list(b.index[b.first_k_above.notna()])
+    p_crossed = list(paper_breaks.layer[paper_breaks.first_k_above.notna()])
+    p_last = int(paper_breaks.layer.max())
+    same = (not crossed and not p_crossed) or (crossed == [last] and p_crossed == [p_last])
+    shape = _crossing(crossed, last, threshold) + (" (so by this threshold every audited layer keeps a buffer)"
+                                                   if not crossed else "")
+    shape += ("; as in the paper's Table 8" if same else "; in the paper's Table 8, "
+              + _crossing(p_crossed, p_last, threshold).replace("crosses", "does").replace("cross ", "do ")
+              .split(f" {threshold:g} nats")[0])
+    worst = b.mean_deepest.idxmax()
+    where = ("the largest mean change at the deepest removal is at the last audited layer" if worst == last else
+             f"the largest mean change at the deepest removal is at layer {worst}, not the last")
+    undecided = calls[calls.call == "undecided"]
+    note = (f" (the interval of the mean at the deepest removal contains {threshold:g} nats at layer"
+            f"{'s' if len(undecided) > 1 else ''} {join_words(undecided.layer)})" if len(undecided) else "")
+    return f"- **{b.model.iloc[0]}**: {shape}{note}; {where}, and there the damage is {shape_phrase(d.loc[worst])}."

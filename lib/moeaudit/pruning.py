@@ -218,3 +218,59 @@ def compare_with_random(results, *, keys=("model", "scope", "fraction"), value: 
                      "p_rank": random_rank_pvalue(v, d), "beats_mean": v < float(d.mean()),
                      "beats_all": v < float(d.min()), "loses_to_all": v > float(d.max())})
     return pd.DataFrame(rows)
+
+
+def rank_tests_by_criterion(vs_random, *, alpha: float = 0.05, token_cells=None):
+    """Per (model, criterion): how the criterion's rank p-values among the random draws fall over the fractions.
+
+    ``vs_random``: :func:`compare_with_random` rows of one scope (columns ``model``, ``criterion``, ``fraction``,
+    ``p_rank``, ``beats_mean``). ``token_cells`` (optional): a Series indexed by (model, criterion) with the
+    number of token-level audit cells that pass, copied into a column of that name. Columns: ``model``,
+    ``criterion``, ``fractions``, ``p ≤ alpha at every fraction``, ``p ≤ alpha at some fraction`` (bool),
+    ``fractions with p ≤ alpha`` (count), ``largest p``, ``below random mean at every fraction`` (bool).
+    """
+    g = vs_random.assign(_ok=vs_random.p_rank <= alpha)
+    out = g.groupby(["model", "criterion"], sort=False).agg(
+        fractions=("fraction", "size"), every=("_ok", "all"), some=("_ok", "any"), n_ok=("_ok", "sum"),
+        p_max=("p_rank", "max"), mean_all=("beats_mean", "all")).reset_index()
+    out = out.rename(columns={"every": "p ≤ alpha at every fraction", "some": "p ≤ alpha at some fraction",
+                              "n_ok": "fractions with p ≤ alpha", "p_max": "largest p",
+                              "mean_all": "below random mean at every fraction"})
+    if token_cells is not None:
+        out["token_cells"] = token_cells.reindex(pd.MultiIndex.from_frame(out[["model", "criterion"]])).to_numpy()
+    return out
+
+
+def rank_test_model_phrase(by_criterion, model: str, *, alpha: float) -> str:
+    """One model's picture from :func:`rank_tests_by_criterion`, as a phrase such as
+    ``"tiny-olmoe: no criterion has rank p ≤ 0.05 at every fraction (2 of 6 reach it at some fraction)"``."""
+    m = by_criterion[by_criterion.model == model]
+    n, k_all = len(m), int(m["p ≤ alpha at every fraction"].sum())
+    k_some = int(m["p ≤ alpha at some fraction"].sum())
+    crit = "criterion" if n == 1 else "criteria"
+    if k_all == n:
+        head = f"every one of the {n} {crit} has rank p ≤ {alpha:g} at every fraction" if n > 1 else \
+            f"the one criterion has rank p ≤ {alpha:g} at every fraction"
+    elif k_all:
+        head = f"{k_all} of the {n} {crit} {'has' if k_all == 1 else 'have'} rank p ≤ {alpha:g} at every fraction"
+    elif k_some:
+        head = f"no criterion has rank p ≤ {alpha:g} at every fraction"
+    else:
+        head = f"no criterion has rank p ≤ {alpha:g} at any fraction"
+    if k_some > k_all:
+        head += f" ({k_some} of the {n} {'reaches' if k_some == 1 else 'reach'} it at some fraction)"
+    return f"{model}: {head}"
+
+
+def best_time(fn, *, repeats: int = 3) -> float:
+    """The smallest wall-clock time (seconds, ``time.perf_counter``) of ``repeats`` calls of ``fn()``: the usual
+    estimate of a short computation's cost, least disturbed by other load. ``ValueError`` if ``repeats < 1``."""
+    import time
+    if repeats < 1:
+        raise ValueError("repeats must be at least 1")
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best

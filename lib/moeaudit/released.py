@@ -1052,7 +1052,7 @@ def paper_family_verdicts(*, alpha: float = 0.05, data_dir=None) -> pd.DataFrame
 
     One row per model (``olmoe``, ``qwen``, ``deepseek``): ``cells`` (4 metrics x 5 layers),
     ``alpha_bonferroni`` (``alpha / cells``), ``uncorrected_t`` (p_t < ``alpha``: the paper's bold
-    cells), ``bonferroni_t``, ``bonferroni_W`` (p below the Bonferroni level), ``bonferroni_both``
+    cells), ``uncorrected_t_positive`` (those with d > 0), ``bonferroni_t``, ``bonferroni_W`` (p below the Bonferroni level), ``bonferroni_both``
     (both below it: the paper's dual rule; the files store no sign for the Wilcoxon statistic, so
     same-sign agreement cannot be checked and is not required here), ``max_abs_d`` (the stored d)
     and ``share_positive``.
@@ -1063,7 +1063,9 @@ def paper_family_verdicts(*, alpha: float = 0.05, data_dir=None) -> pd.DataFrame
         g = st[st.model == m]
         a = alpha / len(g)
         rows.append({"model": m, "cells": len(g), "alpha_bonferroni": a,
-                     "uncorrected_t": int((g.p_t < alpha).sum()), "bonferroni_t": int((g.p_t < a).sum()),
+                     "uncorrected_t": int((g.p_t < alpha).sum()),
+                     "uncorrected_t_positive": int(((g.p_t < alpha) & (g.cohens_d > 0)).sum()),
+                     "bonferroni_t": int((g.p_t < a).sum()),
                      "bonferroni_W": int((g.p_W < a).sum()), "bonferroni_both": int(((g.p_t < a) & (g.p_W < a)).sum()),
                      "max_abs_d": float(g.cohens_d.abs().max()), "share_positive": float((g.cohens_d > 0).mean())})
     return pd.DataFrame(rows)
@@ -1509,7 +1511,9 @@ def compare_audit_variants(cells: pd.DataFrame, table: pd.DataFrame, variant_a: 
     :func:`moeaudit.stats.dz_difference_ci` (seed ``seed + row``). Columns: the key, ``n``,
     ``dz_a``, ``dz_b``, ``ddz`` (d_z(a) - d_z(b) on the matched positions), ``ddz_lo``, ``ddz_hi``,
     ``dual_a``/``dual_b`` (dual rule, Bonferroni within the family), ``p05_a``/``p05_b``
-    (uncorrected p_t < ``alpha``), ``p_t_a``, ``p_t_b``, ``flip_dual``, ``flip_p05``, ``ci_excludes_0``.
+    (uncorrected p_t < ``alpha``), ``p_t_a``, ``p_t_b``, ``flip_dual``, ``flip_p05``, ``ci_excludes_0``
+    (the interval excludes 0 *and* ``|ddz|`` exceeds :data:`DDZ_TOLERANCE`, so that a difference
+    that is float rounding, e.g. ``1e-6`` with an interval ``[+0.000, +0.000]``, is not counted).
     """
     from .stats import cohens_dz, dz_difference_ci  # noqa: PLC0415
 
@@ -1533,7 +1537,7 @@ def compare_audit_variants(cells: pd.DataFrame, table: pd.DataFrame, variant_a: 
     out = pd.DataFrame(rows)
     out["flip_dual"] = out.dual_a != out.dual_b
     out["flip_p05"] = out.p05_a != out.p05_b
-    out["ci_excludes_0"] = (out.ddz_lo > 0) | (out.ddz_hi < 0)
+    out["ci_excludes_0"] = ((out.ddz_lo > 0) | (out.ddz_hi < 0)) & (out.ddz.abs() > DDZ_TOLERANCE)
     return out
 
 
@@ -1615,5 +1619,118 @@ def progressive_in_float16_steps(progressive: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+# ----------------------------------------------------------------------------- phrasing the comparisons
+def released_digits(value: float, printed_value: float, decimals: int, *, max_extra: int = 8) -> str:
+    """``value`` written with enough decimals to show how it compares with a number printed to ``decimals`` places.
+
+    The fewest decimals ``k > decimals`` at which the written value itself lies more than half a unit of the
+    printed precision from ``printed_value`` (so a reader sees why it does not round to the printed number), or,
+    when ``value`` does agree, at which the written value lies within that half unit; at most
+    ``decimals + max_extra``. Example: ``released_digits(0.027496, 0.028, 3)`` gives ``"0.027496"`` where
+    four decimals would show the ambiguous ``0.0275``. Source: :func:`agrees_at_printed_precision`.
+    """
+    agrees = bool(agrees_at_printed_precision(value, printed_value, decimals))
+    tol = 0.5 * 10.0 ** -decimals
+    for k in range(decimals + 1, decimals + max_extra + 1):
+        text = f"{value:.{k}f}"
+        dist = abs(float(text) - printed_value)
+        if (dist <= tol + 1e-15) if agrees else (dist > tol + 1e-15):
+            return text
+    return f"{value:.{decimals + max_extra}f}"
+
+
+def mismatch_phrase(long: pd.DataFrame) -> str:
+    """The rows of :func:`compare_printed` output that do not agree, as a phrase: ``"none"``, or items such as
+    ``"DeepSeek-V2-Lite activation norm Layer 1, p_t: printed 0.028, released 0.027496"`` joined by ``"; "``,
+    with the released value written by :func:`released_digits`."""
+    bad = long[~long.agrees.astype(bool)]
+    if bad.empty:
+        return "none"
+    return "; ".join(f"{MODELS[r.model]}" + (f" {RANKING_LABELS[r.metric].lower()}" if r.metric else "")
+                     + f" Layer {r.layer}, {r.quantity}: printed {r.printed}, released "
+                     + released_digits(r.recomputed, r.value, int(r.decimals)) for r in bad.itertuples())
+
+
+def agreement_phrase(long: pd.DataFrame) -> str:
+    """How many printed numbers of :func:`compare_printed` output agree, as the subject and verb of a sentence:
+    ``"all 20 agree"``, ``"the one printed number agrees"``, ``"78 of the 80 agree"``, ``"none of the 5 agrees"``."""
+    k, n = int(long.agrees.sum()), len(long)
+    if n == 1:
+        return "the one printed number agrees" if k else "the one printed number does not agree"
+    return (f"all {n} agree" if k == n else "none of the {n} agrees".format(n=n) if k == 0
+            else f"{k} of the {n} agree")
+
+
+def side_by_side_as_printed(long: pd.DataFrame, *, index, quantities) -> pd.DataFrame:
+    """:func:`printed_side_by_side` with each ``"<q> paper"`` column holding the number as the paper prints it
+    (the ``printed`` text of :func:`paper_printed_values`, e.g. ``"0.0013"``, ``"+0.231"``) instead of a float."""
+    out = printed_side_by_side(long, index=index, quantities=quantities)
+    text = with_paper_labels(long.pivot(index=list(index), columns="quantity", values="printed").reset_index())
+    keys = list(index)
+    merged = out[keys].merge(text, on=keys, how="left")
+    for q in quantities:
+        out[f"{q} paper"] = merged[q].to_numpy()
+    return out
+
+
+def layer_correlation_of_d(records: pd.DataFrame, *, alpha: float = 0.05) -> pd.DataFrame:
+    """How alike the layers of one metric are, given that they share their positions.
+
+    ``records``: :func:`metric_comparisons` rows (positions identified by ``global_token_idx``; D =
+    ``delta_high - delta_low``, nats). For every (model, metric) and every pair of layers, Spearman's rho of D
+    between the two layers across the positions they share (:func:`moeaudit.stats.spearman_defined`). One row per
+    (model, metric): ``pairs`` (layer pairs with a defined rho), ``positions`` (shared positions, smallest over the
+    pairs), ``rho median``, ``rho min``, ``rho max``, ``significant`` (pairs with two-sided p < ``alpha``,
+    uncorrected).
+    """
+    from .stats import spearman_defined
+    rows = []
+    for (model, metric), g in records.groupby(["model", "metric"], sort=False):
+        wide = g.assign(D=g.delta_high - g.delta_low).pivot_table(index="global_token_idx", columns="layer", values="D")
+        layers = list(wide.columns)
+        rhos, ns, ps = [], [], []
+        for i, a in enumerate(layers):
+            for b in layers[i + 1:]:
+                rho, p, n = spearman_defined(wide[a].to_numpy(), wide[b].to_numpy())
+                if np.isfinite(rho):
+                    rhos.append(rho)
+                    ns.append(n)
+                    ps.append(p)
+        rows.append({"model": model, "metric": metric, "pairs": len(rhos), "positions": min(ns) if ns else 0,
+                     "rho median": float(np.median(rhos)) if rhos else np.nan,
+                     "rho min": float(np.min(rhos)) if rhos else np.nan, "rho max": float(np.max(rhos)) if rhos else np.nan,
+                     "significant": int((np.asarray(ps) < alpha).sum())})
+    return pd.DataFrame(rows)
+
+
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+#: a difference of two Cohen's d_z smaller than this is treated as numerically zero: it rounds to
+#: +0.000 or -0.000 at the three decimals the comparison tables print (used by
+#: :func:`compare_audit_variants` for ``ci_excludes_0``; a bootstrap interval around a difference of
+#: float rounding can exclude zero without any difference between the variants)
+DDZ_TOLERANCE: float = 5e-4
+
+#: ``hidden_size`` in the config.json of the paper's checkpoints (OLMoE-1B-7B-0924,
+#: Qwen1.5-MoE-A2.7B, DeepSeek-V2-Lite), keyed as in :data:`LAYERS`
+CHECKPOINT_HIDDEN_SIZE: dict[str, int] = {"olmoe": 2048, "qwen": 2048, "deepseek": 2048}
+
+#: share of padding among the positions the released OLMoE metric script records (the released-code
+#: notes: all texts in one batch padded to the longest, "~62% padding"); approximate
+RELEASED_OLMOE_PADDING_SHARE: float = 0.62
+
+
+def float16_steps_caveat(deltas, *, losses=(4.0, 8.0)) -> pd.DataFrame:
+    """How many loss changes lie within one float16 step of zero when the step is taken at a larger loss.
+
+    A float16 loss near ``x`` nats is a multiple of :func:`float16_spacing` ``(x)``, which doubles at
+    each power of two (``2**-9`` from 2 nats, ``2**-8`` from 4, ``2**-7`` from 8); a difference of two
+    losses near ``x`` is resolved only to that step. ``deltas``: loss changes (nats); ``losses``: the
+    loss levels at which the step is taken. One row per level: ``loss``, ``step`` (nats) and
+    ``n_within`` (count of ``|delta| <= step``) out of ``n``.
+    """
+    d = np.abs(np.asarray(deltas, dtype=np.float64))
+    return pd.DataFrame([{"loss": float(x), "step": float(float16_spacing(x)), "n_within": int((d <= float16_spacing(x)).sum()),
+                          "n": int(d.size)} for x in losses])

@@ -227,44 +227,66 @@ def family_verdict_text(verdicts: pd.DataFrame, table: pd.DataFrame | None = Non
     lines = [head]
     for r in verdicts.itertuples():
         alpha = r.alpha_bonferroni * r.cells
+        pos = getattr(r, "uncorrected_t_positive", None)
+        direction = ("" if not r.uncorrected_t or pos is None else
+                     " (all with d_z > 0)" if pos == r.uncorrected_t else f" ({pos} with d_z > 0)")
         lines.append(
-            f"**{r.model}**: {r.bonferroni_dual} of {r.cells} cells pass the dual rule at the Bonferroni level "
-            f"{r.alpha_bonferroni:.4g} ({r.holm_dual} under Holm, {r.bh_dual} under Benjamini–Hochberg); "
-            f"{r.bonferroni_t} pass the t-test alone and {r.bonferroni_W} the Wilcoxon test alone at that level; "
-            f"{r.uncorrected_t} {'has' if r.uncorrected_t == 1 else 'have'} uncorrected p_t < {alpha:g}; "
-            f"{r.equivalent} {'is' if r.equivalent == 1 else 'are'} demonstrably small (TOST); "
+            f"**{r.model}**: {r.bonferroni_dual} of {r.cells} cells pass{'es' if r.bonferroni_dual == 1 else ''} the "
+            f"dual rule at the Bonferroni level {r.alpha_bonferroni:.4g} ({r.holm_dual} under Holm, {r.bh_dual} under "
+            f"Benjamini–Hochberg); {r.bonferroni_t} pass{'es' if r.bonferroni_t == 1 else ''} the t-test alone and "
+            f"{r.bonferroni_W} the Wilcoxon test alone at that level; "
+            f"{r.uncorrected_t} {'has' if r.uncorrected_t == 1 else 'have'} uncorrected p_t < {alpha:g}{direction}; "
+            f"{r.equivalent} {'is' if r.equivalent == 1 else 'are'} demonstrably small (TOST at the Bonferroni level); "
             f"the largest |d_z| is {r.max_abs_dz:.3f}, and {r.share_positive:.0%} of the cells have d_z > 0.")
     return "\n\n".join(lines)
 
 
-def audit_comparison_text(verdicts: pd.DataFrame, paper: pd.DataFrame, table: pd.DataFrame | None = None) -> str:
+def audit_comparison_text(verdicts: pd.DataFrame, paper: pd.DataFrame, table: pd.DataFrame | None = None, *,
+                          paper_names: dict | None = None) -> str:
     """Sentences comparing this run's audit (:func:`moeaudit.stats.family_verdicts`) with the paper's
-    (:func:`moeaudit.released.paper_family_verdicts`): passing cells, uncorrected hits against the
-    number expected by chance alone (``cells * alpha``), largest effect, and the share of positive
-    effects (a valid ranking makes d_z positive). With ``table`` (the per-cell
-    :func:`moeaudit.stats.audit_table`), cells passing here are also tested at the paper's stricter
-    per-cell level. Every number is computed from the frames."""
+    (:func:`moeaudit.released.paper_family_verdicts`): passing cells, uncorrected hits (and how many
+    point the predicted way, d > 0) against the number expected by chance alone (``cells * alpha``),
+    the largest effect, and the share of positive effects with a two-sided sign test
+    (``scipy.stats.binomtest``; cells share positions, so it is indicative). With ``table`` (the
+    per-cell :func:`moeaudit.stats.audit_table`), cells passing here are also tested at the paper's
+    stricter per-cell level. ``paper_names`` maps the paper's model keys to display names. Every
+    number is computed from the frames."""
+    from scipy import stats as sps  # noqa: PLC0415
+
+    names = paper_names or {}
     alpha = float((paper.alpha_bonferroni * paper.cells).iloc[0])
     here_alpha = float((verdicts.alpha_bonferroni * verdicts.cells).iloc[0])
     p_cells, h_cells = int(paper.cells.sum()), int(verdicts.cells.sum())
     p_pass, h_pass = int(paper.bonferroni_both.sum()), int(verdicts.bonferroni_dual.sum())
     p_unc, h_unc = int(paper.uncorrected_t.sum()), int(verdicts.uncorrected_t.sum())
+    p_unc_pos, h_unc_pos = int(paper.uncorrected_t_positive.sum()), int(verdicts.uncorrected_t_positive.sum())
     p_top = paper.loc[paper.max_abs_d.idxmax()]
     h_top = verdicts.loc[verdicts.max_abs_dz.idxmax()]
-    p_pos = float((paper.share_positive * paper.cells).sum() / p_cells)
-    h_pos = float((verdicts.share_positive * verdicts.cells).sum() / h_cells)
+    p_npos = int(round(float((paper.share_positive * paper.cells).sum())))
+    h_npos = int(round(float((verdicts.share_positive * verdicts.cells).sum())))
+    p_sign = sps.binomtest(p_npos, p_cells, 0.5).pvalue
+    h_sign = sps.binomtest(h_npos, h_cells, 0.5).pvalue
+
+    def direction(k, pos):
+        return "all with d > 0" if k and pos == k else f"{pos} of them with d > 0" if k else ""
+
+    p_dir, h_dir = direction(p_unc, p_unc_pos), direction(h_unc, h_unc_pos)
     out = [
         f"In the paper, {p_pass} of {p_cells} cells pass both tests at the Bonferroni level; {p_unc} reach "
-        f"uncorrected p_t < {alpha:g}, where chance alone would give about {p_cells * alpha:.1f}; the largest |d| is "
-        f"{p_top.max_abs_d:.3f} ({p_top.model}). In this run, {h_pass} of {h_cells} cells pass the dual rule; {h_unc} "
-        f"reach uncorrected p_t < {here_alpha:g} (chance: about {h_cells * here_alpha:.1f}); the largest |d_z| is "
+        f"uncorrected p_t < {alpha:g}" + (f", {p_dir}" if p_dir else "") + f", where chance alone would give about "
+        f"{p_cells * alpha:.1f}; the largest |d| is {p_top.max_abs_d:.3f} ({names.get(p_top.model, p_top.model)}). "
+        f"In this run, {h_pass} of {h_cells} cells pass the dual rule; {h_unc} reach uncorrected p_t < {here_alpha:g}"
+        + (f", {h_dir}" if h_dir else "") + f" (chance: about {h_cells * here_alpha:.1f}); the largest |d_z| is "
         f"{h_top.max_abs_dz:.3f} ({h_top.model}).",
-        f"A metric that identified the important expert would make d_z positive in most cells: {p_pos:.0%} of the "
-        f"paper's cells are positive and {h_pos:.0%} of this run's.",
+        f"A metric that identified the important expert would make d_z positive in most cells: {p_npos} of the "
+        f"paper's {p_cells} cells are positive (two-sided sign test p = {p_sign:.2g}) and {h_npos} of this run's "
+        f"{h_cells} (p = {h_sign:.2g}). The sign tests treat cells as independent, which they are not (the cells of a "
+        "model share positions), so they only indicate whether the effects lean one way.",
     ]
+    lean = (p_sign < 0.05) != (h_sign < 0.05)
     if p_pass == 0 and h_pass == 0:
-        out.append("**The default models agree with the paper's verdict**: no observational metric passes the "
-                   "corrected audit.")
+        out.append("**This run agrees with the paper's verdict on the corrected audit**: no observational metric "
+                   "passes." + (" It differs in whether the effects lean positive." if lean else ""))
     elif h_pass > 0 and p_pass == 0:
         text = (f"**Unlike the paper**, {_n(h_pass, 'cell')} of this run pass{'es' if h_pass == 1 else ''} the "
                 "corrected audit")
@@ -361,21 +383,24 @@ def finish_panels(fig, axes, *, title: str, ylabel: str, xlabel: str | None = No
 #: repository callmeloui/observational_metrics at commit 18bd31b (its behaviour as read and
 #: re-run, see the chapter on the released results).
 PROTOCOL_REFERENCE: dict[str, tuple[str, str]] = {
-    "ablation": ("the expert's contribution removed at token t only (Definition 2.1)",
+    "ablation": ("the expert's contribution removed at token t (Section 2, functional importance)",
                  "the expert zeroed at every position of the sequence where it is routed (forward hook)"),
     "positions": ("200 positions per cell", "a fresh seeded draw (seed 42) per metric; the control draws with replacement"),
-    "layers": ("five hand-picked MoE layers per model, spread over depth", "the same five layers"),
+    "layers": ("five MoE layers per model, proportional to depth", "the same five layers"),
     "family": ("Bonferroni over 4 metrics x 5 layers = 20 cells per model (5 for the control)",
                "no correction and no agreement rule in the code"),
     "models": ("OLMoE-1B-7B-0924, Qwen1.5-MoE-A2.7B, DeepSeek-V2-Lite", "the same checkpoints"),
-    "context": ("the first 100 WikiText-2 test lines longer than 50 characters, up to 512 tokens",
-                "texts right-padded to the longest (430 tokens for OLMoE, 512 for DeepSeek)"),
-    "corpus": ("WikiText-2 test split (the hub's raw release)", "the hub's lines fed unstripped (leading space, trailing newline)"),
+    "context": ("not stated in the text",
+                "the first 100 test lines longer than 50 characters, right-padded to the longest (430 tokens for "
+                "OLMoE, 512 for DeepSeek)"),
+    "corpus": ("the WikiText-2 test split (release not stated)", "the split as loaded by the code, one line per text"),
     "metrics": ("utilisation, activation norm/std, mean routing weight over the real tokens that select the expert",
-                "differs per model: router logits and padding positions included for OLMoE, padding counted for DeepSeek"),
+                "differs per model: router logits and padding positions for OLMoE; padding counted for DeepSeek; "
+                "for Qwen, count/(k*T), norms from 30 texts, std of 32 coordinates"),
     "statistics": ("Cohen's d, paired t-test, Wilcoxon signed-rank, Bonferroni, t-and-Wilcoxon agreement",
                    "d with ddof 0 in the per-token scripts, ddof 1 elsewhere; scipy defaults"),
-    "precision": ("float32 losses", "float32 losses; the progressive ablation ran in float16"),
+    "precision": ("not stated beyond a half-precision tolerance in the verification (Appendix B)",
+                  "losses in float32; the progressive ablation ran in float16"),
 }
 
 
@@ -400,7 +425,8 @@ def protocol_departures(*, params: dict, corpus_source, audited: dict, n_moe_lay
         "models": "; ".join(f"{m}: {n / 1e6:.2f} M parameters" if n else f"{m}: size not recorded"
                             for m, n in n_parameters.items()),
         "context": f"the first {params['n_texts']} corpus lines longer than 50 characters, up to "
-                   + ", ".join(f"{c} tokens ({m})" for m, c in contexts.items()) + "; each text unpadded",
+                   + (f"{next(iter(contexts.values()))} tokens" if len(set(contexts.values())) == 1 else
+                      ", ".join(f"{c} tokens ({m})" for m, c in contexts.items())) + "; each text unpadded",
         "corpus": corpus_source.describe(),
         "metrics": "the paper's definitions, over the real tokens only",
         "statistics": "Cohen's d_z with ddof 1 and an exact (noncentral t) 95% interval, paired t-test, Wilcoxon "
@@ -437,3 +463,22 @@ def routing_share_heatmaps(shares: dict, *, vmin: float = 0.1):
     cb.ax.yaxis.set_major_formatter("{x:g}")
     cb.ax.yaxis.set_minor_formatter(NullFormatter())
     return fig
+
+
+def audit_limits_text(*, default_models: bool, paper_corpus: bool) -> str:
+    """What limits a comparison of this run's audit with the paper's: the small default models
+    (when ``default_models``), another corpus (unless ``paper_corpus``), and the documented
+    departures of the protocol from the released code (listed in the appendix on departures)."""
+    limits = []
+    if default_models:
+        limits.append("The default models are small stand-ins trained for this book (see the appendix on them), with "
+                      "fewer MoE layers, so their families are smaller and their Bonferroni level is less strict than "
+                      "the paper's.")
+    if not paper_corpus:
+        limits.append("The effects are measured on another corpus than the paper's (see the box at the top).")
+    limits.append("The protocol also differs from the released code's in documented ways: one draw of positions shared "
+                  "by all metrics (the released code draws per metric), the paper's metric definitions (the released "
+                  "OLMoE utilisation and mean routing weight are statistics of router logits), and token-local "
+                  "ablation (the released code's is sequence-wide, which differs except at the last layer); the "
+                  "appendix on departures lists them all.")
+    return " ".join(limits)

@@ -592,7 +592,8 @@ def family_verdicts(table: pd.DataFrame, *, by: str = "model", alpha: float = 0.
     cells pass each test and correction, and how large the effects are.
 
     Columns: ``by``, ``cells`` (the family size), ``alpha_bonferroni`` (``alpha / cells``, the
-    paper's per-cell level), ``uncorrected_t`` (cells with p_t < ``alpha``), ``bonferroni_t``,
+    paper's per-cell level), ``uncorrected_t`` (cells with p_t < ``alpha``),
+    ``uncorrected_t_positive`` (those with d_z > 0, the direction a valid ranking predicts), ``bonferroni_t``,
     ``bonferroni_W``, ``bonferroni_dual`` (the paper's rule: t and Wilcoxon both significant at the
     Bonferroni level, same sign), ``holm_dual``, ``bh_dual``, ``equivalent`` (TOST supports
     |d_z| below the bound), ``max_abs_dz``, ``share_positive`` (fraction of cells with d_z > 0:
@@ -614,6 +615,8 @@ def family_verdicts(table: pd.DataFrame, *, by: str = "model", alpha: float = 0.
         share_positive=("cohens_dz", lambda d: float((d > 0).mean())),
         min_detectable_dz=("mde_dz", "first"),
     ).reset_index()
+    positive_hits = table[(table.p_t < alpha) & (table.cohens_dz > 0)].groupby(by, sort=False).size()
+    out.insert(4, "uncorrected_t_positive", out[by].map(positive_hits).fillna(0).astype(int))
     out.insert(2, "alpha_bonferroni", alpha / out["cells"])
     int_cols = ["cells", "uncorrected_t", "bonferroni_t", "bonferroni_W", "bonferroni_dual", "holm_dual", "bh_dual",
                 "equivalent"]

@@ -104,7 +104,7 @@ def generalisation_gap(summaries: dict) -> "pandas.DataFrame":
     rows = {m: {"train_loss": s["training"]["final_loss_mean_last_50"], "test_loss": s["evaluation"]["model"]["nll"],
                 "epochs": s["training"]["epochs"], "training_tokens": s["data"]["train_stream_tokens"]}
             for m, s in summaries.items()}
-    out = pd.DataFrame(rows).T
+    out = pd.DataFrame.from_dict(rows, orient="index")  # keeps each column's own dtype
     out["gap"] = out["test_loss"] - out["train_loss"]
     return out
 
@@ -146,7 +146,7 @@ def perplexity_table(summaries: dict) -> "pandas.DataFrame":
         rows[m] = {"test tokens scored": ev["model"]["n_tokens"], "perplexity": ev["model"]["perplexity"],
                    "unigram perplexity": ev["unigram_baseline"]["perplexity"], "ratio": ev["perplexity_ratio_to_unigram"],
                    "loss (nats)": ev["model"]["nll"], "unigram loss (nats)": ev["unigram_baseline"]["nll"]}
-    return pd.DataFrame(rows).T.rename_axis("model")
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("model")
 
 
 def reproducibility_table(summaries: dict, dirs: dict) -> tuple["pandas.DataFrame", dict]:
@@ -163,7 +163,7 @@ def reproducibility_table(summaries: dict, dirs: dict) -> tuple["pandas.DataFram
         curves[m] = pd.read_csv(path)
         rows[m] = {"steps compared": rep["steps"], "max |loss difference|": rep["max_abs_loss_diff"],
                    "max |weight difference|": rep["max_abs_param_diff"], "rerun time (min)": rep["rerun_wall_s"] / 60}
-    return pd.DataFrame(rows).T.rename_axis("model"), curves
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("model"), curves
 
 
 def top_next_tokens(model_dir, prompt: str, *, k: int = 5) -> dict:
