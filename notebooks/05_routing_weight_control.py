@@ -51,12 +51,14 @@ corpus_source = report.show_corpus(corpus, data_dir=data_dir, text_form=text_for
 #
 # **The control ranking.** Instead of a corpus statistic, the active experts at token $t$ are
 # ranked by the router's own probability at that token, $g_e(x_t) = \mathrm{softmax}(W_g x_t)_e$.
-# This is the most token-specific routing-derived quantity there is: the number the model uses
-# to weight the expert's output in Equation (1) (models that renormalise over the top-k divide
-# it by a constant per token, which leaves the ranking unchanged). If even this ranking does not predict
-# which ablation hurts more, no routing statistic can be expected to; if it does, the audit
-# is able to detect a real effect of this size, and the null of the observational metrics is
-# informative.
+# This is the routing quantity computed for the very token whose ablation is measured: the
+# number the model uses to weight the expert's output in Equation (1) (models that renormalise
+# over the top-k divide it by a constant per token, which leaves the ranking unchanged). It is
+# not an upper bound on what a routing statistic can show — a population-level statistic can
+# happen to order a token's experts better — and {glue:md}`control_beaten`. Its role is a
+# positive check: if it predicts which ablation hurts more, the audit is able to detect a real
+# effect of that size, and the null of the observational metrics is informative; if it does not,
+# the two readings of that null are not separated.
 #
 # **Same machinery, same data.** The positions, the layers and the single-expert ablation
 # records are exactly those of the audit chapter (they are read from the same cache; nothing
@@ -84,13 +86,15 @@ from matplotlib.ticker import LogLocator, NullFormatter, StrMethodFormatter
 from myst_nb import glue
 
 from moeaudit import released, report, stats
-from moeaudit.audit import paired_cells, prepare, single_expert_records
+from moeaudit.audit import (control_against_observational, control_beaten_text, control_reading_text,
+                            control_summary_text, figure1_text, fmt_signed, join_words, paired_cells,
+                            paper_control_notes, prepare, single_expert_records)
 from moeaudit.metrics import METRICS, ROUTING_WEIGHT
 
 report.use_book_style()
 paper_control = released.paper_printed_values().query("table in (4, 5, 6) and quantity == 'd'")
 glue("paper_control_family", len(released.LAYERS["olmoe"]), display=False)
-glue("paper_control_alpha", alpha / len(released.LAYERS["olmoe"]), display=False)
+glue("paper_control_alpha", released.PAPER_ALPHA / len(released.LAYERS["olmoe"]), display=False)
 
 # %% [markdown]
 # ## The records
@@ -131,7 +135,7 @@ control = stats.audit_table(control_cells, by=("model", "ranking", "layer"), hig
 control_verdicts = stats.family_verdicts(control, alpha=alpha)
 glue("control_families", Markdown("; ".join(
     f"{r.cells} layer{'s' if r.cells != 1 else ''} for {r.model} (Bonferroni level α = {alpha:g}/{r.cells} = "
-    f"{r.alpha_bonferroni:.4g})" for r in control_verdicts.itertuples())), display=False)
+    f"{r.alpha_bonferroni:.3g})" for r in control_verdicts.itertuples())), display=False)
 depths = control_cells[["model", "layer", "rel_depth"]].drop_duplicates()
 control = control.merge(depths, on=["model", "layer"], how="left")
 
@@ -190,42 +194,17 @@ for name in models:
 # of its standard deviation; positive means that ablating the expert with the larger routing weight
 # at the token hurts the next-token prediction more. The interval is the exact 95% interval of
 # $d_z$ (noncentral t). $p_t$: two-sided paired t-test; $p_W$: two-sided Wilcoxon signed-rank test.
-# **Bold** $d_z$ and $p_t$: $p_t$ below the Bonferroni level of the model (the paper's convention
-# for these tables). ★: the dual-test rule also holds — Wilcoxon below the same level, pointing in
-# the same direction — which is the criterion the paper uses to call an effect real. Spearman ρ
+# **Bold** $d_z$ and $p_t$: $p_t$ below the Bonferroni level of the model (what the caption of
+# the paper's Table 4 says its bold marks). ★: the dual-test rule also holds — Wilcoxon below the
+# same level, pointing in the same direction — the rule the paper applies to its audit cells,
+# where a t-test result without Wilcoxon agreement is called noise. {glue:md}`paper_rule` Spearman ρ
 # is computed over positions between $w_{\text{high}}/w_{\text{low}}$ (both are softmax router
 # probabilities at the token) and $D$, with a bias-corrected and accelerated bootstrap interval
 # (positions resampled in pairs). The last row gives the two mean loss changes in nats, so the
 # effect size can be related to how much either ablation costs at all.
 
 # %%
-def summary_sentence(name: str) -> str:
-    t = control[control.model == name].sort_values("layer")
-    best = t.loc[t.cohens_dz.abs().idxmax()]
-    dual = t[t.sig_dual_bonf]
-    t_only = t[t.sig_t_bonf & ~t.sig_dual_bonf]
-    w_only = t[t.sig_W_bonf & ~t.sig_t_bonf]
-    seq = ", ".join(f"L{r.layer}: {r.cohens_dz:+.3f}" for r in t.itertuples())
-    s = (f"**{name}.** d_z by layer: {seq}. The largest in magnitude is at layer {int(best.layer)} "
-         f"(d_z = {best.cohens_dz:+.3f}, 95% CI [{best.dz_ci_low:+.3f}, {best.dz_ci_high:+.3f}], "
-         f"p_t = {best.p_t:.3g}, p_W = {best.p_W:.3g}). ")
-    if len(dual):
-        s += (f"{len(dual)} of {len(t)} layers pass Bonferroni under the dual-test rule "
-              f"({', '.join(f'L{L}' for L in dual.layer)}). ")
-    else:
-        s += f"No layer passes Bonferroni under the dual-test rule (α_adj = {alpha / len(t):.3g}). "
-    if len(t_only):
-        which = ", ".join(f"L{L}" for L in t_only.layer)
-        s += (f"{'One layer passes' if len(t_only) == 1 else f'{len(t_only)} layers pass'} on the t-test alone "
-              f"but not on Wilcoxon ({which}): a disagreement the paper's rule counts as noise. ")
-    if len(w_only):
-        which = ", ".join(f"L{L}" for L in w_only.layer)
-        s += (f"{'One layer passes' if len(w_only) == 1 else f'{len(w_only)} layers pass'} on the Wilcoxon test "
-              f"alone but not on the t-test ({which}), which the rule also sets aside. ")
-    return s
-
-
-display(Markdown("\n\n".join(summary_sentence(name) for name in models)))
+display(Markdown("\n\n".join(control_summary_text(control[control.model == name], alpha=alpha) for name in models)))
 glue("control_verdict", Markdown(report.family_verdict_text(control_verdicts, control, short=True)
                                  .replace("no observational metric is shown to predict", "the router's own weight is not "
                                           "shown to predict")), display=False)
@@ -235,9 +214,10 @@ glue("control_verdict", Markdown(report.family_verdict_text(control_verdicts, co
 # Each line is one model's control effect across relative depth (from its first MoE layer on the
 # left to its last on the right), with its 95% confidence band. The grey band spans the effect sizes of *all* observational cells
 # — four metrics, every audited layer, every model — computed here from the same records. A
-# control effect above the band is a token-level signal that none of the population-level
-# statistics came close to; a control effect inside the band is no stronger than what the
-# observational metrics produced. An asterisk marks a layer that passes Bonferroni within its
+# control effect above the band is larger than every population-level statistic's effect on
+# this run; whether it is clearly larger depends on how far above the band it lies and whether
+# its own interval still reaches into the band (stated below the figure). A control effect
+# inside the band is no stronger than what the observational metrics produced. An asterisk marks a layer that passes Bonferroni within its
 # model (on the t-test; see the tables for the dual rule).
 
 # %% tags=["hide-input"]
@@ -247,17 +227,7 @@ observational = stats.audit_table(observational_cells, by=("model", "ranking", "
 fig = report.figure1(control, observational)
 plt.show()
 
-obs_lo, obs_hi = observational.cohens_dz.min(), observational.cohens_dz.max()
-above = control[control.cohens_dz > obs_hi]
-below = control[control.cohens_dz < obs_lo]
-outside = ", ".join(f"{r.model} L{r.layer} ({r.cohens_dz:+.3f})" for r in pd.concat([above, below]).itertuples())
-display(Markdown(
-    f"The {len(observational)} observational cells span d_z from {obs_lo:+.3f} to {obs_hi:+.3f}. "
-    + (f"Control cells outside that range: {outside}." if outside else
-       "Every control cell lies inside that range: per-token conditioning does not produce a larger "
-       "effect than the population-level metrics did.")
-    + f" Of the {len(control)} control cells, {int(control.sig_dual_bonf.sum())} pass the dual-test rule "
-    f"under Bonferroni within their model, and {int((control.p_t < alpha).sum())} reach uncorrected p_t < {alpha}."))
+display(Markdown(figure1_text(control, observational, alpha=alpha)))
 
 # %% [markdown]
 # ## Where the signal would come from
@@ -322,13 +292,14 @@ from statsmodels.stats.power import TTestPower
 paper_n = int(released.stored_statistics(model="deepseek", experiment="control").n.iloc[0])
 paper_k = len(released.LAYERS["olmoe"])
 paper_best = paper_control[(paper_control.model == "olmoe")].sort_values("value").iloc[-1]
-paper_mde = stats.min_detectable_dz(paper_n, alpha=alpha / paper_k, power=power)
+paper_a = released.PAPER_ALPHA / paper_k
+paper_mde = stats.min_detectable_dz(paper_n, alpha=paper_a, power=power)
 display(Markdown(
     f"For comparison, the paper's design (n = {paper_n} positions, Bonferroni over {paper_k} layers, "
-    f"α_adj = {alpha / paper_k:.3g}) detects |d_z| ≥ {paper_mde:.3f} with {power:.0%} power. Its largest control "
-    f"effect, d = {paper_best.printed} at OLMoE's layer {paper_best.layer}, is found with that design only about "
-    f"{TTestPower().power(paper_best.value, nobs=paper_n, alpha=alpha / paper_k, alternative='two-sided'):.0%} "
-    "of the time."))
+    f"α_adj = {released.PAPER_ALPHA:g}/{paper_k} = {paper_a:.3g}) detects |d_z| ≥ {paper_mde:.3f} with {power:.0%} "
+    f"power. If its largest control effect, d = {paper_best.printed} at OLMoE's layer {paper_best.layer}, were the "
+    f"true effect, that design would find it only about "
+    f"{TTestPower().power(paper_best.value, nobs=paper_n, alpha=paper_a, alternative='two-sided'):.0%} of the time."))
 
 # %% [markdown]
 # ## What this shows, and what it does not
@@ -338,6 +309,7 @@ display(Markdown(
 # the four population-level metrics produced on the same positions and records. A control effect
 # that clears the Bonferroni and dual-test bar shows that the audit *can* detect an effect of that
 # size, which is what turns the observational null into evidence rather than a failure to look.
+# {glue:md}`control_reading`
 #
 # **Does not show.** That the router "knows" which expert is important in general: the control
 # compares only the top and bottom of the active set at one token, removes one expert at a time
@@ -361,13 +333,13 @@ display(Markdown(
 # ````{admonition} Expected result
 # :class: dropdown
 # The width of the confidence interval of $d_z$ is multiplied by about
-# {glue:text}`ex_ci_factor:.2f` (it scales as $1/\sqrt{n}$). The point estimate moves by
-# no more than roughly the old interval's half-width. If the effect is real, $p_t$ falls by
-# orders of magnitude and the cell moves into the significant range; if it is noise, the estimate
-# shrinks toward zero and the interval straddles zero more tightly. With a single audited layer
-# the Bonferroni family has size one, so the corrected level is $\alpha$ itself
+# {glue:text}`ex_ci_factor:.2f` (it scales as $1/\sqrt{n}$). With a single audited layer the
+# Bonferroni family has size one, so the corrected level is $\alpha$ itself
 # ({glue:text}`alpha_plain`) — a reminder that the correction depends on how many tests you
-# decided to run. The records at the larger n also take proportionally longer to compute the
+# decided to run. At {glue:text}`ex_n_new` positions and that level the t-test detects
+# $|d_z| \ge$ {glue:text}`ex_mde:.3f` with {glue:text}`power:.0%` power. {glue:md}`ex1_cells`
+# A cell whose true effect is below that size will often stay non-significant even at the
+# larger n; one above it will usually reach $p_t < \alpha$. The records at the larger n also take proportionally longer to compute the
 # first time.
 # ````
 
@@ -404,14 +376,17 @@ display(Markdown(
 # %% [markdown]
 # ````{admonition} Expected result
 # :class: dropdown
-# Each $d_z$ moves by an amount comparable to its confidence interval's half-width (on this run
-# {glue:md}`ex_halfwidth`). Cells whose
+# Two independent draws of $n$ positions give estimates of $d_z$ whose difference has a standard
+# deviation of about $\sqrt{2}\,\mathrm{SE}$, where SE is the standard error of $d_z$ (here
+# derived from the tables' 95% intervals as half-width / $1.96$: {glue:md}`ex_se`). A typical change
+# is therefore of that order, somewhat smaller than the interval's half-width ({glue:md}`ex_halfwidth`),
+# and about one cell in twenty moves by more than twice $\sqrt{2}\,\mathrm{SE}$. Cells whose
 # interval was far from zero keep their sign and verdict; cells with $p_t$ near the Bonferroni
 # level can flip in either direction, and uncorrected "bold" cells of the observational kind come
-# and go. A verdict that does not survive a new seed was never strong evidence — which is why the
-# paper's largest control effect, at $p_t$ = {glue:md}`paper_best_p` against
-# $\alpha_{\text{adj}}$ = {glue:text}`paper_control_alpha:.3g`, is reported with its depth trend
-# and not on its own.
+# and go. A verdict that does not survive a new seed was never strong evidence. The paper's
+# largest control effect, at $p_t$ = {glue:md}`paper_best_p` against
+# $\alpha_{\text{adj}}$ = {glue:text}`paper_control_alpha:.3g`, rests on one draw of positions
+# and is reported on its own, as the one result to survive Bonferroni correction; {glue:md}`paper_trend`.
 # ````
 
 # %%
@@ -429,7 +404,23 @@ glue("ex1_cmd", Markdown(f"`make chapter NB=05_routing_weight_control PARAMS=\"-
                          f"-p n_positions {factor * n_positions}\"`"), display=False)
 glue("alpha_plain", alpha, display=False)
 half = (control.dz_ci_high - control.dz_ci_low) / 2
+se = half / 1.959964
+glue("ex_se", Markdown(f"√2·SE between {np.sqrt(2) * se.min():.3f} and {np.sqrt(2) * se.max():.3f}"), display=False)
+mde_new = stats.min_detectable_dz(factor * n_positions, alpha=alpha, power=power)
+big = control[control.cohens_dz.abs() >= mde_new]
+glue("ex_n_new", factor * n_positions, display=False)
+glue("ex_mde", mde_new, display=False)
+glue("ex1_cells", Markdown("Of this run's control cells, " + (
+    "none has an observed |d_z| that large." if big.empty else join_words(
+        f"{r.model} layer {r.layer} ({fmt_signed(r.cohens_dz)})" for r in big.itertuples())
+    + f" {'has' if len(big) == 1 else 'have'} an observed |d_z| at least that large.")), display=False)
 glue("ex_halfwidth", Markdown(f"about {half.mean():.2f}" if half.max() - half.min() < 0.005 else
                               f"between {half.min():.2f} and {half.max():.2f}"), display=False)
 paper_p = released.paper_printed_values().query("table == 4 and quantity == 'p_t'")
 glue("paper_best_p", Markdown(paper_p[paper_p.layer == paper_best.layer].printed.iloc[0]), display=False)
+notes = paper_control_notes()
+glue("paper_rule", Markdown(notes["rule"]), display=False)
+glue("paper_trend", Markdown(notes["trend"]), display=False)
+glue("control_beaten", Markdown(control_beaten_text(control_against_observational(control, observational))),
+     display=False)
+glue("control_reading", Markdown(control_reading_text(control)), display=False)

@@ -39,10 +39,11 @@ from moeaudit import report
 corpus_source = report.show_corpus(corpus, data_dir=data_dir, text_form=text_form)
 
 # %% [markdown]
-# The audit removes *one* active expert at a token and finds that, in most layers, it hardly
-# matters which one. The paper reads this as a property of the regime, not of the metrics: if a
-# layer's active experts are largely redundant, every choice of expert to remove looks harmless,
-# and every selection criterion looks equally good. This chapter tests the premise directly
+# The audit removes *one* active expert at a token and finds that the population-level rankings
+# do not predict which of the active experts costs more to remove, although the difference in
+# cost between two experts is not small at every token. The paper reads this as a property of
+# the regime, not of the metrics: if a layer's active experts are largely redundant, removing
+# any few of them costs little on average, and every selection criterion looks equally good. This chapter tests the premise directly
 # (Section 3 "Progressive ablation", Appendix C and Tables 8–9 of {cite}`engmann2026audit`).
 #
 # **Protocol.** At each sampled token position and layer, the active routed experts are ordered
@@ -55,9 +56,9 @@ corpus_source = report.show_corpus(corpus, data_dir=data_dir, text_form=text_for
 # single-expert audit, {cite}`fiottokaufman2025nnsight`); the remaining weights are not
 # renormalised.
 #
-# Removing the *highest*-weight experts first is the hardest test of redundancy that a
-# routing-based order can set: if even these can go without a large loss change, the layer's
-# output at that token is carried by many experts at once. A **redundancy cliff** is a removal
+# The paper removes the *highest*-weight experts first because these carry the largest share of
+# the layer's routed output at the token: if even these can go without a large loss change, the
+# layer's output at that token does not rest on them alone. A **redundancy cliff** is a removal
 # depth $k$ at which the loss change jumps instead of growing slowly.
 #
 # **Positions.** The positions are the audit's: one seeded draw per model, shared with the
@@ -79,8 +80,9 @@ from myst_nb import glue
 from scipy import stats as sps
 
 from moeaudit import released, report
-from moeaudit.audit import (deepest_removal_summary, paper_progressive_table, prepare, progressive_records,
-                            progressive_summary, redundancy_breaks)
+from moeaudit.audit import (cliff_comparison_text, cliff_text, deepest_removal_summary, fmt_signed, join_words,
+                            paper_progressive_table, prepare, progressive_records, progressive_summary,
+                            redundancy_breaks, threshold_calls)
 from moeaudit.corpus import valid_positions
 
 report.use_book_style()
@@ -133,7 +135,7 @@ for name in models:
     s = summary[summary.model == name]
     tab = s.pivot(index="k", columns="layer", values="mean").rename(columns=lambda c: f"L{c}")
     display(Markdown(f"### {name}"))
-    display(tab.style.format("{:+.3f}").background_gradient(cmap="Blues", axis=None)
+    display(tab.style.format(fmt_signed).background_gradient(cmap="Blues", axis=None)
             .set_caption(f"{name}: mean cumulative ΔL (nats) under progressive ablation of the k highest-weight "
                          f"active experts; n = {int(s.n.min())} positions per cell.")
             .set_properties(**{"text-align": "center"}))
@@ -156,7 +158,7 @@ for name in models:
                                                                           "median": "Median", "p05": "P5", "p95": "P95"}).T
     tab.columns = [f"L{c}" for c in tab.columns]
     display(Markdown(f"### {name} (k = {int(d.k.iloc[0])})"))
-    display(tab.style.format("{:+.3f}", subset=pd.IndexSlice[["Mean", "Median", "P5", "P95"], :])
+    display(tab.style.format(fmt_signed, subset=pd.IndexSlice[["Mean", "Median", "P5", "P95"], :])
             .format("{:.0%}", subset=pd.IndexSlice[list(share_cols.values()), :])
             .set_caption(f"{name}: cumulative ΔL (nats) at k = {int(d.k.iloc[0])}, n = {int(d.n.min())} positions per layer")
             .set_properties(**{"text-align": "center"}))
@@ -217,36 +219,15 @@ plt.show()
 
 # %%
 breaks = redundancy_breaks(summary, threshold=cliff_threshold)
-display(breaks.style.format({"largest_step": "{:+.3f}", "mean_deepest": "{:+.3f}", "clean_loss": "{:.3f}",
+calls = threshold_calls(summary, threshold=cliff_threshold)
+display(breaks.style.format({"largest_step": fmt_signed, "mean_deepest": fmt_signed, "clean_loss": "{:.3f}",
                              "ratio_to_clean": "{:.1%}", "first_k_above": lambda v: "none" if pd.isna(v) else f"{int(v)}"})
         .hide(axis="index"))
 
 
 # %% tags=["hide-input"]
-def cliff_sentence(name: str) -> str:
-    b, d = breaks[breaks.model == name], deepest[deepest.model == name].set_index("layer")
-    kmax = int(d.k.iloc[0])
-    worst, mildest = b.loc[b.mean_deepest.idxmax()], b.loc[b.mean_deepest.idxmin()]
-    broken, steepest, tail = b[b.first_k_above.notna()], b.loc[b.largest_step.idxmax()], d.loc[d.p95.idxmax()]
-    s = (f"**{name}.** Removing {kmax} of the {kmax + 1} active experts changes the loss by "
-         f"{mildest.mean_deepest:+.3f} nats on average at layer {mildest.layer} and by {worst.mean_deepest:+.3f} nats "
-         f"at layer {worst.layer} ({worst.ratio_to_clean:.1%} of the clean loss there). ")
-    if len(broken):
-        rest = sorted(set(b.layer) - set(broken.layer))
-        s += (f"The mean crosses {cliff_threshold:g} nats at "
-              + ", ".join(f"layer {r.layer} (k = {r.first_k_above})" for r in broken.itertuples())
-              + (f"; layers {rest} stay below it at every k. " if rest else "; no layer stays below it. "))
-    else:
-        s += f"No layer's mean crosses {cliff_threshold:g} nats at any k. "
-    return s + (f"The largest single step is at layer {steepest.layer}, k = {steepest.largest_step_k} "
-                f"({steepest.largest_step:+.3f} nats). At k = {kmax} the median lies between {d['median'].min():+.3f} "
-                f"and {d['median'].max():+.3f} nats across layers while the P95 reaches {tail.p95:+.3f} (layer "
-                f"{tail.name}); there the positions above the 95th percentile contribute {tail.top5_share:.0%} of "
-                f"the summed increase, while at {tail.share_below_zero:.0%} of positions the loss fell "
-                f"(P5 {tail.p05:+.3f} nats).")
-
-
-display(Markdown("\n\n".join(cliff_sentence(name) for name in models)))
+display(Markdown("\n\n".join(cliff_text(*(t[t.model == name] for t in (breaks, deepest, calls)),
+                                         threshold=cliff_threshold) for name in models)))
 
 # %% [markdown]
 # ## Reading the result against the paper
@@ -254,12 +235,14 @@ display(Markdown("\n\n".join(cliff_sentence(name) for name in models)))
 # last has a mean loss change of at most {glue:text}`paper_early_max:+.3f` nats at
 # $k$ = {glue:text}`paper_kmax`, with {glue:text}`paper_kmax` of {glue:text}`paper_topk` active experts removed, while layer
 # {glue:text}`paper_last` {glue:md}`paper_last_break` and reaches
-# {glue:text}`paper_last_deep:+.3f` nats. Its median stays at or below
-# {glue:text}`paper_median_max:+.3f` nats at every audited layer while its P95 reaches
+# {glue:text}`paper_last_deep:+.3f` nats. At $k$ = {glue:text}`paper_kmax` (its Table 9) the
+# median stays at or below {glue:text}`paper_median_max:+.3f` nats at every audited layer while its P95 reaches
 # {glue:text}`paper_last_p95:+.3f` nats (against at most {glue:text}`paper_early_p95:+.3f`
-# elsewhere): the cliff is a heavy tail of positions rather than a uniform shift. The released
-# summary behind these tables also gives the share of positions whose loss *rose* at
-# $k$ = {glue:text}`paper_kmax`: {glue:md}`paper_share_positive`.
+# elsewhere): the cliff is a heavy tail of positions rather than a uniform shift (the paper
+# prints no lower percentile, so whether positions whose loss fell form a comparable tail
+# cannot be read from its tables). The released summary behind these tables also gives, per
+# layer, the share of positions whose loss *rose* at $k$ = {glue:text}`paper_kmax`:
+# {glue:md}`paper_share_positive`.
 #
 # The argument built on it is structural: where a layer has a redundancy buffer, *any* selection
 # criterion removes experts at little cost, so the observational metrics cannot be told apart by
@@ -288,32 +271,14 @@ glue("paper_last_p95", float(p_deep.loc[paper_last, "p95"]), display=False)
 glue("paper_early_p95", float(p_deep.drop(index=paper_last).p95.max()), display=False)
 rel = released.progressive_ablation(data_dir=data_dir)
 rel = rel[rel.k == kmax_paper]
-glue("paper_share_positive", Markdown(f"between {rel.share_positive.min():.0%} and {rel.share_positive.max():.0%} "
-                                      "across layers"), display=False)
+glue("paper_share_positive", Markdown(join_words(f"layer {r.layer} {r.share_positive:.0%}" for r in rel.itertuples())
+                                      + f" (n = {int(rel.n.min())} positions per layer)."), display=False)
 
 
 # %% tags=["hide-input"]
-def comparison_line(name: str) -> str:
-    b = breaks[breaks.model == name].set_index("layer")
-    d = deepest[deepest.model == name].set_index("layer")
-    last, worst = audited_layers[name][-1], b.mean_deepest.idxmax()
-    crossed = list(b.index[b.first_k_above.notna()])
-    if not crossed:
-        shape = f"no layer crosses {cliff_threshold:g} nats, so by this threshold every audited layer keeps a buffer"
-    elif crossed == [last]:
-        shape = f"only the last audited layer ({last}) crosses {cliff_threshold:g} nats, as in the paper"
-    else:
-        shape = (f"layer{'s' if len(crossed) > 1 else ''} {', '.join(map(str, crossed))} cross{'' if len(crossed) > 1 else 'es'}"
-                 f" {cliff_threshold:g} nats, unlike the paper, where only the last audited layer does")
-    where = ("the largest mean change at the deepest removal is at the last audited layer"
-             if worst == last else f"the largest mean change at the deepest removal is at layer {worst}, not the last")
-    tail = d.loc[worst]
-    form = ("a tail (median {:+.3f} against P95 {:+.3f} nats)" if abs(tail["median"]) < 0.25 * tail.p95
-            else "a shift of the whole distribution (median {:+.3f}, P95 {:+.3f} nats)").format(tail["median"], tail.p95)
-    return f"- **{name}**: {shape}; {where}, and there the damage is {form}."
-
-
-glue("comparison", Markdown("\n".join(comparison_line(name) for name in models)), display=False)
+glue("comparison", Markdown("\n".join(cliff_comparison_text(
+    *(t[t.model == name] for t in (breaks, deepest, calls)), paper_breaks.reset_index(),
+    last=audited_layers[name][-1], threshold=cliff_threshold) for name in models)), display=False)
 
 # %% [markdown]
 # ## What this shows, and what it does not
@@ -337,8 +302,8 @@ glue("comparison", Markdown("\n".join(comparison_line(name) for name in models))
 # %%
 n_crossed = int(breaks.first_k_above.notna().sum())
 glue("shows_summary", Markdown(
-    (f"the mean loss change at the deepest removal ranges from {breaks.mean_deepest.min():+.3f} to "
-     f"{breaks.mean_deepest.max():+.3f} nats over {len(breaks)} audited layers; "
+    (f"the mean loss change at the deepest removal ranges from {fmt_signed(breaks.mean_deepest.min())} to "
+     f"{fmt_signed(breaks.mean_deepest.max())} nats over {len(breaks)} audited layers; "
      + (f"no layer crosses {cliff_threshold:g} nats." if n_crossed == 0 else
         f"{n_crossed} of them cross{'es' if n_crossed == 1 else ''} {cliff_threshold:g} nats.")
      + f" At the deepest removal the loss fell at {deepest.share_below_zero.min():.0%} to "

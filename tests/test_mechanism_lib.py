@@ -222,3 +222,100 @@ def test_block_geometry_agrees_with_the_clean_pass_and_the_ablations(ctx):
     np.testing.assert_allclose(both.gap_norm_abl, both.gap_norm, rtol=1e-3)
     with pytest.raises(ValueError):
         block_geometry(ctx, [7])
+
+
+def test_gap_rounding_ratio_by_hand():
+    from moeaudit.audit import gap_rounding_ratio
+    eps = float(np.finfo(np.float32).eps)
+    # relative error 2 eps on a gap of 0.01 beside a rest of 0.99: unit eps * (0.99 + 0.01) / 0.01 = 100 eps
+    out = gap_rounding_ratio([0.01 * (1 + 2 * eps)], [0.01], [0.99])
+    assert out[0] == pytest.approx(2 * eps / (100 * eps))
+    with pytest.raises(ValueError):
+        gap_rounding_ratio([1.0, 2.0], [1.0], [1.0])
+
+
+def test_cosine_against_chance_by_hand():
+    from moeaudit.audit import cosine_against_chance
+    rows = pd.DataFrame({"model": ["a", "a", "b", "b", "c", "c"],
+                         "median_cos": [0.2, 0.4, 0.001, 0.01, 0.01, 0.05]})
+    out = cosine_against_chance(rows, {"a": 64, "b": 2500, "c": 2500}).set_index("model")
+    assert out.loc["a", "chance"] == pytest.approx(0.125) and out.loc["b", "chance"] == pytest.approx(0.02)
+    assert out.loc["a", "ratio_lo"] == pytest.approx(1.6) and out.loc["a", "ratio_hi"] == pytest.approx(3.2)
+    assert list(out.relation) == ["above", "below", "across"]
+    with pytest.raises(KeyError):
+        cosine_against_chance(rows, {"a": 64})
+
+
+def test_slope_sign_separation_by_hand():
+    from moeaudit.audit import slope_sign_separation
+    sep = slope_sign_separation([0.1, 0.2, 0.7, 0.8], [-0.3, -0.1, 0.4, 0.5])
+    assert sep["separated"] and sep["max_slope_neg"] == 0.2 and sep["min_slope_pos"] == 0.7 and sep["n_overlap"] == 0
+    ov = slope_sign_separation([0.1, 0.6, 0.5, 0.8, np.nan], [-0.3, -0.1, 0.4, 0.5, 0.9])
+    assert not ov["separated"] and ov["n_neg"] == 2 and ov["n_pos"] == 2 and ov["n_overlap"] == 2
+    assert slope_sign_separation([0.1, 0.2], [0.3, 0.4])["separated"] is None
+
+
+def test_significant_signs_text_by_hand():
+    from moeaudit.audit import significant_signs_text
+    assert significant_signs_text([0, 1, 2, 3], [-0.4, -0.3, 0.1, -0.5], [0.001, 0.01, 0.5, 0.02]) == \
+        "3 of 4 layers, all negative (-0.50 to -0.30)"
+    assert significant_signs_text([0, 1, 2], [-0.42, 0.41, 0.0], [0.001, 0.01, 0.9]) == \
+        "2 of 3 layers, of opposite signs (L0 -0.42, L1 +0.41)"
+    assert significant_signs_text([0, 1], [0.3, 0.1], [0.01, np.nan]) == "1 of 1 layer (positive, +0.30)"
+    assert significant_signs_text([0, 1], [0.3, 0.1], [0.2, 0.3]) == "0 of 2 layers"
+
+
+# ----------------------------------------------------------------------------- chapters 5-6 wording helpers
+
+def test_fmt_signed_and_join_words():
+    from moeaudit.audit import fmt_signed, join_words
+
+    assert fmt_signed(-0.0004) == "+0.000" and fmt_signed(-0.0006) == "-0.001" and fmt_signed(0.25, 2) == "+0.25"
+    assert join_words([1, 2, 3]) == "1, 2 and 3" and join_words([4]) == "4" and join_words([]) == ""
+
+
+def test_distribution_shape_tells_a_tail_from_a_two_sided_spread():
+    from moeaudit.audit import distribution_shape
+
+    # tiny-olmoe layer 0 at k = 7: the lower tail is almost half as long as the upper one
+    assert distribution_shape(median=0.042, p05=-0.267, p95=0.594) == "two-sided"
+    # the paper's layer 15 shape with a short lower tail: a tail of large increases
+    assert distribution_shape(median=0.018, p05=-0.05, p95=2.633) == "upper tail"
+    assert distribution_shape(median=0.5, p05=0.1, p95=1.0) == "shift"
+    assert distribution_shape(median=0.0, p05=-1.0, p95=0.01) == "lower tail"
+    assert distribution_shape(median=0.0, p05=0.0, p95=0.0) == "none"
+    with pytest.raises(ValueError):
+        distribution_shape(median=0.0, p05=1.0, p95=0.0)
+
+
+def test_threshold_calls_by_hand():
+    from moeaudit.audit import threshold_calls
+
+    s = pd.DataFrame({"model": "m", "layer": [0, 1, 2, 0, 1, 2], "k": [1, 1, 1, 2, 2, 2],
+                      "mean": [0.0] * 3 + [0.2, 0.05, 0.1], "ci_low": [0.0] * 3 + [0.15, 0.0, 0.05],
+                      "ci_high": [0.0] * 3 + [0.25, 0.09, 0.2]})
+    c = threshold_calls(s, threshold=0.1).set_index("layer")
+    assert list(c.call) == ["above", "below", "undecided"] and set(c.k) == {2}
+
+
+def test_control_against_observational_by_hand():
+    from moeaudit.audit import control_against_observational
+
+    control = pd.DataFrame({"model": "m", "layer": [0, 1], "cohens_dz": [0.30, 0.05],
+                            "dz_ci_low": [0.15, -0.1], "dz_ci_high": [0.45, 0.2]})
+    obs = pd.DataFrame({"model": "m", "layer": [0, 0, 1], "ranking": ["a", "b", "a"], "cohens_dz": [0.1, 0.2, -0.1]})
+    c = control_against_observational(control, obs).set_index("layer")
+    assert c.loc[0, "position"] == "above" and c.loc[0, "margin"] == pytest.approx(0.1)
+    assert bool(c.loc[0, "ci_overlaps_band"]) and not bool(c.loc[0, "beaten"])
+    assert c.loc[1, "position"] == "inside" and c.loc[1, "best_ranking"] == "a" and c.loc[1, "margin"] == 0
+
+
+def test_paper_control_notes_read_table_4():
+    from moeaudit.audit import paper_control_notes
+
+    notes = paper_control_notes()
+    assert "layer 15 (p_t = 0.0013, p_W = 0.019)" in notes["rule"] and "Wilcoxon does not" in notes["rule"]
+    assert "layers 11 and 15" in notes["rule"] and "uncorrected p_t < 0.05" in notes["rule"]
+    assert "do not rise at every step" in notes["trend"]
+    # at a looser level (alpha_adj = 0.02) the dual rule holds at layer 15 only
+    assert "Wilcoxon as well at layer 15." in paper_control_notes(alpha=0.1)["rule"]
