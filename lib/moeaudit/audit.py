@@ -760,19 +760,18 @@ def paper_control_notes(pv: pd.DataFrame | None = None, *, alpha: float | None =
     t_pass = list(t4.index[t4.p_t < a_adj])
     dual = list(t4.index[(t4.p_t < a_adj) & (t4.p_W < a_adj)])
     unc = list(t4.index[t4.p_t < alpha])
-    cell = lambda L: f"layer {L}: p_t = {printed[(L, 'p_t')]}, p_W = {printed[(L, 'p_W')]}"  # noqa: E731
-    rule = (f"In the paper's Table 4 (OLMoE, α_adj = {alpha:g}/{k} = {a_adj:.3g}) "
-            + (f"{_plural(len(t_pass), 'layer')} pass{'es' if len(t_pass) == 1 else ''} the t-test at that level "
-               f"({'; '.join(cell(L) for L in t_pass)}), " if t_pass else "no layer passes the t-test at that level, ")
-            + (f"and {_plural(len(dual), 'layer')} also pass{'es' if len(dual) == 1 else ''} Wilcoxon. " if dual
-               else "and none also passes Wilcoxon. "))
+    cell = lambda L: f"layer {L} (p_t = {printed[(L, 'p_t')]}, p_W = {printed[(L, 'p_W')]})"  # noqa: E731
+    rule = (f"In the paper's Table 4 (OLMoE, α_adj = {alpha:g}/{k} = {a_adj:.3g}) the t-test passes at that level "
+            + (f"at {join_words(cell(L) for L in t_pass)}, " if t_pass else "at no layer, ")
+            + (f"and Wilcoxon as well at {join_words(f'layer {L}' for L in dual)}. " if dual
+               else "and Wilcoxon does not. " if len(t_pass) == 1 else "and Wilcoxon at none of them. "))
     if t_pass and not dual:
         rule += ("The paper's text nevertheless calls that result the one to survive Bonferroni correction: "
                  "for the control, the paper counts a t-test below α_adj alone, not the dual rule it applies to the "
                  "audit cells. ")
     extra = [L for L in bold if L not in t_pass]
     rule += (f"Its caption says bold marks Bonferroni significance, but it bolds layer{'s' if len(bold) != 1 else ''} "
-             f"{join_words(bold)}" + (f", including {'; '.join(cell(L) for L in extra)} above α_adj" if extra else "")
+             f"{join_words(bold)}" + (f", including {join_words(cell(L) for L in extra)}, whose p_t is above α_adj" if extra else "")
              + (f"; the bold layers are exactly those with uncorrected p_t < {alpha:g}." if bold == unc else "."))
     d = t4.d.sort_index()
     mono = bool(np.all(np.diff(d.to_numpy()) > 0))
@@ -936,8 +935,7 @@ def _undecided(calls: pd.DataFrame, threshold: float) -> str:
     if u.empty:
         return ""
     return (f" At k = {int(u.k.iloc[0])} the {'interval' if len(u) == 1 else 'intervals'} of the mean at "
-            f"layer{'s' if len(u) > 1 else ''} {join_words(u.layer)} "
-            + "; ".join(f"[{fmt_signed(r.ci_low)}, {fmt_signed(r.ci_high)}]" for r in u.itertuples())
+            + join_words(f"layer {r.layer} ([{fmt_signed(r.ci_low)}, {fmt_signed(r.ci_high)}])" for r in u.itertuples())
             + f" contain{'s' if len(u) == 1 else ''} {threshold:g} nats, so whether "
             + ("that layer is" if len(u) == 1 else "those layers are")
             + " above or below the threshold cannot be told apart on these positions.")
@@ -989,15 +987,15 @@ def cliff_comparison_text(breaks: pd.DataFrame, deepest: pd.DataFrame, calls: pd
     p_crossed = list(paper_breaks.layer[paper_breaks.first_k_above.notna()])
     p_last = int(paper_breaks.layer.max())
     same = (not crossed and not p_crossed) or (crossed == [last] and p_crossed == [p_last])
-    shape = _crossing(crossed, last, threshold) + (" (so by this threshold every audited layer keeps a buffer)"
+    shape = _crossing(crossed, last, threshold) + (", so by this threshold every audited layer keeps a buffer"
                                                    if not crossed else "")
+    undecided = calls[calls.call == "undecided"]
+    shape += (f" (the interval of the mean at the deepest removal contains {threshold:g} nats at layer"
+              f"{'s' if len(undecided) > 1 else ''} {join_words(undecided.layer)})" if len(undecided) else "")
     shape += ("; as in the paper's Table 8" if same else "; in the paper's Table 8, "
               + _crossing(p_crossed, p_last, threshold).replace("crosses", "does").replace("cross ", "do ")
               .split(f" {threshold:g} nats")[0])
     worst = b.mean_deepest.idxmax()
     where = ("the largest mean change at the deepest removal is at the last audited layer" if worst == last else
              f"the largest mean change at the deepest removal is at layer {worst}, not the last")
-    undecided = calls[calls.call == "undecided"]
-    note = (f" (the interval of the mean at the deepest removal contains {threshold:g} nats at layer"
-            f"{'s' if len(undecided) > 1 else ''} {join_words(undecided.layer)})" if len(undecided) else "")
-    return f"- **{b.model.iloc[0]}**: {shape}{note}; {where}, and there the damage is {shape_phrase(d.loc[worst])}."
+    return f"- **{b.model.iloc[0]}**: {shape}; {where}, and there the damage is {shape_phrase(d.loc[worst])}."
