@@ -37,9 +37,12 @@ from moeaudit import report
 corpus_source = report.show_corpus(corpus, data_dir=data_dir, text_form=text_form)
 
 # %% [markdown]
-# The paper explains its one surviving signal (routing weight at the last OLMoE layer) with two
-# observations (Section 3 "Mechanism", Appendix A.3, Table 7 and Figure 2 of
-# {cite}`engmann2026audit`):
+# The paper does not claim to explain its one surviving signal (routing weight at the last OLMoE
+# layer). It reports that the signal "coincides with a sharp scaling of the gap norm", that the
+# comparable scaling in Qwen without a comparable late-layer effect "rules out gap-norm growth
+# alone as sufficient", and that "three architectures are not enough data" to attribute the
+# pattern to any single cause (Section 3 "Mechanism"; Appendix A.3, Table 7 and Figure 2 of
+# {cite}`engmann2026audit`). Two observations go with that account:
 #
 # 1. **Gap-norm scaling.** Removing one active expert e at token t changes the MoE output by the
 #    *gap* $\mathbf{g} = \mathbf{y}_t - \mathbf{y}_t^{(-e)} = w_e(\mathbf{x}_t)\,E_e(\mathbf{x}_t)$,
@@ -89,8 +92,9 @@ from IPython.display import Markdown, display
 from myst_nb import glue
 
 from moeaudit import released, report
-from moeaudit.audit import (block_geometry, chain_correlations, compensation_factors, expert_means, layer_gap_ratios,
-                            measure_agreement, prepare, released_expert_means, single_expert_records)
+from moeaudit.audit import (block_geometry, chain_correlations, compensation_factors, cosine_against_chance, expert_means,
+                            gap_rounding_ratio, layer_gap_ratios, measure_agreement, prepare, released_expert_means,
+                            significant_signs_text, single_expert_records, slope_sign_separation)
 from moeaudit.report import significance_stars as stars
 
 report.use_book_style()
@@ -170,10 +174,18 @@ display(pd.DataFrame(info).set_index("model").style.format(thousands=","))
 # norms recomputed here and those stored by the clean pass, which confirms that every token row is
 # aligned). In token mode (the paper's definition) the ablation removes exactly
 # $w_e E_e(\mathbf{x}_t)$ and nothing else at t, so the two can differ only by floating-point
-# rounding; in sequence mode (`mode="sequence"`) the expert is also removed at earlier positions,
+# rounding. That rounding is not small relative to $\lVert\mathbf{g}\rVert$: the measured gap is
+# the difference of two block outputs of norm about $\lVert\mathbf{r}\rVert + \lVert\mathbf{g}\rVert$,
+# each rounded to a machine epsilon $\varepsilon$ of that norm, so a small gap beside a large rest
+# loses digits to cancellation, and its relative error is of order
+# $\varepsilon\,(\lVert\mathbf{r}\rVert + \lVert\mathbf{g}\rVert)/\lVert\mathbf{g}\rVert$. The
+# last column of the table gives the largest disagreement in that unit
+# (`moeaudit.audit.gap_rounding_ratio`): values of order one mean that the two computations agree
+# as closely as float arithmetic allows, whatever the relative difference looks like; the
+# cancellation costs the most digits for the smallest gaps. In sequence mode (`mode="sequence"`) the expert is also removed at earlier positions,
 # which changes the MoE input at t, and the measured gap can differ from the clean-pass value.
 # This run (`mode` = {glue:text}`mode`) finds a largest relative disagreement of
-# {glue:text}`check_max:.1e` over {glue:text}`check_n` ablations.
+# {glue:text}`check_max:.1e` over {glue:text}`check_n` ablations. {glue:md}`check_verdict`
 
 # %%
 rel_diff = (rec.gap_norm - rec.weight * rec.norm).abs() / (rec.weight * rec.norm)
@@ -183,8 +195,14 @@ check = pd.DataFrame({
     "max |measured − w·‖E‖| / w·‖E‖": rel_diff.groupby(rec.model, sort=False).max(),
     "max |recomputed ‖E‖ − stored ‖E‖| / stored": geo.groupby("model", sort=False).norm_check.max(),
 })
+check["max in units of ε(‖r‖+‖g‖)/‖g‖"] = pd.Series(gap_rounding_ratio(
+    rec_geo.gap_norm, rec_geo.weight * rec_geo.norm, rec_geo.r_norm, dtype=dtype)).groupby(rec_geo.model, sort=False).max()
 display(check.style.format({c: "{:.2e}" for c in check.columns if c != "ablations"}))
 glue("check_max", float(rel_diff.max()), display=False)
+unit_max = float(check.iloc[:, -1].max())
+glue("check_verdict", Markdown(f"In units of that cancellation error the largest disagreement is {unit_max:.1f}" + (
+    (": the size of rounding, as expected." if unit_max <= 10 else ", more than rounding of the two outputs explains.")
+    if mode == "token" else "; in sequence mode it also carries the effect of the earlier removals.")), display=False)
 glue("check_n", f"{len(rec):,}", display=False)
 
 # %% [markdown]
@@ -278,8 +296,10 @@ def cell(r, key, pkey, last_layer) -> str:
     return "n/a" if not np.isfinite(v) else f"{v:+.3f}{stars(getattr(r, pkey))}"
 
 
+shown = []
 for m in models:
     c = chains[chains.model == m].sort_values("layer")
+    shown += [cell(r, key, pkey, last_moe_layer[m]) for r in c.itertuples() for key, pkey, _ in ROWS]
     table = pd.DataFrame({f"L{r.layer}": {label: cell(r, key, pkey, last_moe_layer[m]) for key, pkey, label in ROWS}
                           for r in c.itertuples()})
     display(Markdown(f"### {m}"))
@@ -287,11 +307,13 @@ for m in models:
         f"{m}: correlations across experts (N = {span(c.n_experts, '.0f')} experts on all tokens; "
         f"{span(c.n_experts_abl, '.0f')} on the ablation sample of {n_positions} positions)")
         .set_properties(**{"text-align": "center"}))
+glue("na_note", Markdown("\"n/a\" (shown above) marks a correlation that is undefined: fewer than three experts pass "
+                         "`min_activations`, or one column is constant." if "n/a" in shown else
+                         "No other correlation in these tables is undefined."), display=False)
 
 # %% [markdown]
-# "n/a": the correlation is undefined (fewer than three experts pass `min_activations`, or one
-# column is constant). At the last MoE layer the downstream compensation is exactly zero for every
-# ablation, so no correlation with it exists.
+# `0 by construction`: at the last MoE layer the downstream compensation is exactly zero for every
+# ablation (no later MoE layer exists), so no correlation with it exists. {glue:md}`na_note`
 #
 # For reference, the same rows as stored in the authors' released per-layer records (the paper's
 # Table 7 is the Qwen part; the OLMoE rows are its Figure 2). In the released implementation the
@@ -386,11 +408,12 @@ display(factors.set_index(["model", "layer"])[list(cols)].rename(columns=cols).s
 
 # %% tags=["hide-input"]
 b, p_ol = book_factors, paper_factors[paper_factors.model == "paper: OLMoE-1B-7B"]
-sig = p_ol.p_gap_comp < 0.05
+sig, pos = p_ol.p_gap_comp < released.PAPER_ALPHA, b[b.rho_gap_comp > 0]
 glue("sign_contrast", Markdown(
     f"On the book's models, ρ(gap norm, relative compensation) is negative at {count(b.rho_gap_comp < 0, 'layers')} "
-    f"({span(b.rho_gap_comp)}). In the released OLMoE records it is positive at {count(p_ol.rho_gap_comp > 0, 'layers')} "
-    f"({span(p_ol.rho_gap_comp)}) and significant at p < 0.05 at {int(sig.sum())} of them"
+    f"({span(b.rho_gap_comp[b.rho_gap_comp < 0])})" + ("" if pos.empty else "; it is positive at " + ", ".join(
+        f"{r.model} layer {r.layer} ({r.rho_gap_comp:+.2f})" for r in pos.itertuples())) + f". In the released OLMoE records it is positive at {count(p_ol.rho_gap_comp > 0, 'layers')} "
+    f"({span(p_ol.rho_gap_comp)}) and significant at p < {released.PAPER_ALPHA:g} at {int(sig.sum())} of them"
     + (", although the paper's text says that in OLMoE this correlation \"strengthens only at Layer 15\"" if sig.sum() > 1 else "")
     + f" (its values at layers {', '.join(str(L) for L in (p_ol.layer.min(), int(p_ol.layer.median()), p_ol.layer.max()))}: "
     + ", ".join(f"{v:+.3f}" for v in p_ol.set_index('layer').rho_gap_comp.loc[[p_ol.layer.min(), int(p_ol.layer.median()), p_ol.layer.max()]])
@@ -421,23 +444,56 @@ glue("factor_verdict", Markdown(
     (f"The cosine slopes of the book's models ({span(cos_book)}) and of the released OLMoE records ({span(cos_ol)}) "
      "overlap on this run, so the slope of the cosine alone does not separate the two; compare the slope of the "
      "relative compensation itself in the table.")), display=False)
-glue("random_cos_book", Markdown(span(1 / np.sqrt(pd.DataFrame(info)["hidden size"]), ".3f")), display=False)
 glue("race_summary", Markdown(
     f"on this run the correlation is negative (the 1/‖g‖ factor wins) at {count(b.rho_gap_comp < 0, 'layers')} of the "
     f"book's models and positive (the alignment wins) at {count(p_ol.rho_gap_comp > 0, 'layers')} of the released "
     "OLMoE records."), display=False)
-glue("random_cos_olmoe", float(1 / np.sqrt(2048)), display=False)
+hidden = {**{r["model"]: r["hidden size"] for r in info}, **{lab: released.CHECKPOINT_HIDDEN_SIZE[k]
+                                                                 for k, lab in zip(paper.model, paper.label)}}
+chance = cosine_against_chance(factors, hidden)
+glue("cos_chance", Markdown("\n".join(
+    f"- **{r.model}** ($d$ = {r.d}, $1/\\sqrt{{d}}$ = {r.chance:.3f}): {span([r.lo, r.hi], '.3f')}, that is "
+    f"{span([r.ratio_lo, r.ratio_hi], '.1f')} times $1/\\sqrt{{d}}$, {r.relation.replace('across', 'on both sides of')} it"
+    for r in chance.itertuples())), display=False)
+far = chance[chance.relation == "above"].model.tolist()
+glue("cos_chance_verdict", Markdown(
+    (f"Every model's median cosine is positive. At {', '.join(far)} it lies above the spread of unrelated directions "
+     "at every layer: the removed output and the rest of the block's output are systematically aligned there. "
+     if far else "Every model's median cosine is positive, but none lies above the spread of unrelated directions at "
+     "every layer. ") if (chance.lo > 0).all() else "Some median cosines are not positive. "), display=False)
+
+# %% tags=["hide-input"]
+sep = slope_sign_separation(factors.slope_cos, factors.rho_gap_comp)
+glue("slope_verdict", Markdown(
+    "On this run every layer has the same sign, so there are no two groups to separate." if sep["separated"] is None else
+    f"On this run they do: every layer with a negative correlation has a slope of at most {sep['max_slope_neg']:.2f}, "
+    f"every layer with a positive one at least {sep['min_slope_pos']:.2f}." if sep["separated"] else
+    f"On this run the groups {'barely ' if sep['max_slope_neg'] - sep['min_slope_pos'] < 0.05 else ''}overlap: layers "
+    f"with a negative correlation reach slopes up to {sep['max_slope_neg']:.3f}, layers "
+    f"with a positive one start at {sep['min_slope_pos']:.3f}, and {sep['n_overlap']} layers lie in that overlap; the "
+    "slope of the cosine alone does not decide the sign."), display=False)
 
 # %% [markdown]
 # {glue:md}`factor_summary`
 #
 # {glue:md}`factor_verdict` Neither sign says anything about compensation: both are properties of
 # the angle between one expert's output and the sum of the others, and of the ratio of their
-# lengths, in the un-ablated forward pass. The typical cosines are of the order expected of
-# unrelated directions in each hidden size $d$, $1/\sqrt{d}$: {glue:md}`random_cos_book` for
-# the book's models and {glue:text}`random_cos_olmoe:.3f` for OLMoE-1B-7B-0924 ($d = 2048$). The
-# difference in alignment may therefore owe as much to the width of the residual stream as to
-# training; this run does not separate the two.
+# lengths, in the un-ablated forward pass.
+#
+# How large are the typical cosines? For two unrelated (independent, isotropic) directions in a
+# hidden space of dimension $d$ the cosine has mean $0$ and spread (standard deviation)
+# $1/\sqrt{d}$, so a median cosine well above $1/\sqrt{d}$ is systematic alignment, not chance.
+# Per model, with $d$ from the model's configuration (for the paper's checkpoints,
+# `released.CHECKPOINT_HIDDEN_SIZE`), the range over layers of the median mean cosine is:
+#
+# {glue:md}`cos_chance`
+#
+# The ratios to $1/\sqrt{d}$ put the book's narrow models and the paper's wide checkpoints on one
+# scale, which the raw cosines do not.
+#
+# {glue:md}`cos_chance_verdict` The mean cosine of an expert averages over many tokens, so for
+# unrelated directions it would scatter around $0$ even more tightly than $1/\sqrt{d}$; a
+# positive median below $1/\sqrt{d}$ is therefore small alignment, not evidence of its absence.
 #
 # The figure places every layer (of the book's models and of both released checkpoints) by the
 # log–log slope of its mean cosine against its mean gap norm and by its correlation between gap
@@ -445,6 +501,7 @@ glue("random_cos_olmoe", float(1 / np.sqrt(2048)), display=False)
 # points would fall into two groups: negative correlations at small slopes, positive ones at
 # large slopes. Points near the zero line are layers where the two factors nearly cancel; their
 # sign is not informative, and the table's stars show which of them are significant at all.
+# {glue:md}`slope_verdict`
 
 # %% tags=["hide-input"]
 fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -483,6 +540,13 @@ display(per_record.set_index(["model", "layer"]).rename(columns={
     {"mean rel. comp. (released)": "{:.3g}", "mean downstream comp.": "{:+.3g}", "share with downstream comp. > 0": "{:.0%}",
      "ρ(released, downstream)": "{:+.3f}", "p": "{:.2g}"}, na_rep="n/a"))
 
+# %% [markdown]
+# The per-model summary below counts the layers at which each chain-2 correlation reaches the
+# paper's level and gives the sign of those correlations. The sign matters as much as the count:
+# a significant *negative* correlation is the opposite relation to the paper's positive one, not
+# a weaker form of it, and where the significant layers of one model have opposite signs the
+# correlation does not describe one stable relation in that model.
+
 
 # %% tags=["hide-input"]
 def summary_line(m: str) -> str:
@@ -492,10 +556,12 @@ def summary_line(m: str) -> str:
     if not len(pr):
         return f"- **{m}**: only the last MoE layer was analysed, so no downstream measure exists."
     comp = c.dropna(subset=["rho_gap_comp"])
-    return (f"- **{m}**: ρ(rw, gap) is positive at {count(c.rho_rw_gap.dropna() > 0, 'layers')} (p < 0.05 at "
-            f"{int((c.p_rw_gap < 0.05).sum())}); the released chain-2 correlation reaches p < 0.05 at "
-            f"{int((comp.p_gap_comp < 0.05).sum())} of {len(comp)} layers, the re-measured one at "
-            f"{int((down.p_gap_down < 0.05).sum())} of {len(down)} layers that have a later MoE layer. Mean downstream "
+    a = released.PAPER_ALPHA
+    return (f"- **{m}**: ρ(rw, gap) is positive at {count(c.rho_rw_gap.dropna() > 0, 'layers')} (p < {a:g} at "
+            f"{int((c.p_rw_gap < a).sum())}); the released chain-2 correlation reaches p < {a:g} at "
+            f"{significant_signs_text(comp.layer, comp.rho_gap_comp, comp.p_gap_comp, alpha=a)}; the re-measured one, over "
+            f"the layers that have a later MoE layer, at "
+            f"{significant_signs_text(down.layer, down.rho_gap_down, down.p_gap_down, alpha=a)}. Mean downstream "
             f"compensation before the last layer: {span(pr.mean_down, '+.3g')} (released relative compensation: "
             f"{span(pr.mean_rel_comp, '.3g')}); per ablation the two measures correlate with ρ from {span(pr.rho)}.")
 
@@ -503,7 +569,8 @@ def summary_line(m: str) -> str:
 zero_last = {m: bool((rec[(rec.model == m) & (rec.layer == L)].downstream_compensation == 0).all())
              for m, L in last_moe_layer.items() if L in set(rec[rec.model == m].layer)}
 display(Markdown("\n".join(map(summary_line, models))
-                 + f"\n\nLast MoE layer: downstream compensation is exactly zero for every ablation in "
+                 + f"\n\nIn the authors' released records of the paper's checkpoints the released chain-2 correlation "
+                   f"is positive at {count(paper.rho_gap_comp > 0, 'layers')}. Last MoE layer: downstream compensation is exactly zero for every ablation in "
                    f"{sum(zero_last.values())} of {len(zero_last)} models (as it must be)."))
 
 # %% [markdown]
@@ -551,8 +618,10 @@ glue("growth_summary", Markdown(
 # root and compare with the expected result.
 #
 # **1. Which experts count?** Experts with few activations have noisy means. Predict what happens
-# to the correlations on the ablation sample when an expert needs `min_activations 20` to enter,
-# then run
+# when an expert needs `min_activations 20` to enter: how many experts per layer remain on all
+# tokens and on the ablation sample, at how many layers ρ(gap norm, downstream comp.) is still
+# defined, and whether it and the released measure on the same sample keep their range and sign.
+# Then run
 #
 # ```bash
 # make chapter NB=07_mechanism PARAMS="-p min_activations 20"
@@ -583,7 +652,8 @@ glue("growth_summary", Markdown(
 # %% tags=["hide-input"]
 ex1 = chain_correlations(expert_means(geo, min_activations=20))
 ex1_abl = chains[["model", "layer"]].merge(chain_correlations(expert_means(rec_geo.drop(columns="prob"), min_activations=20),
-                                                              pairs={"gap_down": ("mean_gap", "mean_down")}), how="left")
+                                                              pairs={"gap_down": ("mean_gap", "mean_down"),
+                                                                     "gap_comp_abl": ("mean_gap", "mean_rel_comp")}), how="left")
 ex1_abl["n_experts"] = ex1_abl.n_experts.fillna(0)
 moved = float((ex1.rho_gap_comp - chains.rho_gap_comp).abs().max())
 glue("ex1_outcome", Markdown(
@@ -592,7 +662,11 @@ glue("ex1_outcome", Markdown(
     + f"; it is negative at {count(ex1.rho_gap_comp < 0, 'layers')}. "
     f"On the ablation sample a layer keeps {span(ex1_abl.n_experts, '.0f')} experts (now {span(chains.n_experts_abl, '.0f')}), "
     f"and ρ(gap norm, downstream comp.) is undefined at {int(ex1_abl.rho_gap_down.isna().sum())} of {len(ex1_abl)} layers "
-    f"(now {int(chains.rho_gap_down.isna().sum())}; at the last MoE layer it always is)."), display=False)
+    f"(now {int(chains.rho_gap_down.isna().sum())}; at the last MoE layer it always is). Where it is defined it ranges "
+    f"{span(ex1_abl.rho_gap_down)} (now {span(chains.rho_gap_down)}) and reaches p < {released.PAPER_ALPHA:g} at "
+    f"{int((ex1_abl.p_gap_down < released.PAPER_ALPHA).sum())} layers (now {int((chains.p_gap_down < released.PAPER_ALPHA).sum())}); "
+    f"the released measure on the same sample ranges {span(ex1_abl.rho_gap_comp_abl)} (now "
+    f"{span(chains.rho_gap_comp_abl)})."), display=False)
 olmoe = chains[chains.model == "tiny-olmoe"].sort_values("layer") if "tiny-olmoe" in models else None
 glue("ex2_fixed", Markdown("; ".join(f"L{r.layer}: mean gap norm {r.mean_gap:.3g}, ρ(rw, gap) {r.rho_rw_gap:+.3f}, "
                                      f"ρ(gap, rel. comp.) {r.rho_gap_comp:+.3f}" for r in olmoe.itertuples()) + "."

@@ -42,8 +42,8 @@ corpus_source = report.show_corpus(corpus, data_dir=data_dir, text_form=text_for
 
 # %% [markdown]
 # An interventional audit is only as precise as the intervention it names. The paper defines
-# its intervention at one token (Definition 2.1: the loss at position $t$ "with $E_i$ replaced by
-# zero" at $t$) and its four observational metrics over real tokens with softmax routing
+# its intervention at one token (Section 2, "Functional importance": the loss at position $t$ with
+# the layer output at $t$ taken "with $E_i$ replaced by zero") and its four observational metrics over real tokens with softmax routing
 # probabilities (Section 2) {cite}`engmann2026audit`. The authors' released code
 # {cite}`engmann2026code` departs from both definitions in ways that are easy to make in any audit:
 #
@@ -84,7 +84,7 @@ from matplotlib.patches import Patch, Rectangle
 from myst_nb import glue
 
 from moeaudit import engine, released, report, stats
-from moeaudit.audit import paired_cells, prepare, progressive_records, single_expert_records
+from moeaudit.audit import fmt_signed, paired_cells, prepare, progressive_records, single_expert_records
 from moeaudit.metrics import METRIC_LABELS, METRICS, ROUTING_WEIGHT
 
 report.use_book_style()
@@ -286,7 +286,7 @@ if len(other_rows):
                  f"{(other_rows.max_diff / other_rows.floor.clip(lower=1e-12)).min():,.0f} times the rounding floor), the "
                  f"median difference {span(other_rows.median_diff)} nats, and the Spearman correlation between the two "
                  f"measurements of the same ablation {span(other_rows.rho, '{:+.3f}')}. Per layer, the median |Δ| of the "
-                 f"{MODE_B}-mode ablation is {span(size, '{:.2f}')} times that of the {MODE_A}-mode one.")
+                 f"{MODE_B}-mode ablation is {span(size, '{:.3f}')} times that of the {MODE_A}-mode one.")
 display(Markdown(" ".join(parts)))
 
 # %% [markdown]
@@ -324,19 +324,20 @@ cmp_mode = released.compare_audit_variants(cells_mode, table_mode, MODE_A, MODE_
 def show_comparison(cmp, la, lb, what):
     for name in models:
         t = cmp[cmp.model == name]
-        mark = lambda dz, dual, p05: f"{dz:+.3f}{' ★' if dual else ''}{' •' if p05 else ''}"  # noqa: E731
+        mark = lambda dz, dual, p05: f"{fmt_signed(dz)}{' ★' if dual else ''}{' •' if p05 else ''}"  # noqa: E731
         view = pd.DataFrame({
             "ranking": [LABEL[r] for r in t.ranking], "layer": [f"L{L}" for L in t.layer],
             f"d_z {la}": [mark(*r) for r in zip(t.dz_a, t.dual_a, t.p05_a)],
             f"d_z {lb}": [mark(*r) for r in zip(t.dz_b, t.dual_b, t.p05_b)],
-            "difference [95% CI]": [f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]{' ◆' if x else ''}"
+            "difference [95% CI]": [f"{fmt_signed(d)} [{fmt_signed(lo)}, {fmt_signed(hi)}]{' ◆' if x else ''}"
                                     for d, lo, hi, x in zip(t.ddz, t.ddz_lo, t.ddz_hi, t.ci_excludes_0)],
             "verdict flips": [", ".join(s for s, f in (("dual rule", fd), ("uncorrected p_t", fp)) if f) or "–"
                               for fd, fp in zip(t.flip_dual, t.flip_p05)]})
         display(view.style.hide(axis="index").set_properties(**{"font-size": "0.88em"})
                 .set_caption(f"{name}: Cohen's d_z per cell, {what}; n = {n_positions} positions"))
     display(Markdown(f"★: significant under the dual rule. •: uncorrected p_t < {alpha:g}. *difference*: d_z({la}) − "
-                     f"d_z({lb}) with its paired-bootstrap 95% CI; ◆ where it excludes zero."))
+                     f"d_z({lb}) with its paired-bootstrap 95% CI; ◆ where it excludes zero and the difference is larger "
+                     f"than {released.DDZ_TOLERANCE:g} (smaller ones are float rounding)."))
 
 
 show_comparison(cmp_mode, MODE_A, MODE_B, f"{MODE_A}-mode vs {MODE_B}-mode ablation")
@@ -367,7 +368,8 @@ def flip_text(cmp, la, lb) -> str:
         changes = "; ".join(f"{LABEL[r.ranking]} L{r.layer} ({'dual rule' if r.flip_dual else 'uncorrected p_t'}: "
                             f"p_t = {r.p_t_a:.3g} vs {r.p_t_b:.3g})" for r in fl.itertuples())
         out.append(f"**{s.model}**: |d_z({la}) − d_z({lb})| up to {s.max_abs_ddz:.3f} (median {s.median_abs_ddz:.3f}) over "
-                   f"{s.cells} cells; {s.ci_excluding_0} difference interval(s) exclude zero. "
+                   f"{s.cells} cells; {s.ci_excluding_0} difference interval{' excludes' if s.ci_excluding_0 == 1 else 's exclude'} "
+                   "zero. "
                    + (f"Verdicts that change: {changes}." if len(fl) else "No verdict changes, under either rule."))
     return "\n\n".join(out)
 
@@ -428,7 +430,8 @@ for name in models:
                           "admitted_min": float(admitted.min()), "admitted_max": float(admitted.max())})
     del padded
 masks, substitute = pd.DataFrame(mask_rows), pd.DataFrame(sub_rows)
-glue_all(pad_share=Markdown(per_model(pad_share, "{:.1%}")), admitted_span=span(masks.admitted_median, "{:.0%}"),
+glue_all(pad_share=Markdown(per_model(pad_share, "{:.1%}")), released_pad=released.RELEASED_OLMOE_PADDING_SHARE,
+         admitted_span=span(masks.admitted_median, "{:.0%}"),
          selected_span=span(masks.selected_share, "{:.1%}"),
          recheck=Markdown("exactly, for every model" if max(recheck.values()) == 0 else
                           "to a largest relative deviation of " + per_model(recheck, "{:.1e}")))
@@ -445,13 +448,18 @@ display(masks.style.format({"threshold": "{:+.3f}", "selected_share": "{:.1%}", 
 # minimum and the maximum column is that difference between experts; the metric then averages
 # each expert's logits over its own admitted positions.
 #
-# Share of padding positions in the padded batch: {glue:md}`pad_share`. The paper's definitions
+# Share of padding positions in the padded batch: {glue:md}`pad_share`, against about
+# {glue:text}`released_pad:.0%` in the released OLMoE run, which padded all texts to the longest
+# one. The paper's definitions
 # recomputed from the real positions of this padded pass agree with the metrics of the audit's
 # clean pass {glue:md}`recheck`, so padding does not leak into real positions (causal attention,
 # masked keys) and the recipes differ from the paper's definitions only by what they compute. The
 # median over experts of the share of positions the released mask admits is
 # {glue:text}`admitted_span` (range over layers and models), where the router selects
-# {glue:text}`selected_span`.
+# {glue:text}`selected_span`. Both conclusions are drawn at this padding share: with the released
+# run's much larger share, the padding-dependent recipes (every OLMoE-script metric, the DeepSeek
+# utilization) average over many more padded positions, and their departures from the paper's
+# definitions can be larger than measured here.
 #
 # ### How far apart are the definitions? Spearman correlation across experts
 # For each audited layer, the vector of one metric over all routed experts under the paper's
@@ -509,7 +517,8 @@ display(Markdown("Per model, the range over layers of ρ between the paper's def
 # re-audited with its own recipe, in the token-local mode (the definition question alone) and in
 # the sequence-wide mode (the released pipeline as a whole: released metrics *and* released
 # intervention). The control ranking uses the per-token probability in every variant, so only
-# the four metric rows can change.
+# the four metric rows can change. The first comparison below isolates the definitions: the
+# paper's against the released ones, both on the token-local records.
 
 # %%
 def_cells = pd.concat([cells_for(records[n, m], metric_defs[n][released.RECIPE_OF_FAMILY.get(
@@ -522,6 +531,22 @@ cmp_def = released.compare_audit_variants(cells_def, table_def, f"paper defs, {M
                                           alpha=alpha, n_boot=n_boot, seed=seed)
 show_comparison(cmp_def, "paper defs", "released defs", f"paper's vs released metric definitions ({MODE_A}-mode records)")
 display(Markdown(flip_text(cmp_def, "paper", "released")))
+
+# %% [markdown]
+# The second comparison is the released pipeline as a whole against the paper's: the paper's
+# metric definitions with the token-local ablation on one side, each model's own released recipe
+# with the sequence-wide ablation on the other. Positions, layers and the experts' routing are
+# the same on both sides, so the pairs of experts differ only where the released recipe ranks
+# them differently, and the measured $\Delta$ only where the sequence-wide ablation reaches the
+# token through attention. The tables and the summary use the same machinery as above; the
+# differences combine the two departures and need not be the sum of the two separate ones.
+
+# %%
+cmp_whole = released.compare_audit_variants(cells_def, table_def, "paper defs, token", "released defs, sequence",
+                                            alpha=alpha, n_boot=n_boot, seed=seed)
+show_comparison(cmp_whole, "paper pipeline", "released pipeline",
+                "paper's definitions and token-local ablation vs released definitions and sequence-wide ablation")
+display(Markdown(flip_text(cmp_whole, "paper pipeline", "released pipeline")))
 
 # %% [markdown]
 # ## 4. The noise floor of half precision
@@ -584,9 +609,9 @@ display(Markdown(flip_text(cmp_half, dtype, half_dtype)))
 # %% [markdown]
 # ### The released progressive ablation in float16
 # The authors' progressive-ablation summary (OLMoE, removing the $k$ highest-weight active
-# experts at one position per text) was produced in float16, and its losses were computed from
-# float16 logits. A float16 loss near the released baseline losses is a multiple of one float16
-# step (`released.float16_spacing`), so the difference of two losses is resolved only to that
+# experts at one position per text) was run in float16; the released code does not record in
+# which precision its losses were computed from the logits. If they were float16 numbers, a loss
+# near the released baseline losses is a multiple of one float16 step (`released.float16_spacing`), so the difference of two losses is resolved only to that
 # step. The table gives each released median and quartile in those steps. For comparison, the
 # book's own progressive ablation (the progressive-ablation chapter's records, in float32, every
 # MoE layer) gives the share of positions whose loss *falls* when all but one active expert is
@@ -633,10 +658,13 @@ if prog is not None:
     glue_all(n_med_within=int(within.sum()), n_med=len(steps),
              med_within_nats=float(steps.median_delta[within].abs().max()) if within.any() else 0.0)
     glue("verdict_median", Markdown(
-        "All of them cannot be told apart from the rounding of the stored losses" if within.all() else
-        f"These cannot be told apart from the rounding of the stored losses; the other {int((~within).sum())} reach up to "
-        f"{steps.median_delta.abs().max():.4f} nats ({steps.median_steps.max():.1f} steps) and are resolved in float16"),
-        display=False)
+        "None of them can be told apart from the rounding of the stored losses at that step" if within.all() else
+        f"These cannot be told apart from the rounding of the stored losses at that step; the other {int((~within).sum())} "
+        f"reach up to {steps.median_delta.abs().max():.4f} nats ({steps.median_steps.max():.1f} steps) and are resolved at "
+        "that step"), display=False)
+    glue("f16_caveat", Markdown("; ".join(f"above {r.loss:g} nats it is {r.step:.4f} nats, and {r.n_within} of the {r.n} "
+                                          "medians lie within it" for r in released.float16_steps_caveat(
+                                              steps.median_delta).itertuples())), display=False)
     glue("verdict_quartiles", Markdown(
         "The quartiles are many times that step, so the spread of the released loss changes is not the rounding of "
         "the stored losses" if q_min >= 5 else
@@ -646,7 +674,11 @@ if prog is not None:
 # %% [markdown]
 # The released baseline losses put one float16 step at {glue:md}`rel_step` nats. Of the
 # {glue:text}`n_med` released medians, {glue:text}`n_med_within` lie within one step of zero
-# (at most {glue:text}`med_within_nats:.4f` nats). {glue:md}`verdict_median`. {glue:md}`verdict_quartiles`:
+# (at most {glue:text}`med_within_nats:.4f` nats). {glue:md}`verdict_median`. That step holds at
+# the *mean* baseline loss; an individual position with a larger loss has a larger step
+# (`released.float16_steps_caveat`): {glue:md}`f16_caveat`. The released summary stores no
+# per-position losses, so each median cannot be measured against the step at its own losses, and
+# the count above is a lower bound for positions with high losses. {glue:md}`verdict_quartiles`:
 # the 25th and 75th percentiles lie {glue:md}`rel_q_nats` nats from zero, {glue:md}`rel_q_steps`
 # steps; {glue:text}`rel_grid:.0%` of the released medians and quartiles are exact multiples of
 # $2^{-16}$, as differences of float16 losses are. The released share of positions whose loss
@@ -669,7 +701,7 @@ glue_all(l_mode_text=Markdown(
                             f"{agreement.max_diff.max():.1e} nats per record"), half_name=half_dtype,
          l_ddz_mode=float(cmp_mode.ddz.abs().max()), l_ddz_def=float(cmp_def.ddz.abs().max()),
          l_min_rho=float(own_rho.rho.min()), l_flips_mode=flips(cmp_mode), l_flips_def=flips(cmp_def),
-         l_flips_half=flips(cmp_half))
+         l_flips_half=flips(cmp_half), l_ddz_whole=float(cmp_whole.ddz.abs().max()), l_flips_whole=flips(cmp_whole))
 
 # %% [markdown]
 # **Shows.** On the same positions and pairs of experts, how much the measured loss, the effect
@@ -685,7 +717,9 @@ glue_all(l_mode_text=Markdown(
 #    OLMoE "mean routing weight when active" is a mean logit over one layer-wide threshold; at the
 #    median expert it admits {glue:text}`admitted_span` of the positions, where the router selects
 #    {glue:text}`selected_span`. Cell effect sizes move by up to
-#    {glue:text}`l_ddz_def:.3f` in $d_z$; {glue:text}`l_flips_def`.
+#    {glue:text}`l_ddz_def:.3f` in $d_z$; {glue:text}`l_flips_def`. The released pipeline as a
+#    whole (own recipe and sequence-wide ablation) moves them by up to
+#    {glue:text}`l_ddz_whole:.3f` against the paper's; {glue:text}`l_flips_whole`.
 # 3. **The precision.** In {glue:text}`half_name`, the share of single-expert effects smaller than the 95th
 #    percentile of their own rounding error is {glue:md}`below_noise`;
 #    {glue:text}`l_flips_half`. A median near zero means little without the noise of the
@@ -714,7 +748,8 @@ n_small, power = max(3, n_positions // 5), 0.8
 glue("ex_last", Markdown(
     f"Only rounding. In this build the largest difference at the last decoder layer is {last_rows.max_diff.max():.1e} nats, "
     f"the largest difference of d_z between the two modes there {last_cmp.ddz.abs().max():.1e}, and "
-    f"{int((last_cmp.flip_dual | last_cmp.flip_p05).sum())} verdict(s) change there." if len(last_rows) and len(last_cmp) else
+    + (lambda k: f"{k} verdict changes" if k == 1 else f"{k} verdicts change")(int((last_cmp.flip_dual | last_cmp.flip_p05).sum()))
+    + " there." if len(last_rows) and len(last_cmp) else
     "This build audited no last decoder layer, so it has no number to compare with; the picture of section 1 predicts "
     "differences at the rounding floor."), display=False)
 glue_all(ex3_cmd=Markdown(f"`make chapter NB=09_intervention_definitions PARAMS=\"-p n_positions {n_small}\"`"),

@@ -189,3 +189,30 @@ def test_float16_steps():
     assert st.median_steps.tolist() == [0.0, 1.0] and st.p75_steps.iloc[0] == 16.0
     assert st.p25_steps.iloc[0] == pytest.approx(14.0625)
     assert st.n_on_2_16.tolist() == [3, 1]
+
+
+def test_compare_audit_variants_ignores_an_interval_around_a_rounding_difference():
+    # variant "tiny" differs from "a" by a shift of 1e-7 nats at every position: d_z moves by ~1e-7,
+    # the paired bootstrap interval is then [+0.000, +0.000] and may exclude zero, but the point
+    # difference is below DDZ_TOLERANCE, so it is not counted
+    rng = np.random.default_rng(2)
+    noise = rng.normal(size=200)
+    cells = pd.concat([_cells(noise + 0.5, "a"), _cells(noise + 0.5 + 1e-7, "tiny")], ignore_index=True)
+    table = S.audit_table(cells, by=("model", "variant", "set", "ranking", "layer"), high_col="delta_loss_high",
+                          low_col="delta_loss_low", family=("model", "variant", "set"))
+    r = R.compare_audit_variants(cells, table, "a", "tiny", n_boot=200).iloc[0]
+    assert 0 < abs(r.ddz) < R.DDZ_TOLERANCE
+    assert (r.ddz_lo > 0) or (r.ddz_hi < 0)  # the raw interval does exclude zero ...
+    assert not r.ci_excludes_0  # ... but the difference is numerically zero
+    assert R.variant_flip_summary(pd.DataFrame([r])).ci_excluding_0.iloc[0] == 0
+
+
+def test_float16_steps_caveat_by_hand():
+    out = R.float16_steps_caveat([0.001, -0.003, 0.005, 0.02], losses=(2.5, 4.0, 8.0)).set_index("loss")
+    assert out.loc[2.5, "step"] == 2 ** -9 and out.loc[4.0, "step"] == 2 ** -8 and out.loc[8.0, "step"] == 2 ** -7
+    assert list(out.n_within) == [1, 2, 3] and set(out.n) == {4}
+
+
+def test_checkpoint_constants():
+    assert set(R.CHECKPOINT_HIDDEN_SIZE) == set(R.LAYERS)
+    assert 0 < R.RELEASED_OLMOE_PADDING_SHARE < 1 and 0 < R.DDZ_TOLERANCE < 1e-3
