@@ -150,3 +150,26 @@ def test_compare_with_random_summaries():
     assert (got.n_draws == 4).all() and got.loc["b", "random_min"] == 9
     with pytest.raises(ValueError, match="no random draw"):
         pruning.compare_with_random(res.assign(fraction=[0.25, 0.5, 0.5, 0.5, 0.5, 0.5]))
+
+
+def test_rank_tests_by_criterion_and_phrase():
+    from moeaudit import pruning as P
+    vs = pd.DataFrame({"model": "m", "criterion": ["a", "a", "b", "b"], "fraction": [0.25, 0.5, 0.25, 0.5],
+                       "p_rank": [0.04, 0.04, 0.04, 0.5], "beats_mean": [True, True, True, False]})
+    out = P.rank_tests_by_criterion(vs, alpha=0.05, token_cells=pd.Series(
+        [0, 2], index=pd.MultiIndex.from_tuples([("m", "a"), ("m", "b")]))).set_index("criterion")
+    assert bool(out.loc["a", "p ≤ alpha at every fraction"]) and not out.loc["b", "p ≤ alpha at every fraction"]
+    assert bool(out.loc["b", "p ≤ alpha at some fraction"]) and out.loc["b", "largest p"] == 0.5
+    assert out.token_cells.tolist() == [0, 2]
+    assert P.rank_test_model_phrase(out.reset_index(), "m", alpha=0.05) == \
+        "m: 1 of the 2 criteria has rank p ≤ 0.05 at every fraction (2 of the 2 reach it at some fraction)"
+    none = out.reset_index().assign(**{"p ≤ alpha at every fraction": False, "p ≤ alpha at some fraction": False})
+    assert P.rank_test_model_phrase(none, "m", alpha=0.05) == "m: no criterion has rank p ≤ 0.05 at any fraction"
+
+
+def test_best_time_takes_the_minimum():
+    from moeaudit import pruning as P
+    calls = []
+    assert P.best_time(lambda: calls.append(1), repeats=3) >= 0 and len(calls) == 3
+    with pytest.raises(ValueError):
+        P.best_time(lambda: None, repeats=0)

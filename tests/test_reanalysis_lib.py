@@ -204,3 +204,37 @@ def test_control_spearman_matches_table6():
     printed = R.paper_printed_values().query("table == 6 and quantity == 'rho'").set_index("layer").value
     assert rho.rho.loc[printed.index].to_numpy() == pytest.approx(printed.to_numpy(), abs=5e-4)
     assert ((rho.ci_low <= rho.rho) & (rho.rho <= rho.ci_high)).all()
+
+
+def test_released_digits_shows_why_rounding_differs():
+    assert R.released_digits(0.027496, 0.028, 3) == "0.027496"  # 0.0275 would look like a tie
+    assert R.released_digits(0.02747, 0.028, 3) == "0.02747"
+    assert R.released_digits(0.02751, 0.028, 3) == "0.0275"  # agrees: the first extra digit already shows it
+
+
+def test_agreement_and_mismatch_phrases():
+    long = pd.DataFrame({"model": ["olmoe", "olmoe"], "metric": [None, None], "layer": [0, 4], "quantity": "d",
+                         "printed": ["0.028", "0.100"], "value": [0.028, 0.1], "decimals": 3,
+                         "recomputed": [0.027496, 0.1], "agrees": [False, True]})
+    assert R.agreement_phrase(long) == "1 of the 2 agree"
+    assert R.agreement_phrase(long.iloc[[1]]) == "the one printed number agrees"
+    assert R.mismatch_phrase(long) == "OLMoE-1B-7B-0924 Layer 0, d: printed 0.028, released 0.027496"
+    assert R.mismatch_phrase(long.iloc[[1]]) == "none"
+
+
+def test_side_by_side_as_printed_keeps_the_printed_text():
+    long = pd.DataFrame({"model": "olmoe", "layer": [0, 4], "quantity": "p_t", "printed": ["0.0020", "0.50"],
+                         "value": [0.002, 0.5], "decimals": [4, 2], "recomputed": [0.00201, 0.5], "agrees": True})
+    out = R.side_by_side_as_printed(long, index=["model", "layer"], quantities=["p_t"])
+    assert out["p_t paper"].tolist() == ["0.0020", "0.50"]
+
+
+def test_layer_correlation_of_d_by_hand():
+    idx = np.arange(6)
+    d0 = np.array([1.0, 2, 3, 4, 5, 6])
+    rows = [pd.DataFrame({"model": "olmoe", "metric": "m", "layer": L, "global_token_idx": idx,
+                          "delta_high": d, "delta_low": 0.0}) for L, d in ((0, d0), (1, d0 * 2), (2, -d0))]
+    out = R.layer_correlation_of_d(pd.concat(rows), alpha=0.05).iloc[0]
+    assert out.pairs == 3 and out.positions == 6
+    assert out["rho max"] == pytest.approx(1.0) and out["rho min"] == pytest.approx(-1.0)
+    assert out.significant == 3
