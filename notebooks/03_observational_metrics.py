@@ -104,8 +104,8 @@ glue("models_text", Markdown("; ".join(
 # layer's experts. The dashed line in the utilisation column is the uniform share $k/N_E$
 # ($N_E$ routed experts, top-$k$) that a perfectly balanced router would give every expert.
 # The two activation metrics are in the units of the hidden state (the L2 norm of the
-# expert's raw output vector) and are drawn on a log scale: a few rarely selected experts
-# can have outputs many times larger than the rest.
+# expert's raw output vector) and are drawn on a log scale: a few experts have outputs many
+# times larger than the rest of their layer.
 
 # %% tags=["hide-input"]
 UNITS = {"utilization_rate": "share of tokens", "activation_norm": "mean ‖E(x)‖₂",
@@ -206,7 +206,7 @@ plt.show()
 # %% [markdown]
 # Rows and columns: **util** utilization rate, **norm** activation norm, **weight** mean routing
 # weight, **std** activation std; n is the number of experts of the layer that enter the
-# correlation. Over all audited layers: {glue:md}`pairs_text`
+# correlation. {glue:md}`pairs_text`
 
 # %%
 summary = pairs.groupby("pair").agg(median_rho=("rho", "median"), min_rho=("rho", "min"),
@@ -215,7 +215,7 @@ display(summary.style.format("{:+.2f}").set_caption("Spearman ρ of each metric 
 by_abs = summary.median_rho.abs().sort_values()
 closest, farthest = by_abs.index[-1], by_abs.index[0]
 glue("pairs_text", Markdown(
-    f"over the {pairs.groupby(['model', 'layer']).ngroups} audited (model, layer) pairs, the most closely related "
+    f"Over the {pairs.groupby(['model', 'layer']).ngroups} audited (model, layer) pairs, the most closely related "
     f"metrics are **{closest}** (median ρ = {summary.loc[closest, 'median_rho']:+.2f}, range "
     f"{summary.loc[closest, 'min_rho']:+.2f} to {summary.loc[closest, 'max_rho']:+.2f}) and the least related "
     f"**{farthest}** (median ρ = {summary.loc[farthest, 'median_rho']:+.2f}). "
@@ -383,7 +383,7 @@ glue("variants_text", Markdown(
              for v, g in released_cmp.groupby("variant", sort=False))
     + (f" At padding positions the router sends {min(pad_top.values()):.0%}–{max(pad_top.values()):.0%} of its "
        "selections to the same top-k experts of the layer (a balanced router would give them "
-       + ", ".join(f"{c.model.layout.top_k / c.model.layout.num_experts:.0%} ({n})" for n, c in contexts.items())
+       + ", ".join(f"{c.model.layout.top_k / c.model.layout.num_experts:.1%} ({n})" for n, c in contexts.items())
        + ")." if pad_top else "")
     + " Right-padding the book's corpus to its longest text gave "
     + ", ".join(f"{p:.0f}% padding ({n})" for n, p in pad_pct.items()) + "."), display=False)

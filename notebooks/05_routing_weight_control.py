@@ -118,9 +118,9 @@ for name in models:
         c = paired_cells(rec, ctx.metrics, rankings=rankings)
         c["rel_depth"] = c.layer.map(depth)
         sink.append(c)
-    display(Markdown(f"**{name}** ({lay.family}): MoE layers {list(lay.moe_layers)} of {lay.n_layers}, "
+    display(Markdown(f"**{name}** ({lay.family}): MoE layers {join_words(lay.moe_layers)} of {lay.n_layers}, "
                      f"{lay.num_experts} routed experts, top-{lay.top_k}, {lay.n_shared_experts} shared; "
-                     f"audited layers {audited}; {len(rec):,} single-expert ablation records."))
+                     f"audited layers {join_words(audited)}; {len(rec):,} single-expert ablation records."))
 control_cells = pd.concat(control_cells, ignore_index=True)
 observational_cells = pd.concat(observational_cells, ignore_index=True)
 
@@ -277,7 +277,7 @@ n_col = f"n for {power:.0%} power"
 plan = plan.rename(columns={"cohens_dz": "observed d_z", "alpha_corrected": "α_adj",
                             "mde_dz": "detectable |d_z| at n", "n_needed": n_col})
 display(plan.style.format({"observed d_z": "{:+.3f}", "α_adj": "{:.3g}", "detectable |d_z| at n": "{:.3f}",
-                           n_col: "{:,.0f}"}).hide(axis="index"))
+                           n_col: lambda n: "∞" if not np.isfinite(n) else f"{n:,.0f}"}).hide(axis="index"))
 glue("power", power, display=False)
 
 # %% [markdown]

@@ -108,14 +108,15 @@ for name in models:
     rec = progressive_records(ctx, layers=audited, n_positions=n_positions, seed=seed, mode=mode,
                               min_context=min_context, batch_size=batch_size)
     all_records.append(rec)
-    display(Markdown(f"**{name}** ({lay.family}): MoE layers {list(lay.moe_layers)} of {lay.n_layers}, "
+    display(Markdown(f"**{name}** ({lay.family}): MoE layers {join_words(lay.moe_layers)} of {lay.n_layers}, "
                      f"{lay.num_experts} routed experts, top-{lay.top_k}, {lay.n_shared_experts} shared; "
-                     f"audited layers {audited}, k = 1..{lay.top_k - 1}; {len(rec):,} ablation records."))
+                     f"audited layers {join_words(audited)}, k = 1 to {lay.top_k - 1}; {len(rec):,} ablation records."))
 records = pd.concat(all_records, ignore_index=True)
 
 # %% [markdown]
 # ## Summary statistics per (layer, k)
-# For every model, layer and removal depth: the mean cumulative loss change with a Student-t
+# For every model, layer and removal depth (the first rows are shown; `summary` holds them all):
+# the mean cumulative loss change with a Student-t
 # interval at confidence level {glue:text}`alpha_pct` (parameter `alpha`), the median, and the
 # 5th and 95th percentiles (P5, P95), all over positions and in nats
 # (`moeaudit.audit.progressive_summary`).
@@ -272,7 +273,7 @@ glue("paper_early_p95", float(p_deep.drop(index=paper_last).p95.max()), display=
 rel = released.progressive_ablation(data_dir=data_dir)
 rel = rel[rel.k == kmax_paper]
 glue("paper_share_positive", Markdown(join_words(f"layer {r.layer} {r.share_positive:.0%}" for r in rel.itertuples())
-                                      + f" (n = {int(rel.n.min())} positions per layer)."), display=False)
+                                      + f" (n = {int(rel.n.min())} positions per layer)"), display=False)
 
 
 # %% tags=["hide-input"]

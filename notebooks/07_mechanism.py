@@ -292,7 +292,7 @@ def cell(r, key, pkey, last_layer) -> str:
     if pkey is None:
         return f"{v:.3g}"
     if key == "rho_gap_down" and r.layer == last_layer:
-        return "0 by construction"
+        return "undefined"
     return "n/a" if not np.isfinite(v) else f"{v:+.3f}{stars(getattr(r, pkey))}"
 
 
@@ -312,7 +312,7 @@ glue("na_note", Markdown("\"n/a\" (shown above) marks a correlation that is unde
                          "No other correlation in these tables is undefined."), display=False)
 
 # %% [markdown]
-# `0 by construction`: at the last MoE layer the downstream compensation is exactly zero for every
+# `undefined` at the last MoE layer: there the downstream compensation is exactly zero for every
 # ablation (no later MoE layer exists), so no correlation with it exists. {glue:md}`na_note`
 #
 # For reference, the same rows as stored in the authors' released per-layer records (the paper's
@@ -458,7 +458,7 @@ glue("cos_chance", Markdown("\n".join(
 far = chance[chance.relation == "above"].model.tolist()
 glue("cos_chance_verdict", Markdown(
     (f"Every model's median cosine is positive. At {', '.join(far)} it lies above the spread of unrelated directions "
-     "at every layer: the removed output and the rest of the block's output are systematically aligned there. "
+     "at every layer: the removed output and the rest of the block's output are systematically aligned there."
      if far else "Every model's median cosine is positive, but none lies above the spread of unrelated directions at "
      "every layer. ") if (chance.lo > 0).all() else "Some median cosines are not positive. "), display=False)
 
@@ -470,8 +470,10 @@ glue("slope_verdict", Markdown(
     f"every layer with a positive one at least {sep['min_slope_pos']:.2f}." if sep["separated"] else
     f"On this run the groups {'barely ' if sep['max_slope_neg'] - sep['min_slope_pos'] < 0.05 else ''}overlap: layers "
     f"with a negative correlation reach slopes up to {sep['max_slope_neg']:.3f}, layers "
-    f"with a positive one start at {sep['min_slope_pos']:.3f}, and {sep['n_overlap']} layers lie in that overlap; the "
-    "slope of the cosine alone does not decide the sign."), display=False)
+    f"with a positive one start at {sep['min_slope_pos']:.3f}, and {sep['n_overlap']} layers lie in that overlap"
+    + ("; the slope of the cosine nearly decides the sign, with a boundary near "
+       f"{(sep['max_slope_neg'] + sep['min_slope_pos']) / 2:.2f}." if sep['max_slope_neg'] - sep['min_slope_pos'] < 0.05
+       else "; the slope of the cosine alone does not decide the sign.")), display=False)
 
 # %% [markdown]
 # {glue:md}`factor_summary`

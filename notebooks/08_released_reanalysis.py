@@ -460,7 +460,7 @@ put(tost_range=md(f"{lo_}" if lo_ == hi_ else f"between {lo_} and {hi_}"),
                      "cell can be shown equivalent at the corrected level whatever its data" if
                      best_p_tost >= alpha / n_family_metric else
                      f"below the Bonferroni level {alpha / n_family_metric:.4g} of a metric family, so cells with "
-                     "observed effects near zero can be shown equivalent at the corrected level") + "."))
+                     "observed effects near zero can be shown equivalent at the corrected level")))
 
 # %% tags=["hide-input"]
 display(R.with_paper_labels(tost).style.format({"median p_TOST": "{:.3f}"}).hide(axis="index").set_caption(
@@ -473,7 +473,7 @@ display(R.with_paper_labels(tost).style.format({"median p_TOST": "{:.3f}"}).hide
 # {glue:text}`n_family_metric` observational cells are shown to be
 # smaller than $d_z$ = {glue:text}`tost_bound`; at the corrected level, {glue:md}`tost_corr`
 # observational cells are. The design sets a floor: with {glue:text}`n_pos` positions
-# {glue:md}`tost_floor`
+# {glue:md}`tost_floor`.
 #
 # **What it does not show.** The bound is a convention ("small effect"), not a property of
 # pruning; a different bound gives different counts (change `tost_bound_d`).
@@ -561,7 +561,7 @@ outside = control_cells[(control_cells.cohens_dz > band["max"]) | (control_cells
 olmoe_ctrl = control_cells[control_cells.model.eq("olmoe")].set_index("layer").cohens_dz
 put(band_lo=float(band["min"]), band_hi=float(band["max"]), olmoe_peak=int(olmoe_ctrl.idxmax()),
     outside=md("no control point lies outside the band" if outside.empty else
-               "the control points outside the band are "
+               ("the control point outside the band is " if len(outside) == 1 else "the control points outside the band are ")
                + "; ".join(f"{R.MODELS[r.model]} Layer {r.layer} (*d_z* = {r.cohens_dz:+.3f}, interval "
                            f"[{r.dz_ci_low:+.3f}, {r.dz_ci_high:+.3f}], "
                            + ("overlapping the band" if r.dz_ci_low <= band["max"] and r.dz_ci_high >= band["min"]

@@ -84,7 +84,7 @@ from matplotlib.patches import Patch, Rectangle
 from myst_nb import glue
 
 from moeaudit import engine, released, report, stats
-from moeaudit.audit import fmt_signed, paired_cells, prepare, progressive_records, single_expert_records
+from moeaudit.audit import fmt_signed, join_words, paired_cells, prepare, progressive_records, single_expert_records
 from moeaudit.metrics import METRIC_LABELS, METRICS, ROUTING_WEIGHT
 
 report.use_book_style()
@@ -188,8 +188,9 @@ for name in models:
     for m in modes:
         records[name, m] = single_expert_records(ctx, layers=audited_layers[name], n_positions=n_positions,
                                                  seed=seed, mode=m, batch_size=batch_size)
-    display(Markdown(f"**{name}** ({lay.family}): MoE layers {list(lay.moe_layers)} of {lay.n_layers} decoder "
-                     f"layers, {lay.num_experts} routed experts, top-{lay.top_k}; audited layers {audited_layers[name]}; "
+    display(Markdown(f"**{name}** ({lay.family}): MoE layers {join_words(lay.moe_layers)} of {lay.n_layers} decoder "
+                     f"layers, {lay.num_experts} routed experts, top-{lay.top_k}; audited layers "
+                     f"{join_words(audited_layers[name])}; "
                      f"{len(records[name, MODE_A]):,} single-expert ablations per mode."))
 
 # %% [markdown]

@@ -110,7 +110,7 @@ from myst_nb import glue
 
 from moeaudit import metrics, pruning, released, report, stats
 from moeaudit.attribution import attribution_estimates
-from moeaudit.audit import audit_positions, paired_cells, prepare, pruned_perplexities, single_expert_records
+from moeaudit.audit import audit_positions, join_words, paired_cells, prepare, pruned_perplexities, single_expert_records
 from moeaudit.corpus import TokenizedCorpus
 from moeaudit.engine import run_ablations
 from moeaudit.metrics import CRITERION_LABELS as LABELS, LITERATURE_CRITERIA as LITERATURE, METRICS, ROUTING_WEIGHT
@@ -166,7 +166,7 @@ for name in models:
     t_att_few = pruning.best_time(lambda: attribution_estimates(ctx.model, ctx.corpus, ctx.clean, few, layers=audited,
                                                                 batch_size=batch_size, progress=False))
     setup.append({"model": name, "family": lay.family, "MoE layers": len(lay.moe_layers), "routed experts":
-                  lay.num_experts, "top-k": lay.top_k, "audited layers": str(audited), "positions": len(pos),
+                  lay.num_experts, "top-k": lay.top_k, "audited layers": join_words(audited), "positions": len(pos),
                   "held-out positions": int((pos.seq_id >= half).sum()), "ablations": len(rec), "calibration texts":
                   half, "calibration tokens": int(ctx.clean.tokens.seq_id.lt(half).sum()), "attribution (s)": t_att,
                   "timed positions": len(few), "timed ablations": len(req), "ablations, timed (s)": t_abl_few,
@@ -282,7 +282,7 @@ verdict = (new_table.groupby(["ranking", "model"], sort=False)
            .merge(rho.groupby(["predictor", "model"]).rho.agg(rho_min="min", rho_max="max"),
                   left_on=["ranking", "model"], right_index=True))
 display(verdict.assign(ranking=verdict.ranking.map(LABELS)).style.hide(axis="index")
-        .format({c: "{:+.2f}" for c in ("dz_min", "dz_max", "rho_min", "rho_max")})
+        .format({c: (lambda v: "+0.00" if round(v, 2) == 0 else f"{v:+.2f}") for c in ("dz_min", "dz_max", "rho_min", "rho_max")})
         .set_caption("Per predictor and model: dual-test Bonferroni cells, range of d_z, range of Spearman ρ"))
 
 # %% tags=["hide-input"]
@@ -307,7 +307,8 @@ never = [LABELS[p] for p in NEW if by_pred.loc[p, "sig"] == 0]
 and_ = lambda xs: ", ".join(xs[:-1]) + " and " + xs[-1] if len(xs) > 1 else "".join(xs)  # noqa: E731
 glue_all(token_verdict=(f"{and_(valid)} {'passes' if len(valid) == 1 else 'pass'} the audit in every cell"
                         if valid else "No new predictor passes the audit in every cell")
-         + (f"; {and_(never)} {'passes' if len(never) == 1 else 'pass'} it in none" if never else ""))
+         + (f"; {and_([n[0].lower() + n[1:] if n[1:2].islower() else n for n in never])} "
+            f"{'passes' if len(never) == 1 else 'pass'} it in none" if never else ""))
 gt = new_table[new_table.ranking == "gap_norm"]
 t_only = gt[gt.sig_t_bonf & ~gt.sig_dual_bonf]
 glue_all(token_reading=f"The size of an expert's contribution passes the dual test in {int(gt.sig_dual_bonf.sum())} of "
@@ -326,7 +327,7 @@ glue_all(token_reading=f"The size of an expert's contribution passes the dual te
 # frequency-weighted norm in {glue:text}`sig_freq_weighted_norm` of
 # {glue:text}`cells_freq_weighted_norm` and REAP in {glue:text}`sig_reap` of
 # {glue:text}`cells_reap`. {glue:md}`token_reading` Of the per-token gap norm's cells,
-# {glue:text}`bf_gap3` give at least moderate evidence for an effect ($\mathrm{BF}_{10} \ge 3$, $r$ =
+# {glue:md}`bf_gap3_text` at least moderate evidence for an effect ($\mathrm{BF}_{10} \ge 3$, $r$ =
 # {glue:text}`r_wide`; see the section on Bayes factors).
 #
 # ## What each predictor costs
@@ -490,7 +491,9 @@ display(by_crit.assign(criterion=by_crit.criterion.map(LABELS)).rename(columns={
 #
 # > "The metric and the random baseline are doing the same thing." {cite}`engmann2026audit`
 #
-# The quote is about OLMoE, whose stand-in here is tiny-olmoe. A criterion below the random mean
+# The quote is about OLMoE's progressive ablation (removing most of a token's active experts at
+# its early layers), while the pruning here removes experts from every MoE layer at once, the last
+# included; it is tested model by model, tiny-olmoe being the stand-in for OLMoE. A criterion below the random mean
 # may still sit inside the spread of the draws, so the verdict rests on the rank p-values, model by
 # model: {glue:md}`per_model_rank`. {glue:md}`paper_claim_verdict`. The two experiments ask different questions: the audit asks
 # which of the *active* experts at a token matters more, pruning asks which experts the model can
@@ -620,7 +623,9 @@ summ = (bf.melt(id_vars=["model", "predictors"], value_vars=["BF10", "BF10_narro
 display(summ.style.set_caption(f"Cells by direction of the evidence (BF10: r = {bf_prior_r}; BF10_narrow: r = "
                                f"{bf_prior_r_narrow})"))
 paper_bf, strongest = bf[bf.ranking.isin(METRICS)], bf.loc[bf.BF10.idxmax()]
-glue_all(bf_gap3=int((bf[bf.ranking == "gap_norm"].BF10 >= 3).sum()), bf_cells=len(paper_bf), bf_null=int((paper_bf.BF10 < 1 / 3).sum()), bf_effect=int((paper_bf.BF10 >= 3).sum()),
+n_bf_gap3 = int((bf[bf.ranking == "gap_norm"].BF10 >= 3).sum())
+glue("bf_gap3_text", Markdown(f"{n_bf_gap3} {'gives' if n_bf_gap3 == 1 else 'give'}"), display=False)
+glue_all(bf_gap3=n_bf_gap3, bf_cells=len(paper_bf), bf_null=int((paper_bf.BF10 < 1 / 3).sum()), bf_effect=int((paper_bf.BF10 >= 3).sum()),
          bf_null_narrow=int((paper_bf.BF10_narrow < 1 / 3).sum()), bf_strong_value=strongest.BF10, bf_strong_dz=strongest.cohens_dz,
          bf_strong_cell=f"{LABELS[strongest.ranking]} at {strongest.model} L{int(strongest.layer)} ({strongest.evidence})")
 

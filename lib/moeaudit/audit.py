@@ -993,8 +993,7 @@ def cliff_comparison_text(breaks: pd.DataFrame, deepest: pd.DataFrame, calls: pd
     shape += (f" (the interval of the mean at the deepest removal contains {threshold:g} nats at layer"
               f"{'s' if len(undecided) > 1 else ''} {join_words(undecided.layer)})" if len(undecided) else "")
     shape += ("; as in the paper's Table 8" if same else "; in the paper's Table 8, "
-              + _crossing(p_crossed, p_last, threshold).replace("crosses", "does").replace("cross ", "do ")
-              .split(f" {threshold:g} nats")[0])
+              + _crossing(p_crossed, p_last, threshold))
     worst = b.mean_deepest.idxmax()
     where = ("the largest mean change at the deepest removal is at the last audited layer" if worst == last else
              f"the largest mean change at the deepest removal is at layer {worst}, not the last")
