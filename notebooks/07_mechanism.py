@@ -101,10 +101,7 @@ report.use_book_style()
 
 
 def span(v, fmt="+.2f") -> str:
-    v = pd.Series(v, dtype=float).dropna()
-    if v.empty:
-        return "none"
-    return f"{v.min():{fmt}}" if v.min() == v.max() else f"{v.min():{fmt}} to {v.max():{fmt}}"
+    return report.value_span(v, fmt)
 
 
 def count(mask, what) -> str:

@@ -90,10 +90,7 @@ n_family_metric, n_family_control = int(metric_cells.family_size.iloc[0]), int(c
 
 
 # %% tags=["hide-input"]
-def put(**values):
-    """Glue each value under its name, for the prose (numpy scalars as Python numbers)."""
-    for key, value in values.items():
-        glue(key, value.item() if isinstance(value, np.generic) else value, display=False)
+put = report.glue_values
 
 
 def count_of(k: int, n: int) -> str:

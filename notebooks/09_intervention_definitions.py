@@ -103,14 +103,11 @@ def per_model(values: dict, f="{:.3g}") -> str:
     return ", ".join(f"{name} {f.format(v)}" for name, v in values.items())
 
 
-def glue_all(**values):
-    for key, value in values.items():
-        glue(key, value, display=False)
+glue_all = report.glue_values
 
 
 def span(values, f="{:.2g}") -> str:
-    lo, hi = f.format(min(values)), f.format(max(values))
-    return lo if lo == hi else f"{lo} to {hi}"
+    return report.value_span(values, f)
 
 
 # %% [markdown]

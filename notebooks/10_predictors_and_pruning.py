@@ -123,8 +123,7 @@ pct = lambda f: f"{f:.1%}".replace(".0%", "%")  # noqa: E731
 
 
 def glue_all(**values):  # a str is glued as markdown ({glue:md}), a number as a value ({glue:text})
-    for key, value in values.items():
-        glue(key, Markdown(value) if isinstance(value, str) else np.asarray(value).item(), display=False)
+    report.glue_values(as_markdown=True, **values)
 
 
 glue_all(over_models="Over all " + str(len(models)) + " models" if len(models) > 1 else f"For {models[0]}",
@@ -304,7 +303,7 @@ for p in NEW:
                 f"rho_min_{p}": round(by_pred.loc[p, "rho_min"], 2) + 0.0, f"rho_max_{p}": round(by_pred.loc[p, "rho_max"], 2) + 0.0})
 valid = [LABELS[p] for p in NEW if by_pred.loc[p, "sig"] == by_pred.loc[p, "cells"]]
 never = [LABELS[p] for p in NEW if by_pred.loc[p, "sig"] == 0]
-and_ = lambda xs: ", ".join(xs[:-1]) + " and " + xs[-1] if len(xs) > 1 else "".join(xs)  # noqa: E731
+and_ = join_words
 glue_all(token_verdict=(f"{and_(valid)} {'passes' if len(valid) == 1 else 'pass'} the audit in every cell"
                         if valid else "No new predictor passes the audit in every cell")
          + (f"; {and_([n[0].lower() + n[1:] if n[1:2].islower() else n for n in never])} "

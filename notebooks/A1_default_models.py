@@ -115,7 +115,7 @@ arch = {m: s["architecture"] for m, s in summaries.items()}
 
 
 def _span(key):
-    return zoo.value_span(a.get(key) for a in arch.values())
+    return report.value_span((a.get(key) for a in arch.values()), '{:,}')
 
 
 glue("stand_ins", Markdown("; ".join(f"`{m}` ({s['class']}, for {s['mirrors']}): routed experts "
@@ -184,10 +184,10 @@ plt.show()
 # %%
 gap = zoo.generalisation_gap(summaries)
 glue("gap_text", Markdown(
-    f"The test loss lies {zoo.value_span(gap.gap, '{:.2f}')} nats above the training loss of the last steps "
+    f"The test loss lies {report.value_span(gap.gap, '{:.2f}')} nats above the training loss of the last steps "
     "(mean over the last 50 steps: " + ", ".join(f"{m} {r.train_loss:.2f} vs {r.test_loss:.2f}" for m, r in gap.iterrows())
     + f"). The models saw their {int(gap.training_tokens.min()):,}-token training split "
-    + zoo.value_span(gap.epochs.round(1), "{:.1f}") + " times, "
+    + report.value_span(gap.epochs.round(1), "{:.1f}") + " times, "
     "so they fit it better than text they have not seen: a generalisation gap. The audit measures the models on "
     "test text only, where their loss is the higher one."), display=False)
 
@@ -368,6 +368,6 @@ display(pd.DataFrame({m: zoo.top_next_tokens(model_dir(m), prompt) for m in mode
 # %%
 glue("ppl_first", summaries[models[0]]["evaluation"]["model"]["perplexity"], display=False)
 cpu_min = [s["training"]["cpu_s"] / 60 for s in summaries.values() if "cpu_s" in s["training"]]
-glue("train_cpu", Markdown(f"{zoo.value_span([round(m, 1) for m in cpu_min], '{:.1f}')} minutes" if cpu_min
+glue("train_cpu", Markdown(f"{report.value_span([round(m, 1) for m in cpu_min], '{:.1f}')} minutes" if cpu_min
                            else "minutes"), display=False)
 glue("steps_first", summaries[models[0]]["training"]["steps"], display=False)

@@ -267,13 +267,6 @@ def test_significant_signs_text_by_hand():
 
 # ----------------------------------------------------------------------------- chapters 5-6 wording helpers
 
-def test_fmt_signed_and_join_words():
-    from moeaudit.audit import fmt_signed, join_words
-
-    assert fmt_signed(-0.0004) == "+0.000" and fmt_signed(-0.0006) == "-0.001" and fmt_signed(0.25, 2) == "+0.25"
-    assert join_words([1, 2, 3]) == "1, 2 and 3" and join_words([4]) == "4" and join_words([]) == ""
-
-
 def test_distribution_shape_tells_a_tail_from_a_two_sided_spread():
     from moeaudit.audit import distribution_shape
 

@@ -323,3 +323,20 @@ def test_paper_family_verdicts_match_the_printed_tables(printed):
     bold = printed[(printed.table <= 3) & (printed.quantity == "p_t")].groupby("model").bold.sum()
     assert bold.to_dict() == v.uncorrected_t.to_dict()
     assert round(v.max_abs_d.max(), 3) == 0.222
+
+
+def test_a_failed_download_is_tried_once_per_process(monkeypatch, tmp_path):
+    monkeypatch.setenv(R.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(paths.DATA_DIR_ENV, raising=False)
+    calls = []
+
+    def offline(*args, **kwargs):
+        calls.append(args)
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(R, "_urlopen", offline)
+    first = R.released_source()
+    assert first.kind == "embedded" and len(calls) == 1
+    R.progressive_ablation()
+    R.redistribution()
+    assert R.released_source() is first and len(calls) == 1

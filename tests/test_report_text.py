@@ -113,3 +113,16 @@ def test_audit_limits_follow_the_run():
     assert "small stand-ins" in both and "another corpus" in both and "departures" in both
     real = report.audit_limits_text(default_models=False, paper_corpus=True)
     assert "stand-ins" not in real and "another corpus" not in real and "sequence-wide" in real
+
+
+def test_words_from_numbers():
+    import numpy as np
+
+    assert report.value_span([4, 4, None], "{:,}") == "4" and report.value_span([2048, 64], "{:,}") == "64 to 2,048"
+    assert report.value_span([0.101, np.nan, 0.399], "+.2f") == "+0.10 to +0.40"  # bare format spec, NaN ignored
+    assert report.value_span([6.81, 6.84], "{:.1f}") == "6.8"  # alike when printed: one value
+    assert report.value_span([None]) == "none" and report.value_span([], empty="-") == "-"
+    assert report.fmt_signed(-0.0004) == "+0.000" and report.fmt_signed(-0.002) == "-0.002"
+    assert report.join_words([1, 2, 3]) == "1, 2 and 3" and report.join_words(["a"]) == "a" and report.join_words([]) == ""
+    assert report.plural(1, "cell") == "1 cell" and report.plural(2, "cell") == "2 cells"
+    assert report.plural(2, "is", "are") == "2 are"

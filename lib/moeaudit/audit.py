@@ -26,6 +26,7 @@ from .metrics import METRICS, ROUTING_WEIGHT, check_rankings, observational_metr
 from .models import AuditModel, load_model
 from .paths import results_dir as resolve_results_dir
 from .pruning import perplexity, pruned_experts
+from .report import fmt_signed, join_words, plural  # noqa: F401  (re-exported for the chapters)
 from .store import cached_records, exclusive, params_key
 
 ENGINE_VERSION = 2  # bump when the engine's numerics change, so cached records are recomputed
@@ -615,25 +616,6 @@ def compensation_factors(per_expert: pd.DataFrame, *, by=("model", "layer")) -> 
 # ----------------------------------------------------------------------------- chapters 5-6: computed wording
 # (sentences whose every number and verdict is picked from the tables beside them)
 
-def fmt_signed(x: float, decimals: int = 3) -> str:
-    """``x`` with an explicit sign and ``decimals`` decimals; a value that rounds to zero prints as
-    ``+0.000`` (never ``-0.000``)."""
-    s = f"{float(x):+.{decimals}f}"
-    return "+" + s[1:] if float(s) == 0 else s
-
-
-def join_words(items) -> str:
-    """``[1, 2, 3]`` -> ``"1, 2 and 3"``; one item as itself; ``""`` for none."""
-    items = [str(i) for i in items]
-    if len(items) < 2:
-        return "".join(items)
-    return ", ".join(items[:-1]) + " and " + items[-1]
-
-
-def _plural(k: int, word: str, plural: str | None = None) -> str:
-    return f"{k} {word if k == 1 else (plural or word + 's')}"
-
-
 def control_against_observational(control: pd.DataFrame, observational: pd.DataFrame) -> pd.DataFrame:
     """Each routing-weight control cell against the observational cells (chapter 5, the paper's Figure 1).
 
@@ -729,13 +711,13 @@ def control_reading_text(control: pd.DataFrame) -> str:
         s = ("On this run no control cell passes the dual-test rule under Bonferroni, so the control does not "
              "separate the two readings: the observational null stays ambiguous here. ")
     else:
-        s = (f"On this run {_plural(len(dual), 'control cell')} pass{'es' if len(dual) == 1 else ''} the rule ("
+        s = (f"On this run {plural(len(dual), 'control cell')} pass{'es' if len(dual) == 1 else ''} the rule ("
              + join_words(f"{r.model} layer {r.layer}" for r in dual.itertuples())
              + "): the audit detects an effect of that size, and the observational null is informative there. ")
     ex = control[(control.rho_ci_low > 0) | (control.rho_ci_high < 0)]
     if ex.empty:
         return s + f"No Spearman interval of the {len(control)} cells excludes zero."
-    return s + (f"The Spearman interval excludes zero at {_plural(len(ex), 'cell')} of {len(control)}: "
+    return s + (f"The Spearman interval excludes zero at {plural(len(ex), 'cell')} of {len(control)}: "
                 + "; ".join(f"{r.model} layer {r.layer} (ρ = {fmt_signed(r.rho)}, [{fmt_signed(r.rho_ci_low)}, "
                             f"{fmt_signed(r.rho_ci_high)}])" for r in ex.itertuples()) + ".")
 

@@ -547,15 +547,24 @@ def released_source(data_dir: str | os.PathLike | None = None, *, download: bool
     """The original files when present (:func:`released_dir`: data directory, download cache, or a
     download), else the embedded derived table when ``embedded``.
 
+    A fallback to the table is remembered for the process (same data directory, cache and table), so
+    the many readers of a chapter do not each retry a download that failed.
     Raises :class:`ReleasedDataUnavailable` when neither is available.
     """
+    key = (str(paths.data_dir(data_dir)), str(cache_dir()), str(EMBEDDED_TABLE), download, id(_urlopen))
+    if embedded and key in _FALLBACKS:
+        return _FALLBACKS[key]
     try:
         return ReleasedSource("files", released_dir(data_dir, download=download))
     except ReleasedDataUnavailable as err:
         if not embedded or not EMBEDDED_TABLE.is_file():
             raise
         reason = str(err).split(" To fix:")[0].removeprefix("The authors' released result files were not found. ")
-        return ReleasedSource("embedded", EMBEDDED_TABLE, reason.rstrip("."))
+        _FALLBACKS[key] = ReleasedSource("embedded", EMBEDDED_TABLE, reason.rstrip("."))
+        return _FALLBACKS[key]
+
+
+_FALLBACKS: dict[tuple, ReleasedSource] = {}
 
 
 _EMBEDDED_CACHE: dict[str, pd.DataFrame] = {}

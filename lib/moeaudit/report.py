@@ -197,8 +197,60 @@ def show_released_source(data_dir=None):
     return source
 
 
-def _n(k: int, word: str) -> str:
-    return f"{k} {word}" if k == 1 else f"{k} {word}s"
+# ----------------------------------------------------------------------------- words from numbers
+
+
+def plural(k: int, word: str, plural_form: str | None = None) -> str:
+    """``"1 cell"``, ``"3 cells"`` (``plural_form`` for irregular plurals)."""
+    return f"{k} {word if k == 1 else (plural_form or word + 's')}"
+
+
+def fmt_signed(x: float, decimals: int = 3) -> str:
+    """``x`` with an explicit sign and ``decimals`` decimals; a value that rounds to zero prints as
+    ``+0.000`` (never ``-0.000``)."""
+    s = f"{float(x):+.{decimals}f}"
+    return "+" + s[1:] if float(s) == 0 else s
+
+
+def join_words(items) -> str:
+    """``[1, 2, 3]`` -> ``"1, 2 and 3"``; one item as itself; ``""`` for none."""
+    items = [str(i) for i in items]
+    if len(items) < 2:
+        return "".join(items)
+    return ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def value_span(values, fmt: str = "{:.3g}", *, empty: str = "none") -> str:
+    """The range of ``values`` as text: ``"0.12 to 0.40"``, or one value when the smallest and
+    largest print alike (``"6.8"``, not ``"6.8 to 6.8"``). None and NaN are ignored; ``empty`` is
+    returned when nothing is left. ``fmt`` is a ``str.format`` template (``"{:+.2f}"``) or a bare
+    format spec (``"+.2f"``)."""
+    template = fmt if "{" in fmt else "{:" + fmt + "}"
+    if not isinstance(values, (np.ndarray, pd.Series)):
+        values = list(values)
+    vals = pd.to_numeric(pd.Series(np.ravel(np.asarray(values, dtype=object))), errors="coerce").dropna()
+    if vals.empty:
+        return empty
+    if (vals == vals.round()).all() and np.isfinite(vals).all():
+        vals = vals.astype("int64")  # whole numbers print as such ("4", not "4.0")
+    lo, hi = template.format(vals.min()), template.format(vals.max())
+    return lo if lo == hi else f"{lo} to {hi}"
+
+
+def glue_values(*, as_markdown: bool = False, **values) -> None:
+    """Glue each value under its name for the page's prose (myst-nb ``glue``, not displayed): numpy
+    scalars as Python numbers; with ``as_markdown`` every ``str`` as markdown (for ``{glue:md}``),
+    else as text (for ``{glue:text}``)."""
+    from IPython.display import Markdown  # noqa: PLC0415
+    from myst_nb import glue  # noqa: PLC0415
+
+    for key, value in values.items():
+        if isinstance(value, np.generic):
+            value = value.item()
+        elif as_markdown and isinstance(value, str):
+            value = Markdown(value)
+        glue(key, value, display=False)
+
 
 
 def family_verdict_text(verdicts: pd.DataFrame, table: pd.DataFrame | None = None, *, short: bool = False) -> str:
@@ -215,7 +267,7 @@ def family_verdict_text(verdicts: pd.DataFrame, table: pd.DataFrame | None = Non
                 "same sign) in any model: no observational metric is shown to predict which active expert "
                 "matters more at a token.")
     else:
-        head = (f"**{_n(total, 'cell')} pass{'es' if total == 1 else ''}** the paper's rule (t and Wilcoxon tests both "
+        head = (f"**{plural(total, 'cell')} pass{'es' if total == 1 else ''}** the paper's rule (t and Wilcoxon tests both "
                 "significant after Bonferroni, same sign)")
         if table is not None:
             hits = table[table.sig_dual_bonf.astype(bool)]
@@ -288,17 +340,17 @@ def audit_comparison_text(verdicts: pd.DataFrame, paper: pd.DataFrame, table: pd
         out.append("**This run agrees with the paper's verdict on the corrected audit**: no observational metric "
                    "passes." + (" It differs in whether the effects lean positive." if lean else ""))
     elif h_pass > 0 and p_pass == 0:
-        text = (f"**Unlike the paper**, {_n(h_pass, 'cell')} of this run pass{'es' if h_pass == 1 else ''} the "
+        text = (f"**Unlike the paper**, {plural(h_pass, 'cell')} of this run pass{'es' if h_pass == 1 else ''} the "
                 "corrected audit")
         p_level = float(paper.alpha_bonferroni.min())
         if table is not None and float(verdicts.alpha_bonferroni.min()) > p_level:
             hits = table[table.sig_dual_bonf.astype(bool)]
             strict = int(((hits.p_t < p_level) & (hits.p_W < p_level)).sum())
             text += (f"; the families here are smaller, so their Bonferroni level is less strict than the paper's "
-                     f"{p_level:.4g}, and {strict} of {_n(h_pass, 'passing cell')} would also pass at that level")
+                     f"{p_level:.4g}, and {strict} of {plural(h_pass, 'passing cell')} would also pass at that level")
         out.append(text + ".")
     else:
-        out.append(f"The paper has {_n(p_pass, 'passing cell')} and this run {h_pass}.")
+        out.append(f"The paper has {plural(p_pass, 'passing cell')} and this run {h_pass}.")
     return "\n\n".join(out)
 
 

@@ -88,14 +88,6 @@ def recipe_row(summary: dict) -> dict:
     }
 
 
-def value_span(values, fmt: str = "{:,}") -> str:
-    """``"4"`` when all values agree, else ``"4 to 8"`` (the smallest and largest), ignoring None."""
-    vals = sorted({v for v in values if v is not None})
-    if not vals:
-        raise ValueError("no values")
-    return fmt.format(vals[0]) if len(vals) == 1 else f"{fmt.format(vals[0])} to {fmt.format(vals[-1])}"
-
-
 def generalisation_gap(summaries: dict) -> "pandas.DataFrame":
     """Per model: the training loss of the last steps (mean over the last 50 recorded steps, nats),
     the test-split loss (nats), their difference ``gap`` (nats), the epochs and training tokens."""
