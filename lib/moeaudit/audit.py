@@ -33,11 +33,27 @@ ENGINE_VERSION = 2  # bump when the engine's numerics change, so cached records 
 
 
 def model_fingerprint(model: AuditModel) -> str:
-    """Hash of the config and of a cheap summary of every weight tensor."""
+    """Hash of the config and of a cheap summary (shape, sum) of every weight tensor.
+
+    Offloaded weights (accelerate's ``device_map`` with ``"cpu"``/``"disk"`` entries, or
+    ``cpu_offload``: parameters left on the ``meta`` device) are read through accelerate's own
+    hook (``accelerate.utils.align_module_device``), module by module, so the fingerprint of an
+    offloaded model equals that of the same weights loaded plainly."""
+    from accelerate.utils import align_module_device  # noqa: PLC0415
+
     h = hashlib.sha256(model.hf.config.to_json_string(use_diff=False).encode())
+    seen: set[int] = set()  # tied weights (one tensor, two names) are summarised once, as named_parameters does
     with torch.no_grad():
-        for name, p in model.hf.named_parameters():
-            h.update(f"{name}:{tuple(p.shape)}:{p.detach().float().sum().item():.6e}".encode())
+        for prefix, module in model.hf.named_modules():
+            own = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) not in seen]
+            if not own:
+                continue
+            seen.update(id(p) for _, p in own)
+            with align_module_device(module):
+                for name, _ in own:
+                    p = getattr(module, name)
+                    full = f"{prefix}.{name}" if prefix else name
+                    h.update(f"{full}:{tuple(p.shape)}:{p.detach().float().sum().item():.6e}".encode())
     return h.hexdigest()[:16]
 
 
@@ -413,8 +429,8 @@ def block_geometry(ctx: AuditContext, layers, *, batch_size: int = 64) -> pd.Dat
     """:func:`relative_compensation` for every real token and active routed expert at each of ``layers``.
 
     One un-ablated nnsight trace per batch saves each MoE block's input ``x_t`` and output ``y_t``;
-    expert outputs ``E_e(x_t)`` are recomputed from the fused weights
-    (:func:`moeaudit.engine.expert_outputs`) at the clean pass's routing, and ``g = w_e E_e(x_t)``
+    expert outputs ``E_e(x_t)`` are recomputed
+    (:func:`moeaudit.engine.expert_outputs`, through the model's own experts module) at the clean pass's routing, and ``g = w_e E_e(x_t)``
     with the combine weight ``w_e``. One row per (layer, token row, slot): ``layer``, ``row`` (the
     clean pass's token row), ``slot``, ``expert``, ``prob`` (router probability), ``weight``,
     ``gap_norm``, ``r_norm``, ``cos``, ``rel_comp``, and ``norm_check`` = |recomputed ||E_e|| -

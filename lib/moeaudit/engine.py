@@ -55,24 +55,31 @@ def progress_bar(iterable, *, total=None, desc="", progress=None):
 
 
 # --------------------------------------------------------------------------------------------
-# Expert outputs from the fused weights
+# Expert outputs through the model's own experts module
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
 def expert_outputs(experts: torch.nn.Module, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """Raw expert outputs ``E_e(x_n)`` for every (row n, slot j) with ``e = indices[n, j]``.
 
-    ``experts`` is a fused module with ``gate_up_proj`` (E, 2I, H), ``down_proj`` (E, H, I) and
-    ``act_fn``: ``E_e(x) = down_e (act(gate_e x) * up_e x)`` where ``[gate_e; up_e] = gate_up_e``.
-    Returns (N, k, H) in the weights' dtype (unweighted: the combine weight is not applied).
+    ``experts`` is the model's fused experts module (``mlp.experts``), called through its own
+    ``forward(hidden_states, top_k_index, top_k_weights)`` on the ``N*k`` rows ``x_n`` repeated
+    once per slot, each routed to its single expert with combine weight 1. So the expert function
+    is the family's own code, and the call goes through whatever hooks are attached to the module:
+    accelerate's ``AlignDevicesHook`` materialises offloaded (``meta``) weights for the call and
+    releases them after, exactly as in the model's forward. (Reading ``experts.gate_up_proj``
+    directly would see the placeholder of an offloaded layer.)
+
+    ``x``: (N, H) inputs of the MoE block; ``indices``: (N, k) expert ids. Returns (N, k, H) in
+    the model's dtype, unweighted (the combine weight is not applied). Bitwise equal to
+    ``down_e(act(gate_e x) * up_e x)`` computed expert by expert, since the module groups the same
+    rows in the same order.
     """
     n, k = indices.shape
-    out = torch.zeros(n, k, x.shape[-1], dtype=experts.down_proj.dtype, device=x.device)
-    x = x.to(experts.gate_up_proj.dtype)
-    for e in torch.unique(indices).tolist():
-        rows, slots = torch.where(indices == e)
-        gate, up = torch.nn.functional.linear(x[rows], experts.gate_up_proj[e]).chunk(2, dim=-1)
-        out[rows, slots] = torch.nn.functional.linear(experts.act_fn(gate) * up, experts.down_proj[e])
-    return out
+    dtype = next(experts.parameters()).dtype  # the dtype survives offloading; the values may not
+    rows = x.to(dtype).repeat_interleave(k, dim=0)
+    ones = torch.ones(n * k, 1, dtype=dtype, device=rows.device)
+    out = experts(rows, indices.reshape(n * k, 1).to(rows.device), ones)
+    return out.reshape(n, k, -1)
 
 
 def _refuse_inside_pruning(model: AuditModel) -> None:

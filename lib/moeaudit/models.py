@@ -103,6 +103,31 @@ def layout_from_config(config) -> MoELayout:
     return MoELayout(family, n_layers, moe, int(num_experts), int(config.num_experts_per_tok), shared, gate, norm, scale)
 
 
+def input_device(hf_model) -> torch.device:
+    """The device that input ids must be on: the input embedding's device or, when that weight is
+    offloaded (accelerate leaves a placeholder on ``meta`` and loads it in a hook on every
+    forward), the execution device of that hook. ``ValueError`` when the embedding is on ``meta``
+    with no accelerate hook (a model that was never dispatched)."""
+    emb = hf_model.get_input_embeddings()
+    dev = emb.weight.device
+    if dev.type != "meta":
+        return dev
+    exec_dev = getattr(getattr(emb, "_hf_hook", None), "execution_device", None)
+    if exec_dev is None:
+        raise ValueError("the input embedding is on the meta device and no accelerate hook loads it; load the "
+                         "model with from_pretrained(device_map=...) or dispatch it with accelerate")
+    return torch.device(f"cuda:{exec_dev}" if isinstance(exec_dev, int) else exec_dev)
+
+
+class _AuditNNsight(nnsight.NNsight):
+    """nnsight's wrapper, except that traced inputs are moved to :func:`input_device` rather than to
+    the first parameter's device, which is ``meta`` when accelerate has offloaded that weight."""
+
+    @property
+    def device(self) -> torch.device | None:
+        return input_device(self._module)
+
+
 @dataclass
 class AuditModel:
     """A loaded model: Hugging Face module, nnsight wrapper, tokenizer and MoE layout."""
@@ -120,7 +145,8 @@ class AuditModel:
 
     @property
     def device(self) -> torch.device:
-        return self.hf.get_input_embeddings().weight.device
+        """Where inputs go (see :func:`input_device`)."""
+        return input_device(self.hf)
 
     def audit_layers(self, n: int = 5) -> list[int]:
         """The layers to audit: the paper's five for its checkpoints, else ``n`` depth-proportional ones."""
@@ -165,7 +191,7 @@ def wrap_model(hf_model, *, tokenizer=None, name: str | None = None) -> AuditMod
     if getattr(hf_model.config, "output_router_logits", False):
         hf_model.config.output_router_logits = False
     return AuditModel(name or getattr(hf_model.config, "_name_or_path", "") or layout.family,
-                      hf_model, nnsight.NNsight(hf_model), layout, tokenizer)
+                      hf_model, _AuditNNsight(hf_model), layout, tokenizer)
 
 
 def resolve_model_path(name_or_path: str) -> str:

@@ -55,14 +55,14 @@ def pruned_experts(model: AuditModel, pruned: dict[int, list[int]]):
         gate = model.hf.model.layers[layer].mlp.gate
         if layout.family == "deepseek_v2" and getattr(gate, "topk_method", "greedy") != "greedy":
             raise ValueError("pruning supports DeepSeek-V2's greedy top-k router only")
-        mask = torch.zeros(layout.num_experts, dtype=torch.bool, device=gate.weight.device)
+        mask = torch.zeros(layout.num_experts, dtype=torch.bool)  # moved to the router logits' device in the hook
         mask[experts] = True
         masks[layer] = mask
 
     def make_hook(mask):
         def hook(_module, _inputs, output):
             logits, weights, _ = output
-            new_w, new_idx = _reroute(layout, logits, mask.expand_as(logits), weights)
+            new_w, new_idx = _reroute(layout, logits, mask.to(logits.device).expand_as(logits), weights)
             return logits, new_w, new_idx
         return hook
 
