@@ -124,6 +124,7 @@ for name in models:
     t = table[table.model == name]
     display(Markdown(f"### {name}"))
     display(report.style_paper_layout(t, caption=f"{name}: Cohen's d_z [95% CI], p_t, p_W; n = {n_positions} per cell"))
+    report.show_untested_note(t)  # cells that could not be tested, with the reason
 display(Markdown(report.SIGNIFICANCE_NOTE))
 
 # %% [markdown]
@@ -137,7 +138,7 @@ display(Markdown(report.SIGNIFICANCE_NOTE))
 # %%
 glue("tost_bound", tost_bound_d, display=False)
 display(verdicts.style.hide(axis="index").format(
-    {"alpha_bonferroni": "{:.4g}", "max_abs_dz": "{:.3f}", "share_positive": "{:.0%}", "min_detectable_dz": "{:.3f}"}))
+    {"alpha_bonferroni": "{:.4g}", "max_abs_dz": "{:.3f}", "share_positive": "{:.0%}", "min_detectable_dz": "{:.3f}"}, na_rep="—"))
 glue("verdict_text", Markdown(report.family_verdict_text(verdicts, table)), display=False)
 glue("power", power, display=False)
 glue("n_pos", n_positions, display=False)

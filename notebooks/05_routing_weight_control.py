@@ -166,7 +166,7 @@ def control_table(t: pd.DataFrame):
         "95% CI of ρ": [f"[{r.rho_ci_low:+.3f}, {r.rho_ci_high:+.3f}]" for r in t.itertuples()],
         "mean ΔL_high / ΔL_low (nats)": [f"{r.delta_loss_high:+.4f} / {r.delta_loss_low:+.4f}" for r in t.itertuples()],
     }
-    table = pd.DataFrame(rows, index=cols).T
+    table = pd.DataFrame(rows, index=cols).T.replace(r".*\bnan\b.*", "—", regex=True)  # undefined: see the note
     bold_cols = [c for c, s in zip(cols, t.sig_t_bonf) if s]
 
     def css(df):
@@ -186,6 +186,7 @@ def control_table(t: pd.DataFrame):
 for name in models:
     display(Markdown(f"### {name}"))
     display(control_table(control[control.model == name]))
+    report.show_untested_note(control[control.model == name], what="layer")
 
 # %% [markdown]
 # {glue:md}`control_verdict`

@@ -235,6 +235,7 @@ for name in models:
     display(report.style_paper_layout(t, caption=f"{name}: Cohen's d_z [95% CI], p_t, p_W; n = "
                                       f"{int(t.n.min())}–{int(t.n.max())} positions per cell; Bonferroni "
                                       f"family of {int(t.family_size.iloc[0])}"))
+    report.show_untested_note(t)  # cells that could not be tested, with the reason
 display(Markdown(report.SIGNIFICANCE_NOTE))
 
 # %% tags=["hide-input"]
@@ -582,7 +583,7 @@ if per_layer_sweep:
 bf = []
 for (name, rk, L), grp in cells.groupby(["model", "ranking", "layer"], sort=False):
     d = grp["diff"].to_numpy(dtype=float)
-    bf.append({"model": name, "ranking": rk, "layer": L, "n": len(d), "cohens_dz": d.mean() / d.std(ddof=1),
+    bf.append({"model": name, "ranking": rk, "layer": L, "n": len(d), "cohens_dz": stats.cohens_dz(d),
                "BF10": stats.jzs_bayes_factor(d, r=bf_prior_r), "BF10_narrow": stats.jzs_bayes_factor(d, r=bf_prior_r_narrow)})
 bf = pd.DataFrame(bf).merge(depth, on=["model", "layer"])
 bf["evidence"] = bf.BF10.map(stats.jeffreys_label)

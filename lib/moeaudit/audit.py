@@ -642,19 +642,25 @@ def control_against_observational(control: pd.DataFrame, observational: pd.DataF
     (``best_dz > control_dz``); ``band_low``/``band_high``: min and max d_z of *all* observational cells
     (the grey band); ``position`` ("above", "below" or "inside" the band), ``margin`` (distance beyond
     the nearest band edge, 0 inside) and ``ci_overlaps_band`` (the control's interval meets the band).
-    ``ValueError`` when ``observational`` is empty.
+
+    Cells that could not be tested (NaN ``cohens_dz``, see :func:`moeaudit.stats.paired_effect`) take
+    no part in the band or in ``best_*``; an untested control cell has ``position`` "untested",
+    NaN ``margin`` and False ``beaten`` and ``ci_overlaps_band``. ``ValueError`` when
+    ``observational`` has no tested cell.
     """
-    if observational.empty:
-        raise ValueError("observational is empty")
-    lo, hi = float(observational.cohens_dz.min()), float(observational.cohens_dz.max())
-    best = observational.loc[observational.groupby(["model", "layer"], sort=False).cohens_dz.idxmax(),
-                             ["model", "layer", "ranking", "cohens_dz"]]
+    tested = observational[observational.cohens_dz.notna()]
+    if tested.empty:
+        raise ValueError("observational has no tested cell (it is empty or every d_z is NaN)")
+    lo, hi = float(tested.cohens_dz.min()), float(tested.cohens_dz.max())
+    best = tested.loc[tested.groupby(["model", "layer"], sort=False).cohens_dz.idxmax(),
+                      ["model", "layer", "ranking", "cohens_dz"]]
     best = best.rename(columns={"ranking": "best_ranking", "cohens_dz": "best_dz"})
     out = control[["model", "layer", "cohens_dz", "dz_ci_low", "dz_ci_high"]].rename(columns={"cohens_dz": "control_dz"})
     out = out.merge(best, on=["model", "layer"], how="left").reset_index(drop=True)
     out["beaten"] = out.best_dz > out.control_dz
     out["band_low"], out["band_high"] = lo, hi
-    out["position"] = np.where(out.control_dz > hi, "above", np.where(out.control_dz < lo, "below", "inside"))
+    out["position"] = np.where(out.control_dz.isna(), "untested", np.where(
+        out.control_dz > hi, "above", np.where(out.control_dz < lo, "below", "inside")))
     out["margin"] = np.clip(out.control_dz - hi, 0, None) + np.clip(lo - out.control_dz, 0, None)
     out["ci_overlaps_band"] = (out.dz_ci_low <= hi) & (out.dz_ci_high >= lo)
     return out
@@ -662,13 +668,18 @@ def control_against_observational(control: pd.DataFrame, observational: pd.DataF
 
 def control_beaten_text(cmp: pd.DataFrame) -> str:
     """How often a population-level statistic ranks a token's experts better than the control does
-    (a :func:`control_against_observational` result), with the largest such margin."""
+    (a :func:`control_against_observational` result), with the largest such margin; layers whose
+    control cell could not be tested are counted apart."""
     beaten = cmp[cmp.beaten]
+    n = int(cmp.control_dz.notna().sum())
+    untested = len(cmp) - n
+    skipped = (f" ({plural(untested, 'layer')} could not be tested and {'is' if untested == 1 else 'are'} left out)"
+               if untested else "")
     if beaten.empty:
         return (f"on this run the control's d_z is at least as large as every observational d_z at all "
-                f"{len(cmp)} audited layers")
+                f"{n} audited layers" + (" where it is defined" if untested else "") + skipped)
     r = beaten.loc[(beaten.best_dz - beaten.control_dz).idxmax()]
-    return (f"on this run, at {len(beaten)} of {len(cmp)} audited layers at least one population-level "
+    return (f"on this run, at {len(beaten)} of {n} audited layers{skipped} at least one population-level "
             f"statistic has a larger d_z than the control (the largest gap: {r.model} layer {r.layer}, control "
             f"{fmt_signed(r.control_dz)} against {str(r.best_ranking).replace('_', ' ')} {fmt_signed(r.best_dz)})")
 
@@ -676,14 +687,21 @@ def control_beaten_text(cmp: pd.DataFrame) -> str:
 def figure1_text(control: pd.DataFrame, observational: pd.DataFrame, *, alpha: float) -> str:
     """The paragraph under Figure 1 of chapter 5: the grey band, the control cells outside it (by how
     much, and whether their intervals still meet the band), and the counts of passing cells.
-    ``control`` also needs ``sig_dual_bonf`` and ``p_t``."""
+    ``control`` also needs ``sig_dual_bonf`` and ``p_t``. Cells that could not be tested (NaN d_z)
+    are named as such and left out of the band and the comparisons."""
     cmp = control_against_observational(control, observational)
-    s = (f"The {len(observational)} observational cells span d_z from {fmt_signed(cmp.band_low.iloc[0])} to "
-         f"{fmt_signed(cmp.band_high.iloc[0])}. ")
-    out = cmp[cmp.position != "inside"]
-    if out.empty:
-        s += ("Every control cell lies inside that range: per-token conditioning does not produce a larger effect "
-              "than the population-level metrics did. ")
+    n_obs = int(observational.cohens_dz.notna().sum())
+    s = (f"The {n_obs} observational cells" + (f" that could be tested (of {len(observational)})"
+                                               if n_obs < len(observational) else "")
+         + f" span d_z from {fmt_signed(cmp.band_low.iloc[0])} to {fmt_signed(cmp.band_high.iloc[0])}. ")
+    out = cmp[~cmp.position.isin(["inside", "untested"])]
+    untested = cmp[cmp.position == "untested"]
+    if len(untested):
+        s += (f"{plural(len(untested), 'control cell')} could not be tested ("
+              + join_words(f"{r.model} layer {r.layer}" for r in untested.itertuples()) + "). ")
+    if out.empty and len(untested) < len(cmp):
+        s += (f"Every control cell{' that could be tested' if len(untested) else ''} lies inside that range: "
+              "per-token conditioning does not produce a larger effect than the population-level metrics did. ")
     for r in out.itertuples():
         s += (f"{r.model} layer {r.layer} lies {r.position} the band (d_z = {fmt_signed(r.control_dz)}, "
               f"{r.margin:.3f} beyond its edge); its 95% interval [{fmt_signed(r.dz_ci_low)}, {fmt_signed(r.dz_ci_high)}] "
@@ -697,14 +715,22 @@ def figure1_text(control: pd.DataFrame, observational: pd.DataFrame, *, alpha: f
 
 def control_summary_text(t: pd.DataFrame, *, alpha: float) -> str:
     """One model's control cells (rows of the control table, one per layer) as a paragraph: d_z by
-    layer, the largest, and which layers pass Bonferroni on both tests, on one alone."""
+    layer, the largest, and which layers pass Bonferroni on both tests, on one alone. A layer that
+    could not be tested (NaN d_z) reads "not tested" and passes nothing."""
     t = t.sort_values("layer")
-    best = t.loc[t.cohens_dz.abs().idxmax()]
-    dual, t_only, w_only = t[t.sig_dual_bonf], t[t.sig_t_bonf & ~t.sig_dual_bonf], t[t.sig_W_bonf & ~t.sig_t_bonf]
-    seq = ", ".join(f"L{r.layer}: {fmt_signed(r.cohens_dz)}" for r in t.itertuples())
-    s = (f"**{t.model.iloc[0]}.** d_z by layer: {seq}. The largest in magnitude is at layer {int(best.layer)} "
-         f"(d_z = {fmt_signed(best.cohens_dz)}, 95% CI [{fmt_signed(best.dz_ci_low)}, {fmt_signed(best.dz_ci_high)}], "
-         f"p_t = {best.p_t:.3g}, p_W = {best.p_W:.3g}). ")
+    flags = t[["sig_dual_bonf", "sig_t_bonf", "sig_W_bonf"]].fillna(False).astype(bool)
+    dual = t[flags.sig_dual_bonf]
+    t_only, w_only = t[flags.sig_t_bonf & ~flags.sig_dual_bonf], t[flags.sig_W_bonf & ~flags.sig_t_bonf]
+    seq = ", ".join(f"L{r.layer}: {fmt_signed(r.cohens_dz) if pd.notna(r.cohens_dz) else 'not tested'}"
+                    for r in t.itertuples())
+    s = f"**{t.model.iloc[0]}.** d_z by layer: {seq}. "
+    if t.cohens_dz.notna().any():
+        best = t.loc[t.cohens_dz.abs().idxmax()]
+        s += (f"The largest in magnitude is at layer {int(best.layer)} (d_z = {fmt_signed(best.cohens_dz)}, 95% CI "
+              f"[{fmt_signed(best.dz_ci_low)}, {fmt_signed(best.dz_ci_high)}], p_t = {best.p_t:.3g}, "
+              f"p_W = {best.p_W:.3g}). ")
+    else:
+        s += "No layer could be tested. "
     if len(dual):
         s += (f"{len(dual)} of {len(t)} layers pass{'es' if len(dual) == 1 else ''} Bonferroni under the dual-test rule "
               f"({join_words(f'L{L}' for L in dual.layer)}). ")

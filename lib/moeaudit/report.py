@@ -34,12 +34,25 @@ def model_colors(models) -> dict:
     return dict(zip(models, sns.color_palette(PALETTE, n_colors=max(3, len(models)))))
 
 
+def _untested_rows(stats: pd.DataFrame) -> pd.Series:
+    """True for the rows of a statistics table that could not be tested (a non-empty ``reason``,
+    or NaN ``cohens_dz`` in a table without ``reason``)."""
+    if "reason" in stats.columns:
+        return stats["reason"].fillna("").astype(str).str.len() > 0
+    return stats["cohens_dz"].isna()
+
+
 def paper_layout(stats: pd.DataFrame, *, row: str = "ranking", col: str = "layer",
                  sig_col: str = "sig_dual_bonf") -> pd.DataFrame:
     """Pivot a statistics table to the paper's layout: rows ``row`` (metrics), columns ``col`` (layers),
-    each cell ``d_z [CI] / p_t / p_W`` as text, with markers for significance."""
+    each cell ``d_z [CI] / p_t / p_W`` as text, with markers for significance. A cell that could not
+    be tested (see :func:`moeaudit.stats.untested_cells`) reads "not tested" and its n; its reason
+    is for the note under the table (:func:`untested_note`)."""
+    untested = _untested_rows(stats)
 
     def fmt(r):
+        if untested[r.name]:
+            return f"not tested\nn = {int(r.n)}" if "n" in r and pd.notna(r.n) else "not tested"
         star = " ★" if bool(r.get(sig_col, False)) else ""
         return (f"{r.cohens_dz:+.3f}{star}  [{r.dz_ci_low:+.2f}, {r.dz_ci_high:+.2f}]\n"
                 f"p_t={r.p_t:.3g}  p_W={r.p_W:.3g}")
@@ -54,7 +67,7 @@ def paper_layout(stats: pd.DataFrame, *, row: str = "ranking", col: str = "layer
 def style_paper_layout(stats: pd.DataFrame, *, row: str = "ranking", col: str = "layer", caption: str = ""):
     """Styled version of :func:`paper_layout`: bold where uncorrected p_t < 0.05."""
     table = paper_layout(stats, row=row, col=col)
-    bold = stats.assign(b=stats.p_t < 0.05).pivot(index=row, columns=col, values="b")
+    bold = stats.assign(b=(stats.p_t < 0.05) & ~_untested_rows(stats)).pivot(index=row, columns=col, values="b")
     bold.index, bold.columns = table.index, table.columns
 
     def css(_):
@@ -79,7 +92,7 @@ def figure1(control: pd.DataFrame, observational: pd.DataFrame | None = None, *,
     """The paper's Figure 1: per-model d_z of the routing-weight control across relative depth with
     95% CI bands; a grey band spans the range of all observational-metric cells."""
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    if observational is not None and len(observational):
+    if observational is not None and observational.cohens_dz.notna().any():  # untested cells (NaN) left out
         lo, hi = observational.cohens_dz.min(), observational.cohens_dz.max()
         ax.axhspan(lo, hi, color="0.6", alpha=0.25, label=f"all observational cells [{lo:+.2f}, {hi:+.2f}]")
     colors = model_colors(list(control.model.unique()))
@@ -253,6 +266,35 @@ def glue_values(*, as_markdown: bool = False, **values) -> None:
 
 
 
+def untested_note(table: pd.DataFrame, *, by=None, what: str = "cell") -> str:
+    """The note under a statistics table that has cells which could not be tested: how many, which
+    (named by their ``by`` columns, see :func:`moeaudit.stats.untested_cells`) and why, and that they
+    still count in their family's size. ``""`` when every cell was tested. ``what`` names a row
+    (``"cell"``, ``"layer"``)."""
+    from .stats import untested_cells  # noqa: PLC0415
+
+    bad = untested_cells(table, by=by)
+    if bad.empty:
+        return ""
+    k = len(bad)
+    counted = (f" {'It counts' if k == 1 else 'They count'} in {'its' if k == 1 else 'their'} family's size for the "
+               f"Bonferroni, Holm and Benjamini–Hochberg corrections, as {'a hypothesis' if k == 1 else 'hypotheses'} "
+               "that cannot be rejected."
+               if "family_size" in table.columns else "")
+    return (f"*{plural(k, what)} of {len(table)} could not be tested* ({'its' if k == 1 else 'their'} statistics are undefined): "
+            + "; ".join(f"{r.cell}: {r.reason}" for r in bad.itertuples()) + "." + counted)
+
+
+def show_untested_note(table: pd.DataFrame, **kwargs) -> str:
+    """Display :func:`untested_note` (markdown) under a table when it has untested cells; return it."""
+    note = untested_note(table, **kwargs)
+    if note:
+        from IPython.display import Markdown, display  # noqa: PLC0415
+
+        display(Markdown(note))
+    return note
+
+
 def family_verdict_text(verdicts: pd.DataFrame, table: pd.DataFrame | None = None, *, short: bool = False) -> str:
     """The verdicts of :func:`moeaudit.stats.family_verdicts` as sentences (markdown).
 
@@ -280,16 +322,22 @@ def family_verdict_text(verdicts: pd.DataFrame, table: pd.DataFrame | None = Non
     for r in verdicts.itertuples():
         alpha = r.alpha_bonferroni * r.cells
         pos = getattr(r, "uncorrected_t_positive", None)
+        untested = int(getattr(r, "untested", 0) or 0)
         direction = ("" if not r.uncorrected_t or pos is None else
                      " (all with d_z > 0)" if pos == r.uncorrected_t else f" ({pos} with d_z > 0)")
+        not_tested = (f" ({untested} of them could not be tested and count{'s' if untested == 1 else ''} as not "
+                      "passing)" if untested else "")
+        effects = (f"the largest |d_z| is {r.max_abs_dz:.3f}, and {r.share_positive:.0%} of the "
+                   f"{'tested ' if untested else ''}cells have d_z > 0." if untested < r.cells and
+                   np.isfinite(r.max_abs_dz) and np.isfinite(r.share_positive) else "no cell has a defined d_z.")
         lines.append(
-            f"**{r.model}**: {r.bonferroni_dual} of {r.cells} cells pass{'es' if r.bonferroni_dual == 1 else ''} the "
+            f"**{r.model}**: {r.bonferroni_dual} of {r.cells} cells{not_tested} pass{'es' if r.bonferroni_dual == 1 else ''} the "
             f"dual rule at the Bonferroni level {r.alpha_bonferroni:.4g} ({r.holm_dual} under Holm, {r.bh_dual} under "
             f"Benjamini–Hochberg); {r.bonferroni_t} pass{'es' if r.bonferroni_t == 1 else ''} the t-test alone and "
             f"{r.bonferroni_W} the Wilcoxon test alone at that level; "
             f"{r.uncorrected_t} {'has' if r.uncorrected_t == 1 else 'have'} uncorrected p_t < {alpha:g}{direction}; "
             f"{r.equivalent} {'is' if r.equivalent == 1 else 'are'} demonstrably small (TOST at the Bonferroni level); "
-            f"the largest |d_z| is {r.max_abs_dz:.3f}, and {r.share_positive:.0%} of the cells have d_z > 0.")
+            + effects)
     return "\n\n".join(lines)
 
 
@@ -302,37 +350,48 @@ def audit_comparison_text(verdicts: pd.DataFrame, paper: pd.DataFrame, table: pd
     (``scipy.stats.binomtest``; cells share positions, so it is indicative). With ``table`` (the
     per-cell :func:`moeaudit.stats.audit_table`), cells passing here are also tested at the paper's
     stricter per-cell level. ``paper_names`` maps the paper's model keys to display names. Every
-    number is computed from the frames."""
+    number is computed from the frames. Cells of this run that could not be tested (``untested``
+    of :func:`moeaudit.stats.family_verdicts`) are said so; the sign test counts only the tested
+    cells."""
     from scipy import stats as sps  # noqa: PLC0415
 
     names = paper_names or {}
     alpha = float((paper.alpha_bonferroni * paper.cells).iloc[0])
     here_alpha = float((verdicts.alpha_bonferroni * verdicts.cells).iloc[0])
     p_cells, h_cells = int(paper.cells.sum()), int(verdicts.cells.sum())
+    h_untested = int(verdicts.untested.sum()) if "untested" in verdicts.columns else 0
+    h_tested = h_cells - h_untested
     p_pass, h_pass = int(paper.bonferroni_both.sum()), int(verdicts.bonferroni_dual.sum())
     p_unc, h_unc = int(paper.uncorrected_t.sum()), int(verdicts.uncorrected_t.sum())
     p_unc_pos, h_unc_pos = int(paper.uncorrected_t_positive.sum()), int(verdicts.uncorrected_t_positive.sum())
     p_top = paper.loc[paper.max_abs_d.idxmax()]
-    h_top = verdicts.loc[verdicts.max_abs_dz.idxmax()]
+    h_top = verdicts.loc[verdicts.max_abs_dz.idxmax()] if verdicts.max_abs_dz.notna().any() else None
     p_npos = int(round(float((paper.share_positive * paper.cells).sum())))
-    h_npos = int(round(float((verdicts.share_positive * verdicts.cells).sum())))
+    tested_per_family = verdicts.cells - (verdicts.untested if "untested" in verdicts.columns else 0)
+    h_npos = int(round(float((verdicts.share_positive.fillna(0.0) * tested_per_family).sum())))
     p_sign = sps.binomtest(p_npos, p_cells, 0.5).pvalue
-    h_sign = sps.binomtest(h_npos, h_cells, 0.5).pvalue
+    h_sign = sps.binomtest(h_npos, h_tested, 0.5).pvalue if h_tested else float("nan")
 
     def direction(k, pos):
         return "all with d > 0" if k and pos == k else f"{pos} of them with d > 0" if k else ""
 
     p_dir, h_dir = direction(p_unc, p_unc_pos), direction(h_unc, h_unc_pos)
     out = [
-        f"In the paper, {p_pass} of {p_cells} cells pass both tests at the Bonferroni level; {p_unc} reach "
+        f"In the paper, {p_pass} of {p_cells} cells pass both tests at the Bonferroni level; {p_unc} "
+        f"reach{'es' if p_unc == 1 else ''} "
         f"uncorrected p_t < {alpha:g}" + (f", {p_dir}" if p_dir else "") + f", where chance alone would give about "
         f"{p_cells * alpha:.1f}; the largest |d| is {p_top.max_abs_d:.3f} ({names.get(p_top.model, p_top.model)}). "
-        f"In this run, {h_pass} of {h_cells} cells pass the dual rule; {h_unc} reach uncorrected p_t < {here_alpha:g}"
-        + (f", {h_dir}" if h_dir else "") + f" (chance: about {h_cells * here_alpha:.1f}); the largest |d_z| is "
-        f"{h_top.max_abs_dz:.3f} ({h_top.model}).",
+        f"In this run, {h_pass} of {h_cells} cells pass the dual rule"
+        + (f" ({h_untested} could not be tested)" if h_untested else "")
+        + f"; {h_unc} reach{'es' if h_unc == 1 else ''} uncorrected p_t < {here_alpha:g}"
+        + (f", {h_dir}" if h_dir else "") + f" (chance: about {h_cells * here_alpha:.1f}); "
+        + (f"the largest |d_z| is {h_top.max_abs_dz:.3f} ({h_top.model})." if h_top is not None
+           else "no cell has a defined d_z."),
         f"A metric that identified the important expert would make d_z positive in most cells: {p_npos} of the "
-        f"paper's {p_cells} cells are positive (two-sided sign test p = {p_sign:.2g}) and {h_npos} of this run's "
-        f"{h_cells} (p = {h_sign:.2g}). The sign tests treat cells as independent, which they are not (the cells of a "
+        f"paper's {p_cells} cells are positive (two-sided sign test p = {p_sign:.2g}) and "
+        + (f"{h_npos} of this run's {h_tested}{' tested' if h_untested else ''} (p = {h_sign:.2g})" if h_tested
+           else "none of this run's, which could not be tested")
+        + ". The sign tests treat cells as independent, which they are not (the cells of a "
         "model share positions), so they only indicate whether the effects lean one way.",
     ]
     lean = (p_sign < 0.05) != (h_sign < 0.05)

@@ -15,6 +15,18 @@ For one cell of the audit (one model, layer and ranking criterion) there are ``n
 positions. At each position the expert ranked highest by the criterion and the expert
 ranked lowest were ablated in turn, giving loss changes ``high`` and ``low``. The analysis
 is on the paired differences ``D = high - low``: a valid criterion predicts ``D > 0``.
+
+Degenerate cells
+----------------
+A cell whose data cannot be tested -- fewer than :data:`MIN_PAIRS` pairs, a NaN or infinite
+loss change, or paired differences that are all equal (``sd(D) = 0``, so ``d_z`` and the t
+statistic are undefined) -- is not an error: the per-cell functions return their usual row with
+the undefined statistics set to NaN, every significance flag False, and the cause in a ``reason``
+column (``""`` for a cell that was tested). Descriptive columns that are still defined (``n``,
+``mean_d``, ``sd_d``, ...) are filled. Such a cell still counts in the size of its
+multiple-comparison family (see :func:`audit_table` and :func:`correct_family`). Wrong arguments
+-- inputs of different lengths, ``n_tests < 1``, a level outside (0, 1) -- still raise
+``ValueError`` naming the parameter.
 """
 
 from __future__ import annotations
@@ -35,6 +47,8 @@ from statsmodels.stats.weightstats import ttost_paired
 
 __all__ = [
     "CORRECTIONS",
+    "MIN_PAIRS",
+    "untested_cells",
     "cohens_dz",
     "dz_confidence_interval",
     "min_detectable_dz",
@@ -59,18 +73,58 @@ __all__ = [
 CORRECTIONS: dict[str, str] = {"bonf": "bonferroni", "holm": "holm", "bh": "fdr_bh"}
 
 
-def _as_float_array(x, name: str) -> np.ndarray:
-    a = np.asarray(x, dtype=np.float64).reshape(-1)
-    if not np.all(np.isfinite(a)):
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return a
+#: Fewest pairs for which :func:`paired_effect` tests a cell: the exact interval of d_z
+#: (:func:`dz_confidence_interval`) needs ``n - 1 >= 2`` degrees of freedom.
+MIN_PAIRS = 3
+
+
+def _float_vector(x) -> np.ndarray:
+    return np.asarray(x, dtype=np.float64).reshape(-1)
+
+
+def _same_length(a: np.ndarray, b: np.ndarray, names: str) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{names} must have the same length, got {a.size} and {b.size}")
+
+
+def _check_level(value, name: str) -> None:
+    """``ValueError`` naming ``name`` unless ``0 < value < 1`` (a level, a power, a confidence)."""
+    if not 0.0 < float(value) < 1.0:  # NaN fails as well
+        raise ValueError(f"{name} must be in (0, 1), got {value!r}")
+
+
+def _check_n_tests(n_tests) -> None:
+    if not n_tests >= 1:
+        raise ValueError(f"n_tests must be >= 1, got {n_tests!r}")
+
+
+def _nonfinite_reason(*arrays: np.ndarray, what: str = "paired differences") -> str:
+    bad = ~np.all([np.isfinite(a) for a in arrays], axis=0) if arrays[0].size else np.zeros(0, bool)
+    k = int(bad.sum())
+    return f"{k} of {bad.size} {what} {'is' if k == 1 else 'are'} NaN or infinite" if k else ""
+
+
+def _degenerate_reason(h: np.ndarray, lo: np.ndarray, d: np.ndarray) -> str:
+    """Why the paired differences ``d`` cannot be tested, or ``""`` when they can."""
+    if d.size == 0:
+        return "no pairs"
+    bad = _nonfinite_reason(h, lo)
+    if bad:
+        return bad
+    if d.size < MIN_PAIRS:
+        return f"too few pairs (n = {d.size}; the tests need at least {MIN_PAIRS})"
+    if float(np.std(d, ddof=1)) == 0.0:
+        if d[0] == 0.0:
+            return (f"all {d.size} paired differences are zero: sd(D) = 0, so d_z and the t-test are undefined, and "
+                    "the Wilcoxon test has no nonzero difference to rank")
+        return (f"all {d.size} paired differences are equal (D = {d[0]:.6g}): sd(D) = 0, so d_z and the t-test are "
+                "undefined and the dual rule cannot be applied")
+    return ""
 
 
 def _paired_differences(high, low) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    h = _as_float_array(high, "high")
-    lo = _as_float_array(low, "low")
-    if h.shape != lo.shape:
-        raise ValueError(f"high and low must have the same length, got {h.size} and {lo.size}")
+    h, lo = _float_vector(high), _float_vector(low)
+    _same_length(h, lo, "high and low")
     return h, lo, h - lo
 
 
@@ -81,12 +135,17 @@ def cohens_dz(d_values, *, ddof: int = 1) -> float:
     throughout this package; it satisfies ``d_z = t / sqrt(n)`` for the paired t statistic.
     ``ddof=0`` reproduces the statistic stored by the authors' per-token scripts
     (``d_z(ddof=0) = d_z(ddof=1) * sqrt(n / (n - 1))``).
+
+    NaN where d_z is undefined: at most ``ddof`` values, a NaN or infinite value, or all values
+    equal (``sd = 0``). ``ValueError`` for a negative ``ddof``.
     """
-    d = _as_float_array(d_values, "d_values")
+    if ddof < 0:
+        raise ValueError(f"ddof must be >= 0, got {ddof!r}")
+    d = _float_vector(d_values)
+    if d.size <= ddof or not np.all(np.isfinite(d)):
+        return float("nan")
     sd = float(np.std(d, ddof=ddof))
-    if d.size <= ddof or sd == 0.0:
-        raise ValueError("Cohen's d_z needs at least two distinct values")
-    return float(np.mean(d)) / sd
+    return float(np.mean(d)) / sd if sd > 0.0 else float("nan")
 
 
 def dz_confidence_interval(dz: float, n: int, *, ci: float = 0.95) -> tuple[float, float]:
@@ -103,11 +162,15 @@ def dz_confidence_interval(dz: float, n: int, *, ci: float = 0.95) -> tuple[floa
     found with ``scipy.optimize.brentq`` on ``scipy.stats.nct.cdf``; the interval for d_z
     is ``(lambda_L / sqrt(n), lambda_U / sqrt(n))``. No library offers this interval
     (pingouin's ``compute_esci`` uses a normal approximation), hence the root finding.
+
+    ``(nan, nan)`` for a NaN or infinite ``dz`` (an undefined effect has no interval).
+    ``ValueError`` unless ``0 < ci < 1`` and ``n >= 3``.
     """
-    if not 0.0 < ci < 1.0:
-        raise ValueError("ci must be between 0 and 1")
-    if n < 3:
-        raise ValueError("need n >= 3 for a confidence interval")
+    _check_level(ci, "ci")
+    if n < MIN_PAIRS:
+        raise ValueError(f"n must be >= {MIN_PAIRS} for a confidence interval, got {n}")
+    if not np.isfinite(dz):
+        return float("nan"), float("nan")
     df = n - 1
     t = float(dz) * np.sqrt(n)
     tail = (1.0 - ci) / 2.0
@@ -222,18 +285,56 @@ def paired_effect(
       ``p_tost < alpha_corrected``: the effect is demonstrably inside ``±tost_bound_d``;
     - ``power``, ``mde_dz``: the smallest |d_z| that a two-sided paired t test at level
       ``alpha_corrected`` detects with probability ``power`` at this ``n``
-      (``statsmodels.stats.power.TTestPower().solve_power``).
+      (``statsmodels.stats.power.TTestPower().solve_power``);
+    - ``reason``: ``""`` when the cell was tested, else why it could not be (see below).
+
+    **Degenerate cells.** When the pairs cannot be tested -- none, fewer than
+    :data:`MIN_PAIRS`, a NaN or infinite value in ``high`` or ``low``, or all differences equal
+    (``sd_d = 0``: ``d_z = mean / 0`` and the t statistic are undefined, and with all ``D = 0``
+    Wilcoxon has no nonzero difference to rank) -- no test is run and no exception is raised: the
+    row has the same columns, ``reason`` states the cause, the tests' statistics, p-values, the
+    d_z interval and ``p_tost`` are NaN, and ``sig_t``, ``sig_W``, ``same_sign``, ``sig_dual``
+    and ``equivalent`` are False. ``n``, ``n_zero``, ``dof`` (``n - 1``), ``alpha_corrected``,
+    ``power``, ``ci_level``, ``tost_bound_d`` are always filled; ``mean_d``, ``median_d`` (and
+    ``sd_d``, ``tost_low``, ``tost_upp`` from two pairs on) when the values are finite;
+    ``mde_dz`` from :data:`MIN_PAIRS` pairs on.
+
+    ``ValueError`` (naming the parameter) for arguments that no data can make valid: ``high`` and
+    ``low`` of different lengths, ``n_tests < 1``, ``alpha``, ``ci`` or ``power`` outside (0, 1),
+    a negative or NaN ``tost_bound_d``, an unknown ``zero_method``.
     """
     h, lo, d = _paired_differences(high, low)
+    _check_level(alpha, "alpha")
+    _check_level(ci, "ci")
+    _check_level(power, "power")
+    _check_n_tests(n_tests)
+    if not tost_bound_d >= 0:
+        raise ValueError(f"tost_bound_d must be >= 0, got {tost_bound_d!r}")
+    if zero_method not in ("wilcox", "pratt", "zsplit"):
+        raise ValueError(f"zero_method must be 'wilcox', 'pratt' or 'zsplit', got {zero_method!r}")
     n = int(d.size)
-    if n < 3:
-        raise ValueError("need at least 3 pairs")
-    if n_tests < 1:
-        raise ValueError("n_tests must be >= 1")
-    sd = float(np.std(d, ddof=1))
-    if sd == 0.0:
-        raise ValueError("all paired differences are equal; d_z is undefined")
-    mean = float(np.mean(d))
+    alpha_c = alpha / n_tests
+    reason = _degenerate_reason(h, lo, d)
+    finite = n > 0 and bool(np.all(np.isfinite(d)))
+    mean = float(np.mean(d)) if finite else float("nan")
+    sd = float(np.std(d, ddof=1)) if finite and n > 1 else float("nan")
+    bound = tost_bound_d * sd
+    nan = float("nan")
+    row = {
+        "n": n, "n_zero": int(np.sum(d == 0.0)), "mean_d": mean,
+        "median_d": float(np.median(d)) if finite else nan, "sd_d": sd,
+        "cohens_dz": nan, "dz_ci_low": nan, "dz_ci_high": nan, "ci_level": float(ci),
+        "t": nan, "dof": max(n - 1, 0), "p_t": nan, "W": nan, "p_W": nan, "wilcoxon_method": wilcoxon_method,
+        "rank_biserial": nan, "alpha_corrected": float(alpha_c),
+        "sig_t": False, "sig_W": False, "same_sign": False, "sig_dual": False,
+        "tost_bound_d": float(tost_bound_d), "tost_low": -bound, "tost_upp": bound, "p_tost": nan,
+        "equivalent": False, "power": float(power),
+        "mde_dz": min_detectable_dz(n, alpha=alpha_c, power=power) if n >= MIN_PAIRS else nan,
+        "reason": reason,
+    }
+    if reason:
+        return pd.DataFrame([row])
+
     dz = mean / sd
     dz_lo, dz_hi = dz_confidence_interval(dz, n, ci=ci)
 
@@ -246,46 +347,19 @@ def paired_effect(
                                    method=wilcoxon_method).statistic)
     rank_biserial = (r_plus - r_minus) / (r_plus + r_minus)
 
-    alpha_c = alpha / n_tests
     p_t = float(tt.pvalue)
     p_w = float(wx.pvalue)
     same_sign = bool(np.sign(mean) != 0 and np.sign(mean) == np.sign(rank_biserial))
-
-    bound = tost_bound_d * sd
     p_tost = float(ttost_paired(h, lo, -bound, bound)[0])
 
-    mde = min_detectable_dz(n, alpha=alpha_c, power=power)
-
-    row = {
-        "n": n,
-        "n_zero": int(np.sum(d == 0.0)),
-        "mean_d": mean,
-        "median_d": float(np.median(d)),
-        "sd_d": sd,
-        "cohens_dz": dz,
-        "dz_ci_low": float(dz_lo),
-        "dz_ci_high": float(dz_hi),
-        "ci_level": float(ci),
-        "t": float(tt.statistic),
-        "dof": n - 1,
-        "p_t": p_t,
-        "W": float(wx.statistic),
-        "p_W": p_w,
-        "wilcoxon_method": wilcoxon_method,
+    row.update({
+        "cohens_dz": dz, "dz_ci_low": float(dz_lo), "dz_ci_high": float(dz_hi),
+        "t": float(tt.statistic), "p_t": p_t, "W": float(wx.statistic), "p_W": p_w,
         "rank_biserial": float(rank_biserial),
-        "alpha_corrected": float(alpha_c),
-        "sig_t": p_t < alpha_c,
-        "sig_W": p_w < alpha_c,
-        "same_sign": same_sign,
+        "sig_t": p_t < alpha_c, "sig_W": p_w < alpha_c, "same_sign": same_sign,
         "sig_dual": bool(p_t < alpha_c and p_w < alpha_c and same_sign),
-        "tost_bound_d": float(tost_bound_d),
-        "tost_low": -bound,
-        "tost_upp": bound,
-        "p_tost": p_tost,
-        "equivalent": p_tost < alpha_c,
-        "power": float(power),
-        "mde_dz": mde,
-    }
+        "p_tost": p_tost, "equivalent": p_tost < alpha_c,
+    })
     return pd.DataFrame([row])
 
 
@@ -313,16 +387,36 @@ def summary_effect(
     :func:`paired_effect` that these determine: ``n``, ``cohens_dz``, ``dz_ci_low``,
     ``dz_ci_high``, ``ci_level``, ``t``, ``dof``, ``p_t``, ``p_W``, ``alpha_corrected``,
     ``sig_t``, ``sig_W``, ``same_sign``, ``sig_dual``, ``tost_bound_d``, ``p_tost``,
-    ``equivalent``, ``power``, ``mde_dz``.
+    ``equivalent``, ``power``, ``mde_dz``, ``reason``.
+
+    A summary that cannot be tested (``n`` below :data:`MIN_PAIRS`, or a NaN or infinite ``t``)
+    gives the degenerate row of :func:`paired_effect`: NaN statistics, False flags and the cause
+    in ``reason`` (``""`` otherwise). A NaN ``p_W`` only makes ``sig_W`` (and ``sig_dual``)
+    False. ``ValueError`` for ``n_tests < 1`` or ``alpha``, ``ci``, ``power`` outside (0, 1).
     """
+    _check_level(alpha, "alpha")
+    _check_level(ci, "ci")
+    _check_level(power, "power")
+    _check_n_tests(n_tests)
     n = int(n)
     t = float(t)
+    alpha_c = alpha / n_tests
+    p_W = float(p_W)
+    nan = float("nan")
+    reason = (f"too few pairs (n = {n}; the tests need at least {MIN_PAIRS})" if n < MIN_PAIRS else
+              "the stored t statistic is NaN or infinite" if not np.isfinite(t) else "")
+    if reason:
+        return pd.DataFrame([{
+            "n": n, "cohens_dz": nan, "dz_ci_low": nan, "dz_ci_high": nan, "ci_level": float(ci), "t": t,
+            "dof": max(n - 1, 0), "p_t": nan, "p_W": p_W, "alpha_corrected": float(alpha_c), "sig_t": False,
+            "sig_W": False, "same_sign": False, "sig_dual": False, "tost_bound_d": float(tost_bound_d),
+            "p_tost": nan, "equivalent": False, "power": float(power),
+            "mde_dz": min_detectable_dz(n, alpha=alpha_c, power=power) if n >= MIN_PAIRS else nan, "reason": reason,
+        }])
     dz = t / np.sqrt(n)
     lo, hi = dz_confidence_interval(dz, n, ci=ci)
     p_t = float(2.0 * stats.t.sf(abs(t), n - 1))
-    alpha_c = alpha / n_tests
     p_tost = tost_from_t(t, n, bound_d=tost_bound_d)
-    p_W = float(p_W)
     return pd.DataFrame([{
         "n": n, "cohens_dz": dz, "dz_ci_low": float(lo), "dz_ci_high": float(hi),
         "ci_level": float(ci), "t": t, "dof": n - 1, "p_t": p_t, "p_W": p_W,
@@ -330,7 +424,7 @@ def summary_effect(
         "same_sign": bool(same_sign),
         "sig_dual": bool(p_t < alpha_c and p_W < alpha_c and same_sign),
         "tost_bound_d": float(tost_bound_d), "p_tost": p_tost, "equivalent": p_tost < alpha_c,
-        "power": float(power), "mde_dz": min_detectable_dz(n, alpha=alpha_c, power=power),
+        "power": float(power), "mde_dz": min_detectable_dz(n, alpha=alpha_c, power=power), "reason": "",
     }])
 
 
@@ -363,22 +457,36 @@ def correct_family(
     within each family, separately for ``p_t`` and ``p_W``): ``p_t_c``, ``p_W_c``
     (adjusted p-values), ``sig_t_c``, ``sig_W_c`` (adjusted p < ``alpha``) and
     ``sig_dual_c`` (``sig_t_c and sig_W_c and same_sign``).
+
+    **Cells that could not be tested** (NaN p-value, see :func:`paired_effect`) stay in their
+    family: the family size ``m`` is the number of its rows, as in the paper, whose family is
+    the design's cells (metrics x layers) fixed before any data are seen. Such a cell enters the
+    correction as a hypothesis that is not rejected (its p-value is taken as 1), and its adjusted
+    p-value is reported as NaN with its flags False. For Bonferroni this keeps the level
+    ``alpha / m``; for Holm and Benjamini-Hochberg a p-value of 1 sorts last, so the other
+    cells are corrected exactly as the procedure on ``m`` hypotheses corrects them. Dropping
+    the cell instead would shrink ``m`` because of the data and loosen every other cell's
+    level; keeping it is the conservative choice, and the family-wise (Bonferroni, Holm) and
+    false-discovery (Benjamini-Hochberg) guarantees hold as stated for ``m`` hypotheses.
     """
     fam = [] if family is None else list(family)
     missing = [c for c in [*fam, "p_t", "p_W", "same_sign"] if c not in table.columns]
     if missing:
         raise KeyError(f"table lacks columns {missing}")
+    _check_level(alpha, "alpha")
     out = table.copy()
     fam_keys = (out.groupby(fam, sort=False, observed=True).ngroup() if fam
                 else pd.Series(0, index=out.index))
-    same = out["same_sign"].astype(bool)
+    same = out["same_sign"].fillna(False).astype(bool)
     for suffix, method in CORRECTIONS.items():
         for p in ("p_t", "p_W"):
             adj = pd.Series(np.nan, index=out.index, dtype=np.float64)
             for _, idx in fam_keys.groupby(fam_keys).groups.items():
+                raw = out.loc[idx, p].to_numpy(dtype=np.float64)
+                untested = np.isnan(raw)
                 with _frozen_heap():
-                    adj.loc[idx] = multipletests(out.loc[idx, p].to_numpy(dtype=np.float64),
-                                                 alpha=alpha, method=method)[1]
+                    fixed = multipletests(np.where(untested, 1.0, raw), alpha=alpha, method=method)[1]
+                adj.loc[idx] = np.where(untested, np.nan, fixed)
             out[f"{p}_{suffix}"] = adj
         out[f"sig_t_{suffix}"] = out[f"p_t_{suffix}"] < alpha
         out[f"sig_W_{suffix}"] = out[f"p_W_{suffix}"] < alpha
@@ -407,7 +515,15 @@ def audit_table(
     ``alpha_corrected``, ``sig_*`` and ``equivalent`` use the Bonferroni level
     ``alpha / family_size``, and ``mde_dz`` is the minimum detectable effect at that level.
 
-    Added columns: ``family_size``, and the corrected p-values and verdicts of
+    A cell that cannot be tested (too few pairs, a NaN loss change, all differences equal; see
+    :func:`paired_effect`) keeps its row, named by its ``by`` columns, with NaN statistics,
+    False flags and the cause in ``reason``; the other rows are exactly what they would be with
+    it tested. It counts in ``family_size`` (the family is the design's cells, not the cells
+    that turned out testable; :func:`correct_family` explains why and how). An unexpected error
+    in a cell propagates with a note naming the cell. :func:`untested_cells` lists the
+    untested rows.
+
+    Added columns: ``family_size``, ``reason``, and the corrected p-values and verdicts of
     :func:`correct_family` for each correction ``c`` in :data:`CORRECTIONS` (``bonf`` =
     Bonferroni, ``holm`` = Holm, ``bh`` = Benjamini-Hochberg): ``p_t_c``, ``p_W_c``,
     ``sig_t_c``, ``sig_W_c``, ``sig_dual_c``.
@@ -432,13 +548,44 @@ def audit_table(
     for _, cell in cells.iterrows():
         key = tuple(cell[c] for c in by)
         g = grouped.get_group(key)
-        res = paired_effect(
-            g[high_col].to_numpy(), g[low_col].to_numpy(), alpha=alpha,
-            n_tests=int(cell["family_size"]), tost_bound_d=tost_bound_d, power=power, ci=ci,
-        )
+        try:
+            res = paired_effect(
+                g[high_col].to_numpy(), g[low_col].to_numpy(), alpha=alpha,
+                n_tests=int(cell["family_size"]), tost_bound_d=tost_bound_d, power=power, ci=ci,
+            )
+        except Exception as err:
+            err.add_note(f"in the cell {_cell_name(dict(zip(by, key)))}")
+            raise
         rows.append(res)
     out = pd.concat([cells, pd.concat(rows, ignore_index=True)], axis=1)
     return correct_family(out, family=fam, alpha=alpha)
+
+
+def _cell_name(keys: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in keys.items())
+
+
+def untested_cells(table: pd.DataFrame, *, by: Sequence[str] | None = None) -> pd.DataFrame:
+    """The rows of a statistics table (:func:`audit_table`, :func:`paired_effect`,
+    :func:`summary_effect`, :func:`spearman`) that could not be tested, with a ``cell`` column
+    naming each (``"model m, ranking r, layer 3"``, from the ``by`` columns, by default those
+    of ``model``, ``experiment``, ``variant``, ``set``, ``ranking``, ``metric``, ``predictor``,
+    ``layer`` that the table has) and its ``reason``. A row is untested when its ``reason`` is
+    a non-empty string, or, in a table without ``reason``, when ``p_t`` is NaN. Empty (with the
+    same columns) when every cell was tested."""
+    if "reason" in table.columns:
+        mask = table["reason"].fillna("").astype(str).str.len() > 0
+    elif "p_t" in table.columns:
+        mask = table["p_t"].isna()
+    else:
+        raise KeyError("table has neither a reason nor a p_t column")
+    keys = list(by) if by is not None else [c for c in ("model", "experiment", "variant", "set", "ranking",
+                                                         "metric", "predictor", "layer") if c in table.columns]
+    out = table[mask].copy()
+    reasons = out["reason"] if "reason" in out.columns else pd.Series("p_t is NaN", index=out.index)
+    out["cell"] = [_cell_name(dict(zip(keys, vals))) for vals in out[keys].itertuples(index=False)]
+    out["reason"] = reasons
+    return out
 
 
 def spearman(
@@ -461,12 +608,25 @@ def spearman(
     it), computed for all resamples at once (``vectorized=True``).
 
     Returns a one-row DataFrame: ``n``, ``rho``, ``p``, ``ci_low``, ``ci_high``,
-    ``ci_level``, ``n_boot``, ``ci_method``.
+    ``ci_level``, ``n_boot``, ``ci_method``, ``reason``.
+
+    Where rho is undefined -- fewer than 3 pairs, a NaN or infinite value, or a constant ``x``
+    or ``y`` (no ranks to correlate) -- ``rho``, ``p`` and the interval are NaN and ``reason``
+    says why (``""`` otherwise); no exception. ``ValueError`` for ``x`` and ``y`` of different
+    lengths or ``ci`` outside (0, 1).
     """
-    xa = _as_float_array(x, "x")
-    ya = _as_float_array(y, "y")
-    if xa.shape != ya.shape:
-        raise ValueError("x and y must have the same length")
+    xa, ya = _float_vector(x), _float_vector(y)
+    _same_length(xa, ya, "x and y")
+    _check_level(ci, "ci")
+    nan = float("nan")
+    reason = _nonfinite_reason(xa, ya, what="pairs")
+    if not reason and xa.size < 3:
+        reason = f"too few pairs (n = {xa.size}; Spearman's rho needs at least 3)"
+    if not reason and (np.ptp(xa) == 0 or np.ptp(ya) == 0):
+        reason = f"{'x' if np.ptp(xa) == 0 else 'y'} is constant: rho is undefined"
+    if reason:
+        return pd.DataFrame([{"n": int(xa.size), "rho": nan, "p": nan, "ci_low": nan, "ci_high": nan,
+                              "ci_level": float(ci), "n_boot": int(n_boot), "ci_method": method, "reason": reason}])
     res = stats.spearmanr(xa, ya)
 
     def rho(a, b, axis=-1):
@@ -483,6 +643,7 @@ def spearman(
         "ci_level": float(ci),
         "n_boot": int(n_boot),
         "ci_method": method,
+        "reason": "",
     }])
 
 
@@ -493,10 +654,15 @@ def jzs_bayes_factor(d_values, *, r: float = 0.707) -> float:
     identical to the paired t), and ``BF10 = pingouin.bayesfactor_ttest(t, n, paired=True,
     r=r)``: a Cauchy(0, r) prior on the standardised effect under H1 (Rouder et al.
     2009). ``BF10 > 1`` favours an effect, ``BF10 < 1`` favours the null.
+
+    NaN where the t statistic is undefined: fewer than 2 differences, a NaN or infinite value,
+    or all differences equal (``sd = 0``). ``ValueError`` for a prior scale ``r <= 0``.
     """
-    d = _as_float_array(d_values, "d_values")
-    if d.size < 2:
-        raise ValueError("need at least 2 differences")
+    if not r > 0:
+        raise ValueError(f"r must be > 0, got {r!r}")
+    d = _float_vector(d_values)
+    if d.size < 2 or not np.all(np.isfinite(d)) or float(np.std(d, ddof=1)) == 0.0:
+        return float("nan")
     t = float(stats.ttest_1samp(d, 0.0).statistic)
     return float(pingouin.bayesfactor_ttest(t, int(d.size), paired=True, r=r))
 
@@ -545,13 +711,16 @@ def dz_difference_ci(d1, d2, *, n_boot: int = 2000, seed: int = 0, ci: float = 0
     values together (``scipy.stats.bootstrap(paired=True)``, ``n_boot`` resamples, generator
     ``numpy.random.default_rng(seed)``), ``d_z = mean / std(ddof=1)``. BCa interval, or the
     percentile interval where BCa is degenerate. ``(0.0, 0.0)`` when ``d1`` and ``d2`` are
-    identical. ``ValueError`` for different lengths or fewer than 3 positions.
+    identical (and d_z is defined). ``(nan, nan)`` where a d_z is undefined: fewer than
+    :data:`MIN_PAIRS` positions, a NaN or infinite value, or a constant ``d1`` or ``d2``.
+    ``ValueError`` for ``d1`` and ``d2`` of different lengths or ``ci`` outside (0, 1).
     """
-    a, b = _as_float_array(d1, "d1"), _as_float_array(d2, "d2")
-    if a.shape != b.shape:
-        raise ValueError(f"d1 and d2 must have the same length, got {a.size} and {b.size}")
-    if a.size < 3:
-        raise ValueError(f"need at least 3 positions, got {a.size}")
+    a, b = _float_vector(d1), _float_vector(d2)
+    _same_length(a, b, "d1 and d2")
+    _check_level(ci, "ci")
+    if (a.size < MIN_PAIRS or not (np.all(np.isfinite(a)) and np.all(np.isfinite(b)))
+            or np.ptp(a) == 0 or np.ptp(b) == 0):
+        return float("nan"), float("nan")
     if np.array_equal(a, b):
         return 0.0, 0.0
 
@@ -580,8 +749,12 @@ JEFFREYS_SCALE: tuple[tuple[float, str], ...] = (
 
 def jeffreys_label(bf10: float) -> str:
     """The evidence category of a Bayes factor BF10 on Jeffreys' scale (:data:`JEFFREYS_SCALE`):
-    ``"moderate H0"`` for 1/10 < BF10 <= 1/3, and so on. ``ValueError`` for a negative or NaN BF10."""
+    ``"moderate H0"`` for 1/10 < BF10 <= 1/3, and so on; ``"undefined"`` for a NaN BF10 (a cell
+    whose Bayes factor is undefined, see :func:`jzs_bayes_factor`). ``ValueError`` for a
+    negative BF10."""
     bf = float(bf10)
+    if np.isnan(bf):
+        return "undefined"
     if not bf >= 0:
         raise ValueError(f"a Bayes factor is >= 0, got {bf10}")
     return next(label for bound, label in JEFFREYS_SCALE if bf > bound or bound == 0)
@@ -591,13 +764,16 @@ def family_verdicts(table: pd.DataFrame, *, by: str = "model", alpha: float = 0.
     """One row per multiple-comparison family of an :func:`audit_table` result: how many of its
     cells pass each test and correction, and how large the effects are.
 
-    Columns: ``by``, ``cells`` (the family size), ``alpha_bonferroni`` (``alpha / cells``, the
-    paper's per-cell level), ``uncorrected_t`` (cells with p_t < ``alpha``),
-    ``uncorrected_t_positive`` (those with d_z > 0, the direction a valid ranking predicts), ``bonferroni_t``,
-    ``bonferroni_W``, ``bonferroni_dual`` (the paper's rule: t and Wilcoxon both significant at the
-    Bonferroni level, same sign), ``holm_dual``, ``bh_dual``, ``equivalent`` (TOST supports
-    |d_z| below the bound), ``max_abs_dz``, ``share_positive`` (fraction of cells with d_z > 0:
-    a valid ranking makes d_z positive), ``min_detectable_dz`` (at the Bonferroni level).
+    Columns: ``by``, ``cells`` (the family size, untested cells included), ``untested`` (cells
+    that could not be tested, see :func:`untested_cells`; they pass nothing),
+    ``alpha_bonferroni`` (``alpha / cells``, the paper's per-cell level), ``uncorrected_t``
+    (cells with p_t < ``alpha``), ``uncorrected_t_positive`` (those with d_z > 0, the direction
+    a valid ranking predicts), ``bonferroni_t``, ``bonferroni_W``, ``bonferroni_dual`` (the
+    paper's rule: t and Wilcoxon both significant at the Bonferroni level, same sign),
+    ``holm_dual``, ``bh_dual``, ``equivalent`` (TOST supports |d_z| below the bound),
+    ``max_abs_dz`` (over the tested cells; NaN if none), ``share_positive`` (fraction of the
+    *tested* cells with d_z > 0: a valid ranking makes d_z positive; NaN if none),
+    ``min_detectable_dz`` (at the Bonferroni level, from the first cell where it is defined).
     ``KeyError`` if ``table`` lacks the columns :func:`audit_table` adds.
     """
     need = [by, "family_size", "p_t", "cohens_dz", "sig_t_bonf", "sig_W_bonf", "sig_dual_bonf", "sig_dual_holm",
@@ -605,20 +781,26 @@ def family_verdicts(table: pd.DataFrame, *, by: str = "model", alpha: float = 0.
     missing = [c for c in need if c not in table.columns]
     if missing:
         raise KeyError(f"table lacks columns {missing}")
+    _check_level(alpha, "alpha")
+    untested = table.index.isin(untested_cells(table).index)
+    table = table.assign(_untested=untested, _tested_dz=table.cohens_dz.where(~untested))
+    flags = ["sig_t_bonf", "sig_W_bonf", "sig_dual_bonf", "sig_dual_holm", "sig_dual_bh", "equivalent"]
+    table[flags] = table[flags].fillna(False).astype(bool)
     out = table.groupby(by, sort=False).agg(
         cells=("family_size", "first"),
+        untested=("_untested", "sum"),
         uncorrected_t=("p_t", lambda p: int((p < alpha).sum())),
         bonferroni_t=("sig_t_bonf", "sum"), bonferroni_W=("sig_W_bonf", "sum"),
         bonferroni_dual=("sig_dual_bonf", "sum"), holm_dual=("sig_dual_holm", "sum"), bh_dual=("sig_dual_bh", "sum"),
         equivalent=("equivalent", "sum"),
-        max_abs_dz=("cohens_dz", lambda d: float(d.abs().max())),
-        share_positive=("cohens_dz", lambda d: float((d > 0).mean())),
+        max_abs_dz=("_tested_dz", lambda d: float(d.abs().max())),
+        share_positive=("_tested_dz", lambda d: float((d.dropna() > 0).mean()) if d.notna().any() else float("nan")),
         min_detectable_dz=("mde_dz", "first"),
     ).reset_index()
     positive_hits = table[(table.p_t < alpha) & (table.cohens_dz > 0)].groupby(by, sort=False).size()
-    out.insert(4, "uncorrected_t_positive", out[by].map(positive_hits).fillna(0).astype(int))
-    out.insert(2, "alpha_bonferroni", alpha / out["cells"])
-    int_cols = ["cells", "uncorrected_t", "bonferroni_t", "bonferroni_W", "bonferroni_dual", "holm_dual", "bh_dual",
-                "equivalent"]
+    out.insert(5, "uncorrected_t_positive", out[by].map(positive_hits).fillna(0).astype(int))
+    out.insert(3, "alpha_bonferroni", alpha / out["cells"])
+    int_cols = ["cells", "untested", "uncorrected_t", "bonferroni_t", "bonferroni_W", "bonferroni_dual", "holm_dual",
+                "bh_dual", "equivalent"]
     out[int_cols] = out[int_cols].astype(int)
     return out
