@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 from .corpus import TokenizedCorpus
-from .engine import CleanPass, _token_loss, clean_cache, expert_outputs, packed_step, progress_bar
+from .engine import CleanPass, _token_loss, attention_window, clean_cache, expert_outputs, packed_step, progress_bar
 from .models import AuditModel
 
 
@@ -33,6 +33,7 @@ def attribution_estimates(model: AuditModel, corpus: TokenizedCorpus, clean: Cle
     layers = sorted(layers)
     for L in layers:
         model.layout.check_layer(L)
+    attention_window(model)  # refuses attention types the packed step cannot mask, before any forward
     dev = model.device
     pos = positions[["seq_id", "t"]].drop_duplicates().sort_values(["seq_id", "t"]).reset_index(drop=True)
     seqs = sorted(pos.seq_id.unique().tolist())
@@ -49,7 +50,7 @@ def attribution_estimates(model: AuditModel, corpus: TokenizedCorpus, clean: Cle
             flat, rr, rp = step.flat.to(dev), step.read_rows.to(dev), step.read_pos.to(dev)
             saved, grads = {}, {}
             with torch.enable_grad(), model.nn.trace(input_ids=step.input_ids.to(dev),
-                                                     attention_mask=step.attention_mask.to(dev),
+                                                     attention_mask=step.mask_on(dev),
                                                      position_ids=step.position_ids.to(dev), past_key_values=step.cache,
                                                      use_cache=True, remote=model.remote):
                 emb = model.nn.model.embed_tokens.output

@@ -29,7 +29,7 @@ from .pruning import perplexity, pruned_experts
 from .report import fmt_signed, join_words, plural  # noqa: F401  (re-exported for the chapters)
 from .store import cached_records, exclusive, params_key
 
-ENGINE_VERSION = 2  # bump when the engine's numerics change, so cached records are recomputed
+ENGINE_VERSION = 3  # bump when the engine's numerics change, so cached records are recomputed
 
 
 def model_fingerprint(model: AuditModel) -> str:
@@ -153,14 +153,15 @@ def _seq_chunks(positions: pd.DataFrame, per_chunk: int) -> list[list[int]]:
 
 
 def _ablation_records(ctx: AuditContext, kind: str, requests: pd.DataFrame, params: dict, *, mode: str,
-                      batch_size: int, seq_per_chunk: int, progress, downstream: bool = False) -> pd.DataFrame:
-    full = {**ctx.provenance, **params, "mode": mode, "kind": kind, "downstream": downstream}
+                      batch_size: int, seq_per_chunk: int, progress, downstream: bool = False,
+                      strategy: str = "kv") -> pd.DataFrame:
+    full = {**ctx.provenance, **params, "mode": mode, "kind": kind, "downstream": downstream, "strategy": strategy}
     chunks = _seq_chunks(requests, seq_per_chunk)
 
     def compute(seqs):
         sub = requests[requests.seq_id.isin(seqs)]
-        return run_ablations(ctx.model, ctx.corpus, ctx.clean, sub, mode=mode, batch_size=batch_size,
-                             seed=params.get("seed"), downstream=downstream, progress=False)
+        return run_ablations(ctx.model, ctx.corpus, ctx.clean, sub, mode=mode, strategy=strategy,
+                             batch_size=batch_size, seed=params.get("seed"), downstream=downstream, progress=False)
 
     records, _ = cached_records(kind, full, chunks, compute, results_dir=ctx.results_dir, progress=progress)
     return records
@@ -173,11 +174,14 @@ def audit_positions(ctx: AuditContext, *, n_positions: int, seed: int, min_conte
 
 def single_expert_records(ctx: AuditContext, *, layers, n_positions: int, seed: int, mode: str = "token",
                           min_context: int = 0, batch_size: int = 64, seq_per_chunk: int = 8,
-                          downstream: bool = False, progress: bool | None = None) -> pd.DataFrame:
+                          downstream: bool = False, strategy: str = "kv",
+                          progress: bool | None = None) -> pd.DataFrame:
     """Ablate every active routed expert, one at a time, at each sampled position and layer.
 
-    ``downstream=True`` also records how much later MoE layers restore the removed contribution
-    (see :func:`moeaudit.engine.run_ablations`)."""
+    ``downstream=True`` also records how much later MoE layers restore the removed contribution;
+    ``strategy`` says how token mode is executed (``"kv"``: packed steps on the clean cache;
+    ``"full"``: the prefix re-run); see :func:`moeaudit.engine.run_ablations`. Both are part of
+    the cache key."""
     for L in layers:
         ctx.model.layout.check_layer(L)
     pos = audit_positions(ctx, n_positions=n_positions, seed=seed, min_context=min_context)
@@ -191,7 +195,8 @@ def single_expert_records(ctx: AuditContext, *, layers, n_positions: int, seed: 
     req["expert"] = [r[0] for r in req.removed]
     params = {"layers": sorted(layers), "n_positions": n_positions, "seed": seed, "min_context": min_context}
     rec = _ablation_records(ctx, "single_expert", req, params, mode=mode, batch_size=batch_size,
-                            seq_per_chunk=seq_per_chunk, progress=progress, downstream=downstream)
+                            seq_per_chunk=seq_per_chunk, progress=progress, downstream=downstream,
+                            strategy=strategy)
     rec["prob"] = [p[0] for p in rec.removed_probs]
     rec["weight"] = [w[0] for w in rec.removed_weights]
     return rec

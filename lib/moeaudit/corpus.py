@@ -292,9 +292,21 @@ class TokenizedCorpus:
         return len(self.sequences)
 
     def padded(self, seq_ids, *, pad_id: int = 0, length: int | None = None):
-        """Right-padded ``(input_ids, attention_mask)`` LongTensors for the given sequences."""
+        """Right-padded ``(input_ids, attention_mask)`` LongTensors (len(seq_ids), width) for the given
+        sequences; ``width`` is ``length`` or the longest selected sequence (longer ones are cut).
+        ``IndexError`` for a sequence id outside ``[0, len(self))`` (negative ids do not wrap);
+        ``ValueError`` for no ids or ``length < 1``."""
         import torch  # noqa: PLC0415
 
+        seq_ids = [int(i) for i in seq_ids]
+        if not seq_ids:
+            raise ValueError("seq_ids is empty")
+        bad = [i for i in seq_ids if not 0 <= i < len(self.sequences)]
+        if bad:
+            raise IndexError(f"sequence id(s) {bad[:5]} out of range: the corpus has {len(self.sequences)} sequences "
+                             f"(ids 0..{len(self.sequences) - 1})")
+        if length is not None and length < 1:
+            raise ValueError(f"length must be >= 1, got {length}")
         seqs = [self.sequences[i] for i in seq_ids]
         width = length or max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
