@@ -198,3 +198,16 @@ def test_padded_checks_sequence_ids():
         corpus.padded([])
     ids, mask = corpus.padded([2, 0])
     assert ids.shape[0] == 2 and mask.sum() == corpus.lengths[2] + corpus.lengths[0]
+
+
+def test_pruning_criteria_check_their_selection(olmoe):
+    from moeaudit.metrics import pruning_criteria
+
+    model, _, clean = olmoe
+    E_ = model.layout.num_experts
+    assert len(pruning_criteria(clean, num_experts=E_, seq_ids=range(2))) == E_ * len(clean.routing)
+    for ids in ([0, 3], [-1], []):
+        with pytest.raises(IndexError, match="text ids"):
+            pruning_criteria(clean, num_experts=E_, seq_ids=ids)
+    with pytest.raises(ValueError, match="not recorded"):
+        pruning_criteria(clean, num_experts=E_, layers=[99])

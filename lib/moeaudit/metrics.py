@@ -110,11 +110,22 @@ def literature_criteria_from_routing(indices: np.ndarray, weights: np.ndarray, n
 def pruning_criteria(clean: CleanPass, *, num_experts: int, seq_ids=None, layers=None) -> pd.DataFrame:
     """Every per-expert criterion — the paper's four metrics (:func:`expert_metrics_from_routing`)
     and the literature criteria (:func:`literature_criteria_from_routing`) — over the real tokens
-    of the texts ``seq_ids`` of a clean pass (all texts when None). One row per (layer, expert)."""
-    keep = np.ones(len(clean.tokens), bool) if seq_ids is None else clean.tokens.seq_id.isin(list(seq_ids)).to_numpy()
+    of the texts ``seq_ids`` of a clean pass (all texts when None). One row per (layer, expert).
+    ``IndexError`` for a text id outside the clean pass or an empty selection; ``ValueError`` for a
+    layer the clean pass did not record."""
+    if seq_ids is None:
+        keep = np.ones(len(clean.tokens), bool)
+    else:
+        ids = [int(i) for i in seq_ids]
+        n_seq = len(clean.offsets)
+        bad = [i for i in ids if not 0 <= i < n_seq]
+        if bad or not ids:
+            raise IndexError(f"seq_ids must be a non-empty selection of text ids 0..{n_seq - 1} of the clean pass; "
+                             f"got {'nothing' if not ids else 'out-of-range ids ' + str(bad[:5])}")
+        keep = clean.tokens.seq_id.isin(ids).to_numpy()
     frames = []
     for L in (sorted(clean.routing) if layers is None else list(layers)):
-        r = clean.routing[L]
+        r = clean._layer(L)
         idx, norm = r["indices"][keep], r["norm"][keep]
         df = expert_metrics_from_routing(idx, r["prob"][keep], norm, num_experts=num_experts)
         lit = literature_criteria_from_routing(idx, r["weight"][keep], norm, num_experts=num_experts)
