@@ -26,8 +26,9 @@ n_boot = 2000  # bootstrap resamples for Spearman confidence intervals
 seed = 0
 
 # %% tags=["hide-input"]
-from moeaudit import report
+from moeaudit import params, report
 
+params.validate("08_released_reanalysis", globals())  # refuses a bad value before any work
 released_source = report.show_released_source(data_dir)
 
 # %% [markdown]

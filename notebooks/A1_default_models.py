@@ -24,8 +24,9 @@ data_dir = None  # folder with wikitext-2/ (default: $MOEAUDIT_DATA_DIR); only f
 results_dir = None  # where the tables of this page are saved as CSV (default: $MOEAUDIT_RESULTS_DIR or results/)
 
 # %% tags=["hide-input"]
-from moeaudit import report
+from moeaudit import params, report
 
+params.validate("A1_default_models", globals())  # refuses a bad value before any work
 corpus_source = report.show_corpus(corpus, data_dir=data_dir, text_form=text_form, scope="example")
 
 # %% [markdown]

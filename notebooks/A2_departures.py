@@ -22,8 +22,9 @@ corpus = "auto"  # as in the chapters: "auto", "wikitext-2", "embedded", or a te
 data_dir = None  # folder with wikitext-2/ (default: $MOEAUDIT_DATA_DIR)
 
 # %% tags=["hide-input"]
-from moeaudit import report
+from moeaudit import params, report
 
+params.validate("A2_departures", globals())  # refuses a bad value before any work
 corpus_source = report.show_corpus(corpus, data_dir=data_dir)
 
 # %% [markdown]

@@ -4,7 +4,8 @@
     python -m moeaudit.book build --jobs 1              # one chapter at a time (default: 2 in parallel)
     python -m moeaudit.book build --no-execute          # rebuild HTML from the executed notebooks
     python -m moeaudit.book chapter 04_audit -p n_positions 50 -p models '["tiny-olmoe"]'
-    python -m moeaudit.book list                        # chapters and their parameters
+    python -m moeaudit.book list                        # chapters, their parameters and allowed values
+    python -m moeaudit.book bad-inputs                  # rewrite docs/bad_inputs.md (bad values, messages)
 
 ``build`` skips a chapter whose executed notebook was produced from the same source, parameters,
 library and model files (``--force`` re-executes everything); raw records are cached separately
@@ -12,7 +13,10 @@ library and model files (``--force`` re-executes everything); raw records are ca
 ``notebooks/<stem>.py`` (jupytext percent format, with a cell tagged
 ``parameters``); executed notebooks are written to ``book/<stem>.ipynb`` only when execution
 succeeded, so a failed run never leaves a page that looks complete. Parameter values given
-with ``-p`` are parsed as YAML (``50`` is an int, ``'[1, 2]'`` a list, ``null`` is None).
+with ``-p`` are parsed as YAML (``50`` is an int, ``'[1, 2]'`` a list, ``null`` is None; ``1e-3``,
+which YAML 1.1 reads as a string, is taken as the number it looks like). They are checked against
+the chapter's schema (:mod:`moeaudit.params`) before the kernel starts: a bad value stops the run
+within a second with one line naming the parameter, the value and what is allowed.
 
 ``build`` executes up to ``--jobs`` chapters at once, each in its own process and kernel with one
 torch thread (``MOEAUDIT_BOOK_JOBS`` sets the default, 2): the chapters are independent, and
@@ -26,6 +30,7 @@ import argparse
 import concurrent.futures
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -144,10 +149,10 @@ def execute_chapter(stem: str, parameters: dict | None = None, *, book_dir: Path
         raise ValueError(f"no chapter {stem!r}; chapters are {', '.join(chapters())}")
     parameters = dict(parameters or {})
     known = notebook_parameters(stem)
-    unknown = sorted(set(parameters) - set(known))
-    if unknown:
-        raise ValueError(f"chapter {stem} has no parameter(s) {unknown}; its parameters are {sorted(known)}")
-    if "corpus" in known:  # a bad corpus fails here, in a second, not after the kernel has started
+    from .params import validate  # noqa: PLC0415
+
+    validate(stem, {**known, **parameters})  # ParameterError (a ValueError): one line, before any work
+    if "corpus" in known:  # WikiText-2 missing fails here, in seconds, not after the kernel has started
         import warnings  # noqa: PLC0415
 
         from .corpus import CorpusFallbackWarning, resolve_corpus  # noqa: PLC0415
@@ -155,11 +160,6 @@ def execute_chapter(stem: str, parameters: dict | None = None, *, book_dir: Path
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", CorpusFallbackWarning)
             resolve_corpus(parameters.get("corpus", known["corpus"]), data_dir=parameters.get("data_dir", known.get("data_dir")))
-    if "text_form" in known:
-        from .corpus import TEXT_FORMS  # noqa: PLC0415
-
-        if parameters.get("text_form", known["text_form"]) not in TEXT_FORMS:
-            raise ValueError(f"text_form={parameters['text_form']!r} is not one of {TEXT_FORMS}")
     book_dir = Path(book_dir)
     book_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -252,14 +252,21 @@ def execute_chapters(stems: list[str], *, jobs: int = 2, log=print) -> None:
 
 def preflight(stems: list[str] | None = None, *, log=print) -> list[str]:
     """Check, in seconds and before any chapter starts, what the chapters' default parameters need:
-    the evaluation corpus, the authors' released results, the models and the offline MathJax
-    extension. Logs one line per item saying what will be used; returns the list of problems
-    (empty when everything is there)."""
+    that they pass each chapter's schema (:mod:`moeaudit.params`), the evaluation corpus, the
+    authors' released results, the models and the offline MathJax extension. Logs one line per item
+    saying what will be used; returns the list of problems (empty when everything is there)."""
     import importlib.util  # noqa: PLC0415
+
+    from .params import ParameterError, validate  # noqa: PLC0415
 
     stems = chapters() if stems is None else stems
     defaults = {stem: notebook_parameters(stem) for stem in stems}
     problems: list[str] = []
+    for stem, values in defaults.items():
+        try:
+            validate(stem, values)
+        except ParameterError as err:
+            problems.append(str(err))
     corpora = {(p.get("corpus"), p.get("data_dir")) for p in defaults.values() if "corpus" in p}
     if corpora:
         import warnings  # noqa: PLC0415
@@ -308,6 +315,154 @@ def preflight(stems: list[str] | None = None, *, log=print) -> list[str]:
     return problems
 
 
+#: where ``python -m moeaudit.book bad-inputs`` writes :func:`bad_input_table`
+BAD_INPUTS_PAGE = "docs/bad_inputs.md"
+
+#: (chapter, parameter, the -p value as typed, library calls that take the same value: see _library_call)
+BAD_INPUTS = [
+    ("04_audit", "n_positions", "2", "positions paired_effect"),
+    ("04_audit", "n_positions", "abc", "positions"),
+    ("04_audit", "n_positions", "0", "positions"),
+    ("04_audit", "n_positions", "2.0", None),
+    ("04_audit", "n_position", "5", None),
+    ("04_audit", "models", "tiny-olmoe", "load_each"),
+    ("04_audit", "models", "[]", None),
+    ("04_audit", "models", '["tiny-olmo"]', None),
+    ("04_audit", "models", '["tiny-olmoe", "tiny-olmoe"]', None),
+    ("04_audit", "layers", "3", None),
+    ("04_audit", "layers", "[7]", "check_layer"),
+    ("04_audit", "layers", "[-1]", "check_layer"),
+    ("04_audit", "layers", "[]", None),
+    ("04_audit", "seed", "-1", "positions_seed"),
+    ("04_audit", "mode", "tokens", None),
+    ("04_audit", "dtype", "float64", "load_model"),
+    ("04_audit", "device", "gpu", None),
+    ("04_audit", "n_texts", "0", "select_texts"),
+    ("04_audit", "max_tokens", "1", "from_texts"),
+    ("04_audit", "max_tokens", "1000", None),
+    ("04_audit", "min_context", "-1", "valid_positions"),
+    ("04_audit", "min_context", "200", None),
+    ("04_audit", "batch_size", "0", None),
+    ("04_audit", "alpha", "0", None),
+    ("04_audit", "alpha", "1", None),
+    ("04_audit", "alpha", "0.05%", None),
+    ("04_audit", "power", "1.5", None),
+    ("04_audit", "tost_bound_d", "0", None),
+    ("04_audit", "corpus", "wikitxt-2", "resolve_corpus"),
+    ("04_audit", "text_form", "raw", "select_texts_form"),
+    ("04_audit", "data_dir", "/nonexistent/moeaudit-data", "data_dir"),
+    ("01_introduction", "layer", "9", None),
+    ("01_introduction", "seq_id", "10", None),
+    ("03_observational_metrics", "released_pad_share", "1", None),
+    ("05_routing_weight_control", "n_boot", "10", None),
+    ("06_progressive_ablation", "cliff_threshold", "0", None),
+    ("07_mechanism", "min_activations", "0", None),
+    ("09_intervention_definitions", "modes", "token", None),
+    ("09_intervention_definitions", "modes", '["token", "token"]', None),
+    ("09_intervention_definitions", "half_dtype", "float32", None),
+    ("10_predictors_and_pruning", "prune_fractions", "[0.5, 0.25]", None),
+    ("10_predictors_and_pruning", "prune_fractions", "[0, 0.5]", None),
+    ("10_predictors_and_pruning", "per_layer_sweep", "1", None),
+    ("A1_default_models", "models", '["allenai/OLMoE-1B-7B-0924"]', None),
+    ("A2_departures", "chapter", "04-audit", None),
+]
+
+
+def _library_call(kind: str, value) -> tuple[str, str]:
+    """Call the library function that takes ``value`` for this kind of input, directly (no schema).
+    Returns (the call, what happened: ``accepted`` or the exception)."""
+    import numpy as np  # noqa: PLC0415
+
+    from . import corpus as C  # noqa: PLC0415
+    from . import paths  # noqa: PLC0415
+
+    tiny = C.TokenizedCorpus.from_token_ids([np.arange(12)] * 3)
+    lines = ["a line of more than fifty characters, as the text selection asks for it"] * 5
+    calls = {
+        "positions": (f"corpus.sample_positions(corpus, n={value!r}, seed=42)",
+                      lambda: C.sample_positions(tiny, n=value, seed=42)),
+        "positions_seed": (f"corpus.sample_positions(corpus, n=5, seed={value!r})",
+                           lambda: C.sample_positions(tiny, n=5, seed=value)),
+        "valid_positions": (f"corpus.valid_positions(corpus, min_context={value!r})",
+                            lambda: C.valid_positions(tiny, min_context=value)),
+        "select_texts": (f"corpus.select_texts(lines, n_texts={value!r})", lambda: C.select_texts(lines, n_texts=value)),
+        "select_texts_form": (f"corpus.select_texts(lines, text_form={value!r})",
+                              lambda: C.select_texts(lines, text_form=value)),
+        "from_texts": (f"corpus.TokenizedCorpus.from_texts(texts, tokenizer, max_tokens={value!r})",
+                       lambda: C.TokenizedCorpus.from_texts(["x"], None, max_tokens=value)),
+        "resolve_corpus": (f"corpus.resolve_corpus({value!r})", lambda: C.resolve_corpus(value)),
+        "data_dir": (f"paths.data_dir({value!r})", lambda: paths.data_dir(value)),
+    }
+    if kind == "paired_effect":
+        from . import stats  # noqa: PLC0415
+
+        return (f"stats.paired_effect(high, low) on {value} pairs",
+                _outcome(lambda: stats.paired_effect(np.arange(value) + 1.0, np.zeros(value))))
+    if kind in ("load_model", "load_each", "check_layer"):
+        from . import models as M  # noqa: PLC0415
+
+        if kind == "load_model":
+            calls[kind] = (f"models.load_model('tiny-olmoe', dtype={value!r})",
+                           lambda: M.load_model("tiny-olmoe", dtype=value))
+        elif kind == "load_each":  # what iterating a string over models does
+            calls[kind] = (f"models.load_model({value[0]!r}, local_files_only=True) (the first item of the string)",
+                           lambda: M.load_model(value[0], local_files_only=True))
+        else:
+            from transformers import AutoConfig  # noqa: PLC0415
+
+            layout = M.layout_from_config(AutoConfig.from_pretrained(M.resolve_model_path("tiny-olmoe")))
+            calls[kind] = (f"MoELayout.check_layer({value[0]!r}) (tiny-olmoe)", lambda: layout.check_layer(value[0]))
+    call, fn = calls[kind]
+    return call, _outcome(fn)
+
+
+def _outcome(fn) -> str:
+    import warnings  # noqa: PLC0415
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = fn()
+    except Exception as exc:  # noqa: BLE001 - the table shows whatever the library raises
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    if hasattr(result, "columns") and "reason" in result.columns:
+        return f"accepted; returns a row whose reason is {str(result['reason'].iloc[0])!r}"
+    return "accepted"
+
+
+def bad_input_table() -> str:
+    """A markdown table: each input of :data:`BAD_INPUTS`, the schema's message for it (given by
+    ``python -m moeaudit.book chapter`` and by the chapter's first cell, :mod:`moeaudit.params`),
+    and what the library function that takes the same value does when called directly.
+    ``python -m moeaudit.book bad-inputs`` writes it to :data:`BAD_INPUTS_PAGE`."""
+    from .params import ParameterError, validate  # noqa: PLC0415
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    rows = ["# Bad parameter values and the messages they get", "",
+            "Generated by `python -m moeaudit.book bad-inputs` from `moeaudit.book.BAD_INPUTS`; "
+            "`tests/test_params.py` fails when this file is out of date.", "",
+            "Every input below is refused by the chapter's schema (`moeaudit.params`) before any work, both by "
+            "`python -m moeaudit.book chapter <chapter> -p ...` and by the chapter's first cell under papermill or "
+            "Jupyter. The last column shows what the library does with the same value when it is called directly, "
+            "without the schema: `accepted` means the value goes through and fails later or silently.", "",
+            "| input | chapter | message | library, called directly |", "|---|---|---|---|"]
+    defaults: dict[str, dict] = {}
+    for stem, name, raw, kind in BAD_INPUTS:
+        given = _parse_params([(name, raw)])
+        defaults.setdefault(stem, notebook_parameters(stem))
+        try:
+            validate(stem, {**defaults[stem], **given})
+            message = "accepted (this input should have been refused)"
+        except ParameterError as err:
+            message = str(err)
+        library = "; ".join(f"`{call}`: {outcome}" for call, outcome in
+                            (_library_call(k, given[name]) for k in (kind or "").split()))
+        rows.append(f"| `-p {name} {raw}` | {stem} | {cell(message)} | {cell(library)} |")
+    return "\n".join(rows) + "\n"
+
+
 def build_html(*, root: Path = REPO_ROOT, strict: bool = True) -> Path:
     """``jupyter-book build`` of ``root`` (holding ``_config.yml``, ``_toc.yml`` and ``book/``) into
     ``<root>/book/_build/html``, with warnings as errors when ``strict``."""
@@ -319,10 +474,27 @@ def build_html(*, root: Path = REPO_ROOT, strict: bool = True) -> Path:
     return root / "book" / "_build" / "html"
 
 
+_EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _parse_params(pairs) -> dict:
+    """``-p NAME VALUE`` pairs as a dict of YAML values. YAML 1.1 reads ``1e-3`` (no dot or no
+    exponent sign) as a string; such a value is taken as the float it looks like."""
     import yaml  # noqa: PLC0415
 
-    return {k: yaml.safe_load(v) for k, v in (pairs or [])}
+    out = {}
+    for name, text in pairs or []:
+        value = yaml.safe_load(text)
+        out[name] = float(value) if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()) else value
+    return out
+
+
+def list_parameters(stem: str) -> list[str]:
+    """Lines describing chapter ``stem``'s parameters: name, default and what is allowed."""
+    from .params import describe  # noqa: PLC0415
+
+    defaults = notebook_parameters(stem)
+    return [f"  {name} = {json.dumps(defaults.get(name), default=str)}: {text}" for name, text in describe(stem).items()]
 
 
 def main(argv=None) -> int:
@@ -338,16 +510,26 @@ def main(argv=None) -> int:
     c.add_argument("stem")
     c.add_argument("-p", nargs=2, action="append", metavar=("NAME", "VALUE"), help="parameter (YAML value)")
     c.add_argument("--no-html", action="store_true", help="skip the HTML rebuild")
-    sub.add_parser("list", help="list chapters and their default parameters")
+    sub.add_parser("list", help="list chapters, their parameters, defaults and allowed values")
+    sub.add_parser("bad-inputs", help=f"write the table of bad parameter values and their messages to {BAD_INPUTS_PAGE}")
     args = ap.parse_args(argv)
     if args.cmd == "list":
         for stem in chapters():
-            print(stem, json.dumps(notebook_parameters(stem), default=str))
+            print(stem)
+            print("\n".join(list_parameters(stem)))
+        return 0
+    if args.cmd == "bad-inputs":
+        target = REPO_ROOT / BAD_INPUTS_PAGE
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(bad_input_table())
+        print(f"wrote {target}")
         return 0
     t0 = time.time()
+    from .params import ParameterError  # noqa: PLC0415
+
     try:
         return _run(args, t0)
-    except ChapterError as err:
+    except (ChapterError, ParameterError) as err:  # already one line naming the chapter
         print(f"FAILED: {err}", file=sys.stderr)
         return 1
     except (OSError, ValueError, TypeError) as err:  # a bad parameter, a missing corpus or model
