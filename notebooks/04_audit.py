@@ -105,7 +105,7 @@ for name in models:
     lay = ctx.model.layout
     display(Markdown(f"**{name}** ({lay.family}): {len(lay.moe_layers)} MoE layers of {lay.n_layers}, "
                      f"{lay.num_experts} routed experts, top-{lay.top_k}, {lay.n_shared_experts} shared; "
-                     f"audited layers {audited}; {len(rec):,} single-expert ablations."))
+                     f"audited layers {audited}; {len(rec):,} single-expert ablations; {report.premise_phrase(rec)}."))
 cells = pd.concat(all_cells, ignore_index=True)
 
 # %% [markdown]

@@ -111,7 +111,8 @@ for name in models:
     all_records.append(rec)
     display(Markdown(f"**{name}** ({lay.family}): MoE layers {join_words(lay.moe_layers)} of {lay.n_layers}, "
                      f"{lay.num_experts} routed experts, top-{lay.top_k}, {lay.n_shared_experts} shared; "
-                     f"audited layers {join_words(audited)}, k = 1 to {lay.top_k - 1}; {len(rec):,} ablation records."))
+                     f"audited layers {join_words(audited)}, k = 1 to {lay.top_k - 1}; {len(rec):,} ablation records; "
+                     f"{report.premise_phrase(rec)}."))
 records = pd.concat(all_records, ignore_index=True)
 
 # %% [markdown]

@@ -156,7 +156,8 @@ for name in models:
     info.append({"model": name, "family": lay.family, "hidden size": ctx.model.hf.config.hidden_size,
                  "MoE layers": len(lay.moe_layers), "analysed layers": ", ".join(map(str, moe)),
                  "routed experts": lay.num_experts, "top-k": lay.top_k, "shared experts": lay.n_shared_experts,
-                 "tokens": len(ctx.clean.tokens), "ablations (downstream)": len(rec)})
+                 "tokens": len(ctx.clean.tokens), "ablations (downstream)": len(rec),
+                 "premise failures": int((~rec.premise_ok).sum())})
 geo = pd.concat(geo_all, ignore_index=True)
 rec = pd.concat(rec_all, ignore_index=True)
 rec_geo = rec.merge(geo[["model", "layer", "row", "expert", "rel_comp", "cos", "r_norm"]],

@@ -167,12 +167,13 @@ for name in models:
                                                                 batch_size=batch_size, progress=False))
     setup.append({"model": name, "family": lay.family, "MoE layers": len(lay.moe_layers), "routed experts":
                   lay.num_experts, "top-k": lay.top_k, "audited layers": join_words(audited), "positions": len(pos),
-                  "held-out positions": int((pos.seq_id >= half).sum()), "ablations": len(rec), "calibration texts":
-                  half, "calibration tokens": int(ctx.clean.tokens.seq_id.lt(half).sum()), "attribution (s)": t_att,
+                  "held-out positions": int((pos.seq_id >= half).sum()), "ablations": len(rec), "premise failures":
+                  int((~rec.premise_ok).sum()), "calibration texts": half, "calibration tokens":
+                  int(ctx.clean.tokens.seq_id.lt(half).sum()), "attribution (s)": t_att,
                   "timed positions": len(few), "timed ablations": len(req), "ablations, timed (s)": t_abl_few,
                   "attribution, timed (s)": t_att_few})
 setup = pd.DataFrame(setup).set_index("model")
-display(setup.iloc[:, :10].T)
+display(setup.iloc[:, :11].T)
 
 # %% [markdown]
 # Two consistency checks. In `token` mode the ablation removes exactly $g_e(x_t)E_e(x_t)$ from the

@@ -126,3 +126,24 @@ def test_words_from_numbers():
     assert report.join_words([1, 2, 3]) == "1, 2 and 3" and report.join_words(["a"]) == "a" and report.join_words([]) == ""
     assert report.plural(1, "cell") == "1 cell" and report.plural(2, "cell") == "2 cells"
     assert report.plural(2, "is", "are") == "2 are"
+
+
+def test_premise_phrase_counts_from_the_records():
+    ok = pd.DataFrame({"removed_routed": [1, 1, 2], "n_removed": [1, 1, 2], "clean_routing_match": [True] * 3,
+                       "premise_ok": [True] * 3})
+    assert report.premise_phrase(ok) == ("the premise check holds for all 3 (each removed expert was routed there "
+                                         "in the ablating forward)")
+    bad = ok.assign(removed_routed=[0, 1, 2], clean_routing_match=[False, False, True],
+                    premise_ok=[False, False, True])
+    text = report.premise_phrase(bad)
+    assert text.startswith("the premise check fails for 2 of 3 (1 removed an expert")
+    assert "2 sit in a batch whose clean row routed differently" in text
+
+
+def test_strategy_spread_text_reads_every_field():
+    s = {"matched": 1920, "max_abs_diff": 0.28, "median_abs_diff": 0.0041, "sign_flips": 0.097,
+         "premise_failed_kv": 0, "premise_failed_full": 24}
+    text = report.strategy_spread_text({"m": s}, "bfloat16")
+    assert text == ("m: at most 0.28 nats apart (median 0.0041) over 1,920 matched ablations, 9.7% of the signs "
+                    "flip, and the premise check fails for 0 records of the cached path and 24 of the re-run in "
+                    "bfloat16")

@@ -593,3 +593,32 @@ def audit_limits_text(*, default_models: bool, paper_corpus: bool) -> str:
                   "ablation (the released code's is sequence-wide, which differs except at the last layer); the "
                   "appendix on departures lists them all.")
     return " ".join(limits)
+
+
+def premise_phrase(records: pd.DataFrame) -> str:
+    """One clause on the premise check of ablation records (:func:`moeaudit.engine.premise_failures`):
+    whether every removed expert was routed at its position in the forward that removed it, and
+    every batch's clean row routed as the clean pass did. Counts come from ``records``."""
+    from .engine import premise_failures  # noqa: PLC0415
+
+    c = premise_failures(records, by=()).iloc[0]
+    n, failed = int(c.n_records), int(c.n_failed)
+    if failed == 0:
+        return f"the premise check holds for all {n:,} (each removed expert was routed there in the ablating forward)"
+    return (f"the premise check fails for {failed:,} of {n:,} ({int(c.n_not_routed):,} removed an expert the "
+            f"ablating forward did not route there, {int(c.n_routing_changed):,} sit in a batch whose clean row "
+            f"routed differently from the clean pass); they are kept and flagged in the column premise_ok")
+
+
+def strategy_spread_text(spreads: dict, dtype: str) -> str:
+    """Per model, how far the cached packed step (``strategy="kv"``) and the re-run prefix
+    (``"full"``) of the same token-mode ablations differ in ``dtype`` (``spreads[name]`` is
+    :func:`moeaudit.engine.strategy_spread`): the largest and median |difference| in nats, the share
+    of sign flips and the premise failures of each path."""
+    parts = []
+    for name, s in spreads.items():
+        parts.append(f"{name}: at most {s['max_abs_diff']:.3g} nats apart (median {s['median_abs_diff']:.2g}) over "
+                     f"{s['matched']:,} matched ablations, {s['sign_flips']:.1%} of the signs flip, and the premise "
+                     f"check fails for {s['premise_failed_kv']:,} records of the cached path and "
+                     f"{s['premise_failed_full']:,} of the re-run in {dtype}")
+    return "; ".join(parts)
