@@ -1,9 +1,11 @@
 """Attribution patching: a first-order estimate of every single-expert ablation at once.
 
 For a token-level ablation of routed expert e at layer L and position t, the MoE output changes
-by ``-g_e(x_t) E_e(x_t)`` and, to first order, the loss at t changes by
+by minus the expert's contribution ``c_e(x_t)`` (``w_e(x_t) E_e(x_t)``, or ``E_e(w_e(x_t) x_t)`` for
+a family that weights the expert's input: :func:`moeaudit.engine.expert_contributions`) and, to
+first order, the loss at t changes by
 
-    dL_hat(t, e) = -grad_{y_t^L} L_t . g_e(x_t) E_e(x_t)
+    dL_hat(t, e) = -grad_{y_t^L} L_t . c_e(x_t)
 
 (Syed, Rager and Conmy 2023, "Attribution patching"). The gradient of L_t with respect to the
 MoE output at t is taken in the engine's packed ``token``-mode step (:func:`moeaudit.engine.packed_step`):
@@ -21,7 +23,8 @@ import pandas as pd
 import torch
 
 from .corpus import TokenizedCorpus
-from .engine import CleanPass, _token_loss, attention_window, clean_cache, expert_outputs, packed_step, progress_bar
+from .engine import (CleanPass, _token_loss, attention_window, block_input_in_trace, block_output_in_trace, clean_cache,
+                     expert_contributions, packed_step, progress_bar, routing_in_trace)
 from .models import AuditModel
 
 
@@ -57,11 +60,10 @@ def attribution_estimates(model: AuditModel, corpus: TokenizedCorpus, clean: Cle
                 emb.requires_grad_(True)  # weights stay frozen; gradients flow through activations only
                 ys = {}
                 for L in layers:
-                    mlp = model.layers()[L].mlp
-                    x = mlp.input.save()
-                    _, w, idx = mlp.gate.output
+                    x = block_input_in_trace(model, L).save()
+                    _, w, idx = routing_in_trace(model, L)
                     saved[L] = (x, w.save(), idx.save())
-                    ys[L] = mlp.output
+                    ys[L] = block_output_in_trace(model, L)
                 logits = model.nn.output.logits
                 # packed rows are independent (none attends to another): d(sum)/dy_r = dL_r/dy_r
                 loss = _token_loss(logits[rr, rp], targets).sum()
@@ -70,12 +72,11 @@ def attribution_estimates(model: AuditModel, corpus: TokenizedCorpus, clean: Cle
                         grads[L] = ys[L].grad.save()
             for L in layers:
                 x, w, idx = saved[L]
-                experts = model.hf.model.layers[L].mlp.experts
                 x = x.reshape(-1, x.shape[-1])[flat].detach()
                 w, idx = w.reshape(-1, w.shape[-1])[flat].detach(), idx.reshape(-1, idx.shape[-1])[flat]
                 g = grads[L].reshape(-1, grads[L].shape[-1])[flat]
                 with torch.no_grad():
-                    contrib = expert_outputs(experts, x, idx) * w[..., None]
+                    contrib = expert_contributions(model, L, x, idx, w)
                     est = -(g[:, None, :].float() * contrib.float()).sum(-1)  # (R, k)
                 k = idx.shape[1]
                 frames.append(pd.DataFrame({

@@ -1,11 +1,15 @@
 """The ablation engine: a clean pass and token-level expert ablations inside the forward pass.
 
-Mechanism (one for every family and mode): inside an nnsight trace, the router output
-``mlp.gate.output = (logits, topk_weights, topk_indices)`` of the ablated layer is replaced by
-the same triple with the combine weight of every removed expert set to zero on the chosen
-token rows. The fused experts multiply each expert output by its combine weight, so the MoE
-output at those rows loses exactly ``sum_{e removed} g_e(x_t) E_e(x_t)``. Other routing
-weights are not renormalised and shared experts are never touched.
+Mechanism (one for every family and mode): inside an nnsight trace, the combine weight of every
+removed expert is set to zero on the chosen token rows at the point where the MoE block hands it
+to the routed experts (:func:`ablate_in_trace`): the ``top_k_weights`` argument of the fused
+experts call ``experts(hidden_states, top_k_index, top_k_weights)``, or, for a family whose block
+applies the weight to the expert's input (Llama 4), the router's dense score matrix. The family's
+layout (:data:`moeaudit.families.FAMILIES`) says which. The MoE output at those rows loses
+exactly the removed experts' contributions (``sum_{e removed} w_e(x_t) E_e(x_t)``, or
+``E_e(w_e x_t)`` for input-weighted experts). Other combine weights are not renormalised, the
+router and the selection are left as the model computes them, and shared experts are never
+touched.
 
 Two intervention definitions (``mode``):
 
@@ -58,28 +62,135 @@ def progress_bar(iterable, *, total=None, desc="", progress=None):
 # Expert outputs through the model's own experts module
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
-def expert_outputs(experts: torch.nn.Module, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+def expert_outputs(experts: torch.nn.Module, x: torch.Tensor, indices: torch.Tensor, *, call: str = "top_k",
+                   input_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Raw expert outputs ``E_e(x_n)`` for every (row n, slot j) with ``e = indices[n, j]``.
 
-    ``experts`` is the model's fused experts module (``mlp.experts``), called through its own
-    ``forward(hidden_states, top_k_index, top_k_weights)`` on the ``N*k`` rows ``x_n`` repeated
-    once per slot, each routed to its single expert with combine weight 1. So the expert function
-    is the family's own code, and the call goes through whatever hooks are attached to the module:
-    accelerate's ``AlignDevicesHook`` materialises offloaded (``meta``) weights for the call and
-    releases them after, exactly as in the model's forward. (Reading ``experts.gate_up_proj``
-    directly would see the placeholder of an offloaded layer.)
+    ``experts`` is the model's fused experts module, called through its own ``forward`` on the
+    ``N*k`` rows ``x_n`` repeated once per slot, so the expert function is the family's own code
+    and the call goes through whatever hooks are attached to the module: accelerate's
+    ``AlignDevicesHook`` materialises offloaded (``meta``) weights for the call and releases them
+    after, exactly as in the model's forward. (Reading ``experts.gate_up_proj`` directly would see
+    the placeholder of an offloaded layer.)
+
+    ``call`` is the family's calling convention (:attr:`moeaudit.families.FamilySpec.experts_call`):
+    ``"top_k"``: ``experts(rows, top_k_index, top_k_weights)`` with each row routed to its single
+    expert with combine weight 1 (every ``@use_experts_implementation`` class); ``"expert_major"``:
+    ``experts(inputs)`` with ``inputs`` of shape (E * M, H) grouped expert by expert (Llama 4), each
+    row placed in its expert's block and zeros elsewhere (``E_e(0) = 0``: those experts have no bias).
+    ``input_scale`` (N, k), optional, multiplies each row's input first: ``E_e(s x_n)``, the
+    contribution of an expert whose combine weight is applied to its input.
 
     ``x``: (N, H) inputs of the MoE block; ``indices``: (N, k) expert ids. Returns (N, k, H) in
-    the model's dtype, unweighted (the combine weight is not applied). Bitwise equal to
+    the model's dtype, without the combine weight of output-weighted experts. Bitwise equal to
     ``down_e(act(gate_e x) * up_e x)`` computed expert by expert, since the module groups the same
-    rows in the same order.
+    rows in the same order. ``ValueError`` for an unknown ``call``.
     """
     n, k = indices.shape
     dtype = next(experts.parameters()).dtype  # the dtype survives offloading; the values may not
     rows = x.to(dtype).repeat_interleave(k, dim=0)
-    ones = torch.ones(n * k, 1, dtype=dtype, device=rows.device)
-    out = experts(rows, indices.reshape(n * k, 1).to(rows.device), ones)
+    if input_scale is not None:
+        rows = rows * input_scale.reshape(n * k, 1).to(rows.device, dtype)
+    flat = indices.reshape(n * k).to(rows.device)
+    if call == "top_k":
+        ones = torch.ones(n * k, 1, dtype=dtype, device=rows.device)
+        out = experts(rows, flat.reshape(n * k, 1), ones)
+    elif call == "expert_major":
+        n_experts = int(experts.gate_up_proj.shape[0])  # the shape survives offloading
+        slots = torch.arange(n * k, device=rows.device)
+        grouped = torch.zeros(n_experts, n * k, rows.shape[-1], dtype=dtype, device=rows.device)
+        grouped[flat, slots] = rows
+        out = experts(grouped.reshape(n_experts * n * k, -1)).reshape(n_experts, n * k, -1)[flat, slots]
+    else:
+        raise ValueError(f"call={call!r} is not 'top_k' or 'expert_major'")
     return out.reshape(n, k, -1)
+
+
+@torch.no_grad()
+def expert_contributions(model: AuditModel, layer: int, x: torch.Tensor, indices: torch.Tensor,
+                         weights: torch.Tensor) -> torch.Tensor:
+    """What each routed expert adds to the MoE output of ``layer``: (N, k, H) in the model's dtype.
+
+    ``w_e(x_n) E_e(x_n)`` for experts that weight their output (every family but Llama 4), and
+    ``E_e(w_e(x_n) x_n)`` for experts whose block scales their input by the combine weight
+    (``combine_site="router_scores"``); ``x``: (N, H) block inputs, ``indices``/``weights``: (N, k)
+    top-k ids and combine weights. This is exactly what :func:`ablate_in_trace` removes."""
+    spec = model.layout.spec
+    experts = model.hf_experts(layer)
+    if spec.combine_site == "router_scores":
+        return expert_outputs(experts, x, indices, call=spec.experts_call, input_scale=weights)
+    return expert_outputs(experts, x, indices, call=spec.experts_call) * weights[..., None]
+
+
+def block_input_in_trace(model: AuditModel, layer: int):
+    """Inside an nnsight trace: the MoE block's input hidden states (batch, seq, H). Read it before
+    :func:`routing_in_trace` of the same layer (nnsight reads modules in execution order)."""
+    return model.nn_block(layer).input
+
+
+def routing_in_trace(model: AuditModel, layer: int) -> tuple:
+    """Inside an nnsight trace: ``(router_logits, combine_weights, top_k_indices)`` of ``layer``,
+    flattened over tokens ((N, E), (N, k), (N, k)), as the family's block uses them.
+
+    The logits are read from the router's output (:attr:`FamilySpec.logits_index`); the combine
+    weights and indices from the experts call's ``(hidden_states, top_k_index, top_k_weights)``, or,
+    for a dense-score router (Llama 4), gathered from its scores at the top-k of its logits (the
+    router's own ``torch.topk``). Reads the router, then the experts (execution order)."""
+    spec = model.layout.spec
+    block = model.nn_block(layer)
+    router = getattr(block, spec.router)
+    if spec.router_output == "scores_logits":
+        scores, logits = router.output
+        indices = torch.topk(logits, model.layout.top_k, dim=-1).indices
+        return logits, scores.gather(1, indices), indices
+    logits = router.output[spec.logits_index]
+    args, _kwargs = getattr(block, spec.experts).inputs
+    return logits, args[2], args[1]
+
+
+def block_output_in_trace(model: AuditModel, layer: int):
+    """Inside an nnsight trace: the MoE block's output hidden states (the first element when the
+    block returns a tuple, :attr:`FamilySpec.block_output_index`)."""
+    out = model.nn_block(layer).output
+    index = model.layout.spec.block_output_index
+    return out if index is None else out[index]
+
+
+def ablate_in_trace(model: AuditModel, layer: int, removal: torch.Tensor, *, scale: float = 0.0):
+    """Inside an nnsight trace: remove the experts ``removal`` marks from ``layer``'s output.
+
+    ``removal``: (N, E) bool over the flattened token rows of the batch and the experts. Where the
+    block hands the combine weights to the experts (:attr:`FamilySpec.combine_site`), the weight of
+    every marked (row, expert) that the router selected is multiplied by ``scale`` (0: removed);
+    everything else, the router's selection included, is as the model computes it. Returns the
+    top-k indices (N, k) of this very forward (for the premise check) and the (N, k) bool of slots
+    changed. Reads the router, then the experts (execution order)."""
+    spec = model.layout.spec
+    block = model.nn_block(layer)
+    router = getattr(block, spec.router)
+    if spec.combine_site == "router_scores":
+        scores, logits = router.output
+        indices = torch.topk(logits, model.layout.top_k, dim=-1).indices
+        mark = removal.to(scores.device)
+        new_scores = scores.masked_fill(mark, 0) if scale == 0.0 else torch.where(mark, scores * scale, scores)
+        router.output = (new_scores, logits)
+        return indices, mark.gather(1, indices)
+    experts = getattr(block, spec.experts)
+    args, kwargs = experts.inputs
+    hidden, indices, weights = args[0], args[1], args[2]
+    hit = removal.to(indices.device).gather(1, indices)
+    new_weights = weights.masked_fill(hit, 0) if scale == 0.0 else torch.where(hit, weights * scale, weights)
+    experts.inputs = ((hidden, indices, new_weights, *args[3:]), kwargs)
+    return indices, hit
+
+
+def routing_weight(model: AuditModel, logits: torch.Tensor) -> torch.Tensor:
+    """The routing weight ``g_e(x)`` of every expert from router logits (N, E), float32: the
+    paper's ``softmax`` over all experts, or the family's analogue (:attr:`FamilySpec.routing_weight`;
+    ``sigmoid`` affinities for sigmoid routers), see :mod:`moeaudit.families`."""
+    if model.layout.spec.routing_weight == "sigmoid":
+        return torch.sigmoid(logits.float())
+    return torch.softmax(logits.float(), dim=-1)
 
 
 def _refuse_inside_pruning(model: AuditModel) -> None:
@@ -105,8 +216,9 @@ class CleanPass:
     ``tokens`` has one row per real token (``seq_id``, ``t``, ``token_id``, ``target_id``,
     ``loss``; the last token of a sequence has ``target_id = -1`` and ``loss = NaN``).
     ``routing[layer]`` holds arrays aligned with ``tokens`` rows: ``indices`` (N, k) expert ids,
-    ``weight`` (N, k) combine weights as used by the model, ``prob`` (N, k) softmax router
-    probabilities g_e(x_t), and ``norm`` (N, k) expert output norms ||E_e(x_t)||.
+    ``weight`` (N, k) combine weights as used by the model, ``prob`` (N, k) routing weights
+    g_e(x_t) (softmax router probabilities, or the family's analogue: :func:`routing_weight`), and
+    ``norm`` (N, k) expert output norms ||E_e(x_t)|| (unweighted).
     """
 
     model_name: str
@@ -180,9 +292,8 @@ def clean_pass(model: AuditModel, corpus: TokenizedCorpus, *, layers=None, batch
         saved = {}
         with torch.no_grad(), model.nn.trace(input_ids=ids, attention_mask=mask, remote=model.remote):
             for L in layers:
-                mlp = model.layers()[L].mlp
-                x = mlp.input.save()
-                r_logits, r_weight, r_idx = mlp.gate.output
+                x = block_input_in_trace(model, L).save()
+                r_logits, r_weight, r_idx = routing_in_trace(model, L)
                 saved[L] = (x, r_logits.save(), r_weight.save(), r_idx.save())
             logits = model.nn.output.logits.save()
         real = mask.reshape(-1).bool()
@@ -190,9 +301,10 @@ def clean_pass(model: AuditModel, corpus: TokenizedCorpus, *, layers=None, batch
             x, r_logits, r_weight, r_idx = saved[L]
             x = x.reshape(-1, x.shape[-1])[real]
             idx = r_idx.reshape(-1, r_idx.shape[-1])[real]
-            probs = torch.softmax(r_logits.reshape(real.shape[0], -1)[real].float(), dim=-1)
-            experts = model.hf.model.layers[L].mlp.experts
-            norms = torch.linalg.vector_norm(expert_outputs(experts, x, idx.to(x.device)).float(), dim=-1)
+            probs = routing_weight(model, r_logits.reshape(real.shape[0], -1)[real])
+            experts = model.hf_experts(L)
+            norms = torch.linalg.vector_norm(expert_outputs(experts, x, idx.to(x.device), call=model.layout.spec.experts_call)
+                                             .float(), dim=-1)
             routing[L]["indices"].append(idx.cpu().numpy().astype(np.int64))
             routing[L]["weight"].append(r_weight.reshape(-1, idx.shape[-1])[real].float().cpu().numpy().astype(np.float64))
             routing[L]["prob"].append(probs.gather(1, idx.to(probs.device)).cpu().numpy().astype(np.float64))
@@ -284,14 +396,10 @@ def _run_batch(model: AuditModel, *, input_ids, attention_mask, position_ids, pa
     outputs, routed = {}, {}
     with torch.no_grad(), model.nn.trace(**kwargs, remote=model.remote):
         for L in sorted(set(removal) | set(read_layers)):
-            mlp = model.layers()[L].mlp
             if L in removal:
-                r_logits, r_weight, r_idx = mlp.gate.output
+                r_idx, _hit = ablate_in_trace(model, L, removal[L], scale=scale)
                 routed[L] = r_idx.save()
-                hit = removal[L].to(r_idx.device).gather(1, r_idx)
-                new_weight = r_weight.masked_fill(hit, 0) if scale == 0.0 else torch.where(hit, r_weight * scale, r_weight)
-                mlp.gate.output = (r_logits, new_weight, r_idx)
-            outputs[L] = mlp.output[read_rows, read_pos].save()
+            outputs[L] = block_output_in_trace(model, L)[read_rows, read_pos].save()
         if logits_to_keep is None:
             logits = model.nn.output.logits[read_rows, read_pos].save()
         else:
@@ -304,11 +412,11 @@ def trace_ablation(model: AuditModel, token_ids, *, layer: int, experts, t: int,
     """The intervention written out once, plainly: remove ``experts`` at ``layer`` inside one nnsight
     trace of the prefix ``x[:t+1]`` and read the next-token loss at ``t``.
 
-    Inside the trace the router output ``mlp.gate.output = (logits, combine_weights, indices)``
-    (one row per token of the prefix) is read, the combine weight of every removed expert is set
-    to zero on the chosen rows (``mode="token"``: row ``t`` only, the paper's Definition 2.1;
-    ``"sequence"``: every row ``<= t``, the released code's hook), and the triple is written back, so
-    the layer output loses ``sum_e g_e(x) E_e(x)`` there and nothing else changes. A second,
+    Inside the trace the combine weight of every removed expert is set to zero on the chosen rows
+    (``mode="token"``: row ``t`` only, the paper's Definition 2.1; ``"sequence"``: every row
+    ``<= t``, the released code's hook) where the block hands it to the experts
+    (:func:`ablate_in_trace`), so the layer output loses the removed experts' contributions there
+    and nothing else changes. A second,
     un-ablated trace gives the clean loss. This is the reference that :func:`run_ablations`
     (batched, with a key/value cache) must agree with; it runs one prefix per call.
 
@@ -326,15 +434,12 @@ def trace_ablation(model: AuditModel, token_ids, *, layer: int, experts, t: int,
     removed = torch.as_tensor(np.atleast_1d(experts), dtype=torch.long)
     prefix = ids[: t + 1].unsqueeze(0).to(model.device)
     target = ids[t + 1: t + 2].to(model.device)
-    mlp = model.layers()[layer].mlp
+    removal = torch.zeros(t + 1, model.layout.num_experts, dtype=torch.bool)  # rows = tokens 0..t of the prefix
+    removal[t if mode == "token" else slice(None), removed] = True  # which token rows lose the experts
     with model.nn.trace(input_ids=prefix, remote=model.remote):
         clean_logits = model.nn.output.logits[0, t].save()
     with model.nn.trace(input_ids=prefix, remote=model.remote):
-        logits, weights, indices = mlp.gate.output             # rows = tokens 0..t of the prefix
-        rows = torch.zeros(indices.shape[0], 1, dtype=torch.bool, device=indices.device)
-        rows[t if mode == "token" else slice(None)] = True     # which token rows lose the expert
-        hit = torch.isin(indices, removed.to(indices.device)) & rows
-        mlp.gate.output = (logits, weights.masked_fill(hit, 0.0), indices)
+        _indices, hit = ablate_in_trace(model, layer, removal)
         changed = hit.any(dim=1).nonzero().flatten().save()
         ablated_logits = model.nn.output.logits[0, t].save()
     clean_loss = float(_token_loss(clean_logits[None], target)[0])

@@ -5,12 +5,13 @@ directory. It returns an :class:`AuditModel`: the Hugging Face model, the same m
 in nnsight, its tokenizer, and a :class:`MoELayout` that says which layers are MoE and how
 their routers combine experts.
 
-Every supported family (transformers 5.x) has the same MoE block layout: ``layers[i].mlp.gate``
-is a top-k router returning ``(router_logits, topk_weights, topk_indices)`` over flattened
-tokens, and ``layers[i].mlp.experts`` is one fused module whose ``gate_up_proj`` (E, 2I, H)
-and ``down_proj`` (E, H, I) hold all routed experts; the experts multiply each output by its
-``topk_weights`` entry. Zeroing one combine weight therefore removes exactly
-``g_e(x_t) * E_e(x_t)`` from the MoE output and leaves everything else untouched.
+Every supported family is described by one entry of :data:`moeaudit.families.FAMILIES` (data:
+where the MoE block, router and fused experts module are, the router's output format, how the
+top-k selection and combine weights are formed, which quantity is recorded as the routing weight
+``g_e(x_t)``, where the combine weight is applied, shared experts and dense layers); every other
+transformers 5.23 ``model_type`` with an MoE block is refused with its reason
+(:func:`refusal_reason`, :data:`moeaudit.families.REFUSED`). The table of both is
+``docs/families.md``, generated from the registry and the contract suite.
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ import nnsight  # noqa: F401  (must precede transformers.models.* imports)
 import torch
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
-SUPPORTED_FAMILIES = ("olmoe", "qwen2_moe", "deepseek_v2", "qwen3_moe", "mixtral")
+from .families import FAMILIES, REFUSED, FamilySpec  # noqa: E402
+
+#: every audited model_type (the contract suite, tests/test_contract.py, runs on each)
+SUPPORTED_FAMILIES = tuple(FAMILIES)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # The five audited layers of the paper (Section 2). They are close to, but not exactly, evenly
@@ -72,35 +76,81 @@ class MoELayout:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def spec(self) -> FamilySpec:
+        """The registry entry of this family (:data:`moeaudit.families.FAMILIES`)."""
+        return FAMILIES[self.family]
 
-def layout_from_config(config) -> MoELayout:
-    """Describe the MoE layout of a supported transformers config; clear error otherwise."""
+
+def refusal_reason(config) -> str:
+    """Why a transformers config is not audited: the registry's stated reason for its ``model_type``
+    (:data:`moeaudit.families.REFUSED`), else what its structure shows (encoder-decoder, a
+    multimodal wrapper with a text sub-config, no MoE routing keys)."""
     family = getattr(config, "model_type", None)
-    if family not in SUPPORTED_FAMILIES:
-        raise ValueError(f"unsupported architecture model_type={family!r}; supported MoE families are "
-                         f"{', '.join(SUPPORTED_FAMILIES)} (OLMoE, Qwen1.5-MoE/Qwen2-MoE, DeepSeek-V2, Qwen3-MoE, Mixtral)")
-    n_layers = config.num_hidden_layers
-    if family in ("olmoe", "mixtral"):
-        moe = tuple(range(n_layers))
-        num_experts = config.num_local_experts if family == "mixtral" else config.num_experts
-        shared, gate = 0, None
-        norm = True if family == "mixtral" else bool(config.norm_topk_prob)
-        scale = 1.0
-    elif family in ("qwen2_moe", "qwen3_moe"):
+    if family in REFUSED:
+        return REFUSED[family]
+    if getattr(config, "is_encoder_decoder", False):
+        return REFUSED["switch_transformers"]
+    if getattr(config, "sub_configs", None):
+        return "multimodal wrapper: audit its text model_type (a language model of its own) instead"
+    return "not a registered MoE family (no entry in moeaudit.families.FAMILIES)"
+
+
+def _config_value(config, key: str):
+    if not hasattr(config, key):
+        raise ValueError(f"this {config.model_type} config has no {key!r}; it does not match the registered layout")
+    return getattr(config, key)
+
+
+def _moe_layers(spec: FamilySpec, config, n_layers: int) -> tuple[int, ...]:
+    """The decoder layers with an MoE block, by the family's rule (``spec.moe_layers``)."""
+    rule = spec.moe_layers
+    if rule == "all":
+        return tuple(range(n_layers))
+    if rule == "first_k_dense_replace":
+        return tuple(range(int(config.first_k_dense_replace or 0), n_layers))
+    if rule == "mlp_only_layers":  # Qwen: not listed as dense, and every decoder_sparse_step-th layer
         only = set(getattr(config, "mlp_only_layers", None) or [])
         step = getattr(config, "decoder_sparse_step", 1) or 1
-        moe = tuple(i for i in range(n_layers) if i not in only and config.num_experts > 0 and (i + 1) % step == 0)
+        n_exp = _config_value(config, spec.num_experts_key)
+        return tuple(i for i in range(n_layers) if i not in only and n_exp > 0 and (i + 1) % step == 0)
+    if rule == "mlp_layer_types":
+        return tuple(i for i, kind in enumerate(config.mlp_layer_types[:n_layers]) if kind == "sparse")
+    if rule == "moe_layers_list":
+        return tuple(sorted(int(i) for i in config.moe_layers if 0 <= int(i) < n_layers))
+    # "moe_layer_range" (ERNIE-4.5): every moe_layer_interval-th layer within [start, end]
+    return tuple(i for i in range(n_layers) if (i + 1) % config.moe_layer_interval == 0
+                 and config.moe_layer_start_index <= i <= config.moe_layer_end_index)
+
+
+def layout_from_config(config) -> MoELayout:
+    """Describe the MoE layout of a supported transformers config (registry entry of its
+    ``model_type``). ``ValueError`` naming the reason (:func:`refusal_reason`) for any other."""
+    family = getattr(config, "model_type", None)
+    spec = FAMILIES.get(family)
+    if spec is None:
+        raise ValueError(f"unsupported architecture model_type={family!r}: {refusal_reason(config)}. Supported MoE "
+                         f"families: {', '.join(SUPPORTED_FAMILIES)} (see docs/families.md)")
+    n_layers = int(config.num_hidden_layers)
+    moe = _moe_layers(spec, config, n_layers)
+    if family == "deepseek_v2" and getattr(config, "num_experts", None) is not None:
         num_experts = config.num_experts
-        has_shared = family == "qwen2_moe" and getattr(config, "shared_expert_intermediate_size", 0) > 0
-        shared, gate = (1, "sigmoid") if has_shared else (0, None)
-        norm, scale = bool(config.norm_topk_prob), 1.0
-    else:  # deepseek_v2
-        moe = tuple(range(config.first_k_dense_replace, n_layers))
-        num_experts = config.n_routed_experts if getattr(config, "num_experts", None) is None else config.num_experts
-        shared, gate = int(config.n_shared_experts or 0), None
-        norm = False  # DeepSeek-V2 multiplies softmax probabilities by routed_scaling_factor, no renormalisation
-        scale = float(config.routed_scaling_factor)
-    return MoELayout(family, n_layers, moe, int(num_experts), int(config.num_experts_per_tok), shared, gate, norm, scale)
+    else:
+        num_experts = _config_value(config, spec.num_experts_key)
+    if spec.n_shared_key is not None:
+        shared = int(getattr(config, spec.n_shared_key, 0) or 0)
+    elif family == "qwen2_moe":
+        shared = 1 if (getattr(config, "shared_expert_intermediate_size", 0) or 0) > 0 else 0
+    elif family == "granitemoeshared":
+        shared = 1 if (getattr(config, "shared_intermediate_size", 0) or 0) > 0 else 0
+    else:
+        shared = 1 if spec.shared is not None else 0
+    gate = "sigmoid" if spec.shared_gate is not None and shared else None
+    norm = bool(getattr(config, spec.norm_topk_prob, False)) if isinstance(spec.norm_topk_prob, str) \
+        else bool(spec.norm_topk_prob)
+    scale = float(getattr(config, spec.scaling_key, 1.0) or 1.0) if spec.scaling_key else 1.0
+    return MoELayout(family, n_layers, moe, int(num_experts), int(_config_value(config, spec.top_k_key)), shared, gate,
+                     norm, scale)
 
 
 def input_device(hf_model) -> torch.device:
@@ -160,8 +210,21 @@ class AuditModel:
         return self.nn.model.layers
 
     def hf_moe_block(self, layer: int):
+        """The MoE block module of decoder layer ``layer`` (``mlp``, ``block_sparse_moe``, ``feed_forward``, ...)."""
         self.layout.check_layer(layer)
-        return self.hf.model.layers[layer].mlp
+        return getattr(self.hf.model.layers[layer], self.layout.spec.block)
+
+    def hf_experts(self, layer: int):
+        """The fused routed-experts module of ``layer`` (call it through :func:`moeaudit.engine.expert_outputs`)."""
+        return getattr(self.hf_moe_block(layer), self.layout.spec.experts)
+
+    def hf_router(self, layer: int):
+        """The router module of ``layer``."""
+        return getattr(self.hf_moe_block(layer), self.layout.spec.router)
+
+    def nn_block(self, layer: int):
+        """The nnsight envoy of the MoE block of ``layer`` (inside a trace)."""
+        return getattr(self.layers()[layer], self.layout.spec.block)
 
     @property
     def pad_id(self) -> int:
@@ -173,12 +236,20 @@ class AuditModel:
 
 
 def _check_block_structure(hf_model, layout: MoELayout) -> None:
-    for i in layout.moe_layers:
-        mlp = hf_model.model.layers[i].mlp
-        experts = getattr(mlp, "experts", None)
-        if getattr(mlp, "gate", None) is None or experts is None or not hasattr(experts, "gate_up_proj"):
-            raise ValueError(f"layer {i} of this {layout.family} model does not have the fused router/experts "
-                             "layout (mlp.gate + mlp.experts.gate_up_proj) of transformers 5.x; upgrade transformers")
+    """Every MoE layer of the layout has the registered block, router and experts modules, and no
+    other layer has an experts module (the config's dense-layer rule matches the built model)."""
+    spec = layout.spec
+    for i, layer in enumerate(hf_model.model.layers):
+        block = getattr(layer, spec.block, None)
+        experts = getattr(block, spec.experts, None) if block is not None else None
+        if i in layout.moe_layers:
+            if getattr(block, spec.router, None) is None or experts is None or not hasattr(experts, "gate_up_proj"):
+                raise ValueError(f"layer {i} of this {layout.family} model does not have the registered layout "
+                                 f"({spec.block}.{spec.router} + {spec.block}.{spec.experts}.gate_up_proj of "
+                                 "transformers 5.23); upgrade transformers")
+        elif experts is not None:
+            raise ValueError(f"layer {i} of this {layout.family} model has an experts module but the config's "
+                             f"dense-layer rule ({spec.moe_layers!r}) says it is dense")
 
 
 def wrap_model(hf_model, *, tokenizer=None, name: str | None = None) -> AuditModel:

@@ -1,0 +1,197 @@
+"""One layout description per MoE family of transformers 5.23: the registry the audit reads.
+
+Every entry of :data:`FAMILIES` is data, not code: where a decoder layer keeps its MoE block,
+router and fused experts module, what the router returns, how the top-k selection and the
+combine weights are formed, which quantity the audit records as the routing weight
+``g_e(x_t)``, where the combine weight is applied (to the expert's output or to its input),
+shared experts and their gate, and which layers are dense. :data:`REFUSED` names, for every
+other ``model_type`` of transformers 5.23 with an MoE block, why it is not audited.
+
+The intervention is the same for every family (see :mod:`moeaudit.engine`): inside the traced
+forward the combine weight of every removed (token row, expert) pair is set to zero where the MoE
+block hands it to the experts module, and nothing else changes.
+
+* ``combine_site="experts_input"``: the experts module is called as
+  ``experts(hidden_states, top_k_index, top_k_weights)`` (every class decorated with transformers'
+  ``@use_experts_implementation``) and multiplies expert ``e``'s output by its combine weight. The
+  engine rewrites ``top_k_weights`` of that call, so the block output loses exactly
+  ``w_e(x_t) E_e(x_t)`` (experts with biases, gpt-oss, included: the bias is inside ``E_e``).
+* ``combine_site="router_scores"`` (Llama 4): the router returns a dense (tokens, experts) score
+  matrix, zero off the top-k; the block multiplies each expert's *input* by its score,
+  ``routed_in = x * s_e`` and the experts have no bias, so a zero score gives ``E_e(0) = 0``. The
+  engine zeroes the removed experts' scores in the router output: the block output loses exactly
+  ``E_e(s_e x_t)``, the expert's whole contribution (not ``s_e E_e(x_t)``; the expert is not
+  linear in its input).
+
+The routing weight ``g_e(x_t)`` (``routing_weight``) is the paper's softmax probability over all
+experts where the router defines one (``"softmax"``: ``softmax(router_logits)[e]``). Sigmoid
+routers (DeepSeek-V3, GLM-4.5, dots1, ...) score each expert independently: the analogue is the
+expert's sigmoid affinity ``sigmoid(router_logits)[e]`` (``"sigmoid"``), the quantity their combine
+weights are made from (then normalised over the top-k and scaled); the selection bias
+``e_score_correction_bias`` only changes which experts win, never a weight, and is not included.
+Top-k-then-softmax routers (gpt-oss, Granite-MoE) never compute a probability over all experts;
+the analogue recorded is ``softmax(router_logits)`` over all experts, the probability that
+softmax-then-top-k-then-renormalise routers (Mixtral) compute before renormalising, so the two
+designs are measured on the same scale (their combine weights coincide: the renormalised top-k
+softmax equals the softmax of the top-k logits).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+COMBINE_SITES = ("experts_input", "router_scores")
+ROUTING_WEIGHTS = ("softmax", "sigmoid")
+MOE_LAYER_RULES = ("all", "first_k_dense_replace", "mlp_only_layers", "mlp_layer_types", "moe_layers_list",
+                   "moe_layer_range")
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """How one ``model_type`` lays out its MoE blocks (module attributes are relative to a decoder
+    layer, ``model.model.layers[i]``)."""
+
+    model_type: str
+    name: str  # the family's usual name
+    block: str = "mlp"  # attribute of a decoder layer holding the MoE block
+    router: str = "gate"  # attribute of the block: the router module
+    experts: str = "experts"  # attribute of the block: the fused routed-experts module
+    # router output: "logits_weights_indices" = (router_logits, top-k combine weights, top-k indices);
+    # "scores_logits" = (dense (tokens, experts) scores, zero off the top-k; router_logits) (Llama 4)
+    router_output: str = "logits_weights_indices"
+    block_output_index: int | None = None  # index of the hidden states when the block returns a tuple
+    combine_site: str = "experts_input"
+    # how the experts module is called: "top_k" = experts(hidden_states, top_k_index, top_k_weights);
+    # "expert_major" = experts(rows) with rows grouped expert by expert, (E * M, H) (Llama 4)
+    experts_call: str = "top_k"
+    routing_weight: str = "softmax"  # what the audit records as g_e(x_t): see the module docstring
+    selection: str = "top-k of softmax(router logits)"
+    combine: str = "top-k softmax probabilities"
+    num_experts_key: str = "num_experts"
+    top_k_key: str = "num_experts_per_tok"
+    moe_layers: str = "all"  # one of MOE_LAYER_RULES
+    shared: str | None = None  # path from a decoder layer to the shared expert(s), never touched
+    shared_gate: str | None = None  # path from a decoder layer to the shared expert's sigmoid gate
+    n_shared_key: str | None = None  # config key counting shared experts (fused into one module)
+    norm_topk_prob: bool | str = False  # True/False, or the config key holding it
+    scaling_key: str | None = None  # config key of a factor multiplying every combine weight
+    reroute: str | None = None  # how moeaudit.pruning re-runs the router: "softmax_topk", "softmax_topk_scaled"
+    note: str = ""
+
+    def __post_init__(self):
+        if self.combine_site not in COMBINE_SITES:
+            raise ValueError(f"combine_site={self.combine_site!r} is not one of {COMBINE_SITES}")
+        if self.routing_weight not in ROUTING_WEIGHTS:
+            raise ValueError(f"routing_weight={self.routing_weight!r} is not one of {ROUTING_WEIGHTS}")
+        if self.moe_layers not in MOE_LAYER_RULES:
+            raise ValueError(f"moe_layers={self.moe_layers!r} is not one of {MOE_LAYER_RULES}")
+
+    @property
+    def logits_index(self) -> int:
+        """Position of the router logits in the router's output tuple."""
+        return 1 if self.router_output == "scores_logits" else 0
+
+
+_SOFTMAX_RENORM = "softmax probabilities at the top-k, renormalised to sum to one (= softmax of the top-k logits)"
+_SIGMOID_V3 = FamilySpec(
+    model_type="", name="", num_experts_key="n_routed_experts", moe_layers="first_k_dense_replace",
+    shared="mlp.shared_experts", n_shared_key="n_shared_experts", norm_topk_prob="norm_topk_prob",
+    scaling_key="routed_scaling_factor", routing_weight="sigmoid",
+    selection="top-k of sigmoid(router logits) + e_score_correction_bias, within the top groups (n_group, topk_group)",
+    combine="sigmoid(router logits) at the top-k, normalised over the top-k (norm_topk_prob), times routed_scaling_factor")
+
+_ENTRIES = [
+    FamilySpec("olmoe", "OLMoE", norm_topk_prob="norm_topk_prob", reroute="softmax_topk",
+               combine="top-k softmax probabilities (renormalised when norm_topk_prob)"),
+    FamilySpec("mixtral", "Mixtral", num_experts_key="num_local_experts", norm_topk_prob=True, reroute="softmax_topk",
+               selection="top-k of softmax(router logits) (= top-k of the logits)", combine=_SOFTMAX_RENORM),
+    FamilySpec("qwen2_moe", "Qwen1.5-MoE / Qwen2-MoE", moe_layers="mlp_only_layers", shared="mlp.shared_expert",
+               shared_gate="mlp.shared_expert_gate", norm_topk_prob="norm_topk_prob", reroute="softmax_topk",
+               combine="top-k softmax probabilities (renormalised when norm_topk_prob)"),
+    FamilySpec("qwen3_moe", "Qwen3-MoE", moe_layers="mlp_only_layers", norm_topk_prob="norm_topk_prob",
+               reroute="softmax_topk", combine="top-k softmax probabilities (renormalised when norm_topk_prob)"),
+    FamilySpec("deepseek_v2", "DeepSeek-V2", num_experts_key="n_routed_experts", moe_layers="first_k_dense_replace",
+               shared="mlp.shared_experts", n_shared_key="n_shared_experts", scaling_key="routed_scaling_factor",
+               reroute="softmax_topk_scaled",
+               selection="top-k of softmax(router logits) (greedy, or within top groups: topk_method)",
+               combine="top-k softmax probabilities times routed_scaling_factor (no renormalisation)"),
+    replace(_SIGMOID_V3, model_type="deepseek_v3", name="DeepSeek-V3"),
+    replace(_SIGMOID_V3, model_type="glm4_moe", name="GLM-4.5 (GLM-4-MoE)"),
+    replace(_SIGMOID_V3, model_type="glm4_moe_lite", name="GLM-4.7-Flash (GLM-4-MoE-Lite)", moe_layers="mlp_layer_types"),
+    replace(_SIGMOID_V3, model_type="dots1", name="dots.llm1"),
+    replace(_SIGMOID_V3, model_type="solar_open", name="Solar Open", moe_layers="all"),
+    replace(_SIGMOID_V3, model_type="exaone_moe", name="EXAONE-MoE", num_experts_key="num_experts",
+            moe_layers="mlp_layer_types", n_shared_key="num_shared_experts"),
+    FamilySpec("minimax_m2", "MiniMax-M2", num_experts_key="num_local_experts", routing_weight="sigmoid",
+               selection="top-k of sigmoid(router logits) + e_score_correction_bias",
+               combine="sigmoid(router logits) at the top-k, renormalised to sum to one", norm_topk_prob=True),
+    FamilySpec("flex_olmo", "FlexOlmo", norm_topk_prob="norm_topk_prob",
+               combine="top-k softmax probabilities (renormalised when norm_topk_prob)"),
+    FamilySpec("hunyuan_v1_moe", "Hunyuan-A13B (HunYuan-MoE-V1)", top_k_key="moe_topk", norm_topk_prob=True,
+               combine=_SOFTMAX_RENORM, shared="mlp.shared_mlp",
+               note="one shared MLP (shared_mlp) added ungated"),
+    FamilySpec("ernie4_5_moe", "ERNIE-4.5-MoE", num_experts_key="moe_num_experts", top_k_key="moe_k",
+               moe_layers="moe_layer_range", shared="mlp.shared_experts", n_shared_key="moe_num_shared_experts",
+               norm_topk_prob=True,
+               selection="top-k of softmax(router logits) + e_score_correction_bias (moe_statics)",
+               combine="softmax probabilities at the top-k, renormalised (clamped by moe_norm_min)"),
+    FamilySpec("phimoe", "Phi-3.5-MoE", router="router", num_experts_key="num_local_experts",
+               selection="sparsemixer: the top expert, then the best among the rest, each by a masked softmax",
+               combine="sparsemixer's masked softmax probabilities (not a softmax over all experts)",
+               note="the routing weight recorded is softmax over all router logits, the quantity the paper defines; "
+                    "sparsemixer's combine weights are masked softmaxes of the same logits"),
+    FamilySpec("granitemoe", "Granite-MoE", block="block_sparse_moe", router="router",
+               num_experts_key="num_local_experts", selection="top-k of the router logits",
+               combine="softmax of the top-k logits (top-k, then softmax)"),
+    FamilySpec("granitemoeshared", "Granite-MoE with shared experts", block="block_sparse_moe", router="router",
+               num_experts_key="num_local_experts", selection="top-k of the router logits",
+               combine="softmax of the top-k logits (top-k, then softmax)", shared="shared_mlp",
+               note="the shared MLP is a sibling of the block (layer.shared_mlp), added outside it"),
+    FamilySpec("gpt_oss", "gpt-oss", router="router", num_experts_key="num_local_experts", block_output_index=0,
+               selection="top-k of the router logits (with router bias)",
+               combine="softmax of the top-k logits (top-k, then softmax)",
+               note="experts have biases (inside E_e, so scaled by the combine weight with the rest); the block "
+                    "returns (hidden_states, router_scores)"),
+    FamilySpec("llama4_text", "Llama 4 (text)", block="feed_forward", router="router",
+               num_experts_key="num_local_experts", router_output="scores_logits", block_output_index=0,
+               combine_site="router_scores", experts_call="expert_major", routing_weight="sigmoid",
+               moe_layers="moe_layers_list",
+               shared="feed_forward.shared_expert", selection="top-k of the router logits",
+               combine="sigmoid(top-k logit), applied to the expert's input: the contribution is E_e(s_e x)",
+               note="the combine weight scales the expert's input; zeroing it gives E_e(0) = 0 (no expert bias), "
+                    "so the ablation removes the whole contribution E_e(s_e x_t)"),
+    FamilySpec("qwen3_next", "Qwen3-Next", moe_layers="mlp_only_layers", shared="mlp.shared_expert",
+               shared_gate="mlp.shared_expert_gate", norm_topk_prob="norm_topk_prob",
+               combine="top-k softmax probabilities (renormalised when norm_topk_prob)",
+               note="hybrid linear attention (Gated DeltaNet): token mode runs with strategy='full' only"),
+]
+
+#: model_type -> :class:`FamilySpec` of every audited family
+FAMILIES: dict[str, FamilySpec] = {f.model_type: f for f in _ENTRIES}
+
+# Reasons shared by several refusals.
+_COMPOSITE = "multimodal wrapper: audit its text model_type (a language model of its own) instead"
+_NO_CAUSAL = "no causal-LM class in transformers 5.23 (AutoModelForCausalLM cannot build it)"
+_ENC_DEC = "encoder-decoder: the audit measures next-token loss of a decoder-only language model"
+_NOT_TESTED = ("same decorated experts interface, but no tiny configuration has passed the contract suite "
+               "(tests/test_contract.py) yet")
+
+#: model_type -> why it is not audited (every other transformers 5.23 model_type with an MoE block)
+REFUSED: dict[str, str] = {
+    "switch_transformers": _ENC_DEC, "nllb-moe": _ENC_DEC,
+    "jetmoe": "experts are not a separate module: JetMoE's mixture of attention heads (MoA) and its MoE MLP "
+              "compute and combine the experts inside one module with their own router call",
+    "dbrx": "experts are not a separate module in the layout the engine rewrites: DBRX routes inside "
+            "ffn.experts with its own weight layout (DbrxExperts, no top_k_weights input)",
+    "doge": "experts are not a separate module: Doge's cross-domain MoE looks up expert embeddings "
+            "(no fused experts module, no top-k combine-weight input)",
+    "beam": "no MoE block in the tiny configurations transformers 5.23 builds (no experts module)",
+    "gemma4_text": "the MoE block is optional and off by default (enable_moe_block); "
+                   "its experts run beside a dense MLP: " + _NOT_TESTED,
+    "llama4": _COMPOSITE, "aria": _COMPOSITE, "qwen3_5_moe": _COMPOSITE, "qwen3_vl_moe": _COMPOSITE,
+    "qwen3_omni_moe": _COMPOSITE, "glm4v_moe": _COMPOSITE, "ernie4_5_vl_moe": _COMPOSITE, "gemma4": _COMPOSITE,
+    "deepseek_ocr2": _COMPOSITE, "diffusion_gemma": _COMPOSITE, "glm5_next": _COMPOSITE, "inkling2": _COMPOSITE,
+    "inkling_mm_model": _COMPOSITE, "minimax_m3_vl": _COMPOSITE, "mistral_large4": _COMPOSITE,
+    "muse_spark": _COMPOSITE, "qwen4_exp": _COMPOSITE, "step3p7": _COMPOSITE, "unlimited_ocr": _COMPOSITE,
+    "dots3_note": _COMPOSITE, "qwen3_omni_moe_thinker": _COMPOSITE,
+}
