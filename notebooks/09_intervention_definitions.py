@@ -189,8 +189,8 @@ for name in models:
     display(Markdown(f"**{name}** ({lay.family}): MoE layers {join_words(lay.moe_layers)} of {lay.n_layers} decoder "
                      f"layers, {lay.num_experts} routed experts, top-{lay.top_k}; audited layers "
                      f"{join_words(audited_layers[name])}; "
-                     f"{len(records[name, MODE_A]):,} single-expert ablations per mode; in {MODE_A} mode "
-                     f"{report.premise_phrase(records[name, MODE_A])}, in {MODE_B} mode {report.premise_phrase(records[name, MODE_B])}."))
+                     f"{len(records[name, MODE_A]):,} single-expert ablations per mode; over both modes "
+                     f"{report.premise_phrase(pd.concat([records[name, m] for m in modes]))}."))
 
 # %% [markdown]
 # ### The sequence-wide intervention, written out

@@ -147,3 +147,8 @@ def test_strategy_spread_text_reads_every_field():
     assert text == ("m: at most 0.28 nats apart (median 0.0041) over 1,920 matched ablations, 9.7% of the signs "
                     "flip, and the premise check fails for 0 records of the cached path and 24 of the re-run in "
                     "bfloat16")
+    assert "fails for 1 record of the cached path" in report.strategy_spread_text(
+        {"m": {**s, "premise_failed_kv": 1}}, "bfloat16")
+    same = {**s, "max_abs_diff": 0.0, "median_abs_diff": 0.0, "sign_flips": 0.0, "premise_failed_full": 0}
+    assert report.strategy_spread_text({"d": same}, "bfloat16") == (
+        "d: identical over 1,920 matched ablations, with 0 premise failures on either path in bfloat16")

@@ -617,8 +617,16 @@ def strategy_spread_text(spreads: dict, dtype: str) -> str:
     of sign flips and the premise failures of each path."""
     parts = []
     for name, s in spreads.items():
+        if s["max_abs_diff"] == 0:
+            parts.append(f"{name}: identical over {s['matched']:,} matched ablations, with "
+                         f"{plural(s['premise_failed_kv'], 'premise failure')} on either path in {dtype}"
+                         if s["premise_failed_kv"] == s["premise_failed_full"] else
+                         f"{name}: identical losses over {s['matched']:,} matched ablations, but the premise check "
+                         f"fails for {plural(s['premise_failed_kv'], 'record')} of the cached path and "
+                         f"{s['premise_failed_full']:,} of the re-run in {dtype}")
+            continue
         parts.append(f"{name}: at most {s['max_abs_diff']:.3g} nats apart (median {s['median_abs_diff']:.2g}) over "
                      f"{s['matched']:,} matched ablations, {s['sign_flips']:.1%} of the signs flip, and the premise "
-                     f"check fails for {s['premise_failed_kv']:,} records of the cached path and "
+                     f"check fails for {plural(s['premise_failed_kv'], 'record')} of the cached path and "
                      f"{s['premise_failed_full']:,} of the re-run in {dtype}")
     return "; ".join(parts)
