@@ -271,12 +271,19 @@ def test_preflight_reports_bad_defaults(monkeypatch):
 
 
 def test_bad_input_table_is_current():
-    """``docs/bad_inputs.md`` is what ``python -m moeaudit.book bad-inputs`` writes now, and every input in it
-    is refused by the schema."""
-    table = book.bad_input_table()
+    """``docs/bad_inputs.md`` is what ``python -m moeaudit.book bad-inputs`` writes now, every chapter input in
+    it is refused by the schema, and no library call in it gives a wrong number silently."""
+    from moeaudit import badinputs
+
+    table = badinputs.page()
     assert "should have been refused" not in table
     rows = [ln for ln in table.splitlines() if ln.startswith("| `-p ")]
-    assert len(rows) == len(book.BAD_INPUTS)
-    committed = Path(book.REPO_ROOT / book.BAD_INPUTS_PAGE)
+    assert len(rows) == len(badinputs.BAD_INPUTS)
+    library = table[table.index("## Library calls"):]
+    assert len([ln for ln in library.splitlines() if ln.startswith("| ") and not ln.startswith("| call")]) == \
+        len(badinputs.library_cases())
+    assert "identical to an uninterrupted run: True" in library and "premise_ok=False" in library
+    assert "largest difference 0)" in library
+    committed = Path(badinputs.REPO_ROOT / badinputs.BAD_INPUTS_PAGE)
     assert committed.is_file() and committed.read_text() == table, \
-        f"{book.BAD_INPUTS_PAGE} is out of date: run .venv/bin/python -m moeaudit.book bad-inputs"
+        f"{badinputs.BAD_INPUTS_PAGE} is out of date: run .venv/bin/python -m moeaudit.book bad-inputs"

@@ -315,154 +315,6 @@ def preflight(stems: list[str] | None = None, *, log=print) -> list[str]:
     return problems
 
 
-#: where ``python -m moeaudit.book bad-inputs`` writes :func:`bad_input_table`
-BAD_INPUTS_PAGE = "docs/bad_inputs.md"
-
-#: (chapter, parameter, the -p value as typed, library calls that take the same value: see _library_call)
-BAD_INPUTS = [
-    ("04_audit", "n_positions", "2", "positions paired_effect"),
-    ("04_audit", "n_positions", "abc", "positions"),
-    ("04_audit", "n_positions", "0", "positions"),
-    ("04_audit", "n_positions", "2.0", None),
-    ("04_audit", "n_position", "5", None),
-    ("04_audit", "models", "tiny-olmoe", "load_each"),
-    ("04_audit", "models", "[]", None),
-    ("04_audit", "models", '["tiny-olmo"]', None),
-    ("04_audit", "models", '["tiny-olmoe", "tiny-olmoe"]', None),
-    ("04_audit", "layers", "3", None),
-    ("04_audit", "layers", "[7]", "check_layer"),
-    ("04_audit", "layers", "[-1]", "check_layer"),
-    ("04_audit", "layers", "[]", None),
-    ("04_audit", "seed", "-1", "positions_seed"),
-    ("04_audit", "mode", "tokens", None),
-    ("04_audit", "dtype", "float64", "load_model"),
-    ("04_audit", "device", "gpu", None),
-    ("04_audit", "n_texts", "0", "select_texts"),
-    ("04_audit", "max_tokens", "1", "from_texts"),
-    ("04_audit", "max_tokens", "1000", None),
-    ("04_audit", "min_context", "-1", "valid_positions"),
-    ("04_audit", "min_context", "200", None),
-    ("04_audit", "batch_size", "0", None),
-    ("04_audit", "alpha", "0", None),
-    ("04_audit", "alpha", "1", None),
-    ("04_audit", "alpha", "0.05%", None),
-    ("04_audit", "power", "1.5", None),
-    ("04_audit", "tost_bound_d", "0", None),
-    ("04_audit", "corpus", "wikitxt-2", "resolve_corpus"),
-    ("04_audit", "text_form", "raw", "select_texts_form"),
-    ("04_audit", "data_dir", "/nonexistent/moeaudit-data", "data_dir"),
-    ("01_introduction", "layer", "9", None),
-    ("01_introduction", "seq_id", "10", None),
-    ("03_observational_metrics", "released_pad_share", "1", None),
-    ("05_routing_weight_control", "n_boot", "10", None),
-    ("06_progressive_ablation", "cliff_threshold", "0", None),
-    ("07_mechanism", "min_activations", "0", None),
-    ("09_intervention_definitions", "modes", "token", None),
-    ("09_intervention_definitions", "modes", '["token", "token"]', None),
-    ("09_intervention_definitions", "half_dtype", "float32", None),
-    ("10_predictors_and_pruning", "prune_fractions", "[0.5, 0.25]", None),
-    ("10_predictors_and_pruning", "prune_fractions", "[0, 0.5]", None),
-    ("10_predictors_and_pruning", "per_layer_sweep", "1", None),
-    ("A1_default_models", "models", '["allenai/OLMoE-1B-7B-0924"]', None),
-    ("A2_departures", "chapter", "04-audit", None),
-]
-
-
-def _library_call(kind: str, value) -> tuple[str, str]:
-    """Call the library function that takes ``value`` for this kind of input, directly (no schema).
-    Returns (the call, what happened: ``accepted`` or the exception)."""
-    import numpy as np  # noqa: PLC0415
-
-    from . import corpus as C  # noqa: PLC0415
-    from . import paths  # noqa: PLC0415
-
-    tiny = C.TokenizedCorpus.from_token_ids([np.arange(12)] * 3)
-    lines = ["a line of more than fifty characters, as the text selection asks for it"] * 5
-    calls = {
-        "positions": (f"corpus.sample_positions(corpus, n={value!r}, seed=42)",
-                      lambda: C.sample_positions(tiny, n=value, seed=42)),
-        "positions_seed": (f"corpus.sample_positions(corpus, n=5, seed={value!r})",
-                           lambda: C.sample_positions(tiny, n=5, seed=value)),
-        "valid_positions": (f"corpus.valid_positions(corpus, min_context={value!r})",
-                            lambda: C.valid_positions(tiny, min_context=value)),
-        "select_texts": (f"corpus.select_texts(lines, n_texts={value!r})", lambda: C.select_texts(lines, n_texts=value)),
-        "select_texts_form": (f"corpus.select_texts(lines, text_form={value!r})",
-                              lambda: C.select_texts(lines, text_form=value)),
-        "from_texts": (f"corpus.TokenizedCorpus.from_texts(texts, tokenizer, max_tokens={value!r})",
-                       lambda: C.TokenizedCorpus.from_texts(["x"], None, max_tokens=value)),
-        "resolve_corpus": (f"corpus.resolve_corpus({value!r})", lambda: C.resolve_corpus(value)),
-        "data_dir": (f"paths.data_dir({value!r})", lambda: paths.data_dir(value)),
-    }
-    if kind == "paired_effect":
-        from . import stats  # noqa: PLC0415
-
-        return (f"stats.paired_effect(high, low) on {value} pairs",
-                _outcome(lambda: stats.paired_effect(np.arange(value) + 1.0, np.zeros(value))))
-    if kind in ("load_model", "load_each", "check_layer"):
-        from . import models as M  # noqa: PLC0415
-
-        if kind == "load_model":
-            calls[kind] = (f"models.load_model('tiny-olmoe', dtype={value!r})",
-                           lambda: M.load_model("tiny-olmoe", dtype=value))
-        elif kind == "load_each":  # what iterating a string over models does
-            calls[kind] = (f"models.load_model({value[0]!r}, local_files_only=True) (the first item of the string)",
-                           lambda: M.load_model(value[0], local_files_only=True))
-        else:
-            from transformers import AutoConfig  # noqa: PLC0415
-
-            layout = M.layout_from_config(AutoConfig.from_pretrained(M.resolve_model_path("tiny-olmoe")))
-            calls[kind] = (f"MoELayout.check_layer({value[0]!r}) (tiny-olmoe)", lambda: layout.check_layer(value[0]))
-    call, fn = calls[kind]
-    return call, _outcome(fn)
-
-
-def _outcome(fn) -> str:
-    import warnings  # noqa: PLC0415
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            result = fn()
-    except Exception as exc:  # noqa: BLE001 - the table shows whatever the library raises
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    if hasattr(result, "columns") and "reason" in result.columns:
-        return f"accepted; returns a row whose reason is {str(result['reason'].iloc[0])!r}"
-    return "accepted"
-
-
-def bad_input_table() -> str:
-    """A markdown table: each input of :data:`BAD_INPUTS`, the schema's message for it (given by
-    ``python -m moeaudit.book chapter`` and by the chapter's first cell, :mod:`moeaudit.params`),
-    and what the library function that takes the same value does when called directly.
-    ``python -m moeaudit.book bad-inputs`` writes it to :data:`BAD_INPUTS_PAGE`."""
-    from .params import ParameterError, validate  # noqa: PLC0415
-
-    def cell(text: str) -> str:
-        return text.replace("|", "\\|").replace("\n", " ")
-
-    rows = ["# Bad parameter values and the messages they get", "",
-            "Generated by `python -m moeaudit.book bad-inputs` from `moeaudit.book.BAD_INPUTS`; "
-            "`tests/test_params.py` fails when this file is out of date.", "",
-            "Every input below is refused by the chapter's schema (`moeaudit.params`) before any work, both by "
-            "`python -m moeaudit.book chapter <chapter> -p ...` and by the chapter's first cell under papermill or "
-            "Jupyter. The last column shows what the library does with the same value when it is called directly, "
-            "without the schema: `accepted` means the value goes through and fails later or silently.", "",
-            "| input | chapter | message | library, called directly |", "|---|---|---|---|"]
-    defaults: dict[str, dict] = {}
-    for stem, name, raw, kind in BAD_INPUTS:
-        given = _parse_params([(name, raw)])
-        defaults.setdefault(stem, notebook_parameters(stem))
-        try:
-            validate(stem, {**defaults[stem], **given})
-            message = "accepted (this input should have been refused)"
-        except ParameterError as err:
-            message = str(err)
-        library = "; ".join(f"`{call}`: {outcome}" for call, outcome in
-                            (_library_call(k, given[name]) for k in (kind or "").split()))
-        rows.append(f"| `-p {name} {raw}` | {stem} | {cell(message)} | {cell(library)} |")
-    return "\n".join(rows) + "\n"
-
-
 def build_html(*, root: Path = REPO_ROOT, strict: bool = True) -> Path:
     """``jupyter-book build`` of ``root`` (holding ``_config.yml``, ``_toc.yml`` and ``book/``) into
     ``<root>/book/_build/html``, with warnings as errors when ``strict``."""
@@ -511,7 +363,7 @@ def main(argv=None) -> int:
     c.add_argument("-p", nargs=2, action="append", metavar=("NAME", "VALUE"), help="parameter (YAML value)")
     c.add_argument("--no-html", action="store_true", help="skip the HTML rebuild")
     sub.add_parser("list", help="list chapters, their parameters, defaults and allowed values")
-    sub.add_parser("bad-inputs", help=f"write the table of bad parameter values and their messages to {BAD_INPUTS_PAGE}")
+    sub.add_parser("bad-inputs", help="write the table of bad inputs and what they get to docs/bad_inputs.md")
     args = ap.parse_args(argv)
     if args.cmd == "list":
         for stem in chapters():
@@ -519,10 +371,9 @@ def main(argv=None) -> int:
             print("\n".join(list_parameters(stem)))
         return 0
     if args.cmd == "bad-inputs":
-        target = REPO_ROOT / BAD_INPUTS_PAGE
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(bad_input_table())
-        print(f"wrote {target}")
+        from .badinputs import write_page  # noqa: PLC0415
+
+        print(f"wrote {write_page()}")
         return 0
     t0 = time.time()
     from .params import ParameterError  # noqa: PLC0415

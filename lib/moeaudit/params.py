@@ -39,7 +39,7 @@ Rules worth knowing:
   driver and the chapter's first cell call right after this schema (a name close to ``auto``,
   ``wikitext-2`` or ``embedded`` that is no file is refused here, with the name meant).
 
-:func:`moeaudit.book.bad_input_table` runs a list of bad inputs through the schema and through the
+:func:`moeaudit.badinputs.page` runs a list of bad inputs through the schema and through the
 library functions that take the same values; ``python -m moeaudit.book bad-inputs`` writes it to
 ``docs/bad_inputs.md`` (a test keeps that file current).
 
