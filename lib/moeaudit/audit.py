@@ -442,7 +442,7 @@ def block_geometry(ctx: AuditContext, layers, *, batch_size: int = 64) -> pd.Dat
     stored ||E_e||| / stored ||E_e|| (small when every row is aligned with the clean pass).
     ``ValueError`` for a layer that is not a MoE layer.
     """
-    from .engine import expert_outputs  # noqa: PLC0415
+    from .engine import block_input_in_trace, block_output_in_trace, expert_outputs  # noqa: PLC0415
 
     for L in layers:
         ctx.model.layout.check_layer(L)
@@ -455,8 +455,7 @@ def block_geometry(ctx: AuditContext, layers, *, batch_size: int = 64) -> pd.Dat
         saved = {}
         with model.nn.trace(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)):
             for L in layers:
-                mlp = model.layers()[L].mlp
-                saved[L] = (mlp.input.save(), mlp.output.save())
+                saved[L] = (block_input_in_trace(model, L).save(), block_output_in_trace(model, L).save())
         real = mask.reshape(-1).bool().to(model.device)
         rows = clean.row(np.repeat(seq_ids, lengths[seq_ids]), np.concatenate([np.arange(lengths[s]) for s in seq_ids]))
         for L in layers:
@@ -464,7 +463,7 @@ def block_geometry(ctx: AuditContext, layers, *, batch_size: int = 64) -> pd.Dat
             route = clean.routing[L]
             idx = torch.from_numpy(route["indices"][rows]).to(x.device)
             w = torch.from_numpy(route["weight"][rows]).to(x.device, torch.float32)
-            E = expert_outputs(model.hf.model.layers[L].mlp.experts, x, idx).float()
+            E = expert_outputs(model.hf_experts(L), x, idx, call=model.layout.spec.experts_call).float()
             q = {k: v.cpu().numpy().reshape(-1) for k, v in relative_compensation(w[..., None] * E, y[:, None, :]).items()}
             enorm = torch.linalg.vector_norm(E, dim=-1).cpu().numpy().reshape(-1)
             stored = route["norm"][rows].reshape(-1)

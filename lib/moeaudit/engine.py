@@ -42,7 +42,7 @@ from .corpus import TokenizedCorpus
 from .models import AuditModel
 
 ABLATION_MODES = ("token", "sequence")
-STRATEGIES = ("kv", "full")
+STRATEGIES = ("kv", "full", "auto")
 
 
 def progress_enabled(progress: bool | None) -> bool:
@@ -148,12 +148,14 @@ def routing_in_trace(model: AuditModel, layer: int) -> tuple:
     return logits, args[2], args[1]
 
 
-def block_output_in_trace(model: AuditModel, layer: int):
+def block_output_in_trace(model: AuditModel, layer: int, *, shape: tuple[int, int] | None = None):
     """Inside an nnsight trace: the MoE block's output hidden states (the first element when the
-    block returns a tuple, :attr:`FamilySpec.block_output_index`)."""
+    block returns a tuple, :attr:`FamilySpec.block_output_index`). Some blocks return them flattened
+    over tokens (Llama 4: (N, H)); with ``shape=(batch, seq)`` the result is (batch, seq, H)."""
     out = model.nn_block(layer).output
     index = model.layout.spec.block_output_index
-    return out if index is None else out[index]
+    out = out if index is None else out[index]
+    return out if shape is None else out.reshape(*shape, out.shape[-1])
 
 
 def ablate_in_trace(model: AuditModel, layer: int, removal: torch.Tensor, *, scale: float = 0.0):
@@ -336,8 +338,10 @@ def validate_requests(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPa
         raise ValueError(f"mode={mode!r} is not one of {ABLATION_MODES}")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r} is not one of {STRATEGIES}")
-    if mode == "sequence" and strategy == "kv":
+    if mode == "sequence" and strategy in ("kv", "auto"):
         strategy = "full"  # sequence mode changes earlier positions too: the cache cannot be reused
+    if strategy == "auto":
+        strategy = "kv" if packed_step_supported(model) else "full"
     missing = {"seq_id", "t", "layer", "removed"} - set(requests.columns)
     if missing:
         raise ValueError(f"requests lack columns {sorted(missing)}")
@@ -399,7 +403,7 @@ def _run_batch(model: AuditModel, *, input_ids, attention_mask, position_ids, pa
             if L in removal:
                 r_idx, _hit = ablate_in_trace(model, L, removal[L], scale=scale)
                 routed[L] = r_idx.save()
-            outputs[L] = block_output_in_trace(model, L)[read_rows, read_pos].save()
+            outputs[L] = block_output_in_trace(model, L, shape=tuple(input_ids.shape))[read_rows, read_pos].save()
         if logits_to_keep is None:
             logits = model.nn.output.logits[read_rows, read_pos].save()
         else:
@@ -446,6 +450,19 @@ def trace_ablation(model: AuditModel, token_ids, *, layer: int, experts, t: int,
     ablated_loss = float(_token_loss(ablated_logits[None], target)[0])
     return {"clean_loss": clean_loss, "ablated_loss": ablated_loss, "delta_loss": ablated_loss - clean_loss,
             "rows_changed": [int(r) for r in changed.tolist()]}
+
+
+def packed_step_supported(model: AuditModel) -> bool:
+    """Whether token mode can run with ``strategy="kv"`` on ``model``: its attention implementation
+    takes a 4-D mask and every layer type is full or sliding-window attention (not linear or
+    chunked attention, whose state a packed step cannot reproduce). ``strategy="auto"`` picks
+    ``"kv"`` then, else ``"full"``."""
+    try:
+        _check_custom_mask_support(model)
+        attention_window(model)
+    except ValueError:
+        return False
+    return True
 
 
 def attention_window(model: AuditModel) -> tuple[int | None, bool]:
@@ -578,7 +595,7 @@ def _check_custom_mask_support(model: AuditModel) -> None:
 
 @torch.no_grad()
 def run_ablations(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, requests: pd.DataFrame, *,
-                  mode: str = "token", strategy: str = "kv", batch_size: int = 64, seq_batch: int = 4,
+                  mode: str = "token", strategy: str = "auto", batch_size: int = 64, seq_batch: int = 4,
                   seed: int | None = None, require_active: bool = True, downstream: bool = False,
                   scale: float = 0.0, progress: bool | None = None) -> pd.DataFrame:
     """Run every requested ablation and return one tidy record per request.
@@ -605,7 +622,9 @@ def run_ablations(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, 
     In float32 both hold for every record of the shipped models. In reduced precision a re-run
     prefix (``strategy="full"``, sequence mode) can route differently from the clean pass where two
     router probabilities nearly tie; the record then says so instead of passing a no-op off as a
-    zero effect (see :func:`premise_failures`). ``strategy`` records how the row was computed.
+    zero effect (see :func:`premise_failures`). ``strategy`` records how the row was computed:
+    ``"kv"``, ``"full"``, or ``"auto"`` (the default): ``"kv"`` where :func:`packed_step_supported`,
+    else ``"full"`` (models with linear or chunked attention layers).
 
     ``batch_size`` is the number of rows (ablations plus one clean row per position) per traced
     forward; ``seq_batch`` the number of sequences whose clean key/value cache is held at once.

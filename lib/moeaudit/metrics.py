@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .engine import CleanPass
+from .engine import CleanPass, routing_in_trace
 
 METRICS = ("utilization_rate", "activation_norm", "mean_routing_weight", "activation_std")
 ROUTING_WEIGHT = "routing_weight"  # the per-token control ranking (g_e(x_t) at the audited token)
@@ -269,8 +269,8 @@ def router_sums_real_and_padding(model, corpus, *, batch_size: int = 8) -> dict:
     """Per MoE layer, router-logit sums and selection counts over real and padding positions.
 
     The corpus is right-padded to its longest text (``model.pad_id``, attention mask 0) and run in
-    batches of ``batch_size`` texts; inside one nnsight trace per batch the router output
-    ``mlp.gate.output = (logits, combine_weights, indices)`` of every MoE layer is saved and
+    batches of ``batch_size`` texts; inside one nnsight trace per batch the router logits and top-k
+    indices of every MoE layer (:func:`moeaudit.engine.routing_in_trace`) are saved and
     accumulated with :func:`accumulate_router_sums`. Returns ``{layer: acc}`` plus ``width``.
     This re-creates the released statistics pass, which reads every padded position.
     """
@@ -288,7 +288,7 @@ def router_sums_real_and_padding(model, corpus, *, batch_size: int = 8) -> dict:
             with model.nn.trace(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
                                 remote=model.remote):
                 for L in moe:
-                    r_logits, _w, r_idx = model.layers()[L].mlp.gate.output
+                    r_logits, _w, r_idx = routing_in_trace(model, L)
                     saved[L] = (r_logits.save(), r_idx.save())
             pad = (mask.reshape(-1) == 0).numpy()
             for L, (lg, ix) in saved.items():

@@ -84,16 +84,20 @@ class MoELayout:
 
 def refusal_reason(config) -> str:
     """Why a transformers config is not audited: the registry's stated reason for its ``model_type``
-    (:data:`moeaudit.families.REFUSED`), else what its structure shows (encoder-decoder, a
-    multimodal wrapper with a text sub-config, no MoE routing keys)."""
+    (:func:`moeaudit.families.refusal_reason_for`: :data:`~moeaudit.families.REFUSED`, else what the
+    config shows: encoder-decoder, a multimodal wrapper, no causal-LM class, not registered yet)."""
+    from transformers import CONFIG_MAPPING  # noqa: PLC0415
+
+    from .families import _COMPOSITE, _ENC_DEC, refusal_reason_for  # noqa: PLC0415
+
     family = getattr(config, "model_type", None)
-    if family in REFUSED:
-        return REFUSED[family]
     if getattr(config, "is_encoder_decoder", False):
-        return REFUSED["switch_transformers"]
+        return REFUSED.get(family, _ENC_DEC)
     if getattr(config, "sub_configs", None):
-        return "multimodal wrapper: audit its text model_type (a language model of its own) instead"
-    return "not a registered MoE family (no entry in moeaudit.families.FAMILIES)"
+        return REFUSED.get(family, _COMPOSITE)
+    if family in CONFIG_MAPPING:
+        return refusal_reason_for(family)
+    return "not a transformers model_type with an MoE block"
 
 
 def _config_value(config, key: str):

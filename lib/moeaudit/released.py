@@ -1350,7 +1350,7 @@ def padded_router_pass(model, corpus, *, layers, texts_per_batch: int = 8,
     """
     import torch  # noqa: PLC0415
 
-    from .engine import expert_outputs  # noqa: PLC0415
+    from .engine import block_input_in_trace, expert_outputs, routing_in_trace  # noqa: PLC0415
 
     layers = list(layers)
     for L in layers:
@@ -1366,9 +1366,8 @@ def padded_router_pass(model, corpus, *, layers, texts_per_batch: int = 8,
             with model.nn.trace(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
                                 remote=model.remote):
                 for L in layers:
-                    mlp = model.layers()[L].mlp
-                    x = mlp.input.save()  # nnsight: accesses in execution order (input, then router)
-                    r_logits, _, r_idx = mlp.gate.output
+                    x = block_input_in_trace(model, L).save()  # nnsight: accesses in execution order (input, then router)
+                    r_logits, _, r_idx = routing_in_trace(model, L)
                     saved[L] = (x, r_logits.save(), r_idx.save())
             real_all.append(mask.reshape(-1).bool().numpy())
             seq_all.append(np.repeat(np.array(chunk), width))
@@ -1377,7 +1376,7 @@ def padded_router_pass(model, corpus, *, layers, texts_per_batch: int = 8,
                 x = x.reshape(-1, x.shape[-1])
                 idx = idx.reshape(x.shape[0], -1)
                 lg = lg.reshape(x.shape[0], -1).float()
-                y = expert_outputs(model.hf.model.layers[L].mlp.experts, x, idx.to(x.device)).float()
+                y = expert_outputs(model.hf_experts(L), x, idx.to(x.device), call=model.layout.spec.experts_call).float()
                 out[L]["logits"].append(lg.cpu().numpy().astype(np.float64))
                 out[L]["idx"].append(idx.cpu().numpy().astype(np.int64))
                 out[L]["prob"].append(torch.softmax(lg, -1).gather(1, idx.to(lg.device)).cpu().numpy().astype(np.float64))
