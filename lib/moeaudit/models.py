@@ -248,7 +248,7 @@ def _check_block_structure(hf_model, layout: MoELayout) -> None:
         experts = getattr(block, spec.experts, None) if block is not None else None
         if i in layout.moe_layers:
             if getattr(block, spec.router, None) is None or experts is None or not hasattr(experts, "gate_up_proj"):
-                raise ValueError(f"layer {i} of this {layout.family} model does not have the registered layout "
+                raise ValueError(f"layer {i} of this {layout.family} model does not have the fused router/experts layout "
                                  f"({spec.block}.{spec.router} + {spec.block}.{spec.experts}.gate_up_proj of "
                                  "transformers 5.23); upgrade transformers")
         elif experts is not None:

@@ -4,7 +4,10 @@ the deployed pipeline (rank experts by a criterion, remove the lowest-ranked eve
 A pruned expert is removed from its router: its logit is set to -inf before the softmax, so the
 router distributes probability over the remaining experts and picks the top-k among them, exactly
 as a model without that expert would. The top-k re-computation follows each family's router
-(softmax in float32, optional renormalisation, DeepSeek-V2's routed scaling factor).
+(softmax in float32, optional renormalisation, DeepSeek-V2's routed scaling factor), as the
+registry states it (:attr:`moeaudit.families.FamilySpec.reroute`); families whose router is not
+re-implemented here (sigmoid and group-limited routers, top-k-then-softmax routers, sparsemixer,
+Llama 4's dense scores) are refused with a ``ValueError`` naming the family.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 
 from .corpus import TokenizedCorpus
 from .engine import progress_bar, _token_loss
+from .families import FAMILIES
 from .models import AuditModel
 
 
@@ -24,7 +28,7 @@ def _reroute(layout, logits: torch.Tensor, pruned: torch.Tensor, like: torch.Ten
     """Re-run the router's top-k selection from ``logits`` with ``pruned`` experts removed."""
     masked = logits.float().masked_fill(pruned, float("-inf"))
     probs = torch.softmax(masked, dim=-1, dtype=torch.float32)
-    if layout.family == "deepseek_v2":
+    if layout.spec.reroute == "softmax_topk_scaled":
         weights, idx = torch.topk(probs, layout.top_k, dim=-1, sorted=False)
         weights = weights * layout.routed_scaling_factor
     else:
@@ -42,6 +46,10 @@ def pruned_experts(model: AuditModel, pruned: dict[int, list[int]]):
     (so tests can check that the re-implementation reproduces the model's own router exactly).
     """
     layout = model.layout
+    if layout.spec.reroute is None:
+        supported = sorted(f for f, spec in FAMILIES.items() if spec.reroute is not None)
+        raise ValueError(f"pruning re-implements the router of {', '.join(supported)} only; the {layout.family} router "
+                         f"({layout.spec.selection}) is not re-implemented")
     masks = {}  # validate every entry before touching the model, so a bad entry leaves no hooks behind
     for layer, experts in pruned.items():
         layout.check_layer(layer)
@@ -52,7 +60,7 @@ def pruned_experts(model: AuditModel, pruned: dict[int, list[int]]):
         if layout.num_experts - len(experts) < layout.top_k:
             raise ValueError(f"pruning {len(experts)} of {layout.num_experts} experts at layer {layer} leaves fewer "
                              f"than top-k = {layout.top_k}")
-        gate = model.hf.model.layers[layer].mlp.gate
+        gate = model.hf_router(layer)
         if layout.family == "deepseek_v2" and getattr(gate, "topk_method", "greedy") != "greedy":
             raise ValueError("pruning supports DeepSeek-V2's greedy top-k router only")
         mask = torch.zeros(layout.num_experts, dtype=torch.bool)  # moved to the router logits' device in the hook
@@ -66,7 +74,7 @@ def pruned_experts(model: AuditModel, pruned: dict[int, list[int]]):
             return logits, new_w, new_idx
         return hook
 
-    handles = [model.hf.model.layers[L].mlp.gate.register_forward_hook(make_hook(m)) for L, m in masks.items()]
+    handles = [model.hf_router(L).register_forward_hook(make_hook(m)) for L, m in masks.items()]
     model.hf._moeaudit_pruned = True  # the engine refuses to run on a re-routed model (see engine)
     try:
         yield model

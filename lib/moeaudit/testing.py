@@ -181,3 +181,27 @@ def tiny_audit_context(results_dir, *, n_layers: int = 3, num_experts: int = 8, 
     clean = clean_pass(model, corpus, progress=False)
     metrics = observational_metrics(clean, num_experts=num_experts)
     return AuditContext(model, corpus, clean, metrics, {"model": "tiny", "corpus": corpus.fingerprint()}, results_dir)
+
+
+def main(argv=None) -> int:
+    """``python -m moeaudit.testing save-tiny FAMILY DIR [--seed N]``: save a tiny random model of
+    ``FAMILY`` (a model_type of :data:`TINY_CONFIGS`) with a word-level tokenizer as a checkpoint
+    directory that :func:`moeaudit.models.load_model` (and every chapter's ``models``) accepts."""
+    import argparse  # noqa: PLC0415
+
+    ap = argparse.ArgumentParser(prog="python -m moeaudit.testing")
+    sub = ap.add_subparsers(dest="command", required=True)
+    save = sub.add_parser("save-tiny", help="save a tiny random checkpoint of one MoE family")
+    save.add_argument("family", choices=sorted(TINY_CONFIGS))
+    save.add_argument("directory")
+    save.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    model = tiny_random_model(args.family, seed=args.seed)
+    save_tiny_checkpoint(model, args.directory)
+    print(f"saved a tiny random {args.family} model to {args.directory} "
+          f"(MoE layers {list(model.layout.moe_layers)}, {model.layout.num_experts} experts, top-{model.layout.top_k})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
