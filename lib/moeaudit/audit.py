@@ -20,7 +20,8 @@ import pandas as pd
 import torch
 
 from . import __version__
-from .corpus import TEXT_FORMS, CorpusSource, TokenizedCorpus, load_eval_corpus, resolve_corpus, sample_positions
+from .corpus import (TEXT_FORMS, CorpusSource, TokenizedCorpus, integer_ids, load_eval_corpus, resolve_corpus,
+                     sample_positions)
 from .engine import CleanPass, clean_pass, run_ablations
 from .metrics import METRICS, ROUTING_WEIGHT, check_rankings, observational_metrics
 from .models import AuditModel, load_model
@@ -147,7 +148,26 @@ def prepare(model_name: str, *, corpus: str | os.PathLike | CorpusSource = "auto
     return AuditContext(model, tokenized, clean, metrics, provenance, results_dir, source)
 
 
+def _positive_int(value, name: str) -> int:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def _audit_layers(ctx: AuditContext, layers) -> list[int]:
+    """``layers`` checked: a non-empty collection of distinct MoE layer indices (ints, not bools)."""
+    layers = integer_ids(layers, "layers")
+    if not layers:
+        raise ValueError("layers is empty: give at least one MoE layer")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layers={layers} repeats a layer; each layer once")
+    for L in layers:
+        ctx.model.layout.check_layer(L)
+    return sorted(layers)
+
+
 def _seq_chunks(positions: pd.DataFrame, per_chunk: int) -> list[list[int]]:
+    per_chunk = _positive_int(per_chunk, "seq_per_chunk")
     seqs = sorted(positions.seq_id.unique().tolist())
     return [seqs[i:i + per_chunk] for i in range(0, len(seqs), per_chunk)]
 
@@ -181,9 +201,10 @@ def single_expert_records(ctx: AuditContext, *, layers, n_positions: int, seed: 
     ``downstream=True`` also records how much later MoE layers restore the removed contribution;
     ``strategy`` says how token mode is executed (``"kv"``: packed steps on the clean cache;
     ``"full"``: the prefix re-run); see :func:`moeaudit.engine.run_ablations`. Both are part of
-    the cache key."""
-    for L in layers:
-        ctx.model.layout.check_layer(L)
+    the cache key. ``ValueError`` for an empty or repeated ``layers``, a layer that is not an MoE
+    layer, or ``seq_per_chunk < 1``; ``TypeError`` for non-integer layers. Rows come in layer order
+    whatever the order of ``layers``."""
+    layers = _audit_layers(ctx, layers)
     pos = audit_positions(ctx, n_positions=n_positions, seed=seed, min_context=min_context)
     reqs = []
     for L in layers:
@@ -210,6 +231,7 @@ def progressive_records(ctx: AuditContext, *, layers, n_positions: int, seed: in
     max_k = top_k - 1 if max_k is None else max_k
     if not 1 <= max_k <= top_k - 1:
         raise ValueError(f"max_k={max_k} must be in [1, {top_k - 1}] (top-k is {top_k})")
+    layers = _audit_layers(ctx, layers)
     pos = audit_positions(ctx, n_positions=n_positions, seed=seed, min_context=min_context)
     reqs = []
     for L in layers:
@@ -234,6 +256,18 @@ def pruned_perplexities(ctx: AuditContext, plans: list[dict], corpus: TokenizedC
     the unpruned model), cached and resumable like the ablation records (keyed by the model, the
     corpus and the list of plans). One row per plan, in order: ``plan`` (its index), ``mean_loss``,
     ``perplexity``, ``n_tokens``; identical plans are evaluated once."""
+    plans_per_chunk = _positive_int(plans_per_chunk, "plans_per_chunk")
+    if len(plans) == 0:
+        raise ValueError("plans is empty: give at least one pruning plan ({} is the unpruned model)")
+    layout = ctx.model.layout
+    for i, p in enumerate(plans):  # every plan checked before the first is evaluated
+        for L, v in p.items():
+            layout.check_layer(integer_ids([L], f"plans[{i}] layer")[0])
+            experts = integer_ids(v, f"plans[{i}][{L}]")
+            bad = [e for e in experts if not 0 <= e < layout.num_experts]
+            if bad or layout.num_experts - len(set(experts)) < layout.top_k:
+                raise ValueError(f"plans[{i}] prunes {experts} at layer {L}: experts must be ids in "
+                                 f"[0, {layout.num_experts - 1}] leaving at least top-k = {layout.top_k}")
     blobs = [json.dumps({int(L): sorted(int(e) for e in v) for L, v in p.items()}, sort_keys=True) for p in plans]
     distinct = list(dict.fromkeys(blobs))
     chunks = [distinct[i:i + plans_per_chunk] for i in range(0, len(distinct), plans_per_chunk)]

@@ -139,6 +139,24 @@ def is_up_to_date(stem: str, parameters: dict | None = None, *, book_dir: Path =
     return meta.get("execution_key") == execution_key(stem, parameters)
 
 
+def _check_device(stem: str, device) -> None:
+    """A CUDA ``device`` on a machine whose torch sees no CUDA device is refused before the kernel
+    starts (importing torch costs about a second, so only when CUDA is asked for)."""
+    if not (isinstance(device, str) and device.startswith("cuda")):
+        return
+    import torch  # noqa: PLC0415
+
+    from .params import ParameterError  # noqa: PLC0415
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(device.split(":")[1]) if ":" in device else 0
+    if index >= n:
+        raise ParameterError(stem, [f"device={device!r} is refused: this torch ({torch.__version__}) sees "
+                                    f"{n} CUDA device(s). Allowed: cpu, or cuda/cuda:<index> below {n}"
+                                    if n else f"device={device!r} is refused: this torch ({torch.__version__}) sees "
+                                    "no CUDA device. Allowed here: cpu"])
+
+
 def execute_chapter(stem: str, parameters: dict | None = None, *, book_dir: Path = BOOK, log=print) -> Path:
     """Execute ``notebooks/<stem>.py`` with ``parameters`` into ``<book_dir>/<stem>.ipynb``."""
     import jupytext  # noqa: PLC0415
@@ -152,6 +170,7 @@ def execute_chapter(stem: str, parameters: dict | None = None, *, book_dir: Path
     from .params import validate  # noqa: PLC0415
 
     validate(stem, {**known, **parameters})  # ParameterError (a ValueError): one line, before any work
+    _check_device(stem, {**known, **parameters}.get("device"))
     if "corpus" in known:  # WikiText-2 missing fails here, in seconds, not after the kernel has started
         import warnings  # noqa: PLC0415
 

@@ -295,18 +295,19 @@ class TokenizedCorpus:
         """Right-padded ``(input_ids, attention_mask)`` LongTensors (len(seq_ids), width) for the given
         sequences; ``width`` is ``length`` or the longest selected sequence (longer ones are cut).
         ``IndexError`` for a sequence id outside ``[0, len(self))`` (negative ids do not wrap);
-        ``ValueError`` for no ids or ``length < 1``."""
+        ``TypeError`` for ids that are not integers (see :func:`integer_ids`); ``ValueError`` for no
+        ids or ``length < 1``."""
         import torch  # noqa: PLC0415
 
-        seq_ids = [int(i) for i in seq_ids]
+        seq_ids = integer_ids(seq_ids, "seq_ids")
         if not seq_ids:
             raise ValueError("seq_ids is empty")
         bad = [i for i in seq_ids if not 0 <= i < len(self.sequences)]
         if bad:
             raise IndexError(f"sequence id(s) {bad[:5]} out of range: the corpus has {len(self.sequences)} sequences "
                              f"(ids 0..{len(self.sequences) - 1})")
-        if length is not None and length < 1:
-            raise ValueError(f"length must be >= 1, got {length}")
+        if length is not None and (not _is_integer(length) or length < 1):
+            raise ValueError(f"length must be an integer >= 1, got {length!r}")
         seqs = [self.sequences[i] for i in seq_ids]
         width = length or max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -328,6 +329,24 @@ class TokenizedCorpus:
             h.update(s.tobytes())
             h.update(b"|")
         return h.hexdigest()[:16]
+
+
+def _is_integer(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def integer_ids(values, name: str) -> list[int]:
+    """``values`` as a list of Python ints, refusing what would be coerced silently: a string
+    (``"12"`` is not ids 1 and 2), floats (``1.7``), booleans, and non-integer items.
+    ``TypeError`` naming ``name`` and the first offending item."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise TypeError(f"{name} must be a sequence of integer ids, got {values!r}")
+    out = []
+    for v in values:
+        if not _is_integer(v):
+            raise TypeError(f"{name} must hold integer ids, got {v!r} ({type(v).__name__})")
+        out.append(int(v))
+    return out
 
 
 def load_eval_corpus(tokenizer, *, corpus: str | os.PathLike | CorpusSource = "auto", n_texts: int = 100,

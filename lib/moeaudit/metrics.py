@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from .corpus import integer_ids
 from .engine import CleanPass, routing_in_trace
 
 METRICS = ("utilization_rate", "activation_norm", "mean_routing_weight", "activation_std")
@@ -116,7 +117,7 @@ def pruning_criteria(clean: CleanPass, *, num_experts: int, seq_ids=None, layers
     if seq_ids is None:
         keep = np.ones(len(clean.tokens), bool)
     else:
-        ids = [int(i) for i in seq_ids]
+        ids = integer_ids(seq_ids, "seq_ids")
         n_seq = len(clean.offsets)
         bad = [i for i in ids if not 0 <= i < n_seq]
         if bad or not ids:

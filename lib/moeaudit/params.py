@@ -181,8 +181,16 @@ def _check_data_dir(value):
 
 
 def _check_results_dir(value):
-    if value is not None and Path(value).expanduser().exists() and not Path(value).expanduser().is_dir():
+    if value is None:
+        return value
+    path = Path(value).expanduser()
+    if path.exists() and not path.is_dir():
         raise ValueError("it exists and is not a directory")
+    existing = next(p for p in (path, *path.parents) if p.exists())  # the folder it would be created in
+    if not existing.is_dir():
+        raise ValueError(f"{existing} is a file, so the directory cannot be created")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{existing} is not writable")
     return value
 
 
@@ -198,7 +206,8 @@ Layers = Annotated[Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length
 NPositions = Annotated[int, _allowed(
     f"an integer >= {MIN_POSITIONS} (the paired t-test, the Wilcoxon test and the interval of d_z need at least "
     f"{MIN_POSITIONS} positions; at most the corpus's valid positions, checked once it is tokenized)", ge=MIN_POSITIONS)]
-Seed = Annotated[int, _allowed("an integer >= 0 (numpy's generator takes no negative seed)", ge=0)]
+Seed = Annotated[int, _allowed("an integer from 0 to 2**63 - 1 (numpy's generator takes no negative seed; records "
+                               "store it as a 64-bit integer)", ge=0, le=2**63 - 1)]
 Mode = Annotated[Literal[MODES], _allowed(_one_of(MODES))]
 Modes = Annotated[list[Literal[MODES]], AfterValidator(_distinct), _allowed(
     "both intervention definitions, each once, as a list: -p modes '[\"token\", \"sequence\"]'",
@@ -524,8 +533,10 @@ class PredictorsAndPruning(ChapterParameters):
     n_boot: NBoot
     per_layer_sweep: Annotated[bool, _allowed("true or false")]
     n_random_draws_per_layer: Count
-    bf_prior_r: Annotated[float, _allowed("a number > 0 (scale of the Cauchy prior)", gt=0)]
-    bf_prior_r_narrow: Annotated[float, _allowed("a number > 0 (scale of the Cauchy prior)", gt=0)]
+    bf_prior_r: Annotated[float, _allowed("a number > 0 and <= 10 (scale of the Cauchy prior, in d_z units)", gt=0,
+                                          le=10)]
+    bf_prior_r_narrow: Annotated[float, _allowed("a number > 0 and <= 10 (scale of the Cauchy prior, in d_z units)",
+                                                 gt=0, le=10)]
     corpus: Corpus
     text_form: TextForm
     data_dir: DataDir

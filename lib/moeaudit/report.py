@@ -601,6 +601,8 @@ def premise_phrase(records: pd.DataFrame) -> str:
     every batch's clean row routed as the clean pass did. Counts come from ``records``."""
     from .engine import premise_failures  # noqa: PLC0415
 
+    if len(records) == 0:
+        return "there are no records to check"
     c = premise_failures(records, by=()).iloc[0]
     n, failed = int(c.n_records), int(c.n_failed)
     if failed == 0:
@@ -625,8 +627,10 @@ def strategy_spread_text(spreads: dict, dtype: str) -> str:
                          f"fails for {plural(s['premise_failed_kv'], 'record')} of the cached path and "
                          f"{s['premise_failed_full']:,} of the re-run in {dtype}")
             continue
+        flips = ("no two non-zero effects to compare signs" if s["sign_flips"] != s["sign_flips"]
+                 else f"{s['sign_flips']:.1%} of the signs flip")
         parts.append(f"{name}: at most {s['max_abs_diff']:.3g} nats apart (median {s['median_abs_diff']:.2g}) over "
-                     f"{s['matched']:,} matched ablations, {s['sign_flips']:.1%} of the signs flip, and the premise "
+                     f"{s['matched']:,} matched ablations, {flips}, and the premise "
                      f"check fails for {plural(s['premise_failed_kv'], 'record')} of the cached path and "
                      f"{s['premise_failed_full']:,} of the re-run in {dtype}")
     return "; ".join(parts)

@@ -76,6 +76,9 @@ CORRECTIONS: dict[str, str] = {"bonf": "bonferroni", "holm": "holm", "bh": "fdr_
 #: Fewest pairs for which :func:`paired_effect` tests a cell: the exact interval of d_z
 #: (:func:`dz_confidence_interval`) needs ``n - 1 >= 2`` degrees of freedom.
 MIN_PAIRS = 3
+#: A cell whose differences spread by at most this fraction of its largest |value| is untested:
+#: eight float32 rounding units (2**-23 each), the noise of a difference of float32 losses.
+ROUNDING_SD = 8 * 2.0 ** -23
 
 
 def _float_vector(x) -> np.ndarray:
@@ -113,7 +116,14 @@ def _degenerate_reason(h: np.ndarray, lo: np.ndarray, d: np.ndarray) -> str:
         return bad
     if d.size < MIN_PAIRS:
         return f"too few pairs (n = {d.size}; the tests need at least {MIN_PAIRS})"
-    if float(np.std(d, ddof=1)) == 0.0:
+    if not np.all(np.isfinite(d)):
+        return "a paired difference overflows (high - low is not finite although both are)"
+    sd = float(np.std(d, ddof=1))
+    scale = float(max(np.abs(h).max(), np.abs(lo).max()))
+    if 0.0 < sd <= ROUNDING_SD * scale:
+        return (f"the {d.size} paired differences are equal up to rounding (sd(D) = {sd:.2g}, at most "
+                f"{ROUNDING_SD:.2g} times the largest |value| {scale:.3g}): d_z would measure rounding noise")
+    if sd == 0.0:
         if d[0] == 0.0:
             return (f"all {d.size} paired differences are zero: sd(D) = 0, so d_z and the t-test are undefined, and "
                     "the Wilcoxon test has no nonzero difference to rank")
@@ -125,7 +135,8 @@ def _degenerate_reason(h: np.ndarray, lo: np.ndarray, d: np.ndarray) -> str:
 def _paired_differences(high, low) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     h, lo = _float_vector(high), _float_vector(low)
     _same_length(h, lo, "high and low")
-    return h, lo, h - lo
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflowing difference is reported, not warned
+        return h, lo, h - lo
 
 
 def cohens_dz(d_values, *, ddof: int = 1) -> float:
@@ -202,8 +213,12 @@ def dz_confidence_interval(dz: float, n: int, *, ci: float = 0.95) -> tuple[floa
 def min_detectable_dz(n: int, *, alpha: float = 0.05, power: float = 0.8) -> float:
     """Smallest |d_z| a two-sided paired t test at level ``alpha`` detects with ``power``.
 
-    ``statsmodels.stats.power.TTestPower().solve_power(nobs=n, alpha=alpha, power=power)``.
+    ``statsmodels.stats.power.TTestPower().solve_power(nobs=n, alpha=alpha, power=power)``. A
+    ``power`` at or below ``alpha`` is reached by every effect, d_z = 0 included (the power at
+    d_z = 0 is ``alpha``): the answer is 0.
     """
+    if power <= alpha:
+        return 0.0
     return float(np.asarray(TTestPower().solve_power(
         effect_size=None, nobs=n, alpha=alpha, power=power, alternative="two-sided"
     )).reshape(-1)[0])
@@ -535,6 +550,9 @@ def audit_table(
     missing = [c for c in [*by, high_col, low_col] if c not in records.columns]
     if missing:
         raise KeyError(f"records lacks columns {missing}")
+    unnamed = [c for c in by if records[c].isna().any()]
+    if unnamed:
+        raise ValueError(f"records have missing values in the cell columns {unnamed}: every row must name its cell")
 
     cells = records[by].drop_duplicates().reset_index(drop=True)
     if fam:
@@ -612,7 +630,8 @@ def spearman(
 
     Where rho is undefined -- fewer than 3 pairs, a NaN or infinite value, or a constant ``x``
     or ``y`` (no ranks to correlate) -- ``rho``, ``p`` and the interval are NaN and ``reason``
-    says why (``""`` otherwise); no exception. ``ValueError`` for ``x`` and ``y`` of different
+    says why (``""`` otherwise); no exception. Where rho is defined but the bootstrap interval is
+    not, the interval is NaN and ``reason`` says so. ``ValueError`` for ``x`` and ``y`` of different
     lengths or ``ci`` outside (0, 1).
     """
     xa, ya = _float_vector(x), _float_vector(y)
@@ -632,19 +651,30 @@ def spearman(
     def rho(a, b, axis=-1):
         return stats.pearsonr(stats.rankdata(a, axis=axis), stats.rankdata(b, axis=axis), axis=axis).statistic
 
-    boot = stats.bootstrap((xa, ya), rho, paired=True, vectorized=True, n_resamples=n_boot,
-                           confidence_level=ci, method=method, rng=np.random.default_rng(seed))
+    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+        warnings.simplefilter("ignore", stats.DegenerateDataWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)  # an undefined acceleration is reported in `reason`
+        boot = stats.bootstrap((xa, ya), rho, paired=True, vectorized=True, n_resamples=n_boot,
+                               confidence_level=ci, method=method, rng=np.random.default_rng(seed))
+    low, high = float(boot.confidence_interval.low), float(boot.confidence_interval.high)
+    why = "" if np.isfinite(low) and np.isfinite(high) else (
+        "the bootstrap interval is undefined (resamples with a constant column, or a perfect correlation, "
+        "leave rho or its acceleration undefined)")
     return pd.DataFrame([{
         "n": int(xa.size),
         "rho": float(res.statistic),
         "p": float(res.pvalue),
-        "ci_low": float(boot.confidence_interval.low),
-        "ci_high": float(boot.confidence_interval.high),
+        "ci_low": low,
+        "ci_high": high,
         "ci_level": float(ci),
         "n_boot": int(n_boot),
         "ci_method": method,
-        "reason": "",
+        "reason": why,
     }])
+
+
+#: Largest Cauchy prior scale accepted by :func:`jzs_bayes_factor` (conventional scales are 0.5 to 1.414).
+MAX_PRIOR_R = 10.0
 
 
 def jzs_bayes_factor(d_values, *, r: float = 0.707) -> float:
@@ -656,15 +686,20 @@ def jzs_bayes_factor(d_values, *, r: float = 0.707) -> float:
     2009). ``BF10 > 1`` favours an effect, ``BF10 < 1`` favours the null.
 
     NaN where the t statistic is undefined: fewer than 2 differences, a NaN or infinite value,
-    or all differences equal (``sd = 0``). ``ValueError`` for a prior scale ``r <= 0``.
+    or all differences equal (``sd = 0``); ``inf`` where ``t`` is so large that pingouin's integral
+    underflows. ``ValueError`` for a prior scale outside ``(0, MAX_PRIOR_R]``.
     """
-    if not r > 0:
-        raise ValueError(f"r must be > 0, got {r!r}")
+    if not 0 < r <= MAX_PRIOR_R:
+        raise ValueError(f"r must be in (0, {MAX_PRIOR_R:g}] (the scale of the Cauchy prior in d_z units), got {r!r}")
     d = _float_vector(d_values)
     if d.size < 2 or not np.all(np.isfinite(d)) or float(np.std(d, ddof=1)) == 0.0:
         return float("nan")
     t = float(stats.ttest_1samp(d, 0.0).statistic)
-    return float(pingouin.bayesfactor_ttest(t, int(d.size), paired=True, r=r))
+    try:
+        return float(pingouin.bayesfactor_ttest(t, int(d.size), paired=True, r=r))
+    except (ZeroDivisionError, OverflowError):
+        # pingouin's integral underflows for an overwhelming t; BF10 grows without bound in |t|
+        return float("inf")
 
 
 def spearman_defined(x, y) -> tuple[float, float, int]:
@@ -712,7 +747,8 @@ def dz_difference_ci(d1, d2, *, n_boot: int = 2000, seed: int = 0, ci: float = 0
     ``numpy.random.default_rng(seed)``), ``d_z = mean / std(ddof=1)``. BCa interval, or the
     percentile interval where BCa is degenerate. ``(0.0, 0.0)`` when ``d1`` and ``d2`` are
     identical (and d_z is defined). ``(nan, nan)`` where a d_z is undefined: fewer than
-    :data:`MIN_PAIRS` positions, a NaN or infinite value, or a constant ``d1`` or ``d2``.
+    :data:`MIN_PAIRS` positions, a NaN or infinite value, a constant ``d1`` or ``d2``, or so
+    many ties that the resampled d_z are undefined too.
     ``ValueError`` for ``d1`` and ``d2`` of different lengths or ``ci`` outside (0, 1).
     """
     a, b = _float_vector(d1), _float_vector(d2)
@@ -725,8 +761,9 @@ def dz_difference_ci(d1, d2, *, n_boot: int = 2000, seed: int = 0, ci: float = 0
         return 0.0, 0.0
 
     def diff(x, y, axis=-1):
-        return (np.mean(x, axis=axis) / np.std(x, axis=axis, ddof=1)
-                - np.mean(y, axis=axis) / np.std(y, axis=axis, ddof=1))
+        with np.errstate(divide="ignore", invalid="ignore"):  # constant resamples give NaN, handled below
+            return (np.mean(x, axis=axis) / np.std(x, axis=axis, ddof=1)
+                    - np.mean(y, axis=axis) / np.std(y, axis=axis, ddof=1))
 
     kw = dict(paired=True, vectorized=True, n_resamples=n_boot, confidence_level=ci)
     with warnings.catch_warnings():
@@ -734,7 +771,10 @@ def dz_difference_ci(d1, d2, *, n_boot: int = 2000, seed: int = 0, ci: float = 0
         try:
             res = stats.bootstrap((a, b), diff, method="BCa", rng=np.random.default_rng(seed), **kw)
         except stats.DegenerateDataWarning:
-            res = stats.bootstrap((a, b), diff, method="percentile", rng=np.random.default_rng(seed), **kw)
+            try:
+                res = stats.bootstrap((a, b), diff, method="percentile", rng=np.random.default_rng(seed), **kw)
+            except stats.DegenerateDataWarning:  # resamples with a constant column: d_z undefined in them
+                return float("nan"), float("nan")
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
@@ -774,7 +814,9 @@ def family_verdicts(table: pd.DataFrame, *, by: str = "model", alpha: float = 0.
     ``max_abs_dz`` (over the tested cells; NaN if none), ``share_positive`` (fraction of the
     *tested* cells with d_z > 0: a valid ranking makes d_z positive; NaN if none),
     ``min_detectable_dz`` (at the Bonferroni level, from the first cell where it is defined).
-    ``KeyError`` if ``table`` lacks the columns :func:`audit_table` adds.
+    ``KeyError`` if ``table`` lacks the columns :func:`audit_table` adds; ``ValueError`` if the
+    groups of ``by`` are not the table's families (a group's cell count differs from its
+    ``family_size``), since the counts and levels would describe neither.
     """
     need = [by, "family_size", "p_t", "cohens_dz", "sig_t_bonf", "sig_W_bonf", "sig_dual_bonf", "sig_dual_holm",
             "sig_dual_bh", "equivalent", "mde_dz"]
@@ -782,6 +824,14 @@ def family_verdicts(table: pd.DataFrame, *, by: str = "model", alpha: float = 0.
     if missing:
         raise KeyError(f"table lacks columns {missing}")
     _check_level(alpha, "alpha")
+    sizes = table.groupby(by, sort=False).agg(rows=("family_size", "size"), low=("family_size", "min"),
+                                              high=("family_size", "max"))
+    off = sizes[(sizes.low != sizes.high) | (sizes.low != sizes.rows)]
+    if len(off):
+        g = off.index[0]
+        raise ValueError(f"the families of this table are not its {by!r} groups ({by} {g!r} has {off.rows.iloc[0]} "
+                         f"cells but family sizes {off.low.iloc[0]}..{off.high.iloc[0]}); build it with "
+                         f"audit_table(family=({by!r},)) or count verdicts by the family columns")
     untested = table.index.isin(untested_cells(table).index)
     table = table.assign(_untested=untested, _tested_dz=table.cohens_dz.where(~untested))
     flags = ["sig_t_bonf", "sig_W_bonf", "sig_dual_bonf", "sig_dual_holm", "sig_dual_bh", "equivalent"]
