@@ -341,3 +341,9 @@ def test_reference_catches_an_ablation_that_also_renormalises(monkeypatch):
     r = rec.iloc[0]
     ref, _ = reference_delta(model, corpus.sequences[r.seq_id], layer=r.layer, removed=r.removed, t=r.t, mode="token")
     assert abs(r.delta_loss - ref) > TOL
+
+
+def test_readme_lists_the_audited_families():
+    from moeaudit.families import supported_line
+
+    assert supported_line() in (ROOT / "README.md").read_text()

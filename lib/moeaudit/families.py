@@ -289,3 +289,9 @@ if __name__ == "__main__":
     import nnsight  # noqa: F401  (must precede transformers.models.* imports)
 
     sys.stdout.write(families_table())
+
+
+def supported_line() -> str:
+    """The sentence of the README that lists the audited families (checked by tests/test_contract.py)."""
+    return (f"Audited families ({len(FAMILIES)} model_types, each passing `tests/test_contract.py`): "
+            + ", ".join(f"`{mt}`" for mt in sorted(FAMILIES)) + ".")
