@@ -200,3 +200,26 @@ def test_cuda_device_is_refused_where_torch_sees_none():
         pytest.skip("this machine has a CUDA device")
     with pytest.raises(params.ParameterError, match="no CUDA device"):
         _check_device("04_audit", "cuda")
+
+
+# ----------------------------------------------------------------------------------- the cache key of a model
+def test_fingerprint_sees_every_weight_change_but_not_the_location(tmp_path):
+    """Swapping two experts keeps every tensor's shape and sum: the fingerprint must still change
+    (it keys cached clean passes and records). Saving the same weights elsewhere keeps it."""
+    import torch
+
+    from moeaudit.audit import model_fingerprint
+    from moeaudit.models import load_model
+    from moeaudit.testing import save_tiny_checkpoint, tiny_random_model
+
+    m = tiny_random_model("olmoe", seed=3)
+    save_tiny_checkpoint(m, tmp_path / "a")
+    save_tiny_checkpoint(m, tmp_path / "b")
+    a, b = load_model(str(tmp_path / "a")), load_model(str(tmp_path / "b"))
+    assert model_fingerprint(a) == model_fingerprint(b)
+    ex = b.hf.model.layers[1].mlp.experts
+    with torch.no_grad():
+        ex.gate_up_proj[[0, 1]] = ex.gate_up_proj[[1, 0]].clone()
+        ex.down_proj[[0, 1]] = ex.down_proj[[1, 0]].clone()
+    assert float(ex.gate_up_proj.sum()) == pytest.approx(float(a.hf.model.layers[1].mlp.experts.gate_up_proj.sum()))
+    assert model_fingerprint(a) != model_fingerprint(b)
