@@ -211,3 +211,68 @@ def test_pruning_criteria_check_their_selection(olmoe):
             pruning_criteria(clean, num_experts=E_, seq_ids=ids)
     with pytest.raises(ValueError, match="not recorded"):
         pruning_criteria(clean, num_experts=E_, layers=[99])
+
+
+@pytest.mark.parametrize("family", ["olmoe", "deepseek_v2"])
+def test_a_sliding_window_key_the_family_ignores_is_ignored(family):
+    """OLMoE and DeepSeek-V2 attention has no window: a ``sliding_window`` key in their config
+    changes nothing in the model, so the packed step must not apply one either."""
+    model = tiny_random_model(family, seed=1, sliding_window=WINDOW)
+    assert E.attention_window(model) == (None, False)
+    corpus = random_token_corpus(n_seqs=3, length=20, seed=3)
+    clean = E.clean_pass(model, corpus, progress=False)
+    req = _requests(clean, model.layout.moe_layers)
+    kv = E.run_ablations(model, corpus, clean, req, strategy="kv", progress=False)
+    full = E.run_ablations(model, corpus, clean, req, strategy="full", progress=False)
+    np.testing.assert_allclose(kv.delta_loss, full.delta_loss, atol=TOL, rtol=0)
+    rows = clean.row(kv.seq_id.to_numpy(), kv.t.to_numpy())
+    np.testing.assert_allclose(kv.clean_loss, clean.tokens.loss.to_numpy()[rows], atol=TOL, rtol=0)
+
+
+# ------------------------------------------------------------------------------- arguments
+@pytest.mark.parametrize("removed,error,match", [
+    ([-1], ValueError, "outside"), ([99], ValueError, "outside"), ([7.9], TypeError, "integer ids"),
+    ("7", TypeError, "integer ids"), ([True], TypeError, "integer ids"),
+])
+def test_removed_experts_must_be_ids_of_this_model(olmoe, removed, error, match):
+    model, corpus, clean = olmoe
+    req = pd.DataFrame({"seq_id": [0], "t": [3], "layer": [0], "removed": [removed]})
+    with pytest.raises(error, match=match):
+        E.run_ablations(model, corpus, clean, req, require_active=False, progress=False)
+
+
+@pytest.mark.parametrize("col,value", [("seq_id", 1.0), ("t", 2.5), ("layer", True)])
+def test_request_positions_must_be_integers(olmoe, col, value):
+    model, corpus, clean = olmoe
+    req = pd.DataFrame({"seq_id": [0], "t": [3], "layer": [0], "removed": [[int(clean.active(0, 3, 0)[0])]]})
+    req[col] = [value]
+    with pytest.raises(TypeError, match=f"column '{col}' must hold integers"):
+        E.run_ablations(model, corpus, clean, req, progress=False)
+
+
+@pytest.mark.parametrize("kw", [{"scale": 1.0}, {"scale": float("nan")}, {"scale": -5}, {"scale": "0"},
+                                {"batch_size": 2.5}, {"seq_batch": True}])
+def test_run_arguments_are_checked(olmoe, kw):
+    model, corpus, clean = olmoe
+    req = pd.DataFrame({"seq_id": [0], "t": [3], "layer": [0], "removed": [[int(clean.active(0, 3, 0)[0])]]})
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        E.run_ablations(model, corpus, clean, req, progress=False, **kw)
+
+
+@pytest.mark.parametrize("kw,error", [({"experts": [99]}, ValueError), ({"experts": [-1]}, ValueError),
+                                      ({"experts": []}, ValueError), ({"layer": 1.0}, TypeError),
+                                      ({"layer": True}, TypeError), ({"t": 2.5}, TypeError), ({"t": True}, TypeError)])
+def test_trace_ablation_checks_its_arguments(olmoe, kw, error):
+    model, corpus, _ = olmoe
+    args = {"layer": 0, "experts": [1], "t": 2, **kw}
+    with pytest.raises(error):
+        E.trace_ablation(model, corpus.sequences[0], **args)
+    with pytest.raises(TypeError, match="1-D sequence of integer"):
+        E.trace_ablation(model, np.asarray(corpus.sequences[0], dtype=float), layer=0, experts=[1], t=2)
+
+
+def test_clean_pass_layer_must_be_an_integer(olmoe):
+    _, _, clean = olmoe
+    for bad in (1.0, True):
+        with pytest.raises(TypeError, match="layer must be an integer"):
+            clean.active(0, 1, bad)

@@ -22,7 +22,7 @@ import torch
 from . import __version__
 from .corpus import (TEXT_FORMS, CorpusSource, TokenizedCorpus, integer_ids, load_eval_corpus, resolve_corpus,
                      sample_positions)
-from .engine import CleanPass, clean_pass, run_ablations
+from .engine import CleanPass, clean_pass, resolve_strategy, run_ablations
 from .metrics import METRICS, ROUTING_WEIGHT, check_rankings, observational_metrics
 from .models import AuditModel, load_model
 from .paths import results_dir as resolve_results_dir
@@ -181,7 +181,8 @@ def _seq_chunks(positions: pd.DataFrame, per_chunk: int) -> list[list[int]]:
 
 def _ablation_records(ctx: AuditContext, kind: str, requests: pd.DataFrame, params: dict, *, mode: str,
                       batch_size: int, seq_per_chunk: int, progress, downstream: bool = False,
-                      strategy: str = "kv") -> pd.DataFrame:
+                      strategy: str = "auto") -> pd.DataFrame:
+    strategy = resolve_strategy(ctx.model, mode=mode, strategy=strategy)  # the key names what is run
     full = {**ctx.provenance, **params, "mode": mode, "kind": kind, "downstream": downstream, "strategy": strategy}
     chunks = _seq_chunks(requests, seq_per_chunk)
 
@@ -201,14 +202,15 @@ def audit_positions(ctx: AuditContext, *, n_positions: int, seed: int, min_conte
 
 def single_expert_records(ctx: AuditContext, *, layers, n_positions: int, seed: int, mode: str = "token",
                           min_context: int = 0, batch_size: int = 64, seq_per_chunk: int = 8,
-                          downstream: bool = False, strategy: str = "kv",
+                          downstream: bool = False, strategy: str = "auto",
                           progress: bool | None = None) -> pd.DataFrame:
     """Ablate every active routed expert, one at a time, at each sampled position and layer.
 
     ``downstream=True`` also records how much later MoE layers restore the removed contribution;
     ``strategy`` says how token mode is executed (``"kv"``: packed steps on the clean cache;
-    ``"full"``: the prefix re-run); see :func:`moeaudit.engine.run_ablations`. Both are part of
-    the cache key. ``ValueError`` for an empty or repeated ``layers``, a layer that is not an MoE
+    ``"full"``: the prefix re-run; ``"auto"``, the default: ``"kv"`` where the model's attention
+    allows it); see :func:`moeaudit.engine.run_ablations`. Both are part of the cache key (the
+    strategy as resolved). ``ValueError`` for an empty or repeated ``layers``, a layer that is not an MoE
     layer, or ``seq_per_chunk < 1``; ``TypeError`` for non-integer layers. Rows come in layer order
     whatever the order of ``layers``."""
     layers = _audit_layers(ctx, layers)

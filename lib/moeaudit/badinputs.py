@@ -192,6 +192,7 @@ def library_cases() -> list[tuple[str, object]]:
 
     import numpy as np  # noqa: PLC0415
     import pandas as pd  # noqa: PLC0415
+    import torch  # noqa: PLC0415
 
     from . import engine as E  # noqa: PLC0415
     from . import stats  # noqa: PLC0415
@@ -206,9 +207,12 @@ def library_cases() -> list[tuple[str, object]]:
         return E.run_ablations(model, corpus, clean, req, progress=False, **kw)
 
     def linear_attention():
-        m = copy.deepcopy(model)
+        from .testing import tiny_random_model  # noqa: PLC0415
+
+        m = tiny_random_model("qwen2_moe", seed=1)  # a family that reads one mask per layer type
+        c = E.clean_pass(m, corpus, progress=False)
         m.hf.config.layer_types = ["linear_attention", "full_attention", "full_attention"]
-        return E.run_ablations(m, corpus, clean, _request(clean), strategy="kv", progress=False)
+        return E.run_ablations(m, corpus, c, _request(c), strategy="kv", progress=False)
 
     def flash():
         m = copy.deepcopy(model)
@@ -264,6 +268,31 @@ def library_cases() -> list[tuple[str, object]]:
         worst = max(float(np.abs(off.routing[L]["norm"] - clean.routing[L]["norm"]).max()) for L in clean.routing)
         return f"expert-output norms equal to the plain load's (largest difference {worst:g})"
 
+    def stray_window():
+        from .testing import tiny_random_model  # noqa: PLC0415
+
+        m = tiny_random_model("olmoe", seed=2, num_experts=8, top_k=3, sliding_window=4)
+        c = E.clean_pass(m, corpus, progress=False)
+        req = pd.concat([_request(c, seq_id=0, t=t) for t in (2, 9, 13)], ignore_index=True)
+        kv, full = (E.run_ablations(m, corpus, c, req, strategy=s, progress=False) for s in ("kv", "full"))
+        return (f"the key is ignored, as OLMoE's attention ignores it: kv and full agree within 1e-5 nats: "
+                f"{bool((kv.delta_loss - full.delta_loss).abs().max() < 1e-5)}")
+
+    def swapped_experts():
+        from .audit import model_fingerprint  # noqa: PLC0415
+
+        m = copy.deepcopy(model)
+        ex = m.hf.model.layers[1].mlp.experts
+        with torch.no_grad():
+            ex.gate_up_proj[[0, 1]] = ex.gate_up_proj[[1, 0]].clone()
+            ex.down_proj[[0, 1]] = ex.down_proj[[1, 0]].clone()
+        return f"the fingerprint changes: {model_fingerprint(m) != model_fingerprint(model)}"
+
+    def rounding_cell():
+        low = np.random.default_rng(0).normal(1.0, 0.2, 30).astype(np.float32)
+        high = (low + np.float32(0.1)).astype(np.float32)
+        return stats.paired_effect(high.astype(np.float64), low.astype(np.float64))
+
     return [
         (f"CleanPass.active(1, {n1}, 0) (text 1 has {n1} tokens)", lambda: clean.active(1, n1, 0)),
         ("CleanPass.row(-1, 0)", lambda: clean.row(-1, 0)),
@@ -276,6 +305,10 @@ def library_cases() -> list[tuple[str, object]]:
         ("engine.run_ablations removing an expert not routed at t",
          lambda: run(_request(clean, removed=[next(e for e in range(8) if e not in clean.active(0, 3, 0))]))),
         ("engine.run_ablations(batch_size=1)", lambda: run(_request(clean), batch_size=1)),
+        ("engine.run_ablations(removed=[-1], require_active=False)",
+         lambda: run(_request(clean, removed=[-1]), require_active=False)),
+        ("engine.run_ablations(scale=1.0) (keeps the whole contribution)", lambda: run(_request(clean), scale=1.0)),
+        ("engine.run_ablations(strategy='kv') on an OLMoE config with a stray sliding_window=4", stray_window),
         ("engine.run_ablations(strategy='kv') on a model with a linear-attention layer", linear_attention),
         ("engine.run_ablations(strategy='kv') with attn_implementation='flash_attention_2'", flash),
         ("engine.trace_ablation(model, ids, layer=0, experts=[1], t=2, mode='tokens')",
@@ -288,6 +321,9 @@ def library_cases() -> list[tuple[str, object]]:
          lambda: stats.paired_effect(np.arange(5.0), np.zeros(5), n_tests=0)),
         ("stats.paired_effect on five pairs whose differences are all equal",
          lambda: stats.paired_effect(np.arange(5.0) + 1, np.arange(5.0))),
+        ("stats.paired_effect on 30 float32 pairs whose differences are 0.1 up to rounding", rounding_cell),
+        ("audit.model_fingerprint after swapping two experts (every tensor keeps its shape and sum)",
+         swapped_experts),
         ("a clean pass that disagrees with the routing of the ablating forward (a near-tie rounded the other "
          "way in reduced precision)", disagreeing_clean_pass),
         ("store.cached_records interrupted after three chunks of 2 items, resumed with chunks of 8", resumed_store),

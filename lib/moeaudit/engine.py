@@ -38,7 +38,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from .corpus import TokenizedCorpus
+from .corpus import TokenizedCorpus, integer_ids
 from .models import AuditModel
 
 ABLATION_MODES = ("token", "sequence")
@@ -255,6 +255,8 @@ class CleanPass:
         return self.offsets[seq] + pos
 
     def _layer(self, layer: int) -> dict[str, np.ndarray]:
+        if not isinstance(layer, (int, np.integer)) or isinstance(layer, (bool, np.bool_)):
+            raise TypeError(f"layer must be an integer, got {layer!r}")
         if layer not in self.routing:
             raise ValueError(f"layer={layer} was not recorded in the clean pass (recorded: {sorted(self.routing)})")
         return self.routing[layer]
@@ -331,25 +333,44 @@ def clean_pass(model: AuditModel, corpus: TokenizedCorpus, *, layers=None, batch
 # --------------------------------------------------------------------------------------------
 # Ablations
 # --------------------------------------------------------------------------------------------
-def validate_requests(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, requests: pd.DataFrame,
-                      *, mode: str, strategy: str = "kv", require_active: bool = True) -> tuple[pd.DataFrame, str]:
-    """Check every requested ablation; raise a ``ValueError`` naming the parameter otherwise."""
+def resolve_strategy(model: AuditModel, *, mode: str, strategy: str) -> str:
+    """The strategy actually run: sequence mode always re-runs the prefix (``"full"``: it changes
+    earlier positions too, so the clean cache cannot be reused); ``"auto"`` is ``"kv"`` where
+    :func:`packed_step_supported`, else ``"full"``. ``ValueError`` for an unknown mode or
+    strategy."""
     if mode not in ABLATION_MODES:
         raise ValueError(f"mode={mode!r} is not one of {ABLATION_MODES}")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r} is not one of {STRATEGIES}")
     if mode == "sequence" and strategy in ("kv", "auto"):
-        strategy = "full"  # sequence mode changes earlier positions too: the cache cannot be reused
+        return "full"
     if strategy == "auto":
-        strategy = "kv" if packed_step_supported(model) else "full"
+        return "kv" if packed_step_supported(model) else "full"
+    return strategy
+
+
+def validate_requests(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, requests: pd.DataFrame,
+                      *, mode: str, strategy: str = "kv", require_active: bool = True) -> tuple[pd.DataFrame, str]:
+    """Check every requested ablation; raise a ``ValueError`` naming the parameter otherwise."""
+    if mode not in ABLATION_MODES:
+        raise ValueError(f"mode={mode!r} is not one of {ABLATION_MODES}")
+    strategy = resolve_strategy(model, mode=mode, strategy=strategy)
     missing = {"seq_id", "t", "layer", "removed"} - set(requests.columns)
     if missing:
         raise ValueError(f"requests lack columns {sorted(missing)}")
     req = requests.reset_index(drop=True).copy()
-    req["removed"] = [tuple(int(e) for e in np.atleast_1d(r)) for r in req["removed"]]
+    for col in ("seq_id", "t", "layer"):
+        if not (pd.api.types.is_integer_dtype(req[col]) and not pd.api.types.is_bool_dtype(req[col])):
+            raise TypeError(f"requests column {col!r} must hold integers, got dtype {req[col].dtype}")
+    E = model.layout.num_experts
+    req["removed"] = [tuple(integer_ids(np.atleast_1d(r).tolist() if not isinstance(r, str) else r, "removed"))
+                      for r in req["removed"]]
     lengths = corpus.lengths
     for row in req.itertuples(index=False):
         model.layout.check_layer(int(row.layer))
+        out_of_range = [e for e in row.removed if not 0 <= e < E]
+        if out_of_range:
+            raise ValueError(f"removed={list(row.removed)} holds expert ids outside [0, {E - 1}]: {out_of_range}")
         if not 0 <= row.seq_id < len(corpus):
             raise ValueError(f"seq_id={row.seq_id} is out of range: the corpus has {len(corpus)} sequences")
         n = int(lengths[row.seq_id])
@@ -431,8 +452,16 @@ def trace_ablation(model: AuditModel, token_ids, *, layer: int, experts, t: int,
     """
     if mode not in ABLATION_MODES:
         raise ValueError(f"mode={mode!r} is not one of {ABLATION_MODES}")
+    layer, t = (integer_ids([v], name)[0] for v, name in ((layer, "layer"), (t, "t")))
     model.layout.check_layer(layer)
-    ids = torch.as_tensor(np.asarray(token_ids), dtype=torch.long).reshape(-1)
+    arr = np.asarray(token_ids)
+    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"token_ids must be a 1-D sequence of integer token ids, got shape {arr.shape} of {arr.dtype}")
+    ids = torch.as_tensor(arr, dtype=torch.long)
+    experts = integer_ids(np.atleast_1d(experts).tolist(), "experts")
+    E = model.layout.num_experts
+    if not experts or len(set(experts)) != len(experts) or not all(0 <= e < E for e in experts):
+        raise ValueError(f"experts={experts} must be a non-empty set of distinct expert ids in [0, {E - 1}]")
     if not 0 <= t <= len(ids) - 2:
         raise ValueError(f"t={t} is out of range for a sequence of {len(ids)} tokens: use 0 <= t <= {len(ids) - 2}")
     removed = torch.as_tensor(np.atleast_1d(experts), dtype=torch.long)
@@ -473,18 +502,24 @@ def attention_window(model: AuditModel) -> tuple[int | None, bool]:
     ``t`` iff ``t - W < p <= t``), else ``None``; ``per_layer_type`` is True when the model reads one
     mask per entry of ``config.layer_types`` (``{"full_attention": ..., "sliding_attention": ...}``,
     e.g. Qwen2-MoE) and False when one mask serves every layer (Mixtral, Qwen3-MoE: the mask is
-    windowed iff ``config.sliding_window`` is set). ``ValueError`` naming ``strategy="full"`` for
-    attention types the packed step does not build (chunked, linear)."""
+    windowed iff ``config.sliding_window`` is set). Which of these a family does is its registry
+    entry's ``attention_masks`` (:data:`moeaudit.families.ATTENTION_MASKS`): a ``sliding_window``
+    key in the config of a family whose attention has no window (OLMoE, DeepSeek-V2, ...) is
+    ignored, as the model ignores it. ``ValueError`` naming ``strategy="full"`` for attention types
+    the packed step does not build (chunked, linear)."""
     cfg = model.hf.config
+    kind = model.layout.spec.attention_masks
+    if kind == "causal":
+        return None, False
     window = getattr(cfg, "sliding_window", None) or None
-    types = getattr(cfg, "layer_types", None)
-    if types:
-        other = sorted(set(types) - {"full_attention", "sliding_attention"})
-        if other:
-            raise ValueError(f"token mode with strategy='kv' builds full and sliding-window attention masks only; this "
-                             f"model also has {other} layers: use strategy='full'")
-        return (int(window) if window and "sliding_attention" in types else None), True
-    return (int(window) if window else None), False
+    if kind == "window_by_config":
+        return (int(window) if window else None), False
+    types = list(getattr(cfg, "layer_types", None) or [])
+    other = sorted(set(types) - {"full_attention", "sliding_attention"})
+    if other:
+        raise ValueError(f"token mode with strategy='kv' builds full and sliding-window attention masks only; this "
+                         f"model also has {other} layers: use strategy='full'")
+    return (int(window) if window and "sliding_attention" in types else None), True
 
 
 @dataclass
@@ -635,10 +670,17 @@ def run_ablations(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, 
     _refuse_inside_pruning(model)
     req, strategy = validate_requests(model, corpus, clean, requests, mode=mode, strategy=strategy,
                                       require_active=require_active)
-    if batch_size < 2:
-        raise ValueError(f"batch_size must be >= 2 (one clean row plus one ablation), got {batch_size}")
-    if seq_batch < 1:
-        raise ValueError(f"seq_batch must be >= 1, got {seq_batch}")
+    def _is_int(x):
+        return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+    if not _is_int(batch_size) or batch_size < 2:
+        raise ValueError(f"batch_size must be an integer >= 2 (one clean row plus one ablation), got {batch_size!r}")
+    if not _is_int(seq_batch) or seq_batch < 1:
+        raise ValueError(f"seq_batch must be an integer >= 1, got {seq_batch!r}")
+    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (int, float, np.integer, np.floating)) \
+            or not 0.0 <= float(scale) < 1.0:
+        raise ValueError(f"scale={scale!r} must be a number in [0, 1): the fraction of the removed experts' combine "
+                         "weights kept (0 removes them; 1 would remove nothing)")
     if len(req) == 0:
         raise ValueError("requests is empty")
     if strategy == "kv":

@@ -42,6 +42,11 @@ from dataclasses import dataclass, replace
 
 COMBINE_SITES = ("experts_input", "router_scores")
 ROUTING_WEIGHTS = ("softmax", "sigmoid")
+#: how a family's attention is masked, which the packed key/value step must reproduce:
+#: "causal" (no sliding window, whatever the config says), "window_by_config" (one mask for every
+#: layer, windowed iff ``config.sliding_window`` is set), "per_layer_type" (one mask per entry of
+#: ``config.layer_types``: full, sliding, or types a packed step cannot build)
+ATTENTION_MASKS = ("causal", "window_by_config", "per_layer_type")
 MOE_LAYER_RULES = ("all", "first_k_dense_replace", "mlp_only_layers", "mlp_layer_types", "moe_layers_list",
                    "moe_layer_range")
 
@@ -76,6 +81,7 @@ class FamilySpec:
     norm_topk_prob: bool | str = False  # True/False, or the config key holding it
     scaling_key: str | None = None  # config key of a factor multiplying every combine weight
     reroute: str | None = None  # how moeaudit.pruning re-runs the router: "softmax_topk", "softmax_topk_scaled"
+    attention_masks: str = "causal"  # one of ATTENTION_MASKS (read off the family's modeling code)
     note: str = ""
 
     def __post_init__(self):
@@ -83,6 +89,8 @@ class FamilySpec:
             raise ValueError(f"combine_site={self.combine_site!r} is not one of {COMBINE_SITES}")
         if self.routing_weight not in ROUTING_WEIGHTS:
             raise ValueError(f"routing_weight={self.routing_weight!r} is not one of {ROUTING_WEIGHTS}")
+        if self.attention_masks not in ATTENTION_MASKS:
+            raise ValueError(f"attention_masks={self.attention_masks!r} is not one of {ATTENTION_MASKS}")
         if self.moe_layers not in MOE_LAYER_RULES:
             raise ValueError(f"moe_layers={self.moe_layers!r} is not one of {MOE_LAYER_RULES}")
 
@@ -104,12 +112,14 @@ _ENTRIES = [
     FamilySpec("olmoe", "OLMoE", norm_topk_prob="norm_topk_prob", reroute="softmax_topk",
                combine="top-k softmax probabilities (renormalised when norm_topk_prob)"),
     FamilySpec("mixtral", "Mixtral", num_experts_key="num_local_experts", norm_topk_prob=True, reroute="softmax_topk",
+               attention_masks="window_by_config",
                selection="top-k of softmax(router logits) (= top-k of the logits)", combine=_SOFTMAX_RENORM),
     FamilySpec("qwen2_moe", "Qwen1.5-MoE / Qwen2-MoE", moe_layers="mlp_only_layers", shared="mlp.shared_expert",
                shared_gate="mlp.shared_expert_gate", norm_topk_prob="norm_topk_prob", reroute="softmax_topk",
-               combine="top-k softmax probabilities (renormalised when norm_topk_prob)"),
+               combine="top-k softmax probabilities (renormalised when norm_topk_prob)", attention_masks="per_layer_type"),
     FamilySpec("qwen3_moe", "Qwen3-MoE", moe_layers="mlp_only_layers", norm_topk_prob="norm_topk_prob",
-               reroute="softmax_topk", combine="top-k softmax probabilities (renormalised when norm_topk_prob)"),
+               reroute="softmax_topk", combine="top-k softmax probabilities (renormalised when norm_topk_prob)",
+               attention_masks="window_by_config"),
     FamilySpec("deepseek_v2", "DeepSeek-V2", num_experts_key="n_routed_experts", moe_layers="first_k_dense_replace",
                shared="mlp.shared_experts", n_shared_key="n_shared_experts", scaling_key="routed_scaling_factor",
                reroute="softmax_topk_scaled",
@@ -118,10 +128,10 @@ _ENTRIES = [
     replace(_SIGMOID_V3, model_type="deepseek_v3", name="DeepSeek-V3"),
     replace(_SIGMOID_V3, model_type="glm4_moe", name="GLM-4.5 (GLM-4-MoE)"),
     replace(_SIGMOID_V3, model_type="glm4_moe_lite", name="GLM-4.7-Flash (GLM-4-MoE-Lite)", moe_layers="mlp_layer_types"),
-    replace(_SIGMOID_V3, model_type="dots1", name="dots.llm1"),
+    replace(_SIGMOID_V3, model_type="dots1", name="dots.llm1", attention_masks="per_layer_type"),
     replace(_SIGMOID_V3, model_type="solar_open", name="Solar Open", moe_layers="all"),
     replace(_SIGMOID_V3, model_type="exaone_moe", name="EXAONE-MoE", num_experts_key="num_experts",
-            moe_layers="mlp_layer_types", n_shared_key="num_shared_experts"),
+            moe_layers="mlp_layer_types", n_shared_key="num_shared_experts", attention_masks="per_layer_type"),
     FamilySpec("minimax_m2", "MiniMax-M2", num_experts_key="num_local_experts", routing_weight="sigmoid",
                selection="top-k of sigmoid(router logits) + e_score_correction_bias",
                combine="sigmoid(router logits) at the top-k, renormalised to sum to one", norm_topk_prob=True),
@@ -136,6 +146,7 @@ _ENTRIES = [
                selection="top-k of softmax(router logits) + e_score_correction_bias (moe_statics)",
                combine="softmax probabilities at the top-k, renormalised (clamped by moe_norm_min)"),
     FamilySpec("phimoe", "Phi-3.5-MoE", router="router", num_experts_key="num_local_experts",
+               attention_masks="window_by_config",
                selection="sparsemixer: the top expert, then the best among the rest, each by a masked softmax",
                combine="sparsemixer's masked softmax probabilities (not a softmax over all experts)",
                note="the routing weight recorded is softmax over all router logits, the quantity the paper defines; "
@@ -148,6 +159,7 @@ _ENTRIES = [
                combine="softmax of the top-k logits (top-k, then softmax)", shared="shared_mlp",
                note="the shared MLP is a sibling of the block (layer.shared_mlp), added outside it"),
     FamilySpec("gpt_oss", "gpt-oss", router="router", num_experts_key="num_local_experts", block_output_index=0,
+               attention_masks="per_layer_type",
                selection="top-k of the router logits (with router bias)",
                combine="softmax of the top-k logits (top-k, then softmax)",
                note="experts have biases (inside E_e, so scaled by the combine weight with the rest); the block "
@@ -155,6 +167,7 @@ _ENTRIES = [
     FamilySpec("llama4_text", "Llama 4 (text)", block="feed_forward", router="router",
                num_experts_key="num_local_experts", router_output="scores_logits", block_output_index=0,
                combine_site="router_scores", experts_call="expert_major", routing_weight="sigmoid",
+               attention_masks="per_layer_type",
                moe_layers="moe_layers_list",
                shared="feed_forward.shared_expert", selection="top-k of the router logits",
                combine="sigmoid(top-k logit), applied to the expert's input: the contribution is E_e(s_e x)",
@@ -163,8 +176,39 @@ _ENTRIES = [
     FamilySpec("qwen3_next", "Qwen3-Next", moe_layers="mlp_only_layers", shared="mlp.shared_expert",
                shared_gate="mlp.shared_expert_gate", norm_topk_prob="norm_topk_prob",
                combine="top-k softmax probabilities (renormalised when norm_topk_prob)",
+               attention_masks="per_layer_type",
                note="hybrid linear attention (Gated DeltaNet): token mode runs with strategy='full' only"),
 ]
+
+def config_value(config, key: str):
+    """``config.<key>``; ``ValueError`` naming the key when the config lacks it."""
+    if not hasattr(config, key):
+        raise ValueError(f"this {config.model_type} config has no {key!r}; it does not match the registered layout")
+    return getattr(config, key)
+
+
+def moe_layer_indices(spec: FamilySpec, config, n_layers: int) -> tuple[int, ...]:
+    """The decoder layers with an MoE block, by the family's rule (``spec.moe_layers``). ``config``
+    is a transformers config or any object with the same attributes (a ``SimpleNamespace`` of a
+    ``config.json`` works: :mod:`moeaudit.params` checks layers without importing transformers)."""
+    rule = spec.moe_layers
+    if rule == "all":
+        return tuple(range(n_layers))
+    if rule == "first_k_dense_replace":
+        return tuple(range(int(config.first_k_dense_replace or 0), n_layers))
+    if rule == "mlp_only_layers":  # Qwen: not listed as dense, and every decoder_sparse_step-th layer
+        only = set(getattr(config, "mlp_only_layers", None) or [])
+        step = getattr(config, "decoder_sparse_step", 1) or 1
+        n_exp = config_value(config, spec.num_experts_key)
+        return tuple(i for i in range(n_layers) if i not in only and n_exp > 0 and (i + 1) % step == 0)
+    if rule == "mlp_layer_types":
+        return tuple(i for i, kind in enumerate(config.mlp_layer_types[:n_layers]) if kind == "sparse")
+    if rule == "moe_layers_list":
+        return tuple(sorted(int(i) for i in config.moe_layers if 0 <= int(i) < n_layers))
+    # "moe_layer_range" (ERNIE-4.5): every moe_layer_interval-th layer within [start, end]
+    return tuple(i for i in range(n_layers) if (i + 1) % config.moe_layer_interval == 0
+                 and config.moe_layer_start_index <= i <= config.moe_layer_end_index)
+
 
 #: model_type -> :class:`FamilySpec` of every audited family
 FAMILIES: dict[str, FamilySpec] = {f.model_type: f for f in _ENTRIES}

@@ -25,7 +25,7 @@ import nnsight  # noqa: F401  (must precede transformers.models.* imports)
 import torch
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
-from .families import FAMILIES, REFUSED, FamilySpec  # noqa: E402
+from .families import FAMILIES, REFUSED, FamilySpec, config_value, moe_layer_indices  # noqa: E402
 
 #: every audited model_type (the contract suite, tests/test_contract.py, runs on each)
 SUPPORTED_FAMILIES = tuple(FAMILIES)
@@ -100,33 +100,6 @@ def refusal_reason(config) -> str:
     return "not a transformers model_type with an MoE block"
 
 
-def _config_value(config, key: str):
-    if not hasattr(config, key):
-        raise ValueError(f"this {config.model_type} config has no {key!r}; it does not match the registered layout")
-    return getattr(config, key)
-
-
-def _moe_layers(spec: FamilySpec, config, n_layers: int) -> tuple[int, ...]:
-    """The decoder layers with an MoE block, by the family's rule (``spec.moe_layers``)."""
-    rule = spec.moe_layers
-    if rule == "all":
-        return tuple(range(n_layers))
-    if rule == "first_k_dense_replace":
-        return tuple(range(int(config.first_k_dense_replace or 0), n_layers))
-    if rule == "mlp_only_layers":  # Qwen: not listed as dense, and every decoder_sparse_step-th layer
-        only = set(getattr(config, "mlp_only_layers", None) or [])
-        step = getattr(config, "decoder_sparse_step", 1) or 1
-        n_exp = _config_value(config, spec.num_experts_key)
-        return tuple(i for i in range(n_layers) if i not in only and n_exp > 0 and (i + 1) % step == 0)
-    if rule == "mlp_layer_types":
-        return tuple(i for i, kind in enumerate(config.mlp_layer_types[:n_layers]) if kind == "sparse")
-    if rule == "moe_layers_list":
-        return tuple(sorted(int(i) for i in config.moe_layers if 0 <= int(i) < n_layers))
-    # "moe_layer_range" (ERNIE-4.5): every moe_layer_interval-th layer within [start, end]
-    return tuple(i for i in range(n_layers) if (i + 1) % config.moe_layer_interval == 0
-                 and config.moe_layer_start_index <= i <= config.moe_layer_end_index)
-
-
 def layout_from_config(config) -> MoELayout:
     """Describe the MoE layout of a supported transformers config (registry entry of its
     ``model_type``). ``ValueError`` naming the reason (:func:`refusal_reason`) for any other."""
@@ -136,11 +109,11 @@ def layout_from_config(config) -> MoELayout:
         raise ValueError(f"unsupported architecture model_type={family!r}: {refusal_reason(config)}. Supported MoE "
                          f"families: {', '.join(SUPPORTED_FAMILIES)} (see docs/families.md)")
     n_layers = int(config.num_hidden_layers)
-    moe = _moe_layers(spec, config, n_layers)
+    moe = moe_layer_indices(spec, config, n_layers)
     if family == "deepseek_v2" and getattr(config, "num_experts", None) is not None:
         num_experts = config.num_experts
     else:
-        num_experts = _config_value(config, spec.num_experts_key)
+        num_experts = config_value(config, spec.num_experts_key)
     if spec.n_shared_key is not None:
         shared = int(getattr(config, spec.n_shared_key, 0) or 0)
     elif family == "qwen2_moe":
@@ -153,7 +126,7 @@ def layout_from_config(config) -> MoELayout:
     norm = bool(getattr(config, spec.norm_topk_prob, False)) if isinstance(spec.norm_topk_prob, str) \
         else bool(spec.norm_topk_prob)
     scale = float(getattr(config, spec.scaling_key, 1.0) or 1.0) if spec.scaling_key else 1.0
-    return MoELayout(family, n_layers, moe, int(num_experts), int(_config_value(config, spec.top_k_key)), shared, gate,
+    return MoELayout(family, n_layers, moe, int(num_experts), int(config_value(config, spec.top_k_key)), shared, gate,
                      norm, scale)
 
 

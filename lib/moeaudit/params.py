@@ -55,11 +55,13 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from .families import FAMILIES, config_value, moe_layer_indices
 from .zoo import ZOO_DIR, ZOO_MODELS
 
 #: fewest paired positions the per-cell statistics accept (:data:`moeaudit.stats.MIN_PAIRS`)
@@ -72,8 +74,8 @@ MODES = ("token", "sequence")
 TEXT_FORMS = ("released", "stripped")
 #: :data:`moeaudit.corpus.CORPUS_CHOICES` (any other value is the path of a text file)
 CORPUS_CHOICES = ("auto", "wikitext-2", "embedded")
-#: :data:`moeaudit.models.SUPPORTED_FAMILIES`
-SUPPORTED_FAMILIES = ("olmoe", "qwen2_moe", "deepseek_v2", "qwen3_moe", "mixtral")
+#: :data:`moeaudit.models.SUPPORTED_FAMILIES` (the registry :mod:`moeaudit.families` is plain Python)
+SUPPORTED_FAMILIES = tuple(FAMILIES)
 #: fewest bootstrap resamples: percentile intervals from fewer are mostly resampling noise
 MIN_BOOT = 100
 
@@ -241,27 +243,23 @@ Count = Annotated[int, _allowed("an integer >= 1", ge=1)]
 def config_layout(name: str) -> dict | None:
     """What the checks need from a model's ``config.json``, read without loading the model:
     ``family``, ``n_layers``, ``moe_layers``, ``top_k`` and ``context`` (``max_position_embeddings``
-    or None). The MoE layers follow :func:`moeaudit.models.layout_from_config`. ``None`` for a
+    or None). The MoE layers follow the family's rule in the registry
+    (:func:`moeaudit.families.moe_layer_indices`, as :func:`moeaudit.models.layout_from_config` does). ``None`` for a
     Hugging Face id (not looked up), an unreadable config, or a config lacking a field the rule needs."""
     folder = ZOO_DIR / name if name in ZOO_MODELS else Path(name).expanduser()
     config = _read_config(folder) if folder.is_dir() else None
     if config is None:
         return None
     family = config.get("model_type")
+    spec = FAMILIES.get(family)
+    if spec is None:
+        return None
+    fields = SimpleNamespace(**config)
     try:
         n_layers = int(config["num_hidden_layers"])
-        top_k = int(config["num_experts_per_tok"])
-        if family in ("olmoe", "mixtral"):
-            moe = list(range(n_layers))
-        elif family in ("qwen2_moe", "qwen3_moe"):
-            only = set(config.get("mlp_only_layers") or [])
-            step = config.get("decoder_sparse_step", 1) or 1
-            moe = [i for i in range(n_layers) if i not in only and config["num_experts"] > 0 and (i + 1) % step == 0]
-        elif family == "deepseek_v2":
-            moe = list(range(int(config["first_k_dense_replace"]), n_layers))
-        else:
-            return None
-    except (KeyError, TypeError, ValueError):
+        top_k = int(config_value(fields, spec.top_k_key))
+        moe = list(moe_layer_indices(spec, fields, n_layers))
+    except (AttributeError, KeyError, TypeError, ValueError):  # a field left to its class default: not checked here
         return None
     context = config.get("max_position_embeddings")
     return {"family": family, "n_layers": n_layers, "moe_layers": moe, "top_k": top_k,
