@@ -598,10 +598,12 @@ display(nt.style.format("{:.3g}").format({"matched": "{:,.0f}"}).set_caption(f"S
 # The way the engine executes an ablation matters in half precision too. The same token-mode
 # ablations were run a second time by re-running each prefix (`strategy="full"`) instead of
 # adding packed rows to the cached clean prefix (`"kv"`, used everywhere else); in float32 the
-# test suite holds the two to the same result. Here: {glue:md}`strategy_spread`. A failed premise means that the
-# forward that removed an expert did not route it there (a near-tie of two router probabilities
-# rounded the other way), so that record's zero effect is not an effect; every record carries
-# the check (`premise_ok`).
+# test suite holds the two to the same result. Here: {glue:md}`strategy_spread`. A premise
+# fails where a near-tie of two router probabilities rounded the other way: either the forward
+# that removed an expert did not route it there (its effect is then no effect at all), or the
+# batch's un-ablated row routed differently from the clean pass (the pair of losses is then not
+# the pair the audit asked for). Every record carries the check (`premise_ok`), and the counts
+# above come from it.
 
 # %% tags=["hide-input"]
 fig, ax = plt.subplots(figsize=(7, 4.2))
