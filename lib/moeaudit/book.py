@@ -364,8 +364,10 @@ def list_parameters(stem: str) -> list[str]:
     """Lines describing chapter ``stem``'s parameters: name, default and what is allowed."""
     from .params import describe  # noqa: PLC0415
 
-    defaults = notebook_parameters(stem)
-    return [f"  {name} = {json.dumps(defaults.get(name), default=str)}: {text}" for name, text in describe(stem).items()]
+    defaults = notebook_parameters(stem)  # in the order of the chapter's parameters cell
+    allowed = describe(stem)
+    names = [n for n in defaults if n in allowed] + [n for n in allowed if n not in defaults]
+    return [f"  {name} = {json.dumps(defaults.get(name), default=str)}: {allowed[name]}" for name in names]
 
 
 def main(argv=None) -> int:

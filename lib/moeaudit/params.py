@@ -322,154 +322,91 @@ class ChapterParameters(BaseModel):
         return self
 
 
-class Introduction(ChapterParameters):
-    """01_introduction: one token of the first model, seen and intervened on."""
+class _Models(ChapterParameters):
+    """Fields of every chapter that loads models and reads the evaluation corpus."""
 
     models: Models
+    dtype: Dtype
+    device: Device
+    n_texts: NTexts
+    corpus: Corpus
+    text_form: TextForm
+    data_dir: DataDir
+    results_dir: ResultsDir
+
+
+class _Sampled(_Models):
+    """... and samples token positions at audited layers."""
+
+    layers: Layers
+    n_positions: NPositions
+    seed: Seed
+    max_tokens: MaxTokens
+
+
+class _Audited(_Sampled):
+    """... and runs single-expert ablations in one mode."""
+
+    min_top_k: ClassVar[int] = 2
+    mode: Mode
+    batch_size: BatchSize
+
+
+class Introduction(_Models):
+    """01_introduction."""
+
     layer: Annotated[Annotated[int, Field(ge=0)] | None, _allowed(
         "null (the model's last MoE layer) or an MoE layer of the first model")]
     seq_id: Annotated[int, _allowed("an integer >= 0, below n_texts", ge=0)]
     t: Annotated[Annotated[int, Field(ge=0)] | None, _allowed(
         "null (the middle of the text) or a position >= 0 (at most the text's length - 2, checked once it is tokenized)")]
-    n_texts: NTexts
-    dtype: Dtype
-    device: Device
-    corpus: Corpus
-    text_form: TextForm
-    data_dir: DataDir
-    results_dir: ResultsDir
 
 
-class Verification(ChapterParameters):
+class Verification(_Sampled):
     """02_verification."""
 
-    models: Models
-    layers: Layers
-    n_positions: NPositions
-    seed: Seed
     mode: Mode
     seq_id: Annotated[Annotated[int, Field(ge=0)] | None, _allowed("null (the longest text) or an integer >= 0, below n_texts")]
-    dtype: Dtype
-    device: Device
-    n_texts: NTexts
-    max_tokens: MaxTokens
-    corpus: Corpus
-    text_form: TextForm
-    data_dir: DataDir
-    results_dir: ResultsDir
 
 
-class ObservationalMetrics(ChapterParameters):
+class ObservationalMetrics(_Audited):
     """03_observational_metrics."""
 
-    models: Models
-    layers: Layers
-    n_positions: NPositions
-    seed: Seed
-    mode: Mode
-    dtype: Dtype
-    device: Device
-    n_texts: NTexts
-    max_tokens: MaxTokens
-    batch_size: BatchSize
+    min_top_k: ClassVar[int] = 1
     alpha: Level
     released_pad_share: Annotated[float, _allowed("a number from 0 (inclusive) to 1 (exclusive)", ge=0, lt=1)]
-    corpus: Corpus
-    text_form: TextForm
-    data_dir: DataDir
-    results_dir: ResultsDir
 
 
-class Audit(ChapterParameters):
+class Audit(_Audited):
     """04_audit."""
 
-    min_top_k: ClassVar[int] = 2
-    models: Models
-    layers: Layers
-    n_positions: NPositions
-    seed: Seed
-    mode: Mode
-    dtype: Dtype
-    device: Device
-    n_texts: NTexts
-    max_tokens: MaxTokens
     min_context: MinContext
-    batch_size: BatchSize
     alpha: Level
     tost_bound_d: TostBound
     power: Power
-    corpus: Corpus
-    text_form: TextForm
-    data_dir: DataDir
-    results_dir: ResultsDir
 
 
-class RoutingWeightControl(ChapterParameters):
+class RoutingWeightControl(_Audited):
     """05_routing_weight_control."""
 
-    min_top_k: ClassVar[int] = 2
-    models: Models
-    layers: Layers
-    n_positions: NPositions
-    seed: Seed
-    mode: Mode
-    dtype: Dtype
-    device: Device
-    n_texts: NTexts
-    max_tokens: MaxTokens
     min_context: MinContext
-    batch_size: BatchSize
     alpha: Level
     power: Power
-    corpus: Corpus
-    text_form: TextForm
-    data_dir: DataDir
-    results_dir: ResultsDir
     n_boot: NBoot
 
 
-class ProgressiveAblation(ChapterParameters):
-    """06_progressive_ablation (removes k = 1 .. top-k - 1 experts, so top-k >= 2)."""
+class ProgressiveAblation(_Audited):
+    """06_progressive_ablation."""
 
-    min_top_k: ClassVar[int] = 2
-    models: Models
-    layers: Layers
-    n_positions: NPositions
-    seed: Seed
-    mode: Mode
-    dtype: Dtype
-    device: Device
-    n_texts: NTexts
-    max_tokens: MaxTokens
     min_context: MinContext
-    batch_size: BatchSize
     alpha: Level
-    corpus: Corpus
-    text_form: TextForm
-    data_dir: DataDir
-    results_dir: ResultsDir
     cliff_threshold: Annotated[float, _allowed("a number > 0 (nats)", gt=0)]
 
 
-class Mechanism(ChapterParameters):
-    """07_mechanism (redistribution among the other active experts, so top-k >= 2)."""
+class Mechanism(_Audited):
+    """07_mechanism."""
 
-    min_top_k: ClassVar[int] = 2
-    models: Models
-    layers: Layers
-    n_positions: NPositions
-    seed: Seed
-    mode: Mode
-    dtype: Dtype
-    device: Device
-    n_texts: NTexts
-    max_tokens: MaxTokens
-    batch_size: BatchSize
     min_activations: Count
-    corpus: Corpus
-    text_form: TextForm
-    data_dir: DataDir
-    results_dir: ResultsDir
 
 
 class ReleasedReanalysis(ChapterParameters):
@@ -484,44 +421,21 @@ class ReleasedReanalysis(ChapterParameters):
     seed: Seed
 
 
-class InterventionDefinitions(ChapterParameters):
+class InterventionDefinitions(_Sampled):
     """09_intervention_definitions."""
 
     min_top_k: ClassVar[int] = 2
-    models: Models
-    layers: Layers
-    n_positions: NPositions
-    seed: Seed
     modes: Modes
     half_dtype: Annotated[Literal[DTYPES], _allowed(
         f"{_one_of(DTYPES)}, other than dtype")]
-    dtype: Dtype
-    device: Device
-    n_texts: NTexts
-    max_tokens: MaxTokens
     batch_size: BatchSize
     alpha: Level
     n_boot: NBoot
-    corpus: Corpus
-    text_form: TextForm
-    data_dir: DataDir
-    results_dir: ResultsDir
 
 
-class PredictorsAndPruning(ChapterParameters):
+class PredictorsAndPruning(_Audited):
     """10_predictors_and_pruning."""
 
-    min_top_k: ClassVar[int] = 2
-    models: Models
-    layers: Layers
-    n_positions: NPositions
-    seed: Seed
-    mode: Mode
-    dtype: Dtype
-    device: Device
-    n_texts: NTexts
-    max_tokens: MaxTokens
-    batch_size: BatchSize
     prune_fractions: Annotated[list[Annotated[float, Field(gt=0, lt=1)]], AfterValidator(_increasing), _allowed(
         "a non-empty list of increasing numbers strictly between 0 and 1, e.g. -p prune_fractions '[0.25, 0.5]'",
         min_length=1)]
@@ -535,10 +449,6 @@ class PredictorsAndPruning(ChapterParameters):
                                           le=10)]
     bf_prior_r_narrow: Annotated[float, _allowed("a number > 0 and <= 10 (scale of the Cauchy prior, in d_z units)",
                                                  gt=0, le=10)]
-    corpus: Corpus
-    text_form: TextForm
-    data_dir: DataDir
-    results_dir: ResultsDir
 
 
 class DefaultModels(ChapterParameters):
@@ -680,12 +590,14 @@ def _reason(name: str, err: dict) -> str:
 
 def _problems(stem: str, model: type[ChapterParameters], values: dict, err: ValidationError) -> list[str]:
     fields = model.model_fields
+    # named in the order the chapter's parameters cell gives them (``values`` keeps that order)
+    ordered = [n for n in values if n in fields] + [n for n in fields if n not in values]
     unknown, problems, seen = [], [], set()
     for e in err.errors():
         name = e["loc"][0] if e["loc"] else (e.get("ctx") or {}).get("param", "?")
         if e["type"] == "extra_forbidden":
             unknown.append(_stop(f"{name} is unknown: the chapter has no parameter of that name{_close(name, fields)}")
-                           + f" Its parameters are {', '.join(fields)}")
+                           + f" Its parameters are {', '.join(ordered)}")
             continue
         if name in seen:  # one message per parameter (a union reports each of its alternatives)
             continue
