@@ -287,8 +287,8 @@ display(Markdown(
 # | [8. Re-analysing the released results](08_released_reanalysis.ipynb) | The authors' own per-position records: every recomputable cell, with confidence intervals, other corrections, and the departures of the released code from the paper. |
 # | [9. Two intervention definitions](09_intervention_definitions.ipynb) | Token-local (the paper's) and sequence-wide (the released code's) ablation side by side: where they differ and whether the audit's conclusions depend on the choice. |
 # | [10. Better predictors and pruning](10_predictors_and_pruning.ipynb) | Predictors closer to the intervention than corpus statistics, whether token-level validity predicts one-shot pruning, and Bayes factors for the audit's null results. |
-# | [A. The default models](A1_default_models.ipynb) | The three small MoE models the book runs on by default, how they were trained, and what they share with the real checkpoints. |
-# | [A. Departures from the protocol](A2_departures.ipynb) | Every point where this build differs from the paper's protocol or the released code, with the value it uses. |
+# | [A1. The default models](A1_default_models.ipynb) | The three small MoE models the book runs on by default, how they were trained, and what they share with the real checkpoints. |
+# | [A2. Departures from the protocol](A2_departures.ipynb) | Every point where this build differs from the paper's protocol or the released code, with the value it uses. |
 #
 # The book runs by default on three small MoE models shipped with it, built with the same
 # model classes as OLMoE-1B-7B-0924, Qwen1.5-MoE-A2.7B and DeepSeek-V2-Lite (routed and

@@ -179,8 +179,9 @@ for name in models:
 pairs = pd.DataFrame(pairs)
 crits = pairs.groupby("model", sort=False).critical.max()
 glue("alpha_corr", alpha, display=False)
-glue("crit_text", Markdown(", ".join(f"{crits[m]:.2f} ({m}, smallest n = {pairs[pairs.model == m].n.min()})"
-                                     for m in models)), display=False)
+glue("crit_text", Markdown(", ".join(f"{report.finite_or(crits[m], '{:.2f}', 'undefined (fewer than 4 experts)')} "
+                                     f"({m}, smallest n = {pairs[pairs.model == m].n.min()})" for m in models)),
+     display=False)
 
 # %% tags=["hide-input"]
 ncols = max(len(v) for v in audited.values())
@@ -373,25 +374,20 @@ display(released_cmp.set_index(["model", "layer", "variant"]).style
 # audit's pairs it would leave unchanged (darker: fewer). {glue:md}`variants_text`
 
 # %%
-pad_top = {(n, L): np.sort(st["layers"][L]["sel_pad"])[::-1][:contexts[n].model.layout.top_k].sum()
-           / st["layers"][L]["sel_pad"].sum() for n, st in pad_stats.items() for L in audited[n]
-           if st["layers"][L]["sel_pad"].sum()}
-pad_pct = {n: 100 * a["n_pad"] / (a["n_pad"] + a["n_real"]) for n, st in pad_stats.items()
-           for a in [st["layers"][audited[n][0]]]}
-glue("variants_text", Markdown(
-    " ".join(f"**{v}**: ρ from {g[RHO].min():+.2f} to {g[RHO].max():+.2f}, same high expert at "
-             f"{g['same high expert'].min():.0%}–{g['same high expert'].max():.0%} of tokens."
-             for v, g in released_cmp.groupby("variant", sort=False))
-    + (f" At padding positions the router sends {min(pad_top.values()):.0%}–{max(pad_top.values()):.0%} of its "
-       "selections to the same top-k experts of the layer (a balanced router would give them "
-       + ", ".join(f"{c.model.layout.top_k / c.model.layout.num_experts:.1%} ({n})" for n, c in contexts.items())
-       + ")." if pad_top else "")
-    + " Right-padding the book's corpus to its longest text gave "
-    + ", ".join(f"{p:.0f}% padding ({n})" for n, p in pad_pct.items()) + "."), display=False)
+pad = M.padding_summary(pad_stats, audited, top_k={n: c.model.layout.top_k for n, c in contexts.items()})
+glue("variants_text", Markdown(report.utilisation_variants_text(
+    released_cmp, rho_col=RHO, n_variants=len(M.RELEASED_UTILISATION_VARIANTS), padding=pad,
+    balanced={n: c.model.layout.top_k / c.model.layout.num_experts for n, c in contexts.items()})), display=False)
 zero = cmp_all[(cmp_all.pad_share == 0.0) & (cmp_all.variant == "selection share, padded")]
 crit_001 = np.array([critical_spearman_rho(n, alpha=0.01) for n in pairs.n])
-for key, value in {"ex_pad0_same_high": float(zero["same high expert"].min()), "ex_crit_001": float(crit_001.max()),
-                   "ex_n_above_001": int((pairs.rho.abs() > crit_001).sum()), "ex_n_pairs": len(pairs),
+glue("ex_pad0", Markdown(
+    f"picks the same high expert at every token (smallest share over the audited layers: "
+    f"{zero['same high expert'].min():.0%})" if len(zero) else
+    "would pick the same high expert at every token; this corpus has no padding, so the variant is not computed"),
+     display=False)
+glue("ex_crit", Markdown(report.finite_or(np.nanmax(crit_001) if np.isfinite(crit_001).any() else np.nan, "{:.2f}",
+                                          "undefined (every layer has fewer than 4 experts)")), display=False)
+for key, value in {"ex_n_above_001": int((pairs.rho.abs() > crit_001).sum()), "ex_n_pairs": len(pairs),
                    "n_above_alpha": int((pairs.rho.abs() > pairs.critical).sum())}.items():
     glue(key, value, display=False)
 
@@ -422,11 +418,10 @@ for key, value in {"ex_pad0_same_high": float(zero["same high expert"].min()), "
 # 1. **No padding.** Run
 #    `make chapter NB=03_observational_metrics PARAMS="-p released_pad_share 0.0"`.
 #    *Expected outcome:* the "selection share, padded" variant becomes the paper's utilisation
-#    itself and picks the same high expert at every token (smallest share over the audited
-#    layers: {glue:text}`ex_pad0_same_high:.0%`); "mean logit, padded" equals "mean logit, real
+#    itself and {glue:md}`ex_pad0`; "mean logit, padded" equals "mean logit, real
 #    tokens", whose disagreement is due to logits alone.
 # 2. **A stricter level for the metric correlations.** Run
 #    `make chapter NB=03_observational_metrics PARAMS="-p alpha 0.01"`.
 #    *Expected outcome:* the critical $\lvert\rho\rvert$ rises to at most
-#    {glue:text}`ex_crit_001:.2f`, and {glue:text}`ex_n_above_001` of the
+#    {glue:md}`ex_crit`, and {glue:text}`ex_n_above_001` of the
 #    {glue:text}`ex_n_pairs` layer-wise metric pairs still exceed it.

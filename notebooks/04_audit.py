@@ -50,8 +50,8 @@ corpus_source = report.show_corpus(corpus, data_dir=data_dir, text_form=text_for
 #
 # **Protocol.** Token positions are drawn once per model (seeded, without replacement, never
 # the last token of a text). At every position and audited layer, each active routed expert is
-# ablated on its own — its combine weight is set to zero at token t only, inside the forward
-# pass — and the change of the loss $-\log p(x_{t+1}\mid x_{\le t})$ is recorded. Each metric
+# ablated on its own — its combine weight is set to zero {glue:md}`ablation_site`, inside the
+# forward pass — and the change of the loss $-\log p(x_{t+1}\mid x_{\le t})$ is recorded. Each metric
 # then picks its highest- and lowest-ranked active expert at t, giving paired effects
 # $D = \Delta\mathcal{L}_{\text{high}} - \Delta\mathcal{L}_{\text{low}}$. Validity in the sense of
 # Definition 2.1 means D is reliably positive. Every metric of a cell uses the *same* positions
@@ -79,10 +79,9 @@ from moeaudit.zoo import ZOO_MODELS
 
 report.use_book_style()
 paper = released.paper_family_verdicts(alpha=released.PAPER_ALPHA)
-glue("paper_family", int(paper.cells.iloc[0]), display=False)
-glue("paper_metrics", len(released.METRICS), display=False)
-glue("paper_layers", len(released.LAYERS["olmoe"]), display=False)
-glue("paper_alpha", float(paper.alpha_bonferroni.iloc[0]), display=False)
+report.glue_values(paper_family=int(paper.cells.iloc[0]), paper_metrics=len(released.METRICS),
+                   paper_layers=len(released.LAYERS["olmoe"]), paper_alpha=float(paper.alpha_bonferroni.iloc[0]))
+report.glue_values(as_markdown=True, ablation_site=report.ablation_site(mode))
 
 # %% [markdown]
 # ## Run the ablations

@@ -487,7 +487,9 @@ glue("slope_verdict", Markdown(
 # Per model, with $d$ from the model's configuration (for the paper's checkpoints,
 # `released.CHECKPOINT_HIDDEN_SIZE`), the range over layers of the median mean cosine is:
 #
-# {glue:md}`cos_chance`
+# ```{glue:md} cos_chance
+# :format: myst
+# ```
 #
 # The ratios to $1/\sqrt{d}$ put the book's narrow models and the paper's wide checkpoints on one
 # scale, which the raw cosines do not.

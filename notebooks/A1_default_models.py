@@ -98,8 +98,9 @@ logs = {m: pd.read_csv(model_dir(m) / "training_log.csv") for m in models}
 # including an end-of-text and a padding token) trained on the *validation* split of WikiText-2
 # {cite}`merity2016pointer`, and the model itself is trained on the same split: every non-empty
 # line is tokenized, followed by an end-of-text token, and the concatenated stream is cut into
-# {glue:text}`context`-token chunks (a new random offset and order each epoch). The *test* split, from which the audit draws its token
-# positions, is never seen during training; it is used below only for evaluation.
+# {glue:text}`context`-token chunks (a new random offset and order each epoch). The *test* split
+# is never seen during training; it is used below only for evaluation, and it is the text the
+# audit reads wherever WikiText-2 is available.
 #
 # **Optimisation.** AdamW with a linear warm-up and a cosine decay of the learning rate, weight
 # decay on the weight matrices only, gradient clipping at norm {glue:text}`grad_clip`. The objective is the
@@ -190,7 +191,7 @@ glue("gap_text", Markdown(
     + f"). The models saw their {int(gap.training_tokens.min()):,}-token training split "
     + report.value_span(gap.epochs.round(1), "{:.1f}") + " times, "
     "so they fit it better than text they have not seen: a generalisation gap. The audit measures the models on "
-    "test text only, where their loss is the higher one."), display=False)
+    "text they were not trained on, where their loss is the higher one."), display=False)
 
 # %% [markdown]
 # {glue:md}`gap_text` Whatever they learnt, the models remain far better than a model that ignores

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pandas as pd
+import pytest
 
 from moeaudit import report
 
@@ -152,3 +154,33 @@ def test_strategy_spread_text_reads_every_field():
     same = {**s, "max_abs_diff": 0.0, "median_abs_diff": 0.0, "sign_flips": 0.0, "premise_failed_full": 0}
     assert report.strategy_spread_text({"d": same}, "bfloat16") == (
         "d: identical over 1,920 matched ablations, with 0 premise failures on either path in bfloat16")
+
+
+def test_finite_or_never_prints_nan():
+    assert report.finite_or(0.123, "{:.2f}", "undefined") == "0.12"
+    assert report.finite_or(float("nan"), "{:.2f}", "undefined") == "undefined"
+    assert report.finite_or(float("inf"), "{:.2f}", "undefined") == "undefined"
+
+
+def test_ablation_site_follows_the_mode():
+    assert report.ablation_site("token").startswith("at token t only")
+    assert "every position up to t" in report.ablation_site("sequence")
+    with pytest.raises(ValueError):
+        report.ablation_site("tokens")
+
+
+def test_utilisation_variants_text_by_hand():
+    from moeaudit.metrics import padding_summary
+
+    st = {"m": {"layers": {0: {"sel_pad": np.array([6.0, 3.0, 1.0, 0.0]), "n_pad": 25, "n_real": 75},
+                           1: {"sel_pad": np.zeros(4), "n_pad": 25, "n_real": 75}}}}
+    pad = padding_summary(st, {"m": [0, 1]}, top_k={"m": 2})
+    assert pad == {"top_share": {("m", 0): 0.9}, "pad_percent": {"m": 25.0}}
+    cmp = pd.DataFrame({"variant": ["a", "a"], "rho": [0.5, -0.25], "same high expert": [0.5, 1.0]})
+    text = report.utilisation_variants_text(cmp, rho_col="rho", n_variants=3, padding=pad, balanced={"m": 0.5})
+    assert text.startswith("**a**: ρ from -0.25 to +0.50, same high expert at 50%–100% of tokens.")
+    assert "sends 90%–90% of its selections" in text and "50.0% (m)" in text and "25% padding (m)" in text
+    assert "Only 1 of the 3 variants appear" in text
+    none = report.utilisation_variants_text(cmp, rho_col="rho", n_variants=1,
+                                            padding={"top_share": {}, "pad_percent": {"m": 0.0}}, balanced={"m": 0.5})
+    assert "padding positions the router" not in none and "Only" not in none and "0% padding (m)" in none

@@ -336,3 +336,23 @@ def ranking_agreement(idx: np.ndarray, reference: np.ndarray, score: np.ndarray)
     return {"rho": spearman_defined(reference, score)[0],
             "same_high": float(np.mean(pick_active(idx, score, high=True) == pick_active(idx, reference, high=True))),
             "same_low": float(np.mean(pick_active(idx, score, high=False) == pick_active(idx, reference, high=False)))}
+
+
+def padding_summary(pad_stats: dict, audited: dict, *, top_k: dict) -> dict:
+    """How the released statistics pass's padding looks, per model, from
+    :func:`router_sums_real_and_padding` results ``pad_stats[model]`` at the ``audited[model]``
+    layers: ``top_share[(model, layer)]`` = share of the selections at padding positions that go
+    to the layer's ``top_k[model]`` most-selected experts (layers with padding only), and
+    ``pad_percent[model]`` = padding positions as a percentage of all positions of the padded
+    corpus (read at the model's first audited layer)."""
+    top_share = {}
+    for name, st in pad_stats.items():
+        for L in audited[name]:
+            sel = np.asarray(st["layers"][L]["sel_pad"], dtype=np.float64)
+            if sel.sum():
+                top_share[name, L] = float(np.sort(sel)[::-1][:top_k[name]].sum() / sel.sum())
+    pad_percent = {}
+    for name, st in pad_stats.items():
+        a = st["layers"][audited[name][0]]
+        pad_percent[name] = 100.0 * a["n_pad"] / (a["n_pad"] + a["n_real"])
+    return {"top_share": top_share, "pad_percent": pad_percent}

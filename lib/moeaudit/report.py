@@ -634,3 +634,50 @@ def strategy_spread_text(spreads: dict, dtype: str) -> str:
                      f"check fails for {plural(s['premise_failed_kv'], 'record')} of the cached path and "
                      f"{s['premise_failed_full']:,} of the re-run in {dtype}")
     return "; ".join(parts)
+
+
+def finite_or(value, fmt: str, otherwise: str) -> str:
+    """``fmt.format(value)`` for a finite number, else ``otherwise`` (the words for an undefined
+    value, so that no page prints "nan")."""
+    v = float(value)
+    return fmt.format(v) if np.isfinite(v) else otherwise
+
+
+def ablation_site(mode: str) -> str:
+    """Where an ablation of ``mode`` removes the expert, in words for the chapters' protocol text:
+    ``"token"`` (the paper's Definition 2.1) at token t only; ``"sequence"`` (the released code's
+    hook) at every position up to t where the expert is routed. ``ValueError`` for another mode."""
+    if mode == "token":
+        return "at token t only (the paper's Definition 2.1)"
+    if mode == "sequence":
+        return ("at every position up to t where it is routed (`mode = \"sequence\"`, the released code's "
+                "intervention rather than the paper's Definition 2.1; chapter 9 compares the two)")
+    raise ValueError(f"mode={mode!r} is not 'token' or 'sequence'")
+
+
+def utilisation_variants_text(cmp: pd.DataFrame, *, rho_col: str, n_variants: int, padding: dict,
+                              balanced: dict) -> str:
+    """Chapter 3's reading of the released utilisation variants against the paper's definition.
+
+    ``cmp``: one row per (model, layer, variant) with ``rho_col`` and ``same high expert``;
+    ``padding``: :func:`moeaudit.metrics.padding_summary`; ``balanced[model]``: the share a
+    balanced router gives the top-k experts (k / E). Says, per variant, the range of rho and of
+    the same-high-expert share; how concentrated the router is at padding positions; how much
+    padding the corpus produced; and, when fewer than ``n_variants`` variants appear, why (no
+    padding position: the padded variants cannot be re-created)."""
+    parts = [f"**{v}**: ρ from {g[rho_col].min():+.2f} to {g[rho_col].max():+.2f}, same high expert at "
+             f"{g['same high expert'].min():.0%}–{g['same high expert'].max():.0%} of tokens."
+             for v, g in cmp.groupby("variant", sort=False)]
+    top = padding["top_share"]
+    if top:
+        parts.append(f"At padding positions the router sends {min(top.values()):.0%}–{max(top.values()):.0%} of its "
+                     "selections to the same top-k experts of the layer (a balanced router would give them "
+                     + ", ".join(f"{b:.1%} ({n})" for n, b in balanced.items()) + ").")
+    parts.append("Right-padding the book's corpus to its longest text gave "
+                 + ", ".join(f"{p:.0f}% padding ({n})" for n, p in padding["pad_percent"].items()) + ".")
+    shown = cmp.variant.nunique()
+    if shown < n_variants:
+        parts.append(f"Only {shown} of the {n_variants} variants appear: where every text fills the context there "
+                     "is no padding position, so the padded variants cannot be re-created from this corpus "
+                     "(WikiText-2's lines, of unequal length, give them).")
+    return " ".join(parts)
