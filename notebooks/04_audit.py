@@ -101,10 +101,7 @@ for name in models:
     cells = paired_cells(rec, ctx.metrics, rankings=METRICS)
     cells["rel_depth"] = cells.layer.map(dict(zip(audited, report.relative_depth(audited, ctx.model.layout.moe_layers))))
     all_cells.append(cells)
-    lay = ctx.model.layout
-    display(Markdown(f"**{name}** ({lay.family}): {len(lay.moe_layers)} MoE layers of {lay.n_layers}, "
-                     f"{lay.num_experts} routed experts, top-{lay.top_k}, {lay.n_shared_experts} shared; "
-                     f"audited layers {audited}; {len(rec):,} single-expert ablations; {report.premise_phrase(rec)}."))
+    display(Markdown(report.model_summary(name, ctx, audited, rec)))
 cells = pd.concat(all_cells, ignore_index=True)
 
 # %% [markdown]

@@ -119,10 +119,7 @@ for name in models:
         c = paired_cells(rec, ctx.metrics, rankings=rankings)
         c["rel_depth"] = c.layer.map(depth)
         sink.append(c)
-    display(Markdown(f"**{name}** ({lay.family}): MoE layers {join_words(lay.moe_layers)} of {lay.n_layers}, "
-                     f"{lay.num_experts} routed experts, top-{lay.top_k}, {lay.n_shared_experts} shared; "
-                     f"audited layers {join_words(audited)}; {len(rec):,} single-expert ablation records; "
-                     f"{report.premise_phrase(rec)}."))
+    display(Markdown(report.model_summary(name, ctx, audited, rec)))
 control_cells = pd.concat(control_cells, ignore_index=True)
 observational_cells = pd.concat(observational_cells, ignore_index=True)
 

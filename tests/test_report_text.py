@@ -184,3 +184,13 @@ def test_utilisation_variants_text_by_hand():
     none = report.utilisation_variants_text(cmp, rho_col="rho", n_variants=1,
                                             padding={"top_share": {}, "pad_percent": {"m": 0.0}}, balanced={"m": 0.5})
     assert "padding positions the router" not in none and "Only" not in none and "0% padding (m)" in none
+
+
+def test_chance_check_by_hand():
+    out = report.chance_check([1.0, 2.0, float("nan")], 100)
+    assert out["mean_loss"] == 1.5 and out["uniform_loss"] == pytest.approx(np.log(100)) and out["above_chance"]
+    assert not report.chance_check([np.log(100) - 0.4], 100)["above_chance"]  # within 0.5 nats of a uniform guess
+    with pytest.raises(ValueError):
+        report.chance_check([float("nan")], 100)
+    with pytest.raises(ValueError):
+        report.chance_check([1.0], 1)

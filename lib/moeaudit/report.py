@@ -681,3 +681,38 @@ def utilisation_variants_text(cmp: pd.DataFrame, *, rho_col: str, n_variants: in
                      "is no padding position, so the padded variants cannot be re-created from this corpus "
                      "(WikiText-2's lines, of unequal length, give them).")
     return " ".join(parts)
+
+
+def chance_check(clean_losses, vocab_size: int) -> dict:
+    """The model's mean next-token loss against a uniform guess over its vocabulary.
+
+    ``clean_losses``: per-token losses in nats (NaN for the last token of a text, ignored);
+    ``vocab_size``: V. Returns ``mean_loss``, ``uniform_loss`` = ln V (the loss of a model that
+    has learnt nothing, in nats) and ``above_chance`` = ``mean_loss < uniform_loss - 0.5``: the
+    model predicts at least 0.5 nats per token better than a uniform guess, i.e. it has learnt
+    something of the corpus. ``ValueError`` for ``vocab_size < 2`` or no finite loss."""
+    x = np.asarray(clean_losses, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    if vocab_size < 2 or x.size == 0:
+        raise ValueError(f"need vocab_size >= 2 and at least one finite loss, got {vocab_size} and {x.size}")
+    mean, uniform = float(x.mean()), float(np.log(vocab_size))
+    return {"mean_loss": mean, "uniform_loss": uniform, "above_chance": mean < uniform - 0.5}
+
+
+def model_summary(name: str, ctx, audited, records: pd.DataFrame, *, what: str = "single-expert ablations") -> str:
+    """One paragraph introducing a model's run in a chapter: family, MoE layout, audited layers,
+    the number of ablation records and their premise check (:func:`premise_phrase`), and its mean
+    loss against chance (:func:`chance_check`), with a warning when the model predicts the corpus
+    no better than a uniform guess (a random or untrained model, whose effects say nothing about
+    trained MoE models)."""
+    lay = ctx.model.layout
+    c = chance_check(ctx.clean.tokens.loss.to_numpy(), int(ctx.model.hf.config.vocab_size))
+    text = (f"**{name}** ({lay.family}): MoE layers {join_words(lay.moe_layers)} of {lay.n_layers}, "
+            f"{lay.num_experts} routed experts, top-{lay.top_k}, {lay.n_shared_experts} shared; audited layers "
+            f"{join_words(audited)}; {len(records):,} {what}; {premise_phrase(records)}. Mean loss on this corpus "
+            f"{c['mean_loss']:.2f} nats (a uniform guess over its {int(ctx.model.hf.config.vocab_size):,} tokens: "
+            f"{c['uniform_loss']:.2f}).")
+    if not c["above_chance"]:
+        text += (" **This model predicts the corpus no better than chance** (a random or untrained model): its "
+                 "effects and verdicts below describe noise, not a trained MoE model.")
+    return text
