@@ -29,6 +29,7 @@ norm ``||y_t - y_t^(-e)||`` come from the same batch as the ablation.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from dataclasses import dataclass
@@ -228,7 +229,7 @@ class CleanPass:
     routing: dict[int, dict[str, np.ndarray]]
     offsets: np.ndarray  # row of (seq_id, 0) in ``tokens``
 
-    @property
+    @functools.cached_property
     def lengths(self) -> np.ndarray:
         """Tokens per sequence (n_sequences,)."""
         return np.diff(np.append(self.offsets, len(self.tokens)))
@@ -693,6 +694,7 @@ def run_ablations(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, 
     seqs = sorted(req.seq_id.unique().tolist())
     chunks = [seqs[i:i + seq_batch] for i in range(0, len(seqs), seq_batch)]
     bar = progress_bar(None, total=len(req), desc=f"ablations ({mode})", progress=progress)
+    layer_of, removed_of = req.layer.to_numpy(), [list(r) for r in req.removed]  # plain lookups in the loops
     for chunk in chunks:
         sub = req[req.seq_id.isin(chunk)]
         groups = [((int(s), int(t)), list(g.index)) for (s, t), g in sub.groupby(["seq_id", "t"], sort=True)]
@@ -706,7 +708,7 @@ def run_ablations(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, 
                 rows.extend((s, t, i) for i in idxs)
             R = len(rows)
             t_of = torch.tensor([r[1] for r in rows], dtype=torch.long)
-            layers_here = sorted({int(req.at[i, "layer"]) for _, idxs in batch for i in idxs})
+            layers_here = sorted({int(layer_of[i]) for _, idxs in batch for i in idxs})
             logits_to_keep = None
             if strategy == "kv":
                 step = packed_step(model, corpus, rows, chunk=chunk, cache_kv=cache_kv, width=width)
@@ -730,7 +732,7 @@ def run_ablations(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, 
             for r, (s, t, i) in enumerate(rows):
                 if i is None:
                     continue
-                L, removed = int(req.at[i, "layer"]), list(req.at[i, "removed"])
+                L, removed = int(layer_of[i]), removed_of[i]
                 if mode == "sequence":
                     flat = [r * q_len + j for j in range(t + 1)]
                 else:
@@ -747,13 +749,18 @@ def run_ablations(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, 
             losses = _token_loss(logits, targets).cpu().numpy()
             routed_at = {L: idx.reshape(-1, idx.shape[-1])[flat_of.to(idx.device)].cpu().numpy()
                          for L, idx in routed.items()}  # (R, k): the routing each row's position got here
+            # the clean pass's routing at each row's (seq, t), for the premise check (one lookup per batch)
+            at_clean = clean.row(np.array([r[0] for r in rows]), np.array([r[1] for r in rows]))
+            same_as_clean = {L: (np.sort(a, axis=1) == np.sort(clean.routing[L]["indices"][at_clean], axis=1)).all(1)
+                             for L, a in routed_at.items()}
+            routed_lists = {L: a.tolist() for L, a in routed_at.items()}
             clean_row = {}
             for r, (s, t, i) in enumerate(rows):
                 if i is None:
                     clean_row[(s, t)] = r
                     continue
                 c = clean_row[(s, t)]
-                L = int(req.at[i, "layer"])
+                L = int(layer_of[i])
                 g = (moe_out[L][c] - moe_out[L][r]).float()
                 gap = torch.linalg.vector_norm(g).item()
                 comp = np.nan
@@ -762,9 +769,9 @@ def run_ablations(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, 
                     comp = sum(float(torch.dot((moe_out[Lp][r] - moe_out[Lp][c]).float().reshape(-1), g.reshape(-1)))
                                for Lp in later) / gap ** 2 if later else 0.0
                 results[i] = (losses[c], losses[r], gap, comp)
-                here = set(routed_at[L][r].tolist())
-                premise[i, 0] = sum(e in here for e in req.at[i, "removed"])
-                premise[i, 1] = set(routed_at[L][c].tolist()) == set(clean.active(s, t, L).tolist())
+                here = routed_lists[L][r]
+                premise[i, 0] = sum(e in here for e in removed_of[i])
+                premise[i, 1] = same_as_clean[L][c]
             bar.update(sum(len(idxs) for _, idxs in batch))
     bar.close()
     rec = _records(model, clean, req, results[:, :3], mode=mode, seed=seed)
