@@ -19,7 +19,7 @@ CLASSES = {"tiny-olmoe": "OlmoeForCausalLM", "tiny-qwen-moe": "Qwen2MoeForCausal
 #: (routed experts, top-k) of the real checkpoints the shipped models mirror.
 ROUTING = {"tiny-olmoe": (64, 8), "tiny-qwen-moe": (60, 4), "tiny-deepseek-v2": (64, 6)}
 
-PPL_RATIO_MAX = 0.5     # model perplexity must be at most half the unigram baseline's
+from moeaudit.training import PPL_RATIO_MAX  # noqa: E402  (model perplexity at most half the unigram baseline's)
 from moeaudit.training import MIN_FRAC_USED  # noqa: E402  (share of routed experts that must get >= 0.2% of the mass)
 MAX_DIR_MB = 10.0
 
@@ -217,3 +217,51 @@ def test_model_card_tables_from_the_summaries():
     assert np.allclose(shares.sum(axis=1), 100, atol=1e-2) and shares.shape[1] == 64
     util = utilisation_table(summaries)
     assert len(util) == 4 + 4 + 3 and (util["experts"] > 0).all()
+
+
+def test_a_model_that_misses_a_gate_writes_nothing(tmp_path, monkeypatch):
+    """Training whose evaluation misses a quality gate raises with the figures that missed and
+    leaves the output directory exactly as it was; one that passes replaces it."""
+    from moeaudit import training
+
+    out = tmp_path / "tiny-deepseek-v2"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"the previous model")
+    lines = [f" = Section {i} = " if i % 7 == 0 else f" line {i} of a small text about routers and experts ."
+             for i in range(400)]
+    monkeypatch.setattr("moeaudit.corpus.load_wikitext2", lambda split, data_dir=None: lines)
+    layers = {str(i): {"frac_experts_ge_threshold": f, "mass_share": []} for i, f in ((1, 1.0), (2, 0.5), (3, 0.95))}
+    monkeypatch.setattr(training, "evaluate_model", lambda model, chunks: (
+        {"nll": 5.0, "perplexity": 148.4, "n_tokens": 10}, {"threshold": 0.002, "layers": layers}))
+    monkeypatch.setattr(training, "unigram_perplexity", lambda *a: {"nll": 5.3, "perplexity": 200.0, "n_tokens": 10})
+    with pytest.raises(training.GateError) as err:
+        training.train("tiny-deepseek-v2", seed=1, steps=2, out=out, verbose=False)
+    text = str(err.value)
+    assert "nothing was written" in text and "0.74 of the unigram baseline" in text
+    assert "layer 2: 50.0% of the routed experts" in text and "layer 1" not in text and "layer 3" not in text
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
+    assert (out / "model.safetensors").read_bytes() == b"the previous model"
+    assert not list(tmp_path.glob(".*staging*"))
+    layers["2"]["frac_experts_ge_threshold"] = 0.95
+    monkeypatch.setattr(training, "unigram_perplexity", lambda *a: {"nll": 6.0, "perplexity": 400.0, "n_tokens": 10})
+    training.train("tiny-deepseek-v2", seed=1, steps=2, out=out, verbose=False)
+    assert (out / "training_summary.json").is_file() and (out / "model.safetensors").read_bytes() != b"the previous model"
+
+
+def test_unevaluated_training_cannot_write_the_shipped_model():
+    from moeaudit import training
+
+    with pytest.raises(ValueError, match="without checking the quality gates"):
+        training.train("tiny-olmoe", steps=1, evaluate=False, verbose=False)
+
+
+def test_gate_failures_by_hand():
+    from moeaudit.training import gate_failures
+
+    ok = {"evaluation": {"model": {"perplexity": 50.0}, "unigram_baseline": {"perplexity": 100.0},
+                         "utilisation": {"layers": {"0": {"frac_experts_ge_threshold": 0.9}}}}}
+    assert gate_failures(ok) == []
+    ok["evaluation"]["model"]["perplexity"] = 50.1
+    assert gate_failures(ok) == ["test perplexity 50.1 is 0.50 of the unigram baseline's 100.0 (gate: at most 0.5)"]
+    with pytest.raises(ValueError, match="no evaluation"):
+        gate_failures({})

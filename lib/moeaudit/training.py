@@ -31,7 +31,10 @@ Command line::
 writes ``config.json``, ``model.safetensors``, the tokenizer, ``training_log.csv``,
 ``training_summary.json`` and a model card ``README.md`` to ``DIR`` (default: the package
 directory ``moeaudit/zoo/<name>/``, which is where :func:`moeaudit.zoo.zoo_path` looks). ``--check-repro`` retrains an existing model directory
-with its recorded seed and compares the loss curves (see :func:`check_reproducibility`).
+with its recorded seed and compares the loss curves (see :func:`check_reproducibility`). A model
+that misses a quality gate (:func:`gate_failures`: test perplexity at most half the unigram
+baseline's; in every MoE layer at least 90% of the routed experts with 0.2% of the routing mass)
+is not written: the command stops naming every figure that missed, and ``DIR`` keeps what it held.
 
 ``training_log.csv`` has one row per optimiser step: ``loss`` (next-token cross-entropy of the
 batch, nats), ``aux_loss`` (balance loss before its coefficient), ``total_loss``, ``grad_norm``
@@ -49,6 +52,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -65,6 +69,33 @@ USAGE_THRESHOLD = 0.002
 #: quality gate of the shipped models: in every MoE layer at least this share of the routed experts
 #: receives at least USAGE_THRESHOLD of the routing mass on the test split
 MIN_FRAC_USED = 0.9
+#: quality gate of the shipped models: test perplexity at most this fraction of the unigram baseline's
+PPL_RATIO_MAX = 0.5
+
+
+class GateError(RuntimeError):
+    """A trained model missed a quality gate (:func:`gate_failures`); nothing was written to the
+    output directory."""
+
+
+def gate_failures(summary: dict) -> list[str]:
+    """The quality gates a training summary misses, each with the figure that missed: test
+    perplexity at most :data:`PPL_RATIO_MAX` times the unigram baseline's, and in every MoE layer
+    at least :data:`MIN_FRAC_USED` of the routed experts with :data:`USAGE_THRESHOLD` of the
+    routing mass or more. ``[]`` when all hold. ``ValueError`` for a summary without an evaluation."""
+    ev = summary.get("evaluation")
+    if ev is None:
+        raise ValueError("the summary has no evaluation: the gates are measured on the test split")
+    out = []
+    ratio = ev["model"]["perplexity"] / ev["unigram_baseline"]["perplexity"]
+    if not ratio <= PPL_RATIO_MAX:
+        out.append(f"test perplexity {ev['model']['perplexity']:.1f} is {ratio:.2f} of the unigram baseline's "
+                   f"{ev['unigram_baseline']['perplexity']:.1f} (gate: at most {PPL_RATIO_MAX})")
+    for layer, u in ev["utilisation"]["layers"].items():
+        if not u["frac_experts_ge_threshold"] >= MIN_FRAC_USED:
+            out.append(f"layer {layer}: {u['frac_experts_ge_threshold']:.1%} of the routed experts receive at least "
+                       f"{USAGE_THRESHOLD:.1%} of the routing mass (gate: at least {MIN_FRAC_USED:.0%})")
+    return out
 
 #: The balance-loss coefficients are those of the real models times this factor, which keeps
 #: their ratios (OLMoE 10 x Qwen). With the real values (factor 1), routing in layers 2-3 of the
@@ -473,19 +504,49 @@ def train(name: str, *, seed: int = 0, out: str | Path | None = None, steps: int
     """Train ``name`` from ``seed`` and save it (with tokenizer, log, summary and card) to ``out``.
 
     ``steps`` overrides the recipe's number of optimiser steps (the cosine schedule follows it).
-    ``evaluate=False`` skips the test-split measurements (used by the quick reproducibility test).
-    Returns the summary dictionary written to ``training_summary.json``.
+    ``evaluate=False`` skips the test-split measurements (used by the quick reproducibility test);
+    it is refused for the shipped directory, whose models must pass the gates.
+
+    The model is trained into a staging folder beside ``out``. With ``evaluate`` the quality gates
+    (:func:`gate_failures`) are checked there; a miss raises :class:`GateError` naming every figure
+    that missed, and ``out`` is left as it was. Only a model that passes replaces ``out`` (by a
+    rename, so ``out`` never holds half a model). Returns the summary dictionary written to
+    ``training_summary.json``.
     """
     _check_name(name)
     hp = train_config(name, steps=steps)
     out = Path(out) if out is not None else ZOO_DIR / name
-    out.mkdir(parents=True, exist_ok=True)
+    if not evaluate and out.resolve() == (ZOO_DIR / name).resolve():
+        raise ValueError(f"evaluate=False would write {name} to its shipped directory {out} without checking the "
+                         "quality gates; give another --out, or evaluate")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    if (out / "training_summary.json").is_file():  # keep its reproducibility record if it is about this run
+        shutil.copy2(out / "training_summary.json", staging / "training_summary.json")
     previous = set_determinism(seed, hp["threads"])
     try:
-        return _train(name, seed=seed, out=out, hp=hp, data_dir=data_dir, evaluate=evaluate,
-                      log_every=log_every, verbose=verbose)
+        summary = _train(name, seed=seed, out=staging, hp=hp, data_dir=data_dir, evaluate=evaluate,
+                         log_every=log_every, verbose=verbose)
+        missed = gate_failures(summary) if evaluate else []
+        if missed:
+            raise GateError(f"{name} (seed {seed}, {hp['steps']} steps) missed the quality gates; nothing was written "
+                            f"to {out}: " + "; ".join(missed))
+        _replace_dir(staging, out)
+        return summary
     finally:
         restore_torch_settings(previous)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Put the folder ``new`` at ``target``: renames only, the old ``target`` removed last."""
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    if target.exists():
+        os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _train(name, *, seed, out, hp, data_dir, evaluate, log_every, verbose) -> dict:
@@ -758,8 +819,12 @@ def main(argv=None) -> int:
     if args.check_repro:
         res = check_reproducibility(args.name, model_dir=args.out, data_dir=args.data_dir)
         return 0 if res["max_abs_loss_diff"] == 0.0 else 1
-    train(args.name, seed=args.seed, out=args.out, steps=args.steps, data_dir=args.data_dir,
-          evaluate=not args.no_eval)
+    try:
+        train(args.name, seed=args.seed, out=args.out, steps=args.steps, data_dir=args.data_dir,
+              evaluate=not args.no_eval)
+    except (GateError, ValueError) as err:
+        print(f"FAILED: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
