@@ -59,8 +59,12 @@ TINY_CONFIGS: dict[str, tuple[str, dict]] = {
     "granitemoe": ("GraniteMoeConfig", dict(intermediate_size=16, num_local_experts="{E}")),
     "granitemoeshared": ("GraniteMoeSharedConfig", dict(intermediate_size=16, num_local_experts="{E}",
                                                         shared_intermediate_size=16)),
+    # yarn RoPE as in the real checkpoints, its factor consistent with the tiny context (32 x 16 = 512)
     "gpt_oss": ("GptOssConfig", dict(intermediate_size=16, num_local_experts="{E}", head_dim=8, sliding_window=8,
-                                     layer_types="{sliding_full}")),
+                                     layer_types="{sliding_full}",
+                                     rope_parameters={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0,
+                                                      "beta_slow": 1.0, "truncate": False, "rope_theta": 150000.0,
+                                                      "original_max_position_embeddings": 16})),
     "llama4_text": ("Llama4TextConfig", dict(intermediate_size=16, intermediate_size_mlp=24, num_local_experts="{E}",
                                              head_dim=8, moe_layers="{all_but_first}", interleave_moe_layer_step=1,
                                              layer_types="{full}", attention_chunk_size=512, no_rope_layers="{ones}")),
