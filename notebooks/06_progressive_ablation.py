@@ -109,10 +109,8 @@ for name in models:
     rec = progressive_records(ctx, layers=audited, n_positions=n_positions, seed=seed, mode=mode,
                               min_context=min_context, batch_size=batch_size)
     all_records.append(rec)
-    display(Markdown(f"**{name}** ({lay.family}): MoE layers {join_words(lay.moe_layers)} of {lay.n_layers}, "
-                     f"{lay.num_experts} routed experts, top-{lay.top_k}, {lay.n_shared_experts} shared; "
-                     f"audited layers {join_words(audited)}, k = 1 to {lay.top_k - 1}; {len(rec):,} ablation records; "
-                     f"{report.premise_phrase(rec)}."))
+    display(Markdown(report.model_summary(name, ctx, audited, rec,
+                                          what=f"ablation records (k = 1 to {lay.top_k - 1} experts removed)")))
 records = pd.concat(all_records, ignore_index=True)
 
 # %% [markdown]

@@ -20,8 +20,8 @@ import pandas as pd
 import torch
 
 from . import __version__
-from .corpus import (TEXT_FORMS, CorpusSource, TokenizedCorpus, integer_ids, load_eval_corpus, resolve_corpus,
-                     sample_positions)
+from .corpus import (TEXT_FORMS, CorpusSource, TokenizedCorpus, integer_ids, is_integer, load_eval_corpus,
+                     resolve_corpus, sample_positions)
 from .engine import CleanPass, clean_pass, resolve_strategy, run_ablations
 from .metrics import METRICS, ROUTING_WEIGHT, check_rankings, observational_metrics
 from .models import AuditModel, load_model
@@ -156,7 +156,7 @@ def prepare(model_name: str, *, corpus: str | os.PathLike | CorpusSource = "auto
 
 
 def _positive_int(value, name: str) -> int:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)) or value < 1:
+    if not is_integer(value) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     return int(value)
 
@@ -244,7 +244,6 @@ def progressive_records(ctx: AuditContext, *, layers, n_positions: int, seed: in
     pos = audit_positions(ctx, n_positions=n_positions, seed=seed, min_context=min_context)
     reqs = []
     for L in layers:
-        ctx.model.layout.check_layer(L)
         rows = ctx.clean.row(pos.seq_id.to_numpy(), pos.t.to_numpy())
         idx, w = ctx.clean.routing[L]["indices"][rows], ctx.clean.routing[L]["weight"][rows]
         order = np.argsort(-w, axis=1, kind="stable")

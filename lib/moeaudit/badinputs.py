@@ -235,12 +235,15 @@ def library_cases() -> list[tuple[str, object]]:
         def compute(chunk):
             return pd.DataFrame({"item": chunk, "chunk_len": len(chunk)})
 
+        done = []  # chunks computed before the interruption
+
+        def interrupted(chunk):
+            if len(done) == 3:
+                raise KeyboardInterrupt
+            done.append(chunk)
+            return compute(chunk)
+
         with tempfile.TemporaryDirectory() as tmp:
-            def interrupted(chunk, done=[]):  # noqa: B006 - counts calls across the interrupted run
-                if len(done) == 3:
-                    raise KeyboardInterrupt
-                done.append(chunk)
-                return compute(chunk)
             try:
                 cached_records("demo", {"p": 1}, [items[i:i + 2] for i in range(0, 18, 2)], interrupted,
                                results_dir=tmp, progress=False)

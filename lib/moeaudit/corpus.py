@@ -306,7 +306,7 @@ class TokenizedCorpus:
         if bad:
             raise IndexError(f"sequence id(s) {bad[:5]} out of range: the corpus has {len(self.sequences)} sequences "
                              f"(ids 0..{len(self.sequences) - 1})")
-        if length is not None and (not _is_integer(length) or length < 1):
+        if length is not None and (not is_integer(length) or length < 1):
             raise ValueError(f"length must be an integer >= 1, got {length!r}")
         seqs = [self.sequences[i] for i in seq_ids]
         width = length or max(len(s) for s in seqs)
@@ -331,7 +331,8 @@ class TokenizedCorpus:
         return h.hexdigest()[:16]
 
 
-def _is_integer(x) -> bool:
+def is_integer(x) -> bool:
+    """Whether ``x`` is an integer (Python or NumPy), booleans excluded."""
     return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
@@ -343,7 +344,7 @@ def integer_ids(values, name: str) -> list[int]:
         raise TypeError(f"{name} must be a sequence of integer ids, got {values!r}")
     out = []
     for v in values:
-        if not _is_integer(v):
+        if not is_integer(v):
             raise TypeError(f"{name} must hold integer ids, got {v!r} ({type(v).__name__})")
         out.append(int(v))
     return out

@@ -39,7 +39,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from .corpus import TokenizedCorpus, integer_ids
+from .corpus import TokenizedCorpus, integer_ids, is_integer
 from .models import AuditModel
 
 ABLATION_MODES = ("token", "sequence")
@@ -255,8 +255,10 @@ class CleanPass:
                              f"sequence {s_bad} of {int(self.lengths[s_bad])} tokens (t in 0..{int(self.lengths[s_bad]) - 1})")
         return self.offsets[seq] + pos
 
-    def _layer(self, layer: int) -> dict[str, np.ndarray]:
-        if not isinstance(layer, (int, np.integer)) or isinstance(layer, (bool, np.bool_)):
+    def layer_routing(self, layer: int) -> dict[str, np.ndarray]:
+        """The routing arrays of ``layer`` (``indices``, ``weight``, ``prob``, ``norm``, each (N, k)).
+        ``TypeError`` for a non-integer layer, ``ValueError`` for a layer not in the clean pass."""
+        if not is_integer(layer):
             raise TypeError(f"layer must be an integer, got {layer!r}")
         if layer not in self.routing:
             raise ValueError(f"layer={layer} was not recorded in the clean pass (recorded: {sorted(self.routing)})")
@@ -265,12 +267,12 @@ class CleanPass:
     def active(self, seq_id: int, t: int, layer: int) -> np.ndarray:
         """Expert ids (k,) routed at token ``t`` of ``seq_id`` at ``layer``. ``IndexError`` for an
         out-of-range sequence or position, ``ValueError`` for a layer not in the clean pass."""
-        return self._layer(layer)["indices"][self.row(seq_id, t)]
+        return self.layer_routing(layer)["indices"][self.row(seq_id, t)]
 
     def routing_frame(self, layer: int) -> pd.DataFrame:
         """Long format: one row per (token, active expert) at ``layer`` (``ValueError`` for a layer
         not in the clean pass)."""
-        r = self._layer(layer)
+        r = self.layer_routing(layer)
         n, k = r["indices"].shape
         base = self.tokens.loc[np.repeat(np.arange(n), k), ["seq_id", "t", "token_id"]].reset_index(drop=True)
         base.insert(0, "layer", layer)
@@ -353,8 +355,6 @@ def resolve_strategy(model: AuditModel, *, mode: str, strategy: str) -> str:
 def validate_requests(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, requests: pd.DataFrame,
                       *, mode: str, strategy: str = "kv", require_active: bool = True) -> tuple[pd.DataFrame, str]:
     """Check every requested ablation; raise a ``ValueError`` naming the parameter otherwise."""
-    if mode not in ABLATION_MODES:
-        raise ValueError(f"mode={mode!r} is not one of {ABLATION_MODES}")
     strategy = resolve_strategy(model, mode=mode, strategy=strategy)
     missing = {"seq_id", "t", "layer", "removed"} - set(requests.columns)
     if missing:
@@ -671,12 +671,9 @@ def run_ablations(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, 
     _refuse_inside_pruning(model)
     req, strategy = validate_requests(model, corpus, clean, requests, mode=mode, strategy=strategy,
                                       require_active=require_active)
-    def _is_int(x):
-        return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
-
-    if not _is_int(batch_size) or batch_size < 2:
+    if not is_integer(batch_size) or batch_size < 2:
         raise ValueError(f"batch_size must be an integer >= 2 (one clean row plus one ablation), got {batch_size!r}")
-    if not _is_int(seq_batch) or seq_batch < 1:
+    if not is_integer(seq_batch) or seq_batch < 1:
         raise ValueError(f"seq_batch must be an integer >= 1, got {seq_batch!r}")
     if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (int, float, np.integer, np.floating)) \
             or not 0.0 <= float(scale) < 1.0:

@@ -126,7 +126,7 @@ def pruning_criteria(clean: CleanPass, *, num_experts: int, seq_ids=None, layers
         keep = clean.tokens.seq_id.isin(ids).to_numpy()
     frames = []
     for L in (sorted(clean.routing) if layers is None else list(layers)):
-        r = clean._layer(L)
+        r = clean.layer_routing(L)
         idx, norm = r["indices"][keep], r["norm"][keep]
         df = expert_metrics_from_routing(idx, r["prob"][keep], norm, num_experts=num_experts)
         lit = literature_criteria_from_routing(idx, r["weight"][keep], norm, num_experts=num_experts)

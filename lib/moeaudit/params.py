@@ -28,8 +28,9 @@ Rules worth knowing:
   directories; no weights, no transformers import): the layers asked for must be MoE layers of
   every model, chapters that compare active experts need top-k >= 2, ``max_tokens`` must fit the
   model's context and ``min_context`` must leave positions in texts of that length. The MoE layers
-  are derived from the config by the rule of :func:`moeaudit.models.layout_from_config` (the tests
-  check that both agree on the shipped models). A Hugging Face id is not looked up: its checks are
+  are derived from the config by the family's rule in the registry
+  (:func:`moeaudit.families.moe_layer_indices`), the one :func:`moeaudit.models.layout_from_config`
+  uses. A Hugging Face id is not looked up: its checks are
   left to :func:`moeaudit.models.load_model` and the chapter.
 * **Left to the library**, because they need the tokenized corpus: the upper bounds of
   ``n_positions`` (:func:`moeaudit.corpus.sample_positions`), ``n_texts``
@@ -44,7 +45,8 @@ library functions that take the same values; ``python -m moeaudit.book bad-input
 ``docs/bad_inputs.md`` (a test keeps that file current).
 
 This module imports neither torch nor transformers; the few constants it shares with modules that
-do (dtypes, supported families, text forms) are repeated here and checked equal by the tests.
+do (dtypes, text forms) are repeated here and checked equal by the tests, and the audited families
+come from the registry (:mod:`moeaudit.families`, plain Python).
 """
 
 from __future__ import annotations

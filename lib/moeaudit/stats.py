@@ -19,8 +19,9 @@ is on the paired differences ``D = high - low``: a valid criterion predicts ``D 
 Degenerate cells
 ----------------
 A cell whose data cannot be tested -- fewer than :data:`MIN_PAIRS` pairs, a NaN or infinite
-loss change, or paired differences that are all equal (``sd(D) = 0``, so ``d_z`` and the t
-statistic are undefined) -- is not an error: the per-cell functions return their usual row with
+loss change, paired differences that are all equal (``sd(D) = 0``, so ``d_z`` and the t
+statistic are undefined) or equal up to float32 rounding (``sd(D)`` at most :data:`ROUNDING_SD`
+times the largest |value|, where ``d_z`` would measure rounding noise) -- is not an error: the per-cell functions return their usual row with
 the undefined statistics set to NaN, every significance flag False, and the cause in a ``reason``
 column (``""`` for a cell that was tested). Descriptive columns that are still defined (``n``,
 ``mean_d``, ``sd_d``, ...) are filled. Such a cell still counts in the size of its
@@ -304,9 +305,10 @@ def paired_effect(
     - ``reason``: ``""`` when the cell was tested, else why it could not be (see below).
 
     **Degenerate cells.** When the pairs cannot be tested -- none, fewer than
-    :data:`MIN_PAIRS`, a NaN or infinite value in ``high`` or ``low``, or all differences equal
-    (``sd_d = 0``: ``d_z = mean / 0`` and the t statistic are undefined, and with all ``D = 0``
-    Wilcoxon has no nonzero difference to rank) -- no test is run and no exception is raised: the
+    :data:`MIN_PAIRS`, a NaN or infinite value in ``high`` or ``low`` or in their difference, all
+    differences equal (``sd_d = 0``: ``d_z = mean / 0`` and the t statistic are undefined, and
+    with all ``D = 0`` Wilcoxon has no nonzero difference to rank), or equal up to rounding
+    (``0 < sd_d <= ROUNDING_SD * max |value|``) -- no test is run and no exception is raised: the
     row has the same columns, ``reason`` states the cause, the tests' statistics, p-values, the
     d_z interval and ``p_tost`` are NaN, and ``sig_t``, ``sig_W``, ``same_sign``, ``sig_dual``
     and ``equivalent`` are False. ``n``, ``n_zero``, ``dof`` (``n - 1``), ``alpha_corrected``,
