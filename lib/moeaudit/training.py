@@ -15,8 +15,9 @@ name                   class                     mirrors
                                                  sequence-wise balance loss (alpha 0.001)
 =====================  ========================  ===============================================
 
-Everything is scaled down (4 layers, hidden size 64, expert width 32, a 4,096-token byte-level
-BPE vocabulary, 128-token context) so that each model trains in a few minutes on one CPU thread.
+Everything is scaled down (8 decoder layers, hidden size 64, expert width 32, a 4,096-token
+byte-level BPE vocabulary, 128-token context) so that each model trains in minutes on one CPU
+thread; eight layers leave room for the paper's five audited layers spread over depth.
 The routing ratios (experts, top-k) and the shared-expert structure are kept; the balance-loss
 coefficients are the real models' times :data:`AUX_COEF_SCALE` (see there why).
 
@@ -62,7 +63,7 @@ from pathlib import Path
 import nnsight  # noqa: F401  (must precede transformers.models.*: trained models are audited in the same process)
 import numpy as np
 
-from .zoo import ZOO_DIR, ZOO_MODELS
+from .zoo import REDUNDANCY_SEEDS, REDUNDANCY_SETTINGS, SHIPPED_MODELS, ZOO_DIR, redundancy_name
 
 #: Fraction of a layer's routing mass an expert must receive to count as "used".
 USAGE_THRESHOLD = 0.002
@@ -108,11 +109,11 @@ AUX_COEF_SCALE = 5
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 
-#: Shared by all three models.
+#: Shared by all models (a spec's ``config`` may override entries: the redundancy family has 4 layers).
 COMMON = {
     "vocab_size": 4096,
     "hidden_size": 64,
-    "num_hidden_layers": 4,
+    "num_hidden_layers": 8,
     "num_attention_heads": 4,
     "max_position_embeddings": 128,
     "tie_word_embeddings": False,
@@ -203,9 +204,34 @@ SPECS = {
 }
 
 
+def _redundancy_spec(n_experts: int, top_k: int, seed: int) -> dict:
+    """A member of the redundancy family: ``tiny-olmoe``'s recipe at 4 layers, routing varied."""
+    coef = SPECS["tiny-olmoe"]["aux"]["coef"]
+    ratio = "OLMoE's ratio" if (n_experts, top_k) == (64, 8) else \
+        "Mixtral's ratio" if (n_experts, top_k) == (8, 2) else f"top-{top_k} of {n_experts}"
+    return {
+        "class": "OlmoeForCausalLM",
+        "config_class": "OlmoeConfig",
+        "mirrors": f"redundancy family: {n_experts} routed experts, top-{top_k} ({ratio})",
+        "family": "redundancy",
+        "seed": seed,
+        "config": {**SPECS["tiny-olmoe"]["config"], "num_hidden_layers": 4,
+                   "num_experts": n_experts, "num_experts_per_tok": top_k},
+        "aux": {**SPECS["tiny-olmoe"]["aux"],
+                "description": f"Switch-Transformer load-balancing loss computed per MoE layer and averaged over "
+                               f"layers, coefficient {coef:g} (as tiny-olmoe)"},
+        "train": {},
+    }
+
+
+for _e, _k in REDUNDANCY_SETTINGS:
+    for _s in REDUNDANCY_SEEDS:
+        SPECS[redundancy_name(_e, _k, _s)] = _redundancy_spec(_e, _k, _s)
+
+
 def _check_name(name: str) -> None:
     if name not in SPECS:
-        raise ValueError(f"unknown model {name!r}; the trainable models are {', '.join(ZOO_MODELS)}")
+        raise ValueError(f"unknown model {name!r}; the trainable models are {', '.join(SHIPPED_MODELS)}")
 
 
 def train_config(name: str, **overrides) -> dict:
@@ -498,10 +524,14 @@ def _data_files(data_dir):
     return {s: _local_file(s, root) for s in ("validation", "test")}
 
 
-def train(name: str, *, seed: int = 0, out: str | Path | None = None, steps: int | None = None,
+def train(name: str, *, seed: int | None = None, out: str | Path | None = None, steps: int | None = None,
           data_dir: str | Path | None = None, evaluate: bool = True, log_every: int = 100,
           verbose: bool = True) -> dict:
     """Train ``name`` from ``seed`` and save it (with tokenizer, log, summary and card) to ``out``.
+
+    ``seed`` defaults to the model's own (0, or the ``-s<seed>`` of a redundancy-family name; another
+    seed for a family member is refused for its shipped directory). Weights are stored in bfloat16
+    (:data:`STORED_DTYPE`) and computed in float32: the gates are measured on the stored weights.
 
     ``steps`` overrides the recipe's number of optimiser steps (the cosine schedule follows it).
     ``evaluate=False`` skips the test-split measurements (used by the quick reproducibility test);
@@ -516,6 +546,11 @@ def train(name: str, *, seed: int = 0, out: str | Path | None = None, steps: int
     _check_name(name)
     hp = train_config(name, steps=steps)
     out = Path(out) if out is not None else ZOO_DIR / name
+    own_seed = SPECS[name].get("seed", 0)
+    seed = own_seed if seed is None else int(seed)
+    if "seed" in SPECS[name] and seed != own_seed and out.resolve() == (ZOO_DIR / name).resolve():
+        raise ValueError(f"{name} is the seed-{own_seed} member of the redundancy family; train seed {seed} "
+                         "into another --out")
     if not evaluate and out.resolve() == (ZOO_DIR / name).resolve():
         raise ValueError(f"evaluate=False would write {name} to its shipped directory {out} without checking the "
                          "quality gates; give another --out, or evaluate")
@@ -622,6 +657,7 @@ def _train(name, *, seed, out, hp, data_dir, evaluate, log_every, verbose) -> di
     # real checkpoints, so that ``model(..., labels=...)`` returns the plain language-model loss.
     model.config.output_router_logits = False
     model.save_pretrained(out)
+    store_weights(out / "model.safetensors")
     tokenizer.save_pretrained(out)
 
     files = _data_files(data_dir)
@@ -636,6 +672,9 @@ def _train(name, *, seed, out, hp, data_dir, evaluate, log_every, verbose) -> di
                      "tokenizers": __import__("tokenizers").__version__, "numpy": np.__version__},
         "architecture": {**COMMON, **SPECS[name]["config"]},
         "parameters": n_params,
+        "weights": {"stored_dtype": STORED_DTYPE, "compute_dtype": "float32",
+                    "file_mb": round((out / "model.safetensors").stat().st_size / 2**20, 2)},
+        "family": SPECS[name].get("family", "default"),
         "aux_loss": SPECS[name]["aux"],
         "training": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in hp.items()},
                      "optimizer": "AdamW (no weight decay on norms and 1-d parameters)",
@@ -660,7 +699,8 @@ def _train(name, *, seed, out, hp, data_dir, evaluate, log_every, verbose) -> di
     if evaluate:
         test_stream = encode_stream(tokenizer, load_wikitext2("test", data_dir=data_dir))
         chunks = eval_chunks(test_stream, hp["context"])
-        reloaded = getattr(transformers, SPECS[name]["class"]).from_pretrained(out)  # score what is shipped
+        # score what is shipped: the stored (bfloat16) weights, computed in float32
+        reloaded = getattr(transformers, SPECS[name]["class"]).from_pretrained(out, dtype=torch.float32)
         ppl, util = evaluate_model(reloaded, chunks)
         uni = unigram_perplexity(train_stream, chunks, len(tokenizer))
         summary["data"]["test_stream_tokens"] = int(len(test_stream))
@@ -685,6 +725,30 @@ def _train(name, *, seed, out, hp, data_dir, evaluate, log_every, verbose) -> di
     write_summary(out, summary)
     say(f"saved to {out} ({_dir_mb(out):.2f} MB)")
     return summary
+
+
+#: dtype of the shipped weights (computed in float32: :func:`moeaudit.models.load_model` upcasts).
+STORED_DTYPE = "bfloat16"
+#: the largest shipped weights file of one model, MB (2**20 bytes)
+MAX_WEIGHTS_MB = 10.0
+
+
+def store_weights(path: Path) -> None:
+    """Rewrite the float32 ``model.safetensors`` at ``path`` with every floating tensor rounded to
+    :data:`STORED_DTYPE` (round to nearest even, torch's ``Tensor.to``); the config keeps float32,
+    so ``from_pretrained`` computes in float32. ``ValueError`` if the file would exceed
+    :data:`MAX_WEIGHTS_MB`."""
+    import torch  # noqa: PLC0415
+    from safetensors.torch import load_file, save_file  # noqa: PLC0415
+
+    tensors = load_file(str(path))
+    dtype = getattr(torch, STORED_DTYPE)
+    stored = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
+    save_file(stored, str(path), metadata={"format": "pt"})
+    os.chmod(path, 0o644)
+    mb = Path(path).stat().st_size / 2**20
+    if mb > MAX_WEIGHTS_MB:
+        raise ValueError(f"{path} holds {mb:.1f} MB of weights, more than the {MAX_WEIGHTS_MB:g} MB allowed")
 
 
 def _write_log(path: Path, rows: list[dict]) -> None:
@@ -806,8 +870,8 @@ def check_reproducibility(name: str, *, model_dir: str | Path | None = None, dat
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m moeaudit.training", description=__doc__.split("\n\n")[0])
-    p.add_argument("name", choices=ZOO_MODELS)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("name", choices=SHIPPED_MODELS)
+    p.add_argument("--seed", type=int, default=None, help="training seed (default: the model's own)")
     p.add_argument("--out", default=None, help="output directory (default: the package's zoo/<name>/)")
     p.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the model's recipe)")
     p.add_argument("--data-dir", default=None, help="folder holding wikitext-2/ (default: $MOEAUDIT_DATA_DIR)")

@@ -1,4 +1,5 @@
-"""The book's default models: three small MoE language models shipped with the package.
+"""The models shipped with the package: the book's three default MoE language models and the
+ten models of the redundancy family (:data:`REDUNDANCY_MODELS`).
 
 Each lives in ``moeaudit/zoo/<name>/`` in the standard Hugging Face layout (``config.json``,
 ``model.safetensors``, tokenizer files) next to its ``training_log.csv``,
@@ -28,6 +29,25 @@ MIRRORS = {
     "tiny-deepseek-v2": "deepseek-ai/DeepSeek-V2-Lite",
 }
 
+#: The controlled redundancy family: (routed experts E, top-k) settings of small OLMoE-class
+#: models that are otherwise identical (data, tokenizer, width, depth, steps, seed policy).
+#: 64 experts with k = 2, 4, 8 (OLMoE's ratio), 16, and 8 experts with top-2 (Mixtral's ratio).
+REDUNDANCY_SETTINGS = ((64, 2), (64, 4), (64, 8), (64, 16), (8, 2))
+#: Training seeds of every redundancy setting (two, so that the seed spread is measured).
+REDUNDANCY_SEEDS = (0, 1)
+
+
+def redundancy_name(n_experts: int, top_k: int, seed: int) -> str:
+    """Short name of a redundancy-family model, e.g. ``olmoe-e64-k8-s0``."""
+    return f"olmoe-e{n_experts}-k{top_k}-s{seed}"
+
+
+#: Short names of the redundancy family, setting by setting, seeds within a setting.
+REDUNDANCY_MODELS = tuple(redundancy_name(e, k, s) for e, k in REDUNDANCY_SETTINGS for s in REDUNDANCY_SEEDS)
+
+#: Every model shipped with the package: the book's defaults, then the redundancy family.
+SHIPPED_MODELS = ZOO_MODELS + REDUNDANCY_MODELS
+
 ZOO_DIR = Path(__file__).resolve().parent
 
 
@@ -37,8 +57,8 @@ def zoo_path(name: str) -> Path:
     Raises ``ValueError`` for a name that is not shipped, and ``FileNotFoundError`` if the
     model's files are missing (e.g. a source checkout without the trained weights).
     """
-    if name not in ZOO_MODELS:
-        raise ValueError(f"unknown shipped model {name!r}; the shipped models are {', '.join(ZOO_MODELS)}")
+    if name not in SHIPPED_MODELS:
+        raise ValueError(f"unknown shipped model {name!r}; the shipped models are {', '.join(SHIPPED_MODELS)}")
     path = ZOO_DIR / name
     if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
         raise FileNotFoundError(f"the files of shipped model {name!r} are missing from {path}; "
