@@ -162,6 +162,30 @@ def test_kv_strategy_equals_full_strategy_in_token_mode(model, clean, corpus):
     np.testing.assert_allclose(kv.clean_loss, clean.tokens.loss.to_numpy()[rows], atol=TOL, rtol=0)
 
 
+def test_skipping_the_clean_layers_matches_and_skips(model, clean, corpus):
+    """Token-mode kv steps start at the ablated layer (the layers before it are not run, their
+    clean outputs are read from the cache forward) and give the records of full steps."""
+    req = _requests(clean, corpus, list(model.layout.moe_layers))
+    skip = _run(model, corpus, clean, req, mode="token", strategy="kv", seq_batch=8)
+    full = _run(model, corpus, clean, req, mode="token", strategy="kv", seq_batch=8, skip_clean_layers=False)
+    for col in ("clean_loss", "ablated_loss", "delta_loss", "gap_norm"):
+        np.testing.assert_allclose(skip[col], full[col], atol=TOL, rtol=0, err_msg=col)
+    assert skip.premise_ok.all()
+    # requests at the last MoE layer only: layer 0's attention runs once, in the cache forward
+    # (a skipped module still calls its own pre-hooks, so count a submodule)
+    later = req[req.layer == model.layout.moe_layers[-1]].reset_index(drop=True)
+    counts = {}
+    for flag in (True, False):
+        calls = []
+        handle = model.hf.model.layers[0].self_attn.register_forward_pre_hook(lambda *a: calls.append(1))
+        try:
+            _run(model, corpus, clean, later, mode="token", strategy="kv", seq_batch=8, skip_clean_layers=flag)
+        finally:
+            handle.remove()
+        counts[flag] = len(calls)
+    assert counts[True] == 1 and counts[False] > 1
+
+
 @pytest.mark.parametrize("mode,strategy", [("token", "kv"), ("token", "full"), ("sequence", "full")])
 def test_batched_equals_one_at_a_time(model, clean, corpus, mode, strategy):
     req = _requests(clean, corpus, [model.layout.moe_layers[-1]], ts=(0, 3, 9))

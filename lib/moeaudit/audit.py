@@ -30,7 +30,7 @@ from .pruning import perplexity, pruned_experts
 from .report import fmt_signed, join_words, plural  # noqa: F401  (re-exported for the chapters)
 from .store import cached_records, exclusive, params_key
 
-ENGINE_VERSION = 3  # bump when the engine's numerics change, so cached records are recomputed
+ENGINE_VERSION = 4  # bump when the engine's numerics change, so cached records are recomputed
 
 
 def model_fingerprint(model: AuditModel) -> str:

@@ -388,12 +388,13 @@ def validate_requests(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPa
     return req, strategy
 
 
-def _group_batches(groups: list, batch_size: int) -> list[list]:
-    """Pack (seq_id, t) groups into batches of at most ``batch_size`` rows without splitting a group."""
+def _group_batches(groups: list, batch_size: int, *, key=None) -> list[list]:
+    """Pack (position, request indices) groups into batches of at most ``batch_size`` rows without
+    splitting a group; with ``key`` a batch also holds only groups of one ``key(group)``."""
     batches, current, size = [], [], 0
     for g in groups:
         n = len(g[1]) + 1  # + the clean row
-        if current and size + n > batch_size:
+        if current and (size + n > batch_size or (key is not None and key(g) != key(current[-1]))):
             batches.append(current)
             current, size = [], 0
         current.append(g)
@@ -405,13 +406,16 @@ def _group_batches(groups: list, batch_size: int) -> list[list]:
 
 def _run_batch(model: AuditModel, *, input_ids, attention_mask, position_ids, past_key_values,
                removal: dict[int, torch.Tensor], read_rows: torch.Tensor, read_pos: torch.Tensor,
-               read_layers=(), scale: float = 0.0, logits_to_keep: torch.Tensor | None = None):
+               read_layers=(), scale: float = 0.0, logits_to_keep: torch.Tensor | None = None,
+               start_layer: int = 0, start_hidden: torch.Tensor | None = None):
     """One traced forward. ``removal[L]`` is a (rows, E) bool matrix over the flattened token rows of
     the batch; returns logits, MoE outputs at ``(read_rows, read_pos)`` for every ablated layer
     and every layer in ``read_layers``, and the top-k indices (flattened rows, k) that the router
     of every ablated layer produced in this very forward (the premise check of
     :func:`run_ablations`). With ``logits_to_keep`` (a (rows, 1) position tensor) the LM head runs
-    only there and the logits are read at its single kept position."""
+    only there and the logits are read at its single kept position. With ``start_layer`` S > 0 the
+    decoder layers before S are skipped (nnsight's ``Envoy.skip``) and layer S reads
+    ``start_hidden`` (the batch's residual stream entering layer S, (batch, seq, H)) instead."""
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
     if logits_to_keep is not None:
         kwargs["logits_to_keep"] = logits_to_keep
@@ -421,6 +425,8 @@ def _run_batch(model: AuditModel, *, input_ids, attention_mask, position_ids, pa
         kwargs.update(past_key_values=past_key_values, use_cache=True)
     outputs, routed = {}, {}
     with torch.no_grad(), model.nn.trace(**kwargs, remote=model.remote):
+        for skipped in range(start_layer):  # each returns the residual entering S; only the last is read
+            model.layers()[skipped].skip(start_hidden)
         for L in sorted(set(removal) | set(read_layers)):
             if L in removal:
                 r_idx, _hit = ablate_in_trace(model, L, removal[L], scale=scale)
@@ -606,19 +612,26 @@ def packed_step(model: AuditModel, corpus: TokenizedCorpus, rows: list, *, chunk
     return PackedStep(input_ids, mask, position_ids, DynamicCache(ddp_cache_data=step_kv), b_of * q + j_of, b_of, j_of)
 
 
-def clean_cache(model: AuditModel, corpus: TokenizedCorpus, chunk: list[int]) -> tuple[list, int]:
+def clean_cache(model: AuditModel, corpus: TokenizedCorpus, chunk: list[int], *, hidden_states: bool = False):
     """Key/value cache of a clean forward over the sequences ``chunk`` (right-padded), and its
     width. The LM head is skipped (``logits_to_keep=1``): only the cache is needed. The cache keeps
     every position of every layer (a plain ``DynamicCache``, not the model's own, which would keep
     only the last ``W - 1`` positions of a sliding-window layer): the packed step's mask applies
-    the window."""
+    the window.
+
+    Returns ``(cache_kv, width)``; with ``hidden_states=True`` ``(cache_kv, width, residual)``,
+    where ``residual[l]`` (len(chunk), width, H) is the residual stream entering decoder layer ``l``
+    (transformers' ``output_hidden_states``: entry l is layer l's input, entry 0 the embeddings)."""
     from transformers import DynamicCache  # noqa: PLC0415
 
     ids, mask = corpus.padded(chunk, pad_id=model.pad_id)
     with torch.no_grad():
         out = model.hf(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), use_cache=True,
-                       past_key_values=DynamicCache(), logits_to_keep=1)
-    return [(lay.keys, lay.values) for lay in out.past_key_values.layers], int(ids.shape[1])
+                       past_key_values=DynamicCache(), logits_to_keep=1, output_hidden_states=hidden_states)
+    kv = [(lay.keys, lay.values) for lay in out.past_key_values.layers]
+    if not hidden_states:
+        return kv, int(ids.shape[1])
+    return kv, int(ids.shape[1]), list(out.hidden_states[:model.layout.n_layers])
 
 
 def _check_custom_mask_support(model: AuditModel) -> None:
@@ -633,7 +646,8 @@ def _check_custom_mask_support(model: AuditModel) -> None:
 def run_ablations(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, requests: pd.DataFrame, *,
                   mode: str = "token", strategy: str = "auto", batch_size: int = 64, seq_batch: int = 4,
                   seed: int | None = None, require_active: bool = True, downstream: bool = False,
-                  scale: float = 0.0, progress: bool | None = None) -> pd.DataFrame:
+                  scale: float = 0.0, skip_clean_layers: bool = True,
+                  progress: bool | None = None) -> pd.DataFrame:
     """Run every requested ablation and return one tidy record per request.
 
     ``requests``: columns ``seq_id``, ``t``, ``layer``, ``removed`` (expert ids, all active at
@@ -667,6 +681,13 @@ def run_ablations(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, 
     In token mode with ``strategy="kv"`` the rows of a step are packed as new tokens of their
     sequence's cache row (see :func:`packed_step`); otherwise each row is its own prefix
     ``x[:t+1]`` and the LM head is applied at ``t`` only.
+
+    ``skip_clean_layers`` (token mode with ``strategy="kv"``): a step starts at the ablated layer L.
+    The decoder layers before L are skipped and L reads the residual stream that enters it in the
+    clean cache forward: a token-mode ablation changes nothing before L, so those layers' outputs
+    at t are the clean ones. Each batch then holds rows of one layer, with one clean row per
+    (position, layer), also started at L. The records equal those of the full step to float32
+    rounding (about 1e-6 nats; ``tests/test_engine.py``); ``False`` recomputes every layer.
     """
     _refuse_inside_pruning(model)
     req, strategy = validate_requests(model, corpus, clean, requests, mode=mode, strategy=strategy,
@@ -692,15 +713,23 @@ def run_ablations(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, 
     chunks = [seqs[i:i + seq_batch] for i in range(0, len(seqs), seq_batch)]
     bar = progress_bar(None, total=len(req), desc=f"ablations ({mode})", progress=progress)
     layer_of, removed_of = req.layer.to_numpy(), [list(r) for r in req.removed]  # plain lookups in the loops
+    resume = bool(skip_clean_layers) and strategy == "kv" and mode == "token"
     for chunk in chunks:
         sub = req[req.seq_id.isin(chunk)]
-        groups = [((int(s), int(t)), list(g.index)) for (s, t), g in sub.groupby(["seq_id", "t"], sort=True)]
-        cache_kv = None
-        if strategy == "kv":
+        if resume:  # groups of one (position, layer), batches of one layer: a step starts at that layer
+            groups = [((int(s), int(t), int(L)), list(g.index))
+                      for (L, s, t), g in sub.groupby(["layer", "seq_id", "t"], sort=True)]
+        else:
+            groups = [((int(s), int(t), 0), list(g.index)) for (s, t), g in sub.groupby(["seq_id", "t"], sort=True)]
+        cache_kv = residual = None
+        if strategy == "kv" and resume:
+            cache_kv, width, residual = clean_cache(model, corpus, chunk, hidden_states=True)
+        elif strategy == "kv":
             cache_kv, width = clean_cache(model, corpus, chunk)
-        for batch in _group_batches(groups, batch_size):
+        for batch in _group_batches(groups, batch_size, key=lambda g: g[0][2]):
+            start_layer = batch[0][0][2]
             rows = []  # (seq, t, request index or None)
-            for (s, t), idxs in batch:
+            for (s, t, _start), idxs in batch:
                 rows.append((s, t, None))
                 rows.extend((s, t, i) for i in idxs)
             R = len(rows)
@@ -712,6 +741,13 @@ def run_ablations(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, 
                 input_ids, attn, position_ids, cache = step.input_ids, step.mask_on(dev), step.position_ids, step.cache
                 flat_of, read_rows, read_pos = step.flat, step.read_rows, step.read_pos
                 q_len, n_flat = input_ids.shape[1], input_ids.numel()
+                start_hidden = None
+                if start_layer > 0:  # the clean residual entering start_layer at each row's (seq, t)
+                    entering = residual[start_layer]
+                    start_hidden = entering.new_zeros((input_ids.shape[0], q_len, entering.shape[-1]))
+                    at = torch.tensor([chunk.index(r[0]) for r in rows], device=entering.device)
+                    start_hidden[read_rows.to(entering.device), read_pos.to(entering.device)] = \
+                        entering[at, t_of.to(entering.device)]
             else:
                 q_len = int(t_of.max()) + 1
                 input_ids = torch.full((R, q_len), model.pad_id, dtype=torch.long)
@@ -719,7 +755,7 @@ def run_ablations(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, 
                 for r, (s, t, _) in enumerate(rows):
                     input_ids[r, : t + 1] = torch.from_numpy(corpus.sequences[s][: t + 1])
                     attn[r, : t + 1] = 1
-                position_ids, cache = None, None
+                position_ids, cache, start_hidden = None, None, None
                 flat_of = torch.arange(R) * q_len + t_of
                 n_flat = R * q_len
                 # The LM head only at each row's read position (a (rows, 1) position tensor).
@@ -741,7 +777,8 @@ def run_ablations(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, 
                 position_ids=None if position_ids is None else position_ids.to(dev), past_key_values=cache,
                 removal=removal, read_rows=read_rows.to(dev), read_pos=read_pos.to(dev),
                 read_layers=[L for L in model.layout.moe_layers if L > min(layers_here)] if downstream else (),
-                scale=float(scale), logits_to_keep=None if logits_to_keep is None else logits_to_keep.to(dev))
+                scale=float(scale), logits_to_keep=None if logits_to_keep is None else logits_to_keep.to(dev),
+                start_layer=start_layer, start_hidden=start_hidden)
             targets = torch.tensor([int(corpus.sequences[s][t + 1]) for s, t, _ in rows], device=logits.device)
             losses = _token_loss(logits, targets).cpu().numpy()
             routed_at = {L: idx.reshape(-1, idx.shape[-1])[flat_of.to(idx.device)].cpu().numpy()
