@@ -308,11 +308,11 @@ def preflight(stems: list[str] | None = None, *, log=print) -> list[str]:
             log(f"released results: {released_source().describe()}")
         except ReleasedDataUnavailable as err:
             problems.append(f"released results: {err}")
-    from .zoo import ZOO_MODELS, zoo_path  # noqa: PLC0415
+    from .zoo import SHIPPED_MODELS, zoo_path  # noqa: PLC0415
 
     names = sorted({m for p in defaults.values() for m in (p.get("models") or [])})
     for name in names:
-        if name in ZOO_MODELS:
+        if name in SHIPPED_MODELS:
             try:
                 folder = zoo_path(name)
                 missing = [f for f in ("config.json", "model.safetensors", "tokenizer.json") if not (folder / f).is_file()]

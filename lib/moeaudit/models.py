@@ -244,9 +244,9 @@ def wrap_model(hf_model, *, tokenizer=None, name: str | None = None) -> AuditMod
 
 def resolve_model_path(name_or_path: str) -> str:
     """A shipped short name (``tiny-olmoe`` ...) becomes its package directory; others pass through."""
-    from .zoo import ZOO_MODELS, zoo_path  # noqa: PLC0415
+    from .zoo import SHIPPED_MODELS, zoo_path  # noqa: PLC0415
 
-    if name_or_path in ZOO_MODELS:
+    if name_or_path in SHIPPED_MODELS:
         return str(zoo_path(name_or_path))
     return str(name_or_path)
 
@@ -256,7 +256,7 @@ def load_model(name_or_path: str, *, dtype: str = "float32", device: str | None 
                local_files_only: bool | None = None) -> AuditModel:
     """Load a model for the audit.
 
-    ``name_or_path``: a shipped short name (see :data:`moeaudit.zoo.ZOO_MODELS`), a local
+    ``name_or_path``: a shipped short name (see :data:`moeaudit.zoo.SHIPPED_MODELS`), a local
     directory, or a Hugging Face id (``allenai/OLMoE-1B-7B-0924``, ``Qwen/Qwen1.5-MoE-A2.7B``,
     ``deepseek-ai/DeepSeek-V2-Lite``, ...). ``dtype`` is ``float32`` (default), ``bfloat16`` or
     ``float16``. ``device_map`` (e.g. ``"auto"``) is passed to ``from_pretrained`` so accelerate

@@ -64,7 +64,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from pydantic_core import PydanticCustomError
 
 from .families import FAMILIES, config_value, moe_layer_indices
-from .zoo import ZOO_DIR, ZOO_MODELS
+from .zoo import SHIPPED_MODELS, ZOO_DIR
 
 #: fewest paired positions the per-cell statistics accept (:data:`moeaudit.stats.MIN_PAIRS`)
 MIN_POSITIONS = 3
@@ -128,7 +128,7 @@ def _read_config(folder: Path) -> dict | None:
 def _check_model_name(name: str) -> str:
     if not name.strip():
         raise ValueError("an empty model name")
-    if name in ZOO_MODELS:
+    if name in SHIPPED_MODELS:
         missing = [f for f in ("config.json", "model.safetensors") if not (ZOO_DIR / name / f).is_file()]
         if missing:
             raise ValueError(f"the files of shipped model {name!r} are missing ({', '.join(missing)}); "
@@ -147,7 +147,7 @@ def _check_model_name(name: str) -> str:
     if _HUB_ID.fullmatch(name):
         return name  # a Hugging Face id: checked when it is loaded
     raise ValueError(f"{name!r} is not a shipped model, an existing directory or a Hugging Face id (owner/name)"
-                     f"{_close(name, ZOO_MODELS)}")
+                     f"{_close(name, SHIPPED_MODELS)}; the shipped models are {', '.join(SHIPPED_MODELS)}")
 
 
 def _distinct(values: list) -> list:
@@ -198,7 +198,7 @@ def _check_results_dir(value):
     return value
 
 
-_SHIPPED = ", ".join(ZOO_MODELS)
+_SHIPPED = ", ".join(SHIPPED_MODELS)
 
 ModelName = Annotated[str, AfterValidator(_check_model_name)]
 Models = Annotated[list[ModelName], AfterValidator(_distinct), _allowed(
@@ -248,7 +248,7 @@ def config_layout(name: str) -> dict | None:
     or None). The MoE layers follow the family's rule in the registry
     (:func:`moeaudit.families.moe_layer_indices`, as :func:`moeaudit.models.layout_from_config` does). ``None`` for a
     Hugging Face id (not looked up), an unreadable config, or a config lacking a field the rule needs."""
-    folder = ZOO_DIR / name if name in ZOO_MODELS else Path(name).expanduser()
+    folder = ZOO_DIR / name if name in SHIPPED_MODELS else Path(name).expanduser()
     config = _read_config(folder) if folder.is_dir() else None
     if config is None:
         return None
@@ -453,6 +453,16 @@ class PredictorsAndPruning(_Audited):
                                                  gt=0, le=10)]
 
 
+class Redundancy(_Audited):
+    """11_redundancy: the routing settings of the models are compared, so at least two models."""
+
+    models: Annotated[list[ModelName], AfterValidator(_distinct), _allowed(
+        f"a list of at least two models that differ in routing (experts or top-k), each a shipped name ({_SHIPPED}), "
+        "a local directory with config.json or a Hugging Face id", min_length=2)]
+    min_context: MinContext
+    alpha: Level
+
+
 class DefaultModels(ChapterParameters):
     """A1_default_models: model cards, so each model needs a training_summary.json."""
 
@@ -468,7 +478,7 @@ class DefaultModels(ChapterParameters):
     @classmethod
     def _with_summary(cls, models: list[str]) -> list[str]:
         for name in models:
-            folder = ZOO_DIR / name if name in ZOO_MODELS else Path(name).expanduser()
+            folder = ZOO_DIR / name if name in SHIPPED_MODELS else Path(name).expanduser()
             if not (folder / "training_summary.json").is_file():
                 raise ValueError(f"{name!r} has no training_summary.json: it is neither a shipped model nor a "
                                  "directory written by python -m moeaudit.training")
@@ -489,6 +499,7 @@ SCHEMAS: dict[str, type[ChapterParameters]] = {
     "08_released_reanalysis": ReleasedReanalysis,
     "09_intervention_definitions": InterventionDefinitions,
     "10_predictors_and_pruning": PredictorsAndPruning,
+    "11_redundancy": Redundancy,
     "A1_default_models": DefaultModels,
 }
 DEPARTURE_CHAPTERS = tuple(s for s, schema in SCHEMAS.items() if _DEPARTURE_NEEDS <= set(schema.model_fields))
