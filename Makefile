@@ -28,7 +28,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 models: $(STAMP)
-	for m in tiny-olmoe tiny-qwen-moe tiny-deepseek-v2; do $(BIN)/python -m moeaudit.training $$m || exit 1; done
+	for m in $$($(BIN)/python -c "from moeaudit.zoo import SHIPPED_MODELS; print(*SHIPPED_MODELS)"); do \
+		$(BIN)/python -m moeaudit.training $$m || exit 1; done
 
 clean-results:
 	rm -rf results book/_build

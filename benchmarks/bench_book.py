@@ -3,7 +3,8 @@
 
 Runs ``python -m moeaudit.book build --force`` twice against a fresh, temporary results directory
 (``MOEAUDIT_RESULTS_DIR``): the first run computes every clean pass, ablation record and pruned
-perplexity; the second re-executes every chapter with all of them on disk. Reports the total wall
+perplexity; the second re-executes every chapter with all of them on disk. A third run without
+``--force`` is an unchanged rebuild (what ``make book`` does when nothing changed). Reports the total wall
 time of each run (chapter execution plus the HTML build), each chapter's execution time (papermill's
 duration of the executed notebook) and the load average, and writes a JSON report.
 
@@ -38,12 +39,12 @@ def chapter_durations() -> dict[str, float]:
     return out
 
 
-def build(results_dir: Path, jobs: int) -> dict:
+def build(results_dir: Path, jobs: int, *, force: bool = True) -> dict:
     env = {**os.environ, "MOEAUDIT_RESULTS_DIR": str(results_dir), "MOEAUDIT_BOOK_JOBS": str(jobs)}
     load_start = os.getloadavg()
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "moeaudit.book", "build", "--force"], cwd=ROOT, env=env,
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "moeaudit.book", "build", *(["--force"] if force else [])], cwd=ROOT,
+                          env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"book build failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -67,6 +68,9 @@ def main(argv=None) -> dict:
         print("cached build (every record on disk, every chapter re-executed) ...", flush=True)
         report["cached"] = build(results, args.jobs)
         print(f"  {report['cached']['wall_s']} s", flush=True)
+        print("unchanged build (what `make book` does when nothing changed: no chapter re-executed) ...", flush=True)
+        report["unchanged"] = build(results, args.jobs, force=False)
+        print(f"  {report['unchanged']['wall_s']} s", flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(results, ignore_errors=True)
@@ -74,6 +78,7 @@ def main(argv=None) -> dict:
     for stem in report["cold"]["chapters_s"]:
         print(f"| {stem} | {report['cold']['chapters_s'][stem]} | {report['cached']['chapters_s'].get(stem)} |")
     print(f"| **total wall, with HTML build** | **{report['cold']['wall_s']}** | **{report['cached']['wall_s']}** |")
+    print(f"unchanged rebuild: {report['unchanged']['wall_s']} s")
     print(f"load average at start: cold {report['cold']['load_start']}, cached {report['cached']['load_start']}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -97,7 +97,8 @@ glue("family_seeds", Markdown(f"{len(REDUNDANCY_SEEDS)} seeds ({report.join_word
 # ## The records
 # Every model gets single-expert ablations of every active expert at each position and audited
 # layer; the four metrics and the control are read from them. It also gets progressive
-# ablations, the k highest-weight active experts removed together, for k = 1 to top-k − 1.
+# ablations, the k highest-weight active experts removed together, for every k from one expert
+# to all but one.
 # Records are cached under a key made of every parameter that produced them.
 
 # %%
@@ -250,7 +251,7 @@ display(anova.style.hide(axis="index").format(precision=3, na_rep="—"))
 # %% [markdown]
 # ## The explanation's predictions
 # If redundancy hides single experts' effects, three things should happen as top-k grows at a
-# fixed 64 experts:
+# fixed number of experts (the family's most common one):
 # - a single-expert ablation should cost less;
 # - the control's signal should weaken;
 # - the observational metrics should lose whatever validity they have at small k.

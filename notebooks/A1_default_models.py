@@ -18,6 +18,8 @@
 
 # %% tags=["parameters", "hide-input"]
 models = ["tiny-olmoe", "tiny-qwen-moe", "tiny-deepseek-v2"]  # shipped names or directories with a training_summary.json
+family = ["olmoe-e64-k2-s0", "olmoe-e64-k2-s1", "olmoe-e64-k4-s0", "olmoe-e64-k4-s1", "olmoe-e64-k8-s0",
+          "olmoe-e64-k8-s1", "olmoe-e64-k16-s0", "olmoe-e64-k16-s1", "olmoe-e8-k2-s0", "olmoe-e8-k2-s1"]  # the redundancy family's models (section at the end; [] to leave it out)
 corpus = "auto"  # "auto": WikiText-2 if found locally or on the hub, else the embedded corpus; "wikitext-2"; "embedded"; or a text file (one text per line)
 text_form = "released"  # "released": each text as the corpus serves it (WikiText-2: leading space and line break kept, as the released code feeds it); "stripped"
 data_dir = None  # folder with wikitext-2/ (default: $MOEAUDIT_DATA_DIR); only for the example predictions
@@ -76,7 +78,7 @@ from myst_nb import glue
 
 import moeaudit.models  # noqa: F401  (imports nnsight, which must precede transformers.models.*)
 from moeaudit import paths, report, zoo
-from moeaudit.zoo import ZOO_MODELS, zoo_path
+from moeaudit.zoo import SHIPPED_MODELS, zoo_path
 
 report.use_book_style()
 colors = report.model_colors(models)
@@ -85,7 +87,7 @@ out_dir.mkdir(parents=True, exist_ok=True)
 
 
 def model_dir(name):
-    return zoo_path(name) if name in ZOO_MODELS else Path(name)
+    return zoo_path(name) if name in SHIPPED_MODELS else Path(name)
 
 
 summaries = {m: json.loads((model_dir(m) / "training_summary.json").read_text()) for m in models}
@@ -229,7 +231,7 @@ display(Markdown(
 # the mass. {glue:md}`dense_note`
 
 # %% tags=["hide-input"]
-from moeaudit.training import MIN_FRAC_USED, USAGE_THRESHOLD  # noqa: E402
+from moeaudit.training import MIN_FRAC_USED, PPL_RATIO_MAX, USAGE_THRESHOLD  # noqa: E402
 
 n_exp = {m: (a.get("num_experts") or a.get("n_routed_experts")) for m, a in arch.items()}
 glue("even_share", Markdown(", ".join(f"1/{n} ({1 / n:.1%}) in {m}" for m, n in n_exp.items())), display=False)
@@ -373,3 +375,33 @@ cpu_min = [s["training"]["cpu_s"] / 60 for s in summaries.values() if "cpu_s" in
 glue("train_cpu", Markdown(f"{report.value_span([round(m, 1) for m in cpu_min], '{:.1f}')} minutes" if cpu_min
                            else "minutes"), display=False)
 glue("steps_first", summaries[models[0]]["training"]["steps"], display=False)
+
+# %% [markdown]
+# ## The redundancy family
+# The redundancy chapter of "Beyond the paper" audits a family of small `OlmoeForCausalLM` models that
+# differ only in routing. Each is trained with the recipe of `tiny-olmoe` (data, tokenizer,
+# width, steps, learning-rate schedule, balance-loss coefficient) at {glue:md}`family_depth`, with
+# its routed experts and top-k changed, from the seed in its name. They pass the same quality
+# gates as the default models, checked before anything is written: {glue:md}`family_gates`. Each
+# directory holds its model card, training log and summary, like the default models; the table
+# collects them.
+
+# %%
+family_summaries = {m: json.loads((model_dir(m) / "training_summary.json").read_text()) for m in family}
+if family_summaries:
+    fam = zoo.family_table(family_summaries)
+    fam.to_csv(out_dir / "redundancy_family.csv")
+    display(fam.style.format(precision=3, na_rep="not checked").format(
+        {"worst layer: experts used": "{:.0%}", "test perplexity": "{:.1f}", "parameters (M)": "{:.2f}",
+         "active per token (M)": "{:.2f}", "processor time (min)": "{:.1f}", "weights (MB)": "{:.2f}"}))
+    depth = sorted({s["architecture"]["num_hidden_layers"] for s in family_summaries.values()})
+    glue("family_depth", Markdown(" or ".join(f"{d} decoder layers" for d in depth)), display=False)
+    glue("family_gates", Markdown(
+        f"test perplexity at most {PPL_RATIO_MAX:g} of the unigram baseline's (here "
+        f"{report.value_span(fam['ratio to unigram'], '{:.2f}')}), and in every MoE layer at least "
+        f"{MIN_FRAC_USED:.0%} of the routed experts with {USAGE_THRESHOLD:.1%} of the routing mass (worst layer here: "
+        f"{report.value_span(fam['worst layer: experts used'], '{:.0%}')}); {fam['weights (MB)'].sum():.1f} MB of "
+        "weights in all"), display=False)
+else:
+    glue("family_depth", Markdown("(no family model in this run)"), display=False)
+    glue("family_gates", Markdown("(no family model in this run)"), display=False)

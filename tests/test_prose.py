@@ -17,7 +17,7 @@ from moeaudit import book
 #: chapters whose prose has been made computed; every chapter is meant to join this list
 COMPUTED_PROSE = ("01_introduction", "02_verification", "03_observational_metrics", "04_audit",
                   "05_routing_weight_control", "06_progressive_ablation", "07_mechanism", "08_released_reanalysis",
-                  "09_intervention_definitions", "10_predictors_and_pruning",
+                  "09_intervention_definitions", "10_predictors_and_pruning", "11_redundancy",
                   "A1_default_models", "A2_departures")
 
 _STRIP = [

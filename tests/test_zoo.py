@@ -12,10 +12,10 @@ import pytest
 
 import moeaudit.models  # noqa: F401  (imports nnsight, which must precede transformers.models.*)
 from moeaudit import paths
-from moeaudit.zoo import MIRRORS, ZOO_MODELS, load_summary, zoo_path
+from moeaudit.zoo import MIRRORS, REDUNDANCY_MODELS, SHIPPED_MODELS, ZOO_MODELS, load_summary, zoo_path
 
 CLASSES = {"tiny-olmoe": "OlmoeForCausalLM", "tiny-qwen-moe": "Qwen2MoeForCausalLM",
-           "tiny-deepseek-v2": "DeepseekV2ForCausalLM"}
+           "tiny-deepseek-v2": "DeepseekV2ForCausalLM", **{m: "OlmoeForCausalLM" for m in REDUNDANCY_MODELS}}
 #: (routed experts, top-k) of the real checkpoints the shipped models mirror.
 ROUTING = {"tiny-olmoe": (64, 8), "tiny-qwen-moe": (60, 4), "tiny-deepseek-v2": (64, 6)}
 
@@ -64,11 +64,11 @@ def loaded():
 def test_unknown_name_lists_the_shipped_models():
     with pytest.raises(ValueError) as err:
         zoo_path("tiny-mixtral")
-    for name in ZOO_MODELS:
+    for name in SHIPPED_MODELS:
         assert name in str(err.value)
 
 
-@pytest.mark.parametrize("name", ZOO_MODELS)
+@pytest.mark.parametrize("name", SHIPPED_MODELS)
 def test_loads_offline_by_short_name_from_any_directory(name, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -85,6 +85,40 @@ def test_loads_offline_by_short_name_from_any_directory(name, tmp_path, monkeypa
     assert tok.decode(ids[0]) == "The lobster is a species of crustacean ."
     size_mb = sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 2**20
     assert size_mb <= MAX_DIR_MB
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), "pt") as f:  # stored in bfloat16, computed in float32
+        assert {str(f.get_slice(k).get_dtype()) for k in f.keys()} == {"BF16"}
+    assert next(model.parameters()).dtype == torch_float32()
+
+
+def torch_float32():
+    import torch
+
+    return torch.float32
+
+
+def test_redundancy_family_differs_only_in_routing(loaded):
+    """Every family model is the tiny-olmoe recipe at 4 layers with the (E, top-k) and seed of its name;
+    the whole family stays within its 50 MB weight budget."""
+    base = load_summary("tiny-olmoe")
+    total = 0.0
+    for name in REDUNDANCY_MODELS:
+        s = load_summary(name)
+        E, k, seed = (int(part[1:]) for part in name.split("-")[1:])
+        model, tok = loaded(name)
+        cfg = model.config
+        assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.num_hidden_layers, s["seed"]) == (E, k, 4, seed)
+        for key in ("hidden_size", "intermediate_size", "num_attention_heads", "vocab_size", "max_position_embeddings",
+                    "router_aux_loss_coef", "norm_topk_prob"):
+            assert getattr(cfg, key) == base["architecture"][key], key
+        recipe = ("steps", "batch_size", "context", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "betas",
+                  "grad_clip", "threads")
+        assert {r: s["training"][r] for r in recipe} == {r: base["training"][r] for r in recipe}
+        assert (zoo_path(name) / "tokenizer.json").read_bytes() == (zoo_path("tiny-olmoe") / "tokenizer.json").read_bytes()
+        assert s["family"] == "redundancy"
+        total += (zoo_path(name) / "model.safetensors").stat().st_size / 2**20
+    assert total <= 50
 
 
 @pytest.mark.parametrize("name", ZOO_MODELS)
@@ -116,7 +150,7 @@ def test_structure_mirrors_the_real_checkpoint(name, loaded):
     assert aux["real_coef"] == {"tiny-olmoe": 0.01, "tiny-qwen-moe": 0.001, "tiny-deepseek-v2": 0.001}[name]
 
 
-@pytest.mark.parametrize("name", ZOO_MODELS)
+@pytest.mark.parametrize("name", SHIPPED_MODELS)
 def test_shipped_summary_passes_the_gates(name):
     s = load_summary(name)
     assert s["data"]["train_split"] == "validation" and s["data"]["eval_split"] == "test"
@@ -132,7 +166,15 @@ def test_shipped_summary_passes_the_gates(name):
     log = (zoo_path(name) / "training_log.csv").read_text().splitlines()
     assert log[0].startswith("step,loss,") and len(log) == s["training"]["steps"] + 1
     rep = s.get("reproducibility")
-    assert rep is not None and rep["max_abs_loss_diff"] == 0.0 and rep["steps"] == s["training"]["steps"]
+    if name in ZOO_MODELS:  # every default model was retrained from its seed; family members where recorded
+        assert rep is not None
+    if rep is not None:
+        assert rep["max_abs_loss_diff"] == 0.0 and rep["max_abs_param_diff"] == 0.0
+        assert rep["steps"] == s["training"]["steps"]
+
+
+def test_some_family_member_was_retrained_from_its_seed():
+    assert any(load_summary(m).get("reproducibility") for m in REDUNDANCY_MODELS)
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +197,7 @@ def streams(loaded):
 
 
 @needs_data
-@pytest.mark.parametrize("name", ZOO_MODELS)
+@pytest.mark.parametrize("name", SHIPPED_MODELS)
 def test_gates_remeasured_on_a_test_slice(name, loaded, streams):
     from moeaudit.training import USAGE_THRESHOLD, evaluate_model, unigram_perplexity
 

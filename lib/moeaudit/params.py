@@ -469,12 +469,15 @@ class DefaultModels(ChapterParameters):
     models: Annotated[list[ModelName], AfterValidator(_distinct), _allowed(
         f"a non-empty list of shipped names ({_SHIPPED}) or directories holding a training_summary.json, e.g. "
         "-p models '[\"tiny-olmoe\"]'", min_length=1)]
+    family: Annotated[list[ModelName], AfterValidator(_distinct), _allowed(
+        "a list (possibly empty) of redundancy-family models: shipped names or directories holding a "
+        "training_summary.json, e.g. -p family '[]'")]
     corpus: Corpus
     text_form: TextForm
     data_dir: DataDir
     results_dir: ResultsDir
 
-    @field_validator("models")
+    @field_validator("models", "family")
     @classmethod
     def _with_summary(cls, models: list[str]) -> list[str]:
         for name in models:

@@ -777,25 +777,35 @@ def write_summary(out: Path, summary: dict) -> None:
 def model_card(s: dict) -> str:
     """A short model card (``README.md``) from a training summary."""
     a, t = s["architecture"], s["training"]
+    if s.get("family") == "redundancy":
+        intro = (f"A small `{s['class']}` trained from scratch (seed {s['seed']}), a member of the redundancy family "
+                 "of the book *From Observation to Intervention: A Causal Audit of Expert Importance in MoE Models* "
+                 f"({s['mirrors'].removeprefix('redundancy family: ')}). The family's models share data, tokenizer, "
+                 "width, depth, steps and seed policy and differ only in routing, so that the effect of the number of "
+                 "active experts can be measured. It is not a useful language model.")
+    else:
+        intro = (f"A small `{s['class']}` trained from scratch (seed {s['seed']}) as a stand-in for "
+                 f"`{s['mirrors']}` in the book *From Observation to Intervention: A Causal Audit of Expert "
+                 "Importance in MoE Models*. It keeps the routing structure of the real model "
+                 "(number of routed experts, top-k, shared experts) at a size that runs on a laptop CPU. "
+                 "It is not a useful language model and reproduces none of the paper's numbers by itself.")
+    w = s.get("weights")
     lines = [
-        f"# {s['name']}", "",
-        f"A small `{s['class']}` trained from scratch (seed {s['seed']}) as a stand-in for "
-        f"`{s['mirrors']}` in the book *From Observation to Intervention: A Causal Audit of Expert "
-        "Importance in MoE Models*. It keeps the routing structure of the real model "
-        "(number of routed experts, top-k, shared experts) at a size that runs on a laptop CPU. "
-        "It is not a useful language model and reproduces none of the paper's numbers by itself.", "",
+        f"# {s['name']}", "", intro, "",
         "## Architecture", "",
         f"- {a['num_hidden_layers']} layers, hidden size {a['hidden_size']}, {a['num_attention_heads']} heads, "
         f"vocabulary {a['vocab_size']}, context {a['max_position_embeddings']}",
         f"- parameters: {s['parameters']['total']:,} in total, {s['parameters']['active_per_token']:,} active per token",
-        f"- load balancing: {s['aux_loss']['description']}", "",
+        f"- load balancing: {s['aux_loss']['description']}",
+        *([f"- weights stored in {w['stored_dtype']} ({w['file_mb']} MB), computed in {w['compute_dtype']}"] if w else []),
+        "",
         "## Training", "",
         f"- data: WikiText-2 {s['data']['train_split']} split ({s['data']['train_stream_tokens']:,} tokens); "
         f"the {s['data']['eval_split']} split is held out",
         f"- {t['steps']} AdamW steps of {t['batch_size']} x {t['context']} tokens ({t['tokens']:,} tokens, "
         f"{t['epochs']} epochs), peak learning rate {t['lr']}, {t['schedule']}",
-        f"- {t['wall_s']} s on {t['threads']} CPU thread(s), torch {s['versions']['torch']}, "
-        f"transformers {s['versions']['transformers']}",
+        f"- {t['wall_s']} s wall clock, {t.get('cpu_s', 'not recorded')} s of processor time on {t['threads']} CPU "
+        f"thread(s), torch {s['versions']['torch']}, transformers {s['versions']['transformers']}",
         f"- reproduce: `python -m moeaudit.training {s['name']} --seed {s['seed']}`", "",
     ]
     ev = s.get("evaluation")
@@ -805,7 +815,10 @@ def model_card(s: dict) -> str:
             f"- perplexity {ev['model']['perplexity']:.1f} (unigram baseline with the same tokenizer: "
             f"{ev['unigram_baseline']['perplexity']:.1f}) over {ev['model']['n_tokens']:,} tokens",
             f"- expert utilisation: in every MoE layer at least {ev['min_frac_experts_ge_threshold']:.1%} of routed "
-            f"experts receive >= {ev['utilisation']['threshold']:.1%} of the routing mass", "",
+            f"experts receive >= {ev['utilisation']['threshold']:.1%} of the routing mass",
+            f"- quality gates (checked before the model was written): perplexity ratio to the unigram baseline "
+            f"{ev['perplexity_ratio_to_unigram']:.3f} (at most {PPL_RATIO_MAX}); share of experts used in the worst "
+            f"layer {ev['min_frac_experts_ge_threshold']:.1%} (at least {MIN_FRAC_USED:.0%})", "",
         ]
     rep = s.get("reproducibility")
     if rep:

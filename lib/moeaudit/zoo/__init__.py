@@ -190,3 +190,29 @@ def top_next_tokens(model_dir, prompt: str, *, k: int = 5) -> dict:
         probs = lm(input_ids=tok(prompt, return_tensors="pt")["input_ids"]).logits[0, -1].softmax(-1)
     top = torch.topk(probs, k)
     return {f"#{i + 1}": f"{tok.decode([int(j)])!r} ({float(p):.2f})" for i, (p, j) in enumerate(zip(top.values, top.indices))}
+
+
+def family_table(summaries: dict) -> "pandas.DataFrame":
+    """One row per model of the redundancy family (appendix A1), from ``training_summary.json``
+    records: routed experts, top-k, seed, parameters in total and active per token (millions),
+    processor time (minutes), test perplexity and its ratio to the unigram baseline's, the worst
+    layer's share of experts with at least the usage threshold of the routing mass, the mean
+    effective number of experts over layers, the stored weights (MB) and, where recorded, the
+    largest weight difference of a same-seed retraining."""
+    import pandas as pd  # noqa: PLC0415
+
+    rows = {}
+    for m, s in summaries.items():
+        a, ev, t = s["architecture"], s["evaluation"], s["training"]
+        layers = ev["utilisation"]["layers"].values()
+        rep = s.get("reproducibility")
+        rows[m] = {"routed experts": a.get("num_experts") or a.get("n_routed_experts"), "top-k": a["num_experts_per_tok"],
+                   "seed": s["seed"], "parameters (M)": s["parameters"]["total"] / 1e6,
+                   "active per token (M)": s["parameters"]["active_per_token"] / 1e6,
+                   "processor time (min)": t["cpu_s"] / 60 if "cpu_s" in t else float("nan"),
+                   "test perplexity": ev["model"]["perplexity"], "ratio to unigram": ev["perplexity_ratio_to_unigram"],
+                   "worst layer: experts used": ev["min_frac_experts_ge_threshold"],
+                   "effective experts (mean over layers)": sum(u["effective_experts"] for u in layers) / len(layers),
+                   "weights (MB)": s.get("weights", {}).get("file_mb", float("nan")),
+                   "retrained: max |weight difference|": rep["max_abs_param_diff"] if rep else float("nan")}
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("model")
