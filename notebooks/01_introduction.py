@@ -287,6 +287,7 @@ display(Markdown(
 # | [8. Re-analysing the released results](08_released_reanalysis.ipynb) | The authors' own per-position records: every recomputable cell, with confidence intervals, other corrections, and the departures of the released code from the paper. |
 # | [9. Two intervention definitions](09_intervention_definitions.ipynb) | Token-local (the paper's) and sequence-wide (the released code's) ablation side by side: where they differ and whether the audit's conclusions depend on the choice. |
 # | [10. Better predictors and pruning](10_predictors_and_pruning.ipynb) | Predictors closer to the intervention than corpus statistics, whether token-level validity predicts one-shot pruning, and Bayes factors for the audit's null results. |
+# | [11. Redundancy](11_redundancy.ipynb) | A family of small models that differ only in how many experts each token uses, each trained from more than one seed: does any observational metric become valid as redundancy falls, and where does the paper's explanation of its null result hold? |
 # | [A1. The default models](A1_default_models.ipynb) | The three small MoE models the book runs on by default, how they were trained, and what they share with the real checkpoints. |
 # | [A2. Departures from the protocol](A2_departures.ipynb) | Every point where this build differs from the paper's protocol or the released code, with the value it uses. |
 #

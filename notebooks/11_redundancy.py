@@ -157,12 +157,12 @@ summary = redundancy.model_summary(members, audit=audit, control=control, single
 display(summary.drop(columns=["k_over_E"]).style.hide(axis="index").format(precision=3)
         .set_caption("Per model: " + "; ".join(f"{k} = {v}" for k, v in redundancy.QUANTITIES.items())))
 report.show_untested_note(audit)
-report.show_untested_note(control, what="layer")
+_ = report.show_untested_note(control, what="layer")
 
 # %% [markdown]
 # ## Effect sizes against redundancy
 # Each point is one cell, a (model, layer) pair, with its 95% CI. The x-axis is the active share
-# k/E, on a log scale; the two seeds of a setting sit side by side, and colour gives the layer's
+# k/E, on a log scale; the seeds of a setting sit side by side, and colour gives the layer's
 # relative depth. Points above zero mean the ranking predicts correctly: the expert it ranks
 # higher costs more to remove. The last panel is the routing-weight control.
 
@@ -192,7 +192,7 @@ for ax, (t, title) in zip(axes, panels):
 axes[0].set_ylabel("Cohen's $d_z$ (95% CI)")
 seeds = sorted(members.seed.dropna().unique())
 handles = [Line2D([], [], marker="o" if s == seeds[0] else "s", linestyle="", color="0.3", label=f"seed {s}") for s in seeds]
-handles += [Line2D([], [], marker="o", linestyle="", color=plt.get_cmap("viridis")(d), label=f"depth {d:g}") for d in (0, 0.5, 1)]
+handles += [Line2D([], [], marker="o", linestyle="", color=plt.get_cmap("viridis")(float(d)), label=f"relative depth {d:g}") for d in (0.0, 0.5, 1.0)]
 fig.legend(handles=handles, loc="center right", fontsize=8)
 fig.suptitle("Audit and control effect per cell against the active share of experts")
 fig.tight_layout(rect=(0, 0, 0.9, 1))
@@ -201,8 +201,8 @@ plt.show()
 # %% [markdown]
 # ## Progressive ablation and the gap norm against redundancy
 # Left: the mean loss change with all active experts but one removed, per audited layer, against
-# top-k, with its confidence interval. At top-2 that removes one expert; at top-16 it removes
-# fifteen. Right: the mean gap norm $\lVert y_t - y_t^{(-e)}\rVert$ of a single-expert ablation, by
+# top-k, with its confidence interval. At the smallest top-k that removes a single expert; at
+# the largest it removes all but one of many. Right: the mean gap norm $\lVert y_t - y_t^{(-e)}\rVert$ of a single-expert ablation, by
 # layer, relative to the model's first audited layer. This is the paper's measure of how an
 # expert's contribution grows with depth.
 
@@ -241,7 +241,7 @@ plt.show()
 # ## Setting against seed
 # For each per-model quantity, a one-way ANOVA with the routing setting as the factor and the
 # seeds as replicates (`moeaudit.redundancy.setting_anova`). It asks whether the setting means
-# differ by more than two trainings of one setting do. Beside it: the standard deviation of the
+# differ by more than trainings of one setting do. Beside it: the standard deviation of the
 # setting means and the pooled seed standard deviation.
 
 # %%
@@ -262,7 +262,7 @@ display(anova.style.hide(axis="index").format(precision=3, na_rep="—"))
 
 # %%
 checks = redundancy.explanation_checks(summary, alpha=alpha)
-display(checks.drop(columns=["quantity", "ks"]).style.hide(axis="index").format(precision=3, na_rep="—"))
+display(checks.drop(columns=["quantity", "ks"], errors="ignore").style.hide(axis="index").format(precision=3, na_rep="—"))
 answers = redundancy.answer_text(summary, validity, anova, checks, alpha=alpha)
 for key, text in answers.items():
     glue(f"answer_{key}", Markdown(text), display=False)

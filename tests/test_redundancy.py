@@ -153,3 +153,16 @@ def test_default_models_have_eight_layers():
         model = build_model(name)
         assert model.config.num_hidden_layers == 8
         assert count_parameters(model)["total"] * 2 / 2**20 <= 10  # bfloat16 on disk
+
+
+def test_checks_without_enough_models_are_reported_untested():
+    s = _summary(single_mean_abs_dl=lambda r: 1.0, control_mean_dz=lambda r: 0.1, audit_valid_cells=lambda r: 0,
+                 deepest_mean_dl=lambda r: 0.2, audit_max_abs_dz=lambda r: 0.1, control_valid_cells=lambda r: 0,
+                 gap_growth=lambda r: 1.0)
+    two = s[s.model.isin(["m-e64-k2-s0", "m-e64-k8-s0"])]
+    c = R.explanation_checks(two)
+    assert (c.observed == "untested").all() and c.holds.isna().all() and c.reason.str.contains("three models").all()
+    text = R.answer_text(two, pd.DataFrame({"model": two.model, "ranking": "x", "cells": 4, "valid_cells": 0}),
+                         R.setting_anova(two), c, alpha=0.05)
+    assert "No trend can be fitted" in text["control"] and "No trend can be fitted" in text["explanation"]
+    assert "no seed spread" in text["seeds"]

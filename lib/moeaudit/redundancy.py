@@ -179,7 +179,7 @@ def trend_against_k(summary: pd.DataFrame, *, quantity: str, n_experts: int | No
     s = summary[summary.n_experts == E]
     if s.top_k.nunique() < 2 or len(s) < 3:
         raise ValueError(f"a trend against k needs at least two values of k and three models with E={E}; "
-                         f"got k in {sorted(s.top_k.unique())} over {len(s)} model(s)")
+                         f"got k in {sorted(int(k) for k in s.top_k.unique())} over {len(s)} model(s)")
     x, y = np.log2(s.top_k.to_numpy(dtype=np.float64)), s[quantity].to_numpy(dtype=np.float64)
     base = {"quantity": quantity, "n_experts": E, "n": int(len(x)), "ks": sorted(int(k) for k in s.top_k.unique())}
     if np.ptp(y) == 0:  # every model has the same value (e.g. no valid cell anywhere): no trend, nothing to fit
@@ -212,17 +212,25 @@ def explanation_checks(summary: pd.DataFrame, *, alpha: float = 0.05) -> pd.Data
 
     One row per check: ``check``, ``quantity``, ``predicted`` (direction as k grows), the
     :func:`trend_against_k` fields, ``observed`` (``"falls"``, ``"grows"`` or ``"flat"`` at
-    ``alpha``) and ``holds`` (observed == predicted; ``<NA>`` without a prediction)."""
+    ``alpha``) and ``holds`` (observed == predicted; ``<NA>`` without a prediction). Where no trend
+    can be fitted (fewer than three models or two values of k at one E), ``observed`` is
+    ``"untested"``, the statistics are NaN and ``reason`` says why."""
     checks = [("single-expert effect shrinks with k", "single_mean_abs_dl", "falls"),
               ("control signal shrinks with k", "control_mean_dz", "falls"),
               ("observational validity shrinks with k", "audit_valid_cells", "falls"),
               ("deepest-removal damage against k", "deepest_mean_dl", None)]
     rows = []
     for check, q, predicted in checks:
-        tr = trend_against_k(summary, quantity=q)
+        try:
+            tr = trend_against_k(summary, quantity=q)
+        except ValueError as err:  # too few models or values of k for a trend: reported, not raised
+            rows.append({"check": check, "predicted": predicted or "—", "quantity": q, "slope": np.nan,
+                         "ci_low": np.nan, "ci_high": np.nan, "p": np.nan, "observed": "untested", "holds": pd.NA,
+                         "reason": str(err)})
+            continue
         observed = _direction(tr, alpha=alpha)
         rows.append({"check": check, "predicted": predicted or "—", **tr, "observed": observed,
-                     "holds": pd.NA if predicted is None else observed == predicted})
+                     "holds": pd.NA if predicted is None else observed == predicted, "reason": ""})
     out = pd.DataFrame(rows)
     out["holds"] = out["holds"].astype("boolean")
     return out
@@ -242,9 +250,9 @@ def answer_text(summary: pd.DataFrame, validity: pd.DataFrame, anova: pd.DataFra
     n_models = summary.model.nunique()
     if valid.empty:
         out["validity"] = (f"**No.** None of the {validity.ranking.nunique()} observational metrics has a valid cell in any "
-                           f"of the {n_models} models (dual test at each model's Bonferroni level with $d_z > 0$), "
+                           f"of the {n_models} models (dual test at each model's Bonferroni level with d_z > 0), "
                            f"at any setting from {summary.setting.iloc[summary.k_over_E.argmin()]} to "
-                           f"{summary.setting.iloc[summary.k_over_E.argmax()]}; the largest $|d_z|$ of any "
+                           f"{summary.setting.iloc[summary.k_over_E.argmax()]}; the largest |d_z| of any "
                            f"observational cell is {summary.audit_max_abs_dz.max():.3f}.")
     else:
         where = valid.merge(summary[["model", "setting", "seed"]], on="model")
@@ -253,17 +261,21 @@ def answer_text(summary: pd.DataFrame, validity: pd.DataFrame, anova: pd.DataFra
         settings = where.groupby("setting").model.nunique()
         both = [s for s, n in settings.items() if n == summary[summary.setting == s].model.nunique() and n > 1]
         out["validity"] = ("**In places.** Valid observational cells (dual test at the model's Bonferroni level, "
-                           f"$d_z > 0$): {', '.join(parts)}. "
+                           f"d_z > 0): {', '.join(parts)}. "
                            + (f"Every seed agrees at {', '.join(both)}." if both else
                               "No setting has valid cells under both seeds, so none of them is a property of the "
                               "setting rather than of one trained model."))
     c = checks.set_index("check").loc["control signal shrinks with k"]
-    ci = f"[{c.ci_low:+.3f}, {c.ci_high:+.3f}]"
-    verb = {"falls": "grows as k falls", "grows": "shrinks as k falls", "flat": "shows no trend with k"}[c.observed]
-    out["control"] = (f"The routing-weight control's mean $d_z$ {verb} over {_k_span(c)}: slope "
-                      f"{c.slope:+.3f} per doubling of k, 95% CI {ci}, p = {c.p:.2g} (n = {int(c.n)} models); "
-                      f"its valid cells per model range from {int(summary.control_valid_cells.min())} to "
-                      f"{int(summary.control_valid_cells.max())}.")
+    valid_span = (f"its valid cells per model range from {int(summary.control_valid_cells.min())} to "
+                  f"{int(summary.control_valid_cells.max())}.")
+    if c.observed == "untested":
+        out["control"] = f"No trend can be fitted on this run ({c.reason}); {valid_span}"
+    else:
+        ci = f"[{c.ci_low:+.3f}, {c.ci_high:+.3f}]"
+        verb = {"falls": "grows as k falls", "grows": "shrinks as k falls", "flat": "shows no trend with k"}[c.observed]
+        out["control"] = (f"The routing-weight control's mean d_z {verb} over {_k_span(c)}: slope "
+                          f"{c.slope:+.3f} per doubling of k, 95% CI {ci}, p = {c.p:.2g} (n = {int(c.n)} models); "
+                          + valid_span)
     lines = []
     for r in anova.itertuples():
         what = QUANTITIES[r.quantity]
@@ -287,7 +299,10 @@ def answer_text(summary: pd.DataFrame, validity: pd.DataFrame, anova: pd.DataFra
             f"{QUANTITIES[r.quantity]} falls as k grows, and it {words[r.observed]} (p = {r.p:.2g})"
             for r in failed.itertuples()) + ".")
     d = checks.set_index("check").loc["deepest-removal damage against k"]
-    text.append(f"With all active experts but one removed, the mean loss change {words[d.observed]} "
-                f"(slope {d.slope:+.3f} nats per doubling of k, p = {d.p:.2g}).")
+    if d.observed == "untested":
+        text.append(f"No trend can be fitted on this run ({d.reason}).")
+    else:
+        text.append(f"With all active experts but one removed, the mean loss change {words[d.observed]} "
+                    f"(slope {d.slope:+.3f} nats per doubling of k, p = {d.p:.2g}).")
     out["explanation"] = " ".join(text)
     return out
