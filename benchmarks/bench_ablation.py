@@ -14,7 +14,9 @@ Contenders (``--contenders``, comma-separated keys):
             (seq, t, layer)); a plain PyTorch forward hook on ``mlp.gate`` zeroes the combine
             weight of the expert at row t only.
 * ``a_seq`` (a') the same with the sequence-wide definition: zeroed at every row <= t where routed.
-* ``b``     the engine, token mode, strategy "kv" (``moeaudit.engine.run_ablations``).
+* ``b``     the engine, token mode, strategy "kv" (``moeaudit.engine.run_ablations``): each packed
+            step starts at the ablated layer (``skip_clean_layers``).
+* ``b_full`` the same with every layer recomputed (``skip_clean_layers=False``).
 * ``c``     the engine, sequence mode (prefix forwards, batched).
 * ``d``     plain PyTorch replica of (b) without nnsight: same chunks, same packed steps (inputs
             built by the engine's ``packed_step``), same clean KV forward; forward hooks on
@@ -68,13 +70,14 @@ ROOT = Path(__file__).resolve().parents[1]
 CONTENDERS = {
     "a": "released protocol, token-level (full padded seq, batch 1, baseline per comparison; PyTorch hook)",
     "a_seq": "released protocol, sequence-wide (a'): as (a), expert zeroed at all rows <= t",
-    "b": "engine, token mode, strategy kv (nnsight)",
+    "b": "engine, token mode, strategy kv (nnsight); each step starts at the ablated layer",
+    "b_full": "engine, token mode, strategy kv, every layer recomputed (skip_clean_layers=False)",
     "c": "engine, sequence mode (nnsight, batched prefixes)",
     "d": "plain PyTorch replica of (b) (no nnsight)",
     "e": "earlier engine token mode: per-row cache copy, full LM head in the clean KV forward (plain hooks)",
     "f": "earlier engine sequence mode: LM head over every prefix position (plain hooks)",
 }
-DEFINITION = {"a": "token", "b": "token", "d": "token", "e": "token", "a_seq": "sequence", "c": "sequence",
+DEFINITION = {"a": "token", "b": "token", "b_full": "token", "d": "token", "e": "token", "a_seq": "sequence", "c": "sequence",
               "f": "sequence"}
 REFERENCE = {"token": "a", "sequence": "a_seq"}
 TOL = 1e-5
@@ -216,11 +219,12 @@ def run_released(model, corpus, req, *, definition: str):
     return deltas, {"full_forwards": n_forwards, "padded_width": width}
 
 
-def run_engine(model, corpus, clean, req, *, mode: str, batch_size: int, seq_batch: int):
+def run_engine(model, corpus, clean, req, *, mode: str, batch_size: int, seq_batch: int,
+               skip_clean_layers: bool = True):
     from moeaudit.engine import run_ablations
 
     rec = run_ablations(model, corpus, clean, req, mode=mode, strategy="kv", batch_size=batch_size,
-                        seq_batch=seq_batch, progress=False)
+                        seq_batch=seq_batch, skip_clean_layers=skip_clean_layers, progress=False)
     return rec.delta_loss.to_numpy(), {"batch_size": batch_size, "seq_batch": seq_batch}
 
 
@@ -422,8 +426,9 @@ def run_prefix_full_head(model, corpus, req, *, batch_size: int, seq_batch: int)
 def run_contender(name, model, corpus, clean, req, args):
     if name in ("a", "a_seq"):
         return run_released(model, corpus, req, definition=DEFINITION[name])
-    if name == "b":
-        return run_engine(model, corpus, clean, req, mode="token", batch_size=args.batch_size, seq_batch=args.seq_batch)
+    if name in ("b", "b_full"):
+        return run_engine(model, corpus, clean, req, mode="token", batch_size=args.batch_size, seq_batch=args.seq_batch,
+                          skip_clean_layers=name == "b")
     if name == "c":
         return run_engine(model, corpus, clean, req, mode="sequence", batch_size=args.seq_mode_batch_size,
                           seq_batch=args.seq_batch)
