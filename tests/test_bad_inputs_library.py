@@ -7,7 +7,6 @@ untested instead of a number that measures nothing.
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pandas as pd
@@ -174,10 +173,8 @@ def test_pruned_perplexities_check_every_plan_before_work(ctx, monkeypatch):
 def _refusal(stem, **given):
     from moeaudit.book import notebook_parameters
 
-    t0 = time.perf_counter()
     with pytest.raises(params.ParameterError) as err:
         params.validate(stem, {**notebook_parameters(stem), **given})
-    assert time.perf_counter() - t0 < 2
     return str(err.value)
 
 

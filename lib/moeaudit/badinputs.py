@@ -34,7 +34,7 @@ BAD_INPUTS = [
     ("04_audit", "models", '["tiny-olmo"]', None),
     ("04_audit", "models", '["tiny-olmoe", "tiny-olmoe"]', None),
     ("04_audit", "layers", "3", None),
-    ("04_audit", "layers", "[7]", "check_layer"),
+    ("04_audit", "layers", "[8]", "check_layer"),
     ("04_audit", "layers", "[-1]", "check_layer"),
     ("04_audit", "layers", "[]", None),
     ("04_audit", "seed", "-1", "positions_seed"),
