@@ -279,7 +279,12 @@ for key, text in answers.items():
 # :format: myst
 # ```
 #
-# **4. Where does the paper's explanation hold?** {glue:md}`answer_explanation`
+# **4. Where does the paper's explanation hold?** Each prediction, tested as a trend of the
+# per-model values against top-k at the family's most common number of experts:
+#
+# ```{glue:md} answer_explanation
+# :format: myst
+# ```
 
 # %% [markdown]
 # ## What this shows, and what it does not

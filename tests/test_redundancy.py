@@ -106,7 +106,11 @@ def test_explanation_checks_compare_observed_with_predicted_direction():
                          alpha=0.05)
     assert text["validity"].startswith("**No.**")
     assert "shrinks as k falls" in text["control"]
-    assert "fails where" in text["explanation"]
+    ex = text["explanation"]
+    assert "a single-expert ablation costs less as top-k grows. *Observed:* the mean |ΔL| of a single-expert " \
+           "ablation falls as top-k grows" in ex and ex.count("**Holds.**") == 1 and ex.count("**Does not hold.**") == 2
+    assert "the number of valid observational cells is the same in every model" in ex
+    assert "redundancy changes how much a single expert's removal costs" in ex
 
 
 def test_model_summary_from_hand_records():
@@ -164,5 +168,6 @@ def test_checks_without_enough_models_are_reported_untested():
     assert (c.observed == "untested").all() and c.holds.isna().all() and c.reason.str.contains("three models").all()
     text = R.answer_text(two, pd.DataFrame({"model": two.model, "ranking": "x", "cells": 4, "valid_cells": 0}),
                          R.setting_anova(two), c, alpha=0.05)
-    assert "No trend can be fitted" in text["control"] and "No trend can be fitted" in text["explanation"]
+    assert "No trend can be fitted" in text["control"]
+    assert text["explanation"].count("*Not tested:*") == 3 and "No prediction could be tested" in text["explanation"]
     assert "no seed spread" in text["seeds"]

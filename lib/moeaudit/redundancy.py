@@ -266,8 +266,9 @@ def answer_text(summary: pd.DataFrame, validity: pd.DataFrame, anova: pd.DataFra
                               "No setting has valid cells under both seeds, so none of them is a property of the "
                               "setting rather than of one trained model."))
     c = checks.set_index("check").loc["control signal shrinks with k"]
-    valid_span = (f"its valid cells per model range from {int(summary.control_valid_cells.min())} to "
-                  f"{int(summary.control_valid_cells.max())}.")
+    valid_span = (f"its mean d_z per model ranges from {summary.control_mean_dz.min():+.3f} to "
+                  f"{summary.control_mean_dz.max():+.3f}, and its valid cells per model from "
+                  f"{int(summary.control_valid_cells.min())} to {int(summary.control_valid_cells.max())}.")
     if c.observed == "untested":
         out["control"] = f"No trend can be fitted on this run ({c.reason}); {valid_span}"
     else:
@@ -287,22 +288,62 @@ def answer_text(summary: pd.DataFrame, validity: pd.DataFrame, anova: pd.DataFra
                      f"{r.F:.3g}, p = {r.p:.2g}; SD of setting means {r.sd_between:.3g} against seed SD "
                      f"{r.sd_seed:.3g}).")
     out["seeds"] = "\n".join(lines)
-    held = checks[checks.holds.fillna(False).astype(bool)]
-    failed = checks[checks.holds.notna() & ~checks.holds.fillna(False).astype(bool)]
-    words = {"falls": "falls as k grows", "grows": "grows as k grows", "flat": "shows no trend"}
-    text = []
-    if len(held):
-        text.append("It holds where " + "; ".join(f"{QUANTITIES[r.quantity]} {words[r.observed]} (p = {r.p:.2g})"
-                                                  for r in held.itertuples()) + ".")
-    if len(failed):
-        text.append("It fails where it predicts that " + "; ".join(
-            f"{QUANTITIES[r.quantity]} falls as k grows, and it {words[r.observed]} (p = {r.p:.2g})"
-            for r in failed.itertuples()) + ".")
+    lines = []
+    for r in checks.itertuples():
+        if r.predicted == "—":
+            continue
+        claim = _CLAIMS[r.quantity]
+        if r.observed == "untested":
+            lines.append(f"- *Predicted:* {claim}. *Not tested:* {r.reason}.")
+            continue
+        verdict = "**Holds.**" if bool(r.holds) else "**Does not hold.**"
+        lines.append(f"- *Predicted:* {claim}. *Observed:* {_observed(r)}. {verdict}")
     d = checks.set_index("check").loc["deepest-removal damage against k"]
     if d.observed == "untested":
-        text.append(f"No trend can be fitted on this run ({d.reason}).")
+        lines.append(f"- With all active experts but one removed: no trend can be fitted ({d.reason}).")
     else:
-        text.append(f"With all active experts but one removed, the mean loss change {words[d.observed]} "
-                    f"(slope {d.slope:+.3f} nats per doubling of k, p = {d.p:.2g}).")
-    out["explanation"] = " ".join(text)
+        lines.append(f"- No prediction, because the deepest removal takes out more experts at larger k: {_observed(d)}.")
+    tested = checks[checks.holds.notna()]
+    held_q = list(tested[tested.holds.astype(bool)].quantity)
+    failed_q = list(tested[~tested.holds.astype(bool)].quantity)
+    ranking_q = {"control_mean_dz", "audit_valid_cells"}
+    if tested.empty:
+        lines.append("\nNo prediction could be tested on this run.")
+    elif not failed_q:
+        lines.append("\nEvery tested prediction holds on this family.")
+    elif not held_q:
+        lines.append("\nNo tested prediction holds on this family.")
+    elif "single_mean_abs_dl" in held_q and ranking_q <= set(failed_q):
+        lines.append("\nOn this family, redundancy changes how much a single expert's removal costs, but not "
+                     "whether a ranking, observational or the control, can tell which of the active experts costs "
+                     "more.")
+    else:
+        lines.append(f"\nThe explanation holds where {'; '.join(_CLAIMS[q] for q in held_q)}, and not where "
+                     f"{'; '.join(_CLAIMS[q] for q in failed_q)}.")
+    out["explanation"] = "\n".join(lines)
     return out
+
+
+#: what the redundancy explanation predicts for each quantity as top-k grows
+_CLAIMS = {
+    "single_mean_abs_dl": "a single-expert ablation costs less as top-k grows",
+    "control_mean_dz": "the routing-weight control's signal weakens as top-k grows",
+    "audit_valid_cells": "the observational metrics have fewer valid cells as top-k grows",
+}
+
+_OBSERVED_NAMES = {
+    "single_mean_abs_dl": ("the mean |ΔL| of a single-expert ablation", "nats"),
+    "control_mean_dz": ("the control's mean d_z", "d_z units"),
+    "audit_valid_cells": ("the number of valid observational cells", "cells"),
+    "deepest_mean_dl": ("the mean ΔL with all active experts but one removed", "nats"),
+}
+
+
+def _observed(r) -> str:
+    name, unit = _OBSERVED_NAMES[r.quantity]
+    trend = {"falls": "falls as top-k grows", "grows": "grows as top-k grows", "flat": "shows no trend with top-k"}
+    if r.slope == 0 and r.p == 1.0:
+        return f"{name} is the same in every model"
+    return f"{name} {trend[r.observed]} (slope {r.slope:+.3g} {unit} per doubling, p = {r.p:.2g})"
+
+
