@@ -177,7 +177,9 @@ display(paper.style.hide(axis="index").format(
 glue("comparison_text", Markdown(report.audit_comparison_text(verdicts, paper, table, paper_names=released.MODELS)),
      display=False)
 glue("limits", Markdown(report.audit_limits_text(default_models=all(m in ZOO_MODELS for m in models),
-                                                  paper_corpus=corpus_source.is_paper_corpus)), display=False)
+                                                  paper_corpus=corpus_source.is_paper_corpus,
+                                                  family_sizes=dict(zip(verdicts.model, verdicts.cells)),
+                                                  paper_family=int(paper.cells.iloc[0]))), display=False)
 
 # %% [markdown]
 # {glue:md}`comparison_text`

@@ -115,6 +115,15 @@ def test_audit_limits_follow_the_run():
     assert "small stand-ins" in both and "another corpus" in both and "departures" in both
     real = report.audit_limits_text(default_models=False, paper_corpus=True)
     assert "stand-ins" not in real and "another corpus" not in real and "sequence-wide" in real
+    same = report.audit_limits_text(default_models=True, paper_corpus=True, family_sizes={"a": 20, "b": 20},
+                                    paper_family=20)
+    assert "have the paper's size (20 cells per model)" in same
+    fewer = report.audit_limits_text(default_models=True, paper_corpus=True, family_sizes={"a": 20, "b": 12},
+                                     paper_family=20)
+    assert "differ from the paper's 20 cells per model (b 12)" in fewer and "less strict than the paper's." in fewer
+    mixed = report.audit_limits_text(default_models=True, paper_corpus=True, family_sizes={"a": 24, "b": 12},
+                                     paper_family=20)
+    assert "stricter than the paper's for some models and less strict for others" in mixed
 
 
 def test_words_from_numbers():

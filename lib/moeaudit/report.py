@@ -576,15 +576,28 @@ def routing_share_heatmaps(shares: dict, *, vmin: float = 0.1):
     return fig
 
 
-def audit_limits_text(*, default_models: bool, paper_corpus: bool) -> str:
+def audit_limits_text(*, default_models: bool, paper_corpus: bool, family_sizes: dict | None = None,
+                      paper_family: int | None = None) -> str:
     """What limits a comparison of this run's audit with the paper's: the small default models
-    (when ``default_models``), another corpus (unless ``paper_corpus``), and the documented
-    departures of the protocol from the released code (listed in the appendix on departures)."""
+    (when ``default_models``), families of another size than the paper's (``family_sizes``: model
+    -> cells of this run, against ``paper_family`` cells per model), another corpus (unless
+    ``paper_corpus``), and the documented departures of the protocol from the released code
+    (listed in the appendix on departures)."""
     limits = []
     if default_models:
-        limits.append("The default models are small stand-ins trained for this book (see the appendix on them), with "
-                      "fewer MoE layers, so their families are smaller and their Bonferroni level is less strict than "
-                      "the paper's.")
+        limits.append("The default models are small stand-ins trained for this book (see the appendix on them).")
+    if family_sizes and paper_family:
+        sizes = sorted(set(family_sizes.values()))
+        if sizes == [paper_family]:
+            limits.append(f"Their families have the paper's size ({paper_family} cells per model), so the Bonferroni "
+                          "level is the paper's.")
+        else:
+            off = [f"{m} {n}" for m, n in family_sizes.items() if n != paper_family]
+            larger = {n > paper_family for n in family_sizes.values() if n != paper_family}
+            level = ("stricter than the paper's" if larger == {True} else "less strict than the paper's"
+                     if larger == {False} else "stricter than the paper's for some models and less strict for others")
+            limits.append(f"Families differ from the paper's {paper_family} cells per model ({join_words(off)}), so the "
+                          f"Bonferroni level is {level}.")
     if not paper_corpus:
         limits.append("The effects are measured on another corpus than the paper's (see the box at the top).")
     limits.append("The protocol also differs from the released code's in documented ways: one draw of positions shared "
