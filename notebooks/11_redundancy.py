@@ -262,7 +262,7 @@ display(anova.style.hide(axis="index").format(precision=3, na_rep="—"))
 
 # %%
 checks = redundancy.explanation_checks(summary, alpha=alpha)
-display(checks.drop(columns=["quantity", "ks"], errors="ignore").style.hide(axis="index").format(precision=3, na_rep="—"))
+display(checks.drop(columns=["quantity", "ks", "value"], errors="ignore").style.hide(axis="index").format(precision=3, na_rep="—"))
 answers = redundancy.answer_text(summary, validity, anova, checks, alpha=alpha)
 for key, text in answers.items():
     glue(f"answer_{key}", Markdown(text), display=False)

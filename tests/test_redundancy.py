@@ -109,7 +109,7 @@ def test_explanation_checks_compare_observed_with_predicted_direction():
     ex = text["explanation"]
     assert "a single-expert ablation costs less as top-k grows. *Observed:* the mean |ΔL| of a single-expert " \
            "ablation falls as top-k grows" in ex and ex.count("**Holds.**") == 1 and ex.count("**Does not hold.**") == 2
-    assert "the number of valid observational cells is the same in every model" in ex
+    assert "the number of valid observational cells is the same in every model (0)" in ex
     assert "redundancy changes how much a single expert's removal costs" in ex
 
 

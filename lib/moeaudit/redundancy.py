@@ -171,7 +171,7 @@ def trend_against_k(summary: pd.DataFrame, *, quantity: str, n_experts: int | No
     (95%, Student t with n - 2 degrees of freedom: ``slope ± t_{0.975, n-2} · stderr``), ``p``
     (two-sided, slope = 0), ``n`` (models), ``ks`` (the k values) and ``spearman_rho`` with its
     ``spearman_p`` (``scipy.stats.spearmanr``). When every model has the same value the slope is
-    0 with p = 1 and the Spearman fields are NaN. ``ValueError`` with fewer than two distinct k
+    0 with p = 1, the Spearman fields are NaN and ``value`` is that value. ``ValueError`` with fewer than two distinct k
     or fewer than three models."""
     from scipy import stats as sps  # noqa: PLC0415
 
@@ -184,7 +184,7 @@ def trend_against_k(summary: pd.DataFrame, *, quantity: str, n_experts: int | No
     base = {"quantity": quantity, "n_experts": E, "n": int(len(x)), "ks": sorted(int(k) for k in s.top_k.unique())}
     if np.ptp(y) == 0:  # every model has the same value (e.g. no valid cell anywhere): no trend, nothing to fit
         return {**base, "slope": 0.0, "ci_low": 0.0, "ci_high": 0.0, "p": 1.0, "spearman_rho": float("nan"),
-                "spearman_p": float("nan")}
+                "spearman_p": float("nan"), "value": float(y[0])}
     fit = sps.linregress(x, y)
     half = float(sps.t.ppf(0.975, len(x) - 2) * fit.stderr)
     rho = sps.spearmanr(x, y)
@@ -251,8 +251,8 @@ def answer_text(summary: pd.DataFrame, validity: pd.DataFrame, anova: pd.DataFra
     if valid.empty:
         out["validity"] = (f"**No.** None of the {validity.ranking.nunique()} observational metrics has a valid cell in any "
                            f"of the {n_models} models (dual test at each model's Bonferroni level with d_z > 0), "
-                           f"at any setting from {summary.setting.iloc[summary.k_over_E.argmin()]} to "
-                           f"{summary.setting.iloc[summary.k_over_E.argmax()]}; the largest |d_z| of any "
+                           f"in any of the {summary.setting.nunique()} settings (k/E from {summary.k_over_E.min():.3g} "
+                           f"to {summary.k_over_E.max():.3g}); the largest |d_z| of any "
                            f"observational cell is {summary.audit_max_abs_dz.max():.3f}.")
     else:
         where = valid.merge(summary[["model", "setting", "seed"]], on="model")
@@ -343,7 +343,7 @@ def _observed(r) -> str:
     name, unit = _OBSERVED_NAMES[r.quantity]
     trend = {"falls": "falls as top-k grows", "grows": "grows as top-k grows", "flat": "shows no trend with top-k"}
     if r.slope == 0 and r.p == 1.0:
-        return f"{name} is the same in every model"
+        return f"{name} is the same in every model" + (f" ({r.value:g})" if np.isfinite(getattr(r, "value", np.nan)) else "")
     return f"{name} {trend[r.observed]} (slope {r.slope:+.3g} {unit} per doubling, p = {r.p:.2g})"
 
 
