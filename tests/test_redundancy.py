@@ -66,7 +66,7 @@ def test_setting_anova_by_hand():
     same = R.setting_anova(s.assign(v=[1.0, 1.0, 2.0, 2.0, 3.0, 3.0]), quantities=["v"]).iloc[0]
     assert np.isnan(same.F) and np.isnan(same.p) and same.ratio == math.inf
     one = R.setting_anova(s.iloc[[0, 2, 4]], quantities=["v"]).iloc[0]
-    assert np.isnan(one.F) and one.df_within == 0
+    assert np.isnan(one.F) and one.df_within == 0 and np.isnan(one.ratio) and np.isnan(one.eta_sq)
 
 
 def _summary(**columns):
@@ -82,11 +82,18 @@ def test_trend_against_k_recovers_an_exact_slope_and_a_flat_line():
     tr = R.trend_against_k(s, quantity="q")
     assert tr["n_experts"] == 64 and tr["n"] == 8 and tr["ks"] == [2, 4, 8, 16]  # the E=8 models are left out
     assert tr["slope"] == pytest.approx(-0.5) and tr["ci_low"] < -0.5 < tr["ci_high"] < 0
-    assert tr["p"] < 1e-4 and tr["spearman_rho"] < -0.9
+    assert tr["p"] < 1e-4 and tr["spearman_rho"] < -0.9 and np.isnan(tr["value"])
     flat = R.trend_against_k(_summary(q=lambda r: 0), quantity="q")
-    assert flat["slope"] == 0 and flat["p"] == 1.0 and np.isnan(flat["spearman_rho"])
+    assert np.isnan(flat["slope"]) and np.isnan(flat["p"]) and flat["value"] == 0  # nothing to fit, not "p = 1"
     with pytest.raises(ValueError, match="two values of k"):
         R.trend_against_k(_summary(q=lambda r: r.seed), quantity="q", n_experts=8)
+
+
+def test_holm_by_hand_and_nan_outside_the_family():
+    # sorted p 0.01, 0.02, 0.04 over m = 3: 3 * 0.01, max(0.03, 2 * 0.02), max(0.04, 1 * 0.04)
+    out = R.holm([0.04, np.nan, 0.01, 0.02])
+    assert np.isnan(out[1])
+    np.testing.assert_allclose(out[[2, 3, 0]], [0.03, 0.04, 0.04])
 
 
 def test_explanation_checks_compare_observed_with_predicted_direction():
@@ -96,21 +103,29 @@ def test_explanation_checks_compare_observed_with_predicted_direction():
     c = R.explanation_checks(s, alpha=0.05).set_index("check")
     assert c.loc["single-expert effect shrinks with k", "observed"] == "falls"
     assert bool(c.loc["single-expert effect shrinks with k", "holds"]) is True
-    assert c.loc["control signal shrinks with k", "observed"] == "grows"
+    assert c.loc["control signal shrinks with k", "observed"] == "grows"  # significant, the other way
     assert bool(c.loc["control signal shrinks with k", "holds"]) is False
-    assert c.loc["observational validity shrinks with k", "observed"] == "flat"
+    assert c.loc["observational validity shrinks with k", "observed"] == "untested"  # all zero: nothing to fit
+    assert pd.isna(c.loc["observational validity shrinks with k", "holds"])
     assert pd.isna(c.loc["deepest-removal damage against k", "holds"])
+    # Holm over the three fitted rows
+    fitted = c.p.notna()
+    np.testing.assert_allclose(c.p_holm[fitted], R.holm(c.p[fitted]))
+    # a trend that is not detected is inconclusive, not a refutation
+    noisy = s.assign(control_mean_dz=[0.05 + 0.04 * ((-1) ** i) for i in range(len(s))])
+    n = R.explanation_checks(noisy).set_index("check").loc["control signal shrinks with k"]
+    assert n.observed == "not detected" and pd.isna(n.holds)
     text = R.answer_text(s.assign(audit_max_abs_dz=0.1, control_valid_cells=0),
                          pd.DataFrame({"model": s.model, "ranking": "x", "cells": 4, "valid_cells": 0}),
                          R.setting_anova(s.assign(audit_max_abs_dz=0.1, gap_growth=1.0)), R.explanation_checks(s),
-                         alpha=0.05)
-    assert text["validity"].startswith("**No.**")
-    assert "shrinks as k falls" in text["control"]
+                         alpha=0.05, mde_audit=0.271, mde_control=0.238)
+    assert text["validity"].startswith("**No valid cell is detected.**") and "d_z = 0.271 with 80% power" in text["validity"]
+    assert "shrinks as k falls" in text["control"] and "d_z = 0.238" in text["control"]
     ex = text["explanation"]
-    assert "a single-expert ablation costs less as top-k grows. *Observed:* the mean |ΔL| of a single-expert " \
-           "ablation falls as top-k grows" in ex and ex.count("**Holds.**") == 1 and ex.count("**Does not hold.**") == 2
-    assert "the number of valid observational cells is the same in every model (0)" in ex
-    assert "redundancy changes how much a single expert's removal costs" in ex
+    assert "a single-expert ablation changes the loss by less as top-k grows. *Observed:* the mean |ΔL| of a " \
+           "single-expert ablation falls as top-k grows" in ex and ex.count("**Holds.**") == 1
+    assert ex.count("**Contradicted.**") == 1 and "*Not testable here:* every model has the value 0" in ex
+    assert "The data contradict the explanation where it predicts that the routing-weight control's signal" in ex
 
 
 def test_model_summary_from_hand_records():
@@ -166,8 +181,10 @@ def test_checks_without_enough_models_are_reported_untested():
     two = s[s.model.isin(["m-e64-k2-s0", "m-e64-k8-s0"])]
     c = R.explanation_checks(two)
     assert (c.observed == "untested").all() and c.holds.isna().all() and c.reason.str.contains("three models").all()
+    anova = R.setting_anova(two)
+    assert anova[["F", "p", "ratio", "eta_sq", "p_holm"]].isna().all().all()  # one model per setting
     text = R.answer_text(two, pd.DataFrame({"model": two.model, "ranking": "x", "cells": 4, "valid_cells": 0}),
-                         R.setting_anova(two), c, alpha=0.05)
+                         anova, c, alpha=0.05)
     assert "No trend can be fitted" in text["control"]
-    assert text["explanation"].count("*Not tested:*") == 3 and "No prediction could be tested" in text["explanation"]
-    assert "no seed spread" in text["seeds"]
+    assert text["explanation"].count("*Not testable here:*") == 3 and "No prediction could be decided" in text["explanation"]
+    assert "no spread between models of one setting" in text["seeds"]

@@ -258,7 +258,20 @@ def test_model_card_tables_from_the_summaries():
     shares = routing_mass_shares(summaries["tiny-olmoe"])
     assert np.allclose(shares.sum(axis=1), 100, atol=1e-2) and shares.shape[1] == 64
     util = utilisation_table(summaries)
-    assert len(util) == 4 + 4 + 3 and (util["experts"] > 0).all()
+    assert len(util) == 8 + 8 + 7 and (util["experts"] > 0).all()  # MoE layers: deepseek's first is dense
+    from moeaudit.zoo import family_table, family_texts
+
+    fam_summaries = {m: load_summary(m) for m in REDUNDANCY_MODELS}
+    fam = family_table(fam_summaries)
+    assert list(fam.index) == list(REDUNDANCY_MODELS)
+    assert fam.loc["olmoe-e8-k2-s0", "routed experts"] == 8 and fam.loc["olmoe-e64-k16-s1", "top-k"] == 16
+    assert fam["weights (MB)"].sum() <= 50
+    texts = family_texts(fam_summaries, fam)
+    checked = fam["retrained: max |weight difference|"].dropna()
+    assert texts["family_repro"].startswith(f"{len(checked)} of {len(fam)} {'was' if len(checked) == 1 else 'were'} "
+                                            "retrained")
+    assert texts["family_depth"] == "4 decoder layers"
+    assert family_texts({}, family_table({}))["family_gates"] == "(no family model in this run)"
 
 
 def test_a_model_that_misses_a_gate_writes_nothing(tmp_path, monkeypatch):

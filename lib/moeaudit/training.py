@@ -207,12 +207,12 @@ SPECS = {
 def _redundancy_spec(n_experts: int, top_k: int, seed: int) -> dict:
     """A member of the redundancy family: ``tiny-olmoe``'s recipe at 4 layers, routing varied."""
     coef = SPECS["tiny-olmoe"]["aux"]["coef"]
-    ratio = "OLMoE's ratio" if (n_experts, top_k) == (64, 8) else \
-        "Mixtral's ratio" if (n_experts, top_k) == (8, 2) else f"top-{top_k} of {n_experts}"
+    ratio = " (OLMoE's ratio)" if (n_experts, top_k) == (64, 8) else \
+        " (Mixtral's ratio)" if (n_experts, top_k) == (8, 2) else ""
     return {
         "class": "OlmoeForCausalLM",
         "config_class": "OlmoeConfig",
-        "mirrors": f"redundancy family: {n_experts} routed experts, top-{top_k} ({ratio})",
+        "mirrors": f"redundancy family: {n_experts} routed experts, top-{top_k}{ratio}",
         "family": "redundancy",
         "seed": seed,
         "config": {**SPECS["tiny-olmoe"]["config"], "num_hidden_layers": 4,
@@ -781,7 +781,7 @@ def model_card(s: dict) -> str:
         intro = (f"A small `{s['class']}` trained from scratch (seed {s['seed']}), a member of the redundancy family "
                  "of the book *From Observation to Intervention: A Causal Audit of Expert Importance in MoE Models* "
                  f"({s['mirrors'].removeprefix('redundancy family: ')}). The family's models share data, tokenizer, "
-                 "width, depth, steps and seed policy and differ only in routing, so that the effect of the number of "
+                 "width, depth, steps and seed policy; their recipes differ only in routing, so that the effect of the number of "
                  "active experts can be measured. It is not a useful language model.")
     else:
         intro = (f"A small `{s['class']}` trained from scratch (seed {s['seed']}) as a stand-in for "

@@ -202,6 +202,9 @@ def family_table(summaries: dict) -> "pandas.DataFrame":
     import pandas as pd  # noqa: PLC0415
 
     rows = {}
+    if not summaries:
+        return pd.DataFrame(columns=["retrained: max |weight difference|", "ratio to unigram",
+                                     "worst layer: experts used", "weights (MB)"])
     for m, s in summaries.items():
         a, ev, t = s["architecture"], s["evaluation"], s["training"]
         layers = ev["utilisation"]["layers"].values()
@@ -216,3 +219,29 @@ def family_table(summaries: dict) -> "pandas.DataFrame":
                    "weights (MB)": s.get("weights", {}).get("file_mb", float("nan")),
                    "retrained: max |weight difference|": rep["max_abs_param_diff"] if rep else float("nan")}
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis("model")
+
+
+def family_texts(summaries: dict, table) -> dict[str, str]:
+    """The computed phrases of appendix A1's redundancy-family paragraph, from the family's
+    ``training_summary.json`` records and their :func:`family_table`: ``family_depth``,
+    ``family_gates`` (the gates and the range of each figure) and ``family_repro`` (which models
+    were retrained from their seed)."""
+    from ..report import join_words, value_span  # noqa: PLC0415
+    from ..training import MIN_FRAC_USED, PPL_RATIO_MAX, USAGE_THRESHOLD  # noqa: PLC0415
+
+    if not summaries:
+        return {k: "(no family model in this run)" for k in ("family_depth", "family_gates", "family_repro")}
+    depth = sorted({s["architecture"]["num_hidden_layers"] for s in summaries.values()})
+    checked = table["retrained: max |weight difference|"].dropna()
+    return {
+        "family_depth": " or ".join(f"{d} decoder layers" for d in depth),
+        "family_gates": (f"test perplexity at most {PPL_RATIO_MAX:g} of the unigram baseline's (here "
+                         f"{value_span(table['ratio to unigram'], '{:.2f}')}), and in every MoE layer at least "
+                         f"{MIN_FRAC_USED:.0%} of the routed experts with {USAGE_THRESHOLD:.1%} of the routing mass "
+                         f"(worst layer here: {value_span(table['worst layer: experts used'], '{:.0%}')}); "
+                         f"{table['weights (MB)'].sum():.1f} MB of weights in all"),
+        "family_repro": (f"{len(checked)} of {len(table)} {'was' if len(checked) == 1 else 'were'} retrained from "
+                         "their seed to check reproducibility "
+                         f"({join_words(checked.index)}; largest weight difference {checked.max():.3g})" if len(checked)
+                         else "none was retrained from its seed to check reproducibility"),
+    }
