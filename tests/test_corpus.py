@@ -235,7 +235,9 @@ def test_preflight_reports_what_will_be_used(no_hub):
     assert problems == []
     text = "\n".join(lines)
     assert "corpus='auto': the embedded corpus" in text and "illustrative" in text
-    assert "released results:" in text and "models: tiny-deepseek-v2, tiny-olmoe, tiny-qwen-moe" in text
+    from moeaudit.zoo import SHIPPED_MODELS
+
+    assert "released results:" in text and f"models: {', '.join(sorted(SHIPPED_MODELS))}" in text
 
 
 def test_preflight_finds_a_missing_model(monkeypatch, tmp_path):
