@@ -252,7 +252,7 @@ plt.show()
 # %%
 util_table = zoo.utilisation_table(summaries)
 util_table.to_csv(out_dir / "utilisation.csv")
-display(util_table.style.format({c: "{:.1%}" for c in util_table.columns if "share" in c or "≥" in c}
+display(util_table.style.format({c: "{:.2%}" if "share" in c else "{:.1%}" for c in util_table.columns if "share" in c or "≥" in c}
                                 | {"effective number of experts": "{:.1f}"}))
 worst = util_table.iloc[:, 1].min()
 display(Markdown(

@@ -147,7 +147,7 @@ def _check_model_name(name: str) -> str:
     if _HUB_ID.fullmatch(name):
         return name  # a Hugging Face id: checked when it is loaded
     raise ValueError(f"{name!r} is not a shipped model, an existing directory or a Hugging Face id (owner/name)"
-                     f"{_close(name, SHIPPED_MODELS)}; the shipped models are {', '.join(SHIPPED_MODELS)}")
+                     f"{_close(name, SHIPPED_MODELS)}")
 
 
 def _distinct(values: list) -> list:
@@ -589,7 +589,8 @@ def _reason(name: str, err: dict) -> str:
     if kind == "finite_number":
         return f"{item}not a finite number"
     if kind == "too_short":
-        return "empty" if ctx.get("actual_length") == 0 else f"{ctx.get('actual_length')} items, at least {ctx['min_length']} needed"
+        n = ctx.get("actual_length")
+        return "empty" if n == 0 else f"{n} item{'' if n == 1 else 's'}, at least {ctx['min_length']} needed"
     if kind == "too_long":
         return f"{ctx.get('actual_length')} items, at most {ctx['max_length']} allowed"
     if kind == "literal_error":

@@ -298,7 +298,7 @@ def answer_text(summary: pd.DataFrame, validity: pd.DataFrame, anova: pd.DataFra
         out["validity"] = (f"**No valid cell is detected.** None of the {validity.ranking.nunique()} observational metrics "
                            f"has a valid cell in any of the {n_models} models (dual test at each model's Bonferroni "
                            f"level with d_z > 0), in any of the {summary.setting.nunique()} settings (k/E from "
-                           f"{summary.k_over_E.min():.3g} to {summary.k_over_E.max():.3g}); the largest |d_z| of any "
+                           f"{summary.k_over_E.min():.3f} to {summary.k_over_E.max():.3f}); the largest |d_z| of any "
                            f"observational cell is {summary.audit_max_abs_dz.max():.3f}." + mde)
     else:
         where = valid.merge(summary[["model", "setting", "seed"]], on="model")
@@ -314,9 +314,11 @@ def answer_text(summary: pd.DataFrame, validity: pd.DataFrame, anova: pd.DataFra
     c = checks.set_index("check").loc["control signal shrinks with k"]
     positive = int((summary.control_mean_dz > 0).sum())
     level = (f"Its mean d_z per model ranges from {summary.control_mean_dz.min():+.3f} to "
-             f"{summary.control_mean_dz.max():+.3f} (positive in {positive} of {n_models} models), and its valid "
-             f"cells per model from {int(summary.control_valid_cells.min())} to "
-             f"{int(summary.control_valid_cells.max())}"
+             f"{summary.control_mean_dz.max():+.3f} (positive in {positive} of {n_models} models), and "
+             + (f"it has {int(summary.control_valid_cells.min())} valid cells in every model"
+                if summary.control_valid_cells.nunique() == 1 else
+                f"its valid cells per model range from {int(summary.control_valid_cells.min())} to "
+                f"{int(summary.control_valid_cells.max())}")
              + (f"; a control cell detects d_z = {mde_control:.3f} with {power:.0%} power" if mde_control is not None
                 else "") + ".")
     if c.observed == "untested":

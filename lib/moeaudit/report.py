@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import re
 import warnings
 
 import matplotlib.pyplot as plt
@@ -196,7 +197,7 @@ def show_released_source(data_dir=None):
     from .released import released_source  # noqa: PLC0415
 
     source = released_source(data_dir)
-    what = html.escape(source.describe())
+    what = re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(source.describe()))  # code spans of the plain text
     if source.kind == "files":
         display(_admonition("note", "Released results: the original files", f"<p>Read from {what}.</p>",
                             f"Released results: {source.describe()}"))
