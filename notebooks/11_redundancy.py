@@ -221,7 +221,6 @@ def effect_panel(ax, t: pd.DataFrame, title: str) -> None:
     ax.set_xticklabels([str(k) for k in ks])
     ax.minorticks_off()
     ax.set_title(title)
-    ax.set_xlabel("top-k (active experts per token)")
 
 
 panels = [(audit[audit.ranking == m], m.replace("_", " ")) for m in METRICS] + [(control, "control: routing weight")]
@@ -233,7 +232,8 @@ handles = [Line2D([], [], linestyle="", **marker_style(s_, pools[0], "0.3"), lab
 handles += [Line2D([], [], linestyle="", **marker_style(seeds[0], E, "0.3"), label=f"E = {E}") for E in pools]
 fig.legend(handles=handles, loc="center right", fontsize=8, bbox_to_anchor=(1.0, 0.62))
 fig.colorbar(plt.cm.ScalarMappable(cmap=cmap), ax=axes, label="relative depth of the layer", fraction=0.015, pad=0.09)
-fig.suptitle("Audit and control effect per cell against the number of active experts")
+fig.supxlabel("top-k (active experts per token)", y=-0.06)
+fig.suptitle("Audit and control effect per cell against the number of active experts", y=1.03)
 plt.show()
 
 # %% [markdown]
