@@ -280,3 +280,12 @@ def test_bad_input_table_is_current():
     committed = Path(badinputs.REPO_ROOT / badinputs.BAD_INPUTS_PAGE)
     assert committed.is_file() and committed.read_text() == table, \
         f"{badinputs.BAD_INPUTS_PAGE} is out of date: run .venv/bin/python -m moeaudit.book bad-inputs"
+
+
+def test_redundancy_chapter_needs_two_routing_settings():
+    """Two seeds of one setting are refused from their configs, before any model is loaded."""
+    message = _refused("11_redundancy", models=["olmoe-e64-k8-s0", "olmoe-e64-k8-s1"])
+    assert "every model routes to top-8 of 64 experts" in message
+    assert "1 item, at least 2 needed" in _refused("11_redundancy", models=["olmoe-e64-k8-s0"])
+    validate("11_redundancy", {**_defaults("11_redundancy"), "models": ["olmoe-e64-k8-s0", "olmoe-e8-k2-s0"]})
+    assert params.config_layout("olmoe-e8-k2-s1")["n_experts"] == 8

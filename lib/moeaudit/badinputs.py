@@ -69,6 +69,7 @@ BAD_INPUTS = [
     ("10_predictors_and_pruning", "per_layer_sweep", "1", None),
     ("11_redundancy", "models", '["olmoe-e64-k8-s0"]', None),
     ("11_redundancy", "models", '["olmoe-e64-k8-s0", "olmoe-e64-k3-s0"]', None),
+    ("11_redundancy", "models", '["olmoe-e64-k8-s0", "olmoe-e64-k8-s1"]', None),
     ("A1_default_models", "models", '["allenai/OLMoE-1B-7B-0924"]', None),
     ("A1_default_models", "family", '["olmoe-e64-k8-s2"]', None),
     ("A2_departures", "chapter", "04-audit", None),

@@ -244,8 +244,8 @@ Count = Annotated[int, _allowed("an integer >= 1", ge=1)]
 
 def config_layout(name: str) -> dict | None:
     """What the checks need from a model's ``config.json``, read without loading the model:
-    ``family``, ``n_layers``, ``moe_layers``, ``top_k`` and ``context`` (``max_position_embeddings``
-    or None). The MoE layers follow the family's rule in the registry
+    ``family``, ``n_layers``, ``moe_layers``, ``top_k``, ``n_experts`` (routed) and ``context``
+    (``max_position_embeddings`` or None). The MoE layers follow the family's rule in the registry
     (:func:`moeaudit.families.moe_layer_indices`, as :func:`moeaudit.models.layout_from_config` does). ``None`` for a
     Hugging Face id (not looked up), an unreadable config, or a config lacking a field the rule needs."""
     folder = ZOO_DIR / name if name in SHIPPED_MODELS else Path(name).expanduser()
@@ -260,11 +260,12 @@ def config_layout(name: str) -> dict | None:
     try:
         n_layers = int(config["num_hidden_layers"])
         top_k = int(config_value(fields, spec.top_k_key))
+        n_experts = int(config_value(fields, spec.num_experts_key))
         moe = list(moe_layer_indices(spec, fields, n_layers))
     except (AttributeError, KeyError, TypeError, ValueError):  # a field left to its class default: not checked here
         return None
     context = config.get("max_position_embeddings")
-    return {"family": family, "n_layers": n_layers, "moe_layers": moe, "top_k": top_k,
+    return {"family": family, "n_layers": n_layers, "moe_layers": moe, "top_k": top_k, "n_experts": n_experts,
             "context": int(context) if isinstance(context, int) else None}
 
 
@@ -461,6 +462,16 @@ class Redundancy(_Audited):
         "a local directory with config.json or a Hugging Face id", min_length=2)]
     min_context: MinContext
     alpha: Level
+
+    @model_validator(mode="after")
+    def _two_settings(self):
+        layouts = [config_layout(m) for m in self.models]
+        settings = {(lay["n_experts"], lay["top_k"]) for lay in layouts if lay is not None}
+        if None not in layouts and len(settings) < 2:  # hub ids are not looked up: checked once loaded
+            (E, k), = settings
+            raise _refuse("models", f"every model routes to top-{k} of {E} experts; the chapter compares routing "
+                                    "settings, so give models that differ in experts or top-k")
+        return self
 
 
 class DefaultModels(ChapterParameters):
