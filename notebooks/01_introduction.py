@@ -25,7 +25,7 @@ n_texts = 10  # texts loaded for the example (only seq_id is used)
 dtype = "float32"
 device = "cpu"
 corpus = "auto"  # "auto": WikiText-2 if found locally or on the hub, else the embedded corpus; "wikitext-2"; "embedded"; or a text file (one text per line)
-text_form = "released"  # "released": each text as the corpus serves it (WikiText-2: leading space and line break kept, as the released code feeds it); "stripped"
+text_form = "auto"  # "auto": the corpus's own form (the embedded corpus in WikiText-2's tokenized form, which the shipped models were trained on; WikiText-2 and a file as served); "released": each line as served (WikiText-2: leading space and line break kept, as the released code feeds it); "stripped"; "wikitext": the embedded corpus in WikiText-2's form
 data_dir = None  # folder with wikitext-2/ (default: $MOEAUDIT_DATA_DIR)
 results_dir = None  # record cache (default: $MOEAUDIT_RESULTS_DIR or results/)
 
@@ -63,9 +63,12 @@ corpus_source = report.show_corpus(corpus, data_dir=data_dir, text_form=text_for
 # active expert at a time and measures how much the model's next-token loss changes. If a
 # metric identifies important experts, then among the experts active at a token, the one
 # the metric ranks highest should hurt more when removed than the one it ranks lowest
-# (the paper's Definition 2.1). The paper finds that none of the four metrics does this
-# reliably in any of three large MoE models, and that even the router's own weight for the
-# token at hand does so in one model at one layer only.
+# (the paper's Definition 2.1). In the paper, no metric passes its corrected test (Bonferroni
+# within each model, with the t and Wilcoxon tests agreeing) at any audited layer of three large
+# MoE models, and the router's own weight for the token at hand survives Bonferroni correction in
+# one model at one layer. A test that does not pass is not evidence of no effect unless the design could have seen
+# one; the audit chapter states, for every run, how large an effect it could detect and whether it
+# could show an effect to be small.
 #
 # ## Two rungs of Pearl's ladder
 #
@@ -244,11 +247,13 @@ display(Markdown(
 # One token proves nothing either way: a weight that predicts the loss change at one token
 # may fail at the next. The audit therefore repeats this comparison at hundreds of sampled
 # positions and asks whether $D$ is reliably positive. Note also that the routing weight
-# shown here is the *most* informative observational quantity available, because it is
-# computed for this very token. The pruning metrics are population averages over the
-# whole corpus, one number per expert, and must predict the effect at a token they never
-# saw. The paper's per-token routing-weight control (chapter 5) bounds what any
-# routing-derived metric could achieve.
+# shown here is computed for this very token. The pruning metrics are population averages over
+# the whole corpus, one number per expert, and must predict the effect at a token they never
+# saw. The paper's per-token routing-weight control (chapter 5) runs the same test with this
+# token-level weight. It is a positive check (where it passes, the audit is shown able to detect an
+# effect of that kind), not an upper bound on what a routing-derived metric could achieve: a
+# population statistic can happen to order a token's experts better, and chapter 5 reports, on
+# each run, whether one does.
 #
 # ## Two ways to intervene
 #
@@ -336,4 +341,5 @@ display(Markdown(
 #
 # **Does not show.** Anything general. One token of one small model is an illustration;
 # whether observational rankings predict interventional ones is a statistical question
-# about many positions, answered in chapters 4 and 5.
+# about many positions, tested in chapters 4 and 5, where each verdict is stated with its
+# correction and with the smallest effect the test could detect.

@@ -32,7 +32,7 @@ alpha = 0.05  # family-wise level before correction
 tost_bound_d = 0.2  # equivalence bound for TOST, in d_z units
 power = 0.8  # power at which the minimum detectable effect is computed
 corpus = "auto"  # "auto": WikiText-2 if found locally or on the hub, else the embedded corpus; "wikitext-2"; "embedded"; or a text file (one text per line)
-text_form = "released"  # "released": each text as the corpus serves it (WikiText-2: leading space and line break kept, as the released code feeds it); "stripped"
+text_form = "auto"  # "auto": the corpus's own form (the embedded corpus in WikiText-2's tokenized form, which the shipped models were trained on; WikiText-2 and a file as served); "released": each line as served (WikiText-2: leading space and line break kept, as the released code feeds it); "stripped"; "wikitext": the embedded corpus in WikiText-2's form
 data_dir = None  # folder with wikitext-2/ (default: $MOEAUDIT_DATA_DIR)
 results_dir = None  # record cache (default: $MOEAUDIT_RESULTS_DIR or results/)
 
@@ -64,8 +64,10 @@ corpus_source = report.show_corpus(corpus, data_dir=data_dir, text_form=text_for
 # both tests pass with the same sign (the paper's dual-test rule). The paper's family has
 # {glue:text}`paper_family` cells per model ({glue:text}`paper_metrics` metrics ×
 # {glue:text}`paper_layers` layers, per-cell level $\alpha$ = {glue:text}`paper_alpha:.4g`); the
-# families of this run are stated with the tables below. Holm {cite}`holm1979simple` and
-# Benjamini–Hochberg {cite}`benjamini1995controlling` are shown beside Bonferroni.
+# families of this run are stated with the tables below. Holm {cite}`holm1979simple`, which also
+# controls the family-wise error, and Benjamini–Hochberg {cite}`benjamini1995controlling`, which
+# controls only the false-discovery rate (a weaker guarantee that passes more cells), are shown
+# beside Bonferroni; a verdict names the correction it holds under.
 
 # %%
 import pandas as pd
@@ -129,8 +131,9 @@ display(Markdown(report.SIGNIFICANCE_NOTE))
 # How many of each model's cells reach significance under Bonferroni (the paper), Holm, and
 # Benjamini–Hochberg, for the t-test alone, the Wilcoxon test alone and the dual-test rule; how
 # many cells are *demonstrably* small (TOST equivalence {cite}`lakens2017equivalence` at
-# $|d_z|$ < {glue:text}`tost_bound`, tested at the family's Bonferroni level); and the smallest
-# effect each family can detect.
+# $|d_z|$ < {glue:text}`tost_bound`, tested at the family's Bonferroni level) and whether that
+# test could pass at all at this level and sample size; and the smallest effect each family can
+# detect.
 
 # %%
 glue("tost_bound", tost_bound_d, display=False)
@@ -146,7 +149,10 @@ glue("n_pos", n_positions, display=False)
 # `min_detectable_dz` is the effect size the paired t-test detects with {glue:text}`power:.0%`
 # power at n = {glue:text}`n_pos` positions and the family's Bonferroni level; effects below it can
 # be missed, so "not significant" is not "no effect". The `equivalent` column counts the cells
-# where the data positively support a small effect.
+# where the data positively support a small effect; `tost_can_pass` says whether TOST at the bound
+# and level could pass in any cell of the family for *any* data (its smallest attainable p-value,
+# reached when the mean difference is exactly zero, must fall below the level). Where it is False,
+# `equivalent` is zero by design, not because of the data.
 
 # %% tags=["hide-input"]
 import matplotlib.pyplot as plt
@@ -164,6 +170,8 @@ axes[0][0].set_ylabel("Cohen's $d_z$ (95% CI)")
 axes[0][-1].legend(fontsize=8)
 fig.suptitle("Observational metrics: effect of ranking on the paired loss change")
 fig.tight_layout()
+plt.show()
+display(Markdown(report.depth_marks_caption(table)))  # what a * means, and which cells carry one
 
 # %% [markdown]
 # ## The default models against the paper
@@ -173,7 +181,8 @@ fig.tight_layout()
 # %%
 display(paper.style.hide(axis="index").format(
     {"alpha_bonferroni": "{:.4g}", "max_abs_d": "{:.3f}", "share_positive": "{:.0%}"})
-        .set_caption("The paper's audit (Tables 1–3), per model: counts of cells, from the released statistics"))
+        .set_caption("The paper's audit (Tables 1–3), per model: counts of cells, from the released statistics "
+                     "(*_both: t and Wilcoxon both below the corrected level; the files store no Wilcoxon sign)"))
 glue("comparison_text", Markdown(report.audit_comparison_text(verdicts, paper, table, paper_names=released.MODELS)),
      display=False)
 glue("limits", Markdown(report.audit_limits_text(default_models=all(m in ZOO_MODELS for m in models),
@@ -188,12 +197,12 @@ glue("limits", Markdown(report.audit_limits_text(default_models=all(m in ZOO_MOD
 
 # %% [markdown]
 # ## Traceability
-# Every cell is a set of pairs of raw records. The first pairs of one cell, with the experts
-# compared and their loss changes (nats):
+# Every cell is a set of pairs of raw records.
 
 # %%
 first = table.iloc[0]
 example = cells[(cells.model == first.model) & (cells.ranking == first.ranking) & (cells.layer == first.layer)]
+display(Markdown(report.traceability_caption(first.model, first.ranking, first.layer)))
 display(example[["model", "ranking", "layer", "seq_id", "t", "expert_high", "expert_low", "value_high", "value_low",
                  "delta_loss_high", "delta_loss_low", "diff"]].head(5).style.format(precision=4))
 
@@ -201,12 +210,14 @@ display(example[["model", "ranking", "layer", "seq_id", "t", "expert_high", "exp
 # ## What this shows, and what it does not
 # **Shows.** For each model, whether ranking the active experts at a token by a population-level
 # statistic (computed over the whole corpus before any ablation) predicts which single-expert
-# ablation hurts that token's prediction more, with the uncertainty of each effect and the
-# verdict under several multiple-comparison rules. On this run: {glue:md}`short_verdict`
+# ablation hurts that token's prediction more *by enough to be detected* at this sample size and
+# correction, with the uncertainty of each effect and the verdict under each multiple-comparison
+# rule. On this run: {glue:md}`short_verdict`
 #
 # **Does not show.** That a metric is useless for pruning: the audit removes one expert at one
 # token, while pruning removes experts everywhere (see the progressive-ablation chapter), and a
 # null test is weak evidence for a null unless the equivalence test says the effect is small.
+# {glue:md}`design_short`
 # With the book's default small models, the numbers describe those models, not the paper's
 # checkpoints; re-run this chapter with `models` set to the real checkpoint ids on a GPU for that.
 #
@@ -237,3 +248,5 @@ glue("one_layer_cmd", Markdown(f"`make chapter NB=04_audit PARAMS=\"-p models '[
 glue("one_layer_family", len(METRICS), display=False)
 glue("one_layer_alpha", alpha / len(METRICS), display=False)
 glue("short_verdict", Markdown(report.family_verdict_text(verdicts, short=True)), display=False)
+glue("design_short", Markdown(report.design_sensitivity_text(verdicts, table, short=True)
+                              or "On this run no family has a defined effect to compare."), display=False)

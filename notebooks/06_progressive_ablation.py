@@ -28,7 +28,7 @@ min_context = 0
 batch_size = 64
 alpha = 0.05  # 1 - confidence level of the intervals on the mean
 corpus = "auto"  # "auto": WikiText-2 if found locally or on the hub, else the embedded corpus; "wikitext-2"; "embedded"; or a text file (one text per line)
-text_form = "released"  # "released": each text as the corpus serves it (WikiText-2: leading space and line break kept, as the released code feeds it); "stripped"
+text_form = "auto"  # "auto": the corpus's own form (the embedded corpus in WikiText-2's tokenized form, which the shipped models were trained on; WikiText-2 and a file as served); "released": each line as served (WikiText-2: leading space and line break kept, as the released code feeds it); "stripped"; "wikitext": the embedded corpus in WikiText-2's form
 data_dir = None  # folder with wikitext-2/ (default: $MOEAUDIT_DATA_DIR)
 results_dir = None  # record cache (default: $MOEAUDIT_RESULTS_DIR or results/)
 cliff_threshold = 0.1  # mean loss increase (nats) that counts as a layer "breaking"
@@ -81,9 +81,10 @@ from myst_nb import glue
 from scipy import stats as sps
 
 from moeaudit import released, report
-from moeaudit.audit import (cliff_comparison_text, cliff_text, deepest_removal_summary, fmt_signed, join_words,
-                            paper_progressive_table, prepare, progressive_records, progressive_summary,
-                            redundancy_breaks, threshold_calls)
+from moeaudit.audit import (buffer_readings, cliff_comparison_text, cliff_text, deepest_removal_summary, fmt_signed,
+                            join_words, paper_progressive_table, paper_share_positive_text, prepare,
+                            progressive_overview_text, progressive_records, progressive_summary, redundancy_breaks,
+                            removal_direction, threshold_calls)
 from moeaudit.corpus import valid_positions
 
 report.use_book_style()
@@ -145,12 +146,18 @@ for name in models:
 # ## The distribution at the deepest removal (the paper's Table 9)
 # At $k = \text{top-}k - 1$ (all active experts but one removed), per layer
 # (`moeaudit.audit.deepest_removal_summary`). A mean far above the median means the increase is
-# carried by a minority of positions; the last rows quantify that tail.
+# carried by a minority of positions; the last rows quantify that tail. The sign-test row asks
+# whether the removal pushes the loss one way at more than half of the positions
+# (`moeaudit.audit.removal_direction`: a two-sided sign test of the positions where the loss rose
+# against those where it fell, `moeaudit.stats.sign_test`, at the Bonferroni level `alpha` divided
+# by the model's number of layers). Where it is not significant, the share of positions where the
+# loss fell is not distinguishable from one half: the removal's effect is not distinguishable from
+# noise in direction.
 
 # %%
-deepest = deepest_removal_summary(records, threshold=cliff_threshold)
+deepest = removal_direction(deepest_removal_summary(records, threshold=cliff_threshold), alpha=alpha)
 share_cols = {"share_above": f"share above {cliff_threshold:g} nats", "share_below_zero": "share below 0 (loss fell)",
-              "top5_share": "top-5% share of increase"}
+              "p_sign": "sign test p (rose vs fell)", "top5_share": "top-5% share of increase"}
 
 # %% tags=["hide-input"]
 for name in models:
@@ -160,8 +167,10 @@ for name in models:
     tab.columns = [f"L{c}" for c in tab.columns]
     display(Markdown(f"### {name} (k = {int(d.k.iloc[0])})"))
     display(tab.style.format(fmt_signed, subset=pd.IndexSlice[["Mean", "Median", "P5", "P95"], :])
-            .format("{:.0%}", subset=pd.IndexSlice[list(share_cols.values()), :])
-            .set_caption(f"{name}: cumulative ΔL (nats) at k = {int(d.k.iloc[0])}, n = {int(d.n.min())} positions per layer")
+            .format("{:.0%}", subset=pd.IndexSlice[[v for c, v in share_cols.items() if c != "p_sign"], :])
+            .format("{:.2g}", subset=pd.IndexSlice[[share_cols["p_sign"]], :])
+            .set_caption(f"{name}: cumulative ΔL (nats) at k = {int(d.k.iloc[0])}, n = {int(d.n.min())} positions per "
+                         f"layer; sign test at the Bonferroni level {alpha:g}/{len(d)} = {alpha / len(d):.3g}")
             .set_properties(**{"text-align": "center"}))
 
 # %% [markdown]
@@ -177,8 +186,11 @@ for name in models:
 # ## The redundancy cliff
 # Top row: mean cumulative loss change against $k$, one line per layer, with the confidence
 # interval of the mean. Bottom row: the same positions summarised by their median (dashed), P95
-# (solid) and P5 (dash-dotted). A layer with a redundancy buffer stays flat as experts are
-# removed; a cliff is a sharp rise. The dotted line is `cliff_threshold`.
+# (solid) and P5 (dash-dotted). A layer with a redundancy buffer stays low as experts are
+# removed while the removals still raise the loss at most positions; a cliff is a sharp rise. A
+# line that stays near zero does not by itself show a buffer: removals whose effect has no
+# consistent direction stay near zero too (the sign test of the previous section tells the two
+# apart). The dotted line is `cliff_threshold`.
 
 # %% tags=["hide-input"]
 fig, axes = plt.subplots(2, len(models), figsize=(max(6.5, 4.3 * len(models)), 7.2), squeeze=False, sharex="col")
@@ -228,7 +240,7 @@ display(breaks.style.format({"largest_step": fmt_signed, "mean_deepest": fmt_sig
 
 # %% tags=["hide-input"]
 display(Markdown("\n\n".join(cliff_text(*(t[t.model == name] for t in (breaks, deepest, calls)),
-                                         threshold=cliff_threshold) for name in models)))
+                                         threshold=cliff_threshold, alpha=alpha) for name in models)))
 
 # %% [markdown]
 # ## Reading the result against the paper
@@ -245,9 +257,10 @@ display(Markdown("\n\n".join(cliff_text(*(t[t.model == name] for t in (breaks, d
 # layer, the share of positions whose loss *rose* at $k$ = {glue:text}`paper_kmax`:
 # {glue:md}`paper_share_positive`.
 #
-# The argument built on it is structural: where a layer has a redundancy buffer, *any* selection
-# criterion removes experts at little cost, so the observational metrics cannot be told apart by
-# pruning outcomes there, and a token-level signal can only show where the buffer ends. For the
+# The argument built on it is structural: where a layer has a redundancy buffer (removing its
+# experts raises the loss, but little), *any* selection criterion removes experts at little
+# cost, so the observational metrics cannot be told apart by pruning outcomes there, and a
+# token-level signal can only show where the buffer ends. For the
 # models audited here, with the same threshold applied to the paper's Table 8:
 #
 # ```{glue:md} comparison
@@ -272,22 +285,20 @@ glue("paper_last_p95", float(p_deep.loc[paper_last, "p95"]), display=False)
 glue("paper_early_p95", float(p_deep.drop(index=paper_last).p95.max()), display=False)
 rel = released.progressive_ablation(data_dir=data_dir)
 rel = rel[rel.k == kmax_paper]
-glue("paper_share_positive", Markdown(join_words(f"layer {r.layer} {r.share_positive:.0%}" for r in rel.itertuples())
-                                      + f" (n = {int(rel.n.min())} positions per layer)"), display=False)
+glue("paper_share_positive", Markdown(paper_share_positive_text(rel, alpha=alpha)), display=False)
 
 
 # %% tags=["hide-input"]
 glue("comparison", Markdown("\n".join(cliff_comparison_text(
     *(t[t.model == name] for t in (breaks, deepest, calls)), paper_breaks.reset_index(),
-    last=audited_layers[name][-1], threshold=cliff_threshold) for name in models)), display=False)
+    last=audited_layers[name][-1], threshold=cliff_threshold, alpha=alpha) for name in models)), display=False)
 
 # %% [markdown]
 # ## What this shows, and what it does not
 # **Shows.** How much of a layer's active computation at a token can be removed, highest-weight
 # experts first, before the next-token loss changes appreciably; at which layers and removal
 # depths that tolerance ends; and whether the damage is spread over positions or concentrated in
-# a tail. On the models of this run, {glue:md}`shows_summary` This is the regime the paper uses to
-# explain why observational pruning criteria "work" without identifying dispensable experts.
+# a tail. On the models of this run, {glue:md}`shows_summary`
 #
 # **Does not show.** What pruning would do. The ablation here removes experts at *one* token and
 # keeps the rest of the sequence intact; pruning removes an expert at every token, in every
@@ -301,14 +312,8 @@ glue("comparison", Markdown("\n".join(cliff_comparison_text(
 # OLMoE checkpoint.
 
 # %%
-n_crossed = int(breaks.first_k_above.notna().sum())
-glue("shows_summary", Markdown(
-    (f"the mean loss change at the deepest removal ranges from {fmt_signed(breaks.mean_deepest.min())} to "
-     f"{fmt_signed(breaks.mean_deepest.max())} nats over {len(breaks)} audited layers; "
-     + (f"no layer crosses {cliff_threshold:g} nats." if n_crossed == 0 else
-        f"{n_crossed} of them cross{'es' if n_crossed == 1 else ''} {cliff_threshold:g} nats.")
-     + f" At the deepest removal the loss fell at {deepest.share_below_zero.min():.0%} to "
-       f"{deepest.share_below_zero.max():.0%} of positions.")), display=False)
+glue("shows_summary", Markdown(progressive_overview_text(buffer_readings(breaks, deepest, calls), breaks,
+                                                         threshold=cliff_threshold)), display=False)
 
 # %% [markdown]
 # ## Exercises

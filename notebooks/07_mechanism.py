@@ -27,7 +27,7 @@ max_tokens = None  # None: min(512, the model's context)
 batch_size = 64
 min_activations = 5  # an expert enters a correlation only with at least this many activations
 corpus = "auto"  # "auto": WikiText-2 if found locally or on the hub, else the embedded corpus; "wikitext-2"; "embedded"; or a text file (one text per line)
-text_form = "released"  # "released": each text as the corpus serves it (WikiText-2: leading space and line break kept, as the released code feeds it); "stripped"
+text_form = "auto"  # "auto": the corpus's own form (the embedded corpus in WikiText-2's tokenized form, which the shipped models were trained on; WikiText-2 and a file as served); "released": each line as served (WikiText-2: leading space and line break kept, as the released code feeds it); "stripped"; "wikitext": the embedded corpus in WikiText-2's form
 data_dir = None  # folder with wikitext-2/ (default: $MOEAUDIT_DATA_DIR)
 results_dir = None  # record cache (default: $MOEAUDIT_RESULTS_DIR or results/)
 

@@ -31,7 +31,7 @@ batch_size = 64
 alpha = 0.05
 n_boot = 2000  # bootstrap resamples for the confidence intervals of differences of d_z
 corpus = "auto"  # "auto": WikiText-2 if found locally or on the hub, else the embedded corpus; "wikitext-2"; "embedded"; or a text file (one text per line)
-text_form = "released"  # "released": each text as the corpus serves it (WikiText-2: leading space and line break kept, as the released code feeds it); "stripped"
+text_form = "auto"  # "auto": the corpus's own form (the embedded corpus in WikiText-2's tokenized form, which the shipped models were trained on; WikiText-2 and a file as served); "released": each line as served (WikiText-2: leading space and line break kept, as the released code feeds it); "stripped"; "wikitext": the embedded corpus in WikiText-2's form
 data_dir = None  # folder with wikitext-2/ and paper-released/ (default: $MOEAUDIT_DATA_DIR)
 results_dir = None  # record cache (default: $MOEAUDIT_RESULTS_DIR or results/)
 

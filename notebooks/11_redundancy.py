@@ -31,7 +31,7 @@ min_context = 0
 batch_size = 64
 alpha = 0.05  # family-wise level of each model's audit and control; level of the trend and seed tests
 corpus = "auto"  # "auto": WikiText-2 if found locally or on the hub, else the embedded corpus; "wikitext-2"; "embedded"; or a text file (one text per line)
-text_form = "released"  # "released": each text as the corpus serves it (WikiText-2: leading space and line break kept, as the released code feeds it); "stripped"
+text_form = "auto"  # "auto": the corpus's own form (the embedded corpus in WikiText-2's tokenized form, which the shipped models were trained on; WikiText-2 and a file as served); "released": each line as served (WikiText-2: leading space and line break kept, as the released code feeds it); "stripped"; "wikitext": the embedded corpus in WikiText-2's form
 data_dir = None  # folder with wikitext-2/ (default: $MOEAUDIT_DATA_DIR)
 results_dir = None  # record cache (default: $MOEAUDIT_RESULTS_DIR or results/)
 
@@ -82,6 +82,8 @@ corpus_source = report.show_corpus(corpus, data_dir=data_dir, text_form=text_for
 # 2. Does the control's signal grow as redundancy falls?
 # 3. Do the settings differ by more than models of one setting do?
 # 4. Where does the paper's explanation hold, and where not?
+# 5. Does a smaller share of the output per expert explain the same facts without any compensation?
+# 6. Is it the number of active experts, or the active share k/E, that matters?
 
 # %%
 import matplotlib.pyplot as plt
@@ -102,6 +104,7 @@ power = 0.8  # power at which the smallest detectable effect is stated
 glue("n_positions", n_positions, display=False)
 glue("alpha", alpha, display=False)
 glue("power", power, display=False)
+glue("power_pct", Markdown(f"{power:.0%}"), display=False)
 ratio_names = {(64, 8): " (OLMoE's ratio)", (8, 2): " (Mixtral's ratio)"}
 glue("family_settings", Markdown(report.join_words(f"{E} routed experts with top-{k}{ratio_names.get((E, k), '')}"
                                                    for E, k in REDUNDANCY_SETTINGS)), display=False)
@@ -289,10 +292,13 @@ plt.show()
 # within-setting spread: the training seed, and the sampling error of each model's value, which
 # rests on one shared draw of positions. The p-values are Holm-adjusted over the quantities
 # (`p_holm`). `sd_between` is the standard deviation of the setting means, `sd_seed` the pooled
-# within-setting one, `eta_sq` the share of the total variance between settings.
+# within-setting one, `eta_sq` the share of the total variance between settings. With few models
+# per setting the test is weak; `min_detectable_f` is the smallest spread of the setting means,
+# in within-setting SDs (Cohen's f), that it detects with {glue:md}`power_pct` power at Holm's
+# strictest level, and `min_detectable_sd` the same in the quantity's units.
 
 # %%
-anova = redundancy.setting_anova(summary)
+anova = redundancy.setting_anova(summary, alpha=alpha, power=power)
 display(anova.style.hide(axis="index").format(precision=3, na_rep="—").format(
     "{:.2g}", subset=["p", "p_holm"], na_rep="—")
         .set_caption("One-way ANOVA per quantity: routing setting as the factor, models of a setting as replicates"))
@@ -300,33 +306,86 @@ display(anova.style.hide(axis="index").format(precision=3, na_rep="—").format(
 # %% [markdown]
 # ## The explanation's predictions
 # If redundancy hides single experts' effects, then as top-k grows at a fixed number of experts
-# (the larger pool; the small pool has a single top-k and enters only the comparisons above):
-# - a single-expert ablation should change the loss by less;
+# (the larger pool; the small pool has a single top-k and enters the pool comparison below):
+# - a single-expert ablation should damage the model less: its mean loss change $\Delta L$, with
+#   its sign, should fall. Its mean size $|\Delta L|$ is reported beside it, but it is not the
+#   damage: it also counts removals that lower the loss;
+# - both should fall by more than the removed output itself, measured per unit of the gap norm
+#   $\lVert y_t - y_t^{(-e)}\rVert$. This is the part that only compensation explains (next section);
 # - the control's signal should weaken;
 # - the observational metrics should lose whatever validity they have at small top-k.
 #
-# The second is the weakest test. Cohen's $d_z$ is scale-free, so loss changes that all shrink by
+# The control is the weakest test. Cohen's $d_z$ is scale-free, so loss changes that all shrink by
 # the same factor leave it unchanged. The control also compares the extremes of the k active
 # experts, a contrast that widens as k grows.
 #
 # Each row is an ordinary least-squares trend of the per-model values on $\log_2 k$, the models of
 # every seed as separate points, with Holm's adjustment over the rows
 # (`moeaudit.redundancy.explanation_checks`). A trend that is not detected at level
-# α = {glue:text}`alpha` is reported as inconclusive, not as a refutation: `holds` shows — there.
+# α = {glue:text}`alpha` after that adjustment is reported as inconclusive, not as a refutation:
+# `holds` shows — there. For such a row, `min_detectable_slope` is the slope the test would have
+# caught with {glue:md}`power_pct` power at Holm's strictest level, and `equivalence_bound` the
+# narrowest band around zero that an equivalence test at that level could have shown. `specific`
+# is False where the output-share alternative predicts the same direction; `seed_slopes` are the
+# slopes fitted on each seed's models alone, and `seeds_agree` says whether they all share the
+# pooled slope's sign.
 
 # %%
-checks = redundancy.explanation_checks(summary, alpha=alpha)
-shown = checks.drop(columns=["quantity", "ks", "value"], errors="ignore")
-if not shown.reason.astype(bool).any():
-    shown = shown.drop(columns="reason")
-display(shown.style.hide(axis="index").format(precision=3, na_rep="—").format(
-    "{:.2g}", subset=["p", "p_holm", "spearman_p"], na_rep="—")
-        .set_caption("Trend of each per-model quantity against log2(top-k), at the larger expert pool"))
+checks = redundancy.explanation_checks(summary, alpha=alpha, power=power)
+
+
+def trend_table(t: pd.DataFrame, caption: str):
+    """A trend table as shown: the per-seed slopes rounded, bookkeeping columns dropped."""
+    t = t.drop(columns=["quantity", "ks", "value", "n_experts", "reference_slope"], errors="ignore").assign(
+        seed_slopes=[", ".join(f"{v:+.3g}" for v in d.values()) if d else "—" for d in t.seed_slopes])
+    if not t.reason.astype(bool).any():
+        t = t.drop(columns="reason")
+    return (t.style.hide(axis="index").format(precision=3, na_rep="—")
+            .format("{:.2g}", subset=["p", "p_holm", "spearman_p"], na_rep="—").set_caption(caption))
+
+
+display(trend_table(checks, "Trend of each per-model quantity against log2(top-k), at the larger expert pool"))
+
+# %% [markdown]
+# ## The output-share alternative
+# A fall of the single-expert effect with top-k does not need compensation. Each of the k active
+# experts carries part of the block's output; if that part is about $1/k$, removing one changes
+# the output, and a loss that responds in proportion, by about $1/k$, with no expert standing in
+# for another. On a log-log scale that share alone predicts a slope of $-1$ per doubling of k.
+# The table fits $\log_2$ of the mean removed output (gap norm) and of the mean $|\Delta L|$ on
+# $\log_2 k$ and tests each slope against $-1$, with Holm's adjustment over the two rows
+# (`moeaudit.redundancy.share_checks`). A nominal $1/k$ ignores how the combine weights and the
+# experts' output norms change with k, so the per-unit rows of the table above, which divide by the
+# measured removed output, are the direct test: only a loss change that falls faster than the
+# removed output leaves something for compensation to explain.
+
+# %%
+shares = redundancy.share_checks(summary, alpha=alpha, power=power)
+display(trend_table(shares, "Log-log slope against log2(top-k), tested against the slope −1 of a 1/k output share"))
+
+# %% [markdown]
+# ## The small pool: top-k or k/E?
+# The setting with the small pool has the same top-k as one setting of the large pool and the same
+# active share k/E as another. If the number of active experts is what lets experts stand in for
+# one another, it should match the first; if the active share is, the second. Each comparison is a
+# pooled two-sample t-test of the per-model values, the models of a setting as replicates, with
+# Holm's adjustment over all comparisons (`moeaudit.redundancy.pool_comparison`).
+# `min_detectable_sd` is the smallest difference, in within-setting SDs, that a comparison detects
+# with {glue:md}`power_pct` power at Holm's strictest level; `ranges_overlap` says whether the two
+# settings' models overlap; `closer` marks the reference nearer the small pool's mean (a
+# description, not a test). The small pool also has fewer expert parameters, which no comparison
+# here separates from k/E.
+
+# %%
+pools = redundancy.pool_comparison(summary, alpha=alpha, power=power)
+display(pools.drop(columns=["n_experts", "n_experts_ref"]).style.hide(axis="index")
+        .format(precision=3, na_rep="—").format("{:.2g}", subset=["p", "p_holm"], na_rep="—")
+        .set_caption("Each smaller expert pool against the large pool at the same top-k and at the same k/E"))
 lead = models[0]
 mde_audit = stats.min_detectable_dz(n_positions, alpha=alpha / int(fam_audit[lead]), power=power)
 mde_control = stats.min_detectable_dz(n_positions, alpha=alpha / int(fam_control[lead]), power=power)
 answers = redundancy.answer_text(summary, validity, anova, checks, alpha=alpha, mde_audit=mde_audit,
-                                 mde_control=mde_control, power=power)
+                                 mde_control=mde_control, power=power, shares=shares, pools=pools)
 for key, text in answers.items():
     glue(f"answer_{key}", Markdown(text), display=False)
 
@@ -348,6 +407,18 @@ for key, text in answers.items():
 # ```{glue:md} answer_explanation
 # :format: myst
 # ```
+#
+# **5. Does a smaller output share per expert explain the same facts without compensation?**
+#
+# ```{glue:md} answer_share
+# :format: myst
+# ```
+#
+# **6. Top-k or k/E?** The small pool against the large one:
+#
+# ```{glue:md} answer_pool
+# :format: myst
+# ```
 
 # %% [markdown]
 # ## What this shows, and what it does not
@@ -361,8 +432,12 @@ for key, text in answers.items():
 # come from width and depth as much as from top-k. Routing is not the only thing that varies: the
 # active parameters grow with k, the small pool has fewer parameters, and the balance loss
 # presses harder at larger k. A design with finer experts at larger k would hold the active
-# compute fixed. The within-setting spread rests on few models per setting, so the ANOVA has
-# little power, and it assumes equal spread in every setting. The null results are bounded by the
+# compute fixed. The within-setting spread rests on few models per setting, so the ANOVA and the
+# comparison of the expert pools have little power, and both assume equal spread in every setting.
+# The small pool differs from the large one in k/E and in its number of parameters at once. The
+# per-unit quantities divide by the removed output's norm, which assumes the loss responds to the
+# removed output in proportion; a residual stream whose scale differs between settings would move
+# them too. The null results are bounded by the
 # smallest effects a cell can detect, stated with the answers; they do not show that the effects
 # are zero.
 #
@@ -377,8 +452,9 @@ for key, text in answers.items():
 # ````{admonition} Expected result
 # :class: dropdown
 # The records are reused from the cache: each model's records are keyed by the model and the
-# positions, not by the list of models. The ANOVA table shows no F, p, ratio or `eta_sq`: with
-# one model per setting there is no within-setting spread to compare with. The trends are fitted
+# positions, not by the list of models. The ANOVA table shows no F, p, ratio or `eta_sq`, and
+# the comparison of the expert pools has no test: with one model per setting there is no
+# within-setting spread to compare with. The trends are fitted
 # on {glue:text}`ex1_n` points instead of {glue:text}`ex1_n_all`. The control's slope becomes
 # {glue:md}`ex1_slope`. A conclusion that rests on one model per setting cannot tell a setting
 # effect from a training accident.

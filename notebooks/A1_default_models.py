@@ -21,9 +21,9 @@ models = ["tiny-olmoe", "tiny-qwen-moe", "tiny-deepseek-v2"]  # shipped names or
 family = ["olmoe-e64-k2-s0", "olmoe-e64-k2-s1", "olmoe-e64-k4-s0", "olmoe-e64-k4-s1", "olmoe-e64-k8-s0",
           "olmoe-e64-k8-s1", "olmoe-e64-k16-s0", "olmoe-e64-k16-s1", "olmoe-e8-k2-s0", "olmoe-e8-k2-s1"]  # the redundancy family's models (section at the end; [] to leave it out)
 corpus = "auto"  # "auto": WikiText-2 if found locally or on the hub, else the embedded corpus; "wikitext-2"; "embedded"; or a text file (one text per line)
-text_form = "released"  # "released": each text as the corpus serves it (WikiText-2: leading space and line break kept, as the released code feeds it); "stripped"
-data_dir = None  # folder with wikitext-2/ (default: $MOEAUDIT_DATA_DIR); only for the example predictions
-results_dir = None  # where the tables of this page are saved as CSV (default: $MOEAUDIT_RESULTS_DIR or results/)
+text_form = "auto"  # "auto": the corpus's own form (the embedded corpus in WikiText-2's tokenized form, which the shipped models were trained on; WikiText-2 and a file as served); "released": each line as served (WikiText-2: leading space and line break kept, as the released code feeds it); "stripped"; "wikitext": the embedded corpus in WikiText-2's form
+data_dir = None  # folder with wikitext-2/ (default: $MOEAUDIT_DATA_DIR); only for the audited text and the example predictions
+results_dir = None  # where the tables of this page are saved as CSV, and the clean passes cached (default: $MOEAUDIT_RESULTS_DIR or results/)
 
 # %% tags=["hide-input"]
 from moeaudit import params, report
@@ -77,7 +77,8 @@ from IPython.display import Markdown, display
 from myst_nb import glue
 
 import moeaudit.models  # noqa: F401  (imports nnsight, which must precede transformers.models.*)
-from moeaudit import paths, report, zoo
+from moeaudit import audit, paths, report, zoo
+from moeaudit.training import REGIME_GAIN_RATIO_MIN
 from moeaudit.zoo import SHIPPED_MODELS, zoo_path
 
 report.use_book_style()
@@ -218,6 +219,36 @@ display(Markdown(
     "these numbers cannot be compared with published perplexities of the real checkpoints."))
 
 # %% [markdown]
+# ## From the test split to the text the book audits
+#
+# The chapters do not score the test split in chunks: they read the first {glue:text}`n_texts_audit`
+# lines longer than 50 characters of their corpus, each from its own start and cut to the model's
+# context. The table puts the two side by side, and beside them the embedded corpus that a build
+# without WikiText-2 reads, in the form the models were trained on (WikiText-2's tokenized form). Each
+# loss is compared with a unigram model fitted to the very tokens it is scored on: the gain is what
+# the model takes from context on that text. A model audited on text it cannot read would show a
+# gain near zero there, and its expert effects would describe a model that predicts token
+# frequencies. The quality gate asks the embedded corpus's gain to be at least
+# {glue:text}`regime_gate` of the WikiText-2 gain.
+
+# %% tags=["hide-input"]
+audited_regime = {}
+for m in models:
+    path = str(model_dir(m))
+    ctx = audit.prepare(path, corpus=corpus_source, text_form=text_form, data_dir=data_dir,
+                        results_dir=results_dir, progress=False)
+    audited_regime[m] = audit.corpus_regime(ctx)
+regimes = zoo.regime_table(summaries, audited_regime)
+regimes.to_csv(out_dir / "regime.csv")
+display(regimes.style.format("{:.3f}"))
+glue("n_texts_audit", int(next(iter(audited_regime.values()))["n_texts"]), display=False)
+glue("regime_gate", REGIME_GAIN_RATIO_MIN, display=False)
+glue("regime_text", Markdown(report.regime_connection_text(regimes, corpus_source.describe())), display=False)
+
+# %% [markdown]
+# {glue:md}`regime_text`
+
+# %% [markdown]
 # ## Expert utilisation
 #
 # For every MoE layer, the share of the routing mass each routed expert receives on the test
@@ -309,11 +340,12 @@ else:
 # %%
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from moeaudit.corpus import select_texts  # noqa: E402
+from moeaudit.corpus import resolve_text_form, select_texts  # noqa: E402
 
 hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()
-prompt = " ".join(select_texts(list(corpus_source.lines), n_texts=1, text_form=text_form)[0].split()[:24])
+prompt = " ".join(select_texts(list(corpus_source.lines), n_texts=1,
+                               text_form=resolve_text_form(corpus_source, text_form))[0].split()[:24])
 display(Markdown(f"From {corpus_source.describe()}:\n\n> {prompt} …"))
 display(pd.DataFrame({m: zoo.top_next_tokens(model_dir(m), prompt) for m in models}).T.rename_axis("model"))
 
@@ -400,3 +432,7 @@ if family_summaries:
          "retrained: max |weight difference|": "{:.3g}"}, na_rep="not checked"))
 for key, text in zoo.family_texts(family_summaries, fam).items():
     glue(key, Markdown(text), display=False)
+if family_summaries:  # the family's regime on the embedded corpus, as for the default models (model cards)
+    display(Markdown("The same measurement of each family model's regime (its model card), as in the section on "
+                     "the text the book audits:"))
+    display(zoo.regime_table(family_summaries).style.format("{:.3f}"))

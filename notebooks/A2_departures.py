@@ -47,7 +47,7 @@ from myst_nb import glue
 from transformers import AutoConfig
 
 import moeaudit.models  # noqa: F401  (imports nnsight, which must precede transformers.models.*)
-from moeaudit import book, report
+from moeaudit import audit, book, report
 from moeaudit.metrics import METRICS
 from moeaudit.models import PAPER_LAYERS, layout_from_config, resolve_model_path
 
@@ -63,9 +63,18 @@ n_parameters = {}
 for m in params["models"]:
     summary = Path(resolve_model_path(m)) / "training_summary.json"  # shipped models record their size
     n_parameters[m] = json.loads(summary.read_text())["parameters"]["total"] if summary.is_file() else None
+regimes = {}  # each model's loss on the audited text, and on its training distribution where its card records it
+for m in params["models"]:
+    ctx = audit.prepare(m, corpus=corpus_source, text_form=params["text_form"], n_texts=params["n_texts"],
+                        max_tokens=params["max_tokens"], dtype=params["dtype"], device=params["device"],
+                        data_dir=data_dir, results_dir=params["results_dir"], progress=False)
+    summary = Path(resolve_model_path(m)) / "training_summary.json"
+    recorded = json.loads(summary.read_text()).get("regime", {}) if summary.is_file() else {}
+    regimes[m] = (audit.corpus_regime(ctx), recorded.get("wikitext-2"))
 table = report.protocol_departures(params=params, corpus_source=corpus_source, audited=audited,
                                    n_moe_layers={m: len(lay.moe_layers) for m, lay in layouts.items()},
-                                   contexts=contexts, n_parameters=n_parameters, n_metrics=len(METRICS))
+                                   contexts=contexts, n_parameters=n_parameters, n_metrics=len(METRICS),
+                                   regimes=regimes)
 glue("n_aspects", len(table), display=False)
 glue("ex_corpus", Markdown("nothing changes, because this build already reads the embedded corpus; with WikiText-2 "
                            "available, only the corpus row changes" if corpus_source.name == "embedded" else
@@ -97,6 +106,11 @@ display(table.set_index("aspect").style.format(escape="html").set_properties(**{
 #   beside the paper's definitions.
 # - **Precision**: the intervention-definitions chapter measures how often half precision
 #   changes the sign of a single-expert effect.
+# - **Evaluation text vs training distribution**: each model's loss on the audited text beside its
+#   loss on the text it was trained to predict (WikiText-2 test, recorded in its model card), both
+#   against a unigram model fitted to the same tokens. An audit on text the model cannot read
+#   measures a model that predicts token frequencies; every audit chapter states this figure for
+#   each model it runs and warns when the gain is small.
 #
 # ## What this shows, and what it does not
 #

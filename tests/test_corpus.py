@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -203,9 +206,10 @@ def test_every_chapter_that_reads_text_has_the_corpus_parameter_and_shows_it():
         assert book.notebook_parameters(stem)["corpus"] == "auto", stem
         assert "report.show_corpus(corpus" in src, stem
         for call in re.findall(r"prepare\([^)]*\)", src, flags=re.S):
-            assert "corpus=corpus_source" in call and "text_form=text_form" in call, f"{stem}: {call}"
+            form = 'text_form=params["text_form"]' if stem == "A2_departures" else "text_form=text_form"  # A2: a chapter's
+            assert "corpus=corpus_source" in call and form in call, f"{stem}: {call}"
         if stem != "A2_departures":
-            assert book.notebook_parameters(stem)["text_form"] == "released", stem
+            assert book.notebook_parameters(stem)["text_form"] == "auto", stem
 
 
 def test_chapter_with_bad_corpus_fails_in_a_second(monkeypatch, tmp_path):
@@ -264,10 +268,61 @@ def test_text_forms(tokenizer):
     assert C.select_texts([lines[1] + "\n"], n_texts=1, min_chars=20) == [lines[1] + "\n"]  # hub lines keep theirs
     ids_r, ids_s = (tokenizer(t)["input_ids"] for t in (released[0], stripped[0]))
     assert ids_r[0] != ids_s[0] and len(ids_r) > len(ids_s)
-    with pytest.raises(ValueError, match="text_form='raw'"):
-        C.select_texts(lines, n_texts=1, text_form="raw")
+    for bad in ("raw", "auto"):  # "auto" is resolved for a corpus first
+        with pytest.raises(ValueError, match=f"text_form='{bad}'"):
+            C.select_texts(lines, n_texts=1, text_form=bad)
     tc = C.load_eval_corpus(tokenizer, corpus="embedded", n_texts=3, max_tokens=64, text_form="stripped")
     assert tc.meta["text_form"] == "stripped"
+    assert C.load_eval_corpus(tokenizer, corpus="embedded", n_texts=3, max_tokens=64).meta["text_form"] == "wikitext"
+
+
+def test_wikitext_form_by_hand():
+    unk = {"Odric", "Varrasc"}
+    assert C.wikitext_form("King Odric's crown-mark (1,000 grains, 3.5%) didn't last; the miners' guild.", unk) == (
+        "King <unk> 's crown @-@ mark ( 1 @,@ 000 grains , 3 @.@ 5 % ) didn 't last ; the miners ' guild .")
+    # a listed word is replaced only as a whole word; numbers, years and ranges as WikiText writes them
+    assert C.wikitext_form("Varrascan trade in 1412-1419: 2.5 tons.", unk) == \
+        "Varrascan trade in 1412 @-@ 1419 : 2 @.@ 5 tons ."
+    assert C.wikitext_form("  A plain sentence  ") == "A plain sentence"
+
+
+def test_embedded_wikitext_form_selects_the_same_paragraphs():
+    lines = list(C.resolve_corpus("embedded").lines)
+    plain = C.select_texts(lines, n_texts=100, text_form="stripped")
+    wiki = C.select_texts(lines, n_texts=100, text_form="wikitext")
+    assert len(wiki) == 100 and all(w.startswith(" ") and w.endswith(" \n") for w in wiki)
+    unk = C.embedded_unk_words()
+    assert len(unk) > 100 and all(w[0].isupper() for w in unk)
+    for p, w in zip(plain, wiki):  # the same paragraph: its words that are not <unk> appear in the same order
+        kept = [x for x in re.findall(r"[A-Za-z]+", w) if x != "unk"]
+        assert kept == [x for x in re.findall(r"[A-Za-z]+", p) if x not in unk]
+    assert sum(w.count("<unk>") for w in wiki) > 0
+    assert not any(re.search(r"\w[,.;:()]", w) for w in wiki)  # punctuation always split off
+
+
+def test_text_form_must_exist_for_the_corpus(tmp_path, no_hub):
+    src = C.resolve_corpus("embedded")
+    assert C.resolve_text_form(src) == "wikitext" and C.resolve_text_form(src, "released") == "released"
+    f = tmp_path / "texts.txt"
+    f.write_text("A first text that is long enough to be selected by the rule.\n")
+    file_src = C.resolve_corpus(str(f))
+    assert C.resolve_text_form(file_src) == "released"
+    with pytest.raises(ValueError, match=r"text_form='wikitext' does not exist for the file .* \(a file is read as "
+                                         r"written\); the forms allowed for this corpus are 'auto', 'released', 'stripped'"):
+        C.resolve_text_form(file_src, "wikitext")
+    with pytest.raises(ValueError, match=r"WikiText-2 is already in its tokenized form\); the forms allowed .* "
+                                         r"'auto', 'released', 'stripped'"):
+        C.resolve_text_form("wikitext-2", "wikitext")
+
+
+@pytest.mark.skipif(not (os.environ.get("MOEAUDIT_DATA_DIR") and
+                         (Path(os.environ["MOEAUDIT_DATA_DIR"]) / "wikitext-2" / "valid.txt").is_file()),
+                    reason="$MOEAUDIT_DATA_DIR does not hold wikitext-2/valid.txt")
+def test_shipped_unk_list_is_rederived_from_the_training_text():
+    valid = C.load_wikitext2("validation")
+    assert C.derive_unk_words(C.resolve_corpus("embedded").lines, valid) == sorted(C.embedded_unk_words())
+    path = Path(os.environ["MOEAUDIT_DATA_DIR"]) / "wikitext-2" / "valid.txt"
+    assert hashlib.sha256(path.read_bytes()).hexdigest() in C.EMBEDDED_UNK_WORDS.read_text()
 
 
 def test_text_form_is_checked_before_loading_and_part_of_the_key(monkeypatch, tmp_path, no_hub):
@@ -275,4 +330,5 @@ def test_text_form_is_checked_before_loading_and_part_of_the_key(monkeypatch, tm
         audit.prepare("tiny-olmoe", corpus="embedded", text_form="strip", results_dir=tmp_path)
     keys = {form: audit.params_key(audit.prepare("tiny-olmoe", corpus="embedded", n_texts=2, text_form=form,
                                                  results_dir=tmp_path).provenance) for form in C.TEXT_FORMS}
-    assert len(set(keys.values())) == 2
+    assert len(set(keys.values())) == 3 and keys["auto"] == keys["wikitext"]
+

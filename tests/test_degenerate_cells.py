@@ -255,7 +255,7 @@ def test_verdict_texts_state_untested_cells_and_print_no_nan():
     v = S.family_verdicts(tab)
     text = report.family_verdict_text(v, tab)
     assert "of 3 cells (1 of them could not be tested and counts as not passing)" in text
-    assert "of the tested cells have d_z > 0" in text
+    assert "2 of the 2 tested cells have d_z > 0" in text
     paper = pd.DataFrame({"model": ["olmoe"], "cells": [20], "alpha_bonferroni": [0.0025], "uncorrected_t": [1],
                           "uncorrected_t_positive": [1], "bonferroni_both": [0], "max_abs_d": [0.141],
                           "share_positive": [0.55]})

@@ -173,3 +173,67 @@ def test_best_time_takes_the_minimum():
     assert P.best_time(lambda: calls.append(1), repeats=3) >= 0 and len(calls) == 3
     with pytest.raises(ValueError):
         P.best_time(lambda: None, repeats=0)
+
+
+def _by_criterion(pmax: dict, token_cells=0):
+    return pd.DataFrame([{"model": m, "criterion": c, "p_max": p, "token_cells": token_cells}
+                         for m, ps in pmax.items() for c, p in ps.items()])
+
+
+def test_corrected_rank_claims_by_hand():
+    from moeaudit import pruning as P
+    bc = _by_criterion({"a": {"x": 1 / 21, "y": 0.5, "z": 0.3}, "b": {"x": 0.9, "y": 0.8, "z": 0.7}})
+    bc.loc[(bc.model == "a") & (bc.criterion == "z"), "token_cells"] = 2  # passes the audit: not part of the claim
+    c = P.corrected_rank_claims(bc, alpha=0.05, n_draws=20).set_index("model")
+    assert c.loc["a", "m"] == 2 and c.loc["a", "level"] == pytest.approx(0.025)
+    assert c.loc["a", "p_min"] == pytest.approx(1 / 21) and not c.loc["a", "attainable"]
+    assert c.loc["a", "draws_needed"] == 39  # 1 / (39 + 1) = 0.025 = 0.05 / 2
+    assert c.loc["a", "corrected"] == [] and c.loc["a", "uncorrected"] == ["x"]
+    c = P.corrected_rank_claims(bc, alpha=0.05, n_draws=39).set_index("model")
+    assert bool(c.loc["a", "attainable"]) and c.loc["a", "corrected"] == []  # x's p stays 1/21 in this table
+    with pytest.raises(ValueError):
+        P.corrected_rank_claims(bc, alpha=0.05, n_draws=0)
+
+
+def test_validity_claim_texts_correct_for_the_criteria_tested():
+    from moeaudit import pruning as P
+    # one criterion at the smallest attainable p with 20 draws, six failing criteria: not significant after correction
+    bc = _by_criterion({"q": {f"c{i}": p for i, p in enumerate([1 / 21, 0.5, 0.6, 0.7, 0.8, 0.9])},
+                        "o": {f"c{i}": 0.5 for i in range(6)}})
+    t = P.validity_claim_texts(P.corrected_rank_claims(bc, alpha=0.05, n_draws=20), alpha=0.05, n_draws=20,
+                               labels={"c0": "mean routing weight"})
+    v, s = t["paper_claim_verdict"], t["shows_verdict"]
+    assert "Corrected for the 6 failing criteria tested per model (Bonferroni, α/m = 0.00833" in v
+    assert "cannot go below 1/21 = 0.048" in v and "at least 119 draws" in v
+    assert "mean routing weight on q (largest p 0.048, the smallest attainable) has rank p ≤ 0.05" in v
+    assert "does not survive the correction" in v and "contradicted on" not in v
+    assert "not necessary" not in s and "do not support the statement that token-level validity is unnecessary" in s
+    assert "could not have after correction" in s and "nor do they show the failing criteria to be no better" in s
+    # with enough draws and a p below the corrected level, the claim is contradicted on that model only
+    bc2 = bc.assign(p_max=bc.p_max.where(bc.p_max > 0.05, 0.004))
+    t2 = P.validity_claim_texts(P.corrected_rank_claims(bc2, alpha=0.05, n_draws=300), alpha=0.05, n_draws=300)
+    assert "the claim is contradicted on q: c0 (q) beats the random draws at every fraction" in t2["paper_claim_verdict"]
+    assert t2["shows_verdict"].startswith("So on q token-level validity") and "(corrected" in t2["shows_verdict"]
+    # no criterion even uncorrected
+    bc3 = bc.assign(p_max=0.5)
+    t3 = P.validity_claim_texts(P.corrected_rank_claims(bc3, alpha=0.05, n_draws=300), alpha=0.05, n_draws=300)
+    assert "Uncorrected" not in t3["paper_claim_verdict"] and "cannot go below" not in t3["paper_claim_verdict"]
+    assert "could not have" not in t3["shows_verdict"]
+    # no failing criterion at all
+    none = P.validity_claim_texts(P.corrected_rank_claims(bc.assign(token_cells=3), alpha=0.05, n_draws=20),
+                                  alpha=0.05, n_draws=20)
+    assert "nothing to say" in none["paper_claim_verdict"]
+
+
+def test_below_unpruned_text_says_when_pruning_improves():
+    from moeaudit import pruning as P
+    res = pd.DataFrame({"model": ["m", "m", "m", "n"], "criterion": ["a", "random", "random", "a"],
+                        "fraction": [0.25, 0.25, 0.25, 0.125], "perplexity": [614.32, 630.0, 619.0, 700.0]})
+    text = P.below_unpruned_text(res, {"m": 623.67, "n": 650.0}, labels={"a": "mean routing weight"})
+    assert "*lowers* the held-out perplexity below the unpruned model's in 1 of the 2 criterion settings and 1 of the " \
+           "2 random draws" in text
+    assert "m 2 of 3; n 0 of 1" in text
+    assert "m, mean routing weight at 25%, 614.32 against 623.67 unpruned" in text
+    assert "nothing is concluded from it" in text
+    worse = P.below_unpruned_text(res.assign(perplexity=res.perplexity + 100), {"m": 623.67, "n": 650.0})
+    assert worse.startswith("No pruning plan lowers") and "all 2 criterion settings and 2 random draws" in worse

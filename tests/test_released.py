@@ -320,6 +320,11 @@ def test_paper_family_verdicts_match_the_printed_tables(printed):
     assert v.bonferroni_t.to_dict() == {"olmoe": 0, "qwen": 1, "deepseek": 0}
     assert v.bonferroni_W.to_dict() == {"olmoe": 0, "qwen": 0, "deepseek": 1}
     assert v.bonferroni_both.sum() == 0
+    # Holm and Benjamini-Hochberg: the smallest p_t (Qwen activation std L23, 0.00199) adjusts to 20 * 0.00199 =
+    # 0.040 under BH, but that cell's p_W (0.036) adjusts to more than 0.05; DeepSeek utilization L20 has p_W 0.0012
+    # (BH: 0.025) and p_t 0.023 (BH: 0.27). No cell has both adjusted p-values below 0.05 under either.
+    assert v.holm_both.to_dict() == {"olmoe": 0, "qwen": 0, "deepseek": 0}
+    assert v.bh_both.to_dict() == {"olmoe": 0, "qwen": 0, "deepseek": 0}
     bold = printed[(printed.table <= 3) & (printed.quantity == "p_t")].groupby("model").bold.sum()
     assert bold.to_dict() == v.uncorrected_t.to_dict()
     assert round(v.max_abs_d.max(), 3) == 0.222

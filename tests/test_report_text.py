@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -11,12 +12,17 @@ import pytest
 from moeaudit import report
 
 
-def _verdicts(dual=(0, 0), cells=(16, 12), unc=(1, 0), maxd=(0.12, 0.2), pos=(0.5, 0.75)):
-    return pd.DataFrame({
+def _verdicts(dual=(0, 0), cells=(16, 12), unc=(1, 0), maxd=(0.12, 0.2), pos=(0.5, 0.75), unc_pos=None, holm=None,
+              bh=None, tost=None):
+    v = pd.DataFrame({
         "model": ["m1", "m2"], "cells": list(cells), "alpha_bonferroni": [0.05 / c for c in cells],
-        "uncorrected_t": list(unc), "uncorrected_t_positive": [min(u, 1) for u in unc], "bonferroni_t": [0, 1], "bonferroni_W": [0, 0], "bonferroni_dual": list(dual),
-        "holm_dual": list(dual), "bh_dual": list(dual), "equivalent": [3, 1], "max_abs_dz": list(maxd),
+        "uncorrected_t": list(unc), "uncorrected_t_positive": list(unc_pos or [min(u, 1) for u in unc]),
+        "bonferroni_t": [0, 1], "bonferroni_W": [0, 0], "bonferroni_dual": list(dual),
+        "holm_dual": list(holm or dual), "bh_dual": list(bh or dual), "equivalent": [3, 1], "max_abs_dz": list(maxd),
         "share_positive": list(pos), "min_detectable_dz": [0.3, 0.28]})
+    if tost is not None:
+        v.insert(v.columns.get_loc("equivalent") + 1, "tost_can_pass", list(tost))
+    return v
 
 
 def _paper():
@@ -28,11 +34,17 @@ def _paper():
 
 def test_no_passing_cell_is_said_plainly_and_counts_come_from_the_frame():
     text = report.family_verdict_text(_verdicts())
-    assert text.startswith("**No cell passes**")
+    assert text.startswith("**No cell passes** the paper's rule under Bonferroni")
+    assert "each model's Bonferroni level (0.003125 to 0.004167)" in text
     assert "0 of 16 cells" in text and "0 of 12 cells" in text and "0.003125" in text and "0.004167" in text
-    assert "1 has uncorrected p_t < 0.05 (all with d_z > 0)" in text and "0 have uncorrected" in text
+    # 1 hit among 16 cells at 0.05: 0.8 expected, P(X >= 1) = 1 - 0.95^16 = 0.56
+    assert "1 has uncorrected p_t < 0.05, with d_z > 0 (about 0.8 expected by chance; exact binomial " \
+           "P(X ≥ 1) = 0.56, not more than chance at the 0.05 level" in text
+    assert "0 have uncorrected p_t < 0.05;" in text
     assert "1 passes the t-test alone" in text
-    assert "75% of the cells have d_z > 0" in text
+    # 0.75 of 12 = 9 positive: two-sided sign test 2 * (220 + 66 + 12 + 1) / 4096 = 0.146
+    assert "9 of the 12 cells have d_z > 0 (two-sided sign test p = 0.15)" in text
+    assert "3 are demonstrably small (TOST at the Bonferroni level)" in text  # no tost_can_pass column: as counted
 
 
 def test_passing_cells_are_named_from_the_table():
@@ -48,13 +60,23 @@ def test_comparison_with_the_paper_follows_the_numbers():
     agree = report.audit_comparison_text(_verdicts(), _paper(), paper_names={"qwen": "Qwen1.5-MoE-A2.7B"})
     assert "0 of 40 cells pass both tests" in agree and "0 of 28 cells pass the dual rule" in agree
     assert "3 reach uncorrected p_t < 0.05, all with d > 0" in agree and "0.222 (Qwen1.5-MoE-A2.7B)" in agree
-    assert "chance alone would give about 2.0" in agree and "(chance: about 1.4)" in agree
-    assert "0.200 (m2)" in agree and "agrees with the paper's verdict" in agree
+    # chance: 40 * 0.05 = 2.0 and 28 * 0.05 = 1.4; P(X >= 3 | 40, 0.05) = 0.32, P(X >= 1 | 28, 0.05) = 1 - 0.95^28 = 0.76
+    assert "chance alone would give about 2.0 (P(X ≥ 3) = 0.32, exact binomial)" in agree
+    assert "(chance: about 1.4; P(X ≥ 1) = 0.76)" in agree and "Neither count is more than chance" in agree
+    assert "0.200 (m2)" in agree and "Under Bonferroni (the paper's correction), this run agrees with the paper's " \
+                                      "verdict" in agree
+    # _paper() has no Holm or Benjamini-Hochberg counts: this run's are stated alone
+    assert "Holm passes 0 cells here (the paper's count under it is not available)" in agree
+    # m1: 8 of 16 positive, exactly half, while the pooled cells lean positive
+    assert "**m1 does not share the pooled (positive) direction**: exactly half of its cells are positive" in agree
     # 0.55*20 + 0.85*20 = 28 of 40 positive: binomtest(28, 40) p = 0.0166; 0.5*16 + 0.75*12 = 17 of 28: p = 0.345
     assert "28 of the paper's 40 cells are positive (two-sided sign test p = 0.017)" in agree
-    assert "17 of this run's 28 (p = 0.34)" in agree and "differs in whether the effects lean positive" in agree
+    assert "17 of this run's 28 (p = 0.34)" in agree
+    assert "The two differ in whether the effects lean one way beyond chance (sign test at the 0.05 level): the " \
+           "paper's do, this run's do not." in agree
     differ = report.audit_comparison_text(_verdicts(dual=(2, 0)), _paper())
-    assert "Unlike the paper" in differ and "2 cells" in differ and "agree" not in differ
+    assert "**Unlike the paper**, under Bonferroni (the paper's correction) 2 cells of this run pass the dual rule " \
+           "(m1 2)" in differ and "agrees" not in differ
     table = pd.DataFrame({"model": ["m1", "m1"], "sig_dual_bonf": [True, True], "p_t": [0.003, 0.0001],
                           "p_W": [0.001, 0.002]})
     strict = report.audit_comparison_text(_verdicts(dual=(2, 0)), _paper(), table)
@@ -195,11 +217,171 @@ def test_utilisation_variants_text_by_hand():
     assert "padding positions the router" not in none and "Only" not in none and "0% padding (m)" in none
 
 
-def test_chance_check_by_hand():
-    out = report.chance_check([1.0, 2.0, float("nan")], 100)
-    assert out["mean_loss"] == 1.5 and out["uniform_loss"] == pytest.approx(np.log(100)) and out["above_chance"]
-    assert not report.chance_check([np.log(100) - 0.4], 100)["above_chance"]  # within 0.5 nats of a uniform guess
-    with pytest.raises(ValueError):
-        report.chance_check([float("nan")], 100)
-    with pytest.raises(ValueError):
-        report.chance_check([1.0], 1)
+def test_loss_regime_and_its_sentence_by_hand():
+    from moeaudit.corpus import loss_regime
+
+    # targets 1,1,2,3: in-sample unigram -(2 ln 1/2 + 2 ln 1/4)/4 = 1.0397 nats; the last token (-1) is not scored
+    r = loss_regime([1, 1, 2, 3, -1], [0.2, 0.2, 0.3, 0.3, float("nan")], 100)
+    assert r["mean_loss"] == pytest.approx(0.25) and r["unigram_loss"] == pytest.approx(1.5 * np.log(2))
+    assert r["gain"] == pytest.approx(r["unigram_loss"] - 0.25) and r["n_tokens"] == 4
+    assert r["uniform_loss"] == pytest.approx(np.log(100)) and r["above_chance"] and not r["near_unigram"]
+    text = report.regime_text(r)
+    assert "0.25 nats per token, against 1.04 for a unigram model" in text and "4.61 for a uniform guess" in text
+    assert "takes 0.79 nats per token from context" in text and "**" not in text
+    near = report.regime_text(loss_regime([1, 1, 2, 3], [1.0, 1.0, 1.0, 1.0], 100))  # gain 0.04 < 0.5
+    assert "**This model barely reads this text**" in near and "chance" not in near
+    noise = report.regime_text(loss_regime([1, 2], [4.5, 4.5], 100))  # within 0.5 nats of ln 100
+    assert "**This model predicts the text no better than chance**" in noise and "barely" not in noise
+    with pytest.raises(ValueError, match="scored token"):
+        loss_regime([-1], [float("nan")], 100)
+    with pytest.raises(ValueError, match="vocab_size"):
+        loss_regime([1], [1.0], 1)
+    with pytest.raises(ValueError, match="differ in length"):
+        loss_regime([1, 2], [1.0], 10)
+
+
+def _paper_all_corrections(holm=(0, 0), bh=(0, 0), both=(0, 0)):
+    return _paper().assign(holm_both=list(holm), bh_both=list(bh), bonferroni_both=list(both))
+
+
+def test_the_verdict_names_its_correction_and_where_another_disagrees():
+    only_bh = _verdicts(bh=(3, 0))
+    head = report.family_verdict_text(only_bh, short=True)
+    assert head.startswith("**No cell passes** the paper's rule under Bonferroni")
+    assert "Holm gives the same count; under Benjamini–Hochberg (which bounds the false-discovery rate, not the " \
+           "family-wise error) 3 cells pass (m1 3)." in head
+    assert "\"No cell passes\" holds under Bonferroni and Holm only." in head
+    same = report.family_verdict_text(_verdicts(), short=True)
+    assert "Holm and Benjamini–Hochberg give the same count." in same and "holds under" not in same
+    # one cell passes Bonferroni, Holm passes it too, BH two more: counts stated, no "no cell passes" clause
+    more = report.family_verdict_text(_verdicts(dual=(1, 0), bh=(2, 1)), short=True)
+    assert more.startswith("**1 cell passes**") and "Holm gives the same count" in more
+    assert "3 cells pass (m1 2, m2 1)" in more and "holds under" not in more
+
+    cmp = report.audit_comparison_text(only_bh, _paper_all_corrections())
+    assert "**Under Bonferroni (the paper's correction), this run agrees with the paper's verdict**" in cmp
+    assert "Whether any cell passes is the same under Holm (0 here, 0 in the paper)." in cmp
+    assert "**Under Benjamini–Hochberg (which bounds the false-discovery rate, not the family-wise error) it is " \
+           "not**: it passes 3 cells here (m1 3) and 0 in the paper, so the agreement holds under Bonferroni and " \
+           "Holm only." in cmp
+    everywhere = report.audit_comparison_text(_verdicts(), _paper_all_corrections())
+    assert "Whether any cell passes is the same under Holm (0 here, 0 in the paper) and Benjamini–Hochberg (0 here, " \
+           "0 in the paper)." in everywhere and "it is not" not in everywhere
+    lost = report.audit_comparison_text(_verdicts(), _paper_all_corrections(both=(1, 0), holm=(1, 0), bh=(1, 0)))
+    assert "**Unlike the paper**, under Bonferroni (the paper's correction) no cell of this run passes the dual " \
+           "rule, where the paper has 1 passing cell." in lost
+    assert "Nor is it under Holm and Benjamini–Hochberg (which bounds" in lost
+    both = report.audit_comparison_text(_verdicts(dual=(1, 1)), _paper_all_corrections(both=(0, 2), holm=(0, 2),
+                                                                                          bh=(0, 2)))
+    assert "both have passing cells: 2 in the paper and 2 here (m1 1, m2 1)" in both
+
+
+def test_an_excess_of_uncorrected_hits_is_tested_against_chance():
+    v = _verdicts(cells=(20, 20), unc=(5, 5), unc_pos=(5, 2), pos=(0.7, 0.5))
+    text = report.family_verdict_text(v)
+    # P(X >= 5 | 20, 0.05) = 1 - sum_{j<5} C(20,j) 0.05^j 0.95^(20-j) = 0.0026
+    tail = 1 - sum(math.comb(20, j) * 0.05 ** j * 0.95 ** (20 - j) for j in range(5))
+    assert f"5 have uncorrected p_t < 0.05, all with d_z > 0 (about 1.0 expected by chance; exact binomial " \
+           f"P(X ≥ 5) = {tail:.2g}, more than chance at the 0.05 level if the cells were independent)" in text
+    assert "5 have uncorrected p_t < 0.05, 2 with d_z > 0 and 3 with d_z < 0" in text
+    cmp = report.audit_comparison_text(v, _paper_all_corrections())
+    # 10 of 40 at 0.05 against the paper's 3 of 40
+    tail40 = 1 - sum(math.comb(40, j) * 0.05 ** j * 0.95 ** (40 - j) for j in range(10))
+    assert f"(chance: about 2.0; P(X ≥ 10) = {tail40:.2g})" in cmp
+    assert "Unlike the paper's 3, this run's 10 uncorrected hits are more than chance alone gives" in cmp
+    assert "some cells carry effects too small to single out at the corrected level" in cmp
+    passing = report.audit_comparison_text(v.assign(bonferroni_dual=[1, 0]), _paper_all_corrections())
+    assert "too small to single out" not in passing  # a cell passes: the sentence on an excess without a pass is left out
+
+
+def test_a_model_against_the_pooled_direction_is_named():
+    # m1: 6 of 20 positive and all 3 of its uncorrected hits negative; m2: 18 of 20 positive; pooled 24 of 40
+    v = _verdicts(cells=(20, 20), unc=(3, 2), unc_pos=(0, 2), pos=(0.3, 0.9))
+    cmp = report.audit_comparison_text(v, _paper_all_corrections())
+    assert "24 of this run's 40 (p = 0.27)" in cmp  # binomtest(24, 40): 2 * P(X >= 24) = 0.268
+    assert "m1 6 of 20 (p = 0.12), 3 uncorrected hits all with d_z < 0; m2 18 of 20 (p = 0.0004), 2 uncorrected " \
+           "hits all with d_z > 0" in cmp
+    assert "**m1 goes against the pooled (positive) direction**: fewer than half of its cells are positive (6 of 20) " \
+           "and all 3 of its uncorrected hits have d_z < 0, which the pooled sign test hides." in cmp
+    assert "m2 goes against" not in cmp and "Every model of the paper leans the pooled (positive) way" in cmp
+    aligned = report.audit_comparison_text(_verdicts(cells=(20, 20), pos=(0.7, 0.9)), _paper_all_corrections())
+    assert "Every model of this run leans the pooled (positive) way." in aligned and "goes against" not in aligned
+    # one hit against the lean: the singular is worded as such
+    one = report.audit_comparison_text(_verdicts(cells=(20, 20), unc=(1, 0), unc_pos=(0, 0), pos=(0.7, 0.9)),
+                                       _paper_all_corrections())
+    assert "**m1 goes against the pooled (positive) direction**: its one uncorrected hit has d_z < 0" in one
+
+
+def _design_table(n=200, bound=0.2, power=0.8, models=("m1", "m2")):
+    return pd.DataFrame({"model": list(models), "ranking": "activation_norm", "layer": 1, "n": n,
+                         "tost_bound_d": bound, "power": power, "reason": ""})
+
+
+def test_design_sensitivity_says_when_effects_can_be_neither_detected_nor_excluded():
+    from scipy import stats as sps
+
+    v = _verdicts(cells=(20, 20), maxd=(0.231, 0.184), tost=(False, False)).assign(min_detectable_dz=0.276)
+    text = report.design_sensitivity_text(v, _design_table())
+    min_p = sps.t.sf(0.2 * math.sqrt(200), 199)  # the smallest TOST p-value at n = 200, bound 0.2
+    needed = sps.t.ppf(1 - 0.0025, 199) / math.sqrt(200)
+    assert "At n = 200 positions per cell and the Bonferroni level 0.0025, the paired t-test detects an effect of " \
+           "|d_z| = 0.276 with 80% power, more than the largest observed |d_z| of m1 (0.231) and m2 (0.184)." in text
+    assert f"TOST at |d_z| < 0.2 cannot pass at that level for any data (its smallest attainable p is {min_p:.3g}, " \
+           f"not below 0.0025; only a bound above {needed:.3f} could be shown)" in text
+    assert "For m1 and m2 the design can **neither detect** (with the stated power) **nor exclude** (by TOST)" in text
+    short = report.design_sensitivity_text(v, _design_table(), short=True)
+    assert short.startswith("For m1 and m2 the design can **neither detect**") and "At n =" not in short
+    # the per-model verdicts point to it instead of counting "0 equivalent" as a finding
+    full = report.family_verdict_text(v, _design_table())
+    assert "none can be shown small, since TOST cannot pass at the Bonferroni level for any data" in full
+    assert "demonstrably small" not in full and full.endswith(text)
+
+
+def test_design_sensitivity_other_cases():
+    # m1: the largest effect reaches the detectable one; m2 does not; TOST can pass in both
+    v = _verdicts(cells=(5, 5), maxd=(0.3, 0.1), tost=(True, True)).assign(min_detectable_dz=0.25, equivalent=[0, 2])
+    text = report.design_sensitivity_text(v, _design_table())
+    assert "more than the largest observed |d_z| of m2 (0.100); no more than the largest observed |d_z| of m1 " \
+           "(0.300)" in text
+    assert "TOST at |d_z| < 0.2 can pass at that level; 2 cells do." in text
+    assert "For m2 effects of the observed size are below what the design detects" in text
+    assert "For m1 effects as large as the largest observed would be detected with the stated power, and TOST can " \
+           "show an effect small." in text
+    full = report.family_verdict_text(v, _design_table())
+    assert "2 are demonstrably small (TOST at the Bonferroni level, which can pass here)" in full
+    # detectable but not excludable
+    w = _verdicts(cells=(20, 20), maxd=(0.3, 0.4), tost=(False, False)).assign(min_detectable_dz=0.276)
+    assert "For m1 and m2 effects as large as the largest observed would be detected with the stated power, but " \
+           "TOST cannot show any effect small." in report.design_sensitivity_text(w, _design_table())
+    # without a table: no n, power or bound to name, the comparison still stands
+    bare = report.design_sensitivity_text(w)
+    assert bare.startswith("At the Bonferroni level 0.0025, the paired t-test detects an effect of |d_z| = 0.276,")
+    assert "TOST at the equivalence bound cannot pass" in bare and "nan" not in bare
+    assert report.design_sensitivity_text(w.assign(max_abs_dz=np.nan)) == ""
+
+
+def test_depth_marks_caption_names_the_test_level_and_cells():
+    table = pd.DataFrame({"model": ["m", "m", "m"], "ranking": ["activation_norm", "utilization_rate", "activation_std"],
+                          "layer": [3, 5, 7], "cohens_dz": [0.3, -0.05, 0.41], "alpha_corrected": 0.0025,
+                          "sig_t_bonf": [True, False, True], "sig_dual_bonf": [False, False, True]})
+    text = report.depth_marks_caption(table)
+    assert text.startswith("A `*` above a point marks a cell whose two-sided paired t-test is significant at its "
+                           "family's Bonferroni level (0.0025 per cell), corrected; the Wilcoxon test is not required")
+    assert "2 cells carry a `*`: m, activation norm at layer 3 (d_z = +0.300); m, activation std at layer 7 " \
+           "(d_z = +0.410); 1 of them also pass the dual rule." in text
+    assert report.depth_marked(table).tolist() == [True, False, True]
+    one = report.depth_marks_caption(table.iloc[:2])
+    assert "1 cell carries a `*`: m, activation norm at layer 3 (d_z = +0.300); it does not pass the dual rule." in one
+    none = report.depth_marks_caption(table.assign(sig_t_bonf=False, sig_dual_bonf=False))
+    assert none.endswith("No cell carries a `*`.")
+
+
+def test_traceability_caption_gives_each_column_its_unit():
+    text = report.traceability_caption("m", "activation_norm", 4)
+    assert text.startswith("The first pairs of one cell (m, activation norm, layer 4)")
+    assert "`value_high`, `value_low`: a mean L2 norm of the expert's output vector, in the units of the hidden " \
+           "state; not nats" in text
+    assert "`diff` = D, in nats" in text
+    assert "without unit" in report.traceability_caption("m", "utilization_rate", 0)
+    with pytest.raises(KeyError):
+        report.traceability_caption("m", "no_such_metric", 0)

@@ -452,3 +452,215 @@ def test_family_verdicts_counts_by_hand():
     assert v.loc["b", "bonferroni_dual"] >= 1  # a shift of 0.6 sd at n = 80 is found
     with pytest.raises(KeyError, match="lacks columns"):
         S.family_verdicts(table.drop(columns=["mde_dz"]))
+
+
+def test_t_test_power_by_hand():
+    # noncentral t by hand: df = n - 1, nc = d_z sqrt(n), power = P(T > t_crit) + P(T < -t_crit)
+    n, d, a = 200, 0.192, 0.0025
+    t_crit = sps.t.ppf(1 - a / 2, n - 1)
+    nc = d * math.sqrt(n)
+    by_hand = sps.nct.sf(t_crit, n - 1, nc) + sps.nct.cdf(-t_crit, n - 1, nc)
+    assert S.t_test_power(d, n, alpha=a) == pytest.approx(by_hand, rel=1e-9)
+    assert S.t_test_power(d, n, alpha=a) == pytest.approx(0.367, abs=0.001)
+    assert S.t_test_power(-d, n, alpha=a) == pytest.approx(by_hand, rel=1e-9)  # two-sided: sign-free
+    assert S.t_test_power(0.0, 30, alpha=0.01) == pytest.approx(0.01, rel=1e-9)
+    # the inverse of the minimum detectable effect
+    mde = S.min_detectable_dz(200, alpha=a, power=0.8)
+    assert S.t_test_power(mde, 200, alpha=a) == pytest.approx(0.8, abs=1e-6)
+    # a looser level has more power
+    assert S.t_test_power(d, n, alpha=0.01) > S.t_test_power(d, n, alpha=a)
+    for bad in (dict(dz=0.2, n=1), dict(dz=float("nan"), n=10), dict(dz=0.2, n=10, alpha=1.5)):
+        with pytest.raises(ValueError):
+            S.t_test_power(**bad)
+
+
+def test_sign_test_by_hand():
+    # 7 of 10 positive: 2 * (120 + 45 + 10 + 1) / 1024
+    assert S.sign_test(7, 3) == pytest.approx(352 / 1024, rel=1e-12)
+    assert S.sign_test(3, 7) == pytest.approx(352 / 1024, rel=1e-12)
+    # 10 of 10: 2 / 1024
+    assert S.sign_test(10, 0) == pytest.approx(2 / 1024, rel=1e-12)
+    assert S.sign_test(5, 5) == 1.0
+    assert math.isnan(S.sign_test(0, 0))
+    for bad in ((-1, 3), (2.5, 3), (True, 2)):
+        with pytest.raises(ValueError):
+            S.sign_test(*bad)
+
+
+# --------------------------------------------------------------------------- trends and small-sample comparisons
+def _t2_sf(t):
+    """Upper tail of Student's t on 2 degrees of freedom, in closed form: (1 - t / sqrt(t^2 + 2)) / 2."""
+    return 0.5 * (1.0 - t / math.sqrt(t * t + 2.0))
+
+
+def test_linear_trend_by_hand():
+    # x = 0..3, y = [0, 1, 1, 3]: S_xy = 4.5, S_xx = 5, slope 0.9, intercept -0.1, SSE = 0.7 on 2 df
+    fit = S.linear_trend([0, 1, 2, 3], [0, 1, 1, 3])
+    se = math.sqrt(0.7 / 2 / 5)
+    assert fit["slope"] == pytest.approx(0.9) and fit["intercept"] == pytest.approx(-0.1)
+    assert fit["stderr"] == pytest.approx(se) and fit["df"] == 2 and fit["n"] == 4
+    assert fit["p"] == pytest.approx(2 * _t2_sf(0.9 / se), rel=1e-9)
+    # the 95% interval on 2 df: t_{0.975, 2} = sqrt(2 / (0.05 (2 - 0.05))) ... = 4.302653
+    half = 4.302652729911275 * se
+    assert (fit["ci_low"], fit["ci_high"]) == pytest.approx((0.9 - half, 0.9 + half))
+    # against a reference slope of -1: t = 1.9 / se
+    ref = S.linear_trend([0, 1, 2, 3], [0, 1, 1, 3], reference_slope=-1.0)
+    assert ref["t"] == pytest.approx(1.9 / se) and ref["p"] == pytest.approx(2 * _t2_sf(1.9 / se), rel=1e-9)
+    assert ref["slope"] == fit["slope"] and ref["ci_low"] == fit["ci_low"]
+    # a perfect fit: p = 0 against another slope, undefined against its own
+    exact = S.linear_trend([1, 2, 3], [2, 4, 6])
+    assert exact["p"] == 0.0 and exact["stderr"] == 0.0
+    same = S.linear_trend([1, 2, 3], [2, 4, 6], reference_slope=2.0)
+    assert math.isnan(same["p"]) and math.isnan(same["t"])
+    for bad in (dict(x=[1, 2], y=[1, 2]), dict(x=[1, 1, 1], y=[1, 2, 3]), dict(x=[1, 2, 3], y=[1, 2]),
+                dict(x=[1, 2, float("nan")], y=[1, 2, 3])):
+        with pytest.raises(ValueError):
+            S.linear_trend(**bad)
+
+
+def test_min_detectable_slope_and_difference_by_hand():
+    # many degrees of freedom: the noncentrality tends to z_{0.975} + z_{0.8}
+    z = sps.norm.ppf(0.975) + sps.norm.ppf(0.8)
+    assert S.min_detectable_slope(2.0, 10**6) == pytest.approx(2.0 * z, rel=1e-3)
+    # the answer has the target power: P(|T'| > t_crit) with T' noncentral t on n - 2 df
+    se, n, a = 0.1, 8, 0.01
+    delta = S.min_detectable_slope(se, n, alpha=a, power=0.8) / se
+    crit = sps.t.ppf(1 - a / 2, n - 2)
+    assert sps.nct.sf(crit, n - 2, delta) + sps.nct.cdf(-crit, n - 2, delta) == pytest.approx(0.8, abs=1e-8)
+    assert S.min_detectable_slope(se, n, alpha=0.05) < S.min_detectable_slope(se, n, alpha=a)  # a looser level
+    assert S.min_detectable_slope(se, n, alpha=0.5, power=0.4) == 0.0
+    # two groups: Cohen's d = delta / sqrt(n_a n_b / (n_a + n_b)); statsmodels agrees where it solves
+    from statsmodels.stats.power import TTestIndPower
+    assert S.min_detectable_difference(2, 2) == pytest.approx(
+        TTestIndPower().solve_power(effect_size=None, nobs1=2, ratio=1.0, alpha=0.05, power=0.8), rel=1e-4)
+    d = S.min_detectable_difference(2, 3, alpha=0.005)
+    assert TTestIndPower().power(effect_size=d, nobs1=2, ratio=1.5, alpha=0.005) == pytest.approx(0.8, abs=1e-6)
+    for bad in (dict(n_a=1, n_b=1), dict(n_a=0, n_b=4), dict(n_a=2, n_b=2, alpha=1.0)):
+        with pytest.raises(ValueError):
+            S.min_detectable_difference(**bad)
+    with pytest.raises(ValueError):
+        S.min_detectable_slope(0.1, 2)
+
+
+def test_two_sample_difference_by_hand():
+    # a = [1, 3], b = [4, 6]: diff -3, pooled variance (2 + 2) / 2 = 2, se = sqrt(2) sqrt(1/2 + 1/2)
+    r = S.two_sample_difference([1, 3], [4, 6])
+    se = math.sqrt(2.0)
+    assert r["diff"] == -3.0 and r["sd_pooled"] == pytest.approx(math.sqrt(2.0)) and r["df"] == 2
+    assert r["t"] == pytest.approx(-3.0 / se) and r["p"] == pytest.approx(2 * _t2_sf(3.0 / se), rel=1e-9)
+    assert (r["ci_low"], r["ci_high"]) == pytest.approx((-3 - 4.302652729911275 * se, -3 + 4.302652729911275 * se))
+    # unequal groups: pooled SS = 2 + 8 over 3 df
+    u = S.two_sample_difference([1, 3], [2, 4, 6])
+    assert u["sd_pooled"] == pytest.approx(math.sqrt(10 / 3)) and u["diff"] == pytest.approx(-2.0)
+    # no spread to test against: no p, no interval
+    flat = S.two_sample_difference([1, 1], [2, 2])
+    assert flat["sd_pooled"] == 0.0 and math.isnan(flat["p"]) and math.isnan(flat["ci_low"])
+    one = S.two_sample_difference([1.0], [2.0])
+    assert one["df"] == 0 and math.isnan(one["sd_pooled"]) and one["diff"] == -1.0
+    with pytest.raises(ValueError):
+        S.two_sample_difference([], [1, 2])
+
+
+def test_anova_min_detectable_f_by_hand():
+    from statsmodels.stats.power import FTestAnovaPower
+    # where statsmodels' solver works (f < 1) the two agree
+    assert S.anova_min_detectable_f(3, 300) == pytest.approx(
+        FTestAnovaPower().solve_power(effect_size=None, nobs=300, alpha=0.05, power=0.8, k_groups=3), rel=1e-4)
+    # five settings of two models: the answer has the target power (noncentrality f^2 * n)
+    f = S.anova_min_detectable_f(5, 10, alpha=0.01)
+    crit = sps.f.ppf(0.99, 4, 5)
+    assert sps.ncf.sf(crit, 4, 5, f * f * 10) == pytest.approx(0.8, abs=1e-8)
+    assert f > S.anova_min_detectable_f(5, 10, alpha=0.05)
+    for bad in (dict(n_groups=1, n_total=10), dict(n_groups=5, n_total=5)):
+        with pytest.raises(ValueError):
+            S.anova_min_detectable_f(**bad)
+
+
+def test_binomial_excess_by_hand():
+    # P(X >= 2), X ~ Bin(3, 1/2) = (3 + 1) / 8
+    assert S.binomial_excess(2, 3, 0.5) == pytest.approx(0.5, rel=1e-12)
+    # P(X >= 4), X ~ Bin(15, 0.05) = 1 - sum_{j<4} C(15, j) 0.05^j 0.95^(15-j)
+    by_hand = 1 - sum(math.comb(15, j) * 0.05 ** j * 0.95 ** (15 - j) for j in range(4))
+    assert S.binomial_excess(4, 15, 0.05) == pytest.approx(by_hand, rel=1e-9)
+    assert S.binomial_excess(0, 10, 0.05) == pytest.approx(1.0)
+    for bad in ((5, 4, 0.5), (-1, 4, 0.5), (1, 0, 0.5), (1, 4, 1.0)):
+        with pytest.raises(ValueError):
+            S.binomial_excess(*bad)
+
+
+# --------------------------------------------------------------------------- chance, and what TOST can reach
+
+def test_binomial_upper_tail_by_hand():
+    # two or more heads in three fair tosses: (C(3,2) + C(3,3)) / 8
+    assert S.binomial_upper_tail(2, 3, 0.5) == pytest.approx(4 / 8, rel=1e-12)
+    # 10 or more of 60 tests at 0.05 each: 1 - sum_{j<10} C(60,j) 0.05^j 0.95^(60-j)
+    by_hand = 1 - sum(math.comb(60, j) * 0.05 ** j * 0.95 ** (60 - j) for j in range(10))
+    assert S.binomial_upper_tail(10, 60, 0.05) == pytest.approx(by_hand, rel=1e-9)
+    assert S.binomial_upper_tail(10, 60, 0.05) < 0.001 < S.binomial_upper_tail(6, 60, 0.05)
+    assert S.binomial_upper_tail(0, 20, 0.05) == pytest.approx(1.0)
+    assert S.binomial_upper_tail(20, 20, 0.05) == pytest.approx(0.05 ** 20, rel=1e-9)
+    for bad in ((-1, 5, 0.5), (6, 5, 0.5), (2.5, 5, 0.5), (1, 0, 0.5), (1, 5, 0.0), (1, 5, 1.0), (True, 5, 0.5)):
+        with pytest.raises(ValueError):
+            S.binomial_upper_tail(*bad)
+
+
+def test_tost_min_p_is_the_p_of_a_zero_mean_and_no_data_does_better():
+    from statsmodels.stats.weightstats import ttost_paired
+
+    n, bound = 200, 0.2
+    # data with mean exactly 0: statsmodels' TOST on raw data, bounds -+ bound * sd
+    d = np.tile([-1.0, 1.0], n // 2)
+    sd = float(np.std(d, ddof=1))
+    p_zero = float(ttost_paired(d, np.zeros(n), -bound * sd, bound * sd)[0])
+    assert S.tost_min_p(n, bound_d=bound) == pytest.approx(p_zero, rel=1e-9)
+    # by hand: s = 0.2 sqrt(200) = 2.828; upper tail of t(199) beyond it
+    assert S.tost_min_p(n, bound_d=bound) == pytest.approx(sps.t.sf(0.2 * math.sqrt(200), 199), rel=1e-12)
+    # no t statistic gives a smaller TOST p-value
+    assert all(S.tost_from_t(t, n, bound_d=bound) >= S.tost_min_p(n, bound_d=bound) - 1e-15
+               for t in np.linspace(-4, 4, 81))
+    # at the paper's Bonferroni level 0.05/20 TOST at d = 0.2 and n = 200 cannot pass; at 0.05/5 it can
+    assert S.tost_min_p(n, bound_d=bound) > 0.05 / 20 and S.tost_min_p(n, bound_d=bound) < 0.05 / 5
+    assert S.tost_min_p(10, bound_d=0.0) == 0.5
+    for bad in (dict(n=1), dict(n=10.0), dict(n=10, bound_d=-0.1), dict(n=10, bound_d=float("nan"))):
+        with pytest.raises(ValueError):
+            S.tost_min_p(**{"bound_d": 0.2, **bad})
+
+
+def test_min_equivalence_bound_inverts_tost_min_p():
+    n, a = 200, 0.0025
+    b = S.min_equivalence_bound(n, alpha=a)
+    assert b == pytest.approx(sps.t.ppf(1 - a, n - 1) / math.sqrt(n), rel=1e-12)
+    assert S.tost_min_p(n, bound_d=b) == pytest.approx(a, rel=1e-9)
+    assert 0.2 < b < 0.21  # just above the book's default bound
+    assert S.min_equivalence_bound(n, alpha=0.01) < b  # a looser level reaches a tighter bound
+    for bad in (dict(n=1, alpha=0.05), dict(n=200, alpha=0.0), dict(n=200, alpha=1.2)):
+        with pytest.raises(ValueError):
+            S.min_equivalence_bound(**bad)
+
+
+def test_family_verdicts_say_whether_tost_can_pass():
+    rng = np.random.default_rng(5)
+    rows = [{"model": m, "layer": layer, "high": h, "low": 0.0}
+            for m, n in (("small", 200), ("large", 2000)) for layer in range(4) for h in rng.normal(0, 1, n)]
+    table = S.audit_table(pd.DataFrame(rows), by=("model", "layer"), high_col="high", low_col="low", alpha=0.05,
+                          tost_bound_d=0.2)
+    v = S.family_verdicts(table, alpha=0.05).set_index("model")
+    # level 0.05/4 = 0.0125: at n = 200, t.sf(2.83, 199) = 0.0026 < 0.0125, so it can pass; with 20 cells it could not
+    assert bool(v.loc["small", "tost_can_pass"]) and bool(v.loc["large", "tost_can_pass"])
+    assert v.loc["large", "equivalent"] >= 1  # n = 2000 of pure noise: shown small
+    rows20 = [{"model": "m", "layer": layer, "high": h, "low": 0.0} for layer in range(20) for h in rng.normal(0, 1, 200)]
+    t20 = S.audit_table(pd.DataFrame(rows20), by=("model", "layer"), high_col="high", low_col="low", tost_bound_d=0.2)
+    v20 = S.family_verdicts(t20).iloc[0]
+    assert not bool(v20["tost_can_pass"]) and v20["equivalent"] == 0
+    # without the columns audit_table adds, the column is left out
+    assert "tost_can_pass" not in S.family_verdicts(t20.drop(columns=["n"])).columns
+
+
+def test_examples_in_the_new_docstrings_run():
+    import doctest
+
+    for f in (S.tost_min_p, S.min_equivalence_bound, S.binomial_upper_tail):
+        runner = doctest.DocTestRunner()
+        for test in doctest.DocTestFinder().find(f, f.__name__, globs={f.__name__: f}):
+            runner.run(test)
+        assert runner.failures == 0 and runner.tries > 0, f.__name__

@@ -173,6 +173,35 @@ def test_shipped_summary_passes_the_gates(name):
         assert rep["steps"] == s["training"]["steps"]
 
 
+@pytest.mark.parametrize("name", SHIPPED_MODELS)
+def test_regime_gate_on_the_embedded_corpus(name, tmp_path):
+    """The default book's text is in the models' regime: on the embedded corpus (its default form) each
+    model takes from context at least REGIME_GAIN_RATIO_MIN of what it takes on WikiText-2 test, both
+    measured the same way. The embedded half is re-measured here; the WikiText half where the data is."""
+    from moeaudit.training import REGIME_GAIN_RATIO_MIN, gate_failures, measure_regime
+
+    reg = load_summary(name)["regime"]
+    assert reg["gain_ratio"] >= REGIME_GAIN_RATIO_MIN and not gate_failures(load_summary(name))
+    now = measure_regime(name)
+    for key in ("mean_loss", "unigram_loss", "gain", "n_tokens", "text_form"):
+        assert now["embedded"][key] == pytest.approx(reg["embedded"][key], abs=1e-4), key
+    assert now["embedded"]["text_form"] == "wikitext" and now["embedded"]["n_tokens"] > 10_000
+    assert now["embedded"]["gain"] >= REGIME_GAIN_RATIO_MIN * reg["wikitext-2"]["gain"]
+    if _have_wikitext():
+        for key in ("mean_loss", "unigram_loss", "gain", "n_tokens"):
+            assert now["wikitext-2"][key] == pytest.approx(reg["wikitext-2"][key], abs=1e-4), key
+    assert f"{reg['gain_ratio']:.2f} of the gain on WikiText-2 test" in (zoo_path(name) / "README.md").read_text()
+
+
+def test_regime_gate_refuses_a_near_unigram_model():
+    from moeaudit.training import gate_failures
+
+    s = json.loads(json.dumps(load_summary("tiny-olmoe")))
+    s["regime"]["embedded"]["gain"], s["regime"]["gain_ratio"] = 0.05, 0.05 / s["regime"]["wikitext-2"]["gain"]
+    missed = gate_failures(s)
+    assert len(missed) == 1 and "gain over the in-sample unigram on the embedded corpus 0.050 nats" in missed[0]
+
+
 def test_some_family_member_was_retrained_from_its_seed():
     assert any(load_summary(m).get("reproducibility") for m in REDUNDANCY_MODELS)
 

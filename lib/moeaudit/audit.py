@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from . import __version__
-from .corpus import (TEXT_FORMS, CorpusSource, TokenizedCorpus, integer_ids, is_integer, load_eval_corpus,
+from .corpus import (TEXT_FORMS, CorpusSource, resolve_text_form, TokenizedCorpus, loss_regime, integer_ids, is_integer, load_eval_corpus,
                      resolve_corpus, sample_positions)
 from .engine import CleanPass, clean_pass, resolve_strategy, run_ablations
 from .metrics import METRICS, ROUTING_WEIGHT, check_rankings, observational_metrics
@@ -118,14 +118,16 @@ def _compute_and_save_clean(model: AuditModel, corpus: TokenizedCorpus, provenan
 
 
 def prepare(model_name: str, *, corpus: str | os.PathLike | CorpusSource = "auto", n_texts: int = 100,
-            text_form: str = "released", max_tokens: int | None = None, dtype: str = "float32",
+            text_form: str = "auto", max_tokens: int | None = None, dtype: str = "float32",
             device: str | None = "cpu", device_map=None,
             data_dir=None, results_dir=None, batch_size: int = 8, progress: bool | None = None) -> AuditContext:
     """Load a model and the evaluation corpus, and run (or reuse) the clean pass over it.
 
     ``corpus`` is resolved first (see :func:`moeaudit.corpus.resolve_corpus`), so a bad value
     fails before any model is loaded; ``text_form`` says how a selected line becomes a text
-    (:func:`moeaudit.corpus.select_texts`). The corpus used and its form are part of the provenance (and so of every
+    (:func:`moeaudit.corpus.select_texts`; ``"auto"`` is the corpus's own form, resolved by
+    :func:`moeaudit.corpus.resolve_text_form`, which raises ``ValueError`` for a form that does not exist
+    for the corpus). The corpus used and its resolved form are part of the provenance (and so of every
     record-cache key and ``params.json``). ``max_tokens=None`` truncates texts to
     ``min(512, max_position_embeddings)`` (the paper used up to 512 tokens; the shipped small
     models were trained on shorter contexts).
@@ -133,6 +135,7 @@ def prepare(model_name: str, *, corpus: str | os.PathLike | CorpusSource = "auto
     source = corpus if isinstance(corpus, CorpusSource) else resolve_corpus(corpus, data_dir=data_dir)
     if text_form not in TEXT_FORMS:
         raise ValueError(f"text_form={text_form!r} is not one of {TEXT_FORMS}")
+    text_form = resolve_text_form(source, text_form)
     model = load_model(model_name, dtype=dtype, device=device, device_map=device_map)
     if max_tokens is None:
         max_tokens = int(min(512, getattr(model.hf.config, "max_position_embeddings", 512) or 512))
@@ -153,6 +156,18 @@ def prepare(model_name: str, *, corpus: str | os.PathLike | CorpusSource = "auto
     clean = _load_clean(path, model.name)
     metrics = observational_metrics(clean, num_experts=model.layout.num_experts)
     return AuditContext(model, tokenized, clean, metrics, provenance, results_dir, source)
+
+
+def corpus_regime(ctx: AuditContext) -> dict:
+    """How well the audited model reads the audited text, the regime its effects are measured in:
+    :func:`moeaudit.corpus.loss_regime` over every scored token of the clean pass (nats per token),
+    with ``vocab_size``, ``n_texts`` and the corpus read (``corpus_source``, ``corpus_variant``,
+    ``text_form``)."""
+    tokens = ctx.clean.tokens
+    vocab = int(ctx.model.hf.config.vocab_size)
+    out = loss_regime(tokens.target_id.to_numpy(), tokens.loss.to_numpy(), vocab)
+    return {**out, "vocab_size": vocab, "n_texts": len(ctx.corpus),
+            **{k: ctx.provenance[k] for k in ("corpus_source", "corpus_variant", "text_form")}}
 
 
 def _positive_int(value, name: str) -> int:
@@ -385,8 +400,9 @@ def deepest_removal_summary(records: pd.DataFrame, *, threshold: float) -> pd.Da
     The deepest removal is the largest ``k`` of the model in ``records`` (``top_k - 1`` by
     default: all active routed experts but one removed). Columns: ``model``, ``layer``, ``k``,
     ``n``, ``mean``, ``median``, ``p05``, ``p95`` (nats), ``share_above`` (fraction of positions
-    with ΔL > ``threshold``), ``share_below_zero`` (fraction where the loss fell), ``top5_share``
-    (:func:`tail_share` at q = 0.95).
+    with ΔL > ``threshold``), ``share_below_zero`` (fraction where the loss fell), ``n_up`` and
+    ``n_down`` (counts of positions where the loss rose and fell; positions with ΔL = 0 are in
+    neither), ``top5_share`` (:func:`tail_share` at q = 0.95).
     """
     rows = []
     for model, m in records.groupby("model", sort=False):
@@ -396,8 +412,35 @@ def deepest_removal_summary(records: pd.DataFrame, *, threshold: float) -> pd.Da
             rows.append({"model": model, "layer": layer, "k": kmax, "n": int(x.size), "mean": float(x.mean()),
                          "median": float(np.median(x)), "p05": float(np.quantile(x, 0.05)),
                          "p95": float(np.quantile(x, 0.95)), "share_above": float(np.mean(x > threshold)),
-                         "share_below_zero": float(np.mean(x < 0)), "top5_share": tail_share(x, q=0.95)})
+                         "share_below_zero": float(np.mean(x < 0)), "n_up": int((x > 0).sum()),
+                         "n_down": int((x < 0).sum()), "top5_share": tail_share(x, q=0.95)})
     return pd.DataFrame(rows)
+
+
+def removal_direction(deepest: pd.DataFrame, *, alpha: float = 0.05) -> pd.DataFrame:
+    """Whether the deepest removal raises or lowers the loss at more than half of the positions.
+
+    ``deepest``: a :func:`deepest_removal_summary` result (``model``, ``layer``, ``n_up``, ``n_down``,
+    ``share_below_zero``). Per layer, a two-sided sign test (:func:`moeaudit.stats.sign_test`) of the
+    positions where the loss rose against those where it fell, at the Bonferroni level
+    ``alpha / m`` with ``m`` the number of layers of that model in ``deepest``. Returns ``deepest``
+    with ``p_sign``, ``alpha_sign`` and ``direction``: ``"raises"`` (significant, more rises),
+    ``"lowers"`` (significant, more falls) or ``"undistinguished"`` (the share of falls is not
+    distinguishable from one half: the removal's effect is not distinguishable from noise in
+    direction; also when no position changed). ``ValueError`` unless 0 < alpha < 1.
+    """
+    from .stats import sign_test  # noqa: PLC0415
+
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    out = deepest.copy()
+    m = out.groupby("model", sort=False).layer.transform("size")
+    out["p_sign"] = [sign_test(int(u), int(d)) for u, d in zip(out.n_up, out.n_down)]
+    out["alpha_sign"] = alpha / m
+    sig = out.p_sign < out.alpha_sign  # NaN p (no position changed) is not significant
+    out["direction"] = np.where(sig & (out.n_up > out.n_down), "raises",
+                                np.where(sig & (out.n_down > out.n_up), "lowers", "undistinguished"))
+    return out
 
 
 def redundancy_breaks(summary: pd.DataFrame, *, threshold: float) -> pd.DataFrame:
@@ -712,29 +755,106 @@ def control_against_observational(control: pd.DataFrame, observational: pd.DataF
     return out
 
 
+def same_layer_margins(cmp: pd.DataFrame, control_cells: pd.DataFrame, observational_cells: pd.DataFrame, *,
+                       n_boot: int = 2000, seed: int = 0, ci: float = 0.95) -> pd.DataFrame:
+    """Whether each control cell's d_z exceeds that of the strongest observational cell of its own layer.
+
+    ``cmp``: :func:`control_against_observational` (``model``, ``layer``, ``control_dz``,
+    ``best_ranking``, ``best_dz``); ``control_cells`` and ``observational_cells``: the per-position
+    rows of :func:`paired_cells` (``model``, ``ranking``, ``layer``, ``seq_id``, ``t``, ``diff`` in
+    nats). The two rankings of a layer are compared on the positions both kept (inner join on
+    ``seq_id``, ``t``), with the paired-bootstrap interval of ``d_z(control) - d_z(best)``
+    (:func:`moeaudit.stats.dz_difference_ci`, level ``ci``). Returns ``cmp`` with ``n_shared``,
+    ``diff_ci_low``, ``diff_ci_high`` and ``vs_best``: ``"exceeds"`` (interval above zero, see
+    :func:`zero_relation`), ``"below"`` (below zero: the observational cell is the stronger),
+    ``"not shown"`` (the interval contains or touches zero) or ``"untested"`` (a d_z or the interval
+    is undefined). The strongest observational cell is chosen after seeing the data, which biases
+    its d_z upward: an "exceeds" is conservative, a "not shown" is not evidence that the two are equal.
+    """
+    from .stats import dz_difference_ci  # noqa: PLC0415
+
+    out = cmp.copy()
+    n_sh, lo, hi = [], [], []
+    for r in out.itertuples():
+        if pd.isna(r.control_dz) or pd.isna(r.best_dz):
+            n_sh.append(0), lo.append(np.nan), hi.append(np.nan)
+            continue
+        a = control_cells[(control_cells.model == r.model) & (control_cells.layer == r.layer)]
+        b = observational_cells[(observational_cells.model == r.model) & (observational_cells.layer == r.layer)
+                                & (observational_cells.ranking == r.best_ranking)]
+        j = a[["seq_id", "t", "diff"]].merge(b[["seq_id", "t", "diff"]], on=["seq_id", "t"], suffixes=("_c", "_o"))
+        low, high = dz_difference_ci(j.diff_c, j.diff_o, n_boot=n_boot, seed=seed, ci=ci)
+        n_sh.append(len(j)), lo.append(low), hi.append(high)
+    out["n_shared"], out["diff_ci_low"], out["diff_ci_high"] = n_sh, lo, hi
+    rel = [zero_relation(a, b) for a, b in zip(out.diff_ci_low, out.diff_ci_high)]
+    out["vs_best"] = ["exceeds" if x == "above" else "below" if x == "below" else "untested" if x == "undefined"
+                      else "not shown" for x in rel]
+    return out
+
+
+def _cell_label(r) -> str:
+    return f"{r.model} layer {r.layer}"
+
+
 def control_beaten_text(cmp: pd.DataFrame) -> str:
-    """How often a population-level statistic ranks a token's experts better than the control does
-    (a :func:`control_against_observational` result), with the largest such margin; layers whose
-    control cell could not be tested are counted apart."""
+    """How the control's d_z compares with the observational cells (a :func:`control_against_observational`
+    result, optionally with :func:`same_layer_margins`), as a clause that continues a sentence.
+
+    Counts the layers where some population-level statistic has the larger point estimate, with the
+    largest such gap; with the margins, also where the control is *shown* to exceed the strongest
+    observational cell of its layer (its interval of the difference above zero), where that cell is
+    shown to exceed the control, and names the layers where the control's estimate is the larger one
+    without being shown larger, so that the text never reads a larger point estimate as a stronger
+    control. Layers whose control cell could not be tested are counted apart."""
     beaten = cmp[cmp.beaten]
     n = int(cmp.control_dz.notna().sum())
     untested = len(cmp) - n
     skipped = (f" ({plural(untested, 'layer')} could not be tested and {'is' if untested == 1 else 'are'} left out)"
                if untested else "")
     if beaten.empty:
-        return (f"on this run the control's d_z is at least as large as every observational d_z at all "
-                f"{n} audited layers" + (" where it is defined" if untested else "") + skipped)
-    r = beaten.loc[(beaten.best_dz - beaten.control_dz).idxmax()]
-    return (f"on this run, at {len(beaten)} of {n} audited layers{skipped} at least one population-level "
-            f"statistic has a larger d_z than the control (the largest gap: {r.model} layer {r.layer}, control "
-            f"{fmt_signed(r.control_dz)} against {str(r.best_ranking).replace('_', ' ')} {fmt_signed(r.best_dz)})")
+        s = (f"on this run the control's d_z is at least as large as every observational d_z at all "
+             f"{n} audited layers" + (" where it is defined" if untested else "") + skipped)
+    else:
+        r = beaten.loc[(beaten.best_dz - beaten.control_dz).idxmax()]
+        s = (f"on this run, at {len(beaten)} of {n} audited layers{skipped} at least one population-level "
+             f"statistic has a larger d_z than the control (the largest gap: {r.model} layer {r.layer}, control "
+             f"{fmt_signed(r.control_dz)} against {str(r.best_ranking).replace('_', ' ')} {fmt_signed(r.best_dz)})")
+    if "vs_best" not in cmp:
+        return s
+    m = cmp[cmp.vs_best != "untested"]
+    up, down = m[m.vs_best == "exceeds"], m[m.vs_best == "below"]
+    s += (f"; against the strongest observational cell of its own layer (same positions, paired-bootstrap interval "
+          f"of the difference of d_z), the control is shown larger at "
+          + (f"{len(up)} of {len(m)} layers ({join_words(_cell_label(r) for r in up.itertuples())})" if len(up)
+             else f"none of the {len(m)} layers")
+          + (f" and shown smaller at {len(down)} ({join_words(_cell_label(r) for r in down.itertuples())})"
+             if len(down) else ""))
+    ahead = m[(m.vs_best == "not shown") & (m.control_dz > m.best_dz)]
+    if len(ahead):
+        s += ("; where its estimate is the larger one but not shown to be — "
+              + "; ".join(f"{_cell_label(r)}, {fmt_signed(r.control_dz)} against "
+                          f"{str(r.best_ranking).replace('_', ' ')} {fmt_signed(r.best_dz)} (difference "
+                          f"[{fmt_bound(r.diff_ci_low)}, {fmt_bound(r.diff_ci_high)}])" for r in ahead.itertuples())
+              + " — the control does not exceed the observational metrics either")
+    return s
 
 
-def figure1_text(control: pd.DataFrame, observational: pd.DataFrame, *, alpha: float) -> str:
+def _reversal_note(r) -> str:
+    return ", a reversal" if r.cohens_dz < 0 else ""
+
+
+def figure1_text(control: pd.DataFrame, observational: pd.DataFrame, *, alpha: float,
+                 margins: pd.DataFrame | None = None) -> str:
     """The paragraph under Figure 1 of chapter 5: the grey band, the control cells outside it (by how
-    much, and whether their intervals still meet the band), and the counts of passing cells.
-    ``control`` also needs ``sig_dual_bonf`` and ``p_t``. Cells that could not be tested (NaN d_z)
-    are named as such and left out of the band and the comparisons."""
+    much, whether their intervals still meet the band, and a cell below the band named as a
+    reversal, never as a stronger control), the layers where the control is shown to exceed the
+    strongest observational cell of its own layer (``margins``: :func:`same_layer_margins`, optional),
+    and the counts of passing cells by direction, with the uncorrected count tested against chance
+    (:func:`moeaudit.stats.binomial_excess`). ``control`` also needs ``sig_dual_bonf`` and ``p_t``.
+    Cells that could not be tested (NaN d_z) are named as such and left out of the band and the
+    comparisons."""
+    from .stats import binomial_excess  # noqa: PLC0415
+
     cmp = control_against_observational(control, observational)
     n_obs = int(observational.cohens_dz.notna().sum())
     s = (f"The {n_obs} observational cells" + (f" that could be tested (of {len(observational)})"
@@ -749,20 +869,49 @@ def figure1_text(control: pd.DataFrame, observational: pd.DataFrame, *, alpha: f
         s += (f"Every control cell{' that could be tested' if len(untested) else ''} lies inside that range: "
               "per-token conditioning does not produce a larger effect than the population-level metrics did. ")
     for r in out.itertuples():
-        s += (f"{r.model} layer {r.layer} lies {r.position} the band (d_z = {fmt_signed(r.control_dz)}, "
-              f"{r.margin:.3f} beyond its edge); its 95% interval [{fmt_signed(r.dz_ci_low)}, {fmt_signed(r.dz_ci_high)}] "
-              + ("overlaps the band, so it is not shown to be stronger than the strongest observational cell. "
-                 if r.ci_overlaps_band else "does not overlap the band. "))
-    n_dual, n_unc = int(control.sig_dual_bonf.sum()), int((control.p_t < alpha).sum())
-    return s + (f"Of the {len(control)} control cells, {n_dual} pass{'es' if n_dual == 1 else ''} the dual-test rule "
-                f"under Bonferroni within their model, and {n_unc} reach{'es' if n_unc == 1 else ''} uncorrected "
-                f"p_t < {alpha:g}.")
+        ci = f"its 95% interval [{fmt_signed(r.dz_ci_low)}, {fmt_signed(r.dz_ci_high)}]"
+        if r.position == "above":
+            s += (f"{r.model} layer {r.layer} lies above the band (d_z = {fmt_signed(r.control_dz)}, {r.margin:.3f} "
+                  f"beyond its edge); {ci} "
+                  + ("overlaps the band, so it is not shown to be stronger than the strongest observational cell. "
+                     if r.ci_overlaps_band else "does not overlap the band. "))
+        else:
+            s += (f"{r.model} layer {r.layer} lies below the band (d_z = {fmt_signed(r.control_dz)}, {r.margin:.3f} "
+                  "beyond its edge): a reversal, where removing the router's top expert costs *less* than removing "
+                  f"its bottom one, not a stronger control; {ci} "
+                  + ("overlaps the band, so it is not shown to be more negative than every observational cell. "
+                     if r.ci_overlaps_band else "does not overlap the band. "))
+    if margins is not None and "vs_best" in margins:
+        m = margins[margins.vs_best != "untested"]
+        up = m[m.vs_best == "exceeds"]
+        s += (f"Layer by layer, against the strongest observational cell of the same layer and positions, the control "
+              f"is shown larger (paired-bootstrap 95% interval of the difference of d_z above zero) at "
+              + (f"{len(up)} of {len(m)} layers ({join_words(_cell_label(r) for r in up.itertuples())}); "
+                 f"it does not exceed the observational metrics at the other {len(m) - len(up)}. "
+                 if len(up) else f"none of the {len(m)} layers: it does not exceed the observational metrics anywhere "
+                                 "on this run. "))
+    tested = control[control.cohens_dz.notna()]
+    dual = tested[tested.sig_dual_bonf.astype(bool)]
+    unc = tested[tested.p_t < alpha]
+    n_rev = int((dual.cohens_dz < 0).sum())
+    s += (f"Of the {len(control)} control cells, {len(dual)} pass{'es' if len(dual) == 1 else ''} the dual-test rule "
+          f"under Bonferroni within their model"
+          + (f" ({n_rev} of them {'a reversal' if n_rev == 1 else 'reversals'}, d_z < 0)" if n_rev else "")
+          + f", and {len(unc)} reach{'es' if len(unc) == 1 else ''} uncorrected p_t < {alpha:g} "
+          f"({int((unc.cohens_dz > 0).sum())} with d_z > 0, {plural(int((unc.cohens_dz < 0).sum()), 'reversal')})")
+    if len(tested):
+        s += (f"; chance alone would give about {alpha * len(tested):.2g} of {len(tested)}, and {len(unc)} or more "
+              f"arise by chance with probability {binomial_excess(len(unc), len(tested), alpha):.2g} (one-sided "
+              "binomial; the cells of a model share positions, so this is indicative)")
+    return s + "."
 
 
 def control_summary_text(t: pd.DataFrame, *, alpha: float) -> str:
     """One model's control cells (rows of the control table, one per layer) as a paragraph: d_z by
-    layer, the largest, and which layers pass Bonferroni on both tests, on one alone. A layer that
-    could not be tested (NaN d_z) reads "not tested" and passes nothing."""
+    layer, the largest positive one (the direction a working control predicts) and any reversal
+    (d_z < 0: the top-weighted expert's removal costs less) named as such, and which layers pass
+    Bonferroni on both tests, on one alone, with reversals marked. A layer that could not be tested
+    (NaN d_z) reads "not tested" and passes nothing."""
     t = t.sort_values("layer")
     flags = t[["sig_dual_bonf", "sig_t_bonf", "sig_W_bonf"]].fillna(False).astype(bool)
     dual = t[flags.sig_dual_bonf]
@@ -770,16 +919,24 @@ def control_summary_text(t: pd.DataFrame, *, alpha: float) -> str:
     seq = ", ".join(f"L{r.layer}: {fmt_signed(r.cohens_dz) if pd.notna(r.cohens_dz) else 'not tested'}"
                     for r in t.itertuples())
     s = f"**{t.model.iloc[0]}.** d_z by layer: {seq}. "
+    cell = lambda r: (f"layer {int(r.layer)} (d_z = {fmt_signed(r.cohens_dz)}, 95% CI "  # noqa: E731
+                      f"[{fmt_signed(r.dz_ci_low)}, {fmt_signed(r.dz_ci_high)}], p_t = {r.p_t:.3g}, p_W = {r.p_W:.3g})")
+    pos, neg = t[t.cohens_dz > 0], t[t.cohens_dz < 0]
     if t.cohens_dz.notna().any():
-        best = t.loc[t.cohens_dz.abs().idxmax()]
-        s += (f"The largest in magnitude is at layer {int(best.layer)} (d_z = {fmt_signed(best.cohens_dz)}, 95% CI "
-              f"[{fmt_signed(best.dz_ci_low)}, {fmt_signed(best.dz_ci_high)}], p_t = {best.p_t:.3g}, "
-              f"p_W = {best.p_W:.3g}). ")
+        if len(pos):
+            s += f"The largest positive d_z is at {cell(pos.loc[pos.cohens_dz.idxmax()])}. "
+        else:
+            s += "No layer has a positive d_z. "
+        if len(neg) and neg.cohens_dz.abs().max() > (pos.cohens_dz.max() if len(pos) else 0):
+            s += (f"The largest in magnitude is a reversal, at {cell(neg.loc[neg.cohens_dz.idxmin()])}: there removing "
+                  "the router's top expert costs *less* than removing its bottom one. ")
     else:
         s += "No layer could be tested. "
+    mark = lambda rows: join_words(f"L{r.layer}" + (" [a reversal]" if r.cohens_dz < 0 else "")  # noqa: E731
+                                   for r in rows.itertuples())
     if len(dual):
         s += (f"{len(dual)} of {len(t)} layers pass{'es' if len(dual) == 1 else ''} Bonferroni under the dual-test rule "
-              f"({join_words(f'L{L}' for L in dual.layer)}). ")
+              f"({mark(dual)}). ")
     else:
         s += f"No layer passes Bonferroni under the dual-test rule (α_adj = {alpha / len(t):.3g}). "
     for sub, what, why in ((t_only, "on the t-test alone but not on Wilcoxon", "a disagreement the paper's audit rule "
@@ -787,27 +944,125 @@ def control_summary_text(t: pd.DataFrame, *, alpha: float) -> str:
                                                  "which the rule also sets aside")):
         if len(sub):
             s += (f"{'One layer passes' if len(sub) == 1 else f'{len(sub)} layers pass'} {what} "
-                  f"({join_words(f'L{L}' for L in sub.layer)}): {why}. ")
+                  f"({mark(sub)}): {why}. ")
     return s
 
 
-def control_reading_text(control: pd.DataFrame) -> str:
-    """Whether this run's control separates the two readings of the audit's null (chapter 5), and
-    which Spearman intervals (``rho``, ``rho_ci_low``, ``rho_ci_high``) exclude zero."""
-    dual = control[control.sig_dual_bonf.astype(bool)]
+def control_verdict_text(control: pd.DataFrame, *, alpha: float) -> str:
+    """The control's verdict under the paper's dual-test rule at each model's own Bonferroni level
+    (the control family: one model's control cells), as one paragraph: the passing cells named with
+    their d_z, a passing cell with d_z < 0 named as a reversal (the rule counts it, but it is not
+    evidence that the router's weight predicts importance), and the count per model. ``control``: an
+    :func:`moeaudit.stats.audit_table` of the control cells with ``family=("model",)``."""
+    t = control.assign(_dual=control.sig_dual_bonf.fillna(False).astype(bool))
+    dual = t[t._dual]
+    pos, rev = dual[dual.cohens_dz > 0], dual[dual.cohens_dz < 0]
+    per_model = "; ".join(f"{m} {int(g._dual.sum())} of {len(g)} (α = {alpha:g}/{len(g)} = {alpha / len(g):.3g})"
+                          for m, g in t.groupby("model", sort=False))
     if dual.empty:
-        s = ("On this run no control cell passes the dual-test rule under Bonferroni, so the control does not "
-             "separate the two readings: the observational null stays ambiguous here. ")
+        head = ("**No control cell passes** the paper's rule (t and Wilcoxon tests both significant after Bonferroni, "
+                "same sign): the router's own weight is not shown to predict which active expert matters more at a token")
     else:
-        s = (f"On this run {plural(len(dual), 'control cell')} pass{'es' if len(dual) == 1 else ''} the rule ("
-             + join_words(f"{r.model} layer {r.layer}" for r in dual.itertuples())
-             + "): the audit detects an effect of that size, and the observational null is informative there. ")
-    ex = control[(control.rho_ci_low > 0) | (control.rho_ci_high < 0)]
+        head = (f"**{plural(len(pos), 'control cell')} pass{'es' if len(pos) == 1 else ''}** the paper's rule with "
+                "d_z > 0 (t and Wilcoxon tests both significant after Bonferroni, same sign)"
+                + (": " + join_words(f"{r.model} layer {r.layer} (d_z = {fmt_signed(r.cohens_dz)})"
+                                     for r in pos.itertuples()) if len(pos) else "")
+                + (f"; {plural(len(rev), 'cell')} pass{'es' if len(rev) == 1 else ''} it as "
+                   f"{'a reversal' if len(rev) == 1 else 'reversals'} (d_z < 0: the top expert's removal costs less), "
+                   + join_words(f"{r.model} layer {r.layer} (d_z = {fmt_signed(r.cohens_dz)})" for r in rev.itertuples())
+                   if len(rev) else ""))
+    return f"{head}. Per model: {per_model}."
+
+
+def control_reading_text(control: pd.DataFrame, observational: pd.DataFrame | None = None, *,
+                         power: float = 0.8, rho_ci: float = 0.95) -> str:
+    """Whether this run's control separates the two readings of the audit's null, model by model
+    (chapter 5), and which Spearman intervals (``rho``, ``rho_ci_low``, ``rho_ci_high``) exclude zero.
+
+    ``control``: the control table (:func:`moeaudit.stats.audit_table`, family = one model's control
+    cells, with ``n``, ``p_t``, ``p_W``, ``same_sign``, ``alpha_corrected``, ``sig_dual_bonf``).
+    ``observational``: the audit's table of the same models (its ``alpha_corrected`` is the audit's
+    per-cell Bonferroni level, e.g. 0.05/20). Each model's null is read against that model's own
+    control, at the audit's level: a control cell counts only with d_z > 0 and both tests below the
+    audit's level, and the power of the audit's t-test against the control's observed d_z
+    (:func:`moeaudit.stats.t_test_power`) is stated with it. A model whose control passes nowhere
+    (at its own level) leaves its null uninterpretable; one whose control passes only at the
+    control's looser level does not show that the audit can detect an effect of that size.
+    A Spearman interval is said to exclude zero only when it does at the displayed precision
+    (:func:`zero_relation`); one whose bound rounds to zero is said to touch zero. The count of
+    intervals that exclude zero is tested against the number that chance gives at their level
+    ``rho_ci`` (:func:`moeaudit.stats.binomial_excess`). Without ``observational`` the audit level is
+    the control's own.
+    """
+    from .stats import binomial_excess, min_detectable_dz, t_test_power  # noqa: PLC0415
+
+    paras = []
+    for model, t in control.groupby("model", sort=False):
+        t = t.sort_values("layer")
+        own = float(t.alpha_corrected.iloc[0])
+        if observational is not None and (observational.model == model).any():
+            level = float(observational[observational.model == model].alpha_corrected.iloc[0])
+            fam = int(observational[observational.model == model].family_size.iloc[0]) \
+                if "family_size" in observational else None
+        else:
+            level, fam = own, None
+        lvl = f"the audit's per-cell level {level:.3g}" + (f" (Bonferroni over its {fam} cells of this model)" if fam else "")
+        ok_own = t[t.sig_dual_bonf.fillna(False).astype(bool) & (t.cohens_dz > 0)]
+        same = t.same_sign.fillna(False).astype(bool) if "same_sign" in t else pd.Series(True, index=t.index)
+        ok_audit = t[(t.p_t < level) & (t.p_W < level) & same & (t.cohens_dz > 0)]
+        n = int(t.n.max())
+        mde = min_detectable_dz(n, alpha=level, power=power)
+        pw = lambda r: t_test_power(float(r.cohens_dz), int(r.n), alpha=level)  # noqa: E731
+        cells = lambda rows: join_words(  # noqa: E731
+            f"layer {r.layer} (d_z = {fmt_signed(r.cohens_dz)}, p_t = {r.p_t:.2g}, p_W = {r.p_W:.2g}; power of the "
+            f"audit's t-test at that d_z: {pw(r):.0%})" for r in rows.itertuples())
+        head = f"**{model}.** "
+        if ok_own.empty:
+            paras.append(head + f"No control cell passes the dual rule with d_z > 0 even at the control's own level "
+                         f"({own:.3g}): the control fails on this model, so by this page's logic the audit's null for "
+                         f"{model} cannot be read either way — it does not separate \"the metrics carry no information\" "
+                         "from \"the audit is too weak to see it\".")
+        elif ok_audit.empty:
+            paras.append(head + f"The control passes at its own level ({own:.3g}) at {cells(ok_own)}, but at "
+                         f"{lvl}, at which the observational cells were tested, it passes at no layer: the audit's t-test "
+                         "would detect an observational effect of the control's size with the power given (its dual rule, "
+                         "which also needs the Wilcoxon test, less often), so the control does not show that the audit "
+                         f"detects effects of its size. The null for {model} "
+                         f"is informative only against effects of about |d_z| ≥ {mde:.3f} ({power:.0%} power at "
+                         f"n = {n} and that level).")
+        else:
+            strong = ok_audit[[pw(r) >= power for r in ok_audit.itertuples()]]
+            paras.append(head + f"The control passes even at {lvl} at {cells(ok_audit)}. "
+                         + (f"There the audit's null is evidence against observational effects as large as the "
+                            f"control's ({join_words(f'layer {r.layer}' for r in strong.itertuples())}, power ≥ "
+                            f"{power:.0%}); " if len(strong) else
+                            f"Its power against the control's d_z is below {power:.0%}, so the audit's null there is "
+                            "weak evidence even against effects of that size; ")
+                         + f"against smaller effects it is not (minimum detectable |d_z| {mde:.3f} at {power:.0%} "
+                         "power).")
+    tested = control[control.rho_ci_low.notna() & control.rho_ci_high.notna()]
+    rel = pd.Series([zero_relation(a, b) for a, b in zip(tested.rho_ci_low, tested.rho_ci_high)], index=tested.index,
+                    dtype=object)
+    ex, touch = tested[rel.isin(["above", "below"])], tested[rel == "touches"]
+    fmt_rho = lambda r: (f"{r.model} layer {r.layer} (ρ = {fmt_signed(r.rho)}, "  # noqa: E731
+                         f"[{fmt_bound(r.rho_ci_low)}, {fmt_bound(r.rho_ci_high)}])")
     if ex.empty:
-        return s + f"No Spearman interval of the {len(control)} cells excludes zero."
-    return s + (f"The Spearman interval excludes zero at {plural(len(ex), 'cell')} of {len(control)}: "
-                + "; ".join(f"{r.model} layer {r.layer} (ρ = {fmt_signed(r.rho)}, [{fmt_signed(r.rho_ci_low)}, "
-                            f"{fmt_signed(r.rho_ci_high)}])" for r in ex.itertuples()) + ".")
+        s = f"No Spearman interval of the {len(control)} cells excludes zero"
+    else:
+        s = (f"The Spearman interval excludes zero at {plural(len(ex), 'cell')} of {len(control)}: "
+             + "; ".join(fmt_rho(r) for r in ex.itertuples()))
+    if len(touch):
+        s += (f"; {'the interval' if len(touch) == 1 else 'the intervals'} of "
+              + "; ".join(fmt_rho(r) for r in touch.itertuples())
+              + f" touch{'es' if len(touch) == 1 else ''} zero (a bound that rounds to zero at three decimals, well "
+                "within the bootstrap's own resampling error), so it is not counted as excluding zero")
+    if len(tested):
+        s += (f". With {len(tested)} uncorrected {rho_ci:.0%} intervals, about {(1 - rho_ci) * len(tested):.2g} would "
+              f"exclude zero by chance alone; {len(ex)} or more do so with probability "
+              f"{binomial_excess(len(ex), len(tested), 1 - rho_ci):.2g} (one-sided binomial; indicative, since a "
+              "model's cells share positions)")
+    paras.append(s + ".")
+    return "\n\n".join(paras)
 
 
 def paper_control_notes(pv: pd.DataFrame | None = None, *, alpha: float | None = None) -> dict[str, str]:
@@ -1011,11 +1266,126 @@ def _undecided(calls: pd.DataFrame, threshold: float) -> str:
             + " above or below the threshold cannot be told apart on these positions.")
 
 
-def cliff_text(breaks: pd.DataFrame, deepest: pd.DataFrame, calls: pd.DataFrame, *, threshold: float) -> str:
+def zero_relation(lo: float, hi: float, *, digits: int = 3) -> str:
+    """Where an interval ``[lo, hi]`` lies relative to zero, decided so that the words agree with the
+    interval as displayed at ``digits`` decimals.
+
+    ``"above"`` when ``lo > 0`` and ``lo`` does not round to zero at ``digits`` decimals; ``"below"``
+    likewise for ``hi < 0``; ``"touches"`` when the unrounded interval excludes zero but its bound
+    nearest zero rounds to zero (so "[+0.000, +0.271]" is never called excluding zero);
+    ``"contains"`` when ``lo <= 0 <= hi``; ``"undefined"`` when a bound is NaN.
+    ``ValueError`` when ``lo > hi`` or ``digits < 0``.
+    """
+    if digits < 0:
+        raise ValueError(f"digits must be >= 0, got {digits}")
+    if np.isnan(lo) or np.isnan(hi):
+        return "undefined"
+    if lo > hi:
+        raise ValueError(f"lo ({lo}) exceeds hi ({hi})")
+    if lo > 0:
+        return "above" if round(lo, digits) > 0 else "touches"
+    if hi < 0:
+        return "below" if round(hi, digits) < 0 else "touches"
+    return "contains"
+
+
+def fmt_bound(v: float, *, digits: int = 3) -> str:
+    """A signed interval bound at ``digits`` decimals, or with two significant digits where it would
+    round to zero (``+0.00031`` instead of ``+0.000``), so that a bound that excludes zero shows it."""
+    if v != 0 and round(v, digits) == 0:
+        return f"{v:+.2g}"
+    return f"{0.0 if round(v, digits) == 0 else v:+.{digits}f}"
+
+
+def buffer_readings(breaks: pd.DataFrame, deepest: pd.DataFrame, calls: pd.DataFrame) -> pd.DataFrame:
+    """What each layer's progressive-ablation result supports, one row per (model, layer).
+
+    ``breaks``: :func:`redundancy_breaks`; ``deepest``: :func:`removal_direction` (a
+    :func:`deepest_removal_summary` with ``direction``, ``p_sign``, ``alpha_sign``); ``calls``:
+    :func:`threshold_calls` (same threshold as ``breaks``). Returns ``model``, ``layer``,
+    ``share_below_zero``, ``p_sign``, ``alpha_sign``, ``direction``, ``call``, ``ci_low``/``ci_high``
+    (interval of the mean at the deepest removal, nats) and ``reading``:
+
+    - ``"crosses"``: the mean crosses the threshold at some k (``first_k_above`` set);
+    - ``"buffer"``: it does not, the deepest removal *raises* the loss at more than half of the
+      positions (sign test) and the mean's interval at the deepest removal lies below the threshold;
+    - ``"raises, undecided"``: it raises the loss, but the interval contains the threshold;
+    - ``"no direction"``: the share of positions where the loss fell is not distinguishable from
+      one half, so the removal's effect is not distinguishable from noise in direction and a small
+      mean is no evidence of a buffer;
+    - ``"lowers"``: the removal lowers the loss at more than half of the positions.
+
+    A buffer claim is thus conditioned on the removal measurably raising the loss.
+    """
+    b = breaks[["model", "layer", "first_k_above"]]
+    d = deepest[["model", "layer", "share_below_zero", "p_sign", "alpha_sign", "direction"]]
+    out = b.merge(d, on=["model", "layer"], how="inner").merge(calls[["model", "layer", "call", "ci_low", "ci_high"]],
+                                                              on=["model", "layer"], how="left")
+    crossed = out.first_k_above.notna()
+    out["reading"] = np.where(crossed, "crosses", np.where(
+        out.direction == "lowers", "lowers", np.where(out.direction == "undistinguished", "no direction", np.where(
+            out.call == "below", "buffer", "raises, undecided"))))
+    return out.drop(columns="first_k_above")
+
+
+def _pct_span(shares) -> str:
+    lo, hi = f"{min(shares):.0%}", f"{max(shares):.0%}"
+    return lo if lo == hi else f"{lo[:-1]}–{hi}"
+
+
+def _layers(rows: pd.DataFrame) -> str:
+    return f"layer{'s' if len(rows) > 1 else ''} {join_words(rows.layer)}"
+
+
+def buffer_phrase(readings: pd.DataFrame, *, threshold: float) -> str:
+    """The layers that do not cross ``threshold`` (a :func:`buffer_readings` result, one model), by what
+    they support, as clauses joined by semicolons; ``""`` when every layer crosses. Shares of
+    positions where the loss fell and sign-test p-values are quoted with each clause."""
+    r = readings[readings.reading != "crosses"]
+    parts = []
+    buf = r[r.reading == "buffer"]
+    if len(buf):
+        parts.append(f"{_layers(buf)} keep{'s' if len(buf) == 1 else ''} a buffer by this threshold: the deepest "
+                     f"removal raises the loss at more than half of the positions (it fell at {_pct_span(buf.share_below_zero)}; "
+                     f"sign test p ≤ {buf.p_sign.max():.2g}, Bonferroni level {buf.alpha_sign.iloc[0]:.3g}) and the "
+                     f"interval of the mean stays below {threshold:g} nats")
+    und = r[r.reading == "raises, undecided"]
+    if len(und):
+        parts.append(f"at {_layers(und)} the deepest removal raises the loss at more than half of the positions (it fell "
+                     f"at {_pct_span(und.share_below_zero)}; sign test p ≤ {und.p_sign.max():.2g}), but the interval of "
+                     f"the mean contains {threshold:g} nats, so a buffer by this threshold is not shown")
+    nod = r[r.reading == "no direction"]
+    if len(nod):
+        a = nod.alpha_sign.iloc[0]
+        s = (f"at {_layers(nod)} the loss fell at {_pct_span(nod.share_below_zero)} of positions after the "
+             f"deepest removal, a share not distinguishable from one half (two-sided sign test, smallest p = "
+             f"{nod.p_sign.min():.2g} against the Bonferroni level {a:.3g}): the removal's effect is not "
+             "distinguishable from noise in direction, so staying below the threshold there is no evidence of a buffer")
+        up = [zero_relation(lo, hi) == "above" for lo, hi in zip(nod.ci_low, nod.ci_high)] if "ci_low" in nod else []
+        tail_up = nod[up] if any(up) else nod.iloc[:0]
+        if len(tail_up):
+            s += (f" (at {_layers(tail_up)} the interval of the mean lies above zero, "
+                  + join_words(f"[{fmt_signed(x.ci_low)}, {fmt_signed(x.ci_high)}]" for x in tail_up.itertuples())
+                  + ": the mean's rise comes from a minority of positions with large increases)")
+        parts.append(s)
+    low = r[r.reading == "lowers"]
+    if len(low):
+        parts.append(f"at {_layers(low)} the deepest removal *lowers* the loss at most positions (it fell at "
+                     f"{_pct_span(low.share_below_zero)}; sign test p ≤ {low.p_sign.max():.2g}): these experts' "
+                     "removal improves the prediction more often than not, which is not a buffer")
+    return "; ".join(parts)
+
+
+def cliff_text(breaks: pd.DataFrame, deepest: pd.DataFrame, calls: pd.DataFrame, *, threshold: float,
+               alpha: float = 0.05) -> str:
     """One model's progressive-ablation result as a paragraph (chapter 6): the deepest-removal means,
     the layers whose mean crosses ``threshold``, the interval calls at the deepest k
-    (:func:`threshold_calls`), the largest step and the shape of the widest distribution.
-    All three tables restricted to one model."""
+    (:func:`threshold_calls`), what the other layers support (:func:`buffer_phrase`: a buffer only
+    where the removal raises the loss), the largest step and the shape of the widest distribution.
+    All three tables restricted to one model; ``deepest`` a :func:`deepest_removal_summary` or
+    :func:`removal_direction` result (the sign tests use ``alpha`` when it lacks ``direction``)."""
+    if "direction" not in deepest:
+        deepest = removal_direction(deepest, alpha=alpha)
     b, d = breaks, deepest.set_index("layer")
     kmax = int(d.k.iloc[0])
     worst, mildest = b.loc[b.mean_deepest.idxmax()], b.loc[b.mean_deepest.idxmin()]
@@ -1032,11 +1402,92 @@ def cliff_text(breaks: pd.DataFrame, deepest: pd.DataFrame, calls: pd.DataFrame,
     else:
         s += f"No layer's mean crosses {threshold:g} nats at any k."
     s += _undecided(calls, threshold)
+    phrase = buffer_phrase(buffer_readings(breaks, deepest.reset_index(), calls), threshold=threshold)
+    if phrase:
+        s += f" Of the layers whose mean stays below {threshold:g} nats, " + phrase + "."
     return s + (f" The largest single step is at layer {steepest.layer}, k = {steepest.largest_step_k} "
                 f"({fmt_signed(steepest.largest_step)} nats). At k = {kmax} the median lies between "
                 f"{fmt_signed(d['median'].min())} and {fmt_signed(d['median'].max())} nats across layers; the widest "
                 f"upper tail is at layer {tail.name}, where the distribution is {shape_phrase(tail)}, and the positions "
                 f"above the 95th percentile contribute {tail.top5_share:.0%} of the summed increase.")
+
+
+def progressive_overview_text(readings: pd.DataFrame, breaks: pd.DataFrame, *, threshold: float) -> str:
+    """The progressive-ablation result over all models in two or three sentences (chapter 6, "Shows").
+
+    ``readings``: :func:`buffer_readings` (every model); ``breaks``: :func:`redundancy_breaks`. States
+    the range of the deepest-removal means, how many layers cross ``threshold``, in how many the
+    deepest removal raises or lowers the loss at more than half of the positions (sign test) and in
+    how many the share of positions where the loss fell is not distinguishable from one half, and
+    at which layers a buffer is shown; whether any layer is in the regime the paper's explanation
+    needs (removals that raise the loss, but little) follows from that count alone.
+    """
+    n = len(readings)
+    count = lambda what: int((readings.reading == what).sum())  # noqa: E731
+    n_cross = int(breaks.first_k_above.notna().sum())
+    raises = int((readings.direction == "raises").sum())
+    lowers = int((readings.direction == "lowers").sum())
+    flat = readings[readings.direction == "undistinguished"]
+    s = (f"the mean loss change at the deepest removal ranges from {fmt_signed(breaks.mean_deepest.min())} to "
+         f"{fmt_signed(breaks.mean_deepest.max())} nats over {n} audited layers, and "
+         + (f"no layer crosses {threshold:g} nats. " if n_cross == 0 else
+            f"{n_cross} of them cross{'es' if n_cross == 1 else ''} {threshold:g} nats. ")
+         + f"The deepest removal raises the loss at more than half of the positions (two-sided sign test, Bonferroni "
+           f"over each model's layers) at {raises} of the {n} layers"
+         + (f" and lowers it at {lowers}" if lowers else "")
+         + (f"; at {len(flat)} the share of positions where the loss fell ({_pct_span(flat.share_below_zero)}) is not "
+            "distinguishable from one half, so there the removal's effect is not distinguishable from noise in "
+            "direction" if len(flat) else "") + ". ")
+    buf = readings[readings.reading == "buffer"]
+    if len(buf):
+        s += (f"A buffer (removals that raise the loss, but by less than {threshold:g} nats on average) is shown at "
+              f"{len(buf)} of the {n} layers ("
+              + "; ".join(f"{m}: {join_words(g.layer)}" for m, g in buf.groupby("model", sort=False))
+              + f"); only {'that layer is' if len(buf) == 1 else 'those are'} in the regime the paper uses to explain why "
+                "observational pruning criteria \"work\" without identifying dispensable experts.")
+    else:
+        s += ("A buffer (removals that raise the loss, but by less than the threshold on average) is shown at no "
+              "layer, so no layer of this run is shown to be in the regime the paper uses to explain why observational "
+              "pruning criteria \"work\" without identifying dispensable experts"
+              + (": that regime needs removals that raise the loss, and where the share of positions whose loss "
+                 "fell is near one half the removal's effect is not distinguishable from noise in direction." if len(flat)
+                 else "."))
+    return s
+
+
+def paper_share_positive_text(rel: pd.DataFrame, *, alpha: float = 0.05) -> str:
+    """The released progressive-ablation summary's share of positions whose loss rose, per layer, with
+    a sign test against one half (chapter 6).
+
+    ``rel``: :func:`moeaudit.released.progressive_ablation` rows of one ``k`` (``layer``,
+    ``share_positive``, ``n``). The summary gives only the share that rose, so every other position
+    is counted as a fall: positions with no change at all would make the true test *more* favourable
+    to a rise, so a rise called distinguishable here is distinguishable, while a share called not
+    distinguishable could become so if many positions did not change. Two-sided sign test
+    (:func:`moeaudit.stats.sign_test`) at the Bonferroni level ``alpha / len(rel)``.
+    """
+    from .stats import sign_test  # noqa: PLC0415
+
+    n_up = [int(round(sh * n)) for sh, n in zip(rel.share_positive, rel.n)]
+    p = [sign_test(u, int(n) - u) for u, n in zip(n_up, rel.n)]
+    level = alpha / len(rel)
+    up = [L for L, sh, q in zip(rel.layer, rel.share_positive, p) if q < level and sh > 0.5]
+    down = [L for L, sh, q in zip(rel.layer, rel.share_positive, p) if q < level and sh < 0.5]
+    flat = [L for L, q in zip(rel.layer, p) if not q < level]
+    s = (join_words(f"layer {L} {sh:.0%} (sign test p = {q:.2g})" for L, sh, q in zip(rel.layer, rel.share_positive, p))
+         + f" (n = {int(rel.n.min())} positions per layer; a position whose loss did not rise is counted as a fall). "
+         f"At the Bonferroni level {alpha:g}/{len(rel)} = {level:.3g}, ")
+    parts = []
+    if up:
+        parts.append(f"the loss rose at more than half of the positions at layer{'s' if len(up) > 1 else ''} {join_words(up)}")
+    if down:
+        parts.append(f"it fell at more than half at layer{'s' if len(down) > 1 else ''} {join_words(down)}")
+    if flat:
+        parts.append(f"at layer{'s' if len(flat) > 1 else ''} {join_words(flat)} the share is not distinguishable from "
+                     "one half (unless many positions did not change at all, which the summary does not say): there the "
+                     "paper's own numbers do not show the removal raising the loss at most positions, which a buffer "
+                     "reading needs")
+    return s + "; ".join(parts) + "."
 
 
 def _crossing(crossed, last, threshold: float) -> str:
@@ -1048,20 +1499,24 @@ def _crossing(crossed, last, threshold: float) -> str:
 
 
 def cliff_comparison_text(breaks: pd.DataFrame, deepest: pd.DataFrame, calls: pd.DataFrame, paper_breaks: pd.DataFrame,
-                          *, last: int, threshold: float) -> str:
+                          *, last: int, threshold: float, alpha: float = 0.05) -> str:
     """One bullet comparing one model's crossings of ``threshold`` with the paper's Table 8
-    (``paper_breaks``: :func:`redundancy_breaks` of :func:`paper_progressive_table`), where the largest
-    deepest-removal mean lies, and the shape of the damage there (:func:`shape_phrase`)."""
+    (``paper_breaks``: :func:`redundancy_breaks` of :func:`paper_progressive_table`), what the layers
+    below the threshold support (:func:`buffer_phrase`), where the largest deepest-removal mean lies,
+    and the shape of the damage there (:func:`shape_phrase`). ``deepest`` as in :func:`cliff_text`."""
+    if "direction" not in deepest:
+        deepest = removal_direction(deepest, alpha=alpha)
     b, d = breaks.set_index("layer"), deepest.set_index("layer")
     crossed = list(b.index[b.first_k_above.notna()])
     p_crossed = list(paper_breaks.layer[paper_breaks.first_k_above.notna()])
     p_last = int(paper_breaks.layer.max())
     same = (not crossed and not p_crossed) or (crossed == [last] and p_crossed == [p_last])
-    shape = _crossing(crossed, last, threshold) + (", so by this threshold every audited layer keeps a buffer"
-                                                   if not crossed else "")
+    shape = _crossing(crossed, last, threshold)
     undecided = calls[calls.call == "undecided"]
     shape += (f" (the interval of the mean at the deepest removal contains {threshold:g} nats at layer"
               f"{'s' if len(undecided) > 1 else ''} {join_words(undecided.layer)})" if len(undecided) else "")
+    phrase = buffer_phrase(buffer_readings(breaks, deepest.reset_index(), calls), threshold=threshold)
+    shape += f"; {phrase}" if phrase else ""
     shape += ("; as in the paper's Table 8" if same else "; in the paper's Table 8, "
               + _crossing(p_crossed, p_last, threshold))
     worst = b.mean_deepest.idxmax()

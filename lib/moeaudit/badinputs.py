@@ -22,7 +22,8 @@ from .paths import REPO_ROOT
 #: where ``python -m moeaudit.book bad-inputs`` writes :func:`page`
 BAD_INPUTS_PAGE = "docs/bad_inputs.md"
 
-#: (chapter, parameter, the -p value as typed, library calls that take the same value: see _library_call)
+#: (chapter, parameter, the -p value as typed, library calls that take the same value: see _library_call[,
+#: other (parameter, value) pairs given before it])
 BAD_INPUTS = [
     ("04_audit", "n_positions", "2", "positions paired_effect"),
     ("04_audit", "n_positions", "abc", "positions"),
@@ -54,6 +55,7 @@ BAD_INPUTS = [
     ("04_audit", "tost_bound_d", "0", None),
     ("04_audit", "corpus", "wikitxt-2", "resolve_corpus"),
     ("04_audit", "text_form", "raw", "select_texts_form"),
+    ("04_audit", "text_form", "wikitext", "resolve_text_form", (("corpus", "wikitext-2"),)),
     ("04_audit", "data_dir", "/nonexistent/moeaudit-data", "data_dir"),
     ("01_introduction", "layer", "9", None),
     ("01_introduction", "seq_id", "10", None),
@@ -99,6 +101,8 @@ def _library_call(kind: str, value) -> tuple[str, str]:
         "from_texts": (f"corpus.TokenizedCorpus.from_texts(texts, tokenizer, max_tokens={value!r})",
                        lambda: C.TokenizedCorpus.from_texts(["x"], None, max_tokens=value)),
         "resolve_corpus": (f"corpus.resolve_corpus({value!r})", lambda: C.resolve_corpus(value)),
+        "resolve_text_form": (f"corpus.resolve_text_form('wikitext-2', {value!r})",
+                              lambda: C.resolve_text_form("wikitext-2", value)),
         "data_dir": (f"paths.data_dir({value!r})", lambda: paths.data_dir(value)),
     }
     if kind == "paired_effect":
@@ -155,8 +159,9 @@ def parameter_table() -> str:
             "without the schema: `accepted` means the value goes through and fails later or silently.", "",
             "| input | chapter | message | library, called directly |", "|---|---|---|---|"]
     defaults: dict[str, dict] = {}
-    for stem, name, raw, kind in BAD_INPUTS:
-        given = _parse_params([(name, raw)])
+    for stem, name, raw, kind, *with_params in BAD_INPUTS:  # with_params: other -p pairs given with it
+        pairs = [*(with_params[0] if with_params else ()), (name, raw)]
+        given = _parse_params(pairs)
         defaults.setdefault(stem, notebook_parameters(stem))
         try:
             validate(stem, {**defaults[stem], **given})
@@ -165,7 +170,8 @@ def parameter_table() -> str:
             message = str(err)
         library = "; ".join(f"`{call}`: {outcome}" for call, outcome in
                             (_library_call(k, given[name]) for k in (kind or "").split()))
-        rows.append(f"| `-p {name} {raw}` | {stem} | {_cell(message)} | {_cell(library)} |")
+        shown = " ".join(f"-p {n} {r}" for n, r in pairs)
+        rows.append(f"| `{shown}` | {stem} | {_cell(message)} | {_cell(library)} |")
     return "\n".join(rows) + "\n"
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,10 +239,111 @@ def _embedded(requested: str, split: str, reason: str | None) -> CorpusSource:
     return CorpusSource("embedded", EMBEDDED_VERSION, "the moeaudit package", requested, split, reason, tuple(lines))
 
 
-#: how a selected line becomes a text: "released" keeps it as the corpus serves it (WikiText-2's lines
-#: start with a space and end with a line break, and the released code feeds them so); "stripped"
-#: removes the surrounding whitespace
-TEXT_FORMS = ("released", "stripped")
+#: how a selected line becomes a text (the ``text_form`` parameter):
+#:
+#: ``"released"``
+#:     the line as the corpus serves it: WikiText-2's lines start with a space and end with a line
+#:     break, and the released code feeds them so;
+#: ``"stripped"``
+#:     the line without its surrounding whitespace;
+#: ``"wikitext"``
+#:     the embedded corpus only: each paragraph written in WikiText-2's tokenized form, the form the
+#:     shipped models were trained on (:func:`wikitext_form`), and served as WikiText-2 serves its
+#:     lines (leading space, line break);
+#: ``"auto"``
+#:     ``"wikitext"`` for the embedded corpus, ``"released"`` for WikiText-2 and for a file.
+TEXT_FORMS = ("auto", "released", "stripped", "wikitext")
+#: the forms that exist for each kind of corpus (``CorpusSource.name``), the first being ``"auto"``'s choice
+CORPUS_TEXT_FORMS = {"embedded": ("wikitext", "released", "stripped"),
+                     "wikitext-2": ("released", "stripped"),
+                     "file": ("released", "stripped")}
+#: capitalised words of the embedded corpus written ``<unk>`` in its WikiText form (see :func:`derive_unk_words`)
+EMBEDDED_UNK_WORDS = EMBEDDED_CORPUS.with_name("embedded_corpus_unk.txt")
+UNK_TOKEN = "<unk>"
+
+
+def resolve_text_form(source: "CorpusSource | str", text_form: str = "auto") -> str:
+    """The form in which the texts of ``source`` are read: ``text_form`` checked against the forms
+    that exist for that corpus (:data:`CORPUS_TEXT_FORMS`), with ``"auto"`` replaced by the corpus's
+    own form (``"wikitext"`` for the embedded corpus, else ``"released"``).
+
+    ``source``: a :class:`CorpusSource` or its ``name`` (``"embedded"``, ``"wikitext-2"``, ``"file"``).
+    ``ValueError`` naming the parameter, the corpus and the allowed forms when the form does not exist
+    for it (``"wikitext"`` for WikiText-2, which is already in that form, or for a file).
+    """
+    name = source.name if isinstance(source, CorpusSource) else str(source)
+    if name not in CORPUS_TEXT_FORMS:
+        raise ValueError(f"unknown corpus kind {name!r}: expected one of {tuple(CORPUS_TEXT_FORMS)}")
+    allowed = CORPUS_TEXT_FORMS[name]
+    if text_form == "auto":
+        return allowed[0]
+    if text_form not in allowed:
+        what = source.describe() if isinstance(source, CorpusSource) else f"a {name} corpus"
+        why = {"wikitext-2": " (WikiText-2 is already in its tokenized form)",
+               "file": " (a file is read as written)"}.get(name, "") if text_form == "wikitext" else ""
+        raise ValueError(f"text_form={text_form!r} does not exist for {what}{why}; the forms allowed for this corpus "
+                         f"are {', '.join(repr(f) for f in ('auto', *allowed))}")
+    return text_form
+
+
+_NUMBER_SEP = re.compile(r"(?<=\d)([,.])(?=\d)")
+_WORD_HYPHEN = re.compile(r"(?<=[A-Za-z0-9])-(?=[A-Za-z0-9])")
+_CLITIC = re.compile(r"(?<=[A-Za-z])('t|'s|'re|'ve|'ll|'d|'m)\b", re.IGNORECASE)
+_PLURAL_POSSESSIVE = re.compile(r"(?<=s)'(?=\s|$)")
+_PUNCT = re.compile(r"([,.;:!?()\[\]\"%$–—])")
+_WORD = re.compile(r"[A-Za-z]+")
+
+
+def wikitext_form(text: str, unk_words=frozenset()) -> str:
+    """One paragraph of ordinary orthography written in WikiText-2's tokenized form (Merity et al.,
+    2016, the release the shipped models were trained on), without its leading space and line break.
+
+    The conventions are WikiText-2's: punctuation, brackets, quotes, ``%``, ``$`` and dashes are
+    separate tokens (``"sea , and"``); a hyphen between letters or digits is ``@-@``
+    (``"crown @-@ mark"``), a thousands separator ``@,@`` and a decimal point ``@.@``
+    (``"1 @,@ 000"``, ``"3 @.@ 5"``); clitics are split (``"planet 's"``, ``"didn 't"``,
+    ``"workers '"``); every whole word in ``unk_words`` is written ``<unk>``, as WikiText writes the
+    words outside its vocabulary. Tokens are separated by single spaces.
+
+    >>> wikitext_form("The crown-mark (1,000 grains, 3.5%) was Odric's.", {"Odric"})
+    'The crown @-@ mark ( 1 @,@ 000 grains , 3 @.@ 5 % ) was <unk> \'s .'
+    """
+    s = _NUMBER_SEP.sub(lambda m: f" @{m.group(1)}@ ", text.strip())
+    s = _WORD_HYPHEN.sub(" @-@ ", s)
+    s = _CLITIC.sub(r" \1", s)
+    s = _PLURAL_POSSESSIVE.sub(" '", s)
+    # punctuation, except the '@,@' and '@.@' markers made above
+    s = re.sub(r"(?<!@)([,.])(?!@)", r" \1 ", s)
+    s = _PUNCT.sub(lambda m: m.group(1) if m.group(1) in ",." else f" {m.group(1)} ", s)
+    if unk_words:
+        s = _WORD.sub(lambda m: UNK_TOKEN if m.group(0) in unk_words else m.group(0), s)
+    return " ".join(s.split())
+
+
+def derive_unk_words(corpus_lines, training_lines) -> list[str]:
+    """The words of ``corpus_lines`` that the WikiText form writes as ``<unk>``: capitalised words
+    (letters only) that occur in ``training_lines`` neither as written nor in lower case.
+
+    ``training_lines`` are the text the shipped models were trained on (WikiText-2's validation
+    split): a capitalised word outside it is a name the models have never seen, mostly one invented
+    for the embedded corpus, which WikiText itself would have replaced by ``<unk>``. Ordinary words
+    that are capitalised only at the start of a sentence are kept whenever their lower-case form was
+    seen. Returns the sorted list of distinct words.
+    """
+    seen = set()
+    for ln in training_lines:
+        seen.update(ln.split())
+    seen_lower = {w.lower() for w in seen}
+    words = {w for ln in corpus_lines for w in _WORD.findall(ln)}
+    return sorted(w for w in words if w[0].isupper() and w not in seen and w.lower() not in seen_lower)
+
+
+def embedded_unk_words() -> frozenset[str]:
+    """The shipped list behind the embedded corpus's WikiText form (:data:`EMBEDDED_UNK_WORDS`; lines
+    starting with ``#`` are its provenance). Rebuilt from the data by ``python -m moeaudit.corpus
+    unk-words`` and checked identical by the tests when WikiText-2 is present."""
+    lines = EMBEDDED_UNK_WORDS.read_text(encoding="utf-8").split("\n")
+    return frozenset(ln.strip() for ln in lines if ln.strip() and not ln.startswith("#"))
 
 
 def select_texts(lines: list[str], *, n_texts: int = 100, min_chars: int = 50, text_form: str = "released") -> list[str]:
@@ -250,18 +352,25 @@ def select_texts(lines: list[str], *, n_texts: int = 100, min_chars: int = 50, t
 
     ``text_form="released"`` returns each line as the corpus serves it, ending with its line break
     (restored when the file was read line by line), which is how the released code feeds the hub's
-    lines to the tokenizer; ``"stripped"`` strips surrounding whitespace. The two give different
-    first and last tokens. ``ValueError`` for ``n_texts < 1``, an unknown ``text_form`` or too few lines.
+    lines to the tokenizer; ``"stripped"`` strips surrounding whitespace; ``"wikitext"`` writes each
+    selected line in WikiText-2's tokenized form (:func:`wikitext_form`, with the embedded corpus's
+    ``<unk>`` list) served as WikiText-2's lines are (``" " + text + " \\n"``). The selection is the
+    same in every form. ``ValueError`` for ``n_texts < 1``, an unknown ``text_form`` (``"auto"``
+    must be resolved first: :func:`resolve_text_form`) or too few lines.
     """
     if n_texts < 1:
         raise ValueError(f"n_texts must be >= 1, got {n_texts}")
-    if text_form not in TEXT_FORMS:
-        raise ValueError(f"text_form={text_form!r} is not one of {TEXT_FORMS}")
+    if text_form not in TEXT_FORMS or text_form == "auto":
+        raise ValueError(f"text_form={text_form!r} is not one of {TEXT_FORMS[1:]}"
+                         + (" (resolve 'auto' for a corpus with resolve_text_form)" if text_form == "auto" else ""))
     chosen = [ln for ln in lines if len(ln.strip()) > min_chars][:n_texts]
     if len(chosen) < n_texts:
         raise ValueError(f"n_texts={n_texts} but only {len(chosen)} lines are longer than {min_chars} characters")
     if text_form == "stripped":
         return [ln.strip() for ln in chosen]
+    if text_form == "wikitext":
+        unk = embedded_unk_words()
+        return [f" {wikitext_form(ln, unk)} \n" for ln in chosen]
     return [ln if ln.endswith("\n") else ln + "\n" for ln in chosen]
 
 
@@ -351,24 +460,82 @@ def integer_ids(values, name: str) -> list[int]:
 
 
 def load_eval_corpus(tokenizer, *, corpus: str | os.PathLike | CorpusSource = "auto", n_texts: int = 100,
-                     max_tokens: int = 512, min_chars: int = 50, split: str = "test", text_form: str = "released",
+                     max_tokens: int = 512, min_chars: int = 50, split: str = "test", text_form: str = "auto",
                      data_dir: str | Path | None = None) -> TokenizedCorpus:
     """The paper's evaluation corpus: the first ``n_texts`` lines longer than ``min_chars``
     characters (:func:`select_texts`, in ``text_form``), tokenized and truncated to ``max_tokens``
     (paper, Section 2).
 
     ``corpus`` is the parameter value or an already resolved :class:`CorpusSource`; its
-    :meth:`CorpusSource.key` and ``text_form`` are stored in ``meta`` (and so in every
-    record-cache key). Raises as :func:`resolve_corpus` does, and ``ValueError`` naming ``corpus``
+    :meth:`CorpusSource.key` and the resolved ``text_form`` (:func:`resolve_text_form`) are stored in
+    ``meta`` (and so in every record-cache key). Raises as :func:`resolve_corpus` does, ``ValueError``
+    for a ``text_form`` that does not exist for the corpus, and ``ValueError`` naming ``corpus``
     when it has fewer than ``n_texts`` long enough lines.
     """
     source = corpus if isinstance(corpus, CorpusSource) else resolve_corpus(corpus, split=split, data_dir=data_dir)
+    text_form = resolve_text_form(source, text_form)
     try:
         texts = select_texts(list(source.lines), n_texts=n_texts, min_chars=min_chars, text_form=text_form)
     except ValueError as exc:
         raise ValueError(f"corpus={source.requested!r} ({source.describe()}): {exc}") from None
     return TokenizedCorpus.from_texts(texts, tokenizer, max_tokens=max_tokens, split=source.split, n_texts=n_texts,
                                       min_chars=min_chars, text_form=text_form, **source.key())
+
+
+def in_sample_unigram_loss(target_ids) -> float:
+    """Mean loss (nats per token) of the unigram model fitted to the very tokens it is scored on.
+
+    ``target_ids``: the predicted tokens (1-D integers; negative ids, such as the ``-1`` that marks a
+    text's last token in a clean pass, are ignored). With counts c_v over the N targets,
+    ``-(1/N) * sum_v c_v * log(c_v / N)``: the entropy of the targets' empirical distribution, the
+    best loss any model that ignores context can reach on these tokens. A language model's gain over
+    it measures what the model takes from context on this text. ``ValueError`` for no target.
+
+    >>> round(in_sample_unigram_loss([1, 1, 2, 3]), 4)  # -(2 ln 0.5 + 2 ln 0.25) / 4
+    1.0397
+    """
+    ids = np.asarray(target_ids).ravel()
+    ids = ids[ids >= 0]
+    if ids.size == 0:
+        raise ValueError("in_sample_unigram_loss needs at least one target token")
+    counts = np.unique(ids, return_counts=True)[1].astype(np.float64)
+    n = counts.sum()
+    return float(-(counts * np.log(counts / n)).sum() / n)
+
+
+#: below this gain over the in-sample unigram (nats per token) a model takes little from context on the
+#: text it is read on, and the pages say so (:func:`loss_regime`)
+NEAR_UNIGRAM_GAIN = 0.5
+#: a model within this many nats per token of a uniform guess over its vocabulary has learnt nothing of the text
+CHANCE_MARGIN = 0.5
+
+
+def loss_regime(target_ids, losses, vocab_size: int) -> dict:
+    """How well a model reads a text: its mean loss against the two baselines that ignore context.
+
+    ``target_ids`` (N,) the predicted tokens and ``losses`` (N,) the model's loss on each, nats
+    (rows with a negative target id or a non-finite loss, such as a text's last token, are left out);
+    ``vocab_size`` V. Returns ``mean_loss``; ``unigram_loss`` (:func:`in_sample_unigram_loss` of the
+    same targets); ``uniform_loss`` = ln V; ``gain`` = unigram_loss - mean_loss (what the model takes
+    from context on this text); ``n_tokens``; ``near_unigram`` = gain < :data:`NEAR_UNIGRAM_GAIN`;
+    ``above_chance`` = mean_loss < uniform_loss - :data:`CHANCE_MARGIN`. ``ValueError`` for
+    ``vocab_size < 2``, unequal lengths or no scored token.
+
+    >>> r = loss_regime([1, 1, 2, 3, -1], [0.5, 0.5, 1.0, 1.0, float("nan")], 8)
+    >>> round(r["unigram_loss"], 4), r["mean_loss"], round(r["gain"], 4), r["near_unigram"]
+    (1.0397, 0.75, 0.2897, True)
+    """
+    ids = np.asarray(target_ids).ravel()
+    loss = np.asarray(losses, dtype=np.float64).ravel()
+    if ids.shape != loss.shape:
+        raise ValueError(f"target_ids and losses differ in length: {ids.size} and {loss.size}")
+    keep = (ids >= 0) & np.isfinite(loss)
+    if vocab_size < 2 or not keep.any():
+        raise ValueError(f"need vocab_size >= 2 and at least one scored token, got {vocab_size} and {int(keep.sum())}")
+    mean, unigram, uniform = float(loss[keep].mean()), in_sample_unigram_loss(ids[keep]), float(np.log(vocab_size))
+    return {"mean_loss": mean, "unigram_loss": unigram, "uniform_loss": uniform, "gain": unigram - mean,
+            "n_tokens": int(keep.sum()), "near_unigram": bool(unigram - mean < NEAR_UNIGRAM_GAIN),
+            "above_chance": bool(mean < uniform - CHANCE_MARGIN)}
 
 
 def valid_positions(corpus: TokenizedCorpus, *, min_context: int = 0) -> pd.DataFrame:

@@ -73,7 +73,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 #: the two intervention definitions of the ablation engine
 MODES = ("token", "sequence")
 #: :data:`moeaudit.corpus.TEXT_FORMS`
-TEXT_FORMS = ("released", "stripped")
+TEXT_FORMS = ("auto", "released", "stripped", "wikitext")
+#: :data:`moeaudit.corpus.CORPUS_TEXT_FORMS` for the corpora known before the corpus is read (a path is a file)
+CORPUS_TEXT_FORMS = {"embedded": ("wikitext", "released", "stripped"), "wikitext-2": ("released", "stripped"),
+                     "file": ("released", "stripped")}
 #: :data:`moeaudit.corpus.CORPUS_CHOICES` (any other value is the path of a text file)
 CORPUS_CHOICES = ("auto", "wikitext-2", "embedded")
 #: :data:`moeaudit.models.SUPPORTED_FAMILIES` (the registry :mod:`moeaudit.families` is plain Python)
@@ -230,7 +233,8 @@ TostBound = Annotated[float, _allowed("a number > 0 (an equivalence bound in d_z
 NBoot = Annotated[int, _allowed(f"an integer >= {MIN_BOOT} (bootstrap resamples)", ge=MIN_BOOT)]
 Corpus = Annotated[str | Path, AfterValidator(_check_corpus), _allowed(
     "auto, wikitext-2, embedded, or the path of a text file (one text per line)")]
-TextForm = Annotated[Literal[TEXT_FORMS], _allowed(_one_of(TEXT_FORMS))]
+TextForm = Annotated[Literal[TEXT_FORMS], _allowed(
+    "auto (the corpus's own form), released, stripped, or wikitext (the embedded corpus only)")]
 DataDir = Annotated[str | Path | None, AfterValidator(_check_data_dir), _allowed(
     "null ($MOEAUDIT_DATA_DIR) or an existing directory")]
 ResultsDir = Annotated[str | Path | None, AfterValidator(_check_results_dir), _allowed(
@@ -298,6 +302,13 @@ class ChapterParameters(BaseModel):
         if given.get("seq_id") is not None and "n_texts" in fields and given["seq_id"] >= given["n_texts"]:
             raise _refuse("seq_id", f"there is no text {given['seq_id']} among n_texts={given['n_texts']} texts, "
                                     f"numbered 0 to {given['n_texts'] - 1}")
+        if given.get("text_form", "auto") != "auto" and "corpus" in fields:
+            corpus = os.fspath(given["corpus"])
+            kind = corpus if corpus in CORPUS_TEXT_FORMS else ("file" if corpus not in CORPUS_CHOICES else None)
+            if kind is not None and given["text_form"] not in CORPUS_TEXT_FORMS[kind]:  # "auto" is checked once read
+                allowed = ", ".join(repr(f) for f in ("auto", *CORPUS_TEXT_FORMS[kind]))
+                raise _refuse("text_form", f"the form {given['text_form']!r} does not exist for corpus={corpus!r}; "
+                                           f"the forms of this corpus are {allowed}")
         if "half_dtype" in fields and given["half_dtype"] == given["dtype"]:
             raise _refuse("half_dtype", f"it equals dtype={given['dtype']!r}: the noise floor compares two precisions")
         for i, name in enumerate(given.get("models") or []):

@@ -282,3 +282,132 @@ def best_time(fn, *, repeats: int = 3) -> float:
         fn()
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+def corrected_rank_claims(by_criterion, *, alpha: float, n_draws: int):
+    """Per model: can the rank test show that a criterion failing the token-level audit prunes
+    better than random, once corrected for the number of such criteria tested?
+
+    ``by_criterion``: :func:`rank_tests_by_criterion` with ``token_cells`` (the number of the
+    criterion's token-level audit cells that pass) and the renamed column ``p_max`` (its largest
+    rank p over the fractions). A criterion beats random at every fraction when ``p_max`` is at
+    most the level (an intersection–union test: every fraction must reject, so no correction over
+    fractions is needed); the claim "some failing criterion prunes better than chance" is a union
+    over the model's ``m`` failing criteria, so its level is Bonferroni's ``alpha / m``. The rank
+    p-value cannot go below ``p_min = 1 / (n_draws + 1)``, so the corrected test can only reject
+    when ``p_min <= alpha / m``, i.e. with at least ``ceil(m / alpha) - 1`` draws.
+
+    One row per model (in order of appearance) with ``m``, ``level`` (``alpha / m``; NaN when
+    ``m = 0``), ``p_min``, ``attainable`` (``p_min <= level``), ``draws_needed``, ``corrected``
+    (failing criteria with ``p_max <= level``, a list), ``uncorrected`` (those with
+    ``p_max <= alpha``) and ``uncorrected_p`` (their ``p_max``). ``ValueError`` for ``n_draws < 1`` or ``alpha`` outside (0, 1).
+    """
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if n_draws < 1:
+        raise ValueError(f"n_draws must be >= 1, got {n_draws}")
+    p_min = 1.0 / (n_draws + 1)
+    rows = []
+    for model, g in by_criterion.groupby("model", sort=False):
+        failed = g[g.token_cells == 0]
+        m = len(failed)
+        level = alpha / m if m else float("nan")
+        rows.append({"model": model, "m": m, "level": level, "p_min": p_min,
+                     "attainable": bool(m and p_min <= level + 1e-12),
+                     "draws_needed": int(np.ceil(m / alpha - 1e-9)) - 1 if m else 0,
+                     "corrected": list(failed.criterion[failed.p_max <= level + 1e-12]) if m else [],
+                     "uncorrected": list(failed.criterion[failed.p_max <= alpha]) if m else [],
+                     "uncorrected_p": list(failed.p_max[failed.p_max <= alpha]) if m else []})
+    return pd.DataFrame(rows)
+
+
+def validity_claim_texts(claims, *, alpha: float, n_draws: int, labels=None) -> dict:
+    """The verdicts of chapter 10 on "token-level validity is not necessary for pruning better than
+    chance", from :func:`corrected_rank_claims`, as ``{"paper_claim_verdict": ..., "shows_verdict": ...}``
+    (sentences without a final period, to be followed by one).
+
+    A model counts against the paper's claim only where a failing criterion beats the random draws
+    at every fraction at the *corrected* level. An uncorrected pass is named and set aside; where
+    the corrected level lies below the smallest attainable rank p, the text says that this design
+    could not show the claim wrong at all, and how many draws would be needed. A test that does not
+    reject is never read as showing the criteria no better than random. ``labels``: criterion ->
+    display name.
+    """
+    name = (lambda c: labels.get(c, c)) if labels else (lambda c: c)  # noqa: E731
+    c = claims[claims.m > 0]
+    if c.empty:
+        msg = "No per-expert criterion fails the token-level audit, so the rank test has nothing to say about the claim"
+        return {"paper_claim_verdict": msg, "shows_verdict": msg}
+    ms = sorted(set(c.m))
+    m_txt = f"{ms[0]}" if len(ms) == 1 else f"{ms[0]}–{ms[-1]}"
+    levels = sorted(set(round(v, 6) for v in c.level))
+    lvl_txt = f"{levels[0]:.3g}" if len(levels) == 1 else f"{levels[0]:.3g}–{levels[-1]:.3g}"
+    p_min = float(c.p_min.iloc[0])
+    head = (f"Corrected for the {m_txt} failing criteria tested per model (Bonferroni, α/m = {lvl_txt}; each criterion "
+            "must reach it at every fraction)")
+    against = c[c.corrected.map(len) > 0]
+    unc = c[c.uncorrected.map(len) > 0]
+    unc_items = [(r.model, x, q) for r in unc.itertuples() for x, q in zip(r.uncorrected, r.uncorrected_p)]
+    unc_txt = "; ".join(f"{name(x)} on {m} (largest p {q:.3f}" + (", the smallest attainable)" if abs(q - p_min) < 1e-9
+                                                                  else ")") for m, x, q in unc_items)
+    unattainable = c[~c.attainable]
+    attain_txt = ""
+    if len(unattainable):
+        need = int(unattainable.draws_needed.max())
+        attain_txt = (f"with {n_draws} random draws the rank p-value cannot go below 1/{n_draws + 1} = {p_min:.3f}, above "
+                      f"the corrected level{'s' if len(levels) > 1 else ''}, so this design cannot show any criterion "
+                      f"better than random after correction{' on ' + ', '.join(unattainable.model) if len(unattainable) < len(c) else ''} "
+                      f"(that needs at least {need} draws)")
+    if len(against):
+        models = ", ".join(against.model)
+        verdict = (f"{head}, the claim is contradicted on {models}: "
+                   + "; ".join(f"{', '.join(name(x) for x in r.corrected)} ({r.model}) beat{'s' if len(r.corrected) == 1 else ''} "
+                               "the random draws at every fraction" for r in against.itertuples())
+                   + ". On the other models no failing criterion is shown better than the random draws")
+        shows = (f"So on {models} token-level validity, the paper's Definition 2.1, is not necessary for a criterion to "
+                 f"prune better than chance (corrected for the criteria tested); on the other models the rank test does "
+                 "not show it")
+        return {"paper_claim_verdict": verdict, "shows_verdict": shows}
+    verdict = f"{head}, no criterion that fails the token-level audit is shown to prune better than the random draws"
+    if attain_txt:
+        verdict += f": {attain_txt}"
+    if len(unc):
+        verdict += (f". Uncorrected, {unc_txt} {'has' if len(unc_items) == 1 else 'have'} rank p ≤ {alpha:g} at every "
+                    f"fraction, which does not survive the correction and is not evidence against the claim")
+    verdict += (". The claim is not contradicted; nor is it confirmed, since a rank test that does not reject does not "
+                "show a criterion to be no better than random")
+    shows = ("So the rank test does not show, on any model, that a criterion failing the token-level audit prunes better "
+             "than chance: these data do not support the statement that token-level validity is unnecessary"
+             + (f" (and, with {n_draws} draws, could not have after correction)" if len(unattainable) == len(c) else "")
+             + ", nor do they show the failing criteria to be no better than random")
+    return {"paper_claim_verdict": verdict, "shows_verdict": shows}
+
+
+def below_unpruned_text(results, unpruned, *, labels=None) -> str:
+    """Whether pruning *improved* held-out perplexity (chapter 10), in computed prose.
+
+    ``results``: one row per pruning plan with ``model``, ``criterion`` (``"random"`` for a draw),
+    ``fraction``, ``perplexity``; ``unpruned``: {model: perplexity of the unpruned model}. Counts the
+    criterion plans and the random draws whose perplexity lies below the unpruned model's, names the
+    largest such improvement, and says that nothing is concluded from it; ``labels``: criterion ->
+    display name. A plain sentence when no plan is below the unpruned model.
+    """
+    name = (lambda c: labels.get(c, c)) if labels else (lambda c: c)  # noqa: E731
+    r = results.assign(base=results.model.map(unpruned).astype(float), perplexity=results.perplexity.astype(float))
+    r = r.assign(gain=r.base - r.perplexity)
+    below = r[r.gain > 0]
+    crit, rnd = r[r.criterion != "random"], r[r.criterion == "random"]
+    bc, br = below[below.criterion != "random"], below[below.criterion == "random"]
+    if below.empty:
+        return (f"No pruning plan lowers the held-out perplexity below the unpruned model's (all {len(crit)} criterion "
+                f"settings and {len(rnd)} random draws raise it or leave it unchanged).")
+    best = below.loc[below.gain.idxmax()]
+    who = "random draw" if best.criterion == "random" else name(best.criterion)
+    frac = f"{best.fraction:.1%}".replace(".0%", "%")
+    per_model = "; ".join(f"{m} {int((g.gain > 0).sum())} of {len(g)}" for m, g in r.groupby("model", sort=False))
+    return (f"Pruning *lowers* the held-out perplexity below the unpruned model's in {len(bc)} of the {len(crit)} "
+            f"criterion settings and {len(br)} of the {len(rnd)} random draws (per model, of all plans: {per_model}); "
+            f"the largest drop is {best.model}, {who} at {frac}, {best.perplexity:.2f} against {best.base:.2f} unpruned. On these small models removing experts "
+            "can thus improve the prediction of this held-out text; nothing is concluded from it here (it says nothing "
+            "about which criterion finds dispensable experts, and the comparisons above are with the random draws, not "
+            "with the unpruned model).")

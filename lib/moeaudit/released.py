@@ -1063,19 +1063,25 @@ def paper_family_verdicts(*, alpha: float = 0.05, data_dir=None) -> pd.DataFrame
     ``alpha_bonferroni`` (``alpha / cells``), ``uncorrected_t`` (p_t < ``alpha``: the paper's bold
     cells), ``uncorrected_t_positive`` (those with d > 0), ``bonferroni_t``, ``bonferroni_W`` (p below the Bonferroni level), ``bonferroni_both``
     (both below it: the paper's dual rule; the files store no sign for the Wilcoxon statistic, so
-    same-sign agreement cannot be checked and is not required here), ``max_abs_d`` (the stored d)
-    and ``share_positive``.
+    same-sign agreement cannot be checked and is not required here), ``holm_both`` and ``bh_both``
+    (the same rule with Holm's and Benjamini-Hochberg's adjusted p-values within the model's family,
+    :func:`moeaudit.stats.correct_family`), ``max_abs_d`` (the stored d) and ``share_positive``.
     """
+    from .stats import correct_family  # noqa: PLC0415
+
     st = stored_statistics(experiment="metric", data_dir=data_dir)
+    adjusted = correct_family(st.assign(same_sign=True), family=("model",), alpha=alpha)
     rows = []
     for m in MODELS:
         g = st[st.model == m]
+        adj = adjusted[adjusted.model == m]
         a = alpha / len(g)
         rows.append({"model": m, "cells": len(g), "alpha_bonferroni": a,
                      "uncorrected_t": int((g.p_t < alpha).sum()),
                      "uncorrected_t_positive": int(((g.p_t < alpha) & (g.cohens_d > 0)).sum()),
                      "bonferroni_t": int((g.p_t < a).sum()),
                      "bonferroni_W": int((g.p_W < a).sum()), "bonferroni_both": int(((g.p_t < a) & (g.p_W < a)).sum()),
+                     "holm_both": int(adj.sig_dual_holm.sum()), "bh_both": int(adj.sig_dual_bh.sum()),
                      "max_abs_d": float(g.cohens_d.abs().max()), "share_positive": float((g.cohens_d > 0).mean())})
     return pd.DataFrame(rows)
 

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
+from .corpus import NEAR_UNIGRAM_GAIN, loss_regime, resolve_text_form
 from .metrics import METRIC_LABELS
 
 PALETTE = "colorblind"  # seaborn's colour-blind-safe palette (Okabe-Ito-like)
@@ -78,27 +79,100 @@ def style_paper_layout(stats: pd.DataFrame, *, row: str = "ranking", col: str = 
             .set_properties(**{"white-space": "pre-wrap", "text-align": "center", "font-size": "0.85em"}))
 
 
-def dz_by_depth(ax, stats: pd.DataFrame, *, label: str, color, depth_col: str = "rel_depth") -> None:
-    """One model's d_z across depth with its 95% CI band (the paper's Figure 1 element)."""
+def depth_marked(stats: pd.DataFrame) -> pd.Series:
+    """Which cells :func:`dz_by_depth` marks with ``*``: the paired t-test significant at the
+    family's Bonferroni level (``sig_t_bonf``; a cell passing the dual rule, ``sig_dual_bonf``,
+    passes it too), Wilcoxon not required. Boolean, aligned with ``stats``."""
+    flags = [stats[c].fillna(False).astype(bool) for c in ("sig_t_bonf", "sig_dual_bonf") if c in stats.columns]
+    out = pd.Series(False, index=stats.index)
+    for f in flags:
+        out |= f
+    return out
+
+
+def dz_by_depth(ax, stats: pd.DataFrame, *, label: str, color, depth_col: str = "rel_depth",
+                mark_reversals: bool = False) -> None:
+    """One model's d_z across depth with its 95% CI band (the paper's Figure 1 element); ``*``
+    above the cells of :func:`depth_marked` (captioned by :func:`depth_marks_caption`). With
+    ``mark_reversals``, a marked cell with d_z < 0 (a reversal) gets a ``▼`` below its point instead,
+    so that a significant effect in the wrong direction is not starred like a positive one."""
     s = stats.sort_values(depth_col)
     ax.plot(s[depth_col], s.cohens_dz, marker="o", color=color, label=label)
     ax.fill_between(s[depth_col], s.dz_ci_low, s.dz_ci_high, color=color, alpha=0.18, linewidth=0)
-    for r in s.itertuples():
-        if getattr(r, "sig_dual_bonf", False) or getattr(r, "sig_t_bonf", False):
-            ax.annotate("*", (getattr(r, depth_col), r.cohens_dz), textcoords="offset points", xytext=(0, 6),
-                        ha="center", color=color, fontsize=14)
+    for r, marked in zip(s.itertuples(), depth_marked(s)):
+        if marked:
+            reversal = mark_reversals and r.cohens_dz < 0
+            ax.annotate("▼" if reversal else "*", (getattr(r, depth_col), r.cohens_dz), textcoords="offset points",
+                        xytext=(0, -14) if reversal else (0, 6), ha="center", color=color,
+                        fontsize=10 if reversal else 14)
+
+
+def depth_marks_caption(table: pd.DataFrame) -> str:
+    """The caption of the ``*`` marks of :func:`dz_by_depth` for the cells of ``table`` (an
+    :func:`moeaudit.stats.audit_table` result with ``model``, ``ranking``, ``layer``): which test
+    and level a mark means (two-sided paired t-test at the family's Bonferroni level, read from
+    ``alpha_corrected``; Wilcoxon not required), how it differs from the tables' ★ (the dual rule),
+    and which cells carry one, with how many of them pass the dual rule (markdown)."""
+    marked = depth_marked(table)
+    levels = value_span(table.alpha_corrected, "{:.4g}") if "alpha_corrected" in table.columns else ""
+    level = f" ({levels} per cell)" if levels and levels != "none" else ""
+    text = (f"A `*` above a point marks a cell whose two-sided paired t-test is significant at its family's "
+            f"Bonferroni level{level}, corrected; the Wilcoxon test is not required, so a `*` is not the paper's "
+            "verdict. The ★ of the tables also requires the Wilcoxon test at that level with the same sign (the dual "
+            "rule). ")
+    hits = table[marked]
+    if hits.empty:
+        return text + "No cell carries a `*`."
+    dual = int(hits.sig_dual_bonf.fillna(False).astype(bool).sum()) if "sig_dual_bonf" in hits.columns else 0
+
+    def label(r):
+        ranking = getattr(r, "ranking", "")
+        return METRIC_LABELS.get(ranking, ranking).lower()
+
+    named = "; ".join(f"{r.model}, {label(r)} at layer {r.layer} (d_z = {fmt_signed(r.cohens_dz)})"
+                      for r in hits.itertuples())
+    k = len(hits)
+    both = ("it also passes" if dual else "it does not pass") if k == 1 else (
+        "all of them also pass" if dual == k else "none of them passes" if dual == 0 else f"{dual} of them also pass")
+    return text + f"{plural(k, 'cell')} carr{'ies' if k == 1 else 'y'} a `*`: {named}; {both} the dual rule."
+
+
+#: What the values of each ranking are, for captions of tables that show them beside loss changes
+#: (nats): the observational metrics of :mod:`moeaudit.metrics` and the per-token routing weight.
+METRIC_VALUE_UNITS = {
+    "utilization_rate": "a share of the corpus's tokens, without unit",
+    "activation_norm": "a mean L2 norm of the expert's output vector, in the units of the hidden state",
+    "mean_routing_weight": "a mean router probability, without unit",
+    "activation_std": "a standard deviation of that norm, in the units of the hidden state",
+    "routing_weight": "the router probability at the token, without unit",
+}
+
+
+def traceability_caption(model: str, ranking: str, layer) -> str:
+    """The caption of a few raw pairs of one audit cell (markdown): ``expert_high``/``expert_low``
+    are the experts compared, ``value_high``/``value_low`` the ranking's values for them in that
+    metric's own units (:data:`METRIC_VALUE_UNITS`; not nats), ``delta_loss_high``,
+    ``delta_loss_low`` and ``diff`` = D the loss changes in nats. ``KeyError`` for an unknown
+    ``ranking``."""
+    label = METRIC_LABELS.get(ranking, ranking)
+    return (f"The first pairs of one cell ({model}, {label.lower()}, layer {layer}): the experts compared "
+            f"(`expert_high`, `expert_low`); the ranking's values for them (`value_high`, `value_low`: "
+            f"{METRIC_VALUE_UNITS[ranking]}; not nats); and the loss change when each is removed at the token "
+            "(`delta_loss_high`, `delta_loss_low`) with their difference `diff` = D, in nats.")
 
 
 def figure1(control: pd.DataFrame, observational: pd.DataFrame | None = None, *, title: str = ""):
     """The paper's Figure 1: per-model d_z of the routing-weight control across relative depth with
-    95% CI bands; a grey band spans the range of all observational-metric cells."""
+    95% CI bands; a grey band spans the range of all observational-metric cells. Marks as in
+    :func:`dz_by_depth` with ``mark_reversals``: ``*`` above a passing cell with d_z > 0, ``▼`` below
+    a passing reversal."""
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     if observational is not None and observational.cohens_dz.notna().any():  # untested cells (NaN) left out
         lo, hi = observational.cohens_dz.min(), observational.cohens_dz.max()
         ax.axhspan(lo, hi, color="0.6", alpha=0.25, label=f"all observational cells [{lo:+.2f}, {hi:+.2f}]")
     colors = model_colors(list(control.model.unique()))
     for m, s in control.groupby("model", sort=False):
-        dz_by_depth(ax, s, label=m, color=colors[m])
+        dz_by_depth(ax, s, label=m, color=colors[m], mark_reversals=True)
     ax.axhline(0, color="0.3", linewidth=0.8)
     ax.set_xlabel("relative depth of the audited MoE layer (0 = first, 1 = last)")
     ax.set_ylabel("Cohen's $d_z$ (paired, 95% CI)")
@@ -135,8 +209,8 @@ def _admonition(kind: str, title: str, body_html: str, plain: str):
 _SCOPES = {
     "page": "The numbers on this page are <strong>illustrative</strong>: they measure the models on other text "
             "than the paper's WikiText-2.",
-    "example": "Only the example predictions at the end of this page read it; the model card's measurements "
-               "come from the training records (WikiText-2).",
+    "example": "Only the row on the audited text and the example predictions at the end of this page read it; the "
+               "model card's measurements come from the training records (WikiText-2).",
 }
 
 
@@ -145,6 +219,10 @@ _FORMS = {
                 "released code feeds to the tokenizer; parameter <code>text_form</code>).",
     "stripped": "Each text is a line stripped of its surrounding whitespace (parameter <code>text_form</code>; the "
                 "released code keeps it).",
+    "wikitext": "Each text is a paragraph written in WikiText-2's tokenized form, the form the shipped models were "
+                "trained on: punctuation split off, <code>@-@</code> for a hyphen inside a word, <code>@,@</code> and "
+                "<code>@.@</code> inside numbers, and <code>&lt;unk&gt;</code> for a capitalised word that the "
+                "models' training text never contains (parameter <code>text_form</code>).",
 }
 
 
@@ -153,7 +231,8 @@ def corpus_admonition(source, *, scope: str = "page", text_form: str | None = No
     :class:`moeaudit.corpus.CorpusSource`): a note for WikiText-2, a warning for any other corpus
     (``scope="page"``: the page's numbers are illustrative; ``"example"``: only an example reads
     it), with how to get WikiText-2; with ``text_form`` (see :func:`moeaudit.corpus.select_texts`)
-    also how lines become texts. ``ValueError`` for another ``scope`` or ``text_form``."""
+    also how lines become texts (a resolved form: :func:`moeaudit.corpus.resolve_text_form`).
+    ``ValueError`` for another ``scope`` or ``text_form``."""
     if scope not in _SCOPES:
         raise ValueError(f"scope={scope!r} is not one of {tuple(_SCOPES)}")
     if text_form is not None and text_form not in _FORMS:
@@ -172,20 +251,22 @@ def corpus_admonition(source, *, scope: str = "page", text_form: str | None = No
 
 
 def show_corpus(corpus="auto", *, data_dir=None, scope: str = "page", text_form: str | None = None):
-    """Resolve the ``corpus`` parameter, display :func:`corpus_admonition`, and return the
-    :class:`moeaudit.corpus.CorpusSource` (pass it on to :func:`moeaudit.audit.prepare`).
+    """Resolve the ``corpus`` parameter (and ``text_form`` for it), display :func:`corpus_admonition`,
+    and return the :class:`moeaudit.corpus.CorpusSource` (pass it on to :func:`moeaudit.audit.prepare`).
 
-    Called in a chapter's first cell, so a bad ``corpus`` fails before any model is loaded. The
+    Called in a chapter's first cell, so a bad ``corpus``, or a ``text_form`` that does not exist
+    for it (``ValueError`` naming the allowed forms), fails before any model is loaded. The
     fallback warning of ``corpus="auto"`` is shown by the box instead of on stderr.
     """
     from IPython.display import display  # noqa: PLC0415
 
-    from .corpus import CorpusFallbackWarning, resolve_corpus  # noqa: PLC0415
+    from .corpus import CorpusFallbackWarning, resolve_corpus, resolve_text_form  # noqa: PLC0415
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CorpusFallbackWarning)
         source = resolve_corpus(corpus, data_dir=data_dir)
-    display(corpus_admonition(source, scope=scope, text_form=text_form))
+    form = resolve_text_form(source, text_form) if text_form is not None else None
+    display(corpus_admonition(source, scope=scope, text_form=form))
     return source
 
 
@@ -296,122 +377,428 @@ def show_untested_note(table: pd.DataFrame, **kwargs) -> str:
     return note
 
 
+#: The multiple-comparison corrections of the audit, in the order the verdicts name them: the name,
+#: the column of :func:`moeaudit.stats.family_verdicts` and that of
+#: :func:`moeaudit.released.paper_family_verdicts` counting the cells that pass the dual rule.
+VERDICT_CORRECTIONS = (("Bonferroni", "bonferroni_dual", "bonferroni_both"), ("Holm", "holm_dual", "holm_both"),
+                       ("Benjamini–Hochberg", "bh_dual", "bh_both"))
+_FDR_NOTE = " (which bounds the false-discovery rate, not the family-wise error)"
+
+
+def _bonferroni_level(verdicts: pd.DataFrame) -> str:
+    """``"the Bonferroni level 0.0025"`` when every family has that level, else the range."""
+    levels = value_span(verdicts.alpha_bonferroni, "{:.4g}")
+    return (f"the Bonferroni level {levels}" if " to " not in levels else
+            f"each model's Bonferroni level ({levels})")
+
+
+def _other_corrections_text(verdicts: pd.DataFrame) -> str:
+    """How Holm and Benjamini–Hochberg change the Bonferroni count of dual-rule passes, and, when
+    Bonferroni passes nothing, for which corrections "no cell passes" holds."""
+    b = int(verdicts.bonferroni_dual.sum())
+    same, differ = [], []
+    for name, col, _ in VERDICT_CORRECTIONS[1:]:
+        if col in verdicts.columns:
+            k = int(verdicts[col].sum())
+            (same if k == b else differ).append((name, col, k))
+    parts = []
+    if same:
+        parts.append(f"{join_words(n for n, _, _ in same)} give{'s' if len(same) == 1 else ''} the same count")
+    for name, col, k in differ:
+        where = ", ".join(f"{r.model} {int(getattr(r, col))}" for r in verdicts.itertuples() if getattr(r, col))
+        parts.append(f"under {name}{_FDR_NOTE if col == 'bh_dual' else ''} {plural(k, 'cell')} "
+                     f"pass{'es' if k == 1 else ''}" + (f" ({where})" if where else ""))
+    if not parts:
+        return ""
+    text = "; ".join(parts)
+    text = text[0].upper() + text[1:] + "."
+    if b == 0 and any(k for _, _, k in differ):
+        none = ["Bonferroni"] + [n for n, _, _ in same] + [n for n, _, k in differ if k == 0]
+        text += f" \"No cell passes\" holds under {join_words(none)} only."
+    return text
+
+
+def _uncorrected_direction(k: int, positive: int, symbol: str = "d_z") -> str:
+    """``"all with d_z > 0"``, ``"all with d_z < 0"``, ``"3 with d_z > 0 and 2 with d_z < 0"`` for
+    ``k`` hits of which ``positive`` have a positive effect (``symbol`` names the effect)."""
+    negative = k - positive
+    if not k:
+        return ""
+    if positive == k:
+        return f"all with {symbol} > 0" if k > 1 else f"with {symbol} > 0"
+    if negative == k:
+        return f"all with {symbol} < 0" if k > 1 else f"with {symbol} < 0"
+    return f"{positive} with {symbol} > 0 and {negative} with {symbol} < 0"
+
+
+def _excess_phrase(k: int, n: int, level: float) -> str:
+    """Chance count and exact binomial upper tail of ``k`` hits among ``n`` tests at ``level``."""
+    from .stats import binomial_upper_tail  # noqa: PLC0415
+
+    p = binomial_upper_tail(int(k), int(n), float(level))
+    return (f"about {n * level:.1f} expected by chance; exact binomial P(X ≥ {k}) = {p:.2g}, "
+            + ("more than chance" if p < level else "not more than chance") + f" at the {level:g} level "
+            "if the cells were independent")
+
+
+def _positive_counts(verdicts: pd.DataFrame) -> pd.DataFrame:
+    """Per family: tested cells, cells with d_z > 0 (from ``share_positive``), uncorrected hits with
+    d_z > 0 and < 0, and the two-sided sign test of the tested cells (:func:`moeaudit.stats.sign_test`)."""
+    from .stats import sign_test  # noqa: PLC0415
+
+    untested = verdicts.untested if "untested" in verdicts.columns else 0
+    out = pd.DataFrame({"model": verdicts.model, "tested": (verdicts.cells - untested).astype(int)})
+    out["positive"] = (verdicts.share_positive.fillna(0.0) * out.tested).round().astype(int)
+    out["hits"] = verdicts.uncorrected_t.astype(int)
+    pos_col = "uncorrected_t_positive" if "uncorrected_t_positive" in verdicts.columns else None
+    out["hits_positive"] = verdicts[pos_col].astype(int) if pos_col else -1
+    out["sign_p"] = [sign_test(int(p), int(t - p)) for p, t in zip(out.positive, out.tested)]
+    return out
+
+
+def design_sensitivity_text(verdicts: pd.DataFrame, table: pd.DataFrame | None = None, *,
+                            short: bool = False) -> str:
+    """Whether the audit could have found, or excluded, effects of the size it observes (markdown).
+
+    Per family of :func:`moeaudit.stats.family_verdicts`: the minimum detectable |d_z|
+    (``min_detectable_dz``, the t-test at the Bonferroni level with the chapter's power) against
+    the largest observed |d_z| (``max_abs_dz``), and whether TOST at the equivalence bound could
+    pass at that level for any data (``tost_can_pass``; with ``table``, the per-cell
+    :func:`moeaudit.stats.audit_table`, also its smallest attainable p-value,
+    :func:`moeaudit.stats.tost_min_p`, and the smallest bound that could pass,
+    :func:`moeaudit.stats.min_equivalence_bound`; ``n``, ``power`` and the bound are read from
+    ``table``). A family whose minimum detectable effect exceeds every observed |d_z| and whose
+    TOST cannot pass "can neither detect nor exclude effects of the size it observes". ``short``:
+    only the conclusion. ``""`` when no family has a defined effect or minimum detectable effect.
+    """
+    from .stats import min_equivalence_bound, tost_min_p  # noqa: PLC0415
+
+    groups: dict[tuple, list] = {}
+    verdict_of: dict[str, str] = {}
+    for r in verdicts.itertuples():
+        mde, top = float(r.min_detectable_dz), float(r.max_abs_dz)
+        if not (np.isfinite(mde) and np.isfinite(top)):
+            continue
+        fam = table[(table.model == r.model) & ~_untested_rows(table)] if table is not None else None
+        n = int(fam.n.max()) if fam is not None and "n" in fam.columns and len(fam) else None
+        power = float(fam.power.iloc[0]) if fam is not None and "power" in fam.columns and len(fam) else None
+        bound = (float(fam.tost_bound_d.iloc[0]) if fam is not None and "tost_bound_d" in fam.columns and len(fam)
+                 else None)
+        can = bool(r.tost_can_pass) if "tost_can_pass" in verdicts.columns else None
+        key = (n, float(r.alpha_bonferroni), f"{mde:.3f}", power, bound, can)
+        groups.setdefault(key, []).append(r)
+        detect = top >= mde
+        verdict_of[r.model] = ("neither" if not detect and can is False else "miss" if not detect else
+                               "no_exclude" if can is False else "both" if can else "detect")
+    if not verdict_of:
+        return ""
+    sentences = []
+    for (n, level, mde, power, bound, can), rows in groups.items():
+        at = " and ".join(s for s in (f"n = {n} positions per cell" if n else "", f"the Bonferroni level {level:.4g}") if s)
+        below = [f"{r.model} ({r.max_abs_dz:.3f})" for r in rows if r.max_abs_dz < float(mde)]
+        above = [f"{r.model} ({r.max_abs_dz:.3f})" for r in rows if r.max_abs_dz >= float(mde)]
+        cmp = ([f"more than the largest observed |d_z| of {join_words(below)}"] if below else []) + (
+            [f"no more than the largest observed |d_z| of {join_words(above)}"] if above else [])
+        s = (f"At {at}, the paired t-test detects an effect of |d_z| = {mde}"
+             + (f" with {power:.0%} power" if power else "") + ", " + "; ".join(cmp))
+        eq = sum(int(r.equivalent) for r in rows)
+        bound_text = f"|d_z| < {bound:g}" if bound is not None else "the equivalence bound"
+        if can is False:
+            s += f". TOST at {bound_text} cannot pass at that level for any data"
+            if n and bound is not None:
+                s += (f" (its smallest attainable p is {tost_min_p(n, bound_d=bound):.3g}, not below {level:.4g}; only "
+                      f"a bound above {min_equivalence_bound(n, alpha=level):.3f} could be shown)")
+            s += ", so \"not equivalent\" says nothing about the data"
+        elif can:
+            s += f". TOST at {bound_text} can pass at that level; {plural(eq, 'cell')} {'does' if eq == 1 else 'do'}"
+        sentences.append(s + ".")
+    by_case = {c: [m for m, v in verdict_of.items() if v == c] for c in ("neither", "miss", "no_exclude", "both",
+                                                                           "detect")}
+    conclusions = []
+    if by_case["neither"]:
+        conclusions.append(f"For {join_words(by_case['neither'])} the design can **neither detect** (with the stated "
+                           "power) **nor exclude** (by TOST) effects of the size it observes: its null verdicts do not "
+                           "show that such effects are absent.")
+    if by_case["miss"]:
+        conclusions.append(f"For {join_words(by_case['miss'])} effects of the observed size are below what the design "
+                           "detects with the stated power, so they can be missed; only a passing TOST shows an effect "
+                           "small.")
+    if by_case["no_exclude"]:
+        conclusions.append(f"For {join_words(by_case['no_exclude'])} effects as large as the largest observed would be "
+                           "detected with the stated power, but TOST cannot show any effect small.")
+    if by_case["both"]:
+        conclusions.append(f"For {join_words(by_case['both'])} effects as large as the largest observed would be "
+                           "detected with the stated power, and TOST can show an effect small.")
+    if by_case["detect"]:
+        conclusions.append(f"For {join_words(by_case['detect'])} effects as large as the largest observed would be "
+                           "detected with the stated power.")
+    if short:
+        return " ".join(conclusions)
+    return " ".join(sentences + conclusions)
+
+
 def family_verdict_text(verdicts: pd.DataFrame, table: pd.DataFrame | None = None, *, short: bool = False) -> str:
     """The verdicts of :func:`moeaudit.stats.family_verdicts` as sentences (markdown).
 
-    The first sentence says whether any cell passes the paper's dual rule under Bonferroni, naming
-    the passing cells when ``table`` (the :func:`moeaudit.stats.audit_table` result) is given;
-    unless ``short``, one sentence per model follows with its counts, so every number stated is a
-    cell of ``verdicts``. Wording follows the numbers (no cell / one cell / several cells).
+    The first sentence says whether any cell passes the paper's dual rule under Bonferroni (naming
+    the level), naming the passing cells when ``table`` (the :func:`moeaudit.stats.audit_table`
+    result) is given; the next says how Holm and Benjamini–Hochberg change that count, and when
+    Bonferroni passes nothing, under which corrections "no cell passes" holds. Unless ``short``,
+    one paragraph per model follows with its counts: passes under each correction, the tests
+    alone, uncorrected hits with their direction and their excess over chance (exact binomial
+    upper tail, :func:`moeaudit.stats.binomial_upper_tail`), the cells with d_z > 0 with a sign
+    test (:func:`moeaudit.stats.sign_test`), equivalence (or that TOST cannot pass at all), and
+    the largest |d_z|; then :func:`design_sensitivity_text`. Every number is a cell of
+    ``verdicts`` or computed from it (and from ``table``). Wording follows the numbers.
     """
     total = int(verdicts.bonferroni_dual.sum())
+    rule = f"(t and Wilcoxon tests both significant at {_bonferroni_level(verdicts)}, same sign)"
     if total == 0:
-        head = ("**No cell passes** the paper's rule (t and Wilcoxon tests both significant after Bonferroni, "
-                "same sign) in any model: no observational metric is shown to predict which active expert "
-                "matters more at a token.")
+        head = (f"**No cell passes** the paper's rule under Bonferroni {rule} in any model: no observational metric "
+                "is shown to predict which active expert matters more at a token.")
     else:
-        head = (f"**{plural(total, 'cell')} pass{'es' if total == 1 else ''}** the paper's rule (t and Wilcoxon tests both "
-                "significant after Bonferroni, same sign)")
+        head = f"**{plural(total, 'cell')} pass{'es' if total == 1 else ''}** the paper's rule under Bonferroni {rule}"
         if table is not None:
             hits = table[table.sig_dual_bonf.astype(bool)]
             head += ": " + "; ".join(f"{r.model}, {getattr(r, 'ranking', '')} at layer {r.layer} (d_z = {r.cohens_dz:+.3f})"
                                      for r in hits.itertuples())
         head += "."
+    others = _other_corrections_text(verdicts)
+    head += (" " + others) if others else ""
     if short:
         return head
     lines = [head]
+    counts = _positive_counts(verdicts).set_index("model")
     for r in verdicts.itertuples():
         alpha = r.alpha_bonferroni * r.cells
-        pos = getattr(r, "uncorrected_t_positive", None)
+        c = counts.loc[r.model]
         untested = int(getattr(r, "untested", 0) or 0)
-        direction = ("" if not r.uncorrected_t or pos is None else
-                     " (all with d_z > 0)" if pos == r.uncorrected_t else f" ({pos} with d_z > 0)")
         not_tested = (f" ({untested} of them could not be tested and count{'s' if untested == 1 else ''} as not "
                       "passing)" if untested else "")
-        effects = (f"the largest |d_z| is {r.max_abs_dz:.3f}, and {r.share_positive:.0%} of the "
-                   f"{'tested ' if untested else ''}cells have d_z > 0." if untested < r.cells and
-                   np.isfinite(r.max_abs_dz) and np.isfinite(r.share_positive) else "no cell has a defined d_z.")
+        k = int(r.uncorrected_t)
+        direction = _uncorrected_direction(k, int(c.hits_positive)) if c.hits_positive >= 0 else ""
+        uncorrected = (f"{k} {'has' if k == 1 else 'have'} uncorrected p_t < {alpha:g}"
+                       + (f", {direction}" if direction else "")
+                       + (f" ({_excess_phrase(k, r.cells, alpha)})" if k else ""))
+        can = getattr(r, "tost_can_pass", None)
+        if can is None:
+            tost = (f"{r.equivalent} {'is' if r.equivalent == 1 else 'are'} demonstrably small (TOST at the Bonferroni "
+                    "level)")
+        elif bool(can):
+            tost = (f"{r.equivalent} {'is' if r.equivalent == 1 else 'are'} demonstrably small (TOST at the Bonferroni "
+                    "level, which can pass here)")
+        else:
+            explained = np.isfinite(r.max_abs_dz) and np.isfinite(r.min_detectable_dz)  # by design_sensitivity_text
+            tost = ("none can be shown small, since TOST cannot pass at the Bonferroni level for any data"
+                    + (" (see below)" if explained else ""))
+        tested = int(c.tested)
+        if not tested:
+            tost = "none could be tested for equivalence"
+        effects = (f"{int(c.positive)} of the {tested}{' tested' if untested else ''} cells have d_z > 0 (two-sided "
+                   f"sign test p = {c.sign_p:.2g}) and the largest |d_z| is {r.max_abs_dz:.3f}."
+                   if tested and np.isfinite(r.max_abs_dz) and np.isfinite(r.share_positive)
+                   else "no cell has a defined d_z.")
         lines.append(
             f"**{r.model}**: {r.bonferroni_dual} of {r.cells} cells{not_tested} pass{'es' if r.bonferroni_dual == 1 else ''} the "
             f"dual rule at the Bonferroni level {r.alpha_bonferroni:.4g} ({r.holm_dual} under Holm, {r.bh_dual} under "
             f"Benjamini–Hochberg); {r.bonferroni_t} pass{'es' if r.bonferroni_t == 1 else ''} the t-test alone and "
-            f"{r.bonferroni_W} the Wilcoxon test alone at that level; "
-            f"{r.uncorrected_t} {'has' if r.uncorrected_t == 1 else 'have'} uncorrected p_t < {alpha:g}{direction}; "
-            f"{r.equivalent} {'is' if r.equivalent == 1 else 'are'} demonstrably small (TOST at the Bonferroni level); "
-            + effects)
+            f"{r.bonferroni_W} the Wilcoxon test alone at that level; {uncorrected}; {tost}; " + effects)
+    design = design_sensitivity_text(verdicts, table)
+    if design:
+        lines.append(design)
     return "\n\n".join(lines)
+
+
+def _directions_text(counts: pd.DataFrame, names: dict, whose: str, symbol: str = "d_z") -> str:
+    """Per model (``counts``: :func:`_positive_counts`): cells with an effect > 0 of those tested
+    (sign test p) and the direction of the uncorrected hits; then which models go against the
+    pooled direction, and why. ``symbol`` names the effect (``"d_z"``, the paper's ``"d"``)."""
+    tested, positive = int(counts.tested.sum()), int(counts.positive.sum())
+    if not tested:
+        return ""
+    pooled = np.sign(2 * positive - tested)
+    per = []
+    against = []
+    for c in counts.itertuples():
+        name = names.get(c.model, c.model)
+        hits = ""
+        if c.hits and c.hits_positive >= 0:
+            hits = (f", {plural(int(c.hits), 'uncorrected hit')} "
+                    + _uncorrected_direction(int(c.hits), int(c.hits_positive), symbol))
+        per.append(f"{name} {c.positive} of {c.tested} (p = {c.sign_p:.2g}){hits}" if c.tested else
+                   f"{name}: no tested cell")
+        if not c.tested or pooled == 0:
+            continue
+        why, opposite = [], False
+        if np.sign(2 * c.positive - c.tested) == -pooled:
+            why.append(f"{'fewer' if pooled > 0 else 'more'} than half of its cells are positive ({c.positive} of {c.tested})")
+            opposite = True
+        elif 2 * c.positive == c.tested:
+            why.append(f"exactly half of its cells are positive ({c.positive} of {c.tested})")
+        if c.hits and c.hits_positive >= 0 and np.sign(2 * c.hits_positive - c.hits) == -pooled:
+            n_against = int(c.hits - c.hits_positive) if pooled > 0 else int(c.hits_positive)
+            sign = "<" if pooled > 0 else ">"
+            why.append(f"its one uncorrected hit has {symbol} {sign} 0" if c.hits == 1 else
+                       (f"all {n_against} of its uncorrected hits" if n_against == c.hits else
+                        f"{n_against} of its {int(c.hits)} uncorrected hits") + f" have {symbol} {sign} 0")
+            opposite = True
+        if why:
+            against.append((name, why, opposite))
+    text = f"Per model, cells with {symbol} > 0 in {whose}: " + "; ".join(per) + "."
+    if pooled == 0:
+        return text + f" The pooled cells of {whose} lean neither way."
+    way = "positive" if pooled > 0 else "negative"
+    if not against:
+        return text + f" Every model of {whose} leans the pooled ({way}) way."
+    for name, why, opposite in against:
+        text += (f" **{name} {'goes against' if opposite else 'does not share'} the pooled ({way}) direction**: "
+                 f"{' and '.join(why)}, which the pooled sign test hides.")
+    return text
 
 
 def audit_comparison_text(verdicts: pd.DataFrame, paper: pd.DataFrame, table: pd.DataFrame | None = None, *,
                           paper_names: dict | None = None) -> str:
     """Sentences comparing this run's audit (:func:`moeaudit.stats.family_verdicts`) with the paper's
-    (:func:`moeaudit.released.paper_family_verdicts`): passing cells, uncorrected hits (and how many
-    point the predicted way, d > 0) against the number expected by chance alone (``cells * alpha``),
-    the largest effect, and the share of positive effects with a two-sided sign test
-    (``scipy.stats.binomtest``; cells share positions, so it is indicative). With ``table`` (the
-    per-cell :func:`moeaudit.stats.audit_table`), cells passing here are also tested at the paper's
-    stricter per-cell level. ``paper_names`` maps the paper's model keys to display names. Every
-    number is computed from the frames. Cells of this run that could not be tested (``untested``
-    of :func:`moeaudit.stats.family_verdicts`) are said so; the sign test counts only the tested
-    cells."""
-    from scipy import stats as sps  # noqa: PLC0415
+    (:func:`moeaudit.released.paper_family_verdicts`), in three paragraphs (markdown).
+
+    1. Passing cells; uncorrected hits (and how many point the predicted way, d > 0) against the
+       number expected by chance alone (``cells * alpha``), with the exact binomial upper tail
+       (:func:`moeaudit.stats.binomial_upper_tail`) saying whether the excess is more than chance,
+       for the paper and this run; the largest effect.
+    2. The share of positive effects with a two-sided sign test (:func:`moeaudit.stats.sign_test`),
+       pooled, then per model with the direction of its uncorrected hits, naming each model that
+       goes against the pooled direction (cells share positions, so the tests are indicative).
+    3. The verdict under each correction (:data:`VERDICT_CORRECTIONS`: Bonferroni, the paper's,
+       then Holm and Benjamini–Hochberg), saying for which corrections this run agrees with the
+       paper and where it does not. The paper's Holm and Benjamini–Hochberg counts come from the
+       columns ``holm_both`` and ``bh_both`` when ``paper`` has them. With ``table`` (the per-cell
+       :func:`moeaudit.stats.audit_table`), cells passing here are also tested at the paper's
+       stricter per-cell level when this run's level is less strict.
+
+    ``paper_names`` maps the paper's model keys to display names. Every number is computed from
+    the frames. Cells of this run that could not be tested (``untested`` of
+    :func:`moeaudit.stats.family_verdicts`) are said so; the sign tests count only tested cells.
+    """
+    from .stats import binomial_upper_tail, sign_test  # noqa: PLC0415
 
     names = paper_names or {}
     alpha = float((paper.alpha_bonferroni * paper.cells).iloc[0])
     here_alpha = float((verdicts.alpha_bonferroni * verdicts.cells).iloc[0])
     p_cells, h_cells = int(paper.cells.sum()), int(verdicts.cells.sum())
     h_untested = int(verdicts.untested.sum()) if "untested" in verdicts.columns else 0
-    h_tested = h_cells - h_untested
     p_pass, h_pass = int(paper.bonferroni_both.sum()), int(verdicts.bonferroni_dual.sum())
     p_unc, h_unc = int(paper.uncorrected_t.sum()), int(verdicts.uncorrected_t.sum())
     p_unc_pos, h_unc_pos = int(paper.uncorrected_t_positive.sum()), int(verdicts.uncorrected_t_positive.sum())
     p_top = paper.loc[paper.max_abs_d.idxmax()]
     h_top = verdicts.loc[verdicts.max_abs_dz.idxmax()] if verdicts.max_abs_dz.notna().any() else None
-    p_npos = int(round(float((paper.share_positive * paper.cells).sum())))
-    tested_per_family = verdicts.cells - (verdicts.untested if "untested" in verdicts.columns else 0)
-    h_npos = int(round(float((verdicts.share_positive.fillna(0.0) * tested_per_family).sum())))
-    p_sign = sps.binomtest(p_npos, p_cells, 0.5).pvalue
-    h_sign = sps.binomtest(h_npos, h_tested, 0.5).pvalue if h_tested else float("nan")
+    p_counts = _positive_counts(paper.assign(untested=0))
+    h_counts = _positive_counts(verdicts)
+    p_npos, h_npos = int(p_counts.positive.sum()), int(h_counts.positive.sum())
+    h_tested = int(h_counts.tested.sum())
+    p_sign = sign_test(p_npos, p_cells - p_npos)
+    h_sign = sign_test(h_npos, h_tested - h_npos) if h_tested else float("nan")
 
-    def direction(k, pos):
-        return "all with d > 0" if k and pos == k else f"{pos} of them with d > 0" if k else ""
+    p_excess = binomial_upper_tail(p_unc, p_cells, alpha)
+    h_excess = binomial_upper_tail(h_unc, h_cells, here_alpha)
 
-    p_dir, h_dir = direction(p_unc, p_unc_pos), direction(h_unc, h_unc_pos)
+    p_dir, h_dir = _uncorrected_direction(p_unc, p_unc_pos, "d"), _uncorrected_direction(h_unc, h_unc_pos)
+    p_more, h_more = p_excess < alpha, h_excess < here_alpha
+    if p_more == h_more:
+        excess_cmp = ("Both counts are more than chance alone gives" if h_more else
+                      "Neither count is more than chance alone gives")
+    else:
+        excess_cmp = (f"Unlike the paper's {p_unc}, this run's {h_unc} uncorrected hits are more than chance alone "
+                      "gives" if h_more else
+                      f"Unlike the paper's {p_unc}, this run's {h_unc} uncorrected hits are not more than chance "
+                      "alone gives")
+    excess_cmp += (" (the binomial tails take the cells as independent; the cells of a model share positions and "
+                   "records, which spreads the count wider, so the tails are only indicative).")
+    if h_more and h_pass == 0:
+        excess_cmp += (" An excess of uncorrected hits with no cell passing after correction suggests that some cells "
+                       "carry effects too small to single out at the corrected level, not which ones.")
+    p_leans, h_leans = p_sign < alpha, bool(h_sign < here_alpha)
+    lean_cmp = ("" if not h_tested or p_leans == h_leans else
+                f"The two differ in whether the effects lean one way beyond chance (sign test at the {here_alpha:g} "
+                f"level): the paper's {'do' if p_leans else 'do not'}, this run's {'do' if h_leans else 'do not'}. ")
     out = [
         f"In the paper, {p_pass} of {p_cells} cells pass both tests at the Bonferroni level; {p_unc} "
-        f"reach{'es' if p_unc == 1 else ''} "
-        f"uncorrected p_t < {alpha:g}" + (f", {p_dir}" if p_dir else "") + f", where chance alone would give about "
-        f"{p_cells * alpha:.1f}; the largest |d| is {p_top.max_abs_d:.3f} ({names.get(p_top.model, p_top.model)}). "
+        f"reach{'es' if p_unc == 1 else ''} uncorrected p_t < {alpha:g}" + (f", {p_dir}" if p_dir else "")
+        + f", where chance alone would give about {p_cells * alpha:.1f}"
+        + (f" (P(X ≥ {p_unc}) = {p_excess:.2g}, exact binomial)" if p_unc else "")
+        + f"; the largest |d| is {p_top.max_abs_d:.3f} ({names.get(p_top.model, p_top.model)}). "
         f"In this run, {h_pass} of {h_cells} cells pass the dual rule"
         + (f" ({h_untested} could not be tested)" if h_untested else "")
         + f"; {h_unc} reach{'es' if h_unc == 1 else ''} uncorrected p_t < {here_alpha:g}"
-        + (f", {h_dir}" if h_dir else "") + f" (chance: about {h_cells * here_alpha:.1f}); "
+        + (f", {h_dir}" if h_dir else "") + f" (chance: about {h_cells * here_alpha:.1f}"
+        + (f"; P(X ≥ {h_unc}) = {h_excess:.2g}" if h_unc else "") + "); "
         + (f"the largest |d_z| is {h_top.max_abs_dz:.3f} ({h_top.model})." if h_top is not None
-           else "no cell has a defined d_z."),
+           else "no cell has a defined d_z.") + " " + excess_cmp,
         f"A metric that identified the important expert would make d_z positive in most cells: {p_npos} of the "
         f"paper's {p_cells} cells are positive (two-sided sign test p = {p_sign:.2g}) and "
         + (f"{h_npos} of this run's {h_tested}{' tested' if h_untested else ''} (p = {h_sign:.2g})" if h_tested
            else "none of this run's, which could not be tested")
-        + ". The sign tests treat cells as independent, which they are not (the cells of a "
-        "model share positions), so they only indicate whether the effects lean one way.",
+        + ". " + lean_cmp + _directions_text(h_counts, {}, "this run") + " "
+        + _directions_text(p_counts, names, "the paper", "d") + " The sign tests treat cells as independent, which they "
+        "are not (the cells of a model share positions), so they only indicate whether the effects lean one way.",
     ]
-    lean = (p_sign < 0.05) != (h_sign < 0.05)
-    if p_pass == 0 and h_pass == 0:
-        out.append("**This run agrees with the paper's verdict on the corrected audit**: no observational metric "
-                   "passes." + (" It differs in whether the effects lean positive." if lean else ""))
-    elif h_pass > 0 and p_pass == 0:
-        text = (f"**Unlike the paper**, {plural(h_pass, 'cell')} of this run pass{'es' if h_pass == 1 else ''} the "
-                "corrected audit")
+    out.append(_agreement_text(verdicts, paper, table))
+    return "\n\n".join(out)
+
+
+def _agreement_text(verdicts: pd.DataFrame, paper: pd.DataFrame, table: pd.DataFrame | None) -> str:
+    """Whether this run agrees with the paper's verdict, correction by correction (Bonferroni, the
+    paper's; Holm; Benjamini–Hochberg), with the counts of both; a correction whose paper count is
+    not in ``paper`` is reported for this run only."""
+    rows = []
+    for name, here_col, paper_col in VERDICT_CORRECTIONS:
+        if here_col not in verdicts.columns:
+            continue
+        here = int(verdicts[here_col].sum())
+        there = int(paper[paper_col].sum()) if paper_col in paper.columns else None
+        where = ", ".join(f"{r.model} {int(getattr(r, here_col))}" for r in verdicts.itertuples()
+                          if getattr(r, here_col))
+        rows.append((name, here, there, where))
+    b_name, b_here, b_there, b_where = rows[0]
+    if b_here == 0 and b_there == 0:
+        text = ("**Under Bonferroni (the paper's correction), this run agrees with the paper's verdict**: no "
+                "observational metric passes the dual rule in either.")
+    elif b_here > 0 and b_there == 0:
+        text = (f"**Unlike the paper**, under Bonferroni (the paper's correction) {plural(b_here, 'cell')} of this run "
+                f"pass{'es' if b_here == 1 else ''} the dual rule" + (f" ({b_where})" if b_where else ""))
         p_level = float(paper.alpha_bonferroni.min())
         if table is not None and float(verdicts.alpha_bonferroni.min()) > p_level:
             hits = table[table.sig_dual_bonf.astype(bool)]
             strict = int(((hits.p_t < p_level) & (hits.p_W < p_level)).sum())
             text += (f"; the families here are smaller, so their Bonferroni level is less strict than the paper's "
-                     f"{p_level:.4g}, and {strict} of {plural(h_pass, 'passing cell')} would also pass at that level")
-        out.append(text + ".")
+                     f"{p_level:.4g}, and {strict} of {plural(b_here, 'passing cell')} would also pass at that level")
+        text += "."
+    elif b_here == 0:
+        text = (f"**Unlike the paper**, under Bonferroni (the paper's correction) no cell of this run passes the dual "
+                f"rule, where the paper has {plural(b_there, 'passing cell')}.")
     else:
-        out.append(f"The paper has {plural(p_pass, 'passing cell')} and this run {h_pass}.")
-    return "\n\n".join(out)
+        text = (f"Under Bonferroni (the paper's correction), both have passing cells: {b_there} in the paper and "
+                f"{b_here} here" + (f" ({b_where})" if b_where else "") + ".")
+    agree, disagree, unknown = [], [], []
+    for name, here, there, where in rows[1:]:
+        if there is None:
+            unknown.append(f"{name}{_FDR_NOTE if name.startswith('Benjamini') else ''} passes {plural(here, 'cell')} here"
+                           + (f" ({where})" if where else "") + " (the paper's count under it is not available)")
+        elif (here > 0) == (there > 0):
+            agree.append(f"{name} ({here} here, {there} in the paper)")
+        else:
+            disagree.append((name, f"passes {plural(here, 'cell')} here" + (f" ({where})" if where else "")
+                                   + f" and {there} in the paper"))
+    if agree:
+        text += f" Whether any cell passes is the same under {join_words(agree)}."
+    if disagree:
+        same = ["Bonferroni"] * ((b_here > 0) == (b_there > 0)) + [a.split(" (")[0] for a in agree]
+        named = join_words(n + (_FDR_NOTE if n.startswith("Benjamini") else "") for n, _ in disagree)
+        details = ("it " + disagree[0][1] if len(disagree) == 1 else "; ".join(f"{n} {d}" for n, d in disagree))
+        text += (f" **Under {named} it is not**: {details}, so the agreement holds under {join_words(same)} only."
+                 if same else f" Nor is it under {named}: {details}.")
+    if unknown:
+        text += " " + "; ".join(u[0].upper() + u[1:] for u in unknown) + "."
+    return text
 
 
 def one_token_text(example: pd.DataFrame) -> str:
@@ -422,9 +809,9 @@ def one_token_text(example: pd.DataFrame) -> str:
     is removed at the token; positive = the prediction gets worse). The text names the router's top
     expert, the removal that hurts most — or, when no removal raises the loss, says so —, the paired
     difference D (top minus bottom expert) the audit is built on, and the rank correlation between
-    weight and loss change (Spearman, ``scipy.stats.spearmanr``).
+    weight and loss change (Spearman, :func:`moeaudit.stats.spearman_defined`).
     """
-    from scipy import stats as sps  # noqa: PLC0415
+    from .stats import spearman_defined  # noqa: PLC0415
 
     d = example["ΔL token"].to_numpy(dtype=float)
     k = len(example)
@@ -444,7 +831,7 @@ def one_token_text(example: pd.DataFrame) -> str:
                      "the router.")
     parts.append(f"The paired difference the audit is built on, highest-weight minus lowest-weight expert, is "
                  f"D = {d[0]:+.4f} − ({d[-1]:+.4f}) = {d[0] - d[-1]:+.4f} nats here.")
-    rho = sps.spearmanr(example.g, d).statistic if k >= 3 and np.ptp(d) > 0 else float("nan")
+    rho = spearman_defined(example.g.to_numpy(dtype=float), d)[0]  # NaN for < 3 experts or a constant column
     if np.isfinite(rho):
         parts.append(f"Over the {k} active experts the rank correlation between weight and loss change is {rho:+.2f}.")
     if 0 < n_down < k:
@@ -506,6 +893,9 @@ PROTOCOL_REFERENCE: dict[str, tuple[str, str]] = {
                 "the first 100 test lines longer than 50 characters, right-padded to the longest (430 tokens for "
                 "OLMoE, 512 for DeepSeek)"),
     "corpus": ("the WikiText-2 test split (release not stated)", "the split as loaded by the code, one line per text"),
+    "evaluation text vs training distribution": (
+        "the checkpoints' own pre-training text is not WikiText-2; their loss on it is not reported",
+        "not measured"),
     "metrics": ("utilisation, activation norm/std, mean routing weight over the real tokens that select the expert",
                 "differs per model: router logits and padding positions for OLMoE; padding counted for DeepSeek; "
                 "for Qwen, count/(k*T), norms from 30 texts, std of 32 coordinates"),
@@ -517,13 +907,16 @@ PROTOCOL_REFERENCE: dict[str, tuple[str, str]] = {
 
 
 def protocol_departures(*, params: dict, corpus_source, audited: dict, n_moe_layers: dict, contexts: dict,
-                        n_parameters: dict, n_metrics: int) -> pd.DataFrame:
+                        n_parameters: dict, n_metrics: int, regimes: dict | None = None) -> pd.DataFrame:
     """One row per aspect of the protocol: what the paper says, what the released code does
     (:data:`PROTOCOL_REFERENCE`), and what this build does. The last column is computed from the
     audit chapter's parameters (``params``), the resolved corpus (``corpus_source``, a
     :class:`moeaudit.corpus.CorpusSource`), and per model: the audited layers, the number of MoE
     layers, the context length in tokens and the parameter count; ``n_metrics`` is the number of
-    observational metrics. ``KeyError`` if ``params`` lacks an audit parameter.
+    observational metrics; ``regimes`` (model -> ``(audited, training)``: the
+    :func:`moeaudit.corpus.loss_regime` dicts on the text this build audits and on the model's training
+    distribution, or ``None`` where it is not recorded) fills the row on how the two texts compare.
+    ``KeyError`` if ``params`` lacks an audit parameter.
     """
     build = {
         "ablation": f"mode = {params['mode']!r}: "
@@ -544,12 +937,57 @@ def protocol_departures(*, params: dict, corpus_source, audited: dict, n_moe_lay
         "statistics": "Cohen's d_z with ddof 1 and an exact (noncentral t) 95% interval, paired t-test, Wilcoxon "
                       "signed-rank, TOST equivalence and the minimum detectable effect",
         "precision": f"dtype = {params['dtype']!r} for the model; losses in float32",
+        "evaluation text vs training distribution": "; ".join(
+            _regime_pair(m, *pair) for m, pair in (regimes or {}).items()) or "not measured in this build",
     }
-    build["corpus"] += ("; each line as the corpus serves it, with its leading space and line break"
-                        if params.get("text_form", "released") == "released" else
-                        "; lines stripped of surrounding whitespace")
+    form = resolve_text_form(corpus_source, params.get("text_form", "auto"))
+    build["corpus"] += {"released": "; each line as the corpus serves it, with its leading space and line break",
+                        "stripped": "; lines stripped of surrounding whitespace",
+                        "wikitext": "; each paragraph in WikiText-2's tokenized form (the models' training form)",
+                        }.get(form, f"; text form {form!r}")
     return pd.DataFrame([{"aspect": k, "paper": v[0], "released code": v[1], "this build": build[k]}
                          for k, v in PROTOCOL_REFERENCE.items()])
+
+
+def regime_connection_text(table: pd.DataFrame, audited_corpus: str) -> str:
+    """The paragraph under appendix A1's regime table (``table``: :func:`moeaudit.zoo.regime_table`):
+    how the card's test loss, the audit's selection of the same split, the embedded corpus and the
+    text this build audits (``audited_corpus``: its description) compare, each as a range over the
+    models, with a bold warning when the audited text's gain is below
+    :data:`moeaudit.corpus.NEAR_UNIGRAM_GAIN` for some model."""
+    def span(col, fmt="{:.2f}"):
+        return value_span(table[col], fmt) if col in table else "not recorded"
+
+    parts = [f"The model cards score WikiText-2 test at {span('WikiText-2 test, card (loss)')} nats per token."]
+    if table["WikiText-2 test, audit selection (loss)"].notna().any():
+        parts.append(f"Read as the audit reads it (each selected line from its own start), the same split gives "
+                     f"{span('WikiText-2 test, audit selection (loss)')} nats, a gain over its in-sample unigram of "
+                     f"{span('WikiText-2 test, audit selection (gain)')} nats per token.")
+    if table["embedded corpus, default form (loss)"].notna().any():
+        parts.append(f"The embedded corpus in its default form gives {span('embedded corpus, default form (loss)')} "
+                     f"nats and a gain of {span('embedded corpus, default form (gain)')}: "
+                     f"{span('gain ratio (gate)', '{:.0%}')} of the WikiText-2 gain.")
+    if "audited text (gain)" in table:
+        gains = table["audited text (gain)"]
+        parts.append(f"The text this build audits ({audited_corpus}) gives {span('audited text (loss)')} nats and a "
+                     f"gain of {span('audited text (gain)')} nats per token.")
+        low = [str(m) for m, g in gains.items() if np.isfinite(g) and g < NEAR_UNIGRAM_GAIN]
+        if low:
+            parts.append(f"**{join_words(low)} take less than {NEAR_UNIGRAM_GAIN} nats per token from context on it**: "
+                         "on this text the audit measures models that predict token frequencies, not models that read "
+                         "their context.")
+    return " ".join(parts)
+
+
+def _regime_pair(model: str, audited: dict, training: dict | None) -> str:
+    """``model``'s loss and gain over the in-sample unigram (nats per token) on the audited text and,
+    where recorded, on its training distribution (WikiText-2 test, from its model card)."""
+    text = (f"{model}: loss {audited['mean_loss']:.2f} on the audited text (in-sample unigram "
+            f"{audited['unigram_loss']:.2f}, gain {audited['gain']:.2f})")
+    if training is None:
+        return text + ", training distribution not recorded"
+    return (text + f" vs {training['mean_loss']:.2f} on WikiText-2 test (unigram {training['unigram_loss']:.2f}, "
+            f"gain {training['gain']:.2f}): {audited['gain'] / training['gain']:.0%} of the gain")
 
 
 def routing_share_heatmaps(shares: dict, *, vmin: float = 0.1):
@@ -697,36 +1135,33 @@ def utilisation_variants_text(cmp: pd.DataFrame, *, rho_col: str, n_variants: in
     return " ".join(parts)
 
 
-def chance_check(clean_losses, vocab_size: int) -> dict:
-    """The model's mean next-token loss against a uniform guess over its vocabulary.
-
-    ``clean_losses``: per-token losses in nats (NaN for the last token of a text, ignored);
-    ``vocab_size``: V. Returns ``mean_loss``, ``uniform_loss`` = ln V (the loss of a model that
-    has learnt nothing, in nats) and ``above_chance`` = ``mean_loss < uniform_loss - 0.5``: the
-    model predicts at least 0.5 nats per token better than a uniform guess, i.e. it has learnt
-    something of the corpus. ``ValueError`` for ``vocab_size < 2`` or no finite loss."""
-    x = np.asarray(clean_losses, dtype=np.float64)
-    x = x[np.isfinite(x)]
-    if vocab_size < 2 or x.size == 0:
-        raise ValueError(f"need vocab_size >= 2 and at least one finite loss, got {vocab_size} and {x.size}")
-    mean, uniform = float(x.mean()), float(np.log(vocab_size))
-    return {"mean_loss": mean, "uniform_loss": uniform, "above_chance": mean < uniform - 0.5}
+def regime_text(r: dict) -> str:
+    """The sentence that states how well a model reads the text it is audited on (``r``: the dict of
+    :func:`moeaudit.corpus.loss_regime`), with a warning in bold when the model predicts the text no
+    better than a uniform guess, or takes less than :data:`moeaudit.corpus.NEAR_UNIGRAM_GAIN` nats per
+    token from context (near-unigram: an expert's removal then changes predictions that barely use
+    context, and its effects say little about a model reading text it knows)."""
+    text = (f"Mean loss on this text {r['mean_loss']:.2f} nats per token, against {r['unigram_loss']:.2f} for a "
+            f"unigram model fitted to the same tokens and {r['uniform_loss']:.2f} for a uniform guess: the model "
+            f"takes {r['gain']:.2f} nats per token from context.")
+    if not r["above_chance"]:
+        text += (" **This model predicts the text no better than chance** (a random or untrained model): its "
+                 "effects and verdicts below describe noise, not a trained MoE model.")
+    elif r["near_unigram"]:
+        text += (f" **This model barely reads this text** (less than {NEAR_UNIGRAM_GAIN} nats per token from "
+                 "context, close to a unigram model): its effects and verdicts below describe a model that "
+                 "predicts token frequencies, not one that reads its context; use the text form or corpus it was "
+                 "trained on.")
+    return text
 
 
 def model_summary(name: str, ctx, audited, records: pd.DataFrame, *, what: str = "single-expert ablations") -> str:
     """One paragraph introducing a model's run in a chapter: family, MoE layout, audited layers,
-    the number of ablation records and their premise check (:func:`premise_phrase`), and its mean
-    loss against chance (:func:`chance_check`), with a warning when the model predicts the corpus
-    no better than a uniform guess (a random or untrained model, whose effects say nothing about
-    trained MoE models)."""
+    the number of ablation records and their premise check (:func:`premise_phrase`), and how well it
+    reads the text (:func:`regime_text` of :func:`moeaudit.corpus.loss_regime` over the clean pass)."""
     lay = ctx.model.layout
-    c = chance_check(ctx.clean.tokens.loss.to_numpy(), int(ctx.model.hf.config.vocab_size))
-    text = (f"**{name}** ({lay.family}): MoE layers {join_words(lay.moe_layers)} of {lay.n_layers}, "
+    tokens = ctx.clean.tokens
+    r = loss_regime(tokens.target_id.to_numpy(), tokens.loss.to_numpy(), int(ctx.model.hf.config.vocab_size))
+    return (f"**{name}** ({lay.family}): MoE layers {join_words(lay.moe_layers)} of {lay.n_layers}, "
             f"{lay.num_experts} routed experts, top-{lay.top_k}, {lay.n_shared_experts} shared; audited layers "
-            f"{join_words(audited)}; {len(records):,} {what}; {premise_phrase(records)}. Mean loss on this corpus "
-            f"{c['mean_loss']:.2f} nats (a uniform guess over its {int(ctx.model.hf.config.vocab_size):,} tokens: "
-            f"{c['uniform_loss']:.2f}).")
-    if not c["above_chance"]:
-        text += (" **This model predicts the corpus no better than chance** (a random or untrained model): its "
-                 "effects and verdicts below describe noise, not a trained MoE model.")
-    return text
+            f"{join_words(audited)}; {len(records):,} {what}; {premise_phrase(records)}. " + regime_text(r))

@@ -54,7 +54,13 @@ __all__ = [
     "dz_confidence_interval",
     "min_detectable_dz",
     "required_n",
+    "t_test_power",
+    "sign_test",
+    "binomial_excess",
     "tost_from_t",
+    "tost_min_p",
+    "min_equivalence_bound",
+    "binomial_upper_tail",
     "paired_effect",
     "summary_effect",
     "correct_family",
@@ -67,6 +73,11 @@ __all__ = [
     "jzs_bayes_factor",
     "jeffreys_label",
     "JEFFREYS_SCALE",
+    "linear_trend",
+    "min_detectable_slope",
+    "two_sample_difference",
+    "min_detectable_difference",
+    "anova_min_detectable_f",
 ]
 
 #: Multiple-comparison corrections applied by :func:`audit_table`: column suffix ->
@@ -235,6 +246,130 @@ def required_n(dz: float, *, alpha: float = 0.05, power: float = 0.8) -> float:
     )).reshape(-1)[0])
 
 
+def t_test_power(dz: float, n: int, *, alpha: float = 0.05) -> float:
+    """Power of a two-sided paired t test at level ``alpha`` against a true effect ``dz``.
+
+    Parameters
+    ----------
+    dz : float
+        True standardised effect (Cohen's d_z = mean / sd of the paired differences; unitless).
+        Its sign does not matter.
+    n : int
+        Number of pairs (positions), at least 2.
+    alpha : float
+        Per-test level, in (0, 1) (for example a Bonferroni level ``0.05 / m``).
+
+    Returns
+    -------
+    float
+        ``P(|T| > t_{1-alpha/2, n-1})`` with ``T`` noncentral t on ``n - 1`` degrees of freedom and
+        noncentrality ``dz * sqrt(n)``, i.e. the probability that the test rejects;
+        ``statsmodels.stats.power.TTestPower().power(effect_size=dz, nobs=n, alpha=alpha,
+        alternative="two-sided")``. Equals ``alpha`` at ``dz = 0``.
+
+    Raises
+    ------
+    ValueError
+        For ``n < 2``, a non-finite ``dz`` or ``alpha`` outside (0, 1).
+
+    Examples
+    --------
+    >>> round(t_test_power(0.5, 10, alpha=0.05), 3)
+    0.293
+    >>> round(t_test_power(0.0, 50, alpha=0.01), 3)
+    0.01
+    """
+    _check_level(alpha, "alpha")
+    if not (isinstance(n, (int, np.integer)) and n >= 2):
+        raise ValueError(f"n must be an integer >= 2, got {n!r}")
+    if not np.isfinite(dz):
+        raise ValueError(f"dz must be finite, got {dz!r}")
+    return float(np.asarray(TTestPower().power(effect_size=abs(float(dz)), nobs=int(n), alpha=alpha,
+                                               alternative="two-sided")).reshape(-1)[0])
+
+
+def sign_test(n_positive: int, n_negative: int) -> float:
+    """Two-sided sign test: is the share of positive values different from one half?
+
+    Parameters
+    ----------
+    n_positive, n_negative : int
+        Counts of strictly positive and strictly negative values (ties, i.e. zeros, are left out
+        beforehand, as the sign test prescribes). Non-negative integers.
+
+    Returns
+    -------
+    float
+        The two-sided exact binomial p-value of ``n_positive`` successes in
+        ``n_positive + n_negative`` trials with success probability 1/2
+        (``scipy.stats.binomtest(n_positive, n_positive + n_negative, 0.5).pvalue``). NaN when
+        both counts are 0 (no value with a sign).
+
+    Raises
+    ------
+    ValueError
+        For a negative or non-integer count.
+
+    Examples
+    --------
+    7 increases and 3 decreases: ``2 * (C(10,7) + C(10,8) + C(10,9) + C(10,10)) / 2**10 = 352/1024``.
+
+    >>> sign_test(7, 3)
+    0.34375
+    >>> sign_test(5, 5)
+    1.0
+    """
+    for v, name in ((n_positive, "n_positive"), (n_negative, "n_negative")):
+        if not (isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0):
+            raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
+    n = int(n_positive) + int(n_negative)
+    if n == 0:
+        return float("nan")
+    return float(stats.binomtest(int(n_positive), n, 0.5).pvalue)
+
+
+def binomial_excess(k: int, n: int, p: float) -> float:
+    """One-sided binomial tail: the probability of ``k`` or more successes in ``n`` trials of
+    probability ``p``, the p-value of "more tests reject than chance allows".
+
+    Parameters
+    ----------
+    k : int
+        Observed count (for example cells with uncorrected p < alpha), ``0 <= k <= n``.
+    n : int
+        Number of trials (tests), ``n >= 1``.
+    p : float
+        Success probability under the null (for example the per-test level alpha), in (0, 1).
+
+    Returns
+    -------
+    float
+        ``P(X >= k)`` for ``X ~ Binomial(n, p)``:
+        ``scipy.stats.binomtest(k, n, p, alternative="greater").pvalue``. Exact for independent
+        tests; tests that share data (cells on the same positions) make it indicative only.
+
+    Raises
+    ------
+    ValueError
+        For ``n < 1``, ``k`` outside ``[0, n]`` or ``p`` outside (0, 1).
+
+    Examples
+    --------
+    2 or more of 3 at p = 0.5: ``(3 + 1) / 8``.
+
+    >>> binomial_excess(2, 3, 0.5)
+    0.5
+    >>> binomial_excess(0, 10, 0.05)
+    1.0
+    """
+    _check_level(p, "p")
+    if not (isinstance(n, (int, np.integer)) and n >= 1):
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    if not (isinstance(k, (int, np.integer)) and 0 <= k <= n):
+        raise ValueError(f"k must be an integer in [0, n={n}], got {k!r}")
+    return float(stats.binomtest(int(k), int(n), p, alternative="greater").pvalue)
+
+
 def tost_from_t(t: float, n: int, *, bound_d: float = 0.2) -> float:
     """TOST p-value for ``|delta_z| < bound_d`` from a paired t statistic and ``n`` alone.
 
@@ -251,6 +386,141 @@ def tost_from_t(t: float, n: int, *, bound_d: float = 0.2) -> float:
     shift = bound_d * np.sqrt(n)
     df = n - 1
     return float(max(stats.t.sf(t + shift, df), stats.t.cdf(t - shift, df)))
+
+
+def _check_pairs(n, name: str = "n") -> None:
+    if not (isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 2):
+        raise ValueError(f"{name} must be an integer >= 2 (pairs), got {n!r}")
+
+
+def tost_min_p(n: int, *, bound_d: float = 0.2) -> float:
+    """Smallest p-value that TOST of ``|delta_z| < bound_d`` can give with ``n`` pairs, whatever the data.
+
+    The TOST p-value of :func:`tost_from_t` (and of :func:`paired_effect`, whose bounds
+    ``-+bound_d * sd`` treat the observed ``sd`` as known) is
+    ``max(t_dist.sf(t + s, n - 1), t_dist.sf(s - t, n - 1))`` with ``s = bound_d * sqrt(n)``. Both
+    terms are monotone in the t statistic and meet at ``t = 0``, so its smallest value over all
+    possible data is ``t_dist.sf(bound_d * sqrt(n), n - 1)`` (``scipy.stats.t``). When this is not
+    below the level of the test, no data can show equivalence: "not equivalent" then says nothing
+    about the data.
+
+    Parameters
+    ----------
+    n : int
+        Number of pairs, at least 2.
+    bound_d : float
+        Equivalence bound in d_z units (unitless), at least 0.
+
+    Returns
+    -------
+    float
+        The smallest attainable ``p_tost``, in (0, 0.5].
+
+    Raises
+    ------
+    ValueError
+        For ``n < 2`` or a non-integer ``n``, and for a negative or NaN ``bound_d``.
+
+    Examples
+    --------
+    With ``n = 200`` and ``bound_d = 0.2``, ``s = 0.2 * sqrt(200) = 2.828``; the upper tail of t on
+    199 degrees of freedom beyond it is about 0.0026, above a Bonferroni level 0.05 / 20 = 0.0025:
+
+    >>> round(tost_min_p(200, bound_d=0.2), 5)
+    0.00258
+    >>> tost_min_p(200, bound_d=0.2) < 0.05 / 20
+    False
+    >>> tost_min_p(10, bound_d=0.0)
+    0.5
+    """
+    _check_pairs(n)
+    if not bound_d >= 0:
+        raise ValueError(f"bound_d must be >= 0, got {bound_d!r}")
+    return float(stats.t.sf(float(bound_d) * np.sqrt(n), n - 1))
+
+
+def min_equivalence_bound(n: int, *, alpha: float = 0.05) -> float:
+    """Smallest equivalence bound (in d_z units) for which TOST at level ``alpha`` can pass with ``n`` pairs.
+
+    TOST rejects both one-sided nulls only if ``bound_d * sqrt(n)`` exceeds the critical value
+    ``t_{1 - alpha, n - 1}`` even at ``t = 0`` (see :func:`tost_min_p`), so the bound must exceed
+    ``t_{1 - alpha, n - 1} / sqrt(n)`` (``scipy.stats.t.ppf``). A bound at or below it cannot be
+    shown for any data; a bound above it can, for data with a t statistic near 0.
+
+    Parameters
+    ----------
+    n : int
+        Number of pairs, at least 2.
+    alpha : float
+        Level of each one-sided test, in (0, 1) (for example a Bonferroni level ``0.05 / m``).
+
+    Returns
+    -------
+    float
+        ``t_{1 - alpha, n - 1} / sqrt(n)``, unitless (d_z units).
+
+    Raises
+    ------
+    ValueError
+        For ``n < 2`` or a non-integer ``n``, and for ``alpha`` outside (0, 1).
+
+    Examples
+    --------
+    >>> round(min_equivalence_bound(200, alpha=0.0025), 4)
+    0.2007
+    >>> round(min_equivalence_bound(200, alpha=0.01), 4)
+    0.1658
+    """
+    _check_pairs(n)
+    _check_level(alpha, "alpha")
+    return float(stats.t.ppf(1.0 - alpha, n - 1) / np.sqrt(n))
+
+
+def binomial_upper_tail(k: int, n: int, p: float) -> float:
+    """Exact upper tail ``P(X >= k)`` of ``X ~ Binomial(n, p)``: is ``k`` more than chance gives?
+
+    For ``n`` tests each with a false-positive rate ``p`` under its null, ``k`` significant results
+    exceed chance at level ``a`` if ``P(X >= k) < a``:
+    ``P(X >= k) = sum_{j=k}^{n} C(n, j) p^j (1 - p)^(n - j)``, the one-sided p-value
+    ``scipy.stats.binomtest(k, n, p, alternative="greater").pvalue``. The tests are taken as
+    independent; positively dependent tests (cells that share positions) spread the count wider
+    than the binomial, so the tail is then too small and only indicative.
+
+    Parameters
+    ----------
+    k : int
+        Observed count, ``0 <= k <= n``.
+    n : int
+        Number of tests, at least 1.
+    p : float
+        Probability of a success under the null, in (0, 1) (a per-test level).
+
+    Returns
+    -------
+    float
+        ``P(X >= k)``, in (0, 1]; 1 for ``k = 0``.
+
+    Raises
+    ------
+    ValueError
+        For a non-integer or negative count, ``k > n``, ``n < 1`` or ``p`` outside (0, 1).
+
+    Examples
+    --------
+    Two or more heads in three fair tosses: ``(3 + 1) / 8``.
+
+    >>> binomial_upper_tail(2, 3, 0.5)
+    0.5
+    >>> round(binomial_upper_tail(10, 60, 0.05), 5)
+    0.00074
+    """
+    for v, name in ((k, "k"), (n, "n")):
+        if not (isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0):
+            raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
+    if n < 1 or k > n:
+        raise ValueError(f"need 1 <= n and 0 <= k <= n, got k = {k!r}, n = {n!r}")
+    _check_level(p, "p")
+    return float(stats.binomtest(int(k), int(n), float(p), alternative="greater").pvalue)
 
 
 def paired_effect(
@@ -815,7 +1085,11 @@ def family_verdicts(table: pd.DataFrame, *, by: str = "model", alpha: float = 0.
     ``holm_dual``, ``bh_dual``, ``equivalent`` (TOST supports |d_z| below the bound),
     ``max_abs_dz`` (over the tested cells; NaN if none), ``share_positive`` (fraction of the
     *tested* cells with d_z > 0: a valid ranking makes d_z positive; NaN if none),
-    ``min_detectable_dz`` (at the Bonferroni level, from the first cell where it is defined).
+    ``min_detectable_dz`` (at the Bonferroni level, from the first cell where it is defined),
+    ``tost_can_pass`` (whether TOST at the cells' bound and level could pass in some tested cell for
+    *any* data, :func:`tost_min_p` below ``alpha_corrected``; when False, ``equivalent`` is 0 by
+    design, not by the data; only when ``table`` has ``n``, ``tost_bound_d`` and
+    ``alpha_corrected``, as :func:`audit_table` gives).
     ``KeyError`` if ``table`` lacks the columns :func:`audit_table` adds; ``ValueError`` if the
     groups of ``by`` are not the table's families (a group's cell count differs from its
     ``family_size``), since the counts and levels would describe neither.
@@ -855,4 +1129,302 @@ def family_verdicts(table: pd.DataFrame, *, by: str = "model", alpha: float = 0.
     int_cols = ["cells", "untested", "uncorrected_t", "bonferroni_t", "bonferroni_W", "bonferroni_dual", "holm_dual",
                 "bh_dual", "equivalent"]
     out[int_cols] = out[int_cols].astype(int)
+    if {"n", "tost_bound_d", "alpha_corrected"} <= set(table.columns):
+        tested = table[~table._untested & (table.n >= 2)]
+        possible = pd.Series([tost_min_p(int(r.n), bound_d=float(r.tost_bound_d)) < float(r.alpha_corrected)
+                              for r in tested.itertuples()], index=tested.index, dtype=bool)
+        can = possible.groupby(tested[by], sort=False).any()
+        out.insert(out.columns.get_loc("equivalent") + 1, "tost_can_pass",
+                   out[by].map(can).fillna(False).astype(bool))
     return out
+
+
+# --------------------------------------------------------------------------- trends and small-sample comparisons
+# (used by the redundancy analysis, moeaudit.redundancy: a handful of trained models per setting)
+
+
+def linear_trend(x, y, *, reference_slope: float = 0.0, ci: float = 0.95) -> dict:
+    """Ordinary least-squares slope of ``y`` on ``x`` with its t interval and a test against a reference slope.
+
+    The fit is ``scipy.stats.linregress(x, y)``: slope ``b = S_xy / S_xx``, standard error
+    ``se = sqrt(SSE / (n - 2) / S_xx)``. The test of ``H0: slope = reference_slope`` uses
+    ``t = (b - reference_slope) / se`` on ``n - 2`` degrees of freedom, two-sided
+    (``p = 2 * scipy.stats.t.sf(|t|, n - 2)``); the interval is ``b ± t_{(1 + ci)/2, n - 2} * se``.
+
+    Parameters
+    ----------
+    x, y : array-like of float, shape (n,)
+        Predictor and response (units of ``y`` per unit of ``x`` for the slope). Finite values.
+    reference_slope : float
+        Slope under the null hypothesis (0: no trend).
+    ci : float
+        Confidence level of the interval, in (0, 1).
+
+    Returns
+    -------
+    dict
+        ``n``, ``df`` (``n - 2``), ``slope``, ``intercept``, ``stderr``, ``ci_low``, ``ci_high``,
+        ``reference_slope``, ``t`` and ``p`` (against ``reference_slope``). With a perfect fit
+        (``se = 0``) ``t`` is ±inf and ``p`` 0, or both NaN when the slope equals the reference.
+
+    Raises
+    ------
+    ValueError
+        For ``x`` and ``y`` of different lengths, fewer than 3 points, a non-finite value, a
+        constant ``x`` (no slope to fit) or ``ci`` outside (0, 1).
+
+    Examples
+    --------
+    ``x = [0, 1, 2, 3]``, ``y = [0, 1, 1, 3]``: ``S_xy = 4.5``, ``S_xx = 5``, slope 0.9,
+    ``SSE = 0.7``, ``se = sqrt(0.35 / 5)``.
+
+    >>> fit = linear_trend([0, 1, 2, 3], [0, 1, 1, 3])
+    >>> round(fit["slope"], 6), round(fit["stderr"], 6), fit["df"]
+    (0.9, 0.264575, 2)
+    >>> round(linear_trend([0, 1, 2, 3], [0, 1, 1, 3], reference_slope=-1.0)["t"], 4)
+    7.1813
+    """
+    xa, ya = _float_vector(x), _float_vector(y)
+    _same_length(xa, ya, "x and y")
+    _check_level(ci, "ci")
+    if xa.size < 3:
+        raise ValueError(f"a slope with an interval needs at least 3 points, got {xa.size}")
+    if not (np.all(np.isfinite(xa)) and np.all(np.isfinite(ya))):
+        raise ValueError("x and y must be finite")
+    if np.ptp(xa) == 0:
+        raise ValueError("x is constant: there is no slope to fit")
+    fit = stats.linregress(xa, ya)
+    df = int(xa.size - 2)
+    se, slope, ref = float(fit.stderr), float(fit.slope), float(reference_slope)
+    if se > 0:
+        t = (slope - ref) / se
+        p = float(2.0 * stats.t.sf(abs(t), df))
+    else:
+        t = float("nan") if slope == ref else float(np.copysign(np.inf, slope - ref))
+        p = float("nan") if slope == ref else 0.0
+    half = float(stats.t.ppf(0.5 + ci / 2.0, df) * se)
+    return {"n": int(xa.size), "df": df, "slope": slope, "intercept": float(fit.intercept), "stderr": se,
+            "ci_low": slope - half, "ci_high": slope + half, "reference_slope": ref, "t": float(t), "p": p}
+
+
+def _t_noncentrality(df: int, *, alpha: float, power: float) -> float:
+    """Noncentrality ``delta`` at which a two-sided t test on ``df`` degrees of freedom at ``alpha``
+    rejects with probability ``power``: ``nct.sf(c, df, delta) + nct.sf(c, df, -delta) = power``
+    (the second term is ``P(T' < -c)`` by symmetry, where SciPy's ``nct.cdf`` can return NaN in the
+    far tail), ``c = t_{1 - alpha/2, df}`` (``scipy.stats.nct``, root by ``scipy.optimize.brentq``);
+    0 when ``power <= alpha``."""
+    if power <= alpha:
+        return 0.0
+    crit = stats.t.ppf(1.0 - alpha / 2.0, df)
+
+    def gap(delta):
+        return stats.nct.sf(crit, df, delta) + stats.nct.sf(crit, df, -delta) - power
+
+    hi = 1.0
+    while gap(hi) < 0.0:  # power grows with delta: widen until the root is bracketed
+        hi *= 2.0
+    return float(optimize.brentq(gap, 0.0, hi, xtol=1e-10, rtol=1e-10, maxiter=500))
+
+
+def min_detectable_slope(stderr: float, n: int, *, alpha: float = 0.05, power: float = 0.8) -> float:
+    """Smallest true change of a slope that its two-sided t test detects with ``power``.
+
+    For a least-squares slope on ``n`` points (``n - 2`` degrees of freedom) whose standard error
+    is ``stderr``: ``delta * stderr``, where ``delta`` is the noncentrality at which the test at
+    level ``alpha`` rejects with probability ``power``,
+    ``P(|T'| > t_{1 - alpha/2, n - 2}) = power`` for ``T'`` noncentral t with ``n - 2`` degrees of
+    freedom (``scipy.stats.nct``). The standard error is the fit's estimate, so the answer is
+    the power at the observed scatter, not a design quantity. Units: those of the slope. 0 when
+    ``power <= alpha``.
+
+    Parameters
+    ----------
+    stderr : float
+        Standard error of the slope, >= 0.
+    n : int
+        Number of points of the fit, at least 3.
+    alpha : float
+        Level of the two-sided test, in (0, 1) (for example a Bonferroni level ``0.05 / m``).
+    power : float
+        Target power, in (0, 1).
+
+    Raises
+    ------
+    ValueError
+        For ``n < 3``, a negative or non-finite ``stderr``, ``alpha`` or ``power`` outside (0, 1).
+
+    Examples
+    --------
+    With many points the noncentrality tends to ``z_{0.975} + z_{0.8} = 2.8016``:
+
+    >>> round(min_detectable_slope(1.0, 10**6, alpha=0.05, power=0.8), 3)
+    2.802
+    >>> round(min_detectable_slope(0.1, 8, alpha=0.05, power=0.8), 3)
+    0.337
+    """
+    if not (isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 3):
+        raise ValueError(f"n must be an integer >= 3 (points of the fit), got {n!r}")
+    if not (np.isfinite(stderr) and stderr >= 0):
+        raise ValueError(f"stderr must be finite and >= 0, got {stderr!r}")
+    _check_level(alpha, "alpha")
+    _check_level(power, "power")
+    return _t_noncentrality(int(n) - 2, alpha=alpha, power=power) * float(stderr)
+
+
+def two_sample_difference(a, b, *, ci: float = 0.95) -> dict:
+    """Difference of two group means with the pooled-variance (Student) t test and interval.
+
+    ``diff = mean(a) - mean(b)``; pooled standard deviation
+    ``sd_pooled = sqrt(((n_a - 1) var(a) + (n_b - 1) var(b)) / (n_a + n_b - 2))`` (``ddof=1``);
+    ``se = sd_pooled * sqrt(1/n_a + 1/n_b)``; ``t = diff / se`` on ``df = n_a + n_b - 2``;
+    ``p`` two-sided (``scipy.stats.ttest_ind(a, b, equal_var=True)``); interval
+    ``diff ± t_{(1 + ci)/2, df} * se``. Units: those of ``a`` and ``b``.
+
+    Parameters
+    ----------
+    a, b : array-like of float
+        The two groups (for example one value per trained model of two settings). Finite values.
+    ci : float
+        Confidence level of the interval, in (0, 1).
+
+    Returns
+    -------
+    dict
+        ``n_a``, ``n_b``, ``mean_a``, ``mean_b``, ``diff``, ``sd_pooled``, ``df``, ``t``, ``p``,
+        ``ci_low``, ``ci_high``. Where there is no within-group spread to test against
+        (``df < 1``, or ``sd_pooled = 0``) ``t``, ``p`` and the interval are NaN (and
+        ``sd_pooled`` is NaN when ``df < 1``).
+
+    Raises
+    ------
+    ValueError
+        For an empty group, a non-finite value or ``ci`` outside (0, 1).
+
+    Examples
+    --------
+    ``a = [1, 3]``, ``b = [4, 6]``: ``diff = -3``, ``sd_pooled = sqrt(2)``, ``se = sqrt(2)``,
+    ``t = -2.1213`` on 2 degrees of freedom.
+
+    >>> r = two_sample_difference([1, 3], [4, 6])
+    >>> r["diff"], round(r["t"], 4), r["df"], round(r["p"], 4)
+    (-3.0, -2.1213, 2, 0.1679)
+    """
+    xa, xb = _float_vector(a), _float_vector(b)
+    _check_level(ci, "ci")
+    if xa.size < 1 or xb.size < 1:
+        raise ValueError(f"each group needs at least one value, got {xa.size} and {xb.size}")
+    if not (np.all(np.isfinite(xa)) and np.all(np.isfinite(xb))):
+        raise ValueError("a and b must be finite")
+    df = int(xa.size + xb.size - 2)
+    diff = float(xa.mean() - xb.mean())
+    nan = float("nan")
+    out = {"n_a": int(xa.size), "n_b": int(xb.size), "mean_a": float(xa.mean()), "mean_b": float(xb.mean()),
+           "diff": diff, "sd_pooled": nan, "df": df, "t": nan, "p": nan, "ci_low": nan, "ci_high": nan}
+    if df < 1:
+        return out
+    ss = float(((xa - xa.mean()) ** 2).sum() + ((xb - xb.mean()) ** 2).sum())
+    sd = float(np.sqrt(ss / df))
+    out["sd_pooled"] = sd
+    if sd == 0.0:
+        return out
+    se = sd * float(np.sqrt(1.0 / xa.size + 1.0 / xb.size))
+    half = float(stats.t.ppf(0.5 + ci / 2.0, df) * se)
+    res = stats.ttest_ind(xa, xb, equal_var=True)
+    out.update(t=float(res.statistic), p=float(res.pvalue), ci_low=diff - half, ci_high=diff + half)
+    return out
+
+
+def min_detectable_difference(n_a: int, n_b: int, *, alpha: float = 0.05, power: float = 0.8) -> float:
+    """Smallest standardised difference of two means that the pooled two-sample t test detects.
+
+    In units of the within-group standard deviation (Cohen's d): ``delta / sqrt(n_a n_b / (n_a + n_b))``,
+    where ``delta`` is the noncentrality at which the two-sided test at ``alpha`` on
+    ``n_a + n_b - 2`` degrees of freedom rejects with probability ``power`` (``scipy.stats.nct``).
+    Multiply by the pooled standard deviation for the difference in the data's units. 0 when
+    ``power <= alpha``.
+
+    Parameters
+    ----------
+    n_a, n_b : int
+        Group sizes, each at least 1, with ``n_a + n_b >= 3`` (one degree of freedom).
+    alpha, power : float
+        Level of the two-sided test and target power, each in (0, 1).
+
+    Raises
+    ------
+    ValueError
+        For group sizes that leave no degree of freedom, or a level outside (0, 1).
+
+    Examples
+    --------
+    Large groups: ``(z_{0.975} + z_{0.8}) * sqrt(2 / n)``; two models per group: several SDs.
+
+    >>> round(min_detectable_difference(10**6, 10**6) * (10**6 / 2) ** 0.5, 3)
+    2.802
+    >>> round(min_detectable_difference(2, 2, alpha=0.05), 2)
+    5.65
+    """
+    for v, name in ((n_a, "n_a"), (n_b, "n_b")):
+        if not (isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    if n_a + n_b < 3:
+        raise ValueError(f"n_a + n_b must be at least 3 (one degree of freedom), got {n_a} + {n_b}")
+    _check_level(alpha, "alpha")
+    _check_level(power, "power")
+    delta = _t_noncentrality(int(n_a + n_b - 2), alpha=alpha, power=power)
+    return delta / float(np.sqrt(n_a * n_b / (n_a + n_b)))
+
+
+def anova_min_detectable_f(n_groups: int, n_total: int, *, alpha: float = 0.05, power: float = 0.8) -> float:
+    """Smallest Cohen's f that a one-way ANOVA F test detects with ``power``.
+
+    Cohen's ``f = sigma_means / sigma`` (standard deviation of the group means, ``ddof=0`` over
+    equal groups, over the within-group standard deviation; unitless). The F test on
+    ``(n_groups - 1, n_total - n_groups)`` degrees of freedom has noncentrality
+    ``lambda = f^2 * n_total`` (the convention of ``statsmodels.stats.power.FTestAnovaPower``);
+    the answer solves ``ncf.sf(F_crit, df1, df2, lambda) = power`` with ``F_crit`` the
+    ``1 - alpha`` quantile of the central F (``scipy.stats.ncf``, ``scipy.stats.f``, root by
+    ``scipy.optimize.brentq``). 0 when ``power <= alpha``.
+
+    Parameters
+    ----------
+    n_groups : int
+        Number of groups, at least 2.
+    n_total : int
+        Number of observations, more than ``n_groups``.
+    alpha, power : float
+        Level of the test and target power, each in (0, 1).
+
+    Raises
+    ------
+    ValueError
+        For fewer than 2 groups, ``n_total <= n_groups`` or a level outside (0, 1).
+
+    Examples
+    --------
+    Five groups of two (5 within-group degrees of freedom), and a large design:
+
+    >>> round(anova_min_detectable_f(5, 10, alpha=0.05), 2)
+    1.74
+    >>> round(anova_min_detectable_f(3, 300, alpha=0.05), 3)
+    0.18
+    """
+    if not (isinstance(n_groups, (int, np.integer)) and n_groups >= 2):
+        raise ValueError(f"n_groups must be an integer >= 2, got {n_groups!r}")
+    if not (isinstance(n_total, (int, np.integer)) and n_total > n_groups):
+        raise ValueError(f"n_total must be an integer > n_groups = {n_groups}, got {n_total!r}")
+    _check_level(alpha, "alpha")
+    _check_level(power, "power")
+    if power <= alpha:
+        return 0.0
+    df1, df2 = int(n_groups - 1), int(n_total - n_groups)
+    crit = stats.f.ppf(1.0 - alpha, df1, df2)
+
+    def gap(lam):
+        return stats.ncf.sf(crit, df1, df2, lam) - power
+
+    hi = 1.0
+    while gap(hi) < 0.0:
+        hi *= 2.0
+    lam = optimize.brentq(gap, 0.0, hi, xtol=1e-10, rtol=1e-10, maxiter=500)
+    return float(np.sqrt(lam / n_total))

@@ -72,6 +72,10 @@ USAGE_THRESHOLD = 0.002
 MIN_FRAC_USED = 0.9
 #: quality gate of the shipped models: test perplexity at most this fraction of the unigram baseline's
 PPL_RATIO_MAX = 0.5
+#: quality gate of the shipped models: on the embedded corpus, in its default form, the model's gain over
+#: the in-sample unigram is at least this share of its gain on WikiText-2's test split, measured the same
+#: way (:func:`measure_regime`), so that the default book audits a model on text it can read
+REGIME_GAIN_RATIO_MIN = 0.75
 
 
 class GateError(RuntimeError):
@@ -83,7 +87,10 @@ def gate_failures(summary: dict) -> list[str]:
     """The quality gates a training summary misses, each with the figure that missed: test
     perplexity at most :data:`PPL_RATIO_MAX` times the unigram baseline's, and in every MoE layer
     at least :data:`MIN_FRAC_USED` of the routed experts with :data:`USAGE_THRESHOLD` of the
-    routing mass or more. ``[]`` when all hold. ``ValueError`` for a summary without an evaluation."""
+    routing mass or more; and, where the summary has its ``regime`` (:func:`measure_regime`), a gain
+    over the in-sample unigram on the embedded corpus of at least :data:`REGIME_GAIN_RATIO_MIN` of the
+    gain on WikiText-2's test split. ``[]`` when all hold. ``ValueError`` for a summary without an
+    evaluation."""
     ev = summary.get("evaluation")
     if ev is None:
         raise ValueError("the summary has no evaluation: the gates are measured on the test split")
@@ -96,7 +103,57 @@ def gate_failures(summary: dict) -> list[str]:
         if not u["frac_experts_ge_threshold"] >= MIN_FRAC_USED:
             out.append(f"layer {layer}: {u['frac_experts_ge_threshold']:.1%} of the routed experts receive at least "
                        f"{USAGE_THRESHOLD:.1%} of the routing mass (gate: at least {MIN_FRAC_USED:.0%})")
+    reg = summary.get("regime")
+    if reg and reg.get("gain_ratio") is not None and not reg["gain_ratio"] >= REGIME_GAIN_RATIO_MIN:
+        out.append(f"gain over the in-sample unigram on the embedded corpus {reg['embedded']['gain']:.3f} nats is "
+                   f"{reg['gain_ratio']:.2f} of the gain on WikiText-2 test {reg['wikitext-2']['gain']:.3f} "
+                   f"(gate: at least {REGIME_GAIN_RATIO_MIN})")
     return out
+
+
+#: what :func:`measure_regime` measures, as the model card states it
+REGIME_MEASUREMENT = ("the audit's default text selection (the first 100 lines longer than 50 characters, each cut "
+                      "to the model's 128-token context), float32; loss in nats per scored token; gain = in-sample "
+                      "unigram loss minus the model's loss")
+
+
+def measure_regime(model: str | Path, *, data_dir=None) -> dict:
+    """The model's regime on the embedded corpus (its default form) and on WikiText-2's test split,
+    measured the same way (:data:`REGIME_MEASUREMENT`, :func:`moeaudit.audit.corpus_regime`), and the
+    ratio of the two gains (the quality gate :data:`REGIME_GAIN_RATIO_MIN`).
+
+    ``model``: a shipped name or a checkpoint directory. Without WikiText-2 (no data directory and no
+    hub), ``wikitext-2`` and ``gain_ratio`` are ``None``.
+    """
+    from .audit import corpus_regime, prepare  # noqa: PLC0415
+
+    keep = ("mean_loss", "unigram_loss", "uniform_loss", "gain", "n_tokens", "n_texts", "corpus_variant", "text_form")
+    out = {"measurement": REGIME_MEASUREMENT}
+    with tempfile.TemporaryDirectory() as tmp:
+        emb = corpus_regime(prepare(str(model), corpus="embedded", results_dir=tmp, progress=False))
+        out["embedded"] = {k: emb[k] for k in keep}
+        try:
+            wt = corpus_regime(prepare(str(model), corpus="wikitext-2", data_dir=data_dir, results_dir=tmp,
+                                       progress=False))
+            out["wikitext-2"] = {k: wt[k] for k in keep}
+        except FileNotFoundError:
+            out["wikitext-2"] = None
+    out["gain_ratio"] = out["embedded"]["gain"] / out["wikitext-2"]["gain"] if out["wikitext-2"] else None
+    return out
+
+
+def record_regime(name: str, *, data_dir=None, model_dir: str | Path | None = None) -> dict:
+    """Measure :func:`measure_regime` for the shipped model ``name`` (or the model in ``model_dir``) and
+    record it in its ``training_summary.json`` and model card. ``FileNotFoundError`` without WikiText-2
+    (the record holds both corpora)."""
+    model_dir = Path(model_dir) if model_dir is not None else ZOO_DIR / name
+    reg = measure_regime(model_dir, data_dir=data_dir)
+    if reg["wikitext-2"] is None:
+        raise FileNotFoundError("WikiText-2 is needed to record the regime (set $MOEAUDIT_DATA_DIR or pass --data-dir)")
+    summary = json.loads((model_dir / "training_summary.json").read_text())
+    summary["regime"] = reg
+    write_summary(model_dir, summary)
+    return reg
 
 #: The balance-loss coefficients are those of the real models times this factor, which keeps
 #: their ratios (OLMoE 10 x Qwen). With the real values (factor 1), routing in layers 2-3 of the
@@ -711,6 +768,7 @@ def _train(name, *, seed, out, hp, data_dir, evaluate, log_every, verbose) -> di
             "utilisation": util,
             "min_frac_experts_ge_threshold": min(v["frac_experts_ge_threshold"] for v in util["layers"].values()),
         }
+        summary["regime"] = measure_regime(out, data_dir=data_dir)
         say(f"test perplexity {ppl['perplexity']:.1f} vs unigram {uni['perplexity']:.1f}; "
             f"min fraction of experts with >= {USAGE_THRESHOLD:.1%} of mass: "
             f"{summary['evaluation']['min_frac_experts_ge_threshold']:.3f}")
@@ -820,6 +878,21 @@ def model_card(s: dict) -> str:
             f"{ev['perplexity_ratio_to_unigram']:.3f} (at most {PPL_RATIO_MAX}); share of experts used in the worst "
             f"layer {ev['min_frac_experts_ge_threshold']:.1%} (at least {MIN_FRAC_USED:.0%})", "",
         ]
+    reg = s.get("regime")
+    if reg:
+        e, w = reg["embedded"], reg["wikitext-2"]
+        lines += ["## The text the book audits it on", "",
+                  f"Measured on {reg['measurement']}.", "",
+                  "| text | model loss | in-sample unigram | uniform guess | gain | scored tokens |",
+                  "|---|---|---|---|---|---|"]
+        for label, r in ((f"embedded corpus ({e['text_form']} form)", e), ("WikiText-2 test split", w)):
+            if r:
+                lines.append(f"| {label} | {r['mean_loss']:.3f} | {r['unigram_loss']:.3f} | {r['uniform_loss']:.3f} | "
+                             f"{r['gain']:.3f} | {r['n_tokens']:,} |")
+        if reg.get("gain_ratio") is not None:
+            lines += ["", f"- quality gate: the gain on the embedded corpus is {reg['gain_ratio']:.2f} of the gain on "
+                      f"WikiText-2 test (at least {REGIME_GAIN_RATIO_MIN})"]
+        lines.append("")
     rep = s.get("reproducibility")
     if rep:
         lines += ["## Reproducibility", "",
@@ -889,10 +962,21 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the model's recipe)")
     p.add_argument("--data-dir", default=None, help="folder holding wikitext-2/ (default: $MOEAUDIT_DATA_DIR)")
     p.add_argument("--no-eval", action="store_true", help="skip the test-split evaluation")
+    p.add_argument("--regime", action="store_true",
+                   help="do not train: measure the model's loss against the in-sample unigram on the embedded corpus "
+                        "and on WikiText-2 test, and record it in its summary and card")
     p.add_argument("--check-repro", action="store_true",
                    help="do not train: retrain the model in --out (or the zoo) with its recorded seed and "
                         "steps and report the difference of the loss curves")
     args = p.parse_args(argv)
+    if args.regime:
+        try:
+            reg = record_regime(args.name, data_dir=args.data_dir, model_dir=args.out)
+        except FileNotFoundError as err:
+            print(f"FAILED: {err}", file=sys.stderr)
+            return 2
+        print(json.dumps(reg, indent=1))
+        return 0 if reg["gain_ratio"] >= REGIME_GAIN_RATIO_MIN else 1
     if args.check_repro:
         res = check_reproducibility(args.name, model_dir=args.out, data_dir=args.data_dir)
         return 0 if res["max_abs_loss_diff"] == 0.0 else 1

@@ -161,6 +161,34 @@ def perplexity_table(summaries: dict) -> "pandas.DataFrame":
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis("model")
 
 
+def regime_table(summaries: dict, audited: dict | None = None) -> "pandas.DataFrame":
+    """Per model, the loss (nats per token) on each text against a unigram model fitted to the same
+    tokens, and the gain (unigram minus model: what the model takes from context): WikiText-2 test
+    as the card's evaluation scores it (consecutive chunks; no in-sample unigram there, the card's
+    unigram is fitted on the training split), WikiText-2 test and the embedded corpus as the audit
+    selects and reads them (the ``regime`` record of the summary: :func:`moeaudit.training.measure_regime`),
+    and, with ``audited`` (model -> :func:`moeaudit.corpus.loss_regime` dict), the text this build audits.
+    Missing records are NaN."""
+    import numpy as np  # noqa: PLC0415
+    import pandas as pd  # noqa: PLC0415
+
+    rows = {}
+    for m, s in summaries.items():
+        reg = s.get("regime") or {}
+        wt, emb = reg.get("wikitext-2") or {}, reg.get("embedded") or {}
+        row = {"WikiText-2 test, card (loss)": s["evaluation"]["model"]["nll"],
+               "WikiText-2 test, audit selection (loss)": wt.get("mean_loss", np.nan),
+               "WikiText-2 test, audit selection (gain)": wt.get("gain", np.nan),
+               "embedded corpus, default form (loss)": emb.get("mean_loss", np.nan),
+               "embedded corpus, default form (gain)": emb.get("gain", np.nan),
+               "gain ratio (gate)": reg.get("gain_ratio", np.nan)}
+        if audited is not None and m in audited:
+            row["audited text (loss)"] = audited[m]["mean_loss"]
+            row["audited text (gain)"] = audited[m]["gain"]
+        rows[m] = row
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("model")
+
+
 def reproducibility_table(summaries: dict, dirs: dict) -> tuple["pandas.DataFrame", dict]:
     """The same-seed retraining records: a table (steps compared, largest loss and weight difference,
     rerun time in minutes) and the per-step curves (``reproducibility_log.csv``) of the models that

@@ -1,0 +1,318 @@
+"""Computed wording of the routing-weight control (chapter 5) and of progressive ablation (chapter 6).
+
+Every test builds its tables by hand, so that each case a sentence builder distinguishes is
+exercised and the numbers it must quote are known in advance.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from moeaudit import stats as S
+from moeaudit.audit import (buffer_phrase, buffer_readings, cliff_comparison_text, cliff_text,
+                            control_against_observational, control_beaten_text, control_reading_text,
+                            control_summary_text, control_verdict_text, deepest_removal_summary, figure1_text,
+                            fmt_bound, paper_share_positive_text, progressive_overview_text, redundancy_breaks,
+                            removal_direction, same_layer_margins, threshold_calls, zero_relation)
+
+# ----------------------------------------------------------------------------- helpers shared by both chapters
+
+
+def test_zero_relation_follows_the_displayed_precision():
+    assert zero_relation(0.12, 0.4) == "above"
+    assert zero_relation(-0.4, -0.12) == "below"
+    assert zero_relation(-0.1, 0.2) == "contains"
+    # excludes zero unrounded, but the lower bound prints as +0.000: never called excluding zero
+    assert zero_relation(0.00023, 0.271) == "touches"
+    assert zero_relation(-0.271, -0.0004) == "touches"
+    assert zero_relation(0.00023, 0.271, digits=4) == "above"
+    assert zero_relation(float("nan"), 0.3) == "undefined"
+    with pytest.raises(ValueError):
+        zero_relation(0.3, 0.1)
+
+
+def test_fmt_bound_shows_the_digits_that_exclude_zero():
+    assert fmt_bound(0.00023) == "+0.00023"
+    assert fmt_bound(-0.0004) == "-0.0004"
+    assert fmt_bound(0.271) == "+0.271"
+    assert fmt_bound(0.0) == "+0.000"
+    assert fmt_bound(-0.0) == "+0.000"
+
+
+# ----------------------------------------------------------------------------- chapter 5: the control
+
+
+def _control(rows):
+    """Control-table rows: (model, layer, d_z, p_t, p_W, rho, rho_lo, rho_hi); n = 200, own level 0.01."""
+    t = pd.DataFrame(rows, columns=["model", "layer", "cohens_dz", "p_t", "p_W", "rho", "rho_ci_low", "rho_ci_high"])
+    t["n"] = 200
+    t["ranking"] = "routing_weight"
+    t["same_sign"] = True
+    t["alpha_corrected"] = 0.01
+    t["family_size"] = 5
+    t["sig_t_bonf"] = t.p_t < 0.01
+    t["sig_W_bonf"] = t.p_W < 0.01
+    t["sig_dual_bonf"] = t.sig_t_bonf & t.sig_W_bonf
+    half = 1.96 / np.sqrt(200)
+    t["dz_ci_low"], t["dz_ci_high"] = t.cohens_dz - half, t.cohens_dz + half
+    return t
+
+
+def _observational(models, *, level=0.0025, dz=(0.05, 0.1)):
+    rows = [{"model": m, "layer": L, "ranking": r, "cohens_dz": d, "alpha_corrected": level, "family_size": 20}
+            for m in models for L in (0, 1) for r, d in zip(("utilization_rate", "activation_norm"), dz)]
+    return pd.DataFrame(rows)
+
+
+def test_control_reading_is_per_model_and_at_the_audit_level():
+    control = _control([
+        # fails everywhere, even at its own level 0.01
+        ("fail", 0, 0.05, 0.4, 0.5, 0.0, -0.1, 0.1), ("fail", 1, -0.02, 0.7, 0.6, 0.0, -0.1, 0.1),
+        # passes at its own level 0.01, not at the audit's 0.0025 (Wilcoxon 0.005)
+        ("own", 0, 0.192, 0.007, 0.005, 0.0, -0.1, 0.1), ("own", 1, 0.01, 0.9, 0.9, 0.0, -0.1, 0.1),
+        # passes even at the audit's level, with a d_z the audit detects with high power
+        ("audit", 0, 0.35, 1e-6, 1e-5, 0.0, -0.1, 0.1), ("audit", 1, 0.0, 0.99, 0.99, 0.0, -0.1, 0.1),
+    ])
+    text = control_reading_text(control, _observational(["fail", "own", "audit"]), power=0.8)
+    fail, own, audit, spearman = text.split("\n\n")
+    assert fail.startswith("**fail.**") and "cannot be read either way" in fail
+    assert "own." in own and "passes at no layer" in own and "0.0025" in own
+    # the power of the audit's t-test against d_z = 0.192 at n = 200, alpha = 0.0025 is about 37%
+    p = S.t_test_power(0.192, 200, alpha=0.0025)
+    assert f"{p:.0%}" in own and f"{p:.0%}" == "37%"
+    mde = S.min_detectable_dz(200, alpha=0.0025, power=0.8)
+    assert f"|d_z| ≥ {mde:.3f}" in own
+    assert "informative there" not in text and "detects an effect of that size" not in text
+    assert "passes even at the audit's per-cell level 0.0025" in audit and "evidence against" in audit
+    assert f"{S.t_test_power(0.35, 200, alpha=0.0025):.0%}" in audit
+    assert "No Spearman interval" in spearman
+
+
+def test_control_reading_low_power_at_the_audit_level_is_called_weak():
+    # d_z = 0.2 with p below 0.0025 (a lucky draw): power at that d_z is below 80%
+    control = _control([("m", 0, 0.2, 0.001, 0.002, 0.0, -0.1, 0.1)])
+    text = control_reading_text(control, _observational(["m"]), power=0.8)
+    assert "weak evidence" in text and "evidence against observational effects" not in text
+
+
+def test_a_reversal_does_not_make_the_control_pass():
+    # significant at every level, but d_z < 0: not a working control
+    control = _control([("m", 0, -0.4, 1e-8, 1e-8, 0.0, -0.1, 0.1)])
+    text = control_reading_text(control, _observational(["m"]))
+    assert "cannot be read either way" in text
+
+
+def test_spearman_intervals_that_round_to_zero_touch_it():
+    control = _control([("m", 0, 0.1, 0.2, 0.2, 0.266, 0.120, 0.400), ("m", 1, 0.1, 0.2, 0.2, 0.138, 0.00023, 0.271),
+                        ("m", 2, 0.1, 0.2, 0.2, 0.01, -0.1, 0.12)])
+    text = control_reading_text(control, _observational(["m"])).split("\n\n")[-1]
+    assert "excludes zero at 1 cell of 3: m layer 0" in text
+    assert "m layer 1 (ρ = +0.138, [+0.00023, +0.271]) touches zero" in text
+    assert "[+0.000, +0.271]" not in text
+    # one of three 95% intervals excludes zero: P(X >= 1), X ~ Bin(3, 0.05) = 1 - 0.95^3
+    assert f"probability {1 - 0.95 ** 3:.2g}" in text and "about 0.15" in text
+
+
+def _cells(model, layer, ranking, diffs):
+    n = len(diffs)
+    return pd.DataFrame({"model": model, "layer": layer, "ranking": ranking, "seq_id": np.arange(n), "t": 5,
+                         "diff": diffs})
+
+
+def test_same_layer_margins_exceeds_not_shown_and_below():
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=300)
+    strong = 0.6 + rng.normal(size=300)
+    control_cells = pd.concat([_cells("m", 0, "routing_weight", strong), _cells("m", 1, "routing_weight", base),
+                               _cells("m", 2, "routing_weight", base)])
+    obs_cells = pd.concat([_cells("m", 0, "activation_norm", base), _cells("m", 1, "activation_norm", base),
+                           _cells("m", 2, "activation_norm", strong)])
+    dz = lambda x: x.mean() / x.std(ddof=1)  # noqa: E731
+    cmp = pd.DataFrame({"model": "m", "layer": [0, 1, 2], "control_dz": [dz(strong), dz(base), dz(base)],
+                        "best_ranking": "activation_norm", "best_dz": [dz(base), dz(base), dz(strong)]})
+    out = same_layer_margins(cmp, control_cells, obs_cells, n_boot=500, seed=1).set_index("layer")
+    assert out.vs_best.tolist() == ["exceeds", "not shown", "below"]
+    assert out.loc[0, "diff_ci_low"] > 0 and out.loc[2, "diff_ci_high"] < 0 and (out.n_shared == 300).all()
+
+
+def _cmp_with_margins():
+    cmp = pd.DataFrame({
+        "model": "m", "layer": [0, 1, 2], "control_dz": [0.287, 0.05, 0.30], "dz_ci_low": [0.15, -0.09, 0.16],
+        "dz_ci_high": [0.43, 0.19, 0.44], "best_ranking": ["mean_routing_weight", "activation_norm", "activation_std"],
+        "best_dz": [0.257, 0.2, 0.01], "beaten": [False, True, False], "band_low": -0.1, "band_high": 0.257,
+        "position": ["above", "inside", "above"], "margin": [0.03, 0.0, 0.043], "ci_overlaps_band": True,
+        "n_shared": 200, "diff_ci_low": [-0.043, -0.3, 0.05], "diff_ci_high": [0.096, -0.01, 0.5],
+        "vs_best": ["not shown", "below", "exceeds"]})
+    return cmp
+
+
+def test_control_beaten_text_names_where_the_control_does_not_exceed():
+    text = control_beaten_text(_cmp_with_margins())
+    assert "at 1 of 3 audited layers at least one population-level statistic has a larger d_z" in text
+    assert "shown larger at 1 of 3 layers (m layer 2)" in text and "shown smaller at 1 (m layer 1)" in text
+    assert "m layer 0, +0.287 against mean routing weight +0.257 (difference [-0.043, +0.096])" in text
+    assert "does not exceed the observational metrics" in text
+    none = _cmp_with_margins().assign(vs_best="not shown")
+    assert "shown larger at none of the 3 layers" in control_beaten_text(none)
+    # without margins only the point estimates are compared
+    plain = control_beaten_text(_cmp_with_margins().drop(columns="vs_best"))
+    assert "shown larger" not in plain
+
+
+def test_figure1_text_calls_a_cell_below_the_band_a_reversal():
+    control = _control([("m", 0, 0.287, 7e-5, 0.005, 0, -0.1, 0.1), ("m", 1, -0.200, 0.005, 0.03, 0, -0.1, 0.1),
+                        ("m", 2, 0.02, 0.8, 0.7, 0, -0.1, 0.1)])
+    obs = _observational(["m"], dz=(-0.184, 0.257))
+    text = figure1_text(control, obs, alpha=0.05)
+    below = text[text.index("m layer 1 lies below"):]
+    assert "a reversal" in below.split(". ")[0] and "not a stronger control" in below
+    assert "not shown to be more negative" in text
+    assert "1 reversal" in text and "2 with d_z > 0" not in text and "1 with d_z > 0" in text
+    # 2 of 3 tested cells reach p_t < 0.05; P(X >= 2), X ~ Bin(3, 0.05)
+    p = 3 * 0.05 ** 2 * 0.95 + 0.05 ** 3
+    assert f"probability {p:.2g}" in text
+    margins = _cmp_with_margins()
+    assert "shown larger (paired-bootstrap 95% interval of the difference of d_z above zero) at 1 of 3 layers" in \
+        figure1_text(control, obs, alpha=0.05, margins=margins)
+    nowhere = figure1_text(control, obs, alpha=0.05, margins=margins.assign(vs_best="not shown"))
+    assert "does not exceed the observational metrics anywhere" in nowhere
+
+
+def test_control_summary_text_names_reversals():
+    t = _control([("m", 1, 0.082, 0.25, 0.6, 0, -0.1, 0.1), ("m", 5, -0.200, 0.005, 0.034, 0, -0.1, 0.1)])
+    text = control_summary_text(t, alpha=0.05)
+    assert "The largest positive d_z is at layer 1 (d_z = +0.082" in text
+    assert "The largest in magnitude is a reversal, at layer 5 (d_z = -0.200" in text
+    assert "(L5 [a reversal])" in text
+    pos = _control([("m", 1, 0.3, 1e-5, 1e-4, 0, -0.1, 0.1), ("m", 5, -0.1, 0.3, 0.3, 0, -0.1, 0.1)])
+    text = control_summary_text(pos, alpha=0.05)
+    assert "reversal" not in text and "1 of 2 layers passes Bonferroni under the dual-test rule (L1)" in text
+
+
+def test_control_verdict_text_counts_reversals_apart():
+    t = _control([("a", 0, 0.287, 1e-5, 1e-4, 0, -0.1, 0.1), ("a", 1, -0.3, 1e-5, 1e-4, 0, -0.1, 0.1),
+                  ("b", 0, 0.01, 0.9, 0.9, 0, -0.1, 0.1)])
+    text = control_verdict_text(t, alpha=0.05)
+    assert text.startswith("**1 control cell passes** the paper's rule with d_z > 0")
+    assert "a layer 0 (d_z = +0.287)" in text and "as a reversal" in text and "a layer 1 (d_z = -0.300)" in text
+    assert "a 2 of 2" in text and "b 0 of 1" in text
+    none = control_verdict_text(t[t.model == "b"], alpha=0.05)
+    assert none.startswith("**No control cell passes**")
+
+
+def test_control_against_observational_still_feeds_the_margins():
+    control = _control([("m", 0, 0.3, 1e-5, 1e-4, 0, -0.1, 0.1)])
+    cmp = control_against_observational(control, _observational(["m"]))
+    assert {"best_ranking", "best_dz", "beaten"} <= set(cmp.columns)
+
+
+# ----------------------------------------------------------------------------- chapter 6: progressive ablation
+
+
+def _records(model, layer, values, k=3, clean=6.0):
+    return pd.DataFrame({"model": model, "layer": layer, "k": k, "delta_loss": values, "clean_loss": clean})
+
+
+def _progressive(layers: dict, *, model="m", kmax=3):
+    """Records with k = 1..kmax; the deepest k carries ``layers[L]``, shallower ones a tenth of it."""
+    parts = []
+    for L, v in layers.items():
+        for k in range(1, kmax + 1):
+            parts.append(_records(model, L, np.asarray(v) * (k / kmax), k=k))
+    return pd.concat(parts, ignore_index=True)
+
+
+def _tables(records, threshold=0.1):
+    from moeaudit.audit import progressive_summary
+
+    summary = progressive_summary(records)
+    deepest = removal_direction(deepest_removal_summary(records, threshold=threshold))
+    return redundancy_breaks(summary, threshold=threshold), deepest, threshold_calls(summary, threshold=threshold)
+
+
+#: 200 positions: 140 small rises and 60 small falls (mean +0.008), 100 and 100 (mean 0), 50 rises and 150 falls
+RAISES = [0.02] * 140 + [-0.02] * 60
+HALF = [0.02] * 100 + [-0.02] * 100
+LOWERS = [0.02] * 50 + [-0.02] * 150
+CLIFF = [0.5] * 150 + [-0.1] * 50
+
+
+def test_deepest_removal_summary_counts_rises_and_falls():
+    d = deepest_removal_summary(_records("m", 0, [0.1, -0.2, 0.0, 0.3]), threshold=0.05).iloc[0]
+    assert d.n_up == 2 and d.n_down == 1 and d.share_below_zero == pytest.approx(0.25)
+
+
+def test_removal_direction_by_hand():
+    recs = pd.concat([_records("m", 0, RAISES), _records("m", 1, HALF), _records("m", 2, LOWERS)])
+    d = removal_direction(deepest_removal_summary(recs, threshold=0.1), alpha=0.05).set_index("layer")
+    assert d.direction.tolist() == ["raises", "undistinguished", "lowers"]
+    assert d.alpha_sign.iloc[0] == pytest.approx(0.05 / 3)  # Bonferroni over the model's three layers
+    assert d.loc[1, "p_sign"] == pytest.approx(1.0)
+    assert d.loc[0, "p_sign"] == pytest.approx(S.sign_test(140, 60))
+    # 108 rises of 200: p = 0.29, not distinguishable from one half
+    near = removal_direction(deepest_removal_summary(_records("m", 0, [0.02] * 108 + [-0.02] * 92), threshold=0.1))
+    assert near.direction.iloc[0] == "undistinguished"
+    with pytest.raises(ValueError):
+        removal_direction(d.reset_index(), alpha=1.0)
+
+
+def test_buffer_needs_the_removal_to_raise_the_loss():
+    breaks, deepest, calls = _tables(_progressive({0: RAISES, 1: HALF, 2: LOWERS, 3: CLIFF}))
+    r = buffer_readings(breaks, deepest, calls).set_index("layer")
+    assert r.reading.tolist() == ["buffer", "no direction", "lowers", "crosses"]
+    phrase = buffer_phrase(r.reset_index(), threshold=0.1)
+    assert "layer 0 keeps a buffer by this threshold" in phrase and "it fell at 30%" in phrase
+    assert "at layer 1 the loss fell at 50% of positions" in phrase and "not distinguishable from one half" in phrase
+    assert "not distinguishable from noise in direction" in phrase
+    assert "at layer 2 the deepest removal *lowers* the loss" in phrase and "it fell at 75%" in phrase
+    assert "layer 3" not in phrase  # it crosses the threshold: no buffer clause
+
+
+def test_cliff_texts_never_read_a_buffer_into_a_flat_layer():
+    breaks, deepest, calls = _tables(_progressive({0: HALF, 1: [0.01] * 104 + [-0.01] * 96}))
+    text = cliff_text(breaks, deepest, calls, threshold=0.1)
+    assert "No layer's mean crosses 0.1 nats" in text and "keeps a buffer" not in text and "keep a buffer" not in text
+    assert "at layers 0 and 1 the loss fell at 48–50% of positions" in text
+    paper = redundancy_breaks(pd.DataFrame({"model": "p", "layer": [0, 15], "k": 7, "mean": [0.05, 0.4]}),
+                              threshold=0.1)
+    bullet = cliff_comparison_text(breaks, deepest, calls, paper, last=1, threshold=0.1)
+    assert "every audited layer keeps a buffer" not in bullet and "no layer crosses 0.1 nats" in bullet
+    assert "not distinguishable from one half" in bullet and "only the last audited layer (15)" in bullet
+    # a layer whose removal raises the loss, with the mean below the threshold, is a buffer
+    breaks, deepest, calls = _tables(_progressive({0: RAISES}))
+    assert "layer 0 keeps a buffer" in cliff_comparison_text(breaks, deepest, calls, paper, last=0, threshold=0.1)
+
+
+def test_cliff_text_accepts_a_summary_without_directions():
+    recs = _progressive({0: RAISES, 1: HALF})
+    from moeaudit.audit import progressive_summary
+
+    summary = progressive_summary(recs)
+    breaks, calls = redundancy_breaks(summary, threshold=0.1), threshold_calls(summary, threshold=0.1)
+    text = cliff_text(breaks, deepest_removal_summary(recs, threshold=0.1), calls, threshold=0.1, alpha=0.05)
+    assert "layer 0 keeps a buffer" in text and "at layer 1 the loss fell at 50%" in text
+
+
+def test_progressive_overview_text_conditions_the_regime_on_a_buffer():
+    breaks, deepest, calls = _tables(_progressive({0: HALF, 1: HALF}))
+    text = progressive_overview_text(buffer_readings(breaks, deepest, calls), breaks, threshold=0.1)
+    assert "raises the loss at more than half of the positions" in text and "at 0 of the 2 layers" in text
+    assert "is shown at no layer" in text and "not distinguishable from noise in direction" in text
+    breaks, deepest, calls = _tables(_progressive({0: RAISES, 1: HALF}))
+    text = progressive_overview_text(buffer_readings(breaks, deepest, calls), breaks, threshold=0.1)
+    assert "is shown at 1 of the 2 layers (m: 0); only that layer is in the regime" in text
+    assert not re.search(r"\bnan\b", text)
+
+
+def test_paper_share_positive_text_tests_each_share():
+    rel = pd.DataFrame({"layer": [0, 8], "share_positive": [0.512, 0.582], "n": 500})
+    text = paper_share_positive_text(rel, alpha=0.05)
+    assert f"layer 0 51% (sign test p = {S.sign_test(256, 244):.2g})" in text
+    assert f"layer 8 58% (sign test p = {S.sign_test(291, 209):.2g})" in text
+    assert "Bonferroni level 0.05/2 = 0.025" in text
+    assert "rose at more than half of the positions at layer 8" in text
+    assert "at layer 0 the share is not distinguishable from one half" in text
