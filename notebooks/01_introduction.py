@@ -113,6 +113,7 @@ report.use_book_style()
 # %%
 name = models[0]
 ctx = prepare(name, n_texts=n_texts, dtype=dtype, device=device, corpus=corpus_source, text_form=text_form, data_dir=data_dir, results_dir=results_dir)
+display(Markdown(report.regime_line(name, ctx)))
 lay = ctx.model.layout
 L = lay.moe_layers[-1] if layer is None else int(layer)
 lay.check_layer(L)

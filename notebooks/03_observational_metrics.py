@@ -86,6 +86,7 @@ for name in models:
     ctx = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=dtype, device=device,
                   corpus=corpus_source, text_form=text_form, data_dir=data_dir, results_dir=results_dir)
     contexts[name] = ctx
+    display(Markdown(report.regime_line(name, ctx)))
     audited[name] = [int(L) for L in layers] if layers is not None else ctx.model.audit_layers(5)
     for L in audited[name]:
         ctx.model.layout.check_layer(L)

@@ -139,6 +139,7 @@ for name in models:
     ctx = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=dtype, device=device,
                   corpus=corpus_source, text_form=text_form, data_dir=data_dir, results_dir=results_dir)
     ctx.model.hf.config.output_router_logits = False  # no auxiliary balancing loss during analysis forwards
+    display(Markdown(report.regime_line(name, ctx)))
     lay = ctx.model.layout
     moe = list(layers) if layers is not None else list(lay.moe_layers)
     depth = dict(zip(moe, report.relative_depth(moe, lay.moe_layers)))

@@ -190,7 +190,8 @@ for name in models:
                      f"layers, {lay.num_experts} routed experts, top-{lay.top_k}; audited layers "
                      f"{join_words(audited_layers[name])}; "
                      f"{len(records[name, MODE_A]):,} single-expert ablations per mode; over both modes "
-                     f"{report.premise_phrase(pd.concat([records[name, m] for m in modes]))}."))
+                     f"{report.premise_phrase(pd.concat([records[name, m] for m in modes]))}. "
+                     + report.regime_text(report.context_regime(ctx))))
 
 # %% [markdown]
 # ### The sequence-wide intervention, written out

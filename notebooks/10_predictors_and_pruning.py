@@ -144,6 +144,7 @@ contexts, records, criteria, setup = {}, {}, {}, []
 for name in models:
     ctx = contexts[name] = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=dtype, device=device,
                                    corpus=corpus_source, text_form=text_form, data_dir=data_dir, results_dir=results_dir)
+    display(Markdown(report.regime_line(name, ctx)))
     lay = ctx.model.layout
     audited = list(layers) if layers is not None else ctx.model.audit_layers(5)
     rec = single_expert_records(ctx, layers=audited, n_positions=n_positions, seed=seed, mode=mode,

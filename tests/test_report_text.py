@@ -385,3 +385,20 @@ def test_traceability_caption_gives_each_column_its_unit():
     assert "without unit" in report.traceability_caption("m", "utilization_rate", 0)
     with pytest.raises(KeyError):
         report.traceability_caption("m", "no_such_metric", 0)
+
+
+def test_every_page_states_the_regime_of_the_shipped_model(tmp_path, monkeypatch):
+    """On the embedded corpus in the models' form the page states a real gain; on its plain orthography
+    (the form the models were not trained on) it warns that the model barely reads the text."""
+    from moeaudit import audit
+
+    monkeypatch.delenv("MOEAUDIT_DATA_DIR", raising=False)
+    lines = {}
+    for form in ("wikitext", "released"):
+        ctx = audit.prepare("tiny-olmoe", corpus="embedded", text_form=form, results_dir=tmp_path, progress=False)
+        r = report.context_regime(ctx)
+        assert r == {k: v for k, v in audit.corpus_regime(ctx).items() if k in r}
+        lines[form] = report.regime_line("tiny-olmoe", ctx)
+        assert lines[form].startswith("**tiny-olmoe** on this text: Mean loss on this text "
+                                      f"{r['mean_loss']:.2f} nats per token, against {r['unigram_loss']:.2f}")
+    assert "barely reads" not in lines["wikitext"] and "**This model barely reads this text**" in lines["released"]

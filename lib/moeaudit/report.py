@@ -1155,13 +1155,25 @@ def regime_text(r: dict) -> str:
     return text
 
 
+def context_regime(ctx) -> dict:
+    """:func:`moeaudit.corpus.loss_regime` over the clean pass of a prepared model (``ctx``: an
+    :class:`moeaudit.audit.AuditContext`): every scored token of the corpus it reads."""
+    tokens = ctx.clean.tokens
+    return loss_regime(tokens.target_id.to_numpy(), tokens.loss.to_numpy(), int(ctx.model.hf.config.vocab_size))
+
+
+def regime_line(name: str, ctx) -> str:
+    """``**name** on this text:`` followed by :func:`regime_text` of :func:`context_regime`: the line a
+    chapter shows for each model it runs, so that every page states how well its models read the text."""
+    return f"**{name}** on this text: " + regime_text(context_regime(ctx))
+
+
 def model_summary(name: str, ctx, audited, records: pd.DataFrame, *, what: str = "single-expert ablations") -> str:
     """One paragraph introducing a model's run in a chapter: family, MoE layout, audited layers,
     the number of ablation records and their premise check (:func:`premise_phrase`), and how well it
     reads the text (:func:`regime_text` of :func:`moeaudit.corpus.loss_regime` over the clean pass)."""
     lay = ctx.model.layout
-    tokens = ctx.clean.tokens
-    r = loss_regime(tokens.target_id.to_numpy(), tokens.loss.to_numpy(), int(ctx.model.hf.config.vocab_size))
+    r = context_regime(ctx)
     return (f"**{name}** ({lay.family}): MoE layers {join_words(lay.moe_layers)} of {lay.n_layers}, "
             f"{lay.num_experts} routed experts, top-{lay.top_k}, {lay.n_shared_experts} shared; audited layers "
             f"{join_words(audited)}; {len(records):,} {what}; {premise_phrase(records)}. " + regime_text(r))
