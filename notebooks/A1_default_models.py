@@ -222,7 +222,7 @@ display(Markdown(
 # ## From the test split to the text the book audits
 #
 # The chapters do not score the test split in chunks: they read the first {glue:text}`n_texts_audit`
-# lines longer than 50 characters of their corpus, each from its own start and cut to the model's
+# lines longer than {glue:text}`min_chars_audit` characters of their corpus, each from its own start and cut to the model's
 # context. The table puts the two side by side, and beside them the embedded corpus that a build
 # without WikiText-2 reads, in the form the models were trained on (WikiText-2's tokenized form). Each
 # loss is compared with a unigram model fitted to the very tokens it is scored on: the gain is what
@@ -242,6 +242,7 @@ regimes = zoo.regime_table(summaries, audited_regime)
 regimes.to_csv(out_dir / "regime.csv")
 display(regimes.style.format("{:.3f}"))
 glue("n_texts_audit", int(next(iter(audited_regime.values()))["n_texts"]), display=False)
+glue("min_chars_audit", int(ctx.corpus.meta["min_chars"]), display=False)
 glue("regime_gate", REGIME_GAIN_RATIO_MIN, display=False)
 glue("regime_text", Markdown(report.regime_connection_text(regimes, corpus_source.describe())), display=False)
 

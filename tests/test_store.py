@@ -228,3 +228,49 @@ def test_concurrent_processes_with_different_chunkings_each_get_their_own(tmp_pa
     for size, out in zip(sizes, outs):
         expected = uninterrupted(tmp_path / f"fresh-{size}", chunked(list(range(12)), size), kind="shared")
         pd.testing.assert_frame_equal(pd.read_parquet(out), expected)
+
+
+def test_a_chunk_file_overwritten_by_another_valid_chunk_is_recomputed_not_served(tmp_path):
+    """A bad copy of a results folder: one chunk's file replaced by another chunk's (a valid parquet)."""
+    from moeaudit.store import ChunkMismatchWarning
+
+    chunks = chunked(list(range(12)), 4)
+    expected = uninterrupted(tmp_path, chunks)
+    _, store = cached_records("demo", {"x": 1}, chunks, Compute(), results_dir=tmp_path, progress=False)
+    a, b = store.chunk_ids[0], store.chunk_ids[1]
+    store.chunk_path(b).write_bytes(store.chunk_path(a).read_bytes())
+    with pytest.warns(ChunkMismatchWarning, match=rf"chunk-{b}\.parquet: it holds chunk '{a}', not '{b}'"):
+        assert not store.complete
+    compute = Compute()
+    got = run(tmp_path, chunks, compute)  # the bad file was removed when it failed to verify
+    assert compute.calls == [chunks[1]]  # only the bad chunk is recomputed
+    pd.testing.assert_frame_equal(got, expected)
+    assert not got.duplicated(["item", "r"]).any()
+
+
+def test_a_truncated_chunk_file_is_recomputed_even_in_a_set_marked_complete(tmp_path):
+    from moeaudit.store import ChunkMismatchWarning
+
+    chunks = chunked(list(range(10)), 5)
+    expected = uninterrupted(tmp_path, chunks)
+    _, store = cached_records("demo", {"x": 1}, chunks, Compute(), results_dir=tmp_path, progress=False)
+    path = store.chunk_path(store.chunk_ids[1])
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    compute = Compute()
+    with pytest.warns(ChunkMismatchWarning, match="unreadable as parquet"):
+        got = run(tmp_path, chunks, compute)
+    assert compute.calls == [chunks[1]]
+    pd.testing.assert_frame_equal(got, expected)
+
+
+def test_a_chunk_file_that_records_nothing_is_not_served(tmp_path):
+    """A file of the same name written by other means (or an older version) holds no record of its chunk."""
+    from moeaudit.store import ChunkMismatchWarning
+
+    chunks = chunked(list(range(6)), 3)
+    expected = uninterrupted(tmp_path, chunks)
+    _, store = cached_records("demo", {"x": 1}, chunks, Compute(), results_dir=tmp_path, progress=False)
+    Compute()(chunks[0]).assign(value=-1).to_parquet(store.chunk_path(store.chunk_ids[0]), index=False)
+    with pytest.warns(ChunkMismatchWarning, match="does not record which chunk it holds"):
+        got = run(tmp_path, chunks, Compute())
+    pd.testing.assert_frame_equal(got, expected)

@@ -20,6 +20,13 @@ other chunks, a missing file, a ``COMPLETE`` of the old layout that held only a 
 chunks are computed. The old layout's ``part-`` files are never read (and are removed once a
 manifest replaces its ``COMPLETE``).
 
+Every chunk file records what it holds: its chunk id and row count are written into the parquet
+file's own metadata (key ``moeaudit``). A file is served only when it verifies: it reads as
+parquet, names the chunk it is found for, and holds the rows it says. A file that does not (a
+truncated write, another chunk's file copied over it, a file of a version that recorded nothing)
+is removed with one :class:`ChunkMismatchWarning` naming it and recomputed, never served and never
+fatal; a set is complete only when every chunk of its manifest verifies.
+
 Processes that need the same records at the same time (chapters executed in parallel) take an
 exclusive lock on the run directory: the first computes, the others wait and then read.
 """
@@ -32,16 +39,25 @@ import hashlib
 import json
 import os
 import threading
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from .engine import progress_bar
 from .paths import results_dir as resolve_results_dir
 
-MANIFEST_FORMAT = 2  # the old layout (format 1) had a bare chunk count in COMPLETE
+MANIFEST_FORMAT = 3  # format 1 had a bare chunk count in COMPLETE; format 2's chunk files recorded nothing
+#: the key of a chunk file's parquet metadata that records what it holds
+CHUNK_META_KEY = b"moeaudit"
+
+
+class ChunkMismatchWarning(UserWarning):
+    """A chunk file did not verify (unreadable, another chunk's, or recording nothing) and is recomputed."""
 
 
 def params_key(params: dict) -> str:
@@ -123,14 +139,50 @@ class RecordStore:
         return self.path / f"chunk-{cid}.parquet"
 
     def has_chunk(self, cid: str) -> bool:
-        return self.chunk_path(cid).exists()
+        """Whether the chunk's file exists and verifies (:meth:`verify_chunk`); a file that does not
+        is removed (with one :class:`ChunkMismatchWarning`), so that the chunk is recomputed."""
+        path = self.chunk_path(cid)
+        if not path.exists():
+            return False
+        problem = self.verify_chunk(cid)
+        if problem is None:
+            return True
+        warnings.warn(f"{path}: {problem}; the file is removed and the chunk recomputed", ChunkMismatchWarning,
+                      stacklevel=2)
+        path.unlink(missing_ok=True)
+        return False
+
+    def verify_chunk(self, cid: str) -> str | None:
+        """``None`` when the file of chunk ``cid`` verifies, else what is wrong with it: unreadable as
+        parquet (truncated, not parquet), no record of what it holds, the record of another chunk,
+        or another number of rows than recorded. Reads only the file's footer."""
+        try:
+            meta = pq.read_metadata(self.chunk_path(cid))
+        except (OSError, pa.ArrowException) as exc:
+            return f"unreadable as parquet ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+        raw = (meta.metadata or {}).get(CHUNK_META_KEY)
+        if raw is None:
+            return "the file does not record which chunk it holds"
+        try:
+            rec = json.loads(raw)
+        except ValueError:
+            return "its record of what it holds is not JSON"
+        if rec.get("chunk_id") != cid:
+            return f"it holds chunk {rec.get('chunk_id')!r}, not {cid!r}"
+        if rec.get("rows") != meta.num_rows:
+            return f"it records {rec.get('rows')} rows and holds {meta.num_rows}"
+        return None
 
     def save_chunk(self, cid: str, df: pd.DataFrame) -> None:
         """Write the records of the chunk with id ``cid`` atomically (a temporary file renamed
-        into place). The caller vouches that ``df`` is what the chunk's items produce."""
+        into place), recording in the file's metadata the chunk id and the row count. The caller
+        vouches that ``df`` is what the chunk's items produce."""
         path = self.chunk_path(cid)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-        df.to_parquet(tmp, index=False)
+        table = pa.Table.from_pandas(df, preserve_index=False)
+        record = json.dumps({"chunk_id": cid, "rows": len(df), "kind": self.kind, "key": self.key}).encode()
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), CHUNK_META_KEY: record})
+        pq.write_table(table, tmp)
         os.replace(tmp, path)
 
     def mark_complete(self) -> None:
