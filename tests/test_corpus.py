@@ -332,3 +332,25 @@ def test_text_form_is_checked_before_loading_and_part_of_the_key(monkeypatch, tm
                                                  results_dir=tmp_path).provenance) for form in C.TEXT_FORMS}
     assert len(set(keys.values())) == 3 and keys["auto"] == keys["wikitext"]
 
+
+
+def test_a_text_file_is_split_at_line_feeds_only(tmp_path):
+    """Form feed, U+2028, U+0085 and other separators that str.splitlines honours stay inside a text."""
+    f = tmp_path / "texts.txt"
+    texts = ["A first text long enough to be selected\x0cwith a form feed inside it, as files have.",
+             "A second text long enough to be selected\u2028with a line separator inside it, too.",
+             "A third text long enough to be selected\x85with a next-line character inside it."]
+    f.write_text("\r\n".join(texts) + "\n", encoding="utf-8")
+    src = C.resolve_corpus(str(f))
+    assert list(src.lines) == texts
+    assert C.select_texts(list(src.lines), n_texts=3, text_form="stripped") == texts
+    assert C.split_lines("a\nb") == ["a", "b"] and C.split_lines("a\n\nb\n") == ["a", "", "b"]
+
+
+def test_texts_longer_than_the_model_context_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"max_tokens=200 exceeds the context of tiny-olmoe \(max_position_embeddings=128\)"):
+        audit.prepare("tiny-olmoe", corpus="embedded", max_tokens=200, results_dir=tmp_path)
+    C.check_context(128, 128)
+    C.check_context(10_000, None)  # unknown context: nothing to check
+    assert audit.prepare("tiny-olmoe", corpus="embedded", n_texts=2, max_tokens=128, results_dir=tmp_path,
+                         progress=False).corpus.lengths.max() <= 128

@@ -59,3 +59,19 @@ def test_toc_lists_only_existing_chapter_sources():
         if (ROOT / f"{f}.md").is_file():  # a plain page (the references)
             continue
         assert (ROOT / "notebooks" / f"{stem}.py").exists(), f"{f} has no source notebooks/{stem}.py"
+
+
+def test_results_dir_refused_inside_sources_package_and_root(tmp_path):
+    import pytest
+
+    from moeaudit import paths
+
+    for bad, why in ((paths.REPO_ROOT / "lib" / "moeaudit" / "zoo" / "tiny-olmoe", "inside the moeaudit package"),
+                     (paths.REPO_ROOT / "notebooks", "source folder notebooks/"),
+                     (paths.REPO_ROOT / "tests" / "out", "source folder tests/"),
+                     ("/", "filesystem root")):
+        assert why in paths.refused_results_dir(bad)
+        with pytest.raises(ValueError, match="is refused: .*" + why.split()[0]):
+            paths.results_dir(bad)
+    assert paths.refused_results_dir(tmp_path / "r") is None and paths.results_dir(tmp_path / "r").is_dir()
+    assert paths.refused_results_dir(paths.REPO_ROOT / "results") is None

@@ -57,6 +57,8 @@ BAD_INPUTS = [
     ("04_audit", "text_form", "raw", "select_texts_form"),
     ("04_audit", "text_form", "wikitext", "resolve_text_form", (("corpus", "wikitext-2"),)),
     ("04_audit", "data_dir", "/nonexistent/moeaudit-data", "data_dir"),
+    ("04_audit", "results_dir", "lib/moeaudit/zoo/tiny-olmoe", "results_dir"),
+    ("04_audit", "results_dir", "/", "results_dir"),
     ("01_introduction", "layer", "9", None),
     ("01_introduction", "seq_id", "10", None),
     ("03_observational_metrics", "released_pad_share", "1", None),
@@ -104,6 +106,7 @@ def _library_call(kind: str, value) -> tuple[str, str]:
         "resolve_text_form": (f"corpus.resolve_text_form('wikitext-2', {value!r})",
                               lambda: C.resolve_text_form("wikitext-2", value)),
         "data_dir": (f"paths.data_dir({value!r})", lambda: paths.data_dir(value)),
+        "results_dir": (f"paths.results_dir({value!r})", lambda: paths.results_dir(value)),
     }
     if kind == "paired_effect":
         from . import stats  # noqa: PLC0415

@@ -156,7 +156,7 @@ def _load_wikitext2(split: str, data_dir) -> tuple[list[str], str, str]:
     if root is not None:
         path = _local_file(split, root)
         if path is not None:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = split_lines(path.read_text(encoding="utf-8"))
             return lines, _local_variant(path, lines), str(path)
     try:
         if not _hub_offline_mode() and not _hub_reachable():
@@ -183,13 +183,38 @@ def load_wikitext2(split: str = "test", *, data_dir: str | Path | None = None) -
     return _load_wikitext2(split, data_dir)[0]
 
 
+def split_lines(text: str) -> list[str]:
+    """The lines of a text file: split at each ``\\n`` (a ``\\r`` before it is part of the line break),
+    and nowhere else. ``str.splitlines`` would also split at form feeds, U+2028, U+0085 and other
+    separators, which can occur inside a text. A final line break ends the last line.
+
+    >>> split_lines("one\\x0ctext\\r\\ntwo\\u2028texts\\n")
+    ['one\\x0ctext', 'two\\u2028texts']
+    """
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
+
+
+def check_context(max_tokens: int, context: int | None, model: str = "the model") -> None:
+    """Refuse texts longer than the model's context: ``ValueError`` when ``max_tokens`` exceeds
+    ``context`` (``max_position_embeddings``; ``None``: unknown, nothing is checked). Positions past
+    the context are not positions the model was built for, so the audit does not measure them; the
+    one place where texts are tokenized for a model (:func:`moeaudit.audit.prepare`) calls it."""
+    if context is not None and max_tokens > int(context):
+        raise ValueError(f"max_tokens={max_tokens} exceeds the context of {model} (max_position_embeddings="
+                         f"{int(context)}): texts would be measured at positions the model was not built for; "
+                         f"use max_tokens <= {int(context)}")
+
+
 def _read_text_file(path: Path, what: str) -> list[str]:
     if not path.exists():
         raise FileNotFoundError(f"{what}: no such file {str(path)!r}")
     if not path.is_file():
         raise ValueError(f"{what}: {str(path)!r} is not a file (give a plain-text file with one text per line)")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = split_lines(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:
         raise ValueError(f"{what}: {str(path)!r} is not UTF-8 text ({exc})") from None
     if not any(ln.strip() for ln in lines):

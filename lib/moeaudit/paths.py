@@ -29,12 +29,38 @@ def data_dir(path: str | os.PathLike | None = None) -> Path | None:
     return p
 
 
+#: folders of the repository that hold its sources: a results directory may not lie in them
+SOURCE_FOLDERS = ("lib", "notebooks", "tests", "docs", "benchmarks", "scripts", ".ci", "book", ".git", ".venv")
+
+
+def refused_results_dir(path: str | os.PathLike) -> str | None:
+    """Why ``path`` may not hold results, or ``None``: the filesystem root, the installed package
+    (its shipped models and data), or a source folder of the repository (:data:`SOURCE_FOLDERS`):
+    a run would drop parquet files among shipped files, and the book would see its sources change."""
+    p = Path(path).expanduser().resolve()
+    if p == Path(p.anchor):
+        return "it is the filesystem root"
+    package = Path(__file__).resolve().parent
+    if p == package or package in p.parents:
+        return "it lies inside the moeaudit package, among its shipped models and data"
+    for name in SOURCE_FOLDERS:
+        folder = (REPO_ROOT / name).resolve()
+        if (REPO_ROOT / "pyproject.toml").exists() and (p == folder or folder in p.parents):
+            return f"it lies inside the repository's source folder {name}/"
+    return None
+
+
 def results_dir(path: str | os.PathLike | None = None) -> Path:
-    """The results cache directory (created if missing)."""
+    """The results cache directory (created if missing): ``path``, else ``$MOEAUDIT_RESULTS_DIR``, else
+    ``results/`` at the repository root (or the current directory when installed). ``ValueError``
+    for a directory that may not hold results (:func:`refused_results_dir`)."""
     chosen = path if path not in (None, "") else os.environ.get(RESULTS_DIR_ENV)
     if chosen in (None, ""):
         base = REPO_ROOT if (REPO_ROOT / "pyproject.toml").exists() else Path.cwd()
         chosen = base / "results"
     p = Path(chosen).expanduser()
+    if why := refused_results_dir(p):
+        raise ValueError(f"results_dir={str(p)!r} is refused: {why}; give a folder of its own "
+                         f"(or set ${RESULTS_DIR_ENV})")
     p.mkdir(parents=True, exist_ok=True)
     return p
