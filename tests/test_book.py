@@ -214,3 +214,13 @@ def test_longest_chapters_are_started_first(tmp_path):
     assert book.expected_seconds("04_audit", book_dir=tmp_path) == 90.0
     assert book.expected_seconds("01_introduction", book_dir=tmp_path) == 5.0
     assert book.expected_seconds("A2_departures", book_dir=tmp_path) > 0
+
+
+def test_a_yaml_error_in_a_parameter_value_is_one_line(capsys):
+    from moeaudit import book as B
+
+    for raw, why in (("[1, 2", "expected ',' or ']'"), ("!!python/object:os.system x", "could not determine a constructor")):
+        assert B.main(["chapter", "04_audit", "-p", "n_positions", raw, "--no-html"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"FAILED: ValueError: -p n_positions {raw!r}: not a YAML value")
+        assert why in err[0]

@@ -350,12 +350,19 @@ _EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 def _parse_params(pairs) -> dict:
     """``-p NAME VALUE`` pairs as a dict of YAML values. YAML 1.1 reads ``1e-3`` (no dot or no
-    exponent sign) as a string; such a value is taken as the float it looks like."""
+    exponent sign) as a string; such a value is taken as the float it looks like. ``ValueError``
+    (one line naming the parameter) for a value that is not YAML or carries a tag ``safe_load``
+    refuses."""
     import yaml  # noqa: PLC0415
 
     out = {}
     for name, text in pairs or []:
-        value = yaml.safe_load(text)
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:  # a syntax error, or a tag safe_load does not construct
+            where = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ValueError(f"-p {name} {text!r}: not a YAML value ({where}); values are YAML, e.g. 50, "
+                             "'[3, 7]', null, \"some text\"") from None
         out[name] = float(value) if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()) else value
     return out
 
