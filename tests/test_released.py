@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import urllib.error
@@ -345,3 +346,27 @@ def test_a_failed_download_is_tried_once_per_process(monkeypatch, tmp_path):
     R.progressive_ablation()
     R.redistribution()
     assert R.released_source() is first and len(calls) == 1
+
+
+def test_a_download_or_cached_copy_that_is_not_the_authors_file_is_discarded(monkeypatch, tmp_path):
+    """A proxy's error page served with status 200 is never written; a wrong cached copy is discarded
+    with one warning naming it and fetched again."""
+    monkeypatch.setenv(R.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(paths.DATA_DIR_ENV, raising=False)
+    monkeypatch.setattr(R, "_urlopen", lambda url, timeout=None: io.BytesIO(b"<html>Access denied</html>"))
+    with pytest.raises(R.ReleasedDataUnavailable, match=r"sha256 .* not the recorded .*it was discarded"):
+        R.released_dir(None)
+    assert not list((tmp_path / "cache").rglob("*.json"))
+    # a cached copy with the wrong content (here: every file holding the error page)
+    cached = tmp_path / "cache" / "paper-released"
+    for rel in R.RELEASED_FILES:
+        (cached / rel).parent.mkdir(parents=True, exist_ok=True)
+        (cached / rel).write_bytes(b"<html>Access denied</html>")
+    with pytest.warns(R.ReleasedFileMismatchWarning, match="the cached copy is discarded"):
+        with pytest.raises(R.ReleasedDataUnavailable):
+            R.released_dir(None)
+    assert not any((cached / rel).exists() for rel in R.RELEASED_FILES)
+    # the book falls back to the embedded table, as it does offline
+    with pytest.warns(R.ReleasedFileMismatchWarning) if any((cached / r).exists() for r in R.RELEASED_FILES) else \
+            contextlib.nullcontext():
+        assert R.released_source(None).kind != "files"

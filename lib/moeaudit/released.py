@@ -26,6 +26,7 @@ import os
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,9 +181,27 @@ def cache_dir() -> Path:
     return base / "moeaudit"
 
 
+class ReleasedFileMismatchWarning(UserWarning):
+    """A cached released file does not have the sha256 recorded for it and is discarded."""
+
+
+def _expected_sha256(relpath: str) -> str | None:
+    """The sha256 of the authors' file ``relpath`` at the pinned commit, as shipped in the embedded
+    table's provenance record (``None`` for a file it does not list)."""
+    return embedded_provenance()["source_files"].get(relpath)
+
+
 def _download(relpath: str, target: Path) -> None:
+    """Fetch one released file into ``target``, only if its sha256 is the one recorded for it: a
+    proxy's error page or a changed file served with status 200 raises ``OSError`` naming the file
+    and nothing is written."""
     with _urlopen(RELEASED_URL + relpath, timeout=60) as response:
         payload = response.read()
+    expected = _expected_sha256(relpath)
+    got = hashlib.sha256(payload).hexdigest()
+    if expected is not None and got != expected:
+        raise OSError(f"{relpath} was downloaded with sha256 {got[:16]}..., not the recorded {expected[:16]}... "
+                      f"(not the file of {RELEASED_REPO} at commit {RELEASED_COMMIT}); it was discarded")
     target.parent.mkdir(parents=True, exist_ok=True)  # only once there is something to write
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".part-")
     with os.fdopen(fd, "wb") as fh:
@@ -196,7 +215,10 @@ def released_dir(data_dir: str | os.PathLike | None = None, *, download: bool = 
     1. ``<data_dir>/paper-released`` where ``data_dir`` is the argument or
        ``$MOEAUDIT_DATA_DIR``, if that folder exists;
     2. otherwise ``cache_dir()/paper-released``, after downloading any of
-       :data:`RELEASED_FILES` missing there from :data:`RELEASED_URL` (if ``download``).
+       :data:`RELEASED_FILES` missing there from :data:`RELEASED_URL` (if ``download``). Cached and
+       downloaded files are checked against the sha256 shipped in the embedded table's provenance:
+       a cached file that differs is discarded (one :class:`ReleasedFileMismatchWarning` naming it)
+       and fetched again; a download that differs is never written.
 
     Raises :class:`ReleasedDataUnavailable` with instructions when neither works.
     """
@@ -204,6 +226,12 @@ def released_dir(data_dir: str | os.PathLike | None = None, *, download: bool = 
     if root is not None and (root / "paper-released").is_dir():
         return root / "paper-released"
     cached = cache_dir() / "paper-released"
+    for rel in RELEASED_FILES:  # a cached copy is used only if it is the authors' file
+        path, expected = cached / rel, _expected_sha256(rel)
+        if path.is_file() and expected is not None and _sha256(path) != expected:
+            warnings.warn(f"{path}: sha256 differs from the recorded one of {RELEASED_REPO} at commit "
+                          f"{RELEASED_COMMIT}; the cached copy is discarded", ReleasedFileMismatchWarning, stacklevel=2)
+            path.unlink()
     missing = [f for f in RELEASED_FILES if not (cached / f).is_file()]
     if not missing:
         return cached
