@@ -184,3 +184,25 @@ def test_remote_is_off_by_default_and_documented():
     assert "remote=True" in load_model.__doc__ and "NDIF" in load_model.__doc__
     m = tiny_random_model("olmoe")
     assert m.remote is False
+
+
+def test_load_model_offloads_disk_layers_with_and_without_an_offload_folder(saved, corpus, plain, tmp_path,
+                                                                           monkeypatch):
+    """``load_model(..., device_map={... "disk" ...})`` works: into ``offload_folder`` when given, else into
+    a folder of the model under the cache; records equal the plain load's."""
+    from transformers import AutoConfig
+
+    from moeaudit.models import default_offload_folder
+
+    monkeypatch.setenv("MOEAUDIT_CACHE_DIR", str(tmp_path / "cache"))
+    m0, req, ref = plain
+    n = AutoConfig.from_pretrained(str(saved)).num_hidden_layers
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu",
+                  **{f"model.layers.{i}": ("disk" if i >= n - 2 else "cpu") for i in range(n)}}
+    for folder in (tmp_path / "mine", None):
+        m = load_model(str(saved), device_map=device_map, offload_folder=folder)
+        assert "meta" in {p.device.type for p in m.hf.parameters()}  # really offloaded
+        where = folder if folder is not None else default_offload_folder(str(saved))
+        assert where.is_dir() and any(where.iterdir())
+        _assert_same(ref, _measure(m, corpus, req), req)
+    assert str(tmp_path / "cache") in str(default_offload_folder(str(saved)))

@@ -16,6 +16,7 @@ transformers 5.23 ``model_type`` with an MoE block is refused with its reason
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from dataclasses import asdict, dataclass
@@ -25,6 +26,7 @@ import nnsight  # noqa: F401  (must precede transformers.models.* imports)
 import torch
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+from . import paths  # noqa: E402
 from .families import FAMILIES, REFUSED, FamilySpec, config_value, moe_layer_indices  # noqa: E402
 
 #: every audited model_type (the contract suite, tests/test_contract.py, runs on each)
@@ -251,9 +253,16 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(name_or_path)
 
 
+def default_offload_folder(path) -> Path:
+    """Where :func:`load_model` offloads a model's disk layers when no ``offload_folder`` is given:
+    ``<cache_dir>/offload/<first 16 hex of the sha256 of the resolved model path>``."""
+    digest = hashlib.sha256(str(path).encode()).hexdigest()[:16]
+    return paths.cache_dir() / "offload" / digest
+
+
 def load_model(name_or_path: str, *, dtype: str = "float32", device: str | None = "cpu",
                device_map: str | dict | None = None, remote: bool = False,
-               local_files_only: bool | None = None) -> AuditModel:
+               local_files_only: bool | None = None, offload_folder: str | os.PathLike | None = None) -> AuditModel:
     """Load a model for the audit.
 
     ``name_or_path``: a shipped short name (see :data:`moeaudit.zoo.SHIPPED_MODELS`), a local
@@ -261,6 +270,9 @@ def load_model(name_or_path: str, *, dtype: str = "float32", device: str | None 
     ``deepseek-ai/DeepSeek-V2-Lite``, ...). ``dtype`` is ``float32`` (default), ``bfloat16`` or
     ``float16``. ``device_map`` (e.g. ``"auto"``) is passed to ``from_pretrained`` so accelerate
     can shard a large model over several devices; otherwise the model is moved to ``device``.
+    Layers that ``device_map`` puts on ``"disk"`` (or that ``"auto"`` may put there) are offloaded
+    to ``offload_folder``, by default a folder of the model under ``moeaudit.paths.cache_dir()``
+    (``offload/<hash of the model path>``).
     ``remote=True`` wraps the model for nnsight remote execution (NDIF); the id must be hosted
     there. ``local_files_only`` defaults to ``$HF_HUB_OFFLINE``.
     """
@@ -292,6 +304,10 @@ def load_model(name_or_path: str, *, dtype: str = "float32", device: str | None 
     kwargs = {"dtype": DTYPES[dtype], "local_files_only": local_files_only}
     if device_map is not None:
         kwargs["device_map"] = device_map
+        disk = device_map in ("auto", "balanced", "balanced_low_0", "sequential") or (
+            isinstance(device_map, dict) and "disk" in {str(v) for v in device_map.values()})
+        if disk or offload_folder is not None:
+            kwargs["offload_folder"] = str(offload_folder if offload_folder is not None else default_offload_folder(path))
     hf_model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if device_map is None and device is not None:
         hf_model = hf_model.to(device)

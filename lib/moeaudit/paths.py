@@ -14,6 +14,7 @@ from pathlib import Path
 
 DATA_DIR_ENV = "MOEAUDIT_DATA_DIR"
 RESULTS_DIR_ENV = "MOEAUDIT_RESULTS_DIR"
+CACHE_DIR_ENV = "MOEAUDIT_CACHE_DIR"
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,6 +49,17 @@ def refused_results_dir(path: str | os.PathLike) -> str | None:
         if (REPO_ROOT / "pyproject.toml").exists() and (p == folder or folder in p.parents):
             return f"it lies inside the repository's source folder {name}/"
     return None
+
+
+def cache_dir() -> Path:
+    """Per-user cache (downloaded released files, offloaded weights): ``$MOEAUDIT_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/moeaudit``, else ``~/.cache/moeaudit`` (not created here)."""
+    env = os.environ.get(CACHE_DIR_ENV)
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "moeaudit"
 
 
 def results_dir(path: str | os.PathLike | None = None) -> Path:

@@ -112,7 +112,7 @@ __all__ = [
 RELEASED_REPO = "callmeloui/observational_metrics"
 RELEASED_COMMIT = "18bd31b5d09150e7f4286f1cd4a8b5a1a329b301"
 RELEASED_URL = f"https://raw.githubusercontent.com/{RELEASED_REPO}/{RELEASED_COMMIT}/"
-CACHE_DIR_ENV = "MOEAUDIT_CACHE_DIR"
+CACHE_DIR_ENV = paths.CACHE_DIR_ENV
 
 #: model key -> name used in the paper
 MODELS: dict[str, str] = {
@@ -171,14 +171,7 @@ class ReleasedDataUnavailable(FileNotFoundError):
 # ----------------------------------------------------------------------------- locating
 
 
-def cache_dir() -> Path:
-    """Per-user cache for downloaded released files (not created here)."""
-    env = os.environ.get(CACHE_DIR_ENV)
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "moeaudit"
+cache_dir = paths.cache_dir  # per-user cache for downloaded released files
 
 
 class ReleasedFileMismatchWarning(UserWarning):
