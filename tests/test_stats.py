@@ -664,3 +664,36 @@ def test_examples_in_the_new_docstrings_run():
         for test in doctest.DocTestFinder().find(f, f.__name__, globs={f.__name__: f}):
             runner.run(test)
         assert runner.failures == 0 and runner.tries > 0, f.__name__
+
+
+def test_rounding_criterion_follows_the_precision_and_the_differences_not_the_largest_value():
+    """A real effect among large float64 values is tested; one huge pair does not make a cell untested;
+    float32 data whose differences spread by rounding only is untested, and the reason says so truly."""
+    rng = np.random.default_rng(0)
+    low = np.full(200, 1000.0)
+    high = 1000.0 + rng.normal(1e-4, 1e-4, 200)  # float64, d_z about 1
+    row = S.paired_effect(high, low).iloc[0]
+    assert row.reason == "" and row.cohens_dz == pytest.approx(1.0, abs=0.2) and row.sig_t
+    a, b = rng.normal(3.0, 1.0, 200), rng.normal(2.5, 1.0, 200)
+    a[0] = b[0] = 5e7  # one pair at 5e7 among ordinary ones
+    for precision in ("float64", "float32"):
+        assert S.paired_effect(a, b, precision=precision).iloc[0].reason == ""
+    # float32 values computed as low + 0.1: the differences spread by float32 rounding only
+    low32 = rng.normal(1.0, 0.2, 50).astype(np.float32)
+    high32 = (low32 + np.float32(0.1)).astype(np.float32)
+    row = S.paired_effect(high32, low32).iloc[0]  # the arrays' dtype says float32
+    assert "equal up to float32 rounding" in row.reason and np.isnan(row.cohens_dz)
+    unit = S.rounding_unit(high32, low32, "float32")
+    assert row.sd_d <= S.ROUNDING_UNITS * unit and f"{unit:.2g}" in row.reason
+    # the same numbers handed over as float64 are tested unless their precision is named
+    assert S.paired_effect(high32.astype(float), low32.astype(float)).iloc[0].reason == ""
+    assert "float32 rounding" in S.paired_effect(high32.astype(float), low32.astype(float),
+                                                     precision="float32").iloc[0].reason
+    with pytest.raises(ValueError, match="precision='float8'"):
+        S.paired_effect(high, low, precision="float8")
+
+
+def test_rounding_unit_by_hand():
+    assert S.rounding_unit([2.0, -4.0, 1.0], [1.0, 3.0, 0.5], "float64") == pytest.approx(2.0 * 2.0 ** -52)
+    assert S.rounding_unit([8.0], [1.0], "bfloat16") == 8.0 * 2.0 ** -7
+    assert S.rounding_unit([], [], "float32") == 0.0

@@ -307,7 +307,7 @@ def library_cases() -> list[tuple[str, object]]:
     def rounding_cell():
         low = np.random.default_rng(0).normal(1.0, 0.2, 30).astype(np.float32)
         high = (low + np.float32(0.1)).astype(np.float32)
-        return stats.paired_effect(high.astype(np.float64), low.astype(np.float64))
+        return stats.paired_effect(high.astype(np.float64), low.astype(np.float64), precision="float32")
 
     return [
         (f"CleanPass.active(1, {n1}, 0) (text 1 has {n1} tokens)", lambda: clean.active(1, n1, 0)),

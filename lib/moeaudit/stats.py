@@ -20,8 +20,9 @@ Degenerate cells
 ----------------
 A cell whose data cannot be tested -- fewer than :data:`MIN_PAIRS` pairs, a NaN or infinite
 loss change, paired differences that are all equal (``sd(D) = 0``, so ``d_z`` and the t
-statistic are undefined) or equal up to float32 rounding (``sd(D)`` at most :data:`ROUNDING_SD`
-times the largest |value|, where ``d_z`` would measure rounding noise) -- is not an error: the per-cell functions return their usual row with
+statistic are undefined) or equal up to rounding (``sd(D)`` at most :data:`ROUNDING_UNITS`
+rounding units of the precision the values were computed in, :func:`rounding_unit`, where ``d_z``
+would measure rounding noise) -- is not an error: the per-cell functions return their usual row with
 the undefined statistics set to NaN, every significance flag False, and the cause in a ``reason``
 column (``""`` for a cell that was tested). Descriptive columns that are still defined (``n``,
 ``mean_d``, ``sd_d``, ...) are filled. Such a cell still counts in the size of its
@@ -88,9 +89,36 @@ CORRECTIONS: dict[str, str] = {"bonf": "bonferroni", "holm": "holm", "bh": "fdr_
 #: Fewest pairs for which :func:`paired_effect` tests a cell: the exact interval of d_z
 #: (:func:`dz_confidence_interval`) needs ``n - 1 >= 2`` degrees of freedom.
 MIN_PAIRS = 3
-#: A cell whose differences spread by at most this fraction of its largest |value| is untested:
-#: eight float32 rounding units (2**-23 each), the noise of a difference of float32 losses.
-ROUNDING_SD = 8 * 2.0 ** -23
+#: A cell whose differences spread by at most this many rounding units of a typical pair is untested
+#: (:func:`rounding_unit`): its d_z would measure the noise of the arithmetic, not an effect.
+ROUNDING_UNITS = 8
+#: the precisions a cell's values may have been computed in, with their machine epsilon
+PRECISIONS = {"float64": float(np.finfo(np.float64).eps), "float32": float(np.finfo(np.float32).eps),
+              "bfloat16": 2.0 ** -7, "float16": float(np.finfo(np.float16).eps)}
+
+
+def rounding_unit(high, low, precision: str = "float64") -> float:
+    """The rounding noise of one paired difference D = high - low computed in ``precision``: the
+    machine epsilon of ``precision`` times the median over pairs of ``max(|high|, |low|)`` (the
+    median, so that one large pair does not set the scale of a cell of ordinary ones). ``ValueError``
+    for an unknown precision.
+
+    >>> rounding_unit([1000.0, 1000.0, 1000.0], [1000.0, 1000.0, 2.0], "float32") == 1000 * 2.0 ** -23
+    True
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not one of {tuple(PRECISIONS)}")
+    h, lo = _float_vector(high), _float_vector(low)
+    return PRECISIONS[precision] * float(np.median(np.maximum(np.abs(h), np.abs(lo)))) if h.size else 0.0
+
+
+def _precision_of(*arrays) -> str:
+    """The precision values arrive in: float16 or float32 arrays keep theirs; anything else is float64."""
+    names = {getattr(np.asarray(a).dtype, "name", "") for a in arrays}
+    for p in ("float16", "float32"):
+        if names == {p}:
+            return p
+    return "float64"
 
 
 def _float_vector(x) -> np.ndarray:
@@ -119,7 +147,7 @@ def _nonfinite_reason(*arrays: np.ndarray, what: str = "paired differences") -> 
     return f"{k} of {bad.size} {what} {'is' if k == 1 else 'are'} NaN or infinite" if k else ""
 
 
-def _degenerate_reason(h: np.ndarray, lo: np.ndarray, d: np.ndarray) -> str:
+def _degenerate_reason(h: np.ndarray, lo: np.ndarray, d: np.ndarray, precision: str = "float64") -> str:
     """Why the paired differences ``d`` cannot be tested, or ``""`` when they can."""
     if d.size == 0:
         return "no pairs"
@@ -131,10 +159,11 @@ def _degenerate_reason(h: np.ndarray, lo: np.ndarray, d: np.ndarray) -> str:
     if not np.all(np.isfinite(d)):
         return "a paired difference overflows (high - low is not finite although both are)"
     sd = float(np.std(d, ddof=1))
-    scale = float(max(np.abs(h).max(), np.abs(lo).max()))
-    if 0.0 < sd <= ROUNDING_SD * scale:
-        return (f"the {d.size} paired differences are equal up to rounding (sd(D) = {sd:.2g}, at most "
-                f"{ROUNDING_SD:.2g} times the largest |value| {scale:.3g}): d_z would measure rounding noise")
+    unit = rounding_unit(h, lo, precision)
+    if 0.0 < sd <= ROUNDING_UNITS * unit:
+        return (f"the {d.size} paired differences are equal up to {precision} rounding (sd(D) = {sd:.2g}, at most "
+                f"{ROUNDING_UNITS} rounding units of {unit:.2g}: {precision}'s epsilon times the median pair's "
+                "largest |value|): d_z would measure rounding noise")
     if sd == 0.0:
         if d[0] == 0.0:
             return (f"all {d.size} paired differences are zero: sd(D) = 0, so d_z and the t-test are undefined, and "
@@ -534,8 +563,13 @@ def paired_effect(
     ci: float = 0.95,
     zero_method: str = "wilcox",
     wilcoxon_method: str = "auto",
+    precision: str | None = None,
 ) -> pd.DataFrame:
     """All per-cell statistics of the audit for paired differences ``D = high - low``.
+
+    ``precision`` is the floating-point precision the values were computed in (a key of
+    :data:`PRECISIONS`; ``None``: the dtype of the arrays given, float32 or float16 arrays keeping
+    theirs and anything else read as float64). It sets only the rounding criterion below.
 
     Returns a one-row DataFrame with columns
 
@@ -578,7 +612,8 @@ def paired_effect(
     :data:`MIN_PAIRS`, a NaN or infinite value in ``high`` or ``low`` or in their difference, all
     differences equal (``sd_d = 0``: ``d_z = mean / 0`` and the t statistic are undefined, and
     with all ``D = 0`` Wilcoxon has no nonzero difference to rank), or equal up to rounding
-    (``0 < sd_d <= ROUNDING_SD * max |value|``) -- no test is run and no exception is raised: the
+    (``0 < sd_d <= ROUNDING_UNITS * rounding_unit(high, low, precision)``: the differences' own spread
+    against the rounding noise of a typical pair) -- no test is run and no exception is raised: the
     row has the same columns, ``reason`` states the cause, the tests' statistics, p-values, the
     d_z interval and ``p_tost`` are NaN, and ``sig_t``, ``sig_W``, ``same_sign``, ``sig_dual``
     and ``equivalent`` are False. ``n``, ``n_zero``, ``dof`` (``n - 1``), ``alpha_corrected``,
@@ -588,8 +623,11 @@ def paired_effect(
 
     ``ValueError`` (naming the parameter) for arguments that no data can make valid: ``high`` and
     ``low`` of different lengths, ``n_tests < 1``, ``alpha``, ``ci`` or ``power`` outside (0, 1),
-    a negative or NaN ``tost_bound_d``, an unknown ``zero_method``.
+    a negative or NaN ``tost_bound_d``, an unknown ``zero_method`` or ``precision``.
     """
+    precision = _precision_of(high, low) if precision is None else precision
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not one of {tuple(PRECISIONS)}")
     h, lo, d = _paired_differences(high, low)
     _check_level(alpha, "alpha")
     _check_level(ci, "ci")
@@ -601,7 +639,7 @@ def paired_effect(
         raise ValueError(f"zero_method must be 'wilcox', 'pratt' or 'zsplit', got {zero_method!r}")
     n = int(d.size)
     alpha_c = alpha / n_tests
-    reason = _degenerate_reason(h, lo, d)
+    reason = _degenerate_reason(h, lo, d, precision)
     finite = n > 0 and bool(np.all(np.isfinite(d)))
     mean = float(np.mean(d)) if finite else float("nan")
     sd = float(np.std(d, ddof=1)) if finite and n > 1 else float("nan")
@@ -792,8 +830,12 @@ def audit_table(
     tost_bound_d: float = 0.2,
     power: float = 0.8,
     ci: float = 0.95,
+    precision: str = "float32",
 ) -> pd.DataFrame:
     """:func:`paired_effect` for every cell of ``records``, with family-wise corrections.
+
+    ``precision``: the precision the loss changes were computed in (the engine computes losses in
+    float32 whatever the model's dtype), which sets the rounding criterion of :func:`paired_effect`.
 
     ``records`` holds one row per token position; cells are the groups of ``by`` (kept in
     order of first appearance). Cells are grouped into multiple-comparison families by the
@@ -842,6 +884,7 @@ def audit_table(
             res = paired_effect(
                 g[high_col].to_numpy(), g[low_col].to_numpy(), alpha=alpha,
                 n_tests=int(cell["family_size"]), tost_bound_d=tost_bound_d, power=power, ci=ci,
+                precision=precision,
             )
         except Exception as err:
             err.add_note(f"in the cell {_cell_name(dict(zip(by, key)))}")
