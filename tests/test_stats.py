@@ -697,3 +697,20 @@ def test_rounding_unit_by_hand():
     assert S.rounding_unit([2.0, -4.0, 1.0], [1.0, 3.0, 0.5], "float64") == pytest.approx(2.0 * 2.0 ** -52)
     assert S.rounding_unit([8.0], [1.0], "bfloat16") == 8.0 * 2.0 ** -7
     assert S.rounding_unit([], [], "float32") == 0.0
+
+
+def test_spearman_on_many_pairs_uses_the_analytic_interval_by_hand():
+    rng = np.random.default_rng(1)
+    n = S.BOOTSTRAP_MAX_N + 1
+    x = rng.normal(size=n)
+    y = 0.3 * x + rng.normal(size=n)
+    row = S.spearman(x, y).iloc[0]
+    rho = sps.spearmanr(x, y).statistic
+    half = 1.959963984540054 * math.sqrt((1 + rho ** 2 / 2) / (n - 3))  # Bonett and Wright (2000)
+    assert row.rho == pytest.approx(rho) and row.ci_method.startswith("Fisher z")
+    assert row.ci_low == pytest.approx(math.tanh(math.atanh(rho) - half))
+    assert row.ci_high == pytest.approx(math.tanh(math.atanh(rho) + half)) and row.reason == ""
+    small = S.spearman(x[:300], y[:300]).iloc[0]
+    assert small.ci_method == "BCa" and small.ci_low < small.rho < small.ci_high
+    perfect = S.spearman(x, x).iloc[0]
+    assert np.isnan(perfect.ci_low) and "perfect rank correlation" in perfect.reason
