@@ -345,3 +345,30 @@ def test_readme_lists_the_audited_families():
     from moeaudit.families import supported_line
 
     assert supported_line() in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize("tuning", [True, False])
+def test_packed_step_refused_where_a_layer_reads_positions_from_the_cache(tuning):
+    """Llama 4 with every layer NoPE and attention-temperature tuning on scales queries by positions
+    counted from the cache length, which a packed key/value step does not reproduce: the step is
+    refused by name, "auto" runs the full prefix, and the records equal the independent reference.
+    With the tuning off, the packed step runs and agrees with the full strategy."""
+    n_layers = 3
+    model = tiny_random_model("llama4_text", n_layers=n_layers, seed=1, no_rope_layers=[0] * n_layers,
+                              attn_temperature_tuning=tuning, floor_scale=4, attn_scale=0.5)
+    corpus = random_token_corpus(n_seqs=2, length=14, seed=3)
+    clean = engine.clean_pass(model, corpus, progress=False)
+    req = _requests(model, clean, layers=list(model.layout.moe_layers), n_removed=1)
+    assert engine.packed_step_supported(model) is (not tuning)
+    auto = engine.run_ablations(model, corpus, clean, req, mode="token", progress=False)
+    if tuning:
+        with pytest.raises(ValueError, match="computes positions from the cache length.*strategy='full'"):
+            engine.run_ablations(model, corpus, clean, req, mode="token", strategy="kv", progress=False)
+        assert (auto.strategy == "full").all() and auto.premise_ok.all()
+        for r in auto.itertuples():
+            ref, _ = reference_delta(model, corpus.sequences[r.seq_id], layer=r.layer, removed=r.removed, t=r.t,
+                                     mode="token")
+            assert abs(r.delta_loss - ref) <= TOL, (r.seq_id, r.t, r.layer, r.delta_loss, ref)
+    else:
+        full = engine.run_ablations(model, corpus, clean, req, mode="token", strategy="full", progress=False)
+        assert (auto.strategy == "kv").all() and engine.strategy_spread(auto, full)["max_abs_diff"] <= TOL

@@ -40,6 +40,7 @@ import torch
 from tqdm import tqdm
 
 from .corpus import TokenizedCorpus, integer_ids, is_integer
+from .families import reads_positions_from_cache
 from .models import AuditModel
 
 ABLATION_MODES = ("token", "sequence")
@@ -490,8 +491,9 @@ def trace_ablation(model: AuditModel, token_ids, *, layer: int, experts, t: int,
 
 def packed_step_supported(model: AuditModel) -> bool:
     """Whether token mode can run with ``strategy="kv"`` on ``model``: its attention implementation
-    takes a 4-D mask and every layer type is full or sliding-window attention (not linear or
-    chunked attention, whose state a packed step cannot reproduce). ``strategy="auto"`` picks
+    takes a 4-D mask, no layer reads positions from the cache length (the registry's
+    ``positions_from_cache``), and every layer type is full or sliding-window attention (not linear
+    or chunked attention, whose state a packed step cannot reproduce). ``strategy="auto"`` picks
     ``"kv"`` then, else ``"full"``."""
     try:
         _check_custom_mask_support(model)
@@ -635,6 +637,16 @@ def clean_cache(model: AuditModel, corpus: TokenizedCorpus, chunk: list[int], *,
 
 
 def _check_custom_mask_support(model: AuditModel) -> None:
+    """``ValueError`` naming ``strategy="full"`` where the packed key/value step's assumptions fail:
+    the attention takes no custom 4-D mask (flash attention), or a layer computes positions from the
+    cache length rather than from ``position_ids`` only (the family's ``positions_from_cache`` rule,
+    e.g. Llama 4's attention-temperature tuning in NoPE layers), so a packed row would be computed at the wrong
+    position."""
+    if reads_positions_from_cache(model.layout.spec, model.hf.config):
+        raise ValueError(f"token mode with strategy='kv' packs many positions into one step and passes each its "
+                         f"position only through position_ids; this {model.layout.family} configuration "
+                         f"({model.layout.spec.positions_from_cache}) computes positions from the cache length in some "
+                         "layers, so the packed rows would be wrong: use strategy='full' (strategy='auto' picks it)")
     impl = str(getattr(model.hf.config, "_attn_implementation", "") or "")
     if "flash" in impl:
         raise ValueError(f"token mode with strategy='kv' needs a custom 4-D attention mask, which attn_implementation="

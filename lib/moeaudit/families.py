@@ -51,6 +51,15 @@ MOE_LAYER_RULES = ("all", "first_k_dense_replace", "mlp_only_layers", "mlp_layer
                    "moe_layer_range")
 
 
+#: when a config makes some layer compute positions from the cache length (FamilySpec.positions_from_cache):
+#: "nope_temperature_tuning": Llama 4's attention-temperature tuning, applied in its NoPE layers
+#: (``no_rope_layers[i] == 0``), scales queries by positions counted from the cache length
+POSITIONS_FROM_CACHE = {
+    "nope_temperature_tuning": lambda cfg: bool(getattr(cfg, "attn_temperature_tuning", False))
+    and any(not use_rope for use_rope in (getattr(cfg, "no_rope_layers", None) or [])),
+}
+
+
 @dataclass(frozen=True)
 class FamilySpec:
     """How one ``model_type`` lays out its MoE blocks (module attributes are relative to a decoder
@@ -82,6 +91,10 @@ class FamilySpec:
     scaling_key: str | None = None  # config key of a factor multiplying every combine weight
     reroute: str | None = None  # how moeaudit.pruning re-runs the router: "softmax_topk", "softmax_topk_scaled"
     attention_masks: str = "causal"  # one of ATTENTION_MASKS (read off the family's modeling code)
+    # a rule of POSITIONS_FROM_CACHE: when it holds for a config, some layer reads its positions from the
+    # cache length (not only from position_ids), so the packed key/value step would compute wrong rows and
+    # is refused (read off the family's modeling code)
+    positions_from_cache: str | None = None
     note: str = ""
 
     def __post_init__(self):
@@ -91,6 +104,8 @@ class FamilySpec:
             raise ValueError(f"routing_weight={self.routing_weight!r} is not one of {ROUTING_WEIGHTS}")
         if self.attention_masks not in ATTENTION_MASKS:
             raise ValueError(f"attention_masks={self.attention_masks!r} is not one of {ATTENTION_MASKS}")
+        if self.positions_from_cache is not None and self.positions_from_cache not in POSITIONS_FROM_CACHE:
+            raise ValueError(f"positions_from_cache={self.positions_from_cache!r} is not one of {tuple(POSITIONS_FROM_CACHE)}")
         if self.moe_layers not in MOE_LAYER_RULES:
             raise ValueError(f"moe_layers={self.moe_layers!r} is not one of {MOE_LAYER_RULES}")
 
@@ -167,7 +182,7 @@ _ENTRIES = [
     FamilySpec("llama4_text", "Llama 4 (text)", block="feed_forward", router="router",
                num_experts_key="num_local_experts", router_output="scores_logits", block_output_index=0,
                combine_site="router_scores", experts_call="expert_major", routing_weight="sigmoid",
-               attention_masks="per_layer_type",
+               attention_masks="per_layer_type", positions_from_cache="nope_temperature_tuning",
                moe_layers="moe_layers_list",
                shared="feed_forward.shared_expert", selection="top-k of the router logits",
                combine="sigmoid(top-k logit), applied to the expert's input: the contribution is E_e(s_e x)",
@@ -179,6 +194,12 @@ _ENTRIES = [
                attention_masks="per_layer_type",
                note="hybrid linear attention (Gated DeltaNet): token mode runs with strategy='full' only"),
 ]
+
+def reads_positions_from_cache(spec: FamilySpec, config) -> bool:
+    """Whether some layer of this config computes positions from the cache length (the family's
+    ``positions_from_cache`` rule, :data:`POSITIONS_FROM_CACHE`)."""
+    return spec.positions_from_cache is not None and POSITIONS_FROM_CACHE[spec.positions_from_cache](config)
+
 
 def config_value(config, key: str):
     """``config.<key>``; ``ValueError`` naming the key when the config lacks it."""
