@@ -82,7 +82,7 @@ from scipy import stats as sps
 
 from moeaudit import released, report
 from moeaudit.audit import (buffer_readings, cliff_comparison_text, cliff_text, deepest_removal_summary, fmt_signed,
-                            join_words, paper_progressive_table, paper_share_positive_text, prepare,
+                            paper_progressive_table, paper_share_positive_text, prepare,
                             progressive_overview_text, progressive_records, progressive_summary, redundancy_breaks,
                             removal_direction, threshold_calls)
 from moeaudit.corpus import valid_positions

@@ -469,7 +469,8 @@ glue_all(resolution_note="enough to reach the level corrected for the criteria t
          f"{short.level.min():.3g}, which needs at least {int(short.draws_needed.max())} draws")
 glue_all(per_model_rank="; ".join(pruning.rank_test_model_phrase(by_crit, m, alpha=alpha) for m in models),
          below_unpruned=pruning.below_unpruned_text(glob, held_out_info.perplexity.to_dict(), labels=LABELS),
-         **pruning.validity_claim_texts(claims, alpha=alpha, n_draws=n_draws, labels=LABELS))
+         **pruning.validity_claim_texts(claims, alpha=alpha, n_draws=n_draws, labels=LABELS,
+                                        beat_all=(int(g.beats_all.sum()), n_set)))
 
 # %% tags=["hide-input"]
 display(by_crit.assign(criterion=by_crit.criterion.map(LABELS)).rename(columns={

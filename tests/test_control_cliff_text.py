@@ -316,3 +316,21 @@ def test_paper_share_positive_text_tests_each_share():
     assert "Bonferroni level 0.05/2 = 0.025" in text
     assert "rose at more than half of the positions at layer 8" in text
     assert "at layer 0 the share is not distinguishable from one half" in text
+
+
+def test_dz_by_depth_marks_reversals_apart():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from moeaudit import report
+
+    t = pd.DataFrame({"rel_depth": [0.0, 0.5, 1.0], "cohens_dz": [0.3, -0.2, 0.01], "dz_ci_low": [0.2, -0.3, -0.1],
+                      "dz_ci_high": [0.4, -0.1, 0.1], "sig_t_bonf": [True, True, False],
+                      "sig_dual_bonf": [True, False, False]})
+    for flag, want in ((True, ["*", "▼"]), (False, ["*", "*"])):
+        fig, ax = plt.subplots()
+        report.dz_by_depth(ax, t, label="m", color="k", mark_reversals=flag)
+        assert [a.get_text() for a in ax.texts] == want
+        plt.close(fig)

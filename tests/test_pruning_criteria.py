@@ -207,8 +207,14 @@ def test_validity_claim_texts_correct_for_the_criteria_tested():
     assert "cannot go below 1/21 = 0.048" in v and "at least 119 draws" in v
     assert "mean routing weight on q (largest p 0.048, the smallest attainable) has rank p ≤ 0.05" in v
     assert "does not survive the correction" in v and "contradicted on" not in v
-    assert "not necessary" not in s and "do not support the statement that token-level validity is unnecessary" in s
-    assert "could not have after correction" in s and "nor do they show the failing criteria to be no better" in s
+    assert "not necessary for" not in s and "not decided by these data" in s
+    assert "(with 20 draws it could not have)" in s and "not shown to be no better than random" in s
+    leaning = P.validity_claim_texts(P.corrected_rank_claims(bc, alpha=0.05, n_draws=20), alpha=0.05, n_draws=20,
+                                     beat_all=(17, 54))["shows_verdict"]
+    assert "17 of 54 against about 2.6 by chance, leans towards it" in leaning and "not a valid test" in leaning
+    flat = P.validity_claim_texts(P.corrected_rank_claims(bc, alpha=0.05, n_draws=20), alpha=0.05, n_draws=20,
+                                  beat_all=(2, 54))["shows_verdict"]
+    assert "2 of 54 against about 2.6 by chance, is no larger than chance gives" in flat
     # with enough draws and a p below the corrected level, the claim is contradicted on that model only
     bc2 = bc.assign(p_max=bc.p_max.where(bc.p_max > 0.05, 0.004))
     t2 = P.validity_claim_texts(P.corrected_rank_claims(bc2, alpha=0.05, n_draws=300), alpha=0.05, n_draws=300)

@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from . import __version__
-from .corpus import (TEXT_FORMS, CorpusSource, resolve_text_form, TokenizedCorpus, loss_regime, integer_ids, is_integer, load_eval_corpus,
+from .corpus import (TEXT_FORMS, CorpusSource, check_context, resolve_text_form, TokenizedCorpus, loss_regime, integer_ids, is_integer, load_eval_corpus,
                      resolve_corpus, sample_positions)
 from .engine import CleanPass, clean_pass, resolve_strategy, run_ablations
 from .metrics import METRICS, ROUTING_WEIGHT, check_rankings, observational_metrics
@@ -130,15 +130,18 @@ def prepare(model_name: str, *, corpus: str | os.PathLike | CorpusSource = "auto
     for the corpus). The corpus used and its resolved form are part of the provenance (and so of every
     record-cache key and ``params.json``). ``max_tokens=None`` truncates texts to
     ``min(512, max_position_embeddings)`` (the paper used up to 512 tokens; the shipped small
-    models were trained on shorter contexts).
+    models were trained on shorter contexts); a ``max_tokens`` above the model's context raises
+    ``ValueError`` before the corpus is tokenized (:func:`moeaudit.corpus.check_context`).
     """
     source = corpus if isinstance(corpus, CorpusSource) else resolve_corpus(corpus, data_dir=data_dir)
     if text_form not in TEXT_FORMS:
         raise ValueError(f"text_form={text_form!r} is not one of {TEXT_FORMS}")
     text_form = resolve_text_form(source, text_form)
     model = load_model(model_name, dtype=dtype, device=device, device_map=device_map)
+    context = getattr(model.hf.config, "max_position_embeddings", None)
     if max_tokens is None:
-        max_tokens = int(min(512, getattr(model.hf.config, "max_position_embeddings", 512) or 512))
+        max_tokens = int(min(512, context or 512))
+    check_context(max_tokens, context, model_name)
     if model.tokenizer is None:
         raise ValueError(f"model {model_name!r} has no tokenizer; the evaluation corpus cannot be tokenized")
     tokenized = load_eval_corpus(model.tokenizer, corpus=source, n_texts=n_texts, max_tokens=max_tokens,
@@ -837,10 +840,6 @@ def control_beaten_text(cmp: pd.DataFrame) -> str:
                           f"[{fmt_bound(r.diff_ci_low)}, {fmt_bound(r.diff_ci_high)}])" for r in ahead.itertuples())
               + " — the control does not exceed the observational metrics either")
     return s
-
-
-def _reversal_note(r) -> str:
-    return ", a reversal" if r.cohens_dz < 0 else ""
 
 
 def figure1_text(control: pd.DataFrame, observational: pd.DataFrame, *, alpha: float,

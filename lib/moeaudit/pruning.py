@@ -321,7 +321,7 @@ def corrected_rank_claims(by_criterion, *, alpha: float, n_draws: int):
     return pd.DataFrame(rows)
 
 
-def validity_claim_texts(claims, *, alpha: float, n_draws: int, labels=None) -> dict:
+def validity_claim_texts(claims, *, alpha: float, n_draws: int, labels=None, beat_all=None) -> dict:
     """The verdicts of chapter 10 on "token-level validity is not necessary for pruning better than
     chance", from :func:`corrected_rank_claims`, as ``{"paper_claim_verdict": ..., "shows_verdict": ...}``
     (sentences without a final period, to be followed by one).
@@ -331,7 +331,10 @@ def validity_claim_texts(claims, *, alpha: float, n_draws: int, labels=None) -> 
     the corrected level lies below the smallest attainable rank p, the text says that this design
     could not show the claim wrong at all, and how many draws would be needed. A test that does not
     reject is never read as showing the criteria no better than random. ``labels``: criterion ->
-    display name.
+    display name. ``beat_all``: optional ``(k, n)``, the number of (model, criterion, fraction)
+    settings that beat every random draw and the number of settings; the count is set beside the
+    ``n / (n_draws + 1)`` that chance gives, and said not to be a valid test (settings share their
+    draws, and criteria that agree share their plans).
     """
     name = (lambda c: labels.get(c, c)) if labels else (lambda c: c)  # noqa: E731
     c = claims[claims.m > 0]
@@ -376,10 +379,18 @@ def validity_claim_texts(claims, *, alpha: float, n_draws: int, labels=None) -> 
                     f"fraction, which does not survive the correction and is not evidence against the claim")
     verdict += (". The claim is not contradicted; nor is it confirmed, since a rank test that does not reject does not "
                 "show a criterion to be no better than random")
-    shows = ("So the rank test does not show, on any model, that a criterion failing the token-level audit prunes better "
-             "than chance: these data do not support the statement that token-level validity is unnecessary"
-             + (f" (and, with {n_draws} draws, could not have after correction)" if len(unattainable) == len(c) else "")
-             + ", nor do they show the failing criteria to be no better than random")
+    shows = ("So the rank test, corrected for the criteria tested, does not show on any model that a criterion failing "
+             "the token-level audit prunes better than chance"
+             + (f" (with {n_draws} draws it could not have)" if len(unattainable) == len(c) else ""))
+    if beat_all is not None:
+        k, n = (int(v) for v in beat_all)
+        expect = n / (n_draws + 1)
+        shows += (f"; the number of settings that beat every draw, {k} of {n} against about {expect:.1f} by chance, "
+                  + ("leans towards it, but the settings of a model share their random draws and agreeing criteria "
+                     "share their plans, so that count is not a valid test" if k > expect else
+                     "is no larger than chance gives"))
+    shows += (". Whether token-level validity is necessary for pruning better than chance is not decided by these "
+              "data, and the failing criteria are not shown to be no better than random either")
     return {"paper_claim_verdict": verdict, "shows_verdict": shows}
 
 
