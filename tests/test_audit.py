@@ -184,3 +184,42 @@ def test_pruned_perplexities_match_direct_evaluation_and_are_cached(ctx, monkeyp
     pd.testing.assert_frame_equal(out, again)
     with pytest.raises(AssertionError, match="re-evaluated"):  # a new plan is not silently reused
         audit.pruned_perplexities(ctx, [{2: [3]}], held, progress=False)
+
+
+def test_paired_cells_exclude_failed_premises_and_count_them():
+    """A record whose removed expert was not routed (premise_ok False) does not feed d_z by default;
+    the cell says how many pairs it lost; keep_failed_premise keeps them."""
+    from moeaudit import stats
+    from moeaudit.audit import paired_cells
+    from moeaudit.metrics import METRICS
+
+    rows = []
+    for t in range(6):
+        for e, prob in ((0, 0.7), (1, 0.3)):
+            rows.append({"model": "m", "family": "olmoe", "mode": "token", "layer": 0, "seq_id": 0, "t": t,
+                         "expert": e, "prob": prob, "weight": prob, "delta_loss": 0.1 * (t + 1) * (2 - e),
+                         "gap_norm": 1.0, "clean_loss": 3.0, "premise_ok": not (t == 2 and e == 1)})
+    records = pd.DataFrame(rows)
+    metrics = pd.DataFrame({"layer": [0, 0], "expert": [0, 1], **{m: [2.0, 1.0] for m in METRICS}})
+    cells = paired_cells(records, metrics, rankings=["routing_weight"])
+    assert len(cells) == 5 and 2 not in set(cells.t) and (cells.n_premise_excluded == 1).all() and cells.premise_ok.all()
+    kept = paired_cells(records, metrics, rankings=["routing_weight"], keep_failed_premise=True)
+    assert len(kept) == 6 and (~kept.premise_ok).sum() == 1 and (kept.n_premise_excluded == 0).all()
+    table = stats.audit_table(cells, by=("model", "ranking", "layer"), high_col="delta_loss_high",
+                              low_col="delta_loss_low")
+    assert table.n.iloc[0] == 5 and table.n_premise_excluded.iloc[0] == 1
+
+
+def test_paired_cells_refuse_a_top1_model_in_one_line():
+    from moeaudit import stats
+    from moeaudit.audit import paired_cells
+    from moeaudit.metrics import METRICS
+
+    records = pd.DataFrame([{"model": "m", "family": "olmoe", "mode": "token", "layer": 0, "seq_id": 0, "t": t,
+                             "expert": t % 2, "prob": 1.0, "weight": 1.0, "delta_loss": 0.1, "gap_norm": 1.0,
+                             "clean_loss": 3.0, "premise_ok": True} for t in range(5)])
+    metrics = pd.DataFrame({"layer": [0, 0], "expert": [0, 1], **{m: [2.0, 1.0] for m in METRICS}})
+    with pytest.raises(ValueError, match="single active expert .*top-1.*paired audit is undefined"):
+        paired_cells(records, metrics)
+    with pytest.raises(ValueError, match="records is empty"):
+        stats.audit_table(pd.DataFrame(columns=["model", "layer", "metric", "delta_high", "delta_low"]))

@@ -319,16 +319,30 @@ def pruned_perplexities(ctx: AuditContext, plans: list[dict], corpus: TokenizedC
     return out
 
 
-def paired_cells(records: pd.DataFrame, metrics: pd.DataFrame, *, rankings=None) -> pd.DataFrame:
+def paired_cells(records: pd.DataFrame, metrics: pd.DataFrame, *, rankings=None,
+                 keep_failed_premise: bool = False) -> pd.DataFrame:
     """For every (layer, ranking, position): the highest- and lowest-ranked active expert and their
     loss changes. ``records`` are single-expert records; ``metrics`` the observational table.
 
     Ties are broken by expert id (lowest id wins 'high', highest id wins 'low'), deterministically.
     Experts whose ranking value is NaN are left out of the ranking at that position.
+
+    The premise of each record (``premise_ok``: the removed expert was routed in the forward that
+    removed it, and the batch's clean row routed as the clean pass did) is carried for both sides
+    (``premise_ok_high``, ``premise_ok_low``, ``premise_ok`` = both). By default a pair whose
+    premise fails on either side is excluded, and ``n_premise_excluded`` gives, on every row, how
+    many pairs of its cell (ranking, layer) were excluded; ``keep_failed_premise=True`` keeps them
+    (``n_premise_excluded`` = 0). ``ValueError`` when no position has two active experts to compare
+    (a top-1 model: the paired audit is undefined there).
     """
     rankings = check_rankings(rankings or [*METRICS, ROUTING_WEIGHT])
     base = records[["model", "family", "mode", "layer", "seq_id", "t", "expert", "prob", "weight",
-                    "delta_loss", "gap_norm", "clean_loss"]]
+                    "delta_loss", "gap_norm", "clean_loss"]].copy()
+    base["premise_ok"] = records["premise_ok"].astype(bool) if "premise_ok" in records else True
+    if not records.empty and records.groupby(["layer", "seq_id", "t"]).expert.nunique().max() < 2:
+        raise ValueError("every position has a single active expert (a top-1 model?): there is no highest- and "
+                         "lowest-ranked pair of active experts to compare, so the paired audit is undefined; "
+                         "audit a model that routes each token to at least two experts")
     base = base.merge(metrics[["layer", "expert", *METRICS]], on=["layer", "expert"], how="left")
     out = []
     for ranking in rankings:
@@ -340,13 +354,20 @@ def paired_cells(records: pd.DataFrame, metrics: pd.DataFrame, *, rankings=None)
         low = df.sort_values(["layer", "seq_id", "t", "value", "expert"],
                              ascending=[True, True, True, True, False]).groupby(["layer", "seq_id", "t"], sort=False).head(1)
         low = low.set_index(["layer", "seq_id", "t"])
-        cols = ["expert", "value", "delta_loss", "gap_norm", "prob"]
+        cols = ["expert", "value", "delta_loss", "gap_norm", "prob", "premise_ok"]
         pair = high[["model", "family", "mode", "clean_loss", *cols]].join(low[cols], lsuffix="_high", rsuffix="_low")
         pair = pair[pair.expert_high != pair.expert_low].reset_index()
         pair.insert(3, "ranking", ranking)
         out.append(pair)
     cells = pd.concat(out, ignore_index=True)
     cells["diff"] = cells.delta_loss_high - cells.delta_loss_low
+    cells["premise_ok"] = cells.premise_ok_high & cells.premise_ok_low
+    failed = ~cells.premise_ok
+    cells["n_premise_excluded"] = 0
+    if not keep_failed_premise:
+        counts = failed.groupby([cells.model, cells.ranking, cells.layer]).transform("sum")
+        cells["n_premise_excluded"] = counts.astype(int)
+        cells = cells[~failed]
     return cells.sort_values(["ranking", "layer", "seq_id", "t"]).reset_index(drop=True)
 
 

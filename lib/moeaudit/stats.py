@@ -852,7 +852,9 @@ def audit_table(
     in a cell propagates with a note naming the cell. :func:`untested_cells` lists the
     untested rows.
 
-    Added columns: ``family_size``, ``reason``, and the corrected p-values and verdicts of
+    Added columns: ``family_size``, ``reason``, ``n_premise_excluded`` where ``records`` carry it
+    (pairs left out of the cell because an ablation's premise failed, :func:`moeaudit.audit.paired_cells`),
+    and the corrected p-values and verdicts of
     :func:`correct_family` for each correction ``c`` in :data:`CORRECTIONS` (``bonf`` =
     Bonferroni, ``holm`` = Holm, ``bh`` = Benjamini-Hochberg): ``p_t_c``, ``p_W_c``,
     ``sig_t_c``, ``sig_W_c``, ``sig_dual_c``.
@@ -864,6 +866,9 @@ def audit_table(
     missing = [c for c in [*by, high_col, low_col] if c not in records.columns]
     if missing:
         raise KeyError(f"records lacks columns {missing}")
+    if records.empty:
+        raise ValueError("records is empty: there is no cell to test (a top-1 model has no pairs; see "
+                         "moeaudit.audit.paired_cells)")
     unnamed = [c for c in by if records[c].isna().any()]
     if unnamed:
         raise ValueError(f"records have missing values in the cell columns {unnamed}: every row must name its cell")
@@ -891,6 +896,10 @@ def audit_table(
             raise
         rows.append(res)
     out = pd.concat([cells, pd.concat(rows, ignore_index=True)], axis=1)
+    if "n_premise_excluded" in records.columns:  # pairs left out for a failed premise (moeaudit.audit.paired_cells)
+        excluded = grouped["n_premise_excluded"].max().rename("n_premise_excluded").reset_index()
+        counts = cells[by].merge(excluded, on=by, how="left")["n_premise_excluded"].fillna(0).astype(int)
+        out.insert(out.columns.get_loc("n") + 1, "n_premise_excluded", counts.to_numpy())
     return correct_family(out, family=fam, alpha=alpha)
 
 
