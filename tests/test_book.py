@@ -224,3 +224,23 @@ def test_a_yaml_error_in_a_parameter_value_is_one_line(capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"FAILED: ValueError: -p n_positions {raw!r}: not a YAML value")
         assert why in err[0]
+
+
+def test_a_long_build_reports_starts_finishes_and_what_is_still_running(monkeypatch):
+    import subprocess
+    import time as _time
+
+    from moeaudit import book as B
+
+    def fake_run(cmd, **kwargs):
+        _time.sleep(0.3 if cmd[4] == "slow" else 0.01)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(B.subprocess, "run", fake_run)
+    monkeypatch.setattr(B, "expected_seconds", lambda stem: {"slow": 2.0, "quick": 1.0}[stem])
+    lines = []
+    B.execute_chapters(["quick", "slow"], jobs=2, log=lines.append, heartbeat_s=0.1)
+    assert "started slow" in lines and "started quick" in lines
+    assert any(ln.startswith("executed quick") and "1 of 2 done" in ln for ln in lines)
+    assert any(ln.startswith("still running after") and "slow (" in ln and "1 of 2 done" in ln for ln in lines)
+    assert lines[-1].startswith("executed slow") and "2 of 2 done" in lines[-1]

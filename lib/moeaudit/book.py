@@ -35,6 +35,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -236,11 +237,13 @@ def expected_seconds(stem: str, *, book_dir: Path = BOOK) -> float:
     return source.stat().st_size / 1000 if source.is_file() else 0.0  # an unknown chapter fails when it runs
 
 
-def execute_chapters(stems: list[str], *, jobs: int = 2, log=print) -> None:
+def execute_chapters(stems: list[str], *, jobs: int = 2, log=print, heartbeat_s: float = 60.0) -> None:
     """Execute ``stems`` with their default parameters, ``jobs`` at a time, each in a separate
     ``python -m moeaudit.book chapter <stem> --no-html`` process, longest expected first
     (:func:`expected_seconds`; it shortens the whole run when chapters differ much in length);
-    raise if any failed (after the others finished, so one failure does not discard the rest)."""
+    raise if any failed (after the others finished, so one failure does not discard the rest).
+    Logs each chapter as it starts and as it finishes, and every ``heartbeat_s`` seconds without a
+    finish the chapters still running with their elapsed time, so that a long run is never silent."""
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     if jobs == 1 or len(stems) <= 1:
@@ -248,23 +251,43 @@ def execute_chapters(stems: list[str], *, jobs: int = 2, log=print) -> None:
             execute_chapter(stem, log=log)
         return
 
+    started: dict[str, float] = {}
+    lock = threading.Lock()
+
     def run(stem):
         t0 = time.time()
+        with lock:
+            started[stem] = t0
+        log(f"started {stem}")
         proc = subprocess.run([sys.executable, "-m", "moeaudit.book", "chapter", stem, "--no-html"],
                               capture_output=True, text=True, cwd=str(REPO_ROOT))
+        with lock:
+            started.pop(stem, None)
         return stem, proc, time.time() - t0
 
     failed = []
     order = sorted(stems, key=expected_seconds, reverse=True)
+    t_all, done = time.time(), 0
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-        for stem, proc, seconds in pool.map(run, order):
-            if proc.returncode == 0:
-                log(f"executed {stem} in {seconds:.1f} s (process wall time, {jobs} in parallel)")
-            else:
-                failed.append(stem)
-                lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
-                reason = next((ln for ln in reversed(lines) if ln.startswith("FAILED: ")), None)
-                log(reason or f"FAILED {stem} after {seconds:.1f} s:\n" + "\n".join(lines[-40:]))
+        pending = {pool.submit(run, stem) for stem in order}
+        while pending:  # report each chapter as it finishes, and every heartbeat_s what is still running
+            finished, pending = concurrent.futures.wait(pending, timeout=heartbeat_s,
+                                                        return_when=concurrent.futures.FIRST_COMPLETED)
+            if not finished:
+                with lock:
+                    running = ", ".join(f"{st} ({time.time() - t0:.0f} s)" for st, t0 in started.items())
+                log(f"still running after {time.time() - t_all:.0f} s: {running}; {done} of {len(order)} done")
+            for fut in finished:
+                stem, proc, seconds = fut.result()
+                done += 1
+                if proc.returncode == 0:
+                    log(f"executed {stem} in {seconds:.1f} s (process wall time, {jobs} in parallel; "
+                        f"{done} of {len(order)} done)")
+                else:
+                    failed.append(stem)
+                    lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
+                    reason = next((ln for ln in reversed(lines) if ln.startswith("FAILED: ")), None)
+                    log(reason or f"FAILED {stem} after {seconds:.1f} s:\n" + "\n".join(lines[-40:]))
     if failed:
         raise RuntimeError(f"chapter(s) {failed} failed to execute (output above)")
 
