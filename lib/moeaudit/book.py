@@ -289,6 +289,7 @@ def execute_chapters(stems: list[str], *, jobs: int = 2, log=print, heartbeat_s:
                     reason = next((ln for ln in reversed(lines) if ln.startswith("FAILED: ")), None)
                     log(reason or f"FAILED {stem} after {seconds:.1f} s:\n" + "\n".join(lines[-40:]))
     if failed:
+        failed.sort(key=stems.index)  # in the order asked for, whatever order they finished in
         raise RuntimeError(f"chapter(s) {failed} failed to execute (output above)")
 
 
