@@ -202,12 +202,26 @@ def test_paired_cells_exclude_failed_premises_and_count_them():
     records = pd.DataFrame(rows)
     metrics = pd.DataFrame({"layer": [0, 0], "expert": [0, 1], **{m: [2.0, 1.0] for m in METRICS}})
     cells = paired_cells(records, metrics, rankings=["routing_weight"])
-    assert len(cells) == 5 and 2 not in set(cells.t) and (cells.n_premise_excluded == 1).all() and cells.premise_ok.all()
+    assert len(cells) == 6 and cells.premise_excluded.tolist() == [t == 2 for t in range(6)]
     kept = paired_cells(records, metrics, rankings=["routing_weight"], keep_failed_premise=True)
-    assert len(kept) == 6 and (~kept.premise_ok).sum() == 1 and (kept.n_premise_excluded == 0).all()
-    table = stats.audit_table(cells, by=("model", "ranking", "layer"), high_col="delta_loss_high",
-                              low_col="delta_loss_low")
+    assert (~kept.premise_ok).sum() == 1 and not kept.premise_excluded.any()
+    kw = dict(by=("model", "ranking", "layer"), high_col="delta_loss_high", low_col="delta_loss_low")
+    table = stats.audit_table(cells, **kw)
     assert table.n.iloc[0] == 5 and table.n_premise_excluded.iloc[0] == 1
+    assert stats.audit_table(kept, **kw).n.iloc[0] == 6
+    # a premise stored as NaN or as the string "False" is not a premise that held
+    odd = records.astype({"premise_ok": object})
+    odd.loc[0, "premise_ok"], odd.loc[2, "premise_ok"] = float("nan"), "False"
+    assert paired_cells(odd, metrics, rankings=["routing_weight"]).premise_excluded.sum() == 3
+    # a cell whose every pair fails keeps its row and its place in the family
+    records.loc[records.layer == 0, "premise_ok"] = False
+    other = records.assign(layer=1, premise_ok=True)
+    both = paired_cells(pd.concat([records, other]), pd.concat([metrics, metrics.assign(layer=1)]),
+                        rankings=["routing_weight"])
+    table = stats.audit_table(both, **kw)
+    assert len(table) == 2 and (table.family_size == 2).all()
+    lost = table[table.layer == 0].iloc[0]
+    assert lost.n == 0 and lost.n_premise_excluded == 6 and lost.reason == "no pairs" and not lost.sig_dual_bonf
 
 
 def test_paired_cells_refuse_a_top1_model_in_one_line():

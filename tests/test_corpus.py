@@ -340,9 +340,11 @@ def test_a_text_file_is_split_at_line_feeds_only(tmp_path):
     texts = ["A first text long enough to be selected\x0cwith a form feed inside it, as files have.",
              "A second text long enough to be selected\u2028with a line separator inside it, too.",
              "A third text long enough to be selected\x85with a next-line character inside it."]
-    f.write_text("\r\n".join(texts) + "\n", encoding="utf-8")
+    f.write_bytes(("\ufeff" + "\r\n".join(texts) + "\n").encode("utf-8"))  # with a byte-order mark
     src = C.resolve_corpus(str(f))
     assert list(src.lines) == texts
+    f.write_bytes("A text long enough to be selected, with a lone\rcarriage return inside it.\n".encode())
+    assert len(C.resolve_corpus(str(f)).lines) == 1
     assert C.select_texts(list(src.lines), n_texts=3, text_form="stripped") == texts
     assert C.split_lines("a\nb") == ["a", "b"] and C.split_lines("a\n\nb\n") == ["a", "", "b"]
 
@@ -352,5 +354,23 @@ def test_texts_longer_than_the_model_context_are_refused(tmp_path):
         audit.prepare("tiny-olmoe", corpus="embedded", max_tokens=200, results_dir=tmp_path)
     C.check_context(128, 128)
     C.check_context(10_000, None)  # unknown context: nothing to check
-    assert audit.prepare("tiny-olmoe", corpus="embedded", n_texts=2, max_tokens=128, results_dir=tmp_path,
-                         progress=False).corpus.lengths.max() <= 128
+    ctx = audit.prepare("tiny-olmoe", corpus="embedded", n_texts=2, max_tokens=128, results_dir=tmp_path,
+                        progress=False)
+    assert ctx.corpus.lengths.max() <= 128
+    # a corpus built by other means is checked by every pass over it
+    from moeaudit import engine, pruning
+
+    long = C.TokenizedCorpus.from_token_ids([np.arange(200) % 100])
+    for fn in (lambda: engine.clean_pass(ctx.model, long, progress=False),
+               lambda: pruning.perplexity(ctx.model, long, progress=False)):
+        with pytest.raises(ValueError, match="a text of 200 tokens exceeds the context of tiny-olmoe"):
+            fn()
+
+
+def test_positions_need_an_integer_seed(tokenizer):
+    tc = C.load_eval_corpus(tokenizer, corpus="embedded", n_texts=3, max_tokens=64)
+    for bad in (None, -1, 1.5, "0"):
+        with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+            C.sample_positions(tc, n=5, seed=bad)
+    with pytest.raises(TypeError, match="n_positions must be an integer"):
+        C.sample_positions(tc, n=2.5, seed=0)

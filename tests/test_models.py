@@ -289,3 +289,23 @@ def test_load_model_dtype_and_device_map(saved, monkeypatch):
 def test_tiny_config_rejects_unknown_family():
     with pytest.raises(ValueError, match=r"no tiny config for family 'llama'"):
         tiny_config("llama")
+
+
+def test_a_config_and_weights_that_do_not_belong_together_are_refused(tmp_path):
+    """transformers would initialise missing layers at random (or drop extra ones) and the audit would run."""
+    import json
+    import shutil
+
+    import pytest
+
+    from moeaudit.models import load_model
+    from moeaudit.zoo import zoo_path
+
+    for layers, what in ((10, "missing from the checkpoint"), (4, "the config has no place for")):
+        folder = tmp_path / f"layers{layers}"
+        shutil.copytree(zoo_path("tiny-olmoe"), folder)
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg["num_hidden_layers"] = layers
+        (folder / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(ValueError, match=f"{what}.*do not belong together"):
+            load_model(str(folder))

@@ -714,3 +714,10 @@ def test_spearman_on_many_pairs_uses_the_analytic_interval_by_hand():
     assert small.ci_method == "BCa" and small.ci_low < small.rho < small.ci_high
     perfect = S.spearman(x, x).iloc[0]
     assert np.isnan(perfect.ci_low) and "perfect rank correlation" in perfect.reason
+
+
+def test_a_spread_that_overflows_is_untested_not_a_confident_null():
+    rng = np.random.default_rng(0)
+    h, lo = np.r_[rng.normal(1, 1, 50), 1e155], np.r_[rng.normal(0, 1, 50), 0.0]
+    row = S.paired_effect(h, lo).iloc[0]
+    assert "overflows" in row.reason and np.isnan(row.cohens_dz) and np.isnan(row.p_t) and not row.sig_dual

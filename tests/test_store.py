@@ -274,3 +274,25 @@ def test_a_chunk_file_that_records_nothing_is_not_served(tmp_path):
     with pytest.warns(ChunkMismatchWarning, match="does not record which chunk it holds"):
         got = run(tmp_path, chunks, Compute())
     pd.testing.assert_frame_equal(got, expected)
+
+
+def test_a_chunk_of_another_parameter_set_or_a_directory_is_recomputed(tmp_path):
+    """Chunk files copied in from a run with other parameters (same chunk ids), a chunk with a column
+    dropped, and a directory in place of a chunk file: each recomputed with one warning, never fatal."""
+    from moeaudit.store import ChunkMismatchWarning
+
+    chunks = chunked(list(range(8)), 4)
+    expected = uninterrupted(tmp_path, chunks)
+    _, mine = cached_records("demo", {"x": 1}, chunks, Compute(), results_dir=tmp_path, progress=False)
+    _, other = cached_records("demo", {"x": 2}, chunks, Compute(), results_dir=tmp_path, progress=False)
+    cid = mine.chunk_ids[0]
+    mine.chunk_path(cid).write_bytes(other.chunk_path(cid).read_bytes())
+    with pytest.warns(ChunkMismatchWarning, match="written for another parameter set"):
+        pd.testing.assert_frame_equal(run(tmp_path, chunks, Compute()), expected)
+    mine.chunk_path(cid).unlink()
+    mine.chunk_path(cid).mkdir()
+    with pytest.warns(ChunkMismatchWarning, match="it is a directory"):
+        pd.testing.assert_frame_equal(run(tmp_path, chunks, Compute()), expected)
+    (mine.path / "COMPLETE").unlink()
+    (mine.path / "COMPLETE").mkdir()  # an unreadable manifest is no manifest
+    assert mine.manifest() is None

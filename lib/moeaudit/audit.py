@@ -328,17 +328,21 @@ def paired_cells(records: pd.DataFrame, metrics: pd.DataFrame, *, rankings=None,
     Experts whose ranking value is NaN are left out of the ranking at that position.
 
     The premise of each record (``premise_ok``: the removed expert was routed in the forward that
-    removed it, and the batch's clean row routed as the clean pass did) is carried for both sides
-    (``premise_ok_high``, ``premise_ok_low``, ``premise_ok`` = both). By default a pair whose
-    premise fails on either side is excluded, and ``n_premise_excluded`` gives, on every row, how
-    many pairs of its cell (ranking, layer) were excluded; ``keep_failed_premise=True`` keeps them
-    (``n_premise_excluded`` = 0). ``ValueError`` when no position has two active experts to compare
-    (a top-1 model: the paired audit is undefined there).
+    removed it, and the batch's clean row routed as the clean pass did; a missing or non-boolean
+    value counts as failed) is carried for both sides (``premise_ok_high``, ``premise_ok_low``,
+    ``premise_ok`` = both). By default a pair whose premise fails is marked ``premise_excluded``:
+    :func:`moeaudit.stats.audit_table` leaves marked pairs out of its tests, keeps their cell (so no
+    cell leaves its family), and counts them per cell (``n_premise_excluded``); anything else computed
+    from these pairs should drop them too. ``keep_failed_premise=True`` marks none. ``ValueError``
+    when no position has two active experts to compare (a top-1 model: the paired audit is undefined
+    there).
     """
     rankings = check_rankings(rankings or [*METRICS, ROUTING_WEIGHT])
     base = records[["model", "family", "mode", "layer", "seq_id", "t", "expert", "prob", "weight",
                     "delta_loss", "gap_norm", "clean_loss"]].copy()
-    base["premise_ok"] = records["premise_ok"].astype(bool) if "premise_ok" in records else True
+    # only a boolean True holds: NaN, a string "False" or a number is not a premise that was checked
+    base["premise_ok"] = (records["premise_ok"].map(lambda v: isinstance(v, (bool, np.bool_)) and bool(v))
+                          if "premise_ok" in records else True)
     if not records.empty and records.groupby(["layer", "seq_id", "t"]).expert.nunique().max() < 2:
         raise ValueError("every position has a single active expert (a top-1 model?): there is no highest- and "
                          "lowest-ranked pair of active experts to compare, so the paired audit is undefined; "
@@ -362,12 +366,7 @@ def paired_cells(records: pd.DataFrame, metrics: pd.DataFrame, *, rankings=None,
     cells = pd.concat(out, ignore_index=True)
     cells["diff"] = cells.delta_loss_high - cells.delta_loss_low
     cells["premise_ok"] = cells.premise_ok_high & cells.premise_ok_low
-    failed = ~cells.premise_ok
-    cells["n_premise_excluded"] = 0
-    if not keep_failed_premise:
-        counts = failed.groupby([cells.model, cells.ranking, cells.layer]).transform("sum")
-        cells["n_premise_excluded"] = counts.astype(int)
-        cells = cells[~failed]
+    cells["premise_excluded"] = False if keep_failed_premise else ~cells.premise_ok
     return cells.sort_values(["ranking", "layer", "seq_id", "t"]).reset_index(drop=True)
 
 

@@ -156,7 +156,7 @@ def _load_wikitext2(split: str, data_dir) -> tuple[list[str], str, str]:
     if root is not None:
         path = _local_file(split, root)
         if path is not None:
-            lines = split_lines(path.read_text(encoding="utf-8"))
+            lines = split_lines(path.read_bytes().decode("utf-8-sig"))
             return lines, _local_variant(path, lines), str(path)
     try:
         if not _hub_offline_mode() and not _hub_reachable():
@@ -185,7 +185,8 @@ def load_wikitext2(split: str = "test", *, data_dir: str | Path | None = None) -
 
 def split_lines(text: str) -> list[str]:
     """The lines of a text file: split at each ``\\n`` (a ``\\r`` before it is part of the line break),
-    and nowhere else. ``str.splitlines`` would also split at form feeds, U+2028, U+0085 and other
+    and nowhere else (files are decoded from bytes, without Python's newline translation, which would
+    also split at a lone ``\\r``; a UTF-8 byte-order mark is dropped). ``str.splitlines`` would also split at form feeds, U+2028, U+0085 and other
     separators, which can occur inside a text. A final line break ends the last line.
 
     >>> split_lines("one\\x0ctext\\r\\ntwo\\u2028texts\\n")
@@ -197,13 +198,14 @@ def split_lines(text: str) -> list[str]:
     return [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
 
 
-def check_context(max_tokens: int, context: int | None, model: str = "the model") -> None:
+def check_context(max_tokens: int, context: int | None, model: str = "the model", *, what: str | None = None) -> None:
     """Refuse texts longer than the model's context: ``ValueError`` when ``max_tokens`` exceeds
     ``context`` (``max_position_embeddings``; ``None``: unknown, nothing is checked). Positions past
     the context are not positions the model was built for, so the audit does not measure them; the
-    one place where texts are tokenized for a model (:func:`moeaudit.audit.prepare`) calls it."""
+    place where texts are tokenized for a model (:func:`moeaudit.audit.prepare`) and every pass over a
+    tokenized corpus call it; ``what`` names the length checked in the message (default ``max_tokens=N``)."""
     if context is not None and max_tokens > int(context):
-        raise ValueError(f"max_tokens={max_tokens} exceeds the context of {model} (max_position_embeddings="
+        raise ValueError(f"{what or f'max_tokens={max_tokens}'} exceeds the context of {model} (max_position_embeddings="
                          f"{int(context)}): texts would be measured at positions the model was not built for; "
                          f"use max_tokens <= {int(context)}")
 
@@ -214,7 +216,7 @@ def _read_text_file(path: Path, what: str) -> list[str]:
     if not path.is_file():
         raise ValueError(f"{what}: {str(path)!r} is not a file (give a plain-text file with one text per line)")
     try:
-        lines = split_lines(path.read_text(encoding="utf-8"))
+        lines = split_lines(path.read_bytes().decode("utf-8-sig"))
     except UnicodeDecodeError as exc:
         raise ValueError(f"{what}: {str(path)!r} is not UTF-8 text ({exc})") from None
     if not any(ln.strip() for ln in lines):
@@ -578,6 +580,10 @@ def sample_positions(corpus: TokenizedCorpus, *, n: int, seed: int, min_context:
     Returns a frame with ``seq_id``, ``t``, ``token_id`` (x_t) and ``target_id`` (x_{t+1}),
     sorted by (seq_id, t) so that positions of one sequence are processed together.
     """
+    if not is_integer(seed) or seed < 0:  # None would draw new positions at every call, under one cache key
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r} (positions are drawn reproducibly from it)")
+    if not is_integer(n):
+        raise TypeError(f"n_positions must be an integer, got {n!r}")
     pool = valid_positions(corpus, min_context=min_context)
     if n < 1 or n > len(pool):
         raise ValueError(f"n_positions={n} is out of range: {len(pool)} valid positions are available "

@@ -39,7 +39,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from .corpus import TokenizedCorpus, integer_ids, is_integer
+from .corpus import TokenizedCorpus, check_context, integer_ids, is_integer
 from .families import reads_positions_from_cache
 from .models import AuditModel
 
@@ -284,10 +284,22 @@ class CleanPass:
 
 
 @torch.no_grad()
+def check_corpus_context(model: AuditModel, corpus: TokenizedCorpus) -> None:
+    """``ValueError`` when a text of ``corpus`` is longer than ``model``'s context
+    (``max_position_embeddings``): :func:`moeaudit.corpus.check_context` for every pass over a
+    tokenized corpus (clean pass, perplexity), whatever built the corpus."""
+    if len(corpus):
+        longest = int(corpus.lengths.max())
+        check_context(longest, getattr(model.hf.config, "max_position_embeddings", None), model.name,
+                      what=f"a text of {longest} tokens")
+
+
 def clean_pass(model: AuditModel, corpus: TokenizedCorpus, *, layers=None, batch_size: int = 8,
                progress: bool | None = None) -> CleanPass:
-    """Run the un-ablated model over ``corpus`` and record routing, expert norms and losses."""
+    """Run the un-ablated model over ``corpus`` and record routing, expert norms and losses.
+    ``ValueError`` for a text longer than the model's context (:func:`check_corpus_context`)."""
     _refuse_inside_pruning(model)
+    check_corpus_context(model, corpus)
     layers = sorted(model.layout.moe_layers if layers is None else layers)
     for layer in layers:
         model.layout.check_layer(layer)

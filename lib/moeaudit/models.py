@@ -253,6 +253,10 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(name_or_path)
 
 
+#: buffers that models compute from their config rather than read from a checkpoint (never "missing")
+_DERIVED_BUFFERS = ("rotary_emb.inv_freq", "rotary_emb.original_inv_freq")
+
+
 def default_offload_folder(path) -> Path:
     """Where :func:`load_model` offloads a model's disk layers when no ``offload_folder`` is given:
     ``<cache_dir>/offload/<first 16 hex of the sha256 of the resolved model path>``."""
@@ -308,7 +312,21 @@ def load_model(name_or_path: str, *, dtype: str = "float32", device: str | None 
             isinstance(device_map, dict) and "disk" in {str(v) for v in device_map.values()})
         if disk or offload_folder is not None:
             kwargs["offload_folder"] = str(offload_folder if offload_folder is not None else default_offload_folder(path))
-    hf_model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    hf_model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
+    missing = [k for k in info.get("missing_keys", ()) if not k.endswith(_DERIVED_BUFFERS)]
+    mismatched = list(info.get("mismatched_keys", ()))
+    unexpected = list(info.get("unexpected_keys", ()))
+    if missing or mismatched or unexpected:
+        # missing or mis-shaped weights are initialised at random, unexpected ones are dropped: the audit
+        # would measure a model nobody trained
+        what = (f"{len(missing)} weight(s) missing from the checkpoint (e.g. {missing[0]}), which transformers "
+                "would initialise at random" if missing else
+                f"{len(mismatched)} weight(s) of the wrong shape (e.g. {mismatched[0][0]}), which transformers "
+                "would initialise at random" if mismatched else
+                f"{len(unexpected)} weight(s) in the checkpoint that the config has no place for (e.g. "
+                f"{unexpected[0]}), which transformers would drop")
+        raise ValueError(f"model {name_or_path!r}: {what}. The config and the weights do not belong together (a "
+                         "changed config.json, or another model's model.safetensors)")
     if device_map is None and device is not None:
         hf_model = hf_model.to(device)
     audit = wrap_model(hf_model, tokenizer=tokenizer, name=str(name_or_path))

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from .corpus import TokenizedCorpus
-from .engine import progress_bar, _token_loss
+from .engine import _token_loss, check_corpus_context, progress_bar
 from .families import FAMILIES
 from .models import AuditModel
 
@@ -88,7 +88,9 @@ def pruned_experts(model: AuditModel, pruned: dict[int, list[int]]):
 def perplexity(model: AuditModel, corpus: TokenizedCorpus, *, batch_size: int = 8,
                progress: bool | None = None) -> dict:
     """Perplexity ``exp(mean_t -log p(x_{t+1} | x_{<=t}))`` over every next-token prediction of
-    ``corpus`` (float32 losses), with the token count and mean loss."""
+    ``corpus`` (float32 losses), with the token count and mean loss. ``ValueError`` for a text longer
+    than the model's context."""
+    check_corpus_context(model, corpus)
     total, count = 0.0, 0
     order = list(range(len(corpus)))
     for b in progress_bar(range(0, len(order), batch_size), desc="perplexity", progress=progress):

@@ -158,7 +158,11 @@ def _degenerate_reason(h: np.ndarray, lo: np.ndarray, d: np.ndarray, precision: 
         return f"too few pairs (n = {d.size}; the tests need at least {MIN_PAIRS})"
     if not np.all(np.isfinite(d)):
         return "a paired difference overflows (high - low is not finite although both are)"
-    sd = float(np.std(d, ddof=1))
+    with np.errstate(over="ignore", invalid="ignore"):
+        sd = float(np.std(d, ddof=1))
+    if not np.isfinite(sd):
+        return (f"the spread of the {d.size} paired differences overflows (sd(D) is not finite although every "
+                "difference is): d_z and the tests would be computed from infinities")
     unit = rounding_unit(h, lo, precision)
     if 0.0 < sd <= ROUNDING_UNITS * unit:
         return (f"the {d.size} paired differences are equal up to {precision} rounding (sd(D) = {sd:.2g}, at most "
@@ -852,9 +856,12 @@ def audit_table(
     in a cell propagates with a note naming the cell. :func:`untested_cells` lists the
     untested rows.
 
-    Added columns: ``family_size``, ``reason``, ``n_premise_excluded`` where ``records`` carry it
-    (pairs left out of the cell because an ablation's premise failed, :func:`moeaudit.audit.paired_cells`),
-    and the corrected p-values and verdicts of
+    Rows marked ``premise_excluded`` (an ablation whose premise failed, :func:`moeaudit.audit.paired_cells`)
+    are left out of their cell's tests; the cell keeps its row and its place in the family, and
+    ``n_premise_excluded`` counts them (a cell with every pair excluded is untested: "no pairs").
+
+    Added columns: ``family_size``, ``reason``, ``n_premise_excluded`` where ``records`` have the
+    ``premise_excluded`` column, and the corrected p-values and verdicts of
     :func:`correct_family` for each correction ``c`` in :data:`CORRECTIONS` (``bonf`` =
     Bonferroni, ``holm`` = Holm, ``bh`` = Benjamini-Hochberg): ``p_t_c``, ``p_W_c``,
     ``sig_t_c``, ``sig_W_c``, ``sig_dual_c``.
@@ -880,11 +887,16 @@ def audit_table(
         sizes = pd.Series(len(cells), index=cells.index)
     cells["family_size"] = sizes.astype(int)
 
+    marked = "premise_excluded" in records.columns
     grouped = records.groupby(by, sort=False, observed=True)
-    rows = []
+    rows, excluded_counts = [], []
     for _, cell in cells.iterrows():
         key = tuple(cell[c] for c in by)
         g = grouped.get_group(key)
+        if marked:
+            drop = g["premise_excluded"].fillna(True).astype(bool)
+            excluded_counts.append(int(drop.sum()))
+            g = g[~drop]
         try:
             res = paired_effect(
                 g[high_col].to_numpy(), g[low_col].to_numpy(), alpha=alpha,
@@ -896,10 +908,8 @@ def audit_table(
             raise
         rows.append(res)
     out = pd.concat([cells, pd.concat(rows, ignore_index=True)], axis=1)
-    if "n_premise_excluded" in records.columns:  # pairs left out for a failed premise (moeaudit.audit.paired_cells)
-        excluded = grouped["n_premise_excluded"].max().rename("n_premise_excluded").reset_index()
-        counts = cells[by].merge(excluded, on=by, how="left")["n_premise_excluded"].fillna(0).astype(int)
-        out.insert(out.columns.get_loc("n") + 1, "n_premise_excluded", counts.to_numpy())
+    if marked:  # pairs left out for a failed premise (moeaudit.audit.paired_cells)
+        out.insert(out.columns.get_loc("n") + 1, "n_premise_excluded", excluded_counts)
     return correct_family(out, family=fam, alpha=alpha)
 
 

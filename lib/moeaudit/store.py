@@ -20,9 +20,10 @@ other chunks, a missing file, a ``COMPLETE`` of the old layout that held only a 
 chunks are computed. The old layout's ``part-`` files are never read (and are removed once a
 manifest replaces its ``COMPLETE``).
 
-Every chunk file records what it holds: its chunk id and row count are written into the parquet
-file's own metadata (key ``moeaudit``). A file is served only when it verifies: it reads as
-parquet, names the chunk it is found for, and holds the rows it says. A file that does not (a
+Every chunk file records what it holds: its parameter set (kind and key), chunk id, row count and
+columns are written into the parquet file's own metadata (key ``moeaudit``). A file is served only
+when it verifies: it reads as parquet, names the parameter set and the chunk it is found for, and
+holds the rows and columns it says. A file that does not (a
 truncated write, another chunk's file copied over it, a file of a version that recorded nothing)
 is removed with one :class:`ChunkMismatchWarning` naming it and recomputed, never served and never
 fatal; a set is complete only when every chunk of its manifest verifies.
@@ -38,6 +39,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import threading
 import warnings
 from pathlib import Path
@@ -110,7 +112,7 @@ class RecordStore:
         current format (no ``COMPLETE``, or one of the old layout holding a bare count)."""
         try:
             data = json.loads((self.path / "COMPLETE").read_text())
-        except (FileNotFoundError, ValueError):
+        except (OSError, ValueError):  # missing, unreadable, a directory, not JSON: no manifest
             return None
         if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
             return None
@@ -142,24 +144,31 @@ class RecordStore:
         """Whether the chunk's file exists and verifies (:meth:`verify_chunk`); a file that does not
         is removed (with one :class:`ChunkMismatchWarning`), so that the chunk is recomputed."""
         path = self.chunk_path(cid)
-        if not path.exists():
+        if not path.exists() and not path.is_symlink():
             return False
         problem = self.verify_chunk(cid)
         if problem is None:
             return True
-        warnings.warn(f"{path}: {problem}; the file is removed and the chunk recomputed", ChunkMismatchWarning,
+        warnings.warn(f"{path}: {problem}; it is removed and the chunk recomputed", ChunkMismatchWarning,
                       stacklevel=2)
-        path.unlink(missing_ok=True)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
         return False
 
     def verify_chunk(self, cid: str) -> str | None:
         """``None`` when the file of chunk ``cid`` verifies, else what is wrong with it: unreadable as
         parquet (truncated, not parquet), no record of what it holds, the record of another chunk,
         or another number of rows than recorded. Reads only the file's footer."""
+        path = self.chunk_path(cid)
+        if path.is_dir():
+            return "it is a directory, not a chunk file"
         try:
-            meta = pq.read_metadata(self.chunk_path(cid))
+            meta = pq.read_metadata(path)
+            schema = pq.read_schema(path)
         except (OSError, pa.ArrowException) as exc:
-            return f"unreadable as parquet ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+            return f"unreadable as parquet ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]})"
         raw = (meta.metadata or {}).get(CHUNK_META_KEY)
         if raw is None:
             return "the file does not record which chunk it holds"
@@ -167,10 +176,17 @@ class RecordStore:
             rec = json.loads(raw)
         except ValueError:
             return "its record of what it holds is not JSON"
+        if not isinstance(rec, dict):
+            return "its record of what it holds is not a JSON object"
+        if (rec.get("kind"), rec.get("key")) != (self.kind, self.key):
+            return (f"it was written for another parameter set ({rec.get('kind')!r}, key {rec.get('key')!r}), "
+                    f"not this one ({self.kind!r}, key {self.key!r})")
         if rec.get("chunk_id") != cid:
             return f"it holds chunk {rec.get('chunk_id')!r}, not {cid!r}"
-        if rec.get("rows") != meta.num_rows:
-            return f"it records {rec.get('rows')} rows and holds {meta.num_rows}"
+        if not (isinstance(rec.get("rows"), int) and rec["rows"] == meta.num_rows):
+            return f"it records {rec.get('rows')!r} rows and holds {meta.num_rows}"
+        if "columns" in rec and rec["columns"] != list(schema.names):
+            return f"its columns {list(schema.names)} are not the ones recorded {rec['columns']}"
         return None
 
     def save_chunk(self, cid: str, df: pd.DataFrame) -> None:
@@ -180,7 +196,8 @@ class RecordStore:
         path = self.chunk_path(cid)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
         table = pa.Table.from_pandas(df, preserve_index=False)
-        record = json.dumps({"chunk_id": cid, "rows": len(df), "kind": self.kind, "key": self.key}).encode()
+        record = json.dumps({"chunk_id": cid, "rows": len(df), "kind": self.kind, "key": self.key,
+                             "columns": list(table.schema.names)}).encode()
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), CHUNK_META_KEY: record})
         pq.write_table(table, tmp)
         os.replace(tmp, path)
