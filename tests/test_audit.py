@@ -237,3 +237,19 @@ def test_paired_cells_refuse_a_top1_model_in_one_line():
         paired_cells(records, metrics)
     with pytest.raises(ValueError, match="records is empty"):
         stats.audit_table(pd.DataFrame(columns=["model", "layer", "metric", "delta_high", "delta_low"]))
+
+
+def test_a_damaged_clean_pass_cache_is_computed_again(tmp_path):
+    from moeaudit.audit import CachedCleanPassWarning
+
+    ctx = prepare("tiny-olmoe", corpus="embedded", n_texts=2, results_dir=tmp_path, progress=False)
+    (folder,) = (tmp_path / "clean").glob("*/")
+    expected = ctx.clean.tokens.copy()
+    tokens = pd.read_parquet(folder / "tokens.parquet")
+    tokens.assign(loss=9.99).to_parquet(folder / "tokens.parquet", index=False)  # edited values
+    with pytest.warns(CachedCleanPassWarning, match="tokens.parquet differs"):
+        again = prepare("tiny-olmoe", corpus="embedded", n_texts=2, results_dir=tmp_path, progress=False)
+    pd.testing.assert_frame_equal(again.clean.tokens, expected)
+    (folder / "routing.npz").write_bytes(b"truncated")
+    with pytest.warns(CachedCleanPassWarning, match="routing.npz differs"):
+        prepare("tiny-olmoe", corpus="embedded", n_texts=2, results_dir=tmp_path, progress=False)

@@ -310,7 +310,7 @@ def test_text_form_must_exist_for_the_corpus(tmp_path, no_hub):
     with pytest.raises(ValueError, match=r"text_form='wikitext' does not exist for the file .* \(a file is read as "
                                          r"written\); the forms allowed for this corpus are 'auto', 'released', 'stripped'"):
         C.resolve_text_form(file_src, "wikitext")
-    with pytest.raises(ValueError, match=r"WikiText-2 is already in its tokenized form\); the forms allowed .* "
+    with pytest.raises(ValueError, match=r"WikiText-2 is read as released.*\); the forms allowed .* "
                                          r"'auto', 'released', 'stripped'"):
         C.resolve_text_form("wikitext-2", "wikitext")
 

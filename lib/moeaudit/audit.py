@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -100,6 +101,34 @@ def _load_clean(path, model_name: str) -> CleanPass:
     return CleanPass(model_name, tokens, dict(sorted(routing.items())), z["offsets"])
 
 
+#: format of a cached clean pass's COMPLETE record (format 1 held "1" and no checksums)
+CLEAN_FORMAT = 2
+_CLEAN_FILES = ("tokens.parquet", "routing.npz", "corpus.parquet", "params.json")
+
+
+def _clean_problem(path) -> str | None:
+    """Why the cached clean pass in ``path`` may not be served, or ``None``: its ``COMPLETE`` record
+    must be readable and name the sha256 of each of its files, and each file must match."""
+    try:
+        record = json.loads((path / "COMPLETE").read_text())
+    except (OSError, ValueError):
+        return "its COMPLETE record is unreadable"
+    if not isinstance(record, dict) or record.get("format") != CLEAN_FORMAT:
+        return "its COMPLETE record holds no checksums (an older format)"
+    for name in _CLEAN_FILES:
+        try:
+            digest = hashlib.sha256((path / name).read_bytes()).hexdigest()
+        except OSError as exc:
+            return f"{name} is unreadable ({type(exc).__name__})"
+        if digest != record.get("sha256", {}).get(name):
+            return f"{name} differs from the file that was written"
+    return None
+
+
+class CachedCleanPassWarning(UserWarning):
+    """A cached clean pass did not verify and is computed again."""
+
+
 def _compute_and_save_clean(model: AuditModel, corpus: TokenizedCorpus, provenance: dict, path, *, batch_size: int,
                             progress) -> None:
     clean = clean_pass(model, corpus, batch_size=batch_size, progress=progress)
@@ -110,7 +139,8 @@ def _compute_and_save_clean(model: AuditModel, corpus: TokenizedCorpus, provenan
     (tmp / "params.json").write_text(json.dumps(provenance, indent=1, sort_keys=True))
     corpus.to_frame().to_parquet(tmp / "corpus.parquet", index=False)
     _save_clean(tmp, clean)
-    (tmp / "COMPLETE").write_text("1")
+    digests = {name: hashlib.sha256((tmp / name).read_bytes()).hexdigest() for name in _CLEAN_FILES}
+    (tmp / "COMPLETE").write_text(json.dumps({"format": CLEAN_FORMAT, "sha256": digests}, indent=1))
     try:
         os.replace(tmp, path)
     except OSError:  # a finished copy is already there: keep it
@@ -128,7 +158,9 @@ def prepare(model_name: str, *, corpus: str | os.PathLike | CorpusSource = "auto
     (:func:`moeaudit.corpus.select_texts`; ``"auto"`` is the corpus's own form, resolved by
     :func:`moeaudit.corpus.resolve_text_form`, which raises ``ValueError`` for a form that does not exist
     for the corpus). The corpus used and its resolved form are part of the provenance (and so of every
-    record-cache key and ``params.json``). ``max_tokens=None`` truncates texts to
+    record-cache key and ``params.json``). A cached clean pass is served only when every file matches
+    the sha256 recorded when it was written; otherwise it is computed again (one
+    :class:`CachedCleanPassWarning`). ``max_tokens=None`` truncates texts to
     ``min(512, max_position_embeddings)`` (the paper used up to 512 tokens; the shipped small
     models were trained on shorter contexts); a ``max_tokens`` above the model's context raises
     ``ValueError`` before the corpus is tokenized (:func:`moeaudit.corpus.check_context`).
@@ -151,6 +183,12 @@ def prepare(model_name: str, *, corpus: str | os.PathLike | CorpusSource = "auto
                   "max_tokens": max_tokens,
                   "engine_version": ENGINE_VERSION, "moeaudit": __version__}
     path = resolve_results_dir(results_dir) / "clean" / params_key(provenance)
+    if (path / "COMPLETE").exists() and (problem := _clean_problem(path)) is not None:
+        with exclusive(path.with_name(f"{path.name}.lock")):
+            if (path / "COMPLETE").exists() and (problem := _clean_problem(path)) is not None:
+                warnings.warn(f"{path}: {problem}; the cached clean pass is removed and computed again",
+                              CachedCleanPassWarning, stacklevel=2)
+                shutil.rmtree(path)
     if not (path / "COMPLETE").exists():
         # one process computes a clean pass, others needing it wait for it (chapters run in parallel)
         with exclusive(path.with_name(f"{path.name}.lock")):  # a lock file beside the folder

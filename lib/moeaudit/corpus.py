@@ -306,7 +306,7 @@ def resolve_text_form(source: "CorpusSource | str", text_form: str = "auto") -> 
         return allowed[0]
     if text_form not in allowed:
         what = source.describe() if isinstance(source, CorpusSource) else f"a {name} corpus"
-        why = {"wikitext-2": " (WikiText-2 is already in its tokenized form)",
+        why = {"wikitext-2": " (WikiText-2 is read as released: its tokenized release is that form already)",
                "file": " (a file is read as written)"}.get(name, "") if text_form == "wikitext" else ""
         raise ValueError(f"text_form={text_form!r} does not exist for {what}{why}; the forms allowed for this corpus "
                          f"are {', '.join(repr(f) for f in ('auto', *allowed))}")

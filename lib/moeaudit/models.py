@@ -311,7 +311,12 @@ def load_model(name_or_path: str, *, dtype: str = "float32", device: str | None 
         disk = device_map in ("auto", "balanced", "balanced_low_0", "sequential") or (
             isinstance(device_map, dict) and "disk" in {str(v) for v in device_map.values()})
         if disk or offload_folder is not None:
-            kwargs["offload_folder"] = str(offload_folder if offload_folder is not None else default_offload_folder(path))
+            folder = Path(offload_folder).expanduser() if offload_folder is not None else default_offload_folder(path)
+            if why := paths.refused_results_dir(folder):
+                raise ValueError(f"offload_folder={str(folder)!r} is refused: {why}; give a folder of its own")
+            if folder.exists() and not folder.is_dir():
+                raise ValueError(f"offload_folder={str(folder)!r} exists and is not a directory")
+            kwargs["offload_folder"] = str(folder)
     hf_model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
     missing = [k for k in info.get("missing_keys", ()) if not k.endswith(_DERIVED_BUFFERS)]
     mismatched = list(info.get("mismatched_keys", ()))
