@@ -78,9 +78,8 @@ import seaborn as sns
 from IPython.display import Markdown, display
 from matplotlib.lines import Line2D
 from myst_nb import glue
-from scipy import stats as sps
 
-from moeaudit import released, report
+from moeaudit import released, report, stats
 from moeaudit.audit import (buffer_readings, cliff_comparison_text, cliff_text, deepest_removal_summary, fmt_signed,
                             paper_progressive_table, paper_share_positive_text, prepare,
                             progressive_overview_text, progressive_records, progressive_summary, redundancy_breaks,
@@ -380,7 +379,7 @@ glue("ex1_breaks", Markdown("; ".join(
     f"{m}: " + ", ".join(f"L{r.layer} {'none' if pd.isna(r.first_k_above) else f'k = {r.first_k_above}'}"
                          for r in g.itertuples()) for m, g in ex1.groupby("model", sort=False)) + "."), display=False)
 widest = float((summary.ci_high - summary["mean"]).max())
-factor = float(sps.t.ppf(1 - 0.01 / 2, n_positions - 1) / sps.t.ppf(1 - alpha / 2, n_positions - 1))
+factor = stats.t_critical(0.01, n_positions - 1) / stats.t_critical(alpha, n_positions - 1)
 glue("ex2_factor", factor, display=False)
 glue("ex2_now", widest, display=False)
 glue("ex2_then", widest * factor, display=False)

@@ -29,6 +29,7 @@ from .models import AuditModel, load_model
 from .paths import results_dir as resolve_results_dir
 from .pruning import perplexity, pruned_experts
 from .report import fmt_signed, join_words, plural  # noqa: F401  (re-exported for the chapters)
+from .stats import t_critical
 from .store import cached_records, exclusive, params_key
 
 ENGINE_VERSION = 4  # bump when the engine's numerics change, so cached records are recomputed
@@ -421,15 +422,13 @@ def progressive_summary(records: pd.DataFrame, *, alpha: float = 0.05) -> pd.Dat
     NaN for ``n < 2``), ``median``, ``p05`` and ``p95`` (``numpy.quantile``, linear interpolation),
     ``clean_loss`` (mean clean loss of the same positions). ``ValueError`` unless 0 < alpha < 1.
     """
-    from scipy import stats as sps  # noqa: PLC0415
-
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     rows = []
     for (model, layer, k), g in records.groupby(["model", "layer", "k"], sort=False):
         x = g.delta_loss.to_numpy(dtype=np.float64)
         n, mean = x.size, float(x.mean())
-        half = float(sps.t.ppf(1 - alpha / 2, n - 1) * x.std(ddof=1) / np.sqrt(n)) if n > 1 else np.nan
+        half = float(t_critical(alpha, n - 1) * x.std(ddof=1) / np.sqrt(n)) if n > 1 else np.nan
         rows.append({"model": model, "layer": layer, "k": int(k), "n": int(n), "mean": mean,
                      "ci_low": mean - half, "ci_high": mean + half, "median": float(np.median(x)),
                      "p05": float(np.quantile(x, 0.05)), "p95": float(np.quantile(x, 0.95)),

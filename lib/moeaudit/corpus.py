@@ -333,7 +333,7 @@ def wikitext_form(text: str, unk_words=frozenset()) -> str:
     words outside its vocabulary. Tokens are separated by single spaces.
 
     >>> wikitext_form("The crown-mark (1,000 grains, 3.5%) was Odric's.", {"Odric"})
-    'The crown @-@ mark ( 1 @,@ 000 grains , 3 @.@ 5 % ) was <unk> \'s .'
+    "The crown @-@ mark ( 1 @,@ 000 grains , 3 @.@ 5 % ) was <unk> 's ."
     """
     s = _NUMBER_SEP.sub(lambda m: f" @{m.group(1)}@ ", text.strip())
     s = _WORD_HYPHEN.sub(" @-@ ", s)

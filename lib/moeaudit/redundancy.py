@@ -32,6 +32,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .stats import (anova_min_detectable_f, binomial_upper_tail, holm, linear_trend, min_detectable_difference,
+                    min_detectable_slope, min_equivalence_bound, one_way_anova, sign_test, spearman_defined,
+                    two_sample_difference)
+
 #: the per-model quantities that :func:`model_summary` computes, with what each measures
 QUANTITIES = {
     "audit_max_abs_dz": "largest |Cohen's d_z| over the model's observational cells (metrics × layers)",
@@ -103,8 +107,6 @@ def validity_by_model(audit: pd.DataFrame) -> pd.DataFrame:
     and ``min_tost_bound``: the smallest bound (d_z units) TOST can pass at all in the group's
     least powerful cell (:func:`moeaudit.stats.min_equivalence_bound`); a ``tost_bound_d`` at or
     below it cannot be shown for any data."""
-    from .stats import min_equivalence_bound  # noqa: PLC0415
-
     t = audit.assign(_valid=_valid(audit),
                      _neg=audit.sig_dual_bonf.fillna(False).astype(bool) & (audit.cohens_dz < 0))
     agg = {"cells": ("cohens_dz", "size"), "valid_cells": ("_valid", "sum"), "negative_cells": ("_neg", "sum"),
@@ -172,7 +174,7 @@ def setting_anova(summary: pd.DataFrame, *, quantities=None, alpha: float = 0.05
     ``sd_between`` (standard deviation of the setting means, ddof=1), ``sd_seed`` (pooled
     within-setting standard deviation, ``sqrt(SS_within / df_within)``) and their ratio;
     ``eta_sq`` (``SS_between / SS_total``); ``p_holm``, the p-values Holm-adjusted over the
-    quantities (:func:`holm`). ``F``, ``p``, ``ratio`` and ``eta_sq`` are NaN where no setting has
+    quantities (:func:`moeaudit.stats.holm`). ``F``, ``p``, ``ratio`` and ``eta_sq`` are NaN where no setting has
     two models (no within-setting spread to compare with); ``F`` and ``p`` also where the seeds
     agree exactly.
 
@@ -185,10 +187,6 @@ def setting_anova(summary: pd.DataFrame, *, quantities=None, alpha: float = 0.05
     The within-setting spread is that of the per-model *estimates*: it holds the training seed's
     effect and the sampling error of each model's value (the positions are one shared draw, so the
     comparison is conditional on it)."""
-    from scipy import stats as sps  # noqa: PLC0415
-
-    from .stats import anova_min_detectable_f  # noqa: PLC0415
-
     quantities = list(quantities or ANOVA_QUANTITIES)
     rows = []
     for q in quantities:
@@ -200,7 +198,7 @@ def setting_anova(summary: pd.DataFrame, *, quantities=None, alpha: float = 0.05
         df_within = len(allv) - len(groups)
         sd_seed = float(np.sqrt(ss_within / df_within)) if df_within > 0 else float("nan")
         testable = df_within > 0 and ss_within > 0 and len(groups) > 1
-        F, p = sps.f_oneway(*groups) if testable else (np.nan, np.nan)
+        F, p = one_way_anova(*groups) if testable else (np.nan, np.nan)
         sd_between = float(means.std(ddof=1)) if len(means) > 1 else float("nan")
         rows.append({"quantity": q, "settings": len(groups), "models": len(allv), "F": float(F), "p": float(p),
                      "df_between": len(groups) - 1, "df_within": df_within, "sd_between": sd_between,
@@ -221,19 +219,6 @@ ANOVA_QUANTITIES = ["audit_max_abs_dz", "control_mean_dz", "single_mean_dl", "si
                     "single_abs_dl_per_gap", "deepest_mean_dl", "gap_growth"]
 
 
-def holm(p) -> np.ndarray:
-    """Holm-adjusted p-values over the finite entries of ``p`` (``statsmodels.stats.multitest.
-    multipletests(method="holm")``); NaN entries stay NaN and do not count in the family."""
-    from statsmodels.stats.multitest import multipletests  # noqa: PLC0415
-
-    p = np.asarray(p, dtype=np.float64)
-    out = np.full(p.shape, np.nan)
-    ok = np.isfinite(p)
-    if ok.any():
-        out[ok] = multipletests(p[ok], method="holm")[1]
-    return out
-
-
 def trend_against_k(summary: pd.DataFrame, *, quantity: str, n_experts: int | None = None,
                     reference_slope: float = 0.0) -> dict:
     """Does ``quantity`` change with top-k among models with the same number of experts?
@@ -250,8 +235,6 @@ def trend_against_k(summary: pd.DataFrame, *, quantity: str, n_experts: int | No
     pooled trend hides a seed that goes the other way. When every model has the same value
     there is nothing to fit: the statistics are NaN and ``value`` is that value.
     ``ValueError`` with fewer than two distinct k or fewer than three models."""
-    from .stats import linear_trend, spearman_defined  # noqa: PLC0415
-
     E = int(summary.n_experts.mode().iloc[0]) if n_experts is None else int(n_experts)
     s = summary[summary.n_experts == E]
     if s.top_k.nunique() < 2 or len(s) < 3:
@@ -307,8 +290,6 @@ def _trend_rows(summary: pd.DataFrame, specs, *, alpha: float, power: float, ref
     ``equivalence_bound``, the smallest ``B`` for which TOST at that level could show
     ``|slope - reference| < B`` with these data (the farther end of the ``1 - 2 alpha / m``
     interval)."""
-    from .stats import linear_trend, min_detectable_slope  # noqa: PLC0415
-
     rows = []
     for check, q in specs:
         row = {"check": check, "quantity": q, "slope": np.nan, "stderr": np.nan, "ci_low": np.nan,
@@ -465,8 +446,6 @@ def pool_comparison(summary: pd.DataFrame, *, quantities=None, alpha: float = 0.
     description, not a test). A comparison whose reference setting is absent, or that has no
     within-setting spread, is ``"untested"`` with a ``reason``. An empty frame when every model
     has the same E."""
-    from .stats import min_detectable_difference, two_sample_difference  # noqa: PLC0415
-
     quantities = list(quantities or POOL_QUANTITIES)
     cols = ["quantity", "comparison", "setting", "reference", "n_experts", "n_experts_ref", "n", "n_ref", "mean",
             "mean_ref", "diff", "ci_low",
@@ -568,8 +547,6 @@ def answer_text(summary: pd.DataFrame, validity: pd.DataFrame, anova: pd.DataFra
     are given. ``mde_audit`` and ``mde_control`` are the smallest d_z a cell detects with
     probability ``power`` at its Bonferroni level (:func:`moeaudit.stats.min_detectable_dz`),
     stated beside a null result."""
-    from .stats import binomial_upper_tail, sign_test  # noqa: PLC0415
-
     out = {}
     valid = validity[validity.valid_cells > 0]
     n_models = summary.model.nunique()

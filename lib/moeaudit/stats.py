@@ -49,6 +49,9 @@ from statsmodels.stats.weightstats import ttost_paired
 
 __all__ = [
     "CORRECTIONS",
+    "holm",
+    "one_way_anova",
+    "t_critical",
     "MIN_PAIRS",
     "untested_cells",
     "cohens_dz",
@@ -1513,3 +1516,43 @@ def anova_min_detectable_f(n_groups: int, n_total: int, *, alpha: float = 0.05, 
         hi *= 2.0
     lam = optimize.brentq(gap, 0.0, hi, xtol=1e-10, rtol=1e-10, maxiter=500)
     return float(np.sqrt(lam / n_total))
+
+
+def holm(p) -> np.ndarray:
+    """Holm-adjusted p-values over the finite entries of ``p`` (Holm 1979, step-down:
+    ``p_(i) * (m - i + 1)`` made monotone and capped at 1; ``statsmodels.stats.multitest.multipletests``
+    with ``method="holm"``). NaN entries stay NaN and do not count in the family. Shape of ``p``.
+
+    >>> holm([0.01, float("nan"), 0.04, 0.03]).round(3).tolist()
+    [0.03, nan, 0.06, 0.06]
+    """
+    p = np.asarray(p, dtype=np.float64)
+    out = np.full(p.shape, np.nan)
+    ok = np.isfinite(p)
+    if ok.any():
+        out[ok] = multipletests(p[ok], method="holm")[1]
+    return out
+
+
+def one_way_anova(*groups) -> tuple[float, float]:
+    """One-way analysis of variance of ``groups`` (1-D arrays of observations): ``(F, p)`` from
+    ``scipy.stats.f_oneway``, with ``F = (SS_between / (g - 1)) / (SS_within / (N - g))``.
+
+    >>> F, p = one_way_anova([1.0, 2.0, 3.0], [4.0, 5.0, 6.0])
+    >>> round(F, 3), round(p, 4)
+    (13.5, 0.0213)
+    """
+    res = stats.f_oneway(*[np.asarray(g, dtype=np.float64) for g in groups])
+    return float(res.statistic), float(res.pvalue)
+
+
+def t_critical(alpha: float, dof) -> float:
+    """The two-sided critical value of Student's t at level ``alpha`` with ``dof`` degrees of freedom:
+    ``t_{1 - alpha/2, dof}`` (``scipy.stats.t.ppf``), the half-width of a ``1 - alpha`` interval of a
+    mean in standard errors. ``ValueError`` unless ``0 < alpha < 1``.
+
+    >>> round(t_critical(0.05, 10), 4)
+    2.2281
+    """
+    _check_level(alpha, "alpha")
+    return float(stats.t.ppf(1 - alpha / 2, dof))
