@@ -207,6 +207,7 @@ def library_cases() -> list[tuple[str, object]]:
     import pandas as pd  # noqa: PLC0415
     import torch  # noqa: PLC0415
 
+    from . import corpus as C  # noqa: PLC0415
     from . import engine as E  # noqa: PLC0415
     from . import stats  # noqa: PLC0415
     from .metrics import pruning_criteria  # noqa: PLC0415
@@ -225,7 +226,7 @@ def library_cases() -> list[tuple[str, object]]:
         m = tiny_random_model("qwen2_moe", seed=1)  # a family that reads one mask per layer type
         c = E.clean_pass(m, corpus, progress=False)
         m.hf.config.layer_types = ["linear_attention", "full_attention", "full_attention"]
-        return E.run_ablations(m, corpus, c, _request(c), strategy="kv", progress=False)
+        return E.run_ablations(m, corpus, c, _request(c, layer=1), strategy="kv", progress=False)
 
     def flash():
         m = copy.deepcopy(model)
@@ -309,7 +310,104 @@ def library_cases() -> list[tuple[str, object]]:
         high = (low + np.float32(0.1)).astype(np.float32)
         return stats.paired_effect(high.astype(np.float64), low.astype(np.float64), precision="float32")
 
+    def swapped_chunk():
+        import tempfile  # noqa: PLC0415
+        import warnings  # noqa: PLC0415
+
+        from .store import ChunkMismatchWarning, cached_records  # noqa: PLC0415
+
+        def compute(chunk):
+            return pd.DataFrame({"item": chunk, "value": [10 * i for i in chunk]})
+
+        with tempfile.TemporaryDirectory() as tmp:
+            chunks = [[0, 1], [2, 3]]
+            _, st = cached_records("demo", {"x": 1}, chunks, compute, results_dir=tmp, progress=False)
+            a, b = st.chunk_ids
+            st.chunk_path(b).write_bytes(st.chunk_path(a).read_bytes())
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                df, _ = cached_records("demo", {"x": 1}, chunks, compute, results_dir=tmp, progress=False)
+        n = sum(issubclass(w.category, ChunkMismatchWarning) for w in caught)
+        return (f"the file is recomputed, not served ({n} ChunkMismatchWarning: it holds another chunk); "
+                f"rows {len(df)}, duplicated items {int(df.item.duplicated().sum())}")
+
+    def form_feed_file():
+        import tempfile  # noqa: PLC0415
+
+        with tempfile.TemporaryDirectory() as tmp:
+            f = Path(tmp) / "texts.txt"
+            f.write_text("A first text long enough to be read as one\x0cwith a form feed inside it.\n"
+                         "A second text\u2028with a line separator.\nA third\x85text.\n", encoding="utf-8")
+            return f"read as {len(C.resolve_corpus(str(f)).lines)} texts (one per line feed)"
+
+    def premise_pairs():
+        from .audit import paired_cells  # noqa: PLC0415
+        from .metrics import METRICS  # noqa: PLC0415
+
+        rec = pd.DataFrame([{"model": "m", "family": "olmoe", "mode": "token", "layer": 0, "seq_id": 0, "t": t,
+                             "expert": e, "prob": p, "weight": p, "delta_loss": 0.1 * t, "gap_norm": 1.0,
+                             "clean_loss": 3.0, "premise_ok": t != 1} for t in range(4) for e, p in ((0, .7), (1, .3))])
+        met = pd.DataFrame({"layer": [0, 0], "expert": [0, 1], **{m: [2.0, 1.0] for m in METRICS}})
+        table = stats.audit_table(paired_cells(rec, met, rankings=["routing_weight"]), by=("model", "ranking", "layer"),
+                                  high_col="delta_loss_high", low_col="delta_loss_low")
+        return f"the cell keeps 3 of 4 pairs: n = {int(table.n.iloc[0])}, n_premise_excluded = {int(table.n_premise_excluded.iloc[0])}"
+
+    def top1_pairs():
+        from .audit import paired_cells  # noqa: PLC0415
+        from .metrics import METRICS  # noqa: PLC0415
+
+        rec = pd.DataFrame([{"model": "m", "family": "olmoe", "mode": "token", "layer": 0, "seq_id": 0, "t": t,
+                             "expert": t % 2, "prob": 1.0, "weight": 1.0, "delta_loss": 0.1, "gap_norm": 1.0,
+                             "clean_loss": 3.0, "premise_ok": True} for t in range(4)])
+        met = pd.DataFrame({"layer": [0, 0], "expert": [0, 1], **{m: [2.0, 1.0] for m in METRICS}})
+        return paired_cells(rec, met)
+
+    def llama4_nope():
+        from .testing import tiny_random_model  # noqa: PLC0415
+
+        m = tiny_random_model("llama4_text", n_layers=3, seed=1, no_rope_layers=[0, 0, 0], attn_temperature_tuning=True)
+        c = E.clean_pass(m, corpus, progress=False)
+        return E.run_ablations(m, corpus, c, _request(c, layer=1), strategy="kv", progress=False)
+
+    def error_page_download():
+        from . import released as R  # noqa: PLC0415
+
+        import io  # noqa: PLC0415
+        import tempfile  # noqa: PLC0415
+
+        rel, saved = R.RELEASED_FILES[0], R._urlopen
+        R._urlopen = lambda url, timeout=None: io.BytesIO(b"<html>Access denied</html>")
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                R._download(rel, Path(tmp) / "f.json")
+        finally:
+            R._urlopen = saved
+
+    def large_values():
+        rng = np.random.default_rng(0)
+        row = stats.paired_effect(1000.0 + rng.normal(1e-4, 1e-4, 200), np.full(200, 1000.0)).iloc[0]
+        return f"tested: d_z = {row.cohens_dz:.2f}, reason {row.reason!r}"
+
+    def spearman_large():
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=100_000)
+        return f"interval: {stats.spearman(x, x + rng.normal(size=x.size)).ci_method.iloc[0]}"
+
     return [
+        ("store: a chunk file overwritten by another valid chunk of the same run", swapped_chunk),
+        ("corpus.resolve_corpus(file) on a file of 3 lines holding a form feed, U+2028 and U+0085", form_feed_file),
+        ("audit.prepare('tiny-olmoe', corpus='embedded', max_tokens=200) (context 128)",
+         lambda: __import__("moeaudit.audit", fromlist=["prepare"]).prepare("tiny-olmoe", corpus="embedded",
+                                                                            max_tokens=200)),
+        ("stats.paired_effect on 200 float64 pairs 1000 + N(1e-4, 1e-4) against 1000", large_values),
+        ("audit.paired_cells + stats.audit_table where one of 4 positions failed its premise", premise_pairs),
+        ("audit.paired_cells on a top-1 model's records", top1_pairs),
+        ("engine.run_ablations(strategy='kv') on Llama 4 with NoPE layers and attention-temperature tuning",
+         llama4_nope),
+        ("released: a download answered with an error page (status 200)", error_page_download),
+        ("stats.spearman with its interval on 100,000 pairs", spearman_large),
+        ("book: -p n_positions '[1, 2' (a YAML syntax error)",
+         lambda: __import__("moeaudit.book", fromlist=["_parse_params"])._parse_params([("n_positions", "[1, 2")])),
         (f"CleanPass.active(1, {n1}, 0) (text 1 has {n1} tokens)", lambda: clean.active(1, n1, 0)),
         ("CleanPass.row(-1, 0)", lambda: clean.row(-1, 0)),
         ("CleanPass.routing_frame(7)", lambda: clean.routing_frame(7)),
