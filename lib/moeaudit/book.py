@@ -253,6 +253,12 @@ def execute_chapters(stems: list[str], *, jobs: int = 2, log=print, heartbeat_s:
 
     started: dict[str, float] = {}
     lock = threading.Lock()
+    printing = threading.Lock()
+    outer_log = log
+
+    def log(msg):  # one whole line at a time, whichever thread reports
+        with printing:
+            outer_log(msg)
 
     def run(stem):
         t0 = time.time()
