@@ -191,7 +191,8 @@ def execute_chapter(stem: str, parameters: dict | None = None, *, book_dir: Path
         kernel_env = {"MOEAUDIT_PROGRESS": "0", "OMP_NUM_THREADS": os.environ.get("MOEAUDIT_THREADS", "1")}
         saved_env = {k: os.environ.get(k) for k in kernel_env}
         os.environ.update(kernel_env)  # inherited by the kernel process
-        t0 = time.time()
+        key = execution_key(stem, parameters)  # of the sources as they are when the run starts: an edit
+        t0 = time.time()                       # made while it runs leaves the page stale, as it should
         try:
             papermill.execute_notebook(str(raw), str(done), parameters=parameters, kernel_name="python3",
                                        cwd=str(REPO_ROOT), progress_bar=False)
@@ -210,7 +211,7 @@ def execute_chapter(stem: str, parameters: dict | None = None, *, book_dir: Path
         target = book_dir / f"{stem}.ipynb"
         (book_dir / f"{stem}.failed.ipynb").unlink(missing_ok=True)
         nb = json.loads(done.read_text())
-        nb.setdefault("metadata", {})["moeaudit"] = {"execution_key": execution_key(stem, parameters),
+        nb.setdefault("metadata", {})["moeaudit"] = {"execution_key": key,
                                                      "parameters": parameters,
                                                      "seconds": round(time.time() - t0, 1)}
         done.write_text(json.dumps(nb, indent=1))
