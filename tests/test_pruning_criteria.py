@@ -239,7 +239,11 @@ def test_below_unpruned_text_says_when_pruning_improves():
     assert "*lowers* the held-out perplexity below the unpruned model's in 1 of the 2 criterion settings and 1 of the " \
            "2 random draws" in text
     assert "m 2 of 3; n 0 of 1" in text
-    assert "m, mean routing weight at 25%, 614.32 against 623.67 unpruned" in text
+    assert "m, mean routing weight at 25%: 614.32 against 623.67 unpruned, 1.50% of the unpruned perplexity" in text
+    # random draws of m at 25%: 630.0 (+1.01%) and 619.0 (-0.75%): the 1.50% drop is larger than any of them
+    assert "the 2 random draws of m change it by -0.75% to +1.01%." in text and "within what" not in text
     assert "nothing is concluded from it" in text
+    close = P.below_unpruned_text(res.assign(perplexity=[620.0, 630.0, 610.0, 700.0]), {"m": 623.67, "n": 650.0})
+    assert "-2.19% to +1.01%, so a drop of this size is within what removing random experts gives" in close
     worse = P.below_unpruned_text(res.assign(perplexity=res.perplexity + 100), {"m": 623.67, "n": 650.0})
     assert worse.startswith("No pruning plan lowers") and "all 2 criterion settings and 2 random draws" in worse
