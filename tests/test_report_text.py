@@ -62,7 +62,13 @@ def test_comparison_with_the_paper_follows_the_numbers():
     assert "3 reach uncorrected p_t < 0.05, all with d > 0" in agree and "0.222 (Qwen1.5-MoE-A2.7B)" in agree
     # chance: 40 * 0.05 = 2.0 and 28 * 0.05 = 1.4; P(X >= 3 | 40, 0.05) = 0.32, P(X >= 1 | 28, 0.05) = 1 - 0.95^28 = 0.76
     assert "chance alone would give about 2.0 (P(X ≥ 3) = 0.32, exact binomial)" in agree
-    assert "(chance: about 1.4; P(X ≥ 1) = 0.76)" in agree and "Neither count is more than chance" in agree
+    assert "(chance: about 1.4; P(X ≥ 1) = 0.76)" in agree and "neither count is more than chance" in agree
+    assert "Nor is any single model's count, in the paper or in this run." in agree
+    # hits with d > 0 against half the level: paper 3 of 40 at 0.025 (P = 0.075), this run 1 of 28 (P = 0.51)
+    up40 = 1 - sum(math.comb(40, j) * 0.025 ** j * 0.975 ** (40 - j) for j in range(3))
+    up28 = 1 - 0.975 ** 28
+    assert f"the paper's 3 (chance: about 1.0; P(X ≥ 3) = {up40:.2g}) are not more than chance at the 0.05 level, " \
+           f"and this run's 1 (chance: about 0.7; P(X ≥ 1) = {up28:.2g}) are not more than chance" in agree
     assert "0.200 (m2)" in agree and "Under Bonferroni (the paper's correction), this run agrees with the paper's " \
                                       "verdict" in agree
     # _paper() has no Holm or Benjamini-Hochberg counts: this run's are stated alone
@@ -72,8 +78,12 @@ def test_comparison_with_the_paper_follows_the_numbers():
     # 0.55*20 + 0.85*20 = 28 of 40 positive: binomtest(28, 40) p = 0.0166; 0.5*16 + 0.75*12 = 17 of 28: p = 0.345
     assert "28 of the paper's 40 cells are positive (two-sided sign test p = 0.017)" in agree
     assert "17 of this run's 28 (p = 0.34)" in agree
-    assert "The two differ in whether the effects lean one way beyond chance (sign test at the 0.05 level): the " \
-           "paper's do, this run's do not." in agree
+    assert "At the 0.05 level the paper's sign test is significant and this run's is not; the two shares (70% and " \
+           "61%) were not tested against each other" in agree and "The two differ" not in agree
+    # a model leans only when its own sign test says so: m2 9 of 12 (p = 0.15) does not, qwen 17 of 20 (p = 0.0026) does
+    assert "By its own sign test at the 0.05 level, no model leans either way: each is indistinguishable from half." \
+           in agree
+    assert "Qwen1.5-MoE-A2.7B (p = 0.0026) leans positive; olmoe is indistinguishable from half." in agree
     differ = report.audit_comparison_text(_verdicts(dual=(2, 0)), _paper())
     assert "**Unlike the paper**, under Bonferroni (the paper's correction) 2 cells of this run pass the dual rule " \
            "(m1 2)" in differ and "agrees" not in differ
@@ -228,9 +238,9 @@ def test_loss_regime_and_its_sentence_by_hand():
     text = report.regime_text(r)
     assert "0.25 nats per token, against 1.04 for a unigram model" in text and "4.61 for a uniform guess" in text
     assert "takes 0.79 nats per token from context" in text and "**" not in text
-    near = report.regime_text(loss_regime([1, 1, 2, 3], [1.0, 1.0, 1.0, 1.0], 100))  # gain 0.04 < 0.5
+    near = report.regime_text(loss_regime([1, 1, 2, 3] * 60, [1.0] * 240, 100))  # gain 0.04 < 0.5, 240 tokens
     assert "**This model barely reads this text**" in near and "chance" not in near
-    noise = report.regime_text(loss_regime([1, 2], [4.5, 4.5], 100))  # within 0.5 nats of ln 100
+    noise = report.regime_text(loss_regime([1, 2] * 100, [4.5] * 200, 100))  # within 0.5 nats of ln 100
     assert "**This model predicts the text no better than chance**" in noise and "barely" not in noise
     with pytest.raises(ValueError, match="scored token"):
         loss_regime([-1], [float("nan")], 100)
@@ -288,7 +298,13 @@ def test_an_excess_of_uncorrected_hits_is_tested_against_chance():
     # 10 of 40 at 0.05 against the paper's 3 of 40
     tail40 = 1 - sum(math.comb(40, j) * 0.05 ** j * 0.95 ** (40 - j) for j in range(10))
     assert f"(chance: about 2.0; P(X ≥ 10) = {tail40:.2g})" in cmp
-    assert "Unlike the paper's 3, this run's 10 uncorrected hits are more than chance alone gives" in cmp
+    assert "unlike the paper's 3, this run's 10 uncorrected hits are more than chance alone gives" in cmp
+    # per model: 5 of 20 at 0.05 each is more than chance (P = 0.0026)
+    assert f"the count is more than chance for m1 (5 of 20, P(X ≥ 5) = {tail:.2g}) and m2 (5 of 20, P(X ≥ 5) = " \
+           f"{tail:.2g}) in this run and for no model of the paper" in cmp
+    # of the 10 hits 7 have d_z > 0: P(X >= 7 | 40, 0.025)
+    up = 1 - sum(math.comb(40, j) * 0.025 ** j * 0.975 ** (40 - j) for j in range(7))
+    assert f"this run's 7 (chance: about 1.0; P(X ≥ 7) = {up:.2g}) are more than chance" in cmp
     assert "some cells carry effects too small to single out at the corrected level" in cmp
     passing = report.audit_comparison_text(v.assign(bonferroni_dual=[1, 0]), _paper_all_corrections())
     assert "too small to single out" not in passing  # a cell passes: the sentence on an excess without a pass is left out
@@ -303,9 +319,14 @@ def test_a_model_against_the_pooled_direction_is_named():
            "hits all with d_z > 0" in cmp
     assert "**m1 goes against the pooled (positive) direction**: fewer than half of its cells are positive (6 of 20) " \
            "and all 3 of its uncorrected hits have d_z < 0, which the pooled sign test hides." in cmp
-    assert "m2 goes against" not in cmp and "Every model of the paper leans the pooled (positive) way" in cmp
+    assert "m2 goes against" not in cmp and "m2 (p = 0.0004) leans positive; m1 is indistinguishable from half" in cmp
     aligned = report.audit_comparison_text(_verdicts(cells=(20, 20), pos=(0.7, 0.9)), _paper_all_corrections())
-    assert "Every model of this run leans the pooled (positive) way." in aligned and "goes against" not in aligned
+    # 14 of 20 (p = 0.12) is no lean; 18 of 20 is
+    assert "m2 (p = 0.0004) leans positive; m1 is indistinguishable from half." in aligned
+    assert "goes against" not in aligned and "Every model" not in aligned
+    both = report.audit_comparison_text(_verdicts(cells=(20, 20), pos=(0.95, 0.9)), _paper_all_corrections())
+    assert "m1 (p = 4e-05) and m2 (p = 0.0004) lean positive." in both and "indistinguishable" not in \
+        both.split("in the paper:")[0]
     # one hit against the lean: the singular is worded as such
     one = report.audit_comparison_text(_verdicts(cells=(20, 20), unc=(1, 0), unc_pos=(0, 0), pos=(0.7, 0.9)),
                                        _paper_all_corrections())
@@ -402,3 +423,15 @@ def test_every_page_states_the_regime_of_the_shipped_model(tmp_path, monkeypatch
         assert lines[form].startswith("**tiny-olmoe** on this text: Mean loss on this text "
                                       f"{r['mean_loss']:.2f} nats per token, against {r['unigram_loss']:.2f}")
     assert "barely reads" not in lines["wikitext"] and "**This model barely reads this text**" in lines["released"]
+
+
+def test_regime_over_few_tokens_says_the_gain_is_understated():
+    from moeaudit.corpus import loss_regime
+
+    few = loss_regime([1, 1, 2, 3], [1.0, 1.0, 1.0, 1.0], 100)  # 4 tokens against 100 types: small sample
+    assert few["small_sample"] and few["near_unigram"]
+    text = report.regime_text(few)
+    assert "Over only 4 scored tokens, against a vocabulary of 100" in text and "understates" in text
+    assert "barely reads" not in text  # no near-unigram verdict from a biased baseline
+    many = loss_regime(np.arange(300) % 3, np.ones(300), 100)
+    assert not many["small_sample"] and "Over only" not in report.regime_text(many)

@@ -535,6 +535,9 @@ def in_sample_unigram_loss(target_ids) -> float:
 NEAR_UNIGRAM_GAIN = 0.5
 #: a model within this many nats per token of a uniform guess over its vocabulary has learnt nothing of the text
 CHANCE_MARGIN = 0.5
+#: below this many scored tokens per vocabulary entry the in-sample unigram fits its few tokens closely and
+#: understates a unigram model's loss (its entropy estimate is biased low), so the gain is understated
+SMALL_SAMPLE_PER_TYPE = 2
 
 
 def loss_regime(target_ids, losses, vocab_size: int) -> dict:
@@ -544,7 +547,9 @@ def loss_regime(target_ids, losses, vocab_size: int) -> dict:
     (rows with a negative target id or a non-finite loss, such as a text's last token, are left out);
     ``vocab_size`` V. Returns ``mean_loss``; ``unigram_loss`` (:func:`in_sample_unigram_loss` of the
     same targets); ``uniform_loss`` = ln V; ``gain`` = unigram_loss - mean_loss (what the model takes
-    from context on this text); ``n_tokens``; ``near_unigram`` = gain < :data:`NEAR_UNIGRAM_GAIN`;
+    from context on this text); ``n_tokens``; ``vocab_size``; ``small_sample`` = fewer than
+    :data:`SMALL_SAMPLE_PER_TYPE` scored tokens per vocabulary entry (the in-sample unigram then
+    understates a unigram model's loss, and the gain with it); ``near_unigram`` = gain < :data:`NEAR_UNIGRAM_GAIN`;
     ``above_chance`` = mean_loss < uniform_loss - :data:`CHANCE_MARGIN`. ``ValueError`` for
     ``vocab_size < 2``, unequal lengths or no scored token.
 
@@ -560,8 +565,10 @@ def loss_regime(target_ids, losses, vocab_size: int) -> dict:
     if vocab_size < 2 or not keep.any():
         raise ValueError(f"need vocab_size >= 2 and at least one scored token, got {vocab_size} and {int(keep.sum())}")
     mean, unigram, uniform = float(loss[keep].mean()), in_sample_unigram_loss(ids[keep]), float(np.log(vocab_size))
+    n = int(keep.sum())
     return {"mean_loss": mean, "unigram_loss": unigram, "uniform_loss": uniform, "gain": unigram - mean,
-            "n_tokens": int(keep.sum()), "near_unigram": bool(unigram - mean < NEAR_UNIGRAM_GAIN),
+            "n_tokens": n, "vocab_size": int(vocab_size), "small_sample": n < SMALL_SAMPLE_PER_TYPE * vocab_size,
+            "near_unigram": bool(unigram - mean < NEAR_UNIGRAM_GAIN),
             "above_chance": bool(mean < uniform - CHANCE_MARGIN)}
 
 

@@ -441,6 +441,47 @@ def _excess_phrase(k: int, n: int, level: float) -> str:
             "if the cells were independent")
 
 
+def _models_in_excess(verdicts: pd.DataFrame, names: dict) -> list[str]:
+    """The models (display names from ``names``) whose uncorrected hits (``uncorrected_t`` of
+    ``cells`` at the family level ``alpha_bonferroni * cells``) are more than chance at that level,
+    each as ``"name (k of n, P(X ≥ k) = p)"`` (exact binomial upper tail, independent cells)."""
+    from .stats import binomial_upper_tail  # noqa: PLC0415
+
+    out = []
+    for r in verdicts.itertuples():
+        k, n = int(r.uncorrected_t), int(r.cells)
+        level = float(r.alpha_bonferroni * r.cells)
+        if k and (p := binomial_upper_tail(k, n, level)) < level:
+            out.append(f"{names.get(r.model, r.model)} ({k} of {n}, P(X ≥ {k}) = {p:.2g})")
+    return out
+
+
+def _hit_concentration(table: pd.DataFrame, model: str, level: float) -> str:
+    """Where one model's uncorrected hits (cells of ``table``, an :func:`moeaudit.stats.audit_table`,
+    with ``p_t < level``) sit when one layer holds most of them (two or more hits, a strict majority),
+    and which cells pass the t-test at the Bonferroni level (``sig_t_bonf``), as sentences; ``""``
+    when neither applies or ``table`` lacks the columns."""
+    if not {"model", "layer", "p_t"} <= set(table.columns):
+        return ""
+    fam = table[table.model == model]
+    hits = fam[fam.p_t < level]
+    out = ""
+    if len(hits) >= 2:
+        counts = hits.layer.value_counts()
+        layer, m = counts.index[0], int(counts.iloc[0])
+        if 2 * m > len(hits):
+            out += (f"All {len(hits)} of its uncorrected hits" if m == len(hits) else
+                    f"{m} of its {len(hits)} uncorrected hits") + f" sit at layer {layer}."
+    if "sig_t_bonf" in fam.columns:
+        bonf = fam[fam.sig_t_bonf.fillna(False).astype(bool)]
+        if len(bonf):
+            out += (" " if out else "") + (
+                f"Its t-test pass{'es' if len(bonf) > 1 else ''} at the Bonferroni level: "
+                + join_words(f"{str(getattr(r, 'ranking', 'cell')).replace('_', ' ')} at layer {r.layer} "
+                             f"(p_t = {r.p_t:.2g})" for r in bonf.itertuples()) + ".")
+    return out
+
+
 def _positive_counts(verdicts: pd.DataFrame) -> pd.DataFrame:
     """Per family: tested cells, cells with d_z > 0 (from ``share_positive``), uncorrected hits with
     d_z > 0 and < 0, and the two-sided sign test of the tested cells (:func:`moeaudit.stats.sign_test`)."""
@@ -602,17 +643,42 @@ def family_verdict_text(verdicts: pd.DataFrame, table: pd.DataFrame | None = Non
             f"**{r.model}**: {r.bonferroni_dual} of {r.cells} cells{not_tested} pass{'es' if r.bonferroni_dual == 1 else ''} the "
             f"dual rule at the Bonferroni level {r.alpha_bonferroni:.4g} ({r.holm_dual} under Holm, {r.bh_dual} under "
             f"Benjamini–Hochberg); {r.bonferroni_t} pass{'es' if r.bonferroni_t == 1 else ''} the t-test alone and "
-            f"{r.bonferroni_W} the Wilcoxon test alone at that level; {uncorrected}; {tost}; " + effects)
+            f"{r.bonferroni_W} the Wilcoxon test alone at that level; {uncorrected}; {tost}; " + effects
+            + (" " + where if table is not None and (where := _hit_concentration(table, r.model, alpha)) else ""))
     design = design_sensitivity_text(verdicts, table)
     if design:
         lines.append(design)
     return "\n\n".join(lines)
 
 
-def _directions_text(counts: pd.DataFrame, names: dict, whose: str, symbol: str = "d_z") -> str:
+def _lean_text(counts: pd.DataFrame, names: dict, alpha: float) -> str:
+    """Which models lean one way by their own two-sided sign test at ``alpha`` (``sign_p`` of
+    :func:`_positive_counts`) and which are indistinguishable from half, as one sentence."""
+    lean: dict[str, list] = {"positive": [], "negative": []}
+    flat = []
+    for c in counts.itertuples():
+        if not c.tested:
+            continue
+        name = names.get(c.model, c.model)
+        if c.sign_p < alpha:
+            lean["positive" if 2 * c.positive > c.tested else "negative"].append(f"{name} (p = {c.sign_p:.2g})")
+        else:
+            flat.append(name)
+    parts = [f"{join_words(v)} lean{'s' if len(v) == 1 else ''} {k}" for k, v in lean.items() if v]
+    if flat:
+        parts.append(f"{join_words(flat)} {'is' if len(flat) == 1 else 'are'} indistinguishable from half"
+                     if parts else f"no model leans either way: {'it is' if len(flat) == 1 else 'each is'} "
+                                   "indistinguishable from half")
+    return f" By its own sign test at the {alpha:g} level, " + "; ".join(parts) + "." if parts else ""
+
+
+def _directions_text(counts: pd.DataFrame, names: dict, whose: str, symbol: str = "d_z", *,
+                     alpha: float = 0.05) -> str:
     """Per model (``counts``: :func:`_positive_counts`): cells with an effect > 0 of those tested
     (sign test p) and the direction of the uncorrected hits; then which models go against the
-    pooled direction, and why. ``symbol`` names the effect (``"d_z"``, the paper's ``"d"``)."""
+    pooled direction, and why; then which models lean one way by their own sign test at ``alpha``
+    and which are indistinguishable from half (:func:`_lean_text`). ``symbol`` names the effect
+    (``"d_z"``, the paper's ``"d"``)."""
     tested, positive = int(counts.tested.sum()), int(counts.positive.sum())
     if not tested:
         return ""
@@ -646,14 +712,12 @@ def _directions_text(counts: pd.DataFrame, names: dict, whose: str, symbol: str 
             against.append((name, why, opposite))
     text = f"Per model, cells with {symbol} > 0 in {whose}: " + "; ".join(per) + "."
     if pooled == 0:
-        return text + f" The pooled cells of {whose} lean neither way."
+        return text + f" The pooled cells of {whose} lean neither way." + _lean_text(counts, names, alpha)
     way = "positive" if pooled > 0 else "negative"
-    if not against:
-        return text + f" Every model of {whose} leans the pooled ({way}) way."
     for name, why, opposite in against:
         text += (f" **{name} {'goes against' if opposite else 'does not share'} the pooled ({way}) direction**: "
                  f"{' and '.join(why)}, which the pooled sign test hides.")
-    return text
+    return text + _lean_text(counts, names, alpha)
 
 
 def audit_comparison_text(verdicts: pd.DataFrame, paper: pd.DataFrame, table: pd.DataFrame | None = None, *,
@@ -704,22 +768,40 @@ def audit_comparison_text(verdicts: pd.DataFrame, paper: pd.DataFrame, table: pd
     p_dir, h_dir = _uncorrected_direction(p_unc, p_unc_pos, "d"), _uncorrected_direction(h_unc, h_unc_pos)
     p_more, h_more = p_excess < alpha, h_excess < here_alpha
     if p_more == h_more:
-        excess_cmp = ("Both counts are more than chance alone gives" if h_more else
-                      "Neither count is more than chance alone gives")
+        excess_cmp = ("Pooled over the models, both counts are more than chance alone gives" if h_more else
+                      "Pooled over the models, neither count is more than chance alone gives")
     else:
-        excess_cmp = (f"Unlike the paper's {p_unc}, this run's {h_unc} uncorrected hits are more than chance alone "
-                      "gives" if h_more else
-                      f"Unlike the paper's {p_unc}, this run's {h_unc} uncorrected hits are not more than chance "
-                      "alone gives")
-    excess_cmp += (" (the binomial tails take the cells as independent; the cells of a model share positions and "
-                   "records, which spreads the count wider, so the tails are only indicative).")
-    if h_more and h_pass == 0:
+        excess_cmp = (f"Pooled over the models, unlike the paper's {p_unc}, this run's {h_unc} uncorrected hits are "
+                      "more than chance alone gives" if h_more else
+                      f"Pooled over the models, unlike the paper's {p_unc}, this run's {h_unc} uncorrected hits are "
+                      "not more than chance alone gives")
+    p_models, h_models = _models_in_excess(paper, names), _models_in_excess(verdicts, {})
+    excess_cmp += ". " + (
+        "Nor is any single model's count, in the paper or in this run" if not (p_models or h_models) else
+        "Per model, the count is more than chance for " + (join_words(h_models) + " in this run" if h_models else
+                                                           "no model of this run")
+        + " and for " + (join_words(p_models) + " in the paper" if p_models else "no model of the paper")) + ". "
+    half, h_half = alpha / 2, here_alpha / 2
+    p_dir_tail = binomial_upper_tail(p_unc_pos, p_cells, half)
+    h_dir_tail = binomial_upper_tail(h_unc_pos, h_cells, h_half)
+    excess_cmp += (
+        "Definition 2.1 is directional (a hit with d_z < 0 counts against a metric, not for it), so the hits with "
+        f"d_z > 0 are counted on their own, against the {half:g} of each test's level that chance puts on that side: "
+        f"the paper's {p_unc_pos} (chance: about {p_cells * half:.1f}; P(X ≥ {p_unc_pos}) = {p_dir_tail:.2g}) "
+        + ("are" if p_dir_tail < alpha else "are not") + f" more than chance at the {alpha:g} level, and this run's "
+        f"{h_unc_pos} (chance: about {h_cells * h_half:.1f}; P(X ≥ {h_unc_pos}) = {h_dir_tail:.2g}) "
+        + ("are" if h_dir_tail < here_alpha else "are not") + " more than chance at that level. "
+        "All these binomial tails take the cells as independent; the cells of a model share positions and records, "
+        "which spreads the counts wider, so the tails are only indicative.")
+    if (h_more or h_models or h_dir_tail < here_alpha) and h_pass == 0:
         excess_cmp += (" An excess of uncorrected hits with no cell passing after correction suggests that some cells "
                        "carry effects too small to single out at the corrected level, not which ones.")
     p_leans, h_leans = p_sign < alpha, bool(h_sign < here_alpha)
     lean_cmp = ("" if not h_tested or p_leans == h_leans else
-                f"The two differ in whether the effects lean one way beyond chance (sign test at the {here_alpha:g} "
-                f"level): the paper's {'do' if p_leans else 'do not'}, this run's {'do' if h_leans else 'do not'}. ")
+                f"At the {here_alpha:g} level the paper's sign test {'is' if p_leans else 'is not'} significant and "
+                f"this run's {'is' if h_leans else 'is not'}; the two shares ({p_npos / p_cells:.0%} and "
+                f"{h_npos / h_tested:.0%}) were not tested against each other, so this does not show that they "
+                "differ. ")
     out = [
         f"In the paper, {p_pass} of {p_cells} cells pass both tests at the Bonferroni level; {p_unc} "
         f"reach{'es' if p_unc == 1 else ''} uncorrected p_t < {alpha:g}" + (f", {p_dir}" if p_dir else "")
@@ -737,8 +819,8 @@ def audit_comparison_text(verdicts: pd.DataFrame, paper: pd.DataFrame, table: pd
         f"paper's {p_cells} cells are positive (two-sided sign test p = {p_sign:.2g}) and "
         + (f"{h_npos} of this run's {h_tested}{' tested' if h_untested else ''} (p = {h_sign:.2g})" if h_tested
            else "none of this run's, which could not be tested")
-        + ". " + lean_cmp + _directions_text(h_counts, {}, "this run") + " "
-        + _directions_text(p_counts, names, "the paper", "d") + " The sign tests treat cells as independent, which they "
+        + ". " + lean_cmp + _directions_text(h_counts, {}, "this run", alpha=here_alpha) + " "
+        + _directions_text(p_counts, names, "the paper", "d", alpha=alpha) + " The sign tests treat cells as independent, which they "
         "are not (the cells of a model share positions), so they only indicate whether the effects lean one way.",
     ]
     out.append(_agreement_text(verdicts, paper, table))
@@ -1140,14 +1222,19 @@ def regime_text(r: dict) -> str:
     :func:`moeaudit.corpus.loss_regime`), with a warning in bold when the model predicts the text no
     better than a uniform guess, or takes less than :data:`moeaudit.corpus.NEAR_UNIGRAM_GAIN` nats per
     token from context (near-unigram: an expert's removal then changes predictions that barely use
-    context, and its effects say little about a model reading text it knows)."""
+    context, and its effects say little about a model reading text it knows). Over a small sample
+    (``small_sample``) it says that the gain is understated instead of warning."""
     text = (f"Mean loss on this text {r['mean_loss']:.2f} nats per token, against {r['unigram_loss']:.2f} for a "
             f"unigram model fitted to the same tokens and {r['uniform_loss']:.2f} for a uniform guess: the model "
             f"takes {r['gain']:.2f} nats per token from context.")
+    if r.get("small_sample"):
+        text += (f" (Over only {r['n_tokens']:,} scored tokens, against a vocabulary of {r['vocab_size']:,}, the "
+                 "unigram fitted to them fits them closely: it understates a unigram model's loss, and so this gain "
+                 "understates what the model takes from context.)")
     if not r["above_chance"]:
         text += (" **This model predicts the text no better than chance** (a random or untrained model): its "
                  "effects and verdicts below describe noise, not a trained MoE model.")
-    elif r["near_unigram"]:
+    elif r["near_unigram"] and not r.get("small_sample"):
         text += (f" **This model barely reads this text** (less than {NEAR_UNIGRAM_GAIN} nats per token from "
                  "context, close to a unigram model): its effects and verdicts below describe a model that "
                  "predicts token frequencies, not one that reads its context; use the text form or corpus it was "
