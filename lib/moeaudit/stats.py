@@ -60,6 +60,8 @@ __all__ = [
     "required_n",
     "t_test_power",
     "sign_test",
+    "sign_test_power",
+    "sign_test_detectable_share",
     "binomial_excess",
     "tost_from_t",
     "tost_min_p",
@@ -364,6 +366,74 @@ def sign_test(n_positive: int, n_negative: int) -> float:
     return float(stats.binomtest(int(n_positive), n, 0.5).pvalue)
 
 
+def _check_count(n, name: str = "n") -> None:
+    if not (isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 1):
+        raise ValueError(f"{name} must be an integer >= 1, got {n!r}")
+
+
+def sign_test_power(share: float, n: int, *, alpha: float = 0.05) -> float:
+    """Power of the two-sided exact sign test (:func:`sign_test`) with ``n`` signed values when a
+    value is positive with probability ``share``.
+
+    The test rejects at ``k`` positives when its p-value ``min(1, 2 * F(min(k, n - k)))`` is below
+    ``alpha`` (``F`` the Binomial(n, 1/2) CDF, the same rule as ``sign_test(k, n - k) < alpha``);
+    the power is ``sum over rejected k of C(n, k) share^k (1 - share)^(n - k)``
+    (``scipy.stats.binom``). A probability, unitless.
+
+    Raises
+    ------
+    ValueError
+        For ``n < 1``, ``share`` outside [0, 1] or ``alpha`` outside (0, 1).
+
+    Examples
+    --------
+    With 10 values at the 5% level only k = 0, 1, 9, 10 reject (p = 2·11/1024 = 0.021 at k = 9,
+    2·56/1024 = 0.109 at k = 8); at share 1/2 the power is the test's size, ``2·11/1024``.
+
+    >>> round(sign_test_power(0.5, 10), 6)
+    0.021484
+    """
+    _check_count(n)
+    if not 0 <= share <= 1:
+        raise ValueError(f"share must be in [0, 1], got {share}")
+    _check_level(alpha, "alpha")
+    k = np.arange(int(n) + 1)
+    p = np.minimum(1.0, 2.0 * stats.binom.cdf(np.minimum(k, int(n) - k), int(n), 0.5))
+    return float(stats.binom.pmf(k[p < alpha], int(n), float(share)).sum())
+
+
+def sign_test_detectable_share(n: int, *, alpha: float = 0.05, power: float = 0.8) -> float:
+    """Smallest share of positive values, above one half, that the two-sided exact sign test with
+    ``n`` signed values detects with probability ``power`` at level ``alpha``.
+
+    Solves ``sign_test_power(q, n, alpha=alpha) = power`` for ``q`` in (1/2, 1]
+    (``scipy.optimize.brentq``; the power rises with ``q`` there). By symmetry ``1 - q`` is the
+    detectable share below one half. A share, unitless; NaN when even ``q = 1`` (every value
+    positive) does not reach ``power`` (too few values for the level).
+
+    Raises
+    ------
+    ValueError
+        For ``n < 1`` or ``alpha``/``power`` outside (0, 1).
+
+    Examples
+    --------
+    With 10 values at the 5% level the test rejects at k >= 9, so ``q^10 + 10 q^9 (1 - q)`` (plus the
+    negligible lower tail) must reach 0.8: q = 0.917.
+
+    >>> round(sign_test_detectable_share(10), 3)
+    0.917
+    >>> round(sign_test_detectable_share(200, alpha=0.05 / 8), 2)
+    0.63
+    """
+    _check_count(n)
+    _check_level(alpha, "alpha")
+    _check_level(power, "power")
+    if sign_test_power(1.0, n, alpha=alpha) < power:
+        return float("nan")
+    return float(optimize.brentq(lambda q: sign_test_power(q, n, alpha=alpha) - power, 0.5, 1.0, xtol=1e-10))
+
+
 def binomial_excess(k: int, n: int, p: float) -> float:
     """One-sided binomial tail: the probability of ``k`` or more successes in ``n`` trials of
     probability ``p``, the p-value of "more tests reject than chance allows".
@@ -649,7 +719,8 @@ def paired_effect(
     reason = _degenerate_reason(h, lo, d, precision)
     finite = n > 0 and bool(np.all(np.isfinite(d)))
     mean = float(np.mean(d)) if finite else float("nan")
-    sd = float(np.std(d, ddof=1)) if finite and n > 1 else float("nan")
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflowing spread is reported in `reason`
+        sd = float(np.std(d, ddof=1)) if finite and n > 1 else float("nan")
     bound = tost_bound_d * sd
     nan = float("nan")
     row = {
