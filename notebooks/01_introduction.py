@@ -65,8 +65,7 @@ corpus_source = report.show_corpus(corpus, data_dir=data_dir, text_form=text_for
 # the metric ranks highest should hurt more when removed than the one it ranks lowest
 # (the paper's Definition 2.1). In the paper, no metric passes its corrected test (Bonferroni
 # within each model, with the t and Wilcoxon tests agreeing) at any audited layer of three large
-# MoE models, and the router's own weight for the token at hand survives Bonferroni correction in
-# one model at one layer. A test that does not pass is not evidence of no effect unless the design could have seen
+# MoE models, and {glue:md}`paper_control_intro`. A test that does not pass is not evidence of no effect unless the design could have seen
 # one; the audit chapter states, for every run, how large an effect it could detect and whether it
 # could show an effect to be small.
 #
@@ -126,8 +125,8 @@ tok = ctx.model.tokenizer
 ids = ctx.corpus.sequences[seq_id]
 
 
-def _show(text: str) -> str:
-    return text.replace("`", "'").replace("\n", " ")
+def _show(text: str) -> str:  # as plain text inside Markdown: no code spans, no line breaks, "<unk>" visible
+    return text.replace("`", "'").replace("\n", " ").replace("&", "&amp;").replace("<", "&lt;")
 
 
 context = _show(tok.decode(ids[max(0, t_ex - 40):t_ex]))
@@ -139,7 +138,7 @@ display(Markdown(
     f"{lay.num_experts} routed experts per MoE layer, top-{lay.top_k}"
     + (f", {lay.n_shared_experts} shared expert(s) that are never ablated" if lay.n_shared_experts else "")
     + f". **Layer** {L}. **Text** {seq_id}, position t = {t_ex} of {n_tok} tokens.\n\n"
-    f"> …{context}**⟦{current}⟧** → next token `{target}`\n\n"
+    f"> …{context}<strong>⟦{current}⟧</strong> → next token <code>{target}</code>\n\n"
     f"The model assigns the true next token probability {np.exp(-clean_loss):.3g} "
     f"(loss {clean_loss:.3f} nats)."))
 
@@ -209,6 +208,13 @@ plt.show()
 # %%
 display(Markdown(report.one_token_text(example)))
 
+# %% tags=["hide-input"]
+from myst_nb import glue
+
+from moeaudit.audit import paper_control_notes
+
+glue("paper_control_intro", Markdown(paper_control_notes()["intro"]), display=False)
+
 # %% [markdown]
 # ## The intervention, written out
 #
@@ -248,11 +254,13 @@ display(Markdown(
 # One token proves nothing either way: a weight that predicts the loss change at one token
 # may fail at the next. The audit therefore repeats this comparison at hundreds of sampled
 # positions and asks whether $D$ is reliably positive. Note also that the routing weight
-# shown here is computed for this very token. The pruning metrics are population averages over
-# the whole corpus, one number per expert, and must predict the effect at a token they never
-# saw. The paper's per-token routing-weight control (chapter 5) runs the same test with this
-# token-level weight. It is a positive check (where it passes, the audit is shown able to detect an
-# effect of that kind), not an upper bound on what a routing-derived metric could achieve: a
+# shown here is computed for this very token. The pruning metrics are one number per expert,
+# computed over the whole corpus (the audited tokens included) and not conditioned on the token at
+# hand. The paper's per-token routing-weight control (chapter 5) runs the same test with this
+# token-level weight. It is a positive check, read as chapter 5 reads it: a pass at the control's
+# own Bonferroni level shows nothing about the audit; a pass at the audit's stricter per-cell level
+# shows that effects of that size exist, which the audit's test then detects only with the
+# probability its power at that size gives. It is not an upper bound on what a routing-derived metric could achieve: a
 # population statistic can happen to order a token's experts better, and chapter 5 reports, on
 # each run, whether one does.
 #
@@ -293,7 +301,7 @@ display(Markdown(
 # | [8. Re-analysing the released results](08_released_reanalysis.ipynb) | The authors' own per-position records: every recomputable cell, with confidence intervals, other corrections, and the departures of the released code from the paper. |
 # | [9. Two intervention definitions](09_intervention_definitions.ipynb) | Token-local (the paper's) and sequence-wide (the released code's) ablation side by side: where they differ and whether the audit's conclusions depend on the choice. |
 # | [10. Better predictors and pruning](10_predictors_and_pruning.ipynb) | Predictors closer to the intervention than corpus statistics, whether token-level validity predicts one-shot pruning, and Bayes factors for the audit's null results. |
-# | [11. Redundancy](11_redundancy.ipynb) | A family of small models that differ only in how many experts each token uses, each trained from more than one seed: does any observational metric become valid as redundancy falls, and where does the paper's explanation of its null result hold? |
+# | [11. Redundancy](11_redundancy.ipynb) | A family of small models that differ in how many experts each token uses (top-k) and, for one setting, in the size of the expert pool, each trained from more than one seed: does any observational metric become valid as redundancy falls, and where does the paper's explanation of its null result hold? |
 # | [A1. The default models](A1_default_models.ipynb) | The three small MoE models the book runs on by default, how they were trained, and what they share with the real checkpoints. |
 # | [A2. Departures from the protocol](A2_departures.ipynb) | Every point where this build differs from the paper's protocol or the released code, with the value it uses. |
 #
@@ -327,9 +335,12 @@ display(Markdown(
 # WikiText-2 from `$MOEAUDIT_DATA_DIR` (or the `data_dir` parameter) or from the Hugging Face
 # hub, and otherwise the corpus of original prose shipped with the project, whose numbers are
 # illustrative; `"wikitext-2"` insists on WikiText-2; a file path reads one text per line.
-# `text_form` says how a line becomes a text: `"released"` (the default) keeps it as the corpus
-# serves it, with its leading space and line break, as the released code does; `"stripped"`
-# removes that whitespace, which changes every text's first token. Ablation records are cached on disk (`results/`, or `$MOEAUDIT_RESULTS_DIR`)
+# `text_form` says how a line becomes a text: `"auto"` (the default) uses the corpus's own form
+# (WikiText-2's tokenized form for the embedded corpus, which the shipped models were trained on;
+# WikiText-2 and a file as served); `"released"` keeps each line as the corpus serves it, with its
+# leading space and line break, as the released code does; `"stripped"` removes that whitespace,
+# which changes every text's first token; `"wikitext"` puts the embedded corpus in WikiText-2's
+# tokenized form. Ablation records are cached on disk (`results/`, or `$MOEAUDIT_RESULTS_DIR`)
 # under a key made of every parameter that produced them, so a re-run reuses them, an
 # interrupted run resumes, and a changed parameter computes new records.
 #

@@ -59,9 +59,11 @@ corpus_source = report.show_corpus(corpus, data_dir=data_dir, text_form=text_for
 # happen to order a token's experts better — and {glue:md}`control_beaten`. Its role is a
 # positive check, read model by model: if it predicts which ablation hurts more *at the level at
 # which the audit tested the observational cells* (the audit's per-cell Bonferroni level, stricter
-# than the control's own, since the audit's family is larger), then real effects of that size
-# exist and the audit's test finds them with the probability its power at that effect gives; the
-# null of that model's observational metrics is then informative against effects of that size.
+# than the control's own, since the audit's family is larger), then effects of that size exist
+# and can be detected at that level; the null of that model's observational metrics is then
+# informative against effects of that size only to the extent of the audit's power at that size
+# (stated model by model below), and it is not equivalence: it does not show the metrics' effects
+# to be small.
 # If it passes only at its own, looser level, it does not show that; if it does not pass at all,
 # the two readings of that model's null are not separated.
 #
@@ -318,9 +320,9 @@ display(Markdown(
 # uncertainty of each effect; and whether any such effect stands out from the range of effects
 # the four population-level metrics produced on the same positions and records. A control effect
 # with $d_z > 0$ that clears the dual-test bar at the audit's own per-cell level shows that the
-# audit *can* detect an effect of that size (with the probability its power gives), which is what
-# turns that model's observational null into evidence against effects of that size rather than a
-# failure to look; a control that clears only its own, looser level does not, and one that fails
+# audit *can* detect an effect of that size, which makes that model's observational null evidence
+# against effects of that size to the extent of the audit's power there (never equivalence)
+# rather than a failure to look; a control that clears only its own, looser level does not, and one that fails
 # leaves that model's null uninterpretable. Model by model:
 #
 # ```{glue:md} control_reading
@@ -401,8 +403,8 @@ display(Markdown(
 # derived from the tables' 95% intervals as half-width / $1.96$: {glue:md}`ex_se`). A typical change
 # is therefore of that order, somewhat smaller than the interval's half-width ({glue:md}`ex_halfwidth`),
 # and about one cell in twenty moves by more than twice $\sqrt{2}\,\mathrm{SE}$. Cells whose
-# interval was far from zero keep their sign and verdict; cells with $p_t$ near the Bonferroni
-# level can flip in either direction, and uncorrected "bold" cells of the observational kind come
+# interval was far from zero usually keep their sign; a verdict whose $p_t$ or $p_W$ lies near the
+# Bonferroni level can change in either direction, and uncorrected "bold" cells of the observational kind come
 # and go. A verdict that does not survive a new seed was never strong evidence. The paper's
 # largest control effect, at $p_t$ = {glue:md}`paper_best_p` against
 # $\alpha_{\text{adj}}$ = {glue:text}`paper_control_alpha:.3g`, rests on one draw of positions

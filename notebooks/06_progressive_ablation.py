@@ -40,9 +40,10 @@ params.validate("06_progressive_ablation", globals())  # refuses a bad value bef
 corpus_source = report.show_corpus(corpus, data_dir=data_dir, text_form=text_form)
 
 # %% [markdown]
-# The audit removes *one* active expert at a token and finds that the population-level rankings
-# do not predict which of the active experts costs more to remove, although the difference in
-# cost between two experts is not small at every token. The paper reads this as a property of
+# The audit removes *one* active expert at a token and does not detect that the population-level
+# rankings predict which of the active experts costs more to remove (at its Bonferroni level and
+# {glue:text}`n_positions` positions per cell, an effect below |$d_z$| ≈ {glue:md}`audit_mde` is
+# not reliably detected), although at some tokens the two experts' costs differ considerably. The paper reads this as a property of
 # the regime, not of the metrics: if a layer's active experts are largely redundant, removing
 # any few of them costs little on average, and every selection criterion looks equally good. This chapter tests the premise directly
 # (Section 3 "Progressive ablation", Appendix C and Tables 8–9 of {cite}`engmann2026audit`).
@@ -57,9 +58,10 @@ corpus_source = report.show_corpus(corpus, data_dir=data_dir, text_form=text_for
 # single-expert audit, {cite}`fiottokaufman2025nnsight`); the remaining weights are not
 # renormalised.
 #
-# The paper removes the *highest*-weight experts first because these carry the largest share of
-# the layer's routed output at the token: if even these can go without a large loss change, the
-# layer's output at that token does not rest on them alone. A **redundancy cliff** is a removal
+# The paper removes the *highest*-weight experts first because these get the largest combine
+# weights at the token (which is not necessarily the largest removed output: an expert's output
+# vector can be larger than that of an expert with a higher weight): if even these can go without
+# a large loss change, the layer's output at that token does not rest on them alone. A **redundancy cliff** is a removal
 # depth $k$ at which the loss change jumps instead of growing slowly.
 #
 # **Positions.** The positions are the audit's: one seeded draw per model, shared with the
@@ -85,6 +87,7 @@ from moeaudit.audit import (buffer_readings, cliff_comparison_text, cliff_text, 
                             progressive_overview_text, progressive_records, progressive_summary, redundancy_breaks,
                             removal_direction, threshold_calls)
 from moeaudit.corpus import valid_positions
+from moeaudit.metrics import METRICS
 
 report.use_book_style()
 paper = paper_progressive_table()
@@ -112,6 +115,10 @@ for name in models:
     display(Markdown(report.model_summary(name, ctx, audited, rec,
                                           what=f"ablation records (k = 1 to {lay.top_k - 1} experts removed)")))
 records = pd.concat(all_records, ignore_index=True)
+# the single-expert audit's family per model: every audited layer times every observational metric (chapter 4)
+_mde = [stats.min_detectable_dz(n_positions, alpha=alpha / (len(audited_layers[m]) * len(METRICS))) for m in models]
+glue("audit_mde", Markdown(f"{min(_mde):.2f}" if f"{min(_mde):.2f}" == f"{max(_mde):.2f}"
+                           else f"{min(_mde):.2f}–{max(_mde):.2f}"), display=False)
 
 # %% [markdown]
 # ## Summary statistics per (layer, k)
@@ -149,9 +156,10 @@ for name in models:
 # whether the removal pushes the loss one way at more than half of the positions
 # (`moeaudit.audit.removal_direction`: a two-sided sign test of the positions where the loss rose
 # against those where it fell, `moeaudit.stats.sign_test`, at the Bonferroni level `alpha` divided
-# by the model's number of layers). Where it is not significant, the share of positions where the
-# loss fell is not distinguishable from one half: the removal's effect is not distinguishable from
-# noise in direction.
+# by the model's number of layers): a test of the median shift. Where it is not significant, the
+# share of positions where the loss fell is not distinguishable from one half; the mean can still
+# be raised by a minority of positions with large increases, which the interval of the mean (at
+# the same Bonferroni level) shows.
 
 # %%
 deepest = removal_direction(deepest_removal_summary(records, threshold=cliff_threshold), alpha=alpha)
@@ -186,10 +194,10 @@ for name in models:
 # Top row: mean cumulative loss change against $k$, one line per layer, with the confidence
 # interval of the mean. Bottom row: the same positions summarised by their median (dashed), P95
 # (solid) and P5 (dash-dotted). A layer with a redundancy buffer stays low as experts are
-# removed while the removals still raise the loss at most positions; a cliff is a sharp rise. A
-# line that stays near zero does not by itself show a buffer: removals whose effect has no
-# consistent direction stay near zero too (the sign test of the previous section tells the two
-# apart). The dotted line is `cliff_threshold`.
+# removed while the removals still raise the mean loss; a cliff is a sharp rise. A line that
+# stays near zero does not by itself show a buffer: removals whose mean effect is not
+# distinguishable from zero stay near zero too (the interval of the mean at the Bonferroni level,
+# used for the buffer reading below, tells the two apart). The dotted line is `cliff_threshold`.
 
 # %% tags=["hide-input"]
 fig, axes = plt.subplots(2, len(models), figsize=(max(6.5, 4.3 * len(models)), 7.2), squeeze=False, sharex="col")
@@ -254,7 +262,7 @@ display(Markdown("\n\n".join(cliff_text(*(t[t.model == name] for t in (breaks, d
 # prints no lower percentile, so whether positions whose loss fell form a comparable tail
 # cannot be read from its tables). The released summary behind these tables also gives, per
 # layer, the share of positions whose loss *rose* at $k$ = {glue:text}`paper_kmax`:
-# {glue:md}`paper_share_positive`.
+# {glue:md}`paper_share_positive`
 #
 # The argument built on it is structural: where a layer has a redundancy buffer (removing its
 # experts raises the loss, but little), *any* selection criterion removes experts at little
@@ -311,7 +319,7 @@ glue("comparison", Markdown("\n".join(cliff_comparison_text(
 # OLMoE checkpoint.
 
 # %%
-glue("shows_summary", Markdown(progressive_overview_text(buffer_readings(breaks, deepest, calls), breaks,
+glue("shows_summary", Markdown(progressive_overview_text(buffer_readings(breaks, deepest, calls, threshold=cliff_threshold), breaks,
                                                          threshold=cliff_threshold)), display=False)
 
 # %% [markdown]
@@ -367,7 +375,7 @@ glue("shows_summary", Markdown(progressive_overview_text(buffer_readings(breaks,
 # :class: dropdown
 # A new draw of positions is made from a smaller pool ({glue:md}`ex3_pool`), so all records are
 # computed afresh. The "mean clean loss" column of the break table tells whether the positions
-# with more context are predicted better than this run's ({glue:md}`ex3_clean`). The loss changes
+# with more context are predicted better than this run's (this run: {glue:md}`ex3_clean`). The loss changes
 # can move either way: a confident prediction has more to lose, but a long context also offers
 # more routes to the same prediction. If the ordering of layers by their deepest-removal mean
 # changes, the earlier conclusion depended on which positions were drawn.
@@ -391,5 +399,5 @@ pools = {(e[32], e[min_context]) for e in eligible.values()}
 glue("ex3_pool", Markdown("; ".join(f"{m}: {e[32]:,} eligible positions instead of {e[min_context]:,}"
                                     for m, e in eligible.items()) if len(pools) > 1 else
                           "{:,} eligible positions instead of {:,} for every model".format(*pools.pop())), display=False)
-glue("ex3_clean", Markdown("; ".join(f"{m} now {g.clean_loss.mean():.3f} nats" for m, g in breaks.groupby("model", sort=False))),
+glue("ex3_clean", Markdown("; ".join(f"{m} {g.clean_loss.mean():.3f} nats" for m, g in breaks.groupby("model", sort=False))),
      display=False)

@@ -62,8 +62,8 @@ corpus_source = report.show_corpus(corpus, data_dir=data_dir, text_form=text_for
 # **Redundancy here** is the number of active experts per token, top-k: the more experts share a
 # token, the more of them can stand in for a removed one. The paper describes its models by the
 # active share k/E. At a fixed number of experts E the two orders agree; the setting with few
-# experts has the same k as one setting of the larger pool but a far larger k/E, so it tells the
-# two descriptions apart.
+# experts has the same k as one setting of the larger pool but a far larger k/E, so it is meant to
+# tell them apart (whether it can at this power, the answer on the small pool says).
 #
 # **What else changes with k.** With the expert width fixed, a larger k means more active
 # parameters per token; the small pool has fewer parameters in total; and the Switch-style balance
@@ -388,14 +388,21 @@ answers = redundancy.answer_text(summary, validity, anova, checks, alpha=alpha, 
                                  mde_control=mde_control, power=power, shares=shares, pools=pools)
 for key, text in answers.items():
     glue(f"answer_{key}", Markdown(text), display=False)
+glue("control_rule", Markdown(redundancy.control_rule_text(
+    control, audit_levels={m: alpha / int(fam_audit[m]) for m in fam_audit.index})), display=False)
 
 # %% [markdown]
 # ## Answers
 # **1. Does any observational metric become valid as redundancy falls?** {glue:md}`answer_validity`
+# {glue:md}`control_rule`
 #
 # **2. Does the control's signal grow?** {glue:md}`answer_control`
 #
-# **3. Do the settings differ by more than models of one setting do?**
+# **3. Do the settings differ by more than models of one setting do?** A one-way ANOVA over all
+# settings, the small pool included, with several degrees of freedom between settings. The trends
+# of the next answer spend one degree of freedom on an ordered change with top-k at the larger pool, so
+# they have more power against such a change: a quantity can be "not distinguishable" here and
+# still show a trend there.
 #
 # ```{glue:md} answer_seeds
 # :format: myst

@@ -347,7 +347,7 @@ hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()
 prompt = " ".join(select_texts(list(corpus_source.lines), n_texts=1,
                                text_form=resolve_text_form(corpus_source, text_form))[0].split()[:24])
-display(Markdown(f"From {corpus_source.describe()}:\n\n> {prompt} …"))
+display(Markdown(f"From {corpus_source.describe()}:\n\n> {prompt.replace('&', '&amp;').replace('<', '&lt;')} …"))
 display(pd.DataFrame({m: zoo.top_next_tokens(model_dir(m), prompt) for m in models}).T.rename_axis("model"))
 
 # %% [markdown]

@@ -87,6 +87,11 @@ def test_control_reading_is_per_model_and_at_the_audit_level():
     mde = S.min_detectable_dz(200, alpha=0.0025, power=0.8)
     assert f"|d_z| ≥ {mde:.3f}" in own
     assert "informative there" not in text and "detects an effect of that size" not in text
+    # the test that fails at the audit's level is named, and the null is read at its power only
+    assert "it passes at no layer: at layer 0 the t-test does not (p_t = 0.007" not in own
+    assert "at layer 0 neither test does (p_t = 0.007, p_W = 0.005)" in own
+    assert f"would miss an effect of |d_z| ≥ {mde:.3f} with probability at most 20%" in own
+    assert "informative only against" not in own
     assert "passes even at the audit's per-cell level 0.0025" in audit and "evidence against" in audit
     assert f"{S.t_test_power(0.35, 200, alpha=0.0025):.0%}" in audit
     assert "No Spearman interval" in spearman
@@ -97,6 +102,25 @@ def test_control_reading_low_power_at_the_audit_level_is_called_weak():
     control = _control([("m", 0, 0.2, 0.001, 0.002, 0.0, -0.1, 0.1)])
     text = control_reading_text(control, _observational(["m"]), power=0.8)
     assert "weak evidence" in text and "evidence against observational effects" not in text
+    assert "against smaller effects it is weaker still, and against effects near zero it is no evidence at all" in text
+    assert "against smaller effects it is not" not in text and "The null is not equivalence" in text
+
+
+def test_control_reading_names_the_failing_test_and_what_tost_can_show():
+    # the t-test passes at the audit's 0.0025, Wilcoxon (0.0093) does not
+    control = _control([("m", 0, 0.274, 0.00015, 0.0093, 0.0, -0.1, 0.1)]).assign(tost_bound_d=0.2)
+    obs = _observational(["m"]).assign(tost_bound_d=0.2)
+    text = control_reading_text(control, obs, power=0.8).split("\n\n")[0]
+    assert "at layer 0 the t-test passes (p_t = 0.00015) but the Wilcoxon test does not (p_W = 0.0093, not below " \
+           "0.0025)." in text
+    # TOST at 0.2 cannot pass at 0.0025 with n = 200 (smallest p 0.00258); at a looser audit level it can
+    assert f"cannot show any effect to be small (TOST at |d_z| < 0.2 cannot pass at that level for any data: its " \
+           f"smallest attainable p at n = 200 is {S.tost_min_p(200, bound_d=0.2):.3g})" in text
+    loose = control_reading_text(control, obs.assign(alpha_corrected=0.005), power=0.8).split("\n\n")[0]
+    assert "only a passing TOST at |d_z| < 0.2 shows an effect to be small" in loose
+    wilcoxon_only = _control([("m", 0, 0.25, 0.004, 0.001, 0.0, -0.1, 0.1)])
+    assert "the Wilcoxon test passes (p_W = 0.001) but the t-test does not (p_t = 0.004, not below 0.0025)" in \
+        control_reading_text(wilcoxon_only, _observational(["m"]))
 
 
 def test_a_reversal_does_not_make_the_control_pass():
@@ -153,11 +177,16 @@ def _cmp_with_margins():
 def test_control_beaten_text_names_where_the_control_does_not_exceed():
     text = control_beaten_text(_cmp_with_margins())
     assert "at 1 of 3 audited layers at least one population-level statistic has a larger d_z" in text
-    assert "shown larger at 1 of 3 layers (m layer 2)" in text and "shown smaller at 1 (m layer 1)" in text
-    assert "m layer 0, +0.287 against mean routing weight +0.257 (difference [-0.043, +0.096])" in text
-    assert "does not exceed the observational metrics" in text
-    none = _cmp_with_margins().assign(vs_best="not shown")
-    assert "shown larger at none of the 3 layers" in control_beaten_text(none)
+    assert "the control's d_z is the larger at 2 of 3 layers (m layer 0 and m layer 2)" in text
+    assert "At 1 of them it is shown larger (paired-bootstrap 95% interval of the difference of d_z above zero: " \
+           "m layer 2); at the other 1 the interval includes zero" in text
+    assert "The strongest observational cell is shown larger than the control at 1 (m layer 1)" in text
+    assert not text.endswith(".") and " — " not in text
+    none = control_beaten_text(_cmp_with_margins().assign(vs_best="not shown"))
+    assert "At none of them is it shown larger: every paired-bootstrap 95% interval of the difference of d_z " \
+           "includes zero" in none and "shown larger than the control" not in none
+    one = control_beaten_text(_cmp_with_margins().assign(vs_best="not shown", best_dz=[0.257, 0.2, 0.5]))
+    assert "is the larger at 1 of 3 layers (m layer 0). It is not shown larger there" in one
     # without margins only the point estimates are compared
     plain = control_beaten_text(_cmp_with_margins().drop(columns="vs_best"))
     assert "shown larger" not in plain
@@ -202,6 +231,21 @@ def test_control_verdict_text_counts_reversals_apart():
     assert "a 2 of 2" in text and "b 0 of 1" in text
     none = control_verdict_text(t[t.model == "b"], alpha=0.05)
     assert none.startswith("**No control cell passes**")
+    assert "TOST" not in text  # without the equivalence columns nothing is said of them
+
+
+def test_control_verdict_text_says_what_the_control_nulls_show():
+    t = _control([("a", 0, 0.287, 1e-5, 1e-4, 0, -0.1, 0.1), ("a", 1, 0.01, 0.9, 0.9, 0, -0.1, 0.1),
+                  ("b", 0, 0.05, 0.5, 0.5, 0, -0.1, 0.1)])
+    t = t.assign(tost_bound_d=0.2, equivalent=[False, True, False], mde_dz=S.min_detectable_dz(200, alpha=0.01),
+                 power=0.8)
+    text = control_verdict_text(t, alpha=0.05)
+    # at 0.01 with n = 200 the smallest TOST p (0.00258) is below the level: it can pass
+    assert "TOST at |d_z| < 0.2 can pass at the control's level 0.01, and it shows 1 of the 3 tested control cells " \
+           "within ±0.2 (a layer 1)" in text
+    assert f"detects |d_z| ≥ {S.min_detectable_dz(200, alpha=0.01):.3f} with 80% power" in text
+    strict = control_verdict_text(t.assign(alpha_corrected=0.001, equivalent=False), alpha=0.05)
+    assert "cannot pass at the control's level 0.001 for any data" in strict
 
 
 def test_control_against_observational_still_feeds_the_margins():
@@ -260,29 +304,48 @@ def test_removal_direction_by_hand():
         removal_direction(d.reset_index(), alpha=1.0)
 
 
-def test_buffer_needs_the_removal_to_raise_the_loss():
-    breaks, deepest, calls = _tables(_progressive({0: RAISES, 1: HALF, 2: LOWERS, 3: CLIFF}))
-    r = buffer_readings(breaks, deepest, calls).set_index("layer")
-    assert r.reading.tolist() == ["buffer", "no direction", "lowers", "crosses"]
+#: mean raised (+0.07) by half of the positions, median shift nil (100 rises, 100 falls); mean near the threshold
+MEAN_ONLY = [0.15] * 100 + [-0.01] * 100
+NEAR = [0.13] * 100 + [0.06] * 100
+
+
+def test_removal_direction_gives_the_bonferroni_interval_of_the_mean_and_the_sign_test_power():
+    recs = pd.concat([_records("m", 0, RAISES), _records("m", 1, HALF)])
+    d = removal_direction(deepest_removal_summary(recs, threshold=0.1), alpha=0.05).set_index("layer")
+    x = np.asarray(RAISES)
+    half = S.t_critical(0.025, 199) * x.std(ddof=1) / np.sqrt(200)
+    assert d.loc[0, "mean_low"] == pytest.approx(x.mean() - half) and d.loc[0, "mean_high"] == pytest.approx(x.mean() + half)
+    assert d.loc[0, "detectable_share"] == pytest.approx(S.sign_test_detectable_share(200, alpha=0.025))
+
+
+def test_buffer_is_defined_by_the_mean_at_the_bonferroni_level():
+    breaks, deepest, calls = _tables(_progressive({0: RAISES, 1: HALF, 2: LOWERS, 3: CLIFF, 4: MEAN_ONLY, 5: NEAR}))
+    r = buffer_readings(breaks, deepest, calls, threshold=0.1).set_index("layer")
+    assert r.reading.tolist() == ["buffer", "no direction", "lowers", "crosses", "buffer", "raises, undecided"]
+    assert r.loc[4, "direction"] == "undistinguished"  # a buffer in the mean sense although the median does not move
     phrase = buffer_phrase(r.reset_index(), threshold=0.1)
-    assert "layer 0 keeps a buffer by this threshold" in phrase and "it fell at 30%" in phrase
-    assert "at layer 1 the loss fell at 50% of positions" in phrase and "not distinguishable from one half" in phrase
-    assert "not distinguishable from noise in direction" in phrase
-    assert "at layer 2 the deepest removal *lowers* the loss" in phrase and "it fell at 75%" in phrase
-    assert "layer 3" not in phrase  # it crosses the threshold: no buffer clause
+    assert "layers 0 and 4 keep a buffer by this threshold: the deepest removal raises the mean loss" in phrase
+    assert "99.17% intervals, Bonferroni over the model's layers" in phrase  # 1 - 0.05/6
+    assert "at layer 5 the deepest removal raises the mean loss" in phrase and "contains 0.1 nats" in phrase
+    assert "at layer 1 the 99.17% interval of the mean contains zero" in phrase
+    assert "at layer 2 the deepest removal *lowers* the mean loss" in phrase
+    assert "In the median sense" in phrase and "layer 3" not in phrase  # layer 3 crosses: no clause
+    assert f"sign test p = {S.sign_test(140, 60):.2g}" in phrase and "p ≤" not in phrase
+    assert "is not distinguishable from one half" in phrase and "with 80% power" in phrase
 
 
 def test_cliff_texts_never_read_a_buffer_into_a_flat_layer():
     breaks, deepest, calls = _tables(_progressive({0: HALF, 1: [0.01] * 104 + [-0.01] * 96}))
     text = cliff_text(breaks, deepest, calls, threshold=0.1)
     assert "No layer's mean crosses 0.1 nats" in text and "keeps a buffer" not in text and "keep a buffer" not in text
-    assert "at layers 0 and 1 the loss fell at 48–50% of positions" in text
+    assert "at layers 0 and 1 the 97.5% interval of the mean contains zero" in text
+    assert "at layers 0 and 1 the share of positions where the loss fell (48–50%)" in text
     paper = redundancy_breaks(pd.DataFrame({"model": "p", "layer": [0, 15], "k": 7, "mean": [0.05, 0.4]}),
                               threshold=0.1)
     bullet = cliff_comparison_text(breaks, deepest, calls, paper, last=1, threshold=0.1)
     assert "every audited layer keeps a buffer" not in bullet and "no layer crosses 0.1 nats" in bullet
     assert "not distinguishable from one half" in bullet and "only the last audited layer (15)" in bullet
-    # a layer whose removal raises the loss, with the mean below the threshold, is a buffer
+    # a layer whose removal raises the mean loss, below the threshold, is a buffer
     breaks, deepest, calls = _tables(_progressive({0: RAISES}))
     assert "layer 0 keeps a buffer" in cliff_comparison_text(breaks, deepest, calls, paper, last=0, threshold=0.1)
 
@@ -294,18 +357,25 @@ def test_cliff_text_accepts_a_summary_without_directions():
     summary = progressive_summary(recs)
     breaks, calls = redundancy_breaks(summary, threshold=0.1), threshold_calls(summary, threshold=0.1)
     text = cliff_text(breaks, deepest_removal_summary(recs, threshold=0.1), calls, threshold=0.1, alpha=0.05)
-    assert "layer 0 keeps a buffer" in text and "at layer 1 the loss fell at 50%" in text
+    assert "layer 0 keeps a buffer" in text and "at layer 1 the 97.5% interval of the mean contains zero" in text
 
 
 def test_progressive_overview_text_conditions_the_regime_on_a_buffer():
     breaks, deepest, calls = _tables(_progressive({0: HALF, 1: HALF}))
-    text = progressive_overview_text(buffer_readings(breaks, deepest, calls), breaks, threshold=0.1)
-    assert "raises the loss at more than half of the positions" in text and "at 0 of the 2 layers" in text
-    assert "is shown at no layer" in text and "not distinguishable from noise in direction" in text
+    text = progressive_overview_text(buffer_readings(breaks, deepest, calls, threshold=0.1), breaks, threshold=0.1)
+    assert "lies above zero at 0 of the 2 layers and contains zero at 2" in text
+    assert "is shown at no layer" in text and "at 0 of the 2 layers" in text
+    assert f"about {S.sign_test_detectable_share(200, alpha=0.025):.0%} of them to rise for 80% power" in text
+    assert "nevertheless" not in text
     breaks, deepest, calls = _tables(_progressive({0: RAISES, 1: HALF}))
-    text = progressive_overview_text(buffer_readings(breaks, deepest, calls), breaks, threshold=0.1)
-    assert "is shown at 1 of the 2 layers (m: 0); only that layer is in the regime" in text
+    text = progressive_overview_text(buffer_readings(breaks, deepest, calls, threshold=0.1), breaks, threshold=0.1)
+    assert "is shown at 1 of the 2 layers (m: 0); only that layer is shown to be in the regime" in text
     assert not re.search(r"\bnan\b", text)
+    # a mean raised by a minority of large increases, with the median shift not significant, is named apart
+    breaks, deepest, calls = _tables(_progressive({0: MEAN_ONLY, 1: CLIFF}))
+    text = progressive_overview_text(buffer_readings(breaks, deepest, calls, threshold=0.1), breaks, threshold=0.1)
+    assert f"m layer 0 raises the mean loss nevertheless (+0.070 nats, sign test p = {S.sign_test(100, 100):.2g})" in text
+    assert "1 of them crosses 0.1 nats" in text and "lies above zero at 2 of the 2 layers" in text
 
 
 def test_paper_share_positive_text_tests_each_share():

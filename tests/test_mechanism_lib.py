@@ -312,3 +312,9 @@ def test_paper_control_notes_read_table_4():
     assert "do not rise at every step" in notes["trend"]
     # at a looser level (alpha_adj = 0.02) the dual rule holds at layer 15 only
     assert "Wilcoxon as well at layer 15." in paper_control_notes(alpha=0.1)["rule"]
+    # the introduction's clause: the t-test alone passes in one model at one layer, which fails the dual rule
+    assert notes["intro"].startswith("the router's own weight for the token at hand passes Bonferroni (α_adj = 0.01) "
+                                     "on the t-test alone in one model at one layer (OLMoE-1B-7B-0924 layer 15, "
+                                     "p_t = 0.0013); its Wilcoxon test there does not (p_W = 0.019), so it fails the "
+                                     "dual rule")
+    assert "it passes the dual rule at one layer (OLMoE-1B-7B-0924 layer 15)" in paper_control_notes(alpha=0.1)["intro"]

@@ -203,7 +203,8 @@ def test_validity_claim_texts_correct_for_the_criteria_tested():
     t = P.validity_claim_texts(P.corrected_rank_claims(bc, alpha=0.05, n_draws=20), alpha=0.05, n_draws=20,
                                labels={"c0": "mean routing weight"})
     v, s = t["paper_claim_verdict"], t["shows_verdict"]
-    assert "Corrected for the 6 failing criteria tested per model (Bonferroni, α/m = 0.00833" in v
+    assert "Corrected for the 6 criteria per model not shown valid at the token level (Bonferroni, α/m = 0.00833" in v
+    assert "fail" not in v
     assert "cannot go below 1/21 = 0.048" in v and "at least 119 draws" in v
     assert "mean routing weight on q (largest p 0.048, the smallest attainable) has rank p ≤ 0.05" in v
     assert "does not survive the correction" in v and "contradicted on" not in v
@@ -211,7 +212,8 @@ def test_validity_claim_texts_correct_for_the_criteria_tested():
     assert "(with 20 draws it could not have)" in s and "not shown to be no better than random" in s
     leaning = P.validity_claim_texts(P.corrected_rank_claims(bc, alpha=0.05, n_draws=20), alpha=0.05, n_draws=20,
                                      beat_all=(17, 54))["shows_verdict"]
-    assert "17 of 54 against about 2.6 by chance, leans towards it" in leaning and "not a valid test" in leaning
+    assert "17 of 54 against about 2.6 by chance, leans towards criteria pruning better than random" in leaning
+    assert "not a valid test" in leaning and "no p-value is attached" in leaning and "leans towards it," not in leaning
     flat = P.validity_claim_texts(P.corrected_rank_claims(bc, alpha=0.05, n_draws=20), alpha=0.05, n_draws=20,
                                   beat_all=(2, 54))["shows_verdict"]
     assert "2 of 54 against about 2.6 by chance, is no larger than chance gives" in flat
@@ -247,3 +249,43 @@ def test_below_unpruned_text_says_when_pruning_improves():
     assert "-2.19% to +1.01%, so a drop of this size is within what removing random experts gives" in close
     worse = P.below_unpruned_text(res.assign(perplexity=res.perplexity + 100), {"m": 623.67, "n": 650.0})
     assert worse.startswith("No pruning plan lowers") and "all 2 criterion settings and 2 random draws" in worse
+
+
+def test_random_mean_counts_text_gives_per_model_counts_and_names_reversals():
+    from moeaudit import pruning as P
+    v = pd.DataFrame({"model": ["a"] * 6 + ["b"] * 6, "fraction": [0.25, 0.25, 0.25, 0.5, 0.5, 0.5] * 2,
+                      "beats_mean": [1, 1, 1, 0, 0, 1, 0, 0, 1, 0, 0, 0], "beats_all": [1, 0, 0, 0, 0, 0] * 2}
+                     ).astype({"beats_mean": bool, "beats_all": bool})
+    t = P.random_mean_counts_text(v)
+    assert "a 4 of 6 (1 beat every draw); b 1 of 6 (1 beat every draw)" in t
+    # b is mostly worse overall; a only at 50%
+    assert "more often than not on b (5 of 6 worse) and a at 50% (2 of 3 worse)" in t
+    calm = P.random_mean_counts_text(v.assign(beats_mean=True), sub=None, beat_all=False, value="loss")
+    assert "lower loss than the random mean: a 6 of 6; b 6 of 6" in calm and "worse" not in calm
+    with pytest.raises(ValueError):
+        P.random_mean_counts_text(v.iloc[:0])
+
+
+def test_null_strength_text_states_power_and_equivalence():
+    from moeaudit import pruning as P
+    from moeaudit import stats as S
+    t = P.null_strength_text(pd.DataFrame({"n": [100, 98], "alpha_corrected": [0.0025, 0.0025]}))
+    assert "with 98–100 positions per cell" in t and f"is {S.min_detectable_dz(100, alpha=0.0025):.2f}" in t
+    assert "cannot be shown at any of these cells" in t
+    big = P.null_strength_text(pd.DataFrame({"n": [5000], "alpha_corrected": [0.0025]}))
+    assert "could be shown at 1 of the 1 cells at most" in big
+    assert P.null_strength_text(pd.DataFrame({"n": [], "alpha_corrected": []})) == ""
+
+
+def test_bf_null_reading_text_compares_with_the_control():
+    from moeaudit import pruning as P
+    bf = pd.DataFrame({"model": ["m"] * 3 + ["k"], "ranking": ["routing_weight"] * 4, "layer": [0, 1, 2, 0],
+                       "BF10": [0.2, 5.0, 0.5, 0.1]})
+    ctl = pd.DataFrame({"model": ["m"] * 3 + ["k"], "layer": [0, 1, 2, 0], "sig_dual_bonf": [False, True, False, False]})
+    t = P.bf_null_reading_text(bf, ctl, r=0.707)
+    assert "(|d_z| around 0.707)" in t
+    assert "\"favours the null\" in 2 of the 3 cells where its dual test is not significant (m: 1 of 2 and k: 1 of 1)" in t
+    none = P.bf_null_reading_text(bf.assign(BF10=1.0), ctl, r=0.707)
+    assert "favours the null in none of the 3 cells" in none
+    ok = P.bf_null_reading_text(bf, ctl.assign(sig_dual_bonf=True), r=0.707)
+    assert ok.endswith("barely detect.")

@@ -161,7 +161,12 @@ def test_explanation_checks_compare_observed_with_predicted_direction():
     assert ex.count("**Holds, but not specifically:**") == 2 and "**Holds.**" not in ex
     assert ex.count("**Contradicted.**") == 1 and "*Not testable here:* every model has the value 0" in ex
     assert "The data contradict the explanation where it predicts that the routing-weight control's signal" in ex
-    assert "the output-share alternative predicts that as well, so this alone does not show compensation" in ex
+    # both unspecific falls (the damage and |ΔL|) carry the caveat together
+    assert ("but the output-share alternative predicts each of these falls as well, so none of them alone shows "
+            "compensation") in ex
+    one = R._explanation_summary(R.explanation_checks(s).assign(
+        specific=lambda d: d.quantity != "single_mean_dl"))
+    assert "predicts that fall as well, so it alone does not show compensation" in one
 
 
 def test_size_alone_does_not_make_the_damage_prediction_hold():
@@ -217,7 +222,9 @@ def test_share_checks_compare_the_log_log_slope_with_minus_one():
     sh = R.share_checks(s).set_index("quantity")
     assert sh.loc["single_mean_gap", "slope"] == pytest.approx(-0.3, abs=0.01)
     assert sh.loc["single_mean_abs_dl", "relation"] == "not distinguishable from 1/k"  # |ΔL| = 0.4 / k by default
-    np.testing.assert_allclose(sh.p_holm, R.holm(sh.p))
+    logs = sh.drop(index="single_k_mean_dl")
+    np.testing.assert_allclose(logs.p_holm, R.holm(logs.p))  # the damage row is a separate test
+    assert sh.loc["single_k_mean_dl", "p_holm"] == pytest.approx(sh.loc["single_k_mean_dl", "p"])
     text = _texts(s)["share"]
     assert "slope of −1 per doubling of k" in text and "the removed output shrinks more slowly than a 1/k share" in text
     assert f"factor {2 ** sh.loc['single_mean_gap', 'slope']:.3g} per doubling" in text
@@ -255,14 +262,17 @@ def test_pool_comparison_verdicts_and_what_cannot_be_concluded():
     assert p.loc[("control_mean_dz", "same k"), "observed"] == "not detected"
     text = _texts(s)["pool"]
     line = next(line for line in text.splitlines() if line.startswith("- The control's mean d_z"))
-    assert "At the same k/E a different top-k changes it, so k/E alone does not set it." in line
+    holm_ke = p.loc[("control_mean_dz", "same k/E"), "p_holm"]
+    assert (f"At the same k/E the two settings differ in it (Holm-adjusted p = {holm_ke:.2g}), which may come from their "
+            "different top-k or from the smaller pool's parameter count, so k/E alone does not set it.") in line
     assert "nearer the same k setting (not a test)" in line
     assert "a k/E 8 times larger" in text and "fewer expert parameters" in text
     assert "on 2 degrees of freedom" in text and "in 0.33 of equally likely orderings" in text
     assert "is not evidence that top-k alone, or k/E alone, sets the quantity" in text
     # and the other way round: at the same top-k the pool changes the quantity
     other = _texts(_full(control_mean_dz=lambda r: (5.0 if r.n_experts == 8 else 1.0) + 0.001 * r.seed))["pool"]
-    assert "At the same top-k the pool changes it, so top-k alone does not set it" in other
+    assert "At the same top-k the two pools differ in it (Holm-adjusted p = " in other
+    assert "so top-k alone does not set it; the difference may come from k/E or from the smaller pool's parameter" in other
     # nothing detected: the family cannot tell
     assert "cannot tell top-k from k/E" in text
     # one model per setting: no test; one pool only: nothing to compare
@@ -388,3 +398,49 @@ def test_checks_without_enough_models_are_reported_untested():
     assert "no spread between models of one setting" in text["seeds"]
     assert text["share"].count("not testable here") == 2
     assert "same number of experts" in text["pool"]
+
+
+def test_share_checks_test_the_signed_damage_against_one_over_k():
+    jitter = lambda r: 1 + 0.01 * (1 if r.seed else -1)  # noqa: E731
+    cases = {"not distinguishable from 1/k": lambda r: 0.02 / r.top_k * jitter(r),
+             "steeper than 1/k": lambda r: 0.02 * r.top_k ** -2.0 * jitter(r),
+             "shallower than 1/k": lambda r: 0.02 * r.top_k ** -0.3 * jitter(r)}
+    for relation, dl in cases.items():
+        s = _full(single_mean_dl=dl)
+        row = R.share_checks(s).set_index("quantity").loc["single_k_mean_dl"]
+        assert row.relation == relation, relation
+        # k · mean ΔL against log2 k, by hand
+        big = s[s.n_experts == s.n_experts.mode().iloc[0]]
+        slope = np.polyfit(np.log2(big.top_k), big.top_k * big.single_mean_dl, 1)[0]
+        assert row.slope == pytest.approx(slope, rel=1e-9)
+    text = _texts(_full(single_mean_dl=cases["steeper than 1/k"],
+                        single_mean_abs_dl=lambda r: 0.4 * r.top_k ** -0.5 * jitter(r)))["share"]
+    assert "The damage (mean ΔL) times k changes by" in text and "the damage falls faster than a 1/k share" in text
+    assert "the 1/k share explains the fall of |ΔL| without compensation" in text
+    assert "but not the fall of the damage, which is steeper" in text
+    flat = _texts(_full(single_mean_dl=cases["not distinguishable from 1/k"]))["share"]
+    assert "not distinguishable from a damage that falls like 1/k" in flat and "which is steeper" not in flat
+    assert "at the level 0.05; equivalence" in flat  # a single test: no Holm level
+    assert "whether it explains the fall of the damage as well is not decided" in _texts(_full(
+        single_mean_dl=cases["not distinguishable from 1/k"], single_mean_abs_dl=lambda r: 0.4 * r.top_k ** -0.5 * jitter(r)))["share"]
+
+
+def test_observed_names_an_unadjusted_interval_that_excludes_zero():
+    r = pd.Series({"quantity": "single_dl_per_gap", "observed": "not detected", "slope": -0.116, "ci_low": -0.214,
+                   "ci_high": -0.0168, "p": 0.029, "p_holm": 0.086, "value": np.nan})
+    t = R._observed(r, 3)
+    assert "no trend with top-k detected after Holm's adjustment" in t and "unadjusted 95% CI [-0.214, -0.0168]" in t
+    assert "the unadjusted interval excludes zero, the Holm-adjusted test does not reject" in t
+    assert "excludes zero" not in R._observed(r.copy().replace({-0.0168: 0.01}), 3)
+
+
+def test_control_rule_text_names_the_unreadable_models():
+    ctl = pd.DataFrame({"model": ["a", "a", "b", "c"], "sig_dual_bonf": [True, False, True, False],
+                        "cohens_dz": [0.4, 0.1, 0.3, 0.5], "p_t": [0.001, 0.5, 0.01, 0.2], "p_W": [0.002, 0.4, 0.011, 0.3],
+                        "alpha_corrected": 0.0125})
+    t = R.control_rule_text(ctl, audit_levels={"a": 0.0025, "b": 0.0025, "c": 0.0025})
+    assert "passes (a valid cell at its own Bonferroni level, 0.0125) in 2 of the 3 models (a and b)" in t
+    assert "at the audit's stricter per-cell level (0.0025) it passes in 1 of them (a)" in t
+    assert "the audit's nulls in the other 1 model cannot be read either way" in t
+    allok = R.control_rule_text(ctl.assign(sig_dual_bonf=True, p_t=1e-4, p_W=1e-4), audit_levels=dict.fromkeys("abc", 0.0025))
+    assert "in 3 of the 3 models" in allok and "cannot be read" not in allok

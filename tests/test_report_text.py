@@ -435,3 +435,24 @@ def test_regime_over_few_tokens_says_the_gain_is_understated():
     assert "barely reads" not in text  # no near-unigram verdict from a biased baseline
     many = loss_regime(np.arange(300) % 3, np.ones(300), 100)
     assert not many["small_sample"] and "Over only" not in report.regime_text(many)
+
+
+def test_hits_that_sit_in_one_layer_are_located():
+    v = _verdicts(cells=(20, 20), unc=(3, 2), unc_pos=(2, 2))
+    table = pd.DataFrame({"model": ["m1"] * 4 + ["m2"] * 3,
+                          "ranking": ["activation_norm", "activation_std", "utilization_rate", "activation_norm",
+                                      "activation_norm", "activation_std", "utilization_rate"],
+                          "layer": [0, 0, 0, 4, 1, 5, 5], "p_t": [0.0016, 0.01, 0.04, 0.6, 0.03, 0.02, 0.7],
+                          "cohens_dz": [0.23, 0.2, -0.15, 0.01, 0.16, 0.17, 0.0],
+                          "sig_t_bonf": [True, False, False, False, False, False, False],
+                          "sig_dual_bonf": [False] * 7})
+    text = report.family_verdict_text(v, table)
+    m1, m2 = text.split("\n\n")[1:3]
+    assert "All 3 of its uncorrected hits sit at layer 0. Its t-test pass at the Bonferroni level: activation norm " \
+           "at layer 0 (p_t = 0.0016)." in m1
+    assert "sit at layer" not in m2 and "t-test pass at" not in m2  # one hit per layer: no majority, no pass
+    moved = table.assign(layer=[0, 0, 3, 4, 1, 5, 5])
+    assert "2 of its 3 uncorrected hits sit at layer 0." in report.family_verdict_text(v, moved)
+    assert "sit at layer" not in report.family_verdict_text(v)  # without the table nothing is located
+    two = table.assign(p_t=[0.0016, 0.01, 0.4, 0.6, 0.03, 0.02, 0.7])
+    assert "Both of its uncorrected hits sit at layer 0." in report.family_verdict_text(v, two)

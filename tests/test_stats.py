@@ -721,3 +721,22 @@ def test_a_spread_that_overflows_is_untested_not_a_confident_null():
     h, lo = np.r_[rng.normal(1, 1, 50), 1e155], np.r_[rng.normal(0, 1, 50), 0.0]
     row = S.paired_effect(h, lo).iloc[0]
     assert "overflows" in row.reason and np.isnan(row.cohens_dz) and np.isnan(row.p_t) and not row.sig_dual
+
+
+def test_sign_test_power_and_detectable_share_by_hand():
+    # n = 10, 5% level: only k in {0, 1, 9, 10} reject (p = 22/1024 at k = 9, 112/1024 at k = 8)
+    q = 0.8
+    by_hand = q ** 10 + 10 * q ** 9 * (1 - q) + (1 - q) ** 10 + 10 * (1 - q) ** 9 * q
+    assert S.sign_test_power(q, 10) == pytest.approx(by_hand, rel=1e-12)
+    assert S.sign_test_power(0.5, 10) == pytest.approx(22 / 1024, rel=1e-12)
+    share = S.sign_test_detectable_share(10)
+    assert share ** 10 + 10 * share ** 9 * (1 - share) + (1 - share) ** 10 + 10 * (1 - share) ** 9 * share \
+        == pytest.approx(0.8, abs=1e-8)
+    # more values detect a smaller excess; a stricter level needs a larger one
+    assert 0.5 < S.sign_test_detectable_share(200) < S.sign_test_detectable_share(200, alpha=0.05 / 8) < share
+    assert math.isnan(S.sign_test_detectable_share(2))  # two values can never reach p < 0.05
+    for bad in ({"share": 1.5, "n": 10}, {"share": 0.6, "n": 0}):
+        with pytest.raises(ValueError):
+            S.sign_test_power(bad["share"], bad["n"])
+    with pytest.raises(ValueError):
+        S.sign_test_detectable_share(10, power=1.0)

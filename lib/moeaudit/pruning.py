@@ -341,15 +341,16 @@ def validity_claim_texts(claims, *, alpha: float, n_draws: int, labels=None, bea
     name = (lambda c: labels.get(c, c)) if labels else (lambda c: c)  # noqa: E731
     c = claims[claims.m > 0]
     if c.empty:
-        msg = "No per-expert criterion fails the token-level audit, so the rank test has nothing to say about the claim"
+        msg = ("Every per-expert criterion passes the token-level audit in some cell, so the rank test has nothing to say "
+               "about the claim")
         return {"paper_claim_verdict": msg, "shows_verdict": msg}
     ms = sorted(set(c.m))
     m_txt = f"{ms[0]}" if len(ms) == 1 else f"{ms[0]}–{ms[-1]}"
     levels = sorted(set(round(v, 6) for v in c.level))
     lvl_txt = f"{levels[0]:.3g}" if len(levels) == 1 else f"{levels[0]:.3g}–{levels[-1]:.3g}"
     p_min = float(c.p_min.iloc[0])
-    head = (f"Corrected for the {m_txt} failing criteria tested per model (Bonferroni, α/m = {lvl_txt}; each criterion "
-            "must reach it at every fraction)")
+    head = (f"Corrected for the {m_txt} criteria per model not shown valid at the token level (Bonferroni, α/m = "
+            f"{lvl_txt}; each criterion must reach it at every fraction)")
     against = c[c.corrected.map(len) > 0]
     unc = c[c.uncorrected.map(len) > 0]
     unc_items = [(r.model, x, q) for r in unc.itertuples() for x, q in zip(r.uncorrected, r.uncorrected_p)]
@@ -370,10 +371,12 @@ def validity_claim_texts(claims, *, alpha: float, n_draws: int, labels=None, bea
                                "the random draws at every fraction" for r in against.itertuples())
                    + ". On the other models no failing criterion is shown better than the random draws")
         shows = (f"So on {models} token-level validity, the paper's Definition 2.1, is not necessary for a criterion to "
-                 f"prune better than chance (corrected for the criteria tested); on the other models the rank test does "
+                 f"prune better than chance (corrected for the criteria tested; \"not valid\" here means not shown valid "
+                 "at the token level); on the other models the rank test does "
                  "not show it")
         return {"paper_claim_verdict": verdict, "shows_verdict": shows}
-    verdict = f"{head}, no criterion that fails the token-level audit is shown to prune better than the random draws"
+    verdict = (f"{head}, no criterion that is not shown valid at the token level is shown to prune better than the "
+               "random draws")
     if attain_txt:
         verdict += f": {attain_txt}"
     if len(unc):
@@ -381,18 +384,18 @@ def validity_claim_texts(claims, *, alpha: float, n_draws: int, labels=None, bea
                     f"fraction, which does not survive the correction and is not evidence against the claim")
     verdict += (". The claim is not contradicted; nor is it confirmed, since a rank test that does not reject does not "
                 "show a criterion to be no better than random")
-    shows = ("So the rank test, corrected for the criteria tested, does not show on any model that a criterion failing "
-             "the token-level audit prunes better than chance"
+    shows = ("So the rank test, corrected for the criteria tested, does not show on any model that a criterion not "
+             "shown valid at the token level prunes better than chance"
              + (f" (with {n_draws} draws it could not have)" if len(unattainable) == len(c) else ""))
     if beat_all is not None:
         k, n = (int(v) for v in beat_all)
         expect = n / (n_draws + 1)
         shows += (f"; the number of settings that beat every draw, {k} of {n} against about {expect:.1f} by chance, "
-                  + ("leans towards it, but the settings of a model share their random draws and agreeing criteria "
-                     "share their plans, so that count is not a valid test" if k > expect else
-                     "is no larger than chance gives"))
+                  + ("leans towards criteria pruning better than random, but it is not a valid test (the settings of "
+                     "a model share their random draws and agreeing criteria share their plans), so no p-value is "
+                     "attached to it" if k > expect else "is no larger than chance gives"))
     shows += (". Whether token-level validity is necessary for pruning better than chance is not decided by these "
-              "data, and the failing criteria are not shown to be no better than random either")
+              "data, and those criteria are not shown to be no better than random either")
     return {"paper_claim_verdict": verdict, "shows_verdict": shows}
 
 
@@ -434,3 +437,96 @@ def below_unpruned_text(results, unpruned, *, labels=None) -> str:
             "move the held-out perplexity by a fraction of a percent either way; nothing is concluded from it here "
             "(it says nothing about which criterion finds dispensable experts, and the comparisons above are with the "
             "random draws, not with the unpruned model).")
+
+
+def random_mean_counts_text(vs_random, *, what: str = "settings", value: str = "perplexity", sub: str | None = "fraction",
+                            beat_all: bool = True) -> str:
+    """Per-model counts of criterion settings that prune better than the mean of the random draws
+    (chapter 10), naming where criteria do *worse* than the random mean more often than not.
+
+    ``vs_random``: :func:`compare_with_random` rows (``model``, ``beats_mean``, ``beats_all``, and the
+    column ``sub`` when given). Returns a clause without a final period: per model, how many of its
+    settings lie below the random mean (and, with ``beat_all``, beat every draw); then the models, and
+    the (model, ``sub``) groups of a model that is not already named, where fewer than half of the
+    settings lie below the random mean. ``what`` names the settings, ``value`` the quantity compared.
+    ``ValueError`` for an empty table.
+    """
+    if len(vs_random) == 0:
+        raise ValueError("vs_random is empty")
+    per = []
+    for m, g in vs_random.groupby("model", sort=False):
+        txt = f"{m} {int(g.beats_mean.sum())} of {len(g)}"
+        if beat_all:
+            txt += f" ({int(g.beats_all.sum())} beat every draw)"
+        per.append(txt)
+    from .report import join_words  # noqa: PLC0415
+
+    s = f"per model, {what} with a lower {value} than the random mean: " + "; ".join(per)
+    share = vs_random.groupby("model", sort=False).beats_mean.mean()
+    worse = list(share.index[share < 0.5])
+    groups = []
+    if sub is not None and sub in vs_random:
+        sh = vs_random[~vs_random.model.isin(worse)].groupby(["model", sub], sort=False).beats_mean.agg(["sum", "size"])
+        for (m, v), r in sh[sh["sum"] < sh["size"] / 2].iterrows():
+            label = f"{v:.0%}" if sub == "fraction" else f"{sub} {v}"
+            groups.append(f"{m} at {label} ({int(r['size'] - r['sum'])} of {int(r['size'])} worse)")
+    if worse or groups:
+        s += ("; criteria do worse than the random mean more often than not on "
+              + join_words([f"{m} ({int((~vs_random[vs_random.model == m].beats_mean).sum())} of "
+                            f"{int((vs_random.model == m).sum())} worse)" for m in worse] + groups))
+    return s
+
+
+def null_strength_text(table, *, bound_d: float = 0.2, power: float = 0.8) -> str:
+    """How strong the token-level nulls of ``table`` are (chapter 10), as a clause without a final period.
+
+    ``table``: :func:`moeaudit.stats.audit_table` rows (``n``, ``alpha_corrected``) of the cells that
+    are not significant. States the range of the minimum detectable |d_z| at the cells' Bonferroni
+    level with ``power`` (:func:`moeaudit.stats.min_detectable_dz`) and whether equivalence within
+    ±``bound_d`` (TOST at the same level) could pass at any of them
+    (:func:`moeaudit.stats.min_equivalence_bound`). ``""`` for an empty table.
+    """
+    from .stats import min_detectable_dz, min_equivalence_bound  # noqa: PLC0415
+
+    t = table[table.n >= 3]
+    if t.empty:
+        return ""
+    mde = [min_detectable_dz(int(n), alpha=float(a), power=power) for n, a in zip(t.n, t.alpha_corrected)]
+    eq = [min_equivalence_bound(int(n), alpha=float(a)) for n, a in zip(t.n, t.alpha_corrected)]
+    rng = lambda v: f"{min(v):.2f}" if f"{min(v):.2f}" == f"{max(v):.2f}" else f"{min(v):.2f}–{max(v):.2f}"  # noqa: E731
+    n_rng = f"{int(t.n.min())}" if t.n.min() == t.n.max() else f"{int(t.n.min())}–{int(t.n.max())}"
+    can = sum(b < bound_d for b in eq)
+    return (f"with {n_rng} positions per cell, the minimum detectable |d_z| at the Bonferroni level with {power:.0%} "
+            f"power is {rng(mde)}, and equivalence within ±{bound_d:g} (TOST at the same level, which needs a bound above "
+            f"{rng(eq)}) " + ("cannot be shown at any of these cells" if can == 0 else
+                              f"could be shown at {can} of the {len(t)} cells at most"))
+
+
+def bf_null_reading_text(bf, control_table, *, r: float, control: str = "routing_weight") -> str:
+    """What ``BF10 < 1/3`` means for the audit's cells (chapter 10), with the routing-weight control as
+    the comparison, as sentences ending with a period.
+
+    ``bf``: one row per cell with ``model``, ``ranking``, ``layer``, ``BF10`` (JZS, Cauchy prior of scale
+    ``r``); ``control_table``: :func:`moeaudit.stats.audit_table` rows of the ``control`` ranking
+    (``model``, ``layer``, ``sig_dual_bonf``). A Bayes factor below 1/3 favours δ = 0 over an alternative
+    that spreads its effects on the prior's scale (|δ| around ``r``), not over effects of the size the
+    design can barely detect; the sentence counts, among the control's cells whose dual test is not
+    significant, those whose BF10 is below 1/3, per model, so that the reader can see the criterion
+    "favouring the null" where the control's effect is known to be positive in other cells.
+    """
+    from .report import join_words  # noqa: PLC0415
+
+    s = (f"BF10 < 1/3 favours no effect over an alternative whose effects spread on the prior's scale (|d_z| around "
+         f"{r:g}); it does not favour no effect over effects of the small size this design can barely detect")
+    c = bf[bf.ranking == control].merge(control_table[["model", "layer", "sig_dual_bonf"]], on=["model", "layer"])
+    fail = c[~c.sig_dual_bonf.astype(bool)]
+    if fail.empty:
+        return s + "."
+    per = [f"{m}: {int((g.BF10 < 1 / 3).sum())} of {len(g)}" for m, g in fail.groupby("model", sort=False)]
+    n_null = int((fail.BF10 < 1 / 3).sum())
+    return (s + f". By the same criterion the routing-weight control, the audit's positive reference, "
+            + ("\"favours the null\" in " if n_null else "favours the null in none of ")
+            + (f"{n_null} of the {len(fail)} cells where its dual test is not significant ({join_words(per)})"
+               if n_null else f"the {len(fail)} cells where its dual test is not significant")
+            + (", so such a count for the other rankings does not show that their effects are absent." if n_null
+               else "."))

@@ -410,11 +410,21 @@ def share_checks(summary: pd.DataFrame, *, alpha: float = 0.05, power: float = 0
     a value is not positive. Power columns as in :func:`explanation_checks`, for the distance
     from -1. The nominal 1/k ignores how the combine weights and the experts' output norms change
     with k; the per-unit checks of :func:`explanation_checks` use the measured removed output
-    instead."""
+    instead.
+
+    The signed damage (``single_mean_dl``) can be zero or negative, so it has no logarithm; where
+    ``summary`` has it, a last row ``single_k_mean_dl`` tests ``top_k · single_mean_dl`` (nats)
+    against ``log2(top_k)`` for a slope of 0, which is what a damage falling like 1/k gives
+    (``"steeper than 1/k"``: the damage falls faster). It is a separate test at ``alpha``, not
+    part of the Holm family of the log-log rows."""
     missing = [q for _, q in SHARE_QUANTITIES if q not in summary.columns]
     if missing:
         raise KeyError(f"summary lacks the quantities {missing} (see model_summary)")
     out = _trend_rows(summary, SHARE_QUANTITIES, alpha=alpha, power=power, reference_slope=-1.0, transform=np.log2)
+    if "single_mean_dl" in summary.columns:
+        scaled = summary.assign(single_k_mean_dl=summary.top_k * summary.single_mean_dl)
+        damage = _trend_rows(scaled, [("damage shrinks like 1/k", "single_k_mean_dl")], alpha=alpha, power=power)
+        out = pd.concat([out, damage], ignore_index=True)
     out["relation"] = [{"falls": "steeper than 1/k", "grows": "shallower than 1/k",
                         "not detected": "not distinguishable from 1/k"}.get(o, "untested") for o in out.observed]
     return out.drop(columns="observed")
@@ -529,8 +539,9 @@ def _power_phrase(r, *, power: float, m: int, alpha: float, unit: str, reference
     """How large a slope the test would have caught, and whether equivalence could be shown."""
     if not np.isfinite(getattr(r, "min_detectable_slope", np.nan)):
         return ""
+    where = f"at Holm's strictest level ({alpha:g}/{m})" if m > 1 else f"at the level {alpha:g}"
     return (f"A slope that differs from {reference} by {r.min_detectable_slope:.3g} {unit} per doubling would be "
-            f"detected with {power:.0%} power at Holm's strictest level ({alpha:g}/{m}); equivalence (TOST at that "
+            f"detected with {power:.0%} power {where}; equivalence (TOST at that "
             "level) could "
             f"bound the slope only within ±{r.equivalence_bound:.3g} {unit} of {reference}, so a "
             f"{'flat' if reference == 'zero' else 'matching'} trend is not shown either.")
@@ -701,8 +712,10 @@ def _explanation_summary(checks: pd.DataFrame) -> str:
     if specific:
         parts.append(f"They support it, beyond what the output-share alternative explains, where {_join_claims(specific)}.")
     if unspecific:
-        parts.append(f"They agree with it where {_join_claims(unspecific)}, but the output-share alternative predicts "
-                     "that as well, so this alone does not show compensation.")
+        both = len(unspecific) > 1
+        parts.append(f"They agree with it where {_join_claims(unspecific)}; but the output-share alternative predicts "
+                     + ("each of these falls as well, so none of them alone shows compensation." if both else
+                        "that fall as well, so it alone does not show compensation."))
     if "single_mean_abs_dl" in unspecific and "single_mean_dl" in open_q:
         parts.append("The size of a single removal's loss change falls with top-k while its mean, the damage, shows no "
                      "detectable trend: the size counts removals that lower the loss as well, so it does not show that "
@@ -716,13 +729,20 @@ def _explanation_summary(checks: pd.DataFrame) -> str:
 
 def _share_text(shares: pd.DataFrame, checks: pd.DataFrame, *, alpha: float, power: float) -> str:
     """The output-share alternative, stated and tested (:func:`share_checks`), with the per-unit checks."""
-    m = int(shares.p_holm.notna().sum())
     lines = ["*The alternative.* Each of the k active experts carries part of the block's output. If that part is "
-             "about 1/k, removing one changes the output, and so the loss, by less at larger k with no compensation "
-             "at all. On a log-log scale that share alone predicts a slope of −1 per doubling of k (a halving)."]
+             "about 1/k, removing one changes the output by about 1/k, and a loss that responds in proportion changes "
+             "by about 1/k too, with no expert standing in for another. On a log-log scale that share alone predicts "
+             "a slope of −1 per doubling of k (a halving); for the signed damage, which can be zero or negative and "
+             "has no logarithm, it predicts that k times the mean ΔL stays constant."]
     names = {"single_mean_gap": "The removed output (mean gap norm)",
              "single_mean_abs_dl": "The size of the loss change (mean |ΔL|)"}
+    log_m = int(shares[shares.quantity != "single_k_mean_dl"].p_holm.notna().sum())
+    damage_rel = None
     for r in shares.itertuples():
+        if r.quantity == "single_k_mean_dl":
+            damage_rel = r.relation
+            lines.append(_damage_share_line(r, power=power, alpha=alpha))
+            continue
         if r.relation == "untested":
             lines.append(f"- {names[r.quantity]}: not testable here ({r.reason}).")
             continue
@@ -733,15 +753,22 @@ def _share_text(shares: pd.DataFrame, checks: pd.DataFrame, *, alpha: float, pow
                    "the loss change falls by more than a 1/k share alone would give; the excess is room for "
                    "compensation, or for a removed output that shrinks faster than 1/k",
                ("single_mean_abs_dl", "shallower than 1/k"):
-                   "the loss change falls by less than a 1/k share alone would give, so its fall needs no "
-                   "compensation to explain it"}.get((r.quantity, r.relation),
+                   "the size of the loss change falls by less than a 1/k share alone would give, so the 1/k share "
+                   "explains the fall of |ΔL| without compensation"}.get((r.quantity, r.relation),
                                                      "not distinguishable from a 1/k share")
         power_note = ("" if r.relation != "not distinguishable from 1/k" else
-                      " " + _power_phrase(r, power=power, m=m, alpha=alpha, unit="log2 units", reference="−1"))
+                      " " + _power_phrase(r, power=power, m=log_m, alpha=alpha, unit="log2 units", reference="−1"))
         lines.append(f"- {names[r.quantity]} changes by a factor {factor:.3g} per doubling of k (log-log slope "
                      f"{r.slope:+.3f}, 95% CI [{r.ci_low:+.3f}, {r.ci_high:+.3f}]; against −1: p = {r.p:.2g}, "
-                     f"Holm-adjusted over {m} slopes: {r.p_holm:.2g}){_seed_directions(r, reference='−1')}: {rel}."
+                     f"Holm-adjusted over {log_m} slopes: {r.p_holm:.2g}){_seed_directions(r, reference='−1')}: {rel}."
                      + power_note)
+    abs_rel = shares.set_index("quantity").relation.get("single_mean_abs_dl", "untested")
+    if abs_rel == "shallower than 1/k" and damage_rel == "steeper than 1/k":
+        lines.append("So the 1/k share can explain the fall of the size of the loss change, but not the fall of the "
+                     "damage, which is steeper.")
+    elif abs_rel == "shallower than 1/k" and damage_rel == "not distinguishable from 1/k":
+        lines.append("So the 1/k share explains the fall of the size of the loss change; whether it explains the fall "
+                     "of the damage as well is not decided by this test.")
     per_unit = checks.set_index("quantity")
     summary = []
     for q, what in (("single_abs_dl_per_gap", "the size of the loss change"), ("single_dl_per_gap", "the damage")):
@@ -749,8 +776,11 @@ def _share_text(shares: pd.DataFrame, checks: pd.DataFrame, *, alpha: float, pow
             continue
         r = per_unit.loc[q]
         state = {"falls": "falls as top-k grows", "grows": "grows as top-k grows",
-                 "not detected": "shows no detectable trend with top-k", "untested": "cannot be tested"}[r.observed]
-        summary.append(f"{what} per unit of removed output {state}")
+                 "not detected": "shows no trend with top-k detected after Holm's adjustment",
+                 "untested": "cannot be tested"}[r.observed]
+        excl = (f", with Holm-adjusted p = {r.p_holm:.2g} although the unadjusted 95% CI [{r.ci_low:+.3g}, "
+                f"{r.ci_high:+.3g}] excludes zero" if _unadjusted_note(r) else "")
+        summary.append(f"{what} per unit of removed output {state}{excl}")
     if summary:
         lines.append("\nThe nominal 1/k ignores how the combine weights and the experts' output norms change with k, so "
                      "the direct test uses the measured removed output: " + "; ".join(summary)
@@ -783,11 +813,15 @@ def _pool_text(pools: pd.DataFrame, *, alpha: float, power: float) -> str:
                 if r.observed == "untested":
                     parts.append(f"against {r.reference} ({r.comparison}): not testable ({r.reason})")
                     continue
-                what = {"higher": "higher", "lower": "lower", "not detected": "no difference detected"}[r.observed]
+                what = {"higher": "higher", "lower": "lower",
+                        "not detected": "no difference detected after Holm's adjustment"}[r.observed]
                 overlap = ("the two settings' models overlap" if bool(r.ranges_overlap) else
                            "every model of one setting lies beyond every model of the other")
                 parts.append(f"against {r.reference} ({r.comparison}), {what}: {r.mean:.3g} against {r.mean_ref:.3g}, "
-                             f"difference {r.diff:+.3g} {unit} (95% CI [{r.ci_low:+.3g}, {r.ci_high:+.3g}], pooled t on "
+                             f"difference {r.diff:+.3g} {unit} (unadjusted 95% CI [{r.ci_low:+.3g}, {r.ci_high:+.3g}]"
+                             + ("; it excludes zero, the Holm-adjusted test does not reject"
+                                if r.observed == "not detected" and (r.ci_low > 0 or r.ci_high < 0) else "")
+                             + f", pooled t on "
                              f"{int(r.df)} df, p = {r.p:.2g}, Holm-adjusted over {m} comparisons: {r.p_holm:.2g}; "
                              f"{overlap})")
             lines.append(f"- {name[0].upper() + name[1:]}: " + "; ".join(parts) + ". " + _pool_reading(gq))
@@ -819,10 +853,14 @@ def _pool_reading(g: pd.DataFrame) -> str:
     same_k = by.observed.get("same k", "untested")
     same_ke = by.observed.get("same k/E", "untested")
     said = []
+    p = by.p_holm if "p_holm" in by else pd.Series(dtype=float)
     if same_k in ("higher", "lower"):
-        said.append("at the same top-k the pool changes it, so top-k alone does not set it")
+        said.append(f"at the same top-k the two pools differ in it (Holm-adjusted p = {p['same k']:.2g}), so top-k "
+                    "alone does not set it; the difference may come from k/E or from the smaller pool's parameter count")
     if same_ke in ("higher", "lower"):
-        said.append("at the same k/E a different top-k changes it, so k/E alone does not set it")
+        said.append(f"at the same k/E the two settings differ in it (Holm-adjusted p = {p['same k/E']:.2g}), which may "
+                    "come from their different top-k or from the smaller pool's parameter count, so k/E alone does not "
+                    "set it")
     if not said:
         said.append("the family cannot tell top-k from k/E for it at this power")
     closer = by[by.closer.fillna(False).astype(bool)].index.tolist() if "closer" in by else []
@@ -862,6 +900,66 @@ def _observed(r, m: int) -> str:
     if np.isfinite(getattr(r, "value", np.nan)):
         return f"{name} is {r.value:g} in every model"
     trend = {"falls": "falls as top-k grows", "grows": "grows as top-k grows",
-             "not detected": "shows no detectable trend with top-k"}
-    return (f"{name} {trend[r.observed]} (slope {r.slope:+.3g} {unit} per doubling, 95% CI [{r.ci_low:+.3g}, "
-            f"{r.ci_high:+.3g}], p = {r.p:.2g}, Holm-adjusted over {m} trends: {r.p_holm:.2g})")
+             "not detected": "shows no trend with top-k detected after Holm's adjustment"}
+    return (f"{name} {trend[r.observed]} (slope {r.slope:+.3g} {unit} per doubling, unadjusted 95% CI "
+            f"[{r.ci_low:+.3g}, {r.ci_high:+.3g}], p = {r.p:.2g}, Holm-adjusted over {m} trends: {r.p_holm:.2g}"
+            + _unadjusted_note(r) + ")")
+
+
+def _unadjusted_note(r) -> str:
+    """``"; the unadjusted interval excludes zero, the Holm-adjusted test does not reject"`` for a row
+    whose ``observed`` is ``"not detected"`` although its unadjusted ``ci_low``/``ci_high`` lie on one
+    side of zero; ``""`` otherwise."""
+    if getattr(r, "observed", "") != "not detected" or not (r.ci_low > 0 or r.ci_high < 0):
+        return ""
+    return "; the unadjusted interval excludes zero, the Holm-adjusted test does not reject"
+
+
+def _damage_share_line(r, *, power: float, alpha: float) -> str:
+    """The signed damage against the 1/k share (the ``single_k_mean_dl`` row of :func:`share_checks`)."""
+    if r.relation == "untested":
+        return f"- The damage (mean ΔL): not testable against 1/k here ({r.reason})."
+    rel = {"steeper than 1/k": "the damage falls faster than a 1/k share alone would give: room for compensation, or "
+                               "for a removed output that shrinks faster than 1/k",
+           "shallower than 1/k": "the damage falls more slowly than a 1/k share, which explains its fall without "
+                                 "compensation",
+           "not distinguishable from 1/k": "not distinguishable from a damage that falls like 1/k"}[r.relation]
+    note = ("" if r.relation != "not distinguishable from 1/k" else
+            " " + _power_phrase(r, power=power, m=1, alpha=alpha, unit="nats", reference="zero").replace(
+                "a flat trend", "a 1/k fall"))
+    return (f"- The damage (mean ΔL) times k changes by {r.slope:+.3g} nats per doubling of k (95% CI "
+            f"[{r.ci_low:+.3g}, {r.ci_high:+.3g}]; against 0, what a 1/k fall gives: p = {r.p:.2g}, a separate test at "
+            f"{alpha:g}){_seed_directions(r, reference='zero')}: {rel}." + note)
+
+
+def control_rule_text(control: pd.DataFrame, *, audit_levels: Mapping[str, float]) -> str:
+    """Which models' audit nulls can be read at all, by the control rule of chapter 5 (a model whose
+    routing-weight control fails has an audit null that cannot be read either way), as sentences.
+
+    ``control``: :func:`moeaudit.stats.audit_table` rows of the routing-weight control (``model``,
+    ``sig_dual_bonf``, ``cohens_dz``, ``p_t``, ``p_W``, ``alpha_corrected``); ``audit_levels``:
+    {model: the audit's per-cell Bonferroni level}. The control passes at its own level where some cell
+    is valid (:func:`_valid`); it passes at the audit's level where some cell has d_z > 0 and both
+    ``p_t`` and ``p_W`` below that level (the dual test at the stricter level).
+    """
+    models = list(dict.fromkeys(control.model))
+    own = [m for m in models if _valid(control[control.model == m]).any()]
+    at_audit = [m for m in own if any((r.cohens_dz > 0) and (r.p_t < audit_levels[m]) and (r.p_W < audit_levels[m])
+                                      for r in control[control.model == m].itertuples())]
+    n = len(models)
+    own_lvl = sorted({float(v) for v in control.alpha_corrected})
+    lvl = f"{own_lvl[0]:.3g}" if len(own_lvl) == 1 else f"{own_lvl[0]:.3g}–{own_lvl[-1]:.3g}"
+    aud = sorted({float(audit_levels[m]) for m in models})
+    alvl = f"{aud[0]:.3g}" if len(aud) == 1 else f"{aud[0]:.3g}–{aud[-1]:.3g}"
+    s = (f"The routing-weight control passes (a valid cell at its own Bonferroni level, {lvl}) in {len(own)} of the "
+         f"{n} models" + (f" ({_join_words(own)})" if 0 < len(own) < n else ""))
+    if own:
+        s += (f"; at the audit's stricter per-cell level ({alvl}) it passes in "
+              + (f"{len(at_audit)} of them" + (f" ({_join_words(at_audit)})" if 0 < len(at_audit) < len(own) else "")
+                 if at_audit else "none of them"))
+    s += "."
+    if len(own) < n:
+        s += (f" By the control rule of the routing-weight chapter, the audit's nulls in the other {n - len(own)} "
+              "model" + ("s" if n - len(own) != 1 else "") + " cannot be read either way: there the design does not "
+              "detect even the control's effect.")
+    return s

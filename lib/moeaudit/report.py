@@ -470,7 +470,8 @@ def _hit_concentration(table: pd.DataFrame, model: str, level: float) -> str:
         counts = hits.layer.value_counts()
         layer, m = counts.index[0], int(counts.iloc[0])
         if 2 * m > len(hits):
-            out += (f"All {len(hits)} of its uncorrected hits" if m == len(hits) else
+            out += ("Both of its uncorrected hits" if m == len(hits) == 2 else
+                    f"All {len(hits)} of its uncorrected hits" if m == len(hits) else
                     f"{m} of its {len(hits)} uncorrected hits") + f" sit at layer {layer}."
     if "sig_t_bonf" in fam.columns:
         bonf = fam[fam.sig_t_bonf.fillna(False).astype(bool)]
