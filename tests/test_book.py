@@ -244,3 +244,14 @@ def test_a_long_build_reports_starts_finishes_and_what_is_still_running(monkeypa
     assert any(ln.startswith("executed quick") and "1 of 2 done" in ln for ln in lines)
     assert any(ln.startswith("still running after") and "slow (" in ln and "1 of 2 done" in ln for ln in lines)
     assert lines[-1].startswith("executed slow") and "2 of 2 done" in lines[-1]
+
+
+def test_the_readme_library_map_is_current_and_names_every_module():
+    from moeaudit import book as B
+
+    readme = (B.REPO_ROOT / "README.md").read_text()
+    current = readme.split(B.LIBRARY_MAP_BEGIN)[1].split(B.LIBRARY_MAP_END)[0].strip()
+    assert current == B.library_map(), "README's library map is out of date: run python -m moeaudit.book library-map"
+    modules = {p.stem if p.name != "__init__.py" else p.parent.name
+               for p in (B.REPO_ROOT / "lib" / "moeaudit").rglob("*.py") if p.parent.name != "moeaudit" or p.name != "__init__.py"}
+    assert all(f"| `{m}` |" in current for m in modules)

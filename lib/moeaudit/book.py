@@ -6,6 +6,7 @@
     python -m moeaudit.book chapter 04_audit -p n_positions 50 -p models '["tiny-olmoe"]'
     python -m moeaudit.book list                        # chapters, their parameters and allowed values
     python -m moeaudit.book bad-inputs                  # rewrite docs/bad_inputs.md (bad values, messages)
+    python -m moeaudit.book library-map                 # rewrite the README's library map from the module docstrings
 
 ``build`` skips a chapter whose executed notebook was produced from the same source, parameters,
 library and model files (``--force`` re-executes everything); raw records are cached separately
@@ -408,6 +409,45 @@ def list_parameters(stem: str) -> list[str]:
     return [f"  {name} = {json.dumps(defaults.get(name), default=str)}: {allowed[name]}" for name in names]
 
 
+#: the lines that enclose the generated library map in README.md
+LIBRARY_MAP_BEGIN = "<!-- library map: generated from the module docstrings by python -m moeaudit.book library-map -->"
+LIBRARY_MAP_END = "<!-- end of the library map -->"
+
+
+def library_map(package: Path = REPO_ROOT / "lib" / "moeaudit") -> str:
+    """A markdown table of every module of the package (and subpackage), in name order, with the first
+    sentence of its docstring: the README's library map. ``ValueError`` naming a module without a
+    docstring."""
+    import ast  # noqa: PLC0415
+
+    rows = ["| module | what |", "| --- | --- |"]
+    for path in sorted(package.rglob("*.py")):
+        rel = path.relative_to(package)
+        if rel.name == "__init__.py" and rel.parent == Path("."):
+            continue
+        name = ".".join(rel.with_suffix("").parts).removesuffix(".__init__")
+        doc = ast.get_docstring(ast.parse(path.read_text()))
+        if not doc:
+            raise ValueError(f"module moeaudit.{name} has no docstring: the library map is made from them")
+        para = " ".join(doc.split("\n\n")[0].split())
+        first = re.split(r"(?<=[.!?])\s", para, maxsplit=1)[0].rstrip(".")
+        first = re.sub(r":\w+:`([^`]+)`", r"`\1`", first).replace("``", "`")  # reST roles and literals as Markdown
+        rows.append(f"| `{name}` | {first.replace('|', '/')} |")
+    return "\n".join(rows)
+
+
+def write_library_map(readme: Path = REPO_ROOT / "README.md") -> Path:
+    """Replace the text between :data:`LIBRARY_MAP_BEGIN` and :data:`LIBRARY_MAP_END` in ``readme`` with
+    :func:`library_map`. ``ValueError`` when the markers are missing."""
+    text = readme.read_text()
+    if LIBRARY_MAP_BEGIN not in text or LIBRARY_MAP_END not in text:
+        raise ValueError(f"{readme} lacks the library-map markers")
+    head, rest = text.split(LIBRARY_MAP_BEGIN, 1)
+    _, tail = rest.split(LIBRARY_MAP_END, 1)
+    readme.write_text(f"{head}{LIBRARY_MAP_BEGIN}\n{library_map()}\n{LIBRARY_MAP_END}{tail}")
+    return readme
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m moeaudit.book", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -423,11 +463,15 @@ def main(argv=None) -> int:
     c.add_argument("--no-html", action="store_true", help="skip the HTML rebuild")
     sub.add_parser("list", help="list chapters, their parameters, defaults and allowed values")
     sub.add_parser("bad-inputs", help="write the table of bad inputs and what they get to docs/bad_inputs.md")
+    sub.add_parser("library-map", help="rewrite the README's library map from the module docstrings")
     args = ap.parse_args(argv)
     if args.cmd == "list":
         for stem in chapters():
             print(stem)
             print("\n".join(list_parameters(stem)))
+        return 0
+    if args.cmd == "library-map":
+        print(f"wrote {write_library_map()}")
         return 0
     if args.cmd == "bad-inputs":
         from .badinputs import write_page  # noqa: PLC0415

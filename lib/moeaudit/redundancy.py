@@ -1,4 +1,4 @@
-"""Does redundancy explain the null? The analysis of the controlled redundancy family.
+"""The analysis of the controlled redundancy family (chapter 11): does redundancy explain the null?
 
 The paper reads its null result through redundancy (Section 4, Discussion): removing seven of
 eight active experts at OLMoE's layers 0-9 leaves the mean loss almost unchanged, so any selection
