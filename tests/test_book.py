@@ -255,3 +255,27 @@ def test_the_readme_library_map_is_current_and_names_every_module():
     modules = {p.stem if p.name != "__init__.py" else p.parent.name
                for p in (B.REPO_ROOT / "lib" / "moeaudit").rglob("*.py") if p.parent.name != "moeaudit" or p.name != "__init__.py"}
     assert all(f"| `{m}` |" in current for m in modules)
+
+
+def test_retraining_one_family_model_marks_only_the_chapters_that_load_it(monkeypatch, tmp_path):
+    """The execution key hashes the files of the shipped models a chapter loads, not the whole zoo."""
+    import shutil
+
+    from moeaudit import book as B
+    from moeaudit import zoo
+
+    assert B.chapter_models("04_audit") == sorted(["tiny-olmoe", "tiny-qwen-moe", "tiny-deepseek-v2"])
+    assert "olmoe-e8-k2-s1" in B.chapter_models("11_redundancy") and B.chapter_models("08_released_reanalysis") == []
+    assert B.chapter_models("A2_departures") == B.chapter_models("04_audit")  # it measures the audit's models
+    assert B.chapter_models("04_audit", {"models": ["olmoe-e8-k2-s1", "/some/dir"]}) == ["olmoe-e8-k2-s1"]
+    lib = Path(B.__file__).resolve().parent
+    fake = tmp_path / "moeaudit"
+    shutil.copytree(lib, fake, ignore=shutil.ignore_patterns("*.safetensors", "__pycache__"))
+    monkeypatch.setattr(B, "__file__", str(fake / "book.py"))
+    before = {stem: B.execution_key(stem) for stem in ("04_audit", "08_released_reanalysis", "11_redundancy")}
+    card = fake / "zoo" / "olmoe-e8-k2-s1" / "training_summary.json"
+    card.write_text(card.read_text() + " ")  # "retrained"
+    after = {stem: B.execution_key(stem) for stem in before}
+    assert after["11_redundancy"] != before["11_redundancy"]
+    assert after["04_audit"] == before["04_audit"] and after["08_released_reanalysis"] == before["08_released_reanalysis"]
+    assert zoo.SHIPPED_MODELS  # the registry itself is unchanged

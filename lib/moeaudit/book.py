@@ -110,11 +110,27 @@ def chapter_modules(stem: str) -> list[str]:
     return sorted(seen)
 
 
+def chapter_models(stem: str, parameters: dict | None = None) -> list[str]:
+    """The shipped models a chapter loads with these parameters (its defaults updated by
+    ``parameters``): the names in its ``models`` and ``family`` parameters, and those of the chapter
+    named by its ``chapter`` parameter (appendix A2), that are shipped models (a directory or hub id is
+    not part of the package). Sorted, each once."""
+    from .zoo import SHIPPED_MODELS  # noqa: PLC0415
+
+    values = {**notebook_parameters(stem), **(parameters or {})}
+    names = [*(values.get("models") or []), *(values.get("family") or [])]
+    if isinstance(values.get("chapter"), str) and values["chapter"] in chapters():  # A2 loads another chapter's
+        names += chapter_models(values["chapter"])
+    return sorted({n for n in names if isinstance(n, str) and n in SHIPPED_MODELS})
+
+
 def execution_key(stem: str, parameters: dict | None = None) -> str:
     """Hash of everything an executed chapter depends on: its source, its parameters, the package
     modules it imports (directly or through other modules, :func:`chapter_modules`), the package
-    data (shipped models, embedded corpus and released table) and the data/results locations.
-    Editing a module no chapter imports (training code, tests, benchmarks) leaves the key alone."""
+    data (embedded corpus and released table), the files of the shipped models it loads
+    (:func:`chapter_models`) and the data/results locations. Editing a module no chapter imports
+    (training code, tests, benchmarks) or retraining a shipped model a chapter does not load leaves
+    its key alone."""
     import hashlib  # noqa: PLC0415
 
     h = hashlib.sha256()
@@ -122,8 +138,10 @@ def execution_key(stem: str, parameters: dict | None = None) -> str:
     h.update(json.dumps(parameters or {}, sort_keys=True, default=str).encode())
     lib = Path(__file__).resolve().parent
     files = [lib / f"{m}.py" if (lib / f"{m}.py").is_file() else lib / m / "__init__.py" for m in chapter_modules(stem)]
-    files += [f for folder in ("data", "zoo") for f in sorted((lib / folder).rglob("*"))
-              if f.is_file() and f.suffix in (".json", ".safetensors", ".txt", ".parquet", ".csv")]
+    files += [f for f in sorted((lib / "data").rglob("*"))
+              if f.is_file() and f.suffix in (".json", ".txt", ".parquet", ".csv")]
+    files += [f for name in chapter_models(stem, parameters) for f in sorted((lib / "zoo" / name).rglob("*"))
+              if f.is_file() and f.suffix in (".json", ".safetensors", ".txt", ".csv")]
     for f in files:
         h.update(f.relative_to(lib).as_posix().encode())
         h.update(f.read_bytes())
