@@ -222,11 +222,11 @@ display(example[["model", "ranking", "layer", "seq_id", "t", "expert_high", "exp
 # checkpoints; re-run this chapter with `models` set to the real checkpoint ids on a GPU for that.
 #
 # ## Exercises
-# 1. **Fewer positions.** Run `make chapter NB=04_audit PARAMS="-p n_positions 50"`.
+# 1. **Fewer positions.** Run {glue:md}`fewer_cmd`, a quarter of this run's positions.
 #    *Expected:* the confidence intervals widen by about a factor of
 #    {glue:text}`ci_widen:.1f` (the square root of the ratio of sample sizes), and the smallest
 #    detectable effect of the first model's family rises from {glue:text}`mde_now:.3f` to
-#    {glue:text}`mde_50:.3f`, so a non-significant cell says even less.
+#    {glue:text}`mde_fewer:.3f`, so a non-significant cell says even less.
 # 2. **One layer.** Run {glue:md}`one_layer_cmd`. *Expected:* the family shrinks to
 #    {glue:text}`one_layer_family` cells with Bonferroni level {glue:text}`one_layer_alpha:.4g`;
 #    $d_z$, $p_t$ and $p_W$ of each metric at that layer equal those in the table above to the
@@ -240,8 +240,10 @@ display(example[["model", "ranking", "layer", "seq_id", "t", "expert_high", "exp
 lead = verdicts.iloc[0]
 n_first = int(lead.cells)
 glue("mde_now", float(lead.min_detectable_dz), display=False)
-glue("mde_50", stats.min_detectable_dz(50, alpha=alpha / n_first, power=power), display=False)
-glue("ci_widen", (n_positions / 50) ** 0.5, display=False)
+n_fewer = max(stats.MIN_PAIRS, n_positions // 4)  # a quarter of this run's positions
+glue("fewer_cmd", Markdown(f"`make chapter NB=04_audit PARAMS=\"-p n_positions {n_fewer}\"`"), display=False)
+glue("mde_fewer", stats.min_detectable_dz(n_fewer, alpha=alpha / n_first, power=power), display=False)
+glue("ci_widen", (n_positions / n_fewer) ** 0.5, display=False)
 last_layer = int(max(table[table.model == lead.model].layer))
 glue("one_layer_cmd", Markdown(f"`make chapter NB=04_audit PARAMS=\"-p models '[\\\"{lead.model}\\\"]' "
                                f"-p layers '[{last_layer}]'\"`"), display=False)
