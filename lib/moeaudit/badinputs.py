@@ -48,6 +48,7 @@ BAD_INPUTS = [
     ("04_audit", "min_context", "-1", "valid_positions"),
     ("04_audit", "min_context", "200", None),
     ("04_audit", "batch_size", "0", None),
+    ("04_audit", "batch_size", "1", None),
     ("04_audit", "alpha", "0", None),
     ("04_audit", "alpha", "1", None),
     ("04_audit", "alpha", "0.05%", None),

@@ -229,7 +229,7 @@ NTexts = Annotated[int, _allowed("an integer >= 1 (at most the corpus's lines lo
 MaxTokens = Annotated[Annotated[int, Field(ge=2)] | None, _allowed(
     "null (min(512, the model's context)) or an integer from 2 to the model's context (max_position_embeddings)")]
 MinContext = Annotated[int, _allowed("an integer >= 0, below the text length (max_tokens) - 1", ge=0)]
-BatchSize = Annotated[int, _allowed("an integer >= 1", ge=1)]
+BatchSize = Annotated[int, _allowed("an integer >= 2 (each ablation batch holds one clean row and at least one ablation)", ge=2)]
 Level = Annotated[float, _allowed("a number strictly between 0 and 1", gt=0, lt=1)]
 Power = Annotated[float, _allowed("a number strictly between 0 and 1", gt=0, lt=1)]
 TostBound = Annotated[float, _allowed("a number > 0 (an equivalence bound in d_z units)", gt=0)]
