@@ -70,8 +70,8 @@ def test_results_dir_refused_inside_sources_package_and_root(tmp_path):
                      (paths.REPO_ROOT / "notebooks", "source folder notebooks/"),
                      (paths.REPO_ROOT / "tests" / "out", "source folder tests/"),
                      ("/", "filesystem root")):
-        assert why in paths.refused_results_dir(bad)
+        assert why in paths.refused_output_dir(bad)
         with pytest.raises(ValueError, match="is refused: .*" + why.split()[0]):
             paths.results_dir(bad)
-    assert paths.refused_results_dir(tmp_path / "r") is None and paths.results_dir(tmp_path / "r").is_dir()
-    assert paths.refused_results_dir(paths.REPO_ROOT / "results") is None
+    assert paths.refused_output_dir(tmp_path / "r") is None and paths.results_dir(tmp_path / "r").is_dir()
+    assert paths.refused_output_dir(paths.REPO_ROOT / "results") is None

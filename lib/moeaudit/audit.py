@@ -21,15 +21,16 @@ import pandas as pd
 import torch
 
 from . import __version__
-from .corpus import (TEXT_FORMS, CorpusSource, check_context, resolve_text_form, TokenizedCorpus, loss_regime, integer_ids, is_integer, load_eval_corpus,
+from .corpus import (TEXT_FORMS, CorpusSource, check_context, resolve_text_form, TokenizedCorpus, integer_ids, is_integer, load_eval_corpus,
                      resolve_corpus, sample_positions)
 from .engine import CleanPass, clean_pass, resolve_strategy, run_ablations
 from .metrics import METRICS, ROUTING_WEIGHT, check_rankings, observational_metrics
 from .models import AuditModel, load_model
 from .paths import results_dir as resolve_results_dir
 from .pruning import perplexity, pruned_experts
-from .report import fmt_signed, join_words, plural  # noqa: F401  (re-exported for the chapters)
-from .stats import t_critical
+from .report import context_regime, fmt_signed, join_words, plural  # noqa: F401  (re-exported for the chapters)
+from .stats import (binomial_excess, dz_difference_ci, min_detectable_dz, sign_test,
+                    sign_test_detectable_share, spearman_defined, t_critical, t_test_power, tost_min_p)
 from .store import cached_records, exclusive, params_key
 
 ENGINE_VERSION = 4  # bump when the engine's numerics change, so cached records are recomputed
@@ -202,13 +203,10 @@ def prepare(model_name: str, *, corpus: str | os.PathLike | CorpusSource = "auto
 
 def corpus_regime(ctx: AuditContext) -> dict:
     """How well the audited model reads the audited text, the regime its effects are measured in:
-    :func:`moeaudit.corpus.loss_regime` over every scored token of the clean pass (nats per token),
-    with ``vocab_size``, ``n_texts`` and the corpus read (``corpus_source``, ``corpus_variant``,
-    ``text_form``)."""
-    tokens = ctx.clean.tokens
-    vocab = int(ctx.model.hf.config.vocab_size)
-    out = loss_regime(tokens.target_id.to_numpy(), tokens.loss.to_numpy(), vocab)
-    return {**out, "vocab_size": vocab, "n_texts": len(ctx.corpus),
+    :func:`moeaudit.report.context_regime` (:func:`moeaudit.corpus.loss_regime` over every scored token
+    of the clean pass, nats per token) with ``n_texts`` and the corpus read (``corpus_source``,
+    ``corpus_variant``, ``text_form``)."""
+    return {**context_regime(ctx), "n_texts": len(ctx.corpus),
             **{k: ctx.provenance[k] for k in ("corpus_source", "corpus_variant", "text_form")}}
 
 
@@ -498,7 +496,6 @@ def removal_direction(deepest: pd.DataFrame, *, alpha: float = 0.05) -> pd.DataF
 
     ``ValueError`` unless 0 < alpha < 1.
     """
-    from .stats import sign_test, sign_test_detectable_share  # noqa: PLC0415
 
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
@@ -701,7 +698,6 @@ def chain_correlations(per_expert: pd.DataFrame, *, pairs=None, by=("model", "la
     :func:`moeaudit.stats.spearman_defined`: NaN when fewer than 3 experts or a constant column.
     An empty ``per_expert`` (no expert passed ``min_activations``) gives an empty frame with these columns.
     """
-    from .stats import spearman_defined  # noqa: PLC0415
 
     if pairs is None:
         pairs = {k: v for k, v in CHAIN_PAIRS.items() if set(v) <= set(per_expert.columns)}
@@ -744,7 +740,6 @@ def measure_agreement(records: pd.DataFrame, *, by=("model", "layer")) -> pd.Dat
     across ablations, :func:`moeaudit.stats.spearman_defined`; NaN where the downstream measure is
     constant, as at the last MoE layer where it is 0 by construction).
     """
-    from .stats import spearman_defined  # noqa: PLC0415
 
     rows = []
     for key, s in records.groupby(list(by), sort=False):
@@ -846,7 +841,6 @@ def same_layer_margins(cmp: pd.DataFrame, control_cells: pd.DataFrame, observati
     is undefined). The strongest observational cell is chosen after seeing the data, which biases
     its d_z upward: an "exceeds" is conservative, a "not shown" is not evidence that the two are equal.
     """
-    from .stats import dz_difference_ci  # noqa: PLC0415
 
     out = cmp.copy()
     n_sh, lo, hi = [], [], []
@@ -930,7 +924,6 @@ def figure1_text(control: pd.DataFrame, observational: pd.DataFrame, *, alpha: f
     (:func:`moeaudit.stats.binomial_excess`). ``control`` also needs ``sig_dual_bonf`` and ``p_t``.
     Cells that could not be tested (NaN d_z) are named as such and left out of the band and the
     comparisons."""
-    from .stats import binomial_excess  # noqa: PLC0415
 
     cmp = control_against_observational(control, observational)
     n_obs = int(observational.cohens_dz.notna().sum())
@@ -1057,7 +1050,6 @@ def _control_nulls_text(t: pd.DataFrame) -> str:
     bound can pass at the control's level for any data (:func:`moeaudit.stats.tost_min_p`), how many
     cells it shows within ±bound, and the smallest |d_z| the t-test detects there. ``""`` when the
     table lacks those columns or no cell was tested."""
-    from .stats import tost_min_p  # noqa: PLC0415
 
     need = {"n", "alpha_corrected", "tost_bound_d", "equivalent", "mde_dz", "power"}
     tested = t[t.cohens_dz.notna()] if need <= set(t.columns) else t.iloc[:0]
@@ -1106,7 +1098,6 @@ def control_reading_text(control: pd.DataFrame, observational: pd.DataFrame | No
     ``rho_ci`` (:func:`moeaudit.stats.binomial_excess`). Without ``observational`` the audit level is
     the control's own.
     """
-    from .stats import binomial_excess, min_detectable_dz, t_test_power, tost_min_p  # noqa: PLC0415
 
     def failing(r, level) -> str:  # which test keeps a control cell from passing at ``level``
         t_ok, w_ok = r.p_t < level, r.p_W < level
@@ -1678,7 +1669,6 @@ def paper_share_positive_text(rel: pd.DataFrame, *, alpha: float = 0.05) -> str:
     distinguishable could become so if many positions did not change. Two-sided sign test
     (:func:`moeaudit.stats.sign_test`) at the Bonferroni level ``alpha / len(rel)``.
     """
-    from .stats import sign_test  # noqa: PLC0415
 
     n_up = [int(round(sh * n)) for sh, n in zip(rel.share_positive, rel.n)]
     p = [sign_test(u, int(n) - u) for u, n in zip(n_up, rel.n)]

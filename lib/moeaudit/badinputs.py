@@ -371,10 +371,10 @@ def library_cases() -> list[tuple[str, object]]:
         return E.run_ablations(m, corpus, c, _request(c, layer=1), strategy="kv", progress=False)
 
     def error_page_download():
-        from . import released as R  # noqa: PLC0415
-
         import io  # noqa: PLC0415
         import tempfile  # noqa: PLC0415
+
+        from . import released as R  # noqa: PLC0415
 
         rel, saved = R.RELEASED_FILES[0], R._urlopen
         R._urlopen = lambda url, timeout=None: io.BytesIO(b"<html>Access denied</html>")
@@ -383,6 +383,16 @@ def library_cases() -> list[tuple[str, object]]:
                 R._download(rel, Path(tmp) / "f.json")
         finally:
             R._urlopen = saved
+
+    def too_long():
+        from .audit import prepare  # noqa: PLC0415
+
+        return prepare("tiny-olmoe", corpus="embedded", max_tokens=200)
+
+    def yaml_error():
+        from .book import _parse_params  # noqa: PLC0415
+
+        return _parse_params([("n_positions", "[1, 2")])
 
     def large_values():
         rng = np.random.default_rng(0)
@@ -397,9 +407,7 @@ def library_cases() -> list[tuple[str, object]]:
     return [
         ("store: a chunk file overwritten by another valid chunk of the same run", swapped_chunk),
         ("corpus.resolve_corpus(file) on a file of 3 lines holding a form feed, U+2028 and U+0085", form_feed_file),
-        ("audit.prepare('tiny-olmoe', corpus='embedded', max_tokens=200) (context 128)",
-         lambda: __import__("moeaudit.audit", fromlist=["prepare"]).prepare("tiny-olmoe", corpus="embedded",
-                                                                            max_tokens=200)),
+        ("audit.prepare('tiny-olmoe', corpus='embedded', max_tokens=200) (context 128)", too_long),
         ("stats.paired_effect on 200 float64 pairs 1000 + N(1e-4, 1e-4) against 1000", large_values),
         ("audit.paired_cells + stats.audit_table where one of 4 positions failed its premise", premise_pairs),
         ("audit.paired_cells on a top-1 model's records", top1_pairs),
@@ -407,8 +415,7 @@ def library_cases() -> list[tuple[str, object]]:
          llama4_nope),
         ("released: a download answered with an error page (status 200)", error_page_download),
         ("stats.spearman with its interval on 100,000 pairs", spearman_large),
-        ("book: -p n_positions '[1, 2' (a YAML syntax error)",
-         lambda: __import__("moeaudit.book", fromlist=["_parse_params"])._parse_params([("n_positions", "[1, 2")])),
+        ("book: -p n_positions '[1, 2' (a YAML syntax error)", yaml_error),
         (f"CleanPass.active(1, {n1}, 0) (text 1 has {n1} tokens)", lambda: clean.active(1, n1, 0)),
         ("CleanPass.row(-1, 0)", lambda: clean.row(-1, 0)),
         ("CleanPass.routing_frame(7)", lambda: clean.routing_frame(7)),

@@ -20,6 +20,7 @@ import pandas as pd
 
 from .corpus import integer_ids
 from .engine import CleanPass, routing_in_trace
+from .stats import spearman_defined
 
 METRICS = ("utilization_rate", "activation_norm", "mean_routing_weight", "activation_std")
 ROUTING_WEIGHT = "routing_weight"  # the per-token control ranking (g_e(x_t) at the audited token)
@@ -194,7 +195,6 @@ def metric_depth_trend(metrics: pd.DataFrame, *, columns=METRICS) -> dict[str, f
     columns). Medians skip NaN (never-selected experts); rho from
     :func:`moeaudit.stats.spearman_defined`, NaN with fewer than 3 layers or a constant median.
     """
-    from .stats import spearman_defined  # noqa: PLC0415
 
     med = metrics.groupby("layer")[list(columns)].median()
     return {c: spearman_defined(med.index.to_numpy(float), med[c].to_numpy(float))[0] for c in columns}
@@ -331,7 +331,6 @@ def ranking_agreement(idx: np.ndarray, reference: np.ndarray, score: np.ndarray)
     / ``same_low``: share of tokens (rows of the (N, k) ``idx``) at which :func:`pick_active`
     picks the same highest / lowest selected expert under both scores.
     """
-    from .stats import spearman_defined  # noqa: PLC0415
 
     return {"rho": spearman_defined(reference, score)[0],
             "same_high": float(np.mean(pick_active(idx, score, high=True) == pick_active(idx, reference, high=True))),

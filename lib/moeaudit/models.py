@@ -312,7 +312,7 @@ def load_model(name_or_path: str, *, dtype: str = "float32", device: str | None 
             isinstance(device_map, dict) and "disk" in {str(v) for v in device_map.values()})
         if disk or offload_folder is not None:
             folder = Path(offload_folder).expanduser() if offload_folder is not None else default_offload_folder(path)
-            if why := paths.refused_results_dir(folder):
+            if why := paths.refused_output_dir(folder):
                 raise ValueError(f"offload_folder={str(folder)!r} is refused: {why}; give a folder of its own")
             if folder.exists() and not folder.is_dir():
                 raise ValueError(f"offload_folder={str(folder)!r} exists and is not a directory")

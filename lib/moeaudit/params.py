@@ -64,7 +64,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from pydantic_core import PydanticCustomError
 
 from .families import FAMILIES, config_value, moe_layer_indices
-from .paths import refused_results_dir
+from .paths import refused_output_dir
 from .zoo import SHIPPED_MODELS, ZOO_DIR
 
 #: fewest paired positions the per-cell statistics accept (:data:`moeaudit.stats.MIN_PAIRS`)
@@ -192,7 +192,7 @@ def _check_results_dir(value):
     if value is None:
         return value
     path = Path(value).expanduser()
-    if why := refused_results_dir(path):
+    if why := refused_output_dir(path):
         raise ValueError(why)
     if path.exists() and not path.is_dir():
         raise ValueError("it exists and is not a directory")

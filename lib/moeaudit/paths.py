@@ -34,8 +34,8 @@ def data_dir(path: str | os.PathLike | None = None) -> Path | None:
 SOURCE_FOLDERS = ("lib", "notebooks", "tests", "docs", "benchmarks", "scripts", ".ci", "book", ".git", ".venv")
 
 
-def refused_results_dir(path: str | os.PathLike) -> str | None:
-    """Why ``path`` may not hold results, or ``None``: the filesystem root, the installed package
+def refused_output_dir(path: str | os.PathLike) -> str | None:
+    """Why ``path`` may not be written to (a results directory, an offload folder), or ``None``: the filesystem root, the installed package
     (its shipped models and data), or a source folder of the repository (:data:`SOURCE_FOLDERS`):
     a run would drop parquet files among shipped files, and the book would see its sources change."""
     p = Path(path).expanduser().resolve()
@@ -65,13 +65,13 @@ def cache_dir() -> Path:
 def results_dir(path: str | os.PathLike | None = None) -> Path:
     """The results cache directory (created if missing): ``path``, else ``$MOEAUDIT_RESULTS_DIR``, else
     ``results/`` at the repository root (or the current directory when installed). ``ValueError``
-    for a directory that may not hold results (:func:`refused_results_dir`)."""
+    for a directory that may not hold results (:func:`refused_output_dir`)."""
     chosen = path if path not in (None, "") else os.environ.get(RESULTS_DIR_ENV)
     if chosen in (None, ""):
         base = REPO_ROOT if (REPO_ROOT / "pyproject.toml").exists() else Path.cwd()
         chosen = base / "results"
     p = Path(chosen).expanduser()
-    if why := refused_results_dir(p):
+    if why := refused_output_dir(p):
         raise ValueError(f"results_dir={str(p)!r} is refused: {why}; give a folder of its own "
                          f"(or set ${RESULTS_DIR_ENV})")
     p.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,8 @@ from .corpus import TokenizedCorpus
 from .engine import _token_loss, check_corpus_context, progress_bar
 from .families import FAMILIES
 from .models import AuditModel
+from .stats import min_detectable_dz, min_equivalence_bound
+from .report import join_words
 
 
 def _reroute(layout, logits: torch.Tensor, pruned: torch.Tensor, like: torch.Tensor):
@@ -459,7 +461,6 @@ def random_mean_counts_text(vs_random, *, what: str = "settings", value: str = "
         if beat_all:
             txt += f" ({int(g.beats_all.sum())} beat every draw)"
         per.append(txt)
-    from .report import join_words  # noqa: PLC0415
 
     s = f"per model, {what} with a lower {value} than the random mean: " + "; ".join(per)
     share = vs_random.groupby("model", sort=False).beats_mean.mean()
@@ -486,7 +487,6 @@ def null_strength_text(table, *, bound_d: float = 0.2, power: float = 0.8) -> st
     ±``bound_d`` (TOST at the same level) could pass at any of them
     (:func:`moeaudit.stats.min_equivalence_bound`). ``""`` for an empty table.
     """
-    from .stats import min_detectable_dz, min_equivalence_bound  # noqa: PLC0415
 
     t = table[table.n >= 3]
     if t.empty:
@@ -514,7 +514,6 @@ def bf_null_reading_text(bf, control_table, *, r: float, control: str = "routing
     significant, those whose BF10 is below 1/3, per model, so that the reader can see the criterion
     "favouring the null" where the control's effect is known to be positive in other cells.
     """
-    from .report import join_words  # noqa: PLC0415
 
     s = (f"BF10 < 1/3 favours no effect over an alternative whose effects spread on the prior's scale (|d_z| around "
          f"{r:g}); it does not favour no effect over effects of the small size this design can barely detect")

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .report import join_words
 from .stats import (anova_min_detectable_f, binomial_upper_tail, holm, linear_trend, min_detectable_difference,
                     min_detectable_slope, min_equivalence_bound, one_way_anova, sign_test, spearman_defined,
                     two_sample_difference)
@@ -530,7 +531,6 @@ def _seed_directions(r, *, reference: str = "") -> str:
 
 
 def _join_words(items) -> str:
-    from .report import join_words  # noqa: PLC0415
 
     return join_words(list(items))
 

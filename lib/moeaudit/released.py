@@ -34,6 +34,8 @@ import numpy as np
 import pandas as pd
 
 from . import paths
+from .stats import (audit_table, cohens_dz, correct_family, dz_difference_ci, min_detectable_dz, required_n,
+                    spearman, spearman_defined, summary_effect)
 
 __all__ = [
     "RELEASED_REPO",
@@ -804,7 +806,6 @@ def cell_effect_sizes(records: pd.DataFrame, *, ddof: int = 0) -> pd.DataFrame:
     standard deviation of D = ``delta_high - delta_low`` taken with ``ddof`` (0: as the released
     per-token scripts compute it; 1: the sample standard deviation). Columns ``model``, ``layer``,
     ``metric``, ``d``; cells in order of first appearance."""
-    from .stats import cohens_dz  # noqa: PLC0415
 
     return (records.assign(D=records.delta_high - records.delta_low)
             .groupby(["model", "layer", "metric"], sort=False)["D"]
@@ -818,7 +819,6 @@ def summary_cells(rows: pd.DataFrame, *, n_tests: int, source: str, alpha: float
     with the t test (``same_sign=True``: the files store no sign, and the assumption can only add
     passes under the agreement rule). ``n_tests`` is the Bonferroni family size; ``source`` is stored
     in a ``source`` column. One row per input row."""
-    from .stats import summary_effect  # noqa: PLC0415
 
     out = [summary_effect(r["t"], int(r["n"]), p_W=r["p_W"], same_sign=True, alpha=alpha, n_tests=n_tests,
                           tost_bound_d=tost_bound_d, power=power).assign(**{k: r[k] for k in CELL_KEYS})
@@ -855,7 +855,6 @@ def reanalysis_cells(*, alpha: float = 0.05, tost_bound_d: float = 0.2, power: f
     ``mde_dz`` (at ``power`` and the family's level), the correction columns, ``family_size``,
     ``alpha_corrected``. Rows: model, experiment, layer, metric as :func:`with_paper_labels` orders them.
     """
-    from .stats import audit_table, correct_family  # noqa: PLC0415
 
     kw = dict(alpha=alpha, tost_bound_d=tost_bound_d, power=power)
     records, control = metric_comparisons(data_dir=data_dir), control_comparisons(data_dir=data_dir)
@@ -890,7 +889,6 @@ def control_spearman(control: pd.DataFrame, *, n_boot: int = 2000, seed: int = 0
     of :func:`control_comparisons` records (Table 6's last row), with a paired bootstrap (BCa) 95%
     interval (:func:`moeaudit.stats.spearman`, ``n_boot`` resamples, seed ``seed``). Columns: those of
     :func:`moeaudit.stats.spearman` and ``layer``."""
-    from .stats import spearman  # noqa: PLC0415
 
     return pd.concat([spearman(g.weight_ratio, g.delta_high - g.delta_low, n_boot=n_boot, seed=seed).assign(layer=layer)
                       for layer, g in control.groupby("layer")], ignore_index=True)
@@ -951,7 +949,6 @@ def detectable_effects(*, n: int, levels: dict, power: float = 0.8, powers=(0.5,
     level), ``"MDE <p>"`` for each power in ``powers`` and ``power`` (sorted, duplicates dropped;
     :func:`moeaudit.stats.min_detectable_dz`) and ``"n for <d>"`` for each of ``targets``
     (:func:`moeaudit.stats.required_n` at ``power``)."""
-    from .stats import min_detectable_dz, required_n  # noqa: PLC0415
 
     pws = sorted({*powers, power})
     rows = []
@@ -1088,7 +1085,6 @@ def paper_family_verdicts(*, alpha: float = 0.05, data_dir=None) -> pd.DataFrame
     (the same rule with Holm's and Benjamini-Hochberg's adjusted p-values within the model's family,
     :func:`moeaudit.stats.correct_family`), ``max_abs_d`` (the stored d) and ``share_positive``.
     """
-    from .stats import correct_family  # noqa: PLC0415
 
     st = stored_statistics(experiment="metric", data_dir=data_dir)
     adjusted = correct_family(st.assign(same_sign=True), family=("model",), alpha=alpha)
@@ -1490,7 +1486,6 @@ def recipe_rank_agreement(tables: dict, *, metrics=None) -> pd.DataFrame:
     ``layer``, ``metric``, ``rho`` (NaN where undefined), ``experts``.
     """
     from .metrics import METRICS as BOOK_METRICS  # noqa: PLC0415
-    from .stats import spearman_defined  # noqa: PLC0415
 
     metrics = list(BOOK_METRICS if metrics is None else metrics)
     paper = tables[PAPER_RECIPE].set_index(["layer", "expert"])
@@ -1515,7 +1510,6 @@ def ablation_agreement(records_a: pd.DataFrame, records_b: pd.DataFrame, *, last
     computations of the same un-ablated loss), ``median_abs_a``/``median_abs_b`` (median
     ``|delta|``), ``rho`` (Spearman over records), ``records``. Losses in nats.
     """
-    from .stats import spearman_defined  # noqa: PLC0415
 
     key = ["seq_id", "t", "layer", "expert"]
     tw = records_a[key + ["delta_loss", "clean_loss"]].merge(records_b[key + ["delta_loss", "clean_loss"]],
@@ -1550,7 +1544,6 @@ def compare_audit_variants(cells: pd.DataFrame, table: pd.DataFrame, variant_a: 
     (the interval excludes 0 *and* ``|ddz|`` exceeds :data:`DDZ_TOLERANCE`, so that a difference
     that is float rounding, e.g. ``1e-6`` with an interval ``[+0.000, +0.000]``, is not counted).
     """
-    from .stats import cohens_dz, dz_difference_ci  # noqa: PLC0415
 
     key = ["model", "set", "ranking", "layer"]
     ta, tb = (table[table.variant == v].set_index(key) for v in (variant_a, variant_b))
@@ -1718,7 +1711,6 @@ def layer_correlation_of_d(records: pd.DataFrame, *, alpha: float = 0.05) -> pd.
     pairs), ``rho median``, ``rho min``, ``rho max``, ``significant`` (pairs with two-sided p < ``alpha``,
     uncorrected).
     """
-    from .stats import spearman_defined
     rows = []
     for (model, metric), g in records.groupby(["model", "metric"], sort=False):
         wide = g.assign(D=g.delta_high - g.delta_low).pivot_table(index="global_token_idx", columns="layer", values="D")

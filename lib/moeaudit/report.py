@@ -13,6 +13,8 @@ import seaborn as sns
 
 from .corpus import NEAR_UNIGRAM_GAIN, loss_regime, resolve_text_form
 from .metrics import METRIC_LABELS
+from .stats import (binomial_upper_tail, min_equivalence_bound, sign_test, spearman_defined, tost_min_p,
+                    untested_cells)
 
 PALETTE = "colorblind"  # seaborn's colour-blind-safe palette (Okabe-Ito-like)
 
@@ -353,7 +355,6 @@ def untested_note(table: pd.DataFrame, *, by=None, what: str = "cell") -> str:
     (named by their ``by`` columns, see :func:`moeaudit.stats.untested_cells`) and why, and that they
     still count in their family's size. ``""`` when every cell was tested. ``what`` names a row
     (``"cell"``, ``"layer"``)."""
-    from .stats import untested_cells  # noqa: PLC0415
 
     bad = untested_cells(table, by=by)
     if bad.empty:
@@ -433,7 +434,6 @@ def _uncorrected_direction(k: int, positive: int, symbol: str = "d_z") -> str:
 
 def _excess_phrase(k: int, n: int, level: float) -> str:
     """Chance count and exact binomial upper tail of ``k`` hits among ``n`` tests at ``level``."""
-    from .stats import binomial_upper_tail  # noqa: PLC0415
 
     p = binomial_upper_tail(int(k), int(n), float(level))
     return (f"about {n * level:.1f} expected by chance; exact binomial P(X ≥ {k}) = {p:.2g}, "
@@ -445,7 +445,6 @@ def _models_in_excess(verdicts: pd.DataFrame, names: dict) -> list[str]:
     """The models (display names from ``names``) whose uncorrected hits (``uncorrected_t`` of
     ``cells`` at the family level ``alpha_bonferroni * cells``) are more than chance at that level,
     each as ``"name (k of n, P(X ≥ k) = p)"`` (exact binomial upper tail, independent cells)."""
-    from .stats import binomial_upper_tail  # noqa: PLC0415
 
     out = []
     for r in verdicts.itertuples():
@@ -486,7 +485,6 @@ def _hit_concentration(table: pd.DataFrame, model: str, level: float) -> str:
 def _positive_counts(verdicts: pd.DataFrame) -> pd.DataFrame:
     """Per family: tested cells, cells with d_z > 0 (from ``share_positive``), uncorrected hits with
     d_z > 0 and < 0, and the two-sided sign test of the tested cells (:func:`moeaudit.stats.sign_test`)."""
-    from .stats import sign_test  # noqa: PLC0415
 
     untested = verdicts.untested if "untested" in verdicts.columns else 0
     out = pd.DataFrame({"model": verdicts.model, "tested": (verdicts.cells - untested).astype(int)})
@@ -513,7 +511,6 @@ def design_sensitivity_text(verdicts: pd.DataFrame, table: pd.DataFrame | None =
     TOST cannot pass "can neither detect nor exclude effects of the size it observes". ``short``:
     only the conclusion. ``""`` when no family has a defined effect or minimum detectable effect.
     """
-    from .stats import min_equivalence_bound, tost_min_p  # noqa: PLC0415
 
     groups: dict[tuple, list] = {}
     verdict_of: dict[str, str] = {}
@@ -744,7 +741,6 @@ def audit_comparison_text(verdicts: pd.DataFrame, paper: pd.DataFrame, table: pd
     the frames. Cells of this run that could not be tested (``untested`` of
     :func:`moeaudit.stats.family_verdicts`) are said so; the sign tests count only tested cells.
     """
-    from .stats import binomial_upper_tail, sign_test  # noqa: PLC0415
 
     names = paper_names or {}
     alpha = float((paper.alpha_bonferroni * paper.cells).iloc[0])
@@ -894,7 +890,6 @@ def one_token_text(example: pd.DataFrame) -> str:
     difference D (top minus bottom expert) the audit is built on, and the rank correlation between
     weight and loss change (Spearman, :func:`moeaudit.stats.spearman_defined`).
     """
-    from .stats import spearman_defined  # noqa: PLC0415
 
     d = example["ΔL token"].to_numpy(dtype=float)
     k = len(example)

@@ -165,8 +165,8 @@ class RecordStore:
         if path.is_dir():
             return "it is a directory, not a chunk file"
         try:
-            meta = pq.read_metadata(path)
-            schema = pq.read_schema(path)
+            meta = pq.read_metadata(path)  # the footer only, read once
+            names = meta.schema.to_arrow_schema().names
         except (OSError, pa.ArrowException) as exc:
             return f"unreadable as parquet ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]})"
         raw = (meta.metadata or {}).get(CHUNK_META_KEY)
@@ -185,8 +185,8 @@ class RecordStore:
             return f"it holds chunk {rec.get('chunk_id')!r}, not {cid!r}"
         if not (isinstance(rec.get("rows"), int) and rec["rows"] == meta.num_rows):
             return f"it records {rec.get('rows')!r} rows and holds {meta.num_rows}"
-        if "columns" in rec and rec["columns"] != list(schema.names):
-            return f"its columns {list(schema.names)} are not the ones recorded {rec['columns']}"
+        if "columns" in rec and rec["columns"] != list(names):
+            return f"its columns {list(names)} are not the ones recorded {rec['columns']}"
         return None
 
     def save_chunk(self, cid: str, df: pd.DataFrame) -> None:
