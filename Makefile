@@ -16,20 +16,20 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 book: $(STAMP)
-	$(BIN)/python -m moeaudit.book build
+	$(BIN)/python -m moeaudit.tooling.book build
 
 html: $(STAMP)
-	$(BIN)/python -m moeaudit.book build --no-execute
+	$(BIN)/python -m moeaudit.tooling.book build --no-execute
 
 chapter: $(STAMP)
-	$(BIN)/python -m moeaudit.book chapter $(NB) $(PARAMS)
+	$(BIN)/python -m moeaudit.tooling.book chapter $(NB) $(PARAMS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 models: $(STAMP)
 	for m in $$($(BIN)/python -c "from moeaudit.zoo import SHIPPED_MODELS; print(*SHIPPED_MODELS)"); do \
-		$(BIN)/python -m moeaudit.training $$m || exit 1; done
+		$(BIN)/python -m moeaudit.tooling.training $$m || exit 1; done
 
 clean-results:
 	rm -rf results book/_build

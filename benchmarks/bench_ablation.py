@@ -91,7 +91,7 @@ def build(model_key: str):
     import torch
 
     import moeaudit  # noqa: F401  (nnsight before transformers.models.*)
-    from moeaudit.testing import random_token_corpus, tiny_config, tiny_random_model
+    from moeaudit.tooling.testing import random_token_corpus, tiny_config, tiny_random_model
 
     if model_key == "tiny":
         if (ROOT / "lib/moeaudit/zoo/tiny-olmoe/config.json").is_file():
@@ -864,7 +864,7 @@ def check_replicas(args) -> dict:
 
     from moeaudit.engine import clean_pass, run_ablations
     from moeaudit.models import SUPPORTED_FAMILIES
-    from moeaudit.testing import random_token_corpus, tiny_random_model
+    from moeaudit.tooling.testing import random_token_corpus, tiny_random_model
 
     torch.set_num_threads(args.threads)
     out = {}

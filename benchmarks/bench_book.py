@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Wall time of rendering the whole default book: cold (no records) and with every record cached.
 
-Runs ``python -m moeaudit.book build --force`` twice against a fresh, temporary results directory
+Runs ``python -m moeaudit.tooling.book build --force`` twice against a fresh, temporary results directory
 (``MOEAUDIT_RESULTS_DIR``): the first run computes every clean pass, ablation record and pruned
 perplexity; the second re-executes every chapter with all of them on disk. A third run without
 ``--force`` is an unchanged rebuild (what ``make book`` does when nothing changed). Reports the total wall
@@ -43,7 +43,7 @@ def build(results_dir: Path, jobs: int, *, force: bool = True) -> dict:
     env = {**os.environ, "MOEAUDIT_RESULTS_DIR": str(results_dir), "MOEAUDIT_BOOK_JOBS": str(jobs)}
     load_start = os.getloadavg()
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "moeaudit.book", "build", *(["--force"] if force else [])], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "moeaudit.tooling.book", "build", *(["--force"] if force else [])], cwd=ROOT,
                           env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:

@@ -37,7 +37,8 @@ data_dir = None  # folder with wikitext-2/ (default: $MOEAUDIT_DATA_DIR)
 results_dir = None  # record cache (default: $MOEAUDIT_RESULTS_DIR or results/)
 
 # %% tags=["hide-input"]
-from moeaudit import params, report
+from moeaudit import report
+from moeaudit.tooling import params
 
 params.validate("04_audit", globals())  # refuses a bad value before any work
 corpus_source = report.show_corpus(corpus, data_dir=data_dir, text_form=text_form)

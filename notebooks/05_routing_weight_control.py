@@ -37,7 +37,8 @@ results_dir = None  # record cache (default: $MOEAUDIT_RESULTS_DIR or results/)
 n_boot = 2000  # bootstrap resamples for the Spearman confidence intervals
 
 # %% tags=["hide-input"]
-from moeaudit import params, report
+from moeaudit import report
+from moeaudit.tooling import params
 
 params.validate("05_routing_weight_control", globals())  # refuses a bad value before any work
 corpus_source = report.show_corpus(corpus, data_dir=data_dir, text_form=text_form)

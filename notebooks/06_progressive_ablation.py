@@ -34,7 +34,8 @@ results_dir = None  # record cache (default: $MOEAUDIT_RESULTS_DIR or results/)
 cliff_threshold = 0.1  # mean loss increase (nats) that counts as a layer "breaking"
 
 # %% tags=["hide-input"]
-from moeaudit import params, report
+from moeaudit import report
+from moeaudit.tooling import params
 
 params.validate("06_progressive_ablation", globals())  # refuses a bad value before any work
 corpus_source = report.show_corpus(corpus, data_dir=data_dir, text_form=text_form)

@@ -26,7 +26,8 @@ n_boot = 2000  # bootstrap resamples for Spearman confidence intervals
 seed = 0
 
 # %% tags=["hide-input"]
-from moeaudit import params, report
+from moeaudit import report
+from moeaudit.tooling import params
 
 params.validate("08_released_reanalysis", globals())  # refuses a bad value before any work
 released_source = report.show_released_source(data_dir)

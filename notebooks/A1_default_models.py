@@ -26,7 +26,8 @@ data_dir = None  # folder with wikitext-2/ (default: $MOEAUDIT_DATA_DIR); only f
 results_dir = None  # where the tables of this page are saved as CSV, and the clean passes cached (default: $MOEAUDIT_RESULTS_DIR or results/)
 
 # %% tags=["hide-input"]
-from moeaudit import params, report
+from moeaudit import report
+from moeaudit.tooling import params
 
 params.validate("A1_default_models", globals())  # refuses a bad value before any work
 corpus_source = report.show_corpus(corpus, data_dir=data_dir, text_form=text_form, scope="example")
@@ -77,9 +78,9 @@ from IPython.display import Markdown, display
 from myst_nb import glue
 
 import moeaudit.models  # noqa: F401  (imports nnsight, which must precede transformers.models.*)
-from moeaudit import audit, paths, report, zoo
-from moeaudit.training import REGIME_GAIN_RATIO_MIN
-from moeaudit.zoo import SHIPPED_MODELS, zoo_path
+from moeaudit import audit, paths, report
+from moeaudit.chapters import default_models
+from moeaudit.zoo import REGIME_GAIN_RATIO_MIN, SHIPPED_MODELS, zoo_path
 
 report.use_book_style()
 colors = report.model_colors(models)
@@ -114,7 +115,7 @@ logs = {m: pd.read_csv(model_dir(m) / "training_log.csv") for m in models}
 # laptop needs; the processor time is the better guide.
 
 # %%
-recipe = pd.DataFrame({m: zoo.recipe_row(s) for m, s in summaries.items()})
+recipe = pd.DataFrame({m: default_models.recipe_row(s) for m, s in summaries.items()})
 first = summaries[models[0]]
 arch = {m: s["architecture"] for m, s in summaries.items()}
 
@@ -187,7 +188,7 @@ fig.tight_layout()
 plt.show()
 
 # %%
-gap = zoo.generalisation_gap(summaries)
+gap = default_models.generalisation_gap(summaries)
 glue("gap_text", Markdown(
     f"The test loss lies {report.value_span(gap.gap, '{:.2f}')} nats above the training loss of the last steps "
     "(mean over the last 50 steps: " + ", ".join(f"{m} {r.train_loss:.2f} vs {r.test_loss:.2f}" for m, r in gap.iterrows())
@@ -209,7 +210,7 @@ glue("gap_text", Markdown(
 # context must beat it by a wide margin.
 
 # %%
-ppl = zoo.perplexity_table(summaries)
+ppl = default_models.perplexity_table(summaries)
 ppl.to_csv(out_dir / "perplexity.csv")
 display(ppl.style.format({"test tokens scored": "{:,}", "perplexity": "{:.1f}", "unigram perplexity": "{:.1f}",
                           "ratio": "{:.3f}", "loss (nats)": "{:.3f}", "unigram loss (nats)": "{:.3f}"}))
@@ -238,7 +239,7 @@ for m in models:
     ctx = audit.prepare(path, corpus=corpus_source, text_form=text_form, data_dir=data_dir,
                         results_dir=results_dir, progress=False)
     audited_regime[m] = audit.corpus_regime(ctx)
-regimes = zoo.regime_table(summaries, audited_regime)
+regimes = default_models.regime_table(summaries, audited_regime)
 regimes.to_csv(out_dir / "regime.csv")
 display(regimes.style.format("{:.3f}"))
 glue("n_texts_audit", int(next(iter(audited_regime.values()))["n_texts"]), display=False)
@@ -263,7 +264,7 @@ glue("regime_text", Markdown(report.regime_connection_text(regimes, corpus_sourc
 # the mass. {glue:md}`dense_note`
 
 # %% tags=["hide-input"]
-from moeaudit.training import MIN_FRAC_USED, USAGE_THRESHOLD  # noqa: E402
+from moeaudit.zoo import MIN_FRAC_USED, USAGE_THRESHOLD  # noqa: E402
 
 n_exp = {m: (a.get("num_experts") or a.get("n_routed_experts")) for m, a in arch.items()}
 glue("even_share", Markdown(", ".join(f"1/{n} ({1 / n:.1%}) in {m}" for m, n in n_exp.items())), display=False)
@@ -275,14 +276,14 @@ glue("dense_note", Markdown(" ".join((f"The first layer of `{m}` is dense" if k 
                                      for m, k in dense.items())), display=False)
 
 
-shares = {m: zoo.routing_mass_shares(s) for m, s in summaries.items()}
+shares = {m: default_models.routing_mass_shares(s) for m, s in summaries.items()}
 vmin_pct = 0.1
 glue("vmin_pct", vmin_pct, display=False)
 report.routing_share_heatmaps(shares, vmin=vmin_pct)
 plt.show()
 
 # %%
-util_table = zoo.utilisation_table(summaries)
+util_table = default_models.utilisation_table(summaries)
 util_table.to_csv(out_dir / "utilisation.csv")
 display(util_table.style.format({c: "{:.2%}" if "share" in c else "{:.1%}" for c in util_table.columns if "share" in c or "≥" in c}
                                 | {"effective number of experts": "{:.1f}"}))
@@ -303,7 +304,7 @@ display(Markdown(
 # and the rerun (dashed); the right panel shows their absolute difference at every step.
 
 # %% tags=["hide-input"]
-repro, curves = zoo.reproducibility_table(summaries, {m: model_dir(m) for m in models})
+repro, curves = default_models.reproducibility_table(summaries, {m: model_dir(m) for m in models})
 if curves:
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
     for m, c in curves.items():
@@ -348,7 +349,7 @@ hf_logging.set_verbosity_error()
 prompt = " ".join(select_texts(list(corpus_source.lines), n_texts=1,
                                text_form=resolve_text_form(corpus_source, text_form))[0].split()[:24])
 display(Markdown(f"From {corpus_source.describe()}:\n\n> {prompt.replace('&', '&amp;').replace('<', '&lt;')} …"))
-display(pd.DataFrame({m: zoo.top_next_tokens(model_dir(m), prompt) for m in models}).T.rename_axis("model"))
+display(pd.DataFrame({m: default_models.top_next_tokens(model_dir(m), prompt) for m in models}).T.rename_axis("model"))
 
 # %% [markdown]
 # ## Using the models
@@ -369,7 +370,7 @@ display(pd.DataFrame({m: zoo.top_next_tokens(model_dir(m), prompt) for m in mode
 # training log and summary. A model is retrained, bit for bit, with
 #
 # ```bash
-# python -m moeaudit.training tiny-olmoe --seed 0
+# python -m moeaudit.tooling.training tiny-olmoe --seed 0
 # ```
 #
 # ({glue:md}`train_cpu` of processor time for the shipped models; `--out DIR` writes elsewhere,
@@ -390,14 +391,14 @@ display(pd.DataFrame({m: zoo.top_next_tokens(model_dir(m), prompt) for m in mode
 #
 # ## Exercises
 # 1. **Another seed.** Train a model from another seed into a folder of your own and audit it:
-#    `python -m moeaudit.training tiny-olmoe --seed 1 --out /tmp/tiny-olmoe-seed1`, then
+#    `python -m moeaudit.tooling.training tiny-olmoe --seed 1 --out /tmp/tiny-olmoe-seed1`, then
 #    `make chapter NB=04_audit PARAMS="-p models '[\"/tmp/tiny-olmoe-seed1\"]'"`.
 #    *Expected:* the test perplexity should stay close to the shipped model's
 #    ({glue:text}`ppl_first:.1f`) and far below the unigram baseline, since only the seed changes;
 #    the audit's individual $d_z$ values can move by amounts comparable to their confidence
 #    intervals, because a different seed trains different experts — that spread is the
 #    uncertainty a single trained model does not show.
-# 2. **Check reproducibility.** Run `python -m moeaudit.training tiny-olmoe --check-repro`.
+# 2. **Check reproducibility.** Run `python -m moeaudit.tooling.training tiny-olmoe --check-repro`.
 #    *Expected:* the largest loss difference over the {glue:text}`steps_first` steps is exactly
 #    zero on a machine like the one that trained the shipped models; on other processors it may
 #    differ in the last bits.
@@ -423,7 +424,7 @@ glue("steps_first", summaries[models[0]]["training"]["steps"], display=False)
 
 # %%
 family_summaries = {m: json.loads((model_dir(m) / "training_summary.json").read_text()) for m in family}
-fam = zoo.family_table(family_summaries)
+fam = default_models.family_table(family_summaries)
 if family_summaries:
     fam.to_csv(out_dir / "redundancy_family.csv")
     display(fam.style.format(
@@ -431,9 +432,9 @@ if family_summaries:
          "active per token (M)": "{:.2f}", "processor time (min)": "{:.1f}", "weights (MB)": "{:.2f}",
          "ratio to unigram": "{:.3f}", "effective experts (mean over layers)": "{:.1f}",
          "retrained: max |weight difference|": "{:.3g}"}, na_rep="not checked"))
-for key, text in zoo.family_texts(family_summaries, fam).items():
+for key, text in default_models.family_texts(family_summaries, fam).items():
     glue(key, Markdown(text), display=False)
 if family_summaries:  # the family's regime on the embedded corpus, as for the default models (model cards)
     display(Markdown("The same measurement of each family model's regime (its model card), as in the section on "
                      "the text the book audits:"))
-    display(zoo.regime_table(family_summaries).style.format("{:.3f}"))
+    display(default_models.regime_table(family_summaries).style.format("{:.3f}"))

@@ -22,7 +22,8 @@ corpus = "auto"  # as in the chapters: "auto", "wikitext-2", "embedded", or a te
 data_dir = None  # folder with wikitext-2/ (default: $MOEAUDIT_DATA_DIR)
 
 # %% tags=["hide-input"]
-from moeaudit import params, report
+from moeaudit import report
+from moeaudit.tooling import params
 
 params.validate("A2_departures", globals())  # refuses a bad value before any work
 corpus_source = report.show_corpus(corpus, data_dir=data_dir)
@@ -47,7 +48,8 @@ from myst_nb import glue
 from transformers import AutoConfig
 
 import moeaudit.models  # noqa: F401  (imports nnsight, which must precede transformers.models.*)
-from moeaudit import audit, book, report
+from moeaudit import audit, report
+from moeaudit.tooling import book
 from moeaudit.metrics import METRICS
 from moeaudit.models import PAPER_LAYERS, layout_from_config, resolve_model_path
 

@@ -15,7 +15,7 @@ import argparse
 import sys
 
 import moeaudit  # noqa: F401
-from moeaudit.training import check_reproducibility
+from moeaudit.tooling.training import check_reproducibility
 from moeaudit.zoo import ZOO_MODELS
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import moeaudit.models  # noqa: F401  (imports nnsight, which must precede transformers.models.*)
-from moeaudit.testing import random_token_corpus, tiny_random_model
+from moeaudit.tooling.testing import random_token_corpus, tiny_random_model
 
 FAMILIES = ("olmoe", "qwen2_moe", "deepseek_v2", "qwen3_moe", "mixtral")
 

@@ -9,12 +9,12 @@ import pytest
 from moeaudit.audit import paired_cells, prepare, progressive_records, single_expert_records
 from moeaudit.metrics import METRICS, ROUTING_WEIGHT
 from moeaudit.store import RecordStore, cached_records
-from moeaudit.testing import random_token_corpus, tiny_random_model
+from moeaudit.tooling.testing import random_token_corpus, tiny_random_model
 
 
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory):
-    from moeaudit.testing import tiny_audit_context
+    from moeaudit.tooling.testing import tiny_audit_context
 
     return tiny_audit_context(tmp_path_factory.mktemp("results"))
 

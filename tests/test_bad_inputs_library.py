@@ -12,9 +12,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moeaudit import params, report, stats
+from moeaudit import report, stats
+from moeaudit.tooling import params
 from moeaudit.corpus import integer_ids
-from moeaudit.testing import random_token_corpus, tiny_audit_context
+from moeaudit.tooling.testing import random_token_corpus, tiny_audit_context
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -171,7 +172,7 @@ def test_pruned_perplexities_check_every_plan_before_work(ctx, monkeypatch):
 
 # ----------------------------------------------------------------------------------- chapter parameters
 def _refusal(stem, **given):
-    from moeaudit.book import notebook_parameters
+    from moeaudit.tooling.book import notebook_parameters
 
     with pytest.raises(params.ParameterError) as err:
         params.validate(stem, {**notebook_parameters(stem), **given})
@@ -190,7 +191,7 @@ def test_schema_refuses_values_that_failed_late(tmp_path):
 def test_cuda_device_is_refused_where_torch_sees_none():
     import torch
 
-    from moeaudit.book import _check_device
+    from moeaudit.tooling.book import _check_device
 
     _check_device("04_audit", "cpu")
     if torch.cuda.is_available():
@@ -207,7 +208,7 @@ def test_fingerprint_sees_every_weight_change_but_not_the_location(tmp_path):
 
     from moeaudit.audit import model_fingerprint
     from moeaudit.models import load_model
-    from moeaudit.testing import save_tiny_checkpoint, tiny_random_model
+    from moeaudit.tooling.testing import save_tiny_checkpoint, tiny_random_model
 
     m = tiny_random_model("olmoe", seed=3)
     save_tiny_checkpoint(m, tmp_path / "a")

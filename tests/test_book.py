@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from moeaudit import book
+from moeaudit.tooling import book
 from moeaudit.zoo import SHIPPED_MODELS, ZOO_MODELS, zoo_path
 
 pytestmark = pytest.mark.slow
@@ -189,7 +189,7 @@ def test_computed_prose_follows_a_two_layer_subset(rendered, tmp_path):
 
 def test_imported_modules_are_found_in_chapters_and_in_the_package():
     chapter = "import moeaudit.models\nfrom moeaudit import report, stats\nfrom moeaudit.audit import prepare\n" \
-              "def f():\n    from moeaudit.training import MIN_FRAC_USED\n"
+              "def f():\n    from moeaudit.tooling.training import MIN_FRAC_USED\n"
     assert book._imported_modules(chapter, relative=False) == {"models", "report", "stats", "audit", "training"}
     module = "from . import paths\nfrom .engine import run\nimport numpy\nfrom moeaudit.x import y\n"
     assert book._imported_modules(module, relative=True) == {"paths", "engine"}
@@ -217,7 +217,7 @@ def test_longest_chapters_are_started_first(tmp_path):
 
 
 def test_a_yaml_error_in_a_parameter_value_is_one_line(capsys):
-    from moeaudit import book as B
+    from moeaudit.tooling import book as B
 
     for raw, why in (("[1, 2", "expected ',' or ']'"), ("!!python/object:os.system x", "could not determine a constructor")):
         assert B.main(["chapter", "04_audit", "-p", "n_positions", raw, "--no-html"]) == 1
@@ -230,7 +230,7 @@ def test_a_long_build_reports_starts_finishes_and_what_is_still_running(monkeypa
     import subprocess
     import time as _time
 
-    from moeaudit import book as B
+    from moeaudit.tooling import book as B
 
     def fake_run(cmd, **kwargs):
         _time.sleep(0.3 if cmd[4] == "slow" else 0.01)
@@ -247,11 +247,11 @@ def test_a_long_build_reports_starts_finishes_and_what_is_still_running(monkeypa
 
 
 def test_the_readme_library_map_is_current_and_names_every_module():
-    from moeaudit import book as B
+    from moeaudit.tooling import book as B
 
     readme = (B.REPO_ROOT / "README.md").read_text()
     current = readme.split(B.LIBRARY_MAP_BEGIN)[1].split(B.LIBRARY_MAP_END)[0].strip()
-    assert current == B.library_map(), "README's library map is out of date: run python -m moeaudit.book library-map"
+    assert current == B.library_map(), "README's library map is out of date: run python -m moeaudit.tooling.book library-map"
     modules = {p.stem if p.name != "__init__.py" else p.parent.name
                for p in (B.REPO_ROOT / "lib" / "moeaudit").rglob("*.py") if p.parent.name != "moeaudit" or p.name != "__init__.py"}
     assert all(f"| `{m}` |" in current for m in modules)
@@ -261,7 +261,7 @@ def test_retraining_one_family_model_marks_only_the_chapters_that_load_it(monkey
     """The execution key hashes the files of the shipped models a chapter loads, not the whole zoo."""
     import shutil
 
-    from moeaudit import book as B
+    from moeaudit.tooling import book as B
     from moeaudit import zoo
 
     assert B.chapter_models("04_audit") == sorted(["tiny-olmoe", "tiny-qwen-moe", "tiny-deepseek-v2"])

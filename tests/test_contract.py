@@ -1,7 +1,7 @@
 """The contract every audited MoE family must meet, on a tiny random model of each.
 
 For every model_type in :data:`moeaudit.families.FAMILIES` (built offline from its transformers
-config class by :func:`moeaudit.testing.tiny_random_model`):
+config class by :func:`moeaudit.tooling.testing.tiny_random_model`):
 
 * the clean pass matches the model's own loss and routing: combine weights and top-k indices as
   the block hands them to the experts, routing weights from the router logits as the registry
@@ -31,7 +31,7 @@ from moeaudit.audit import AuditContext
 from moeaudit.families import FAMILIES, families_table
 from moeaudit.metrics import observational_metrics
 from moeaudit.models import SUPPORTED_FAMILIES, layout_from_config
-from moeaudit.testing import TINY_CONFIGS, random_token_corpus, tiny_config, tiny_random_model
+from moeaudit.tooling.testing import TINY_CONFIGS, random_token_corpus, tiny_config, tiny_random_model
 from moeaudit.verify import verification_suite
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,10 +91,13 @@ def _contribution(spec, experts, x_row: torch.Tensor, expert: int, weight: torch
 
 
 @torch.no_grad()
-def reference_delta(model, ids: np.ndarray, *, layer: int, removed, t: int, mode: str) -> tuple[float, float]:
+def reference_delta(model, ids: np.ndarray, *, layer: int, removed, t: int, mode: str,
+                    means: np.ndarray | None = None) -> tuple[float, float]:
     """(delta_loss, gap norm at t) of removing ``removed`` at ``layer``: forward of the prefix
     ``x[:t+1]`` with a hook on the MoE block that subtracts, at row t (token mode) or every row
-    <= t where routed (sequence mode), each removed expert's contribution computed on its own."""
+    <= t where routed (sequence mode), each removed expert's contribution computed on its own.
+    With ``means`` ((E, H), the mean-output operator) each subtracted contribution is replaced by
+    ``w_e mu_e`` (``mu_e`` for input-weighted experts)."""
     spec, hf = model.layout.spec, model.hf
     block = _module(hf.model.layers[layer], spec.block)
     router, experts = getattr(block, spec.router), getattr(block, spec.experts)
@@ -114,6 +117,9 @@ def reference_delta(model, ids: np.ndarray, *, layer: int, removed, t: int, mode
                 slots = (idx[r] == e).nonzero().flatten()
                 for j in slots.tolist():
                     flat[r] -= _contribution(spec, experts, x[r], e, w[r, j]).to(flat.dtype)
+                    if means is not None:
+                        mu = torch.as_tensor(means[e], dtype=torch.float32)
+                        flat[r] += (mu if spec.combine_site == "router_scores" else w[r, j].float() * mu).to(flat.dtype)
         seen["gap"] = float(torch.linalg.vector_norm((y.reshape(-1, y.shape[-1])[t] - flat[t]).float()))
         new = flat.reshape(y.shape)
         return new if spec.block_output_index is None else (new, *out[1:])
@@ -372,3 +378,74 @@ def test_packed_step_refused_where_a_layer_reads_positions_from_the_cache(tuning
     else:
         full = engine.run_ablations(model, corpus, clean, req, mode="token", strategy="full", progress=False)
         assert (auto.strategy == "kv").all() and engine.strategy_spread(auto, full)["max_abs_diff"] <= TOL
+
+
+# ------------------------------------------------------------------------------------------------
+# The operators beside the paper's removal (engine.OPERATORS)
+# ------------------------------------------------------------------------------------------------
+# families whose selection is the top-k of a monotone function of the router logits, with no
+# selection bias or groups: masking one selected expert brings in the (k+1)-th by logit
+_PLAIN_TOPK = {"olmoe", "mixtral", "qwen2_moe", "qwen3_moe", "qwen3_next", "flex_olmo", "hunyuan_v1_moe", "granitemoe",
+               "granitemoeshared", "gpt_oss", "llama4_text", "deepseek_v2"}
+
+
+@torch.no_grad()
+def _clean_router_logits(model, ids: np.ndarray, layer: int) -> torch.Tensor:
+    spec = model.layout.spec
+    router = getattr(_module(model.hf.model.layers[layer], spec.block), spec.router)
+    seen = {}
+    h = router.register_forward_hook(lambda _m, _i, out: seen.update(logits=out[spec.logits_index]))
+    try:
+        model.hf(input_ids=torch.as_tensor(ids)[None])
+    finally:
+        h.remove()
+    return seen["logits"].reshape(len(ids), -1).float()
+
+
+@pytest.mark.parametrize("family", FAMILY_LIST)
+def test_mask_operator_leaks_nothing_and_routes_to_the_next_expert(family):
+    model, corpus, clean = _setup(family)
+    moe, k = model.layout.moe_layers, model.layout.top_k
+    default = None
+    for n_removed in (1, 2):
+        req = _requests(model, clean, layers=[moe[0], moe[-1]], n_removed=n_removed)
+        rec = engine.run_ablations(model, corpus, clean, req, mode="token", operator="mask", progress=False)
+        assert (rec.leak == 0.0).all() and (rec.masked_selected == 0).all() and rec.premise_ok.all()
+        assert all(len(r) >= n_removed for r in rec.replacement) and (rec.operator == "mask").all()
+        assert all(not set(r) & set(m) for r, m in zip(rec.replacement, rec.removed))
+        full = engine.run_ablations(model, corpus, clean, req, mode="token", strategy="full", operator="mask",
+                                    progress=False)
+        assert np.abs(full.delta_loss - rec.delta_loss).max() <= TOL and (full.leak == 0.0).all()
+        if n_removed == 1 and family in _PLAIN_TOPK:
+            for r in rec.itertuples():
+                order = torch.argsort(_clean_router_logits(model, corpus.sequences[r.seq_id], r.layer)[r.t],
+                                      descending=True).tolist()
+                assert r.replacement == [order[k]], (r.seq_id, r.t, r.layer, r.replacement, order[:k + 1])
+        if n_removed == 1:
+            default = engine.run_ablations(model, corpus, clean, req, progress=False)
+            explicit = engine.run_ablations(model, corpus, clean, req, operator="remove", progress=False)
+            pd.testing.assert_frame_equal(default, explicit)  # the default operator: records bit-identical
+    L = moe[-1]
+    removed = [int(e) for e in clean.active(1, 6, L)[:1]]
+    got = engine.trace_ablation(model, corpus.sequences[1], layer=L, experts=removed, t=6, operator="mask")
+    assert got["leak"] == 0.0 and got["rows_changed"] == [6]
+    one = engine.run_ablations(model, corpus, clean, pd.DataFrame([{"seq_id": 1, "t": 6, "layer": L, "removed": removed}]),
+                               operator="mask", progress=False)
+    assert abs(one.delta_loss.iloc[0] - got["delta_loss"]) <= FAMILY_TOL.get(family, TOL)
+
+
+@pytest.mark.parametrize("family", FAMILY_LIST)
+def test_mean_operator_matches_the_hook_reference(family):
+    model, corpus, clean = _setup(family)
+    moe = model.layout.moe_layers
+    means = engine.expert_mean_outputs(model, corpus)
+    for L in (moe[0], moe[-1]):
+        assert means.counts[L].sum() == len(clean.tokens) * model.layout.top_k
+    req = _requests(model, clean, layers=[moe[0], moe[-1]], n_removed=2)
+    rec = engine.run_ablations(model, corpus, clean, req, mode="token", operator="mean", means=means, progress=False)
+    assert rec.premise_ok.all() and (rec.operator == "mean").all()
+    for r in rec.itertuples():
+        ref, gap = reference_delta(model, corpus.sequences[r.seq_id], layer=r.layer, removed=r.removed, t=r.t,
+                                   mode="token", means=means.means[r.layer])
+        assert abs(r.delta_loss - ref) <= FAMILY_TOL.get(family, TOL), (r.seq_id, r.t, r.layer, r.delta_loss, ref)
+        assert abs(r.gap_norm - gap) <= TOL * max(1.0, gap)

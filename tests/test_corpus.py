@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import moeaudit.models  # noqa: F401  (nnsight before transformers.models.*)
-from moeaudit import audit, book, corpus as C, report
+from moeaudit import audit, corpus as C, report
+from moeaudit.tooling import book
 from moeaudit.zoo import zoo_path
 
 TOKENIZED = [" = Title = ", "", " The river @-@ side town had 1 @,@ 200 <unk> residents and a mill on the bank .", ""]

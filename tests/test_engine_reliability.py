@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from moeaudit import engine as E
-from moeaudit.testing import random_token_corpus, tiny_random_model
+from moeaudit.tooling.testing import random_token_corpus, tiny_random_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

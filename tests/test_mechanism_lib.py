@@ -200,7 +200,7 @@ def test_significance_stars():
 
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory):
-    from moeaudit.testing import tiny_audit_context
+    from moeaudit.tooling.testing import tiny_audit_context
 
     return tiny_audit_context(tmp_path_factory.mktemp("results"))
 

@@ -14,7 +14,7 @@ import torch
 
 from moeaudit import engine as E
 from moeaudit.models import SUPPORTED_FAMILIES, MoELayout, layout_from_config, load_model, wrap_model
-from moeaudit.testing import save_tiny_checkpoint, tiny_config, tiny_random_model
+from moeaudit.tooling.testing import save_tiny_checkpoint, tiny_config, tiny_random_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import jupytext
 import pytest
 
-from moeaudit import book, params
-from moeaudit.params import ParameterError, validate
+from moeaudit.tooling import book, params
+from moeaudit.tooling.params import ParameterError, validate
 from moeaudit.zoo import SHIPPED_MODELS, ZOO_DIR, ZOO_MODELS
 
 STEMS = book.chapters()
@@ -83,10 +83,10 @@ REPORTED = [
 
 @pytest.mark.parametrize("name,value,expected", REPORTED, ids=[f"{n}={v}" for n, v, _ in REPORTED])
 def test_reported_cases_fail_fast_through_the_book_driver(name, value, expected, tmp_path):
-    """``python -m moeaudit.book chapter`` stops with one line, before a kernel starts or a results folder is made
+    """``python -m moeaudit.tooling.book chapter`` stops with one line, before a kernel starts or a results folder is made
     (how long that takes is measured in the README, not asserted here)."""
     env = {**os.environ, "MOEAUDIT_RESULTS_DIR": str(tmp_path / "results")}  # never the shared cache
-    proc = subprocess.run([sys.executable, "-m", "moeaudit.book", "chapter", "04_audit", "-p", name, value, "--no-html"],
+    proc = subprocess.run([sys.executable, "-m", "moeaudit.tooling.book", "chapter", "04_audit", "-p", name, value, "--no-html"],
                           capture_output=True, text=True, cwd=str(book.REPO_ROOT), env=env, timeout=30)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
@@ -264,9 +264,9 @@ def test_preflight_reports_bad_defaults(monkeypatch):
 
 
 def test_bad_input_table_is_current():
-    """``docs/bad_inputs.md`` is what ``python -m moeaudit.book bad-inputs`` writes now, every chapter input in
+    """``docs/bad_inputs.md`` is what ``python -m moeaudit.tooling.book bad-inputs`` writes now, every chapter input in
     it is refused by the schema, and no library call in it gives a wrong number silently."""
-    from moeaudit import badinputs
+    from moeaudit.tooling import badinputs
 
     table = badinputs.page()
     assert "should have been refused" not in table
@@ -279,7 +279,7 @@ def test_bad_input_table_is_current():
     assert "largest difference 0)" in library
     committed = Path(badinputs.REPO_ROOT / badinputs.BAD_INPUTS_PAGE)
     assert committed.is_file() and committed.read_text() == table, \
-        f"{badinputs.BAD_INPUTS_PAGE} is out of date: run .venv/bin/python -m moeaudit.book bad-inputs"
+        f"{badinputs.BAD_INPUTS_PAGE} is out of date: run .venv/bin/python -m moeaudit.tooling.book bad-inputs"
 
 
 def test_redundancy_chapter_needs_two_routing_settings():

@@ -18,7 +18,7 @@ from moeaudit.attribution import attribution_estimates
 from moeaudit.corpus import sample_positions
 from moeaudit.engine import clean_pass, run_ablations
 from moeaudit.pruning import lowest_ranked, perplexity, pruned_experts
-from moeaudit.testing import random_token_corpus, tiny_random_model
+from moeaudit.tooling.testing import random_token_corpus, tiny_random_model
 
 FAMILIES = ("olmoe", "qwen2_moe", "deepseek_v2", "qwen3_moe", "mixtral")
 
@@ -214,7 +214,7 @@ def test_failed_pruning_leaves_no_hooks(float32_models):
 
 def test_engine_refuses_to_run_inside_pruning(float32_models):
     from moeaudit.engine import clean_pass
-    from moeaudit.testing import random_token_corpus
+    from moeaudit.tooling.testing import random_token_corpus
 
     model = float32_models("olmoe")
     corpus = random_token_corpus(n_seqs=1, length=8)

@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from moeaudit import book
+from moeaudit.tooling import book
 
 #: chapters whose prose has been made computed; every chapter is meant to join this list
 COMPUTED_PROSE = ("01_introduction", "02_verification", "03_observational_metrics", "04_audit",

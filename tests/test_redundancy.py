@@ -11,7 +11,7 @@ import pytest
 
 from moeaudit import redundancy as R
 from moeaudit import stats as S
-from moeaudit.training import SPECS, build_model, count_parameters
+from moeaudit.tooling.training import SPECS, build_model, count_parameters
 from moeaudit.zoo import REDUNDANCY_MODELS, REDUNDANCY_SEEDS, REDUNDANCY_SETTINGS, SHIPPED_MODELS, ZOO_MODELS
 
 SETTINGS = [(64, 2), (64, 4), (64, 8), (64, 16), (8, 2)]

@@ -29,7 +29,7 @@ import torch
 
 from moeaudit import engine as E
 from moeaudit.models import AuditModel, load_model, wrap_model
-from moeaudit.testing import random_token_corpus, save_tiny_checkpoint, tiny_random_model
+from moeaudit.tooling.testing import random_token_corpus, save_tiny_checkpoint, tiny_random_model
 
 TOL = 1e-6
 

@@ -19,8 +19,8 @@ CLASSES = {"tiny-olmoe": "OlmoeForCausalLM", "tiny-qwen-moe": "Qwen2MoeForCausal
 #: (routed experts, top-k) of the real checkpoints the shipped models mirror.
 ROUTING = {"tiny-olmoe": (64, 8), "tiny-qwen-moe": (60, 4), "tiny-deepseek-v2": (64, 6)}
 
-from moeaudit.training import PPL_RATIO_MAX  # noqa: E402  (model perplexity at most half the unigram baseline's)
-from moeaudit.training import MIN_FRAC_USED  # noqa: E402  (share of routed experts that must get >= 0.2% of the mass)
+from moeaudit.zoo import PPL_RATIO_MAX  # noqa: E402  (model perplexity at most half the unigram baseline's)
+from moeaudit.zoo import MIN_FRAC_USED  # noqa: E402  (share of routed experts that must get >= 0.2% of the mass)
 MAX_DIR_MB = 10.0
 
 
@@ -143,7 +143,7 @@ def test_structure_mirrors_the_real_checkpoint(name, loaded):
     summary = load_summary(name)
     assert summary["mirrors"] == MIRRORS[name]
     # balance-loss coefficients: the real model's times one common factor (keeps OLMoE = 10 x Qwen)
-    from moeaudit.training import AUX_COEF_SCALE
+    from moeaudit.tooling.training import AUX_COEF_SCALE
 
     aux = summary["aux_loss"]
     assert aux["coef"] == pytest.approx(AUX_COEF_SCALE * aux["real_coef"])
@@ -178,7 +178,7 @@ def test_regime_gate_on_the_embedded_corpus(name, tmp_path):
     """The default book's text is in the models' regime: on the embedded corpus (its default form) each
     model takes from context at least REGIME_GAIN_RATIO_MIN of what it takes on WikiText-2 test, both
     measured the same way. The embedded half is re-measured here; the WikiText half where the data is."""
-    from moeaudit.training import REGIME_GAIN_RATIO_MIN, gate_failures, measure_regime
+    from moeaudit.tooling.training import REGIME_GAIN_RATIO_MIN, gate_failures, measure_regime
 
     reg = load_summary(name)["regime"]
     assert reg["gain_ratio"] >= REGIME_GAIN_RATIO_MIN and not gate_failures(load_summary(name))
@@ -194,7 +194,7 @@ def test_regime_gate_on_the_embedded_corpus(name, tmp_path):
 
 
 def test_regime_gate_refuses_a_near_unigram_model():
-    from moeaudit.training import gate_failures
+    from moeaudit.tooling.training import gate_failures
 
     s = json.loads(json.dumps(load_summary("tiny-olmoe")))
     s["regime"]["embedded"]["gain"], s["regime"]["gain_ratio"] = 0.05, 0.05 / s["regime"]["wikitext-2"]["gain"]
@@ -210,7 +210,7 @@ def test_some_family_member_was_retrained_from_its_seed():
 def streams(loaded):
     """Per model: (validation token stream, first 32 test chunks), tokenized with its own tokenizer."""
     from moeaudit.corpus import load_wikitext2
-    from moeaudit.training import encode_stream, eval_chunks
+    from moeaudit.tooling.training import encode_stream, eval_chunks
 
     valid, test = load_wikitext2("validation"), load_wikitext2("test")
     out = {}
@@ -228,7 +228,7 @@ def streams(loaded):
 @needs_data
 @pytest.mark.parametrize("name", SHIPPED_MODELS)
 def test_gates_remeasured_on_a_test_slice(name, loaded, streams):
-    from moeaudit.training import USAGE_THRESHOLD, evaluate_model, unigram_perplexity
+    from moeaudit.tooling.training import USAGE_THRESHOLD, evaluate_model, unigram_perplexity
 
     model, tok = loaded(name)
     train_stream, chunks = streams(name)
@@ -248,7 +248,7 @@ def test_training_is_reproducible_from_the_seed(tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from moeaudit.training import read_log, train
+    from moeaudit.tooling.training import read_log, train
 
     threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     for run in ("a", "b"):
@@ -266,7 +266,7 @@ def test_training_is_reproducible_from_the_seed(tmp_path):
 
 
 def test_cli_rejects_an_unknown_name(capsys):
-    from moeaudit.training import main
+    from moeaudit.tooling.training import main
 
     with pytest.raises(SystemExit) as err:
         main(["tiny-mixtral"])
@@ -274,7 +274,7 @@ def test_cli_rejects_an_unknown_name(capsys):
 
 
 def test_model_card_tables_from_the_summaries():
-    from moeaudit.zoo import generalisation_gap, recipe_row, routing_mass_shares, utilisation_table
+    from moeaudit.chapters.default_models import generalisation_gap, recipe_row, routing_mass_shares, utilisation_table
 
     summaries = {m: load_summary(m) for m in ZOO_MODELS}
     row = recipe_row(summaries["tiny-olmoe"])
@@ -288,7 +288,7 @@ def test_model_card_tables_from_the_summaries():
     assert np.allclose(shares.sum(axis=1), 100, atol=1e-2) and shares.shape[1] == 64
     util = utilisation_table(summaries)
     assert len(util) == 8 + 8 + 7 and (util["experts"] > 0).all()  # MoE layers: deepseek's first is dense
-    from moeaudit.zoo import family_table, family_texts
+    from moeaudit.chapters.default_models import family_table, family_texts
 
     fam_summaries = {m: load_summary(m) for m in REDUNDANCY_MODELS}
     fam = family_table(fam_summaries)
@@ -306,7 +306,7 @@ def test_model_card_tables_from_the_summaries():
 def test_a_model_that_misses_a_gate_writes_nothing(tmp_path, monkeypatch):
     """Training whose evaluation misses a quality gate raises with the figures that missed and
     leaves the output directory exactly as it was; one that passes replaces it."""
-    from moeaudit import training
+    from moeaudit.tooling import training
 
     out = tmp_path / "tiny-deepseek-v2"
     out.mkdir()
@@ -333,14 +333,14 @@ def test_a_model_that_misses_a_gate_writes_nothing(tmp_path, monkeypatch):
 
 
 def test_unevaluated_training_cannot_write_the_shipped_model():
-    from moeaudit import training
+    from moeaudit.tooling import training
 
     with pytest.raises(ValueError, match="without checking the quality gates"):
         training.train("tiny-olmoe", steps=1, evaluate=False, verbose=False)
 
 
 def test_gate_failures_by_hand():
-    from moeaudit.training import gate_failures
+    from moeaudit.tooling.training import gate_failures
 
     ok = {"evaluation": {"model": {"perplexity": 50.0}, "unigram_baseline": {"perplexity": 100.0},
                          "utilisation": {"layers": {"0": {"frac_experts_ge_threshold": 0.9}}}}}

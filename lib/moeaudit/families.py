@@ -211,7 +211,7 @@ def config_value(config, key: str):
 def moe_layer_indices(spec: FamilySpec, config, n_layers: int) -> tuple[int, ...]:
     """The decoder layers with an MoE block, by the family's rule (``spec.moe_layers``). ``config``
     is a transformers config or any object with the same attributes (a ``SimpleNamespace`` of a
-    ``config.json`` works: :mod:`moeaudit.params` checks layers without importing transformers)."""
+    ``config.json`` works: :mod:`moeaudit.tooling.params` checks layers without importing transformers)."""
     rule = spec.moe_layers
     if rule == "all":
         return tuple(range(n_layers))

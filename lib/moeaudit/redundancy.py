@@ -81,7 +81,7 @@ def member_table(layouts: Mapping[str, object], *, seeds: Mapping[str, int | Non
 
 def training_seed(name: str) -> int | None:
     """The training seed recorded in a model's ``training_summary.json`` (a shipped name or a
-    directory written by :mod:`moeaudit.training`), else ``None``."""
+    directory written by :mod:`moeaudit.tooling.training`), else ``None``."""
     from .zoo import SHIPPED_MODELS, ZOO_DIR  # noqa: PLC0415
 
     folder = ZOO_DIR / name if name in SHIPPED_MODELS else Path(name).expanduser()

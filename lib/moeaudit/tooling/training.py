@@ -27,7 +27,7 @@ utilisation after training.
 
 Command line::
 
-    python -m moeaudit.training tiny-olmoe [--seed 0] [--out DIR] [--steps N] [--data-dir DIR]
+    python -m moeaudit.tooling.training tiny-olmoe [--seed 0] [--out DIR] [--steps N] [--data-dir DIR]
 
 writes ``config.json``, ``model.safetensors``, the tokenizer, ``training_log.csv``,
 ``training_summary.json`` and a model card ``README.md`` to ``DIR`` (default: the package
@@ -63,19 +63,10 @@ from pathlib import Path
 import nnsight  # noqa: F401  (must precede transformers.models.*: trained models are audited in the same process)
 import numpy as np
 
-from .zoo import REDUNDANCY_SEEDS, REDUNDANCY_SETTINGS, SHIPPED_MODELS, ZOO_DIR, redundancy_name
-
-#: Fraction of a layer's routing mass an expert must receive to count as "used".
-USAGE_THRESHOLD = 0.002
-#: quality gate of the shipped models: in every MoE layer at least this share of the routed experts
-#: receives at least USAGE_THRESHOLD of the routing mass on the test split
-MIN_FRAC_USED = 0.9
-#: quality gate of the shipped models: test perplexity at most this fraction of the unigram baseline's
-PPL_RATIO_MAX = 0.5
-#: quality gate of the shipped models: on the embedded corpus, in its default form, the model's gain over
-#: the in-sample unigram is at least this share of its gain on WikiText-2's test split, measured the same
-#: way (:func:`measure_regime`), so that the default book audits a model on text it can read
-REGIME_GAIN_RATIO_MIN = 0.75
+from ..zoo import (
+    MIN_FRAC_USED, PPL_RATIO_MAX, REDUNDANCY_SEEDS, REDUNDANCY_SETTINGS, REGIME_GAIN_RATIO_MIN, SHIPPED_MODELS,
+    USAGE_THRESHOLD, ZOO_DIR, redundancy_name,
+)
 
 
 class GateError(RuntimeError):
@@ -125,7 +116,7 @@ def measure_regime(model: str | Path, *, data_dir=None) -> dict:
     ``model``: a shipped name or a checkpoint directory. Without WikiText-2 (no data directory and no
     hub), ``wikitext-2`` and ``gain_ratio`` are ``None``.
     """
-    from .audit import corpus_regime, prepare  # noqa: PLC0415
+    from ..audit import corpus_regime, prepare  # noqa: PLC0415
 
     keep = ("mean_loss", "unigram_loss", "uniform_loss", "gain", "n_tokens", "n_texts", "corpus_variant", "text_form")
     out = {"measurement": REGIME_MEASUREMENT}
@@ -572,8 +563,8 @@ def _sha256(path: Path) -> str | None:
 
 
 def _data_files(data_dir):
-    from .corpus import _LOCAL_NAMES, _local_file  # noqa: PLC0415
-    from .paths import data_dir as resolve  # noqa: PLC0415
+    from ..corpus import _LOCAL_NAMES, _local_file  # noqa: PLC0415
+    from ..paths import data_dir as resolve  # noqa: PLC0415
 
     root = resolve(data_dir)
     if root is None:
@@ -645,7 +636,7 @@ def _train(name, *, seed, out, hp, data_dir, evaluate, log_every, verbose) -> di
     import torch  # noqa: PLC0415
     import transformers  # noqa: PLC0415
 
-    from .corpus import load_wikitext2  # noqa: PLC0415
+    from ..corpus import load_wikitext2  # noqa: PLC0415
 
     t_start = time.time()
 
@@ -864,7 +855,7 @@ def model_card(s: dict) -> str:
         f"{t['epochs']} epochs), peak learning rate {t['lr']}, {t['schedule']}",
         f"- {t['wall_s']} s wall clock, {t.get('cpu_s', 'not recorded')} s of processor time on {t['threads']} CPU "
         f"thread(s), torch {s['versions']['torch']}, transformers {s['versions']['transformers']}",
-        f"- reproduce: `python -m moeaudit.training {s['name']} --seed {s['seed']}`", "",
+        f"- reproduce: `python -m moeaudit.tooling.training {s['name']} --seed {s['seed']}`", "",
     ]
     ev = s.get("evaluation")
     if ev:
@@ -955,7 +946,7 @@ def check_reproducibility(name: str, *, model_dir: str | Path | None = None, dat
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m moeaudit.training", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m moeaudit.tooling.training", description=__doc__.split("\n\n")[0])
     p.add_argument("name", choices=SHIPPED_MODELS)
     p.add_argument("--seed", type=int, default=None, help="training seed (default: the model's own)")
     p.add_argument("--out", default=None, help="output directory (default: the package's zoo/<name>/)")

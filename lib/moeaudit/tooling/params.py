@@ -8,7 +8,7 @@ values. Parameters that several chapters share are defined once (``Models``, ``L
 :func:`validate` is applied twice, so a bad value fails in about a second, before a model is
 loaded, whichever way a chapter is run:
 
-* by ``python -m moeaudit.book`` (``chapter`` and ``build``), before the kernel starts;
+* by ``python -m moeaudit.tooling.book`` (``chapter`` and ``build``), before the kernel starts;
 * by the cell after the parameters cell of every chapter, ``params.validate("<stem>", globals())``,
   so that papermill and Jupyter users get the same error.
 
@@ -40,8 +40,8 @@ Rules worth knowing:
   driver and the chapter's first cell call right after this schema (a name close to ``auto``,
   ``wikitext-2`` or ``embedded`` that is no file is refused here, with the name meant).
 
-:func:`moeaudit.badinputs.page` runs a list of bad inputs through the schema and through the
-library functions that take the same values; ``python -m moeaudit.book bad-inputs`` writes it to
+:func:`moeaudit.tooling.badinputs.page` runs a list of bad inputs through the schema and through the
+library functions that take the same values; ``python -m moeaudit.tooling.book bad-inputs`` writes it to
 ``docs/bad_inputs.md`` (a test keeps that file current).
 
 This module imports neither torch nor transformers; the few constants it shares with modules that
@@ -63,9 +63,9 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from .families import FAMILIES, config_value, moe_layer_indices
-from .paths import refused_output_dir
-from .zoo import SHIPPED_MODELS, ZOO_DIR
+from ..families import FAMILIES, config_value, moe_layer_indices
+from ..paths import refused_output_dir
+from ..zoo import SHIPPED_MODELS, ZOO_DIR
 
 #: fewest paired positions the per-cell statistics accept (:data:`moeaudit.stats.MIN_PAIRS`)
 MIN_POSITIONS = 3
@@ -136,7 +136,7 @@ def _check_model_name(name: str) -> str:
         missing = [f for f in ("config.json", "model.safetensors") if not (ZOO_DIR / name / f).is_file()]
         if missing:
             raise ValueError(f"the files of shipped model {name!r} are missing ({', '.join(missing)}); "
-                             f"train it with: python -m moeaudit.training {name}")
+                             f"train it with: python -m moeaudit.tooling.training {name}")
         return name
     folder = Path(name).expanduser()
     if folder.is_dir():
@@ -509,7 +509,7 @@ class DefaultModels(ChapterParameters):
             folder = ZOO_DIR / name if name in SHIPPED_MODELS else Path(name).expanduser()
             if not (folder / "training_summary.json").is_file():
                 raise ValueError(f"{name!r} has no training_summary.json: it is neither a shipped model nor a "
-                                 "directory written by python -m moeaudit.training")
+                                 "directory written by python -m moeaudit.tooling.training")
         return models
 
 
@@ -562,7 +562,7 @@ def allowed(stem: str, name: str) -> str:
 
 
 def describe(stem: str) -> dict[str, str]:
-    """Each parameter of chapter ``stem`` with what it accepts (``python -m moeaudit.book list``)."""
+    """Each parameter of chapter ``stem`` with what it accepts (``python -m moeaudit.tooling.book list``)."""
     return {name: allowed(stem, name) for name in schema(stem).model_fields}
 
 

@@ -1,10 +1,10 @@
 """Bad inputs and what they get: the page ``docs/bad_inputs.md``.
 
-Two tables, both computed when the page is written (``python -m moeaudit.book bad-inputs``) and
+Two tables, both computed when the page is written (``python -m moeaudit.tooling.book bad-inputs``) and
 checked by the test suite against the committed file:
 
 * **Chapter parameters** (:data:`BAD_INPUTS`): each bad ``-p`` value, the chapter schema's
-  message (:mod:`moeaudit.params`) and what the library function taking the same value does
+  message (:mod:`moeaudit.tooling.params`) and what the library function taking the same value does
   when called directly, without the schema.
 * **Library calls** (:func:`library_cases`): bad indices, unsupported settings and the inputs
   that used to give a wrong number without an error (offloaded weights, a resumed record store
@@ -17,9 +17,9 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from .paths import REPO_ROOT
+from ..paths import REPO_ROOT
 
-#: where ``python -m moeaudit.book bad-inputs`` writes :func:`page`
+#: where ``python -m moeaudit.tooling.book bad-inputs`` writes :func:`page`
 BAD_INPUTS_PAGE = "docs/bad_inputs.md"
 
 #: (chapter, parameter, the -p value as typed, library calls that take the same value: see _library_call[,
@@ -86,8 +86,8 @@ def _library_call(kind: str, value) -> tuple[str, str]:
     Returns (the call, what happened: ``accepted`` or the exception)."""
     import numpy as np  # noqa: PLC0415
 
-    from . import corpus as C  # noqa: PLC0415
-    from . import paths  # noqa: PLC0415
+    from .. import corpus as C  # noqa: PLC0415
+    from .. import paths  # noqa: PLC0415
 
     tiny = C.TokenizedCorpus.from_token_ids([np.arange(12)] * 3)
     lines = ["a line of more than fifty characters, as the text selection asks for it"] * 5
@@ -110,12 +110,12 @@ def _library_call(kind: str, value) -> tuple[str, str]:
         "results_dir": (f"paths.results_dir({value!r})", lambda: paths.results_dir(value)),
     }
     if kind == "paired_effect":
-        from . import stats  # noqa: PLC0415
+        from .. import stats  # noqa: PLC0415
 
         return (f"stats.paired_effect(high, low) on {value} pairs",
                 _outcome(lambda: stats.paired_effect(np.arange(value) + 1.0, np.zeros(value))))
     if kind in ("load_model", "load_each", "check_layer"):
-        from . import models as M  # noqa: PLC0415
+        from .. import models as M  # noqa: PLC0415
 
         if kind == "load_model":
             calls[kind] = (f"models.load_model('tiny-olmoe', dtype={value!r})",
@@ -150,15 +150,15 @@ def _outcome(fn) -> str:
 
 def parameter_table() -> str:
     """A markdown table: each input of :data:`BAD_INPUTS`, the schema's message for it (given by
-    ``python -m moeaudit.book chapter`` and by the chapter's first cell, :mod:`moeaudit.params`),
+    ``python -m moeaudit.tooling.book chapter`` and by the chapter's first cell, :mod:`moeaudit.tooling.params`),
     and what the library function that takes the same value does when called directly.
     It is the first part of :func:`page`."""
     from .book import _parse_params, notebook_parameters  # noqa: PLC0415
     from .params import ParameterError, validate  # noqa: PLC0415
 
     rows = ["## Chapter parameters", "",
-            "Every input below is refused by the chapter's schema (`moeaudit.params`) before any work, both by "
-            "`python -m moeaudit.book chapter <chapter> -p ...` and by the chapter's first cell under papermill or "
+            "Every input below is refused by the chapter's schema (`moeaudit.tooling.params`) before any work, both by "
+            "`python -m moeaudit.tooling.book chapter <chapter> -p ...` and by the chapter's first cell under papermill or "
             "Jupyter. The last column shows what the library does with the same value when it is called directly, "
             "without the schema: `accepted` means the value goes through and fails later or silently.", "",
             "| input | chapter | message | library, called directly |", "|---|---|---|---|"]
@@ -182,7 +182,7 @@ def parameter_table() -> str:
 def _tiny():
     import torch  # noqa: PLC0415
 
-    from .engine import clean_pass  # noqa: PLC0415
+    from ..engine import clean_pass  # noqa: PLC0415
     from .testing import random_token_corpus, tiny_random_model  # noqa: PLC0415
 
     torch.manual_seed(0)
@@ -208,12 +208,12 @@ def library_cases() -> list[tuple[str, object]]:
     import pandas as pd  # noqa: PLC0415
     import torch  # noqa: PLC0415
 
-    from . import corpus as C  # noqa: PLC0415
-    from . import engine as E  # noqa: PLC0415
-    from . import stats  # noqa: PLC0415
-    from .metrics import pruning_criteria  # noqa: PLC0415
-    from .pruning import pruned_experts  # noqa: PLC0415
-    from .store import cached_records  # noqa: PLC0415
+    from .. import corpus as C  # noqa: PLC0415
+    from .. import engine as E  # noqa: PLC0415
+    from .. import stats  # noqa: PLC0415
+    from ..metrics import pruning_criteria  # noqa: PLC0415
+    from ..pruning import pruned_experts  # noqa: PLC0415
+    from ..store import cached_records  # noqa: PLC0415
 
     model, corpus, clean = _tiny()
     n1 = int(corpus.lengths[1])
@@ -275,7 +275,7 @@ def library_cases() -> list[tuple[str, object]]:
         from accelerate import cpu_offload  # noqa: PLC0415
         from transformers import AutoModelForCausalLM  # noqa: PLC0415
 
-        from .models import wrap_model  # noqa: PLC0415
+        from ..models import wrap_model  # noqa: PLC0415
         from .testing import save_tiny_checkpoint  # noqa: PLC0415
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -297,7 +297,7 @@ def library_cases() -> list[tuple[str, object]]:
                 f"{bool((kv.delta_loss - full.delta_loss).abs().max() < 1e-5)}")
 
     def swapped_experts():
-        from .audit import model_fingerprint  # noqa: PLC0415
+        from ..audit import model_fingerprint  # noqa: PLC0415
 
         m = copy.deepcopy(model)
         ex = m.hf.model.layers[1].mlp.experts
@@ -315,7 +315,7 @@ def library_cases() -> list[tuple[str, object]]:
         import tempfile  # noqa: PLC0415
         import warnings  # noqa: PLC0415
 
-        from .store import ChunkMismatchWarning, cached_records  # noqa: PLC0415
+        from ..store import ChunkMismatchWarning, cached_records  # noqa: PLC0415
 
         def compute(chunk):
             return pd.DataFrame({"item": chunk, "value": [10 * i for i in chunk]})
@@ -342,8 +342,8 @@ def library_cases() -> list[tuple[str, object]]:
             return f"read as {len(C.resolve_corpus(str(f)).lines)} texts (one per line feed)"
 
     def premise_pairs():
-        from .audit import paired_cells  # noqa: PLC0415
-        from .metrics import METRICS  # noqa: PLC0415
+        from ..audit import paired_cells  # noqa: PLC0415
+        from ..metrics import METRICS  # noqa: PLC0415
 
         rec = pd.DataFrame([{"model": "m", "family": "olmoe", "mode": "token", "layer": 0, "seq_id": 0, "t": t,
                              "expert": e, "prob": p, "weight": p, "delta_loss": 0.1 * t, "gap_norm": 1.0,
@@ -354,8 +354,8 @@ def library_cases() -> list[tuple[str, object]]:
         return f"the cell keeps 3 of 4 pairs: n = {int(table.n.iloc[0])}, n_premise_excluded = {int(table.n_premise_excluded.iloc[0])}"
 
     def top1_pairs():
-        from .audit import paired_cells  # noqa: PLC0415
-        from .metrics import METRICS  # noqa: PLC0415
+        from ..audit import paired_cells  # noqa: PLC0415
+        from ..metrics import METRICS  # noqa: PLC0415
 
         rec = pd.DataFrame([{"model": "m", "family": "olmoe", "mode": "token", "layer": 0, "seq_id": 0, "t": t,
                              "expert": t % 2, "prob": 1.0, "weight": 1.0, "delta_loss": 0.1, "gap_norm": 1.0,
@@ -374,7 +374,7 @@ def library_cases() -> list[tuple[str, object]]:
         import io  # noqa: PLC0415
         import tempfile  # noqa: PLC0415
 
-        from . import released as R  # noqa: PLC0415
+        from .. import released as R  # noqa: PLC0415
 
         rel, saved = R.RELEASED_FILES[0], R._urlopen
         R._urlopen = lambda url, timeout=None: io.BytesIO(b"<html>Access denied</html>")
@@ -385,7 +385,7 @@ def library_cases() -> list[tuple[str, object]]:
             R._urlopen = saved
 
     def too_long():
-        from .audit import prepare  # noqa: PLC0415
+        from ..audit import prepare  # noqa: PLC0415
 
         return prepare("tiny-olmoe", corpus="embedded", max_tokens=200)
 
@@ -469,7 +469,7 @@ def library_table() -> str:
 def page() -> str:
     """The whole page: title, :func:`parameter_table` and :func:`library_table`."""
     head = ["# Bad inputs and what they get", "",
-            "Generated by `python -m moeaudit.book bad-inputs` (module `moeaudit.badinputs`); the test suite fails "
+            "Generated by `python -m moeaudit.tooling.book bad-inputs` (module `moeaudit.tooling.badinputs`); the test suite fails "
             "when this file is out of date.", ""]
     return "\n".join(head) + "\n" + parameter_table() + "\n" + library_table()
 

@@ -1,12 +1,12 @@
 """Render the book: jupytext source -> papermill execution -> Jupyter Book HTML.
 
-    python -m moeaudit.book build                       # execute every changed chapter, then build HTML
-    python -m moeaudit.book build --jobs 1              # one chapter at a time (default: 2 in parallel)
-    python -m moeaudit.book build --no-execute          # rebuild HTML from the executed notebooks
-    python -m moeaudit.book chapter 04_audit -p n_positions 50 -p models '["tiny-olmoe"]'
-    python -m moeaudit.book list                        # chapters, their parameters and allowed values
-    python -m moeaudit.book bad-inputs                  # rewrite docs/bad_inputs.md (bad values, messages)
-    python -m moeaudit.book library-map                 # rewrite the README's library map from the module docstrings
+    python -m moeaudit.tooling.book build                       # execute every changed chapter, then build HTML
+    python -m moeaudit.tooling.book build --jobs 1              # one chapter at a time (default: 2 in parallel)
+    python -m moeaudit.tooling.book build --no-execute          # rebuild HTML from the executed notebooks
+    python -m moeaudit.tooling.book chapter 04_audit -p n_positions 50 -p models '["tiny-olmoe"]'
+    python -m moeaudit.tooling.book list                        # chapters, their parameters and allowed values
+    python -m moeaudit.tooling.book bad-inputs                  # rewrite docs/bad_inputs.md (bad values, messages)
+    python -m moeaudit.tooling.book library-map                 # rewrite the README's library map from the module docstrings
 
 ``build`` skips a chapter whose executed notebook was produced from the same source, parameters,
 library and model files (``--force`` re-executes everything); raw records are cached separately
@@ -16,7 +16,7 @@ library and model files (``--force`` re-executes everything); raw records are ca
 succeeded, so a failed run never leaves a page that looks complete. Parameter values given
 with ``-p`` are parsed as YAML (``50`` is an int, ``'[1, 2]'`` a list, ``null`` is None; ``1e-3``,
 which YAML 1.1 reads as a string, is taken as the number it looks like). They are checked against
-the chapter's schema (:mod:`moeaudit.params`) before the kernel starts: a bad value stops the run
+the chapter's schema (:mod:`moeaudit.tooling.params`) before the kernel starts: a bad value stops the run
 within a second with one line naming the parameter, the value and what is allowed.
 
 ``build`` executes up to ``--jobs`` chapters at once, each in its own process and kernel with one
@@ -40,7 +40,8 @@ import threading
 import time
 from pathlib import Path
 
-from .paths import REPO_ROOT
+from ..paths import REPO_ROOT
+from .imports import LIB, dependencies, module_file
 
 NOTEBOOKS = REPO_ROOT / "notebooks"
 BOOK = REPO_ROOT / "book"
@@ -73,41 +74,10 @@ def notebook_parameters(stem: str) -> dict:
     return {}
 
 
-def _imported_modules(source: str, *, relative: bool) -> set[str]:
-    """Names of this package's modules imported by ``source``: ``moeaudit.x`` imports (a chapter) or
-    ``.x`` imports (a module of the package), anywhere in the file (also inside functions)."""
-    import ast  # noqa: PLC0415
-
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("moeaudit.")}
-        elif isinstance(node, ast.ImportFrom):
-            if relative and node.level == 1:
-                base = node.module
-            elif not relative and node.level == 0 and (node.module or "").split(".")[0] == "moeaudit":
-                base = node.module.split(".")[1] if "." in node.module else None
-            else:
-                continue
-            found |= {base.split(".")[0]} if base else {a.name for a in node.names}
-    return found
-
-
 def chapter_modules(stem: str) -> list[str]:
-    """The package modules a chapter depends on: those it imports and, transitively, theirs."""
-    lib = Path(__file__).resolve().parent
-    todo = _imported_modules((NOTEBOOKS / f"{stem}.py").read_text(), relative=False) | {"__init__"}
-    seen: set[str] = set()
-    while todo:
-        name = todo.pop()
-        path = lib / f"{name}.py"
-        if not path.is_file():
-            path = lib / name / "__init__.py"  # a subpackage (the shipped models' zoo)
-        if name in seen or not path.is_file():
-            continue
-        seen.add(name)
-        todo |= _imported_modules(path.read_text(), relative=True)
-    return sorted(seen)
+    """The package modules a chapter depends on (dotted names): those it imports and, transitively,
+    theirs (:func:`moeaudit.tooling.imports.dependencies`)."""
+    return dependencies((NOTEBOOKS / f"{stem}.py").read_text())
 
 
 def chapter_models(stem: str, parameters: dict | None = None) -> list[str]:
@@ -115,7 +85,7 @@ def chapter_models(stem: str, parameters: dict | None = None) -> list[str]:
     ``parameters``): the names in its ``models`` and ``family`` parameters, and those of the chapter
     named by its ``chapter`` parameter (appendix A2), that are shipped models (a directory or hub id is
     not part of the package). Sorted, each once."""
-    from .zoo import SHIPPED_MODELS  # noqa: PLC0415
+    from ..zoo import SHIPPED_MODELS  # noqa: PLC0415
 
     values = {**notebook_parameters(stem), **(parameters or {})}
     names = [*(values.get("models") or []), *(values.get("family") or [])]
@@ -124,10 +94,16 @@ def chapter_models(stem: str, parameters: dict | None = None) -> list[str]:
     return sorted({n for n in names if isinstance(n, str) and n in SHIPPED_MODELS})
 
 
+def _reads(code: list[Path], data_file: Path) -> bool:
+    """Whether one of the modules ``code`` names the package data file ``data_file`` (its stem, as in
+    ``"released_derived"`` for ``released_derived.parquet`` and ``.json``)."""
+    return any(data_file.stem in path.read_text() for path in code)
+
+
 def execution_key(stem: str, parameters: dict | None = None) -> str:
     """Hash of everything an executed chapter depends on: its source, its parameters, the package
     modules it imports (directly or through other modules, :func:`chapter_modules`), the package
-    data (embedded corpus and released table), the files of the shipped models it loads
+    data files those modules name (embedded corpus, released table), the files of the shipped models it loads
     (:func:`chapter_models`) and the data/results locations. Editing a module no chapter imports
     (training code, tests, benchmarks) or retraining a shipped model a chapter does not load leaves
     its key alone."""
@@ -136,14 +112,14 @@ def execution_key(stem: str, parameters: dict | None = None) -> str:
     h = hashlib.sha256()
     h.update((NOTEBOOKS / f"{stem}.py").read_bytes())
     h.update(json.dumps(parameters or {}, sort_keys=True, default=str).encode())
-    lib = Path(__file__).resolve().parent
-    files = [lib / f"{m}.py" if (lib / f"{m}.py").is_file() else lib / m / "__init__.py" for m in chapter_modules(stem)]
-    files += [f for f in sorted((lib / "data").rglob("*"))
-              if f.is_file() and f.suffix in (".json", ".txt", ".parquet", ".csv")]
-    files += [f for name in chapter_models(stem, parameters) for f in sorted((lib / "zoo" / name).rglob("*"))
+    code = [module_file(m) for m in chapter_modules(stem)]
+    files = list(code)
+    files += [f for f in sorted((LIB / "data").rglob("*"))
+              if f.is_file() and f.suffix in (".json", ".txt", ".parquet", ".csv") and _reads(code, f)]
+    files += [f for name in chapter_models(stem, parameters) for f in sorted((LIB / "zoo" / name).rglob("*"))
               if f.is_file() and f.suffix in (".json", ".safetensors", ".txt", ".csv")]
     for f in files:
-        h.update(f.relative_to(lib).as_posix().encode())
+        h.update(f.relative_to(LIB).as_posix().encode())
         h.update(f.read_bytes())
     for var in ("MOEAUDIT_DATA_DIR", "MOEAUDIT_RESULTS_DIR"):
         h.update(f"{var}={os.environ.get(var, '')}".encode())
@@ -194,7 +170,7 @@ def execute_chapter(stem: str, parameters: dict | None = None, *, book_dir: Path
     if "corpus" in known:  # WikiText-2 missing fails here, in seconds, not after the kernel has started
         import warnings  # noqa: PLC0415
 
-        from .corpus import CorpusFallbackWarning, resolve_corpus  # noqa: PLC0415
+        from ..corpus import CorpusFallbackWarning, resolve_corpus  # noqa: PLC0415
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", CorpusFallbackWarning)
@@ -259,7 +235,7 @@ def expected_seconds(stem: str, *, book_dir: Path = BOOK) -> float:
 
 def execute_chapters(stems: list[str], *, jobs: int = 2, log=print, heartbeat_s: float = 60.0) -> None:
     """Execute ``stems`` with their default parameters, ``jobs`` at a time, each in a separate
-    ``python -m moeaudit.book chapter <stem> --no-html`` process, longest expected first
+    ``python -m moeaudit.tooling.book chapter <stem> --no-html`` process, longest expected first
     (:func:`expected_seconds`; it shortens the whole run when chapters differ much in length);
     raise if any failed (after the others finished, so one failure does not discard the rest).
     Logs each chapter as it starts and as it finishes, and every ``heartbeat_s`` seconds without a
@@ -285,7 +261,7 @@ def execute_chapters(stems: list[str], *, jobs: int = 2, log=print, heartbeat_s:
         with lock:
             started[stem] = t0
         log(f"started {stem}")
-        proc = subprocess.run([sys.executable, "-m", "moeaudit.book", "chapter", stem, "--no-html"],
+        proc = subprocess.run([sys.executable, "-m", "moeaudit.tooling.book", "chapter", stem, "--no-html"],
                               capture_output=True, text=True, cwd=str(REPO_ROOT))
         with lock:
             started.pop(stem, None)
@@ -321,7 +297,7 @@ def execute_chapters(stems: list[str], *, jobs: int = 2, log=print, heartbeat_s:
 
 def preflight(stems: list[str] | None = None, *, log=print) -> list[str]:
     """Check, in seconds and before any chapter starts, what the chapters' default parameters need:
-    that they pass each chapter's schema (:mod:`moeaudit.params`), the evaluation corpus, the
+    that they pass each chapter's schema (:mod:`moeaudit.tooling.params`), the evaluation corpus, the
     authors' released results, the models and the offline MathJax extension. Logs one line per item
     saying what will be used; returns the list of problems (empty when everything is there)."""
     import importlib.util  # noqa: PLC0415
@@ -340,7 +316,7 @@ def preflight(stems: list[str] | None = None, *, log=print) -> list[str]:
     if corpora:
         import warnings  # noqa: PLC0415
 
-        from .corpus import CorpusFallbackWarning, resolve_corpus  # noqa: PLC0415
+        from ..corpus import CorpusFallbackWarning, resolve_corpus  # noqa: PLC0415
 
         for corpus, data_dir in sorted(corpora, key=str):
             try:
@@ -352,13 +328,13 @@ def preflight(stems: list[str] | None = None, *, log=print) -> list[str]:
             except (OSError, ValueError, TypeError) as err:
                 problems.append(f"corpus={corpus!r}: {err}")
     if any(stem.startswith("08_") for stem in stems):
-        from .released import ReleasedDataUnavailable, released_source  # noqa: PLC0415
+        from ..released import ReleasedDataUnavailable, released_source  # noqa: PLC0415
 
         try:
             log(f"released results: {released_source().describe()}")
         except ReleasedDataUnavailable as err:
             problems.append(f"released results: {err}")
-    from .zoo import SHIPPED_MODELS, zoo_path  # noqa: PLC0415
+    from ..zoo import SHIPPED_MODELS, zoo_path  # noqa: PLC0415
 
     names = sorted({m for p in defaults.values() for m in (p.get("models") or [])})
     for name in names:
@@ -428,7 +404,7 @@ def list_parameters(stem: str) -> list[str]:
 
 
 #: the lines that enclose the generated library map in README.md
-LIBRARY_MAP_BEGIN = "<!-- library map: generated from the module docstrings by python -m moeaudit.book library-map -->"
+LIBRARY_MAP_BEGIN = "<!-- library map: generated from the module docstrings by python -m moeaudit.tooling.book library-map -->"
 LIBRARY_MAP_END = "<!-- end of the library map -->"
 
 
@@ -467,7 +443,7 @@ def write_library_map(readme: Path = REPO_ROOT / "README.md") -> Path:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m moeaudit.book", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m moeaudit.tooling.book", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="execute every chapter with its default parameters, then build HTML")
