@@ -30,7 +30,7 @@ data_dir = None  # folder with wikitext-2/ (default: $MOEAUDIT_DATA_DIR)
 results_dir = None  # record cache (default: $MOEAUDIT_RESULTS_DIR or results/)
 
 # %% tags=["hide-input"]
-from moeaudit import report
+from moeaudit import audit, report
 from moeaudit.tooling import params
 
 params.validate("01_introduction", globals())  # refuses a bad value before any work
@@ -113,7 +113,7 @@ report.use_book_style()
 # %%
 name = models[0]
 ctx = prepare(name, n_texts=n_texts, dtype=dtype, device=device, corpus=corpus_source, text_form=text_form, data_dir=data_dir, results_dir=results_dir)
-display(Markdown(report.regime_line(name, ctx)))
+display(Markdown(audit.regime_line(name, ctx)))
 lay = ctx.model.layout
 L = lay.moe_layers[-1] if layer is None else int(layer)
 lay.check_layer(L)
@@ -212,7 +212,7 @@ display(Markdown(report.one_token_text(example)))
 # %% tags=["hide-input"]
 from myst_nb import glue
 
-from moeaudit.audit import paper_control_notes
+from moeaudit.paper import paper_control_notes
 
 glue("paper_control_intro", Markdown(paper_control_notes()["intro"]), display=False)
 
@@ -220,22 +220,35 @@ glue("paper_control_intro", Markdown(paper_control_notes()["intro"]), display=Fa
 # ## The intervention, written out
 #
 # Every ablation in this book is the same few lines inside an nnsight trace
-# {cite}`fiottokaufman2025nnsight`. The router of the MoE block returns, for every token row, its
-# logits, the combine weights the block will multiply each selected expert's output by, and the
-# indices of the selected experts. Reading that output, setting the combine weight of expert $e$
-# to zero on the row of token $t$, and writing the triple back makes the block output at $t$ lose
-# exactly $g_e(\mathbf{x}_t)\,E_e(\mathbf{x}_t)$; nothing else in the forward pass is touched. The
-# cell below does this for the router's top expert at the token above and reads the next-token loss.
+# {cite}`fiottokaufman2025nnsight`. The MoE block of a layer calls its routed experts with the
+# hidden states of every token row, the indices of the experts the router selected for each row, and
+# the combine weights it will multiply each selected expert's output by. Reading that call's inputs,
+# setting the combine weight of expert $e$ to zero on the row of token $t$, and writing them back
+# makes the block output at $t$ lose exactly $g_e(\mathbf{x}_t)\,E_e(\mathbf{x}_t)$; nothing else
+# in the forward pass is touched. Where the block and its experts sit differs between model families;
+# the family registry names them (`ctx.model.layout.spec`), so the same lines run on every audited
+# family. One family (`llama4_text`) has a router that instead returns a dense score per expert that
+# scales the expert's *input*; there the score of $e$ is zeroed. The cell below does this for the router's
+# top expert at the token above and reads the next-token loss.
 
-# %%
+# %% tags=["intervention-written-out"]
 e = int(example.expert.iloc[0])                      # the router's top expert at token t
-mlp = ctx.model.layers()[L].mlp                      # the MoE block of layer L, seen through nnsight
+spec = ctx.model.layout.spec                         # where this family keeps its router and experts
+block = ctx.model.nn_block(L)                        # the MoE block of layer L, seen through nnsight
 prefix = torch.as_tensor(ids[: t_ex + 1])[None]      # the text up to and including token t
 with torch.no_grad(), ctx.model.nn.trace(input_ids=prefix):
-    logits, weights, experts = mlp.gate.output       # router output: one row per token of the prefix
-    row_t = torch.zeros_like(experts, dtype=torch.bool)
-    row_t[t_ex] = True                               # only the row of token t ...
-    mlp.gate.output = (logits, weights.masked_fill((experts == e) & row_t, 0.0), experts)  # ... loses e
+    if spec.combine_site == "experts_input":         # experts(hidden, top_k_index, top_k_weights)
+        experts = getattr(block, spec.experts)
+        (hidden, index, weights, *rest), kwargs = experts.inputs  # one row per token of the prefix
+        row_t = torch.zeros_like(index, dtype=torch.bool)
+        row_t[t_ex] = True                           # only the row of token t ...
+        experts.inputs = ((hidden, index, weights.masked_fill((index == e) & row_t, 0.0), *rest), kwargs)  # ... loses e
+    else:                                            # llama4_text: router scores (tokens, experts) scale the inputs
+        router = getattr(block, spec.router)
+        scores, router_logits = router.output
+        cell = torch.zeros_like(scores, dtype=torch.bool)
+        cell[t_ex, e] = True                         # expert e on the row of token t
+        router.output = (scores.masked_fill(cell, 0.0), router_logits)
     next_token_logits = ctx.model.nn.output.logits[0, t_ex].save()
 ablated_loss = torch.nn.functional.cross_entropy(next_token_logits[None].float(), torch.tensor([int(ids[t_ex + 1])]))
 

@@ -33,7 +33,7 @@ data_dir = None
 results_dir = None
 
 # %% tags=["hide-input"]
-from moeaudit import report
+from moeaudit import audit, report
 from moeaudit.tooling import params
 
 params.validate("02_verification", globals())  # refuses a bad value before any work
@@ -124,7 +124,7 @@ for name in models:
     contexts[name] = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=dtype, device=device,
                              corpus=corpus_source, text_form=text_form, data_dir=data_dir, results_dir=results_dir)
     audited[name] = [int(L) for L in layers] if layers is not None else contexts[name].model.audit_layers(5)
-    display(Markdown(report.regime_line(name, contexts[name])))
+    display(Markdown(audit.regime_line(name, contexts[name])))
     for L in audited[name]:
         contexts[name].model.layout.check_layer(L)
 layout_table = pd.DataFrame({name: layout_summary(ctx.model, audited_layers=audited[name], corpus=ctx.corpus)

@@ -35,7 +35,7 @@ data_dir = None
 results_dir = None
 
 # %% tags=["hide-input"]
-from moeaudit import report
+from moeaudit import audit, report
 from moeaudit.tooling import params
 
 params.validate("03_observational_metrics", globals())  # refuses a bad value before any work
@@ -87,7 +87,7 @@ for name in models:
     ctx = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=dtype, device=device,
                   corpus=corpus_source, text_form=text_form, data_dir=data_dir, results_dir=results_dir)
     contexts[name] = ctx
-    display(Markdown(report.regime_line(name, ctx)))
+    display(Markdown(audit.regime_line(name, ctx)))
     audited[name] = [int(L) for L in layers] if layers is not None else ctx.model.audit_layers(5)
     for L in audited[name]:
         ctx.model.layout.check_layer(L)

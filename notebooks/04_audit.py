@@ -37,7 +37,7 @@ data_dir = None  # folder with wikitext-2/ (default: $MOEAUDIT_DATA_DIR)
 results_dir = None  # record cache (default: $MOEAUDIT_RESULTS_DIR or results/)
 
 # %% tags=["hide-input"]
-from moeaudit import report
+from moeaudit import audit, report
 from moeaudit.tooling import params
 
 params.validate("04_audit", globals())  # refuses a bad value before any work
@@ -75,15 +75,15 @@ import pandas as pd
 from IPython.display import Markdown, display
 from myst_nb import glue
 
-from moeaudit import released, report, stats
+from moeaudit import paper, released, report, stats
 from moeaudit.audit import paired_cells, prepare, single_expert_records
 from moeaudit.metrics import METRICS
 from moeaudit.zoo import ZOO_MODELS
 
 report.use_book_style()
-paper = released.paper_family_verdicts(alpha=released.PAPER_ALPHA)
-report.glue_values(paper_family=int(paper.cells.iloc[0]), paper_metrics=len(released.METRICS),
-                   paper_layers=len(released.LAYERS["olmoe"]), paper_alpha=float(paper.alpha_bonferroni.iloc[0]))
+paper_counts = released.paper_family_verdicts(alpha=paper.PAPER_ALPHA)
+report.glue_values(paper_family=int(paper_counts.cells.iloc[0]), paper_metrics=len(paper.PAPER_METRIC_LABELS),
+                   paper_layers=len(paper.LAYERS["olmoe"]), paper_alpha=float(paper_counts.alpha_bonferroni.iloc[0]))
 report.glue_values(as_markdown=True, ablation_site=report.ablation_site(mode))
 
 # %% [markdown]
@@ -104,7 +104,7 @@ for name in models:
     cells = paired_cells(rec, ctx.metrics, rankings=METRICS)
     cells["rel_depth"] = cells.layer.map(dict(zip(audited, report.relative_depth(audited, ctx.model.layout.moe_layers))))
     all_cells.append(cells)
-    display(Markdown(report.model_summary(name, ctx, audited, rec)))
+    display(Markdown(audit.model_summary(name, ctx, audited, rec)))
 cells = pd.concat(all_cells, ignore_index=True)
 
 # %% [markdown]
@@ -180,16 +180,16 @@ display(Markdown(report.depth_marks_caption(table)))  # what a * means, and whic
 # statistics stored in the authors' released files (the values the printed tables round):
 
 # %%
-display(paper.style.hide(axis="index").format(
+display(paper_counts.style.hide(axis="index").format(
     {"alpha_bonferroni": "{:.4g}", "max_abs_d": "{:.3f}", "share_positive": "{:.0%}"})
         .set_caption("The paper's audit (Tables 1–3), per model: counts of cells, from the released statistics "
                      "(*_both: t and Wilcoxon both below the corrected level; the files store no Wilcoxon sign)"))
-glue("comparison_text", Markdown(report.audit_comparison_text(verdicts, paper, table, paper_names=released.MODELS)),
+glue("comparison_text", Markdown(report.audit_comparison_text(verdicts, paper_counts, table, paper_names=paper.MODELS)),
      display=False)
 glue("limits", Markdown(report.audit_limits_text(default_models=all(m in ZOO_MODELS for m in models),
                                                   paper_corpus=corpus_source.is_paper_corpus,
                                                   family_sizes=dict(zip(verdicts.model, verdicts.cells)),
-                                                  paper_family=int(paper.cells.iloc[0]))), display=False)
+                                                  paper_family=int(paper_counts.cells.iloc[0]))), display=False)
 
 # %% [markdown]
 # {glue:md}`comparison_text`

@@ -37,7 +37,7 @@ results_dir = None  # record cache (default: $MOEAUDIT_RESULTS_DIR or results/)
 n_boot = 2000  # bootstrap resamples for the Spearman confidence intervals
 
 # %% tags=["hide-input"]
-from moeaudit import report
+from moeaudit import audit, report
 from moeaudit.tooling import params
 
 params.validate("05_routing_weight_control", globals())  # refuses a bad value before any work
@@ -93,16 +93,19 @@ from IPython.display import Markdown, display
 from matplotlib.ticker import LogLocator, NullFormatter, StrMethodFormatter
 from myst_nb import glue
 
-from moeaudit import released, report, stats
-from moeaudit.audit import (control_against_observational, control_beaten_text, control_reading_text,
-                            control_summary_text, control_verdict_text, figure1_text, fmt_signed, join_words,
-                            paired_cells, paper_control_notes, prepare, same_layer_margins, single_expert_records)
+from moeaudit import paper, released, report, stats
+from moeaudit.chapters.control import (control_against_observational, control_beaten_text,
+                                       control_reading_text, control_summary_text, control_verdict_text,
+                                       figure1_text, same_layer_margins)
+from moeaudit.report import fmt_signed, join_words
+from moeaudit.audit import paired_cells, prepare, single_expert_records
+from moeaudit.paper import paper_control_notes
 from moeaudit.metrics import METRICS, ROUTING_WEIGHT
 
 report.use_book_style()
-paper_control = released.paper_printed_values().query("table in (4, 5, 6) and quantity == 'd'")
-glue("paper_control_family", len(released.LAYERS["olmoe"]), display=False)
-glue("paper_control_alpha", released.PAPER_ALPHA / len(released.LAYERS["olmoe"]), display=False)
+paper_control = paper.paper_printed_values().query("table in (4, 5, 6) and quantity == 'd'")
+glue("paper_control_family", len(paper.LAYERS["olmoe"]), display=False)
+glue("paper_control_alpha", paper.PAPER_ALPHA / len(paper.LAYERS["olmoe"]), display=False)
 
 # %% [markdown]
 # ## The records
@@ -126,7 +129,7 @@ for name in models:
         c = paired_cells(rec, ctx.metrics, rankings=rankings)
         c["rel_depth"] = c.layer.map(depth)
         sink.append(c)
-    display(Markdown(report.model_summary(name, ctx, audited, rec)))
+    display(Markdown(audit.model_summary(name, ctx, audited, rec)))
 control_cells = pd.concat(control_cells, ignore_index=True)
 observational_cells = pd.concat(observational_cells, ignore_index=True)
 
@@ -303,13 +306,13 @@ glue("power", power, display=False)
 
 # %%
 paper_n = int(released.stored_statistics(model="deepseek", experiment="control").n.iloc[0])
-paper_k = len(released.LAYERS["olmoe"])
+paper_k = len(paper.LAYERS["olmoe"])
 paper_best = paper_control[(paper_control.model == "olmoe")].sort_values("value").iloc[-1]
-paper_a = released.PAPER_ALPHA / paper_k
+paper_a = paper.PAPER_ALPHA / paper_k
 paper_mde = stats.min_detectable_dz(paper_n, alpha=paper_a, power=power)
 display(Markdown(
     f"For comparison, the paper's design (n = {paper_n} positions, Bonferroni over {paper_k} layers, "
-    f"α_adj = {released.PAPER_ALPHA:g}/{paper_k} = {paper_a:.3g}) detects |d_z| ≥ {paper_mde:.3f} with {power:.0%} "
+    f"α_adj = {paper.PAPER_ALPHA:g}/{paper_k} = {paper_a:.3g}) detects |d_z| ≥ {paper_mde:.3f} with {power:.0%} "
     f"power. If its largest control effect, d = {paper_best.printed} at OLMoE's layer {paper_best.layer}, were the "
     f"true effect, that design would find it only about "
     f"{stats.t_test_power(paper_best.value, paper_n, alpha=paper_a):.0%} of the time."))
@@ -439,7 +442,7 @@ glue("ex1_cells", Markdown("Of this run's control cells, " + (
     + f" {'has' if len(big) == 1 else 'have'} an observed |d_z| at least that large.")), display=False)
 glue("ex_halfwidth", Markdown(f"about {half.mean():.2f}" if half.max() - half.min() < 0.005 else
                               f"between {half.min():.2f} and {half.max():.2f}"), display=False)
-paper_p = released.paper_printed_values().query("table == 4 and quantity == 'p_t'")
+paper_p = paper.paper_printed_values().query("table == 4 and quantity == 'p_t'")
 glue("paper_best_p", Markdown(paper_p[paper_p.layer == paper_best.layer].printed.iloc[0]), display=False)
 notes = paper_control_notes()
 glue("paper_rule", Markdown(notes["rule"]), display=False)

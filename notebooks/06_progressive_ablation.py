@@ -34,7 +34,7 @@ results_dir = None  # record cache (default: $MOEAUDIT_RESULTS_DIR or results/)
 cliff_threshold = 0.1  # mean loss increase (nats) that counts as a layer "breaking"
 
 # %% tags=["hide-input"]
-from moeaudit import report
+from moeaudit import audit, report
 from moeaudit.tooling import params
 
 params.validate("06_progressive_ablation", globals())  # refuses a bad value before any work
@@ -75,7 +75,6 @@ corpus_source = report.show_corpus(corpus, data_dir=data_dir, text_form=text_for
 
 # %%
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 import seaborn as sns
 from IPython.display import Markdown, display
@@ -83,10 +82,12 @@ from matplotlib.lines import Line2D
 from myst_nb import glue
 
 from moeaudit import released, report, stats
-from moeaudit.audit import (buffer_readings, cliff_comparison_text, cliff_text, deepest_removal_summary, fmt_signed,
-                            paper_progressive_table, paper_share_positive_text, prepare,
-                            progressive_overview_text, progressive_records, progressive_summary, redundancy_breaks,
-                            removal_direction, threshold_calls)
+from moeaudit.chapters.progressive import (buffer_readings, cliff_comparison_text, cliff_text,
+                                           deepest_removal_summary, paper_progressive_table,
+                                           paper_share_positive_text, progressive_overview_text,
+                                           redundancy_breaks, removal_direction, threshold_calls)
+from moeaudit.report import fmt_signed
+from moeaudit.audit import prepare, progressive_records, progressive_summary
 from moeaudit.corpus import valid_positions
 from moeaudit.metrics import METRICS
 
@@ -113,7 +114,7 @@ for name in models:
     rec = progressive_records(ctx, layers=audited, n_positions=n_positions, seed=seed, mode=mode,
                               min_context=min_context, batch_size=batch_size)
     all_records.append(rec)
-    display(Markdown(report.model_summary(name, ctx, audited, rec,
+    display(Markdown(audit.model_summary(name, ctx, audited, rec,
                                           what=f"ablation records (k = 1 to {lay.top_k - 1} experts removed)")))
 records = pd.concat(all_records, ignore_index=True)
 # the single-expert audit's family per model: every audited layer times every observational metric (chapter 4)

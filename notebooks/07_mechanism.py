@@ -32,7 +32,7 @@ data_dir = None  # folder with wikitext-2/ (default: $MOEAUDIT_DATA_DIR)
 results_dir = None  # record cache (default: $MOEAUDIT_RESULTS_DIR or results/)
 
 # %% tags=["hide-input"]
-from moeaudit import report
+from moeaudit import audit, report
 from moeaudit.tooling import params
 
 params.validate("07_mechanism", globals())  # refuses a bad value before any work
@@ -93,10 +93,12 @@ import pandas as pd
 from IPython.display import Markdown, display
 from myst_nb import glue
 
-from moeaudit import released, report
-from moeaudit.audit import (block_geometry, chain_correlations, compensation_factors, cosine_against_chance, expert_means,
-                            gap_rounding_ratio, layer_gap_ratios, measure_agreement, prepare, released_expert_means,
-                            significant_signs_text, single_expert_records, slope_sign_separation)
+from moeaudit import paper, released, report
+from moeaudit.chapters.mechanism import (block_geometry, chain_correlations, compensation_factors,
+                                         cosine_against_chance, expert_means, gap_rounding_ratio,
+                                         layer_gap_ratios, measure_agreement, released_expert_means,
+                                         significant_signs_text, slope_sign_separation)
+from moeaudit.audit import prepare, single_expert_records
 from moeaudit.report import significance_stars as stars
 
 report.use_book_style()
@@ -110,12 +112,12 @@ def count(mask, what) -> str:
     return f"{int(mask.sum())} of {len(mask)} {what}"
 
 
-paper = released.redistribution(data_dir=data_dir)  # the authors' per-layer records (files or embedded table)
+paper_layers = released.redistribution(data_dir=data_dir)  # the authors' per-layer records (files or embedded table)
 paper_experts = released_expert_means(released.redistribution_experts(data_dir=data_dir))
-paper["label"] = paper.model.map({"olmoe": "paper: OLMoE-1B-7B", "qwen": "paper: Qwen1.5-MoE-A2.7B"})
-paper["rel_depth"] = paper.groupby("model").layer.transform(lambda s: s / s.max())
-paper_ratios = layer_gap_ratios(paper, gap="mean_gap_norm").set_index("model")
-printed = released.paper_printed_values().query("table == 7 and quantity == 'mean_gap_norm'").sort_values("layer")
+paper_layers["label"] = paper_layers.model.map({"olmoe": "paper: OLMoE-1B-7B", "qwen": "paper: Qwen1.5-MoE-A2.7B"})
+paper_layers["rel_depth"] = paper_layers.groupby("model").layer.transform(lambda s: s / s.max())
+paper_ratios = layer_gap_ratios(paper_layers, gap="mean_gap_norm").set_index("model")
+printed = paper.paper_printed_values().query("table == 7 and quantity == 'mean_gap_norm'").sort_values("layer")
 for key, value in {"olmoe_gap_first": paper_ratios.loc["olmoe", "gap_first"], "olmoe_first": paper_ratios.loc["olmoe", "first_layer"],
                    "olmoe_gap_last": paper_ratios.loc["olmoe", "gap_last"], "olmoe_last": paper_ratios.loc["olmoe", "last_layer"],
                    "olmoe_ratio": paper_ratios.loc["olmoe", "ratio_last_first"],
@@ -140,7 +142,7 @@ for name in models:
     ctx = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=dtype, device=device,
                   corpus=corpus_source, text_form=text_form, data_dir=data_dir, results_dir=results_dir)
     ctx.model.hf.config.output_router_logits = False  # no auxiliary balancing loss during analysis forwards
-    display(Markdown(report.regime_line(name, ctx)))
+    display(Markdown(audit.regime_line(name, ctx)))
     lay = ctx.model.layout
     moe = list(layers) if layers is not None else list(lay.moe_layers)
     depth = dict(zip(moe, report.relative_depth(moe, lay.moe_layers)))
@@ -220,7 +222,7 @@ chains = chain_correlations(per_expert)
 depths = geo[["model", "layer", "rel_depth"]].drop_duplicates().set_index(["model", "layer"]).rel_depth
 chains["rel_depth"] = [depths[(m, L)] for m, L in zip(chains.model, chains.layer)]
 ratios = pd.concat([layer_gap_ratios(chains),
-                    layer_gap_ratios(paper, label="label", gap="mean_gap_norm").rename(columns={"label": "model"})])
+                    layer_gap_ratios(paper_layers, label="label", gap="mean_gap_norm").rename(columns={"label": "model"})])
 glue("paper_source", Markdown(released.released_source(data_dir).describe()), display=False)
 glue("ratio_lines", Markdown("The mean gap norm changes from first to last analysed MoE layer by: " + "; ".join(
     f"**{r.model}** {r.ratio_last_first:.2f}× (layer {r.first_layer} to {r.last_layer})" for r in ratios.itertuples()) + "."),
@@ -234,7 +236,7 @@ fig, ax = plt.subplots(figsize=(7.5, 4.4))
 for m in models:
     s = chains[chains.model == m]
     ax.plot(s.rel_depth, s.mean_gap, marker="o", color=colors[m], label=m)
-for (lab, s), mk, shade in zip(paper.groupby("label", sort=False), ("s", "D"), ("0.25", "0.55")):
+for (lab, s), mk, shade in zip(paper_layers.groupby("label", sort=False), ("s", "D"), ("0.25", "0.55")):
     ax.plot(s.rel_depth, s.mean_gap_norm, marker=mk, ls="--", color=shade, ms=4, label=lab)
 ax.set_yscale("log")
 ax.set_xlabel("relative depth of the MoE layer (0 = first, 1 = last)")
@@ -323,7 +325,7 @@ glue("na_note", Markdown("\"n/a\" (shown above) marks a correlation that is unde
 # tokens; the stored ρ(rw, gap norm) is therefore not exactly the quantity it names.
 
 # %% tags=["hide-input"]
-for lab, s in paper.sort_values("layer").groupby("label", sort=False):
+for lab, s in paper_layers.sort_values("layer").groupby("label", sort=False):
     ref = pd.DataFrame({f"L{r.layer}": {"Mean gap norm": f"{r.mean_gap_norm:.3g}",
                                         "ρ(rw, gap norm)": f"{r.rho_rw_gap:+.3f}{stars(r.p_rw_gap)}",
                                         "ρ(gap norm, rel. comp.), released measure":
@@ -355,7 +357,7 @@ for m in models:
     chain_line(axes[1], s, "rho_gap_comp", "p_gap_comp", colors[m], marker="o", label=m)
     chain_line(axes[1], s, "rho_gap_down", "p_gap_down", colors[m], marker="s", ls="--", mfc="white",
                label=f"{m}: re-measured downstream comp.")
-for (lab, s), mk, shade in zip(paper.groupby("label", sort=False), ("s", "D"), ("0.25", "0.55")):
+for (lab, s), mk, shade in zip(paper_layers.groupby("label", sort=False), ("s", "D"), ("0.25", "0.55")):
     chain_line(axes[0], s, "rho_rw_gap", "p_rw_gap", shade, marker=mk, ms=3, lw=1, ls=":", label=lab)
     chain_line(axes[1], s, "rho_gap_comp", "p_gap_comp", shade, marker=mk, ms=3, lw=1, ls=":", label=lab)
 for ax, title in zip(axes, ("routing weight → gap norm", "gap norm → compensation\n(solid: released measure; dashed: re-measured)")):
@@ -390,7 +392,7 @@ _ = fig.legend(*axes[1].get_legend_handles_labels(), loc="upper center", bbox_to
 # %%
 book_factors = chains[["model", "layer", "n_experts", "rho_gap_comp", "rho_gap_cos", "rho_gap_rg"]].merge(
     compensation_factors(per_expert), on=["model", "layer", "n_experts"])
-labelled = paper_experts.assign(model=paper_experts.model.map(dict(zip(paper.model, paper.label))))
+labelled = paper_experts.assign(model=paper_experts.model.map(dict(zip(paper_layers.model, paper_layers.label))))
 paper_factors = chain_correlations(labelled)[["model", "layer", "n_experts", "rho_gap_comp", "p_gap_comp", "rho_gap_cos"]].merge(
     compensation_factors(labelled), on=["model", "layer", "n_experts"])
 factors = pd.concat([book_factors, paper_factors], ignore_index=True)
@@ -409,12 +411,12 @@ display(factors.set_index(["model", "layer"])[list(cols)].rename(columns=cols).s
 
 # %% tags=["hide-input"]
 b, p_ol = book_factors, paper_factors[paper_factors.model == "paper: OLMoE-1B-7B"]
-sig, pos = p_ol.p_gap_comp < released.PAPER_ALPHA, b[b.rho_gap_comp > 0]
+sig, pos = p_ol.p_gap_comp < paper.PAPER_ALPHA, b[b.rho_gap_comp > 0]
 glue("sign_contrast", Markdown(
     f"On the book's models, ρ(gap norm, relative compensation) is negative at {count(b.rho_gap_comp < 0, 'layers')} "
     f"({span(b.rho_gap_comp[b.rho_gap_comp < 0])})" + ("" if pos.empty else "; it is positive at " + ", ".join(
         f"{r.model} layer {r.layer} ({r.rho_gap_comp:+.2f})" for r in pos.itertuples())) + f". In the released OLMoE records it is positive at {count(p_ol.rho_gap_comp > 0, 'layers')} "
-    f"({span(p_ol.rho_gap_comp)}) and significant at p < {released.PAPER_ALPHA:g} at {int(sig.sum())} of them"
+    f"({span(p_ol.rho_gap_comp)}) and significant at p < {paper.PAPER_ALPHA:g} at {int(sig.sum())} of them"
     + (", although the paper's text says that in OLMoE this correlation \"strengthens only at Layer 15\"" if sig.sum() > 1 else "")
     + f" (its values at layers {', '.join(str(L) for L in (p_ol.layer.min(), int(p_ol.layer.median()), p_ol.layer.max()))}: "
     + ", ".join(f"{v:+.3f}" for v in p_ol.set_index('layer').rho_gap_comp.loc[[p_ol.layer.min(), int(p_ol.layer.median()), p_ol.layer.max()]])
@@ -449,8 +451,8 @@ glue("race_summary", Markdown(
     f"on this run the correlation is negative (the 1/‖g‖ factor wins) at {count(b.rho_gap_comp < 0, 'layers')} of the "
     f"book's models and positive (the alignment wins) at {count(p_ol.rho_gap_comp > 0, 'layers')} of the released "
     "OLMoE records."), display=False)
-hidden = {**{r["model"]: r["hidden size"] for r in info}, **{lab: released.CHECKPOINT_HIDDEN_SIZE[k]
-                                                                 for k, lab in zip(paper.model, paper.label)}}
+hidden = {**{r["model"]: r["hidden size"] for r in info}, **{lab: paper.CHECKPOINT_HIDDEN_SIZE[k]
+                                                                 for k, lab in zip(paper_layers.model, paper_layers.label)}}
 chance = cosine_against_chance(factors, hidden)
 glue("cos_chance", Markdown("\n".join(
     f"- **{r.model}** ($d$ = {r.d}, $1/\\sqrt{{d}}$ = {r.chance:.3f}): {span([r.lo, r.hi], '.3f')}, that is "
@@ -487,7 +489,7 @@ glue("slope_verdict", Markdown(
 # hidden space of dimension $d$ the cosine has mean $0$ and spread (standard deviation)
 # $1/\sqrt{d}$, so a median cosine well above $1/\sqrt{d}$ is systematic alignment, not chance.
 # Per model, with $d$ from the model's configuration (for the paper's checkpoints,
-# `released.CHECKPOINT_HIDDEN_SIZE`), the range over layers of the median mean cosine is:
+# `paper.CHECKPOINT_HIDDEN_SIZE`), the range over layers of the median mean cosine is:
 #
 # ```{glue:md} cos_chance
 # :format: myst
@@ -561,7 +563,7 @@ def summary_line(m: str) -> str:
     if not len(pr):
         return f"- **{m}**: only the last MoE layer was analysed, so no downstream measure exists."
     comp = c.dropna(subset=["rho_gap_comp"])
-    a = released.PAPER_ALPHA
+    a = paper.PAPER_ALPHA
     return (f"- **{m}**: ρ(rw, gap) is positive at {count(c.rho_rw_gap.dropna() > 0, 'layers')} (p < {a:g} at "
             f"{int((c.p_rw_gap < a).sum())}); the released chain-2 correlation reaches p < {a:g} at "
             f"{significant_signs_text(comp.layer, comp.rho_gap_comp, comp.p_gap_comp, alpha=a)}; the re-measured one, over "
@@ -575,7 +577,7 @@ zero_last = {m: bool((rec[(rec.model == m) & (rec.layer == L)].downstream_compen
              for m, L in last_moe_layer.items() if L in set(rec[rec.model == m].layer)}
 display(Markdown("\n".join(map(summary_line, models))
                  + f"\n\nIn the authors' released records of the paper's checkpoints the released chain-2 correlation "
-                   f"is positive at {count(paper.rho_gap_comp > 0, 'layers')}. Last MoE layer: downstream compensation is exactly zero for every ablation in "
+                   f"is positive at {count(paper_layers.rho_gap_comp > 0, 'layers')}. Last MoE layer: downstream compensation is exactly zero for every ablation in "
                    f"{sum(zero_last.values())} of {len(zero_last)} models (as it must be)."))
 
 # %% [markdown]
@@ -668,8 +670,8 @@ glue("ex1_outcome", Markdown(
     f"On the ablation sample a layer keeps {span(ex1_abl.n_experts, '.0f')} experts (now {span(chains.n_experts_abl, '.0f')}), "
     f"and ρ(gap norm, downstream comp.) is undefined at {int(ex1_abl.rho_gap_down.isna().sum())} of {len(ex1_abl)} layers "
     f"(now {int(chains.rho_gap_down.isna().sum())}; at the last MoE layer it always is). Where it is defined it ranges "
-    f"{span(ex1_abl.rho_gap_down)} (now {span(chains.rho_gap_down)}) and reaches p < {released.PAPER_ALPHA:g} at "
-    f"{int((ex1_abl.p_gap_down < released.PAPER_ALPHA).sum())} layers (now {int((chains.p_gap_down < released.PAPER_ALPHA).sum())}); "
+    f"{span(ex1_abl.rho_gap_down)} (now {span(chains.rho_gap_down)}) and reaches p < {paper.PAPER_ALPHA:g} at "
+    f"{int((ex1_abl.p_gap_down < paper.PAPER_ALPHA).sum())} layers (now {int((chains.p_gap_down < paper.PAPER_ALPHA).sum())}); "
     f"the released measure on the same sample ranges {span(ex1_abl.rho_gap_comp_abl)} (now "
     f"{span(chains.rho_gap_comp_abl)})."), display=False)
 olmoe = chains[chains.model == "tiny-olmoe"].sort_values("layer") if "tiny-olmoe" in models else None

@@ -26,11 +26,11 @@ n_boot = 2000  # bootstrap resamples for Spearman confidence intervals
 seed = 0
 
 # %% tags=["hide-input"]
-from moeaudit import report
+from moeaudit import released, report
 from moeaudit.tooling import params
 
 params.validate("08_released_reanalysis", globals())  # refuses a bad value before any work
-released_source = report.show_released_source(data_dir)
+released_source = released.show_released_source(data_dir)
 
 # %% [markdown]
 # The authors of the paper {cite}`engmann2026audit` released the result files behind their tables
@@ -71,21 +71,21 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from IPython.display import Markdown, display
-from myst_nb import glue
 
 from moeaudit import released as R
-from moeaudit import report
+from moeaudit import paper
+from moeaudit.chapters import reanalysis
 from moeaudit import stats as S
 
-printed = R.paper_printed_values()
-text = R.paper_text_values()
+printed = paper.paper_printed_values()
+text = paper.paper_text_values()
 records = R.metric_comparisons(data_dir=data_dir)
 control = R.control_comparisons(data_dir=data_dir)
 stored = R.stored_statistics(data_dir=data_dir)
 progressive = R.progressive_ablation(data_dir=data_dir)
 redistribution = R.redistribution(data_dir=data_dir)
-cells = R.reanalysis_cells(alpha=alpha, tost_bound_d=tost_bound_d, power=power, data_dir=data_dir)
-KEYS = list(R.CELL_KEYS)
+cells = reanalysis.reanalysis_cells(alpha=alpha, tost_bound_d=tost_bound_d, power=power, data_dir=data_dir)
+KEYS = list(reanalysis.CELL_KEYS)
 n_pos = int(records.groupby(["model", "layer", "metric"]).size().max())
 metric_cells, control_cells = cells[cells.experiment.eq("metric")], cells[cells.experiment.eq("control")]
 n_family_metric, n_family_control = int(metric_cells.family_size.iloc[0]), int(control_cells.family_size.iloc[0])
@@ -103,7 +103,7 @@ md = Markdown
 
 
 def cell_name(row) -> str:
-    return f"{R.MODELS[row.model]} {R.RANKING_LABELS[row.metric].lower()} at Layer {row.layer}"
+    return f"{paper.MODELS[row.model]} {reanalysis.RANKING_LABELS[row.metric].lower()} at Layer {row.layer}"
 
 
 put(n_pos=n_pos, n_records=len(records), n_control_records=len(control))
@@ -127,12 +127,12 @@ put(n_pos=n_pos, n_records=len(records), n_control_records=len(control))
 
 # %%
 from_records = cells[cells.source.eq("per-position records")]
-d_ddof0 = R.cell_effect_sizes(records, ddof=0)
+d_ddof0 = reanalysis.cell_effect_sizes(records, ddof=0)
 recomputed_13 = (from_records[from_records.experiment.eq("metric")][["model", "layer", "metric", "p_t", "p_W"]]
                  .merge(d_ddof0, on=["model", "layer", "metric"])
                  .melt(id_vars=["model", "layer", "metric"], value_vars=["d", "p_t"], var_name="quantity",
                        value_name="recomputed"))
-table13 = R.compare_printed(recomputed_13, tables=[1, 3], on=["model", "layer", "metric"])
+table13 = reanalysis.compare_printed(recomputed_13, tables=[1, 3], on=["model", "layer", "metric"])
 check_13 = from_records.merge(stored, on=KEYS, suffixes=("", "_stored"))
 put(ddof_factor=np.sqrt(n_pos / (n_pos - 1)))
 
@@ -143,21 +143,21 @@ def shade(row):
 
 
 for model, number in (("olmoe", 1), ("deepseek", 3)):
-    wide = R.side_by_side_as_printed(table13[table13.table == number], index=["model", "metric", "layer"],
+    wide = reanalysis.side_by_side_as_printed(table13[table13.table == number], index=["model", "metric", "layer"],
                                      quantities=["d", "p_t"])
-    wide = wide.merge(R.with_paper_labels(from_records[from_records.experiment.eq("metric")
+    wide = wide.merge(reanalysis.with_paper_labels(from_records[from_records.experiment.eq("metric")
                                                        & from_records.model.eq(model)][["model", "metric", "layer", "p_W"]]),
                       on=["model", "metric", "layer"])
     display(wide.style.format({"d released": "{:+.4f}", "p_t released": "{:.4f}", "p_W": "{:.4f}"})
             .apply(shade, axis=1).hide(axis="index")
-            .set_caption(f"Table {number} ({R.MODELS[model]}): printed value beside the value recomputed from the "
+            .set_caption(f"Table {number} ({paper.MODELS[model]}): printed value beside the value recomputed from the "
                          "released records. Shaded rows differ at the printed precision. p_t: paired t test, p_W: "
                          "Wilcoxon signed-rank test, both two-sided and uncorrected; d uses ddof = 0 as in the "
                          "released code."))
 
 
 # %%
-put(t13_agree=md(R.agreement_phrase(table13)), t13_bad=md(R.mismatch_phrase(table13)),
+put(t13_agree=md(reanalysis.agreement_phrase(table13)), t13_bad=md(reanalysis.mismatch_phrase(table13)),
     t13_max_units=float(((table13.recomputed - table13.value).abs() / 10.0 ** -table13.decimals).max()),
     p_stored_diff=float(max((check_13.p_t - check_13.p_t_stored).abs().max(),
                             (check_13.p_W - check_13.p_W_stored).abs().max())))
@@ -187,14 +187,14 @@ put(t13_agree=md(R.agreement_phrase(table13)), t13_bad=md(R.mismatch_phrase(tabl
 # {glue:text}`n_boot` resamples).
 
 # %%
-rho = R.control_spearman(control, n_boot=n_boot, seed=seed)
+rho = reanalysis.control_spearman(control, n_boot=n_boot, seed=seed)
 recomputed_6 = (from_records[from_records.experiment.eq("control")][[*KEYS, "cohens_dz", "p_t", "p_W"]]
                 .rename(columns={"cohens_dz": "d"}).merge(rho[["layer", "rho"]], on="layer")
                 .melt(id_vars=KEYS, value_vars=["d", "p_t", "p_W", "rho"], var_name="quantity",
                       value_name="recomputed"))
-table6 = R.compare_printed(recomputed_6, tables=[6], on=KEYS)
+table6 = reanalysis.compare_printed(recomputed_6, tables=[6], on=KEYS)
 rho_spans_zero = int(((rho.ci_low <= 0) & (rho.ci_high >= 0)).sum())
-put(n_boot=n_boot, t6_agree=md(R.agreement_phrase(table6)),
+put(n_boot=n_boot, t6_agree=md(reanalysis.agreement_phrase(table6)),
     rho_ci_verdict=md(f"every one of the {len(rho)} bootstrap intervals for ρ spans zero: within a layer, a "
                       "larger routing-weight gap between the two experts does not go with a detectably larger loss "
                       "difference" if rho_spans_zero == len(rho) else
@@ -202,7 +202,7 @@ put(n_boot=n_boot, t6_agree=md(R.agreement_phrase(table6)),
                       f"(layers {', '.join(str(x) for x in rho[(rho.ci_low > 0) | (rho.ci_high < 0)].layer)})"))
 
 # %% tags=["hide-input"]
-wide6 = R.side_by_side_as_printed(table6, index=["model", "layer"], quantities=["d", "p_t", "p_W", "rho"]).merge(
+wide6 = reanalysis.side_by_side_as_printed(table6, index=["model", "layer"], quantities=["d", "p_t", "p_W", "rho"]).merge(
     rho[["layer", "ci_low", "ci_high"]].rename(columns={"ci_low": "rho CI low", "ci_high": "rho CI high"}), on="layer")
 display(wide6.style.format({"d released": "{:+.4f}", "p_t released": "{:.4f}", "p_W released": "{:.4f}",
                             "rho released": "{:+.4f}", "rho CI low": "{:+.3f}", "rho CI high": "{:+.3f}"})
@@ -232,14 +232,14 @@ display(wide6.style.format({"d released": "{:+.4f}", "p_t released": "{:.4f}", "
 # %%
 stored_long = (stored.rename(columns={"cohens_d": "d", "spearman_rho": "rho"})
                .melt(id_vars=KEYS, value_vars=["d", "p_t", "p_W", "rho"], var_name="quantity", value_name="recomputed"))
-table25 = R.compare_printed(stored_long, tables=[2, 5], on=KEYS)
+table25 = reanalysis.compare_printed(stored_long, tables=[2, 5], on=KEYS)
 prog_long = progressive.melt(id_vars=["layer", "k"], value_vars=["mean_delta", "median_delta", "p95_delta"],
                              var_name="quantity", value_name="recomputed")
-table89 = R.compare_printed(prog_long, tables=[8, 9], on=["layer", "k"])
+table89 = reanalysis.compare_printed(prog_long, tables=[8, 9], on=["layer", "k"])
 red_long = redistribution[redistribution.model.eq("qwen")].melt(
     id_vars=["model", "layer"], value_vars=["mean_gap_norm", "rho_rw_gap", "rho_gap_comp"],
     var_name="quantity", value_name="recomputed")
-table7 = R.compare_printed(red_long, tables=[7], on=["model", "layer"])
+table7 = reanalysis.compare_printed(red_long, tables=[7], on=["model", "layer"])
 compared = pd.concat([table13, table6, table25, table7, table89], ignore_index=True)
 source_of = {1: "per-position records", 3: "per-position records", 6: "per-position records"}
 agreement = (compared.groupby("table").agg(printed_numbers=("value", "size"), agree=("agrees", "sum")).reset_index()
@@ -256,7 +256,7 @@ for long, number, index, quantities, caption in (
         (table7, 7, ["model", "layer"], ["mean_gap_norm", "rho_rw_gap", "rho_gap_comp"],
          "redistribution; mean_gap_norm is the mean over the experts of each expert's mean gap norm, rho are "
          "Spearman correlations across experts")):
-    wide = R.side_by_side_as_printed(long, index=index, quantities=quantities)
+    wide = reanalysis.side_by_side_as_printed(long, index=index, quantities=quantities)
     display(wide.style.format({k: v for k, v in fmt.items() if k in wide}).apply(shade, axis=1).hide(axis="index")
             .set_caption(f"Table {number} (Qwen1.5-MoE-A2.7B {caption}): printed beside the stored summary. Shaded "
                          "rows differ at the printed precision. p-values two-sided, uncorrected."))
@@ -279,8 +279,8 @@ summary_tables = compared[compared.table.isin([2, 5, 7, 8, 9])]
 bad_p = compared[~compared.agrees & compared.quantity.isin(["p_t", "p_W"])]
 p_flips = sum(int(((bad_p.value < a) != (bad_p.recomputed < a)).sum()) for a in (alpha, alpha / n_family_metric))
 n_sum_bad = int((~summary_tables.agrees).sum())
-put(sum_agree=md(R.agreement_phrase(summary_tables)), sum_bad=md("there is no difference" if n_sum_bad == 0 else (
-    "the difference is: " if n_sum_bad == 1 else "the differences are: ") + R.mismatch_phrase(summary_tables)),
+put(sum_agree=md(reanalysis.agreement_phrase(summary_tables)), sum_bad=md("there is no difference" if n_sum_bad == 0 else (
+    "the difference is: " if n_sum_bad == 1 else "the differences are: ") + reanalysis.mismatch_phrase(summary_tables)),
     n_checkable=len(compared), n_differ=int((~compared.agrees).sum()),
     n_unreleased=int((printed.table == 4).sum()),
     verdict_flips=md("none of these moves a p-value across the uncorrected or the corrected level" if p_flips == 0
@@ -328,7 +328,7 @@ put(sum_agree=md(R.agreement_phrase(summary_tables)), sum_bad=md("there is no di
 put(n_metric_cells=len(metric_cells), n_control_cells=len(control_cells), tost_bound=tost_bound_d, alpha=alpha,
     n_family_metric=n_family_metric, n_family_control=n_family_control,
     alpha_metric=alpha / n_family_metric, alpha_control=alpha / n_family_control)
-display(R.with_paper_labels(cells.groupby(["model", "experiment", "source"], sort=False).size()
+display(reanalysis.with_paper_labels(cells.groupby(["model", "experiment", "source"], sort=False).size()
                             .rename("cells").reset_index()).style.hide(axis="index")
         .set_caption("Where each re-analysed cell comes from."))
 
@@ -336,16 +336,16 @@ display(R.with_paper_labels(cells.groupby(["model", "experiment", "source"], sor
 # ### Effect sizes with confidence intervals
 
 # %% tags=["hide-input"]
-for model in R.MODEL_ORDER:
+for model in reanalysis.MODEL_ORDER:
     sub = metric_cells[metric_cells.model == model].assign(
         cell=lambda df: [f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, lo, hi in zip(df.cohens_dz, df.dz_ci_low, df.dz_ci_high)])
-    wide = R.with_paper_labels(sub).pivot(index="metric", columns="layer", values="cell")
-    wide = wide.reindex(index=list(R.METRICS.values()), columns=list(R.LAYERS[model]))
+    wide = reanalysis.with_paper_labels(sub).pivot(index="metric", columns="layer", values="cell")
+    wide = wide.reindex(index=list(paper.PAPER_METRIC_LABELS.values()), columns=list(paper.LAYERS[model]))
     wide.columns = [f"L{layer}" for layer in wide.columns]
-    display(wide.style.set_caption(f"{R.MODELS[model]}: Cohen's d_z (ddof = 1) with exact 95% confidence interval, "
+    display(wide.style.set_caption(f"{paper.MODELS[model]}: Cohen's d_z (ddof = 1) with exact 95% confidence interval, "
                                    f"n = {n_pos} positions per cell. Intervals are not corrected for multiplicity."))
-intervals = R.interval_summary(cells)
-display(R.with_paper_labels(intervals).style.format({"max_abs_dz": "{:.3f}", "widest_ci": "{:.3f}",
+intervals = reanalysis.interval_summary(cells)
+display(reanalysis.with_paper_labels(intervals).style.format({"max_abs_dz": "{:.3f}", "widest_ci": "{:.3f}",
                                                      "mean_ci_half_width": "{:.3f}"}).hide(axis="index")
         .set_caption("Per model and experiment: the largest observed |d_z|, the largest |d_z| inside some cell's 95% CI, "
                      "the mean half-width of the intervals, and how many cells have an (uncorrected) 95% CI that "
@@ -384,13 +384,13 @@ put(half_width=md(f"is {hw.min():.3f} in *d_z* units in every family" if f"{hw.m
 # cells instead, a weaker guarantee that rejects more. The paper uses Bonferroni only.
 
 # %% tags=["hide-input"]
-counts = R.pass_counts(cells, alpha=alpha)
-display(R.with_paper_labels(counts).style.hide(axis="index").set_caption(
+counts = reanalysis.pass_counts(cells, alpha=alpha)
+display(reanalysis.with_paper_labels(counts).style.hide(axis="index").set_caption(
     f"Number of cells passing at family-wise level {alpha:g}. Bonferroni and Holm control the family-wise error "
     "rate, Benjamini-Hochberg (BH) the false discovery rate. Families: the metric cells or the control cells of "
     "one model. The OLMoE control row uses the paper's printed values (records not released)."))
 passing = cells[cells[["sig_t_bonf", "sig_W_bonf", "sig_t_bh", "sig_W_bh"]].any(axis=1)]
-display(R.with_paper_labels(passing[[*KEYS, "source", "cohens_dz", "p_t", "p_W", "p_t_bonf", "p_W_bonf", "p_t_bh",
+display(reanalysis.with_paper_labels(passing[[*KEYS, "source", "cohens_dz", "p_t", "p_W", "p_t_bonf", "p_W_bonf", "p_t_bh",
                                      "p_W_bh", "sig_dual_bonf", "sig_dual_bh"]])
         .style.format({c: "{:.4f}" for c in ("p_t", "p_W", "p_t_bonf", "p_W_bonf", "p_t_bh", "p_W_bh")}
                       | {"cohens_dz": "{:+.3f}"}).hide(axis="index")
@@ -400,8 +400,8 @@ display(R.with_paper_labels(passing[[*KEYS, "source", "cohens_dz", "p_t", "p_W",
 # %%
 metric_dual = metric_cells[metric_cells.sig_dual_bonf]
 ctrl15 = control_cells[(control_cells.model == "olmoe")].sort_values("layer").iloc[-1]
-paper_cells = cells if alpha == R.PAPER_ALPHA else R.reanalysis_cells(
-    alpha=R.PAPER_ALPHA, tost_bound_d=tost_bound_d, power=power, data_dir=data_dir)  # the paper's own level
+paper_cells = cells if alpha == paper.PAPER_ALPHA else reanalysis.reanalysis_cells(
+    alpha=paper.PAPER_ALPHA, tost_bound_d=tost_bound_d, power=power, data_dir=data_dir)  # the paper's own level
 
 
 def one_test(mc: pd.DataFrame) -> tuple[pd.DataFrame, str]:
@@ -417,9 +417,9 @@ put(paper_rule_verdict=md("no observational metric passes in any model, as the p
                           else f"{len(metric_dual)} observational cells pass: "
                           + "; ".join(cell_name(r) for r in metric_dual.itertuples())),
     single_test=md(single_test_text),
-    appendix_claim=md(f"At the paper's level ({R.PAPER_ALPHA:g} before correction) this holds: no cell passes "
+    appendix_claim=md(f"At the paper's level ({paper.PAPER_ALPHA:g} before correction) this holds: no cell passes "
                       "Bonferroni even on one test alone." if single_paper.empty else
-                      f"At the paper's level ({R.PAPER_ALPHA:g} before correction) this is true only under the "
+                      f"At the paper's level ({paper.PAPER_ALPHA:g} before correction) this is true only under the "
                       "agreement rule. " + paper_single_text),
     ctrl_layer=int(ctrl15.layer), ctrl_pt=float(ctrl15.p_t), ctrl_pw=float(ctrl15.p_W),
     ctrl_verdict=md(
@@ -448,7 +448,7 @@ put(paper_rule_verdict=md("no observational metric passes in any model, as the p
 # bound is set in $d_z$ units and converted with each cell's observed $s_D$.
 
 # %%
-tost = R.equivalence_counts(cells, alpha=alpha)
+tost = reanalysis.equivalence_counts(cells, alpha=alpha)
 best_p_tost = S.tost_from_t(0.0, n_pos, bound_d=tost_bound_d)
 tost_metric = tost[tost.experiment == "metric"]
 lo_, hi_ = int(tost_metric["equivalent uncorrected"].min()), int(tost_metric["equivalent uncorrected"].max())
@@ -462,7 +462,7 @@ put(tost_range=md(f"{lo_}" if lo_ == hi_ else f"between {lo_} and {hi_}"),
                      "observed effects near zero can be shown equivalent at the corrected level")))
 
 # %% tags=["hide-input"]
-display(R.with_paper_labels(tost).style.format({"median p_TOST": "{:.3f}"}).hide(axis="index").set_caption(
+display(reanalysis.with_paper_labels(tost).style.format({"median p_TOST": "{:.3f}"}).hide(axis="index").set_caption(
     f"TOST against |d_z| >= {tost_bound_d:g}: number of cells whose effect is shown to lie inside the bound, at the "
     f"uncorrected level {alpha:g} and at the Bonferroni level of the family ({alpha:g}/{n_family_metric} or "
     f"{alpha:g}/{n_family_control})."))
@@ -483,8 +483,8 @@ display(R.with_paper_labels(tost).style.format({"median p_TOST": "{:.3f}"}).hide
 # %%
 levels = {f"uncorrected ({alpha:g})": alpha, f"control family ({alpha:g}/{n_family_control})": alpha / n_family_control,
           f"metric family ({alpha:g}/{n_family_metric})": alpha / n_family_metric}
-mde = R.detectable_effects(n=n_pos, levels=levels, power=power, targets=(REACH, tost_bound_d))
-mde_paper = R.detectable_effects(n=n_pos, levels={"control": R.PAPER_ALPHA / n_family_control, "metric": R.PAPER_ALPHA
+mde = reanalysis.detectable_effects(n=n_pos, levels=levels, power=power, targets=(REACH, tost_bound_d))
+mde_paper = reanalysis.detectable_effects(n=n_pos, levels={"control": paper.PAPER_ALPHA / n_family_control, "metric": paper.PAPER_ALPHA
                                                  / n_family_metric}, power=power, targets=(REACH, tost_bound_d))
 at_metric, mde_ctrl = mde_paper.iloc[-1], float(mde_paper.iloc[0][f"MDE {power:g}"])  # at the paper's levels
 d15 = float(printed.query("table == 4 and quantity == 'd'").sort_values("layer").value.iloc[-1])
@@ -527,25 +527,25 @@ display(mde.style.format({c: "{:.3f}" for c in mde.columns if c.startswith("MDE"
 # paper's figure.
 
 # %% tags=["hide-input"]
-palette = dict(zip(R.METRICS, sns.color_palette("colorblind", len(R.METRICS))))
+palette = dict(zip(paper.PAPER_METRIC_LABELS, sns.color_palette("colorblind", len(paper.PAPER_METRIC_LABELS))))
 band = metric_cells.cohens_dz.agg(["min", "max"])
-fig, axes = plt.subplots(1, len(R.MODEL_ORDER), figsize=(13, 4.2), sharey=True, constrained_layout=True)
-for ax, model in zip(axes, R.MODEL_ORDER):
-    layers = list(R.LAYERS[model])
+fig, axes = plt.subplots(1, len(reanalysis.MODEL_ORDER), figsize=(13, 4.2), sharey=True, constrained_layout=True)
+for ax, model in zip(axes, reanalysis.MODEL_ORDER):
+    layers = list(paper.LAYERS[model])
     x = np.arange(len(layers))
     ax.axhspan(band["min"], band["max"], color="0.88", zorder=0, label=f"range of {len(metric_cells)} metric cells")
     ax.axhline(0.0, color="0.4", lw=0.8, zorder=1)
-    for j, metric in enumerate(R.METRICS):
+    for j, metric in enumerate(paper.PAPER_METRIC_LABELS):
         g = metric_cells[metric_cells.model.eq(model) & metric_cells.metric.eq(metric)].set_index("layer").loc[layers]
         ax.errorbar(x + (j - 1.5) * 0.09, g.cohens_dz, yerr=[g.cohens_dz - g.dz_ci_low, g.dz_ci_high - g.cohens_dz],
-                    fmt="o", ms=4, lw=1, color=palette[metric], label=R.METRICS[metric], zorder=2)
+                    fmt="o", ms=4, lw=1, color=palette[metric], label=paper.PAPER_METRIC_LABELS[metric], zorder=2)
     g = control_cells[control_cells.model.eq(model)].set_index("layer").loc[layers]
     is_printed = (g.source == "printed in paper").all()
     ax.errorbar(x + 0.27, g.cohens_dz, yerr=[g.cohens_dz - g.dz_ci_low, g.dz_ci_high - g.cohens_dz], fmt="D-", ms=5,
                 lw=1.2, color="black", mfc="white" if is_printed else "black", zorder=3,
                 label="routing-weight control" + (" (paper's printed values)" if is_printed else ""))
     ax.set_xticks(x, [f"L{layer}" for layer in layers])
-    ax.set_title(R.MODELS[model])
+    ax.set_title(paper.MODELS[model])
     ax.set_xlabel("Layer")
 axes[0].set_ylabel(r"Cohen's $d_z$ of $\Delta_{high} - \Delta_{low}$ (95% CI)")
 handles = {lab: h for ax in axes for h, lab in zip(*ax.get_legend_handles_labels())}
@@ -561,7 +561,7 @@ olmoe_ctrl = control_cells[control_cells.model.eq("olmoe")].set_index("layer").c
 put(band_lo=float(band["min"]), band_hi=float(band["max"]), olmoe_peak=int(olmoe_ctrl.idxmax()),
     outside=md("no control point lies outside the band" if outside.empty else
                ("the control point outside the band is " if len(outside) == 1 else "the control points outside the band are ")
-               + "; ".join(f"{R.MODELS[r.model]} Layer {r.layer} (*d_z* = {r.cohens_dz:+.3f}, interval "
+               + "; ".join(f"{paper.MODELS[r.model]} Layer {r.layer} (*d_z* = {r.cohens_dz:+.3f}, interval "
                            f"[{r.dz_ci_low:+.3f}, {r.dz_ci_high:+.3f}], "
                            + ("overlapping the band" if r.dz_ci_low <= band["max"] and r.dz_ci_high >= band["min"]
                               else "clear of the band") + ")" for r in outside.itertuples())))
@@ -588,35 +588,35 @@ put(band_lo=float(band["min"]), band_hi=float(band["max"]), olmoe_peak=int(olmoe
 # ### 1. Each metric draws its own positions; all layers share them
 
 # %%
-overlap = R.position_overlap(records)
-contexts = R.context_summary(records)
-ranges = R.metric_value_ranges(records).set_index(["model", "metric"])
-repeats = R.control_repeats(control)
+overlap = reanalysis.position_overlap(records)
+contexts = reanalysis.context_summary(records)
+ranges = reanalysis.metric_value_ranges(records).set_index(["model", "metric"])
+repeats = reanalysis.control_repeats(control)
 o = overlap.set_index("model")
-put(overlap_text=md("; ".join(f"{R.MODELS[m]}: {r['positions per metric']} positions per metric, "
-                              f"{r['distinct over metrics']} distinct over the {len(R.METRICS)} metrics, a pair of "
+put(overlap_text=md("; ".join(f"{paper.MODELS[m]}: {r['positions per metric']} positions per metric, "
+                              f"{r['distinct over metrics']} distinct over the {len(paper.PAPER_METRIC_LABELS)} metrics, a pair of "
                               f"metrics sharing between {r['shared min']} and {r['shared max']}"
                               for m, r in o.iterrows())),
     same_layers=md("the same draw at every layer" if o["same at every layer"].all() else
                    "a different draw at some layers"),
     shared_max=int(o["shared max"].max()))
-layer_rho = R.layer_correlation_of_d(records, alpha=R.PAPER_ALPHA)
+layer_rho = reanalysis.layer_correlation_of_d(records, alpha=paper.PAPER_ALPHA)
 n_pairs, n_sig_pairs = int(layer_rho.pairs.sum()), int(layer_rho.significant.sum())
 put(rho_layers_lo=float(layer_rho["rho min"].min()), rho_layers_hi=float(layer_rho["rho max"].max()),
     rho_med_lo=float(layer_rho["rho median"].min()), rho_med_hi=float(layer_rho["rho median"].max()),
-    sig_pairs=md(f"{n_sig_pairs} of the {n_pairs} pairs reach{'es' if n_sig_pairs == 1 else ''}"), n_sig_expected=R.PAPER_ALPHA * n_pairs,
+    sig_pairs=md(f"{n_sig_pairs} of the {n_pairs} pairs reach{'es' if n_sig_pairs == 1 else ''}"), n_sig_expected=paper.PAPER_ALPHA * n_pairs,
     layers_verdict=md("so a position's *D* at one layer says little about its *D* at another, and the shared draw "
                       "weakens the paper's “signs inconsistent across layers” argument only a little" if
-                      n_sig_pairs <= 2 * R.PAPER_ALPHA * n_pairs else "so a position's *D* carries over between "
+                      n_sig_pairs <= 2 * paper.PAPER_ALPHA * n_pairs else "so a position's *D* carries over between "
                       "layers, and “signs inconsistent across layers” is weaker evidence of a null than "
                       "independent draws would give"))
 
 # %% tags=["hide-input"]
-display(R.with_paper_labels(overlap).style.hide(axis="index").set_caption(
+display(reanalysis.with_paper_labels(overlap).style.hide(axis="index").set_caption(
     "Sampled positions, identified by their index in the padded corpus."))
-display(R.with_paper_labels(layer_rho).style.format(precision=3).hide(axis="index").set_caption(
+display(reanalysis.with_paper_labels(layer_rho).style.format(precision=3).hide(axis="index").set_caption(
     "Spearman correlation of D between two layers of one metric, over the positions they share, for every pair "
-    f"of layers; significant: pairs with p < {R.PAPER_ALPHA:g} (uncorrected)."))
+    f"of layers; significant: pairs with p < {paper.PAPER_ALPHA:g} (uncorrected)."))
 
 # %% [markdown]
 # The paper says {glue:text}`n_pos` positions are sampled "for each metric-layer-model cell"
@@ -639,7 +639,7 @@ c = contexts.set_index("model")
 put(short_olmoe=c.loc["olmoe", "share short"], short_ctx=32, ds_first=c.loc["deepseek", "median first"], ds_last=c.loc["deepseek", "median last"])
 
 # %% tags=["hide-input"]
-display(R.with_paper_labels(contexts).style.format({"share short": "{:.1%}", "median position": "{:.0f}",
+display(reanalysis.with_paper_labels(contexts).style.format({"share short": "{:.1%}", "median position": "{:.0f}",
                                                     "median first": "{:.0f}", "median last": "{:.0f}"})
         .hide(axis="index").set_caption("Where in the (padded) sequence the sampled positions lie. share short: share "
                                          "with seq_position < 32; median first/last: median over texts of the first "
@@ -667,7 +667,7 @@ put(neg_util=float(neg.loc[("olmoe", "utilization_rate")]),
                   else "Some of DeepSeek's utilization rates or mean routing weights lie outside [0, 1]"))
 
 # %% tags=["hide-input"]
-display(R.with_paper_labels(ranges.reset_index()).style.format({"min": "{:.3f}", "max": "{:.3f}",
+display(reanalysis.with_paper_labels(ranges.reset_index()).style.format({"min": "{:.3f}", "max": "{:.3f}",
                                                                 "share negative": "{:.0%}"})
         .hide(axis="index").set_caption("Range of the metric values stored for the ranked experts. A utilization "
                                         "rate is a fraction and a routing weight a probability; neither can be "
@@ -699,7 +699,7 @@ put(ddof_change=float((d_change.d - d_change.cohens_dz).abs().max()),
                          "some stored labels do not match the uncorrected *p_t*"))
 
 # %% tags=["hide-input"]
-display(R.with_paper_labels(ddof_table).style.hide(axis="index").set_caption(
+display(reanalysis.with_paper_labels(ddof_table).style.hide(axis="index").set_caption(
     "Which standard deviation the stored Cohen's d uses (implied by the stored t: d = t/sqrt(n-1) for ddof = 0, "
     "t/sqrt(n) for ddof = 1)."))
 display(pd.crosstab(labels.sig_label, labels.p_band).style.set_caption(
@@ -750,9 +750,9 @@ display(repeats.style.hide(axis="index").set_caption(
 
 # %%
 quantiles = progressive[["median_delta", "p25_delta", "p75_delta"]].to_numpy().ravel()
-steps = R.progressive_in_float16_steps(progressive)
+steps = paper.progressive_in_float16_steps(progressive)
 deepest = steps[steps.k == steps.k.max()]
-put(last_layers=md(", ".join(f"{R.MODELS[m]} Layer {max(R.LAYERS[m])}" for m in R.MODEL_ORDER)),
+put(last_layers=md(", ".join(f"{paper.MODELS[m]} Layer {max(paper.LAYERS[m])}" for m in reanalysis.MODEL_ORDER)),
     n_half=int((quantiles == quantiles.astype(np.float16).astype(np.float64)).sum()), n_quant=quantiles.size,
     med_steps_lo=float(deepest.median_steps.min()), med_steps_hi=float(deepest.median_steps.max()),
     f16_step=float(deepest.step.iloc[0]),
@@ -763,7 +763,7 @@ put(last_layers=md(", ".join(f"{R.MODELS[m]} Layer {max(R.LAYERS[m])}" for m in 
 # ## Where the paper's text disagrees with its own tables and the records
 #
 # Each item quotes the paper {cite}`engmann2026audit` and sets beside it the numbers of its own
-# tables (`released.paper_printed_values`) or of the released records. None of these items changes
+# tables (`paper.paper_printed_values`) or of the released records. None of these items changes
 # a number in a table; each changes what a reader takes from the tables, because the text is where the
 # paper states its conclusions: how small the observational effects are, whether any survives
 # correction, how the control behaves with depth, and where OLMoE's gap norm begins to predict the
@@ -774,21 +774,21 @@ pr_d = printed[(printed.table <= 3) & (printed.quantity == "d")]
 top_d = pr_d.loc[pr_d.value.abs().idxmax()]
 t4 = printed[printed.table == 4].pivot(index="layer", columns="quantity", values="value")
 bold4 = printed[(printed.table == 4) & (printed.quantity == "p_t") & printed.bold]
-breaks = R.monotonicity_breaks(t4["d"])
-gap_comp = R.correlation_by_layer(redistribution, model="olmoe", pair="gap_comp", alpha=R.PAPER_ALPHA).set_index("layer")
+breaks = reanalysis.monotonicity_breaks(t4["d"])
+gap_comp = reanalysis.correlation_by_layer(redistribution, model="olmoe", pair="gap_comp", alpha=paper.PAPER_ALPHA).set_index("layer")
 last = int(gap_comp.index.max())
 gap = redistribution.set_index(["model", "layer"]).mean_gap_norm
-qwen_layers = list(R.LAYERS["qwen"])
+qwen_layers = list(paper.LAYERS["qwen"])
 put(max_d_v1=text["max_abs_d_v1"], max_d_v2=text["max_abs_d_v2"], top_d=md(f"*d* = {top_d.printed}"),
     top_d_cell=md(cell_name(top_d) + f" (Table {top_d.table})"),
     v2_holds=md("holds" if abs(top_d.value) < text["max_abs_d_v2"] else "fails as well"),
     bold4_text=md(" and ".join(f"Layer {r.layer} (*p_t* = {r.printed})" for r in bold4.itertuples())),
     bold4_fail=md((lambda f: "none fails" if not f else " and ".join(f) + (" fails" if len(f) == 1 else " fail"))(
-        [f"Layer {r.layer}" for r in bold4.itertuples() if r.value >= R.PAPER_ALPHA / n_family_control])),
+        [f"Layer {r.layer}" for r in bold4.itertuples() if r.value >= paper.PAPER_ALPHA / n_family_control])),
     pw15=float(t4["p_W"].iloc[-1]), layer15=int(t4.index[-1]),
-    paper_alpha=R.PAPER_ALPHA, paper_alpha_control=R.PAPER_ALPHA / n_family_control,
-    dual4=md("no control cell of Table 4 passes" if not ((t4.p_t < R.PAPER_ALPHA / n_family_control)
-                                                        & (t4.p_W < R.PAPER_ALPHA / n_family_control)).any()
+    paper_alpha=paper.PAPER_ALPHA, paper_alpha_control=paper.PAPER_ALPHA / n_family_control,
+    dual4=md("no control cell of Table 4 passes" if not ((t4.p_t < paper.PAPER_ALPHA / n_family_control)
+                                                        & (t4.p_W < paper.PAPER_ALPHA / n_family_control)).any()
              else "some control cell of Table 4 passes"))
 
 # %%
@@ -814,7 +814,7 @@ put(gc_n_sig=int(sig.sum()), gc_n=len(gap_comp), gc_last=last,
 display(gap_comp.reset_index()[["layer", "rho", "p", "rank", "significant"]].style.format(
     {"rho": "{:+.3f}", "p": "{:.1e}"}).hide(axis="index").set_caption(
     "OLMoE-1B-7B-0924, released redistribution records: Spearman correlation across experts between an expert's "
-    f"gap norm and its relative compensation, per layer; rank 1 = largest rho; significant: p < {R.PAPER_ALPHA:g}."))
+    f"gap norm and its relative compensation, per layer; rank 1 = largest rho; significant: p < {paper.PAPER_ALPHA:g}."))
 
 # %% [markdown]
 # - **"Effect sizes below Cohen's d = {glue:text}`max_d_v1`"** (abstract, introduction and
@@ -869,7 +869,7 @@ checks = [
 put(checks_out=md("; ".join(s for ok, s in checks if ok) + "."
                   + ("" if all(ok for ok, _ in checks) else " These do not: "
                      + "; ".join(s for ok, s in checks if not ok) + ".")),
-    all_bad=md(R.mismatch_phrase(compared)))
+    all_bad=md(reanalysis.mismatch_phrase(compared)))
 
 # %%
 dual_all = cells[cells.sig_dual_bonf]
@@ -920,8 +920,8 @@ put(n_agree_all=int(compared.agrees.sum()),
 
 # %%
 def scenario(a: float, bound: float) -> dict:
-    c = R.reanalysis_cells(alpha=a, tost_bound_d=bound, power=power, data_dir=data_dir)
-    return R.reanalysis_counts(c, alpha=a)
+    c = reanalysis.reanalysis_cells(alpha=a, tost_bound_d=bound, power=power, data_dir=data_dir)
+    return reanalysis.reanalysis_counts(c, alpha=a)
 
 
 now, ex1, ex2, ex3 = (scenario(*p) for p in ((alpha, tost_bound_d), (0.1, tost_bound_d), (alpha, 0.3), (0.01, 0.15)))

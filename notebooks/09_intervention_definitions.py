@@ -36,7 +36,7 @@ data_dir = None  # folder with wikitext-2/ and paper-released/ (default: $MOEAUD
 results_dir = None  # record cache (default: $MOEAUDIT_RESULTS_DIR or results/)
 
 # %% tags=["hide-input"]
-from moeaudit import report
+from moeaudit import audit, report
 from moeaudit.tooling import params
 
 params.validate("09_intervention_definitions", globals())  # refuses a bad value before any work
@@ -86,7 +86,10 @@ from matplotlib.patches import Patch, Rectangle
 from myst_nb import glue
 
 from moeaudit import engine, released, report, stats
-from moeaudit.audit import fmt_signed, join_words, paired_cells, prepare, progressive_records, single_expert_records
+from moeaudit.chapters import definitions
+from moeaudit import paper
+from moeaudit.report import fmt_signed, join_words
+from moeaudit.audit import paired_cells, prepare, progressive_records, single_expert_records
 from moeaudit.metrics import METRIC_LABELS, METRICS, ROUTING_WEIGHT
 
 report.use_book_style()
@@ -191,8 +194,8 @@ for name in models:
                      f"layers, {lay.num_experts} routed experts, top-{lay.top_k}; audited layers "
                      f"{join_words(audited_layers[name])}; "
                      f"{len(records[name, MODE_A]):,} single-expert ablations per mode; over both modes "
-                     f"{report.premise_phrase(pd.concat([records[name, m] for m in modes]))}. "
-                     + report.regime_text(report.context_regime(ctx))))
+                     f"{audit.premise_phrase(pd.concat([records[name, m] for m in modes]))}. "
+                     + report.regime_text(audit.context_regime(ctx))))
 
 # %% [markdown]
 # ### The sequence-wide intervention, written out
@@ -258,7 +261,7 @@ glue("demo_mode_gap", abs(delta_engine["sequence"] - delta_engine["token"]), dis
 # same positions.
 
 # %%
-agreement = pd.concat([released.ablation_agreement(records[n, MODE_A], records[n, MODE_B],
+agreement = pd.concat([definitions.ablation_agreement(records[n, MODE_A], records[n, MODE_B],
                                                    last_layer=contexts[n].model.layout.n_layers - 1).assign(model=n)
                        for n in models], ignore_index=True)
 
@@ -320,7 +323,7 @@ def table_for(cells):
 cells_mode = pd.concat([cells_for(records[n, m], contexts[n].metrics, variant=m) for n in models for m in modes],
                        ignore_index=True)
 table_mode = table_for(cells_mode)
-cmp_mode = released.compare_audit_variants(cells_mode, table_mode, MODE_A, MODE_B, alpha=alpha, n_boot=n_boot, seed=seed)
+cmp_mode = definitions.compare_audit_variants(cells_mode, table_mode, MODE_A, MODE_B, alpha=alpha, n_boot=n_boot, seed=seed)
 
 # %% tags=["hide-input"]
 def show_comparison(cmp, la, lb, what):
@@ -339,7 +342,7 @@ def show_comparison(cmp, la, lb, what):
                 .set_caption(f"{name}: Cohen's d_z per cell, {what}; n = {n_positions} positions"))
     display(Markdown(f"★: significant under the dual rule. •: uncorrected p_t < {alpha:g}. *difference*: d_z({la}) − "
                      f"d_z({lb}) with its paired-bootstrap 95% CI; ◆ where it excludes zero and the difference is larger "
-                     f"than {released.DDZ_TOLERANCE:g} (smaller ones are float rounding)."))
+                     f"than {definitions.DDZ_TOLERANCE:g} (smaller ones are float rounding)."))
 
 
 show_comparison(cmp_mode, MODE_A, MODE_B, f"{MODE_A}-mode vs {MODE_B}-mode ablation")
@@ -365,7 +368,7 @@ fig.tight_layout()
 def flip_text(cmp, la, lb) -> str:
     """Per model: the size of the d_z differences and the verdicts that change (from compare_audit_variants)."""
     out = []
-    for s in released.variant_flip_summary(cmp).itertuples():
+    for s in definitions.variant_flip_summary(cmp).itertuples():
         fl = cmp[(cmp.model == s.model) & (cmp.flip_dual | cmp.flip_p05)]
         changes = "; ".join(f"{LABEL[r.ranking]} L{r.layer} ({'dual rule' if r.flip_dual else 'uncorrected p_t'}: "
                             f"p_t = {r.p_t_a:.3g} vs {r.p_t_b:.3g})" for r in fl.itertuples())
@@ -399,40 +402,40 @@ display(Markdown(flip_text(cmp_mode, MODE_A, MODE_B)))
 # union over $y$ is one condition: position $x$ is admitted for expert $i$ iff
 # $\text{logit}_i(x) \ge \tau = \min_y c_k(y)$, where $c_k(y)$ is the $k$-th largest logit of $y$:
 # one threshold per layer, the same for every expert. The metric is the mean logit over that mask
-# (`released.released_mean_routing_weight_when_active`). Because $\tau$ is the loosest top-$k$
+# (`paper.released_mean_routing_weight_when_active`). Because $\tau$ is the loosest top-$k$
 # cut-off of any position, the mask admits every position's own top-$k$ experts and, besides them,
 # every (position, expert) pair whose logit clears that loosest cut-off. Without the real checkpoints the released numeric values cannot be recomputed
 # here; what follows is the recipe applied to the book's models.
 #
 # To include padding the texts are run right-padded to the longest text, as one batch would be,
 # and the router logits, the routing decisions and the raw expert outputs are recorded at every
-# position (`released.padded_router_pass`).
+# position (`definitions.padded_router_pass`).
 
 # %%
-glue_all(qwen_texts=released.QWEN_NORM_TEXTS, qwen_coords=released.QWEN_STD_COORDS)
+glue_all(qwen_texts=definitions.QWEN_NORM_TEXTS, qwen_coords=definitions.QWEN_STD_COORDS)
 metric_defs, pad_share, recheck, mask_rows, sub_rows = {}, {}, {}, [], []
 for name in models:
     ctx = contexts[name]
-    padded = released.padded_router_pass(ctx.model, ctx.corpus, layers=audited_layers[name])
-    metric_defs[name] = released.recipe_metric_tables(padded)
+    padded = definitions.padded_router_pass(ctx.model, ctx.corpus, layers=audited_layers[name])
+    metric_defs[name] = definitions.recipe_metric_tables(padded)
     pad_share[name] = padded.padding_share
-    a = metric_defs[name][released.PAPER_RECIPE].set_index(["layer", "expert"])[list(METRICS)]
+    a = metric_defs[name][paper.PAPER_RECIPE].set_index(["layer", "expert"])[list(METRICS)]
     b = ctx.metrics.set_index(["layer", "expert"]).loc[a.index, list(METRICS)]
     recheck[name] = float(np.nanmax(np.abs(a.to_numpy() - b.to_numpy()) / np.maximum(np.abs(b.to_numpy()), 1e-12)))
     for L, arr in padded.layers.items():
-        admitted = released.released_active_mask(arr["logits"], top_k=padded.top_k).mean(axis=0)
-        sel_logit = released.per_expert_aggregate(arr["idx"], np.take_along_axis(arr["logits"], arr["idx"], axis=1),
+        admitted = paper.released_active_mask(arr["logits"], top_k=padded.top_k).mean(axis=0)
+        sel_logit = definitions.per_expert_aggregate(arr["idx"], np.take_along_axis(arr["logits"], arr["idx"], axis=1),
                                                   np.ones_like(padded.real), num_experts=padded.num_experts, how="mean")
-        paper_L = metric_defs[name][released.PAPER_RECIPE].query("layer == @L").mean_routing_weight
+        paper_L = metric_defs[name][paper.PAPER_RECIPE].query("layer == @L").mean_routing_weight
         rel_L = metric_defs[name]["OLMoE script"].query("layer == @L").mean_routing_weight
         sub_rows.append({"model": name, "layer": L, "rho": stats.spearman_defined(paper_L, sel_logit)[0],
                          "rho_released": stats.spearman_defined(rel_L, sel_logit)[0]})
-        mask_rows.append({"model": name, "layer": L, "threshold": released.released_active_threshold(arr["logits"], top_k=padded.top_k),
+        mask_rows.append({"model": name, "layer": L, "threshold": paper.released_active_threshold(arr["logits"], top_k=padded.top_k),
                           "selected_share": padded.top_k / padded.num_experts, "admitted_median": float(np.median(admitted)),
                           "admitted_min": float(admitted.min()), "admitted_max": float(admitted.max())})
     del padded
 masks, substitute = pd.DataFrame(mask_rows), pd.DataFrame(sub_rows)
-glue_all(pad_share=Markdown(per_model(pad_share, "{:.1%}")), released_pad=released.RELEASED_OLMOE_PADDING_SHARE,
+glue_all(pad_share=Markdown(per_model(pad_share, "{:.1%}")), released_pad=definitions.RELEASED_OLMOE_PADDING_SHARE,
          admitted_span=span(masks.admitted_median, "{:.0%}"),
          selected_span=span(masks.selected_share, "{:.1%}"),
          recheck=Markdown("exactly, for every model" if max(recheck.values()) == 0 else
@@ -472,8 +475,8 @@ display(masks.style.format({"threshold": "{:+.3f}", "selected_share": "{:.1%}", 
 # was audited with; the other two show how sensitive the ranking is to each departure.
 
 # %%
-rho_defs = pd.concat([released.recipe_rank_agreement(metric_defs[n]).assign(
-    model=n, own=lambda d, n=n: d.recipe == released.RECIPE_OF_FAMILY.get(contexts[n].model.layout.family))
+rho_defs = pd.concat([definitions.recipe_rank_agreement(metric_defs[n]).assign(
+    model=n, own=lambda d, n=n: d.recipe == paper.RECIPE_OF_FAMILY.get(contexts[n].model.layout.family))
     for n in models], ignore_index=True)
 own_rho = rho_defs[rho_defs.own]
 
@@ -482,7 +485,7 @@ fig, axes = plt.subplots(len(models), 1, figsize=(7.5, 4.3 * len(models)), squee
 for ax, name in zip(axes[:, 0], models):
     g = rho_defs[rho_defs.model == name]
     mat = g.pivot_table(index=["recipe", "metric"], columns="layer", values="rho", sort=False, dropna=False)
-    own = released.RECIPE_OF_FAMILY.get(contexts[name].model.layout.family)
+    own = paper.RECIPE_OF_FAMILY.get(contexts[name].model.layout.family)
     mat.index = [f"{'▶ ' if rcp == own else ''}{rcp}: {METRIC_LABELS[m]}" for rcp, m in mat.index]
     mat.columns = [f"L{L}" for L in mat.columns]
     sns.heatmap(mat, ax=ax, vmin=-1, vmax=1, cmap="vlag", annot=True, fmt=".2f", annot_kws={"fontsize": 7.5},
@@ -523,13 +526,13 @@ display(Markdown("Per model, the range over layers of ρ between the paper's def
 # paper's against the released ones, both on the token-local records.
 
 # %%
-def_cells = pd.concat([cells_for(records[n, m], metric_defs[n][released.RECIPE_OF_FAMILY.get(
+def_cells = pd.concat([cells_for(records[n, m], metric_defs[n][paper.RECIPE_OF_FAMILY.get(
     contexts[n].model.layout.family, "OLMoE script")], variant=f"released defs, {m}", rankings=list(METRICS))
     for n in models for m in modes], ignore_index=True)
 paper_metric = lambda d: d[d.set == "metrics"].assign(variant="paper defs, " + d[d.set == "metrics"].variant)  # noqa: E731
 cells_def = pd.concat([paper_metric(cells_mode), def_cells], ignore_index=True)
 table_def = pd.concat([paper_metric(table_mode), table_for(def_cells)], ignore_index=True)
-cmp_def = released.compare_audit_variants(cells_def, table_def, f"paper defs, {MODE_A}", f"released defs, {MODE_A}",
+cmp_def = definitions.compare_audit_variants(cells_def, table_def, f"paper defs, {MODE_A}", f"released defs, {MODE_A}",
                                           alpha=alpha, n_boot=n_boot, seed=seed)
 show_comparison(cmp_def, "paper defs", "released defs", f"paper's vs released metric definitions ({MODE_A}-mode records)")
 display(Markdown(flip_text(cmp_def, "paper", "released")))
@@ -544,7 +547,7 @@ display(Markdown(flip_text(cmp_def, "paper", "released")))
 # differences combine the two departures and need not be the sum of the two separate ones.
 
 # %%
-cmp_whole = released.compare_audit_variants(cells_def, table_def, "paper defs, token", "released defs, sequence",
+cmp_whole = definitions.compare_audit_variants(cells_def, table_def, "paper defs, token", "released defs, sequence",
                                             alpha=alpha, n_boot=n_boot, seed=seed)
 show_comparison(cmp_whole, "paper pipeline", "released pipeline",
                 "paper's definitions and token-local ablation vs released definitions and sequence-wide ablation")
@@ -571,7 +574,7 @@ for name in models:
                               for s in ("kv", "full"))
     spread[name] = engine.strategy_spread(half_recs[name], rerun)
     half_metrics[name] = ctx_h.metrics
-    noise[name], noise_sum[name] = released.precision_noise(records[name, "token"], half_recs[name])
+    noise[name], noise_sum[name] = definitions.precision_noise(records[name, "token"], half_recs[name])
     del ctx_h
     gc.collect()
 nt = pd.DataFrame(noise_sum).T
@@ -579,7 +582,7 @@ half_cells = pd.concat([cells_for(half_recs[n], half_metrics[n], variant=half_dt
 cells_half = pd.concat([cells_mode[cells_mode.variant == "token"].assign(variant=dtype), half_cells], ignore_index=True)
 table_half = pd.concat([table_mode[table_mode.variant == "token"].assign(variant=dtype), table_for(half_cells)],
                        ignore_index=True)
-cmp_half = released.compare_audit_variants(cells_half, table_half, dtype, half_dtype, alpha=alpha, n_boot=n_boot, seed=seed)
+cmp_half = definitions.compare_audit_variants(cells_half, table_half, dtype, half_dtype, alpha=alpha, n_boot=n_boot, seed=seed)
 for key, col, f in (("noise_median", "median_err", "{:.1e}"), ("noise_p95", "p95_err", "{:.1e}"),
                     ("effect_median", "median_abs_full", "{:.1e}"), ("below_noise", "share_below_p95_err", "{:.0%}"),
                     ("sign_flips", "sign_flips", "{:.1%}")):
@@ -626,7 +629,7 @@ display(Markdown(flip_text(cmp_half, dtype, half_dtype)))
 # The authors' progressive-ablation summary (OLMoE, removing the $k$ highest-weight active
 # experts at one position per text) was run in float16; the released code does not record in
 # which precision its losses were computed from the logits. If they were float16 numbers, a loss
-# near the released baseline losses is a multiple of one float16 step (`released.float16_spacing`), so the difference of two losses is resolved only to that
+# near the released baseline losses is a multiple of one float16 step (`paper.float16_spacing`), so the difference of two losses is resolved only to that
 # step. The table gives each released median and quartile in those steps. For comparison, the
 # book's own progressive ablation (the progressive-ablation chapter's records, in float32, every
 # MoE layer) gives the share of positions whose loss *falls* when all but one active expert is
@@ -653,7 +656,7 @@ for name, ctx in contexts.items():  # every MoE layer, as in the progressive-abl
     falls[name] = prog_rec[prog_rec.k == prog_rec.k.max()].groupby("layer").delta_loss.apply(lambda d: float((d < 0).mean()))
 glue("book_falls", Markdown(per_model({n: span(v, "{:.0%}") for n, v in falls.items()}, "{}")), display=False)
 if prog is not None:
-    steps = released.progressive_in_float16_steps(prog)
+    steps = paper.progressive_in_float16_steps(prog)
     glue_all(rel_step=Markdown(span(steps.step, "{:.3g}")), rel_grid=float(steps.n_on_2_16.sum() / (3 * len(steps))),
              rel_pos_k1=Markdown(span(steps[steps.k == 1].share_positive, "{:.1%}")),
              rel_pos_deep=Markdown(span(steps[steps.k == steps.k.max()].share_positive, "{:.1%}")))
@@ -678,7 +681,7 @@ if prog is not None:
         f"reach up to {steps.median_delta.abs().max():.4f} nats ({steps.median_steps.max():.1f} steps) and are resolved at "
         "that step"), display=False)
     glue("f16_caveat", Markdown("; ".join(f"above {r.loss:g} nats it is {r.step:.4f} nats, and {r.n_within} of the {r.n} "
-                                          "medians lie within it" for r in released.float16_steps_caveat(
+                                          "medians lie within it" for r in definitions.float16_steps_caveat(
                                               steps.median_delta).itertuples())), display=False)
     glue("verdict_quartiles", Markdown(
         "The quartiles are many times that step, so the spread of the released loss changes is not the rounding of "
@@ -691,7 +694,7 @@ if prog is not None:
 # {glue:text}`n_med` released medians, {glue:text}`n_med_within` lie within one step of zero
 # (at most {glue:text}`med_within_nats:.4f` nats). {glue:md}`verdict_median`. That step holds at
 # the *mean* baseline loss; an individual position with a larger loss has a larger step
-# (`released.float16_steps_caveat`): {glue:md}`f16_caveat`. The released summary stores no
+# (`definitions.float16_steps_caveat`): {glue:md}`f16_caveat`. The released summary stores no
 # per-position losses, so each median cannot be measured against the step at its own losses, and
 # the count above is a lower bound for positions with high losses. {glue:md}`verdict_quartiles`:
 # the 25th and 75th percentiles lie {glue:md}`rel_q_nats` nats from zero, {glue:md}`rel_q_steps`
@@ -784,7 +787,7 @@ glue_all(ex3_cmd=Markdown(f"`make chapter NB=09_intervention_definitions PARAMS=
 # {glue:md}`ex_last`
 # :::
 #
-# **2. The router's own mask.** In a copy of `released.released_mean_routing_weight_when_active`,
+# **2. The router's own mask.** In a copy of `paper.released_mean_routing_weight_when_active`,
 # replace the layer-wide threshold $\tau$ by each position's own $k$-th largest logit, so that
 # the mask is the router's selection, and recompute the OLMoE-script mean routing weight with it
 # (mean logit over the selecting positions, padding included). Which share of positions does the

@@ -40,7 +40,7 @@ data_dir = None  # folder with wikitext-2/ (default: $MOEAUDIT_DATA_DIR)
 results_dir = None  # record cache (default: $MOEAUDIT_RESULTS_DIR or results/)
 
 # %% tags=["hide-input"]
-from moeaudit import report
+from moeaudit import audit, report
 from moeaudit.tooling import params
 
 params.validate("10_predictors_and_pruning", globals())  # refuses a bad value before any work
@@ -113,12 +113,14 @@ import seaborn as sns
 from IPython.display import Markdown, display
 from myst_nb import glue
 
-from moeaudit import metrics, pruning, released, report, stats
+from moeaudit import metrics, paper, pruning, report, stats
 from moeaudit.attribution import attribution_estimates
-from moeaudit.audit import audit_positions, join_words, paired_cells, prepare, pruned_perplexities, single_expert_records
+from moeaudit.audit import audit_positions, paired_cells, prepare, pruned_perplexities, single_expert_records
+from moeaudit.report import join_words
 from moeaudit.corpus import TokenizedCorpus
 from moeaudit.engine import run_ablations
-from moeaudit.metrics import CRITERION_LABELS as LABELS, LITERATURE_CRITERIA as LITERATURE, METRICS, ROUTING_WEIGHT
+from moeaudit.metrics import (CRITERION_LABELS as LABELS, LITERATURE_CRITERIA as LITERATURE, METRICS,
+                              ROUTING_WEIGHT)
 
 report.use_book_style()
 NEW = metrics.TOKEN_PREDICTORS + LITERATURE  # the four predictors audited here
@@ -148,7 +150,7 @@ contexts, records, criteria, setup = {}, {}, {}, []
 for name in models:
     ctx = contexts[name] = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=dtype, device=device,
                                    corpus=corpus_source, text_form=text_form, data_dir=data_dir, results_dir=results_dir)
-    display(Markdown(report.regime_line(name, ctx)))
+    display(Markdown(audit.regime_line(name, ctx)))
     lay = ctx.model.layout
     audited = list(layers) if layers is not None else ctx.model.audit_layers(5)
     rec = single_expert_records(ctx, layers=audited, n_positions=n_positions, seed=seed, mode=mode,
@@ -229,11 +231,11 @@ audit = lambda which: stats.audit_table(  # noqa: E731 - one model's cells of ``
 new_table, paper_table, control_table = audit(NEW), audit(METRICS), audit([ROUTING_WEIGHT])
 
 fam = new_table.groupby("model", sort=False).family_size.first()
-(paper_fam,) = {len(released.METRICS) * len(layers_) for layers_ in released.LAYERS.values()}  # one size for all
+(paper_fam,) = {len(paper.PAPER_METRIC_LABELS) * len(layers_) for layers_ in paper.LAYERS.values()}  # one size for all
 relation = {"smaller than" if v < paper_fam else "larger than" if v > paper_fam else "the same size as" for v in fam}
 glue_all(family_new=", ".join(f"{int(v)} cells for {m}" for m, v in fam.items()), paper_family=paper_fam,
          family_compare=relation.pop() if len(relation) == 1 else "not all of the same size as",
-         paper_n_metrics=len(released.METRICS), paper_n_layers=len(released.LAYERS["olmoe"]))
+         paper_n_metrics=len(paper.PAPER_METRIC_LABELS), paper_n_layers=len(paper.LAYERS["olmoe"]))
 
 # %% tags=["hide-input"]
 for name in models:
@@ -659,7 +661,61 @@ glue_all(bf_gap3=n_bf_gap3, bf_cells=len(paper_bf), bf_null=int((paper_bf.BF10 <
 # {glue:text}`r_wide`). {glue:md}`bf_null_reading` The strongest evidence for an effect among all cells is
 # {glue:md}`bf_strong_cell`, $\mathrm{BF}_{10}$ = {glue:text}`bf_strong_value:.3g` with
 # $d_z$ = {glue:text}`bf_strong_dz:+.3f`.
-#
+
+# %% [markdown]
+# ## The tail: do pruning criteria find the experts whose removal hurts most?
+# A pruning criterion is meant to keep the experts that matter. The test that asks most of it is
+# the tail: per audited layer, the experts whose mean loss change $\Delta\mathcal{L}$ over the
+# held-out audit positions where they are routed is in the top {glue:text}`tail_share:.0%` of the layer's measured
+# experts (at least one). The criteria are the full set of REAP's reference code
+# {cite}`lasby2025reap` (frequency, the expert activation norm summed and averaged, weighted
+# frequency, the weighted activation norm summed and its L2 variant, REAP and its L2 variant,
+# maximum activation) and a super-expert score, the largest absolute element of the expert's
+# down-projection output over its routed tokens {cite}`su2025superexperts`; all on the
+# calibration half (`metrics.reap_criteria_from_routing`; the activation maxima from one clean
+# pass over that half, `engine.expert_mean_outputs`). For each criterion: precision at the tail
+# cut (its own top experts, as many as the tail) against the random expectation, and the rank of
+# the single most damaging expert under the criterion, whose exact p-value under a random ranking
+# is rank / number of experts ("ranked at least as high"); pooled over layers and models by the
+# exact rank-sum test and Holm-corrected over the criteria (`chapters.predictors`).
+
+# %%
+from moeaudit.chapters.predictors import TAIL_SHARE, pooled_tail_summary, tail_sentence, tail_table
+from moeaudit.engine import expert_mean_outputs
+
+tail_records, tail_criteria = [], []
+for name, rec in records.items():
+    ctx, half = contexts[name], int(records[name].half.iloc[0])
+    lay, tail_layers = ctx.model.layout, sorted(int(L) for L in rec.layer.unique())
+    outs = expert_mean_outputs(ctx.model, ctx.corpus, layers=tail_layers, seq_ids=range(half), progress=False)
+    cal = ctx.clean.tokens.seq_id.lt(half).to_numpy()
+    for L in tail_layers:
+        r = ctx.clean.layer_routing(L)
+        c = metrics.reap_criteria_from_routing(r["indices"][cal], r["weight"][cal], r["norm"][cal], num_experts=lay.num_experts)
+        c["max_activation"] = metrics.max_activation(outs.indices[L], outs.slot_max[L], num_experts=lay.num_experts)
+        c["super_expert"] = metrics.super_expert_score(outs.indices[L], outs.slot_max_abs[L], num_experts=lay.num_experts)
+        tail_criteria.append(c.assign(model=name, layer=L))
+    tail_records.append(rec[rec.held_out])
+tail_tab = tail_table(pd.concat(tail_records), pd.concat(tail_criteria), criteria_names=metrics.REAP_CRITERIA)
+tail_sum = pooled_tail_summary(tail_tab, alpha=alpha)
+display(tail_sum.assign(criterion=tail_sum.criterion.map(LABELS)).set_index("criterion")
+        [["n_layers", "mean_n", "precision", "random_precision", "mean_rank", "p_pooled", "p_holm", "critical_mean_rank"]]
+        .style.format(precision=3).set_caption(f"Tail of each audited layer (top {TAIL_SHARE:.0%} by mean ΔL in nats, held-out "
+                                               "positions): precision at the tail cut and rank of the most damaging expert"))
+sizes = sorted(set(tail_tab.n_tail))
+glue_all(tail_text=tail_sentence(tail_sum, alpha=alpha, labels=LABELS), tail_share=TAIL_SHARE, tail_n_layers=int(tail_sum.n_layers.max()),
+         tail_sizes=str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]} to {sizes[-1]}",
+         tail_step=f"1/{sizes[-1]}" if len(sizes) == 1 else f"1/{sizes[-1]} to 1/{sizes[0]}",
+         tail_min_obs=int(pd.concat(tail_records).groupby(["model", "layer", "expert"]).size().min()))
+
+# %% [markdown]
+# {glue:md}`tail_text` The tail holds {glue:md}`tail_sizes` experts per layer, so precision at the
+# cut moves in steps of {glue:md}`tail_step`, and each layer contributes one rank:
+# {glue:text}`tail_n_layers` layers in all. The mean $\Delta\mathcal{L}$ of an expert rests on
+# the held-out positions where it is routed, as few as {glue:text}`tail_min_obs` for the most
+# rarely routed expert, so the tail itself is measured with noise.
+
+# %% [markdown]
 # ## What this shows, and what it does not
 # **Shows.** On the default models, judged on exactly the records the paper's metrics were
 # judged on: whether two cheap per-token quantities order the active experts by their measured

@@ -36,7 +36,7 @@ data_dir = None  # folder with wikitext-2/ (default: $MOEAUDIT_DATA_DIR)
 results_dir = None  # record cache (default: $MOEAUDIT_RESULTS_DIR or results/)
 
 # %% tags=["hide-input"]
-from moeaudit import report
+from moeaudit import audit, report
 from moeaudit.tooling import params
 
 params.validate("11_redundancy", globals())  # refuses a bad value before any work
@@ -88,15 +88,16 @@ corpus_source = report.show_corpus(corpus, data_dir=data_dir, text_form=text_for
 
 # %%
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 import seaborn as sns
 from IPython.display import Markdown, display
 from matplotlib.lines import Line2D
 from myst_nb import glue
 
-from moeaudit import redundancy, report, stats
-from moeaudit.audit import paired_cells, prepare, progressive_records, progressive_summary, single_expert_records
+from moeaudit import report, stats
+from moeaudit.chapters import redundancy
+from moeaudit.audit import (paired_cells, prepare, progressive_records, progressive_summary,
+                            single_expert_records)
 from moeaudit.metrics import METRICS, ROUTING_WEIGHT
 from moeaudit.zoo import REDUNDANCY_SEEDS, REDUNDANCY_SETTINGS
 
@@ -135,7 +136,7 @@ for name in models:
         sink.append(c.assign(rel_depth=c.layer.map(depth)))
     prog.append(progressive_records(ctx, layers=audited, n_positions=n_positions, seed=seed, mode=mode,
                                     min_context=min_context, batch_size=batch_size))
-    intros.append(report.model_summary(name, ctx, audited, rec))
+    intros.append(audit.model_summary(name, ctx, audited, rec))
 single, prog = pd.concat(single, ignore_index=True), pd.concat(prog, ignore_index=True)
 members = redundancy.member_table(layouts)
 shapes = sorted({(lay.n_layers, hidden[n]) for n, lay in layouts.items()})
@@ -169,7 +170,7 @@ depths = cells_obs[["model", "layer", "rel_depth"]].drop_duplicates()
 audit, control = audit.merge(depths, on=["model", "layer"]), control.merge(depths, on=["model", "layer"])
 validity = redundancy.validity_by_model(audit)
 prog_summary = progressive_summary(prog, alpha=alpha)
-summary = redundancy.model_summary(members, audit=audit, control=control, single=single, progressive=prog)
+summary = redundancy.per_model_table(members, audit=audit, control=control, single=single, progressive=prog)
 display(summary.drop(columns=["k_over_E"]).style.hide(axis="index").format(precision=3)
         .set_caption("Per model: " + "; ".join(f"{k} = {v}" for k, v in redundancy.QUANTITIES.items())))
 report.show_untested_note(audit)
@@ -288,7 +289,7 @@ plt.show()
 # %% [markdown]
 # ## Settings against models of one setting
 # For each per-model quantity, a one-way ANOVA with the routing setting as the factor and the
-# models of a setting as replicates (`moeaudit.redundancy.setting_anova`). It asks whether the
+# models of a setting as replicates (`moeaudit.chapters.redundancy.setting_anova`). It asks whether the
 # setting means differ by more than the models of one setting do. Two things make up that
 # within-setting spread: the training seed, and the sampling error of each model's value, which
 # rests on one shared draw of positions. The p-values are Holm-adjusted over the quantities
@@ -322,7 +323,7 @@ display(anova.style.hide(axis="index").format(precision=3, na_rep="—").format(
 #
 # Each row is an ordinary least-squares trend of the per-model values on $\log_2 k$, the models of
 # every seed as separate points, with Holm's adjustment over the rows
-# (`moeaudit.redundancy.explanation_checks`). A trend that is not detected at level
+# (`moeaudit.chapters.redundancy.explanation_checks`). A trend that is not detected at level
 # α = {glue:text}`alpha` after that adjustment is reported as inconclusive, not as a refutation:
 # `holds` shows — there. For such a row, `min_detectable_slope` is the slope the test would have
 # caught with {glue:md}`power_pct` power at Holm's strictest level, and `equivalence_bound` the
@@ -355,7 +356,7 @@ display(trend_table(checks, "Trend of each per-model quantity against log2(top-k
 # for another. On a log-log scale that share alone predicts a slope of $-1$ per doubling of k.
 # The table fits $\log_2$ of the mean removed output (gap norm) and of the mean $|\Delta L|$ on
 # $\log_2 k$ and tests each slope against $-1$, with Holm's adjustment over the two rows
-# (`moeaudit.redundancy.share_checks`). A nominal $1/k$ ignores how the combine weights and the
+# (`moeaudit.chapters.redundancy.share_checks`). A nominal $1/k$ ignores how the combine weights and the
 # experts' output norms change with k, so the per-unit rows of the table above, which divide by the
 # measured removed output, are the direct test: only a loss change that falls faster than the
 # removed output leaves something for compensation to explain.
@@ -370,7 +371,7 @@ display(trend_table(shares, "Log-log slope against log2(top-k), tested against t
 # active share k/E as another. If the number of active experts is what lets experts stand in for
 # one another, it should match the first; if the active share is, the second. Each comparison is a
 # pooled two-sample t-test of the per-model values, the models of a setting as replicates, with
-# Holm's adjustment over all comparisons (`moeaudit.redundancy.pool_comparison`).
+# Holm's adjustment over all comparisons (`moeaudit.chapters.redundancy.pool_comparison`).
 # `min_detectable_sd` is the smallest difference, in within-setting SDs, that a comparison detects
 # with {glue:md}`power_pct` power at Holm's strictest level; `ranges_overlap` says whether the two
 # settings' models overlap; `closer` marks the reference nearer the small pool's mean (a

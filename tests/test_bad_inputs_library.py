@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moeaudit import report, stats
+from moeaudit import audit, report, stats
 from moeaudit.tooling import params
 from moeaudit.corpus import integer_ids
 from moeaudit.tooling.testing import random_token_corpus, tiny_audit_context
@@ -114,7 +114,7 @@ def test_audit_table_refuses_unnamed_cells():
 # ----------------------------------------------------------------------------------- texts
 def test_texts_on_empty_or_undefined_inputs():
     empty = pd.DataFrame(columns=["removed_routed", "n_removed", "clean_routing_match", "premise_ok"])
-    assert report.premise_phrase(empty) == "there are no records to check"
+    assert audit.premise_phrase(empty) == "there are no records to check"
     s = {"matched": 5, "max_abs_diff": 0.1, "median_abs_diff": 0.05, "sign_flips": float("nan"),
          "premise_failed_kv": 0, "premise_failed_full": 0}
     text = report.strategy_spread_text({"m": s}, "bfloat16")

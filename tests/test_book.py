@@ -187,24 +187,61 @@ def test_computed_prose_follows_a_two_layer_subset(rendered, tmp_path):
             assert f"{passing} of 8 cells pass the dual rule at the Bonferroni level 0.00625" in text
 
 
-def test_imported_modules_are_found_in_chapters_and_in_the_package():
+def test_imported_modules_are_found_in_chapters():
+    from moeaudit.tooling.imports import module_imports
+
     chapter = "import moeaudit.models\nfrom moeaudit import report, stats\nfrom moeaudit.audit import prepare\n" \
-              "def f():\n    from moeaudit.tooling.training import MIN_FRAC_USED\n"
-    assert book._imported_modules(chapter, relative=False) == {"models", "report", "stats", "audit", "training"}
-    module = "from . import paths\nfrom .engine import run\nimport numpy\nfrom moeaudit.x import y\n"
-    assert book._imported_modules(module, relative=True) == {"paths", "engine"}
+              "def f():\n    from moeaudit.zoo import MIN_FRAC_USED\n"
+    assert module_imports(chapter) == {"top": {"moeaudit.models", "moeaudit.report", "moeaudit.stats", "moeaudit.audit"},
+                                       "function": {"moeaudit.zoo"}}
 
 
 def test_execution_key_depends_only_on_what_a_chapter_imports(monkeypatch):
-    """Training code and test helpers are imported by no analysis chapter, so editing them does not
-    mark the audit stale; the appendix on the default models does import the training constants."""
-    assert {"audit", "engine", "stats", "corpus", "zoo"} <= set(book.chapter_modules("04_audit"))
-    for stem in ("04_audit", "08_released_reanalysis"):
-        assert not {"training", "testing", "book"} & set(book.chapter_modules(stem))
-    assert "training" in book.chapter_modules("A1_default_models")
+    """Tooling and test helpers are imported by no chapter, so editing them does not mark a chapter
+    stale; the re-analysis of the released results loads no model, so editing the engine, the models
+    or the metrics leaves it alone (the family registry reaches it only through the parameter schemas,
+    which check model names), and only the data files its modules name are hashed."""
+    assert {"moeaudit.audit", "moeaudit.engine", "moeaudit.stats", "moeaudit.corpus",
+            "moeaudit.zoo"} <= set(book.chapter_modules("04_audit"))
+    for stem in book.chapters():
+        assert not {"moeaudit.tooling.training", "moeaudit.tooling.testing",
+                    "moeaudit.tooling.badinputs"} & set(book.chapter_modules(stem)), stem
+    ch8 = set(book.chapter_modules("08_released_reanalysis"))
+    assert not {"moeaudit.engine", "moeaudit.models", "moeaudit.metrics", "moeaudit.audit"} & ch8
+    assert book._reads([book.module_file(m) for m in ch8], book.LIB / "data" / "released_derived.parquet")
+    assert not book._reads([book.module_file(m) for m in ch8 - {"moeaudit.corpus"}],
+                           book.LIB / "data" / "embedded_corpus.txt")
     key = book.execution_key("04_audit")
-    monkeypatch.setattr(book, "chapter_modules", lambda stem: ["__init__", "stats"])
+    monkeypatch.setattr(book, "chapter_modules", lambda stem: ["moeaudit", "moeaudit.stats"])
     assert book.execution_key("04_audit") != key  # the key is made of those modules' contents
+
+
+def _package_copy(tmp_path, monkeypatch, *, ignore=()) -> Path:
+    """A copy of the package under ``tmp_path`` that the book driver's execution keys read instead of
+    the installed one (the chapters' notebooks stay the repository's)."""
+    import shutil
+
+    from moeaudit.tooling import imports
+
+    lib = tmp_path / "moeaudit"
+    shutil.copytree(book.LIB, lib, ignore=shutil.ignore_patterns(*ignore))
+    monkeypatch.setattr(book, "LIB", lib)
+    monkeypatch.setattr(book, "module_file", lambda m: imports.module_file(m, lib=lib))
+    monkeypatch.setattr(book, "chapter_modules",
+                        lambda stem: imports.dependencies((book.NOTEBOOKS / f"{stem}.py").read_text(), lib=lib))
+    return lib
+
+
+def test_editing_the_engine_leaves_chapter_8_current(tmp_path, monkeypatch):
+    """A copy of the package whose engine gains a line: chapter 4's key changes, chapter 8's does not."""
+    lib = _package_copy(tmp_path, monkeypatch, ignore=("olmoe-*", "__pycache__"))
+    keys = {}
+    for edit in (False, True):
+        if edit:
+            (lib / "engine.py").write_text((lib / "engine.py").read_text() + "\n# edited\n")
+        keys[edit] = {s: book.execution_key(s) for s in ("04_audit", "08_released_reanalysis")}
+    assert keys[True]["04_audit"] != keys[False]["04_audit"]
+    assert keys[True]["08_released_reanalysis"] == keys[False]["08_released_reanalysis"]
 
 
 def test_longest_chapters_are_started_first(tmp_path):
@@ -252,9 +289,11 @@ def test_the_readme_library_map_is_current_and_names_every_module():
     readme = (B.REPO_ROOT / "README.md").read_text()
     current = readme.split(B.LIBRARY_MAP_BEGIN)[1].split(B.LIBRARY_MAP_END)[0].strip()
     assert current == B.library_map(), "README's library map is out of date: run python -m moeaudit.tooling.book library-map"
-    modules = {p.stem if p.name != "__init__.py" else p.parent.name
-               for p in (B.REPO_ROOT / "lib" / "moeaudit").rglob("*.py") if p.parent.name != "moeaudit" or p.name != "__init__.py"}
-    assert all(f"| `{m}` |" in current for m in modules)
+    from moeaudit.tooling.imports import package_modules
+
+    modules = [m.removeprefix("moeaudit.") for m in package_modules()
+               if m not in ("moeaudit", "moeaudit.chapters", "moeaudit.tooling")]
+    assert len(modules) > 30 and all(f"| `{m}` |" in current for m in modules)
 
 
 def test_retraining_one_family_model_marks_only_the_chapters_that_load_it(monkeypatch, tmp_path):
@@ -268,10 +307,7 @@ def test_retraining_one_family_model_marks_only_the_chapters_that_load_it(monkey
     assert "olmoe-e8-k2-s1" in B.chapter_models("11_redundancy") and B.chapter_models("08_released_reanalysis") == []
     assert B.chapter_models("A2_departures") == B.chapter_models("04_audit")  # it measures the audit's models
     assert B.chapter_models("04_audit", {"models": ["olmoe-e8-k2-s1", "/some/dir"]}) == ["olmoe-e8-k2-s1"]
-    lib = Path(B.__file__).resolve().parent
-    fake = tmp_path / "moeaudit"
-    shutil.copytree(lib, fake, ignore=shutil.ignore_patterns("*.safetensors", "__pycache__"))
-    monkeypatch.setattr(B, "__file__", str(fake / "book.py"))
+    fake = _package_copy(tmp_path, monkeypatch, ignore=("*.safetensors", "__pycache__"))
     before = {stem: B.execution_key(stem) for stem in ("04_audit", "08_released_reanalysis", "11_redundancy")}
     card = fake / "zoo" / "olmoe-e8-k2-s1" / "training_summary.json"
     card.write_text(card.read_text() + " ")  # "retrained"

@@ -449,3 +449,39 @@ def test_mean_operator_matches_the_hook_reference(family):
                                    mode="token", means=means.means[r.layer])
         assert abs(r.delta_loss - ref) <= FAMILY_TOL.get(family, TOL), (r.seq_id, r.t, r.layer, r.delta_loss, ref)
         assert abs(r.gap_norm - gap) <= TOL * max(1.0, gap)
+
+
+# ------------------------------------------------------------------------------------------------
+# Chapter 1's written-out intervention
+# ------------------------------------------------------------------------------------------------
+def _written_out_cell() -> str:
+    """The source of chapter 1's cell that writes the intervention out (tag ``intervention-written-out``)."""
+    import jupytext
+
+    nb = jupytext.read(ROOT / "notebooks" / "01_introduction.py")
+    cells = [c.source for c in nb.cells if "intervention-written-out" in c.metadata.get("tags", [])]
+    assert len(cells) == 1, "chapter 1 must have exactly one cell tagged intervention-written-out"
+    return cells[0]
+
+
+@pytest.mark.parametrize("family", FAMILY_LIST)
+def test_chapter_1_written_out_intervention_runs_on_every_family(family):
+    """Chapter 1's cell, executed as written on a tiny model of the family, removes the router's top
+    expert at one token and gives the engine's reference loss (:func:`moeaudit.engine.trace_ablation`)."""
+    import linecache
+    import types
+
+    model, corpus, clean = _setup(family)
+    L, seq, t = model.layout.moe_layers[0], 0, 9
+    row = clean.row(seq, t)
+    routed = clean.routing[L]
+    e = int(routed["indices"][row][np.argmax(routed["weight"][row])])
+    ids = corpus.sequences[seq]
+    scope = {"torch": torch, "ctx": types.SimpleNamespace(model=model), "L": L, "t_ex": t, "ids": ids,
+             "example": pd.DataFrame({"expert": [e]})}
+    source, name = _written_out_cell(), "<chapter 1: intervention-written-out>"
+    linecache.cache[name] = (len(source), None, source.splitlines(True), name)  # nnsight reads the with-block source
+    exec(compile(source, name, "exec"), scope)  # noqa: S102 - the project's own notebook
+    ref = engine.trace_ablation(model, ids, layer=L, experts=[e], t=t, mode="token")
+    assert float(scope["ablated_loss"]) == pytest.approx(ref["ablated_loss"], abs=1e-5)
+    assert ref["ablated_loss"] != pytest.approx(ref["clean_loss"], abs=1e-7)  # the removal changed the loss

@@ -13,11 +13,14 @@ import pandas as pd
 import pytest
 
 from moeaudit import stats as S
-from moeaudit.audit import (buffer_phrase, buffer_readings, cliff_comparison_text, cliff_text,
-                            control_against_observational, control_beaten_text, control_reading_text,
-                            control_summary_text, control_verdict_text, deepest_removal_summary, figure1_text,
-                            fmt_bound, paper_share_positive_text, progressive_overview_text, redundancy_breaks,
-                            removal_direction, same_layer_margins, threshold_calls, zero_relation)
+from moeaudit.chapters.progressive import (buffer_phrase, buffer_readings, cliff_comparison_text, cliff_text,
+                                           deepest_removal_summary, paper_share_positive_text,
+                                           progressive_overview_text, redundancy_breaks, removal_direction,
+                                           threshold_calls)
+from moeaudit.chapters.control import (control_against_observational, control_beaten_text,
+                                       control_reading_text, control_summary_text, control_verdict_text,
+                                       figure1_text, same_layer_margins)
+from moeaudit.report import fmt_bound, zero_relation
 
 # ----------------------------------------------------------------------------- helpers shared by both chapters
 

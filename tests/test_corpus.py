@@ -202,7 +202,7 @@ def test_every_chapter_that_reads_text_has_the_corpus_parameter_and_shows_it():
     for stem in book.chapters():
         src = (book.NOTEBOOKS / f"{stem}.py").read_text()
         if stem.startswith("08_"):
-            assert "report.show_released_source(" in src
+            assert "released.show_released_source(" in src
             continue
         assert book.notebook_parameters(stem)["corpus"] == "auto", stem
         assert "report.show_corpus(corpus" in src, stem

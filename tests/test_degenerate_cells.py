@@ -14,7 +14,7 @@ import pytest
 
 from moeaudit import report
 from moeaudit import stats as S
-from moeaudit.audit import control_against_observational, control_summary_text, figure1_text
+from moeaudit.chapters.control import control_against_observational, control_summary_text, figure1_text
 
 STAT_COLS = ["cohens_dz", "dz_ci_low", "dz_ci_high", "t", "p_t", "W", "p_W", "rank_biserial", "p_tost"]
 FLAGS = ["sig_t", "sig_W", "same_sign", "sig_dual", "equivalent"]

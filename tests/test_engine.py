@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from moeaudit import engine as E
 from moeaudit.corpus import TokenizedCorpus, load_wikitext2, sample_positions, valid_positions
-from moeaudit.testing import tiny_random_model
+from moeaudit.tooling.testing import tiny_random_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

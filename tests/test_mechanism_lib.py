@@ -9,23 +9,12 @@ import pytest
 import torch
 
 from moeaudit import released
-from moeaudit.audit import (
-    block_geometry,
-    chain_correlations,
-    compensation_factors,
-    deepest_removal_summary,
-    expert_means,
-    layer_gap_ratios,
-    log_log_slope,
-    measure_agreement,
-    paper_progressive_table,
-    progressive_summary,
-    redundancy_breaks,
-    relative_compensation,
-    released_expert_means,
-    single_expert_records,
-    tail_share,
-)
+from moeaudit.chapters.mechanism import (block_geometry, chain_correlations, compensation_factors,
+                                         expert_means, layer_gap_ratios, log_log_slope, measure_agreement,
+                                         relative_compensation, released_expert_means)
+from moeaudit.chapters.progressive import (deepest_removal_summary, paper_progressive_table,
+                                           redundancy_breaks, tail_share)
+from moeaudit.audit import progressive_summary, single_expert_records
 from moeaudit.report import significance_stars
 
 
@@ -225,7 +214,7 @@ def test_block_geometry_agrees_with_the_clean_pass_and_the_ablations(ctx):
 
 
 def test_gap_rounding_ratio_by_hand():
-    from moeaudit.audit import gap_rounding_ratio
+    from moeaudit.chapters.mechanism import gap_rounding_ratio
     eps = float(np.finfo(np.float32).eps)
     # relative error 2 eps on a gap of 0.01 beside a rest of 0.99: unit eps * (0.99 + 0.01) / 0.01 = 100 eps
     out = gap_rounding_ratio([0.01 * (1 + 2 * eps)], [0.01], [0.99])
@@ -235,7 +224,7 @@ def test_gap_rounding_ratio_by_hand():
 
 
 def test_cosine_against_chance_by_hand():
-    from moeaudit.audit import cosine_against_chance
+    from moeaudit.chapters.mechanism import cosine_against_chance
     rows = pd.DataFrame({"model": ["a", "a", "b", "b", "c", "c"],
                          "median_cos": [0.2, 0.4, 0.001, 0.01, 0.01, 0.05]})
     out = cosine_against_chance(rows, {"a": 64, "b": 2500, "c": 2500}).set_index("model")
@@ -247,7 +236,7 @@ def test_cosine_against_chance_by_hand():
 
 
 def test_slope_sign_separation_by_hand():
-    from moeaudit.audit import slope_sign_separation
+    from moeaudit.chapters.mechanism import slope_sign_separation
     sep = slope_sign_separation([0.1, 0.2, 0.7, 0.8], [-0.3, -0.1, 0.4, 0.5])
     assert sep["separated"] and sep["max_slope_neg"] == 0.2 and sep["min_slope_pos"] == 0.7 and sep["n_overlap"] == 0
     ov = slope_sign_separation([0.1, 0.6, 0.5, 0.8, np.nan], [-0.3, -0.1, 0.4, 0.5, 0.9])
@@ -256,7 +245,7 @@ def test_slope_sign_separation_by_hand():
 
 
 def test_significant_signs_text_by_hand():
-    from moeaudit.audit import significant_signs_text
+    from moeaudit.chapters.mechanism import significant_signs_text
     assert significant_signs_text([0, 1, 2, 3], [-0.4, -0.3, 0.1, -0.5], [0.001, 0.01, 0.5, 0.02]) == \
         "3 of 4 layers, all negative (-0.50 to -0.30)"
     assert significant_signs_text([0, 1, 2], [-0.42, 0.41, 0.0], [0.001, 0.01, 0.9]) == \
@@ -268,7 +257,7 @@ def test_significant_signs_text_by_hand():
 # ----------------------------------------------------------------------------- chapters 5-6 wording helpers
 
 def test_distribution_shape_tells_a_tail_from_a_two_sided_spread():
-    from moeaudit.audit import distribution_shape
+    from moeaudit.chapters.progressive import distribution_shape
 
     # tiny-olmoe layer 0 at k = 7: the lower tail is almost half as long as the upper one
     assert distribution_shape(median=0.042, p05=-0.267, p95=0.594) == "two-sided"
@@ -282,7 +271,7 @@ def test_distribution_shape_tells_a_tail_from_a_two_sided_spread():
 
 
 def test_threshold_calls_by_hand():
-    from moeaudit.audit import threshold_calls
+    from moeaudit.chapters.progressive import threshold_calls
 
     s = pd.DataFrame({"model": "m", "layer": [0, 1, 2, 0, 1, 2], "k": [1, 1, 1, 2, 2, 2],
                       "mean": [0.0] * 3 + [0.2, 0.05, 0.1], "ci_low": [0.0] * 3 + [0.15, 0.0, 0.05],
@@ -292,7 +281,7 @@ def test_threshold_calls_by_hand():
 
 
 def test_control_against_observational_by_hand():
-    from moeaudit.audit import control_against_observational
+    from moeaudit.chapters.control import control_against_observational
 
     control = pd.DataFrame({"model": "m", "layer": [0, 1], "cohens_dz": [0.30, 0.05],
                             "dz_ci_low": [0.15, -0.1], "dz_ci_high": [0.45, 0.2]})
@@ -304,7 +293,7 @@ def test_control_against_observational_by_hand():
 
 
 def test_paper_control_notes_read_table_4():
-    from moeaudit.audit import paper_control_notes
+    from moeaudit.paper import paper_control_notes
 
     notes = paper_control_notes()
     assert "layer 15 (p_t = 0.0013, p_W = 0.019)" in notes["rule"] and "Wilcoxon does not" in notes["rule"]

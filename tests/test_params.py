@@ -12,7 +12,7 @@ import pytest
 
 from moeaudit.tooling import book, params
 from moeaudit.tooling.params import ParameterError, validate
-from moeaudit.zoo import SHIPPED_MODELS, ZOO_DIR, ZOO_MODELS
+from moeaudit.zoo import SHIPPED_MODELS, ZOO_DIR
 
 STEMS = book.chapters()
 
@@ -58,7 +58,7 @@ def test_first_cell_after_the_parameters_validates_them(stem):
     assert "parameters" in cells[0].metadata.get("tags", [])
     first = cells[1].source
     assert f'params.validate("{stem}", globals())' in first
-    assert first.index("params.validate(") < first.index("report.show_")  # before the corpus is read
+    assert first.index("params.validate(") < first.index(".show_")  # before the corpus or the released data is read
 
     namespace = {"__name__": "__main__"}
     exec(cells[0].source, namespace)  # noqa: S102 - the chapter's own parameters cell
@@ -264,7 +264,7 @@ def test_preflight_reports_bad_defaults(monkeypatch):
 
 
 def test_bad_input_table_is_current():
-    """``docs/bad_inputs.md`` is what ``python -m moeaudit.tooling.book bad-inputs`` writes now, every chapter input in
+    """``docs/bad_inputs.md`` is what ``python -m moeaudit.tooling.badinputs`` writes now, every chapter input in
     it is refused by the schema, and no library call in it gives a wrong number silently."""
     from moeaudit.tooling import badinputs
 
@@ -279,7 +279,7 @@ def test_bad_input_table_is_current():
     assert "largest difference 0)" in library
     committed = Path(badinputs.REPO_ROOT / badinputs.BAD_INPUTS_PAGE)
     assert committed.is_file() and committed.read_text() == table, \
-        f"{badinputs.BAD_INPUTS_PAGE} is out of date: run .venv/bin/python -m moeaudit.tooling.book bad-inputs"
+        f"{badinputs.BAD_INPUTS_PAGE} is out of date: run .venv/bin/python -m moeaudit.tooling.badinputs"
 
 
 def test_redundancy_chapter_needs_two_routing_settings():

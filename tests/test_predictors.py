@@ -222,3 +222,53 @@ def test_engine_refuses_to_run_inside_pruning(float32_models):
         with pytest.raises(ValueError, match="pruned_experts"):
             clean_pass(model, corpus, progress=False)
     clean_pass(model, corpus, progress=False)  # fine again once the context has exited
+
+
+# --- The tail analysis of chapter 10 (moeaudit.chapters.predictors) -------------------------------
+import math  # noqa: E402
+
+from moeaudit.chapters import predictors as tail  # noqa: E402
+
+
+def test_n_tail_is_five_percent_with_at_least_one():
+    assert [tail.n_tail(n) for n in (1, 8, 19, 20, 40, 64)] == [1, 1, 1, 1, 2, 3]
+    with pytest.raises(ValueError, match="share"):
+        tail.n_tail(8, 0.0)
+    with pytest.raises(ValueError, match="n_experts"):
+        tail.n_tail(0)
+
+
+def test_tail_match_by_hand():
+    md = pd.Series({0: 0.1, 1: 0.9, 2: 0.3, 3: np.nan, 4: 0.2})  # expert 3 unmeasured: n = 4, tail = [1]
+    perfect = tail.tail_match(md, pd.Series({0: 1.0, 1: 5.0, 2: 2.0, 3: 9.0, 4: 0.0}))
+    assert perfect["n_experts"] == 4 and perfect["tail"] == [1] and perfect["cut"] == [1]
+    assert perfect["precision"] == perfect["recall"] == 1.0 and perfect["random_precision"] == 0.25
+    assert perfect["rank_top"] == 1 and perfect["p_rank"] == 0.25
+    worst = tail.tail_match(md, pd.Series({0: 3.0, 1: 1.0, 2: 2.0, 4: np.nan}))  # expert 1 ranked 2nd of 3 finite
+    assert worst["cut"] == [0] and worst["precision"] == 0.0 and worst["rank_top"] == 3 and worst["p_rank"] == 0.75
+    tied = tail.tail_match(md, pd.Series({0: 1.0, 1: 1.0, 2: 1.0, 4: 1.0}))  # all tied: counted against it
+    assert tied["rank_top"] == 4 and tied["p_rank"] == 1.0
+    with pytest.raises(ValueError, match="no finite value"):
+        tail.tail_match(pd.Series({0: np.nan}), pd.Series({0: 1.0}))
+
+
+def test_tail_table_and_pooled_summary_by_hand():
+    rec = pd.DataFrame({"model": "m", "layer": [0, 0, 0, 0, 1, 1, 1, 1], "expert": [0, 0, 1, 2, 0, 1, 1, 2],
+                        "delta_loss": [0.2, 0.4, 0.1, 0.0, 0.0, 0.5, 0.7, 0.2]})
+    # layer 0 means: e0 0.3, e1 0.1, e2 0.0 -> top e0; layer 1: e0 0.0, e1 0.6, e2 0.2 -> top e1
+    crit = pd.DataFrame({"model": "m", "layer": [0, 0, 0, 1, 1, 1], "expert": [0, 1, 2, 0, 1, 2],
+                         "good": [3.0, 2.0, 1.0, 1.0, 3.0, 2.0], "bad": [1.0, 2.0, 3.0, 3.0, 1.0, 2.0]})
+    t = tail.tail_table(rec, crit, criteria_names=["good", "bad"])
+    assert t.set_index(["layer", "criterion"]).rank_top.to_dict() == {(0, "good"): 1, (0, "bad"): 3,
+                                                                     (1, "good"): 1, (1, "bad"): 3}
+    s = tail.pooled_tail_summary(t, alpha=0.2).set_index("criterion")
+    assert math.isclose(s.loc["good", "p_pooled"], 1 / 9) and math.isclose(s.loc["bad", "p_pooled"], 1.0)
+    assert math.isclose(s.loc["good", "p_min"], 1 / 9) and s.loc["good", "critical_mean_rank"] == 1.0
+    assert math.isclose(s.loc["good", "p_holm"], 2 / 9)
+    s05 = tail.pooled_tail_summary(t, alpha=0.05)  # the sentence reads a summary made at its own level
+    text = tail.tail_sentence(s05, alpha=0.05, labels={"good": "Good"})
+    assert "No criterion of the 2" in text and "Good" in text and "no ranking can reach" in text
+    text = tail.tail_sentence(tail.pooled_tail_summary(t, alpha=0.25), alpha=0.25)
+    assert text.startswith("1 of 2 criteria") and "mean rank of 1.00 or better" in text
+    with pytest.raises(ValueError, match="lack the columns"):
+        tail.tail_table(rec, crit, criteria_names=["missing"])

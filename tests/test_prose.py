@@ -14,11 +14,8 @@ import pytest
 
 from moeaudit.tooling import book
 
-#: chapters whose prose has been made computed; every chapter is meant to join this list
-COMPUTED_PROSE = ("01_introduction", "02_verification", "03_observational_metrics", "04_audit",
-                  "05_routing_weight_control", "06_progressive_ablation", "07_mechanism", "08_released_reanalysis",
-                  "09_intervention_definitions", "10_predictors_and_pruning", "11_redundancy",
-                  "A1_default_models", "A2_departures")
+#: chapters whose prose is computed: all of them, as listed once in _toc.yml
+COMPUTED_PROSE = tuple(book.chapters())  # every chapter of _toc.yml
 
 _STRIP = [
     re.compile(r"^(`{3,})(?:bash|sh|python|console|text|)[ \t]*$.*?^\1[ \t]*$", re.S | re.M),  # code blocks

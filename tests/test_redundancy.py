@@ -1,4 +1,4 @@
-"""The redundancy analysis (moeaudit.redundancy) against hand-computed values on tiny frames."""
+"""The redundancy analysis (moeaudit.chapters.redundancy) against hand-computed values on tiny frames."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moeaudit import redundancy as R
+from moeaudit.chapters import redundancy as R
 from moeaudit import stats as S
 from moeaudit.tooling.training import SPECS, build_model, count_parameters
 from moeaudit.zoo import REDUNDANCY_MODELS, REDUNDANCY_SEEDS, REDUNDANCY_SETTINGS, SHIPPED_MODELS, ZOO_MODELS
@@ -329,7 +329,7 @@ def test_validity_by_model_carries_equivalence_counts():
     assert v.min_tost_bound == pytest.approx(S.min_equivalence_bound(200, alpha=0.05 / 16))
 
 
-def test_model_summary_from_hand_records():
+def test_per_model_table_from_hand_records():
     m = R.member_table({"a": SimpleNamespace(num_experts=8, top_k=2), "b": SimpleNamespace(num_experts=64, top_k=8)},
                        seeds={"a": 0, "b": 0})
     audit = pd.DataFrame({"model": ["a", "a", "b"], "ranking": "x", "layer": [0, 1, 0], "cohens_dz": [0.5, -0.7, 0.1],
@@ -339,7 +339,7 @@ def test_model_summary_from_hand_records():
     single = pd.DataFrame({"model": ["a", "a", "b", "b"], "layer": [0, 1, 0, 0], "delta_loss": [-1.0, 3.0, 0.5, 0.5],
                            "gap_norm": [1.0, 4.0, 2.0, 2.0]})
     prog = pd.DataFrame({"model": ["a", "b", "b", "b"], "k": [1, 1, 7, 7], "delta_loss": [0.3, 9.0, 1.0, 2.0]})
-    s = R.model_summary(m, audit=audit, control=control, single=single, progressive=prog).set_index("model")
+    s = R.per_model_table(m, audit=audit, control=control, single=single, progressive=prog).set_index("model")
     assert s.loc["a", "audit_max_abs_dz"] == pytest.approx(0.7) and s.loc["a", "audit_valid_cells"] == 1
     assert s.loc["a", "control_mean_dz"] == pytest.approx(0.3) and s.loc["a", "control_valid_cells"] == 2
     assert s.loc["a", "single_mean_abs_dl"] == pytest.approx(2.0) and s.loc["a", "gap_growth"] == pytest.approx(4.0)
@@ -349,7 +349,7 @@ def test_model_summary_from_hand_records():
     assert s.loc["a", "single_abs_dl_per_gap"] == pytest.approx(0.8)
     assert s.loc["b", "deepest_mean_dl"] == pytest.approx(1.5)  # k = 7 only
     with pytest.raises(KeyError, match="progressive"):
-        R.model_summary(m, audit=audit, control=control, single=single, progressive=prog[prog.model == "a"])
+        R.per_model_table(m, audit=audit, control=control, single=single, progressive=prog[prog.model == "a"])
     with pytest.raises(KeyError, match="lacks the quantities"):
         R.explanation_checks(s.reset_index().drop(columns="single_mean_dl"))
 

@@ -13,6 +13,7 @@ import pytest
 from scipy import stats as sps
 
 from moeaudit import paths, released as R, stats as S
+from moeaudit import paper
 
 HAVE_DATA = bool(os.environ.get(paths.DATA_DIR_ENV)) and (
     Path(os.environ.get(paths.DATA_DIR_ENV, "")) / "paper-released"
@@ -36,7 +37,7 @@ def stored():
 
 @pytest.fixture(scope="module")
 def printed():
-    return R.paper_printed_values()
+    return paper.paper_printed_values()
 
 
 # ----------------------------------------------------------------------------- locating
@@ -172,7 +173,7 @@ def test_metric_comparisons_shape(metric_records):
 
 def test_control_comparisons_shape():
     df = R.control_comparisons()
-    assert len(df) == 5 * 200 and list(df.layer.unique()) == list(R.LAYERS["deepseek"])
+    assert len(df) == 5 * 200 and list(df.layer.unique()) == list(paper.LAYERS["deepseek"])
     np.testing.assert_allclose(df.weight_high / df.weight_low, df.weight_ratio, rtol=1e-5)
     assert (df.weight_high >= df.weight_low).all()
 
@@ -251,10 +252,10 @@ def test_paper_printed_values_structure(printed):
 
 
 def test_agrees_at_printed_precision():
-    assert R.agrees_at_printed_precision(0.0225, 0.023, 3)
-    assert R.agrees_at_printed_precision(0.02249, 0.022, 3)
-    assert not R.agrees_at_printed_precision(0.027466, 0.028, 3)
-    assert list(R.agrees_at_printed_precision([0.1, 0.2], [0.1, 0.3], [1, 1])) == [True, False]
+    assert paper.agrees_at_printed_precision(0.0225, 0.023, 3)
+    assert paper.agrees_at_printed_precision(0.02249, 0.022, 3)
+    assert not paper.agrees_at_printed_precision(0.027466, 0.028, 3)
+    assert list(paper.agrees_at_printed_precision([0.1, 0.2], [0.1, 0.3], [1, 1])) == [True, False]
 
 
 def _long_stored(stored):
@@ -269,7 +270,7 @@ def test_tables_1_to_6_against_released(stored, printed):
     # Table 4 (OLMoE control) was not released; everything else has data
     assert set(merged.loc[merged.data.isna(), "table"]) == {4}
     have = merged[merged.data.notna()]
-    ok = R.agrees_at_printed_precision(have.data, have.value, have.decimals)
+    ok = paper.agrees_at_printed_precision(have.data, have.value, have.decimals)
     bad = have.loc[~ok, ["table", "metric", "layer", "quantity", "printed", "data"]]
     # the only disagreements at printed precision: two DeepSeek p_t in Table 3, off by one
     # unit in the last printed digit
@@ -284,13 +285,13 @@ def test_tables_7_to_9_against_released(printed):
         var_name="quantity", value_name="data")
     m = printed[printed.table >= 8].merge(prog, on=["layer", "k", "quantity"], how="left")
     assert m.data.notna().all()
-    assert R.agrees_at_printed_precision(m.data, m.value, m.decimals).all()
+    assert paper.agrees_at_printed_precision(m.data, m.value, m.decimals).all()
     red = R.redistribution()
     red = red[red.model == "qwen"].melt(
         id_vars=["layer"], value_vars=["mean_gap_norm", "rho_rw_gap", "rho_gap_comp"],
         var_name="quantity", value_name="data")
     m = printed[printed.table == 7].merge(red, on=["layer", "quantity"], how="left")
-    ok = R.agrees_at_printed_precision(m.data, m.value, m.decimals)
+    ok = paper.agrees_at_printed_precision(m.data, m.value, m.decimals)
     # Table 7 prints 0.090 for a Qwen L12 mean gap norm of 0.0905 (truncated, not rounded)
     assert list(m.loc[~ok, ["layer", "quantity"]].itertuples(index=False, name=None)) == [
         (12, "mean_gap_norm")]

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moeaudit import report
+from moeaudit import audit, report
 
 
 def _verdicts(dual=(0, 0), cells=(16, 12), unc=(1, 0), maxd=(0.12, 0.2), pos=(0.5, 0.75), unc_pos=None, holm=None,
@@ -174,11 +174,11 @@ def test_words_from_numbers():
 def test_premise_phrase_counts_from_the_records():
     ok = pd.DataFrame({"removed_routed": [1, 1, 2], "n_removed": [1, 1, 2], "clean_routing_match": [True] * 3,
                        "premise_ok": [True] * 3})
-    assert report.premise_phrase(ok) == ("the premise check holds for all 3 (each removed expert was routed there "
+    assert audit.premise_phrase(ok) == ("the premise check holds for all 3 (each removed expert was routed there "
                                          "in the ablating forward)")
     bad = ok.assign(removed_routed=[0, 1, 2], clean_routing_match=[False, False, True],
                     premise_ok=[False, False, True])
-    text = report.premise_phrase(bad)
+    text = audit.premise_phrase(bad)
     assert text.startswith("the premise check fails for 2 of 3 (1 removed an expert")
     assert "2 sit in a batch whose clean row routed differently" in text
 
@@ -417,9 +417,9 @@ def test_every_page_states_the_regime_of_the_shipped_model(tmp_path, monkeypatch
     lines = {}
     for form in ("wikitext", "released"):
         ctx = audit.prepare("tiny-olmoe", corpus="embedded", text_form=form, results_dir=tmp_path, progress=False)
-        r = report.context_regime(ctx)
+        r = audit.context_regime(ctx)
         assert r == {k: v for k, v in audit.corpus_regime(ctx).items() if k in r}
-        lines[form] = report.regime_line("tiny-olmoe", ctx)
+        lines[form] = audit.regime_line("tiny-olmoe", ctx)
         assert lines[form].startswith("**tiny-olmoe** on this text: Mean loss on this text "
                                       f"{r['mean_loss']:.2f} nats per token, against {r['unigram_loss']:.2f}")
     assert "barely reads" not in lines["wikitext"] and "**This model barely reads this text**" in lines["released"]

@@ -164,7 +164,8 @@ def test_offloaded_weights_match_plain_load(saved, corpus, plain, how, tmp_path)
 
 
 def test_offloaded_block_geometry_matches_plain_load(saved, corpus, plain, tmp_path):
-    from moeaudit.audit import AuditContext, block_geometry
+    from moeaudit.audit import AuditContext
+    from moeaudit.chapters.mechanism import block_geometry
 
     m0, _, ref = plain
     m = _offloaded(saved, "disk-last-two", tmp_path)

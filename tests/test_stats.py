@@ -395,6 +395,25 @@ def test_spearman_defined_drops_non_finite_pairs_and_is_nan_when_undefined():
         S.spearman_defined([1, 2, 3], [1, 2])
 
 
+def test_min_detectable_spearman_by_hand():
+    # n = 28, alpha = 0.05, power = 0.8: z_0.975 + z_0.8 = 1.959964 + 0.841621 = 2.801585, / sqrt(25) = 0.560317.
+    # rho solves atanh(rho) = 0.560317 * sqrt(1 + rho^2 / 2); at rho = 0.5365: 0.599215 vs 0.599282 (close),
+    # at 0.53: 0.590145 < 0.598374 and at 0.54: 0.604156 > 0.599775, so the root lies in (0.53, 0.54).
+    r = S.min_detectable_spearman(28, alpha=0.05, power=0.8)
+    assert 0.53 < r < 0.54 and r == pytest.approx(0.5365, abs=1e-4)
+    assert np.arctanh(r) == pytest.approx(0.560317 * np.sqrt(1 + r * r / 2), abs=1e-6)
+    # at that rho the normal approximation's power is 0.8
+    se = np.sqrt((1 + r * r / 2) / 25)
+    assert sps.norm.cdf(np.arctanh(r) / se - 1.959964) == pytest.approx(0.8, abs=1e-5)
+    assert S.min_detectable_spearman(200) < r  # more pairs, smaller detectable rho
+    assert S.min_detectable_spearman(28, alpha=0.01) > r  # stricter level, larger
+    assert np.isnan(S.min_detectable_spearman(3))
+    with pytest.raises(ValueError, match="power"):
+        S.min_detectable_spearman(28, power=1.0)
+    with pytest.raises(ValueError, match="alpha"):
+        S.min_detectable_spearman(28, alpha=0.0)
+
+
 def test_critical_spearman_rho_by_hand():
     # n = 12, alpha = 0.05: t_crit = t_{0.975, 10} = 2.228139 -> rho = 2.228139 / sqrt(14.964603) = 2.228139 / 3.868411 = 0.575983
     assert S.critical_spearman_rho(12, alpha=0.05) == pytest.approx(0.575983, abs=1e-6)
@@ -740,3 +759,76 @@ def test_sign_test_power_and_detectable_share_by_hand():
             S.sign_test_power(bad["share"], bad["n"])
     with pytest.raises(ValueError):
         S.sign_test_detectable_share(10, power=1.0)
+
+
+def test_exact_spearman_test_by_hand():
+    # n = 3 in the same order: of the 6 orderings rho takes 1, 0.5, 0.5, -0.5, -0.5, -1; |rho| >= 1 twice
+    rho, p, m = S.spearman_exact([1.0, 2.0, 3.0], [5.0, 7.0, 9.0])
+    assert (rho, m) == (1.0, 6) and p == pytest.approx(2 / 6, abs=1e-12)
+    # n = 6, one adjacent swap: sum d^2 = 2, rho = 1 - 6*2/210; |rho| >= that for 1 + 5 orderings each side
+    rho, p, m = S.spearman_exact([1, 2, 3, 4, 5, 6], [2, 1, 3, 4, 5, 6])
+    assert rho == pytest.approx(1 - 12 / 210) and m == 720 and p == pytest.approx(12 / 720, abs=1e-12)
+    # the enumeration gives SciPy's exact permutation test of |rho|, ties included
+    x, y = np.array([0.3, 1.2, 0.7, 2.0, 1.1, 0.9]), np.array([5.0, 4.0, 4.0, 6.0, 1.0, 2.0])
+    ref = sps.permutation_test((x, y), S._abs_spearman, permutation_type="pairings", vectorized=True,
+                               n_resamples=np.inf, alternative="greater")
+    assert S.spearman_exact(x, y)[1] == pytest.approx(ref.pvalue, abs=1e-12)
+    rho, p, _ = S.spearman_exact([1, 2, 3, 4, 5, 6], [6, 5, 4, 3, 2, 1])
+    assert rho == pytest.approx(-1.0) and p == pytest.approx(2 / 720, abs=1e-12)
+    for bad in (([1, 2, 3], [1, 2]), ([1, 2], [1, 2]), ([1, 1, 1], [1, 2, 3]), ([1, 2, np.nan], [1, 2, 3]),
+                (list(range(10)), list(range(10)))):
+        with pytest.raises(ValueError):
+            S.spearman_exact(*bad)
+
+
+def test_exact_spearman_critical_value_by_hand():
+    # n = 6: sum d^2 <= 4 for 12 orderings (two-sided 24/720 = 0.033 <= 0.05), sum d^2 <= 6 for 21 (0.058)
+    assert S.spearman_exact_critical(6) == pytest.approx(31 / 35, abs=1e-12)
+    assert S.spearman_exact_critical(6, alpha=0.01) == pytest.approx(1.0)  # 2/720 <= 0.01 < 12/720
+    assert S.spearman_exact_critical(5) == pytest.approx(1.0)  # 2/120 <= 0.05 < 10/120
+    assert math.isnan(S.spearman_exact_critical(3))  # 2/6 > 0.05: nothing is significant
+    for bad in ({"n": 2}, {"n": 10}, {"n": 6, "alpha": 0.0}):
+        with pytest.raises(ValueError):
+            S.spearman_exact_critical(**bad)
+
+
+def test_exact_spearman_power_and_min_detectable():
+    # at rho = 0 the power is the exact size 24/720 (Monte Carlo standard error 0.0013 at 20000 samples)
+    assert S.spearman_exact_power(6, 0.0) == pytest.approx(24 / 720, abs=0.005)
+    assert S.spearman_exact_power(3, 0.9) == 0.0  # no critical value at n = 3
+    low, high = S.spearman_exact_power(6, 0.5), S.spearman_exact_power(6, 0.95)
+    assert low < high and S.spearman_exact_power(9, 0.5) > low  # more pairs, more power
+    r = S.spearman_min_detectable(6, n_sim=5000)
+    assert S.spearman_exact_power(6, r, n_sim=5000) >= 0.8 > S.spearman_exact_power(6, r - 0.01, n_sim=5000)
+    assert math.isnan(S.spearman_min_detectable(3, n_sim=500))
+    for bad in ({"rho": 1.0}, {"rho": 0.5, "n_sim": 10}, {"rho": 0.5, "alpha": 1.5}):
+        with pytest.raises(ValueError):
+            S.spearman_exact_power(6, **bad)
+
+
+def test_uniform_rank_pvalue_by_hand():
+    assert S.uniform_rank_pvalue(1, 8) == 0.125 and S.uniform_rank_pvalue(8, 8) == 1.0
+    with pytest.raises(ValueError, match="rank"):
+        S.uniform_rank_pvalue(0, 8)
+    with pytest.raises(ValueError, match="rank"):
+        S.uniform_rank_pvalue(9, 8)
+
+
+def test_uniform_rank_sum_pvalue_by_hand():
+    # sizes (2, 3): S = R1 + R2 takes 2..5 with counts 1, 2, 2, 1 out of 6
+    assert math.isclose(S.uniform_rank_sum_pvalue([1, 1], [2, 3]), 1 / 6)
+    assert math.isclose(S.uniform_rank_sum_pvalue([1, 2], [2, 3]), 3 / 6)
+    assert math.isclose(S.uniform_rank_sum_pvalue([2, 2], [2, 3]), 5 / 6)
+    assert math.isclose(S.uniform_rank_sum_pvalue([2, 3], [2, 3]), 1.0)
+    assert math.isclose(S.uniform_rank_sum_pvalue([3], [4]), 0.75)  # one layer: r / n
+    with pytest.raises(ValueError, match="one length"):
+        S.uniform_rank_sum_pvalue([1], [2, 3])
+
+
+def test_uniform_rank_sum_critical_by_hand():
+    # sizes (2, 3): P(S <= 2) = 1/6, P(S <= 3) = 1/2
+    assert S.uniform_rank_sum_critical([2, 3], alpha=0.2) == 2.0
+    assert S.uniform_rank_sum_critical([2, 3], alpha=0.5) == 3.0
+    assert math.isnan(S.uniform_rank_sum_critical([2, 3], alpha=0.1))
+    with pytest.raises(ValueError, match="alpha"):
+        S.uniform_rank_sum_critical([2, 3], alpha=1.5)

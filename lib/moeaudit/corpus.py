@@ -37,7 +37,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .paths import DATA_DIR_ENV, data_dir as resolve_data_dir
+from .names import CORPUS_CHOICES, CORPUS_TEXT_FORMS, TEXT_FORMS
+from .paths import DATA_DIR_ENV
+from .paths import data_dir as resolve_data_dir
 
 SPLITS = ("train", "validation", "test")
 _LOCAL_NAMES = {
@@ -47,8 +49,6 @@ _LOCAL_NAMES = {
 }
 HUB_DATASET = ("Salesforce/wikitext", "wikitext-2-raw-v1")
 
-#: the named choices of the ``corpus`` parameter (anything else is read as a file path)
-CORPUS_CHOICES = ("auto", "wikitext-2", "embedded")
 #: the embedded corpus shipped as package data (one paragraph per line)
 EMBEDDED_CORPUS = Path(__file__).resolve().parent / "data" / "embedded_corpus.txt"
 #: version of the embedded corpus; part of every record-cache key that uses it
@@ -266,24 +266,6 @@ def _embedded(requested: str, split: str, reason: str | None) -> CorpusSource:
     return CorpusSource("embedded", EMBEDDED_VERSION, "the moeaudit package", requested, split, reason, tuple(lines))
 
 
-#: how a selected line becomes a text (the ``text_form`` parameter):
-#:
-#: ``"released"``
-#:     the line as the corpus serves it: WikiText-2's lines start with a space and end with a line
-#:     break, and the released code feeds them so;
-#: ``"stripped"``
-#:     the line without its surrounding whitespace;
-#: ``"wikitext"``
-#:     the embedded corpus only: each paragraph written in WikiText-2's tokenized form, the form the
-#:     shipped models were trained on (:func:`wikitext_form`), and served as WikiText-2 serves its
-#:     lines (leading space, line break);
-#: ``"auto"``
-#:     ``"wikitext"`` for the embedded corpus, ``"released"`` for WikiText-2 and for a file.
-TEXT_FORMS = ("auto", "released", "stripped", "wikitext")
-#: the forms that exist for each kind of corpus (``CorpusSource.name``), the first being ``"auto"``'s choice
-CORPUS_TEXT_FORMS = {"embedded": ("wikitext", "released", "stripped"),
-                     "wikitext-2": ("released", "stripped"),
-                     "file": ("released", "stripped")}
 #: capitalised words of the embedded corpus written ``<unk>`` in its WikiText form (see :func:`derive_unk_words`)
 EMBEDDED_UNK_WORDS = EMBEDDED_CORPUS.with_name("embedded_corpus_unk.txt")
 UNK_TOKEN = "<unk>"

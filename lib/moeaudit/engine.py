@@ -29,6 +29,8 @@ norm ``||y_t - y_t^(-e)||`` come from the same batch as the ablation.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import os
 import sys
@@ -40,11 +42,23 @@ import torch
 from tqdm import tqdm
 
 from .corpus import TokenizedCorpus, check_context, integer_ids, is_integer
+from .names import ABLATION_MODES, STRATEGIES
 from .families import reads_positions_from_cache
 from .models import AuditModel
 
-ABLATION_MODES = ("token", "sequence")
-STRATEGIES = ("kv", "full", "auto")
+#: the interventions one ablation can apply to the marked (token row, expert) pairs (see :func:`ablate_in_trace`):
+#: "remove" (the paper's: the expert's weighted contribution is dropped, no renormalisation), "mask" (router
+#: masking: the expert's router logit is -inf before the top-k, so the family's router selects the next expert and
+#: forms its combine weights as it always does) and "mean" (the expert's output at the token is replaced by its mean
+#: output over the tokens routed to it in a clean pass, :func:`expert_mean_outputs`; the combine weight is kept)
+OPERATORS = ("remove", "mask", "mean")
+
+
+def check_operator(operator) -> str:
+    """``operator`` if it is one of :data:`OPERATORS`; else ``ValueError`` listing them."""
+    if not isinstance(operator, str) or operator not in OPERATORS:
+        raise ValueError(f"operator={operator!r} is not a known intervention; valid operators are {list(OPERATORS)}")
+    return operator
 
 
 def progress_enabled(progress: bool | None) -> bool:
@@ -160,7 +174,66 @@ def block_output_in_trace(model: AuditModel, layer: int, *, shape: tuple[int, in
     return out if shape is None else out.reshape(*shape, out.shape[-1])
 
 
-def ablate_in_trace(model: AuditModel, layer: int, removal: torch.Tensor, *, scale: float = 0.0):
+class _RouterLogitMask(torch.overrides.TorchFunctionMode):
+    """Active while one router runs: sets the marked entries of the router's first linear output
+    with ``num_experts`` columns (its logits) to ``-inf``; every later operation of the router is
+    the family's own code on the masked logits."""
+
+    def __init__(self, mask: torch.Tensor, num_experts: int):
+        super().__init__()
+        self.mask, self.num_experts, self.done = mask, num_experts, False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not self.done and func is torch.nn.functional.linear and out.shape[-1] == self.num_experts:
+            self.done = True
+            out = out.masked_fill(self.mask.to(out.device).reshape(out.shape), float("-inf"))
+        return out
+
+
+@contextlib.contextmanager
+def router_logit_masks(model: AuditModel, masks: dict):
+    """Router masking (``operator="mask"``) for the forwards run inside this context.
+
+    ``masks``: ``{layer: (N, E) bool}`` over the flattened token rows of the next forward and the
+    experts. While the router of a masked layer runs, its logits (the output of its linear map,
+    ``x W^T (+ b)``, the first ``torch.nn.functional.linear`` call of the router with E outputs) are
+    set to ``-inf`` at the marked (row, expert) pairs before anything else reads them, so the
+    family's own router code selects the top-k and forms the combine weights from the masked logits:
+    softmax-then-top-k (with or without ``norm_topk_prob``), top-k-then-softmax, sigmoid scores with
+    group selection and ``e_score_correction_bias``, sparsemixer. A masked expert's probability or
+    affinity is exactly 0 (``exp(-inf) = sigmoid(-inf) = 0``), so it gets combine weight 0 and
+    softmax routers select the next expert; a router that adds a selection bias to the affinity
+    (``e_score_correction_bias``) compares ``0 + b_e`` with the others' ``s_j + b_j`` and can still
+    select a masked expert with weight 0 (the records say so: ``masked_selected``). This is what
+    masking the router logits does in serving engines (vLLM's ``FusedMoE`` takes the logits as
+    input). Implemented with a PyTorch forward pre-hook that enters a ``TorchFunctionMode`` and a
+    forward hook that leaves it, removed on exit, also on error. An empty dict does nothing."""
+    handles, modes = [], {}
+    E = model.layout.num_experts
+    try:
+        for L, mask in masks.items():
+            router = model.hf_router(int(L))
+
+            def enter(_module, _args, L=L, mask=mask):
+                modes[L] = _RouterLogitMask(mask, E)
+                modes[L].__enter__()
+
+            def leave(_module, _args, _output, L=L):
+                mode = modes.pop(L, None)
+                if mode is not None:
+                    mode.__exit__(None, None, None)
+
+            handles.append(router.register_forward_pre_hook(enter))
+            handles.append(router.register_forward_hook(leave, always_call=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def ablate_in_trace(model: AuditModel, layer: int, removal: torch.Tensor, *, scale: float = 0.0,
+                    operator: str = "remove", mean: torch.Tensor | None = None):
     """Inside an nnsight trace: remove the experts ``removal`` marks from ``layer``'s output.
 
     ``removal``: (N, E) bool over the flattened token rows of the batch and the experts. Where the
@@ -168,8 +241,25 @@ def ablate_in_trace(model: AuditModel, layer: int, removal: torch.Tensor, *, sca
     every marked (row, expert) that the router selected is multiplied by ``scale`` (0: removed);
     everything else, the router's selection included, is as the model computes it. Returns the
     top-k indices (N, k) of this very forward (for the premise check) and the (N, k) bool of slots
-    changed. Reads the router, then the experts (execution order)."""
+    changed. Reads the router, then the experts (execution order).
+
+    ``operator`` (:data:`OPERATORS`) picks the intervention on the marked pairs:
+
+    * ``"remove"`` (default): as above, the paper's ablation.
+    * ``"mean"``: as ``"remove"``, then the block output at each marked routed slot gets back
+      ``w_e(x_t) mu_e`` (``mu_e`` for input-weighted experts, whose ``mu_e`` already holds the weight),
+      with ``mean`` the (E, H) mean expert outputs of :func:`expert_mean_outputs`: the expert's output
+      at the token is replaced by its clean-pass mean, its combine weight kept. Reads the router, the
+      experts, then the block output.
+    * ``"mask"``: the masking itself happens inside the router (:func:`router_logit_masks`, which
+      must wrap the trace with the same marks); here the routing that the masked router produced is
+      read. Returns ``(indices, hit, weights)``: the post-mask top-k indices and combine weights
+      (N, k), and the (N, k) bool of slots still holding a masked expert.
+    """
     spec = model.layout.spec
+    if operator == "mask":
+        _logits, weights, indices = routing_in_trace(model, layer)
+        return indices, removal.to(indices.device).gather(1, indices), weights
     block = model.nn_block(layer)
     router = getattr(block, spec.router)
     if spec.combine_site == "router_scores":
@@ -178,14 +268,33 @@ def ablate_in_trace(model: AuditModel, layer: int, removal: torch.Tensor, *, sca
         mark = removal.to(scores.device)
         new_scores = scores.masked_fill(mark, 0) if scale == 0.0 else torch.where(mark, scores * scale, scores)
         router.output = (new_scores, logits)
-        return indices, mark.gather(1, indices)
+        hit = mark.gather(1, indices)
+        if operator == "mean":  # mu_e is the mean of E_e(s_e x): the weight is inside
+            _add_to_block_output(model, layer, hit.float(), indices, mean)
+        return indices, hit
     experts = getattr(block, spec.experts)
     args, kwargs = experts.inputs
     hidden, indices, weights = args[0], args[1], args[2]
     hit = removal.to(indices.device).gather(1, indices)
     new_weights = weights.masked_fill(hit, 0) if scale == 0.0 else torch.where(hit, weights * scale, weights)
     experts.inputs = ((hidden, indices, new_weights, *args[3:]), kwargs)
+    if operator == "mean":
+        _add_to_block_output(model, layer, hit.float() * weights.float(), indices, mean)
     return indices, hit
+
+
+def _add_to_block_output(model: AuditModel, layer: int, coef: torch.Tensor, indices: torch.Tensor,
+                         mean: torch.Tensor) -> None:
+    """Inside a trace: add ``sum_j coef[n, j] mean[indices[n, j]]`` to row n of ``layer``'s block output."""
+    if mean is None:
+        raise ValueError("operator='mean' needs the (E, H) mean expert outputs of the layer (expert_mean_outputs)")
+    block = model.nn_block(layer)
+    out = block.output
+    index = model.layout.spec.block_output_index
+    y = out if index is None else out[index]
+    add = (coef.to(y.device)[..., None] * mean.to(y.device, torch.float32)[indices.to(y.device)]).sum(1)
+    new = (y.float() + add.reshape(y.shape)).to(y.dtype)
+    block.output = new if index is None else (*out[:index], new, *out[index + 1:])
 
 
 def routing_weight(model: AuditModel, logits: torch.Tensor) -> torch.Tensor:
@@ -346,6 +455,97 @@ def clean_pass(model: AuditModel, corpus: TokenizedCorpus, *, layers=None, batch
     return CleanPass(model.name, tokens, routing_arrays, offsets)
 
 
+@dataclass
+class ExpertMeans:
+    """Mean expert outputs over a clean pass: the replacement of ``operator="mean"``.
+
+    ``means[layer]``: (E, H) float64, row e the mean of expert e's output over the real tokens whose
+    top-k selects e (``E_e(x_s)`` for experts that weight their output, ``E_e(w_e(x_s) x_s)`` for
+    experts whose combine weight scales their input, Llama 4); ``counts[layer]``: (E,) int64, the
+    number of those tokens (a row with count 0 is NaN: no mean exists). The same pass keeps, per
+    layer and aligned with its real tokens, the routing pattern ``indices`` (N, k) and, per
+    routed slot, the largest element ``slot_max`` (N, k) and largest absolute element
+    ``slot_max_abs`` (N, k) of that expert's output vector (float64): the inputs of the
+    maximum-activation and super-expert criteria (:mod:`moeaudit.metrics`)."""
+
+    model_name: str
+    means: dict[int, np.ndarray]
+    counts: dict[int, np.ndarray]
+    indices: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
+    slot_max: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
+    slot_max_abs: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
+
+    def tensor(self, layer: int) -> torch.Tensor:
+        """The (E, H) means of ``layer`` as a float32 tensor. ``ValueError`` for a layer not computed."""
+        if layer not in self.means:
+            raise ValueError(f"layer={layer} has no mean expert outputs (computed: {sorted(self.means)})")
+        return torch.from_numpy(self.means[layer]).float()
+
+
+def accumulate_expert_sums(sums: np.ndarray, counts: np.ndarray, indices: np.ndarray, outputs: np.ndarray) -> None:
+    """Add one batch to per-expert output sums, in place, in float64.
+
+    ``sums``: (E, H) float64; ``counts``: (E,) int64; ``indices``: (N, k) selected experts;
+    ``outputs``: (N, k, H) the selected experts' outputs. ``ValueError`` on mismatched shapes."""
+    idx = np.asarray(indices)
+    out = np.asarray(outputs, dtype=np.float64)
+    if idx.ndim != 2 or out.shape[:2] != idx.shape or out.shape[2] != sums.shape[1]:
+        raise ValueError(f"indices (N, k) and outputs (N, k, H={sums.shape[1]}) disagree: {idx.shape}, {out.shape}")
+    np.add.at(sums, idx.reshape(-1), out.reshape(-1, out.shape[2]))
+    np.add.at(counts, idx.reshape(-1), 1)
+
+
+@torch.no_grad()
+def expert_mean_outputs(model: AuditModel, corpus: TokenizedCorpus, *, layers=None, seq_ids=None,
+                        batch_size: int = 8, progress: bool | None = None) -> ExpertMeans:
+    """Mean output of every expert over the real tokens routed to it (MoNE's replacement, arXiv
+    2507.00390): one clean forward over the texts ``seq_ids`` of ``corpus`` (all when None), the
+    block inputs and top-k read as :func:`clean_pass` reads them, each selected expert's output
+    computed through the model's experts module (:func:`expert_outputs`) and summed per expert in
+    float64 (:func:`accumulate_expert_sums`). ``ValueError`` for a layer without an MoE block or a
+    text id outside the corpus."""
+    _refuse_inside_pruning(model)
+    check_corpus_context(model, corpus)
+    layers = sorted(model.layout.moe_layers if layers is None else layers)
+    for layer in layers:
+        model.layout.check_layer(layer)
+    order = list(range(len(corpus))) if seq_ids is None else integer_ids(seq_ids, "seq_ids")
+    bad = [i for i in order if not 0 <= i < len(corpus)]
+    if bad or not order:
+        raise ValueError(f"seq_ids must be a non-empty selection of text ids 0..{len(corpus) - 1}; got {seq_ids!r}")
+    E, spec = model.layout.num_experts, model.layout.spec
+    sums, counts = {}, {L: np.zeros(E, dtype=np.int64) for L in layers}
+    slots = {L: ([], [], []) for L in layers}  # indices, slot max, slot max |.|
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for ids_b in progress_bar(batches, desc="expert means", progress=progress):
+        ids, mask = corpus.padded(ids_b, pad_id=model.pad_id)
+        saved = {}
+        with model.nn.trace(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), remote=model.remote):
+            for L in layers:
+                x = block_input_in_trace(model, L).save()
+                _lg, r_weight, r_idx = routing_in_trace(model, L)
+                saved[L] = (x, r_weight.save(), r_idx.save())
+        real = mask.reshape(-1).bool()
+        for L in layers:
+            x, w, idx = saved[L]
+            x = x.reshape(-1, x.shape[-1])[real.to(x.device)]
+            idx = idx.reshape(-1, idx.shape[-1])[real.to(idx.device)]
+            w = w.reshape(-1, idx.shape[-1])[real.to(w.device)]
+            scale = w if spec.combine_site == "router_scores" else None
+            out = expert_outputs(model.hf_experts(L), x, idx.to(x.device), call=spec.experts_call, input_scale=scale)
+            if L not in sums:
+                sums[L] = np.zeros((E, out.shape[-1]), dtype=np.float64)
+            out64 = out.float().cpu().numpy().astype(np.float64)
+            accumulate_expert_sums(sums[L], counts[L], idx.cpu().numpy(), out64)
+            for acc, value in zip(slots[L], (idx.cpu().numpy().astype(np.int64), out64.max(-1), np.abs(out64).max(-1))):
+                acc.append(value)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = {L: sums[L] / counts[L][:, None] for L in layers}
+    cat = {L: [np.concatenate(a) for a in slots[L]] for L in layers}
+    return ExpertMeans(model.name, means, counts, indices={L: c[0] for L, c in cat.items()},
+                       slot_max={L: c[1] for L, c in cat.items()}, slot_max_abs={L: c[2] for L, c in cat.items()})
+
+
 # --------------------------------------------------------------------------------------------
 # Ablations
 # --------------------------------------------------------------------------------------------
@@ -420,7 +620,8 @@ def _group_batches(groups: list, batch_size: int, *, key=None) -> list[list]:
 def _run_batch(model: AuditModel, *, input_ids, attention_mask, position_ids, past_key_values,
                removal: dict[int, torch.Tensor], read_rows: torch.Tensor, read_pos: torch.Tensor,
                read_layers=(), scale: float = 0.0, logits_to_keep: torch.Tensor | None = None,
-               start_layer: int = 0, start_hidden: torch.Tensor | None = None):
+               start_layer: int = 0, start_hidden: torch.Tensor | None = None, operator: str = "remove",
+               means: dict | None = None):
     """One traced forward. ``removal[L]`` is a (rows, E) bool matrix over the flattened token rows of
     the batch; returns logits, MoE outputs at ``(read_rows, read_pos)`` for every ablated layer
     and every layer in ``read_layers``, and the top-k indices (flattened rows, k) that the router
@@ -428,7 +629,11 @@ def _run_batch(model: AuditModel, *, input_ids, attention_mask, position_ids, pa
     :func:`run_ablations`). With ``logits_to_keep`` (a (rows, 1) position tensor) the LM head runs
     only there and the logits are read at its single kept position. With ``start_layer`` S > 0 the
     decoder layers before S are skipped (nnsight's ``Envoy.skip``) and layer S reads
-    ``start_hidden`` (the batch's residual stream entering layer S, (batch, seq, H)) instead."""
+    ``start_hidden`` (the batch's residual stream entering layer S, (batch, seq, H)) instead.
+    ``operator`` (:data:`OPERATORS`) is applied to the marked pairs (:func:`ablate_in_trace`; for
+    ``"mask"`` the trace runs inside :func:`router_logit_masks` of ``removal``, and the post-mask
+    combine weights are returned too, ``weights[L]``; ``means[L]``: (E, H) tensors for ``"mean"``).
+    Returns ``(logits, outputs, routed, weights)``; ``weights`` is empty unless ``operator="mask"``."""
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
     if logits_to_keep is not None:
         kwargs["logits_to_keep"] = logits_to_keep
@@ -436,12 +641,19 @@ def _run_batch(model: AuditModel, *, input_ids, attention_mask, position_ids, pa
         kwargs["position_ids"] = position_ids
     if past_key_values is not None:
         kwargs.update(past_key_values=past_key_values, use_cache=True)
-    outputs, routed = {}, {}
-    with torch.no_grad(), model.nn.trace(**kwargs, remote=model.remote):
+    outputs, routed, weights = {}, {}, {}
+    masks = removal if operator == "mask" else {}
+    with torch.no_grad(), router_logit_masks(model, masks), model.nn.trace(**kwargs, remote=model.remote):
         for skipped in range(start_layer):  # each returns the residual entering S; only the last is read
             model.layers()[skipped].skip(start_hidden)
         for L in sorted(set(removal) | set(read_layers)):
-            if L in removal:
+            if L in removal and operator == "mask":
+                r_idx, _hit, r_w = ablate_in_trace(model, L, removal[L], operator="mask")
+                routed[L], weights[L] = r_idx.save(), r_w.save()
+            elif L in removal and operator == "mean":
+                r_idx, _hit = ablate_in_trace(model, L, removal[L], operator="mean", mean=means[L])
+                routed[L] = r_idx.save()
+            elif L in removal:
                 r_idx, _hit = ablate_in_trace(model, L, removal[L], scale=scale)
                 routed[L] = r_idx.save()
             outputs[L] = block_output_in_trace(model, L, shape=tuple(input_ids.shape))[read_rows, read_pos].save()
@@ -449,11 +661,12 @@ def _run_batch(model: AuditModel, *, input_ids, attention_mask, position_ids, pa
             logits = model.nn.output.logits[read_rows, read_pos].save()
         else:
             logits = model.nn.output.logits[read_rows, 0].save()
-    return logits, outputs, routed
+    return logits, outputs, routed, weights
 
 
 @torch.no_grad()
-def trace_ablation(model: AuditModel, token_ids, *, layer: int, experts, t: int, mode: str = "token") -> dict:
+def trace_ablation(model: AuditModel, token_ids, *, layer: int, experts, t: int, mode: str = "token",
+                   operator: str = "remove", means: ExpertMeans | None = None) -> dict:
     """The intervention written out once, plainly: remove ``experts`` at ``layer`` inside one nnsight
     trace of the prefix ``x[:t+1]`` and read the next-token loss at ``t``.
 
@@ -469,7 +682,16 @@ def trace_ablation(model: AuditModel, token_ids, *, layer: int, experts, t: int,
     Returns ``clean_loss``, ``ablated_loss`` and ``delta_loss`` (nats, float32 losses) and
     ``rows_changed`` (token rows whose combine weights were zeroed). ``ValueError`` for a bad
     ``mode``, layer or position.
+
+    ``operator`` (:data:`OPERATORS`, see :func:`run_ablations`): with ``"mask"`` the marked router
+    logits are ``-inf`` (:func:`router_logit_masks`), ``rows_changed`` lists the rows whose top-k
+    set differs from the clean trace's and ``leak`` is the largest combine weight a masked expert
+    keeps after the top-k (0); with ``"mean"`` the removed outputs are replaced by ``means``
+    (:func:`expert_mean_outputs`). ``ValueError`` for an unknown operator or missing means.
     """
+    check_operator(operator)
+    if (means is not None) != (operator == "mean"):
+        raise ValueError(f"means is needed by operator='mean' and used by no other operator (operator={operator!r})")
     if mode not in ABLATION_MODES:
         raise ValueError(f"mode={mode!r} is not one of {ABLATION_MODES}")
     layer, t = (integer_ids([v], name)[0] for v, name in ((layer, "layer"), (t, "t")))
@@ -490,15 +712,28 @@ def trace_ablation(model: AuditModel, token_ids, *, layer: int, experts, t: int,
     removal = torch.zeros(t + 1, model.layout.num_experts, dtype=torch.bool)  # rows = tokens 0..t of the prefix
     removal[t if mode == "token" else slice(None), removed] = True  # which token rows lose the experts
     with model.nn.trace(input_ids=prefix, remote=model.remote):
+        clean_idx = routing_in_trace(model, layer)[2].save() if operator == "mask" else None
         clean_logits = model.nn.output.logits[0, t].save()
-    with model.nn.trace(input_ids=prefix, remote=model.remote):
-        _indices, hit = ablate_in_trace(model, layer, removal)
-        changed = hit.any(dim=1).nonzero().flatten().save()
+    extra = {}
+    with router_logit_masks(model, {layer: removal} if operator == "mask" else {}), \
+            model.nn.trace(input_ids=prefix, remote=model.remote):
+        if operator == "mask":
+            indices, hit, weights = ablate_in_trace(model, layer, removal, operator="mask")
+            indices, weights = indices.save(), weights.save()
+            changed = None
+        else:
+            mean = means.tensor(layer) if operator == "mean" else None
+            _indices, hit = ablate_in_trace(model, layer, removal, operator=operator, mean=mean)
+            changed = hit.any(dim=1).nonzero().flatten().save()
         ablated_logits = model.nn.output.logits[0, t].save()
+    if operator == "mask":
+        before, after = torch.sort(clean_idx, dim=-1).values, torch.sort(indices, dim=-1).values
+        changed = (before != after).any(dim=1).nonzero().flatten()
+        extra["leak"] = float(weights.float().abs().masked_fill(~removal.to(indices.device).gather(1, indices), 0).max())
     clean_loss = float(_token_loss(clean_logits[None], target)[0])
     ablated_loss = float(_token_loss(ablated_logits[None], target)[0])
     return {"clean_loss": clean_loss, "ablated_loss": ablated_loss, "delta_loss": ablated_loss - clean_loss,
-            "rows_changed": [int(r) for r in changed.tolist()]}
+            "rows_changed": [int(r) for r in changed.tolist()], **extra}
 
 
 def packed_step_supported(model: AuditModel) -> bool:
@@ -671,7 +906,8 @@ def run_ablations(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, 
                   mode: str = "token", strategy: str = "auto", batch_size: int = 64, seq_batch: int = 4,
                   seed: int | None = None, require_active: bool = True, downstream: bool = False,
                   scale: float = 0.0, skip_clean_layers: bool = True,
-                  progress: bool | None = None) -> pd.DataFrame:
+                  progress: bool | None = None, operator: str = "remove",
+                  means: ExpertMeans | None = None) -> pd.DataFrame:
     """Run every requested ablation and return one tidy record per request.
 
     ``requests``: columns ``seq_id``, ``t``, ``layer``, ``removed`` (expert ids, all active at
@@ -712,7 +948,35 @@ def run_ablations(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, 
     at t are the clean ones. Each batch then holds rows of one layer, with one clean row per
     (position, layer), also started at L. The records equal those of the full step to float32
     rounding (about 1e-6 nats; ``tests/test_engine.py``); ``False`` recomputes every layer.
+
+    ``operator`` (:data:`OPERATORS`) is the intervention applied to the requested (position,
+    experts), through the same batches and the same marks (:func:`ablate_in_trace`):
+
+    * ``"remove"`` (default): the paper's ablation above; its records are unchanged (no extra
+      columns).
+    * ``"mask"``: router masking with renormalisation (:func:`router_logit_masks`): the removed
+      experts' router logits are ``-inf`` before the top-k, so the family's router selects the next
+      experts and forms their combine weights as it always does. Several removed experts are masked
+      together. Records add ``replacement`` (the experts in the top-k at t after masking that the
+      batch's clean row did not select), ``leak`` (the summed combine weight that the masked experts
+      still get after the top-k: exactly 0 when masking works), ``masked_selected`` (masked experts
+      still in the top-k, with weight 0: only a router with a selection bias can do this). The
+      premise's ``removed_routed`` counts the removed experts in the clean row's top-k at t (the
+      masked forward cannot select them).
+    * ``"mean"``: mean-output replacement (MoNE): the removed experts' outputs at t are replaced by
+      their means over a clean pass, ``means`` (:func:`expert_mean_outputs`), the combine weights
+      kept. Every removed expert needs a mean (routed at least once in that pass).
+
+    Records of ``"mask"`` and ``"mean"`` carry an ``operator`` column. ``scale`` applies to
+    ``"remove"`` only. ``ValueError`` for an unknown operator (listing the valid ones), missing or
+    mismatched ``means``, or ``means`` given to another operator, before any forward.
     """
+    check_operator(operator)
+    if operator != "remove" and scale != 0.0:
+        raise ValueError(f"scale={scale!r} applies to operator='remove' only (operator={operator!r} keeps scale=0)")
+    if (means is not None) != (operator == "mean"):
+        raise ValueError("means (expert_mean_outputs) is needed by operator='mean' and used by no other operator; "
+                         f"got operator={operator!r} with means={'given' if means is not None else None}")
     _refuse_inside_pruning(model)
     req, strategy = validate_requests(model, corpus, clean, requests, mode=mode, strategy=strategy,
                                       require_active=require_active)
@@ -726,6 +990,7 @@ def run_ablations(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, 
                          "weights kept (0 removes them; 1 would remove nothing)")
     if len(req) == 0:
         raise ValueError("requests is empty")
+    mean_tensors = _check_means(model, req, means) if operator == "mean" else None
     if strategy == "kv":
         _check_custom_mask_support(model)
         attention_window(model)  # refuses attention types the packed step cannot mask, before any forward
@@ -733,6 +998,7 @@ def run_ablations(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, 
     dev = model.device
     results = np.full((len(req), 4), np.nan)  # clean_loss, ablated_loss, gap_norm, downstream compensation
     premise = np.zeros((len(req), 2), dtype=np.int64)  # removed experts routed at t here; clean row routed as clean pass
+    replacement, leak, masked_selected = [[] for _ in range(len(req))], np.zeros(len(req)), np.zeros(len(req), np.int64)
     seqs = sorted(req.seq_id.unique().tolist())
     chunks = [seqs[i:i + seq_batch] for i in range(0, len(seqs), seq_batch)]
     bar = progress_bar(None, total=len(req), desc=f"ablations ({mode})", progress=progress)
@@ -796,13 +1062,13 @@ def run_ablations(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, 
                     flat = [int(flat_of[r])]
                 for f in flat:
                     removal[L][f, removed] = True
-            logits, moe_out, routed = _run_batch(
+            logits, moe_out, routed, routed_w = _run_batch(
                 model, input_ids=input_ids.to(dev), attention_mask=attn if isinstance(attn, dict) else attn.to(dev),
                 position_ids=None if position_ids is None else position_ids.to(dev), past_key_values=cache,
                 removal=removal, read_rows=read_rows.to(dev), read_pos=read_pos.to(dev),
                 read_layers=[L for L in model.layout.moe_layers if L > min(layers_here)] if downstream else (),
                 scale=float(scale), logits_to_keep=None if logits_to_keep is None else logits_to_keep.to(dev),
-                start_layer=start_layer, start_hidden=start_hidden)
+                start_layer=start_layer, start_hidden=start_hidden, operator=operator, means=mean_tensors)
             targets = torch.tensor([int(corpus.sequences[s][t + 1]) for s, t, _ in rows], device=logits.device)
             losses = _token_loss(logits, targets).cpu().numpy()
             routed_at = {L: idx.reshape(-1, idx.shape[-1])[flat_of.to(idx.device)].cpu().numpy()
@@ -812,6 +1078,8 @@ def run_ablations(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, 
             same_as_clean = {L: (np.sort(a, axis=1) == np.sort(clean.routing[L]["indices"][at_clean], axis=1)).all(1)
                              for L, a in routed_at.items()}
             routed_lists = {L: a.tolist() for L, a in routed_at.items()}
+            weight_at = {L: w.reshape(-1, w.shape[-1])[flat_of.to(w.device)].float().cpu().numpy()
+                         for L, w in routed_w.items()}  # (R, k) post-mask combine weights (operator="mask")
             clean_row = {}
             for r, (s, t, i) in enumerate(rows):
                 if i is None:
@@ -828,7 +1096,15 @@ def run_ablations(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, 
                                for Lp in later) / gap ** 2 if later else 0.0
                 results[i] = (losses[c], losses[r], gap, comp)
                 here = routed_lists[L][r]
-                premise[i, 0] = sum(e in here for e in removed_of[i])
+                if operator == "mask":  # the masked forward cannot select them: the premise is the clean row's
+                    before = routed_lists[L][c]
+                    premise[i, 0] = sum(e in before for e in removed_of[i])
+                    replacement[i] = sorted(int(e) for e in set(here) - set(before))
+                    in_top = np.isin(routed_at[L][r], removed_of[i])
+                    leak[i] = float(np.abs(weight_at[L][r][in_top]).sum())
+                    masked_selected[i] = int(in_top.sum())
+                else:
+                    premise[i, 0] = sum(e in here for e in removed_of[i])
                 premise[i, 1] = same_as_clean[L][c]
             bar.update(sum(len(idxs) for _, idxs in batch))
     bar.close()
@@ -839,7 +1115,31 @@ def run_ablations(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, 
     rec["premise_ok"] = (rec.removed_routed.to_numpy() == rec.n_removed.to_numpy()) & rec.clean_routing_match.to_numpy()
     if downstream:
         rec["downstream_compensation"] = results[:, 3]
+    if operator != "remove":
+        rec["operator"] = operator
+    if operator == "mask":
+        rec["replacement"], rec["leak"], rec["masked_selected"] = replacement, leak, masked_selected
     return rec
+
+
+def _check_means(model: AuditModel, req: pd.DataFrame, means) -> dict[int, torch.Tensor]:
+    """The (E, H) mean tensors per requested layer; ``ValueError`` when ``means`` is not an
+    :class:`ExpertMeans` of this model's shape, lacks a requested layer, or has no mean (count 0)
+    for a requested expert."""
+    if not isinstance(means, ExpertMeans):
+        raise ValueError(f"means must be the ExpertMeans of expert_mean_outputs, got {type(means).__name__}")
+    out = {}
+    for L, g in req.groupby("layer"):
+        L = int(L)
+        t = means.tensor(L)
+        if t.shape[0] != model.layout.num_experts:
+            raise ValueError(f"means of layer {L} hold {t.shape[0]} experts; the model has {model.layout.num_experts}")
+        missing = sorted({int(e) for r in g.removed for e in r if means.counts[L][int(e)] == 0})
+        if missing:
+            raise ValueError(f"expert(s) {missing} of layer {L} were never routed in the pass that computed the means: "
+                             "operator='mean' has no mean output to put in their place")
+        out[L] = t
+    return out
 
 
 PREMISE_COLUMNS = ("removed_routed", "clean_routing_match", "premise_ok")
@@ -914,4 +1214,248 @@ def _records(model: AuditModel, clean: CleanPass, req: pd.DataFrame, results: np
     rec["mode"] = mode
     rec["dtype"] = str(model.dtype).replace("torch.", "")
     rec["seed"] = -1 if seed is None else int(seed)
+    return rec
+
+
+# --------------------------------------------------------------------------------------------
+# Restoration (denoising): an expert's clean contribution put back into a corrupted run
+# --------------------------------------------------------------------------------------------
+#: ROME's corruption: Gaussian noise of 3 standard deviations of the input embeddings (Meng et al. 2022)
+CORRUPTION_SCALE = 3.0
+RESTORATION_COLUMNS = ("seq_id", "t", "span_start", "span_stop", "layer", "restored")
+
+
+def check_corruption_scale(scale) -> float:
+    """``scale`` as a float: the standard deviation of the corrupting noise in multiples of the
+    embeddings' standard deviation. ``ValueError`` unless it is a finite number > 0 (zero noise
+    corrupts nothing, so there would be nothing to restore)."""
+    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(float(scale)) or float(scale) <= 0:
+        raise ValueError(f"corruption_scale={scale!r} must be a finite number > 0 (the noise's standard deviation in "
+                         f"embedding standard deviations; causal tracing uses {CORRUPTION_SCALE:g})")
+    return float(scale)
+
+
+@torch.no_grad()
+def embedding_std(model: AuditModel, corpus: TokenizedCorpus) -> float:
+    """Standard deviation of every element of the input embeddings of every token of ``corpus``
+    (each occurrence counts; ``ddof = 1``, as ``torch.std``), in the embeddings' units.
+
+    ROME's ``collect_embedding_std`` (Meng et al. 2022) takes the same statistic over the embedded
+    tokens of its subjects; causal tracing then corrupts with noise of 3 times this value. Each
+    distinct token is embedded once and weighted by its count. ``ValueError`` for an empty corpus
+    or one of a single token (no spread to measure)."""
+    if len(corpus) == 0 or int(corpus.lengths.sum()) < 1:
+        raise ValueError("the corpus is empty: the embeddings' standard deviation needs at least one token")
+    ids, counts = np.unique(np.concatenate([np.asarray(s) for s in corpus.sequences]), return_counts=True)
+    vectors = model.hf.get_input_embeddings()(torch.as_tensor(ids, dtype=torch.long).to(model.device))
+    e = vectors.double().cpu().numpy()  # (distinct tokens, H)
+    n = float(counts.sum()) * e.shape[1]  # elements over all occurrences
+    if n < 2:
+        raise ValueError("the corpus holds a single embedding element: no standard deviation")
+    mean = float((counts[:, None] * e).sum() / n)
+    return float(np.sqrt((counts[:, None] * (e - mean) ** 2).sum() / (n - 1)))
+
+
+def corruption_noise(n_tokens: int, hidden_size: int, *, std: float, seed: int, key=()) -> torch.Tensor:
+    """Gaussian noise (n_tokens, hidden_size), float32, standard deviation ``std``, drawn with
+    ``numpy.random.default_rng([seed, *key])``. The chapter's key is the position and span, so the
+    noise of a position does not depend on which other positions or batches are run."""
+    rng = np.random.default_rng([int(seed), *(int(k) for k in key)])
+    return torch.from_numpy(rng.standard_normal((n_tokens, hidden_size)) * float(std)).float()
+
+
+def restore_in_trace(model: AuditModel, layer: int, restored: torch.Tensor, clean_contribution: torch.Tensor):
+    """Inside an nnsight trace: put the clean contributions of the experts ``restored`` marks back
+    into ``layer``'s output.
+
+    ``restored``: (N, E) bool over the flattened token rows of the batch and the experts;
+    ``clean_contribution``: (N, H), per row the sum of the marked experts' contributions in the
+    clean run (:func:`expert_contributions`: ``w_e(x_t) E_e(x_t)`` of the clean input), zeros on
+    unmarked rows. The edit is the ablation's (:func:`ablate_in_trace`, ``scale=0``: every marked
+    expert that the router selected *in this forward* loses its combine weight, so its corrupted
+    contribution leaves the MoE output), then ``clean_contribution`` is added to the block output.
+    A marked expert that this forward did not route loses nothing and gains its clean contribution.
+    So a row's MoE output becomes ``y'_t - sum_e c'_e + sum_e c_e`` (``c'_e = 0`` for an expert not
+    routed here). Returns the top-k indices (N, k) of this forward, the (N, k) bool of slots
+    whose weight was zeroed, and the edited block output (flattened to (N, H))."""
+    indices, hit = ablate_in_trace(model, layer, restored)
+    block = model.nn_block(layer)
+    index = model.layout.spec.block_output_index
+    out = block.output
+    hidden = out if index is None else out[index]
+    add = clean_contribution.to(hidden.device, torch.float32).reshape(hidden.shape)
+    new = (hidden.float() + add).to(hidden.dtype)
+    block.output = new if index is None else (*out[:index], new, *out[index + 1:])
+    return indices, hit, new.reshape(-1, new.shape[-1])
+
+
+def validate_restorations(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, requests: pd.DataFrame,
+                          *, require_active: bool = True) -> pd.DataFrame:
+    """Check every requested restoration before any forward; ``ValueError`` naming the column otherwise.
+
+    Columns :data:`RESTORATION_COLUMNS`: the corrupted span ``[span_start, span_stop)`` must lie in
+    the text and in the prefix that predicts ``x_{t+1}`` (``0 <= span_start < span_stop <= t + 1``:
+    tokens after ``t`` cannot change that prediction); ``restored`` is a non-empty set of distinct
+    experts active at ``(t, layer)`` in the clean pass (whose contributions are restored; with
+    ``require_active=False`` any experts: an expert the clean run did not route has clean
+    contribution 0, so restoring it removes whatever the corrupted run gave it)."""
+    missing = set(RESTORATION_COLUMNS) - set(requests.columns)
+    if missing:
+        raise ValueError(f"requests lack columns {sorted(missing)}")
+    req = requests.reset_index(drop=True).copy()
+    for col in RESTORATION_COLUMNS[:-1]:
+        if not (pd.api.types.is_integer_dtype(req[col]) and not pd.api.types.is_bool_dtype(req[col])):
+            raise TypeError(f"requests column {col!r} must hold integers, got dtype {req[col].dtype}")
+    E = model.layout.num_experts
+    req["restored"] = [tuple(integer_ids(np.atleast_1d(r).tolist(), "restored")) for r in req["restored"]]
+    for row in req.itertuples(index=False):
+        model.layout.check_layer(int(row.layer))
+        if not 0 <= row.seq_id < len(corpus):
+            raise ValueError(f"seq_id={row.seq_id} is out of range: the corpus has {len(corpus)} sequences")
+        n = int(corpus.lengths[row.seq_id])
+        if not 0 <= row.span_start < row.span_stop <= n:
+            raise ValueError(f"the corrupted span [{row.span_start}, {row.span_stop}) lies outside text {row.seq_id} of "
+                             f"{n} tokens: spans must satisfy 0 <= span_start < span_stop <= {n}")
+        if not 0 <= row.t <= n - 2:
+            raise ValueError(f"position t={row.t} is out of range for sequence {row.seq_id} of length {n}: "
+                             f"t must be in [0, {n - 2}] (the last token has no next-token target)")
+        if row.span_stop > row.t + 1:
+            raise ValueError(f"the corrupted span [{row.span_start}, {row.span_stop}) reaches past t={row.t}: tokens "
+                             f"after t cannot change the prediction at t, so span_stop must be <= {row.t + 1}")
+        if len(row.restored) == 0 or len(set(row.restored)) != len(row.restored) \
+                or not all(0 <= e < E for e in row.restored):
+            raise ValueError(f"restored={list(row.restored)} must be a non-empty set of distinct expert ids in "
+                             f"[0, {E - 1}]")
+        active = clean.active(row.seq_id, row.t, row.layer)
+        bad = [e for e in row.restored if e not in active]
+        if bad and require_active:
+            raise ValueError(f"expert(s) {bad} not active at (seq_id={row.seq_id}, t={row.t}, layer={row.layer}) in the "
+                             f"clean run, so they have no clean contribution to restore; active experts there are "
+                             f"{sorted(active.tolist())}")
+    return req
+
+
+@torch.no_grad()
+def run_restorations(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, requests: pd.DataFrame, *,
+                     corruption_scale: float = CORRUPTION_SCALE, noise_std: float | None = None, seed: int = 0,
+                     batch_size: int = 64, require_active: bool = True, progress: bool | None = None) -> pd.DataFrame:
+    """Causal tracing at the level of experts: corrupt the input, restore one expert, read the loss.
+
+    For every request (columns :data:`RESTORATION_COLUMNS`, others are carried into the records):
+
+    1. *Clean and corrupted runs* of the prefix ``x[:t+1]``, in one batch. The corrupted run adds
+       Gaussian noise to the input embeddings of the tokens ``[span_start, span_stop)``: standard
+       deviation ``noise_std``, by default ``corruption_scale`` times :func:`embedding_std` of
+       ``corpus`` (causal tracing's calibration, ROME, Meng et al. 2022), drawn by
+       :func:`corruption_noise` keyed by ``(seed, seq_id, t, span_start, span_stop)``, so every
+       request of a position and span sees the same noise. The runs give ``clean_loss`` and
+       ``corrupt_loss`` (nats, ``-log p(x_{t+1} | x_{<=t})`` in float32), and at ``layer`` and
+       token ``t`` each routed expert's contribution ``c_e`` (clean) and ``c'_e`` (corrupted)
+       (:func:`expert_contributions`).
+    2. *Restored run*: the corrupted run again, with the MoE output of ``layer`` at ``t`` edited by
+       :func:`restore_in_trace`: ``y'_t - sum_{e in restored} c'_e + sum_{e in restored} c_e``.
+       An expert that the corrupted run did not route at ``(layer, t)`` has ``c'_e = 0``: its clean
+       contribution is added. Nothing else changes (the router, the other experts, shared experts).
+       ``require_active=False`` also accepts experts the clean run did not route at (layer, t):
+       their clean contribution is 0 (so restoring every expert routed in either run makes the
+       routed part of the MoE output at (layer, t) the clean one).
+       ``restored_loss`` is the next-token loss at ``t``.
+
+    The chapter's recovered fraction is ``(corrupt_loss - restored_loss) / (corrupt_loss -
+    clean_loss)``. Records also hold ``restored_routed_corrupt`` (how many restored experts the
+    corrupted run routed at (layer, t), counted inside the restored forward),
+    ``clean_routing_match`` (the batch's clean row routed as the clean pass did),
+    ``block_gap_corrupt`` and ``block_gap_restored`` (``||y'_t - y_t||`` and ``||y^r_t - y_t||``
+    at ``layer``, in the residual stream's units: restoring every routed expert of a layer without
+    shared experts leaves ``block_gap_restored`` at rounding level), ``noise_std`` and
+    ``corruption_scale``.
+
+    ``ValueError`` (before any forward) for a ``corruption_scale`` or ``noise_std`` that is not a finite
+    number > 0, a span outside the text or past ``t``, a bad layer, position or expert set
+    (:func:`validate_restorations`), ``batch_size < 1`` or a bad ``seed``; ``TypeError`` for
+    non-integer request columns. Each forward runs up to ``batch_size`` restored rows of one
+    position."""
+    _refuse_inside_pruning(model)
+    corruption_scale = check_corruption_scale(corruption_scale)
+    if noise_std is not None:
+        check_corruption_scale(noise_std)
+    if not is_integer(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if not is_integer(seed) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r} (the noise is drawn reproducibly from it)")
+    req = validate_restorations(model, corpus, clean, requests, require_active=require_active)
+    if len(req) == 0:
+        raise ValueError("requests is empty")
+    std = float(noise_std) if noise_std is not None else corruption_scale * embedding_std(model, corpus)
+    dev, embed = model.device, model.hf.get_input_embeddings()
+    H = int(model.hf.config.hidden_size)
+    results = np.full((len(req), 5), np.nan)  # clean, corrupt, restored loss; block gap corrupt, restored
+    premise = np.zeros((len(req), 2), dtype=np.int64)
+    bar = progress_bar(None, total=len(req), desc="restorations", progress=progress)
+    for (s, t, a, b), group in req.groupby(["seq_id", "t", "span_start", "span_stop"], sort=True):
+        s, t, a, b = int(s), int(t), int(a), int(b)
+        ids = torch.as_tensor(np.asarray(corpus.sequences[s][: t + 1]), dtype=torch.long)[None].to(dev)
+        emb = embed(ids)
+        corrupted = emb.clone()
+        corrupted[0, a:b] += corruption_noise(b - a, H, std=std, seed=seed, key=(s, t, a, b)).to(emb.device, emb.dtype)
+        layers = sorted({int(L) for L in group.layer})
+        saved = {}
+        with model.nn.trace(inputs_embeds=torch.cat([emb, corrupted]), logits_to_keep=1, remote=model.remote):
+            for L in layers:
+                x = block_input_in_trace(model, L)[:, t].save()
+                _logits, w, idx = routing_in_trace(model, L)
+                rows = torch.tensor([t, t + 1 + t])
+                saved[L] = (x, w[rows].save(), idx[rows].save(), block_output_in_trace(model, L, shape=(2, t + 1))[:, t].save())
+            pair_logits = model.nn.output.logits[:, -1].save()
+        target = torch.tensor([int(corpus.sequences[s][t + 1])], device=pair_logits.device)
+        clean_loss, corrupt_loss = _token_loss(pair_logits, target.repeat(2)).cpu().tolist()
+        clean_c, corrupt_y, clean_y, clean_match, zero = {}, {}, {}, {}, torch.zeros(H)
+        row = clean.row(s, t)
+        for L, (x, w, idx, y) in saved.items():
+            c = expert_contributions(model, L, x[:1], idx[:1], w[:1])[0].float()  # (k, H)
+            clean_c[L] = {int(e): c[j] for j, e in enumerate(idx[0].tolist())}
+            clean_y[L], corrupt_y[L] = y[0].float(), y[1].float()
+            clean_match[L] = sorted(idx[0].tolist()) == sorted(clean.routing[L]["indices"][row].tolist())
+        for start in range(0, len(group), batch_size):
+            part = group.iloc[start:start + batch_size]
+            R = len(part)
+            marks = {L: torch.zeros(R * (t + 1), model.layout.num_experts, dtype=torch.bool) for L in layers}
+            adds = {L: torch.zeros(R * (t + 1), H) for L in layers}
+            for r, (L, experts) in enumerate(zip(part.layer, part.restored)):
+                marks[int(L)][r * (t + 1) + t, list(experts)] = True
+                adds[int(L)][r * (t + 1) + t] = sum(clean_c[int(L)].get(e, zero) for e in experts).cpu()
+            here = sorted({int(L) for L in part.layer})
+            routed, edited = {}, {}
+            with model.nn.trace(inputs_embeds=corrupted.expand(R, -1, -1), logits_to_keep=1, remote=model.remote):
+                for L in here:
+                    idx, _hit, new = restore_in_trace(model, L, marks[L], adds[L])
+                    at = torch.arange(R) * (t + 1) + t
+                    routed[L], edited[L] = idx[at].save(), new[at].save()
+                logits = model.nn.output.logits[:, -1].save()
+            losses = _token_loss(logits, target.repeat(R)).cpu().numpy()
+            for r, (i, L, experts) in enumerate(zip(part.index, part.layer, part.restored)):
+                L = int(L)
+                results[i] = (clean_loss, corrupt_loss, losses[r],
+                              float(torch.linalg.vector_norm(corrupt_y[L] - clean_y[L])),
+                              float(torch.linalg.vector_norm(edited[L][r].float() - clean_y[L])))
+                premise[i] = (sum(e in routed[L][r].tolist() for e in experts), clean_match[L])
+            bar.update(R)
+    bar.close()
+    rec = req.copy()
+    rows = clean.row(rec.seq_id.to_numpy(), rec.t.to_numpy())
+    rec["restored"] = [list(r) for r in rec.restored]
+    rec["n_restored"] = [len(r) for r in rec.restored]
+    rec["token_id"] = clean.tokens.token_id.to_numpy()[rows]
+    rec["target_id"] = clean.tokens.target_id.to_numpy()[rows]
+    rec["clean_loss"], rec["corrupt_loss"], rec["restored_loss"] = results[:, 0], results[:, 1], results[:, 2]
+    rec["block_gap_corrupt"], rec["block_gap_restored"] = results[:, 3], results[:, 4]
+    rec["restored_routed_corrupt"] = premise[:, 0]
+    rec["clean_routing_match"] = premise[:, 1].astype(bool)
+    rec["noise_std"] = std
+    rec["corruption_scale"] = corruption_scale if noise_std is None else float("nan")
+    rec.insert(0, "model", model.name)
+    rec.insert(1, "family", model.layout.family)
+    rec["dtype"] = str(model.dtype).replace("torch.", "")
+    rec["seed"] = int(seed)
     return rec

@@ -20,14 +20,8 @@ import pandas as pd
 
 from .corpus import integer_ids
 from .engine import CleanPass, routing_in_trace
+from .names import METRIC_LABELS, METRICS, RANKINGS, ROUTING_WEIGHT  # noqa: F401  (the metric keys, defined in names)
 from .stats import spearman_defined
-
-METRICS = ("utilization_rate", "activation_norm", "mean_routing_weight", "activation_std")
-ROUTING_WEIGHT = "routing_weight"  # the per-token control ranking (g_e(x_t) at the audited token)
-RANKINGS = METRICS + (ROUTING_WEIGHT,)
-METRIC_LABELS = {"utilization_rate": "Utilization rate", "activation_norm": "Activation norm",
-                 "mean_routing_weight": "Mean routing weight", "activation_std": "Activation std",
-                 ROUTING_WEIGHT: "Per-token routing weight"}
 
 
 def check_rankings(rankings) -> list[str]:
@@ -107,6 +101,136 @@ def literature_criteria_from_routing(indices: np.ndarray, weights: np.ndarray, n
     return pd.DataFrame({"expert": np.arange(num_experts),
                          "freq_weighted_norm": (g.norm.sum().reindex(experts).fillna(0.0) / idx.shape[0]).to_numpy(),
                          "reap": g.gap.mean().reindex(experts).to_numpy()})
+
+
+#: the pruning criteria of REAP's reference code (``prune_method`` of its ``src/reap/args.py``), plus the
+#: super-expert score; each is a column of :func:`reap_criteria_from_routing` (higher = more important)
+REAP_CRITERIA = ("frequency", "ean_sum", "ean_mean", "weighted_frequency", "weighted_ean_sum", "weighted_ean_sum_l2",
+                 "reap", "reap_l2", "max_activation", "super_expert")
+CRITERION_LABELS.update({"frequency": "Frequency", "ean_sum": "EAN sum", "ean_mean": "EAN mean",
+                         "weighted_frequency": "Weighted frequency", "weighted_ean_sum": "Weighted EAN sum",
+                         "weighted_ean_sum_l2": "Weighted EAN sum (L2)", "reap_l2": "REAP (L2)",
+                         "max_activation": "Max. activation", "super_expert": "Super-expert score"})
+
+
+def _routed_arrays(indices, values, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """Flattened expert ids and float64 values of (N, k) arrays; ``ValueError`` on a shape mismatch, a
+    non-2-D array or an expert id outside ``[0, num_experts)``."""
+    idx, val = np.asarray(indices), np.asarray(values, dtype=np.float64)
+    if idx.ndim != 2 or idx.shape != val.shape:
+        raise ValueError(f"indices and values must be (N, k) arrays of one shape, got {idx.shape} and {val.shape}")
+    if idx.size and (idx.min() < 0 or idx.max() >= num_experts):
+        raise ValueError(f"expert ids must lie in [0, {num_experts}), got {idx.min()}..{idx.max()}")
+    return idx.reshape(-1).astype(np.int64), val.reshape(-1)
+
+
+def routed_sum(indices, values, *, num_experts: int) -> np.ndarray:
+    """``sum_{s in S_e} v_s`` per expert (E,), float64 accumulation; ``indices``/``values``: (N, k),
+    ``S_e`` the slots routed to e. 0 for an expert never routed."""
+    idx, val = _routed_arrays(indices, values, num_experts)
+    return np.bincount(idx, weights=val, minlength=num_experts).astype(np.float64)
+
+
+def routed_mean(indices, values, *, num_experts: int) -> np.ndarray:
+    """``(1/|S_e|) sum_{s in S_e} v_s`` per expert (E,), float64; NaN for an expert never routed."""
+    idx, _ = _routed_arrays(indices, values, num_experts)
+    n = np.bincount(idx, minlength=num_experts)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, routed_sum(indices, values, num_experts=num_experts) / n, np.nan)
+
+
+def routed_max(indices, values, *, num_experts: int) -> np.ndarray:
+    """``max_{s in S_e} v_s`` per expert (E,), float64; NaN for an expert never routed."""
+    idx, val = _routed_arrays(indices, values, num_experts)
+    out = np.full(num_experts, np.nan)
+    np.fmax.at(out, idx, val)
+    return out
+
+
+def frequency(indices, *, num_experts: int) -> np.ndarray:
+    """REAP's ``frequency``: ``|S_e|``, the number of calibration tokens whose top-k selects e (E,)."""
+    return routed_sum(indices, np.ones(np.shape(indices)), num_experts=num_experts)
+
+
+def ean_sum(indices, norms, *, num_experts: int) -> np.ndarray:
+    """REAP's ``ean_sum`` (expert activation norm): ``sum_{s in S_e} ||E_e(x_s)||_2`` (E,)."""
+    return routed_sum(indices, norms, num_experts=num_experts)
+
+
+def ean_mean(indices, norms, *, num_experts: int) -> np.ndarray:
+    """REAP's ``ean_mean``: ``(1/|S_e|) sum_{s in S_e} ||E_e(x_s)||_2`` (the paper's activation norm); NaN if never routed."""
+    return routed_mean(indices, norms, num_experts=num_experts)
+
+
+def weighted_frequency(indices, weights, *, num_experts: int) -> np.ndarray:
+    """REAP's ``weighted_frequency_sum``: ``sum_{s in S_e} g_e(x_s)`` (E,)."""
+    return routed_sum(indices, weights, num_experts=num_experts)
+
+
+def weighted_ean_sum(indices, weights, norms, *, num_experts: int) -> np.ndarray:
+    """REAP's ``weighted_ean_sum``: ``sum_{s in S_e} g_e(x_s) ||E_e(x_s)||_2`` (E,)."""
+    return routed_sum(indices, np.asarray(weights, np.float64) * np.asarray(norms, np.float64), num_experts=num_experts)
+
+
+def weighted_ean_sum_l2(indices, weights, norms, *, num_experts: int) -> np.ndarray:
+    """``sqrt(sum_{s in S_e} (g_e(x_s) ||E_e(x_s)||_2)^2)`` (E,): the L2 aggregate of the per-token
+    weighted norms. REAP's code lists ``weighted_ean_sum_l2`` as a choice; this is our reading of
+    the name (the L2 norm over tokens in place of the sum), not a definition quoted from it."""
+    g = np.asarray(weights, np.float64) * np.asarray(norms, np.float64)
+    return np.sqrt(routed_sum(indices, g ** 2, num_experts=num_experts))
+
+
+def reap_score(indices, weights, norms, *, num_experts: int) -> np.ndarray:
+    """REAP (Lasby et al. 2025, Eq. 9): ``(1/|S_e|) sum_{s in S_e} g_e(x_s) ||E_e(x_s)||_2``; NaN if never routed."""
+    return routed_mean(indices, np.asarray(weights, np.float64) * np.asarray(norms, np.float64), num_experts=num_experts)
+
+
+def reap_l2(indices, weights, norms, *, num_experts: int) -> np.ndarray:
+    """``sqrt((1/|S_e|) sum_{s in S_e} (g_e(x_s) ||E_e(x_s)||_2)^2)``: the root mean square of the
+    per-token weighted norms (our reading of REAP's ``reap_l2`` choice, as for
+    :func:`weighted_ean_sum_l2`); NaN if never routed."""
+    g = np.asarray(weights, np.float64) * np.asarray(norms, np.float64)
+    return np.sqrt(routed_mean(indices, g ** 2, num_experts=num_experts))
+
+
+def max_activation(indices, slot_max, *, num_experts: int) -> np.ndarray:
+    """REAP's ``max_activations``: ``max_{s in S_e} max_h E_e(x_s)_h``, the largest (signed) element
+    of the expert's output over its routed tokens (E,); ``slot_max`` (N, k): per routed slot the
+    largest element of that expert's output (:attr:`moeaudit.engine.ExpertMeans.slot_max`). NaN if never routed."""
+    return routed_max(indices, slot_max, num_experts=num_experts)
+
+
+def super_expert_score(indices, slot_max_abs, *, num_experts: int) -> np.ndarray:
+    """Super-expert score: ``max_{s in S_e} max_h |E_e(x_s)_h|`` (E,), the largest absolute element of
+    the expert's down-projection output over the tokens routed to it. Su et al. (2025, arXiv
+    2507.23279) call "super experts" the few experts whose down-projection outputs carry extreme
+    activation outliers; this score is that magnitude, before any threshold (the paper flags
+    experts whose outlier is extreme relative to all experts' outliers). ``slot_max_abs`` (N, k):
+    :attr:`moeaudit.engine.ExpertMeans.slot_max_abs`. NaN if never routed."""
+    return routed_max(indices, slot_max_abs, num_experts=num_experts)
+
+
+def reap_criteria_from_routing(indices, weights, norms, *, num_experts: int, slot_max=None,
+                               slot_max_abs=None) -> pd.DataFrame:
+    """Every criterion of :data:`REAP_CRITERIA` per expert, one row per expert 0..num_experts-1.
+
+    ``indices``, ``weights`` (combine weights as applied by the model), ``norms`` (||E_e(x_s)||_2):
+    (N, k) over N calibration tokens. ``slot_max``/``slot_max_abs`` (N, k, aligned with ``indices``)
+    feed ``max_activation``/``super_expert``; without them those columns are NaN. REAP's reference
+    code weights by the router's softmax probability (renormalised over the top-k on request);
+    here ``g`` is the combine weight the model applies, as in :func:`literature_criteria_from_routing`.
+    ``ValueError`` for mismatched shapes or an expert id out of range."""
+    kw = {"num_experts": num_experts}
+    out = pd.DataFrame({"expert": np.arange(num_experts), "frequency": frequency(indices, **kw),
+                        "ean_sum": ean_sum(indices, norms, **kw), "ean_mean": ean_mean(indices, norms, **kw),
+                        "weighted_frequency": weighted_frequency(indices, weights, **kw),
+                        "weighted_ean_sum": weighted_ean_sum(indices, weights, norms, **kw),
+                        "weighted_ean_sum_l2": weighted_ean_sum_l2(indices, weights, norms, **kw),
+                        "reap": reap_score(indices, weights, norms, **kw),
+                        "reap_l2": reap_l2(indices, weights, norms, **kw)})
+    out["max_activation"] = np.nan if slot_max is None else max_activation(indices, slot_max, **kw)
+    out["super_expert"] = np.nan if slot_max_abs is None else super_expert_score(indices, slot_max_abs, **kw)
+    return out
 
 
 def pruning_criteria(clean: CleanPass, *, num_experts: int, seq_ids=None, layers=None) -> pd.DataFrame:

@@ -27,11 +27,22 @@ import torch
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 from . import paths  # noqa: E402
-from .families import FAMILIES, REFUSED, FamilySpec, config_value, moe_layer_indices  # noqa: E402
+from .families import (  # noqa: E402
+    _COMPOSITE,
+    _ENC_DEC,
+    FAMILIES,
+    REFUSED,
+    FamilySpec,
+    config_value,
+    moe_layer_indices,
+    refusal_reason_for,
+)
+from .names import DTYPES as DTYPE_NAMES  # noqa: E402
+from .zoo import SHIPPED_MODELS, zoo_path  # noqa: E402
 
 #: every audited model_type (the contract suite, tests/test_contract.py, runs on each)
 SUPPORTED_FAMILIES = tuple(FAMILIES)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 # The five audited layers of the paper (Section 2). They are close to, but not exactly, evenly
 # spaced over depth (OLMoE L7 and Qwen L18 are not what any single rounding rule gives), so the
@@ -90,7 +101,6 @@ def refusal_reason(config) -> str:
     config shows: encoder-decoder, a multimodal wrapper, no causal-LM class, not registered yet)."""
     from transformers import CONFIG_MAPPING  # noqa: PLC0415
 
-    from .families import _COMPOSITE, _ENC_DEC, refusal_reason_for  # noqa: PLC0415
 
     family = getattr(config, "model_type", None)
     if getattr(config, "is_encoder_decoder", False):
@@ -246,7 +256,6 @@ def wrap_model(hf_model, *, tokenizer=None, name: str | None = None) -> AuditMod
 
 def resolve_model_path(name_or_path: str) -> str:
     """A shipped short name (``tiny-olmoe`` ...) becomes its package directory; others pass through."""
-    from .zoo import SHIPPED_MODELS, zoo_path  # noqa: PLC0415
 
     if name_or_path in SHIPPED_MODELS:
         return str(zoo_path(name_or_path))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import html
-import re
 import warnings
 
 import matplotlib.pyplot as plt
@@ -11,10 +10,21 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from .corpus import NEAR_UNIGRAM_GAIN, loss_regime, resolve_text_form
-from .metrics import METRIC_LABELS
-from .stats import (binomial_upper_tail, min_equivalence_bound, sign_test, spearman_defined, tost_min_p,
-                    untested_cells)
+from .corpus import (
+    NEAR_UNIGRAM_GAIN,
+    CorpusFallbackWarning,
+    resolve_corpus,
+    resolve_text_form,
+)
+from .names import METRIC_LABELS
+from .stats import (
+    binomial_upper_tail,
+    min_equivalence_bound,
+    sign_test,
+    spearman_defined,
+    tost_min_p,
+    untested_cells,
+)
 
 PALETTE = "colorblind"  # seaborn's colour-blind-safe palette (Okabe-Ito-like)
 
@@ -196,7 +206,7 @@ def describe(values) -> str:
     return f"min {np.nanmin(v):+.3f}, median {np.nanmedian(v):+.3f}, max {np.nanmax(v):+.3f}"
 
 
-def _admonition(kind: str, title: str, body_html: str, plain: str):
+def admonition(kind: str, title: str, body_html: str, plain: str):
     """An admonition as rich output: HTML in the theme's admonition classes, plain text otherwise."""
     from IPython.display import HTML  # noqa: PLC0415
 
@@ -243,13 +253,13 @@ def corpus_admonition(source, *, scope: str = "page", text_form: str | None = No
     what = html.escape(source.describe())
     if source.is_paper_corpus:
         body = f"<p>Evaluation corpus: {what} (parameter <code>corpus={html.escape(repr(source.requested))}</code>).{form}</p>"
-        return _admonition("note", "Corpus: WikiText-2", body, f"Corpus: {source.describe()}")
+        return admonition("note", "Corpus: WikiText-2", body, f"Corpus: {source.describe()}")
     why = (f" WikiText-2 was not found: {html.escape(source.fallback_reason)}." if source.fallback_reason else "")
     body = (f"<p>Evaluation corpus: {what} (parameter <code>corpus={html.escape(repr(source.requested))}</code>)."
             f"{why}{form}</p><p>{_SCOPES[scope]} To use WikiText-2, set <code>MOEAUDIT_DATA_DIR</code> to a "
             "folder holding <code>wikitext-2/</code> (<code>test.txt</code> or <code>wiki.test.raw</code>), or run "
             "where the Hugging Face hub is reachable, and execute the chapter again.</p>")
-    return _admonition("warning", "Corpus: not WikiText-2", body, f"Corpus: {source.describe()} (not WikiText-2)")
+    return admonition("warning", "Corpus: not WikiText-2", body, f"Corpus: {source.describe()} (not WikiText-2)")
 
 
 def show_corpus(corpus="auto", *, data_dir=None, scope: str = "page", text_form: str | None = None):
@@ -262,35 +272,12 @@ def show_corpus(corpus="auto", *, data_dir=None, scope: str = "page", text_form:
     """
     from IPython.display import display  # noqa: PLC0415
 
-    from .corpus import CorpusFallbackWarning, resolve_corpus, resolve_text_form  # noqa: PLC0415
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CorpusFallbackWarning)
         source = resolve_corpus(corpus, data_dir=data_dir)
     form = resolve_text_form(source, text_form) if text_form is not None else None
     display(corpus_admonition(source, scope=scope, text_form=form))
-    return source
-
-
-def show_released_source(data_dir=None):
-    """Display where the authors' released results are read from (original files or the embedded
-    derived table) and return the :class:`moeaudit.released.ReleasedSource`."""
-    from IPython.display import display  # noqa: PLC0415
-
-    from .released import released_source  # noqa: PLC0415
-
-    source = released_source(data_dir)
-    what = re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(source.describe()))  # code spans of the plain text
-    if source.kind == "files":
-        display(_admonition("note", "Released results: the original files", f"<p>Read from {what}.</p>",
-                            f"Released results: {source.describe()}"))
-    else:
-        body = (f"<p>The original files were not found ({html.escape(source.reason or '')}), so this page reads "
-                f"{what}. Its values are those of the original files, cell for cell (checked by the test suite "
-                "when the files are present). To read the files themselves, set <code>MOEAUDIT_DATA_DIR</code> to a "
-                "folder holding <code>paper-released/</code>, or run once with network access.</p>")
-        display(_admonition("note", "Released results: the embedded derived table", body,
-                            f"Released results: {source.describe()}"))
     return source
 
 
@@ -347,7 +334,6 @@ def glue_values(*, as_markdown: bool = False, **values) -> None:
         elif as_markdown and isinstance(value, str):
             value = Markdown(value)
         glue(key, value, display=False)
-
 
 
 def untested_note(table: pd.DataFrame, *, by=None, what: str = "cell") -> str:
@@ -1125,23 +1111,6 @@ def audit_limits_text(*, default_models: bool, paper_corpus: bool, family_sizes:
     return " ".join(limits)
 
 
-def premise_phrase(records: pd.DataFrame) -> str:
-    """One clause on the premise check of ablation records (:func:`moeaudit.engine.premise_failures`):
-    whether every removed expert was routed at its position in the forward that removed it, and
-    every batch's clean row routed as the clean pass did. Counts come from ``records``."""
-    from .engine import premise_failures  # noqa: PLC0415
-
-    if len(records) == 0:
-        return "there are no records to check"
-    c = premise_failures(records, by=()).iloc[0]
-    n, failed = int(c.n_records), int(c.n_failed)
-    if failed == 0:
-        return f"the premise check holds for all {n:,} (each removed expert was routed there in the ablating forward)"
-    return (f"the premise check fails for {failed:,} of {n:,} ({int(c.n_not_routed):,} removed an expert the "
-            f"ablating forward did not route there, {int(c.n_routing_changed):,} sit in a batch whose clean row "
-            f"routed differently from the clean pass); they are kept and flagged in the column premise_ok")
-
-
 def strategy_spread_text(spreads: dict, dtype: str) -> str:
     """Per model, how far the cached packed step (``strategy="kv"``) and the re-run prefix
     (``"full"``) of the same token-mode ablations differ in ``dtype`` (``spreads[name]`` is
@@ -1238,25 +1207,32 @@ def regime_text(r: dict) -> str:
     return text
 
 
-def context_regime(ctx) -> dict:
-    """:func:`moeaudit.corpus.loss_regime` over the clean pass of a prepared model (``ctx``: an
-    :class:`moeaudit.audit.AuditContext`): every scored token of the corpus it reads."""
-    tokens = ctx.clean.tokens
-    return loss_regime(tokens.target_id.to_numpy(), tokens.loss.to_numpy(), int(ctx.model.hf.config.vocab_size))
+def zero_relation(lo: float, hi: float, *, digits: int = 3) -> str:
+    """Where an interval ``[lo, hi]`` lies relative to zero, decided so that the words agree with the
+    interval as displayed at ``digits`` decimals.
+
+    ``"above"`` when ``lo > 0`` and ``lo`` does not round to zero at ``digits`` decimals; ``"below"``
+    likewise for ``hi < 0``; ``"touches"`` when the unrounded interval excludes zero but its bound
+    nearest zero rounds to zero (so "[+0.000, +0.271]" is never called excluding zero);
+    ``"contains"`` when ``lo <= 0 <= hi``; ``"undefined"`` when a bound is NaN.
+    ``ValueError`` when ``lo > hi`` or ``digits < 0``.
+    """
+    if digits < 0:
+        raise ValueError(f"digits must be >= 0, got {digits}")
+    if np.isnan(lo) or np.isnan(hi):
+        return "undefined"
+    if lo > hi:
+        raise ValueError(f"lo ({lo}) exceeds hi ({hi})")
+    if lo > 0:
+        return "above" if round(lo, digits) > 0 else "touches"
+    if hi < 0:
+        return "below" if round(hi, digits) < 0 else "touches"
+    return "contains"
 
 
-def regime_line(name: str, ctx) -> str:
-    """``**name** on this text:`` followed by :func:`regime_text` of :func:`context_regime`: the line a
-    chapter shows for each model it runs, so that every page states how well its models read the text."""
-    return f"**{name}** on this text: " + regime_text(context_regime(ctx))
-
-
-def model_summary(name: str, ctx, audited, records: pd.DataFrame, *, what: str = "single-expert ablations") -> str:
-    """One paragraph introducing a model's run in a chapter: family, MoE layout, audited layers,
-    the number of ablation records and their premise check (:func:`premise_phrase`), and how well it
-    reads the text (:func:`regime_text` of :func:`moeaudit.corpus.loss_regime` over the clean pass)."""
-    lay = ctx.model.layout
-    r = context_regime(ctx)
-    return (f"**{name}** ({lay.family}): MoE layers {join_words(lay.moe_layers)} of {lay.n_layers}, "
-            f"{lay.num_experts} routed experts, top-{lay.top_k}, {lay.n_shared_experts} shared; audited layers "
-            f"{join_words(audited)}; {len(records):,} {what}; {premise_phrase(records)}. " + regime_text(r))
+def fmt_bound(v: float, *, digits: int = 3) -> str:
+    """A signed interval bound at ``digits`` decimals, or with two significant digits where it would
+    round to zero (``+0.00031`` instead of ``+0.000``), so that a bound that excludes zero shows it."""
+    if v != 0 and round(v, digits) == 0:
+        return f"{v:+.2g}"
+    return f"{0.0 if round(v, digits) == 0 else v:+.{digits}f}"

@@ -75,6 +75,12 @@ __all__ = [
     "spearman",
     "spearman_defined",
     "critical_spearman_rho",
+    "min_detectable_spearman",
+    "MAX_EXACT_SPEARMAN_N",
+    "spearman_exact",
+    "spearman_exact_critical",
+    "spearman_exact_power",
+    "spearman_min_detectable",
     "dz_difference_ci",
     "jzs_bayes_factor",
     "jeffreys_label",
@@ -1169,6 +1175,32 @@ def critical_spearman_rho(n: int, *, alpha: float = 0.05) -> float:
     return t / float(np.sqrt(n - 2 + t * t))
 
 
+def min_detectable_spearman(n: int, *, alpha: float = 0.05, power: float = 0.8) -> float:
+    """Smallest Spearman rho > 0 that a two-sided test at ``alpha`` detects with probability ``power``.
+
+    Fisher's z approximation with the standard error of Bonett and Wright (2000) for Spearman's
+    rho (the one :func:`spearman` uses for large n), ``se(rho) = sqrt((1 + rho**2 / 2) / (n - 3))``:
+    the test rejects with probability about ``Phi(atanh(rho) / se(rho) - z_{1 - alpha/2})``, so the
+    detectable rho solves ``atanh(rho) = (z_{1 - alpha/2} + z_power) * se(rho)``, found with
+    ``scipy.optimize.brentq`` (``z`` quantiles from ``scipy.stats.norm.ppf``). A null result at ``n``
+    pairs speaks only against correlations at least this large. NaN for ``n < 4``;
+    ``ValueError`` unless ``0 < alpha < 1`` and ``0 < power < 1``.
+
+    Examples
+    --------
+    >>> round(min_detectable_spearman(28), 4)  # z sum 2.8016, / sqrt(25)
+    0.5365
+    >>> bool(min_detectable_spearman(200) < min_detectable_spearman(50))
+    True
+    """
+    _check_level(alpha, "alpha")
+    _check_level(power, "power")
+    if n < 4:
+        return float("nan")
+    c = (float(stats.norm.ppf(1 - alpha / 2)) + float(stats.norm.ppf(power))) / float(np.sqrt(n - 3))
+    return float(optimize.brentq(lambda r: np.arctanh(r) - c * np.sqrt(1 + r * r / 2), 0.0, 1 - 1e-15, xtol=1e-14))
+
+
 def dz_difference_ci(d1, d2, *, n_boot: int = 2000, seed: int = 0, ci: float = 0.95) -> tuple[float, float]:
     """Paired-bootstrap confidence interval of ``d_z(d1) - d_z(d2)``.
 
@@ -1299,7 +1331,7 @@ def family_verdicts(table: pd.DataFrame, *, by: str = "model", alpha: float = 0.
 
 
 # --------------------------------------------------------------------------- trends and small-sample comparisons
-# (used by the redundancy analysis, moeaudit.redundancy: a handful of trained models per setting)
+# (used by the redundancy analysis, moeaudit.chapters.redundancy: a handful of trained models per setting)
 
 
 def linear_trend(x, y, *, reference_slope: float = 0.0, ci: float = 0.95) -> dict:
@@ -1627,3 +1659,335 @@ def t_critical(alpha: float, dof) -> float:
     """
     _check_level(alpha, "alpha")
     return float(stats.t.ppf(1 - alpha / 2, dof))
+
+
+# ----------------------------------------------------------------------------- exact rank correlation, small n
+
+#: largest number of pairs for which the exact tests of Spearman's rho enumerate all ``n!`` orderings
+MAX_EXACT_SPEARMAN_N = 9
+
+
+def _check_exact_n(n, name: str = "n") -> None:
+    if not (isinstance(n, (int, np.integer)) and not isinstance(n, bool) and 3 <= n <= MAX_EXACT_SPEARMAN_N):
+        raise ValueError(f"{name} must be an integer from 3 to {MAX_EXACT_SPEARMAN_N} (the exact test enumerates "
+                         f"all n! orderings), got {n!r}")
+
+
+def _abs_spearman(x, y, axis=-1):
+    """|Spearman's rho| of the rows of ``x`` and ``y`` (the statistic of :func:`spearman_exact`)."""
+    rx, ry = stats.rankdata(x, axis=axis), stats.rankdata(y, axis=axis)
+    rx = rx - rx.mean(axis=axis, keepdims=True)
+    ry = ry - ry.mean(axis=axis, keepdims=True)
+    return np.abs((rx * ry).sum(axis=axis) / np.sqrt((rx * rx).sum(axis=axis) * (ry * ry).sum(axis=axis)))
+
+
+def spearman_exact(x, y) -> tuple[float, float, int]:
+    """Spearman's rho with its exact two-sided permutation p-value over all ``n!`` pairings.
+
+    Parameters
+    ----------
+    x, y : array-like of shape (n,)
+        Paired values, finite, ``3 <= n <=`` :data:`MAX_EXACT_SPEARMAN_N`, neither constant.
+
+    Returns
+    -------
+    (rho, p, n_permutations)
+        ``rho`` from ``scipy.stats.spearmanr`` (Pearson's r of the mid-ranks); ``p`` is
+        ``#{orderings pi of y: |rho(x, y_pi)| >= |rho(x, y)|} / n!``, counted over every ordering
+        (the observed one included, enumerated with ``itertools.permutations``; the same value as
+        ``scipy.stats.permutation_test`` with ``permutation_type="pairings"``, ``n_resamples=inf`` and the
+        statistic ``|rho|``, which is checked in the tests but is a thousand times slower);
+        ``n_permutations = n!``. With no ties the smallest possible p is ``2 / n!`` (the orderings with
+        rho = 1 and rho = -1).
+
+    Raises
+    ------
+    ValueError
+        For ``x`` and ``y`` of different lengths, a non-finite value, ``n`` outside the range, or a
+        constant ``x`` or ``y`` (rho undefined).
+
+    Examples
+    --------
+    Three pairs in the same order: of the 3! = 6 orderings, rho = 1 and rho = -1 reach ``|rho| >= 1``.
+
+    >>> rho, p, m = spearman_exact([1.0, 2.0, 3.0], [10.0, 20.0, 30.0])
+    >>> rho, round(p, 4), m
+    (1.0, 0.3333, 6)
+    """
+    a, b = _float_vector(x), _float_vector(y)
+    _same_length(a, b, "x and y")
+    _check_exact_n(a.size, "the number of pairs")
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        raise ValueError("x and y must be finite")
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        raise ValueError("x and y must not be constant: Spearman's rho is undefined")
+    import itertools  # noqa: PLC0415
+
+    rho = float(stats.spearmanr(a, b).statistic)
+    orderings = np.array(list(itertools.permutations(range(a.size))))
+    null = _abs_spearman(np.broadcast_to(a, orderings.shape), b[orderings])
+    p = float((null >= abs(rho) * (1 - 1e-12) - 1e-14).mean())  # ties of |rho| within rounding count as reached
+    return rho, p, int(len(orderings))
+
+
+def _null_rhos(n: int) -> np.ndarray:
+    """Spearman's rho of every ordering of ``n`` untied ranks: ``1 - 6 sum d^2 / (n (n^2 - 1))``."""
+    import itertools  # noqa: PLC0415
+
+    perms = np.array(list(itertools.permutations(range(n))), dtype=np.float64)
+    d2 = ((perms - np.arange(n)) ** 2).sum(axis=1)
+    return 1.0 - 6.0 * d2 / (n * (n * n - 1))
+
+
+def spearman_exact_critical(n: int, *, alpha: float = 0.05) -> float:
+    """Smallest |rho| that the exact two-sided permutation test (:func:`spearman_exact`) calls
+    significant at ``alpha`` with ``n`` untied pairs.
+
+    The exact null distribution is enumerated: for each of the ``n!`` orderings,
+    ``rho = 1 - 6 sum_i d_i^2 / (n (n^2 - 1))`` with ``d_i`` the rank differences; the critical value is
+    the smallest ``r`` in its support with ``P(|rho| >= r) <= alpha``. NaN when even ``|rho| = 1``
+    (``p = 2 / n!``) exceeds ``alpha``.
+
+    Raises
+    ------
+    ValueError
+        For ``n`` outside 3 to :data:`MAX_EXACT_SPEARMAN_N` or ``alpha`` outside (0, 1).
+
+    Examples
+    --------
+    n = 6: ``sum d^2 <= 4`` (rho >= 31/35) holds for 1 + 5 + 6 = 12 orderings, two-sided
+    ``24/720 = 0.033``; ``sum d^2 = 6`` adds 9 more (``42/720 = 0.058``), so the critical |rho| is 31/35.
+
+    >>> round(spearman_exact_critical(6), 4)
+    0.8857
+    >>> spearman_exact_critical(5)
+    1.0
+    """
+    _check_exact_n(n)
+    _check_level(alpha, "alpha")
+    null = np.abs(_null_rhos(int(n)))
+    support = np.unique(np.round(null, 12))
+    p = np.array([(null >= r - 1e-12).mean() for r in support])
+    ok = support[p <= alpha]
+    if not ok.size:
+        return float("nan")
+    return float(null[np.abs(null - ok.min()) < 1e-9][0])  # the unrounded value of the support
+
+
+def _normal_pairs(n: int, n_sim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n_sim, n)), rng.standard_normal((n_sim, n))
+
+
+def _power_from_pairs(z1, z2, rho: float, crit: float) -> float:
+    y = rho * z1 + np.sqrt(1.0 - rho * rho) * z2
+    return float((_abs_spearman(z1, y) >= crit - 1e-12).mean())
+
+
+def spearman_exact_power(n: int, rho: float, *, alpha: float = 0.05, n_sim: int = 20000, seed: int = 0) -> float:
+    """Power of the exact two-sided Spearman test (:func:`spearman_exact`) at ``alpha`` with ``n`` pairs.
+
+    Monte Carlo: ``n_sim`` samples of ``n`` pairs from a bivariate normal with Pearson correlation
+    ``rho`` (``y = rho z1 + sqrt(1 - rho^2) z2``, ``z1, z2`` standard normal from
+    ``numpy.random.default_rng(seed)``); the power is the share of samples whose ``|r_s|`` reaches the
+    exact critical value (:func:`spearman_exact_critical`). The population Spearman correlation of
+    such data is ``(6 / pi) asin(rho / 2)``. At ``rho = 0`` it estimates the test's exact size, at most
+    ``alpha`` (the null distribution is discrete). Standard error ``sqrt(power (1 - power) / n_sim)``.
+
+    Raises
+    ------
+    ValueError
+        For ``n`` outside 3 to :data:`MAX_EXACT_SPEARMAN_N`, ``rho`` outside (-1, 1), ``alpha`` outside
+        (0, 1) or ``n_sim < 100``.
+
+    Examples
+    --------
+    n = 6 at alpha = 0.05: the exact size is ``24/720 = 0.033``.
+
+    >>> round(spearman_exact_power(6, 0.0, n_sim=20000), 2)
+    0.03
+    """
+    _check_exact_n(n)
+    _check_level(alpha, "alpha")
+    if not (isinstance(rho, (int, float, np.floating)) and -1 < float(rho) < 1):
+        raise ValueError(f"rho must be a number in (-1, 1), got {rho!r}")
+    if not (isinstance(n_sim, (int, np.integer)) and n_sim >= 100):
+        raise ValueError(f"n_sim must be an integer >= 100, got {n_sim!r}")
+    crit = spearman_exact_critical(int(n), alpha=alpha)
+    if not np.isfinite(crit):
+        return 0.0
+    z1, z2 = _normal_pairs(int(n), int(n_sim), seed)
+    return _power_from_pairs(z1, z2, float(rho), crit)
+
+
+def spearman_min_detectable(n: int, *, alpha: float = 0.05, power: float = 0.8, n_sim: int = 20000,
+                            seed: int = 0) -> float:
+    """Smallest Pearson correlation ``rho`` of a bivariate normal at which the exact two-sided Spearman
+    test with ``n`` pairs at ``alpha`` has at least ``power`` (:func:`spearman_exact_power`).
+
+    Bisection on ``rho`` in [0, 1) to 1e-3 with the same ``n_sim`` standard normal samples at every
+    ``rho`` (common random numbers, so the estimated power rises with ``rho``). NaN when ``power`` is
+    out of reach (no critical value at ``alpha``, or the power at ``rho = 0.999`` is below ``power``).
+
+    Raises
+    ------
+    ValueError
+        As :func:`spearman_exact_power`, and for ``power`` outside (0, 1).
+
+    Examples
+    --------
+    >>> r = spearman_min_detectable(6, n_sim=4000)
+    >>> 0.8 < r < 1.0
+    True
+    """
+    _check_exact_n(n)
+    _check_level(alpha, "alpha")
+    _check_level(power, "power")
+    if not (isinstance(n_sim, (int, np.integer)) and n_sim >= 100):
+        raise ValueError(f"n_sim must be an integer >= 100, got {n_sim!r}")
+    crit = spearman_exact_critical(int(n), alpha=alpha)
+    if not np.isfinite(crit):
+        return float("nan")
+    z1, z2 = _normal_pairs(int(n), int(n_sim), seed)
+    lo, hi = 0.0, 0.999
+    if _power_from_pairs(z1, z2, hi, crit) < power:
+        return float("nan")
+    while hi - lo > 1e-3:
+        mid = (lo + hi) / 2
+        if _power_from_pairs(z1, z2, mid, crit) >= power:
+            hi = mid
+        else:
+            lo = mid
+    return float(hi)
+
+
+def uniform_rank_pvalue(rank: int, n: int) -> float:
+    """Exact p-value of one rank under a uniformly random ranking.
+
+    A criterion ranks ``n`` items (1 = ranked most important); under the null that its ranking is
+    uniformly random, the rank ``R`` of a fixed item is uniform on ``{1, ..., n}``, so the one-sided
+    p-value "ranked at least as high as observed" is ``P(R <= r) = r / n``. The smallest attainable
+    value is ``1 / n``.
+
+    Parameters
+    ----------
+    rank : int
+        Observed rank ``r``, 1 <= r <= n.
+    n : int
+        Number of ranked items (>= 1).
+
+    Returns
+    -------
+    float
+        ``r / n``.
+
+    Raises
+    ------
+    ValueError
+        If ``n < 1`` or ``rank`` is not an integer in ``[1, n]``.
+
+    Examples
+    --------
+    >>> uniform_rank_pvalue(1, 8)
+    0.125
+    >>> uniform_rank_pvalue(3, 4)
+    0.75
+    """
+    _check_ranks([rank], [n])
+    return int(rank) / int(n)
+
+
+def _check_ranks(ranks, sizes) -> tuple[list[int], list[int]]:
+    r, n = list(ranks), list(sizes)
+    if len(r) != len(n) or not r:
+        raise ValueError(f"ranks and sizes must be non-empty and of one length, got {len(r)} and {len(n)}")
+    for a, b in zip(r, n):
+        if isinstance(a, bool) or isinstance(b, bool) or int(b) != b or int(b) < 1 or int(a) != a or not 1 <= int(a) <= int(b):
+            raise ValueError(f"every rank must be an integer in [1, size] with size >= 1; got rank={a!r}, size={b!r}")
+    return [int(a) for a in r], [int(b) for b in n]
+
+
+def _rank_sum_distribution(sizes) -> np.ndarray:
+    """P(S = s) for s = 0..sum(sizes) of a sum of independent uniforms on {1..n_i} (exact convolution)."""
+    dist = np.array([1.0])
+    for n in sizes:
+        dist = np.convolve(dist, np.r_[0.0, np.full(int(n), 1.0 / int(n))])
+    return dist
+
+
+def uniform_rank_sum_pvalue(ranks, sizes) -> float:
+    """Exact pooled p-value of several ranks under uniformly random rankings (rank-sum test).
+
+    Layer ``i`` ranks ``n_i`` items and the item of interest gets rank ``r_i``; under the null the
+    ranks are independent and uniform on ``{1, ..., n_i}``. The statistic is ``S = sum_i R_i`` and
+    the one-sided p-value is ``P(S <= sum_i r_i)``, computed exactly by convolving the uniform
+    distributions (no approximation). The smallest attainable value is ``prod_i 1 / n_i``.
+
+    Parameters
+    ----------
+    ranks : sequence of int
+        Observed ranks ``r_i`` (1 = highest).
+    sizes : sequence of int
+        Numbers of ranked items ``n_i``, one per rank.
+
+    Returns
+    -------
+    float
+        ``P(S <= sum r_i)``.
+
+    Raises
+    ------
+    ValueError
+        If the sequences are empty or of different lengths, or a rank is outside ``[1, n_i]``.
+
+    Examples
+    --------
+    Two layers of 2 experts: S is 2, 3 or 4 with probabilities 1/4, 1/2, 1/4.
+
+    >>> uniform_rank_sum_pvalue([1, 1], [2, 2])
+    0.25
+    >>> uniform_rank_sum_pvalue([1, 2], [2, 2])
+    0.75
+    """
+    r, n = _check_ranks(ranks, sizes)
+    dist = _rank_sum_distribution(n)
+    return float(min(1.0, dist[: sum(r) + 1].sum()))
+
+
+def uniform_rank_sum_critical(sizes, *, alpha: float = 0.05) -> float:
+    """The largest rank sum the test of :func:`uniform_rank_sum_pvalue` rejects at ``alpha``.
+
+    ``max{s : P(S <= s) <= alpha}`` for ``S`` a sum of independent uniforms on ``{1..n_i}``:
+    a minimum detectable effect in rank units (the ranks must sum to at most this, i.e. sit at a
+    mean rank of at most ``s / len(sizes)``, for the pooled test to reject). NaN when no rank sum
+    can be rejected (``prod 1 / n_i > alpha``: too few layers or experts).
+
+    Parameters
+    ----------
+    sizes : sequence of int
+        Numbers of ranked items ``n_i`` (each >= 1).
+    alpha : float
+        Level, in (0, 1).
+
+    Returns
+    -------
+    float
+        The critical rank sum, or NaN.
+
+    Raises
+    ------
+    ValueError
+        If ``sizes`` is empty or holds a size below 1, or ``alpha`` is not in (0, 1).
+
+    Examples
+    --------
+    >>> uniform_rank_sum_critical([2, 2], alpha=0.3)
+    2.0
+    >>> import math; math.isnan(uniform_rank_sum_critical([2, 2], alpha=0.2))
+    True
+    """
+    _check_level(alpha, "alpha")
+    n = _check_ranks([1] * len(list(sizes)), sizes)[1]
+    cdf = np.cumsum(_rank_sum_distribution(n))
+    ok = np.flatnonzero((cdf <= alpha + 1e-12) & (np.arange(cdf.size) >= len(n)))  # S >= len(n) always
+    return float(ok.max()) if ok.size else float("nan")

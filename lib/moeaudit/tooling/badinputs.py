@@ -1,6 +1,6 @@
 """Bad inputs and what they get: the page ``docs/bad_inputs.md``.
 
-Two tables, both computed when the page is written (``python -m moeaudit.tooling.book bad-inputs``) and
+Two tables, both computed when the page is written (``python -m moeaudit.tooling.badinputs``) and
 checked by the test suite against the committed file:
 
 * **Chapter parameters** (:data:`BAD_INPUTS`): each bad ``-p`` value, the chapter schema's
@@ -17,9 +17,24 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from .. import corpus as C
+from .. import engine, paths, stats
+from .. import engine as E
+from .. import models as M
+from .. import released as R
+from ..audit import model_fingerprint, paired_cells, prepare
+from ..chapters import restoration
+from ..engine import clean_pass
+from ..metrics import METRICS, pruning_criteria
+from ..models import wrap_model
 from ..paths import REPO_ROOT
+from ..pruning import pruned_experts
+from ..store import ChunkMismatchWarning, cached_records
+from .book import _parse_params, notebook_parameters
+from .params import ParameterError, validate
+from .testing import random_token_corpus, save_tiny_checkpoint, tiny_random_model
 
-#: where ``python -m moeaudit.tooling.book bad-inputs`` writes :func:`page`
+#: where ``python -m moeaudit.tooling.badinputs`` writes :func:`page`
 BAD_INPUTS_PAGE = "docs/bad_inputs.md"
 
 #: (chapter, parameter, the -p value as typed, library calls that take the same value: see _library_call[,
@@ -75,6 +90,11 @@ BAD_INPUTS = [
     ("11_redundancy", "models", '["olmoe-e64-k8-s0"]', None),
     ("11_redundancy", "models", '["olmoe-e64-k8-s0", "olmoe-e64-k3-s0"]', None),
     ("11_redundancy", "models", '["olmoe-e64-k8-s0", "olmoe-e64-k8-s1"]', None),
+    ("12_necessity_sufficiency", "corruption_scale", "0", "corruption_scale"),
+    ("12_necessity_sufficiency", "corruption_scale", "-3", "corruption_scale"),
+    ("12_necessity_sufficiency", "span_tokens", "0", "span_tokens"),
+    ("12_necessity_sufficiency", "span_tokens", "128", "span_tokens"),
+    ("12_necessity_sufficiency", "min_gap", "0", "min_gap"),
     ("A1_default_models", "models", '["allenai/OLMoE-1B-7B-0924"]', None),
     ("A1_default_models", "family", '["olmoe-e64-k8-s2"]', None),
     ("A2_departures", "chapter", "04-audit", None),
@@ -86,8 +106,6 @@ def _library_call(kind: str, value) -> tuple[str, str]:
     Returns (the call, what happened: ``accepted`` or the exception)."""
     import numpy as np  # noqa: PLC0415
 
-    from .. import corpus as C  # noqa: PLC0415
-    from .. import paths  # noqa: PLC0415
 
     tiny = C.TokenizedCorpus.from_token_ids([np.arange(12)] * 3)
     lines = ["a line of more than fifty characters, as the text selection asks for it"] * 5
@@ -110,12 +128,24 @@ def _library_call(kind: str, value) -> tuple[str, str]:
         "results_dir": (f"paths.results_dir({value!r})", lambda: paths.results_dir(value)),
     }
     if kind == "paired_effect":
-        from .. import stats  # noqa: PLC0415
 
         return (f"stats.paired_effect(high, low) on {value} pairs",
                 _outcome(lambda: stats.paired_effect(np.arange(value) + 1.0, np.zeros(value))))
+    if kind in ("corruption_scale", "span_tokens", "min_gap"):
+        import pandas as pd  # noqa: PLC0415
+
+
+        at_t5 = pd.DataFrame({"seq_id": [0], "t": [5]})
+        calls.update({
+            "corruption_scale": (f"engine.check_corruption_scale({value!r}) (run_restorations checks it first)",
+                                 lambda: engine.check_corruption_scale(value)),
+            "span_tokens": (f"chapters.restoration.restoration_requests(clean, positions at t=5, layers, "
+                            f"span_tokens={value!r})",
+                            lambda: restoration.restoration_requests(None, at_t5, [], span_tokens=value)),
+            "min_gap": (f"chapters.restoration.recovered_fraction(clean, corrupt, restored, min_gap={value!r})",
+                        lambda: restoration.recovered_fraction([1.0], [2.0], [1.5], min_gap=value)),
+        })
     if kind in ("load_model", "load_each", "check_layer"):
-        from .. import models as M  # noqa: PLC0415
 
         if kind == "load_model":
             calls[kind] = (f"models.load_model('tiny-olmoe', dtype={value!r})",
@@ -153,8 +183,6 @@ def parameter_table() -> str:
     ``python -m moeaudit.tooling.book chapter`` and by the chapter's first cell, :mod:`moeaudit.tooling.params`),
     and what the library function that takes the same value does when called directly.
     It is the first part of :func:`page`."""
-    from .book import _parse_params, notebook_parameters  # noqa: PLC0415
-    from .params import ParameterError, validate  # noqa: PLC0415
 
     rows = ["## Chapter parameters", "",
             "Every input below is refused by the chapter's schema (`moeaudit.tooling.params`) before any work, both by "
@@ -182,8 +210,6 @@ def parameter_table() -> str:
 def _tiny():
     import torch  # noqa: PLC0415
 
-    from ..engine import clean_pass  # noqa: PLC0415
-    from .testing import random_token_corpus, tiny_random_model  # noqa: PLC0415
 
     torch.manual_seed(0)
     model = tiny_random_model("olmoe", seed=2, num_experts=8, top_k=3)
@@ -208,12 +234,6 @@ def library_cases() -> list[tuple[str, object]]:
     import pandas as pd  # noqa: PLC0415
     import torch  # noqa: PLC0415
 
-    from .. import corpus as C  # noqa: PLC0415
-    from .. import engine as E  # noqa: PLC0415
-    from .. import stats  # noqa: PLC0415
-    from ..metrics import pruning_criteria  # noqa: PLC0415
-    from ..pruning import pruned_experts  # noqa: PLC0415
-    from ..store import cached_records  # noqa: PLC0415
 
     model, corpus, clean = _tiny()
     n1 = int(corpus.lengths[1])
@@ -222,8 +242,6 @@ def library_cases() -> list[tuple[str, object]]:
         return E.run_ablations(model, corpus, clean, req, progress=False, **kw)
 
     def linear_attention():
-        from .testing import tiny_random_model  # noqa: PLC0415
-
         m = tiny_random_model("qwen2_moe", seed=1)  # a family that reads one mask per layer type
         c = E.clean_pass(m, corpus, progress=False)
         m.hf.config.layer_types = ["linear_attention", "full_attention", "full_attention"]
@@ -275,9 +293,6 @@ def library_cases() -> list[tuple[str, object]]:
         from accelerate import cpu_offload  # noqa: PLC0415
         from transformers import AutoModelForCausalLM  # noqa: PLC0415
 
-        from ..models import wrap_model  # noqa: PLC0415
-        from .testing import save_tiny_checkpoint  # noqa: PLC0415
-
         with tempfile.TemporaryDirectory() as tmp:
             save_tiny_checkpoint(model, tmp)
             hf = AutoModelForCausalLM.from_pretrained(tmp)
@@ -287,8 +302,6 @@ def library_cases() -> list[tuple[str, object]]:
         return f"expert-output norms equal to the plain load's (largest difference {worst:g})"
 
     def stray_window():
-        from .testing import tiny_random_model  # noqa: PLC0415
-
         m = tiny_random_model("olmoe", seed=2, num_experts=8, top_k=3, sliding_window=4)
         c = E.clean_pass(m, corpus, progress=False)
         req = pd.concat([_request(c, seq_id=0, t=t) for t in (2, 9, 13)], ignore_index=True)
@@ -297,8 +310,6 @@ def library_cases() -> list[tuple[str, object]]:
                 f"{bool((kv.delta_loss - full.delta_loss).abs().max() < 1e-5)}")
 
     def swapped_experts():
-        from ..audit import model_fingerprint  # noqa: PLC0415
-
         m = copy.deepcopy(model)
         ex = m.hf.model.layers[1].mlp.experts
         with torch.no_grad():
@@ -314,8 +325,6 @@ def library_cases() -> list[tuple[str, object]]:
     def swapped_chunk():
         import tempfile  # noqa: PLC0415
         import warnings  # noqa: PLC0415
-
-        from ..store import ChunkMismatchWarning, cached_records  # noqa: PLC0415
 
         def compute(chunk):
             return pd.DataFrame({"item": chunk, "value": [10 * i for i in chunk]})
@@ -342,9 +351,6 @@ def library_cases() -> list[tuple[str, object]]:
             return f"read as {len(C.resolve_corpus(str(f)).lines)} texts (one per line feed)"
 
     def premise_pairs():
-        from ..audit import paired_cells  # noqa: PLC0415
-        from ..metrics import METRICS  # noqa: PLC0415
-
         rec = pd.DataFrame([{"model": "m", "family": "olmoe", "mode": "token", "layer": 0, "seq_id": 0, "t": t,
                              "expert": e, "prob": p, "weight": p, "delta_loss": 0.1 * t, "gap_norm": 1.0,
                              "clean_loss": 3.0, "premise_ok": t != 1} for t in range(4) for e, p in ((0, .7), (1, .3))])
@@ -354,9 +360,6 @@ def library_cases() -> list[tuple[str, object]]:
         return f"the cell keeps 3 of 4 pairs: n = {int(table.n.iloc[0])}, n_premise_excluded = {int(table.n_premise_excluded.iloc[0])}"
 
     def top1_pairs():
-        from ..audit import paired_cells  # noqa: PLC0415
-        from ..metrics import METRICS  # noqa: PLC0415
-
         rec = pd.DataFrame([{"model": "m", "family": "olmoe", "mode": "token", "layer": 0, "seq_id": 0, "t": t,
                              "expert": t % 2, "prob": 1.0, "weight": 1.0, "delta_loss": 0.1, "gap_norm": 1.0,
                              "clean_loss": 3.0, "premise_ok": True} for t in range(4)])
@@ -364,8 +367,6 @@ def library_cases() -> list[tuple[str, object]]:
         return paired_cells(rec, met)
 
     def llama4_nope():
-        from .testing import tiny_random_model  # noqa: PLC0415
-
         m = tiny_random_model("llama4_text", n_layers=3, seed=1, no_rope_layers=[0, 0, 0], attn_temperature_tuning=True)
         c = E.clean_pass(m, corpus, progress=False)
         return E.run_ablations(m, corpus, c, _request(c, layer=1), strategy="kv", progress=False)
@@ -373,8 +374,6 @@ def library_cases() -> list[tuple[str, object]]:
     def error_page_download():
         import io  # noqa: PLC0415
         import tempfile  # noqa: PLC0415
-
-        from .. import released as R  # noqa: PLC0415
 
         rel, saved = R.RELEASED_FILES[0], R._urlopen
         R._urlopen = lambda url, timeout=None: io.BytesIO(b"<html>Access denied</html>")
@@ -385,13 +384,9 @@ def library_cases() -> list[tuple[str, object]]:
             R._urlopen = saved
 
     def too_long():
-        from ..audit import prepare  # noqa: PLC0415
-
         return prepare("tiny-olmoe", corpus="embedded", max_tokens=200)
 
     def yaml_error():
-        from .book import _parse_params  # noqa: PLC0415
-
         return _parse_params([("n_positions", "[1, 2")])
 
     def large_values():
@@ -469,7 +464,7 @@ def library_table() -> str:
 def page() -> str:
     """The whole page: title, :func:`parameter_table` and :func:`library_table`."""
     head = ["# Bad inputs and what they get", "",
-            "Generated by `python -m moeaudit.tooling.book bad-inputs` (module `moeaudit.tooling.badinputs`); the test suite fails "
+            "Generated by `python -m moeaudit.tooling.badinputs` (module `moeaudit.tooling.badinputs`); the test suite fails "
             "when this file is out of date.", ""]
     return "\n".join(head) + "\n" + parameter_table() + "\n" + library_table()
 
@@ -484,3 +479,7 @@ def write_page(root: Path = REPO_ROOT) -> Path:
 
 def _cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+if __name__ == "__main__":
+    print(f"wrote {write_page()}")

@@ -5,7 +5,6 @@
     python -m moeaudit.tooling.book build --no-execute          # rebuild HTML from the executed notebooks
     python -m moeaudit.tooling.book chapter 04_audit -p n_positions 50 -p models '["tiny-olmoe"]'
     python -m moeaudit.tooling.book list                        # chapters, their parameters and allowed values
-    python -m moeaudit.tooling.book bad-inputs                  # rewrite docs/bad_inputs.md (bad values, messages)
     python -m moeaudit.tooling.book library-map                 # rewrite the README's library map from the module docstrings
 
 ``build`` skips a chapter whose executed notebook was produced from the same source, parameters,
@@ -40,8 +39,12 @@ import threading
 import time
 from pathlib import Path
 
+from ..corpus import CorpusFallbackWarning, resolve_corpus
 from ..paths import REPO_ROOT
-from .imports import LIB, dependencies, module_file
+from ..released import ReleasedDataUnavailable, released_source
+from ..zoo import SHIPPED_MODELS, zoo_path
+from .imports import LIB, dependencies, layer_of, module_file, package_modules, position
+from .params import ParameterError, describe, validate
 
 NOTEBOOKS = REPO_ROOT / "notebooks"
 BOOK = REPO_ROOT / "book"
@@ -85,7 +88,6 @@ def chapter_models(stem: str, parameters: dict | None = None) -> list[str]:
     ``parameters``): the names in its ``models`` and ``family`` parameters, and those of the chapter
     named by its ``chapter`` parameter (appendix A2), that are shipped models (a directory or hub id is
     not part of the package). Sorted, each once."""
-    from ..zoo import SHIPPED_MODELS  # noqa: PLC0415
 
     values = {**notebook_parameters(stem), **(parameters or {})}
     names = [*(values.get("models") or []), *(values.get("family") or [])]
@@ -142,7 +144,6 @@ def _check_device(stem: str, device) -> None:
         return
     import torch  # noqa: PLC0415
 
-    from .params import ParameterError  # noqa: PLC0415
 
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     index = int(device.split(":")[1]) if ":" in device else 0
@@ -163,14 +164,12 @@ def execute_chapter(stem: str, parameters: dict | None = None, *, book_dir: Path
         raise ValueError(f"no chapter {stem!r}; chapters are {', '.join(chapters())}")
     parameters = dict(parameters or {})
     known = notebook_parameters(stem)
-    from .params import validate  # noqa: PLC0415
 
     validate(stem, {**known, **parameters})  # ParameterError (a ValueError): one line, before any work
     _check_device(stem, {**known, **parameters}.get("device"))
     if "corpus" in known:  # WikiText-2 missing fails here, in seconds, not after the kernel has started
         import warnings  # noqa: PLC0415
 
-        from ..corpus import CorpusFallbackWarning, resolve_corpus  # noqa: PLC0415
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", CorpusFallbackWarning)
@@ -302,7 +301,6 @@ def preflight(stems: list[str] | None = None, *, log=print) -> list[str]:
     saying what will be used; returns the list of problems (empty when everything is there)."""
     import importlib.util  # noqa: PLC0415
 
-    from .params import ParameterError, validate  # noqa: PLC0415
 
     stems = chapters() if stems is None else stems
     defaults = {stem: notebook_parameters(stem) for stem in stems}
@@ -316,7 +314,6 @@ def preflight(stems: list[str] | None = None, *, log=print) -> list[str]:
     if corpora:
         import warnings  # noqa: PLC0415
 
-        from ..corpus import CorpusFallbackWarning, resolve_corpus  # noqa: PLC0415
 
         for corpus, data_dir in sorted(corpora, key=str):
             try:
@@ -328,13 +325,11 @@ def preflight(stems: list[str] | None = None, *, log=print) -> list[str]:
             except (OSError, ValueError, TypeError) as err:
                 problems.append(f"corpus={corpus!r}: {err}")
     if any(stem.startswith("08_") for stem in stems):
-        from ..released import ReleasedDataUnavailable, released_source  # noqa: PLC0415
 
         try:
             log(f"released results: {released_source().describe()}")
         except ReleasedDataUnavailable as err:
             problems.append(f"released results: {err}")
-    from ..zoo import SHIPPED_MODELS, zoo_path  # noqa: PLC0415
 
     names = sorted({m for p in defaults.values() for m in (p.get("models") or [])})
     for name in names:
@@ -395,7 +390,6 @@ def _parse_params(pairs) -> dict:
 
 def list_parameters(stem: str) -> list[str]:
     """Lines describing chapter ``stem``'s parameters: name, default and what is allowed."""
-    from .params import describe  # noqa: PLC0415
 
     defaults = notebook_parameters(stem)  # in the order of the chapter's parameters cell
     allowed = describe(stem)
@@ -409,24 +403,21 @@ LIBRARY_MAP_END = "<!-- end of the library map -->"
 
 
 def library_map(package: Path = REPO_ROOT / "lib" / "moeaudit") -> str:
-    """A markdown table of every module of the package (and subpackage), in name order, with the first
-    sentence of its docstring: the README's library map. ``ValueError`` naming a module without a
-    docstring."""
+    """A markdown table of every module of the package, layer by layer from the bottom
+    (:data:`moeaudit.tooling.imports.LAYERS`), with the first sentence of its docstring: the README's
+    library map. ``ValueError`` naming a module without a docstring."""
     import ast  # noqa: PLC0415
 
-    rows = ["| module | what |", "| --- | --- |"]
-    for path in sorted(package.rglob("*.py")):
-        rel = path.relative_to(package)
-        if rel.name == "__init__.py" and rel.parent == Path("."):
-            continue
-        name = ".".join(rel.with_suffix("").parts).removesuffix(".__init__")
-        doc = ast.get_docstring(ast.parse(path.read_text()))
+    rows = ["| layer | module | what |", "| --- | --- | --- |"]
+    modules = [m for m in package_modules(lib=package) if m not in ("moeaudit", "moeaudit.chapters", "moeaudit.tooling")]
+    for name in sorted(modules, key=lambda m: (position(m), m)):
+        doc = ast.get_docstring(ast.parse(module_file(name, lib=package).read_text()))
         if not doc:
-            raise ValueError(f"module moeaudit.{name} has no docstring: the library map is made from them")
+            raise ValueError(f"module {name} has no docstring: the library map is made from them")
         para = " ".join(doc.split("\n\n")[0].split())
         first = re.split(r"(?<=[.!?])\s", para, maxsplit=1)[0].rstrip(".")
         first = re.sub(r":\w+:`([^`]+)`", r"`\1`", first).replace("``", "`")  # reST roles and literals as Markdown
-        rows.append(f"| `{name}` | {first.replace('|', '/')} |")
+        rows.append(f"| {layer_of(name)} | `{name.removeprefix('moeaudit.')}` | {first.replace('|', '/')} |")
     return "\n".join(rows)
 
 
@@ -456,7 +447,6 @@ def main(argv=None) -> int:
     c.add_argument("-p", nargs=2, action="append", metavar=("NAME", "VALUE"), help="parameter (YAML value)")
     c.add_argument("--no-html", action="store_true", help="skip the HTML rebuild")
     sub.add_parser("list", help="list chapters, their parameters, defaults and allowed values")
-    sub.add_parser("bad-inputs", help="write the table of bad inputs and what they get to docs/bad_inputs.md")
     sub.add_parser("library-map", help="rewrite the README's library map from the module docstrings")
     args = ap.parse_args(argv)
     if args.cmd == "list":
@@ -467,13 +457,7 @@ def main(argv=None) -> int:
     if args.cmd == "library-map":
         print(f"wrote {write_library_map()}")
         return 0
-    if args.cmd == "bad-inputs":
-        from .badinputs import write_page  # noqa: PLC0415
-
-        print(f"wrote {write_page()}")
-        return 0
     t0 = time.time()
-    from .params import ParameterError  # noqa: PLC0415
 
     try:
         return _run(args, t0)

@@ -15,6 +15,62 @@ from pathlib import Path
 PACKAGE = "moeaudit"
 LIB = Path(__file__).resolve().parents[1]  # .../lib/moeaudit
 
+#: The layers of the library, bottom first, each with its modules in stack order: a module may import
+#: the modules of lower layers and those listed before it in its own layer, nothing else. ``chapters.*``
+#: stands for every per-chapter module (each imports the core, never another chapter) and ``tooling.*``
+#: for tooling modules not listed by name. The presentation layer (figures, admonitions, words from
+#: numbers) sits low so that every layer above can phrase its results with it; it imports no torch.
+LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("base", ("moeaudit", "moeaudit.paths", "moeaudit.names", "moeaudit.families", "moeaudit.zoo")),
+    ("numerics", ("moeaudit.stats", "moeaudit.corpus")),
+    ("presentation", ("moeaudit.report",)),
+    ("the paper", ("moeaudit.paper", "moeaudit.released")),
+    ("model", ("moeaudit.models", "moeaudit.engine")),
+    ("measurement", ("moeaudit.store", "moeaudit.metrics", "moeaudit.attribution", "moeaudit.pruning")),
+    ("protocol", ("moeaudit.audit", "moeaudit.verify")),
+    ("chapters", ("moeaudit.chapters", "moeaudit.chapters.*")),
+    ("tooling", ("moeaudit.tooling", "moeaudit.tooling.imports", "moeaudit.tooling.params", "moeaudit.tooling.book",
+                 "moeaudit.tooling.testing", "moeaudit.tooling.training", "moeaudit.tooling.*",
+                 "moeaudit.tooling.badinputs")),
+)
+#: the layers that must load without torch (checked by the test suite in a fresh interpreter)
+TORCH_FREE_LAYERS = ("base", "numerics", "presentation", "the paper")
+
+
+def position(module: str) -> tuple[int, int]:
+    """``(layer index, place in the layer)`` of a package module; ``KeyError`` for a module that
+    :data:`LAYERS` does not place (every module must have one place)."""
+    for i, (_, members) in enumerate(LAYERS):
+        for j, member in enumerate(members):
+            if member == module or (member.endswith(".*") and module.startswith(member[:-1])
+                                    and module not in members):
+                return i, j
+    raise KeyError(f"{module} has no place in moeaudit.tooling.imports.LAYERS")
+
+
+def layer_of(module: str) -> str:
+    """The name of the layer of a package module."""
+    return LAYERS[position(module)[0]][0]
+
+
+def stack_violations(graph: dict[str, dict[str, set[str]]] | None = None) -> list[str]:
+    """Every import that breaks the stack, one sentence each: an import of a module that is not below
+    the importer (:func:`position`), one chapter module importing another, and any import of a
+    package module inside a function. Empty when the library is a strict stack."""
+    graph = import_graph() if graph is None else graph
+    out = []
+    for module, edges in sorted(graph.items()):
+        for target in sorted(edges["function"]):
+            out.append(f"{module} imports {target} inside a function: import it at the top of the module")
+        for target in sorted(edges["top"] | edges["function"]):
+            if (module.startswith("moeaudit.chapters.") and target.startswith("moeaudit.chapters.")
+                    and target != module):
+                out.append(f"{module} imports {target}: a chapter module imports no other chapter module")
+            elif position(target) >= position(module) and not target.startswith(module + "."):
+                out.append(f"{module} ({layer_of(module)}) imports {target} ({layer_of(target)}), which is not "
+                           "below it")
+    return out
+
 
 def module_file(name: str, *, lib: Path = LIB) -> Path | None:
     """The file of package module ``name`` (``moeaudit.x.y`` -> ``x/y.py`` or ``x/y/__init__.py``),

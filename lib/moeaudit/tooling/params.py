@@ -41,7 +41,7 @@ Rules worth knowing:
   ``wikitext-2`` or ``embedded`` that is no file is refused here, with the name meant).
 
 :func:`moeaudit.tooling.badinputs.page` runs a list of bad inputs through the schema and through the
-library functions that take the same values; ``python -m moeaudit.tooling.book bad-inputs`` writes it to
+library functions that take the same values; ``python -m moeaudit.tooling.badinputs`` writes it to
 ``docs/bad_inputs.md`` (a test keeps that file current).
 
 This module imports neither torch nor transformers; the few constants it shares with modules that
@@ -64,22 +64,13 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from pydantic_core import PydanticCustomError
 
 from ..families import FAMILIES, config_value, moe_layer_indices
+from ..names import ABLATION_MODES as MODES
+from ..names import CORPUS_CHOICES, CORPUS_TEXT_FORMS, DTYPES, TEXT_FORMS
 from ..paths import refused_output_dir
 from ..zoo import SHIPPED_MODELS, ZOO_DIR
 
 #: fewest paired positions the per-cell statistics accept (:data:`moeaudit.stats.MIN_PAIRS`)
 MIN_POSITIONS = 3
-#: the precisions :func:`moeaudit.models.load_model` accepts (``moeaudit.models.DTYPES``)
-DTYPES = ("float32", "bfloat16", "float16")
-#: the two intervention definitions of the ablation engine
-MODES = ("token", "sequence")
-#: :data:`moeaudit.corpus.TEXT_FORMS`
-TEXT_FORMS = ("auto", "released", "stripped", "wikitext")
-#: :data:`moeaudit.corpus.CORPUS_TEXT_FORMS` for the corpora known before the corpus is read (a path is a file)
-CORPUS_TEXT_FORMS = {"embedded": ("wikitext", "released", "stripped"), "wikitext-2": ("released", "stripped"),
-                     "file": ("released", "stripped")}
-#: :data:`moeaudit.corpus.CORPUS_CHOICES` (any other value is the path of a text file)
-CORPUS_CHOICES = ("auto", "wikitext-2", "embedded")
 #: :data:`moeaudit.models.SUPPORTED_FAMILIES` (the registry :mod:`moeaudit.families` is plain Python)
 SUPPORTED_FAMILIES = tuple(FAMILIES)
 #: fewest bootstrap resamples: percentile intervals from fewer are mostly resampling noise
@@ -488,6 +479,39 @@ class Redundancy(_Audited):
         return self
 
 
+class NecessitySufficiency(_Sampled):
+    """12_necessity_sufficiency: removal (token mode) against restoration in a corrupted run."""
+
+    min_top_k: ClassVar[int] = 2
+    batch_size: BatchSize
+    span_tokens: Annotated[int, _allowed(
+        "an integer >= 1: the tokens ending at t whose embeddings are corrupted; the span must lie in the text, so "
+        "at most max_tokens - 1", ge=1)]
+    corruption_scale: Annotated[float, _allowed(
+        "a number > 0: the noise's standard deviation in standard deviations of the input embeddings (causal "
+        "tracing uses 3); 0 corrupts nothing, so there is nothing to restore", gt=0)]
+    min_gap: Annotated[float, _allowed(
+        "a number > 0 (nats): positions whose corruption raises the loss by less are excluded from the recovered "
+        "fraction", gt=0)]
+    alpha: Level
+    power: Power
+    n_boot: NBoot
+
+    @model_validator(mode="after")
+    def _span_in_text(self):
+        for name in self.models:
+            layout = config_layout(name)
+            if layout is None:
+                continue
+            context = layout["context"]
+            length = self.max_tokens if self.max_tokens is not None else min(512, context or 512)
+            if self.span_tokens > length - 1:
+                raise _refuse("span_tokens", f"a span of {self.span_tokens} tokens ending at t lies outside every "
+                                             f"text of {name} (at most {length} tokens, and t needs a next token), "
+                                             f"so it must be at most {length - 1}")
+        return self
+
+
 class DefaultModels(ChapterParameters):
     """A1_default_models: model cards, so each model needs a training_summary.json."""
 
@@ -513,6 +537,27 @@ class DefaultModels(ChapterParameters):
         return models
 
 
+class CommandAModularity(ChapterParameters):
+    """13_command_a_modularity: the released data of a modularity study (no model), and one shipped model's
+    family ablations under two operators."""
+
+    data_dir: DataDir
+    results_dir: ResultsDir
+    alpha: Level
+    power: Power
+    n_sim: Annotated[int, _allowed("an integer >= 1000 (Monte Carlo samples for the power of the exact rank test)",
+                                   ge=1000)]
+    seed: Seed
+    models: Annotated[list[Literal[tuple(SHIPPED_MODELS)]], _allowed(  # type: ignore[valid-type]
+        f"a one-element list holding a shipped model ({_SHIPPED}), e.g. -p models '[\"tiny-olmoe\"]'",
+        min_length=1, max_length=1)]
+    layer: Annotated[Annotated[int, Field(ge=0)] | None, _allowed(
+        "null (the model's middle MoE layer) or an MoE layer of the model")]
+    n_positions: NPositions
+    n_null_draws: Annotated[int, _allowed("an integer >= 2 (random expert sets; the null band needs a spread)", ge=2)]
+    batch_size: BatchSize
+
+
 #: what appendix A2 reads from the chapter it describes
 _DEPARTURE_NEEDS = {"models", "layers", "max_tokens", "mode", "dtype", "n_positions", "n_texts", "seed"}
 
@@ -528,6 +573,8 @@ SCHEMAS: dict[str, type[ChapterParameters]] = {
     "09_intervention_definitions": InterventionDefinitions,
     "10_predictors_and_pruning": PredictorsAndPruning,
     "11_redundancy": Redundancy,
+    "12_necessity_sufficiency": NecessitySufficiency,
+    "13_command_a_modularity": CommandAModularity,
     "A1_default_models": DefaultModels,
 }
 DEPARTURE_CHAPTERS = tuple(s for s, schema in SCHEMAS.items() if _DEPARTURE_NEEDS <= set(schema.model_fields))

@@ -9,6 +9,11 @@ from __future__ import annotations
 import nnsight  # noqa: F401  (must precede transformers.models.* imports)
 import torch
 
+from ..audit import AuditContext
+from ..corpus import TokenizedCorpus
+from ..engine import clean_pass
+from ..families import FAMILIES
+from ..metrics import observational_metrics
 from ..models import AuditModel, wrap_model
 
 TINY_VOCAB = 128
@@ -116,7 +121,6 @@ def tiny_random_model(family: str, *, seed: int = 0, dtype: torch.dtype = torch.
     """A randomly initialised tiny model of ``family``, wrapped for the audit."""
     from transformers import AutoModelForCausalLM  # noqa: PLC0415
 
-    from ..families import FAMILIES  # noqa: PLC0415
 
     torch.manual_seed(seed)
     cfg = tiny_config(family, **config_kwargs)
@@ -165,7 +169,6 @@ def random_token_corpus(*, n_seqs: int = 3, length: int = 24, vocab_size: int = 
     """A :class:`~moeaudit.corpus.TokenizedCorpus` of random ids (ids >= 1; 0 is padding)."""
     import numpy as np  # noqa: PLC0415
 
-    from ..corpus import TokenizedCorpus  # noqa: PLC0415
 
     rng = np.random.default_rng(seed)
     lens = [length - (3 * i if ragged else 0) for i in range(n_seqs)]
@@ -176,9 +179,6 @@ def tiny_audit_context(results_dir, *, n_layers: int = 3, num_experts: int = 8, 
                        length: int = 30):
     """An :class:`moeaudit.audit.AuditContext` on a tiny random OLMoE and a random-token corpus, with
     its clean pass and observational metrics, caching records under ``results_dir`` (tests only)."""
-    from ..audit import AuditContext  # noqa: PLC0415
-    from ..engine import clean_pass  # noqa: PLC0415
-    from ..metrics import observational_metrics  # noqa: PLC0415
 
     model = tiny_random_model("olmoe", n_layers=n_layers, num_experts=num_experts, top_k=top_k)
     corpus = random_token_corpus(n_seqs=n_seqs, length=length)

@@ -63,9 +63,19 @@ from pathlib import Path
 import nnsight  # noqa: F401  (must precede transformers.models.*: trained models are audited in the same process)
 import numpy as np
 
+from ..audit import corpus_regime, prepare
+from ..corpus import _LOCAL_NAMES, _local_file, load_wikitext2
+from ..paths import data_dir as resolve
 from ..zoo import (
-    MIN_FRAC_USED, PPL_RATIO_MAX, REDUNDANCY_SEEDS, REDUNDANCY_SETTINGS, REGIME_GAIN_RATIO_MIN, SHIPPED_MODELS,
-    USAGE_THRESHOLD, ZOO_DIR, redundancy_name,
+    MIN_FRAC_USED,
+    PPL_RATIO_MAX,
+    REDUNDANCY_SEEDS,
+    REDUNDANCY_SETTINGS,
+    REGIME_GAIN_RATIO_MIN,
+    SHIPPED_MODELS,
+    USAGE_THRESHOLD,
+    ZOO_DIR,
+    redundancy_name,
 )
 
 
@@ -116,7 +126,6 @@ def measure_regime(model: str | Path, *, data_dir=None) -> dict:
     ``model``: a shipped name or a checkpoint directory. Without WikiText-2 (no data directory and no
     hub), ``wikitext-2`` and ``gain_ratio`` are ``None``.
     """
-    from ..audit import corpus_regime, prepare  # noqa: PLC0415
 
     keep = ("mean_loss", "unigram_loss", "uniform_loss", "gain", "n_tokens", "n_texts", "corpus_variant", "text_form")
     out = {"measurement": REGIME_MEASUREMENT}
@@ -337,7 +346,14 @@ def train_tokenizer(lines: list[str], *, vocab_size: int, model_max_length: int)
     ``<|pad|>``. No token is added automatically: ``tok(text)`` returns the bare BPE ids, as the
     audit's corpus builder expects.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: PLC0415
+    from tokenizers import (  # noqa: PLC0415
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast  # noqa: PLC0415
 
     tok = Tokenizer(models.BPE())
@@ -563,8 +579,6 @@ def _sha256(path: Path) -> str | None:
 
 
 def _data_files(data_dir):
-    from ..corpus import _LOCAL_NAMES, _local_file  # noqa: PLC0415
-    from ..paths import data_dir as resolve  # noqa: PLC0415
 
     root = resolve(data_dir)
     if root is None:
@@ -636,7 +650,6 @@ def _train(name, *, seed, out, hp, data_dir, evaluate, log_every, verbose) -> di
     import torch  # noqa: PLC0415
     import transformers  # noqa: PLC0415
 
-    from ..corpus import load_wikitext2  # noqa: PLC0415
 
     t_start = time.time()
 

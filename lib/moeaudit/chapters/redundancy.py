@@ -32,12 +32,23 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .report import join_words
-from .stats import (anova_min_detectable_f, binomial_upper_tail, holm, linear_trend, min_detectable_difference,
-                    min_detectable_slope, min_equivalence_bound, one_way_anova, sign_test, spearman_defined,
-                    two_sample_difference)
+from ..report import join_words
+from ..stats import (
+    anova_min_detectable_f,
+    binomial_upper_tail,
+    holm,
+    linear_trend,
+    min_detectable_difference,
+    min_detectable_slope,
+    min_equivalence_bound,
+    one_way_anova,
+    sign_test,
+    spearman_defined,
+    two_sample_difference,
+)
+from ..zoo import SHIPPED_MODELS, ZOO_DIR
 
-#: the per-model quantities that :func:`model_summary` computes, with what each measures
+#: the per-model quantities that :func:`per_model_table` computes, with what each measures
 QUANTITIES = {
     "audit_max_abs_dz": "largest |Cohen's d_z| over the model's observational cells (metrics × layers)",
     "audit_valid_cells": "observational cells valid under the dual-test rule (Bonferroni, d_z > 0)",
@@ -82,7 +93,7 @@ def member_table(layouts: Mapping[str, object], *, seeds: Mapping[str, int | Non
 def training_seed(name: str) -> int | None:
     """The training seed recorded in a model's ``training_summary.json`` (a shipped name or a
     directory written by :mod:`moeaudit.tooling.training`), else ``None``."""
-    from .zoo import SHIPPED_MODELS, ZOO_DIR  # noqa: PLC0415
+
 
     folder = ZOO_DIR / name if name in SHIPPED_MODELS else Path(name).expanduser()
     try:
@@ -130,7 +141,7 @@ def gap_growth(records: pd.DataFrame) -> pd.DataFrame:
     return g.assign(growth=g.mean_gap / first)
 
 
-def model_summary(members: pd.DataFrame, *, audit: pd.DataFrame, control: pd.DataFrame, single: pd.DataFrame,
+def per_model_table(members: pd.DataFrame, *, audit: pd.DataFrame, control: pd.DataFrame, single: pd.DataFrame,
                   progressive: pd.DataFrame) -> pd.DataFrame:
     """One row per model of ``members`` (:func:`member_table`) with the columns of
     :data:`QUANTITIES`.
@@ -169,7 +180,7 @@ def model_summary(members: pd.DataFrame, *, audit: pd.DataFrame, control: pd.Dat
 def setting_anova(summary: pd.DataFrame, *, quantities=None, alpha: float = 0.05, power: float = 0.8) -> pd.DataFrame:
     """Is the spread between seeds smaller than the effect of the routing setting?
 
-    For each quantity (a column of :func:`model_summary`; default: :data:`ANOVA_QUANTITIES`), a
+    For each quantity (a column of :func:`per_model_table`; default: :data:`ANOVA_QUANTITIES`), a
     one-way ANOVA of the per-model values with the setting as the factor and the seeds as
     replicates (``scipy.stats.f_oneway``): ``F``, ``p``, ``df_between``, ``df_within``;
     ``sd_between`` (standard deviation of the setting means, ddof=1), ``sd_seed`` (pooled
@@ -375,7 +386,7 @@ def explanation_checks(summary: pd.DataFrame, *, alpha: float = 0.05, power: flo
     missing from ``summary`` raises ``KeyError``."""
     missing = [q for _, q, _, _ in CHECKS if q not in summary.columns]
     if missing:
-        raise KeyError(f"summary lacks the quantities {missing} (see model_summary)")
+        raise KeyError(f"summary lacks the quantities {missing} (see per_model_table)")
     out = _trend_rows(summary, [(c, q) for c, q, _, _ in CHECKS], alpha=alpha, power=power)
     spec = {c: (pred, specific) for c, _, pred, specific in CHECKS}
     out.insert(1, "predicted", [spec[c][0] or "—" for c in out.check])
@@ -420,7 +431,7 @@ def share_checks(summary: pd.DataFrame, *, alpha: float = 0.05, power: float = 0
     part of the Holm family of the log-log rows."""
     missing = [q for _, q in SHARE_QUANTITIES if q not in summary.columns]
     if missing:
-        raise KeyError(f"summary lacks the quantities {missing} (see model_summary)")
+        raise KeyError(f"summary lacks the quantities {missing} (see per_model_table)")
     out = _trend_rows(summary, SHARE_QUANTITIES, alpha=alpha, power=power, reference_slope=-1.0, transform=np.log2)
     if "single_mean_dl" in summary.columns:
         scaled = summary.assign(single_k_mean_dl=summary.top_k * summary.single_mean_dl)
@@ -551,7 +562,7 @@ def answer_text(summary: pd.DataFrame, validity: pd.DataFrame, anova: pd.DataFra
                 alpha: float, mde_audit: float | None = None, mde_control: float | None = None,
                 power: float = 0.8, shares: pd.DataFrame | None = None,
                 pools: pd.DataFrame | None = None) -> dict[str, str]:
-    """The chapter's answers as Markdown, computed from :func:`model_summary`,
+    """The chapter's answers as Markdown, computed from :func:`per_model_table`,
     :func:`validity_by_model`, :func:`setting_anova`, :func:`explanation_checks` and, where given,
     :func:`share_checks` (``shares``) and :func:`pool_comparison` (``pools``) results: keys
     ``validity``, ``control``, ``seeds``, ``explanation``, and ``share`` and ``pool`` when those

@@ -1,0 +1,311 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Beyond the paper (4): necessity versus sufficiency, removing an expert against restoring it
+
+# %% tags=["parameters", "hide-input"]
+models = ["tiny-olmoe", "tiny-qwen-moe", "tiny-deepseek-v2"]  # shipped names, HF ids or local dirs
+layers = None  # None: five depth-proportional MoE layers (the paper's five for its checkpoints); or a list used for every model
+n_positions = 20  # token positions per model (few: every position restores every active expert of every layer)
+seed = 42  # draws the positions and the corrupting noise
+dtype = "float32"
+device = "cpu"
+n_texts = 100  # the first n lines of the corpus longer than 50 characters (the paper: WikiText-2 test)
+max_tokens = None  # None: min(512, the model's context)
+batch_size = 64
+span_tokens = 3  # tokens ending at t whose input embeddings are corrupted
+corruption_scale = 3.0  # noise standard deviation in standard deviations of the input embeddings (causal tracing: 3)
+min_gap = 0.05  # nats: a position whose corruption raises the loss by less is excluded from the recovered fraction
+alpha = 0.05  # family-wise level (Holm) of each model's rank correlations
+power = 0.8  # power at which the smallest detectable correlation is stated
+n_boot = 2000  # bootstrap resamples for the Spearman intervals
+corpus = "auto"  # "auto": WikiText-2 if found locally or on the hub, else the embedded corpus; "wikitext-2"; "embedded"; or a text file (one text per line)
+text_form = "auto"  # "auto": the corpus's own form; "released"; "stripped"; "wikitext" (the embedded corpus in WikiText-2's form)
+data_dir = None  # folder with wikitext-2/ (default: $MOEAUDIT_DATA_DIR)
+results_dir = None  # record cache (default: $MOEAUDIT_RESULTS_DIR or results/)
+
+# %% tags=["hide-input"]
+from moeaudit import report
+from moeaudit.tooling import params
+
+params.validate("12_necessity_sufficiency", globals())  # refuses a bad value before any work
+corpus_source = report.show_corpus(corpus, data_dir=data_dir, text_form=text_form)
+
+# %% [markdown]
+# The paper asks whether observational statistics of an expert (how often it is routed, how large
+# its output is) predict what happens when the expert is intervened on. In Pearl's terms
+# {cite}`pearl2009causality` that is a question across the rungs of the causal ladder: the
+# metrics are *associations* (rung one, read from clean runs), the ablation is an *intervention*
+# (rung two, $do(\text{expert } e \text{ absent at } t)$). There is more than one intervention on
+# an expert, though, and they answer different questions.
+#
+# **Noising: is the expert necessary?** The paper's ablation starts from a clean run and removes
+# one active expert's contribution $w_e(x_t)E_e(x_t)$ at layer $L$ and token $t$. The loss change
+# $\Delta L$ says how much the prediction *needs* that contribution when everything else is
+# clean. Redundancy hides necessity: if other experts or later layers can stand in, removing one
+# costs little even when it carries the information.
+#
+# **Denoising: is the expert sufficient?** Causal tracing {cite}`meng2022locating` starts from a
+# corrupted run. Gaussian noise is added to the input embeddings of a span of tokens, with a
+# standard deviation of {glue:text}`corruption_scale` times the standard deviation of the
+# embeddings over the corpus (ROME's calibration). Then one internal value is set back to its
+# clean value, and the question is how much of the clean prediction comes back. Expert-aware
+# causal tracing {cite}`lu2026expertaware` restores single experts' clean updates inside a
+# routed MoE block. Here: at layer $L$ and token $t$, the corrupted run's contribution of expert
+# $e$ is replaced by its clean contribution $c_e = w_e(x_t)E_e(x_t)$ (the clean run's routed
+# output times its combine weight). If the corrupted run did not route $e$ there, its corrupted
+# contribution is zero and $c_e$ is added. Nothing else changes: not the router, not the other
+# experts, not the shared experts. The measure is the **recovered fraction** of the next-token
+# loss,
+#
+# $$ r = \frac{L_\text{corrupt} - L_\text{restored}}{L_\text{corrupt} - L_\text{clean}}, $$
+#
+# where $r = 1$ undoes the corruption at $t$, $r = 0$ does nothing, and $r < 0$ makes it worse. A
+# position where the corruption raises the loss by less than {glue:text}`min_gap` nats is left out:
+# the denominator is near zero or negative there. The excluded positions are counted below.
+#
+# **What each answers.** The two measures ask different questions. An expert can be necessary
+# but not sufficient: its contribution matters only together with others that the noise has
+# also spoiled. It can also be sufficient but not necessary: one of several redundant carriers,
+# any one of which restores the prediction. So the ranking of a token's active experts by
+# restoration need not match their ranking by removal. This chapter measures how far they agree
+# on the default models. It also asks whether the observational metrics track sufficiency any
+# better than the paper found them to track necessity.
+#
+# **Design.** For each model, {glue:text}`n_positions` seeded positions $t$. The corrupted span is
+# the {glue:text}`span_tokens` tokens ending at $t$, and the loss is read at $t$. At every audited
+# layer, every active expert is restored alone in one run and removed alone in another. The
+# removals are the book's single-expert records (token mode) at the same positions, so each
+# (position, layer, expert) has both measures.
+
+# %%
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from IPython.display import Markdown, display
+from myst_nb import glue
+
+from moeaudit import report, stats
+from moeaudit.audit import prepare, single_expert_records
+from moeaudit.chapters import restoration
+
+report.use_book_style()
+glue("corruption_scale", f"{corruption_scale:g}", display=False)
+glue("min_gap", f"{min_gap:g}", display=False)
+glue("n_positions", n_positions, display=False)
+glue("span_tokens", span_tokens, display=False)
+
+# %% [markdown]
+# ## The records
+# Restorations and removals are cached under keys that hold every parameter that shaped them.
+# The removals come from the audit's machinery with the positions' minimum context raised so
+# that the corrupted span fits before $t$. Both sets therefore use the same seeded draw.
+
+# %%
+pairs, restored_all, intros, layouts = [], [], [], {}
+need = restoration.min_context_for(span_tokens)
+for name in models:
+    ctx = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=dtype, device=device,
+                  corpus=corpus_source, text_form=text_form, data_dir=data_dir, results_dir=results_dir)
+    layouts[name] = ctx.model.layout
+    audited = list(layers) if layers is not None else ctx.model.audit_layers(5)
+    removed = single_expert_records(ctx, layers=audited, n_positions=n_positions, seed=seed, mode="token",
+                                    min_context=need, batch_size=batch_size)
+    rec = restoration.restoration_records(ctx, layers=audited, n_positions=n_positions, seed=seed,
+                                          span_tokens=span_tokens, corruption_scale=corruption_scale,
+                                          batch_size=batch_size)
+    rec = restoration.with_recovered(rec, min_gap=min_gap)
+    restored_all.append(rec)
+    pairs.append(restoration.paired_with_removal(rec, removed, ctx.metrics.assign(model=name)))
+    intros.append(report.model_summary(name, ctx, audited, removed))
+restored_all = pd.concat(restored_all, ignore_index=True)
+pairs = pd.concat(pairs, ignore_index=True)
+glue("intros", Markdown("\n\n".join(intros)), display=False)
+glue("corruption_text", Markdown(restoration.corruption_text(restored_all, min_gap=min_gap)), display=False)
+glue("routed_text", Markdown(restoration.routed_text(restored_all)), display=False)
+
+# %% [markdown]
+# ````{admonition} The models and their removal records
+# :class: dropdown
+# {glue:md}`intros`
+# ````
+#
+# **The corruption.** {glue:md}`corruption_text`
+#
+# **What was restored.** {glue:md}`routed_text`
+
+# %% [markdown]
+# ## Removal against restoration, expert by expert
+# Each point is one active expert at one position and layer. The x-axis is its removal effect
+# $\Delta L$ in a clean run (nats). The y-axis is the share of the corruption's loss increase that
+# restoring it alone undoes. Excluded positions are not shown.
+
+# %% tags=["hide-input"]
+kept = pairs[~pairs.excluded]
+fig, axes = report.model_panels(models, height=4.0)
+cmap = plt.get_cmap("viridis")
+for ax, name in zip(axes, models):
+    g = kept[kept.model == name]
+    ls = sorted(g.layer.unique())
+    for i, L in enumerate(ls):
+        h = g[g.layer == L]
+        ax.scatter(h[restoration.REMOVAL], h.recovered, s=9, alpha=0.7, color=cmap(i / max(1, len(ls) - 1)),
+                   label=f"layer {L}" if name == models[0] else None)
+    ax.axvline(0, color="0.6", linewidth=0.6)
+    ax.set_yscale("symlog", linthresh=0.01)
+    ax.set_xscale("symlog", linthresh=0.01)
+report.finish_panels(fig, axes, title="Necessity (removal ΔL) against sufficiency (recovered fraction), per expert",
+                     ylabel="recovered fraction of the corruption's loss increase (symlog)",
+                     xlabel="removal ΔL in the clean run (nats, symlog)", zero_line=True)
+
+# %% [markdown]
+# ## Do the rankings agree?
+# Per model and layer: Spearman's $\rho$ between the recovered fraction and each criterion, over
+# the (position, expert) pairs of the layer that are not excluded. The criteria are the removal
+# $\Delta L$ of the same expert at the same position, and the paper's four observational metrics
+# of the expert (computed over the corpus's clean run). The interval is a paired bootstrap
+# ({glue:text}`n_boot` resamples). Holm's correction runs over every row of a model: the layers
+# times the criteria. `min_detectable_rho` is the $|\rho|$ that a row detects with
+# {glue:text}`power_pct` power at Holm's strictest level. A row that is not significant speaks only
+# against correlations at least that large.
+
+# %%
+table = restoration.rank_agreement(pairs, alpha=alpha, power=power, n_boot=n_boot, seed=seed)
+glue("power_pct", f"{power:.0%}", display=False)
+glue("n_boot", n_boot, display=False)
+shown = table.assign(criterion=table.criterion.map(restoration.CRITERION_LABELS))[
+    ["model", "layer", "criterion", "n", "rho", "ci_low", "ci_high", "p", "p_holm", "min_detectable_rho",
+     "significant"]]
+display(shown.style.hide(axis="index").format(precision=3, na_rep="—").format("{:.2g}", subset=["p", "p_holm"],
+                                                                                na_rep="—")
+        .set_caption(f"Spearman's ρ with the recovered fraction, per layer; Holm over each model's rows, α = {alpha:g}"))
+
+# %% tags=["hide-input"]
+fig, axes = report.model_panels(models, height=4.0, sharey=True)
+crit_colors = dict(zip(restoration.CRITERIA, plt.get_cmap("tab10").colors))
+for ax, name in zip(axes, models):
+    g = table[table.model == name]
+    for j, crit in enumerate(restoration.CRITERIA):
+        h = g[g.criterion == crit].sort_values("layer")
+        x = np.arange(len(h)) + (j - (len(restoration.CRITERIA) - 1) / 2) * 0.12
+        ax.errorbar(x, h.rho, yerr=[h.rho - h.ci_low, h.ci_high - h.rho], fmt="o", markersize=4, elinewidth=0.8,
+                    color=crit_colors[crit], mfc="white",
+                    label=restoration.CRITERION_LABELS[crit] if name == models[0] else None)
+        sig = h.significant.to_numpy(dtype=bool)
+        ax.plot(x[sig], h.rho[sig], "o", markersize=4, color=crit_colors[crit])  # filled: significant after Holm
+    ax.set_xticks(np.arange(g.layer.nunique()))
+    ax.set_xticklabels([f"L{L}" for L in sorted(g.layer.unique())])
+report.finish_panels(fig, axes, title="Which criterion ranks experts as restoration does? (95% bootstrap CI; "
+                                  "filled: significant after Holm)",
+                     ylabel="Spearman ρ with the recovered fraction", xlabel="audited layer", zero_line=True)
+
+# %% [markdown]
+# ## Within a position: is the most sufficient expert the most necessary one?
+# The correlations above pool positions, and a position with a large corruption moves every one of
+# its experts at once. The bootstrap also treats the $k$ experts of a position as independent. A
+# comparison inside each position avoids both problems. At each non-excluded position: is the
+# expert whose restoration recovers most the one whose removal costs most? By chance that happens
+# with probability $1/k$. The p-value is the one-sided binomial tail.
+
+# %%
+top = restoration.top_expert_agreement(pairs)
+display(top.style.hide(axis="index").format(precision=3).format("{:.2g}", subset=["p"])
+        .set_caption("Positions whose most-recovering expert is the most costly to remove, against chance 1/k"))
+
+# %% tags=["hide-input"]
+glue("answer_removal", Markdown(restoration.agreement_text(table, alpha=alpha, power=power)), display=False)
+glue("answer_observational", Markdown(restoration.observational_text(table, alpha=alpha, power=power)), display=False)
+glue("answer_top", Markdown(restoration.top_agreement_text(top, alpha=alpha)), display=False)
+
+# %% [markdown]
+# ## Answers
+# **Does restoration rank a token's experts as removal does?** {glue:md}`answer_removal`
+#
+# **Within a position.** {glue:md}`answer_top`
+#
+# **Do the observational metrics track sufficiency?** {glue:md}`answer_observational`
+
+# %% [markdown]
+# ## What this shows, and what it does not
+# **Shows.** On the default models, at the sampled positions, it shows how far two interventions
+# on the same expert at the same token agree: removal from a clean run (necessity) and
+# restoration into a corrupted run (sufficiency). It also shows whether the paper's observational
+# metrics rank experts as restoration does. Each statement carries its correction, its level and
+# its detectable effect.
+#
+# **Does not show.** The models are tiny and the positions few, so the detectable correlations are
+# large and a null is weak evidence. Restoration depends on the corruption: on the noise scale, on
+# the span (here the tokens ending at $t$, not a subject as in causal tracing) and on the noise
+# draw. Another corruption can rank the experts differently. The recovered fraction is read from
+# the next-token loss, not from the logit contrast of a true and a foil answer
+# {cite}`lu2026expertaware`. It is a ratio, so positions with a small corruption gap give unstable
+# values; the threshold only removes the worst of them. The pooled correlations treat the
+# experts of a position as independent, so their intervals are optimistic; the within-position
+# comparison does not, but it uses only the top expert. Restoring one expert at a time cannot show
+# sufficiency that needs a coalition of experts, which causal tracing in larger MoEs has found
+# {cite}`lu2026expertaware`.
+#
+# ## Exercises
+# **1. A stricter exclusion.** Raise the threshold of the corruption gap:
+#
+# ```bash
+# make chapter NB=12_necessity_sufficiency PARAMS="-p min_gap 0.5"
+# ```
+
+# %% [markdown]
+# ````{admonition} Expected result
+# :class: dropdown
+# {glue:md}`ex1_expected`
+# ````
+
+# %% [markdown]
+# **2. Fewer positions.** Halve the draw:
+#
+# ```bash
+# make chapter NB=12_necessity_sufficiency PARAMS="-p n_positions 10"
+# ```
+
+# %% [markdown]
+# ````{admonition} Expected result
+# :class: dropdown
+# {glue:md}`ex2_expected`
+# ````
+
+# %% tags=["hide-input"]
+ex_gap = 0.5
+strict = restoration.with_recovered(pairs, min_gap=ex_gap)  # the same records, the stricter threshold
+strict_table = restoration.rank_agreement(strict, criteria=[restoration.REMOVAL], alpha=alpha, power=power,
+                                          n_boot=n_boot, seed=seed)
+excl = lambda d: int(d.drop_duplicates(["model", "seq_id", "t"]).excluded.sum())  # noqa: E731
+glue("ex1_expected", Markdown(
+    "This run already uses that threshold." if min_gap == ex_gap else
+    f"The records are reused from the cache (the threshold is applied after them). The excluded positions go from "
+    f"{excl(restored_all)} to {excl(strict)} over {report.plural(len(models), 'model')}. The removal row alone, tested on its own "
+    f"(Holm over the layers only, so not the table's family), reads: "
+    + restoration.agreement_text(strict_table, alpha=alpha, power=power)), display=False)
+k_of = {m: layouts[m].top_k for m in models}
+mde_now = {m: stats.min_detectable_spearman(n_positions * k_of[m], alpha=alpha / int(table[table.model == m].shape[0]),
+                                            power=power) for m in models}
+mde_10 = {m: stats.min_detectable_spearman(10 * k_of[m], alpha=alpha / int(table[table.model == m].shape[0]),
+                                           power=power) for m in models}
+glue("ex2_expected", Markdown(
+    "This run already uses 10 positions." if n_positions == 10 else
+    "A new seeded draw of 10 positions, so both the removals and the restorations are computed afresh. With "
+    "every position kept, a layer's smallest detectable |ρ| at Holm's strictest level goes from "
+    + report.join_words(f"{mde_now[m]:.2f} to {mde_10[m]:.2f} for {m} ({n_positions * k_of[m]} and {10 * k_of[m]} "
+                        f"pairs)" for m in models)
+    + ". The intervals widen by about the square root of the ratio of the pairs, a factor of "
+    f"{(n_positions / 10) ** 0.5:.1f}."), display=False)
