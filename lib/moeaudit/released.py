@@ -34,6 +34,7 @@ import pandas as pd
 from IPython.display import display
 
 from . import paths
+from .derived import read_derived, sha256, write_derived
 from .paper import LAYERS, MODELS, PAPER_METRIC_LABELS
 from .report import admonition
 from .stats import correct_family
@@ -84,7 +85,7 @@ class ReleasedFileMismatchWarning(UserWarning):
     """A cached released file does not have the sha256 recorded for it and is discarded."""
 
 
-def _expected_sha256(relpath: str) -> str | None:
+def _expectedsha256(relpath: str) -> str | None:
     """The sha256 of the authors' file ``relpath`` at the pinned commit, as shipped in the embedded
     table's provenance record (``None`` for a file it does not list)."""
     return embedded_provenance()["source_files"].get(relpath)
@@ -96,7 +97,7 @@ def _download(relpath: str, target: Path) -> None:
     and nothing is written."""
     with _urlopen(RELEASED_URL + relpath, timeout=60) as response:
         payload = response.read()
-    expected = _expected_sha256(relpath)
+    expected = _expectedsha256(relpath)
     got = hashlib.sha256(payload).hexdigest()
     if expected is not None and got != expected:
         raise OSError(f"{relpath} was downloaded with sha256 {got[:16]}..., not the recorded {expected[:16]}... "
@@ -126,8 +127,8 @@ def released_dir(data_dir: str | os.PathLike | None = None, *, download: bool = 
         return root / "paper-released"
     cached = cache_dir() / "paper-released"
     for rel in RELEASED_FILES:  # a cached copy is used only if it is the authors' file
-        path, expected = cached / rel, _expected_sha256(rel)
-        if path.is_file() and expected is not None and _sha256(path) != expected:
+        path, expected = cached / rel, _expectedsha256(rel)
+        if path.is_file() and expected is not None and sha256(path) != expected:
             warnings.warn(f"{path}: sha256 differs from the recorded one of {RELEASED_REPO} at commit "
                           f"{RELEASED_COMMIT}; the cached copy is discarded", ReleasedFileMismatchWarning, stacklevel=2)
             path.unlink()
@@ -500,15 +501,7 @@ _EMBEDDED_CACHE: dict[str, pd.DataFrame] = {}
 def _embedded_table(name: str) -> pd.DataFrame:
     """One table of the embedded derived table, with the columns, order and dtypes it had when built."""
     if name not in _EMBEDDED_CACHE:
-        spec = embedded_provenance()["tables"][name]
-        long = pd.read_parquet(EMBEDDED_TABLE, filters=[("table", "==", name)])
-        out = long[spec["columns"]].reset_index(drop=True)
-        for col, dtype in spec["dtypes"].items():
-            if dtype == "object":
-                out[col] = out[col].astype(object).where(out[col].notna(), None)
-            else:
-                out[col] = out[col].astype(dtype)
-        _EMBEDDED_CACHE[name] = out
+        _EMBEDDED_CACHE[name] = read_derived(EMBEDDED_TABLE, name)
     return _EMBEDDED_CACHE[name].copy()
 
 
@@ -564,10 +557,6 @@ def redistribution_experts(*, data_dir=None) -> pd.DataFrame:
     return _table("redistribution_experts", data_dir)
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def derived_tables(root: str | os.PathLike) -> dict[str, pd.DataFrame]:
     """Every table of the embedded derived table, built from the original files in ``root``
     (a ``paper-released/`` folder)."""
@@ -586,22 +575,10 @@ def pack(*, data_dir=None, out: str | os.PathLike | None = None, download: bool 
     root = released_dir(data_dir, download=download)
     tables = derived_tables(root)
     out = Path(out) if out is not None else EMBEDDED_TABLE
-    out.parent.mkdir(parents=True, exist_ok=True)
-    long = pd.concat([t.assign(table=name) for name, t in tables.items()], ignore_index=True)
-    for col in long.columns:  # one parquet type per column across the stacked tables
-        if long[col].dtype == object:
-            long[col] = long[col].astype("string")
-    long.to_parquet(out, index=False, compression="zstd")
-    used = {rel: _sha256(root / rel) for rel in RELEASED_FILES}
-    provenance = {
-        "source_repository": RELEASED_REPO,
-        "source_commit": RELEASED_COMMIT,
-        "source_files": dict(sorted(used.items())),
-        "generated_by": "python -m moeaudit.released pack",
-        "tables": {name: {"rows": len(t), "columns": list(t.columns),
-                          "dtypes": {c: str(t[c].dtype) for c in t.columns}} for name, t in tables.items()},
-    }
-    out.with_suffix(".json").write_text(json.dumps(provenance, indent=1) + "\n", encoding="utf-8")
+    used = {rel: sha256(root / rel) for rel in RELEASED_FILES}
+    write_derived(tables, out, {"source_repository": RELEASED_REPO, "source_commit": RELEASED_COMMIT,
+                                "source_files": dict(sorted(used.items())),
+                                "generated_by": "python -m moeaudit.released pack"})
     _EMBEDDED_CACHE.clear()
     return out
 

@@ -22,7 +22,7 @@ LIB = Path(__file__).resolve().parents[1]  # .../lib/moeaudit
 #: numbers) sits low so that every layer above can phrase its results with it; it imports no torch.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("base", ("moeaudit", "moeaudit.paths", "moeaudit.names", "moeaudit.families", "moeaudit.zoo")),
-    ("numerics", ("moeaudit.stats", "moeaudit.corpus")),
+    ("numerics", ("moeaudit.stats", "moeaudit.corpus", "moeaudit.derived")),
     ("presentation", ("moeaudit.report",)),
     ("the paper", ("moeaudit.paper", "moeaudit.released")),
     ("model", ("moeaudit.models", "moeaudit.engine")),

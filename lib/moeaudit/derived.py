@@ -1,0 +1,58 @@
+"""Embedded derived tables: compact tables of numbers derived from other people's released files,
+stored as one parquet file with a provenance record beside it.
+
+One mechanism serves every embedded table of the book (the paper's released results, the Command A+
+study's data): :func:`write_derived` stacks named tables into one parquet file (a ``table`` column
+tells them apart) and writes ``<name>.json`` beside it with the caller's provenance (source repository,
+commit, the sha256 of every source file, licence and attribution where the data ask for them) and each
+table's columns and dtypes; :func:`read_derived` gives one table back with exactly those columns and
+dtypes. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pandas as pd
+
+
+def sha256(path) -> str:
+    """The sha256 (hex) of the bytes of the file ``path``."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def provenance(parquet) -> dict:
+    """The provenance record written beside ``parquet`` (its ``.json``). ``FileNotFoundError`` without one."""
+    return json.loads(Path(parquet).with_suffix(".json").read_text(encoding="utf-8"))
+
+
+def write_derived(tables: dict[str, pd.DataFrame], out, record: dict) -> Path:
+    """Write ``tables`` (name -> DataFrame) stacked into the parquet file ``out`` (zstd; object columns
+    as strings, one parquet type per column) and ``record`` plus each table's ``rows``, ``columns``
+    and ``dtypes`` (under ``"tables"``) as ``out.with_suffix(".json")``. Returns ``out``."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    long = pd.concat([t.assign(table=name) for name, t in tables.items()], ignore_index=True)
+    for col in long.columns:  # one parquet type per column across the stacked tables
+        if long[col].dtype == object:
+            long[col] = long[col].astype("string")
+    long.to_parquet(out, index=False, compression="zstd")
+    full = {**record, "tables": {name: {"rows": len(t), "columns": list(t.columns),
+                                        "dtypes": {c: str(t[c].dtype) for c in t.columns}}
+                                 for name, t in tables.items()}}
+    out.with_suffix(".json").write_text(json.dumps(full, indent=1) + "\n", encoding="utf-8")
+    return out
+
+
+def read_derived(parquet, name: str) -> pd.DataFrame:
+    """Table ``name`` of the derived parquet file, with the columns, order and dtypes it had when written
+    (missing values of text columns as ``None``). ``KeyError`` for a table the provenance does not list."""
+    spec = provenance(parquet)["tables"][name]
+    long = pd.read_parquet(parquet, filters=[("table", "==", name)])
+    out = long[spec["columns"]].reset_index(drop=True)
+    for col, dtype in spec["dtypes"].items():
+        out[col] = (out[col].astype(object).where(out[col].notna(), None) if dtype == "object"
+                    else out[col].astype(dtype))
+    return out
