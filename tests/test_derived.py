@@ -14,7 +14,7 @@ from moeaudit.derived import provenance, read_derived, sha256, write_derived
 
 
 def test_round_trip_keeps_columns_dtypes_and_missing_values(tmp_path):
-    a = pd.DataFrame({"model": ["x", None, "z"], "layer": np.array([0, 7, 15], dtype="int64"),
+    a = pd.DataFrame({"model": pd.Series(["x", None, "z"], dtype=object), "layer": np.array([0, 7, 15], dtype="int64"),
                       "d": [0.1, np.nan, -0.3]})
     b = pd.DataFrame({"k": np.array([1, 2], dtype="int32"), "ok": [True, False]})
     out = write_derived({"a": a, "b": b}, tmp_path / "sub" / "t.parquet", {"source_commit": "abc"})
