@@ -15,6 +15,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 
@@ -29,15 +30,20 @@ def provenance(parquet) -> dict:
 
 
 def write_derived(tables: dict[str, pd.DataFrame], out, record: dict) -> Path:
-    """Write ``tables`` (name -> DataFrame) stacked into the parquet file ``out`` (zstd; object columns
-    as strings, one parquet type per column) and ``record`` plus each table's ``rows``, ``columns``
+    """Write ``tables`` (name -> DataFrame) stacked into the parquet file ``out`` (zstd; one parquet type
+    per column: a column that holds text in one table becomes a string column, one that holds booleans
+    a nullable boolean one) and ``record`` plus each table's ``rows``, ``columns``
     and ``dtypes`` (under ``"tables"``) as ``out.with_suffix(".json")``. Returns ``out``."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     long = pd.concat([t.assign(table=name) for name, t in tables.items()], ignore_index=True)
     for col in long.columns:  # one parquet type per column across the stacked tables
         if long[col].dtype == object:
-            long[col] = long[col].astype("string")
+            values = long[col].dropna()
+            if values.map(lambda v: isinstance(v, (bool, np.bool_))).all():
+                long[col] = long[col].astype("boolean")  # a bool column that other tables lack: nullable
+            else:
+                long[col] = long[col].astype("string")
     long.to_parquet(out, index=False, compression="zstd")
     full = {**record, "tables": {name: {"rows": len(t), "columns": list(t.columns),
                                         "dtypes": {c: str(t[c].dtype) for c in t.columns}}
