@@ -40,50 +40,43 @@ source = M.show_source(data_dir)
 
 # %% [markdown]
 # Salomone, Gandhi and Asaria {cite}`salomone2026modular` asked whether the experts of Command A+ (a mixture of
-# experts with {glue:text}`n_experts` routed experts in each of {glue:text}`n_layers` layers) form functional modules. Their protocol has two rungs. On
-# the first, observational rung they recorded how much router weight each expert receives on probe text of
-# {glue:text}`n_cat` categories (an *atlas*), and froze families of experts, {glue:text}`n_tested` of them tested: for capabilities (math, code,
-# general) and for languages (Arabic, Spanish, Chinese), before any intervention. On the second, causal
-# rung they masked each family in the router (its logits set to $-\infty$, the remaining combine weights
+# experts with {glue:text}`n_experts` routed experts in each of {glue:text}`n_layers` layers) form functional
+# modules. Their protocol has two rungs. On the first, observational rung they recorded how much router weight
+# each expert receives on probe text of {glue:text}`n_cat` categories (an *atlas*, recorded on the 4-bit W4A4
+# build of the model), and froze families of experts before any intervention, {glue:text}`n_tested` of them
+# tested: for capabilities (math, code, general) and for languages (Arabic, Spanish, Chinese). On the second,
+# causal rung they masked each family in the router (its logits set to $-\infty$, the remaining combine weights
 # renormalised) and measured the rise in per-token loss (nats) on the family's own axis and on the others,
-# against random expert sets of the same size. They released the atlas, the frozen map and the verdict
-# values under CC BY 4.0. This chapter recomputes from those numbers what can be recomputed: the
-# pre-registration, both decision rules, and how far the first rung predicts the second. The same
-# distinction between observing routing and intervening is the subject of this book's audit.
+# against random expert sets of the same size, on the W4A4 build and again on the unquantised BF16 model. They
+# released the atlas, the frozen map and the verdict values (licence `CC-BY-4.0`), but not the per-item losses.
+# This chapter recomputes from those numbers what can be recomputed: the pre-registration, both decision rules,
+# and how far the first rung predicts the second. The same distinction between observing routing and
+# intervening is the subject of this book's audit.
 
 # %%
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from moeaudit import report, stats
+from moeaudit import audit, corpus as corpus_lib, report
+from moeaudit.engine import OPERATORS, run_ablations
 
 report.use_book_style()
 put = report.glue_values
 
-atlas = M.atlas_mass(data_dir=data_dir)
-prereg = M.prereg_families(data_dir=data_dir)
-verdict = M.verdicts(data_dir=data_dir)
-said = M.study_statements(data_dir=data_dir)
-categories, mass = M.mass_array(atlas)
-lift = M.expert_lift(mass)
-core = prereg[prereg.role == "shared_core"].expert.tolist()
-frozen = {f: g.expert.tolist() for f, g in prereg[prereg.role == "family"].groupby("family")}
-K = int(prereg.family_k.iloc[0])
-derived = M.top_k_families(lift, categories, k=K, exclude=core)
-tested = {f: frozen[f] for f in M.TESTED_FAMILIES}
-agreement = M.family_agreement(tested, derived, lift, categories, exclude=core)
+atlas, prereg = M.atlas_mass(data_dir=data_dir), M.prereg_families(data_dir=data_dir)
+verdict, said = M.verdicts(data_dir=data_dir), M.study_statements(data_dir=data_dir)
+categories, mass = M.mass_array(atlas)  # mass: (categories, layers, experts)
+lift = M.expert_lift(mass)  # (categories, experts)
+core, frozen, K = M.frozen_map(prereg)
+derived = M.top_k_families(lift, categories, k=K, exclude=core)  # the stated rule
 agreement_all = M.family_agreement(frozen, derived, lift, categories, exclude=core)
+agreement = agreement_all.set_index("family").loc[list(M.TESTED_FAMILIES)].reset_index()
 passed_over = M.passed_over_experts(agreement_all)
 again = M.top_k_families(lift, categories, k=K, exclude=core + passed_over)
+tested = {f: frozen[f] for f in M.TESTED_FAMILIES}
 n_again = int(M.family_agreement(tested, again, lift, categories).n_agree.sum())
-stated_lift = prereg[prereg.role == "family"].groupby("family").frozen_mean_lift.first()
-recomputed_lift = agreement_all.set_index("family").lift_frozen
-n_lift_match = int((recomputed_lift.round(3) == stated_lift.reindex(recomputed_lift.index)).loc[list(M.TESTED_FAMILIES)].sum())
-n_lift_all = int((recomputed_lift.round(3) == stated_lift.reindex(recomputed_lift.index)).sum())
-put(n_tested=len(M.TESTED_FAMILIES), n_cat=len(categories), n_layers=mass.shape[1], n_experts=mass.shape[2], K=K, n_core=len(core),
-    core_list=", ".join(map(str, core)), n_lift_all=n_lift_all, n_fam_all=len(frozen))
-put(prereg_text=M.prereg_sentence(agreement, passed_over, n_again, n_lift_match=n_lift_match), as_markdown=True)
+reproduced = M.lift_reproduced(agreement_all, prereg)  # stated mean lift matched at three decimals
 
 # %% [markdown]
 # ## Re-deriving the pre-registration from the atlas
@@ -92,98 +85,78 @@ put(prereg_text=M.prereg_sentence(agreement, passed_over, n_again, n_lift_match=
 # {glue:text}`n_experts` experts. The frozen map states its rule as "top-K by lift excluding the shared core",
 # with K = {glue:text}`K` and a shared core of {glue:text}`n_core` experts ({glue:text}`core_list`), and gives
 # each family's mean lift, but not the formula of lift. The formula used here is an expert's share of a
-# category's routing mass, pooled over layers, divided by its mean share over all categories; with it the
-# stated mean lift of the frozen families is reproduced to the published three decimals for
-# {glue:text}`n_lift_all` of the {glue:text}`n_fam_all` families, so this is the study's lift.
+# category's routing mass, pooled over layers, divided by its mean share over all categories. With it the
+# stated mean lift is reproduced to the published three decimals for {glue:text}`n_lift_all` of the
+# {glue:text}`n_fam_all` families; that agreement is the only evidence that this is the study's formula.
 #
 # {glue:md}`prereg_text`
 
 # %% tags=["hide-input"]
-show = agreement.assign(
-    frozen_only=[", ".join(f"{e} (rank {r})" for e, r in x) or "-" for x in agreement.frozen_only],
-    derived_only=[", ".join(f"{e} (rank {r})" for e, r in x) or "-" for x in agreement.derived_only])
-display(show.rename(columns={"n_agree": "members reproduced", "frozen_only": "in the frozen map only",
-                             "derived_only": "by the stated rule only", "lift_frozen": "mean lift (frozen)",
-                             "lift_derived": "mean lift (rule)"}).style.format(precision=3).hide(axis="index"))
+put(n_tested=len(M.TESTED_FAMILIES), n_cat=len(categories), n_layers=mass.shape[1], n_experts=mass.shape[2], K=K,
+    n_core=len(core), core_list=", ".join(map(str, core)), n_lift_all=int(reproduced.sum()), n_fam_all=len(frozen))
+put(prereg_text=M.prereg_sentence(agreement, passed_over, n_again,
+                                  n_lift_match=int(reproduced[list(M.TESTED_FAMILIES)].sum())),
+    replacement_text=M.replacement_sentence(agreement_all, passed_over, k=K),
+    overlap_text=M.overlap_sentence(frozen, derived, agreement, verdict, said), as_markdown=True)
+display(M.agreement_display(agreement).style.format(precision=3).hide(axis="index"))
 
 # %% [markdown]
-# {glue:md}`replacement_text` The study offers the overlap of the Spanish and Arabic families,
-# {glue:text}`es_ar_stated` experts (Jaccard {glue:text}`es_ar_jacc_stated`), as a possible route of
-# Spanish's bleed into Arabic; the frozen map gives {glue:text}`es_ar_frozen` shared experts, the stated rule
-# {glue:text}`es_ar_rule` (Jaccard {glue:text}`es_ar_jacc_rule:.3f`).
-
-# %%
-def jaccard(a, b):
-    return len(set(a) & set(b)) / len(set(a) | set(b))
-
-
-ranks_in = sorted({r for x in agreement_all.frozen_only for _, r in x})
-ranks_out = sorted({r for x in agreement_all.derived_only for _, r in x})
-put(replacement_text=(f"Over all {len(frozen)} frozen families, the experts the frozen map holds instead have lift "
-                      f"rank{'s' if len(ranks_in) > 1 else ''} {', '.join(map(str, ranks_in))} (K = {K}), and the ones "
-                      f"it passes over rank {min(ranks_out)} to {max(ranks_out)}: the map behaves as if "
-                      f"{len(passed_over)} more experts had been excluded." if ranks_in else
-                      "The frozen map and the stated rule agree on every family."), as_markdown=True)
-put(es_ar_stated=int(said["es_ar_shared_experts"]), es_ar_jacc_stated=said["es_ar_jaccard"],
-    es_ar_frozen=len(set(frozen["es"]) & set(frozen["ar"])), es_ar_rule=len(set(derived["es"]) & set(derived["ar"])),
-    es_ar_jacc_rule=jaccard(derived["es"], derived["ar"]))
-
-# %% [markdown]
+# {glue:md}`replacement_text`
+#
+# {glue:md}`overlap_text`
+#
 # ## Both decision rules, recomputed
 #
 # A family is modular under the pre-registered **point rule** when its on-target effect exceeds the random
-# null band (mean + 2 sd over {glue:text}`n_null_draws_study` random sets of {glue:text}`K` experts) and its worst
-# within-domain off-target effect is at most a third of the on-target effect. The **conservative CI rule**
-# asks the same of the 95% bootstrap bounds ({glue:text}`n_boot_study` resamples): the lower bound of the
-# on-target effect above the null band, and the upper bound of the worst off-target effect at most a third
-# of that lower bound. The study published the W4A4 table to {glue:text}`dec_w4` decimals and the BF16
-# table to {glue:text}`dec_bf` (the precision of a number is read from the released files as written).
+# null band ($m + 2s$, with $m$ and $s$ the mean and standard deviation of the on-target effects of
+# {glue:text}`n_null_draws_study` random sets of {glue:text}`K` experts) and its worst within-domain off-target
+# effect is at most a third of the on-target effect. The **conservative CI rule** asks the same of the
+# bootstrap 95% intervals ({glue:text}`n_boot_study` resamples): the lower bound of the on-target effect above
+# the null band, and the upper bound of the worst off-target effect at most a third of that lower bound. Each
+# effect is a mean over the items of its axis ({glue:text}`n_items_min` to {glue:text}`n_items_max` per axis).
+# The study published the W4A4 table to {glue:text}`dec_w4` decimals and the BF16 table to {glue:text}`dec_bf`
+# (read from the released files as written; a table's numbers are taken to share its largest number of
+# decimals), so a printed value stands for any value within half a unit of its last digit.
 #
 # {glue:md}`rules_text`
 
 # %%
 table = M.decision_table(verdict)
 counts = M.rule_counts(table)
+
+# %% tags=["hide-input"]
 put(n_null_draws_study=int(said["n_random_null"]), n_boot_study=int(said["n_bootstrap"]),
+    n_items_min=int(verdict.n_items.min()), n_items_max=int(verdict.n_items.max()),
     dec_w4=int(verdict[verdict.precision == "W4A4"].decimals.iloc[0]),
     dec_bf=int(verdict[verdict.precision == "BF16"].decimals.iloc[0]))
 put(rules_text=M.rules_sentence(counts, said), precision_text=M.precision_sentence(table, said),
-    ci_text=M.ci_rule_sentence(table), as_markdown=True)
-
-# %% tags=["hide-input"]
-side = pd.DataFrame({
-    "quantity": ["point rule, W4A4", "CI rule, W4A4", "CI rule, BF16", "point rule, BF16"],
-    "the study states": [f"{said['point_count']:.0f} of {said['n_families']:.0f}", f"{said['ci_count']:.0f} of 6",
-                         f"{said['bf16_ci_count']:.0f} of 6", "no count"],
-    "recomputed": [f"{counts.point_count[0]} of 6", f"between 0 and {counts.ci_undetermined[0]} of 6",
-                   f"between 0 and {counts.ci_undetermined[1]} of 6", f"{counts.point_count[1]} of 6"]})
-display(side.style.hide(axis="index"))
-cols = ["precision", "family", "on_target", "ci_low", "null_2sigma", "worst_off", "worst_off_axis", "sel_margin",
-        "sel_low", "sel_high", "point", "stated_point", "point_resolved", "ci_bar", "ci_status", "stated_ci"]
-display(table[cols].style.format(precision=4, na_rep="-").hide(axis="index"))
+    ci_text=M.ci_rule_sentence(table), counts_text=M.counts_sentence(counts), as_markdown=True)
+display(M.count_table(counts, said).style.hide(axis="index"))
+display(M.decision_display(table).style.format(precision=4, na_rep="-").hide(axis="index"))
 
 # %% [markdown]
-# The table gives every value in nats per token; `sel_margin` is the on-target effect divided by three minus
-# the worst off-target effect, and `sel_low` to `sel_high` its range over all values that round to the
-# published ones.
+# The second table gives every value in nats per token. The selectivity margin is the on-target effect
+# divided by three minus the worst off-target effect, and its range covers all values that round to the
+# published ones; "unsettled" marks a point verdict that the published digits do not decide, and "open" a
+# CI-rule verdict that the released values cannot decide.
 #
 # {glue:md}`precision_text`
 #
 # {glue:md}`ci_text`
 #
-# So the released files confirm the point-rule count but cannot confirm the count of the rule that the
-# study calls conservative: a pass under it needs the upper bound of the off-target effect, which only the
-# authors' per-item logs hold.
+# {glue:md}`counts_text`
 #
 # ## Does the first rung predict the second?
 #
 # For each tested family, four observational statistics come from the atlas alone: its mean lift, its
 # routing concentration (the share of its category's router mass that its experts carry; a uniform router
 # gives {glue:text}`uniform_share:.3f`), its largest overlap (Jaccard) with another tested family, and the depth
-# centroid of its excess routing (0: first layer, 1: last). They are set against three causal measures: the
-# on-target effect, the effect above the null band, and the off-target ratio (worst off-target over on-target;
-# the point rule asks at most one third). The W4A4 table has no off-target value for `general`, so its ratio
-# uses five families. Every test is an exact permutation test of Spearman's rho over all orderings.
+# centroid of its excess routing (on a scale from $0$, the first layer, to $1$, the last). They are set against
+# three causal measures: the on-target effect, the effect above the null band, and the off-target ratio (worst
+# off-target over on-target; the point rule asks at most one third). The W4A4 table has no off-target value for
+# `general`, so its ratio uses {glue:text}`n_ratio_w4` families. The atlas comes from the W4A4 build, so the BF16
+# correlations pair it with effects measured on another build. Every test is an exact permutation test of
+# Spearman's rho over all orderings, with Holm's correction over the {glue:text}`n_tests` tests of a precision.
 #
 # {glue:md}`rung_w4`
 #
@@ -195,8 +168,12 @@ display(table[cols].style.format(precision=4, na_rep="-").hide(axis="index"))
 obs = M.family_observational(mass, categories, tested)
 causal = M.causal_measures(verdict)
 corr = M.rung_correlations(obs, causal, alpha=alpha)
-pw = M.rank_power(sorted(corr.n.unique()), alpha=alpha, power=power, n_sim=n_sim, seed=seed)
-put(uniform_share=K / mass.shape[2])
+n_tests = int(corr.groupby("precision").size().max())
+pw = M.rank_power(sorted(corr.n.unique()), alpha=alpha, power=power, n_sim=n_sim, seed=seed, n_tests=n_tests)
+
+# %% tags=["hide-input"]
+put(uniform_share=K / mass.shape[2], n_tests=n_tests,
+    n_ratio_w4=int(corr[(corr.precision == "W4A4") & (corr.causal == "off_ratio")].n.iloc[0]))
 put(rung_w4=M.rung_sentence(corr, alpha=alpha, precision="W4A4"),
     rung_bf=M.rung_sentence(corr, alpha=alpha, precision="BF16"),
     power_text=M.power_sentence(pw, alpha=alpha, target=power), as_markdown=True)
@@ -211,9 +188,8 @@ fig, ax = plt.subplots(figsize=(7.5, 3.6))
 for fam, g in profile.groupby("family", sort=False):
     ax.plot(g.layer, g.layer_lift, marker=".", label=fam)
 ax.axhline(1.0, color="0.5", lw=0.8, ls="--")
-ax.set_xlabel("layer of Command A+")
-ax.set_ylabel("family lift at the layer (ratio)")
-ax.set_title("Where each frozen family's routing preference sits (atlas of the study)")
+ax.set(xlabel="layer of Command A+", ylabel="family lift at the layer (ratio)",
+       title="Where each frozen family's routing preference sits (atlas of the study)")
 ax.legend(ncol=3, fontsize=8)
 fig.tight_layout()
 if results_dir:
@@ -221,34 +197,32 @@ if results_dir:
 plt.show()
 
 # %% [markdown]
+# The figure shows, layer by layer, each tested family's share of its own category's routing mass over its
+# mean share across categories (the dashed line, a ratio of one, is no preference); the depth centroid above
+# summarises where the excess sits.
+#
 # ## The same analysis on a shipped model, under two operators
 #
 # The study ablated by router masking with renormalisation; the paper audited in this book removes an
 # expert's weighted contribution without renormalising. Below, {glue:text}`ship_model` gets the study's
 # treatment on the embedded corpus: its four paragraph groups play the categories, each group's family is
 # the {glue:text}`ship_k` experts of highest lift at layer {glue:text}`ship_layer` (the same share of experts
-# as {glue:text}`K` of {glue:text}`n_experts`), and each family and {glue:text}`ship_nulls` random sets of that size are ablated at
-# {glue:text}`ship_n` sampled positions under both operators (token-level ablation at that one layer,
-# so the effects are far smaller than the study's masking at every layer and position).
+# as {glue:text}`K` of {glue:text}`n_experts`), and each family and {glue:text}`ship_nulls` random sets of that
+# size are ablated at {glue:text}`ship_n` sampled positions under both operators. The ablation acts on one token
+# at one layer, while the study masked its families at every layer and for every token, so the sizes of the
+# effects are not comparable with the study's.
 #
 # {glue:md}`ship_text`
 
 # %%
-from moeaudit import audit, corpus as corpus_lib  # noqa: E402
-from moeaudit.engine import OPERATORS, run_ablations  # noqa: E402
-
 model_name = models[0]
 ctx = audit.prepare(model_name, corpus="embedded", n_texts=100, results_dir=results_dir, progress=False)
 moe = ctx.model.layout.moe_layers
 L = moe[len(moe) // 2] if layer is None else layer
 E = ctx.model.layout.num_experts
-tok = ctx.clean.tokens
 route = ctx.clean.routing[L]
-ship_atlas = M.topic_atlas(tok.seq_id.to_numpy(), route["indices"], route["weight"],
-                           M.embedded_topic(tok.seq_id.to_numpy()), layer=L, num_experts=E)
-ship_cats, ship_mass = M.mass_array(ship_atlas)
-ship_k = max(1, round(E * K / mass.shape[2]))
-ship_fams = M.top_k_families(M.expert_lift(ship_mass), ship_cats, k=ship_k)
+ship_atlas, ship_fams = M.topic_families(ctx.clean.tokens.seq_id.to_numpy(), route["indices"], route["weight"],
+                                         layer=L, num_experts=E, share=K / mass.shape[2])
 pos = corpus_lib.sample_positions(ctx.corpus, n=n_positions, seed=seed)
 pos["topic"] = np.array(M.EMBEDDED_TOPICS)[M.embedded_topic(pos.seq_id.to_numpy())]
 requests = M.family_requests(pos, ship_fams, layer=L, num_experts=E, n_null=n_null_draws, seed=seed)
@@ -257,11 +231,14 @@ records = pd.concat([run_ablations(ctx.model, ctx.corpus, ctx.clean, requests, o
                                    batch_size=batch_size, progress=False).assign(operator=op) for op in operators],
                     ignore_index=True)
 effects = M.family_effects(records)
-per_topic = pos.topic.value_counts().reindex(M.EMBEDDED_TOPICS).fillna(0).astype(int).to_dict()
-put(ship_model=model_name, ship_k=ship_k, ship_layer=L, ship_nulls=n_null_draws, ship_n=len(pos))
-put(ship_text=M.shipped_sentence(effects, model=model_name, layer=L, n_positions=per_topic), as_markdown=True)
 
 # %% tags=["hide-input"]
+per_topic = pos.topic.value_counts().reindex(M.EMBEDDED_TOPICS).fillna(0).astype(int).to_dict()
+put(ship_model=model_name, ship_k=len(next(iter(ship_fams.values()))), ship_layer=L, ship_nulls=n_null_draws,
+    ship_n=len(pos))
+put(ship_text=M.shipped_sentence(effects, model=model_name, layer=L, n_positions=per_topic, n_null=n_null_draws),
+    shows_text=M.shows_sentences(agreement, passed_over, counts, said, corr, pw, effects, alpha=alpha, power=power,
+                                 model=model_name, n_positions=per_topic), as_markdown=True)
 fig, axes = plt.subplots(1, len(operators), figsize=(4.2 * len(operators), 3.6), sharey=True, squeeze=False)
 for ax, (op, g) in zip(axes[0], effects.groupby("operator", sort=False)):
     x = np.arange(len(g))
@@ -283,57 +260,53 @@ plt.show()
 # ## What this shows, and what it does not
 #
 # {glue:md}`shows_text`
-
-# %%
-w4 = {k: int(v) for k, v in counts.set_index("precision").loc["W4A4"].items() if k in
-      ("n_families", "point_count", "point_unresolved", "ci_fails", "ci_undetermined")}
-n_sig = int(corr.significant.sum())
-n6 = int(corr.n.max())
-changed = effects.pivot(index="family", columns="operator", values="modular").nunique(axis=1).gt(1).sum()
-shows = [
-    f"- The stated family rule, with the lift formula that reproduces the study's lift values, reproduces "
-    f"{int(agreement.n_agree.sum())} of {int(agreement.n_members.sum())} members of the tested families; the rest "
-    f"follow from {len(passed_over)} extra exclusions the released files do not explain.",
-    f"- The point-rule count ({w4['point_count']} of {w4['n_families']} in W4A4) is recomputed from the released "
-    f"values; {w4['point_unresolved']} of its verdicts rest{'s' if w4['point_unresolved'] == 1 else ''} on digits that "
-    "are not published.",
-    f"- The conservative CI-rule count cannot be recomputed: the released values decide {w4['ci_fails']} failures and "
-    f"leave {w4['ci_undetermined']} families open, so they are consistent with any count from 0 to "
-    f"{w4['ci_undetermined']}, including the study's {said['ci_count']:.0f}.",
-    f"- {n_sig} of {len(corr)} rank correlations between the atlas and the causal effects "
-    f"{'is' if n_sig == 1 else 'are'} significant after Holm's correction at {alpha:g}; with {n6} families the exact "
-    f"test detects a true correlation of {pw.set_index('n').loc[n6, 'min_detectable_rho']:.2f} with {power:.0%} power, "
-    "so a non-significant correlation here is absence of evidence, not evidence that routing fails to predict the "
-    "effects.",
-    f"- On {model_name}, {changed} of {effects.family.nunique()} topic families change verdict between the "
-    f"operators ({', '.join(operators)}), with {min(per_topic.values())} to {max(per_topic.values())} positions per "
-    "topic; this illustrates the procedure on a small model and corpus and says nothing about Command A+.",
-]
-put(shows_text="\n".join(shows), as_markdown=True)
-
-# %% [markdown]
+#
 # ## Exercises
 #
-# 1. **Without the extra exclusions.** Recompute the tested families with `M.top_k_families` excluding only the
-#    shared core, and ask whether the Spanish and Arabic families would still share experts. (Expected:
-#    {glue:text}`ex1`.)
-# 2. **Two decimals are not enough.** How many more decimals would the W4A4 table need for the Spanish
-#    selectivity margin stated by the study to be resolved? Change `decimals` in `verdict` and rerun
-#    `M.decision_table`. (Expected: {glue:text}`ex2`.)
-# 3. **How many families would be enough?** Find the smallest number of families for which the exact test
-#    detects a true correlation of 0.8 with {glue:text}`power_pct` power at level {glue:text}`alpha_txt`, using
-#    `moeaudit.stats.spearman_exact_power`. (Expected: {glue:text}`ex3`.)
+# ````{exercise} Without the extra exclusions
+# :label: 13_command_a_modularity-ex1
+#
+# Recompute the tested families with `M.top_k_families` excluding only the shared core, and ask
+# whether the Spanish and Arabic families would still share experts. How many do they share? Check
+# your count in the downloaded notebook with `M.check_13_command_a_modularity_1(answer, derived)`.
+# ````
+#
+# ````{solution} 13_command_a_modularity-ex1
+# :class: dropdown
+#
+# {glue:text}`ex1`.
+# ````
+#
+# ````{exercise} Two decimals are not enough
+# :label: 13_command_a_modularity-ex2
+#
+# How many decimals would the W4A4 table need for the Spanish selectivity margin stated by the
+# study to be resolved? Change `decimals` in `verdict` and rerun `M.decision_table`, or see
+# `M.decimals_to_resolve`. Check your number in the downloaded notebook with
+# `M.check_13_command_a_modularity_2(answer, verdict, said)`.
+# ````
+#
+# ````{solution} 13_command_a_modularity-ex2
+# :class: dropdown
+#
+# {glue:text}`ex2`.
+# ````
+#
+# ````{exercise} How many families would be enough?
+# :label: 13_command_a_modularity-ex3
+#
+# Find the smallest number of families for which the exact test detects a true correlation of
+# {glue:text}`ex3_rho` with {glue:text}`power_pct` power at level {glue:text}`alpha_txt` before any
+# correction, using `moeaudit.stats.spearman_exact_power`.
+# ````
+#
+# ````{solution} 13_command_a_modularity-ex3
+# :class: dropdown
+#
+# {glue:text}`ex3`.
+# ````
 
 # %% tags=["hide-input"]
-ex1_n = len(set(derived["es"]) & set(derived["ar"]))
-ex1 = (f"they share {ex1_n} expert{'s' if ex1_n != 1 else ''}" + (f" ({', '.join(map(str, sorted(set(derived['es']) & set(derived['ar']))))})" if ex1_n else ""))
-es_row = verdict[(verdict.precision == "W4A4") & (verdict.family == "es")]
-ex2_d = next(d for d in range(2, 9) if (lambda t: bool(t.point_resolved.iloc[0]))(
-    M.decision_table(es_row.assign(decimals=d, on_target=round(es_row.on_target.iloc[0] + said["es_point_margin"] * 3 / 2, d),
-                                   worst_off=round(es_row.worst_off.iloc[0] - said["es_point_margin"] / 2, d)))))
-ex3_n = next((n for n in range(4, 10) if stats.spearman_exact_power(n, 0.8, alpha=alpha, n_sim=4000, seed=seed) >= power),
-             None)
-put(ex1=ex1, ex2=f"{ex2_d} decimals, {ex2_d - int(es_row.decimals.iloc[0])} more than published, for a margin of "
-                 f"{said['es_point_margin']:+.3f} nats split between the two values",
-    ex3=(f"{ex3_n} families" if ex3_n else "more than 9 families, beyond the exact test's enumeration"),
-    power_pct=f"{power:.0%}", alpha_txt=f"{alpha:g}")
+ex3_rho = 0.8
+put(**M.exercise_answers(derived, verdict, said, alpha=alpha, power=power, rho=ex3_rho, seed=seed),
+    ex3_rho=ex3_rho, power_pct=f"{power:.0%}", alpha_txt=f"{alpha:g}")

@@ -23,7 +23,6 @@ Effects are increases in per-token negative log-likelihood, in nats.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import html
 import json
 import os
@@ -35,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from moeaudit import paths, report, stats
+from moeaudit.derived import read_derived, sha256, write_derived
 
 __all__ = [
     "SOURCE_REPO", "SOURCE_COMMIT", "SOURCE_URL", "FOLDER", "SOURCE_FILES", "EMBEDDED_TABLE", "TESTED_FAMILIES",
@@ -46,6 +46,9 @@ __all__ = [
     "source_sentence", "prereg_sentence", "rules_sentence", "precision_sentence", "ci_rule_sentence",
     "rung_sentence", "power_sentence", "LABELS",
     "EMBEDDED_TOPICS", "embedded_topic", "topic_atlas", "family_requests", "family_effects", "shipped_sentence",
+    "frozen_map", "lift_reproduced", "jaccard", "topic_families", "FAMILY_NAMES", "agreement_display",
+    "replacement_sentence", "overlap_sentence", "count_table", "decision_display", "counts_sentence",
+    "families_needed", "decimals_to_resolve", "exercise_answers", "shows_sentences",
 ]
 
 SOURCE_REPO = "transformerlab/exp-command-a-plus-moe-modularity"
@@ -168,10 +171,6 @@ _BUILDERS = {"atlas_mass": _atlas_from_files, "prereg_families": _prereg_from_fi
 DERIVED_TABLES: tuple[str, ...] = tuple(_BUILDERS)
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def _check_files(root: Path, expected: dict | None) -> None:
     """``ModularityDataError`` naming the first file that is missing or whose sha256 differs from ``expected``."""
     for rel in SOURCE_FILES:
@@ -179,7 +178,7 @@ def _check_files(root: Path, expected: dict | None) -> None:
             raise ModularityDataError(f"{root / rel} is missing: the folder must hold {', '.join(SOURCE_FILES)} "
                                       f"as in {SOURCE_REPO} at commit {SOURCE_COMMIT}")
     for rel, sha in (expected or {}).items():
-        got = _sha256(root / rel)
+        got = sha256(root / rel)
         if got != sha:
             raise ModularityDataError(f"{root / rel} differs from the file of {SOURCE_REPO} at commit {SOURCE_COMMIT} "
                                       f"(sha256 {got[:12]}..., expected {sha[:12]}...): restore the original file")
@@ -260,13 +259,8 @@ _CACHE: dict[tuple, pd.DataFrame] = {}
 def _embedded(name: str) -> pd.DataFrame:
     key = ("embedded", name, EMBEDDED_TABLE.stat().st_mtime_ns)
     if key not in _CACHE:
-        spec = embedded_provenance()["tables"][name]
-        long = pd.read_parquet(EMBEDDED_TABLE, filters=[("table", "==", name)])
-        out = long[spec["columns"]].reset_index(drop=True)
-        for col, dtype in spec["dtypes"].items():
-            out[col] = (out[col].astype(object).where(out[col].notna(), None) if dtype == "object"
-                        else out[col].astype(dtype))
-        _CACHE[key] = out
+        embedded_provenance()  # a clear error when the table is missing
+        _CACHE[key] = read_derived(EMBEDDED_TABLE, name)
     return _CACHE[key].copy()
 
 
@@ -328,22 +322,12 @@ def pack(src: str | os.PathLike | None = None, *, out: str | os.PathLike | None 
         raise FileNotFoundError(f"{root} is not a folder holding {', '.join(SOURCE_FILES)}")
     tables = derived_tables(root)
     out = Path(out) if out is not None else EMBEDDED_TABLE
-    out.parent.mkdir(parents=True, exist_ok=True)
-    long = pd.concat([t.assign(table=name) for name, t in tables.items()], ignore_index=True)
-    for col in long.columns:
-        if long[col].dtype == object:
-            long[col] = long[col].astype("string")
-    long.to_parquet(out, index=False, compression="zstd")
-    provenance = {
+    write_derived(tables, out, {
         "source_repository": SOURCE_REPO, "source_commit": SOURCE_COMMIT, "source_url": SOURCE_URL,
         "licence": "CC BY 4.0 (https://creativecommons.org/licenses/by/4.0/)",
         "attribution": "Tony Salomone, Deep Gandhi, Ali Asaria (Transformer Lab), arXiv 2606.25092",
-        "source_files": {rel: _sha256(root / rel) for rel in SOURCE_FILES},
-        "generated_by": "python -m moeaudit.chapters.modularity pack",
-        "tables": {name: {"rows": len(t), "columns": list(t.columns), "dtypes": {c: str(t[c].dtype) for c in t.columns}}
-                   for name, t in tables.items()},
-    }
-    out.with_suffix(".json").write_text(json.dumps(provenance, indent=1) + "\n", encoding="utf-8")
+        "source_files": {rel: sha256(root / rel) for rel in SOURCE_FILES},
+        "generated_by": "python -m moeaudit.chapters.modularity pack"})
     _CACHE.clear()
     return out
 
@@ -424,6 +408,42 @@ def passed_over_experts(agreement: pd.DataFrame) -> list[int]:
     return sorted({e for items in agreement["derived_only"] for e, _ in items})
 
 
+def frozen_map(prereg: pd.DataFrame) -> tuple[list[int], dict[str, list[int]], int]:
+    """The frozen pre-registration of :func:`prereg_families` as ``(shared_core, families, k)``: the shared
+    core's expert ids (sorted), ``{family: sorted expert ids}`` in the map's order, and the stated family size
+    K. ``ValueError`` when the map states more than one K or holds no family."""
+    ks = prereg["family_k"].unique()
+    if len(ks) != 1:
+        raise ValueError(f"the frozen map must state one family size K, got {sorted(ks.tolist())}")
+    fam = prereg[prereg.role == "family"]
+    if fam.empty:
+        raise ValueError("the frozen map holds no family")
+    core = sorted(int(e) for e in prereg.loc[prereg.role == "shared_core", "expert"])
+    families = {f: sorted(int(e) for e in g.expert) for f, g in fam.groupby("family", sort=False)}
+    return core, families, int(ks[0])
+
+
+def lift_reproduced(agreement: pd.DataFrame, prereg: pd.DataFrame, *, decimals: int = 3) -> pd.Series:
+    """Per family of ``agreement`` (:func:`family_agreement`), whether the recomputed mean lift of the frozen
+    members (``lift_frozen``), rounded to ``decimals``, equals the study's stated mean lift
+    (``frozen_mean_lift`` of :func:`prereg_families`, published with three decimals). Boolean Series indexed
+    by family. ``ValueError`` for a family the map does not state."""
+    stated = prereg[prereg.role == "family"].groupby("family").frozen_mean_lift.first()
+    missing = sorted(set(agreement.family) - set(stated.index))
+    if missing:
+        raise ValueError(f"the frozen map states no mean lift for {', '.join(missing)}")
+    got = agreement.set_index("family").lift_frozen.round(int(decimals))
+    return (got - stated.reindex(got.index)).abs() < 10.0 ** -(int(decimals) + 3)
+
+
+def jaccard(a, b) -> float:
+    """Jaccard index ``|A & B| / |A | B|`` of two expert sets. ``ValueError`` when both are empty."""
+    a, b = set(a), set(b)
+    if not (a | b):
+        raise ValueError("the Jaccard index of two empty sets is undefined")
+    return len(a & b) / len(a | b)
+
+
 # ----------------------------------------------------------------------------- rung 2: the decision rules
 
 
@@ -466,13 +486,17 @@ def decision_table(v: pd.DataFrame) -> pd.DataFrame:
 
 def rule_counts(table: pd.DataFrame) -> pd.DataFrame:
     """Per precision, from :func:`decision_table`: ``n_families``, ``point_count`` (recomputed passes),
-    ``point_unresolved`` (verdicts the published precision cannot settle), ``point_stated`` (the study's
-    count, NaN where it states none), ``ci_fails``, ``ci_undetermined`` (so the CI-rule count lies in
-    ``[0, ci_undetermined]``) and ``ci_stated``."""
+    ``point_unresolved`` (verdicts the published precision cannot settle), ``point_low`` and ``point_high``
+    (the fewest and most passes over all values that round to the published ones: the settled passes, plus
+    every unsettled verdict for ``point_high``), ``point_stated`` (the study's count, NaN where it states
+    none), ``ci_fails``, ``ci_undetermined`` (so the CI-rule count lies in ``[0, ci_undetermined]``) and
+    ``ci_stated``."""
     rows = []
     for precision, g in table.groupby("precision", sort=False):
+        settled = int(((g.point == 1) & g.point_resolved).sum())
         rows.append({"precision": precision, "n_families": len(g), "point_count": int((g.point == 1).sum()),
-                     "point_unresolved": int((~g.point_resolved).sum()),
+                     "point_unresolved": int((~g.point_resolved).sum()), "point_low": settled,
+                     "point_high": settled + int((~g.point_resolved).sum()),
                      "point_stated": float(g.stated_point.sum()) if g.stated_point.notna().all() else np.nan,
                      "ci_fails": int((g.ci_status == "fails").sum()),
                      "ci_undetermined": int((g.ci_status == "undetermined").sum()),
@@ -572,10 +596,17 @@ def rung_correlations(obs: pd.DataFrame, causal: pd.DataFrame, *, alpha: float =
 
 
 def rank_power(ns, *, alpha: float = 0.05, power: float = 0.8, rhos=(0.5, 0.8), n_sim: int = 20000,
-               seed: int = 0) -> pd.DataFrame:
+               seed: int = 0, n_tests: int = 1) -> pd.DataFrame:
     """What the exact Spearman test can detect with each number of families in ``ns``: ``n``,
     ``n_permutations``, ``smallest_p`` (``2 / n!``), ``critical_rho`` (:func:`moeaudit.stats.spearman_exact_critical`),
-    ``min_detectable_rho`` (bivariate-normal correlation detected with ``power``) and ``power_at_<rho>``."""
+    ``min_detectable_rho`` (bivariate-normal correlation detected with ``power``) and ``power_at_<rho>``, all at
+    ``alpha``; and the same at Holm's first-step level ``alpha_first = alpha / n_tests`` (the level the smallest
+    of ``n_tests`` p-values must reach before any test of the family can be significant; Holm, 1979):
+    ``critical_rho_first`` (NaN when even ``|rho| = 1`` cannot reach it), ``min_detectable_rho_first`` and
+    ``first_power_at_<rho>``. ``ValueError`` for ``n_tests`` below 1."""
+    if not (isinstance(n_tests, (int, np.integer)) and n_tests >= 1):
+        raise ValueError(f"n_tests must be an integer >= 1, got {n_tests!r}")
+    first = alpha / int(n_tests)
     rows = []
     for n in ns:
         n = int(n)
@@ -584,6 +615,12 @@ def rank_power(ns, *, alpha: float = 0.05, power: float = 0.8, rhos=(0.5, 0.8), 
                "min_detectable_rho": stats.spearman_min_detectable(n, alpha=alpha, power=power, n_sim=n_sim, seed=seed)}
         for r in rhos:
             row[f"power_at_{r:g}"] = stats.spearman_exact_power(n, r, alpha=alpha, n_sim=n_sim, seed=seed)
+        row.update({"n_tests": int(n_tests), "alpha_first": first,
+                    "critical_rho_first": stats.spearman_exact_critical(n, alpha=first),
+                    "min_detectable_rho_first": stats.spearman_min_detectable(n, alpha=first, power=power,
+                                                                              n_sim=n_sim, seed=seed)})
+        for r in rhos:
+            row[f"first_power_at_{r:g}"] = stats.spearman_exact_power(n, r, alpha=first, n_sim=n_sim, seed=seed)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -659,6 +696,22 @@ def family_effects(records: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def topic_families(seq_id, indices, weights, *, layer: int, num_experts: int,
+                   share: float) -> tuple[pd.DataFrame, dict[str, list[int]]]:
+    """The study's family construction on one layer of a shipped model and the embedded corpus: the per-topic
+    atlas (:func:`topic_atlas`, each token's topic from :func:`embedded_topic` of its ``seq_id``) and per topic
+    the ``max(1, round(share * num_experts))`` experts of highest :func:`expert_lift` (:func:`top_k_families`,
+    no shared core). ``seq_id`` (N,), ``indices``/``weights`` (N, k). ``ValueError`` for ``share`` outside
+    (0, 1]."""
+    if not 0 < share <= 1:
+        raise ValueError(f"share must be in (0, 1], got {share!r}")
+    seq = np.asarray(seq_id)
+    atlas = topic_atlas(seq, indices, weights, embedded_topic(seq), layer=layer, num_experts=num_experts)
+    cats, mass = mass_array(atlas)
+    k = max(1, round(num_experts * share))
+    return atlas, top_k_families(expert_lift(mass), cats, k=k)
+
+
 # ----------------------------------------------------------------------------- sentences
 
 
@@ -692,19 +745,21 @@ def prereg_sentence(agreement: pd.DataFrame, passed_over: list[int], n_reproduce
         parts.append("The differences: " + "; ".join(items) + ".")
         parts.append(f"Leaving out expert{'s' if len(passed_over) > 1 else ''} {', '.join(map(str, passed_over))} "
                      f"as well as the shared core reproduces {_count(n_reproduced_without, n)} members; the released "
-                     "files name no rule that excludes them (their shared core lists only the experts it excludes by "
-                     "definition, and no expert is marked near-dead).")
+                     "files name no rule that excludes them (the map's shared core does not contain them, and it marks "
+                     "no expert near-dead), so this exclusion fits the released numbers but is not documented.")
     return " ".join(parts)
 
 
 def rules_sentence(counts: pd.DataFrame, statements: dict) -> str:
-    """The recomputed point-rule counts beside the study's statements (:func:`rule_counts`)."""
+    """The recomputed point-rule counts beside the study's statements (:func:`rule_counts`), with the range
+    of counts the published precision allows."""
     parts = []
     for r in counts.itertuples():
         stated = ("" if np.isnan(r.point_stated) else
                   f" (study: {int(r.point_stated)} of {r.n_families})")
-        unresolved = (f", and {r.point_unresolved} of its {r.n_families} verdicts {'is' if r.point_unresolved == 1 else 'are'} "
-                      "not settled by the published precision" if r.point_unresolved
+        unresolved = (f", but {r.point_unresolved} of its {r.n_families} verdicts {'is' if r.point_unresolved == 1 else 'are'} "
+                      "not settled by the published precision, so values that round to the published ones give "
+                      f"{r.point_low} to {r.point_high}" if r.point_unresolved
                       else ", every verdict settled by the published precision")
         parts.append(f"{r.precision}: the point rule passes {_count(r.point_count, r.n_families)} families{stated}"
                      f"{unresolved}")
@@ -721,16 +776,23 @@ def precision_sentence(table: pd.DataFrame, statements: dict) -> str:
         if r.null_margin <= 0 or np.isnan(r.sel_margin):
             continue
         s = stated.get((r.precision, r.family))
-        said = "" if s is None else f"; the study states {s:+.3f}"
+        h = 0.5 * 10.0 ** -_decimals(repr(abs(s))) if s is not None else 0.0  # the stated margin is rounded too
+        agrees = s is not None and r.sel_low - h - 1e-12 <= s <= r.sel_high + h + 1e-12
+        said = ("" if s is None else
+                f"; the study states {s:+.3f}, {'which agrees with' if agrees else 'which lies outside'} that range "
+                "at its own precision")
         if r.point_resolved:
-            tail = "resolved"
+            edge = abs(r.sel_high) <= 1e-9 or abs(r.sel_low) <= 1e-9
+            tail = ("resolved (the range touches zero only where both values lie exactly on a rounding boundary)"
+                    if edge else "resolved")
         else:
             tail = "not resolved: the sign of the margin depends on digits that are not published"
         if s is not None or not r.point_resolved:
             parts.append(f"{r.family} ({r.precision}, {r.decimals} decimals): margin {r.sel_margin:+.4f} nats, between "
                          f"{r.sel_low:+.4f} and {r.sel_high:+.4f} for values that round to the published ones{said}; "
                          f"{tail}")
-    return "Selectivity margins (on-target / 3 minus worst off-target): " + "; ".join(parts) + "."
+    return ("Selectivity margins (on-target / 3 minus worst off-target; a family passes at a margin of zero or "
+            "more): " + "; ".join(parts) + ".")
 
 
 def ci_rule_sentence(table: pd.DataFrame) -> str:
@@ -767,37 +829,246 @@ def rung_sentence(corr: pd.DataFrame, *, alpha: float, precision: str) -> str:
 
 
 def power_sentence(power: pd.DataFrame, *, alpha: float, target: float = 0.8) -> str:
-    """What the exact Spearman test can detect with each number of families (:func:`rank_power`)."""
+    """What the exact Spearman test can detect with each number of families (:func:`rank_power`): at ``alpha``
+    before correction, and at Holm's first-step level (``alpha / n_tests``), the level at which one test of the
+    family is significant when no other is."""
+    at = [c.removeprefix("power_at_") for c in power.columns if c.startswith("power_at_")]
+
+    def detect(crit, mdr, prefix, row):
+        powers = ", ".join(f"{row[f'{prefix}power_at_{r}']:.0%} at {r}" for r in at)
+        if np.isnan(crit):
+            return "no ordering reaches it, so no correlation can be significant (power 0% at any true correlation)"
+        need = (f"{target:.0%} power needs a true correlation of {mdr:.3f}" if np.isfinite(mdr)
+                else f"no true correlation below 1 gives {target:.0%} power")
+        return f"|rho| must reach {crit:.3f}, and {need} (power {powers})"
+
     parts = []
-    at = [c for c in power.columns if c.startswith("power_at_")]
-    for _, row in power.iterrows():
-        r = row
-        extra = ", ".join(f"{row[c]:.0%} at a true correlation of {c.removeprefix('power_at_')}" for c in at)
-        crit = ("no correlation can be significant" if np.isnan(r.critical_rho)
-                else f"|rho| must reach {r.critical_rho:.3f} to be significant at {alpha:g} before any correction")
-        mdr = ("no correlation below 1 reaches" if np.isnan(r.min_detectable_rho)
-               else f"a true correlation of {r.min_detectable_rho:.2f} is needed for")
-        parts.append(f"with {int(r.n)} families the exact test has {int(r.n_permutations)} orderings and a smallest p of "
-                     f"{r.smallest_p:.4f}; {crit}; {mdr} {target:.0%} power ({extra})")
-    text = "; ".join(parts)
-    return text[0].upper() + text[1:] + "."
+    for _, r in power.iterrows():
+        parts.append(f"With {int(r.n)} families the exact test has {int(r.n_permutations)} orderings and a smallest "
+                     f"p of {r.smallest_p:.4f}. At {alpha:g} before correction, "
+                     f"{detect(r.critical_rho, r.min_detectable_rho, '', r)}. Under Holm's correction over the "
+                     f"{int(r.n_tests)} tests of a precision, one correlation is significant on its own only at "
+                     f"{alpha:g}/{int(r.n_tests)} = {r.alpha_first:.4f}: "
+                     f"{detect(r.critical_rho_first, r.min_detectable_rho_first, 'first_', r)}.")
+    return " ".join(parts)
 
 
-def shipped_sentence(effects: pd.DataFrame, *, model: str, layer: int, n_positions: dict) -> str:
+def shipped_sentence(effects: pd.DataFrame, *, model: str, layer: int, n_positions: dict,
+                     n_null: int | None = None) -> str:
     """The study's point rule on a shipped model's topic families under each operator (:func:`family_effects`);
-    ``n_positions`` maps each topic to its number of sampled positions."""
+    ``n_positions`` maps each topic to its number of sampled positions, ``n_null`` is the number of random draws
+    behind the null band."""
     parts = []
     for op, g in effects.groupby("operator", sort=False):
         mod = g[g.modular].family.tolist()
         parts.append(f"under {op} {_count(len(mod), len(g))} families pass ({', '.join(mod) or 'none'})")
     flips = effects.pivot(index="family", columns="operator", values="modular")
     changed = flips.index[flips.nunique(axis=1) > 1].tolist() if flips.shape[1] > 1 else []
+    if changed:
+        flip = f"The verdict changes with the operator for {', '.join(changed)}. "
+    elif not effects.modular.any():
+        flip = "No family passes under any operator, so these verdicts cannot show the operator changing one. "
+    else:
+        flip = "No family's verdict changes with the operator. "
     n = ", ".join(f"{k} {v}" for k, v in n_positions.items())
-    return (f"In {model} at layer {layer}, with the study's point rule: " + "; ".join(parts) + ". "
-            + (f"The verdict changes with the operator for {', '.join(changed)}. " if changed
-               else "No family's verdict changes with the operator. ")
-            + f"Positions per topic: {n}; each mean is over so few positions that these verdicts illustrate the "
-              "procedure and carry no confidence interval.")
+    band = ("" if n_null is None else
+            f" and the null band (mean + 2 sd) rests on {n_null} random draw{'s' if n_null != 1 else ''}")
+    return (f"In {model} at layer {layer}, with the study's point rule: " + "; ".join(parts) + ". " + flip
+            + f"Positions per topic: {n}; each mean is over so few positions{band}, so these verdicts illustrate "
+              "the procedure and carry no confidence interval.")
+
+
+#: the study's names of the tested families
+FAMILY_NAMES = {"ar": "Arabic", "es": "Spanish", "zh": "Chinese", "math": "math", "code": "code", "general": "general"}
+
+
+def _ranked(items) -> str:
+    return ", ".join(f"{e} (rank {r})" for e, r in items) or "-"
+
+
+def agreement_display(agreement: pd.DataFrame) -> pd.DataFrame:
+    """The table of :func:`family_agreement` for the page: differing experts with their lift rank, readable
+    column names."""
+    return pd.DataFrame({"family": agreement.family, "members": agreement.n_members,
+                         "members reproduced": agreement.n_agree,
+                         "in the frozen map only": [_ranked(x) for x in agreement.frozen_only],
+                         "by the stated rule only": [_ranked(x) for x in agreement.derived_only],
+                         "mean lift (frozen)": agreement.lift_frozen, "mean lift (rule)": agreement.lift_derived})
+
+
+def replacement_sentence(agreement: pd.DataFrame, passed_over: list[int], *, k: int) -> str:
+    """Over all frozen families (:func:`family_agreement`), the lift ranks of the experts the frozen map holds
+    instead of the stated rule's, and of those it passes over."""
+    ranks_in = sorted({r for x in agreement.frozen_only for _, r in x})
+    ranks_out = sorted({r for x in agreement.derived_only for _, r in x})
+    if not ranks_in:
+        return "The frozen map and the stated rule agree on every family."
+    return (f"Over all {len(agreement)} frozen families, the experts the frozen map holds instead have lift "
+            f"rank{'s' if len(ranks_in) > 1 else ''} {', '.join(map(str, ranks_in))} (K = {k}), and the ones it passes "
+            f"over rank {min(ranks_out)} to {max(ranks_out)}: the map behaves as if {len(passed_over)} more "
+            f"expert{'s' if len(passed_over) != 1 else ''} had been excluded.")
+
+
+def overlap_sentence(frozen: dict, derived: dict, agreement: pd.DataFrame, verdict: pd.DataFrame,
+                     statements: dict, *, a: str = "es", b: str = "ar", precision: str = "W4A4") -> str:
+    """The overlap of families ``a`` and ``b`` in the frozen map and under the stated rule, beside the study's
+    note (``es_ar_shared_experts``, ``es_ar_jaccard`` of :func:`study_statements`) and ``a``'s off-target effect
+    on ``b`` (:func:`verdicts`); names the shared experts that the frozen map holds in place of the stated rule's."""
+    na, nb = FAMILY_NAMES.get(a, a), FAMILY_NAMES.get(b, b)
+    row = verdict[(verdict.precision == precision) & (verdict.family == a)]
+    bleed = ""
+    if len(row) and row.worst_off_axis.iloc[0] == b:
+        bleed = (f"ablating the {na} family raises the loss on {nb} text by {row.worst_off.iloc[0]:.2f} nats per "
+                 f"token ({precision}, its worst off-target effect), and ")
+    shared_f, shared_d = sorted(set(frozen[a]) & set(frozen[b])), sorted(set(derived[a]) & set(derived[b]))
+    swapped = {e: (fam, r) for fam, items in zip(agreement.family, agreement.frozen_only) if fam in (a, b)
+               for e, r in items}
+    held = [f"expert {e} is one the frozen map holds in the {FAMILY_NAMES.get(swapped[e][0], swapped[e][0])} family "
+            f"in place of a higher-lift expert (its lift rank is {swapped[e][1]})" for e in shared_f if e in swapped]
+    return (f"In the study's note, {bleed}the {na} and {nb} families share only "
+            f"{int(statements['es_ar_shared_experts'])} experts (Jaccard {statements['es_ar_jaccard']:.3f}); the "
+            "note leaves the mechanism open. Recomputed, the frozen families share "
+            f"{report.plural(len(shared_f), 'expert')} ({', '.join(map(str, shared_f)) or 'none'}; Jaccard "
+            f"{jaccard(frozen[a], frozen[b]):.3f})" + (f", and {'; '.join(held)}" if held else "")
+            + f". Under the stated rule they share {report.plural(len(shared_d), 'expert')} "
+              f"({', '.join(map(str, shared_d)) or 'none'}; Jaccard {jaccard(derived[a], derived[b]):.3f}).")
+
+
+def count_table(counts: pd.DataFrame, statements: dict) -> pd.DataFrame:
+    """The study's counts beside the recomputed ones (:func:`rule_counts`), one row per rule and precision."""
+    rows = []
+    for r in counts.itertuples():
+        precision, n = r.precision, int(r.n_families)
+        rng = f" ({r.point_low} to {r.point_high} within the published precision)" if r.point_unresolved else ""
+        rows.append({"quantity": f"point rule, {precision}",
+                     "the study states": "no count" if np.isnan(r.point_stated) else f"{r.point_stated:.0f} of {n}",
+                     "recomputed": f"{r.point_count} of {n}{rng}"})
+        rows.append({"quantity": f"CI rule, {precision}", "the study states": f"{r.ci_stated:.0f} of {n}",
+                     "recomputed": f"between 0 and {r.ci_undetermined} of {n}"})
+    return pd.DataFrame(rows)
+
+
+def decision_display(table: pd.DataFrame) -> pd.DataFrame:
+    """The table of :func:`decision_table` for the page (values in nats per token): verdicts as words, the
+    selectivity margin's range at the published precision as one column."""
+    def word(x, stated=False):
+        return ("not stated" if stated else "-") if pd.isna(x) else ("pass" if x == 1 else "fail")
+
+    return pd.DataFrame({
+        "precision": table.precision, "family": table.family, "on-target": table.on_target,
+        "lower 95% bound": table.ci_low, "null band": table.null_2sigma, "worst off-target": table.worst_off,
+        "on axis": table.worst_off_axis.fillna("-"), "selectivity margin": table.sel_margin,
+        "margin range": [("-" if np.isnan(lo) else f"{lo:+.4f} to {hi:+.4f}")
+                         for lo, hi in zip(table.sel_low, table.sel_high)],
+        "point rule": [word(x) + ("" if ok else " (unsettled)") for x, ok in zip(table.point, table.point_resolved)],
+        "point rule (study)": [word(x, stated=True) for x in table.stated_point],
+        "CI rule": table.ci_status.map({"fails": "fail", "undetermined": "open"}),
+        "CI rule (study)": [word(x, stated=True) for x in table.stated_ci]})
+
+
+def counts_sentence(counts: pd.DataFrame) -> str:
+    """What the released values settle of each stated count (:func:`rule_counts`), in one sentence."""
+    parts = []
+    for r in counts.itertuples():
+        n = r.n_families
+        point = (f"the point rule gives {r.point_count} of {n} as printed"
+                 + ("" if np.isnan(r.point_stated) else f" (the study: {r.point_stated:.0f})")
+                 + (f" and {r.point_low} to {r.point_high} within the published precision" if r.point_unresolved else ""))
+        parts.append(f"in {r.precision} {point}, while the CI-rule count can be anything from 0 to "
+                     f"{r.ci_undetermined} (the study: {r.ci_stated:.0f})")
+    return ("So " + "; ".join(parts) + ". The released files cannot settle the rule that the study calls "
+            "conservative: a pass under it needs the upper bound of the off-target effect, which they do not hold.")
+
+
+def families_needed(rho: float, *, alpha: float = 0.05, power: float = 0.8, n_sim: int = 4000,
+                    seed: int = 0) -> int | None:
+    """Smallest number of families (3 to :data:`moeaudit.stats.MAX_EXACT_SPEARMAN_N`) at which the exact
+    Spearman test at ``alpha`` reaches ``power`` against a true correlation ``rho``
+    (:func:`moeaudit.stats.spearman_exact_power`); None when no such number is in that range."""
+    for n in range(3, stats.MAX_EXACT_SPEARMAN_N + 1):
+        if stats.spearman_exact_power(n, rho, alpha=alpha, n_sim=n_sim, seed=seed) >= power:
+            return n
+    return None
+
+
+def decimals_to_resolve(row: pd.Series, margin: float, *, max_decimals: int = 8) -> int | None:
+    """Fewest decimals at which values carrying the selectivity ``margin`` (nats) settle the point verdict of
+    one verdict row (:func:`verdicts`): the printed values are shifted so that ``on_target / 3 - worst_off``
+    equals ``margin`` (on-target by ``3/2`` of the shift, off-target by ``-1/2``), rounded to ``d`` decimals and
+    passed to :func:`decision_table`, for ``d`` from one more than the published decimals. None when even
+    ``max_decimals`` does not settle it."""
+    shift = margin - (row.on_target / 3 - row.worst_off)
+    on, off = row.on_target + 1.5 * shift, row.worst_off - 0.5 * shift
+    for d in range(int(row.decimals) + 1, max_decimals + 1):
+        v = pd.DataFrame([row]).assign(decimals=d, on_target=round(on, d), worst_off=round(off, d))
+        if bool(decision_table(v).point_resolved.iloc[0]):
+            return d
+    return None
+
+
+def exercise_answers(derived: dict, verdict: pd.DataFrame, statements: dict, *, alpha: float, power: float,
+                     rho: float, seed: int = 0) -> dict[str, str]:
+    """The expected outcomes of the chapter's exercises: ``ex1`` (the experts the Spanish and Arabic families
+    share under the stated rule), ``ex2`` (:func:`decimals_to_resolve` for the W4A4 Spanish margin the study
+    states), ``ex3`` (:func:`families_needed` at ``rho``)."""
+    shared = sorted(set(derived["es"]) & set(derived["ar"]))
+    row = verdict[(verdict.precision == "W4A4") & (verdict.family == "es")].iloc[0]
+    d = decimals_to_resolve(row, statements["es_point_margin"])
+    n = families_needed(rho, alpha=alpha, power=power, seed=seed)
+    return {"ex1": f"they share {report.plural(len(shared), 'expert')}"
+                   + (f" ({', '.join(map(str, shared))})" if shared else ""),
+            "ex2": ("more than 8 decimals" if d is None else
+                    f"{d} decimals, {d - int(row.decimals)} more than published, for the stated margin of "
+                    f"{statements['es_point_margin']:+.3f} nats"),
+            "ex3": (f"{n} families" if n else
+                    f"more than {stats.MAX_EXACT_SPEARMAN_N} families, beyond the exact test's enumeration")}
+
+
+def shows_sentences(agreement: pd.DataFrame, passed_over: list[int], counts: pd.DataFrame, statements: dict,
+                    corr: pd.DataFrame, power_table: pd.DataFrame, effects: pd.DataFrame, *, alpha: float,
+                    power: float, model: str, n_positions: dict) -> str:
+    """The "What this shows, and what it does not" bullets, from the chapter's tables."""
+    out = [f"- The stated family rule, with a lift formula that reproduces the study's stated mean lifts, reproduces "
+           f"{int(agreement.n_agree.sum())} of {int(agreement.n_members.sum())} members of the tested families; "
+           + (f"all are reproduced when {report.plural(len(passed_over), 'more expert')} "
+              f"{'is' if len(passed_over) == 1 else 'are'} also excluded, an exclusion the released files do not "
+              "document." if passed_over else "no exclusion beyond the shared core is needed.")]
+    for r in counts.itertuples():
+        stated = (" (the study states no count)" if np.isnan(r.point_stated)
+                  else f", the count the study states ({r.point_stated:.0f})")
+        settle = (f"; {report.plural(r.point_unresolved, 'verdict')} {'rests' if r.point_unresolved == 1 else 'rest'} "
+                  f"on digits that are not published, so the published values allow {r.point_low} to {r.point_high}"
+                  if r.point_unresolved else "; the published precision settles every verdict")
+        ci = (f"The CI-rule count cannot be recomputed: {r.ci_fails} families fail it for certain and "
+              f"{r.ci_undetermined} stay open, so any count from 0 to {r.ci_undetermined} is consistent with the "
+              f"released values, the study's {r.ci_stated:.0f} included." if r.ci_undetermined else
+              f"The released values settle the CI rule: every family fails it (the study: {r.ci_stated:.0f}).")
+        out.append(f"- {r.precision}: the printed values give {r.point_count} of {r.n_families} families under the "
+                   f"point rule{stated}{settle}. {ci}")
+    n_sig, per = int(corr.significant.sum()), corr.groupby("precision").size().iloc[0]
+    big = power_table.set_index("n").loc[int(corr.n.max())]
+    n_big = int(corr.n.max())
+    alone = ("no correlation can be significant" if np.isnan(big.critical_rho_first)
+             else f"a correlation is significant alone only if |rho| reaches {big.critical_rho_first:.3f}")
+    need = (f"{power:.0%} power needs a true correlation of {big.min_detectable_rho_first:.3f}"
+            if np.isfinite(big.min_detectable_rho_first) else f"no true correlation gives {power:.0%} power")
+    out.append(f"- {n_sig} of {len(corr)} rank correlations between the atlas and the causal effects "
+               f"({per} per precision, over {int(corr.n.min())} or {int(corr.n.max())} families) "
+               f"{'is' if n_sig == 1 else 'are'} significant after Holm's correction within each precision at "
+               f"{alpha:g}. With {n_big} families, {alone} after that correction, and {need}"
+               + (": a non-significant correlation here is absence of evidence, not evidence that routing fails "
+                  "to predict the effects." if n_sig == 0 else "."))
+    ops = list(dict.fromkeys(effects.operator))
+    flips = effects.pivot(index="family", columns="operator", values="modular")
+    changed = int((flips.nunique(axis=1) > 1).sum()) if flips.shape[1] > 1 else 0
+    span = f"{min(n_positions.values())} to {max(n_positions.values())} positions per topic"
+    what = (f"no topic family passes under any operator ({', '.join(ops)}), with {span}, so this run shows nothing "
+            "about the operators" if not effects.modular.any() else
+            f"{changed} of {effects.family.nunique()} topic families change verdict between the operators "
+            f"({', '.join(ops)}), with {span}")
+    out.append(f"- On {model}, {what}; it illustrates the procedure on a small model and corpus and says nothing "
+               "about Command A+.")
+    return "\n".join(out)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -821,6 +1092,35 @@ def main(argv=None) -> int:
     else:
         print(source().describe())
     return 0
+
+
+def check_13_command_a_modularity_1(answer, derived: dict) -> report.AnswerCheck:
+    """Exercise 1 of the modularity chapter: how many experts the Spanish (``"es"``) and Arabic (``"ar"``)
+    families share when only the shared core is excluded (``derived``: family -> expert indices, as made by
+    :func:`top_k_families`), an exact count. ``ValueError`` for a ``derived`` without both families or an
+    answer that is not a number."""
+    missing = {"es", "ar"} - set(derived)
+    if missing:
+        raise ValueError(f"derived must map the families 'es' and 'ar' to their experts; it lacks {sorted(missing)}")
+    shared = len(set(derived["es"]) & set(derived["ar"]))
+    return report.check_answer(answer, shared, what="the number of experts the Spanish and Arabic families share")
+
+
+def check_13_command_a_modularity_2(answer, verdict: pd.DataFrame, statements: dict) -> report.AnswerCheck:
+    """Exercise 2 of the modularity chapter: the fewest decimals at which the W4A4 table would settle the
+    Spanish point verdict with the margin the study states (:func:`decimals_to_resolve`), an exact count.
+    When no number of decimals up to eight settles it, every answer is judged wrong with that reason.
+    ``ValueError`` for a verdict table without the W4A4 Spanish row or an answer that is not a number."""
+    rows = verdict[(verdict.precision == "W4A4") & (verdict.family == "es")]
+    if rows.empty:
+        raise ValueError("verdict must hold the W4A4 row of the family 'es' (the chapter's verdict table)")
+    d = decimals_to_resolve(rows.iloc[0], statements["es_point_margin"])
+    what = "the decimals that settle the Spanish W4A4 verdict"
+    if d is None:
+        report.check_answer(answer, 0, what=what)  # refuses an answer that is not a number
+        return report.AnswerCheck(False, float(answer), float("nan"),
+                                  f"Not yet: no number of decimals up to eight settles {what[4:]}.")
+    return report.check_answer(answer, d, what=what)
 
 
 if __name__ == "__main__":
