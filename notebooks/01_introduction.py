@@ -15,6 +15,14 @@
 
 # %% [markdown]
 # # From observation to intervention
+#
+# :::{admonition} Learning objectives
+# :class: tip
+# About {glue:text}`reading_minutes` minutes of prose. After this chapter you can
+# - tell observing a router (rung 1 of Pearl's ladder) from intervening on it (rung 2);
+# - follow one expert's removal at one token through a model's forward pass, and the loss change it causes;
+# - choose a path through the book for what you want to learn.
+# :::
 
 # %% tags=["parameters", "hide-input"]
 models = ["tiny-olmoe"]  # the example uses the first model: shipped name, HF id or local dir
@@ -35,6 +43,7 @@ from moeaudit.tooling import params
 
 params.validate("01_introduction", globals())  # refuses a bad value before any work
 corpus_source = report.show_corpus(corpus, data_dir=data_dir, text_form=text_form)
+report.glue_values(reading_minutes=report.chapter_reading_minutes("01_introduction"))
 
 # %% [markdown]
 # This book reproduces, as executable chapters, the paper *From Observation to Intervention:
@@ -304,6 +313,21 @@ display(Markdown(
 # %% [markdown]
 # ## How to read this book
 #
+# Three paths lead through the book. Each lists its chapters in the order of the table of contents,
+# with the reading time of their prose at {glue:text}`reading_wpm` words per minute, the mean silent
+# reading rate for non-fiction {cite}`brysbaert2019read` (tables, figures and computed sentences are
+# not counted, so a first reading takes longer):
+#
+# ```{glue:md} reading_paths
+# :format: myst
+# ```
+#
+# Every chapter ends with exercises. Their solutions are hidden until you open them: predict first,
+# then look. An exercise that asks you to compute a number names a function, such as
+# `check_04_audit_1(answer, ...)`, that says whether your answer is right or how far off it is; run
+# it in the notebook that the page's download button gives, after running the notebook's cells.
+# The chapters, one line each:
+#
 # | Chapter | What it does |
 # | --- | --- |
 # | [2. Setup and verification](02_verification.ipynb) | The models' MoE layouts and the paper's four verification checks (Appendix B), implemented so that they can fail, in both ablation modes. |
@@ -327,6 +351,13 @@ display(Markdown(
 # GPU (this build contains no such run), and chapter 8 works directly with the authors'
 # released results.
 #
+# %% tags=["hide-input"]
+from moeaudit.chapters import introduction
+
+report.glue_values(reading_paths=introduction.reading_paths_text(introduction.reading_paths_table()),
+                   reading_wpm=report.READING_WPM, as_markdown=True)
+
+# %% [markdown]
 # ## Re-running a chapter
 #
 # Every chapter starts with a cell of parameters. To execute one chapter with other values

@@ -15,6 +15,14 @@
 
 # %% [markdown]
 # # Setup and verification
+#
+# :::{admonition} Learning objectives
+# :class: tip
+# About {glue:text}`reading_minutes` minutes of prose. After this chapter you can
+# - say what each of the paper's verification checks tests, and how it could fail;
+# - tell the token-local ablation from the sequence-wide one by a measurement rather than by reading the code;
+# - judge whether a check that passes could have failed at all.
+# :::
 
 # %% tags=["parameters", "hide-input"]
 models = ["tiny-olmoe", "tiny-qwen-moe", "tiny-deepseek-v2"]  # shipped names, HF ids or local dirs
@@ -38,6 +46,7 @@ from moeaudit.tooling import params
 
 params.validate("02_verification", globals())  # refuses a bad value before any work
 corpus_source = report.show_corpus(corpus, data_dir=data_dir, text_form=text_form)
+report.glue_values(reading_minutes=report.chapter_reading_minutes("02_verification"))
 
 # %% [markdown]
 # Before any audit number can be trusted, two things must be established for each model:
@@ -102,6 +111,7 @@ from myst_nb import glue
 
 from moeaudit import report
 from moeaudit.audit import prepare
+from moeaudit.chapters import exercises
 from moeaudit.engine import ABLATION_MODES
 from moeaudit.verify import (check4_rules, check4_summary, layout_summary, rounding_tolerance, suite_tables,
                              verification_suite)
@@ -285,6 +295,8 @@ glue("ex_strict", Markdown(f"the book's rule then fails in {n_strict} of the {c4
                            "before: in this run every inactive-position effect within rounding is exactly zero"),
      display=False)
 glue("n_released_pass_all", c4["pass_released_sequence"] + c4["pass_released_token"], display=False)
+glue("ex_strict_pass", exercises.strict_token_passes(suite), display=False)
+glue("ex_n_token", c4["n_token"], display=False)
 glue("n_paper_seq_pass", c4["pass_paper_sequence"], display=False)
 glue("n_seq_suites", c4["n_sequence"], display=False)
 
@@ -310,13 +322,36 @@ glue("n_seq_suites", c4["n_sequence"], display=False)
 #
 # ## Exercises
 #
-# 1. **Make the book's zero check strict.** Its tolerance allows for the last bits of
-#    float32 arithmetic. Judge the token-mode suites with `tolerance=0` instead: for each row of
-#    the position-check table in token mode, call
-#    `moeaudit.verify.check4_rules(d_active, d_inactive, mode="token", tolerance=0.0)`.
-#    *Expected outcome:* {glue:md}`ex_strict`.
-# 2. **Swap the main mode.** Run `make chapter NB=02_verification PARAMS="-p mode sequence"`.
-#    *Expected outcome:* the two suite tables change places; the zero check has no criterion in the
-#    first table, so a suite there fails only on the paper's four checks, and the position-check table is
-#    unchanged (the same {glue:text}`n_released_pass_all` released-rule passes), because both
-#    modes are always run.
+# ````{exercise} Make the book's zero check strict
+# :label: 02_verification-ex1
+#
+# The book's tolerance allows for the last bits of float32 arithmetic. Judge the token-mode suites
+# with `tolerance=0` instead: for each row of the position-check table in token mode, call
+# `moeaudit.verify.check4_rules(d_active, d_inactive, mode="token", tolerance=0.0)`. In how many
+# token-mode suites does the book's rule still pass? Check your count in the downloaded notebook
+# with `exercises.check_02_verification_1(answer, suite)`
+# (`from moeaudit.chapters import exercises`).
+# ````
+#
+# ````{solution} 02_verification-ex1
+# :class: dropdown
+#
+# The strict rule passes in {glue:text}`ex_strict_pass` of the {glue:text}`ex_n_token` token-mode
+# suites: {glue:md}`ex_strict`.
+# ````
+#
+# ````{exercise} Swap the main mode
+# :label: 02_verification-ex2
+#
+# Predict what changes in the two suite tables and in the position-check table, then run
+# `make chapter NB=02_verification PARAMS="-p mode sequence"`.
+# ````
+#
+# ````{solution} 02_verification-ex2
+# :class: dropdown
+#
+# The two suite tables change places; the zero check has no criterion in the first table, so a
+# suite there fails only on the paper's four checks, and the position-check table is unchanged
+# (the same {glue:text}`n_released_pass_all` released-rule passes), because both modes are always
+# run.
+# ````

@@ -15,6 +15,14 @@
 
 # %% [markdown]
 # # The observational metrics
+#
+# :::{admonition} Learning objectives
+# :class: tip
+# About {glue:text}`reading_minutes` minutes of prose. After this chapter you can
+# - compute the four observational metrics of an expert (utilisation, activation norm, mean routing weight, activation spread) from one clean pass;
+# - read how the metrics relate to one another, and which experts are never used;
+# - find where the released code's metrics differ from the paper's definitions.
+# :::
 
 # %% tags=["parameters", "hide-input"]
 models = ["tiny-olmoe", "tiny-qwen-moe", "tiny-deepseek-v2"]  # shipped names, HF ids or local dirs
@@ -40,6 +48,7 @@ from moeaudit.tooling import params
 
 params.validate("03_observational_metrics", globals())  # refuses a bad value before any work
 corpus_source = report.show_corpus(corpus, data_dir=data_dir, text_form=text_form)
+report.glue_values(reading_minutes=report.chapter_reading_minutes("03_observational_metrics"))
 
 # %% [markdown]
 # Pruning methods rank experts by statistics observed on a corpus, before any expert is
@@ -417,13 +426,31 @@ for key, value in {"ex_n_above_001": int((pairs.rho.abs() > crit_001).sum()), "e
 #
 # ## Exercises
 #
-# 1. **No padding.** Run
-#    `make chapter NB=03_observational_metrics PARAMS="-p released_pad_share 0.0"`.
-#    *Expected outcome:* the "selection share, padded" variant becomes the paper's utilisation
-#    itself and {glue:md}`ex_pad0`; "mean logit, padded" equals "mean logit, real
-#    tokens", whose disagreement is due to logits alone.
-# 2. **A stricter level for the metric correlations.** Run
-#    `make chapter NB=03_observational_metrics PARAMS="-p alpha 0.01"`.
-#    *Expected outcome:* the critical $\lvert\rho\rvert$ rises to at most
-#    {glue:md}`ex_crit`, and {glue:text}`ex_n_above_001` of the
-#    {glue:text}`ex_n_pairs` layer-wise metric pairs still exceed it.
+# ````{exercise} No padding
+# :label: 03_observational_metrics-ex1
+#
+# Predict what becomes of the padded variants of the released metrics without padding, then run
+# `make chapter NB=03_observational_metrics PARAMS="-p released_pad_share 0.0"`.
+# ````
+#
+# ````{solution} 03_observational_metrics-ex1
+# :class: dropdown
+#
+# The "selection share, padded" variant becomes the paper's utilisation itself and
+# {glue:md}`ex_pad0`; "mean logit, padded" equals "mean logit, real tokens", whose disagreement is
+# due to logits alone.
+# ````
+#
+# ````{exercise} A stricter level for the metric correlations
+# :label: 03_observational_metrics-ex2
+#
+# Predict how the critical $\lvert\rho\rvert$ and the number of metric pairs above it change at a
+# stricter level, then run `make chapter NB=03_observational_metrics PARAMS="-p alpha 0.01"`.
+# ````
+#
+# ````{solution} 03_observational_metrics-ex2
+# :class: dropdown
+#
+# The critical $\lvert\rho\rvert$ rises to at most {glue:md}`ex_crit`, and
+# {glue:text}`ex_n_above_001` of the {glue:text}`ex_n_pairs` layer-wise metric pairs still exceed it.
+# ````

@@ -15,6 +15,14 @@
 
 # %% [markdown]
 # # The audit: do observational metrics predict causal expert importance?
+#
+# :::{admonition} Learning objectives
+# :class: tip
+# About {glue:text}`reading_minutes` minutes of prose. After this chapter you can
+# - state the audit's question (Definition 2.1) as a paired test on the same positions;
+# - read a cell's effect size, p-values and confidence interval under a named correction;
+# - say what a non-significant cell does and does not show, from its minimum detectable effect.
+# :::
 
 # %% tags=["parameters", "hide-input"]
 models = ["tiny-olmoe", "tiny-qwen-moe", "tiny-deepseek-v2"]  # shipped names, HF ids or local dirs
@@ -42,6 +50,7 @@ from moeaudit.tooling import params
 
 params.validate("04_audit", globals())  # refuses a bad value before any work
 corpus_source = report.show_corpus(corpus, data_dir=data_dir, text_form=text_form)
+report.glue_values(reading_minutes=report.chapter_reading_minutes("04_audit"))
 
 # %% [markdown]
 # This chapter reproduces the paper's central experiment (Section 3, Tables 1–3 of
@@ -77,6 +86,7 @@ from myst_nb import glue
 
 from moeaudit import paper, released, report, stats
 from moeaudit.audit import paired_cells, prepare, single_expert_records
+from moeaudit.chapters import exercises
 from moeaudit.metrics import METRICS
 from moeaudit.zoo import ZOO_MODELS
 
@@ -223,25 +233,63 @@ display(example[["model", "ranking", "layer", "seq_id", "t", "expert_high", "exp
 # checkpoints; re-run this chapter with `models` set to the real checkpoint ids on a GPU for that.
 #
 # ## Exercises
-# 1. **Fewer positions.** Run {glue:md}`fewer_cmd`, a quarter of this run's positions.
-#    *Expected:* the confidence intervals widen by about a factor of
-#    {glue:text}`ci_widen:.1f` (the square root of the ratio of sample sizes), and the smallest
-#    detectable effect of the first model's family rises from {glue:text}`mde_now:.3f` to
-#    {glue:text}`mde_fewer:.3f`, so a non-significant cell says even less.
-# 2. **One layer.** Run {glue:md}`one_layer_cmd`. *Expected:* the family shrinks to
-#    {glue:text}`one_layer_family` cells with Bonferroni level {glue:text}`one_layer_alpha:.4g`;
-#    $d_z$, $p_t$ and $p_W$ of each metric at that layer equal those in the table above to the
-#    printed precision (same positions, same ablations); only the corrected verdicts can change.
-# 3. **The released code's ablation.** Run `make chapter NB=04_audit PARAMS="-p mode sequence"`.
-#    *Expected:* the cells of each model's last decoder layer (where it is audited) are unchanged — removing an expert at
-#    earlier positions of the last layer cannot reach position t — while earlier layers change (the
-#    intervention-definitions chapter measures by how much).
+#
+# ````{exercise} Fewer positions
+# :label: 04_audit-ex1
+#
+# Before running {glue:md}`fewer_cmd` (a quarter of this run's positions), compute the smallest
+# $\lvert d_z\rvert$ that the paired t-test would then detect with the run's power in the first
+# model's family, at its Bonferroni level, with `moeaudit.stats.min_detectable_dz`. By what factor do
+# the confidence intervals widen? Check your smallest detectable effect in the downloaded notebook with
+# `exercises.check_04_audit_1(answer, verdicts, n_positions=n_positions, alpha=alpha, power=power)`
+# (`from moeaudit.chapters import exercises`).
+# ````
+#
+# ````{solution} 04_audit-ex1
+# :class: dropdown
+#
+# The confidence intervals widen by about a factor of {glue:text}`ci_widen:.1f` (the square root of
+# the ratio of sample sizes), and the smallest detectable effect of the first model's family rises
+# from {glue:text}`mde_now:.3f` to {glue:text}`mde_fewer:.3f`, so a non-significant cell says even
+# less.
+# ````
+#
+# ````{exercise} One layer
+# :label: 04_audit-ex2
+#
+# Predict the family size, the Bonferroni level and which numbers of the table stay the same, then
+# run {glue:md}`one_layer_cmd`.
+# ````
+#
+# ````{solution} 04_audit-ex2
+# :class: dropdown
+#
+# The family shrinks to {glue:text}`one_layer_family` cells with Bonferroni level
+# {glue:text}`one_layer_alpha:.4g`; $d_z$, $p_t$ and $p_W$ of each metric at that layer equal those
+# in the table above to the printed precision (same positions, same ablations); only the corrected
+# verdicts can change.
+# ````
+#
+# ````{exercise} The released code's ablation
+# :label: 04_audit-ex3
+#
+# Predict which cells cannot change when every ablation removes the expert at all positions of the
+# sequence, then run `make chapter NB=04_audit PARAMS="-p mode sequence"`.
+# ````
+#
+# ````{solution} 04_audit-ex3
+# :class: dropdown
+#
+# The cells of each model's last decoder layer (where it is audited) are unchanged — removing an
+# expert at earlier positions of the last layer cannot reach position t — while earlier layers change
+# (the intervention-definitions chapter measures by how much).
+# ````
 
 # %%
 lead = verdicts.iloc[0]
 n_first = int(lead.cells)
 glue("mde_now", float(lead.min_detectable_dz), display=False)
-n_fewer = max(stats.MIN_PAIRS, n_positions // 4)  # a quarter of this run's positions
+n_fewer = exercises.quarter_positions(n_positions)  # a quarter of this run's positions
 glue("fewer_cmd", Markdown(f"`make chapter NB=04_audit PARAMS=\"-p n_positions {n_fewer}\"`"), display=False)
 glue("mde_fewer", stats.min_detectable_dz(n_fewer, alpha=alpha / n_first, power=power), display=False)
 glue("ci_widen", (n_positions / n_fewer) ** 0.5, display=False)

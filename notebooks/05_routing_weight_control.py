@@ -15,6 +15,14 @@
 
 # %% [markdown]
 # # The routing-weight control: is there any signal for a ranking to find?
+#
+# :::{admonition} Learning objectives
+# :class: tip
+# About {glue:text}`reading_minutes` minutes of prose. After this chapter you can
+# - use the token's own routing weight as a control for what a ranking can find at all;
+# - plan how many positions an effect of a given size needs (power, minimum detectable effect);
+# - tell a result that survives a stated correction from one that does not.
+# :::
 
 # %% tags=["parameters", "hide-input"]
 models = ["tiny-olmoe", "tiny-qwen-moe", "tiny-deepseek-v2"]  # shipped names, HF ids or local dirs
@@ -42,6 +50,7 @@ from moeaudit.tooling import params
 
 params.validate("05_routing_weight_control", globals())  # refuses a bad value before any work
 corpus_source = report.show_corpus(corpus, data_dir=data_dir, text_form=text_form)
+report.glue_values(reading_minutes=report.chapter_reading_minutes("05_routing_weight_control"))
 
 # %% [markdown]
 # The audit of the previous chapter asked whether four *population-level* statistics of an
@@ -346,14 +355,19 @@ display(Markdown(
 # Each exercise changes parameters only. Write down your prediction before running the command
 # (from the repository root), then open the expected result. {glue:md}`ex_layers_note`
 #
-# **1. Power at a single layer.** Pick the layer whose control effect you consider most likely
+# ````{exercise} Power at a single layer
+# :label: 05_routing_weight_control-ex1
+#
+# Pick the layer whose control effect you consider most likely
 # to be real, look up the number of positions it needs in the power table above, and predict
 # what happens to its confidence interval and p-value with {glue:text}`ex_factor` times as many
 # positions. Run, e.g., {glue:md}`ex1_cmd`.
+# ````
 
 # %% [markdown]
-# ````{admonition} Expected result
+# ````{solution} 05_routing_weight_control-ex1
 # :class: dropdown
+#
 # The width of the confidence interval of $d_z$ is multiplied by about
 # {glue:text}`ex_ci_factor:.2f` (it scales as $1/\sqrt{n}$). With a single audited layer the
 # Bonferroni family has size one, so the corrected level is $\alpha$ itself
@@ -366,17 +380,22 @@ display(Markdown(
 # ````
 
 # %% [markdown]
-# **2. Which intervention?** The paper defines the ablation at token $t$ only; the released code
+# ````{exercise} Which intervention?
+# :label: 05_routing_weight_control-ex2
+#
+# The paper defines the ablation at token $t$ only; the released code
 # removes the expert at every position of the sequence where it is routed. Predict at which
 # layer the two definitions must give identical results, and where they may differ. Run
 #
 # ```bash
 # make chapter NB=05_routing_weight_control PARAMS="-p mode sequence"
 # ```
+# ````
 
 # %% [markdown]
-# ````{admonition} Expected result
+# ````{solution} 05_routing_weight_control-ex2
 # :class: dropdown
+#
 # At the last layer of the network the two definitions coincide: removing the expert at an
 # earlier position changes only that position's residual stream, and no later layer exists to
 # carry it to position $t$ through attention. The per-position loss changes, and therefore every
@@ -392,16 +411,21 @@ display(Markdown(
 # ````
 
 # %% [markdown]
-# **3. A fresh draw.** Keep everything else and draw a different set of positions. Predict
+# ````{exercise} A fresh draw
+# :label: 05_routing_weight_control-ex3
+#
+# Keep everything else and draw a different set of positions. Predict
 # which verdicts in the tables survive. Run
 #
 # ```bash
 # make chapter NB=05_routing_weight_control PARAMS="-p seed 7"
 # ```
+# ````
 
 # %% [markdown]
-# ````{admonition} Expected result
+# ````{solution} 05_routing_weight_control-ex3
 # :class: dropdown
+#
 # Two independent draws of $n$ positions give estimates of $d_z$ whose difference has a standard
 # deviation of about $\sqrt{2}\,\mathrm{SE}$, where SE is the standard error of $d_z$ (here
 # derived from the tables' 95% intervals as half-width / $1.96$: {glue:md}`ex_se`). A typical change

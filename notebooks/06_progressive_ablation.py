@@ -13,6 +13,14 @@
 
 # %% [markdown]
 # # Progressive ablation: how much redundancy does a layer have?
+#
+# :::{admonition} Learning objectives
+# :class: tip
+# About {glue:text}`reading_minutes` minutes of prose. After this chapter you can
+# - measure a layer's redundancy by removing its highest-weight experts together;
+# - read where a layer breaks, and how that depends on a threshold the paper does not state;
+# - separate the threshold-free part of the evidence from the threshold-dependent one.
+# :::
 
 # %% tags=["parameters", "hide-input"]
 models = ["tiny-olmoe", "tiny-qwen-moe", "tiny-deepseek-v2"]  # shipped names, HF ids or local dirs
@@ -39,6 +47,7 @@ from moeaudit.tooling import params
 
 params.validate("06_progressive_ablation", globals())  # refuses a bad value before any work
 corpus_source = report.show_corpus(corpus, data_dir=data_dir, text_form=text_form)
+report.glue_values(reading_minutes=report.chapter_reading_minutes("06_progressive_ablation"))
 
 # %% [markdown]
 # The audit removes *one* active expert at a token and does not detect that the population-level
@@ -83,7 +92,7 @@ from myst_nb import glue
 
 from moeaudit import released, report, stats
 from moeaudit.chapters.progressive import (buffer_readings, cliff_comparison_text, cliff_text,
-                                           deepest_removal_summary, paper_progressive_table,
+                                           deepest_removal_summary, interval_widening, paper_progressive_table,
                                            paper_share_positive_text, progressive_overview_text,
                                            redundancy_breaks, removal_direction, threshold_calls)
 from moeaudit.report import fmt_signed
@@ -329,17 +338,22 @@ glue("shows_summary", Markdown(progressive_overview_text(buffer_readings(breaks,
 # Each exercise changes parameters only. Predict first, then run the command from the repository
 # root and compare with the expected result.
 #
-# **1. What counts as a cliff?** The verdict "layer L breaks at k" depends on a threshold that the
+# ````{exercise} What counts as a cliff?
+# :label: 06_progressive_ablation-ex1
+#
+# The verdict "layer L breaks at k" depends on a threshold that the
 # paper does not state. Predict how the table "Where does a layer break?" changes with
 # `cliff_threshold 0.05`, then run
 #
 # ```bash
 # make chapter NB=06_progressive_ablation PARAMS="-p cliff_threshold 0.05"
 # ```
+# ````
 
 # %% [markdown]
-# ````{admonition} Expected result
+# ````{solution} 06_progressive_ablation-ex1
 # :class: dropdown
+#
 # The records are reused from the cache (the threshold only changes the summaries), so the run is
 # quick. The largest-step column and the medians and percentiles do not change. The first $k$
 # above the threshold becomes, per layer: {glue:md}`ex1_breaks` A description of a redundancy
@@ -348,16 +362,25 @@ glue("shows_summary", Markdown(progressive_overview_text(buffer_readings(breaks,
 # ````
 
 # %% [markdown]
-# **2. How wide are the intervals?** Predict how the confidence bands of the top row of the
-# figure change with `alpha 0.01` (a higher confidence level), then run
+# ````{exercise} How wide are the intervals?
+# :label: 06_progressive_ablation-ex2
+#
+# Predict how the confidence bands of the top row of the
+# figure change with `alpha 0.01` (a higher confidence level): compute the factor by which every
+# interval's half-width is multiplied (the intervals are Student-t intervals of a mean over the
+# run's positions) and check it in the downloaded notebook with
+# `check_06_progressive_ablation_2(answer, n_positions=n_positions, alpha=alpha)`
+# (`from moeaudit.chapters.progressive import check_06_progressive_ablation_2`). Then run
 #
 # ```bash
 # make chapter NB=06_progressive_ablation PARAMS="-p alpha 0.01"
 # ```
+# ````
 
 # %% [markdown]
-# ````{admonition} Expected result
+# ````{solution} 06_progressive_ablation-ex2
 # :class: dropdown
+#
 # The records are reused and the means do not move. Every interval's half-width is multiplied by
 # the ratio of Student-t quantiles, {glue:text}`ex2_factor:.2f` at this run's
 # {glue:text}`n_positions` positions; the widest half-width, now {glue:text}`ex2_now:.3f` nats,
@@ -365,16 +388,21 @@ glue("shows_summary", Markdown(progressive_overview_text(buffer_readings(breaks,
 # ````
 
 # %% [markdown]
-# **3. Enough context?** The paper's released progressive run used only positions with some context
+# ````{exercise} Enough context?
+# :label: 06_progressive_ablation-ex3
+#
+# The paper's released progressive run used only positions with some context
 # before them (`min_context=32`). Predict whether excluding short contexts raises or lowers the loss changes, then run
 #
 # ```bash
 # make chapter NB=06_progressive_ablation PARAMS="-p min_context 32"
 # ```
+# ````
 
 # %% [markdown]
-# ````{admonition} Expected result
+# ````{solution} 06_progressive_ablation-ex3
 # :class: dropdown
+#
 # A new draw of positions is made from a smaller pool ({glue:md}`ex3_pool`), so all records are
 # computed afresh. The "mean clean loss" column of the break table tells whether the positions
 # with more context are predicted better than this run's (this run: {glue:md}`ex3_clean`). The loss changes
@@ -389,7 +417,7 @@ glue("ex1_breaks", Markdown("; ".join(
     f"{m}: " + ", ".join(f"L{r.layer} {'none' if pd.isna(r.first_k_above) else f'k = {r.first_k_above}'}"
                          for r in g.itertuples()) for m, g in ex1.groupby("model", sort=False)) + "."), display=False)
 widest = float((summary.ci_high - summary["mean"]).max())
-factor = stats.t_critical(0.01, n_positions - 1) / stats.t_critical(alpha, n_positions - 1)
+factor = interval_widening(n_positions, alpha=alpha, new_alpha=0.01)
 glue("ex2_factor", factor, display=False)
 glue("ex2_now", widest, display=False)
 glue("ex2_then", widest * factor, display=False)

@@ -13,6 +13,14 @@
 
 # %% [markdown]
 # # Mechanism: gap norms and the redistribution analysis
+#
+# :::{admonition} Learning objectives
+# :class: tip
+# About {glue:text}`reading_minutes` minutes of prose. After this chapter you can
+# - relate the size of an expert's removal (its gap norm) to the loss change it causes;
+# - follow how later layers absorb or amplify a removal;
+# - judge a correlation computed over few experts, and what filtering them changes.
+# :::
 
 # %% tags=["parameters", "hide-input"]
 models = ["tiny-olmoe", "tiny-qwen-moe", "tiny-deepseek-v2"]  # shipped names, HF ids or local dirs
@@ -37,6 +45,7 @@ from moeaudit.tooling import params
 
 params.validate("07_mechanism", globals())  # refuses a bad value before any work
 corpus_source = report.show_corpus(corpus, data_dir=data_dir, text_form=text_form)
+report.glue_values(reading_minutes=report.chapter_reading_minutes("07_mechanism"))
 
 # %% [markdown]
 # The paper does not claim to explain its one surviving signal (routing weight at the last OLMoE
@@ -624,7 +633,10 @@ glue("growth_summary", Markdown(
 # Each exercise changes parameters only. Predict first, then run the command from the repository
 # root and compare with the expected result.
 #
-# **1. Which experts count?** Experts with few activations have noisy means. Predict what happens
+# ````{exercise} Which experts count?
+# :label: 07_mechanism-ex1
+#
+# Experts with few activations have noisy means. Predict what happens
 # when an expert needs `min_activations 20` to enter: how many experts per layer remain on all
 # tokens and on the ablation sample, at how many layers ρ(gap norm, downstream comp.) is still
 # defined, and whether it and the released measure on the same sample keep their range and sign.
@@ -633,24 +645,31 @@ glue("growth_summary", Markdown(
 # ```bash
 # make chapter NB=07_mechanism PARAMS="-p min_activations 20"
 # ```
+# ````
 
 # %% [markdown]
-# ````{admonition} Expected result
+# ````{solution} 07_mechanism-ex1
 # :class: dropdown
+#
 # The records are reused (the threshold only filters experts). {glue:md}`ex1_outcome`
 # ````
 
 # %% [markdown]
-# **2. Fewer ablations, same geometry.** Predict which rows of the tiny-olmoe table change when the
+# ````{exercise} Fewer ablations, same geometry
+# :label: 07_mechanism-ex2
+#
+# Predict which rows of the tiny-olmoe table change when the
 # ablation sample shrinks, then run
 #
 # ```bash
 # make chapter NB=07_mechanism PARAMS="-p models '[\"tiny-olmoe\"]' -p n_positions 20"
 # ```
+# ````
 
 # %% [markdown]
-# ````{admonition} Expected result
+# ````{solution} 07_mechanism-ex2
 # :class: dropdown
+#
 # The first three rows (mean gap norm, ρ(rw, gap norm) and the released measure) are computed on
 # all tokens of the corpus, so they do not change: {glue:md}`ex2_fixed` Only the ablation-sample
 # rows change. {glue:md}`ex2_bound`

@@ -15,6 +15,14 @@
 
 # %% [markdown]
 # # Re-analysing the authors' released results
+#
+# :::{admonition} Learning objectives
+# :class: tip
+# About {glue:text}`reading_minutes` minutes of prose. After this chapter you can
+# - re-analyse the authors' released per-position records cell by cell;
+# - compare Bonferroni, Holm and Benjamini–Hochberg on the same cells, and say what each controls;
+# - use equivalence tests (TOST) to say which effects a null result rules out.
+# :::
 
 # %% tags=["parameters", "hide-input"]
 data_dir = None  # folder holding paper-released/ (default: $MOEAUDIT_DATA_DIR)
@@ -31,6 +39,7 @@ from moeaudit.tooling import params
 
 params.validate("08_released_reanalysis", globals())  # refuses a bad value before any work
 released_source = released.show_released_source(data_dir)
+report.glue_values(reading_minutes=report.chapter_reading_minutes("08_released_reanalysis"))
 
 # %% [markdown]
 # The authors of the paper {cite}`engmann2026audit` released the result files behind their tables
@@ -908,15 +917,44 @@ put(n_agree_all=int(compared.agrees.sum()),
 # the same re-analysis with the changed parameters on the same released files, so they are what the
 # re-executed page will show; the values before each arrow are those of this run.
 #
-# 1. **A looser family-wise level.** Run
-#    `make chapter NB=08_released_reanalysis PARAMS="-p alpha 0.1"`.
-#    *Expected:* {glue:md}`ex1_expected`
-# 2. **A wider equivalence bound.** Run
-#    `make chapter NB=08_released_reanalysis PARAMS="-p tost_bound_d 0.3"`.
-#    *Expected:* {glue:md}`ex2_expected`
-# 3. **A stricter level and a narrower bound together.** Run
-#    `make chapter NB=08_released_reanalysis PARAMS="-p alpha 0.01 -p tost_bound_d 0.15"`.
-#    *Expected:* {glue:md}`ex3_expected`
+# ````{exercise} A looser family-wise level
+# :label: 08_released_reanalysis-ex1
+#
+# Predict which counts change when the family-wise level is loosened, then run
+# `make chapter NB=08_released_reanalysis PARAMS="-p alpha 0.1"`.
+# ````
+#
+# ````{solution} 08_released_reanalysis-ex1
+# :class: dropdown
+#
+# {glue:md}`ex1_expected`
+# ````
+#
+# ````{exercise} A wider equivalence bound
+# :label: 08_released_reanalysis-ex2
+#
+# Predict how many cells become equivalent with a wider bound, then run
+# `make chapter NB=08_released_reanalysis PARAMS="-p tost_bound_d 0.3"`.
+# ````
+#
+# ````{solution} 08_released_reanalysis-ex2
+# :class: dropdown
+#
+# {glue:md}`ex2_expected`
+# ````
+#
+# ````{exercise} A stricter level and a narrower bound together
+# :label: 08_released_reanalysis-ex3
+#
+# Predict the counts with a stricter level and a narrower bound, then run
+# `make chapter NB=08_released_reanalysis PARAMS="-p alpha 0.01 -p tost_bound_d 0.15"`.
+# ````
+#
+# ````{solution} 08_released_reanalysis-ex3
+# :class: dropdown
+#
+# {glue:md}`ex3_expected`
+# ````
 
 # %%
 def scenario(a: float, bound: float) -> dict:

@@ -778,38 +778,57 @@ glue_all(ex3_cmd=Markdown(f"`make chapter NB=09_intervention_definitions PARAMS=
          ex_mde_small=stats.min_detectable_dz(n_small, alpha=alpha / fam, power=power))
 
 # %% [markdown]
-# **1. The last layer alone.** Run `make chapter NB=09_intervention_definitions PARAMS="-p layers '[L]'"`
+# ````{exercise} The last layer alone
+# :label: 09_intervention_definitions-ex1
+#
+# Run `make chapter NB=09_intervention_definitions PARAMS="-p layers '[L]'"`
 # with `L` the last decoder layer of the first model ({glue:text}`ex_last_layer` here). What is left
 # of the difference between the two interventions, and of the difference between their effect sizes?
+# ````
 #
-# :::{admonition} Expected result
+# ````{solution} 09_intervention_definitions-ex1
 # :class: dropdown
-# {glue:md}`ex_last`
-# :::
 #
-# **2. The router's own mask.** In a copy of `paper.released_mean_routing_weight_when_active`,
+# {glue:md}`ex_last`
+# ````
+#
+# ````{exercise} The router's own mask
+# :label: 09_intervention_definitions-ex2
+#
+# In a copy of `paper.released_mean_routing_weight_when_active`,
 # replace the layer-wide threshold $\tau$ by each position's own $k$-th largest logit, so that
 # the mask is the router's selection, and recompute the OLMoE-script mean routing weight with it
 # (mean logit over the selecting positions, padding included). Which share of positions does the
 # mask admit now, and how well does the result rank the experts like the paper's definition?
+# ````
 #
-# :::{admonition} Expected result
+# ````{solution} 09_intervention_definitions-ex2
 # :class: dropdown
+#
 # The mask admits exactly the router's share $k/E$ of each position's experts
 # ({glue:text}`selected_span`). The mean logit over the selecting positions correlates with the
 # paper's mean routing probability at $\rho$ = {glue:text}`ex_sub_rho` across layers and models,
 # against {glue:text}`mrw_rho` for the released layer-wide mask, and with the released recipe at
 # $\rho$ = {glue:text}`ex_sub_rel_rho`.
-# :::
+# ````
 #
-# **3. Fewer positions.** Run {glue:md}`ex3_cmd` (a fifth of the positions of this build).
+# ````{exercise} Fewer positions
+# :label: 09_intervention_definitions-ex3
+#
+# Run {glue:md}`ex3_cmd` (a fifth of the positions of this build).
 # How large must an effect be before the dual rule can detect it in the family of metric cells?
+# Compute the smallest detectable $d_z$ with `moeaudit.stats.min_detectable_dz` and check it in the
+# downloaded notebook with
+# `check_09_intervention_definitions_3(answer, n_positions=n_positions, alpha=alpha, family=fam, power=power)`
+# (`from moeaudit.chapters.definitions import check_09_intervention_definitions_3`).
+# ````
 #
-# :::{admonition} Expected result
+# ````{solution} 09_intervention_definitions-ex3
 # :class: dropdown
+#
 # With the family of {glue:text}`ex_family` metric cells of the first model, the minimum
 # detectable $d_z$ (power {glue:text}`ex_power`, two-sided, at the Bonferroni level) rises from
 # {glue:text}`ex_mde_now:.2f` to {glue:text}`ex_mde_small:.2f`, and the confidence intervals of
 # the differences of $d_z$ widen by a factor of about {glue:text}`ex_widen:.1f` (the square root of
 # the ratio of the numbers of positions).
-# :::
+# ````

@@ -13,6 +13,14 @@
 
 # %% [markdown]
 # # Beyond the paper (2): better predictors, and whether token-level validity predicts one-shot pruning
+#
+# :::{admonition} Learning objectives
+# :class: tip
+# About {glue:text}`reading_minutes` minutes of prose. After this chapter you can
+# - compare predictors closer to the intervention with corpus statistics of the router;
+# - test a pruning criterion against random draws with an exact rank p-value;
+# - read Bayes factors for null results, and how they depend on the prior.
+# :::
 
 # %% tags=["parameters", "hide-input"]
 models = ["tiny-olmoe", "tiny-qwen-moe", "tiny-deepseek-v2"]  # shipped names, HF ids or local dirs
@@ -45,6 +53,7 @@ from moeaudit.tooling import params
 
 params.validate("10_predictors_and_pruning", globals())  # refuses a bad value before any work
 corpus_source = report.show_corpus(corpus, data_dir=data_dir, text_form=text_form)
+report.glue_values(reading_minutes=report.chapter_reading_minutes("10_predictors_and_pruning"))
 
 # %% [markdown]
 # The paper {cite}`engmann2026audit` leaves three questions open (Sections 4–5):
@@ -680,7 +689,8 @@ glue_all(bf_gap3=n_bf_gap3, bf_cells=len(paper_bf), bf_null=int((paper_bf.BF10 <
 # exact rank-sum test and Holm-corrected over the criteria (`chapters.predictors`).
 
 # %%
-from moeaudit.chapters.predictors import TAIL_SHARE, pooled_tail_summary, tail_sentence, tail_table
+from moeaudit.chapters.predictors import (TAIL_SHARE, pooled_tail_summary, smallest_rank_pvalue, tail_sentence,
+                                          tail_table)
 from moeaudit.engine import expert_mean_outputs
 
 tail_records, tail_criteria = [], []
@@ -742,29 +752,63 @@ glue_all(tail_text=tail_sentence(tail_sum, alpha=alpha, labels=LABELS), tail_sha
 # where pruning hurts and tests nothing.
 #
 # ## Exercises
-# 1. **A thin baseline.** Re-run with five random draws:
-#    `make chapter NB=10_predictors_and_pruning PARAMS="-p n_random_draws 5"`.
-#    *Expected outcome:* the smallest attainable rank p-value becomes {glue:text}`ex_pmin_thin:.3f`,
-#    {glue:md}`ex_thin_vs_alpha`, while a criterion no better than random would beat all five draws
-#    one time in six. The five draws are the first five of this run (a draw depends only on the
-#    seed, its number, the fraction and the layer), so the count of settings that beat every draw
-#    becomes {glue:text}`ex_beat_first5` (here, against {glue:text}`n_random_draws` draws:
-#    {glue:text}`n_beat_all`).
-# 2. **A narrower prior.** Re-run with {glue:md}`ex_prior_cmd`.
-#    *Expected outcome:* the count of paper-metric cells with at least moderate evidence for the
-#    null {glue:md}`ex_prior_change` (this run's narrow-prior column): a prior that expects small
-#    effects needs more data before it can tell a small effect from none.
-# 3. **One model.** Re-run with `make chapter NB=10_predictors_and_pruning PARAMS="-p models '[\"tiny-olmoe\"]'"`.
-#    *Expected outcome:* the Bonferroni family and every tiny-olmoe statistic are unchanged (families,
-#    random draws and rank p-values are per model; only the timings vary); the aggregate counts
-#    shrink to that model's share, for example
-#    {glue:md}`ex_olmoe` settings beat the random mean.
+#
+# ````{exercise} A thin baseline
+# :label: 10_predictors_and_pruning-ex1
+#
+# With only five random draws per setting, what is the smallest rank p-value a criterion can
+# attain? Compute it from the definition of `moeaudit.pruning.random_rank_pvalue` and check it in the
+# downloaded notebook with `check_10_predictors_and_pruning_1(answer)`
+# (`from moeaudit.chapters.predictors import check_10_predictors_and_pruning_1`). Then re-run with
+# five draws: `make chapter NB=10_predictors_and_pruning PARAMS="-p n_random_draws 5"`.
+# ````
+#
+# ````{solution} 10_predictors_and_pruning-ex1
+# :class: dropdown
+#
+# The smallest attainable rank p-value becomes {glue:text}`ex_pmin_thin:.3f`,
+# {glue:md}`ex_thin_vs_alpha`, while a criterion no better than random would beat all five draws
+# one time in six. The five draws are the first five of this run (a draw depends only on the
+# seed, its number, the fraction and the layer), so the count of settings that beat every draw
+# becomes {glue:text}`ex_beat_first5` (here, against {glue:text}`n_random_draws` draws:
+# {glue:text}`n_beat_all`).
+# ````
+#
+# ````{exercise} A narrower prior
+# :label: 10_predictors_and_pruning-ex2
+#
+# Predict whether more or fewer paper-metric cells show at least moderate evidence for the null
+# under a prior that expects smaller effects, then re-run with {glue:md}`ex_prior_cmd`.
+# ````
+#
+# ````{solution} 10_predictors_and_pruning-ex2
+# :class: dropdown
+#
+# The count of paper-metric cells with at least moderate evidence for the null
+# {glue:md}`ex_prior_change` (this run's narrow-prior column): a prior that expects small
+# effects needs more data before it can tell a small effect from none.
+# ````
+#
+# ````{exercise} One model
+# :label: 10_predictors_and_pruning-ex3
+#
+# Predict which numbers stay the same when only one model is audited, then re-run with
+# `make chapter NB=10_predictors_and_pruning PARAMS="-p models '[\"tiny-olmoe\"]'"`.
+# ````
+#
+# ````{solution} 10_predictors_and_pruning-ex3
+# :class: dropdown
+#
+# The Bonferroni family and every tiny-olmoe statistic are unchanged (families, random draws and
+# rank p-values are per model; only the timings vary); the aggregate counts shrink to that model's
+# share, for example {glue:md}`ex_olmoe` settings beat the random mean.
+# ````
 
 # %%
 first5 = pruning.compare_with_random(glob[(glob.criterion != "random") | (glob.draw < 5)], keys=("model", "scope", "fraction"))
 olmoe = g[g.model == "tiny-olmoe"]
 a, b = int((paper_bf.BF10 < 1 / 3).sum()), int((paper_bf.BF10_narrow < 1 / 3).sum())
-p_thin = pruning.random_rank_pvalue(0.0, np.ones(5))
+p_thin = smallest_rank_pvalue(5)
 glue_all(ex_prior_cmd=f'`make chapter NB=10_predictors_and_pruning PARAMS="-p bf_prior_r {bf_prior_r_narrow:g}"`',
          ex_pmin_thin=p_thin, ex_beat_first5=int(first5.beats_all.sum()),
          ex_thin_vs_alpha=f"above α = {alpha}, so no criterion can be called better than random at that level however "

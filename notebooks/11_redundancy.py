@@ -15,6 +15,14 @@
 
 # %% [markdown]
 # # Beyond the paper (3): does redundancy explain the null?
+#
+# :::{admonition} Learning objectives
+# :class: tip
+# About {glue:text}`reading_minutes` minutes of prose. After this chapter you can
+# - compare models that differ only in routing (top-k, size of the expert pool) and in training seed;
+# - tell a setting effect from a training accident with more than one seed per setting;
+# - test whether redundancy explains the audit's null result.
+# :::
 
 # %% tags=["parameters", "hide-input"]
 models = ["olmoe-e64-k2-s0", "olmoe-e64-k2-s1", "olmoe-e64-k4-s0", "olmoe-e64-k4-s1", "olmoe-e64-k8-s0",
@@ -41,6 +49,7 @@ from moeaudit.tooling import params
 
 params.validate("11_redundancy", globals())  # refuses a bad value before any work
 corpus_source = report.show_corpus(corpus, data_dir=data_dir, text_form=text_form)
+report.glue_values(reading_minutes=report.chapter_reading_minutes("11_redundancy"))
 
 # %% [markdown]
 # The paper reads its null result through redundancy. At OLMoE's early and middle layers,
@@ -451,15 +460,20 @@ glue("control_rule", Markdown(redundancy.control_rule_text(
 # are zero.
 #
 # ## Exercises
-# **1. One seed.** Run the chapter on the seed-0 models only:
+# ````{exercise} One seed
+# :label: 11_redundancy-ex1
+#
+# Run the chapter on the seed-0 models only:
 #
 # ```bash
 # make chapter NB=11_redundancy PARAMS="-p models '[\"olmoe-e64-k2-s0\", \"olmoe-e64-k4-s0\", \"olmoe-e64-k8-s0\", \"olmoe-e64-k16-s0\", \"olmoe-e8-k2-s0\"]'"
 # ```
+# ````
 
 # %% [markdown]
-# ````{admonition} Expected result
+# ````{solution} 11_redundancy-ex1
 # :class: dropdown
+#
 # The records are reused from the cache: each model's records are keyed by the model and the
 # positions, not by the list of models. The ANOVA table shows no F, p, ratio or `eta_sq`, and
 # the comparison of the expert pools has no test: with one model per setting there is no
@@ -470,15 +484,20 @@ glue("control_rule", Markdown(redundancy.control_rule_text(
 # ````
 
 # %% [markdown]
-# **2. Fewer positions.** Run with `-p n_positions 50`:
+# ````{exercise} Fewer positions
+# :label: 11_redundancy-ex2
+#
+# Run with `-p n_positions 50`:
 #
 # ```bash
 # make chapter NB=11_redundancy PARAMS="-p n_positions 50"
 # ```
+# ````
 
 # %% [markdown]
-# ````{admonition} Expected result
+# ````{solution} 11_redundancy-ex2
 # :class: dropdown
+#
 # {glue:md}`ex2_expected`
 # ````
 

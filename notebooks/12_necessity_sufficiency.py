@@ -15,6 +15,14 @@
 
 # %% [markdown]
 # # Beyond the paper (4): necessity versus sufficiency, removing an expert against restoring it
+#
+# :::{admonition} Learning objectives
+# :class: tip
+# About {glue:text}`reading_minutes` minutes of prose. After this chapter you can
+# - tell necessity (removing an expert from a clean run) from sufficiency (restoring it in a corrupted run);
+# - read the rank agreement between the two, with its interval and minimum detectable correlation;
+# - judge what excluding positions with a small corruption gap does to the comparison.
+# :::
 
 # %% tags=["parameters", "hide-input"]
 models = ["tiny-olmoe", "tiny-qwen-moe", "tiny-deepseek-v2"]  # shipped names, HF ids or local dirs
@@ -43,6 +51,7 @@ from moeaudit.tooling import params
 
 params.validate("12_necessity_sufficiency", globals())  # refuses a bad value before any work
 corpus_source = report.show_corpus(corpus, data_dir=data_dir, text_form=text_form)
+report.glue_values(reading_minutes=report.chapter_reading_minutes("12_necessity_sufficiency"))
 
 # %% [markdown]
 # The paper asks whether observational statistics of an expert (how often it is routed, how large
@@ -98,7 +107,7 @@ import pandas as pd
 from IPython.display import Markdown, display
 from myst_nb import glue
 
-from moeaudit import report, stats
+from moeaudit import audit, report, stats
 from moeaudit.audit import prepare, single_expert_records
 from moeaudit.chapters import restoration
 
@@ -130,7 +139,7 @@ for name in models:
     rec = restoration.with_recovered(rec, min_gap=min_gap)
     restored_all.append(rec)
     pairs.append(restoration.paired_with_removal(rec, removed, ctx.metrics.assign(model=name)))
-    intros.append(report.model_summary(name, ctx, audited, removed))
+    intros.append(audit.model_summary(name, ctx, audited, removed))
 restored_all = pd.concat(restored_all, ignore_index=True)
 pairs = pd.concat(pairs, ignore_index=True)
 glue("intros", Markdown("\n\n".join(intros)), display=False)
@@ -259,28 +268,38 @@ glue("answer_top", Markdown(restoration.top_agreement_text(top, alpha=alpha)), d
 # {cite}`lu2026expertaware`.
 #
 # ## Exercises
-# **1. A stricter exclusion.** Raise the threshold of the corruption gap:
+# ````{exercise} A stricter exclusion
+# :label: 12_necessity_sufficiency-ex1
+#
+# Raise the threshold of the corruption gap:
 #
 # ```bash
 # make chapter NB=12_necessity_sufficiency PARAMS="-p min_gap 0.5"
 # ```
+# ````
 
 # %% [markdown]
-# ````{admonition} Expected result
+# ````{solution} 12_necessity_sufficiency-ex1
 # :class: dropdown
+#
 # {glue:md}`ex1_expected`
 # ````
 
 # %% [markdown]
-# **2. Fewer positions.** Halve the draw:
+# ````{exercise} Fewer positions
+# :label: 12_necessity_sufficiency-ex2
+#
+# Halve the draw:
 #
 # ```bash
 # make chapter NB=12_necessity_sufficiency PARAMS="-p n_positions 10"
 # ```
+# ````
 
 # %% [markdown]
-# ````{admonition} Expected result
+# ````{solution} 12_necessity_sufficiency-ex2
 # :class: dropdown
+#
 # {glue:md}`ex2_expected`
 # ````
 

@@ -15,6 +15,14 @@
 
 # %% [markdown]
 # # A1. The default models
+#
+# :::{admonition} Learning objectives
+# :class: tip
+# About {glue:text}`reading_minutes` minutes of prose. After this chapter you can
+# - describe how the default models were trained, and which quality gates they pass;
+# - compare their regime on the audited text with the real checkpoints';
+# - retrain a model from another seed and audit it.
+# :::
 
 # %% tags=["parameters", "hide-input"]
 models = ["tiny-olmoe", "tiny-qwen-moe", "tiny-deepseek-v2"]  # shipped names or directories with a training_summary.json
@@ -31,6 +39,7 @@ from moeaudit.tooling import params
 
 params.validate("A1_default_models", globals())  # refuses a bad value before any work
 corpus_source = report.show_corpus(corpus, data_dir=data_dir, text_form=text_form, scope="example")
+report.glue_values(reading_minutes=report.chapter_reading_minutes("A1_default_models"))
 
 # %% [markdown]
 # The paper audits three MoE language models with billions of parameters
@@ -389,18 +398,39 @@ display(pd.DataFrame({m: default_models.top_next_tokens(model_dir(m), prompt) fo
 # book's default run says how the real models behave, and no chapter contains a run of them.
 #
 # ## Exercises
-# 1. **Another seed.** Train a model from another seed into a folder of your own and audit it:
-#    `python -m moeaudit.tooling.training tiny-olmoe --seed 1 --out /tmp/tiny-olmoe-seed1`, then
-#    `make chapter NB=04_audit PARAMS="-p models '[\"/tmp/tiny-olmoe-seed1\"]'"`.
-#    *Expected:* the test perplexity should stay close to the shipped model's
-#    ({glue:text}`ppl_first:.1f`) and far below the unigram baseline, since only the seed changes;
-#    the audit's individual $d_z$ values can move by amounts comparable to their confidence
-#    intervals, because a different seed trains different experts — that spread is the
-#    uncertainty a single trained model does not show.
-# 2. **Check reproducibility.** Run `python -m moeaudit.tooling.training tiny-olmoe --check-repro`.
-#    *Expected:* the largest loss difference over the {glue:text}`steps_first` steps is exactly
-#    zero on a machine like the one that trained the shipped models; on other processors it may
-#    differ in the last bits.
+#
+# ````{exercise} Another seed
+# :label: A1_default_models-ex1
+#
+# Train a model from another seed into a folder of your own and audit it:
+# `python -m moeaudit.tooling.training tiny-olmoe --seed 1 --out /tmp/tiny-olmoe-seed1`, then
+# `make chapter NB=04_audit PARAMS="-p models '[\"/tmp/tiny-olmoe-seed1\"]'"`. Predict its test
+# perplexity and how far the audit's $d_z$ values move.
+# ````
+#
+# ````{solution} A1_default_models-ex1
+# :class: dropdown
+#
+# The test perplexity should stay close to the shipped model's ({glue:text}`ppl_first:.1f`) and far
+# below the unigram baseline, since only the seed changes; the audit's individual $d_z$ values can
+# move by amounts comparable to their confidence intervals, because a different seed trains
+# different experts — that spread is the uncertainty a single trained model does not show.
+# ````
+#
+# ````{exercise} Check reproducibility
+# :label: A1_default_models-ex2
+#
+# Predict the largest loss difference between two trainings from the same seed, then run
+# `python -m moeaudit.tooling.training tiny-olmoe --check-repro`.
+# ````
+#
+# ````{solution} A1_default_models-ex2
+# :class: dropdown
+#
+# The largest loss difference over the {glue:text}`steps_first` steps is exactly zero on a machine
+# like the one that trained the shipped models; on other processors it may differ in the last
+# bits.
+# ````
 
 # %%
 glue("ppl_first", summaries[models[0]]["evaluation"]["model"]["perplexity"], display=False)

@@ -15,6 +15,13 @@
 
 # %% [markdown]
 # # A2. Departures from the paper's protocol
+#
+# :::{admonition} Learning objectives
+# :class: tip
+# About {glue:text}`reading_minutes` minutes of prose. After this chapter you can
+# - list where this build departs from the paper's protocol and from the released code;
+# - find, for each departure, the value this build uses and the parameter that changes it.
+# :::
 
 # %% tags=["parameters", "hide-input"]
 chapter = "04_audit"  # the chapter whose default parameters define "this build"
@@ -27,6 +34,7 @@ from moeaudit.tooling import params
 
 params.validate("A2_departures", globals())  # refuses a bad value before any work
 corpus_source = report.show_corpus(corpus, data_dir=data_dir)
+report.glue_values(reading_minutes=report.chapter_reading_minutes("A2_departures"))
 
 # %% [markdown]
 # A reproduction is only as useful as its list of differences. This page gathers in one table
@@ -123,8 +131,30 @@ display(table.set_index("aspect").style.format(escape="html").set_properties(**{
 # chapters named above, one difference at a time.
 #
 # ## Exercises
-# 1. Run `make chapter NB=A2_departures PARAMS="-p corpus embedded"`. *Expected:*
-#    {glue:md}`ex_corpus`.
-# 2. Run `make chapter NB=A2_departures PARAMS="-p chapter 05_routing_weight_control"`.
-#    *Expected:* the table is unchanged, because the control chapter runs with the same
-#    positions, layers and models as the audit.
+#
+# ````{exercise} Another corpus
+# :label: A2_departures-ex1
+#
+# Predict which rows of the table change with the embedded corpus, then run
+# `make chapter NB=A2_departures PARAMS="-p corpus embedded"`.
+# ````
+#
+# ````{solution} A2_departures-ex1
+# :class: dropdown
+#
+# {glue:md}`ex_corpus`.
+# ````
+#
+# ````{exercise} Another chapter
+# :label: A2_departures-ex2
+#
+# Predict what the table says for the routing-weight control chapter, then run
+# `make chapter NB=A2_departures PARAMS="-p chapter 05_routing_weight_control"`.
+# ````
+#
+# ````{solution} A2_departures-ex2
+# :class: dropdown
+#
+# The table is unchanged, because the control chapter runs with the same positions, layers and
+# models as the audit.
+# ````

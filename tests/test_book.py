@@ -108,16 +108,67 @@ def test_every_page_names_its_corpus_or_released_source(rendered):
         assert 'class="admonition' in page and "Corpus:" in page, stem
 
 
+def outside_hosts(page: str) -> list[str]:
+    """Every outside address a page names for a script or a style: the ``src``/``href`` of its
+    ``<script>`` and ``<link>`` tags, and any address inside an inline script or style (a launcher URL
+    kept in a variable counts, whether or not it is loaded). Links in the text are not counted."""
+    found = []
+    for tag in re.findall(r"<(?:script|link)\b[^>]*>", page):
+        found += re.findall(r"\s(?:src|href)=[\"']((?:https?:)?//[^\"']+)", tag)
+    for _, body in re.findall(r"<(script|style)\b[^>]*>(.*?)</\1>", page, re.S):
+        found += re.findall(r"(?:https?:)?//[\w-]+(?:\.[\w-]+)+", body)
+    return found
+
+
+def test_outside_hosts_finds_scripts_styles_and_inline_urls_but_not_text_links():
+    page = ('<link rel="stylesheet" href="https://cdn.example.org/a.css"><link rel="stylesheet" href="_static/b.css">'
+            '<script src="//cdn.example.org/c.js"></script><script src="_static/d.js"></script>'
+            '<script>const THEBE_JS_URL = "https://unpkg.com/thebe@0.8.2/lib/index.js"; // a comment</script>'
+            '<style>@import url(https://fonts.example.com/e.css);</style>'
+            '<p><a href="https://arxiv.org/abs/2606.10703">the paper</a></p>')
+    assert outside_hosts(page) == ["https://cdn.example.org/a.css", "//cdn.example.org/c.js", "https://unpkg.com",
+                                   "https://fonts.example.com"]
+
+
+def test_the_book_config_loads_no_launcher_and_the_exercise_extension():
+    """sphinx-thebe writes a launcher URL on unpkg.com into every page: the book's Sphinx extensions
+    (as jupyter-book computes them from _config.yml) leave it out, and include sphinx-exercise."""
+    from jupyter_book.config import get_final_config
+
+    config, _ = get_final_config(user_yaml=book.REPO_ROOT / "_config.yml", cli_config={"latex_individualpages": False},
+                                 sourcedir=book.REPO_ROOT)
+    assert "sphinx_thebe" not in config["extensions"]
+    assert {"sphinx_exercise", "sphinxcontrib.bibtex", "sphinx-mathjax-offline", "myst_nb"} <= set(config["extensions"])
+
+
 def test_math_is_served_from_the_book_not_a_cdn(rendered):
-    """MathJax is copied into the built book; no page loads a script from another host."""
+    """MathJax is copied into the built book; no page names a script or style on another host."""
     _, _, html = rendered
     assert (html / "_static" / "mathjax" / "tex-chtml.js").is_file()
     for page in html.rglob("*.html"):
         text = page.read_text(errors="replace")
-        external = re.findall(r"<script[^>]*\ssrc=[\"'](?:https?:)?//[^\"']+", text)
-        assert not external, f"{page.name} loads {external}"
+        external = outside_hosts(text)
+        assert not external, f"{page.name} names outside hosts {external}"
+        assert "THEBE_JS_URL" not in text and "unpkg.com" not in text, page.name
     intro = (html / "book" / "01_introduction.html").read_text()
     assert "_static/mathjax/tex-chtml.js" in intro
+
+
+def test_solutions_are_hidden_until_clicked(rendered):
+    """Every chapter's exercises are sphinx-exercise directives whose solutions are dropdowns: the
+    solution's admonition carries the class ``dropdown``, which sphinx-togglebutton (loaded on the page)
+    collapses until the reader clicks its title."""
+    _, _, html = rendered
+    for stem in book.chapters():
+        page = (html / "book" / f"{stem}.html").read_text()
+        if stem == "01_introduction":
+            continue  # the introduction has no exercises
+        exercises = re.findall(r'<div class="([^"]*\bexercise\b[^"]*)"', page)
+        solutions = re.findall(r'<div class="([^"]*\bsolution\b[^"]*)"', page)
+        assert exercises, f"{stem}: no exercise directive"
+        assert len(solutions) == len(exercises), f"{stem}: {len(exercises)} exercises, {len(solutions)} solutions"
+        assert all("dropdown" in c.split() for c in solutions), f"{stem}: a solution is not hidden: {solutions}"
+        assert "togglebutton.js" in page, f"{stem}: the dropdown script is not loaded"
 
 
 def test_a_changed_parameter_produces_a_new_record_set(rendered):

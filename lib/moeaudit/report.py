@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import html
+import math
+import re
 import warnings
+from dataclasses import dataclass
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -17,6 +21,7 @@ from .corpus import (
     resolve_text_form,
 )
 from .names import METRIC_LABELS
+from .paths import REPO_ROOT
 from .stats import (
     binomial_upper_tail,
     min_equivalence_bound,
@@ -1236,3 +1241,118 @@ def fmt_bound(v: float, *, digits: int = 3) -> str:
     if v != 0 and round(v, digits) == 0:
         return f"{v:+.2g}"
     return f"{0.0 if round(v, digits) == 0 else v:+.{digits}f}"
+
+
+# --- The learner's aids: reading time and answer checks for the exercises --------------------------
+
+#: silent reading rate of English non-fiction, words per minute: the mean of the meta-analysis by
+#: Brysbaert (2019), "How many words do we read per minute?", J. Memory and Language 109, 104047
+READING_WPM = 238
+#: where the chapters' sources live (jupytext percent format, one file per chapter)
+NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+
+_FENCED_CODE = re.compile(r"^(`{3,})(?:bash|sh|python|console|text|)[ \t]*$.*?^\1[ \t]*$", re.S | re.M)
+_DIRECTIVE_LINE = re.compile(r"^(?:`{3,}|:{3,}).*$|^:[a-z\-]+:.*$", re.M)
+_ROLE = re.compile(r"\{[a-z:]+\}`[^`]*`")
+
+
+def word_count(markdown: str) -> int:
+    """Words a reader reads in a MyST markdown text: whitespace-separated tokens holding a letter or a
+    digit, after removing fenced code blocks and directive fences and options (a directive's content
+    counts); a role such as a glued value or a citation counts as one word, a formula as its tokens.
+    ``TypeError`` unless ``markdown`` is a ``str``.
+
+    Examples
+    --------
+    >>> word_count("The audit ablates {glue:text}`n` experts.\\n```bash\\nmake book\\n```")
+    5
+    """
+    if not isinstance(markdown, str):
+        raise TypeError(f"markdown must be a str, got {type(markdown).__name__}")
+    text = _ROLE.sub(" role ", _DIRECTIVE_LINE.sub(" ", _FENCED_CODE.sub(" ", markdown)))
+    return sum(1 for token in text.split() if re.search(r"\w", token))
+
+
+def reading_minutes(words: int, *, wpm: float = READING_WPM) -> int:
+    """Reading time in whole minutes, at least one: ``ceil(words / wpm)`` (default rate
+    :data:`READING_WPM`). ``ValueError`` for a negative word count or a rate that is not positive."""
+    if int(words) != words or words < 0:
+        raise ValueError(f"words must be a whole number >= 0, got {words!r}")
+    if not wpm > 0:
+        raise ValueError(f"wpm must be > 0, got {wpm!r}")
+    return max(1, math.ceil(words / wpm))
+
+
+def chapter_markdown(stem: str, *, notebooks: Path = NOTEBOOK_DIR) -> str:
+    """The markdown cells of chapter ``stem`` (``notebooks/<stem>.py``, jupytext percent format), joined
+    by blank lines, with the comment marks removed. ``ValueError`` naming the valid stems for an
+    unknown chapter."""
+    path = Path(notebooks) / f"{stem}.py"
+    if not path.is_file():
+        valid = sorted(p.stem for p in Path(notebooks).glob("*.py"))
+        raise ValueError(f"stem must name a chapter in {notebooks}, one of {valid}; got {stem!r}")
+    cells, current = [], None
+    for line in path.read_text().splitlines():
+        if line.startswith("# %%"):
+            current = [] if "[markdown]" in line else None
+            if current is not None:
+                cells.append(current)
+        elif current is not None:
+            current.append(line[2:] if line.startswith("# ") else line.lstrip("#"))
+    return "\n\n".join("\n".join(c) for c in cells)
+
+
+def chapter_reading_minutes(stem: str, *, notebooks: Path = NOTEBOOK_DIR, wpm: float = READING_WPM) -> int:
+    """Reading time of chapter ``stem``'s prose in minutes (:func:`word_count` of
+    :func:`chapter_markdown`, :func:`reading_minutes`): tables, figures and computed sentences are not
+    counted, so it is a lower bound for a first reading. ``ValueError`` for an unknown chapter."""
+    return reading_minutes(word_count(chapter_markdown(stem, notebooks=notebooks)), wpm=wpm)
+
+
+@dataclass(frozen=True)
+class AnswerCheck:
+    """A learner's answer judged against the value the page computed: ``correct``, the ``answer``, the
+    ``expected`` value and ``message``, one sentence saying right, or wrong and by how much. Shown as
+    that sentence in a notebook."""
+
+    correct: bool
+    answer: float
+    expected: float
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+    def _repr_markdown_(self) -> str:
+        return self.message
+
+
+def check_answer(answer, expected: float, *, what: str, tolerance: float = 0.0, unit: str = "") -> AnswerCheck:
+    """Judge a numeric ``answer`` to an exercise: right when ``|answer - expected| <= tolerance``,
+    else wrong, with the signed distance (and, for a non-zero ``expected``, the relative one) in the
+    message. ``what`` names the quantity ("the smallest detectable d_z"), ``unit`` its unit ("nats").
+    ``ValueError`` for an answer that is not a finite real number, a non-finite ``expected`` or a
+    negative ``tolerance``.
+
+    Examples
+    --------
+    >>> check_answer(0.25, 0.25, what="the share").correct
+    True
+    >>> print(check_answer(3, 5, what="the number of cells"))
+    Not yet: your 3 for the number of cells is 2 too low (40% below).
+    """
+    if isinstance(answer, bool) or not isinstance(answer, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(answer):
+        raise ValueError(f"answer must be a finite number, got {answer!r}")
+    if not np.isfinite(expected):
+        raise ValueError(f"expected must be a finite number, got {expected!r}")
+    if not tolerance >= 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance!r}")
+    diff = float(answer) - float(expected)
+    u = f" {unit}" if unit else ""
+    if abs(diff) <= tolerance + 1e-12:
+        within = f" (within {tolerance:g}{u} of the page's {expected:.6g})" if tolerance else ""
+        return AnswerCheck(True, float(answer), float(expected), f"Right: {what} is {answer:g}{u}{within}.")
+    rel = f" ({abs(diff) / abs(expected):.0%} {'above' if diff > 0 else 'below'})" if expected else ""
+    return AnswerCheck(False, float(answer), float(expected),
+                       f"Not yet: your {answer:g} for {what} is {abs(diff):g}{u} too {'high' if diff > 0 else 'low'}{rel}.")

@@ -15,7 +15,8 @@ import torch
 from ..engine import block_input_in_trace, expert_outputs, routing_in_trace
 from ..metrics import METRICS as BOOK_METRICS
 from ..paper import PAPER_RECIPE, RELEASED_RECIPES, float16_spacing, released_mean_routing_weight_when_active
-from ..stats import cohens_dz, dz_difference_ci, spearman_defined
+from ..report import AnswerCheck, check_answer
+from ..stats import MIN_PAIRS, cohens_dz, dz_difference_ci, min_detectable_dz, spearman_defined
 
 #: the Qwen script's choices: activation norm over the first texts only, std over the first coordinates
 QWEN_NORM_TEXTS, QWEN_STD_COORDS = 30, 32
@@ -322,3 +323,25 @@ def float16_steps_caveat(deltas, *, losses=(4.0, 8.0)) -> pd.DataFrame:
     d = np.abs(np.asarray(deltas, dtype=np.float64))
     return pd.DataFrame([{"loss": float(x), "step": float(float16_spacing(x)), "n_within": int((d <= float16_spacing(x)).sum()),
                           "n": int(d.size)} for x in losses])
+
+
+def fifth_positions(n_positions: int) -> int:
+    """The intervention-definitions chapter's "fewer positions" run: a fifth of ``n_positions`` (floor), at
+    least :data:`moeaudit.stats.MIN_PAIRS`. ``ValueError`` for fewer than ``MIN_PAIRS`` positions."""
+    if isinstance(n_positions, bool) or int(n_positions) != n_positions or n_positions < MIN_PAIRS:
+        raise ValueError(f"n_positions must be a whole number >= {MIN_PAIRS}, got {n_positions!r}")
+    return max(MIN_PAIRS, int(n_positions) // 5)
+
+
+def check_09_intervention_definitions_3(answer, *, n_positions: int, alpha: float, family: int,
+                                        power: float = 0.8) -> AnswerCheck:
+    """Exercise 3 of the intervention-definitions chapter: the smallest |d_z| the paired t-test detects with
+    ``power`` at a fifth of the positions (:func:`fifth_positions`), two-sided, at the Bonferroni level
+    ``alpha / family`` of the first model's metric cells (:func:`moeaudit.stats.min_detectable_dz`); right
+    within 0.005 (the page prints two decimals). ``ValueError`` for a family below one, a bad
+    ``n_positions`` or an answer that is not a number."""
+    if isinstance(family, bool) or int(family) != family or family < 1:
+        raise ValueError(f"family must be a whole number >= 1 (the number of metric cells), got {family!r}")
+    expected = min_detectable_dz(fifth_positions(n_positions), alpha=alpha / family, power=power)
+    return check_answer(answer, expected, what="the smallest detectable |d_z| at a fifth of the positions",
+                        tolerance=0.005)

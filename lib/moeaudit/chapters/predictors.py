@@ -26,6 +26,8 @@ import numpy as np
 import pandas as pd
 
 from moeaudit import stats
+from moeaudit.pruning import random_rank_pvalue
+from moeaudit.report import AnswerCheck, check_answer
 
 TAIL_SHARE = 0.05
 
@@ -149,3 +151,20 @@ def tail_sentence(summary: pd.DataFrame, *, alpha: float, labels: dict | None = 
                    f"ranking at α = {alpha} (exact rank-sum test over the layers, Holm over the criteria): "
                    + "; ".join(parts))
     return f"{verdict}. {power}."
+
+
+def smallest_rank_pvalue(n_draws: int) -> float:
+    """The smallest rank p-value a criterion can attain against ``n_draws`` random draws: the p-value of
+    a result better than every draw, ``1 / (n_draws + 1)`` (:func:`moeaudit.pruning.random_rank_pvalue`).
+    ``ValueError`` unless ``n_draws`` is a whole number >= 1."""
+    if isinstance(n_draws, bool) or int(n_draws) != n_draws or n_draws < 1:
+        raise ValueError(f"n_draws must be a whole number >= 1, got {n_draws!r}")
+    return random_rank_pvalue(0.0, np.ones(int(n_draws)))
+
+
+def check_10_predictors_and_pruning_1(answer, *, n_draws: int = 5) -> AnswerCheck:
+    """Exercise 1 of the predictors-and-pruning chapter: the smallest attainable rank p-value with
+    ``n_draws`` random draws (:func:`smallest_rank_pvalue`), right within 0.0005 (the page prints three
+    decimals). ``ValueError`` for an answer that is not a number or a bad ``n_draws``."""
+    return check_answer(answer, smallest_rank_pvalue(n_draws), what="the smallest attainable rank p-value",
+                        tolerance=0.0005)

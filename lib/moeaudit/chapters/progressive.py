@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from ..paper import paper_printed_values
-from ..report import fmt_bound, fmt_signed, join_words, zero_relation
+from ..report import AnswerCheck, check_answer, fmt_bound, fmt_signed, join_words, zero_relation
 from ..stats import sign_test, sign_test_detectable_share, t_critical
 
 
@@ -466,3 +466,21 @@ def cliff_comparison_text(breaks: pd.DataFrame, deepest: pd.DataFrame, calls: pd
     where = ("the largest mean change at the deepest removal is at the last audited layer" if worst == last else
              f"the largest mean change at the deepest removal is at layer {worst}, not the last")
     return f"- **{b.model.iloc[0]}**: {shape}; {where}, and there the damage is {shape_phrase(d.loc[worst])}."
+
+
+def interval_widening(n_positions: int, *, alpha: float, new_alpha: float) -> float:
+    """Factor by which the half-width of a Student-t interval of a mean over ``n_positions`` positions
+    changes when its level goes from ``1 - alpha`` to ``1 - new_alpha``:
+    ``t_{1 - new_alpha/2, n-1} / t_{1 - alpha/2, n-1}`` (:func:`moeaudit.stats.t_critical`); the standard
+    error does not change. ``ValueError`` for fewer than two positions or a level outside (0, 1)."""
+    if isinstance(n_positions, bool) or int(n_positions) != n_positions or n_positions < 2:
+        raise ValueError(f"n_positions must be a whole number >= 2, got {n_positions!r}")
+    return t_critical(new_alpha, n_positions - 1) / t_critical(alpha, n_positions - 1)
+
+
+def check_06_progressive_ablation_2(answer, *, n_positions: int, alpha: float, new_alpha: float = 0.01) -> AnswerCheck:
+    """Exercise 2 of the progressive-ablation chapter: the factor by which every interval's half-width
+    is multiplied at level ``new_alpha`` (:func:`interval_widening`), right within 0.005 (the page prints
+    two decimals). ``ValueError`` for an answer that is not a number or a bad ``n_positions``."""
+    return check_answer(answer, interval_widening(n_positions, alpha=alpha, new_alpha=new_alpha),
+                        what="the factor on the intervals' half-widths", tolerance=0.005)
