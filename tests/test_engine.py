@@ -298,8 +298,8 @@ def test_earlier_positions_untouched_only_in_token_mode(model, clean, corpus, mo
     req = pd.DataFrame([(s, t, L, (e,))], columns=["seq_id", "t", "layer", "removed"])
     captured = []
     h = model.hf.model.norm.register_forward_hook(lambda m, a, o: captured.append(o.detach().clone()))
-    try:
-        _run(model, corpus, clean, req, mode=mode, strategy="full")
+    try:  # every layer recomputed: one forward, whose whole prefix the hook sees
+        _run(model, corpus, clean, req, mode=mode, strategy="full", skip_clean_layers=False)
     finally:
         h.remove()
     assert len(captured) == 1
@@ -651,3 +651,23 @@ def test_trace_ablation_refuses_bad_arguments(model_cache, corpus):
         trace_ablation(m, corpus.sequences[0], layer=0, experts=[0], t=3, mode="tokens")
     with pytest.raises(ValueError, match="out of range"):
         trace_ablation(m, corpus.sequences[0], layer=0, experts=[0], t=len(corpus.sequences[0]) - 1)
+
+
+@pytest.mark.parametrize("operator", ["remove", "mask"])
+def test_sequence_mode_from_the_ablated_layer_equals_every_layer_recomputed(model, clean, corpus, operator):
+    """Sequence mode started at the ablated layer, with the requests of a sequence that remove the same
+    experts sharing one causal forward, gives the records of one full prefix forward per request
+    (``skip_clean_layers=False``) to float32 rounding, downstream compensation and premise included."""
+    req = _requests(clean, corpus, _edge_layers(model))
+    req = pd.concat([req, req.assign(t=req.t.where(req.t == 0, req.t - 1))]).drop_duplicates(
+        subset=["seq_id", "t", "layer", "removed"]).reset_index(drop=True)  # several t per (seq, layer, experts)
+    req = req[[all(e in clean.active(s, t, L) for e in r) for s, t, L, r in req.itertuples(index=False)]]
+    kw = dict(mode="sequence", downstream=True, operator=operator, batch_size=5)
+    fast = _run(model, corpus, clean, req.reset_index(drop=True), **kw)
+    slow = _run(model, corpus, clean, req.reset_index(drop=True), skip_clean_layers=False, **kw)
+    assert len(fast) == len(req) and fast.premise_ok.all()
+    for col in ("delta_loss", "clean_loss", "ablated_loss", "gap_norm", "downstream_compensation"):
+        np.testing.assert_allclose(fast[col].to_numpy(), slow[col].to_numpy(), atol=2e-5, rtol=1e-4, err_msg=col)
+    for col in ("removed_routed", "clean_routing_match") + (("replacement", "leak") if operator == "mask" else ()):
+        assert fast[col].tolist() == slow[col].tolist(), col
+    assert (fast.delta_loss.abs() > 0).any()

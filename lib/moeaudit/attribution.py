@@ -18,6 +18,7 @@ position and layer for the measured ablations.
 
 from __future__ import annotations
 
+import nnsight
 import numpy as np
 import pandas as pd
 import torch
@@ -37,6 +38,9 @@ def attribution_estimates(model: AuditModel, corpus: TokenizedCorpus, clean: Cle
     for L in layers:
         model.layout.check_layer(L)
     attention_window(model)  # refuses attention types the packed step cannot mask, before any forward
+    if model.remote:  # its backward pass inside the trace does not survive nnsight 0.8.1's server path
+        raise ValueError(f"attribution_estimates runs a backward pass inside the trace, which nnsight's remote "
+                         f"execution does not run here (remote={model.remote!r}); use remote=False")
     dev = model.device
     pos = positions[["seq_id", "t"]].drop_duplicates().sort_values(["seq_id", "t"]).reset_index(drop=True)
     seqs = sorted(pos.seq_id.unique().tolist())
@@ -70,6 +74,7 @@ def attribution_estimates(model: AuditModel, corpus: TokenizedCorpus, clean: Cle
                 with loss.backward():
                     for L in reversed(layers):  # gradients arrive in reverse execution order
                         grads[L] = ys[L].grad.save()
+                nnsight.save(saved), nnsight.save(grads)  # a server returns saved values only
             for L in layers:
                 x, w, idx = saved[L]
                 x = x.reshape(-1, x.shape[-1])[flat].detach()

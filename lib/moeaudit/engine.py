@@ -36,6 +36,7 @@ import os
 import sys
 from dataclasses import dataclass
 
+import nnsight
 import numpy as np
 import pandas as pd
 import torch
@@ -102,6 +103,12 @@ def expert_outputs(experts: torch.nn.Module, x: torch.Tensor, indices: torch.Ten
     ``down_e(act(gate_e x) * up_e x)`` computed expert by expert, since the module groups the same
     rows in the same order. ``ValueError`` for an unknown ``call``.
     """
+    return _expert_outputs(experts, x, indices, call=call, input_scale=input_scale)
+
+
+def _expert_outputs(experts, x, indices, *, call, input_scale):
+    """:func:`expert_outputs` without its ``torch.no_grad`` decorator (a decorated function does not
+    travel by value in a remote trace)."""
     n, k = indices.shape
     dtype = next(experts.parameters()).dtype  # the dtype survives offloading; the values may not
     rows = x.to(dtype).repeat_interleave(k, dim=0)
@@ -172,6 +179,16 @@ def block_output_in_trace(model: AuditModel, layer: int, *, shape: tuple[int, in
     index = model.layout.spec.block_output_index
     out = out if index is None else out[index]
     return out if shape is None else out.reshape(*shape, out.shape[-1])
+
+
+def _expert_outputs_in_trace(model: AuditModel, layer: int, x, indices):
+    """Inside an nnsight trace: the raw outputs ``E_e(x_n)`` (N, k, H) of the experts ``indices``
+    (N, k) selects, for block inputs ``x`` (..., H): :func:`expert_outputs` called on the traced
+    model's experts module (its nnsight envoy), so on a server the experts that hold the weights
+    compute them."""
+    # the undecorated function: shipped by value, torch.no_grad's wrapper would lose its source and defaults
+    return _expert_outputs(getattr(model.nn_block(layer), model.layout.spec.experts), x.reshape(-1, x.shape[-1]),
+                          indices, call=model.layout.spec.experts_call, input_scale=None)
 
 
 class _RouterLogitMask(torch.overrides.TorchFunctionMode):
@@ -419,21 +436,27 @@ def clean_pass(model: AuditModel, corpus: TokenizedCorpus, *, layers=None, batch
         ids, mask = corpus.padded(seq_ids, pad_id=model.pad_id)
         ids, mask = ids.to(model.device), mask.to(model.device)
         saved = {}
+        on_server = model.on_server
         with torch.no_grad(), model.nn.trace(input_ids=ids, attention_mask=mask, remote=model.remote):
             for L in layers:
-                x = block_input_in_trace(model, L).save()
+                x = block_input_in_trace(model, L)
                 r_logits, r_weight, r_idx = routing_in_trace(model, L)
-                saved[L] = (x, r_logits.save(), r_weight.save(), r_idx.save())
+                # on a server the weights are there only: the expert outputs are computed inside the trace
+                y = _expert_outputs_in_trace(model, L, x, r_idx) if on_server else None
+                saved[L] = (x, r_logits, r_weight, r_idx, y)
             logits = model.nn.output.logits.save()
+            nnsight.save(saved)  # only saved values come back from a server, not the dict's mutation
         real = mask.reshape(-1).bool()
         for L in layers:
-            x, r_logits, r_weight, r_idx = saved[L]
+            x, r_logits, r_weight, r_idx, y = saved[L]
             x = x.reshape(-1, x.shape[-1])[real]
             idx = r_idx.reshape(-1, r_idx.shape[-1])[real]
             probs = routing_weight(model, r_logits.reshape(real.shape[0], -1)[real])
-            experts = model.hf_experts(L)
-            norms = torch.linalg.vector_norm(expert_outputs(experts, x, idx.to(x.device), call=model.layout.spec.experts_call)
-                                             .float(), dim=-1)
+            if y is None:
+                y = expert_outputs(model.hf_experts(L), x, idx.to(x.device), call=model.layout.spec.experts_call)
+            else:
+                y = y.reshape(real.shape[0], idx.shape[-1], -1)[real.to(y.device)]
+            norms = torch.linalg.vector_norm(y.float(), dim=-1)
             routing[L]["indices"].append(idx.cpu().numpy().astype(np.int64))
             routing[L]["weight"].append(r_weight.reshape(-1, idx.shape[-1])[real].float().cpu().numpy().astype(np.float64))
             routing[L]["prob"].append(probs.gather(1, idx.to(probs.device)).cpu().numpy().astype(np.float64))
@@ -513,6 +536,7 @@ def expert_mean_outputs(model: AuditModel, corpus: TokenizedCorpus, *, layers=No
     bad = [i for i in order if not 0 <= i < len(corpus)]
     if bad or not order:
         raise ValueError(f"seq_ids must be a non-empty selection of text ids 0..{len(corpus) - 1}; got {seq_ids!r}")
+    model.require_local_weights("expert_mean_outputs (the mean expert outputs of operator='mean')")
     E, spec = model.layout.num_experts, model.layout.spec
     sums, counts = {}, {L: np.zeros(E, dtype=np.int64) for L in layers}
     slots = {L: ([], [], []) for L in layers}  # indices, slot max, slot max |.|
@@ -525,6 +549,7 @@ def expert_mean_outputs(model: AuditModel, corpus: TokenizedCorpus, *, layers=No
                 x = block_input_in_trace(model, L).save()
                 _lg, r_weight, r_idx = routing_in_trace(model, L)
                 saved[L] = (x, r_weight.save(), r_idx.save())
+            nnsight.save(saved)  # a server returns saved values only, not the dict's mutation
         real = mask.reshape(-1).bool()
         for L in layers:
             x, w, idx = saved[L]
@@ -601,6 +626,103 @@ def validate_requests(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPa
     return req, strategy
 
 
+def _sequence_chunk(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, sub: pd.DataFrame,
+                    chunk: list[int], *, batch_size: int, layer_of, removed_of, operator: str, scale: float,
+                    means, downstream: bool, out: tuple, bar) -> None:
+    """Sequence-mode ablations of the requests ``sub`` (sequences ``chunk``), started at the ablated layer.
+
+    One clean forward over the chunk gives the residual stream entering every layer. The requests are
+    grouped by (sequence, layer, removed experts): each group is one row, a forward of the prefix up to the
+    group's last position with the experts removed at every position of it, started at the layer from the
+    clean residual (:func:`_run_batch` skips the layers before it); each request reads its loss, block
+    output and routing at its own ``t``. Each (sequence, layer) has one clean row, started the same way,
+    for the clean loss and the premise. Batches hold rows of one layer, at most ``batch_size`` rows.
+    Fills ``out = (results, premise, replacement, leak, masked_selected)`` at the requests' indices, as
+    :func:`run_ablations` reads them."""
+    results, premise, replacement, leak, masked_selected = out
+    E, dev = model.layout.num_experts, model.device
+    residual = clean_residual(model, corpus, chunk)
+    units = []  # ((seq, layer), [(removed, [request indices]), ...]) with at most batch_size - 1 removed sets
+    for (L, s), g in sub.groupby(["layer", "seq_id"], sort=True):
+        sets: dict[tuple, list] = {}
+        for i in g.index:
+            sets.setdefault(tuple(sorted(removed_of[i])), []).append(int(i))
+        items = list(sets.items())
+        for k in range(0, len(items), batch_size - 1):
+            units.append(((int(s), int(L)), items[k:k + batch_size - 1]))
+    for batch in _group_batches(units, batch_size, key=lambda u: u[0][1]):
+        L = batch[0][0][1]
+        rows = []  # (seq, last position, removed experts or None, request indices)
+        for (s, _L), items in batch:
+            last = max(int(sub.t[i]) for _, idxs in items for i in idxs)
+            rows.append((s, last, None, [i for _, idxs in items for i in idxs]))
+            rows.extend((s, last, removed, idxs) for removed, idxs in items)
+        R, q_len = len(rows), max(r[1] for r in rows) + 1
+        input_ids = torch.full((R, q_len), model.pad_id, dtype=torch.long)
+        attn = torch.zeros((R, q_len), dtype=torch.long)
+        removal = torch.zeros(R * q_len, E, dtype=torch.bool)
+        for r, (s, last, removed, _idxs) in enumerate(rows):
+            input_ids[r, : last + 1] = torch.from_numpy(corpus.sequences[s][: last + 1])
+            attn[r, : last + 1] = 1
+            if removed is not None:
+                removal.view(R, q_len, E)[r, : last + 1, list(removed)] = True
+        entering = residual[L]
+        at = torch.tensor([chunk.index(r[0]) for r in rows], device=entering.device)
+        start_hidden = entering[at, :q_len] if L > 0 else None
+        reads, read_of = [], {}  # (row, t) pairs read, and the read index of each
+        clean_of = {}
+        for r, (s, _last, removed, idxs) in enumerate(rows):
+            if removed is None:
+                clean_of[s] = r
+            for i in idxs:
+                key = (r, int(sub.t[i]))
+                if key not in read_of:
+                    read_of[key] = len(reads)
+                    reads.append(key)
+        read_rows = torch.tensor([r for r, _ in reads], dtype=torch.long)
+        read_pos = torch.tensor([t for _, t in reads], dtype=torch.long)
+        kept = torch.unique(read_pos)  # the LM head only at the positions read
+        logit_pos = torch.searchsorted(kept, read_pos)
+        later = [Lp for Lp in model.layout.moe_layers if Lp > L] if downstream else []
+        logits, moe_out, routed, routed_w = _run_batch(
+            model, input_ids=input_ids.to(dev), attention_mask=attn.to(dev), position_ids=None,
+            past_key_values=None, removal={L: removal}, read_rows=read_rows.to(dev), read_pos=read_pos.to(dev),
+            read_layers=later, scale=scale, logits_to_keep=kept.to(dev), logit_pos=logit_pos.to(dev),
+            start_layer=L, start_hidden=start_hidden, operator=operator,
+            means=means)
+        targets = torch.tensor([int(corpus.sequences[rows[r][0]][t + 1]) for r, t in reads], device=logits.device)
+        losses = _token_loss(logits, targets).cpu().numpy()
+        flat = (read_rows * q_len + read_pos).to(routed[L].device)
+        routed_at = routed[L].reshape(-1, routed[L].shape[-1])[flat].cpu().numpy()  # (reads, k)
+        weight_at = (routed_w[L].reshape(-1, routed_w[L].shape[-1])[flat.to(routed_w[L].device)].float().cpu().numpy()
+                     if L in routed_w else None)
+        for r, (s, _last, removed, idxs) in enumerate(rows):
+            if removed is None:
+                continue
+            for i in idxs:
+                t = int(sub.t[i])
+                c, a = read_of[(clean_of[s], t)], read_of[(r, t)]
+                g = (moe_out[L][c] - moe_out[L][a]).float()
+                gap = torch.linalg.vector_norm(g).item()
+                comp = np.nan
+                if downstream and gap > 0:
+                    comp = sum(float(torch.dot((moe_out[Lp][a] - moe_out[Lp][c]).float().reshape(-1), g.reshape(-1)))
+                               for Lp in later) / gap ** 2 if later else 0.0
+                results[i] = (losses[c], losses[a], gap, comp)
+                here, before = routed_at[a].tolist(), routed_at[c].tolist()
+                if operator == "mask":
+                    premise[i, 0] = sum(e in before for e in removed_of[i])
+                    replacement[i] = sorted(int(e) for e in set(here) - set(before))
+                    in_top = np.isin(routed_at[a], removed_of[i])
+                    leak[i] = float(np.abs(weight_at[a][in_top]).sum())
+                    masked_selected[i] = int(in_top.sum())
+                else:
+                    premise[i, 0] = sum(e in here for e in removed_of[i])
+                row = clean.row(s, t)
+                premise[i, 1] = bool((np.sort(routed_at[c]) == np.sort(clean.routing[L]["indices"][row])).all())
+            bar.update(len(idxs))
+
+
 def _group_batches(groups: list, batch_size: int, *, key=None) -> list[list]:
     """Pack (position, request indices) groups into batches of at most ``batch_size`` rows without
     splitting a group; with ``key`` a batch also holds only groups of one ``key(group)``."""
@@ -621,13 +743,15 @@ def _run_batch(model: AuditModel, *, input_ids, attention_mask, position_ids, pa
                removal: dict[int, torch.Tensor], read_rows: torch.Tensor, read_pos: torch.Tensor,
                read_layers=(), scale: float = 0.0, logits_to_keep: torch.Tensor | None = None,
                start_layer: int = 0, start_hidden: torch.Tensor | None = None, operator: str = "remove",
-               means: dict | None = None):
+               means: dict | None = None, logit_pos: torch.Tensor | None = None):
     """One traced forward. ``removal[L]`` is a (rows, E) bool matrix over the flattened token rows of
     the batch; returns logits, MoE outputs at ``(read_rows, read_pos)`` for every ablated layer
     and every layer in ``read_layers``, and the top-k indices (flattened rows, k) that the router
     of every ablated layer produced in this very forward (the premise check of
     :func:`run_ablations`). With ``logits_to_keep`` (a (rows, 1) position tensor) the LM head runs
-    only there and the logits are read at its single kept position. With ``start_layer`` S > 0 the
+    only there and the logits are read at its single kept position; with ``logit_pos`` as well
+    (``logits_to_keep`` then a 1-D tensor of the kept positions) the logits of read ``i`` are read at
+    kept position ``logit_pos[i]``. With ``start_layer`` S > 0 the
     decoder layers before S are skipped (nnsight's ``Envoy.skip``) and layer S reads
     ``start_hidden`` (the batch's residual stream entering layer S, (batch, seq, H)) instead.
     ``operator`` (:data:`OPERATORS`) is applied to the marked pairs (:func:`ablate_in_trace`; for
@@ -635,6 +759,11 @@ def _run_batch(model: AuditModel, *, input_ids, attention_mask, position_ids, pa
     combine weights are returned too, ``weights[L]``; ``means[L]``: (E, H) tensors for ``"mean"``).
     Returns ``(logits, outputs, routed, weights)``; ``weights`` is empty unless ``operator="mask"``."""
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    # nnsight's remotable wrapper (and a server's) batches a trace's inputs and cannot split a dict of
+    # per-layer-type masks: the trace gets the full-attention mask and hands the dict to the decoder inside
+    masks_by_type = attention_mask if isinstance(attention_mask, dict) and model.remote else None
+    if masks_by_type is not None:
+        kwargs["attention_mask"] = masks_by_type["full_attention"]
     if logits_to_keep is not None:
         kwargs["logits_to_keep"] = logits_to_keep
     if position_ids is not None:
@@ -643,7 +772,12 @@ def _run_batch(model: AuditModel, *, input_ids, attention_mask, position_ids, pa
         kwargs.update(past_key_values=past_key_values, use_cache=True)
     outputs, routed, weights = {}, {}, {}
     masks = removal if operator == "mask" else {}
+    if masks:
+        model.require_local_weights("operator='mask' (router masking through PyTorch hooks)")
     with torch.no_grad(), router_logit_masks(model, masks), model.nn.trace(**kwargs, remote=model.remote):
+        if False:
+            decoder_args, decoder_kwargs = model.nn.model.inputs
+            model.nn.model.inputs = (decoder_args, {**decoder_kwargs, "attention_mask": masks_by_type})
         for skipped in range(start_layer):  # each returns the residual entering S; only the last is read
             model.layers()[skipped].skip(start_hidden)
         for L in sorted(set(removal) | set(read_layers)):
@@ -659,8 +793,11 @@ def _run_batch(model: AuditModel, *, input_ids, attention_mask, position_ids, pa
             outputs[L] = block_output_in_trace(model, L, shape=tuple(input_ids.shape))[read_rows, read_pos].save()
         if logits_to_keep is None:
             logits = model.nn.output.logits[read_rows, read_pos].save()
+        elif logit_pos is not None:
+            logits = model.nn.output.logits[read_rows, logit_pos].save()
         else:
             logits = model.nn.output.logits[read_rows, 0].save()
+        nnsight.save(outputs), nnsight.save(routed), nnsight.save(weights)  # a server returns saved values only
     return logits, outputs, routed, weights
 
 
@@ -874,13 +1011,31 @@ def clean_cache(model: AuditModel, corpus: TokenizedCorpus, chunk: list[int], *,
     from transformers import DynamicCache  # noqa: PLC0415
 
     ids, mask = corpus.padded(chunk, pad_id=model.pad_id)
-    with torch.no_grad():
-        out = model.hf(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), use_cache=True,
-                       past_key_values=DynamicCache(), logits_to_keep=1, output_hidden_states=hidden_states)
+    if model.on_server:  # the forward runs where the weights are; its output (the cache) comes back
+        with torch.no_grad(), model.nn.trace(input_ids=ids, attention_mask=mask, use_cache=True,
+                                             past_key_values=DynamicCache(), logits_to_keep=1,
+                                             output_hidden_states=hidden_states, remote=model.remote):
+            out = model.nn.output.save()
+    else:
+        with torch.no_grad():
+            out = model.hf(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), use_cache=True,
+                           past_key_values=DynamicCache(), logits_to_keep=1, output_hidden_states=hidden_states)
     kv = [(lay.keys, lay.values) for lay in out.past_key_values.layers]
     if not hidden_states:
         return kv, int(ids.shape[1])
     return kv, int(ids.shape[1]), list(out.hidden_states[:model.layout.n_layers])
+
+
+def clean_residual(model: AuditModel, corpus: TokenizedCorpus, chunk: list[int]) -> list[torch.Tensor]:
+    """The residual stream entering every decoder layer in a clean forward over the sequences ``chunk``
+    (right-padded), without a key/value cache (so for every family, hybrid attention included):
+    ``residual[l]`` is (len(chunk), width, H), entry 0 the embeddings (transformers'
+    ``output_hidden_states``). The LM head is skipped (``logits_to_keep=1``)."""
+    ids, mask = corpus.padded(chunk, pad_id=model.pad_id)
+    with torch.no_grad():
+        out = model.hf(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), use_cache=False,
+                       logits_to_keep=1, output_hidden_states=True)
+    return list(out.hidden_states[:model.layout.n_layers])
 
 
 def _check_custom_mask_support(model: AuditModel) -> None:
@@ -942,7 +1097,12 @@ def run_ablations(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, 
     sequence's cache row (see :func:`packed_step`); otherwise each row is its own prefix
     ``x[:t+1]`` and the LM head is applied at ``t`` only.
 
-    ``skip_clean_layers`` (token mode with ``strategy="kv"``): a step starts at the ablated layer L.
+    ``skip_clean_layers`` (token mode with ``strategy="kv"``, and sequence mode): a step starts at the
+    ablated layer L. In sequence mode the layers before L are unchanged at every position too, so each
+    forward starts at L from the clean residual stream of the whole prefix, and the requests of one
+    sequence that remove the same experts at the same layer share one causal forward over the prefix up
+    to their last position, each read at its own t (a position sees only the positions before it, so
+    removing the experts further on changes nothing there); see :func:`_sequence_chunk`. In token mode:
     The decoder layers before L are skipped and L reads the residual stream that enters it in the
     clean cache forward: a token-mode ablation changes nothing before L, so those layers' outputs
     at t are the clean ones. Each batch then holds rows of one layer, with one clean row per
@@ -1006,6 +1166,12 @@ def run_ablations(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass, 
     resume = bool(skip_clean_layers) and strategy == "kv" and mode == "token"
     for chunk in chunks:
         sub = req[req.seq_id.isin(chunk)]
+        if mode == "sequence" and skip_clean_layers:
+            _sequence_chunk(model, corpus, clean, sub, chunk, batch_size=batch_size, layer_of=layer_of,
+                            removed_of=removed_of, operator=operator, scale=float(scale), means=mean_tensors,
+                            downstream=downstream, out=(results, premise, replacement, leak, masked_selected),
+                            bar=bar)
+            continue
         if resume:  # groups of one (position, layer), batches of one layer: a step starts at that layer
             groups = [((int(s), int(t), int(L)), list(g.index))
                       for (L, s, t), g in sub.groupby(["layer", "seq_id", "t"], sort=True)]
@@ -1385,6 +1551,7 @@ def run_restorations(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPas
     if not is_integer(seed) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r} (the noise is drawn reproducibly from it)")
     req = validate_restorations(model, corpus, clean, requests, require_active=require_active)
+    model.require_local_weights("run_restorations (the corrupted embeddings and clean contributions)")
     if len(req) == 0:
         raise ValueError("requests is empty")
     std = float(noise_std) if noise_std is not None else corruption_scale * embedding_std(model, corpus)
@@ -1408,6 +1575,7 @@ def run_restorations(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPas
                 rows = torch.tensor([t, t + 1 + t])
                 saved[L] = (x, w[rows].save(), idx[rows].save(), block_output_in_trace(model, L, shape=(2, t + 1))[:, t].save())
             pair_logits = model.nn.output.logits[:, -1].save()
+            nnsight.save(saved)  # a server returns saved values only, not the dict's mutation
         target = torch.tensor([int(corpus.sequences[s][t + 1])], device=pair_logits.device)
         clean_loss, corrupt_loss = _token_loss(pair_logits, target.repeat(2)).cpu().tolist()
         clean_c, corrupt_y, clean_y, clean_match, zero = {}, {}, {}, {}, torch.zeros(H)
@@ -1433,6 +1601,7 @@ def run_restorations(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPas
                     at = torch.arange(R) * (t + 1) + t
                     routed[L], edited[L] = idx[at].save(), new[at].save()
                 logits = model.nn.output.logits[:, -1].save()
+                nnsight.save(routed), nnsight.save(edited)
             losses = _token_loss(logits, target.repeat(R)).cpu().numpy()
             for r, (i, L, experts) in enumerate(zip(part.index, part.layer, part.restored)):
                 L = int(L)

@@ -15,6 +15,7 @@ single selection).
 
 from __future__ import annotations
 
+import nnsight
 import numpy as np
 import pandas as pd
 
@@ -415,6 +416,7 @@ def router_sums_real_and_padding(model, corpus, *, batch_size: int = 8) -> dict:
                 for L in moe:
                     r_logits, _w, r_idx = routing_in_trace(model, L)
                     saved[L] = (r_logits.save(), r_idx.save())
+                nnsight.save(saved)  # a server returns saved values only, not the dict's mutation
             pad = (mask.reshape(-1) == 0).numpy()
             for L, (lg, ix) in saved.items():
                 accumulate_router_sums(acc[L], lg.reshape(pad.size, -1).float().cpu().numpy(),

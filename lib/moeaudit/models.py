@@ -17,11 +17,14 @@ transformers 5.23 ``model_type`` with an MoE block is refused with its reason
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
+import typing
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import httpx
 import nnsight  # noqa: F401  (must precede transformers.models.* imports)
 import torch
 
@@ -158,13 +161,155 @@ def input_device(hf_model) -> torch.device:
     return torch.device(f"cuda:{exec_dev}" if isinstance(exec_dev, int) else exec_dev)
 
 
+#: keywords of ``nnsight``'s remote execution (``Remotable.trace``), which a local wrapper does not take
+REMOTE_TRACE_KEYWORDS = ("remote", "blocking", "job_id", "verbose")
+
+
+def forward_keywords(hf_model) -> frozenset[str]:
+    """The keyword arguments that ``hf_model.forward`` takes: its named parameters and, where it takes
+    ``**kwargs: Unpack[TransformersKwargs]`` (transformers 5), the keys of that typed dict. A forward
+    with an un-annotated ``**kwargs`` takes any keyword: then ``None`` is in the set."""
+    params = inspect.signature(hf_model.forward).parameters
+    names = {n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and n != "self"}
+    for p in params.values():
+        if p.kind is p.VAR_KEYWORD:
+            ann = p.annotation
+            typed = next((getattr(a, "__annotations__", None) for a in (ann, *typing.get_args(ann))
+                          if getattr(a, "__annotations__", None)), None)
+            if typed:
+                names |= set(typed)
+            else:
+                names.add(None)
+    return frozenset(names)
+
+
 class _AuditNNsight(nnsight.NNsight):
     """nnsight's wrapper, except that traced inputs are moved to :func:`input_device` rather than to
-    the first parameter's device, which is ``meta`` when accelerate has offloaded that weight."""
+    the first parameter's device, which is ``meta`` when accelerate has offloaded that weight, and
+    that a trace refuses a keyword the model's forward does not take (nnsight passes every keyword of
+    ``trace`` on to ``forward``, where ``**kwargs`` would swallow it): above all ``remote``, which only
+    a remotable wrapper (:func:`load_model` with ``remote=``) honours."""
 
     @property
     def device(self) -> torch.device | None:
         return input_device(self._module)
+
+    def trace(self, *args, **kwargs):
+        accepted = forward_keywords(self._module)
+        if not kwargs.get("remote"):  # remote=False (or None): local execution, as the engine asks of a local model
+            kwargs.pop("remote", None)
+        remote = sorted(k for k in kwargs if k in REMOTE_TRACE_KEYWORDS)
+        if remote:
+            raise ValueError(f"{remote[0]}={kwargs[remote[0]]!r}: this model is wrapped for local execution "
+                             "(nnsight.NNsight), which would pass the keyword to the model's forward and run here; "
+                             "load it with moeaudit.models.load_model(..., remote=True, 'local' or a host URL) for "
+                             "nnsight's remote execution")
+        unknown = sorted(k for k in kwargs if k not in accepted and k not in ("fn", "backend", "tracer_cls", "trace"))
+        if unknown and None not in accepted:
+            raise ValueError(f"{unknown[0]}={kwargs[unknown[0]]!r} is not a keyword of "
+                             f"{type(self._module).__name__}.forward; it takes {sorted(accepted)}")
+        return super().trace(*args, **kwargs)
+
+
+def _is_remote_host(remote) -> bool:
+    return remote is True or (isinstance(remote, str) and remote.startswith(("http://", "https://")))
+
+
+def check_remote(remote, name_or_path=None):
+    """``remote`` as :func:`load_model` uses it: ``False`` (local execution), ``True`` (NDIF at
+    nnsight's configured host, ``nnsight.CONFIG.API.HOST``), a host URL (``"http://..."`` or
+    ``"https://..."``: an NDIF-compatible server there) or ``"local"`` (nnsight's local simulation of
+    the remote path: each trace is serialised, deserialised with the project's modules hidden, as on a
+    server, and run here on the local weights).
+
+    Checked before any work, each with one ``ValueError`` naming ``remote``: a value outside those;
+    ``True`` or a host URL with a model that is a shipped model or a local directory (a server runs
+    only the hub ids it hosts); a host that cannot be reached (``GET <host>/status``, 5 s to connect);
+    a host whose ``/status`` lists its deployments and not this model (compared as given, case
+    insensitively: the hub's canonical spelling of an id cannot be looked up offline). Returns the
+    value (``None`` becomes ``False``)."""
+    if remote is None or remote is False:
+        return False
+    if not (remote is True or remote == "local" or _is_remote_host(remote)):
+        raise ValueError(f"remote={remote!r} is not valid; valid values are False (run here), True (NDIF at "
+                         f"{nnsight.CONFIG.API.HOST}), 'local' (nnsight's local simulation of the remote path) or a "
+                         "host URL starting with http:// or https://")
+    if remote == "local" or name_or_path is None:
+        return remote
+    name = str(name_or_path)
+    if name in SHIPPED_MODELS or Path(name).expanduser().exists():
+        raise ValueError(f"remote={remote!r} sends every trace to a server, which runs only the Hugging Face hub "
+                         f"ids it hosts; model {name!r} is a {'shipped model' if name in SHIPPED_MODELS else 'local path'}"
+                         ". Use remote=False to run it here, or remote='local' to simulate the remote path")
+    host = nnsight.CONFIG.API.HOST if remote is True else remote.rstrip("/")
+    try:
+        hosted = ndif_deployments(host)
+    except ValueError as exc:
+        raise ValueError(f"remote={remote!r}: {exc}") from None
+    if hosted is not None and name.lower() not in {h.lower() for h in hosted}:
+        raise ValueError(f"remote={remote!r}: the server at {host} does not host {name!r}; the models it runs now "
+                         f"are {sorted(hosted)}")
+    return remote
+
+
+def ndif_deployments(host: str, *, timeout: float = 5.0) -> list[str] | None:
+    """The hub ids that the NDIF server at ``host`` runs now (``GET <host>/status``: its ``deployments``
+    entries whose ``deployment_level`` is ``HOT`` or ``WARM``, as ``nnsight.status`` counts them), or
+    ``None`` when the answer lists no deployments at all (nothing to check against). ``ValueError``
+    when the host cannot be reached or does not answer with JSON."""
+    try:
+        response = httpx.get(f"{host}/status", timeout=httpx.Timeout(timeout, read=30.0))
+        response.raise_for_status()
+        status = response.json()
+    except (httpx.HTTPError, ValueError) as exc:
+        raise ValueError(f"the NDIF host {host} could not be reached or gave no status "
+                         f"({type(exc).__name__}: {str(exc)[:160]}); check the address and the network, or use "
+                         "remote=False") from None
+    deployments = status.get("deployments") if isinstance(status, dict) else None
+    if not isinstance(deployments, dict):
+        return None
+    return [str(v.get("repo_id", k)) for k, v in deployments.items()
+            if isinstance(v, dict) and v.get("deployment_level", "HOT") in ("HOT", "WARM")]
+
+
+class _AuditLanguageModel(nnsight.LanguageModel):
+    """nnsight's remotable language-model wrapper, with two additions: its model key refuses a local
+    directory (a server cannot load it) and falls back to the hub id as given when the hub cannot be
+    asked for its canonical spelling; and ``server`` (a callable ``model -> nnsight Backend``), when
+    set, stands in for the server of every remote trace (the test suite's in-process server)."""
+
+    server = None
+
+    def _remoteable_model_key(self) -> str:
+        if self.repo_id is None or Path(str(self.repo_id)).expanduser().exists():
+            raise ValueError(f"remote: model {self.repo_id!r} is a local directory, which a server cannot load; "
+                             "use a Hugging Face hub id that NDIF hosts, or remote='local'")
+        from nnsight.modeling import huggingface as nn_hf  # noqa: PLC0415
+
+        if self.repo_id not in nn_hf._ID_CACHE:
+            try:
+                from huggingface_hub import HfApi  # noqa: PLC0415
+
+                nn_hf._ID_CACHE[self.repo_id] = HfApi().model_info(self.repo_id).id
+            except Exception:  # offline or rate-limited: the id as given
+                nn_hf._ID_CACHE[self.repo_id] = self.repo_id
+        return super()._remoteable_model_key()
+
+    def _remote_backend(self, remote, blocking, job_id, verbose):
+        if self.server is not None:
+            return self.server(self)
+        return super()._remote_backend(remote, blocking, job_id, verbose)
+
+
+def remote_wrapper(hf_model_or_id, *, tokenizer=None, **kwargs) -> nnsight.LanguageModel:
+    """nnsight's remotable wrapper (``LanguageModel``) of a loaded Hugging Face model or a hub id (a
+    meta model: no weights are read), with the project's package registered for serialisation by
+    value, so that the engine's functions called inside a trace travel with the request (a server
+    has nnsight, torch and transformers, not this package)."""
+    nnsight.register(__name__.split(".")[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # LanguageModel's deprecation notice
+        return _AuditLanguageModel(hf_model_or_id, tokenizer=tokenizer, **kwargs)
 
 
 @dataclass
@@ -176,7 +321,9 @@ class AuditModel:
     nn: object  # nnsight.NNsight / LanguageModel wrapping ``hf``
     layout: MoELayout
     tokenizer: object | None = None
-    remote: bool = False
+    #: how every trace runs: False (here), True or a host URL (on that server), "local" (nnsight's simulation
+    #: of the remote path); see :func:`check_remote`
+    remote: bool | str = False
 
     @property
     def dtype(self) -> torch.dtype:
@@ -184,8 +331,29 @@ class AuditModel:
 
     @property
     def device(self) -> torch.device:
-        """Where inputs go (see :func:`input_device`)."""
+        """Where inputs go (see :func:`input_device`); the CPU for a model that runs on a server (its
+        local copy is a meta model without weights; the request carries CPU tensors)."""
+        if self.on_server:
+            return torch.device("cpu")
         return input_device(self.hf)
+
+    def __getstate__(self) -> dict:
+        # A trace sent to a server carries the AuditModel its engine functions read (name, layout, remote;
+        # the modules travel as references to the server's own): the tokenizer stays here.
+        return {**self.__dict__, "tokenizer": None}
+
+    @property
+    def on_server(self) -> bool:
+        """Whether the traces run on a server whose weights are not here (``remote`` True or a host URL)."""
+        return _is_remote_host(self.remote)
+
+    def require_local_weights(self, what: str) -> None:
+        """``ValueError`` when the model runs on a server: ``what`` computes with the weights outside a
+        trace (or with PyTorch hooks on the local modules), which a server run does not have here."""
+        if self.on_server:
+            raise ValueError(f"{what} needs the model's weights outside a trace (or PyTorch hooks on its modules), "
+                             f"which a model loaded with remote={self.remote!r} does not have here; run it with "
+                             "remote=False or remote='local'")
 
     def audit_layers(self, n: int = 5) -> list[int]:
         """The layers to audit: the paper's five for its checkpoints, else ``n`` depth-proportional ones."""
@@ -286,11 +454,14 @@ def load_model(name_or_path: str, *, dtype: str = "float32", device: str | None 
     Layers that ``device_map`` puts on ``"disk"`` (or that ``"auto"`` may put there) are offloaded
     to ``offload_folder``, by default a folder of the model under ``moeaudit.paths.cache_dir()``
     (``offload/<hash of the model path>``).
-    ``remote=True`` wraps the model for nnsight remote execution (NDIF); the id must be hosted
-    there. ``local_files_only`` defaults to ``$HF_HUB_OFFLINE``.
+    ``remote`` (:func:`check_remote`, checked first): ``True`` or a host URL wraps a hub id in
+    nnsight's remotable ``LanguageModel`` (:func:`remote_wrapper`; a meta model, no weights read) and
+    every trace runs on that server; ``"local"`` loads the model here and runs every trace through
+    nnsight's local simulation of the remote path. ``local_files_only`` defaults to ``$HF_HUB_OFFLINE``.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
 
+    remote = check_remote(remote, name_or_path)
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not one of {list(DTYPES)}")
     path = resolve_model_path(name_or_path)
@@ -309,11 +480,10 @@ def load_model(name_or_path: str, *, dtype: str = "float32", device: str | None 
         raise ValueError(f"model directory {path!r} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
                          "copy the checkpoint's tokenizer into it")
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_files_only)
-    if remote:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            lm = nnsight.LanguageModel(path, tokenizer=tokenizer, dtype=DTYPES[dtype])
-        return AuditModel(str(name_or_path), lm._model, lm, layout, tokenizer, remote=True)
+    if remote and remote != "local":
+        lm = remote_wrapper(path, tokenizer=tokenizer, dtype=DTYPES[dtype])
+        _check_block_structure(lm._module, layout)
+        return AuditModel(str(name_or_path), lm._module, lm, layout, tokenizer, remote=remote)
     kwargs = {"dtype": DTYPES[dtype], "local_files_only": local_files_only}
     if device_map is not None:
         kwargs["device_map"] = device_map
@@ -344,4 +514,6 @@ def load_model(name_or_path: str, *, dtype: str = "float32", device: str | None 
     if device_map is None and device is not None:
         hf_model = hf_model.to(device)
     audit = wrap_model(hf_model, tokenizer=tokenizer, name=str(name_or_path))
+    if remote == "local":
+        audit.nn, audit.remote = remote_wrapper(hf_model, tokenizer=tokenizer), "local"
     return audit
