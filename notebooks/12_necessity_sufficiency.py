@@ -59,7 +59,11 @@ report.glue_values(reading_minutes=report.chapter_reading_minutes("12_necessity_
 # {cite}`pearl2009causality` that is a question across the rungs of the causal ladder: the
 # metrics are *associations* (rung one, read from clean runs), the ablation is an *intervention*
 # (rung two, $do(\text{expert } e \text{ absent at } t)$). There is more than one intervention on
-# an expert, though, and they answer different questions.
+# an expert, though, and they answer different questions. Both below are rung-two interventions:
+# removal sets the expert's contribution to zero in a clean run, restoration sets it to its clean
+# value in a corrupted run. "Necessity" and "sufficiency" name them as in activation patching:
+# graded loss changes, not Pearl's probabilities of necessity and sufficiency, which are
+# counterfactual (rung-three) quantities {cite}`pearl2009causality`.
 #
 # **Noising: is the expert necessary?** The paper's ablation starts from a clean run and removes
 # one active expert's contribution $w_e(x_t)E_e(x_t)$ at layer $L$ and token $t$. The loss change
@@ -68,9 +72,11 @@ report.glue_values(reading_minutes=report.chapter_reading_minutes("12_necessity_
 # costs little even when it carries the information.
 #
 # **Denoising: is the expert sufficient?** Causal tracing {cite}`meng2022locating` starts from a
-# corrupted run. Gaussian noise is added to the input embeddings of a span of tokens, with a
-# standard deviation of {glue:text}`corruption_scale` times the standard deviation of the
-# embeddings over the corpus (ROME's calibration). Then one internal value is set back to its
+# corrupted run. Gaussian noise is added to the input embeddings of a span of tokens (in ROME,
+# the subject's tokens), with a standard deviation of {glue:text}`corruption_scale` times the
+# empirical standard deviation of the input embeddings. ROME measures that standard deviation over
+# the embeddings of its subjects' tokens; here it is measured over every token of the corpus
+# (`engine.embedding_std`), as no span here is a subject. Then one internal value is set back to its
 # clean value, and the question is how much of the clean prediction comes back. Expert-aware
 # causal tracing {cite}`lu2026expertaware` restores single experts' clean updates inside a
 # routed MoE block. Here: at layer $L$ and token $t$, the corrupted run's contribution of expert
@@ -160,10 +166,16 @@ glue("routed_text", Markdown(restoration.routed_text(restored_all)), display=Fal
 # ## Removal against restoration, expert by expert
 # Each point is one active expert at one position and layer. The x-axis is its removal effect
 # $\Delta L$ in a clean run (nats). The y-axis is the share of the corruption's loss increase that
-# restoring it alone undoes. Excluded positions are not shown.
+# restoring it alone undoes (a fraction, no unit). Colour gives the layer's place among the
+# model's audited layers, from the shallowest (dark) to the deepest (yellow); the layer numbers
+# per model are those of the table below. Both axes are symmetric-logarithmic: linear within
+# ±{glue:text}`linthresh`, logarithmic beyond. The grey lines mark zero on each axis. Excluded positions are not
+# shown.
 
 # %% tags=["hide-input"]
 kept = pairs[~pairs.excluded]
+linthresh = 0.01  # the symlog axes are linear within ±linthresh
+glue("linthresh", f"{linthresh:g}", display=False)
 fig, axes = report.model_panels(models, height=4.0)
 cmap = plt.get_cmap("viridis")
 for ax, name in zip(axes, models):
@@ -171,11 +183,12 @@ for ax, name in zip(axes, models):
     ls = sorted(g.layer.unique())
     for i, L in enumerate(ls):
         h = g[g.layer == L]
+        place = {0: " (shallowest)", len(ls) - 1: " (deepest)"}.get(i, "")
         ax.scatter(h[restoration.REMOVAL], h.recovered, s=9, alpha=0.7, color=cmap(i / max(1, len(ls) - 1)),
-                   label=f"layer {L}" if name == models[0] else None)
+                   label=f"audited layer {i + 1} of {len(ls)}{place}" if name == models[0] else None)
     ax.axvline(0, color="0.6", linewidth=0.6)
-    ax.set_yscale("symlog", linthresh=0.01)
-    ax.set_xscale("symlog", linthresh=0.01)
+    ax.set_yscale("symlog", linthresh=linthresh)
+    ax.set_xscale("symlog", linthresh=linthresh)
 report.finish_panels(fig, axes, title="Necessity (removal ΔL) against sufficiency (recovered fraction), per expert",
                      ylabel="recovered fraction of the corruption's loss increase (symlog)",
                      xlabel="removal ΔL in the clean run (nats, symlog)", zero_line=True)
@@ -186,17 +199,24 @@ report.finish_panels(fig, axes, title="Necessity (removal ΔL) against sufficien
 # the (position, expert) pairs of the layer that are not excluded. The criteria are the removal
 # $\Delta L$ of the same expert at the same position, and the paper's four observational metrics
 # of the expert (computed over the corpus's clean run). The interval is a paired bootstrap
-# ({glue:text}`n_boot` resamples). Holm's correction runs over every row of a model: the layers
-# times the criteria. `min_detectable_rho` is the $|\rho|$ that a row detects with
-# {glue:text}`power_pct` power at Holm's strictest level. A row that is not significant speaks only
-# against correlations at least that large.
+# ({glue:text}`n_boot` resamples, bias-corrected and accelerated), at the {glue:text}`ci_pct` level of a
+# single row, not adjusted for the number of rows; the p-value is scipy's test of Spearman's $\rho$
+# (a t approximation), so near the threshold the interval and the p-value can disagree.
+# Holm's correction runs over every row of a model: the layers times the criteria.
+# `min_detectable_rho` is the $|\rho|$ that a row detects with {glue:text}`power_pct` power at
+# Holm's strictest level. A row that is not significant speaks only against correlations at least
+# that large. All three treat the pairs as independent. They are not: the $k$ experts of a
+# position share its corruption, and an expert recurs at several positions (`n_experts` counts the
+# distinct experts of a layer). The p-values and intervals are therefore somewhat optimistic, and
+# the detectable $|\rho|$ too.
 
 # %%
 table = restoration.rank_agreement(pairs, alpha=alpha, power=power, n_boot=n_boot, seed=seed)
 glue("power_pct", f"{power:.0%}", display=False)
+glue("ci_pct", f"{table.ci_level.iloc[0]:.0%}", display=False)
 glue("n_boot", n_boot, display=False)
 shown = table.assign(criterion=table.criterion.map(restoration.CRITERION_LABELS))[
-    ["model", "layer", "criterion", "n", "rho", "ci_low", "ci_high", "p", "p_holm", "min_detectable_rho",
+    ["model", "layer", "criterion", "n", "n_experts", "rho", "ci_low", "ci_high", "p", "p_holm", "min_detectable_rho",
      "significant"]]
 display(shown.style.hide(axis="index").format(precision=3, na_rep="—").format("{:.2g}", subset=["p", "p_holm"],
                                                                                 na_rep="—")
@@ -214,12 +234,18 @@ for ax, name in zip(axes, models):
                     color=crit_colors[crit], mfc="white",
                     label=restoration.CRITERION_LABELS[crit] if name == models[0] else None)
         sig = h.significant.to_numpy(dtype=bool)
-        ax.plot(x[sig], h.rho[sig], "o", markersize=4, color=crit_colors[crit])  # filled: significant after Holm
+        ax.plot(x[sig], h.rho[sig], "o", markersize=4, color=crit_colors[crit], zorder=3)  # filled: significant (Holm)
     ax.set_xticks(np.arange(g.layer.nunique()))
     ax.set_xticklabels([f"L{L}" for L in sorted(g.layer.unique())])
 report.finish_panels(fig, axes, title="Which criterion ranks experts as restoration does? (95% bootstrap CI; "
                                   "filled: significant after Holm)",
                      ylabel="Spearman ρ with the recovered fraction", xlabel="audited layer", zero_line=True)
+
+# %% [markdown]
+# In the figure, each circle is one row of the table: a criterion's Spearman $\rho$ with the
+# recovered fraction at one layer, with the row's bootstrap interval as a bar; the criteria of a
+# layer stand side by side. A filled circle is significant after Holm's correction over the
+# model's rows, an open one is not. The horizontal line marks no correlation.
 
 # %% [markdown]
 # ## Within a position: is the most sufficient expert the most necessary one?
@@ -237,11 +263,13 @@ display(top.style.hide(axis="index").format(precision=3).format("{:.2g}", subset
 # %% tags=["hide-input"]
 glue("answer_removal", Markdown(restoration.agreement_text(table, alpha=alpha, power=power)), display=False)
 glue("answer_observational", Markdown(restoration.observational_text(table, alpha=alpha, power=power)), display=False)
-glue("answer_top", Markdown(restoration.top_agreement_text(top, alpha=alpha)), display=False)
+glue("answer_top", Markdown(restoration.top_agreement_text(top, alpha=alpha, power=power)), display=False)
 
 # %% [markdown]
 # ## Answers
-# **Does restoration rank a token's experts as removal does?** {glue:md}`answer_removal`
+# **Do restoration and removal order a layer's (position, expert) pairs alike?**
+# {glue:md}`answer_removal` This pools the positions of a layer: it mixes differences between
+# positions with the order of the experts within one. The next answer speaks to the latter.
 #
 # **Within a position.** {glue:md}`answer_top`
 #
@@ -262,8 +290,11 @@ glue("answer_top", Markdown(restoration.top_agreement_text(top, alpha=alpha)), d
 # the next-token loss, not from the logit contrast of a true and a foil answer
 # {cite}`lu2026expertaware`. It is a ratio, so positions with a small corruption gap give unstable
 # values; the threshold only removes the worst of them. The pooled correlations treat the
-# experts of a position as independent, so their intervals are optimistic; the within-position
-# comparison does not, but it uses only the top expert. Restoring one expert at a time cannot show
+# experts of a position as independent, and the metrics' pairs repeat one value per expert, so
+# their p-values, intervals and detectable correlations are optimistic. The within-position
+# comparison avoids that, but it uses only the top expert of a few positions per layer. The
+# removal correlations are measured at these positions and layers only: they do not say that
+# restoration and removal rank an expert alike elsewhere, nor across layers. Restoring one expert at a time cannot show
 # sufficiency that needs a coalition of experts, which causal tracing in larger MoEs has found
 # {cite}`lu2026expertaware`.
 #

@@ -270,5 +270,31 @@ def test_tail_table_and_pooled_summary_by_hand():
     assert "No criterion of the 2" in text and "Good" in text and "no ranking can reach" in text
     text = tail.tail_sentence(tail.pooled_tail_summary(t, alpha=0.25), alpha=0.25)
     assert text.startswith("1 of 2 criteria") and "mean rank of 1.00 or better" in text
+    # the tail's observations: layer 0's top e0 rests on 2 records, layer 1's top e1 on 2; medians 1
+    assert t.n_obs_top.tolist() == [2, 2, 2, 2] and t.median_obs.tolist() == [1.0] * 4
+    # at alpha 0.2 Holm's first step (0.1) cannot reject (P(S <= 2) = 1/9 > 0.1), the last step takes S <= 2
+    s20 = tail.pooled_tail_summary(t, alpha=0.2)
+    assert np.isnan(s20.critical_mean_rank_strict).all() and (s20.critical_mean_rank == 1.0).all()
+    text = tail.tail_sentence(s20, alpha=0.2)
+    assert text.startswith("No criterion of the 2") and "cannot reject at its first step (level α/2)" in text
+    assert "no step can reject a mean rank above 1.00" in text and "(mean ranks: good 1.00; bad 3.00)" in text
+    assert "descriptive and untested: from 0.00 to 1.00 over the criteria, against 0.33 at random" in text
+    s50 = tail.pooled_tail_summary(t, alpha=0.5)  # first step 0.25: P(S <= 2) = 1/9, P(S <= 3) = 1/3
+    assert (s50.critical_mean_rank_strict == 1.0).all() and (s50.critical_mean_rank == 1.5).all()
+
+
+def test_tail_selection_sentence_by_hand():
+    # layer 0: e0 measured once (0.9), e1 and e2 three times each; the top e0 rests on 1 record, median 3
+    rec = pd.DataFrame({"model": "m", "layer": 0, "expert": [0, 1, 1, 1, 2, 2, 2],
+                        "delta_loss": [0.9, 0.1, 0.1, 0.1, 0.0, 0.0, 0.0]})
+    crit = pd.DataFrame({"model": "m", "layer": 0, "expert": [0, 1, 2], "c": [1.0, 2.0, 3.0]})
+    t = tail.tail_table(rec, crit, criteria_names=["c"])
+    assert (t.n_obs_top.iloc[0], t.median_obs.iloc[0]) == (1, 3.0)
+    text = tail.tail_selection_sentence(t)
+    assert "rests on 1.0 held-out observations on average (from 1 to 1), against a median of 3.0" in text
+    assert "at 1 of 1 layer" in text and "leans towards experts measured few times" in text
+    even = tail.tail_selection_sentence(t.assign(n_obs_top=3))
+    assert "at 0 of 1 layer" in even and "leans" not in even
+    assert "no tail" in tail.tail_selection_sentence(t.iloc[:0])
     with pytest.raises(ValueError, match="lack the columns"):
         tail.tail_table(rec, crit, criteria_names=["missing"])

@@ -206,6 +206,24 @@ def test_top_expert_agreement_by_hand():
     assert r.p == pytest.approx(5 / 16)
     text = R.top_agreement_text(top, alpha=0.05)
     assert "75%" in text and "50%" in text and "at no layer above chance" in text
+    # 4 positions at chance 1/2: even 4 of 4 has p = 1/16 > 0.05, so the null says nothing
+    assert "says nothing: even full agreement could not reach" in text
+
+
+def test_top_agreement_text_states_the_detectable_share_of_a_null():
+    # 2 positions at chance 0.1: P(X >= 2) = 0.01 < 0.05 <= P(X >= 1) = 0.19, power q^2 = 0.8 at q = 0.894
+    top = pd.DataFrame({"model": "m", "layer": [3], "n_positions": [2], "agree": [0], "share": [0.0],
+                        "chance": [0.1], "p": [1.0]})
+    text = R.top_agreement_text(top, alpha=0.05, power=0.8)
+    assert "speaks only against an agreement of 89% or more" in text and "80% power" in text
+    # a layer above chance has no detectable-share clause; Holm over the 2 layers
+    both = pd.concat([top, top.assign(layer=5, agree=2, share=1.0, p=0.01)], ignore_index=True)
+    text = R.top_agreement_text(both, alpha=0.05)
+    assert "above chance at layer 5" in text and "Holm over 2 layers" in text
+    # at Holm's strictest level 0.025 two positions still suffice (0.01 < 0.025), so the same share
+    assert "89% or more" in text
+    above_only = R.top_agreement_text(top.assign(agree=2, share=1.0, p=0.01), alpha=0.05)
+    assert "speaks only against" not in above_only and "says nothing" not in above_only
 
 
 def test_rank_agreement_and_its_sentence():
@@ -223,6 +241,21 @@ def test_rank_agreement_and_its_sentence():
     assert rem.min_detectable_rho == pytest.approx(R.stats.min_detectable_spearman(8, alpha=0.025))
     text = R.agreement_text(table, alpha=0.05, power=0.8)
     assert "Holm over 2 tests" in text and f"{rem.rho:+.2f}" in text
+    assert table.n_experts.tolist() == [2, 2]  # two distinct experts carry the 8 pairs
+    obs = R.observational_text(table, alpha=0.05, power=0.8)
+    assert "for 8 pairs, which hold only 2 distinct experts" in obs and "optimistic" in obs
+
+
+def test_agreement_text_bounds_a_positive_correlation_below_one():
+    row = {"model": "m", "criterion": R.REMOVAL, "n": 40, "rho": 0.5, "ci_low": 0.2, "ci_high": 0.7, "p_holm": 0.001,
+           "significant": True, "min_detectable_rho": 0.45, "family_size": 2, "reason": ""}
+    table = pd.DataFrame([{**row, "layer": 0}, {**row, "layer": 1, "rho": 0.6, "ci_high": 0.8}])
+    text = R.agreement_text(table, alpha=0.05, power=0.8)
+    assert "positive at 2 layers" in text and "no interval reaches above +0.80" in text
+    assert "related at those layers, not the same" in text
+    null = table.assign(significant=False, p_holm=0.3)
+    text = R.agreement_text(null, alpha=0.05, power=0.8)
+    assert "not significant at 2 layers" in text and "no interval reaches" not in text
 
 
 def test_paired_with_removal_refuses_other_positions():

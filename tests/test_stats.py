@@ -609,6 +609,25 @@ def test_binomial_excess_by_hand():
 
 # --------------------------------------------------------------------------- chance, and what TOST can reach
 
+def test_binomial_upper_detectable_share_by_hand():
+    # one trial at null 0.01: rejects at 1 success (0.01 < 0.05), power = q, so q = 0.8
+    assert S.binomial_upper_detectable_share(1, 0.01) == pytest.approx(0.8, abs=1e-9)
+    # two trials at null 0.1: only 2 successes reject (0.01 < 0.05 <= 0.19), power q^2 -> sqrt(0.8)
+    assert S.binomial_upper_detectable_share(2, 0.1) == pytest.approx(math.sqrt(0.8), abs=1e-9)
+    assert S.binomial_upper_detectable_share(2, 0.1, power=0.5) == pytest.approx(math.sqrt(0.5), abs=1e-9)
+    # ten trials at 1/2: P(X >= 9) = 11/1024 < 0.05 <= P(X >= 8) = 56/1024, power q^10 + 10 q^9 (1 - q)
+    q = S.binomial_upper_detectable_share(10, 0.5)
+    assert q ** 10 + 10 * q ** 9 * (1 - q) == pytest.approx(0.8, abs=1e-9)
+    assert S.binomial_upper_detectable_share(40, 0.5) < q  # more trials, smaller detectable share
+    # three fair trials: even 3 of 3 has p = 1/8 >= 0.05, so nothing is detectable
+    assert math.isnan(S.binomial_upper_detectable_share(3, 0.5))
+    for bad in ((0, 0.5), (2.5, 0.5), (5, 0.0), (5, 1.0)):
+        with pytest.raises(ValueError):
+            S.binomial_upper_detectable_share(*bad)
+    with pytest.raises(ValueError, match="power"):
+        S.binomial_upper_detectable_share(5, 0.1, power=1.0)
+
+
 def test_binomial_upper_tail_by_hand():
     # two or more heads in three fair tosses: (C(3,2) + C(3,3)) / 8
     assert S.binomial_upper_tail(2, 3, 0.5) == pytest.approx(4 / 8, rel=1e-12)

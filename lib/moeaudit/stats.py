@@ -635,6 +635,44 @@ def binomial_upper_tail(k: int, n: int, p: float) -> float:
     return float(stats.binomtest(int(k), int(n), float(p), alternative="greater").pvalue)
 
 
+def binomial_upper_detectable_share(n: int, p: float, *, alpha: float = 0.05, power: float = 0.8) -> float:
+    """Smallest success probability that the one-sided exact binomial test of :func:`binomial_upper_tail`
+    (``n`` trials, null probability ``p``, reject when ``P(X >= k) < alpha``) detects with probability
+    ``power``: the minimum detectable share of a null result.
+
+    The test rejects at ``k >= k_crit``, the smallest ``k`` with ``P(X >= k | p) < alpha``; its power
+    at a true probability ``q`` is ``P(X >= k_crit | q) = sum_{j >= k_crit} C(n, j) q^j (1 - q)^(n - j)``
+    (``scipy.stats.binom.sf``), which rises with ``q``; the detectable ``q`` solves power(q) = ``power``
+    (``scipy.optimize.brentq``). A probability, unitless; NaN when even ``k = n`` successes do not
+    reach ``alpha`` (``p^n >= alpha``: too few trials for the level).
+
+    Raises
+    ------
+    ValueError
+        For ``n`` not an integer >= 1 or ``p``, ``alpha`` or ``power`` outside (0, 1).
+
+    Examples
+    --------
+    Two trials at null probability 0.1: ``P(X >= 2) = 0.01 < 0.05 <= P(X >= 1) = 0.19``, so the test
+    rejects only at two successes and the power is ``q^2``; it reaches 0.8 at ``q = sqrt(0.8)``.
+
+    >>> round(binomial_upper_detectable_share(2, 0.1), 6)
+    0.894427
+    >>> import math; math.isnan(binomial_upper_detectable_share(3, 0.5))  # 1/8 >= 0.05
+    True
+    """
+    _check_count(n)
+    for v, name in ((p, "p"), (alpha, "alpha"), (power, "power")):
+        _check_level(v, name)
+    k = np.arange(int(n) + 1)
+    tail = stats.binom.sf(k - 1, int(n), float(p))  # P(X >= k)
+    reject = np.flatnonzero(tail < alpha)
+    if reject.size == 0:
+        return float("nan")
+    k_crit = int(reject[0])
+    return float(optimize.brentq(lambda q: stats.binom.sf(k_crit - 1, int(n), q) - power, 0.0, 1.0, xtol=1e-12))
+
+
 def paired_effect(
     high,
     low,

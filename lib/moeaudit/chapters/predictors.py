@@ -27,7 +27,7 @@ import pandas as pd
 
 from moeaudit import stats
 from moeaudit.pruning import random_rank_pvalue
-from moeaudit.report import AnswerCheck, check_answer
+from moeaudit.report import AnswerCheck, check_answer, plural
 
 TAIL_SHARE = 0.05
 
@@ -82,19 +82,24 @@ def tail_table(records: pd.DataFrame, criteria: pd.DataFrame, *, criteria_names,
     ``records``: single-expert ablation records (``model``, ``layer``, ``expert``,
     ``delta_loss`` in nats), averaged per (model, layer, expert) over their positions;
     ``criteria``: one row per (model, layer, expert) with a column per name of
-    ``criteria_names``. One row per (model, layer, criterion). ``ValueError`` for a criterion
-    missing from ``criteria``."""
+    ``criteria_names``. One row per (model, layer, criterion), with ``n_obs_top`` (the records
+    behind the most damaging expert's mean) and ``median_obs`` (the median over the layer's
+    measured experts). ``ValueError`` for a criterion missing from ``criteria``."""
     missing = [c for c in criteria_names if c not in criteria.columns]
     if missing:
         raise ValueError(f"criteria lack the columns {missing}")
-    mean = records.groupby(["model", "layer", "expert"]).delta_loss.mean()
+    grouped = records.groupby(["model", "layer", "expert"]).delta_loss
+    mean, count = grouped.mean(), grouped.count()
     rows = []
     for (model, layer), md in mean.groupby(level=[0, 1]):
         md = md.droplevel([0, 1])
+        obs = count.loc[(model, layer)]
         crit = criteria[(criteria.model == model) & (criteria.layer == layer)].set_index("expert")
         for c in criteria_names:
-            rows.append({"model": model, "layer": int(layer), "criterion": c,
-                         **tail_match(md, crit[c] if len(crit) else pd.Series(dtype=float), share=share)})
+            m = tail_match(md, crit[c] if len(crit) else pd.Series(dtype=float), share=share)
+            rows.append({"model": model, "layer": int(layer), "criterion": c, **m,
+                         "n_obs_top": int(obs[m["top_expert"]]),
+                         "median_obs": float(obs[np.isfinite(md.reindex(obs.index))].median())})
     return pd.DataFrame(rows)
 
 
@@ -102,8 +107,9 @@ def pooled_tail_summary(table: pd.DataFrame, *, alpha: float = 0.05) -> pd.DataF
     """One row per criterion of a :func:`tail_table`: ``n_layers`` (model, layer) pairs, mean
     ``precision`` and ``random_precision``, ``mean_rank`` and ``mean_n`` (experts per layer),
     ``p_pooled`` (exact rank-sum p-value over the layers), ``p_holm`` (Holm over the criteria),
-    ``p_min`` (the smallest attainable pooled p-value) and ``critical_mean_rank`` (the largest mean
-    rank that the pooled test rejects at ``alpha``, NaN when none can be)."""
+    ``p_min`` (the smallest attainable pooled p-value), ``critical_mean_rank`` (the largest mean
+    rank that the pooled test rejects at ``alpha``, Holm's most lenient step; NaN when none can be)
+    and ``critical_mean_rank_strict`` (the same at ``alpha / m`` for ``m`` criteria, Holm's first step)."""
     out = []
     for c, g in table.groupby("criterion", sort=False):
         sizes = g.n_experts.tolist()
@@ -115,6 +121,9 @@ def pooled_tail_summary(table: pd.DataFrame, *, alpha: float = 0.05) -> pd.DataF
                     "critical_mean_rank": crit / len(g) if np.isfinite(crit) else float("nan")})
     df = pd.DataFrame(out)
     df["p_holm"] = stats.holm(df.p_pooled.to_numpy())
+    strict = [stats.uniform_rank_sum_critical(g.n_experts.tolist(), alpha=alpha / len(df))
+              for _, g in table.groupby("criterion", sort=False)]
+    df["critical_mean_rank_strict"] = [c / n if np.isfinite(c) else float("nan") for c, n in zip(strict, df.n_layers)]
     return df
 
 
@@ -122,35 +131,69 @@ def tail_sentence(summary: pd.DataFrame, *, alpha: float, labels: dict | None = 
     """The verdict on the tail analysis, from :func:`pooled_tail_summary`: which criteria rank the
     most damaging expert higher than a random ranking would (exact rank-sum test pooled over the
     layers, Holm over the criteria at ``alpha``), with their precision at the tail cut against
-    random, and the power: the largest mean rank the test can reject, or that it can reject none.
-    ``summary`` must be computed at the same ``alpha`` (its ``critical_mean_rank``)."""
+    random (descriptive, untested), and what a null speaks against: the mean rank that Holm's first
+    step (``alpha / m``) rejects whatever the other criteria do, and the mean rank above which no
+    step can reject (``alpha``); these thresholds are the smallest effects that can be significant,
+    reached only about half the time at that effect. Or, when no rank sum can reach ``alpha``, that
+    a null says nothing. ``summary`` must be computed at the same ``alpha``."""
     labels = labels or {}
     name = lambda c: labels.get(c, c)  # noqa: E731
     n_crit, n_layers = len(summary), int(summary.n_layers.max())
     mean_n = float(summary.mean_n.mean())
     found = summary[summary.p_holm <= alpha]
+    rest = summary[summary.p_holm > alpha]
     crit_rank = summary.critical_mean_rank.iloc[0]
-    if np.isfinite(crit_rank):
-        power = (f"With {n_layers} layers of about {mean_n:.0f} measured experts each, the pooled test can reject only "
-                 f"if the most damaging expert sits at a mean rank of {crit_rank:.2f} or better (rank 1 = top; "
-                 f"{(mean_n + 1) / 2:.1f} at random)")
-    else:
-        power = (f"With {n_layers} layers of about {mean_n:.0f} measured experts each, no ranking can reach α = "
-                 f"{alpha} (smallest attainable p = {summary.p_min.iloc[0]:.3g}): a null here says nothing")
+    strict = summary.critical_mean_rank_strict.iloc[0]
+    test = f"exact rank-sum test over the {n_layers} layers, one rank per layer, Holm over the {n_crit} criteria"
     if found.empty:
         best = summary.sort_values("p_pooled").iloc[0]
         verdict = (f"No criterion of the {n_crit} ranks the most damaging expert of a layer higher than a random ranking "
-                   f"at α = {alpha} (exact rank-sum test over the layers, Holm over the criteria); the closest is "
+                   f"at α = {alpha} ({test}); the closest is "
                    f"{name(best.criterion)} (mean rank {best.mean_rank:.2f}, pooled p = {best.p_pooled:.3g}, "
-                   f"Holm {best.p_holm:.3g}; precision at the tail cut {best.precision:.2f} against "
-                   f"{best.random_precision:.2f} at random)")
+                   f"Holm {best.p_holm:.3g})")
     else:
-        parts = [f"{name(r.criterion)} (mean rank {r.mean_rank:.2f}, Holm p = {r.p_holm:.3g}, precision "
-                 f"{r.precision:.2f} against {r.random_precision:.2f} at random)" for r in found.itertuples()]
+        parts = [f"{name(r.criterion)} (mean rank {r.mean_rank:.2f}, Holm p = {r.p_holm:.3g})" for r in found.itertuples()]
         verdict = (f"{len(found)} of {n_crit} criteria rank the most damaging expert of a layer higher than a random "
-                   f"ranking at α = {alpha} (exact rank-sum test over the layers, Holm over the criteria): "
-                   + "; ".join(parts))
-    return f"{verdict}. {power}."
+                   f"ranking at α = {alpha} ({test}): " + "; ".join(parts))
+    if not np.isfinite(crit_rank):
+        power = (f"With {n_layers} layers of about {mean_n:.0f} measured experts each, no ranking can reach α = "
+                 f"{alpha} (smallest attainable p = {summary.p_min.iloc[0]:.3g}): a null here says nothing")
+    else:
+        nulls = "; ".join(f"{name(r.criterion)} {r.mean_rank:.2f}" for r in rest.itertuples())
+        rejects = (f"rejects a criterion whose most damaging experts sit at a mean rank of {strict:.2f} or better "
+                   f"whatever the others do (level α/{n_crit})" if np.isfinite(strict) else
+                   f"cannot reject at its first step (level α/{n_crit}) whatever the ranks")
+        power = (f"With {n_layers} layers of about {mean_n:.0f} measured experts each (mean rank {(mean_n + 1) / 2:.1f} "
+                 f"at random, rank 1 = top), Holm's procedure {rejects}, and no step can reject a mean rank above "
+                 f"{crit_rank:.2f} (level α); these are the smallest effects that can be significant, reached about "
+                 f"half the time at that effect"
+                 + (f". The criteria not shown to find the tail (mean ranks: {nulls}) are therefore not shown to rank "
+                    f"at random either" if len(rest) else ""))
+    prec = (f"Precision at the tail cut is descriptive and untested: from {summary.precision.min():.2f} to "
+            f"{summary.precision.max():.2f} over the criteria, against {summary.random_precision.mean():.2f} at random")
+    return f"{verdict}. {power}. {prec}."
+
+
+def tail_selection_sentence(table: pd.DataFrame) -> str:
+    """How many observations the most damaging expert of a layer rests on, against the layer's
+    typical expert, from :func:`tail_table` (``n_obs_top``, ``median_obs``; one value per (model,
+    layer)). The most damaging expert is the largest of noisy means, and a mean over fewer
+    observations is noisier, so the choice leans towards rarely routed experts; when the top
+    experts rest on fewer observations than the median on average, the sentence says which kind of
+    criterion that alone can favour (one that does not grow with how often the expert is routed)."""
+    per_layer = table.drop_duplicates(["model", "layer"])
+    if per_layer.empty:
+        return "No layer was measured, so no tail was drawn."
+    top, med = per_layer.n_obs_top, per_layer.median_obs
+    fewer = int((top < med).sum())
+    text = (f"The most damaging expert of a layer rests on {top.mean():.1f} held-out observations on average (from "
+            f"{int(top.min())} to {int(top.max())}), against a median of {med.mean():.1f} for the layer's measured "
+            f"experts, and on fewer than that median at {fewer} of {plural(len(per_layer), 'layer')}")
+    if top.mean() < med.mean():
+        text += (". The largest of noisy means leans towards experts measured few times, that is rarely routed ones, "
+                 "so a criterion that does not grow with routing frequency (an average over the routed tokens, a "
+                 "maximum) can rank the tail higher, and a frequency-weighted sum lower, from that selection alone")
+    return text + "."
 
 
 def smallest_rank_pvalue(n_draws: int) -> float:

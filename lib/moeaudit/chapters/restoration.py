@@ -166,15 +166,19 @@ def rank_agreement(pairs: pd.DataFrame, *, criteria=CRITERIA, alpha: float = 0.0
     rho, two-sided p and a paired-bootstrap interval). Holm's correction runs over every row of a
     model (``p_holm``, :func:`stats.holm`); ``significant`` is ``p_holm < alpha``;
     ``min_detectable_rho`` is the rho detected with ``power`` at Holm's strictest level
-    ``alpha / m`` (:func:`stats.min_detectable_spearman`), what a null row speaks against. The
-    bootstrap resamples pairs, so it treats the k experts of a position as independent."""
+    ``alpha / m`` (:func:`stats.min_detectable_spearman`), what a null row speaks against;
+    ``n_experts`` is the number of distinct experts among the layer's pairs (an observational
+    metric takes one value per expert, so its pairs repeat that value). The p-value, the bootstrap
+    (which resamples pairs) and the detectable rho all treat the pairs as independent, although the
+    k experts of a position share it and an expert recurs across positions."""
     rows = []
     for (model, layer), g in pairs[~pairs.excluded].groupby(["model", "layer"], sort=True):
         for crit in criteria:
             r = stats.spearman(g[crit], g.recovered, n_boot=n_boot, seed=seed).iloc[0].to_dict()
-            rows.append({"model": model, "layer": int(layer), "criterion": crit, **r})
+            rows.append({"model": model, "layer": int(layer), "criterion": crit, **r,
+                         "n_experts": int(g.expert.nunique())})
     out = pd.DataFrame(rows, columns=["model", "layer", "criterion", "n", "rho", "p", "ci_low", "ci_high", "ci_level",
-                                      "n_boot", "ci_method", "reason"])
+                                      "n_boot", "ci_method", "reason", "n_experts"])
     out["p_holm"] = np.nan
     out["min_detectable_rho"] = np.nan
     for model, idx in out.groupby("model").groups.items():
@@ -250,7 +254,9 @@ def _rho_phrase(r) -> str:
 def agreement_text(table: pd.DataFrame, *, criterion: str = REMOVAL, alpha: float, power: float) -> str:
     """Per model, which layers' Spearman rho between ``criterion`` and the recovered fraction is
     significant after Holm's correction (level ``alpha``), with sign; the others as nulls with the
-    smallest rho detectable with ``power``."""
+    smallest rho detectable with ``power``. When some layer is significantly positive, a last
+    sentence gives the highest upper interval bound among those layers: the orderings are related
+    there, not the same."""
     label = CRITERION_LABELS.get(criterion, criterion)
     parts = []
     for model, g in table[table.criterion == criterion].groupby("model", sort=False):
@@ -274,12 +280,19 @@ def agreement_text(table: pd.DataFrame, *, criterion: str = REMOVAL, alpha: floa
         parts.append(f"{model} (Holm over {m} tests at α = {alpha:g}): {report.join_words(bits)}")
     if not parts:
         return f"{label}: no position was left after the exclusion, so no ranking was compared."
-    return f"{label} against the recovered fraction — " + "; ".join(parts) + "."
+    text = f"{label} against the recovered fraction — " + "; ".join(parts) + "."
+    pos = table[(table.criterion == criterion) & table.significant & (table.rho > 0)]
+    if len(pos):
+        text += (f" Where the correlation is positive, no interval reaches above {pos.ci_high.max():+.2f}: the two "
+                 f"orderings are related at those layers, not the same, and a layer that is not significant is not "
+                 f"shown to disagree.")
+    return text
 
 
 def observational_text(table: pd.DataFrame, *, alpha: float, power: float) -> str:
     """How many (layer, metric) rows of the observational metrics reach Holm's level per model,
-    with their signs, and the range of detectable rho for the rest."""
+    with their signs, and the range of detectable rho for the rest; and how few distinct experts
+    (``n_experts``) carry a layer's pairs, which makes that detectable rho optimistic."""
     obs = table[table.criterion.isin(METRICS)]
     parts = []
     for model, g in obs.groupby("model", sort=False):
@@ -288,27 +301,45 @@ def observational_text(table: pd.DataFrame, *, alpha: float, power: float) -> st
                          for r in sig.itertuples())
         parts.append(f"for {model}, {len(sig)} of {len(g)} metric-layer rows reach Holm's level"
                      + (f": {desc}" if len(sig) else "")
-                     + f" (detectable |ρ| with {power:.0%} power: {report.value_span(g.min_detectable_rho, '{:.2f}')})")
+                     + f" (detectable |ρ| with {power:.0%} power: {report.value_span(g.min_detectable_rho, '{:.2f}')}"
+                     + f" for {report.value_span(g.n, '{:d}')} pairs, which hold only "
+                     + f"{report.value_span(g.n_experts, '{:d}')} distinct experts)")
     if not parts:
         return "No position was left after the exclusion, so no metric was compared."
     text = "; ".join(parts)
-    return text[0].upper() + text[1:] + f", at α = {alpha:g} with Holm's correction over each model's tests."
+    return (text[0].upper() + text[1:] + f", at α = {alpha:g} with Holm's correction over each model's tests. A metric "
+            "takes one value per expert, repeated at every position where the expert is active, so the pairs are not "
+            "independent and the detectable |ρ|, computed as if they were, is optimistic.")
 
 
-def top_agreement_text(top: pd.DataFrame, *, alpha: float) -> str:
+def top_agreement_text(top: pd.DataFrame, *, alpha: float, power: float = 0.8) -> str:
     """The within-position comparison: per model, the share of positions whose most-recovering
     expert is the most costly to remove, against chance, and the layers where the one-sided
-    binomial p is below ``alpha`` after Holm's correction over the model's layers."""
+    binomial p is below ``alpha`` after Holm's correction over the model's layers. For the other
+    layers, the agreement share detected with ``power`` at Holm's strictest level ``alpha / m``
+    (:func:`stats.binomial_upper_detectable_share`), what those nulls speak against."""
     parts = []
     for model, g in top.groupby("model", sort=False):
         p_holm = stats.holm(g.p.to_numpy())
         above = [int(L) for L, p in zip(g.layer, p_holm) if p < alpha]
+        is_null = np.array([not p < alpha for p in p_holm]) & (g.n_positions.to_numpy() > 0)
+        mde = np.array([stats.binomial_upper_detectable_share(int(r.n_positions), float(r.chance), alpha=alpha / len(g),
+                                                              power=power) for r in g[is_null].itertuples()])
+        if not is_null.any():
+            mde_text = ""
+        elif np.isfinite(mde).any():
+            mde_text = (f"; with so few positions, a layer not above chance speaks only against an agreement of "
+                        f"{report.value_span(mde, '{:.0%}')} or more, the share detected with {power:.0%} power at "
+                        f"Holm's strictest level")
+        else:
+            mde_text = ("; with so few positions, a layer not above chance says nothing: even full agreement could "
+                        "not reach Holm's strictest level")
         parts.append(f"for {model} the top expert agrees at {report.value_span(g.share, '{:.0%}')} of positions per "
                      f"layer against a chance of {g.chance.iloc[0]:.0%} (top-{round(1 / g.chance.iloc[0])}); "
                      + (f"above chance at layer{'s' if len(above) > 1 else ''} {report.join_words(above)}"
                         if above else "at no layer above chance")
                      + f" (one-sided binomial test, Holm over {len(g)} layers, α = {alpha:g}; "
-                     f"n = {report.value_span(g.n_positions, '{:d}')} positions)")
+                     f"n = {report.value_span(g.n_positions, '{:d}')} positions){mde_text}")
     if not parts:
         return "No position was left after the exclusion, so no top expert was compared."
     text = "; ".join(parts)
