@@ -15,6 +15,14 @@
 
 # %% [markdown]
 # # Expert families in a frontier model: a pre-registered study's released data
+#
+# :::{admonition} Learning objectives
+# :class: tip
+# About {glue:text}`reading_minutes` minutes of prose. After this chapter you can
+# - re-derive a pre-registered definition from released data, and say where and why it differs;
+# - recompute a study's decision rules and tell which margins its published precision can resolve;
+# - judge what a rank correlation over a handful of units can and cannot show, from its exact power.
+# :::
 
 # %% tags=["parameters", "hide-input"]
 data_dir = None  # folder holding command-a-modularity/ (default: $MOEAUDIT_DATA_DIR)
@@ -32,11 +40,13 @@ batch_size = 256
 # %% tags=["hide-input"]
 from IPython.display import display
 
+from moeaudit import report
 from moeaudit.chapters import modularity as M
 from moeaudit.tooling import params
 
 params.validate("13_command_a_modularity", globals())  # refuses a bad value before any work
 source = M.show_source(data_dir)
+report.glue_values(reading_minutes=report.chapter_reading_minutes("13_command_a_modularity"))
 
 # %% [markdown]
 # Salomone, Gandhi and Asaria {cite}`salomone2026modular` asked whether the experts of Command A+ (a mixture of
