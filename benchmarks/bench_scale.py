@@ -265,6 +265,22 @@ def run(args) -> dict:
     return out
 
 
+def markdown_table(reports: list[dict]) -> str:
+    """The RESULTS.md table of :func:`run` reports (one row per model)."""
+    rows = ["| model (source) | layers built / full | weights (GiB) | peak over weights (GiB) | clean pass, 4 texts (s) "
+            "| token mode (s / ablation) | sequence mode (s / ablation) | released (s / ablation) | released / token "
+            "| paper audit, book design, token mode (h) | released design (h) |", "|" + "---|" * 11]
+    for r in reports:
+        ph = r["phases"]
+        rel = ph.get("released_protocol", {}).get("s_per_ablation", float("nan"))
+        rows.append(f"| {r['model']} ({r['source']}) | {r['layers_built']} / {r['layers_full']} | {r['weights_gib']:.2f} | "
+                    f"{r['peak_over_weights_gib']:.2f} | {ph['clean_pass']['wall_s']:.1f} | "
+                    f"{ph['token_ablations']['s_per_ablation']:.2f} | {ph['sequence_ablations']['s_per_ablation']:.2f} | "
+                    f"{rel:.2f} | {r.get('released_over_engine_token', float('nan')):.1f} | "
+                    f"{r['extrapolation']['book_token_h']:.1f} | {r['extrapolation'].get('released_h', float('nan')):.1f} |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=sorted(CONFIGS))
@@ -280,7 +296,11 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
     ap.add_argument("--list", action="store_true", help="list the configurations and their per-layer sizes")
+    ap.add_argument("--table", nargs="+", metavar="REPORT", help="print the markdown table of these JSON reports")
     args = ap.parse_args(argv)
+    if args.table:
+        print(markdown_table([json.loads(Path(f).read_text()) for f in args.table]))
+        return 0
     if args.list or args.model is None:
         for name, c in CONFIGS.items():
             print(f"{name:20s} {c['num_hidden_layers']:3d} layers, routed experts {moe_layer_bytes(c, 2) / 2 ** 30:6.2f} "
