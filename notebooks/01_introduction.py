@@ -32,6 +32,7 @@ t = None  # None: the middle position of that text
 n_texts = 10  # texts loaded for the example (only seq_id is used)
 dtype = "float32"
 device = "cpu"
+remote = False  # False (here), True (NDIF), "local" (simulated remote path) or an NDIF host URL
 corpus = "auto"  # "auto": WikiText-2 if found locally or on the hub, else the embedded corpus; "wikitext-2"; "embedded"; or a text file (one text per line)
 text_form = "auto"  # "auto": the corpus's own form (the embedded corpus in WikiText-2's tokenized form, which the shipped models were trained on; WikiText-2 and a file as served); "released": each line as served (WikiText-2: leading space and line break kept, as the released code feeds it); "stripped"; "wikitext": the embedded corpus in WikiText-2's form
 data_dir = None  # folder with wikitext-2/ (default: $MOEAUDIT_DATA_DIR)
@@ -121,7 +122,7 @@ report.use_book_style()
 
 # %%
 name = models[0]
-ctx = prepare(name, n_texts=n_texts, dtype=dtype, device=device, corpus=corpus_source, text_form=text_form, data_dir=data_dir, results_dir=results_dir)
+ctx = prepare(name, n_texts=n_texts, dtype=dtype, device=device, remote=remote, corpus=corpus_source, text_form=text_form, data_dir=data_dir, results_dir=results_dir)
 display(Markdown(audit.regime_line(name, ctx)))
 lay = ctx.model.layout
 L = lay.moe_layers[-1] if layer is None else int(layer)
@@ -326,22 +327,11 @@ display(Markdown(
 # then look. An exercise that asks you to compute a number names a function, such as
 # `check_04_audit_1(answer, ...)`, that says whether your answer is right or how far off it is; run
 # it in the notebook that the page's download button gives, after running the notebook's cells.
-# The chapters, one line each:
+# The chapters, part by part, with what each one teaches:
 #
-# | Chapter | What it does |
-# | --- | --- |
-# | [2. Setup and verification](02_verification.ipynb) | The models' MoE layouts and the paper's four verification checks (Appendix B), implemented so that they can fail, in both ablation modes. |
-# | [3. Observational metrics](03_observational_metrics.ipynb) | The four pruning metrics per expert and layer: their distributions, how they relate to each other, which experts are never used, and how the released code computed them. |
-# | [4. The audit](04_audit.ipynb) | The central experiment (Tables 1–3): does ranking the active experts by a metric predict which ablation hurts more? |
-# | [5. Routing-weight control](05_routing_weight_control.ipynb) | The same test with the token's own routing weight in place of a population metric (Tables 4–6, Figure 1). |
-# | [6. Progressive ablation](06_progressive_ablation.ipynb) | Removing the k highest-weight experts at once (Tables 8–9): how much redundancy each layer has. |
-# | [7. Mechanism](07_mechanism.ipynb) | Why ablations change the loss where they do: gap norms, and how later layers absorb or amplify a removal (Section A.3). |
-# | [8. Re-analysing the released results](08_released_reanalysis.ipynb) | The authors' own per-position records: every recomputable cell, with confidence intervals, other corrections, and the departures of the released code from the paper. |
-# | [9. Two intervention definitions](09_intervention_definitions.ipynb) | Token-local (the paper's) and sequence-wide (the released code's) ablation side by side: where they differ and whether the audit's conclusions depend on the choice. |
-# | [10. Better predictors and pruning](10_predictors_and_pruning.ipynb) | Predictors closer to the intervention than corpus statistics, whether token-level validity predicts one-shot pruning, and Bayes factors for the audit's null results. |
-# | [11. Redundancy](11_redundancy.ipynb) | A family of small models that differ in how many experts each token uses (top-k) and, for one setting, in the size of the expert pool, each trained from more than one seed: does any observational metric become valid as redundancy falls, and where does the paper's explanation of its null result hold? |
-# | [A1. The default models](A1_default_models.ipynb) | The three small MoE models the book runs on by default, how they were trained, and what they share with the real checkpoints. |
-# | [A2. Departures from the protocol](A2_departures.ipynb) | Every point where this build differs from the paper's protocol or the released code, with the value it uses. |
+# ```{glue:md} chapter_table
+# :format: myst
+# ```
 #
 # The book runs by default on three small MoE models shipped with it, built with the same
 # model classes as OLMoE-1B-7B-0924, Qwen1.5-MoE-A2.7B and DeepSeek-V2-Lite (routed and
@@ -355,7 +345,7 @@ display(Markdown(
 from moeaudit.chapters import introduction
 
 report.glue_values(reading_paths=introduction.reading_paths_text(introduction.reading_paths_table()),
-                   reading_wpm=report.READING_WPM, as_markdown=True)
+                   chapter_table=introduction.chapters_text(), reading_wpm=report.READING_WPM, as_markdown=True)
 
 # %% [markdown]
 # ## Re-running a chapter

@@ -14,7 +14,7 @@
 # ---
 
 # %% [markdown]
-# # Expert families in a frontier model: a pre-registered study's released data
+# # Beyond the paper (5): expert families in a frontier model, from a pre-registered study's released data
 #
 # :::{admonition} Learning objectives
 # :class: tip

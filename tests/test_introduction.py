@@ -72,3 +72,20 @@ def test_the_book_has_three_paths_over_its_own_chapters():
     table = I.reading_paths_table()
     assert table.path.nunique() == 3
     assert (table.minutes >= 1).all() and table.title.str.len().gt(0).all()
+
+
+def test_the_chapter_table_follows_the_table_of_contents(tmp_path):
+    from moeaudit.chapters.introduction import chapters_text, first_objective
+    from moeaudit.tooling import book
+
+    text = chapters_text()
+    stems = [s for s in book.chapters() if s != "01_introduction"]
+    assert [line.split("](")[1].split(".ipynb")[0] for line in text.splitlines()[2:]] == stems
+    nb = tmp_path / "nb"
+    nb.mkdir()
+    (nb / "x.py").write_text("# %% [markdown]\n# # X\n#\n# After this chapter you can\n# - do one thing\n#   well;\n"
+                             "# - do another.\n")
+    (nb / "y.py").write_text("# %% [markdown]\n# # Y\n# No objectives here.\n")
+    assert first_objective("x", notebooks=nb) == "do one thing well"
+    with pytest.raises(ValueError, match="no learning objectives"):
+        first_objective("y", notebooks=nb)

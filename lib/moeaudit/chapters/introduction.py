@@ -92,3 +92,37 @@ def reading_paths_text(table) -> str:
         links = " → ".join(f"[{r.title}]({r.stem}.ipynb)" for r in g.itertuples())
         lines.append(f"- **{name}** ({g['for'].iloc[0]}; about {int(g.minutes.sum())} minutes of prose): {links}")
     return "\n".join(lines)
+
+
+def first_objective(stem: str, *, notebooks: Path = NOTEBOOK_DIR) -> str:
+    """The first learning objective of a chapter: the first bullet after "After this chapter you can" in
+    its opening box, joined over its continuation lines, without the final semicolon or full stop.
+    ``ValueError`` for a chapter without learning objectives."""
+    lines = chapter_markdown(stem, notebooks=notebooks).splitlines()
+    for i, line in enumerate(lines):
+        if "After this chapter you can" in line:
+            bullet = []
+            for nxt in lines[i + 1:]:
+                if nxt.startswith("- ") and bullet:
+                    break
+                if nxt.startswith("- ") or (bullet and nxt.startswith("  ")):
+                    bullet.append(nxt[2:].strip())
+                elif bullet:
+                    break
+            if bullet:
+                return " ".join(bullet).rstrip(";. ")
+    raise ValueError(f"chapter {stem!r} has no learning objectives (\"After this chapter you can\" and a bullet)")
+
+
+def chapters_text(*, toc: Path = REPO_ROOT / "_toc.yml", notebooks: Path = NOTEBOOK_DIR) -> str:
+    """The book's chapters after the introduction, part by part as ``_toc.yml`` lists them, as a MyST table:
+    the part, the chapter's title linked to its page, and what a reader can do after it (its first
+    learning objective, :func:`first_objective`). A chapter added to ``_toc.yml`` appears here."""
+    rows = ["| Part | Chapter | After it you can |", "| --- | --- | --- |"]
+    for caption, stems in toc_parts(toc):
+        for stem in stems:
+            if not caption or not (Path(notebooks) / f"{stem}.py").is_file():
+                continue  # the introduction itself, and pages that are not chapters (the references)
+            title = chapter_title(stem, notebooks=notebooks)
+            rows.append(f"| {caption} | [{title}]({stem}.ipynb) | {first_objective(stem, notebooks=notebooks)} |")
+    return "\n".join(rows)
