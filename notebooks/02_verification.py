@@ -33,6 +33,7 @@ mode = "token"  # the main table's mode; the contrast runs the other one
 seq_id = None  # text the suite runs on; None: the longest evaluation text
 dtype = "float32"
 device = "cpu"
+remote = False  # False (here), True (NDIF), "local" (simulated remote path) or an NDIF host URL
 n_texts = 100
 max_tokens = None
 corpus = "auto"  # "auto": WikiText-2 if found locally or on the hub, else the embedded corpus; "wikitext-2"; "embedded"; or a text file (one text per line)
@@ -131,7 +132,7 @@ other_mode = [m for m in ABLATION_MODES if m != mode][0]
 # %%
 contexts, audited = {}, {}
 for name in models:
-    contexts[name] = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=dtype, device=device,
+    contexts[name] = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=dtype, device=device, remote=remote,
                              corpus=corpus_source, text_form=text_form, data_dir=data_dir, results_dir=results_dir)
     audited[name] = [int(L) for L in layers] if layers is not None else contexts[name].model.audit_layers(5)
     display(Markdown(audit.regime_line(name, contexts[name])))

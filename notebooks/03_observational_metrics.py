@@ -32,6 +32,7 @@ seed = 42  # not used here
 mode = "token"  # not used here: no ablation is run
 dtype = "float32"
 device = "cpu"
+remote = False  # False (here), True (NDIF), "local" (simulated remote path) or an NDIF host URL
 n_texts = 100
 max_tokens = None
 batch_size = 8
@@ -93,7 +94,7 @@ report.use_book_style()
 # %%
 contexts, audited = {}, {}
 for name in models:
-    ctx = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=dtype, device=device,
+    ctx = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=dtype, device=device, remote=remote,
                   corpus=corpus_source, text_form=text_form, data_dir=data_dir, results_dir=results_dir)
     contexts[name] = ctx
     display(Markdown(audit.regime_line(name, ctx)))

@@ -32,6 +32,7 @@ seed = 42
 mode = "token"  # "token" (the paper's definition) or "sequence" (the released code's)
 dtype = "float32"
 device = "cpu"
+remote = False  # False (here), True (NDIF), "local" (simulated remote path) or an NDIF host URL
 n_texts = 100  # the first n lines of the corpus longer than 50 characters (the paper: WikiText-2 test)
 max_tokens = None  # None: min(512, the model's context)
 min_context = 0
@@ -105,7 +106,7 @@ report.glue_values(as_markdown=True, ablation_site=report.ablation_site(mode))
 # %%
 all_cells, contexts = [], {}
 for name in models:
-    ctx = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=dtype, device=device,
+    ctx = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=dtype, device=device, remote=remote,
                   corpus=corpus_source, text_form=text_form, data_dir=data_dir, results_dir=results_dir)
     contexts[name] = ctx
     audited = list(layers) if layers is not None else ctx.model.audit_layers(5)

@@ -32,6 +32,7 @@ seed = 42
 mode = "token"  # "token" (the paper's definition) or "sequence" (the released code's)
 dtype = "float32"
 device = "cpu"
+remote = False  # False (here), True (NDIF), "local" (simulated remote path) or an NDIF host URL
 n_texts = 100  # the first n lines of the corpus longer than 50 characters (the paper: WikiText-2 test)
 max_tokens = None  # None: min(512, the model's context)
 min_context = 0
@@ -126,7 +127,7 @@ glue("paper_control_alpha", paper.PAPER_ALPHA / len(paper.LAYERS["olmoe"]), disp
 # %%
 control_cells, observational_cells, layouts = [], [], {}
 for name in models:
-    ctx = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=dtype, device=device,
+    ctx = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=dtype, device=device, remote=remote,
                   corpus=corpus_source, text_form=text_form, data_dir=data_dir, results_dir=results_dir)
     lay = ctx.model.layout
     layouts[name] = lay

@@ -30,6 +30,7 @@ seed = 42
 mode = "token"  # "token" (the paper's definition) or "sequence" (the released code's)
 dtype = "float32"
 device = "cpu"
+remote = False  # False (here), True (NDIF), "local" (simulated remote path) or an NDIF host URL
 n_texts = 100  # the first n lines of the corpus longer than 50 characters (the paper: WikiText-2 test)
 max_tokens = None  # None: min(512, the model's context)
 min_context = 0
@@ -115,7 +116,7 @@ for key, value in {"n_positions": n_positions, "paper_n": int(paper.n.iloc[0]), 
 # %%
 all_records, layouts, audited_layers, eligible = [], {}, {}, {}
 for name in models:
-    ctx = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=dtype, device=device,
+    ctx = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=dtype, device=device, remote=remote,
                   corpus=corpus_source, text_form=text_form, data_dir=data_dir, results_dir=results_dir)
     lay = layouts[name] = ctx.model.layout
     audited = audited_layers[name] = list(layers) if layers is not None else list(lay.moe_layers)

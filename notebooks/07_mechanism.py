@@ -30,6 +30,7 @@ seed = 42
 mode = "token"  # "token" (the paper's definition) or "sequence" (the released code's)
 dtype = "float32"
 device = "cpu"
+remote = False  # False (here), True (NDIF), "local" (simulated remote path) or an NDIF host URL
 n_texts = 100  # the first n lines of the corpus longer than 50 characters (the paper: WikiText-2 test)
 max_tokens = None  # None: min(512, the model's context)
 batch_size = 64
@@ -148,7 +149,7 @@ for key, value in {"olmoe_gap_first": paper_ratios.loc["olmoe", "gap_first"], "o
 # %%
 geo_all, rec_all, info, last_moe_layer = [], [], [], {}
 for name in models:
-    ctx = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=dtype, device=device,
+    ctx = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=dtype, device=device, remote=remote,
                   corpus=corpus_source, text_form=text_form, data_dir=data_dir, results_dir=results_dir)
     ctx.model.hf.config.output_router_logits = False  # no auxiliary balancing loss during analysis forwards
     display(Markdown(audit.regime_line(name, ctx)))

@@ -15,6 +15,16 @@
 
 # %% [markdown]
 # # Beyond the paper (1): does the definition of the intervention change the verdict?
+#
+# :::{admonition} Learning objectives
+# :class: tip
+# About {glue:text}`reading_minutes` minutes of prose. After this chapter you can
+# - say how the released code's choices (sequence-wide removal, padding, its metric recipes, float16 records) differ
+#   from the paper's definitions, and measure what each does to the audit's verdicts;
+# - compare three ways of taking an expert out (subtraction, router masking with renormalisation, mean replacement)
+#   on the same cells, and check that masking is exact;
+# - tell a verdict that survives a change of definition from one that no definition could show.
+# :::
 
 # %% tags=["parameters", "hide-input"]
 models = ["tiny-olmoe", "tiny-qwen-moe", "tiny-deepseek-v2"]  # shipped names, HF ids or local dirs
@@ -23,8 +33,10 @@ n_positions = 200  # token positions per cell (the paper: 200); the same draw in
 seed = 42
 modes = ["token", "sequence"]  # the paper's definition first, the released code's second
 half_dtype = "bfloat16"  # precision compared against `dtype` in the noise-floor section
+operator_positions = 40  # positions per cell in the operator comparison, drawn from the n_positions above
 dtype = "float32"
 device = "cpu"
+remote = False  # False (here), True (NDIF), "local" (simulated remote path) or an NDIF host URL
 n_texts = 100  # the first n lines of the corpus longer than 50 characters (the paper: WikiText-2 test)
 max_tokens = None  # None: min(512, the model's context)
 batch_size = 64
@@ -41,6 +53,7 @@ from moeaudit.tooling import params
 
 params.validate("09_intervention_definitions", globals())  # refuses a bad value before any work
 corpus_source = report.show_corpus(corpus, data_dir=data_dir, text_form=text_form)
+report.glue_values(reading_minutes=report.chapter_reading_minutes("09_intervention_definitions"))
 
 # %% [markdown]
 # An interventional audit is only as precise as the intervention it names. The paper defines
@@ -183,7 +196,7 @@ fig.tight_layout(rect=(0.01, 0.155, 1, 1));
 # %%
 contexts, records, audited_layers = {}, {}, {}
 for name in models:
-    ctx = contexts[name] = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=dtype, device=device,
+    ctx = contexts[name] = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=dtype, device=device, remote=remote,
                                    corpus=corpus_source, text_form=text_form, data_dir=data_dir, results_dir=results_dir)
     lay = ctx.model.layout
     audited_layers[name] = list(layers) if layers is not None else ctx.model.audit_layers(5)
@@ -326,7 +339,7 @@ table_mode = table_for(cells_mode)
 cmp_mode = definitions.compare_audit_variants(cells_mode, table_mode, MODE_A, MODE_B, alpha=alpha, n_boot=n_boot, seed=seed)
 
 # %% tags=["hide-input"]
-def show_comparison(cmp, la, lb, what):
+def show_comparison(cmp, la, lb, what, n=n_positions):
     for name in models:
         t = cmp[cmp.model == name]
         mark = lambda dz, dual, p05: f"{fmt_signed(dz)}{' ★' if dual else ''}{' •' if p05 else ''}"  # noqa: E731
@@ -339,7 +352,7 @@ def show_comparison(cmp, la, lb, what):
             "verdict flips": [", ".join(s for s, f in (("dual rule", fd), ("uncorrected p_t", fp)) if f) or "–"
                               for fd, fp in zip(t.flip_dual, t.flip_p05)]})
         display(view.style.hide(axis="index").set_properties(**{"font-size": "0.88em"})
-                .set_caption(f"{name}: Cohen's d_z per cell, {what}; n = {n_positions} positions"))
+                .set_caption(f"{name}: Cohen's d_z per cell, {what}; n = {n} positions"))
     display(Markdown(f"★: significant under the dual rule. •: uncorrected p_t < {alpha:g}. *difference*: d_z({la}) − "
                      f"d_z({lb}) with its paired-bootstrap 95% CI; ◆ where it excludes zero and the difference is larger "
                      f"than {definitions.DDZ_TOLERANCE:g} (smaller ones are float rounding)."))
@@ -413,10 +426,12 @@ display(Markdown(flip_text(cmp_mode, MODE_A, MODE_B)))
 
 # %%
 glue_all(qwen_texts=definitions.QWEN_NORM_TEXTS, qwen_coords=definitions.QWEN_STD_COORDS)
-metric_defs, pad_share, recheck, mask_rows, sub_rows = {}, {}, {}, [], []
+metric_defs, pad_share, recheck, mask_rows, sub_rows, next_ranked = {}, {}, {}, [], [], []
 for name in models:
     ctx = contexts[name]
     padded = definitions.padded_router_pass(ctx.model, ctx.corpus, layers=audited_layers[name])
+    next_ranked.append(definitions.next_ranked_table(  # for the operator section: the clean router's next expert
+        padded, records[name, "token"][["seq_id", "t"]].drop_duplicates()).assign(model=name))
     metric_defs[name] = definitions.recipe_metric_tables(padded)
     pad_share[name] = padded.padding_share
     a = metric_defs[name][paper.PAPER_RECIPE].set_index(["layer", "expert"])[list(METRICS)]
@@ -567,7 +582,7 @@ display(Markdown(flip_text(cmp_whole, "paper pipeline", "released pipeline")))
 # %%
 half_recs, half_metrics, noise, noise_sum, spread = {}, {}, {}, {}, {}
 for name in models:
-    ctx_h = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=half_dtype, device=device,
+    ctx_h = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=half_dtype, device=device, remote=remote,
                     corpus=corpus_source, text_form=text_form, data_dir=data_dir, results_dir=results_dir)
     half_recs[name], rerun = (single_expert_records(ctx_h, layers=audited_layers[name], n_positions=n_positions,
                                                     seed=seed, mode="token", batch_size=batch_size, strategy=s)
@@ -708,6 +723,97 @@ if prog is not None:
 # not measured with the released table; this section bounds only the rounding of the stored losses.
 
 # %% [markdown]
+# ## 5. Does the verdict survive a change of operator?
+#
+# Every ablation so far removed an expert the paper's way: its weighted contribution
+# $g_e(x_t)\,E_e(x_t)$ is subtracted from the layer output and the other active experts keep their
+# combine weights (no renormalisation; `operator="remove"`). Two other operators are in use:
+#
+# * **mask**: the expert's router logit is set to $-\infty$ before the top-$k$, as studies that
+#   run their models in vLLM {cite}`kwon2023vllm` do (for example the modularity study of the
+#   Command A+ chapter {cite}`salomone2026modular`). The router then selects another expert in
+#   its place, and the combine weights are formed anew from the masked logits, so a router that
+#   normalises its top-$k$ renormalises them.
+# * **mean**: the expert's output at the token is replaced by its mean output $\mu_e$ over clean
+#   tokens routed to it, its combine weight kept (MoNE's "novices" {cite}`zhang2025mone`). Here
+#   $\mu_e$ is averaged over every real token of the texts that hold the compared positions.
+#
+# The audit cells are computed from the records of each operator exactly as for the two definitions: same
+# layers, same metric table, same pairs of experts, and positions drawn (seeded) from the
+# chapter's positions, `operator_positions` of them, because every operator re-runs every active
+# expert at every audited layer. The "remove" records are the chapter's own token-local records at
+# those positions. For the mask operator each record also says which expert entered the top-$k$
+# (`replacement`), how much combine weight the masked expert kept (`leak`, which must be zero)
+# and whether the masked router selected it anyway (`masked_selected`). The next-ranked expert
+# is the one with the largest clean router logit outside the clean top-$k$
+# (`definitions.next_ranked_expert`), read from the padded pass of the metric definitions above.
+
+# %%
+others = [op for op in engine.OPERATORS if op != "remove"]
+op_parts = {op: [] for op in engine.OPERATORS}
+for name in models:
+    ctx = contexts[name]
+    sub = definitions.operator_subset(records[name, "token"], n_positions=operator_positions, seed=seed)
+    means = engine.expert_mean_outputs(ctx.model, ctx.corpus, layers=audited_layers[name],
+                                       seq_ids=sorted(sub.seq_id.unique().tolist()), progress=False)
+    op_parts["remove"].append(sub.assign(operator="remove"))
+    for op in others:
+        op_parts[op].append(definitions.operator_records(ctx.model, ctx.corpus, ctx.clean, sub, operator=op,
+                                                         means=means if op == "mean" else None,
+                                                         batch_size=batch_size, seed=seed))
+    del means
+op_records = {op: pd.concat(v, ignore_index=True) for op, v in op_parts.items()}
+definitions.check_mask_leak(op_records["mask"])  # refuses any combine weight left on a masked expert
+replaced = definitions.replacement_summary(op_records["mask"], pd.concat(next_ranked, ignore_index=True))
+cells_op = pd.concat([cells_for(op_records[op][op_records[op].model == n], contexts[n].metrics, variant=op)
+                      for n in models for op in engine.OPERATORS], ignore_index=True)
+table_op = table_for(cells_op)
+cmp_op = {op: definitions.compare_audit_variants(cells_op, table_op, "remove", op, alpha=alpha, n_boot=n_boot, seed=seed)
+          for op in others}
+fam_op = int(table_op[(table_op.model == models[0]) & (table_op.set == "metrics")].family_size.iloc[0])
+n_op = int(min(c.n.min() for c in cmp_op.values()))
+glue_all(op_replaced=Markdown(definitions.replacement_text(replaced)), **{
+    f"op_cmp_{op}": Markdown(definitions.operator_comparison_text(c, label_a="remove", label_b=op, n=n_op, family=fam_op,
+                                                                  alpha=alpha)) for op, c in cmp_op.items()})
+display(replaced.style.format({"max_leak": "{:.3g}", "one_replacement": "{:.1%}", "next_ranked": "{:.1%}"})
+        .hide(axis="index").set_caption("Router masking: records, largest leak (combine weight left on the masked "
+                                        "expert), records whose masked router still selected it, share with one new "
+                                        "expert, share whose new expert is the clean router's next-ranked one"))
+
+# %% [markdown]
+# {glue:md}`op_replaced`
+#
+# The figure puts each cell's $d_z$ under the paper's operator against its $d_z$ under the other
+# two; a cell on the diagonal has the same effect size under both.
+
+# %% tags=["hide-input"]
+fig, axes = plt.subplots(1, len(others), figsize=(5.2 * len(others), 4.8), squeeze=False, sharex=True, sharey=True)
+lim = float(np.nanmax([np.abs(c[["dz_a", "dz_b"]].to_numpy()).max() for c in cmp_op.values()])) * 1.1 + 0.02
+for ax, (op, c) in zip(axes[0], cmp_op.items()):
+    for r in c.itertuples():
+        ax.scatter(r.dz_a, r.dz_b, color=colors[r.model], marker=markers[r.ranking],
+                   s=70 if r.ranking == ROUTING_WEIGHT else 38, edgecolor="black" if r.flip_dual else "none", alpha=0.9)
+    ax.plot([-lim, lim], [-lim, lim], color="0.4", linewidth=0.8)
+    ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xlabel="Cohen's $d_z$, operator remove (the paper's)",
+           ylabel=f"Cohen's $d_z$, operator {op}", title=f"remove vs {op}")
+axes[0, 0].legend(handles=[Patch(color=colors[m], label=m) for m in models]
+                  + [plt.Line2D([], [], marker=markers[r], color="0.3", linestyle="", label=LABEL[r]) for r in RANKINGS]
+                  + [plt.Line2D([], [], marker="o", mfc="white", mec="black", linestyle="",
+                                label="verdict changes (dual rule)")], fontsize=7, loc="upper left")
+fig.suptitle(f"Same cells under three operators (d_z of the paired loss difference D in nats; n = {operator_positions} positions)")
+fig.tight_layout()
+
+# %% [markdown]
+# {glue:md}`op_cmp_mask`
+#
+# {glue:md}`op_cmp_mean`
+#
+# Per model, the cells whose verdict changes:
+
+# %%
+display(Markdown("\n\n".join(flip_text(c, "remove", op) for op, c in cmp_op.items())))
+
+# %% [markdown]
 # ## What this shows, and what it does not
 
 # %%
@@ -719,11 +825,14 @@ glue_all(l_mode_text=Markdown(
                             f"{agreement.max_diff.max():.1e} nats per record"), half_name=half_dtype,
          l_ddz_mode=float(cmp_mode.ddz.abs().max()), l_ddz_def=float(cmp_def.ddz.abs().max()),
          l_min_rho=float(own_rho.rho.min()), l_flips_mode=flips(cmp_mode), l_flips_def=flips(cmp_def),
-         l_flips_half=flips(cmp_half), l_ddz_whole=float(cmp_whole.ddz.abs().max()), l_flips_whole=flips(cmp_whole))
+         l_flips_half=flips(cmp_half), l_ddz_whole=float(cmp_whole.ddz.abs().max()), l_flips_whole=flips(cmp_whole),
+         l_operator=Markdown("; ".join(f"against {op}, the cell effect sizes move by up to {c.ddz.abs().max():.3f} in "
+                                       f"d_z and {flips(c)}" for op, c in cmp_op.items())),
+         l_next_share=float((replaced.next_ranked * replaced.records).sum() / replaced.records.sum()))
 
 # %% [markdown]
 # **Shows.** On the same positions and pairs of experts, how much the measured loss, the effect
-# sizes and the verdicts of the audit depend on three implementation choices:
+# sizes and the verdicts of the audit depend on each implementation choice:
 #
 # 1. **Where the expert is removed.** {glue:md}`l_mode_text`, the cell effect sizes by up to
 #    {glue:text}`l_ddz_mode:.3f` in $d_z$; {glue:text}`l_flips_mode`. The sequence-wide
@@ -743,6 +852,11 @@ glue_all(l_mode_text=Markdown(
 #    {glue:text}`l_flips_half`. A median near zero means little without the noise of the
 #    precision it was computed in; and the float32 runs of these models, free of half-precision
 #    rounding, have the loss fall at the deepest removal at {glue:md}`book_falls` of the positions.
+# 4. **The operator.** Router masking leaves no combine weight on the masked expert and, in
+#    {glue:text}`l_next_share:.1%` of the records, hands its place to the clean router's next-ranked
+#    expert; {glue:md}`l_operator`. These comparisons rest on `operator_positions` positions per
+#    cell, so a verdict that holds under every operator holds only as far as the power stated in
+#    the operator section reaches.
 #
 # **Does not show.** Which definition is "right": the token-local one answers the paper's
 # question (does the metric predict the importance of an expert *at this token*), the
@@ -770,7 +884,8 @@ glue("ex_last", Markdown(
     + " there." if len(last_rows) and len(last_cmp) else
     "This build audited no last decoder layer, so it has no number to compare with; the picture of section 1 predicts "
     "differences at the rounding floor."), display=False)
-glue_all(ex3_cmd=Markdown(f"`make chapter NB=09_intervention_definitions PARAMS=\"-p n_positions {n_small}\"`"),
+ex3_params = f"-p n_positions {n_small}" + (f" -p operator_positions {n_small}" if operator_positions > n_small else "")
+glue_all(ex3_cmd=Markdown(f"`make chapter NB=09_intervention_definitions PARAMS=\"{ex3_params}\"`"),
          ex_last_layer=contexts[models[0]].model.layout.n_layers - 1, ex_sub_rho=span(substitute.rho, "{:+.2f}"),
          ex_sub_rel_rho=span(substitute.rho_released, "{:+.2f}"), ex_family=fam, ex_power=power,
          ex_widen=float(np.sqrt(n_positions / n_small)),
@@ -831,4 +946,36 @@ glue_all(ex3_cmd=Markdown(f"`make chapter NB=09_intervention_definitions PARAMS=
 # {glue:text}`ex_mde_now:.2f` to {glue:text}`ex_mde_small:.2f`, and the confidence intervals of
 # the differences of $d_z$ widen by a factor of about {glue:text}`ex_widen:.1f` (the square root of
 # the ratio of the numbers of positions).
+# ````
+
+# %%
+ex4 = {n: definitions.mean_smaller_share(op_records["remove"], op_records["mean"], model=n) for n in models}
+med_abs = {op: {n: float(r[r.model == n].delta_loss.abs().median()) for n in models} for op, r in op_records.items()}
+glue_all(ex4_share=Markdown(per_model(ex4, "{:.1%}")), ex4_first=ex4[models[0]], ex4_model=models[0],
+         ex4_median=Markdown("; ".join(f"{op}: {per_model(v, '{:.2e}')}" for op, v in med_abs.items())),
+         ex4_reading=Markdown(
+             "The share is above one half for every model: putting back the expert's average output leaves the loss "
+             "closer to its clean value than removing the expert does, more often than not" if min(ex4.values()) > 0.5 else
+             "The share is not above one half for every model: where it is not, putting back the expert's average output "
+             "moves the loss at least as far from its clean value as removing the expert does, as often as not"))
+
+# %% [markdown]
+# ````{exercise} What the mean puts back
+# :label: 09_intervention_definitions-ex4
+#
+# Mean replacement removes the expert's output at the token and adds back its combine weight
+# times the expert's average output. Before looking at the records, predict: is the loss change
+# under mean replacement smaller in size than under removal for most single-expert ablations, or
+# for about half of them? Then compute, for the first model ({glue:text}`ex4_model`), the share of
+# the ablations in `op_records` (matched on position, layer and expert) with
+# $|\Delta_{\text{mean}}| < |\Delta_{\text{remove}}|$, and check it with
+# `check_09_intervention_definitions_4(answer, op_records, model=models[0])`
+# (`from moeaudit.chapters.definitions import check_09_intervention_definitions_4`).
+# ````
+#
+# ````{solution} 09_intervention_definitions-ex4
+# :class: dropdown
+#
+# The share is {glue:text}`ex4_first:.1%` for {glue:text}`ex4_model` ({glue:md}`ex4_share`). The
+# median $|\Delta|$ in nats per operator and model is {glue:md}`ex4_median`. {glue:md}`ex4_reading`.
 # ````

@@ -30,6 +30,7 @@ seed = 42
 mode = "token"  # "token" (the paper's definition) or "sequence"; attribution always estimates "token"
 dtype = "float32"
 device = "cpu"
+remote = False  # False (here), True (NDIF), "local" (simulated remote path) or an NDIF host URL
 n_texts = 100  # the first n lines of the corpus longer than 50 characters (the paper: WikiText-2 test)
 max_tokens = None  # None: min(512, the model's context)
 batch_size = 64
@@ -157,7 +158,7 @@ glue_all(over_models="Over all " + str(len(models)) + " models" if len(models) >
 # %%
 contexts, records, criteria, setup = {}, {}, {}, []
 for name in models:
-    ctx = contexts[name] = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=dtype, device=device,
+    ctx = contexts[name] = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=dtype, device=device, remote=remote,
                                    corpus=corpus_source, text_form=text_form, data_dir=data_dir, results_dir=results_dir)
     display(Markdown(audit.regime_line(name, ctx)))
     lay = ctx.model.layout

@@ -33,6 +33,7 @@ seed = 42
 mode = "token"  # "token" (the paper's definition) or "sequence" (the released code's)
 dtype = "float32"
 device = "cpu"
+remote = False  # False (here), True (NDIF), "local" (simulated remote path) or an NDIF host URL
 n_texts = 100  # the first n lines of the corpus longer than 50 characters (the paper: WikiText-2 test)
 max_tokens = None  # None: min(512, the model's context)
 min_context = 0
@@ -131,7 +132,7 @@ glue("family_seeds", Markdown(f"{len(REDUNDANCY_SEEDS)} seeds ({report.join_word
 # %%
 single, prog, observational_cells, control_cells, layouts, intros, hidden = [], [], [], [], {}, [], {}
 for name in models:
-    ctx = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=dtype, device=device,
+    ctx = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=dtype, device=device, remote=remote,
                   corpus=corpus_source, text_form=text_form, data_dir=data_dir, results_dir=results_dir)
     lay = layouts[name] = ctx.model.layout
     hidden[name] = int(ctx.model.hf.config.hidden_size)

@@ -31,6 +31,7 @@ n_positions = 20  # token positions per model (few: every position restores ever
 seed = 42  # draws the positions and the corrupting noise
 dtype = "float32"
 device = "cpu"
+remote = False  # False (here), True (NDIF), "local" (simulated remote path) or an NDIF host URL
 n_texts = 100  # the first n lines of the corpus longer than 50 characters (the paper: WikiText-2 test)
 max_tokens = None  # None: min(512, the model's context)
 batch_size = 64
@@ -133,7 +134,7 @@ glue("span_tokens", span_tokens, display=False)
 pairs, restored_all, intros, layouts = [], [], [], {}
 need = restoration.min_context_for(span_tokens)
 for name in models:
-    ctx = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=dtype, device=device,
+    ctx = prepare(name, n_texts=n_texts, max_tokens=max_tokens, dtype=dtype, device=device, remote=remote,
                   corpus=corpus_source, text_form=text_form, data_dir=data_dir, results_dir=results_dir)
     layouts[name] = ctx.model.layout
     audited = list(layers) if layers is not None else ctx.model.audit_layers(5)

@@ -20,6 +20,7 @@ TINY = {
     "n_texts": 6,
     "n_boot": 100,
     "layers": None,
+    "operator_positions": 6,  # chapter 9's operator comparison draws from the chapter's positions
 }
 
 

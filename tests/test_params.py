@@ -289,3 +289,21 @@ def test_redundancy_chapter_needs_two_routing_settings():
     assert "1 item, at least 2 needed" in _refused("11_redundancy", models=["olmoe-e64-k8-s0"])
     validate("11_redundancy", {**_defaults("11_redundancy"), "models": ["olmoe-e64-k8-s0", "olmoe-e8-k2-s0"]})
     assert params.config_layout("olmoe-e8-k2-s1")["n_experts"] == 8
+
+
+def test_remote_values():
+    """``remote``: False, True, 'local' or an http(s) host; a server value needs hub ids, not shipped models or
+    local directories (checked from the names alone: no network)."""
+    for bad, message in (("gpu", "remote='gpu' is refused: not a valid value"),
+                         ("ftp://host", "remote='ftp://host' is refused"),
+                         (1, "remote=1 is refused: an integer, not true or false")):
+        assert message in _refused("04_audit", remote=bad)
+    assert "'tiny-olmoe' is a shipped model" in _refused("04_audit", remote=True)
+    assert "is a local directory" in _refused("02_verification", remote="https://ndif.example",
+                                              models=[str(book.REPO_ROOT / "lib/moeaudit/zoo/tiny-olmoe")])
+    defaults = book.notebook_parameters("04_audit")
+    assert defaults["remote"] is False
+    assert validate("04_audit", {**defaults, "remote": "local"}).remote == "local"
+    hub = {**defaults, "models": ["allenai/OLMoE-1B-7B-0924"]}
+    for ok in (True, "https://ndif.example", "http://127.0.0.1:8000"):
+        assert validate("04_audit", {**hub, "remote": ok}).remote == ok

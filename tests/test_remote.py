@@ -9,13 +9,15 @@
   tiny-olmoe (every pass and operator) and on a tiny model of each of the 21 audited families (clean
   pass, token and sequence ablations, with the model's weights absent outside the traces, as on a
   client of NDIF); and under nnsight's own ``remote="local"`` simulation.
-* nnsight's real HTTP client (``RemoteBackend``, non-blocking mode) against a loopback stand-in of
+* nnsight's real HTTP client (``RemoteBackend``, non-blocking polling and the default blocking mode
+  with its ``/subscribe`` websocket, through which the engine's passes run) against a loopback stand-in of
   NDIF's API, ``python -m moeaudit.tooling.ndif serve``, started and stopped here on 127.0.0.1. It
   relies on nnsight 0.8.1's endpoints: ``POST /request`` (multipart: ``data`` = the JSON
   ``RequestModel`` envelope, ``blob`` = the serialised trace), ``GET /response/{id}`` (a
   ``ResponseModel`` JSON: ``RECEIVED``, ``COMPLETED`` with ``data`` = a result URL, or ``ERROR`` with
   its description), the result URL (``torch.save`` bytes of the saved values, zstd-compressed when
-  the request says ``compress``), and ``GET /status`` (``deployments``).
+  the request says ``compress``), ``GET /status`` (``deployments``) and ``/subscribe`` (a websocket: the
+  session id, then the job's final ``ResponseModel``). Servers run traces with autograd on.
 """
 
 from __future__ import annotations
@@ -206,13 +208,12 @@ def test_nnsight_local_simulation_runs_the_clean_pass_and_ablations():
 
 
 # ------------------------------------------------------------------------------------------------ 21 families
-#: families whose token-mode step passes one attention mask per layer type (a dict): nnsight's LanguageModel
-#: batcher cannot batch a dict ("Could not infer dtype of dict"); open, see the README's remote section
-DICT_MASK_FAMILIES = set()
+#: families whose token-mode step passes one attention mask per layer type (a dict), which nnsight's batcher
+#: cannot split: the trace gets the full-attention mask and the decoder the dict (engine._run_batch)
+DICT_MASK_FAMILIES = {"dots1", "exaone_moe", "gpt_oss", "llama4_text", "qwen2_moe"}
 
 
-@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.xfail(
-    f in DICT_MASK_FAMILIES, reason="dict attention mask through LanguageModel", strict=True)) for f in FAMILIES])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_family_records_equal_through_a_server_without_local_weights(family):
     """``remote`` a host URL: the engine computes everything that needs weights inside the traces."""
     local = tiny_random_model(family)
@@ -226,6 +227,62 @@ def test_family_records_equal_through_a_server_without_local_weights(family):
         _same(engine.run_ablations(remote, corpus, clean, req, mode=mode, progress=False),
               engine.run_ablations(local, corpus, clean, req, mode=mode, progress=False))
     assert server.requests >= 3
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "exaone_moe"])
+def test_sliding_window_masks_reach_the_decoder_through_a_server(family):
+    """Positions past the sliding window (8 in the tiny configs), where the per-layer-type masks differ: a
+    server run that gave every layer the full-attention mask would differ from the local run."""
+    local = tiny_random_model(family)
+    remote, _server = _server_model(local, remote=UNREACHABLE)
+    corpus = random_token_corpus(n_seqs=2, length=16)
+    clean = engine.clean_pass(local, corpus, progress=False)
+    L = local.layout.moe_layers[0]
+    req = pd.DataFrame([{"seq_id": s, "t": t, "layer": L, "removed": [int(clean.active(s, t, L)[0])]}
+                        for s in (0, 1) for t in (9, 10)])
+    window, per_type = engine.attention_window(local)
+    assert per_type and window is not None and window <= 9
+    cache_kv, width = engine.clean_cache(local, corpus, [0, 1])
+    step = engine.packed_step(local, corpus, list(req[["seq_id", "t"]].itertuples(index=False)), chunk=[0, 1],
+                              cache_kv=cache_kv, width=width)
+    assert not torch.equal(step.attention_mask["full_attention"], step.attention_mask["sliding_attention"])
+    _same(engine.run_ablations(remote, corpus, clean, req, progress=False, strategy="kv"),
+          engine.run_ablations(local, corpus, clean, req, progress=False, strategy="kv"))
+
+
+def test_clean_pass_class_pickles_by_value():
+    """A trace that names the engine module ships it by value (the package is registered with nnsight):
+    every object in it must pickle. functools.cached_property holds a lock on Python 3.11."""
+    from nnsight.intervention.serialization import dumps
+
+    nnsight.register("moeaudit")
+    dumps(engine)
+    clean = engine.CleanPass("m", pd.DataFrame({"seq_id": [0, 0, 1]}), {}, np.array([0, 2]))
+    assert clean.lengths.tolist() == [2, 1]
+
+
+def test_without_grad_turns_off_grad_in_nested_results():
+    from moeaudit.models import without_grad
+
+    class Cache:
+        def __init__(self):
+            self.layers = [torch.ones(2, requires_grad=True)]
+
+    leaf, cache = torch.zeros(3, requires_grad=True), Cache()
+    out = without_grad({"a": leaf, "b": [(torch.ones(1, requires_grad=True),)], "c": cache, "d": 3})
+    assert out["a"] is leaf and not leaf.requires_grad
+    assert not out["b"][0][0].requires_grad and not cache.layers[0].requires_grad and out["d"] == 3
+    nonleaf = torch.ones(2, requires_grad=True) * 2
+    assert not without_grad(nonleaf).requires_grad
+
+
+def test_websocket_handshake_and_frames_follow_rfc6455():
+    from moeaudit.tooling.ndif import websocket_accept, websocket_text_frame
+
+    assert websocket_accept("dGhlIHNhbXBsZSBub25jZQ==") == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="  # RFC 6455, 1.3
+    assert websocket_text_frame("Hello") == b"\x81\x05Hello"  # RFC 6455, 5.7
+    assert websocket_text_frame("x" * 126)[:4] == b"\x81\x7e\x00\x7e"
+    assert websocket_text_frame("x" * 70000)[:10] == b"\x81\x7f" + (70000).to_bytes(8, "big")
 
 
 # ------------------------------------------------------------------------------------------------ HTTP
@@ -277,3 +334,47 @@ def test_nnsight_http_client_end_to_end_against_a_loopback_server(loopback, monk
         bad = wrapper.output.logits[0, 99].save()  # index 99 of 5 positions: fails on the server
     with pytest.raises(RemoteError, match="IndexError"):
         _poll(tracer)
+
+
+def test_engine_through_the_http_client_in_blocking_mode(loopback, monkeypatch):
+    """The audit's own passes with ``remote`` the host URL: nnsight's default (blocking) client, its
+    websocket and result download, and a trace that names the engine module (shipped by value)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(nnsight.CONFIG.APP, "REMOTE_LOGGING", False)
+    local = load_model("tiny-olmoe")
+    wrapper = remote_wrapper(local.hf, tokenizer=local.tokenizer)
+    wrapper.repo_id = "moeaudit/tiny-olmoe"
+    remote = AuditModel(local.name, local.hf, wrapper, local.layout, local.tokenizer, remote=loopback)
+    corpus = random_token_corpus(n_seqs=2, length=12, vocab_size=local.hf.config.vocab_size)
+    clean = engine.clean_pass(local, corpus, progress=False)
+    _same_clean(engine.clean_pass(remote, corpus, progress=False), clean)
+    req = _requests(clean, local.audit_layers(1))
+    _same(engine.run_ablations(remote, corpus, clean, req, progress=False),
+          engine.run_ablations(local, corpus, clean, req, progress=False))
+    ids = torch.as_tensor(corpus.sequences[0])[None]
+    with wrapper.trace(input_ids=ids, remote=loopback):
+        x = engine.block_input_in_trace(remote, 1).save()
+    with local.nn.trace(input_ids=ids):
+        ref = engine.block_input_in_trace(local, 1).save()
+    assert not x.requires_grad and torch.allclose(x, ref, atol=1e-6)
+
+
+def test_prepare_passes_remote_to_the_loader_and_keys_server_records_apart(tmp_path):
+    from moeaudit.audit import model_fingerprint, prepare
+
+    ctx = prepare("tiny-olmoe", remote="local", corpus="embedded", n_texts=3, results_dir=tmp_path, progress=False)
+    assert ctx.model.remote == "local" and ctx.model.nn.server is None  # nnsight's own simulation backend
+    local_fp = ctx.provenance["model_fingerprint"]
+    assert local_fp == model_fingerprint(load_model("tiny-olmoe"))  # same weights, same cache
+    remote, _server = _server_model(ctx.model, remote=UNREACHABLE)
+    assert model_fingerprint(remote) != local_fp  # no weights here: config and hub id only
+    with pytest.raises(ValueError, match=r"^remote=True sends every trace to a server"):
+        prepare("tiny-olmoe", remote=True, corpus="embedded", n_texts=3, results_dir=tmp_path)
+
+
+def test_perplexity_refuses_a_server_model():
+    from moeaudit.pruning import perplexity
+
+    remote, _server = _server_model(tiny_random_model("olmoe"), remote=UNREACHABLE)
+    with pytest.raises(ValueError, match=r"^perplexity .* remote='http://127.0.0.1:9'"):
+        perplexity(remote, random_token_corpus(n_seqs=1, length=8))

@@ -56,12 +56,19 @@ def model_fingerprint(model: AuditModel) -> str:
     Offloaded weights (accelerate's ``device_map`` with ``"cpu"``/``"disk"`` entries, or
     ``cpu_offload``: parameters left on the ``meta`` device) are read through accelerate's own
     hook (``accelerate.utils.align_module_device``), module by module, so the fingerprint of an
-    offloaded model equals that of the same weights loaded plainly."""
+    offloaded model equals that of the same weights loaded plainly.
+
+    A model that runs on a server (``model.on_server``) has no weights here: its fingerprint hashes
+    the config and the hub id it names (``server:<id>``), so its records are cached apart from any
+    local run and are trusted to the server's copy of that checkpoint."""
     from accelerate.utils import align_module_device  # noqa: PLC0415
 
     config = json.loads(model.hf.config.to_json_string(use_diff=False))
     config.pop("_name_or_path", None)
     h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    if model.on_server:
+        h.update(f"server:{model.name}".encode())
+        return h.hexdigest()[:16]
     seen: set[int] = set()  # tied weights (one tensor, two names) are hashed once, as named_parameters lists them
     with torch.no_grad():
         for prefix, module in model.hf.named_modules():
@@ -161,7 +168,7 @@ def _compute_and_save_clean(model: AuditModel, corpus: TokenizedCorpus, provenan
 
 def prepare(model_name: str, *, corpus: str | os.PathLike | CorpusSource = "auto", n_texts: int = 100,
             text_form: str = "auto", max_tokens: int | None = None, dtype: str = "float32",
-            device: str | None = "cpu", device_map=None,
+            device: str | None = "cpu", device_map=None, remote: bool | str = False,
             data_dir=None, results_dir=None, batch_size: int = 8, progress: bool | None = None) -> AuditContext:
     """Load a model and the evaluation corpus, and run (or reuse) the clean pass over it.
 
@@ -176,12 +183,14 @@ def prepare(model_name: str, *, corpus: str | os.PathLike | CorpusSource = "auto
     ``min(512, max_position_embeddings)`` (the paper used up to 512 tokens; the shipped small
     models were trained on shorter contexts); a ``max_tokens`` above the model's context raises
     ``ValueError`` before the corpus is tokenized (:func:`moeaudit.corpus.check_context`).
+    ``remote`` is :func:`moeaudit.models.load_model`'s (checked there before any weights are read): ``True``
+    or an NDIF host URL runs every trace of a hub id on that server; ``"local"`` simulates that path here.
     """
     source = corpus if isinstance(corpus, CorpusSource) else resolve_corpus(corpus, data_dir=data_dir)
     if text_form not in TEXT_FORMS:
         raise ValueError(f"text_form={text_form!r} is not one of {TEXT_FORMS}")
     text_form = resolve_text_form(source, text_form)
-    model = load_model(model_name, dtype=dtype, device=device, device_map=device_map)
+    model = load_model(model_name, dtype=dtype, device=device, device_map=device_map, remote=remote)
     context = getattr(model.hf.config, "max_position_embeddings", None)
     if max_tokens is None:
         max_tokens = int(min(512, context or 512))

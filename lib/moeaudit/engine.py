@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import os
 import sys
 from dataclasses import dataclass
@@ -356,10 +355,13 @@ class CleanPass:
     routing: dict[int, dict[str, np.ndarray]]
     offsets: np.ndarray  # row of (seq_id, 0) in ``tokens``
 
-    @functools.cached_property
+    @property
     def lengths(self) -> np.ndarray:
-        """Tokens per sequence (n_sequences,)."""
-        return np.diff(np.append(self.offsets, len(self.tokens)))
+        """Tokens per sequence (n_sequences,), computed once. (Not ``functools.cached_property``: on
+        Python 3.11 it holds a lock, so this class, shipped by value in a remote trace, would not pickle.)"""
+        if "_lengths" not in self.__dict__:
+            self.__dict__["_lengths"] = np.diff(np.append(self.offsets, len(self.tokens)))
+        return self.__dict__["_lengths"]
 
     def row(self, seq_id, t):
         """Row(s) of ``tokens`` (and of every routing array) for token ``t`` of sequence ``seq_id``
@@ -441,22 +443,29 @@ def clean_pass(model: AuditModel, corpus: TokenizedCorpus, *, layers=None, batch
             for L in layers:
                 x = block_input_in_trace(model, L)
                 r_logits, r_weight, r_idx = routing_in_trace(model, L)
-                # on a server the weights are there only: the expert outputs are computed inside the trace
-                y = _expert_outputs_in_trace(model, L, x, r_idx) if on_server else None
-                saved[L] = (x, r_logits, r_weight, r_idx, y)
-            logits = model.nn.output.logits.save()
-            nnsight.save(saved)  # only saved values come back from a server, not the dict's mutation
+                if on_server:  # the weights are there only: expert output norms (N, k) computed in the trace
+                    y = _expert_outputs_in_trace(model, L, x, r_idx)
+                    saved[L] = (None, r_logits, r_weight, r_idx, torch.linalg.vector_norm(y.float(), dim=-1))
+                else:
+                    saved[L] = (x, r_logits, r_weight, r_idx, None)
+            if on_server:  # the next-token losses (batch, seq - 1), not the (batch, seq, vocab) logits, come back
+                out_logits = model.nn.output.logits
+                logits = _token_loss(out_logits[:, :-1].reshape(-1, out_logits.shape[-1]),
+                                     ids[:, 1:].reshape(-1)).reshape(ids.shape[0], -1)
+            else:
+                logits = model.nn.output.logits
+            nnsight.save(saved), nnsight.save(logits)  # only saved values come back from a server
         real = mask.reshape(-1).bool()
         for L in layers:
-            x, r_logits, r_weight, r_idx, y = saved[L]
-            x = x.reshape(-1, x.shape[-1])[real]
+            x, r_logits, r_weight, r_idx, norms = saved[L]
             idx = r_idx.reshape(-1, r_idx.shape[-1])[real]
             probs = routing_weight(model, r_logits.reshape(real.shape[0], -1)[real])
-            if y is None:
+            if norms is None:
+                x = x.reshape(-1, x.shape[-1])[real]
                 y = expert_outputs(model.hf_experts(L), x, idx.to(x.device), call=model.layout.spec.experts_call)
+                norms = torch.linalg.vector_norm(y.float(), dim=-1)
             else:
-                y = y.reshape(real.shape[0], idx.shape[-1], -1)[real.to(y.device)]
-            norms = torch.linalg.vector_norm(y.float(), dim=-1)
+                norms = norms.reshape(real.shape[0], idx.shape[-1])[real.to(norms.device)]
             routing[L]["indices"].append(idx.cpu().numpy().astype(np.int64))
             routing[L]["weight"].append(r_weight.reshape(-1, idx.shape[-1])[real].float().cpu().numpy().astype(np.float64))
             routing[L]["prob"].append(probs.gather(1, idx.to(probs.device)).cpu().numpy().astype(np.float64))
@@ -468,7 +477,7 @@ def clean_pass(model: AuditModel, corpus: TokenizedCorpus, *, layers=None, batch
             target = np.full(n, -1, dtype=np.int64)
             if n > 1:
                 tgt = ids[row, 1:n]
-                loss[:-1] = _token_loss(logits[row, : n - 1], tgt).cpu().numpy()
+                loss[:-1] = (logits[row, : n - 1] if on_server else _token_loss(logits[row, : n - 1], tgt)).cpu().numpy()
                 target[:-1] = tgt.cpu().numpy()
             token_rows.append(pd.DataFrame({"seq_id": seq, "t": np.arange(n), "token_id": ids[row, :n].cpu().numpy(),
                                             "target_id": target, "loss": loss}))
@@ -775,7 +784,7 @@ def _run_batch(model: AuditModel, *, input_ids, attention_mask, position_ids, pa
     if masks:
         model.require_local_weights("operator='mask' (router masking through PyTorch hooks)")
     with torch.no_grad(), router_logit_masks(model, masks), model.nn.trace(**kwargs, remote=model.remote):
-        if False:
+        if masks_by_type is not None:
             decoder_args, decoder_kwargs = model.nn.model.inputs
             model.nn.model.inputs = (decoder_args, {**decoder_kwargs, "attention_mask": masks_by_type})
         for skipped in range(start_layer):  # each returns the residual entering S; only the last is read

@@ -298,7 +298,40 @@ class _AuditLanguageModel(nnsight.LanguageModel):
     def _remote_backend(self, remote, blocking, job_id, verbose):
         if self.server is not None:
             return self.server(self)
-        return super()._remote_backend(remote, blocking, job_id, verbose)
+        backend = super()._remote_backend(remote, blocking, job_id, verbose)
+        if hasattr(backend, "finalize"):  # nnsight's RemoteBackend: every result passes through finalize
+            finalize = backend.finalize
+            backend.finalize = lambda content: without_grad(finalize(content))
+        return backend
+
+
+def without_grad(value, *, _seen=None):
+    """``value`` (a server's saved values: tensors in dicts, lists, tuples, model outputs or a cache
+    object's attributes) with ``requires_grad`` turned off on every tensor, in place, and returned.
+
+    A server runs a trace with autograd on (the client's ``torch.no_grad`` does not travel with the
+    request), so the tensors it sends back require grad, and ``.numpy()`` on them fails."""
+    seen = set() if _seen is None else _seen
+    if id(value) in seen:
+        return value
+    seen.add(id(value))
+    if isinstance(value, torch.Tensor):
+        if value.requires_grad and value.is_leaf:
+            value.requires_grad_(False)
+        return value.detach() if value.requires_grad else value
+    if isinstance(value, dict):
+        for k, v in value.items():
+            value[k] = without_grad(v, _seen=seen)
+    elif isinstance(value, list):
+        value[:] = [without_grad(v, _seen=seen) for v in value]
+    elif isinstance(value, tuple):
+        return type(value)(*(without_grad(v, _seen=seen) for v in value)) if hasattr(value, "_fields") \
+            else tuple(without_grad(v, _seen=seen) for v in value)
+    elif hasattr(value, "__dict__") and not isinstance(value, (type, torch.nn.Module)):
+        for k, v in vars(value).items():
+            if isinstance(v, (torch.Tensor, dict, list, tuple)) or hasattr(v, "__dict__"):
+                setattr(value, k, without_grad(v, _seen=seen))
+    return value
 
 
 def remote_wrapper(hf_model_or_id, *, tokenizer=None, **kwargs) -> nnsight.LanguageModel:

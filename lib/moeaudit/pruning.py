@@ -91,7 +91,8 @@ def perplexity(model: AuditModel, corpus: TokenizedCorpus, *, batch_size: int = 
                progress: bool | None = None) -> dict:
     """Perplexity ``exp(mean_t -log p(x_{t+1} | x_{<=t}))`` over every next-token prediction of
     ``corpus`` (float32 losses), with the token count and mean loss. ``ValueError`` for a text longer
-    than the model's context."""
+    than the model's context, or for a model that runs on a server (it calls the weights here)."""
+    model.require_local_weights("perplexity (pruned perplexities call the model's weights with router hooks)")
     check_corpus_context(model, corpus)
     total, count = 0.0, 0
     order = list(range(len(corpus)))

@@ -1,7 +1,7 @@
 """Chapter 9 (the intervention's definitions): the released scripts' recipes applied to the book's
 models (a padded router pass, per-expert aggregates, the metric tables of each recipe), their rank
-agreement with the paper's definitions, the audit under each variant and the float16 precision of
-the released records.
+agreement with the paper's definitions, the audit under each variant, the float16 precision of
+the released records, and the audit under each operator that removes an expert (remove, mask, mean).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..engine import block_input_in_trace, expert_outputs, routing_in_trace
+from ..engine import block_input_in_trace, check_operator, expert_outputs, routing_in_trace, run_ablations
 from ..metrics import METRICS as BOOK_METRICS
 from ..paper import PAPER_RECIPE, RELEASED_RECIPES, float16_spacing, released_mean_routing_weight_when_active
 from ..report import AnswerCheck, check_answer
@@ -345,3 +345,199 @@ def check_09_intervention_definitions_3(answer, *, n_positions: int, alpha: floa
     expected = min_detectable_dz(fifth_positions(n_positions), alpha=alpha / family, power=power)
     return check_answer(answer, expected, what="the smallest detectable |d_z| at a fifth of the positions",
                         tolerance=0.005)
+
+
+# ----------------------------------------------------------------------------- the operator that removes an expert
+
+def operator_subset(records: pd.DataFrame, *, n_positions: int, seed: int) -> pd.DataFrame:
+    """The records at ``n_positions`` of their positions, for re-running them under other operators.
+
+    ``records``: single-expert records with ``seq_id`` and ``t``. The positions are drawn from the
+    distinct (``seq_id``, ``t``) pairs of ``records`` (sorted) without replacement with
+    ``numpy.random.default_rng(seed)``; every record at a drawn position is kept, in the input order
+    (index reset). ``ValueError`` for ``n_positions`` below :data:`moeaudit.stats.MIN_PAIRS` or above
+    the number of distinct positions.
+    """
+    pos = records[["seq_id", "t"]].drop_duplicates().sort_values(["seq_id", "t"]).reset_index(drop=True)
+    if isinstance(n_positions, bool) or int(n_positions) != n_positions or not MIN_PAIRS <= n_positions <= len(pos):
+        raise ValueError(f"n_positions={n_positions!r} must be a whole number from {MIN_PAIRS} to {len(pos)} "
+                         "(the distinct positions of the records)")
+    pick = pos.iloc[np.sort(np.random.default_rng(seed).choice(len(pos), size=int(n_positions), replace=False))]
+    keep = records.merge(pick, on=["seq_id", "t"], how="left", indicator=True)["_merge"].eq("both").to_numpy()
+    return records[keep].reset_index(drop=True)
+
+
+def operator_records(model, corpus, clean, records: pd.DataFrame, *, operator: str, means=None,
+                     batch_size: int = 64, seed: int | None = None) -> pd.DataFrame:
+    """The token-local single-expert ablations of ``records`` (same positions, layers and experts)
+    re-run under ``operator`` (:data:`moeaudit.engine.OPERATORS`) with
+    :func:`moeaudit.engine.run_ablations`.
+
+    ``records``: single-expert records (``seq_id``, ``t``, ``layer``, ``removed``, ``expert``).
+    ``means``: the :class:`moeaudit.engine.ExpertMeans` of ``operator="mean"`` (None otherwise).
+    Returns the engine's records (loss changes in nats; ``"mask"`` adds ``replacement``, ``leak``
+    and ``masked_selected``) with ``prob`` and ``weight`` of the removed expert in the clean pass,
+    as :func:`moeaudit.audit.single_expert_records` adds them, and ``operator``. ``ValueError`` for an
+    unknown operator (before any forward) and whatever the engine refuses.
+    """
+    check_operator(operator)
+    req = records[["seq_id", "t", "layer", "removed", "expert"]].reset_index(drop=True)
+    rec = run_ablations(model, corpus, clean, req, mode="token", operator=operator, means=means,
+                        batch_size=batch_size, seed=seed, progress=False)
+    rec["prob"] = [p[0] for p in rec.removed_probs]
+    rec["weight"] = [w[0] for w in rec.removed_weights]
+    rec["operator"] = operator
+    return rec
+
+
+def next_ranked_expert(logits, selected) -> np.ndarray:
+    """The expert a router would pick next: the largest logit among the experts not selected.
+
+    ``logits``: (P, E) router logits at P positions; ``selected``: (P, k) the experts the router
+    selected there (k < E). Returns (P,) int64 expert ids; a tie goes to the lowest id. For a
+    softmax router this is the expert that enters the top-k when one selected expert's logit is set
+    to ``-inf`` (``operator="mask"``). ``ValueError`` for shapes that do not match or k >= E.
+    """
+    lg, sel = np.asarray(logits, dtype=np.float64), np.asarray(selected)
+    if lg.ndim != 2 or sel.ndim != 2 or sel.shape[0] != lg.shape[0] or sel.shape[1] >= lg.shape[1]:
+        raise ValueError(f"logits (P, E) and selected (P, k < E) disagree: {lg.shape}, {sel.shape}")
+    out = lg.copy()
+    np.put_along_axis(out, sel.astype(np.int64), -np.inf, axis=1)
+    return out.argmax(axis=1).astype(np.int64)
+
+
+def next_ranked_table(padded: PaddedPass, positions: pd.DataFrame) -> pd.DataFrame:
+    """Per audited layer of ``padded`` and position of ``positions`` (``seq_id``, ``t``): the
+    clean top-k (``selected``, a list) and :func:`next_ranked_expert` (``next_expert``).
+
+    The rows of text ``s`` in a :class:`PaddedPass` are contiguous, from the first row with
+    ``seq_ids == s``. ``ValueError`` for a text not in the pass or a position at padding.
+    """
+    seq, t = positions.seq_id.to_numpy(dtype=np.int64), positions.t.to_numpy(dtype=np.int64)
+    first = np.searchsorted(padded.seq_ids, seq, side="left")
+    rows = first + t
+    ok = (first < len(padded.seq_ids)) & (rows < len(padded.seq_ids))
+    ok[ok] &= (padded.seq_ids[first[ok]] == seq[ok]) & (padded.seq_ids[rows[ok]] == seq[ok]) & padded.real[rows[ok]]
+    if not ok.all():
+        i = int(np.flatnonzero(~ok)[0])
+        raise ValueError(f"position (seq_id={seq[i]}, t={t[i]}) is not a real token of the padded pass")
+    frames = []
+    for L, a in padded.layers.items():
+        sel = a["idx"][rows]
+        frames.append(pd.DataFrame({"layer": L, "seq_id": seq, "t": t, "selected": [list(map(int, r)) for r in sel],
+                                    "next_expert": next_ranked_expert(a["logits"][rows], sel)}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def check_mask_leak(records: pd.DataFrame) -> None:
+    """``ValueError`` unless every ``operator="mask"`` record has ``leak == 0`` (no combine weight left on a
+    masked expert), naming how many records leak and the largest leak; records of other operators are
+    not looked at. ``ValueError`` too when mask records lack the ``leak`` column."""
+    m = records[records.operator == "mask"] if "operator" in records else records.iloc[:0]
+    if len(m) and "leak" not in m:
+        raise ValueError("the mask records have no leak column; compute them with run_ablations(operator='mask')")
+    bad = m[m.leak != 0] if len(m) else m
+    if len(bad):
+        raise ValueError(f"{len(bad)} of {len(m)} mask records leave a combine weight on the masked expert "
+                         f"(largest {float(bad.leak.abs().max()):.3g}): the router mask did not remove it")
+
+
+def replacement_summary(mask_records: pd.DataFrame, next_ranked: pd.DataFrame) -> pd.DataFrame:
+    """What took the masked expert's place, per model.
+
+    ``mask_records``: ``operator="mask"`` single-expert records (``model``, ``layer``, ``seq_id``,
+    ``t``, ``replacement``: experts in the masked top-k that the clean top-k lacks; ``leak``;
+    ``masked_selected``); ``next_ranked``: :func:`next_ranked_table` with a ``model`` column.
+    Columns: ``model``, ``records``, ``max_leak`` (largest combine weight left on a masked expert),
+    ``masked_selected`` (records whose masked router still selected the expert, with weight 0),
+    ``one_replacement`` (share of records with exactly one new expert), ``next_ranked`` (share
+    whose replacement is exactly the next-ranked expert of the clean router, :func:`next_ranked_expert`).
+    ``ValueError`` when a record has no next-ranked entry.
+    """
+    key = ["model", "layer", "seq_id", "t"]
+    m = mask_records.merge(next_ranked[key + ["next_expert"]], on=key, how="left")
+    if m.next_expert.isna().any():
+        raise ValueError(f"{int(m.next_expert.isna().sum())} mask records have no next-ranked expert in next_ranked")
+    m["one"] = [len(r) == 1 for r in m.replacement]
+    m["is_next"] = [list(r) == [int(n)] for r, n in zip(m.replacement, m.next_expert)]
+    return (m.groupby("model", sort=False)
+            .agg(records=("leak", "size"), max_leak=("leak", "max"), masked_selected=("masked_selected", "sum"),
+                 one_replacement=("one", "mean"), next_ranked=("is_next", "mean"))
+            .reset_index())
+
+
+def replacement_text(summary: pd.DataFrame) -> str:
+    """The sentence on the mask's leak and replacement from :func:`replacement_summary`."""
+    n = int(summary.records.sum())
+    leak = float(summary.max_leak.max())
+    share = float((summary.next_ranked * summary.records).sum() / n)
+    per = ", ".join(f"{r.model} {r.next_ranked:.1%}" for r in summary.itertuples())
+    sel = int(summary.masked_selected.sum())
+    return ((f"No masked expert kept any combine weight: the leak is exactly 0 in all {n:,} mask records" if leak == 0 else
+             f"The leak reaches {leak:.3g} (it must be 0): the mask did not remove every expert")
+            + (", and the masked router never selected a masked expert. " if sel == 0 else
+               f"; the masked router still selected a masked expert (with weight 0) in {sel:,} "
+               f"record{'' if sel == 1 else 's'}. ")
+            + f"The masked expert's place went to the expert ranked next by the clean router's logits in {share:.1%} of "
+            f"the records ({per}).")
+
+
+def operator_comparison_text(comparison: pd.DataFrame, *, label_a: str, label_b: str, n: int, family: int,
+                             alpha: float, power: float = 0.8) -> str:
+    """The sentence on one pair of operators from :func:`compare_audit_variants` of their cells.
+
+    Gives the largest and the median |d_z(a) - d_z(b)| over the cells, the largest half-width of the
+    paired-bootstrap intervals, how many intervals exclude zero (beyond :data:`DDZ_TOLERANCE`), the
+    verdicts that change under the dual rule (Bonferroni within each model's family of ``family``
+    metric cells, or of its control cells, at ``alpha``) and under uncorrected ``p_t < alpha``, and
+    how many cells pass the dual rule under each operator (``dual_a``, ``dual_b``), and the power of
+    the dual rule's verdicts: the smallest |d_z| a two-sided paired t-test on ``n`` positions (the
+    fewest of any cell) detects with ``power`` at ``alpha / family`` (:func:`moeaudit.stats.min_detectable_dz`).
+    ``ValueError`` for an empty comparison.
+    """
+    if comparison.empty:
+        raise ValueError("the comparison has no cell")
+    a = comparison.ddz.abs()
+    half = float(((comparison.ddz_hi - comparison.ddz_lo) / 2).max())
+    excl, fd, fp = int(comparison.ci_excludes_0.sum()), int(comparison.flip_dual.sum()), int(comparison.flip_p05.sum())
+    mde = min_detectable_dz(n, alpha=alpha / family, power=power)
+    verdicts = ("no verdict changes under the dual rule" if fd == 0 else
+                f"{fd} verdict{' changes' if fd == 1 else 's change'} under the dual rule")
+    passing = (f"{int(comparison.dual_a.sum())} cells pass the dual rule under {label_a} and "
+               f"{int(comparison.dual_b.sum())} under {label_b}; ")
+    return (f"**{label_a} against {label_b}**: |d_z({label_a}) − d_z({label_b})| is at most {a.max():.3f} "
+            f"(median {a.median():.3f}) over {len(comparison)} cells, the 95% intervals reach ±{half:.3f} and "
+            f"{excl} of them exclude{'s' if excl == 1 else ''} zero. {passing}{verdicts} (Bonferroni within each model's "
+            f"family, at {alpha:g}) and {fp} under uncorrected p_t below {alpha:g}. With at least n = {n} positions per cell, "
+            f"the dual rule detects |d_z| ≥ {mde:.2f} with power {power:g} in a family of {family} metric cells, so a "
+            f"cell whose effect is smaller can flip between operators by chance or stay unresolved under both.")
+
+
+def check_09_intervention_definitions_4(answer, records: dict, *, model: str) -> AnswerCheck:
+    """Exercise 4 of the intervention-definitions chapter: the share of ``model``'s single-expert
+    ablations whose loss change is smaller in size under mean replacement than under removal,
+    ``|Delta_mean| < |Delta_remove|``, matched on (``seq_id``, ``t``, ``layer``, ``expert``).
+
+    ``records``: ``{operator: records}`` with at least ``"remove"`` and ``"mean"`` (the records of
+    several models, with a ``model`` column). Right within 0.005 (the page prints a percentage with
+    one decimal). ``ValueError`` for a missing operator, a model without matched records, or an
+    answer that is not a number.
+    """
+    missing = [op for op in ("remove", "mean") if op not in records]
+    if missing:
+        raise ValueError(f"records lack the operator(s) {missing}; give {{operator: records}} for 'remove' and 'mean'")
+    expected = mean_smaller_share(records["remove"], records["mean"], model=model)
+    return check_answer(answer, expected, what=f"the share of {model}'s ablations with |Δ_mean| < |Δ_remove|",
+                        tolerance=0.005)
+
+
+def mean_smaller_share(remove: pd.DataFrame, mean: pd.DataFrame, *, model: str) -> float:
+    """Share of ``model``'s matched single-expert ablations (``seq_id``, ``t``, ``layer``, ``expert``)
+    with ``|delta_loss|`` under mean replacement strictly below that under removal. ``ValueError``
+    when nothing is matched."""
+    key = ["seq_id", "t", "layer", "expert"]
+    m = remove[remove.model == model][key + ["delta_loss"]].merge(
+        mean[mean.model == model][key + ["delta_loss"]], on=key, suffixes=("_remove", "_mean"))
+    if m.empty:
+        raise ValueError(f"no ablation of model {model!r} is matched between the remove and mean records")
+    return float((m.delta_loss_mean.abs() < m.delta_loss_remove.abs()).mean())

@@ -57,6 +57,9 @@ BAD_INPUTS = [
     ("04_audit", "mode", "tokens", None),
     ("04_audit", "dtype", "float64", "load_model"),
     ("04_audit", "device", "gpu", None),
+    ("04_audit", "remote", "gpu", "load_model_remote"),
+    ("04_audit", "remote", "true", "load_model_remote"),
+    ("04_audit", "remote", "ftp://ndif.example", "load_model_remote"),
     ("04_audit", "n_texts", "0", "select_texts"),
     ("04_audit", "max_tokens", "1", "from_texts"),
     ("04_audit", "max_tokens", "1000", None),
@@ -84,6 +87,8 @@ BAD_INPUTS = [
     ("09_intervention_definitions", "modes", "token", None),
     ("09_intervention_definitions", "modes", '["token", "token"]', None),
     ("09_intervention_definitions", "half_dtype", "float32", None),
+    ("09_intervention_definitions", "operator_positions", "2", None),
+    ("09_intervention_definitions", "operator_positions", "500", None),
     ("10_predictors_and_pruning", "prune_fractions", "[0.5, 0.25]", None),
     ("10_predictors_and_pruning", "prune_fractions", "[0, 0.5]", None),
     ("10_predictors_and_pruning", "per_layer_sweep", "1", None),
@@ -145,9 +150,12 @@ def _library_call(kind: str, value) -> tuple[str, str]:
             "min_gap": (f"chapters.restoration.recovered_fraction(clean, corrupt, restored, min_gap={value!r})",
                         lambda: restoration.recovered_fraction([1.0], [2.0], [1.5], min_gap=value)),
         })
-    if kind in ("load_model", "load_each", "check_layer"):
+    if kind in ("load_model", "load_model_remote", "load_each", "check_layer"):
 
-        if kind == "load_model":
+        if kind == "load_model_remote":
+            calls[kind] = (f"models.load_model('tiny-olmoe', remote={value!r})",
+                           lambda: M.load_model("tiny-olmoe", remote=value))
+        elif kind == "load_model":
             calls[kind] = (f"models.load_model('tiny-olmoe', dtype={value!r})",
                            lambda: M.load_model("tiny-olmoe", dtype=value))
         elif kind == "load_each":  # what iterating a string over models does

@@ -7,15 +7,19 @@ nnsight), run it against the model it holds, and send back only the values the t
 :class:`InProcessServer` is an nnsight backend that sends every trace of a wrapper
 (:func:`moeaudit.models.remote_wrapper`, attribute ``server``) through it and counts requests and
 bytes; ``python -m moeaudit.tooling.ndif serve`` answers nnsight's HTTP client on 127.0.0.1
-(``POST /request``, ``GET /response/{id}``, ``GET /result/{id}``, ``GET /status``; no websocket, so
-the client's non-blocking mode).
+(``POST /request``, ``GET /response/{id}``, ``GET /result/{id}``, ``GET /status``, and the ``/subscribe``
+websocket that the client's default blocking mode waits on: the session id, then each job's final
+status, as text frames of RFC 6455).
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import io
 import json
 import linecache
+import queue
 import sys
 import threading
 import uuid
@@ -30,7 +34,7 @@ from nnsight.tracing.backend import Backend
 from nnsight.tracing.tracer import _saves, dec, inc, mark
 from nnsight.tracing.util import push
 
-from ..models import load_model, remote_wrapper
+from ..models import load_model, remote_wrapper, without_grad
 
 
 def execute_request(blob: bytes, model, *, compress: bool = False) -> dict:
@@ -50,7 +54,8 @@ def execute_request(blob: bytes, model, *, compress: bool = False) -> dict:
         linecache.cache.update(lines)
     inc()
     try:
-        tracer.execute(tracer.info.code)
+        with torch.enable_grad():  # a server's autograd mode, not the caller's torch.no_grad
+            tracer.execute(tracer.info.code)
         saves = _saves()
         return {k: v for k, v in tracer.info.frame.f_locals.items() if id(v) in saves}
     finally:
@@ -80,7 +85,7 @@ class InProcessServer(Backend):
         self.requests += 1
         self.request_bytes.append(len(blob))
         self.result_bytes.append(len(data))
-        saves = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+        saves = without_grad(torch.load(io.BytesIO(data), map_location="cpu", weights_only=False))
         for value in saves.values():
             mark(value)
         push(tracer.info.frame, saves)
@@ -89,6 +94,31 @@ class InProcessServer(Backend):
         """Make this server answer every remote trace of ``wrapper`` (:func:`remote_wrapper`); returns self."""
         wrapper.server = lambda _model: self
         return self
+
+
+#: RFC 6455, section 1.3: the key a server appends to ``Sec-WebSocket-Key`` before hashing it
+WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def websocket_accept(key: str) -> str:
+    """``Sec-WebSocket-Accept`` for a client's ``Sec-WebSocket-Key`` (RFC 6455, section 4.2.2):
+    base64 of the SHA-1 of the key followed by :data:`WEBSOCKET_GUID`."""
+    return base64.b64encode(hashlib.sha1((key + WEBSOCKET_GUID).encode()).digest()).decode()
+
+
+def websocket_text_frame(text: str) -> bytes:
+    """One unmasked, final text frame (RFC 6455, section 5.2) carrying ``text`` (UTF-8), as a server
+    sends it: opcode byte ``0x81``, then the payload length in 7 bits, or 126 and 16 bits, or 127
+    and 64 bits (big-endian), then the payload."""
+    data = text.encode()
+    n = len(data)
+    if n < 126:
+        head = bytes([0x81, n])
+    elif n < 1 << 16:
+        head = bytes([0x81, 126]) + n.to_bytes(2, "big")
+    else:
+        head = bytes([0x81, 127]) + n.to_bytes(8, "big")
+    return head + data
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -104,8 +134,34 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def _subscribe(self):
+        """The blocking client's websocket: send its session id, then the final status of its job."""
+        state, session = self.server.state, uuid.uuid4().hex
+        updates = state["sessions"][session] = queue.Queue()
+        self.send_response(101)
+        self.send_header("Upgrade", "websocket")
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Sec-WebSocket-Accept", websocket_accept(self.headers["Sec-WebSocket-Key"]))
+        self.end_headers()
+        self.close_connection = True
+        try:
+            self.wfile.write(websocket_text_frame(json.dumps({"session_id": session})))
+            self.wfile.flush()
+            while True:
+                response = updates.get(timeout=600)
+                self.wfile.write(websocket_text_frame(response.model_dump_json()))
+                self.wfile.flush()
+                if response.status in (Status.COMPLETED, Status.ERROR):
+                    return None
+        except (queue.Empty, OSError):
+            return None
+        finally:
+            state["sessions"].pop(session, None)
+
     def do_GET(self):  # noqa: N802
         state = self.server.state
+        if self.path == "/subscribe" and self.headers.get("Upgrade", "").lower() == "websocket":
+            return self._subscribe()
         if self.path == "/status":
             body = {"deployments": {state["repo_id"]: {"repo_id": state["repo_id"], "deployment_level": "HOT",
                                                        "application_state": "RUNNING"}}}
@@ -138,6 +194,8 @@ class _Handler(BaseHTTPRequestHandler):
             if meta.model_key.split(":", 1)[-1].find(state["repo_id"]) < 0:
                 job["response"] = ResponseModel(id=job_id, status=Status.ERROR,
                                                 description=f"model {meta.model_key} is not hosted here")
+                if meta.session_id in state["sessions"]:
+                    state["sessions"][meta.session_id].put(job["response"])
                 return None
             try:
                 saves = execute_request(parts["blob"], state["model"], compress=meta.compress)
@@ -152,6 +210,9 @@ class _Handler(BaseHTTPRequestHandler):
             except Exception as exc:  # the job's error goes back to the client as its description
                 job["response"] = ResponseModel(id=job_id, status=Status.ERROR,
                                                 description=f"{type(exc).__name__}: {exc}")
+            finally:
+                if meta.session_id in state["sessions"]:  # a blocking client waits on its websocket
+                    state["sessions"][meta.session_id].put(job["response"])
         return None
 
 
@@ -162,7 +223,7 @@ def serve(model_name: str, repo_id: str, *, port: int = 0) -> ThreadingHTTPServe
     model = load_model(model_name)
     httpd = ThreadingHTTPServer(("127.0.0.1", port), _Handler)
     httpd.state = {"model": remote_wrapper(model.hf, tokenizer=model.tokenizer), "repo_id": repo_id, "jobs": {},
-                   "lock": threading.Lock(), "bytes": []}
+                   "lock": threading.Lock(), "bytes": [], "sessions": {}}
     return httpd
 
 

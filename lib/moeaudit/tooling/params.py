@@ -233,6 +233,18 @@ DataDir = Annotated[str | Path | None, AfterValidator(_check_data_dir), _allowed
     "null ($MOEAUDIT_DATA_DIR) or an existing directory")]
 ResultsDir = Annotated[str | Path | None, AfterValidator(_check_results_dir), _allowed(
     "null ($MOEAUDIT_RESULTS_DIR or results/) or a directory (created if missing)")]
+REMOTE_ALLOWED = ("false (run here), true (NDIF at nnsight's configured host), local (nnsight's simulation of the "
+                  "remote path on the local weights) or an NDIF host URL starting with http:// or https://")
+
+
+def _check_remote(value):
+    """``remote`` as :func:`moeaudit.models.check_remote` takes it (repeated here: this module imports no torch)."""
+    if isinstance(value, bool) or value == "local" or (isinstance(value, str) and value.startswith(("http://", "https://"))):
+        return value
+    raise ValueError(f"not a valid value{_close(value, ('local', 'true', 'false', 'https://'))}")
+
+
+Remote = Annotated[bool | str, AfterValidator(_check_remote), _allowed(REMOTE_ALLOWED)]
 Positive = Annotated[float, _allowed("a number > 0", gt=0)]
 Count = Annotated[int, _allowed("an integer >= 1", ge=1)]
 
@@ -305,6 +317,17 @@ class ChapterParameters(BaseModel):
                                            f"the forms of this corpus are {allowed}")
         if "half_dtype" in fields and given["half_dtype"] == given["dtype"]:
             raise _refuse("half_dtype", f"it equals dtype={given['dtype']!r}: the noise floor compares two precisions")
+        if "operator_positions" in fields and given["operator_positions"] > given["n_positions"]:
+            raise _refuse("operator_positions", f"it exceeds n_positions={given['n_positions']}: the operator comparison "
+                                                "draws its positions from the chapter's positions")
+        remote = given.get("remote", False)
+        if remote is True or (isinstance(remote, str) and remote != "local"):
+            for name in given.get("models") or []:
+                if name in SHIPPED_MODELS or Path(name).expanduser().is_dir():
+                    what = "a shipped model" if name in SHIPPED_MODELS else "a local directory"
+                    raise _refuse("remote", f"remote={remote!r} runs every trace on a server, which runs only the "
+                                            f"Hugging Face hub ids it hosts, and {name!r} is {what}; use remote=false to "
+                                            "run it here or remote=local to simulate the remote path")
         for i, name in enumerate(given.get("models") or []):
             layout = config_layout(name)
             if layout is None:
@@ -336,6 +359,7 @@ class _Models(ChapterParameters):
     models: Models
     dtype: Dtype
     device: Device
+    remote: Remote
     n_texts: NTexts
     corpus: Corpus
     text_form: TextForm
@@ -436,6 +460,9 @@ class InterventionDefinitions(_Sampled):
     modes: Modes
     half_dtype: Annotated[Literal[DTYPES], _allowed(
         f"{_one_of(DTYPES)}, other than dtype")]
+    operator_positions: Annotated[int, _allowed(
+        f"an integer >= {MIN_POSITIONS}, at most n_positions (the positions of the operator comparison are drawn from "
+        "the chapter's positions)", ge=MIN_POSITIONS)]
     batch_size: BatchSize
     alpha: Level
     n_boot: NBoot
