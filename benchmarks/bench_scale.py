@@ -43,12 +43,15 @@ import json
 import math
 import platform
 import resource
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_ablation import _proc_status as _status, _reset_peak_rss as _reset_peak  # noqa: E402  (one RSS reader)
 
 #: Published configurations (the values of each checkpoint's ``config.json`` on the Hugging Face hub, at the
 #: revision named). Only the fields that set the per-layer dimensions and the routing are typed here.
@@ -90,23 +93,6 @@ def moe_layer_bytes(cfg: dict, dtype_bytes: int) -> int:
     E = cfg.get("num_experts") or cfg.get("n_routed_experts") or cfg.get("num_local_experts")
     inter = cfg.get("moe_intermediate_size") or cfg["intermediate_size"]
     return 3 * E * cfg["hidden_size"] * inter * dtype_bytes
-
-
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 class Phase:
