@@ -204,6 +204,10 @@ def test_every_chapter_that_reads_text_has_the_corpus_parameter_and_shows_it():
         if stem.startswith("08_"):
             assert "released.show_released_source(" in src
             continue
+        if stem.startswith("13_"):  # the study's data first; its shipped-model section reads the embedded
+            assert "M.show_source(" in src  # corpus, whose paragraph groups define the topic families
+            assert all('corpus="embedded"' in call for call in re.findall(r"prepare\([^)]*\)", src, flags=re.S))
+            continue
         assert book.notebook_parameters(stem)["corpus"] == "auto", stem
         assert "report.show_corpus(corpus" in src, stem
         for call in re.findall(r"prepare\([^)]*\)", src, flags=re.S):
@@ -249,6 +253,7 @@ def test_preflight_finds_a_missing_model(monkeypatch, tmp_path):
     import moeaudit.zoo as zoo
 
     monkeypatch.setattr(zoo, "zoo_path", lambda name: tmp_path)
+    monkeypatch.setattr(book, "zoo_path", lambda name: tmp_path)  # the driver imports it by name
     problems = book.preflight(["04_audit"], log=lambda *_: None)
     assert len(problems) == 3 and all("config.json" in p for p in problems)
 
