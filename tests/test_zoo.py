@@ -313,7 +313,7 @@ def test_a_model_that_misses_a_gate_writes_nothing(tmp_path, monkeypatch):
     (out / "model.safetensors").write_bytes(b"the previous model")
     lines = [f" = Section {i} = " if i % 7 == 0 else f" line {i} of a small text about routers and experts ."
              for i in range(400)]
-    monkeypatch.setattr("moeaudit.corpus.load_wikitext2", lambda split, data_dir=None: lines)
+    monkeypatch.setattr("moeaudit.tooling.training.load_wikitext2", lambda split, data_dir=None: lines)  # bound at import
     layers = {str(i): {"frac_experts_ge_threshold": f, "mass_share": []} for i, f in ((1, 1.0), (2, 0.5), (3, 0.95))}
     monkeypatch.setattr(training, "evaluate_model", lambda model, chunks: (
         {"nll": 5.0, "perplexity": 148.4, "n_tokens": 10}, {"threshold": 0.002, "layers": layers}))
