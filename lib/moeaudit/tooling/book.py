@@ -39,6 +39,7 @@ import threading
 import time
 from pathlib import Path
 
+from ..chapters import modularity
 from ..corpus import CorpusFallbackWarning, resolve_corpus
 from ..paths import REPO_ROOT
 from ..released import ReleasedDataUnavailable, released_source
@@ -325,11 +326,15 @@ def preflight(stems: list[str] | None = None, *, log=print) -> list[str]:
             except (OSError, ValueError, TypeError) as err:
                 problems.append(f"corpus={corpus!r}: {err}")
     if any(stem.startswith("08_") for stem in stems):
-
         try:
             log(f"released results: {released_source().describe()}")
         except ReleasedDataUnavailable as err:
             problems.append(f"released results: {err}")
+    if any(stem.startswith("13_") for stem in stems):
+        try:
+            log(f"study data (chapter 13): {modularity.source_sentence(modularity.source(None))}")
+        except (OSError, ValueError, modularity.ModularityDataError) as err:
+            problems.append(f"study data (chapter 13): {err}")
 
     names = sorted({m for p in defaults.values() for m in (p.get("models") or [])})
     for name in names:
