@@ -88,6 +88,7 @@ from myst_nb import glue
 from moeaudit import paper, released, report, stats
 from moeaudit.audit import paired_cells, prepare, single_expert_records
 from moeaudit.chapters import exercises
+from moeaudit.tooling import book
 from moeaudit.metrics import METRICS
 from moeaudit.zoo import ZOO_MODELS
 
@@ -200,7 +201,8 @@ glue("comparison_text", Markdown(report.audit_comparison_text(verdicts, paper_co
 glue("limits", Markdown(report.audit_limits_text(default_models=all(m in ZOO_MODELS for m in models),
                                                   paper_corpus=corpus_source.is_paper_corpus,
                                                   family_sizes=dict(zip(verdicts.model, verdicts.cells)),
-                                                  paper_family=int(paper_counts.cells.iloc[0]))), display=False)
+                                                  paper_family=int(paper_counts.cells.iloc[0]), mode=mode)),
+     display=False)
 
 # %% [markdown]
 # {glue:md}`comparison_text`
@@ -271,19 +273,19 @@ display(example[["model", "ranking", "layer", "seq_id", "t", "expert_high", "exp
 # verdicts can change.
 # ````
 #
-# ````{exercise} The released code's ablation
+# ````{exercise} The other definition of the ablation
 # :label: 04_audit-ex3
 #
-# Predict which cells cannot change when every ablation removes the expert at all positions of the
-# sequence, then run `make chapter NB=04_audit PARAMS="-p mode sequence"`.
+# Predict which cells cannot change when every ablation follows the other definition
+# ({glue:md}`other_mode_words`), then run {glue:md}`other_mode_cmd`.
 # ````
 #
 # ````{solution} 04_audit-ex3
 # :class: dropdown
 #
-# The cells of each model's last decoder layer (where it is audited) are unchanged — removing an
-# expert at earlier positions of the last layer cannot reach position t — while earlier layers change
-# (the intervention-definitions chapter measures by how much).
+# The cells of each model's last decoder layer (where it is audited) are unchanged: at the last
+# layer nothing later attends to the earlier positions, so removing the expert there as well cannot
+# reach position t. Earlier layers change (the intervention-definitions chapter measures by how much).
 # ````
 
 # %%
@@ -291,12 +293,18 @@ lead = verdicts.iloc[0]
 n_first = int(lead.cells)
 glue("mde_now", float(lead.min_detectable_dz), display=False)
 n_fewer = exercises.quarter_positions(n_positions)  # a quarter of this run's positions
-glue("fewer_cmd", Markdown(f"`make chapter NB=04_audit PARAMS=\"-p n_positions {n_fewer}\"`"), display=False)
+run_now, run_defaults = {k: globals()[k] for k in book.notebook_parameters("04_audit")}, book.notebook_parameters("04_audit")
+command = lambda changes: Markdown(f"`{report.chapter_command('04_audit', changes, current=run_now, defaults=run_defaults)}`")  # noqa: E731
+glue("fewer_cmd", command({"n_positions": n_fewer}), display=False)
 glue("mde_fewer", stats.min_detectable_dz(n_fewer, alpha=alpha / n_first, power=power), display=False)
 glue("ci_widen", (n_positions / n_fewer) ** 0.5, display=False)
 last_layer = int(max(table[table.model == lead.model].layer))
-glue("one_layer_cmd", Markdown(f"`make chapter NB=04_audit PARAMS=\"-p models '[\\\"{lead.model}\\\"]' "
-                               f"-p layers '[{last_layer}]'\"`"), display=False)
+glue("one_layer_cmd", command({"models": [lead.model], "layers": [last_layer]}), display=False)
+other = "sequence" if mode == "token" else "token"
+glue("other_mode_cmd", command({"mode": other}), display=False)
+glue("other_mode_words", Markdown("the expert removed at every position of the prefix where it is routed, as the released "
+                                  "code does" if other == "sequence" else "the expert removed at the audited token only, "
+                                  "as the paper defines it"), display=False)
 glue("one_layer_family", len(METRICS), display=False)
 glue("one_layer_alpha", alpha / len(METRICS), display=False)
 glue("short_verdict", Markdown(report.family_verdict_text(verdicts, short=True)), display=False)

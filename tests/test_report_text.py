@@ -456,3 +456,21 @@ def test_hits_that_sit_in_one_layer_are_located():
     assert "sit at layer" not in report.family_verdict_text(v)  # without the table nothing is located
     two = table.assign(p_t=[0.0016, 0.01, 0.4, 0.6, 0.03, 0.02, 0.7])
     assert "Both of its uncorrected hits sit at layer 0." in report.family_verdict_text(v, two)
+
+
+def test_chapter_command_keeps_the_run_and_changes_what_is_asked():
+    cmd = report.chapter_command("04_audit", {"n_positions": 12},
+                                 current={"models": ["tiny-olmoe"], "n_positions": 50, "mode": "sequence", "seed": 0},
+                                 defaults={"models": ["a", "b"], "n_positions": 200, "mode": "token", "seed": 0})
+    assert cmd == 'make chapter NB=04_audit PARAMS="-p models \'[\\"tiny-olmoe\\"]\' -p mode sequence -p n_positions 12"'
+    assert report.chapter_command("04_audit", {"mode": "token"}, current={"mode": "token"},
+                                  defaults={"mode": "token"}) == 'make chapter NB=04_audit PARAMS="-p mode token"'
+
+
+def test_audit_limits_follow_the_ablation_mode():
+    token = report.audit_limits_text(default_models=False, paper_corpus=True)
+    seq = report.audit_limits_text(default_models=False, paper_corpus=True, mode="sequence")
+    assert "token-local ablation (the released code's is sequence-wide" in token
+    assert "its ablation here is the released code's sequence-wide one" in seq and "token-local ablation (" not in seq
+    with pytest.raises(ValueError, match="mode"):
+        report.audit_limits_text(default_models=False, paper_corpus=True, mode="tokens")

@@ -1085,12 +1085,14 @@ def routing_share_heatmaps(shares: dict, *, vmin: float = 0.1):
 
 
 def audit_limits_text(*, default_models: bool, paper_corpus: bool, family_sizes: dict | None = None,
-                      paper_family: int | None = None) -> str:
+                      paper_family: int | None = None, mode: str = "token") -> str:
     """What limits a comparison of this run's audit with the paper's: the small default models
     (when ``default_models``), families of another size than the paper's (``family_sizes``: model
     -> cells of this run, against ``paper_family`` cells per model), another corpus (unless
     ``paper_corpus``), and the documented departures of the protocol from the released code
-    (listed in the appendix on departures)."""
+    (listed in the appendix on departures); ``mode`` (``"token"`` or ``"sequence"``) is the run's
+    ablation, which departs from the released code's (token mode) or follows it (sequence mode).
+    ``ValueError`` for another mode."""
     limits = []
     if default_models:
         limits.append("The default models are small stand-ins trained for this book (see the appendix on them).")
@@ -1108,10 +1110,14 @@ def audit_limits_text(*, default_models: bool, paper_corpus: bool, family_sizes:
                           f"Bonferroni level is {level}.")
     if not paper_corpus:
         limits.append("The effects are measured on another corpus than the paper's (see the box at the top).")
+    if mode not in ("token", "sequence"):
+        raise ValueError(f"mode must be 'token' or 'sequence', got {mode!r}")
+    ablation = ("and token-local ablation (the released code's is sequence-wide, which differs except at the last "
+                "layer)" if mode == "token" else "while its ablation here is the released code's sequence-wide one "
+                "(the paper defines it at the token, which differs except at the last layer)")
     limits.append("The protocol also differs from the released code's in documented ways: one draw of positions shared "
                   "by all metrics (the released code draws per metric), the paper's metric definitions (the released "
-                  "OLMoE utilisation and mean routing weight are statistics of router logits), and token-local "
-                  "ablation (the released code's is sequence-wide, which differs except at the last layer); the "
+                  f"OLMoE utilisation and mean routing weight are statistics of router logits), {ablation}; the "
                   "appendix on departures lists them all.")
     return " ".join(limits)
 
@@ -1356,3 +1362,22 @@ def check_answer(answer, expected: float, *, what: str, tolerance: float = 0.0, 
     rel = f" ({abs(diff) / abs(expected):.0%} {'above' if diff > 0 else 'below'})" if expected else ""
     return AnswerCheck(False, float(answer), float(expected),
                        f"Not yet: your {answer:g} for {what} is {abs(diff):g}{u} too {'high' if diff > 0 else 'low'}{rel}.")
+
+
+def chapter_command(stem: str, changes: dict, *, current: dict, defaults: dict) -> str:
+    """The one command that re-executes chapter ``stem`` as this run did but with ``changes``: a
+    ``make chapter`` line whose ``-p`` values are the run's parameters that differ from the
+    chapter's defaults (``current`` against ``defaults``, by name) and then ``changes`` (JSON
+    values, so lists and strings are quoted as the book driver reads them). Parameters of
+    ``current`` that the chapter does not have are ignored."""
+    import json  # noqa: PLC0415
+
+    values = {k: v for k, v in current.items() if k in defaults and v != defaults[k] and k not in changes}
+    values.update(changes)
+    parts = []
+    for k, v in values.items():
+        if (isinstance(v, (int, float)) and not isinstance(v, bool)) or (isinstance(v, str) and re.fullmatch(r"[\w.\-/]+", v)):
+            parts.append(f"-p {k} {v}")  # a number or a plain word reads as itself
+        else:  # a YAML value in single quotes, its double quotes escaped inside PARAMS="..."
+            parts.append(f"-p {k} '{json.dumps(v)}'".replace('"', '\\"'))
+    return f'make chapter NB={stem} PARAMS="{" ".join(parts)}"'
