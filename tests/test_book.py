@@ -335,8 +335,14 @@ def test_a_long_build_reports_starts_finishes_and_what_is_still_running(monkeypa
     B.execute_chapters(["quick", "slow"], jobs=2, log=lines.append, heartbeat_s=0.1)
     assert "started slow" in lines and "started quick" in lines
     assert any(ln.startswith("executed quick") and "1 of 2 done" in ln for ln in lines)
-    assert any(ln.startswith("still running after") and "slow (" in ln and "1 of 2 done" in ln for ln in lines)
-    assert lines[-1].startswith("executed slow") and "2 of 2 done" in lines[-1]
+    assert any(ln.startswith("still running after") and "slow (" in ln and "of about 2 s" in ln and "1 of 2 done" in ln
+               for ln in lines)
+    finished = next(i for i, ln in enumerate(lines) if ln.startswith("executed slow"))
+    assert "2 of 2 done" in lines[finished]
+    table = lines[finished + 1:]  # the time of every chapter against its expected time, in the order asked for
+    assert table[0].split() == ["chapter", "seconds", "expected"]
+    assert [row.split()[0] for row in table[1:3]] == ["quick", "slow"] and table[2].split()[2] == "2.0"
+    assert table[-1].startswith("all, 2 in parallel")
 
 
 def test_the_readme_library_map_is_current_and_names_every_module():

@@ -233,13 +233,14 @@ def expected_seconds(stem: str, *, book_dir: Path = BOOK) -> float:
     return source.stat().st_size / 1000 if source.is_file() else 0.0  # an unknown chapter fails when it runs
 
 
-def execute_chapters(stems: list[str], *, jobs: int = 2, log=print, heartbeat_s: float = 60.0) -> None:
+def execute_chapters(stems: list[str], *, jobs: int = 2, log=print, heartbeat_s: float = 15.0) -> None:
     """Execute ``stems`` with their default parameters, ``jobs`` at a time, each in a separate
     ``python -m moeaudit.tooling.book chapter <stem> --no-html`` process, longest expected first
     (:func:`expected_seconds`; it shortens the whole run when chapters differ much in length);
     raise if any failed (after the others finished, so one failure does not discard the rest).
-    Logs each chapter as it starts and as it finishes, and every ``heartbeat_s`` seconds without a
-    finish the chapters still running with their elapsed time, so that a long run is never silent."""
+    Logs each chapter as it starts and as it finishes, every ``heartbeat_s`` seconds without a finish
+    the chapters still running with their elapsed and expected time, so that a long run is never
+    silent, and at the end a table of every chapter's time against the time expected for it."""
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     if jobs == 1 or len(stems) <= 1:
@@ -267,8 +268,9 @@ def execute_chapters(stems: list[str], *, jobs: int = 2, log=print, heartbeat_s:
             started.pop(stem, None)
         return stem, proc, time.time() - t0
 
-    failed = []
-    order = sorted(stems, key=expected_seconds, reverse=True)
+    failed, took = [], {}
+    expected = {stem: expected_seconds(stem) for stem in stems}
+    order = sorted(stems, key=expected.get, reverse=True)
     t_all, done = time.time(), 0
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
         pending = {pool.submit(run, stem) for stem in order}
@@ -277,11 +279,13 @@ def execute_chapters(stems: list[str], *, jobs: int = 2, log=print, heartbeat_s:
                                                         return_when=concurrent.futures.FIRST_COMPLETED)
             if not finished:
                 with lock:
-                    running = ", ".join(f"{st} ({time.time() - t0:.0f} s)" for st, t0 in started.items())
+                    running = ", ".join(f"{st} ({time.time() - t0:.0f} s of about {expected.get(st, 0):.0f} s)"
+                                        for st, t0 in started.items())
                 log(f"still running after {time.time() - t_all:.0f} s: {running}; {done} of {len(order)} done")
             for fut in finished:
                 stem, proc, seconds = fut.result()
                 done += 1
+                took[stem] = seconds
                 if proc.returncode == 0:
                     log(f"executed {stem} in {seconds:.1f} s (process wall time, {jobs} in parallel; "
                         f"{done} of {len(order)} done)")
@@ -290,6 +294,11 @@ def execute_chapters(stems: list[str], *, jobs: int = 2, log=print, heartbeat_s:
                     lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
                     reason = next((ln for ln in reversed(lines) if ln.startswith("FAILED: ")), None)
                     log(reason or f"FAILED {stem} after {seconds:.1f} s:\n" + "\n".join(lines[-40:]))
+    log(f"{'chapter':32s} {'seconds':>8s} {'expected':>9s}")
+    for stem in stems:
+        log(f"{stem:32s} {took.get(stem, float('nan')):8.1f} {expected[stem]:9.1f}"
+            + ("  FAILED" if stem in failed else ""))
+    log(f"{'all, ' + str(jobs) + ' in parallel':32s} {time.time() - t_all:8.1f}")
     if failed:
         failed.sort(key=stems.index)  # in the order asked for, whatever order they finished in
         raise RuntimeError(f"chapter(s) {failed} failed to execute (output above)")
