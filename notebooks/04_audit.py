@@ -293,7 +293,8 @@ lead = verdicts.iloc[0]
 n_first = int(lead.cells)
 glue("mde_now", float(lead.min_detectable_dz), display=False)
 n_fewer = exercises.quarter_positions(n_positions)  # a quarter of this run's positions
-run_now, run_defaults = {k: globals()[k] for k in book.notebook_parameters("04_audit")}, book.notebook_parameters("04_audit")
+run_defaults = book.notebook_parameters("04_audit")
+run_now = {k: globals()[k] for k in run_defaults}
 command = lambda changes: Markdown(f"`{report.chapter_command('04_audit', changes, current=run_now, defaults=run_defaults)}`")  # noqa: E731
 glue("fewer_cmd", command({"n_positions": n_fewer}), display=False)
 glue("mde_fewer", stats.min_detectable_dz(n_fewer, alpha=alpha / n_first, power=power), display=False)

@@ -33,3 +33,16 @@ def test_sha256_is_of_the_bytes(tmp_path):
     f = tmp_path / "f.json"
     f.write_bytes(b'{"x": 1}\n')
     assert sha256(f) == hashlib.sha256(b'{"x": 1}\n').hexdigest()
+
+
+def test_a_truncated_or_replaced_table_is_refused_by_name(tmp_path):
+    a = pd.DataFrame({"x": [1.0, 2.0, 3.0]})
+    out = write_derived({"a": a, "b": a.iloc[:1]}, tmp_path / "t.parquet", {})
+    data = out.read_bytes()
+    out.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="t.parquet is not a readable derived table"):
+        read_derived(out, "a")
+    write_derived({"a": a.iloc[:2], "b": a.iloc[:1]}, tmp_path / "u.parquet", {})
+    (tmp_path / "u.json").write_text((tmp_path / "t.json").read_text())  # provenance of another table
+    with pytest.raises(ValueError, match="has 2 rows, its provenance says 3"):
+        read_derived(tmp_path / "u.parquet", "a")

@@ -54,9 +54,20 @@ def write_derived(tables: dict[str, pd.DataFrame], out, record: dict) -> Path:
 
 def read_derived(parquet, name: str) -> pd.DataFrame:
     """Table ``name`` of the derived parquet file, with the columns, order and dtypes it had when written
-    (missing values of text columns as ``None``). ``KeyError`` for a table the provenance does not list."""
+    (missing values of text columns as ``None``). ``KeyError`` for a table the provenance does not list;
+    ``ValueError`` naming the file when it is not a readable parquet file or its table does not have the
+    rows and columns the provenance records (a truncated or replaced file)."""
     spec = provenance(parquet)["tables"][name]
-    long = pd.read_parquet(parquet, filters=[("table", "==", name)])
+    try:
+        long = pd.read_parquet(parquet, filters=[("table", "==", name)])
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        raise ValueError(f"{parquet} is not a readable derived table ({type(err).__name__}: {err}); rebuild it with "
+                         f"the pack command named in {Path(parquet).with_suffix('.json').name}") from err
+    missing = [c for c in spec["columns"] if c not in long.columns]
+    if missing:
+        raise ValueError(f"{parquet}: table {name!r} lacks the columns {missing} that its provenance lists")
+    if len(long) != spec["rows"]:
+        raise ValueError(f"{parquet}: table {name!r} has {len(long)} rows, its provenance says {spec['rows']}")
     out = long[spec["columns"]].reset_index(drop=True)
     for col, dtype in spec["dtypes"].items():
         out[col] = (out[col].astype(object).where(out[col].notna(), None) if dtype == "object"

@@ -651,6 +651,7 @@ def _sequence_chunk(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass
     results, premise, replacement, leak, masked_selected = out
     E, dev = model.layout.num_experts, model.device
     residual = clean_residual(model, corpus, chunk)
+    t_of = {int(i): int(t) for i, t in sub.t.items()}  # request index -> its position
     units = []  # ((seq, layer), [(removed, [request indices]), ...]) with at most batch_size - 1 removed sets
     for (L, s), g in sub.groupby(["layer", "seq_id"], sort=True):
         sets: dict[tuple, list] = {}
@@ -663,7 +664,7 @@ def _sequence_chunk(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass
         L = batch[0][0][1]
         rows = []  # (seq, last position, removed experts or None, request indices)
         for (s, _L), items in batch:
-            last = max(int(sub.t[i]) for _, idxs in items for i in idxs)
+            last = max(t_of[i] for _, idxs in items for i in idxs)
             rows.append((s, last, None, [i for _, idxs in items for i in idxs]))
             rows.extend((s, last, removed, idxs) for removed, idxs in items)
         R, q_len = len(rows), max(r[1] for r in rows) + 1
@@ -684,7 +685,7 @@ def _sequence_chunk(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass
             if removed is None:
                 clean_of[s] = r
             for i in idxs:
-                key = (r, int(sub.t[i]))
+                key = (r, t_of[i])
                 if key not in read_of:
                     read_of[key] = len(reads)
                     reads.append(key)
@@ -709,7 +710,7 @@ def _sequence_chunk(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass
             if removed is None:
                 continue
             for i in idxs:
-                t = int(sub.t[i])
+                t = t_of[i]
                 c, a = read_of[(clean_of[s], t)], read_of[(r, t)]
                 g = (moe_out[L][c] - moe_out[L][a]).float()
                 gap = torch.linalg.vector_norm(g).item()
