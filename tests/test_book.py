@@ -179,8 +179,15 @@ def test_solutions_are_hidden_until_clicked(rendered):
 def test_a_changed_parameter_produces_a_new_record_set(rendered):
     root, _, _ = rendered
     runs_before = {p.name for p in (root / "results" / "single_expert").iterdir()}
+    logs = []
     book.execute_chapter("04_audit", {**_tiny_params("04_audit"), "seed": 7}, book_dir=root / "book2",
-                         log=lambda *_: None)
+                         log=logs.append, heartbeat_s=0.5)
+    # never silent: a heartbeat line names the running cell while the chapter executes
+    beats = [m for m in map(re.compile(r"04_audit: running for \d+ s \(about \d+ s expected\), "
+                                       r"cell (\d+) of (\d+)").match, logs) if m]
+    assert beats, logs
+    assert any(int(m.group(1)) > 1 for m in beats) and all(int(m.group(1)) <= int(m.group(2)) for m in beats)
+    assert logs[-1].startswith("executed 04_audit")
     runs_after = {p.name for p in (root / "results" / "single_expert").iterdir()}
     new = runs_after - runs_before
     assert len(new) == 1

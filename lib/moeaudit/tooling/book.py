@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import logging
 import os
 import re
 import shutil
@@ -155,8 +156,35 @@ def _check_device(stem: str, device) -> None:
                                     "no CUDA device. Allowed here: cpu"])
 
 
-def execute_chapter(stem: str, parameters: dict | None = None, *, book_dir: Path = BOOK, log=print) -> Path:
-    """Execute ``notebooks/<stem>.py`` with ``parameters`` into ``<book_dir>/<stem>.ipynb``."""
+class _CellProgress(logging.Handler):
+    """Follows papermill's ``Executing Cell N`` log records (its cell outputs are ignored), so that a
+    heartbeat can say which cell of a chapter is running."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.cell = 0
+
+    def emit(self, record):
+        m = re.match(r"Executing Cell (\d+)", record.getMessage())
+        if m:
+            self.cell = int(m.group(1))
+
+
+def _heartbeat(stem: str, n_cells: int, expected: float, progress: _CellProgress, log, every_s: float,
+               stop: threading.Event) -> None:
+    t0 = time.time()
+    while not stop.wait(every_s):
+        log(f"{stem}: running for {time.time() - t0:.0f} s (about {expected:.0f} s expected), "
+            f"cell {progress.cell} of {n_cells}")
+
+
+def execute_chapter(stem: str, parameters: dict | None = None, *, book_dir: Path = BOOK, log=print,
+                    heartbeat_s: float | None = 15.0) -> Path:
+    """Execute ``notebooks/<stem>.py`` with ``parameters`` into ``<book_dir>/<stem>.ipynb``.
+
+    Every ``heartbeat_s`` seconds (``None``: never) ``log`` receives one line with the time elapsed,
+    the time expected (:func:`expected_seconds`) and the cell running, so that a long chapter is
+    never silent. ``ParameterError`` for a bad parameter and ``ChapterError`` for a failed cell."""
     import jupytext  # noqa: PLC0415
     import papermill  # noqa: PLC0415
 
@@ -188,9 +216,18 @@ def execute_chapter(stem: str, parameters: dict | None = None, *, book_dir: Path
         os.environ.update(kernel_env)  # inherited by the kernel process
         key = execution_key(stem, parameters)  # of the sources as they are when the run starts: an edit
         t0 = time.time()                       # made while it runs leaves the page stale, as it should
+        progress, stop = _CellProgress(), threading.Event()
+        pm_logger = logging.getLogger("papermill")
+        pm_logger.addHandler(progress)
+        pm_logger.setLevel(logging.INFO)
+        if heartbeat_s:
+            n_cells = len(jupytext.read(raw).cells)  # papermill numbers every cell, markdown too
+            threading.Thread(target=_heartbeat, daemon=True,
+                             args=(stem, n_cells, expected_seconds(stem, book_dir=book_dir), progress, log,
+                                   heartbeat_s, stop)).start()
         try:
             papermill.execute_notebook(str(raw), str(done), parameters=parameters, kernel_name="python3",
-                                       cwd=str(REPO_ROOT), progress_bar=False)
+                                       cwd=str(REPO_ROOT), progress_bar=False, log_output=True)
         except papermill.PapermillExecutionError as err:
             kept = book_dir / f"{stem}.failed.ipynb"  # not in the table of contents: never rendered
             if done.exists():
@@ -198,6 +235,8 @@ def execute_chapter(stem: str, parameters: dict | None = None, *, book_dir: Path
             raise ChapterError(f"chapter {stem} failed in cell {err.exec_count} after {time.time() - t0:.0f} s: "
                                f"{err.ename}: {err.evalue} (executed notebook with the traceback: {kept})") from None
         finally:
+            stop.set()
+            pm_logger.removeHandler(progress)
             for k, v in saved_env.items():
                 if v is None:
                     os.environ.pop(k, None)
