@@ -69,7 +69,8 @@ report.glue_values(reading_minutes=report.chapter_reading_minutes("04_audit"))
 # and the *same* ablation records, so differences between metrics are not sampling noise of
 # different draws.
 #
-# **Tests.** Per cell, the paired t-test with Cohen's $d_z$ {cite}`cohen1988power` as effect size
+# **Tests** (each worked once on a toy example in the {ref}`statistics primer <stats-primer>` below).
+# Per cell, the paired t-test with Cohen's $d_z$ {cite}`cohen1988power` as effect size
 # (with an exact 95% CI) and the Wilcoxon signed-rank test {cite}`wilcoxon1945individual`. The
 # family-wise error is controlled over all cells of a model with Bonferroni; a cell counts only if
 # both tests pass with the same sign (the paper's dual-test rule). The paper's family has
@@ -97,6 +98,78 @@ paper_counts = released.paper_family_verdicts(alpha=paper.PAPER_ALPHA)
 report.glue_values(paper_family=int(paper_counts.cells.iloc[0]), paper_metrics=len(paper.PAPER_METRIC_LABELS),
                    paper_layers=len(paper.LAYERS["olmoe"]), paper_alpha=float(paper_counts.alpha_bonferroni.iloc[0]))
 report.glue_values(as_markdown=True, ablation_site=report.ablation_site(mode))
+
+# %% [markdown]
+# (stats-primer)=
+# ## A statistics primer, worked once
+# Every statistic of the tables below, computed on a toy family of three cells (A, B, C) of
+# {glue:text}`pr_n` positions each, generated with known effects so that the outcome can be
+# checked against the truth: cell A's highest-ranked expert costs more loss than its lowest-ranked
+# one, cell B's slightly more, cell C's nothing more. The calls are the ones the audit makes.
+
+# %%
+from moeaudit.chapters import primer
+
+toy = primer.toy_cells(n=20, seed=seed)     # delta_loss_high, delta_loss_low (nats) and D per position
+A = toy[toy.cell == "A"]
+dz_by_hand = A.D.mean() / A.D.std(ddof=1)    # Cohen's d_z = mean(D) / sd(D)
+family = primer.toy_family(toy, alpha=alpha, tost_bound_d=tost_bound_d, power=power)
+assert abs(family.cohens_dz[0] - dz_by_hand) < 1e-12  # the library computes the same d_z
+
+# %% tags=["remove-input"]
+report.glue_values(**primer.primer_values(family, cell="A", small="B", alpha=alpha, n_audit=n_positions))
+display(family.assign(
+    dz=[f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]" for d, lo, hi in zip(family.cohens_dz, family.dz_ci_low, family.dz_ci_high)])
+    [["cell", "dz", "p_t", "p_W", "sig_dual_bonf", "sig_dual_holm", "sig_dual_bh", "bf10"]]
+    .rename(columns={"dz": "d_z [95% CI]", "sig_dual_bonf": "dual, Bonferroni", "sig_dual_holm": "dual, Holm",
+                     "sig_dual_bh": "dual, BH", "bf10": "BF10"})
+    .style.hide(axis="index").format({"p_t": "{:.2g}", "p_W": "{:.2g}", "BF10": "{:.3g}"})
+    .set_caption("The toy family: effect size, both tests, the dual rule under three corrections, Bayes factor"))
+
+# %% [markdown]
+# **Effect size.** A cell's data are the paired differences $D_i = \Delta\mathcal{L}_{\text{high},i}
+# - \Delta\mathcal{L}_{\text{low},i}$, one per position. In cell {glue:text}`pr_cell` their mean is
+# {glue:text}`pr_mean` nats and their standard deviation {glue:text}`pr_sd` nats, so Cohen's
+# $d_z = \bar D / s_D$ = {glue:text}`pr_dz`: the mean difference in units of its own spread, free of
+# the loss's scale. Its exact 95% interval, {glue:text}`pr_dz_ci`, comes from the noncentral t
+# distribution.
+#
+# **Two tests.** The paired t-test uses $t = d_z\sqrt{n}$ = {glue:text}`pr_t` on $n-1$ =
+# {glue:text}`pr_dof` degrees of freedom ($p_t$ = {glue:text}`pr_p_t`); it assumes roughly normal
+# mean differences. The Wilcoxon signed-rank test ranks $|D_i|$ and compares the rank sums of the
+# positive and the negative differences ($W$ = {glue:text}`pr_W`, the smaller sum; $p_W$ =
+# {glue:text}`pr_p_W`); it assumes no normality, which matters for loss changes, whose distribution is
+# skewed. Here the two tests {glue:text}`pr_same_sign`.
+#
+# **Family-wise error and the dual rule.** Testing many cells at level $\alpha$ each makes some
+# false positive likely. Bonferroni tests each of the family's $m$ = {glue:text}`pr_m` cells at
+# $\alpha/m$ = {glue:text}`pr_alpha`/{glue:text}`pr_m` = {glue:text}`pr_alpha_c`, so that the chance
+# of *any* false positive in the family stays below $\alpha$. A cell counts only if both tests pass
+# that level with the same sign (the paper's dual rule): cell {glue:text}`pr_cell`
+# {glue:text}`pr_dual`. The table counts {glue:text}`pr_n_bonf` cell(s) under Bonferroni,
+# {glue:text}`pr_n_holm` under Holm (a step-down procedure with the same guarantee and never fewer
+# cells: {glue:text}`pr_holm_extra`) and {glue:text}`pr_n_bh` under Benjamini–Hochberg, which bounds
+# only the expected share of false positives among the cells passed ({glue:text}`pr_bh_extra`).
+#
+# **Power, and what "not significant" means.** With {glue:text}`pr_n` pairs at level
+# {glue:text}`pr_alpha_c`, the smallest $|d_z|$ the t-test detects with probability
+# {glue:text}`pr_power` (the minimum detectable effect) is {glue:text}`pr_mde`. Cell
+# {glue:text}`pr_small` has a real effect by construction, a true $d_z$ of
+# {glue:text}`pr_small_true_dz`, {glue:text}`pr_small_below` that value: the test detects it with
+# probability {glue:text}`pr_small_power` only, and {glue:text}`pr_small_found`.
+#
+# **Equivalence.** To *show* that an effect is negligible, the two one-sided tests (TOST) ask
+# whether $|d_z|$ is demonstrably inside $\pm${glue:text}`pr_tost_bound`. For cell
+# {glue:text}`pr_cell` $p_{\text{TOST}}$ = {glue:text}`pr_p_tost`; with {glue:text}`pr_n` pairs the
+# smallest TOST p-value any data could give is {glue:text}`pr_tost_min_p`, so at level
+# {glue:text}`pr_alpha_c` this design {glue:text}`pr_tost_possible`. With this run's
+# {glue:text}`pr_n_audit` positions per cell that smallest p-value is
+# {glue:text}`pr_tost_min_p_audit` (the audit's own level is stated with its families below).
+#
+# **Bayes factor.** The JZS Bayes factor $\text{BF}_{10}$ weighs the data's support for an effect
+# against none (Cauchy prior on $d_z$, scale {glue:text}`pr_bf_r`): {glue:text}`pr_bf10` for cell
+# {glue:text}`pr_cell`, "{glue:text}`pr_bf_label`" on Jeffreys' scale. Unlike a p-value it can also
+# favour the null.
 
 # %% [markdown]
 # ## Run the ablations
