@@ -78,7 +78,8 @@ report.glue_values(reading_minutes=report.chapter_reading_minutes("01_introducti
 # within each model, with the t and Wilcoxon tests agreeing) at any audited layer of three large
 # MoE models, and {glue:md}`paper_control_intro`. A test that does not pass is not evidence of no effect unless the design could have seen
 # one; the audit chapter states, for every run, how large an effect it could detect and whether it
-# could show an effect to be small.
+# could show an effect to be small (each of these statistics is worked once in its
+# {ref}`statistics primer <stats-primer>`).
 #
 # ## Two rungs of Pearl's ladder
 #
