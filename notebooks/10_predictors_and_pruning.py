@@ -678,20 +678,22 @@ glue_all(bf_gap3=n_bf_gap3, bf_cells=len(paper_bf), bf_null=int((paper_bf.BF10 <
 # the tail: per audited layer, the experts whose mean loss change $\Delta\mathcal{L}$ over the
 # held-out audit positions where they are routed is in the top {glue:text}`tail_share:.0%` of the layer's measured
 # experts (at least one). The criteria are the pruning choices of REAP's reference code
-# {cite}`lasby2025reap` but one: frequency, the expert activation norm summed and averaged,
-# weighted frequency, the weighted activation norm summed, REAP (the weighted norm averaged over
-# the expert's routed tokens) and maximum activation. The code also lists an L2 variant of the
-# weighted sum and of REAP without computing either; the two here are our reading of the names
-# (the L2 norm over the routed tokens in place of the sum, the root mean square in place of the
-# mean). Left out is `ean_ca`, which needs the expert's characteristic activations. REAP's code
-# weights by the router's softmax probability (renormalised over the top-k when the model does);
-# here the weight is the combine weight the model applies. A tenth criterion is our own
-# super-expert score, the largest absolute element of the expert's down-projection output over
-# its routed tokens: Su et al. {cite}`su2025superexperts` flag the few experts whose outliers pass
-# a threshold, and the score ranks every expert by that magnitude. All are computed on the
-# calibration half (`metrics.reap_criteria_from_routing`; the activation maxima from one clean
-# pass over that half, `engine.expert_mean_outputs`). For each criterion: precision at the tail
-# cut (its own top experts, as many as the tail) against the random expectation, and the rank of
+# {cite}`lasby2025reap`, each as that code computes it (`metrics.REAP_COMMIT` names the commit
+# read): frequency, the norm of the expert's mean output over its routed tokens (`ean_ca`), the
+# expert activation norm summed and averaged, weighted frequency, the weighted activation norm
+# summed, REAP (the weighted norm averaged over the expert's routed tokens) and maximum
+# activation (the largest output element, floored at zero). The code also lists L2 variants of
+# the weighted sum and of REAP but computes neither (asking for one stops with an error), so they
+# are left out. The weight is REAP's: the router's softmax probability over all experts,
+# renormalised over the top-k only where the model's config sets `norm_topk_prob`, whatever
+# combine weight the model applies; an expert never routed in the calibration half scores zero
+# on every one of these criteria, as in REAP's code. A last criterion is our own super-expert
+# score, the largest absolute element of the expert's down-projection output over its routed
+# tokens: Su et al. {cite}`su2025superexperts` flag the few experts whose outliers pass a
+# threshold, and the score ranks every expert by that magnitude. All are computed on the
+# calibration half (`metrics.reap_criteria_from_routing`; the mean outputs and activation maxima
+# from one clean pass over that half, `engine.expert_mean_outputs`). For each criterion: precision
+# at the tail cut (its own top experts, as many as the tail) against the random expectation, and the rank of
 # the single most damaging expert under the criterion, whose exact p-value under a random ranking
 # is rank / number of experts ("ranked at least as high"); pooled over layers and models by the
 # exact rank-sum test and Holm-corrected over the criteria (`chapters.predictors`).
@@ -709,8 +711,9 @@ for name, rec in records.items():
     cal = ctx.clean.tokens.seq_id.lt(half).to_numpy()
     for L in tail_layers:
         r = ctx.clean.layer_routing(L)
-        c = metrics.reap_criteria_from_routing(r["indices"][cal], r["weight"][cal], r["norm"][cal], num_experts=lay.num_experts)
-        c["max_activation"] = metrics.max_activation(outs.indices[L], outs.slot_max[L], num_experts=lay.num_experts)
+        c = metrics.reap_criteria_from_routing(r["indices"][cal], r["prob"][cal], r["norm"][cal], num_experts=lay.num_experts,
+                                               renormalize=metrics.reap_renormalizes(ctx.model), means=outs.means[L])
+        c["max_activations"] = metrics.max_activations(outs.indices[L], outs.slot_max[L], num_experts=lay.num_experts)
         c["super_expert"] = metrics.super_expert_score(outs.indices[L], outs.slot_max_abs[L], num_experts=lay.num_experts)
         tail_criteria.append(c.assign(model=name, layer=L))
     tail_records.append(rec[rec.held_out])

@@ -84,7 +84,9 @@ def literature_criteria_from_routing(indices: np.ndarray, weights: np.ndarray, n
       of the kind benchmarked by Jaiswal et al. (2025, MC-Suite); 0 for an expert never selected;
     * ``reap`` = (1/|S_e|) sum_{s in S_e} g_e(x_s) ||E_e(x_s)|| — router-weighted expert activation
       (REAP, Lasby et al. 2025): the mean size of the expert's weighted contribution; NaN for an
-      expert never selected.
+      expert never selected. Here g is the combine weight the model applies; REAP's reference code
+      weights by the router's softmax probability and scores a never-selected expert 0
+      (:func:`reap_score` with :func:`reap_router_weights`).
 
     ``ValueError`` if the three arrays differ in shape, are not 2-D, or hold an expert id outside
     ``[0, num_experts)``.
@@ -104,14 +106,39 @@ def literature_criteria_from_routing(indices: np.ndarray, weights: np.ndarray, n
                          "reap": g.gap.mean().reindex(experts).to_numpy()})
 
 
-#: the pruning criteria of REAP's reference code (``prune_method`` of its ``src/reap/args.py``), plus the
-#: super-expert score; each is a column of :func:`reap_criteria_from_routing` (higher = more important)
-REAP_CRITERIA = ("frequency", "ean_sum", "ean_mean", "weighted_frequency", "weighted_ean_sum", "weighted_ean_sum_l2",
-                 "reap", "reap_l2", "max_activation", "super_expert")
-CRITERION_LABELS.update({"frequency": "Frequency", "ean_sum": "EAN sum", "ean_mean": "EAN mean",
-                         "weighted_frequency": "Weighted frequency", "weighted_ean_sum": "Weighted EAN sum",
-                         "weighted_ean_sum_l2": "Weighted EAN sum (L2)", "reap_l2": "REAP (L2)",
-                         "max_activation": "Max. activation", "super_expert": "Super-expert score"})
+# --- REAP's pruning criteria ----------------------------------------------------------------------
+#
+# Each function below follows the definition in the reference code of REAP (Lasby et al. 2025),
+# repository CerebrasResearch/reap at commit REAP_COMMIT; "file:line" refers to that commit. Over
+# one MoE layer, REAP's observer (src/reap/observer.py:340-395) keeps the real tokens of every
+# calibration batch (padding dropped through the attention mask), selects S_e, the tokens whose
+# top-k of the raw router logits contains e (observer.py:356, 377), and computes the output
+# E_e(x) of every expert without its combine weight (observer.py:351-383); its router weight
+# g_e(x) is the softmax over all E router logits, renormalised over the selected top-k when
+# asked (:func:`reap_router_weights`). The per-batch values of src/reap/pruning_metrics.py:186-202
+# are summed over batches (pruning_metrics.py:204-214): in float64 for the sums, as
+# count-weighted running means in float32 (``OnlineStatsTracker``, src/reap/metrics.py:218-286)
+# for the means, which equal the mean over all routed tokens. Here every criterion is one pass
+# over the (N, k) routing arrays of the calibration tokens, accumulated in float64, and S_e is the
+# model's own top-k: the same set as REAP's wherever the model selects the top-k of its softmax or
+# of its logits, not where a selection bias decides (ERNIE-4.5, DeepSeek-V3-style routers). An
+# expert never routed scores 0 on every REAP criterion, as in REAP (zero-initialised state, NaN
+# replaced by 0), and REAP prunes the lowest scores of a layer (src/reap/prune.py:84-103). Norms
+# are Euclidean, unitless like the hidden states.
+
+#: the commit of CerebrasResearch/reap whose definitions the REAP criteria below follow
+REAP_COMMIT = "1970473c51ca3caeb98c10392f15b3a08a672974"
+#: REAP's pruning criteria, named as the ``prune_method`` choices of its ``src/reap/args.py:487-503``
+#: (at :data:`REAP_COMMIT`), plus the super-expert score; each is a column of
+#: :func:`reap_criteria_from_routing` (higher = more important). Two choices are left out:
+#: ``weighted_ean_sum_l2`` and ``reap_l2`` are listed there but computed nowhere in REAP's code
+#: (its observer state has no such key, so ``prune.py:95-100`` stops with a ``ValueError``).
+REAP_CRITERIA = ("frequency", "ean_ca", "ean_sum", "ean_mean", "weighted_frequency_sum", "weighted_ean_sum", "reap",
+                 "max_activations", "super_expert")
+CRITERION_LABELS.update({"frequency": "Frequency", "ean_ca": "EAN of the mean output", "ean_sum": "EAN sum",
+                         "ean_mean": "EAN mean", "weighted_frequency_sum": "Weighted frequency",
+                         "weighted_ean_sum": "Weighted EAN sum", "max_activations": "Max. activation",
+                         "super_expert": "Super-expert score"})
 
 
 def _routed_arrays(indices, values, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
@@ -148,57 +175,122 @@ def routed_max(indices, values, *, num_experts: int) -> np.ndarray:
     return out
 
 
+def reap_router_weights(probs, *, renormalize: bool) -> np.ndarray:
+    """REAP's router weight ``g_e(x_s)`` at the selected slots, (N, k) float64.
+
+    ``probs`` (N, k): the router's softmax probability over all E experts, ``softmax(logits)_e``, at
+    each token's selected experts (the clean pass's ``prob`` for a softmax-routed family). REAP
+    (CerebrasResearch/reap at :data:`REAP_COMMIT`, src/reap/pruning_metrics.py:172-184) uses this
+    probability as it is, or, with ``renormalize``, divided by its sum over the token's k selected
+    experts, ``p_e / sum_{j in top-k} p_j``, then clamped below at the float32 machine epsilon.
+    Whether REAP renormalises is :func:`reap_renormalizes`. ``ValueError`` unless ``probs`` is a
+    2-D array of values in [0, 1] (and, to renormalise, every row sum is positive)."""
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2:
+        raise ValueError(f"probs must be an (N, k) array, got shape {p.shape}")
+    if p.size and (np.isnan(p).any() or p.min() < 0 or p.max() > 1 + 1e-6):
+        raise ValueError("probs must be softmax probabilities in [0, 1]")
+    if not renormalize:
+        return p
+    total = p.sum(axis=1, keepdims=True)
+    if (total <= 0).any():
+        raise ValueError("a token's selected probabilities sum to 0: nothing to renormalise")
+    return np.maximum(p / total, float(np.finfo(np.float32).eps))
+
+
+def reap_renormalizes(model, *, renormalize_router_weights: bool = True) -> bool:
+    """Whether REAP's observer renormalises the router weights of ``model`` (an
+    :class:`moeaudit.models.AuditModel`) over the top-k: ``renormalize_router_weights`` (REAP's
+    option, ``True`` by default: src/reap/args.py:141-148) and the config's ``norm_topk_prob``
+    attribute, ``False`` where the config has none (src/reap/main.py:121-124; CerebrasResearch/reap
+    at :data:`REAP_COMMIT`). The rule reads the config attribute, not the model's behaviour:
+    Mixtral renormalises by construction, but its config has no ``norm_topk_prob``, so REAP weights
+    it by the full softmax probability.
+
+    ``ValueError`` for a family whose recorded routing weight is not the softmax over all experts
+    (sigmoid routers, :attr:`moeaudit.families.FamilySpec.routing_weight`): REAP applies a softmax
+    to the router logits whatever the router, and the clean pass does not record that quantity for
+    them."""
+    spec = model.layout.spec
+    if spec.routing_weight != "softmax":
+        raise ValueError(f"REAP weights by softmax(router logits); the {spec.name} clean pass records "
+                         f"{spec.routing_weight} router weights, so REAP's weighted criteria cannot be formed from it")
+    return bool(renormalize_router_weights and getattr(model.hf.config, "norm_topk_prob", False))
+
+
 def frequency(indices, *, num_experts: int) -> np.ndarray:
-    """REAP's ``frequency``: ``|S_e|``, the number of calibration tokens whose top-k selects e (E,)."""
+    """REAP's ``frequency``: ``|S_e|``, the number of calibration tokens whose top-k selects e, (E,)
+    float64 (a count; 0 for an expert never routed). ``indices``: (N, k). CerebrasResearch/reap at
+    :data:`REAP_COMMIT`: ``expert_frequency``, src/reap/pruning_metrics.py:114-121 (the prune
+    method is mapped to that key at src/reap/prune.py:93-94)."""
     return routed_sum(indices, np.ones(np.shape(indices)), num_experts=num_experts)
 
 
 def ean_sum(indices, norms, *, num_experts: int) -> np.ndarray:
-    """REAP's ``ean_sum`` (expert activation norm): ``sum_{s in S_e} ||E_e(x_s)||_2`` (E,)."""
+    """REAP's ``ean_sum`` (expert activation norm): ``sum_{s in S_e} ||E_e(x_s)||_2``, (E,) float64,
+    0 for an expert never routed. ``indices``/``norms``: (N, k), ``norms`` the output norms of the
+    selected experts without their combine weight. CerebrasResearch/reap at :data:`REAP_COMMIT`,
+    src/reap/pruning_metrics.py:193-194."""
     return routed_sum(indices, norms, num_experts=num_experts)
 
 
 def ean_mean(indices, norms, *, num_experts: int) -> np.ndarray:
-    """REAP's ``ean_mean``: ``(1/|S_e|) sum_{s in S_e} ||E_e(x_s)||_2`` (the paper's activation norm); NaN if never routed."""
-    return routed_mean(indices, norms, num_experts=num_experts)
+    """REAP's ``ean_mean``: ``(1/|S_e|) sum_{s in S_e} ||E_e(x_s)||_2`` (the paper's activation norm),
+    (E,) float64; 0 for an expert never routed, as REAP's running mean starts at 0.
+    ``indices``/``norms``: (N, k). CerebrasResearch/reap at :data:`REAP_COMMIT`,
+    src/reap/pruning_metrics.py:195 and 205-207."""
+    return np.nan_to_num(routed_mean(indices, norms, num_experts=num_experts), nan=0.0)
 
 
-def weighted_frequency(indices, weights, *, num_experts: int) -> np.ndarray:
-    """REAP's ``weighted_frequency_sum``: ``sum_{s in S_e} g_e(x_s)`` (E,)."""
+def ean_ca(means) -> np.ndarray:
+    """REAP's ``ean_ca``: ``||(1/|S_e|) sum_{s in S_e} E_e(x_s)||_2``, the norm of the expert's mean
+    output over its routed tokens (its "routed characteristic activation"), (E,) float64.
+
+    ``means`` (E, H): that mean output per expert (:attr:`moeaudit.engine.ExpertMeans.means`); a
+    NaN entry (an expert never routed) counts as 0, as REAP replaces the NaN of 0/0 by 0, so such an
+    expert scores 0. CerebrasResearch/reap at :data:`REAP_COMMIT`: src/reap/metrics.py:178-215
+    (the mean), src/reap/observer.py:412-428 (kept over batches), src/reap/prune.py:84-90 (the
+    norm). ``ValueError`` unless ``means`` is 2-D."""
+    m = np.asarray(means, dtype=np.float64)
+    if m.ndim != 2:
+        raise ValueError(f"means must be an (E, H) array, got shape {m.shape}")
+    return np.linalg.norm(np.nan_to_num(m, nan=0.0), axis=1)
+
+
+def weighted_frequency_sum(indices, weights, *, num_experts: int) -> np.ndarray:
+    """REAP's ``weighted_frequency_sum`` (observer key ``weighted_expert_frequency_sum``):
+    ``sum_{s in S_e} g_e(x_s)``, (E,) float64, 0 for an expert never routed. ``indices``/``weights``:
+    (N, k), ``weights`` REAP's router weights (:func:`reap_router_weights`). CerebrasResearch/reap
+    at :data:`REAP_COMMIT`, src/reap/pruning_metrics.py:192 and 196."""
     return routed_sum(indices, weights, num_experts=num_experts)
 
 
 def weighted_ean_sum(indices, weights, norms, *, num_experts: int) -> np.ndarray:
-    """REAP's ``weighted_ean_sum``: ``sum_{s in S_e} g_e(x_s) ||E_e(x_s)||_2`` (E,)."""
+    """REAP's ``weighted_ean_sum``: ``sum_{s in S_e} g_e(x_s) ||E_e(x_s)||_2``, (E,) float64, 0 for an
+    expert never routed. ``indices``/``weights``/``norms``: (N, k), ``weights`` REAP's router
+    weights (:func:`reap_router_weights`). CerebrasResearch/reap at :data:`REAP_COMMIT`,
+    src/reap/pruning_metrics.py:197."""
     return routed_sum(indices, np.asarray(weights, np.float64) * np.asarray(norms, np.float64), num_experts=num_experts)
 
 
-def weighted_ean_sum_l2(indices, weights, norms, *, num_experts: int) -> np.ndarray:
-    """``sqrt(sum_{s in S_e} (g_e(x_s) ||E_e(x_s)||_2)^2)`` (E,): the L2 aggregate of the per-token
-    weighted norms. REAP's code lists ``weighted_ean_sum_l2`` as a choice; this is our reading of
-    the name (the L2 norm over tokens in place of the sum), not a definition quoted from it."""
-    g = np.asarray(weights, np.float64) * np.asarray(norms, np.float64)
-    return np.sqrt(routed_sum(indices, g ** 2, num_experts=num_experts))
-
-
 def reap_score(indices, weights, norms, *, num_experts: int) -> np.ndarray:
-    """REAP (Lasby et al. 2025, Eq. 9): ``(1/|S_e|) sum_{s in S_e} g_e(x_s) ||E_e(x_s)||_2``; NaN if never routed."""
-    return routed_mean(indices, np.asarray(weights, np.float64) * np.asarray(norms, np.float64), num_experts=num_experts)
-
-
-def reap_l2(indices, weights, norms, *, num_experts: int) -> np.ndarray:
-    """``sqrt((1/|S_e|) sum_{s in S_e} (g_e(x_s) ||E_e(x_s)||_2)^2)``: the root mean square of the
-    per-token weighted norms (our reading of REAP's ``reap_l2`` choice, as for
-    :func:`weighted_ean_sum_l2`); NaN if never routed."""
+    """REAP (Lasby et al. 2025, Eq. 9; prune method ``reap``):
+    ``(1/|S_e|) sum_{s in S_e} g_e(x_s) ||E_e(x_s)||_2``, (E,) float64; 0 for an expert never routed,
+    as REAP's running mean starts at 0. ``indices``/``weights``/``norms``: (N, k), ``weights``
+    REAP's router weights (:func:`reap_router_weights`). CerebrasResearch/reap at
+    :data:`REAP_COMMIT`, src/reap/pruning_metrics.py:198 and 209-211."""
     g = np.asarray(weights, np.float64) * np.asarray(norms, np.float64)
-    return np.sqrt(routed_mean(indices, g ** 2, num_experts=num_experts))
+    return np.nan_to_num(routed_mean(indices, g, num_experts=num_experts), nan=0.0)
 
 
-def max_activation(indices, slot_max, *, num_experts: int) -> np.ndarray:
-    """REAP's ``max_activations``: ``max_{s in S_e} max_h E_e(x_s)_h``, the largest (signed) element
-    of the expert's output over its routed tokens (E,); ``slot_max`` (N, k): per routed slot the
-    largest element of that expert's output (:attr:`moeaudit.engine.ExpertMeans.slot_max`). NaN if never routed."""
-    return routed_max(indices, slot_max, num_experts=num_experts)
+def max_activations(indices, slot_max, *, num_experts: int) -> np.ndarray:
+    """REAP's ``max_activations``: ``max(0, max_{s in S_e} max_h E_e(x_s)_h)``, the largest (signed)
+    element of the expert's output over its routed tokens, floored at 0 because REAP's running
+    maximum starts at 0; (E,) float64, 0 for an expert never routed. ``slot_max`` (N, k): per
+    routed slot the largest element of that expert's output
+    (:attr:`moeaudit.engine.ExpertMeans.slot_max`). CerebrasResearch/reap at :data:`REAP_COMMIT`,
+    src/reap/pruning_metrics.py:61-63 and 200-202."""
+    return np.maximum(np.nan_to_num(routed_max(indices, slot_max, num_experts=num_experts), nan=0.0), 0.0)
 
 
 def super_expert_score(indices, slot_max_abs, *, num_experts: int) -> np.ndarray:
@@ -206,32 +298,39 @@ def super_expert_score(indices, slot_max_abs, *, num_experts: int) -> np.ndarray
     the expert's down-projection output over the tokens routed to it. Su et al. (2025, arXiv
     2507.23279) call "super experts" the few experts whose down-projection outputs carry extreme
     activation outliers; this score is that magnitude, before any threshold (the paper flags
-    experts whose outlier is extreme relative to all experts' outliers). ``slot_max_abs`` (N, k):
+    experts whose outlier is extreme relative to all experts' outliers). Not one of REAP's
+    criteria (REAP thresholds its ``max_activations`` to find super experts,
+    src/reap/model_util.py:240). ``slot_max_abs`` (N, k):
     :attr:`moeaudit.engine.ExpertMeans.slot_max_abs`. NaN if never routed."""
     return routed_max(indices, slot_max_abs, num_experts=num_experts)
 
 
-def reap_criteria_from_routing(indices, weights, norms, *, num_experts: int, slot_max=None,
-                               slot_max_abs=None) -> pd.DataFrame:
+def reap_criteria_from_routing(indices, probs, norms, *, num_experts: int, renormalize: bool, means=None,
+                               slot_max=None, slot_max_abs=None) -> pd.DataFrame:
     """Every criterion of :data:`REAP_CRITERIA` per expert, one row per expert 0..num_experts-1.
 
-    ``indices``, ``weights`` (combine weights as applied by the model), ``norms`` (||E_e(x_s)||_2):
-    (N, k) over N calibration tokens. ``slot_max``/``slot_max_abs`` (N, k, aligned with ``indices``)
-    feed ``max_activation``/``super_expert``; without them those columns are NaN. REAP's reference
-    code weights by the router's softmax probability (renormalised over the top-k on request);
-    here ``g`` is the combine weight the model applies, as in :func:`literature_criteria_from_routing`.
-    ``ValueError`` for mismatched shapes or an expert id out of range."""
+    ``indices`` (selected experts), ``probs`` (the router's softmax probability over all experts at
+    the selected slots, the clean pass's ``prob``) and ``norms`` (||E_e(x_s)||_2, without the
+    combine weight): (N, k) over N calibration tokens. REAP's router weight is
+    :func:`reap_router_weights` of ``probs`` with ``renormalize`` (:func:`reap_renormalizes` gives
+    REAP's choice for a model). ``means`` (E, H) feeds ``ean_ca``; ``slot_max``/``slot_max_abs``
+    (N, k, aligned with ``indices``) feed ``max_activations``/``super_expert``; a column whose input
+    is not given is NaN. ``ValueError`` for mismatched shapes, an expert id out of range, or
+    ``means`` with other than ``num_experts`` rows."""
     kw = {"num_experts": num_experts}
-    out = pd.DataFrame({"expert": np.arange(num_experts), "frequency": frequency(indices, **kw),
+    g = reap_router_weights(probs, renormalize=renormalize)
+    out = pd.DataFrame({"expert": np.arange(num_experts), "frequency": frequency(indices, **kw), "ean_ca": np.nan,
                         "ean_sum": ean_sum(indices, norms, **kw), "ean_mean": ean_mean(indices, norms, **kw),
-                        "weighted_frequency": weighted_frequency(indices, weights, **kw),
-                        "weighted_ean_sum": weighted_ean_sum(indices, weights, norms, **kw),
-                        "weighted_ean_sum_l2": weighted_ean_sum_l2(indices, weights, norms, **kw),
-                        "reap": reap_score(indices, weights, norms, **kw),
-                        "reap_l2": reap_l2(indices, weights, norms, **kw)})
-    out["max_activation"] = np.nan if slot_max is None else max_activation(indices, slot_max, **kw)
+                        "weighted_frequency_sum": weighted_frequency_sum(indices, g, **kw),
+                        "weighted_ean_sum": weighted_ean_sum(indices, g, norms, **kw),
+                        "reap": reap_score(indices, g, norms, **kw)})
+    if means is not None:
+        if np.shape(means)[0] != num_experts:
+            raise ValueError(f"means must have one row per expert ({num_experts}), got {np.shape(means)[0]}")
+        out["ean_ca"] = ean_ca(means)
+    out["max_activations"] = np.nan if slot_max is None else max_activations(indices, slot_max, **kw)
     out["super_expert"] = np.nan if slot_max_abs is None else super_expert_score(indices, slot_max_abs, **kw)
-    return out
+    return out[["expert", *REAP_CRITERIA]]
 
 
 def pruning_criteria(clean: CleanPass, *, num_experts: int, seq_ids=None, layers=None) -> pd.DataFrame:
