@@ -671,3 +671,54 @@ def test_sequence_mode_from_the_ablated_layer_equals_every_layer_recomputed(mode
     for col in ("removed_routed", "clean_routing_match") + (("replacement", "leak") if operator == "mask" else ()):
         assert fast[col].tolist() == slow[col].tolist(), col
     assert (fast.delta_loss.abs() > 0).any()
+
+
+def _partitions(n):
+    """Every cut of range(n) into contiguous [a, b) segments."""
+    if n == 0:
+        yield []
+        return
+    for first in range(1, n + 1):
+        for rest in _partitions(n - first):
+            yield [(0, first)] + [(a + first, b + first) for a, b in rest]
+
+
+def test_length_segments_is_the_cheapest_cut():
+    """Sequence-mode units: the padded work of the chosen cut equals the brute-force minimum."""
+    from moeaudit.engine import _length_segments
+
+    def cost(cut, lengths):
+        return sum((b - a + 1) * lengths[a] for a, b in cut)
+
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        lengths = sorted(rng.integers(1, 200, size=int(rng.integers(1, 8))).tolist(), reverse=True)
+        cut = _length_segments(lengths, max_rows=3, extra_rows=1)
+        assert [a for a, _ in cut][0] == 0 and cut[-1][1] == len(lengths)
+        assert all(b - a <= 3 for a, b in cut)
+        feasible = [c for c in _partitions(len(lengths)) if all(b - a <= 3 for a, b in c)]
+        assert cost(cut, lengths) == min(cost(c, lengths) for c in feasible)
+    # by hand: one long row and three short ones are cheaper apart ((1+1)*100 + (3+1)*10 = 240)
+    # than together ((4+1)*100 = 500)
+    assert _length_segments([100, 10, 10, 10], max_rows=8) == [(0, 1), (1, 4)]
+    assert _length_segments([100, 90, 90], max_rows=8) == [(0, 3)]
+
+
+def test_batch_boundaries_is_the_cheapest_packing():
+    from moeaudit.engine import _batch_boundaries
+
+    def cost(cut, rows, lengths, overhead):
+        return sum(sum(rows[a:b]) * lengths[a] + overhead for a, b in cut)
+
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        n = int(rng.integers(1, 8))
+        lengths = sorted(rng.integers(1, 300, size=n).tolist(), reverse=True)
+        rows = rng.integers(1, 5, size=n).tolist()
+        cut = _batch_boundaries(rows, lengths, max_rows=6, overhead=50)
+        ok = [c for c in _partitions(n) if all(sum(rows[a:b]) <= 6 or b - a == 1 for a, b in c)]
+        assert all(sum(rows[a:b]) <= 6 or b - a == 1 for a, b in cut)
+        assert cost(cut, rows, lengths, 50) == min(cost(c, rows, lengths, 50) for c in ok)
+    # by hand: a large overhead merges everything that fits; none splits by length
+    assert _batch_boundaries([2, 2, 2], [300, 20, 10], max_rows=6, overhead=10_000) == [(0, 3)]
+    assert _batch_boundaries([2, 2, 2], [300, 20, 10], max_rows=6, overhead=0) == [(0, 1), (1, 2), (2, 3)]

@@ -644,8 +644,10 @@ def _sequence_chunk(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass
     grouped by (sequence, layer, removed experts): each group is one row, a forward of the prefix up to the
     group's last position with the experts removed at every position of it, started at the layer from the
     clean residual (:func:`_run_batch` skips the layers before it); each request reads its loss, block
-    output and routing at its own ``t``. Each (sequence, layer) has one clean row, started the same way,
-    for the clean loss and the premise. Batches hold rows of one layer, at most ``batch_size`` rows.
+    output and routing at its own ``t``. The rows of a (sequence, layer), longest first, are cut into units
+    (:func:`_length_segments`), each with one clean row up to the unit's longest prefix, started the same
+    way, for the clean loss and the premise. Batches hold units of one layer and similar length, at most
+    ``batch_size`` rows (:func:`_batch_boundaries`).
     Fills ``out = (results, premise, replacement, leak, masked_selected)`` at the requests' indices, as
     :func:`run_ablations` reads them."""
     results, premise, replacement, leak, masked_selected = out
@@ -657,16 +659,29 @@ def _sequence_chunk(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass
         sets: dict[tuple, list] = {}
         for i in g.index:
             sets.setdefault(tuple(sorted(removed_of[i])), []).append(int(i))
-        items = list(sets.items())
-        for k in range(0, len(items), batch_size - 1):
-            units.append(((int(s), int(L)), items[k:k + batch_size - 1]))
-    for batch in _group_batches(units, batch_size, key=lambda u: u[0][1]):
+        # longest prefix first, cut where a shorter forward for the rest saves more than its clean row costs
+        items = sorted(sets.items(), key=lambda it: -max(t_of[i] for i in it[1]))
+        lengths = [max(t_of[i] for i in idxs) + 1 for _, idxs in items]
+        for a, b in _length_segments(lengths, max_rows=batch_size - 1, extra_rows=1):
+            units.append(((int(s), int(L)), items[a:b]))
+    by_layer: dict[int, list] = {}
+    for u in units:
+        by_layer.setdefault(u[0][1], []).append(u)
+    batches = []
+    for L_units in by_layer.values():  # one layer per batch; units of similar length share a batch
+        L_units.sort(key=lambda u: -max(t_of[i] for _, idxs in u[1] for i in idxs))
+        rows_of = [len(u[1]) + 1 for u in L_units]
+        len_of = [max(t_of[i] for _, idxs in u[1] for i in idxs) + 1 for u in L_units]
+        batches += [L_units[a:b] for a, b in _batch_boundaries(rows_of, len_of, max_rows=batch_size)]
+    for batch in batches:
         L = batch[0][0][1]
         rows = []  # (seq, last position, removed experts or None, request indices)
+        clean_row = []  # each row's clean row: the one its unit starts with
         for (s, _L), items in batch:
             last = max(t_of[i] for _, idxs in items for i in idxs)
+            clean_row += [len(rows)] * (len(items) + 1)
             rows.append((s, last, None, [i for _, idxs in items for i in idxs]))
-            rows.extend((s, last, removed, idxs) for removed, idxs in items)
+            rows.extend((s, max(t_of[i] for i in idxs), removed, idxs) for removed, idxs in items)
         R, q_len = len(rows), max(r[1] for r in rows) + 1
         input_ids = torch.full((R, q_len), model.pad_id, dtype=torch.long)
         attn = torch.zeros((R, q_len), dtype=torch.long)
@@ -680,10 +695,7 @@ def _sequence_chunk(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass
         at = torch.tensor([chunk.index(r[0]) for r in rows], device=entering.device)
         start_hidden = entering[at, :q_len] if L > 0 else None
         reads, read_of = [], {}  # (row, t) pairs read, and the read index of each
-        clean_of = {}
         for r, (s, _last, removed, idxs) in enumerate(rows):
-            if removed is None:
-                clean_of[s] = r
             for i in idxs:
                 key = (r, t_of[i])
                 if key not in read_of:
@@ -711,7 +723,7 @@ def _sequence_chunk(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass
                 continue
             for i in idxs:
                 t = t_of[i]
-                c, a = read_of[(clean_of[s], t)], read_of[(r, t)]
+                c, a = read_of[(clean_row[r], t)], read_of[(r, t)]
                 g = (moe_out[L][c] - moe_out[L][a]).float()
                 gap = torch.linalg.vector_norm(g).item()
                 comp = np.nan
@@ -731,6 +743,54 @@ def _sequence_chunk(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass
                 row = clean.row(s, t)
                 premise[i, 1] = bool((np.sort(routed_at[c]) == np.sort(clean.routing[L]["indices"][row])).all())
             bar.update(len(idxs))
+
+
+#: The fixed cost of one traced forward, in token rows (rows x positions) of computation, with which
+#: :func:`_batch_boundaries` weighs another forward against the padding it saves.
+FORWARD_OVERHEAD_TOKENS = 1024
+
+
+def _length_segments(lengths: list[int], *, max_rows: int, extra_rows: int = 1) -> list[tuple[int, int]]:
+    """Cut rows sorted by decreasing prefix length into contiguous segments ``[a, b)`` of at most
+    ``max_rows`` rows, minimising the padded work ``sum((b - a + extra_rows) * lengths[a])``: each
+    segment is computed at its longest row's length, plus ``extra_rows`` rows of that length (the
+    clean row each segment carries). Exact dynamic programme, O(n * max_rows)."""
+    n = len(lengths)
+    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
+    for b in range(1, n + 1):
+        for a in range(max(0, b - max_rows), b):
+            c = best[a] + (b - a + extra_rows) * lengths[a]
+            if c < best[b]:
+                best[b], cut[b] = c, a
+    out, b = [], n
+    while b > 0:
+        out.append((cut[b], b))
+        b = cut[b]
+    return out[::-1]
+
+
+def _batch_boundaries(rows: list[int], lengths: list[int], *, max_rows: int,
+                      overhead: float = FORWARD_OVERHEAD_TOKENS) -> list[tuple[int, int]]:
+    """Pack units (``rows[j]`` rows each, sorted by decreasing ``lengths``) into batches ``[a, b)`` of
+    at most ``max_rows`` rows (a unit larger than that is a batch of its own), minimising the padded
+    work ``sum(total rows * lengths[a] + overhead)`` (one forward per batch, every row padded to the
+    batch's longest). Exact dynamic programme over the sorted units."""
+    n = len(rows)
+    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
+    for b in range(1, n + 1):
+        total = 0
+        for a in range(b - 1, -1, -1):
+            total += rows[a]
+            if total > max_rows and a < b - 1:
+                break
+            c = best[a] + total * lengths[a] + overhead
+            if c < best[b]:
+                best[b], cut[b] = c, a
+    out, b = [], n
+    while b > 0:
+        out.append((cut[b], b))
+        b = cut[b]
+    return out[::-1]
 
 
 def _group_batches(groups: list, batch_size: int, *, key=None) -> list[list]:
