@@ -36,7 +36,7 @@ from IPython.display import display
 from . import paths
 from .derived import read_derived, sha256, write_derived
 from .paper import LAYERS, MODELS, PAPER_METRIC_LABELS
-from .report import admonition
+from .report import admonition, text_html
 from .stats import correct_family
 
 RELEASED_REPO = "callmeloui/observational_metrics"
@@ -143,7 +143,9 @@ def released_dir(data_dir: str | os.PathLike | None = None, *, download: bool = 
                 _download(rel, cached / rel)
             return cached
         except (OSError, urllib.error.URLError) as err:  # URLError is an OSError
-            reason = f"downloading {len(missing)} file(s) from {RELEASED_URL} failed ({err})"
+            cause = getattr(err, "reason", err)  # urllib's URLError wraps the socket error
+            cause = getattr(cause, "strerror", None) or str(cause)
+            reason = f"downloading {len(missing)} file(s) from {RELEASED_URL} failed: {cause}"
     else:
         reason = f"{len(missing)} file(s) are missing there and download=False"
     raise ReleasedDataUnavailable(
@@ -646,7 +648,7 @@ def show_released_source(data_dir=None):
         display(admonition("note", "Released results: the original files", f"<p>Read from {what}.</p>",
                             f"Released results: {source.describe()}"))
     else:
-        body = (f"<p>The original files were not found ({html.escape(source.reason or '')}), so this page reads "
+        body = (f"<p>The original files were not found ({text_html(source.reason or '')}), so this page reads "
                 f"{what}. Its values are those of the original files, cell for cell (checked by the test suite "
                 "when the files are present). To read the files themselves, set <code>MOEAUDIT_DATA_DIR</code> to a "
                 "folder holding <code>paper-released/</code>, or run once with network access.</p>")

@@ -42,11 +42,38 @@ SIGNIFICANCE_NOTE = (
 )
 
 
+#: Width of the book's text column in inches at :data:`BOOK_DPI` (the theme's column is 688 CSS px
+#: at a desktop width): a figure at most this wide is shown at its own size, labels at their size.
+COLUMN_INCHES = 7.0
+#: Pixels per inch of the figures on the page (the PNG written for a figure of ``w`` inches is
+#: ``w * BOOK_DPI`` px wide).
+BOOK_DPI = 96
+
+
 def use_book_style() -> None:
-    """Seaborn theme and colour-blind-safe palette for every figure of the book."""
+    """Seaborn theme and colour-blind-safe palette for every figure of the book; figures default to
+    the column's width (:data:`COLUMN_INCHES` at :data:`BOOK_DPI`), so that they are shown at the
+    size they were drawn, with legible labels, and a figure with more panels grows in height."""
     sns.set_theme(context="notebook", style="whitegrid", palette=PALETTE)
-    plt.rcParams.update({"figure.dpi": 110, "savefig.dpi": 150, "figure.figsize": (7.5, 4.2),
-                         "axes.titleweight": "bold"})
+    plt.rcParams.update({"figure.dpi": BOOK_DPI, "savefig.dpi": BOOK_DPI, "figure.figsize": (COLUMN_INCHES, 4.0),
+                         "axes.titleweight": "bold", "axes.titlesize": 11, "figure.titlesize": 12})
+
+
+def panel_grid(n: int, *, ncols: int = 2, height: float = 3.2, sharey: bool = False, sharex: bool = False):
+    """``n`` panels in rows of at most ``ncols``, the column's width (:data:`COLUMN_INCHES`) and
+    ``height`` inches per row. Returns ``(fig, axes)``: ``axes`` a list of the ``n`` panels, row by
+    row; the grid's spare slots are hidden (:func:`finish_panels` puts the legend in the first one).
+    ``ValueError`` for ``n < 1`` or ``ncols < 1``."""
+    if n < 1 or ncols < 1:
+        raise ValueError(f"panel_grid needs n >= 1 and ncols >= 1, got n={n!r}, ncols={ncols!r}")
+    cols = min(ncols, n)
+    rows = -(-n // cols)
+    fig, grid = plt.subplots(rows, cols, figsize=(COLUMN_INCHES, height * rows), sharey=sharey, sharex=sharex,
+                             squeeze=False)
+    flat = list(grid.ravel())
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
 
 
 def model_colors(models) -> dict:
@@ -211,6 +238,12 @@ def describe(values) -> str:
     return f"min {np.nanmin(v):+.3f}, median {np.nanmedian(v):+.3f}, max {np.nanmax(v):+.3f}"
 
 
+def text_html(text: str) -> str:
+    """Plain text (a reason, a message) as HTML for a box: escaped, with each environment variable
+    written ``$NAME`` shown as code (``<code>NAME</code>``), so that no ``$`` reaches the page's math."""
+    return re.sub(r"\$([A-Z][A-Z0-9_]*)", r"<code>\1</code>", html.escape(text))
+
+
 def admonition(kind: str, title: str, body_html: str, plain: str):
     """An admonition as rich output: HTML in the theme's admonition classes, plain text otherwise."""
     from IPython.display import HTML  # noqa: PLC0415
@@ -259,7 +292,7 @@ def corpus_admonition(source, *, scope: str = "page", text_form: str | None = No
     if source.is_paper_corpus:
         body = f"<p>Evaluation corpus: {what} (parameter <code>corpus={html.escape(repr(source.requested))}</code>).{form}</p>"
         return admonition("note", "Corpus: WikiText-2", body, f"Corpus: {source.describe()}")
-    why = (f" WikiText-2 was not found: {html.escape(source.fallback_reason)}." if source.fallback_reason else "")
+    why = (f" WikiText-2 was not found: {text_html(source.fallback_reason)}." if source.fallback_reason else "")
     body = (f"<p>Evaluation corpus: {what} (parameter <code>corpus={html.escape(repr(source.requested))}</code>)."
             f"{why}{form}</p><p>{_SCOPES[scope]} To use WikiText-2, set <code>MOEAUDIT_DATA_DIR</code> to a "
             "folder holding <code>wikitext-2/</code> (<code>test.txt</code> or <code>wiki.test.raw</code>), or run "
@@ -920,30 +953,74 @@ def significance_stars(p) -> str:
     return "***" if p < 0.001 else "**" if p < 0.01 else "*" if p < 0.05 else ""
 
 
-def model_panels(models, *, height: float = 3.9, sharey: bool = False):
-    """One panel per model in a row, titled with the model's name, with room on the right for a
-    figure legend (see :func:`finish_panels`). Returns ``(fig, axes)``, ``axes`` a list."""
-    fig, axes = plt.subplots(1, len(models), figsize=(4.0 * len(models) + 2.2, height), sharey=sharey, squeeze=False)
-    for ax, name in zip(axes[0], models):
+def model_panels(models, *, height: float = 3.2, sharey: bool = False, ncols: int = 2):
+    """One panel per model, titled with the model's name, in rows of at most ``ncols`` at the
+    column's width (:func:`panel_grid`; ``height`` inches per row). Returns ``(fig, axes)``, ``axes``
+    a list in the order of ``models``."""
+    fig, axes = panel_grid(len(models), ncols=ncols, height=height, sharey=sharey)
+    for ax, name in zip(axes, models):
         ax.set_title(name)
-    return fig, list(axes[0])
+    return fig, axes
 
 
 def finish_panels(fig, axes, *, title: str, ylabel: str, xlabel: str | None = None, zero_line: bool = False,
                   legend: bool = True) -> None:
-    """Label, lay out and show a :func:`model_panels` figure: ``ylabel`` on the first panel,
-    ``xlabel`` on every panel, a horizontal line at 0 if asked, the first panel's legend on the right."""
+    """Label, lay out and show a :func:`model_panels` (or :func:`panel_grid`) figure: ``ylabel`` on
+    the first panel of each row, ``xlabel`` on every panel, a horizontal line at 0 if asked, and the
+    first panel's legend in the grid's first spare slot, or below the panels when there is none.
+    A long ``title`` is wrapped to the figure's width."""
+    import textwrap  # noqa: PLC0415
+
     for ax in axes:
         if xlabel:
             ax.set_xlabel(xlabel, fontsize=9)
         if zero_line:
             ax.axhline(0, color="0.3", linewidth=0.8)
-    axes[0].set_ylabel(ylabel)
-    fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0, 0.8 if legend else 1, 1))
-    if legend:
-        fig.legend(*axes[0].get_legend_handles_labels(), fontsize=8, loc="center right")
+        if ax.get_subplotspec().colspan.start == 0:
+            ax.set_ylabel(ylabel)
+    fig.suptitle("\n".join(textwrap.wrap(title, 75)))
+    handles, labels = axes[0].get_legend_handles_labels() if legend else ([], [])
+    spare = [ax for ax in fig.axes if not ax.get_visible()]
+    if handles and spare:
+        fig.tight_layout()
+        box = spare[0].get_position()
+        fig.legend(handles, labels, fontsize=8, loc="center", bbox_to_anchor=(box.x0 + box.width / 2, box.y0 + box.height / 2))
+    elif handles:
+        n_rows = -(-len(labels) // 3)
+        fig.tight_layout(rect=(0, 0.05 * n_rows + 0.02, 1, 1))
+        fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=min(3, len(labels)), frameon=False)
+    else:
+        fig.tight_layout()
     plt.show()
+
+
+def show_table(table: pd.DataFrame, *, labels: dict | None = None, caption: str = "", formats: dict | None = None,
+               max_rows: int | None = 20, index: bool = False):
+    """Display ``table`` for reading in the text column: columns renamed by ``labels`` (a column not
+    in ``labels`` keeps its name with ``_`` read as a space, so that headers can wrap), values
+    formatted by ``formats`` (column -> format string or callable, by the *new* names), the index
+    hidden unless ``index``. A table longer than ``max_rows`` shows its first ``max_rows`` rows and
+    the rest in a collapsed block ("all N rows"). Returns the pandas Styler of the first part."""
+    from IPython.display import HTML, display  # noqa: PLC0415
+
+    labels = labels or {}
+    shown = table.rename(columns={c: labels.get(c, str(c).replace("_", " ")) for c in table.columns})
+
+    def styled(frame, cap):
+        st = frame.style.format(formats or {}, na_rep="–")
+        if not index:
+            st = st.hide(axis="index")
+        return st.set_caption(cap) if cap else st
+
+    if max_rows is None or len(shown) <= max_rows:
+        st = styled(shown, caption)
+        display(st)
+        return st
+    head = styled(shown.head(max_rows), f"{caption} (first {max_rows} of {len(shown)} rows)" if caption
+                  else f"first {max_rows} of {len(shown)} rows")
+    display(head)
+    display(HTML(f"<details><summary>all {len(shown)} rows</summary>{styled(shown, caption).to_html()}</details>"))
+    return head
 
 
 #: The paper's protocol and the released code's, for the table of departures. Each value is
