@@ -1,0 +1,69 @@
+"""The book's figure and table layout helpers: figures at the column's width, panels in rows,
+readable tables, box text without raw markup."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+
+from moeaudit import report  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _no_show(monkeypatch):
+    monkeypatch.setattr(plt, "show", lambda: None)
+    yield
+    plt.close("all")
+
+
+def test_figures_default_to_the_column_width():
+    report.use_book_style()
+    fig = plt.figure()
+    assert fig.get_size_inches()[0] * fig.dpi <= 688  # the text column in CSS px
+
+
+@pytest.mark.parametrize("n, rows", [(1, 1), (2, 1), (3, 2), (5, 3)])
+def test_panel_grid_wraps_into_rows_of_two(n, rows):
+    fig, axes = report.panel_grid(n, height=2.0)
+    assert len(axes) == n
+    assert fig.get_size_inches()[0] == pytest.approx(report.COLUMN_INCHES)
+    assert fig.get_size_inches()[1] == pytest.approx(2.0 * rows)
+    assert sum(not ax.get_visible() for ax in fig.axes) == rows * min(2, n) - n
+    with pytest.raises(ValueError, match="n >= 1"):
+        report.panel_grid(0)
+
+
+def test_finish_panels_labels_each_row_and_places_the_legend():
+    fig, axes = report.model_panels(["a", "b", "c"])
+    for ax in axes:
+        ax.plot([0, 1], [0, 1], label="line")
+    report.finish_panels(fig, axes, title="t " * 80, ylabel="d_z", xlabel="layer")
+    assert [ax.get_ylabel() for ax in axes] == ["d_z", "", "d_z"]  # first panel of each row
+    assert "\n" in fig._suptitle.get_text()  # a long title wraps
+    legend = fig.legends[0]
+    spare = next(ax for ax in fig.axes if not ax.get_visible()).get_position()
+    x, y = legend.get_bbox_to_anchor().transformed(fig.transFigure.inverted()).p0
+    assert spare.x0 <= x <= spare.x1 and spare.y0 <= y <= spare.y1  # in the spare slot
+
+
+def test_show_table_renames_and_collapses(monkeypatch):
+    shown = []
+    monkeypatch.setattr("IPython.display.display", shown.append)
+    df = pd.DataFrame({"cohens_dz": range(30), "p_t": [0.5] * 30})
+    report.show_table(df, labels={"cohens_dz": "d_z"}, max_rows=10, caption="cap")
+    head, rest = shown
+    html = head.to_html()
+    assert "d_z" in html and "p t" in html and "cohens_dz" not in html
+    assert "first 10 of 30 rows" in html
+    assert "<details>" in rest.data and "all 30 rows" in rest.data
+    shown.clear()
+    report.show_table(df.head(5))
+    assert len(shown) == 1
+
+
+def test_box_text_has_no_raw_dollar_or_markup():
+    out = report.text_html("set $MOEAUDIT_DATA_DIR <here> & retry")
+    assert "$" not in out and "<code>MOEAUDIT_DATA_DIR</code>" in out and "&lt;here&gt;" in out
