@@ -135,11 +135,12 @@ display(family.assign(
 # distribution.
 #
 # **Two tests.** The paired t-test uses $t = d_z\sqrt{n}$ = {glue:text}`pr_t` on $n-1$ =
-# {glue:text}`pr_dof` degrees of freedom ($p_t$ = {glue:text}`pr_p_t`); it assumes roughly normal
-# mean differences. The Wilcoxon signed-rank test ranks $|D_i|$ and compares the rank sums of the
-# positive and the negative differences ($W$ = {glue:text}`pr_W`, the smaller sum; $p_W$ =
-# {glue:text}`pr_p_W`); it assumes no normality, which matters for loss changes, whose distribution is
-# skewed. Here the two tests {glue:text}`pr_same_sign`.
+# {glue:text}`pr_dof` degrees of freedom ($p_t$ = {glue:text}`pr_p_t`); it assumes that $\bar D$ is
+# close to normally distributed (D itself normal, or n large). The Wilcoxon signed-rank test ranks
+# $|D_i|$ and compares the rank sums of the positive and the negative differences ($W$ =
+# {glue:text}`pr_W`, the smaller sum; $p_W$ = {glue:text}`pr_p_W`); it does not assume normality
+# (only that D is symmetric about its median under the null), which matters for loss changes, whose
+# distribution is skewed. Here the two tests {glue:text}`pr_same_sign`.
 #
 # **Family-wise error and the dual rule.** Testing many cells at level $\alpha$ each makes some
 # false positive likely. Bonferroni tests each of the family's $m$ = {glue:text}`pr_m` cells at
