@@ -40,10 +40,12 @@ def test_finish_panels_labels_each_row_and_places_the_legend():
     fig, axes = report.model_panels(["a", "b", "c"])
     for ax in axes:
         ax.plot([0, 1], [0, 1], label="line")
+    axes[2].plot([0, 1], [1, 0], label="only in the third panel")
     report.finish_panels(fig, axes, title="t " * 80, ylabel="d_z", xlabel="layer")
     assert [ax.get_ylabel() for ax in axes] == ["d_z", "", "d_z"]  # first panel of each row
     assert "\n" in fig._suptitle.get_text()  # a long title wraps
     legend = fig.legends[0]
+    assert [t.get_text() for t in legend.get_texts()] == ["line", "only in the third panel"]
     spare = next(ax for ax in fig.axes if not ax.get_visible()).get_position()
     x, y = legend.get_bbox_to_anchor().transformed(fig.transFigure.inverted()).p0
     assert spare.x0 <= x <= spare.x1 and spare.y0 <= y <= spare.y1  # in the spare slot
@@ -56,7 +58,8 @@ def test_show_table_renames_and_collapses(monkeypatch):
     report.show_table(df, labels={"cohens_dz": "d_z"}, max_rows=10, caption="cap")
     head, rest = shown
     html = head.to_html()
-    assert "d_z" in html and "p t" in html and "cohens_dz" not in html
+    assert report.show_table(df.head(2)) is None  # displayed once, not returned
+    assert "d_z" in html and "p_\u200bt" in html and "cohens_dz" not in html
     assert "first 10 of 30 rows" in html
     assert "<details>" in rest.data and "all 30 rows" in rest.data
     shown.clear()

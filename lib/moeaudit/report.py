@@ -210,7 +210,7 @@ def figure1(control: pd.DataFrame, observational: pd.DataFrame | None = None, *,
     95% CI bands; a grey band spans the range of all observational-metric cells. Marks as in
     :func:`dz_by_depth` with ``mark_reversals``: ``*`` above a passing cell with d_z > 0, ``▼`` below
     a passing reversal."""
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    fig, ax = plt.subplots(figsize=(COLUMN_INCHES, 4.2))
     if observational is not None and observational.cohens_dz.notna().any():  # untested cells (NaN) left out
         lo, hi = observational.cohens_dz.min(), observational.cohens_dz.max()
         ax.axhspan(lo, hi, color="0.6", alpha=0.25, label=f"all observational cells [{lo:+.2f}, {hi:+.2f}]")
@@ -967,7 +967,8 @@ def finish_panels(fig, axes, *, title: str, ylabel: str, xlabel: str | None = No
                   legend: bool = True) -> None:
     """Label, lay out and show a :func:`model_panels` (or :func:`panel_grid`) figure: ``ylabel`` on
     the first panel of each row, ``xlabel`` on every panel, a horizontal line at 0 if asked, and the
-    first panel's legend in the grid's first spare slot, or below the panels when there is none.
+    panels' legend entries (each label once) in the grid's first spare slot, or below the panels
+    when there is none.
     A long ``title`` is wrapped to the figure's width."""
     import textwrap  # noqa: PLC0415
 
@@ -979,7 +980,12 @@ def finish_panels(fig, axes, *, title: str, ylabel: str, xlabel: str | None = No
         if ax.get_subplotspec().colspan.start == 0:
             ax.set_ylabel(ylabel)
     fig.suptitle("\n".join(textwrap.wrap(title, 75)))
-    handles, labels = axes[0].get_legend_handles_labels() if legend else ([], [])
+    handles, labels = [], []
+    for ax in axes if legend else []:  # every panel's entries, each label once, in order of appearance
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
     spare = [ax for ax in fig.axes if not ax.get_visible()]
     if handles and spare:
         fig.tight_layout()
@@ -997,14 +1003,16 @@ def finish_panels(fig, axes, *, title: str, ylabel: str, xlabel: str | None = No
 def show_table(table: pd.DataFrame, *, labels: dict | None = None, caption: str = "", formats: dict | None = None,
                max_rows: int | None = 20, index: bool = False):
     """Display ``table`` for reading in the text column: columns renamed by ``labels`` (a column not
-    in ``labels`` keeps its name with ``_`` read as a space, so that headers can wrap), values
-    formatted by ``formats`` (column -> format string or callable, by the *new* names), the index
-    hidden unless ``index``. A table longer than ``max_rows`` shows its first ``max_rows`` rows and
-    the rest in a collapsed block ("all N rows"). Returns the pandas Styler of the first part."""
+    in ``labels`` keeps its name, with a break opportunity after each ``_`` so that a long header can
+    wrap), values formatted by ``formats`` (column -> format string or callable, by the *new* names;
+    a missing value shows as "–" without reaching the formatter), the index hidden unless ``index``.
+    A table longer than ``max_rows`` shows its first ``max_rows`` rows and the whole table in a
+    collapsed block ("all N rows"). Returns None (the table is displayed, not returned, so that it
+    is shown once when the call ends a cell)."""
     from IPython.display import HTML, display  # noqa: PLC0415
 
     labels = labels or {}
-    shown = table.rename(columns={c: labels.get(c, str(c).replace("_", " ")) for c in table.columns})
+    shown = table.rename(columns={c: labels.get(c, str(c).replace("_", "_\u200b")) for c in table.columns})
 
     def styled(frame, cap):
         st = frame.style.format(formats or {}, na_rep="–")
@@ -1013,14 +1021,12 @@ def show_table(table: pd.DataFrame, *, labels: dict | None = None, caption: str 
         return st.set_caption(cap) if cap else st
 
     if max_rows is None or len(shown) <= max_rows:
-        st = styled(shown, caption)
-        display(st)
-        return st
-    head = styled(shown.head(max_rows), f"{caption} (first {max_rows} of {len(shown)} rows)" if caption
-                  else f"first {max_rows} of {len(shown)} rows")
-    display(head)
+        display(styled(shown, caption))
+        return None
+    display(styled(shown.head(max_rows), f"{caption} (first {max_rows} of {len(shown)} rows)" if caption
+                   else f"first {max_rows} of {len(shown)} rows"))
     display(HTML(f"<details><summary>all {len(shown)} rows</summary>{styled(shown, caption).to_html()}</details>"))
-    return head
+    return None
 
 
 #: The paper's protocol and the released code's, for the table of departures. Each value is
