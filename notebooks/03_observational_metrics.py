@@ -74,7 +74,7 @@ report.glue_values(reading_minutes=report.chapter_reading_minutes("03_observatio
 # depth, how far they measure different things, how evenly the router spreads the load,
 # and how the released code's versions of them differ from these definitions.
 
-# %%
+# %% tags=["hide-input"]
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -102,6 +102,8 @@ for name in models:
     for L in audited[name]:
         ctx.model.layout.check_layer(L)
 metrics = pd.concat([ctx.metrics.assign(model=name) for name, ctx in contexts.items()], ignore_index=True)
+
+# %% tags=["remove-input"]
 glue("n_metrics", len(METRICS), display=False)
 glue("models_text", Markdown("; ".join(
     f"**{name}**: {ctx.model.layout.num_experts} routed experts × {len(ctx.model.layout.moe_layers)} MoE layers, "
@@ -113,9 +115,10 @@ glue("models_text", Markdown("; ".join(
 #
 # ## Distributions across experts and depth
 #
-# Each point is one expert at one MoE layer; the boxes show the median and quartiles over a
-# layer's experts. The dashed line in the utilisation column is the uniform share $k/N_E$
-# ($N_E$ routed experts, top-$k$) that a perfectly balanced router would give every expert.
+# One figure per model. Each point is one expert at one MoE layer; the boxes show the median
+# and quartiles over a layer's experts. The dashed line in the utilisation panel is the uniform
+# share $k/N_E$ ($N_E$ routed experts, top-$k$) that a perfectly balanced router would give
+# every expert.
 # The two activation metrics are in the units of the hidden state (the L2 norm of the
 # expert's raw output vector) and are drawn on a log scale: a few experts have outputs many
 # times larger than the rest of their layer.
@@ -124,13 +127,13 @@ glue("models_text", Markdown("; ".join(
 UNITS = {"utilization_rate": "share of tokens", "activation_norm": "mean ‖E(x)‖₂",
          "mean_routing_weight": "router probability g", "activation_std": "std of ‖E(x)‖₂"}
 LOG_METRICS = ("activation_norm", "activation_std")  # positive, with a few very large values
-fig, axes = plt.subplots(len(models), len(METRICS), figsize=(3.6 * len(METRICS), 2.9 * len(models)), squeeze=False)
 pal = sns.color_palette(report.PALETTE)
-for r, name in enumerate(models):
+for name in models:  # one figure per model: its four metrics in rows of two panels
     m, lay = metrics[metrics.model == name], contexts[name].model.layout
     many = len(lay.moe_layers) > 8
-    for c, metric in enumerate(METRICS):
-        ax, log = axes[r][c], metric in LOG_METRICS
+    fig, axes = report.panel_grid(len(METRICS), height=2.6)
+    for c, (ax, metric) in enumerate(zip(axes, METRICS)):
+        log = metric in LOG_METRICS
         d = m.dropna(subset=[metric])
         d = d[d[metric] > 0] if log else d
         sns.boxplot(data=d, x="layer", y=metric, ax=ax, color=pal[c], fliersize=0, width=0.6,
@@ -139,14 +142,14 @@ for r, name in enumerate(models):
                       log_scale=log)
         if metric == "utilization_rate":
             ax.axhline(lay.top_k / lay.num_experts, color="0.25", linestyle="--", linewidth=1)
-        ax.set(xlabel="MoE layer" if r == len(models) - 1 else "", title=METRIC_LABELS[metric] if r == 0 else "")
+        ax.set_title(METRIC_LABELS[metric], fontsize=10)
+        ax.set_xlabel("MoE layer", fontsize=9)
         ax.set_ylabel(UNITS[metric] + (" (log scale)" if log else ""), fontsize=9)
         for i, lab in enumerate(ax.get_xticklabels() if many else []):  # at most about 8 layer labels
             lab.set_visible(i % max(1, len(lay.moe_layers) // 8) == 0)
-    axes[r][0].annotate(name, xy=(-0.42, 0.5), xycoords="axes fraction", rotation=90, va="center",
-                        ha="center", fontweight="bold")
-fig.tight_layout()
-plt.show()
+    fig.suptitle(f"{name}: the four metrics per expert, by MoE layer")
+    fig.tight_layout()
+    plt.show()
 
 # %% [markdown]
 # The table gives, for each model and metric, the Spearman correlation between the MoE layer
@@ -158,6 +161,8 @@ plt.show()
 # %%
 trend = pd.DataFrame({name: M.metric_depth_trend(metrics[metrics.model == name]) for name in models}).T
 trend.columns = [METRIC_LABELS[c] for c in trend.columns]
+
+# %% tags=["remove-input"]
 display(trend.style.format("{:+.2f}", na_rep="—").background_gradient(cmap="vlag", vmin=-1, vmax=1, axis=None)
         .set_caption("Trend of each metric's per-layer median across depth"))
 
@@ -189,6 +194,8 @@ for name in models:
                    "critical": critical_spearman_rho(n, alpha=alpha)}
                   for i in range(len(METRICS)) for j in range(i + 1, len(METRICS))]
 pairs = pd.DataFrame(pairs)
+
+# %% tags=["remove-input"]
 crits = pairs.groupby("model", sort=False).critical.max()
 glue("alpha_corr", alpha, display=False)
 glue("crit_text", Markdown(", ".join(f"{report.finite_or(crits[m], '{:.2f}', 'undefined (fewer than 4 experts)')} "
@@ -196,36 +203,45 @@ glue("crit_text", Markdown(", ".join(f"{report.finite_or(crits[m], '{:.2f}', 'un
      display=False)
 
 # %% tags=["hide-input"]
-ncols = max(len(v) for v in audited.values())
-# no layout engine while drawing: constrained layout would be recomputed for every annotated heat map
-fig, axes = plt.subplots(len(models), ncols, figsize=(2.5 * ncols + 1.6, 2.7 * len(models)), squeeze=False)
-for r, name in enumerate(models):
-    for c in range(ncols):
-        ax = axes[r][c]
-        if c >= len(audited[name]):
-            ax.axis("off")
-            continue
-        L = audited[name][c]
-        rho, n = corr[name, L]
-        sns.heatmap(rho, ax=ax, vmin=-1, vmax=1, cmap="vlag", annot=True, fmt="+.2f", annot_kws={"size": 7},
-                    cbar=False, square=True, xticklabels=SHORT, yticklabels=SHORT if c == 0 else False)
-        ax.set_title(f"layer {L} (n = {n})", fontsize=9)
-        if c == 0:
-            ax.set_ylabel(name, fontweight="bold", fontsize=9)
-        ax.tick_params(labelsize=8)
-fig.set_layout_engine("constrained")
-fig.colorbar(axes[0][0].collections[0], ax=axes, shrink=0.6, label="Spearman ρ across experts")
+def colorbar_beside(fig, axes, mappable, label, extend="neither"):
+    """One colour bar for a panel_grid figure: in its spare slot if it has one, else to the right."""
+    spare = [ax for ax in fig.axes if not ax.get_visible()]
+    if spare:
+        spare[0].set_visible(True)
+        spare[0].axis("off")
+        fig.colorbar(mappable, cax=spare[0].inset_axes([0.1, 0.55, 0.8, 0.09]), orientation="horizontal",
+                     label=label, extend=extend)
+    else:
+        fig.colorbar(mappable, ax=axes, shrink=0.8, label=label, extend=extend)
+
+
+PAIRS = [(i, j) for i in range(len(METRICS)) for j in range(i + 1, len(METRICS))]
+fig, axes = report.panel_grid(len(models), height=3.0)
+for ax, name in zip(axes, models):
+    grid = pd.DataFrame({f"L{L}\nn = {corr[name, L][1]}": [corr[name, L][0].iloc[i, j] for i, j in PAIRS]
+                         for L in audited[name]}, index=[f"{SHORT[i]}–{SHORT[j]}" for i, j in PAIRS])
+    sns.heatmap(grid, ax=ax, vmin=-1, vmax=1, cmap="vlag", annot=True, fmt="+.2f", annot_kws={"size": 8},
+                cbar=False)
+    ax.set_title(name, fontsize=10)
+    ax.tick_params(labelsize=8, rotation=0)
+fig.suptitle("Spearman ρ between the metrics across the experts of each audited layer")
+fig.tight_layout()
+colorbar_beside(fig, axes, axes[0].collections[0], "Spearman ρ across experts")
 plt.show()
 
 # %% [markdown]
-# Rows and columns: **util** utilization rate, **norm** activation norm, **weight** mean routing
-# weight, **std** activation std; n is the number of experts of the layer that enter the
-# correlation. {glue:md}`pairs_text`
+# Rows: the pairs of metrics, **util** utilization rate, **norm** activation norm, **weight** mean
+# routing weight, **std** activation std; columns: the audited layers, with n the number of experts
+# of the layer that enter the correlation. {glue:md}`pairs_text`
 
 # %%
 summary = pairs.groupby("pair").agg(median_rho=("rho", "median"), min_rho=("rho", "min"),
                                     max_rho=("rho", "max")).sort_values("median_rho")
-display(summary.style.format("{:+.2f}").set_caption("Spearman ρ of each metric pair over all audited layers and models"))
+
+# %% tags=["remove-input"]
+report.show_table(summary.reset_index(), labels={"median_rho": "median ρ", "min_rho": "smallest ρ", "max_rho": "largest ρ"},
+                  formats={c: "{:+.2f}" for c in ("median ρ", "smallest ρ", "largest ρ")},
+                  caption="Spearman ρ of each metric pair over all audited layers and models")
 by_abs = summary.median_rho.abs().sort_values()
 closest, farthest = by_abs.index[-1], by_abs.index[0]
 glue("pairs_text", Markdown(
@@ -263,8 +279,8 @@ glue("heat_limit", int(HEAT_LIMIT), display=False)
 glue("heat_factor", int(2 ** HEAT_LIMIT), display=False)
 cmap = sns.color_palette("vlag", as_cmap=True).copy()
 cmap.set_bad("black")
-fig, axes = plt.subplots(1, len(models), figsize=(4.4 * len(models), 4.6), squeeze=False)
-for ax, name in zip(axes[0], models):
+fig, axes = report.panel_grid(len(models), height=3.6)
+for ax, name in zip(axes, models):
     lay = contexts[name].model.layout
     rel = (metrics[metrics.model == name].pivot(index="expert", columns="layer", values="utilization_rate")
            / (lay.top_k / lay.num_experts))
@@ -276,14 +292,17 @@ for ax, name in zip(axes[0], models):
     ax.set_xticklabels(rel.columns, fontsize=8)
     for i, lab in enumerate(ax.get_xticklabels()):
         lab.set_visible(rel.shape[1] <= 8 or i % max(1, rel.shape[1] // 8) == 0)
-    ax.set(xlabel="MoE layer", ylabel="expert id", title=name)
+    ax.set_xlabel("MoE layer", fontsize=9)
+    ax.set_ylabel("expert id", fontsize=9)
+    ax.set_title(name, fontsize=10)
     ax.grid(False)
-    fig.colorbar(im, ax=ax, label="log₂(utilisation / uniform share)", shrink=0.85, extend="both")
+fig.suptitle("Utilisation relative to the uniform share (black: never selected)")
 fig.tight_layout()
+colorbar_beside(fig, axes, im, "log₂(utilisation / uniform share)", extend="both")
 plt.show()
 
 # %% [markdown]
-# The table summarises each MoE layer (`metrics.load_balance`). `never selected`: experts with no
+# The tables summarise each MoE layer, one table per model (`metrics.load_balance`). `never selected`: experts with no
 # selection on the corpus; the three other metrics are undefined for them, so they drop out of
 # every ranking (they are never active at an audited token either). `max / uniform`,
 # `min / uniform`: the highest and lowest utilisation as a multiple of $k/N_E$. `CV`: standard
@@ -300,9 +319,12 @@ load = pd.DataFrame([{"model": name, "layer": L, "audited": "●" if L in audite
 load = load.set_index(["model", "layer"]).rename(columns={
     "never": "never selected", "rare": "selected < 10 times", "max_rel": "max / uniform", "min_rel": "min / uniform",
     "cv": "CV", "top10_share": "top-10% share"})
-display(load.style.format({"max / uniform": "{:.2f}", "min / uniform": "{:.2f}", "CV": "{:.2f}",
-                           "top-10% share": "{:.1%}"})
-        .background_gradient(subset=["never selected"], cmap="Greys", vmin=0).set_caption("Load balance per MoE layer"))
+
+# %% tags=["remove-input"]
+for name in models:
+    report.show_table(load.loc[name].reset_index(), caption=f"{name}: load balance per MoE layer", max_rows=None,
+                      formats={"max / uniform": "{:.2f}", "min / uniform": "{:.2f}", "CV": "{:.2f}",
+                               "top-10% share": "{:.1%}"})
 never = load["never selected"].groupby(level="model", sort=False).sum()
 glue("never_text", Markdown(
     f"In this run {int(never.sum())} (expert, layer) slots are never selected"
@@ -356,8 +378,6 @@ glue("never_text", Markdown(
 # these models, not the authors' numbers.
 
 # %%
-glue("n_variants", len(M.RELEASED_UTILISATION_VARIANTS), display=False)
-glue("pad_share", released_pad_share, display=False)
 RHO = "ρ with paper's utilisation"
 rows, pad_stats = [], {}
 for name, ctx in contexts.items():
@@ -372,11 +392,17 @@ for name, ctx in contexts.items():
 cmp_all = pd.DataFrame(rows).rename(columns={"rho": RHO, "same_high": "same high expert",
                                              "same_low": "same low expert"})
 released_cmp = cmp_all[cmp_all.pad_share == released_pad_share].drop(columns="pad_share")
-display(released_cmp.set_index(["model", "layer", "variant"]).style
+
+# %% tags=["remove-input"]
+glue("n_variants", len(M.RELEASED_UTILISATION_VARIANTS), display=False)
+glue("pad_share", released_pad_share, display=False)
+one_variant = released_cmp.variant.nunique() == 1  # without padding only one variant exists: named in the caption
+display(released_cmp.drop(columns=["variant"] if one_variant else []).style.hide(axis="index")
         .format({RHO: "{:+.2f}", "same high expert": "{:.0%}", "same low expert": "{:.0%}"})
         .background_gradient(subset=["same high expert", "same low expert"], cmap="Greys_r", vmin=0, vmax=1)
         .set_caption(f"Released-code utilisation variants vs the paper's definition, audited layers "
-                     f"(padding share {released_pad_share:.0%})"))
+                     f"(padding share {released_pad_share:.0%})"
+                     + (f"; variant: {released_cmp.variant.iloc[0]}" if one_variant else "")))
 
 # %% [markdown]
 # `ρ`: Spearman correlation across the layer's experts between the paper's utilisation
@@ -385,7 +411,7 @@ display(released_cmp.set_index(["model", "layer", "variant"]).style
 # active expert as the paper's definition (`metrics.pick_active`), i.e. the share of the
 # audit's pairs it would leave unchanged (darker: fewer). {glue:md}`variants_text`
 
-# %%
+# %% tags=["remove-input"]
 pad = M.padding_summary(pad_stats, audited, top_k={n: c.model.layout.top_k for n, c in contexts.items()})
 glue("variants_text", Markdown(report.utilisation_variants_text(
     released_cmp, rho_col=RHO, n_variants=len(M.RELEASED_UTILISATION_VARIANTS), padding=pad,

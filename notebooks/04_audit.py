@@ -81,7 +81,7 @@ report.glue_values(reading_minutes=report.chapter_reading_minutes("04_audit"))
 # controls only the false-discovery rate (a weaker guarantee that passes more cells), are shown
 # beside Bonferroni; a verdict names the correction it holds under.
 
-# %%
+# %% tags=["hide-input"]
 import pandas as pd
 from IPython.display import Markdown, display
 from myst_nb import glue
@@ -127,8 +127,8 @@ display(family.assign(
     .set_caption("The toy family: effect size, both tests, the dual rule under three corrections, Bayes factor"))
 
 # %% [markdown]
-# **Effect size.** A cell's data are the paired differences $D_i = \Delta\mathcal{L}_{\text{high},i}
-# - \Delta\mathcal{L}_{\text{low},i}$, one per position. In cell {glue:text}`pr_cell` their mean is
+# **Effect size.** A cell's data are the paired differences
+# $D_i = \Delta\mathcal{L}_{\text{high},i} - \Delta\mathcal{L}_{\text{low},i}$, one per position. In cell {glue:text}`pr_cell` their mean is
 # {glue:text}`pr_mean` nats and their standard deviation {glue:text}`pr_sd` nats, so Cohen's
 # $d_z = \bar D / s_D$ = {glue:text}`pr_dz`: the mean difference in units of its own spread, free of
 # the loss's scale. Its exact 95% interval, {glue:text}`pr_dz_ci`, comes from the noncentral t
@@ -202,6 +202,8 @@ table = stats.audit_table(cells, by=("model", "ranking", "layer"), high_col="del
                           low_col="delta_loss_low", family=("model",), alpha=alpha, tost_bound_d=tost_bound_d,
                           power=power)
 verdicts = stats.family_verdicts(table, alpha=alpha)
+
+# %% tags=["remove-input"]
 glue("families", Markdown("; ".join(
     f"{r.cells} cells for {r.model} ({len(METRICS)} metrics × {r.cells // len(METRICS)} layers, "
     f"Bonferroni level α = {alpha:g}/{r.cells} = {r.alpha_bonferroni:.4g})" for r in verdicts.itertuples())),
@@ -222,10 +224,30 @@ display(Markdown(report.SIGNIFICANCE_NOTE))
 # test could pass at all at this level and sample size; and the smallest effect each family can
 # detect.
 
-# %%
+# %% tags=["remove-input"]
+def by_model(frame: pd.DataFrame, rows: list, caption: str) -> None:
+    """Show one row per model of ``frame`` as one column per model: ``rows`` lists (column, label,
+    format) of the quantities, top to bottom; a missing or NaN value reads "–"."""
+    def fmt(v, f):
+        return "–" if v is None or (isinstance(v, float) and v != v) else f.format(v)
+
+    out = pd.DataFrame({r["model"]: {label: fmt(r.get(col), f) for col, label, f in rows if col in frame.columns}
+                        for r in frame.to_dict("records")})
+    report.show_table(out, index=True, caption=caption, max_rows=None)
+
+
+COUNT = "{:d}"
+by_model(verdicts, [
+    ("cells", "cells", COUNT), ("untested", "untested", COUNT),
+    ("alpha_bonferroni", "Bonferroni level per cell", "{:.4g}"),
+    ("uncorrected_t", "t-test, uncorrected", COUNT), ("uncorrected_t_positive", "… of them with d_z > 0", COUNT),
+    ("bonferroni_t", "t-test, Bonferroni", COUNT), ("bonferroni_W", "Wilcoxon, Bonferroni", COUNT),
+    ("bonferroni_dual", "dual rule, Bonferroni", COUNT), ("holm_dual", "dual rule, Holm", COUNT),
+    ("bh_dual", "dual rule, Benjamini–Hochberg", COUNT), ("equivalent", "equivalent", COUNT),
+    ("tost_can_pass", "TOST can pass", "{}"), ("max_abs_dz", "largest |d_z|", "{:.3f}"),
+    ("share_positive", "share of cells with d_z > 0", "{:.0%}"), ("min_detectable_dz", "min detectable d_z", "{:.3f}")],
+    caption="Cells passing each test and correction, per model (counts of cells unless stated)")
 glue("tost_bound", tost_bound_d, display=False)
-display(verdicts.style.hide(axis="index").format(
-    {"alpha_bonferroni": "{:.4g}", "max_abs_dz": "{:.3f}", "share_positive": "{:.0%}", "min_detectable_dz": "{:.3f}"}, na_rep="—"))
 glue("verdict_text", Markdown(report.family_verdict_text(verdicts, table)), display=False)
 glue("power", power, display=False)
 glue("n_pos", n_positions, display=False)
@@ -233,10 +255,10 @@ glue("n_pos", n_positions, display=False)
 # %% [markdown]
 # {glue:md}`verdict_text`
 #
-# `min_detectable_dz` is the effect size the paired t-test detects with {glue:text}`power:.0%`
+# `min detectable d_z` is the effect size the paired t-test detects with {glue:text}`power:.0%`
 # power at n = {glue:text}`n_pos` positions and the family's Bonferroni level; effects below it can
-# be missed, so "not significant" is not "no effect". The `equivalent` column counts the cells
-# where the data positively support a small effect; `tost_can_pass` says whether TOST at the bound
+# be missed, so "not significant" is not "no effect". The `equivalent` row counts the cells
+# where the data positively support a small effect; `TOST can pass` says whether TOST at the bound
 # and level could pass in any cell of the family for *any* data (its smallest attainable p-value,
 # reached when the mean difference is exactly zero, must fall below the level). Where it is False,
 # `equivalent` is zero by design, not because of the data.
@@ -244,20 +266,14 @@ glue("n_pos", n_positions, display=False)
 # %% tags=["hide-input"]
 import matplotlib.pyplot as plt
 
-fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.8), sharey=True, squeeze=False)
-for ax, name in zip(axes[0], models):
+fig, axes = report.model_panels(models, height=3.2, sharey=True)
+colors = report.model_colors(list(METRICS))
+for ax, name in zip(axes, models):
     t = table[table.model == name].merge(cells[["model", "layer", "rel_depth"]].drop_duplicates(), on=["model", "layer"])
-    colors = report.model_colors(list(METRICS))
     for metric in METRICS:
         report.dz_by_depth(ax, t[t.ranking == metric], label=metric.replace("_", " "), color=colors[metric])
-    ax.axhline(0, color="0.3", linewidth=0.8)
-    ax.set_title(name)
-    ax.set_xlabel("relative depth of the MoE layer")
-axes[0][0].set_ylabel("Cohen's $d_z$ (95% CI)")
-axes[0][-1].legend(fontsize=8)
-fig.suptitle("Observational metrics: effect of ranking on the paired loss change")
-fig.tight_layout()
-plt.show()
+report.finish_panels(fig, axes, title="Observational metrics: effect of ranking on the paired loss change",
+                     ylabel="Cohen's $d_z$ (95% CI)", xlabel="relative depth of the MoE layer", zero_line=True)
 display(Markdown(report.depth_marks_caption(table)))  # what a * means, and which cells carry one
 
 # %% [markdown]
@@ -265,11 +281,16 @@ display(Markdown(report.depth_marks_caption(table)))  # what a * means, and whic
 # The paper's Tables 1–3 hold the same quantities for its three checkpoints. Counted from the
 # statistics stored in the authors' released files (the values the printed tables round):
 
-# %%
-display(paper_counts.style.hide(axis="index").format(
-    {"alpha_bonferroni": "{:.4g}", "max_abs_d": "{:.3f}", "share_positive": "{:.0%}"})
-        .set_caption("The paper's audit (Tables 1–3), per model: counts of cells, from the released statistics "
-                     "(*_both: t and Wilcoxon both below the corrected level; the files store no Wilcoxon sign)"))
+# %% tags=["remove-input"]
+by_model(paper_counts, [
+    ("cells", "cells", COUNT), ("alpha_bonferroni", "Bonferroni level per cell", "{:.4g}"),
+    ("uncorrected_t", "t-test, uncorrected", COUNT), ("uncorrected_t_positive", "… of them with d > 0", COUNT),
+    ("bonferroni_t", "t-test, Bonferroni", COUNT), ("bonferroni_W", "Wilcoxon, Bonferroni", COUNT),
+    ("bonferroni_both", "both tests, Bonferroni", COUNT), ("holm_both", "both tests, Holm", COUNT),
+    ("bh_both", "both tests, Benjamini–Hochberg", COUNT), ("max_abs_d", "largest |d|", "{:.3f}"),
+    ("share_positive", "share of cells with d > 0", "{:.0%}")],
+    caption="The paper's audit (Tables 1–3), per model: counts of cells, from the released statistics (both tests: "
+            "t and Wilcoxon both below the corrected level; the files store no Wilcoxon sign)")
 glue("comparison_text", Markdown(report.audit_comparison_text(verdicts, paper_counts, table, paper_names=paper.MODELS)),
      display=False)
 glue("limits", Markdown(report.audit_limits_text(default_models=all(m in ZOO_MODELS for m in models),
@@ -290,9 +311,13 @@ glue("limits", Markdown(report.audit_limits_text(default_models=all(m in ZOO_MOD
 # %%
 first = table.iloc[0]
 example = cells[(cells.model == first.model) & (cells.ranking == first.ranking) & (cells.layer == first.layer)]
+
+# %% tags=["remove-input"]
 display(Markdown(report.traceability_caption(first.model, first.ranking, first.layer)))
-display(example[["model", "ranking", "layer", "seq_id", "t", "expert_high", "expert_low", "value_high", "value_low",
-                 "delta_loss_high", "delta_loss_low", "diff"]].head(5).style.format(precision=4))
+shown = {"seq_id": "{}", "t": "{}", "expert_high": "{}", "expert_low": "{}", "value_high": "{:.3g}",
+         "value_low": "{:.3g}", "delta_loss_high": "{:+.3g}", "delta_loss_low": "{:+.3g}", "diff": "{:+.3g}"}
+names = {c: c.replace("_", "_\u200b") for c in shown}  # the caption's names, allowed to wrap after "_"
+_ = report.show_table(example[list(shown)].head(5), labels=names, formats={names[c]: f for c, f in shown.items()})
 
 # %% [markdown]
 # ## What this shows, and what it does not
@@ -362,7 +387,7 @@ display(example[["model", "ranking", "layer", "seq_id", "t", "expert_high", "exp
 # reach position t. Earlier layers change (the intervention-definitions chapter measures by how much).
 # ````
 
-# %%
+# %% tags=["remove-input"]
 lead = verdicts.iloc[0]
 n_first = int(lead.cells)
 glue("mde_now", float(lead.min_detectable_dz), display=False)

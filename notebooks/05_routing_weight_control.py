@@ -94,7 +94,7 @@ report.glue_values(reading_minutes=report.chapter_reading_minutes("05_routing_we
 # the t-test: when the router is more decisive at a token, is the difference in importance
 # larger?
 
-# %%
+# %% tags=["hide-input"]
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -152,9 +152,6 @@ observational_cells = pd.concat(observational_cells, ignore_index=True)
 control = stats.audit_table(control_cells, by=("model", "ranking", "layer"), high_col="delta_loss_high",
                             low_col="delta_loss_low", family=("model",), alpha=alpha, power=power)
 control_verdicts = stats.family_verdicts(control, alpha=alpha)
-glue("control_families", Markdown("; ".join(
-    f"{r.cells} layer{'s' if r.cells != 1 else ''} for {r.model} (Bonferroni level α = {alpha:g}/{r.cells} = "
-    f"{r.alpha_bonferroni:.3g})" for r in control_verdicts.itertuples())), display=False)
 depths = control_cells[["model", "layer", "rel_depth"]].drop_duplicates()
 control = control.merge(depths, on=["model", "layer"], how="left")
 
@@ -169,6 +166,11 @@ control = control.merge(rho[["model", "layer", "rho", "p", "ci_low", "ci_high"]]
     columns={"p": "rho_p", "ci_low": "rho_ci_low", "ci_high": "rho_ci_high"}), on=["model", "layer"], how="left")
 means = control_cells.groupby(["model", "layer"], sort=False)[["delta_loss_high", "delta_loss_low"]].mean()
 control = control.merge(means.reset_index(), on=["model", "layer"], how="left")
+
+# %% tags=["remove-input"]
+glue("control_families", Markdown("; ".join(
+    f"{r.cells} layer{'s' if r.cells != 1 else ''} for {r.model} (Bonferroni level α = {alpha:g}/{r.cells} = "
+    f"{r.alpha_bonferroni:.3g})" for r in control_verdicts.itertuples())), display=False)
 
 
 # %% tags=["hide-input"]
@@ -227,7 +229,7 @@ for name in models:
 # (positions resampled in pairs). The last row gives the two mean loss changes in nats, so the
 # effect size can be related to how much either ablation costs at all.
 
-# %%
+# %% tags=["remove-input"]
 display(Markdown("\n\n".join(control_summary_text(control[control.model == name], alpha=alpha) for name in models)))
 glue("control_verdict", Markdown(control_verdict_text(control, alpha=alpha)), display=False)
 
@@ -251,6 +253,8 @@ observational = stats.audit_table(observational_cells, by=("model", "ranking", "
                                   high_col="delta_loss_high", low_col="delta_loss_low",
                                   family=("model",), alpha=alpha, power=power)
 fig = report.figure1(control, observational)
+fig.set_size_inches(report.COLUMN_INCHES, 4.2)  # the column's width
+fig.tight_layout()
 plt.show()
 
 margins = same_layer_margins(control_against_observational(control, observational), control_cells,
@@ -268,27 +272,22 @@ display(Markdown(figure1_text(control, observational, alpha=alpha, margins=margi
 # %% tags=["hide-input"]
 abs_d = control_cells["diff"].abs()
 linthresh = 10.0 ** np.floor(np.log10(max(float(abs_d[abs_d > 0].quantile(0.1)), 1e-6))) if (abs_d > 0).any() else 1e-3
-n_models = len(models)
-fig, axes = plt.subplots(1, n_models, figsize=(max(6.5, 4.3 * n_models), 3.9), squeeze=False, sharey=True)
-for ax, name in zip(axes[0], models):
+fig, axes = report.model_panels(models, height=3.4, sharey=True)
+for ax, name in zip(axes, models):
     g = control_cells[control_cells.model == name].assign(ratio=lambda d: d.value_high / d.value_low)
     layer_order = sorted(g.layer.unique())
     sns.scatterplot(data=g, x="ratio", y="diff", hue="layer", hue_order=layer_order,
-                    palette=sns.color_palette("colorblind", len(layer_order)), s=14, alpha=0.6,
+                    palette=sns.color_palette("colorblind", len(layer_order)), s=12, alpha=0.6,
                     linewidth=0, ax=ax)
     ax.set_xscale("log")
     ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_yscale("symlog", linthresh=linthresh)
-    ax.axhline(0, color="0.3", linewidth=0.8)
-    ax.set_title(name)
-    ax.set_xlabel("routing-weight ratio $w_{high}/w_{low}$ (log scale)")
-    ax.legend(title="layer", fontsize=8, title_fontsize=8, loc="best")
-axes[0][0].set_ylabel(f"$D = \\Delta L_{{high}} - \\Delta L_{{low}}$ (nats)\nsymlog, linear within ±{linthresh:g}")
-fig.suptitle("Paired loss difference against the router's preference, per position")
-fig.tight_layout()
-plt.show()
+    ax.legend(title="layer", fontsize=7, title_fontsize=7, loc="best", markerscale=0.8)
+report.finish_panels(fig, axes, title="Paired loss difference against the router's preference, per position",
+                     ylabel=f"$D = \\Delta L_{{high}} - \\Delta L_{{low}}$ (nats)\nsymlog, linear within ±{linthresh:g}",
+                     xlabel="routing-weight ratio $w_{high}/w_{low}$ (log scale)", zero_line=True, legend=False)
 
 # %% [markdown]
 # ## How many positions would a detection need?
@@ -304,8 +303,13 @@ plan["n_needed"] = [stats.required_n(d, alpha=a, power=power) if abs(d) > 1e-3 e
 n_col = f"n for {power:.0%} power"
 plan = plan.rename(columns={"cohens_dz": "observed d_z", "alpha_corrected": "α_adj",
                             "mde_dz": "detectable |d_z| at n", "n_needed": n_col})
-display(plan.style.format({"observed d_z": "{:+.3f}", "α_adj": "{:.3g}", "detectable |d_z| at n": "{:.3f}",
-                           n_col: lambda n: "∞" if not np.isfinite(n) else f"{n:,.0f}"}).hide(axis="index"))
+
+# %% tags=["remove-input"]
+same = [c for c in ("n", "α_adj") if plan[c].nunique() == 1]  # stated once in the caption instead of per row
+_ = report.show_table(plan.drop(columns=same), labels={c: c for c in plan.columns}, caption="Positions needed to detect each control cell's observed effect"
+                      + "".join(f"; {c} = {plan[c].iloc[0]:{',.0f' if c == 'n' else '.3g'}} in every row" for c in same),
+                      formats={"observed d_z": "{:+.3f}", "α_adj": "{:.3g}", "detectable |d_z| at n": "{:.3f}",
+                               n_col: lambda n: "∞" if not np.isfinite(n) else f"{n:,.0f}"})
 glue("power", power, display=False)
 
 # %% [markdown]
@@ -314,7 +318,7 @@ glue("power", power, display=False)
 # is the number of positions that would be needed if the observed effect were the true one (∞
 # where it is practically zero).
 
-# %%
+# %% tags=["remove-input"]
 paper_n = int(released.stored_statistics(model="deepseek", experiment="control").n.iloc[0])
 paper_k = len(paper.LAYERS["olmoe"])
 paper_best = paper_control[(paper_control.model == "olmoe")].sort_values("value").iloc[-1]
@@ -440,7 +444,7 @@ display(Markdown(
 # and is reported on its own, as the one result to survive Bonferroni correction; {glue:md}`paper_trend`.
 # ````
 
-# %%
+# %% tags=["remove-input"]
 common_last = sorted({max(lay.moe_layers) for lay in layouts.values()})
 common_first = max(min(lay.moe_layers) for lay in layouts.values())
 ex_layer = common_last[0] if len(common_last) == 1 else max(layouts[models[0]].moe_layers)

@@ -83,7 +83,7 @@ report.glue_values(reading_minutes=report.chapter_reading_minutes("06_progressiv
 # `min_context=32`, the released minimum, to exclude short contexts here as well (this run:
 # `min_context` = {glue:text}`min_context`).
 
-# %%
+# %% tags=["hide-input"]
 import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
@@ -127,6 +127,8 @@ for name in models:
     display(Markdown(audit.model_summary(name, ctx, audited, rec,
                                           what=f"ablation records (k = 1 to {lay.top_k - 1} experts removed)")))
 records = pd.concat(all_records, ignore_index=True)
+
+# %% tags=["remove-input"]
 # the single-expert audit's family per model: every audited layer times every observational metric (chapter 4)
 _mde = [stats.min_detectable_dz(n_positions, alpha=alpha / (len(audited_layers[m]) * len(METRICS))) for m in models]
 glue("audit_mde", Markdown(f"{min(_mde):.2f}" if f"{min(_mde):.2f}" == f"{max(_mde):.2f}"
@@ -142,7 +144,18 @@ glue("audit_mde", Markdown(f"{min(_mde):.2f}" if f"{min(_mde):.2f}" == f"{max(_m
 
 # %%
 summary = progressive_summary(records, alpha=alpha)
-summary.head().round(3)
+
+# %% tags=["remove-input"]
+head = summary.head().assign(ci=lambda d: [f"[{lo:+.3f}, {hi:+.3f}]" for lo, hi in zip(d.ci_low, d.ci_high)],
+                             clean=lambda d: [f"{v:.3f}" for v in d.clean_loss])
+labels = {"mean": "mean ΔL", "ci": f"{1 - alpha:.0%} CI of the mean", "p05": "P5", "p95": "P95", "clean": "mean clean loss"}
+same = [c for c in ("model", "layer", "n", "clean") if head[c].nunique() == 1]  # named once, in the caption
+_ = report.show_table(
+    head[[c for c in ("model", "layer", "k", "n", "mean", "ci", "median", "p05", "p95", "clean") if c not in same]],
+    labels=labels, formats={c: "{:+.3f}" for c in ("mean ΔL", "median", "P5", "P95")},
+    caption="The first rows of summary: " + ", ".join({"model": "{}", "layer": "layer {}", "n": "n = {}",
+                                                       "clean": "mean clean loss {}"}[c].format(head[c].iloc[0])
+                                                      for c in same) + " (ΔL and losses in nats)")
 
 # %% [markdown]
 # ## Mean cumulative loss change (the paper's Table 8)
@@ -203,8 +216,8 @@ for name in models:
 
 # %% [markdown]
 # ## The redundancy cliff
-# Top row: mean cumulative loss change against $k$, one line per layer, with the confidence
-# interval of the mean. Bottom row: the same positions summarised by their median (dashed), P95
+# First figure: mean cumulative loss change against $k$, one line per layer, with the confidence
+# interval of the mean. Second figure: the same positions summarised by their median (dashed), P95
 # (solid) and P5 (dash-dotted). A layer with a redundancy buffer stays low as experts are
 # removed while the removals still raise the mean loss; a cliff is a sharp rise. A line that
 # stays near zero does not by itself show a buffer: removals whose mean effect is not
@@ -212,34 +225,47 @@ for name in models:
 # used for the buffer reading below, tells the two apart). The dotted line is `cliff_threshold`.
 
 # %% tags=["hide-input"]
-fig, axes = plt.subplots(2, len(models), figsize=(max(6.5, 4.3 * len(models)), 7.2), squeeze=False, sharex="col")
-for j, name in enumerate(models):
+all_layers = sorted({L for v in audited_layers.values() for L in v})  # one colour per layer index, in both figures
+layer_colors = dict(zip(all_layers, sns.color_palette("colorblind", len(all_layers))))
+K_LABEL = "k = number of highest-weight experts removed"
+
+
+def layer_legend(ax, styles=()):
+    """Legend entries on the first panel (finish_panels draws its legend): layers, then line styles."""
+    for L in all_layers:
+        ax.plot([], [], color=layer_colors[L], marker="o", label=f"L{L}")
+    for label, kw in styles:
+        ax.plot([], [], color="0.3", label=label, **kw)
+
+
+fig, axes = report.model_panels(models, height=3.2 if len(models) % 2 else 4.2)  # taller when the legend goes below
+for ax, name in zip(axes, models):
     s = summary[summary.model == name]
-    colors = dict(zip(audited_layers[name], sns.color_palette("colorblind", len(audited_layers[name]))))
-    top, bottom = axes[0][j], axes[1][j]
     for L in audited_layers[name]:
         g = s[s.layer == L].sort_values("k")
-        top.plot(g.k, g["mean"], marker="o", color=colors[L], label=f"L{L}")
-        top.fill_between(g.k, g.ci_low, g.ci_high, color=colors[L], alpha=0.18, linewidth=0)
-        bottom.plot(g.k, g.p95, marker="o", color=colors[L])
-        bottom.plot(g.k, g["median"], marker=".", linestyle="--", color=colors[L])
-        bottom.plot(g.k, g.p05, marker="v", markersize=4, linestyle="-.", color=colors[L])
-    for ax in (top, bottom):
-        ax.axhline(0, color="0.3", linewidth=0.8)
-        ax.axhline(cliff_threshold, color="0.3", linewidth=0.8, linestyle=":")
-        ax.set_xticks(range(1, layouts[name].top_k))
-    top.set_title(name)
-    bottom.set_xlabel("k = number of highest-weight experts removed")
-    top.legend(fontsize=8, title="layer", title_fontsize=8)
-    bottom.legend(handles=[Line2D([], [], color="0.3", marker="o", label="P95"),
-                           Line2D([], [], color="0.3", marker=".", linestyle="--", label="median"),
-                           Line2D([], [], color="0.3", marker="v", markersize=4, linestyle="-.", label="P5"),
-                           Line2D([], [], color="0.3", linestyle=":", label="threshold")], fontsize=8)
-axes[0][0].set_ylabel(f"mean ΔL (nats), {1 - alpha:.0%} CI")
-axes[1][0].set_ylabel("P5, median and P95 of ΔL (nats)")
-fig.suptitle("Progressive ablation: loss change as the top-weighted active experts are removed")
-fig.tight_layout()
-plt.show()
+        ax.plot(g.k, g["mean"], marker="o", color=layer_colors[L])
+        ax.fill_between(g.k, g.ci_low, g.ci_high, color=layer_colors[L], alpha=0.18, linewidth=0)
+    ax.axhline(cliff_threshold, color="0.3", linewidth=0.8, linestyle=":")
+    ax.set_xticks(range(1, layouts[name].top_k))
+layer_legend(axes[0])
+report.finish_panels(fig, axes, title="Progressive ablation: mean loss change as the top-weighted active experts are removed",
+                     ylabel=f"mean ΔL (nats), {1 - alpha:.0%} CI", xlabel=K_LABEL, zero_line=True)
+
+# %% tags=["hide-input"]
+fig, axes = report.model_panels(models, height=3.2 if len(models) % 2 else 4.2)  # taller when the legend goes below
+for ax, name in zip(axes, models):
+    s = summary[summary.model == name]
+    for L in audited_layers[name]:
+        g = s[s.layer == L].sort_values("k")
+        ax.plot(g.k, g.p95, marker="o", color=layer_colors[L])
+        ax.plot(g.k, g["median"], marker=".", linestyle="--", color=layer_colors[L])
+        ax.plot(g.k, g.p05, marker="v", markersize=4, linestyle="-.", color=layer_colors[L])
+    ax.axhline(cliff_threshold, color="0.3", linewidth=0.8, linestyle=":")
+    ax.set_xticks(range(1, layouts[name].top_k))
+layer_legend(axes[0], styles=[("P95", dict(marker="o")), ("median", dict(marker=".", linestyle="--")),
+                              ("P5", dict(marker="v", markersize=4, linestyle="-.")), ("threshold", dict(linestyle=":"))])
+report.finish_panels(fig, axes, title="Progressive ablation: P5, median and P95 of the loss change",
+                     ylabel="P5, median and P95 of ΔL (nats)", xlabel=K_LABEL, zero_line=True)
 
 # %% [markdown]
 # ## Where does a layer break?
@@ -252,12 +278,21 @@ plt.show()
 # %%
 breaks = redundancy_breaks(summary, threshold=cliff_threshold)
 calls = threshold_calls(summary, threshold=cliff_threshold)
-display(breaks.style.format({"largest_step": fmt_signed, "mean_deepest": fmt_signed, "clean_loss": "{:.3f}",
-                             "ratio_to_clean": "{:.1%}", "first_k_above": lambda v: "none" if pd.isna(v) else f"{int(v)}"})
-        .hide(axis="index"))
+
+# %% tags=["remove-input"]
+for name in models:
+    b = breaks[breaks.model == name].drop(columns="model")
+    b["first_k_above"] = ["none" if pd.isna(v) else f"{int(v)}" for v in b.first_k_above]
+    report.show_table(b, caption=f"{name}: where each layer breaks "
+                      f"(threshold {cliff_threshold:g} nats; ΔL and losses in nats)", max_rows=None,
+                      labels={"first_k_above": "first k above", "largest_step": "largest step", "largest_step_k": "at k",
+                              "mean_deepest": "mean ΔL at the deepest k", "clean_loss": "mean clean loss",
+                              "ratio_to_clean": "deepest mean / clean loss"},
+                      formats={"largest step": fmt_signed, "mean ΔL at the deepest k": fmt_signed,
+                               "mean clean loss": "{:.3f}", "deepest mean / clean loss": "{:.1%}"})
 
 
-# %% tags=["hide-input"]
+# %% tags=["remove-input"]
 display(Markdown("\n\n".join(cliff_text(*(t[t.model == name] for t in (breaks, deepest, calls)),
                                          threshold=cliff_threshold, alpha=alpha) for name in models)))
 
@@ -286,7 +321,7 @@ display(Markdown("\n\n".join(cliff_text(*(t[t.model == name] for t in (breaks, d
 # :format: myst
 # ```
 
-# %%
+# %% tags=["remove-input"]
 paper_breaks = redundancy_breaks(paper, threshold=cliff_threshold).set_index("layer")
 paper_last, kmax_paper = int(paper.layer.max()), int(paper.k.max())
 p_last, p_deep = paper_breaks.loc[paper_last], paper[paper.k == kmax_paper].set_index("layer")
@@ -307,7 +342,7 @@ rel = rel[rel.k == kmax_paper]
 glue("paper_share_positive", Markdown(paper_share_positive_text(rel, alpha=alpha)), display=False)
 
 
-# %% tags=["hide-input"]
+# %% tags=["remove-input"]
 glue("comparison", Markdown("\n".join(cliff_comparison_text(
     *(t[t.model == name] for t in (breaks, deepest, calls)), paper_breaks.reset_index(),
     last=audited_layers[name][-1], threshold=cliff_threshold, alpha=alpha) for name in models)), display=False)
@@ -325,12 +360,12 @@ glue("comparison", Markdown("\n".join(cliff_comparison_text(
 # only one order: a low-weight-first order would remove less of the layer's output at each $k$,
 # a random order something in between. A mean that stays small does not mean that no position
 # is hurt: the P95 and the share of positions whose loss *fell* show that small means net large
-# changes of both signs. The means depend on the sampled positions (the intervals in the figure
-# show how much), and whether a layer "breaks" depends on `cliff_threshold`, which the paper does
+# changes of both signs. The means depend on the sampled positions (the intervals of the mean in the
+# redundancy-cliff figure show how much), and whether a layer "breaks" depends on `cliff_threshold`, which the paper does
 # not state. With the book's small models, the numbers describe those models, not the paper's
 # OLMoE checkpoint.
 
-# %%
+# %% tags=["remove-input"]
 glue("shows_summary", Markdown(progressive_overview_text(buffer_readings(breaks, deepest, calls, threshold=cliff_threshold), breaks,
                                                          threshold=cliff_threshold)), display=False)
 
@@ -343,7 +378,7 @@ glue("shows_summary", Markdown(progressive_overview_text(buffer_readings(breaks,
 # :label: 06_progressive_ablation-ex1
 #
 # The verdict "layer L breaks at k" depends on a threshold that the
-# paper does not state. Predict how the table "Where does a layer break?" changes with
+# paper does not state. Predict how the tables of "Where does a layer break?" change with
 # `cliff_threshold 0.05`, then run
 #
 # ```bash
@@ -366,8 +401,8 @@ glue("shows_summary", Markdown(progressive_overview_text(buffer_readings(breaks,
 # ````{exercise} How wide are the intervals?
 # :label: 06_progressive_ablation-ex2
 #
-# Predict how the confidence bands of the top row of the
-# figure change with `alpha 0.01` (a higher confidence level): compute the factor by which every
+# Predict how the confidence bands of the first figure of the
+# redundancy cliff change with `alpha 0.01` (a higher confidence level): compute the factor by which every
 # interval's half-width is multiplied (the intervals are Student-t intervals of a mean over the
 # run's positions) and check it in the downloaded notebook with
 # `check_06_progressive_ablation_2(answer, n_positions=n_positions, alpha=alpha)`
@@ -405,14 +440,14 @@ glue("shows_summary", Markdown(progressive_overview_text(buffer_readings(breaks,
 # :class: dropdown
 #
 # A new draw of positions is made from a smaller pool ({glue:md}`ex3_pool`), so all records are
-# computed afresh. The "mean clean loss" column of the break table tells whether the positions
+# computed afresh. The "mean clean loss" column of the break tables tells whether the positions
 # with more context are predicted better than this run's (this run: {glue:md}`ex3_clean`). The loss changes
 # can move either way: a confident prediction has more to lose, but a long context also offers
 # more routes to the same prediction. If the ordering of layers by their deepest-removal mean
 # changes, the earlier conclusion depended on which positions were drawn.
 # ````
 
-# %% tags=["hide-input"]
+# %% tags=["remove-input"]
 ex1 = redundancy_breaks(summary, threshold=0.05)
 glue("ex1_breaks", Markdown("; ".join(
     f"{m}: " + ", ".join(f"L{r.layer} {'none' if pd.isna(r.first_k_above) else f'k = {r.first_k_above}'}"

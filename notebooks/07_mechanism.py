@@ -96,7 +96,7 @@ report.glue_values(reading_minutes=report.chapter_reading_minutes("07_mechanism"
 # layer exists. The chapter computes both measures side by side, in the spirit of the
 # causal-mediation analyses of {cite}`vig2020causal` and {cite}`meng2022locating`.
 
-# %%
+# %% tags=["hide-input"]
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -122,11 +122,14 @@ def count(mask, what) -> str:
     return f"{int(mask.sum())} of {len(mask)} {what}"
 
 
+# %%
 paper_layers = released.redistribution(data_dir=data_dir)  # the authors' per-layer records (files or embedded table)
 paper_experts = released_expert_means(released.redistribution_experts(data_dir=data_dir))
 paper_layers["label"] = paper_layers.model.map({"olmoe": "paper: OLMoE-1B-7B", "qwen": "paper: Qwen1.5-MoE-A2.7B"})
 paper_layers["rel_depth"] = paper_layers.groupby("model").layer.transform(lambda s: s / s.max())
 paper_ratios = layer_gap_ratios(paper_layers, gap="mean_gap_norm").set_index("model")
+
+# %% tags=["remove-input"]
 printed = paper.paper_printed_values().query("table == 7 and quantity == 'mean_gap_norm'").sort_values("layer")
 for key, value in {"olmoe_gap_first": paper_ratios.loc["olmoe", "gap_first"], "olmoe_first": paper_ratios.loc["olmoe", "first_layer"],
                    "olmoe_gap_last": paper_ratios.loc["olmoe", "gap_last"], "olmoe_last": paper_ratios.loc["olmoe", "last_layer"],
@@ -176,7 +179,10 @@ geo = pd.concat(geo_all, ignore_index=True)
 rec = pd.concat(rec_all, ignore_index=True)
 rec_geo = rec.merge(geo[["model", "layer", "row", "expert", "rel_comp", "cos", "r_norm"]],
                     on=["model", "layer", "row", "expert"], how="left")
-display(pd.DataFrame(info).set_index("model").style.format(thousands=","))
+
+# %% tags=["remove-input"]
+_ = report.show_table(pd.DataFrame(info).set_index("model").T.map(lambda v: f"{v:,}" if isinstance(v, (int, np.integer)) else v),
+                      index=True, max_rows=None, caption="The models and the data of this chapter, one column per model")
 
 # %% [markdown]
 # ### Check: the gap is the removed weighted expert output
@@ -210,7 +216,10 @@ check = pd.DataFrame({
 })
 check["max in units of ε(‖r‖+‖g‖)/‖g‖"] = pd.Series(gap_rounding_ratio(
     rec_geo.gap_norm, rec_geo.weight * rec_geo.norm, rec_geo.r_norm, dtype=dtype)).groupby(rec_geo.model, sort=False).max()
-display(check.style.format({c: "{:.2e}" for c in check.columns if c != "ablations"}))
+
+# %% tags=["remove-input"]
+_ = report.show_table(check.rename_axis("model").reset_index(), labels={c: c for c in check.columns},
+                      formats={"ablations": "{:,}"} | {c: "{:.2e}" for c in check.columns if c != "ablations"})
 glue("check_max", float(rel_diff.max()), display=False)
 unit_max = float(check.iloc[:, -1].max())
 glue("check_verdict", Markdown(f"In units of that cancellation error the largest disagreement is {unit_max:.1f}" + (
@@ -233,16 +242,22 @@ depths = geo[["model", "layer", "rel_depth"]].drop_duplicates().set_index(["mode
 chains["rel_depth"] = [depths[(m, L)] for m, L in zip(chains.model, chains.layer)]
 ratios = pd.concat([layer_gap_ratios(chains),
                     layer_gap_ratios(paper_layers, label="label", gap="mean_gap_norm").rename(columns={"label": "model"})])
+
+# %% tags=["remove-input"]
 glue("paper_source", Markdown(released.released_source(data_dir).describe()), display=False)
 glue("ratio_lines", Markdown("The mean gap norm changes from first to last analysed MoE layer by: " + "; ".join(
     f"**{r.model}** {r.ratio_last_first:.2f}× (layer {r.first_layer} to {r.last_layer})" for r in ratios.itertuples()) + "."),
     display=False)
-display(ratios.set_index("model").style.format({"gap_first": "{:.3g}", "gap_last": "{:.3g}", "ratio_last_first": "{:.1f}×",
-                                                 "ratio_max_min": "{:.1f}×"}))
+_ = report.show_table(ratios, caption="Mean gap norm at the first and last analysed MoE layer, and its change across depth",
+                      labels={"first_layer": "first layer", "last_layer": "last layer", "gap_first": "gap norm, first",
+                              "gap_last": "gap norm, last", "ratio_last_first": "last / first",
+                              "ratio_max_min": "largest / smallest layer"},
+                      formats={"gap norm, first": "{:.3g}", "gap norm, last": "{:.3g}", "last / first": "{:.1f}×",
+                               "largest / smallest layer": "{:.1f}×"})
 
 # %% tags=["hide-input"]
 colors = report.model_colors(models)
-fig, ax = plt.subplots(figsize=(7.5, 4.4))
+fig, ax = plt.subplots(figsize=(report.COLUMN_INCHES, 4.4))
 for m in models:
     s = chains[chains.model == m]
     ax.plot(s.rel_depth, s.mean_gap, marker="o", color=colors[m], label=m)
@@ -265,10 +280,11 @@ fig.tight_layout()
 # compare across models; on the log axis equal vertical distances are equal ratios.
 
 # %% [markdown]
-# ## The two correlation chains (Table 7 layout)
+# ## The two correlation chains (the quantities of Table 7)
 # For each model and layer, correlations are Spearman ρ across experts (each expert with at least
 # `min_activations` activations; `moeaudit.audit.chain_correlations`), with the paper's markers:
-# ${}^{*}p < 0.05$, ${}^{**}p < 0.01$, ${}^{***}p < 0.001$ (two-sided, uncorrected, as in the paper). Rows:
+# ${}^{*}p < 0.05$, ${}^{**}p < 0.01$, ${}^{***}p < 0.001$ (two-sided, uncorrected, as in the paper).
+# One table per model, one row per layer; its columns:
 #
 # - **Mean gap norm**, as above (all tokens of the corpus).
 # - **ρ(rw, gap norm)**: mean routing weight $g_e(\mathbf{x}_t)$ (the router's softmax probability,
@@ -281,7 +297,7 @@ fig.tight_layout()
 #   the very (t, e) pairs that were ablated, so that the two measures can be compared on the same
 #   data and differences are not a matter of sample size.
 #
-# Read the last three rows together: the second and the third use the same ablations, so where
+# Read the last three columns together: the second and the third use the same ablations, so where
 # they differ in sign or significance, the released measure and the re-measured one rank the
 # experts differently on identical data; the first and the third differ only in how many tokens
 # enter each expert's mean.
@@ -312,14 +328,13 @@ def cell(r, key, pkey, last_layer) -> str:
 shown = []
 for m in models:
     c = chains[chains.model == m].sort_values("layer")
-    shown += [cell(r, key, pkey, last_moe_layer[m]) for r in c.itertuples() for key, pkey, _ in ROWS]
-    table = pd.DataFrame({f"L{r.layer}": {label: cell(r, key, pkey, last_moe_layer[m]) for key, pkey, label in ROWS}
-                          for r in c.itertuples()})
+    table = pd.DataFrame([{"layer": r.layer, **{label: cell(r, key, pkey, last_moe_layer[m]) for key, pkey, label in ROWS}}
+                          for r in c.itertuples()])
+    shown += table.drop(columns="layer").to_numpy().ravel().tolist()
     display(Markdown(f"### {m}"))
-    display(table.style.set_caption(
+    report.show_table(table, max_rows=None, caption=(
         f"{m}: correlations across experts (N = {span(c.n_experts, '.0f')} experts on all tokens; "
-        f"{span(c.n_experts_abl, '.0f')} on the ablation sample of {n_positions} positions)")
-        .set_properties(**{"text-align": "center"}))
+        f"{span(c.n_experts_abl, '.0f')} on the ablation sample of {n_positions} positions)"))
 glue("na_note", Markdown("\"n/a\" (shown above) marks a correlation that is undefined: fewer than three experts pass "
                          "`min_activations`, or one column is constant." if "n/a" in shown else
                          "No other correlation in these tables is undefined."), display=False)
@@ -328,19 +343,18 @@ glue("na_note", Markdown("\"n/a\" (shown above) marks a correlation that is unde
 # `undefined` at the last MoE layer: there the downstream compensation is exactly zero for every
 # ablation (no later MoE layer exists), so no correlation with it exists. {glue:md}`na_note`
 #
-# For reference, the same rows as stored in the authors' released per-layer records (the paper's
-# Table 7 is the Qwen part; the OLMoE rows are its Figure 2). In the released implementation the
+# For reference, the same columns as stored in the authors' released per-layer records (the paper's
+# Table 7 is the Qwen part; the OLMoE values are its Figure 2). In the released implementation the
 # router rows (flattened over batch × sequence, padding included) are paired with the masked
 # expert-output rows, so after the first padded sequence the routing weights belong to other
 # tokens; the stored ρ(rw, gap norm) is therefore not exactly the quantity it names.
 
 # %% tags=["hide-input"]
 for lab, s in paper_layers.sort_values("layer").groupby("label", sort=False):
-    ref = pd.DataFrame({f"L{r.layer}": {"Mean gap norm": f"{r.mean_gap_norm:.3g}",
-                                        "ρ(rw, gap norm)": f"{r.rho_rw_gap:+.3f}{stars(r.p_rw_gap)}",
-                                        "ρ(gap norm, rel. comp.), released measure":
-                                            f"{r.rho_gap_comp:+.3f}{stars(r.p_gap_comp)}"} for r in s.itertuples()})
-    display(ref.style.set_caption(lab).set_properties(**{"text-align": "center"}))
+    report.show_table(pd.DataFrame([{"layer": r.layer, "Mean gap norm": f"{r.mean_gap_norm:.3g}",
+                                     "ρ(rw, gap norm)": f"{r.rho_rw_gap:+.3f}{stars(r.p_rw_gap)}",
+                                     "ρ(gap norm, rel. comp.), released measure": f"{r.rho_gap_comp:+.3f}{stars(r.p_gap_comp)}"}
+                                    for r in s.itertuples()]), caption=lab, max_rows=None)
 
 # %% [markdown]
 # ## Figure 2: both chains across depth
@@ -350,7 +364,7 @@ for lab, s in paper_layers.sort_values("layer").groupby("label", sort=False):
 # released records (released measure).
 
 # %% tags=["hide-input"]
-fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), sharey=True)
+fig, axes = report.panel_grid(2, height=4.6, sharey=True)
 
 
 def chain_line(ax, s, rho, p, color, **kw):
@@ -366,19 +380,17 @@ for m in models:
     chain_line(axes[0], s, "rho_rw_gap", "p_rw_gap", colors[m], marker="o", label=m)
     chain_line(axes[1], s, "rho_gap_comp", "p_gap_comp", colors[m], marker="o", label=m)
     chain_line(axes[1], s, "rho_gap_down", "p_gap_down", colors[m], marker="s", ls="--", mfc="white",
-               label=f"{m}: re-measured downstream comp.")
+               label=f"{m}, re-measured")
 for (lab, s), mk, shade in zip(paper_layers.groupby("label", sort=False), ("s", "D"), ("0.25", "0.55")):
     chain_line(axes[0], s, "rho_rw_gap", "p_rw_gap", shade, marker=mk, ms=3, lw=1, ls=":", label=lab)
     chain_line(axes[1], s, "rho_gap_comp", "p_gap_comp", shade, marker=mk, ms=3, lw=1, ls=":", label=lab)
-for ax, title in zip(axes, ("routing weight → gap norm", "gap norm → compensation\n(solid: released measure; dashed: re-measured)")):
-    ax.axhline(0, color="0.3", lw=0.8)
-    ax.set_xlabel("relative depth of the MoE layer (0 = first, 1 = last)")
-    ax.set_title(title)
+for ax, title in zip(axes, ("routing weight → gap norm", "gap norm → compensation\n(solid: released; dashed: re-measured)")):
+    ax.set_title(title, fontsize=10)
     ax.set_ylim(-1.05, 1.1)
-axes[0].set_ylabel("Spearman ρ across experts")
-fig.suptitle("Redistribution analysis: the two correlation chains across depth")
-fig.tight_layout()
-_ = fig.legend(*axes[1].get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0.02), ncol=3, fontsize=8)
+# the right panel first: finish_panels takes the legend from the first panel given, which here has every line
+report.finish_panels(fig, axes[::-1], title="Redistribution analysis: the two correlation chains across depth",
+                     ylabel="Spearman ρ across experts", xlabel="relative depth (0 = first MoE layer, 1 = last)",
+                     zero_line=True)
 
 # %% [markdown]
 # ## What sets the sign of the second chain
@@ -393,8 +405,8 @@ _ = fig.legend(*axes[1].get_legend_handles_labels(), loc="upper center", bbox_to
 # $\mathbf{r}$ is not orthogonal to $\mathbf{g}$. Where it falls, only the first factor can make
 # the correlation positive: experts with larger gaps must also be markedly better *aligned* with
 # the rest of the output. The sign of the second chain is decided by which factor moves faster
-# with the gap norm across experts. The table
-# gives, per layer, ρ of each factor with the gap norm, the median over experts of the mean
+# with the gap norm across experts. The tables
+# give, per model and layer, ρ of each factor with the gap norm, the median over experts of the mean
 # cosine, and the log–log slopes against the gap norm (a slope $s$ means the quantity grows as
 # $\lVert\mathbf{g}\rVert^{s}$; `moeaudit.audit.compensation_factors`). The released records
 # store no $\lVert\mathbf{r}\rVert$, so that factor is "n/a" there.
@@ -413,13 +425,14 @@ glue("identity_dev", float(identity.max()), display=False)
 cols = {"rho_gap_comp": "ρ(gap, rel. comp.)", "rho_gap_cos": "ρ(gap, cos)", "rho_gap_rg": "ρ(gap, ‖r‖/‖g‖)",
         "median_cos": "median cos", "slope_cos": "slope of cos", "slope_r_over_g": "slope of ‖r‖/‖g‖",
         "slope_rel_comp": "slope of rel. comp."}
-display(factors.set_index(["model", "layer"])[list(cols)].rename(columns=cols).style
-        .format("{:+.2f}", na_rep="n/a").format("{:.3f}", subset=["median cos"])
-        .set_caption("Chain 2 decomposed: correlation and log–log slope of each factor against the mean gap norm, "
-                     "across experts, per layer"))
+for m, f in factors.groupby("model", sort=False):
+    display(f[["layer", *cols]].rename(columns=cols).style.hide(axis="index")
+            .format("{:+.2f}", na_rep="n/a", subset=list(cols.values())).format("{:.3f}", subset=["median cos"], na_rep="n/a")
+            .set_caption(f"{m}: chain 2 decomposed, correlation and log–log slope of each factor against the mean gap "
+                         "norm, across experts, per layer"))
 
 
-# %% tags=["hide-input"]
+# %% tags=["remove-input"]
 b, p_ol = book_factors, paper_factors[paper_factors.model == "paper: OLMoE-1B-7B"]
 sig, pos = p_ol.p_gap_comp < paper.PAPER_ALPHA, b[b.rho_gap_comp > 0]
 glue("sign_contrast", Markdown(
@@ -433,7 +446,7 @@ glue("sign_contrast", Markdown(
     + ")."), display=False)
 cos_book, cos_ol = b.slope_cos, p_ol.slope_cos
 
-# %% tags=["hide-input"]
+# %% tags=["remove-input"]
 glue("factor_summary", Markdown(
     f"- **The ‖r‖/‖g‖ factor** falls with the gap norm at {count(b.rho_gap_rg < 0, 'layers')} of the book's models "
     f"(ρ {span(b.rho_gap_rg)}, slope {span(b.slope_r_over_g)}).\n"
@@ -456,7 +469,7 @@ glue("factor_verdict", Markdown(
     if cos_ol.min() > cos_book.max() else
     (f"The cosine slopes of the book's models ({span(cos_book)}) and of the released OLMoE records ({span(cos_ol)}) "
      "overlap on this run, so the slope of the cosine alone does not separate the two; compare the slope of the "
-     "relative compensation itself in the table.")), display=False)
+     "relative compensation itself in the tables.")), display=False)
 glue("race_summary", Markdown(
     f"on this run the correlation is negative (the 1/‖g‖ factor wins) at {count(b.rho_gap_comp < 0, 'layers')} of the "
     f"book's models and positive (the alignment wins) at {count(p_ol.rho_gap_comp > 0, 'layers')} of the released "
@@ -475,7 +488,7 @@ glue("cos_chance_verdict", Markdown(
      if far else "Every model's median cosine is positive, but none lies above the spread of unrelated directions at "
      "every layer. ") if (chance.lo > 0).all() else "Some median cosines are not positive. "), display=False)
 
-# %% tags=["hide-input"]
+# %% tags=["remove-input"]
 sep = slope_sign_separation(factors.slope_cos, factors.rho_gap_comp)
 glue("slope_verdict", Markdown(
     "On this run every layer has the same sign, so there are no two groups to separate." if sep["separated"] is None else
@@ -521,7 +534,7 @@ glue("slope_verdict", Markdown(
 # {glue:md}`slope_verdict`
 
 # %% tags=["hide-input"]
-fig, ax = plt.subplots(figsize=(7, 4.2))
+fig, ax = plt.subplots(figsize=(report.COLUMN_INCHES, 4.2))
 for m, s in factors.groupby("model", sort=False):
     style = dict(color=colors[m], marker="o") if m in colors else dict(color="0.35" if "OLMoE" in m else "0.65",
                                                                         marker="s" if "OLMoE" in m else "D")
@@ -535,7 +548,7 @@ fig.tight_layout()
 
 # %% [markdown]
 # ## What the two measures say on average
-# Beyond the rank correlations, the size of each measure matters. The table gives, per layer, the
+# Beyond the rank correlations, the size of each measure matters. The tables give, per model and layer, the
 # mean over the ablated (t, e) pairs of the released relative compensation and of the downstream
 # compensation, the share of ablations after which later layers moved back along the removed
 # vector, and the rank correlation between the two measures over the individual ablations (the
@@ -551,11 +564,18 @@ fig.tight_layout()
 
 # %%
 per_record = measure_agreement(rec_geo)
-display(per_record.set_index(["model", "layer"]).rename(columns={
-    "mean_rel_comp": "mean rel. comp. (released)", "mean_down": "mean downstream comp.",
-    "share_down_positive": "share with downstream comp. > 0", "rho": "ρ(released, downstream)"}).style.format(
-    {"mean rel. comp. (released)": "{:.3g}", "mean downstream comp.": "{:+.3g}", "share with downstream comp. > 0": "{:.0%}",
-     "ρ(released, downstream)": "{:+.3f}", "p": "{:.2g}"}, na_rep="n/a"))
+
+# %% tags=["remove-input"]
+for m, t in per_record.groupby("model", sort=False):
+    same = t.ablations.nunique() == 1  # stated once in the caption instead of per row
+    display(t.drop(columns=["model", *(["ablations"] if same else [])]).rename(columns={
+        "mean_rel_comp": "mean rel. comp. (released)", "mean_down": "mean downstream comp.",
+        "share_down_positive": "share with downstream comp. > 0", "rho": "ρ(released, downstream)"})
+        .style.hide(axis="index").format(
+        {"mean rel. comp. (released)": "{:.3g}", "mean downstream comp.": "{:+.3g}", "share with downstream comp. > 0": "{:.0%}",
+         "ρ(released, downstream)": "{:+.3f}", "p": "{:.2g}"}, na_rep="n/a")
+        .set_caption(f"{m}: the two measures over the ablated (t, e) pairs, per layer"
+                     + (f" ({int(t.ablations.iloc[0]):,} ablations per layer)" if same else "")))
 
 # %% [markdown]
 # The per-model summary below counts the layers at which each chain-2 correlation reaches the
@@ -565,7 +585,7 @@ display(per_record.set_index(["model", "layer"]).rename(columns={
 # correlation does not describe one stable relation in that model.
 
 
-# %% tags=["hide-input"]
+# %% tags=["remove-input"]
 def summary_line(m: str) -> str:
     c = chains[chains.model == m]
     down = c[c.layer != last_moe_layer[m]].dropna(subset=["rho_gap_down"])
@@ -622,7 +642,7 @@ display(Markdown("\n".join(map(summary_line, models))
 # this measure has not been computed; re-run this chapter with `models` set to the real
 # checkpoint ids (on a GPU) to obtain it.
 
-# %% tags=["hide-input"]
+# %% tags=["remove-input"]
 grow = ratios[ratios.model.isin(models)]
 glue("growth_summary", Markdown(
     f"On the book's models the mean gap norm changes from first to last analysed layer by a factor of "
@@ -659,7 +679,7 @@ glue("growth_summary", Markdown(
 # ````{exercise} Fewer ablations, same geometry
 # :label: 07_mechanism-ex2
 #
-# Predict which rows of the tiny-olmoe table change when the
+# Predict which columns of the tiny-olmoe table change when the
 # ablation sample shrinks, then run
 #
 # ```bash
@@ -671,12 +691,12 @@ glue("growth_summary", Markdown(
 # ````{solution} 07_mechanism-ex2
 # :class: dropdown
 #
-# The first three rows (mean gap norm, ρ(rw, gap norm) and the released measure) are computed on
+# The first three columns (mean gap norm, ρ(rw, gap norm) and the released measure) are computed on
 # all tokens of the corpus, so they do not change: {glue:md}`ex2_fixed` Only the ablation-sample
-# rows change. {glue:md}`ex2_bound`
+# columns change. {glue:md}`ex2_bound`
 # ````
 
-# %% tags=["hide-input"]
+# %% tags=["remove-input"]
 ex1 = chain_correlations(expert_means(geo, min_activations=20))
 ex1_abl = chains[["model", "layer"]].merge(chain_correlations(expert_means(rec_geo.drop(columns="prob"), min_activations=20),
                                                               pairs={"gap_down": ("mean_gap", "mean_down"),
@@ -702,5 +722,5 @@ top_k = {r["model"]: r["top-k"] for r in info}
 n_abl = 20 * top_k.get("tiny-olmoe", 0)
 glue("ex2_bound", Markdown(
     f"With 20 positions there are 20 × {top_k['tiny-olmoe']} = {n_abl} ablations per layer, so at most "
-    f"{n_abl // min_activations} experts can reach `min_activations` = {min_activations} and enter those rows "
+    f"{n_abl // min_activations} experts can reach `min_activations` = {min_activations} and enter those columns "
     f"(now {span(olmoe.n_experts_abl, '.0f')})." if olmoe is not None else ""), display=False)
