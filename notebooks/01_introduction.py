@@ -101,7 +101,7 @@ report.glue_values(reading_minutes=report.chapter_reading_minutes("01_introducti
 #
 # The cells below make the two rungs concrete on one token of one model.
 
-# %%
+# %% tags=["hide-input"]
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -124,7 +124,6 @@ report.use_book_style()
 # %%
 name = models[0]
 ctx = prepare(name, n_texts=n_texts, dtype=dtype, device=device, remote=remote, corpus=corpus_source, text_form=text_form, data_dir=data_dir, results_dir=results_dir)
-display(Markdown(audit.regime_line(name, ctx)))
 lay = ctx.model.layout
 L = lay.moe_layers[-1] if layer is None else int(layer)
 lay.check_layer(L)
@@ -132,9 +131,12 @@ n_tok = int(ctx.corpus.lengths[seq_id])
 t_ex = n_tok // 2 if t is None else int(t)
 if not 0 <= t_ex <= n_tok - 2:
     raise ValueError(f"t={t_ex} is out of range for text {seq_id} of {n_tok} tokens: use 0 <= t <= {n_tok - 2}")
-
-tok = ctx.model.tokenizer
 ids = ctx.corpus.sequences[seq_id]
+clean_loss = float(ctx.clean.tokens.loss.iloc[ctx.clean.row(seq_id, t_ex)])  # the clean pass's loss at t, nats
+
+# %% tags=["remove-input"]
+display(Markdown(audit.regime_line(name, ctx)))
+tok = ctx.model.tokenizer
 
 
 def _show(text: str) -> str:  # as plain text inside Markdown: no code spans, no line breaks, "<unk>" visible
@@ -144,7 +146,6 @@ def _show(text: str) -> str:  # as plain text inside Markdown: no code spans, no
 context = _show(tok.decode(ids[max(0, t_ex - 40):t_ex]))
 current = _show(tok.decode(ids[t_ex:t_ex + 1]))
 target = _show(tok.decode(ids[t_ex + 1:t_ex + 2]))
-clean_loss = float(ctx.clean.tokens.loss.iloc[ctx.clean.row(seq_id, t_ex)])
 display(Markdown(
     f"**Model** `{name}` ({lay.family}): {lay.n_layers} layers, {len(lay.moe_layers)} of them MoE, "
     f"{lay.num_experts} routed experts per MoE layer, top-{lay.top_k}"
@@ -180,6 +181,8 @@ example = pd.DataFrame({
 example.insert(1, "router rank", np.arange(1, len(example) + 1))
 example.insert(len(example.columns) - 1, "ablation rank",
                example["ΔL token"].rank(ascending=False, method="first").astype(int))
+
+# %% tags=["remove-input"]
 show_combine = not np.allclose(example["g"], example["combine weight"])
 cols = [c for c in example.columns if c != "combine weight" or show_combine]
 display(example[cols].style.format({"g": "{:.3f}", "combine weight": "{:.3f}", "gap norm": "{:.3f}",
@@ -201,23 +204,23 @@ display(Markdown(
     "(rung 2; positive: the prediction gets worse); `ablation rank` orders the experts by it. "
     "`ΔL sequence` removes the expert at every position up to t where it is routed (see below)."))
 
-# %%
-fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 0.45 * len(example) + 1.6), sharey=True)
+# %% tags=["hide-input"]
+fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(report.COLUMN_INCHES, 0.45 * len(example) + 1.8), sharey=True)
 ylab = [f"expert {e}" for e in example.expert]
 pal = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 ax1.barh(ylab, example["g"], color=pal[0])
 ax1.invert_yaxis()
-ax1.set_xlabel("routing weight $g_e(x_t)$ (probability)")
+ax1.set_xlabel("routing weight $g_e(x_t)$\n(probability)", fontsize=10)
 ax1.set_title("Rung 1: what the router says")
 ax2.barh(ylab, example["ΔL token"], color=[pal[3] if v > 0 else pal[2] for v in example["ΔL token"]])
 ax2.axvline(0, color="0.3", linewidth=0.8)
-ax2.set_xlabel("loss change when removed, $\\Delta\\mathcal{L}$ (nats)")
+ax2.set_xlabel("loss change when removed,\n$\\Delta\\mathcal{L}$ (nats)", fontsize=10)
 ax2.set_title("Rung 2: what removing it does")
 fig.suptitle(f"{name}, layer {L}, one token (text {seq_id}, t = {t_ex})", fontsize=11)
 fig.tight_layout()
 plt.show()
 
-# %%
+# %% tags=["remove-input"]
 display(Markdown(report.one_token_text(example)))
 
 # %% tags=["hide-input"]
@@ -263,7 +266,7 @@ with torch.no_grad(), ctx.model.nn.trace(input_ids=prefix):
     next_token_logits = ctx.model.nn.output.logits[0, t_ex].save()
 ablated_loss = torch.nn.functional.cross_entropy(next_token_logits[None].float(), torch.tensor([int(ids[t_ex + 1])]))
 
-# %%
+# %% tags=["remove-input"]
 by_trace = float(ablated_loss) - clean_loss
 by_engine = float(token_rec.delta_loss[[r[0] == e for r in token_rec.removed]].iloc[0])
 display(Markdown(
@@ -301,7 +304,7 @@ display(Markdown(
 # audited; the verification chapter shows how to tell them apart, and chapter 9 compares
 # the audit's results under both.
 
-# %%
+# %% tags=["remove-input"]
 gap = float(np.max(np.abs(example["ΔL token"] - example["ΔL sequence"])))
 is_last = L == lay.n_layers - 1
 display(Markdown(

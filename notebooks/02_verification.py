@@ -103,7 +103,7 @@ report.glue_values(reading_minutes=report.chapter_reading_minutes("02_verificati
 # attention. The inactive-position effect is then nonzero, yet usually smaller than the active
 # one. The chapter runs the suite in both modes and judges the position check by all three rules.
 
-# %%
+# %% tags=["hide-input"]
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -138,6 +138,8 @@ for name in models:
     display(Markdown(audit.regime_line(name, contexts[name])))
     for L in audited[name]:
         contexts[name].model.layout.check_layer(L)
+
+# %% tags=["remove-input"]
 layout_table = pd.DataFrame({name: layout_summary(ctx.model, audited_layers=audited[name], corpus=ctx.corpus)
                              for name, ctx in contexts.items()})
 order = ["family", "n_layers", "moe_layers", "audited_layers", "num_experts", "top_k", "active_ratio",
@@ -173,6 +175,8 @@ suite = pd.concat([verification_suite(ctx, layer=L, mode=m, seq_id=seq_id, fail_
 runs = suite.groupby(["model", "layer", "mode"], sort=False).passed.all()
 main_ok = runs.xs(mode, level="mode")
 c4 = check4_summary(suite, last_layer={n: c.model.layout.n_layers - 1 for n, c in contexts.items()})
+
+# %% tags=["remove-input"]
 glue("n_main_pass", int(main_ok.sum()), display=False)
 glue("n_main", len(main_ok), display=False)
 glue("main_mode", Markdown(mode), display=False)
@@ -215,7 +219,7 @@ display(styled(mode))
 # suites pass every check. {glue:md}`main_verdict` The table below repeats the suite in
 # {glue:md}`other_mode` mode, on the same text, positions and experts.
 
-# %%
+# %% tags=["remove-input"]
 failing = [f"{m} layer {L}" for (m, L), v in main_ok.items() if not v]
 glue("main_verdict", Markdown(
     "No check fails, so the records of these layers can be read as what they claim to be." if not failing else
@@ -234,24 +238,19 @@ display(styled(other_mode))
 
 # %% tags=["hide-input"]
 pos = suite[suite.key == "position"].assign(active=lambda d: d.d_active.abs(), inactive=lambda d: d.d_inactive.abs())
-fig, axes = plt.subplots(1, len(models), figsize=(4.3 * len(models), 3.8), squeeze=False)
+fig, axes = report.model_panels(models, height=3.4)
 pal = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 styles = {("token", "active"): (pal[0], "o", "-"), ("token", "inactive"): (pal[0], "o", ":"),
           ("sequence", "active"): (pal[1], "s", "-"), ("sequence", "inactive"): (pal[1], "s", ":")}
-for ax, name in zip(axes[0], models):
+for ax, name in zip(axes, models):
     for (m, w), (col, mk, ls) in styles.items():
         q = pos[(pos.model == name) & (pos["mode"] == m)].sort_values("layer")
         ax.plot(q.layer.astype(str), q[w], marker=mk, linestyle=ls, color=col,
                 markerfacecolor=col if w == "active" else "white", label=f"{m} mode, e {w}", clip_on=False)
-    ax.set_title(name)
-    ax.set_xlabel("audited MoE layer")
     ax.set_yscale("symlog", linthresh=1e-6)
     ax.set_ylim(bottom=0)
-axes[0][0].set_ylabel("|ΔL| from removing expert e\n(nats, symmetric log scale)")
-axes[0][-1].legend(fontsize=8)
-fig.suptitle("Position check: the same expert removed where it is active and where it is not", fontsize=11)
-fig.tight_layout()
-plt.show()
+report.finish_panels(fig, axes, title="Position check: one expert removed where it is active and where it is not",
+                     ylabel="|ΔL| from removing expert e\n(nats, symmetric log scale)", xlabel="audited MoE layer")
 
 # %% [markdown]
 # {glue:md}`check4_text`
@@ -269,6 +268,8 @@ rules = pd.DataFrame([{"model": r.model, "layer": r.layer, "mode": r["mode"], "�
 display(rules.style.format({"ΔL active": "{:+.3g}", "ΔL inactive": "{:+.3g}"})
         .format(lambda v: "✓" if v else "✗", subset=["paper", "released", "book"])
         .set_caption("The position check under the paper's, the released code's and the book's rule (ΔL in nats)"))
+
+# %% tags=["remove-input"]
 seq_where = ("at layers that are followed by further layers" if c4["n_seq_inner"] else "")
 glue("check4_text", Markdown(
     f"In token mode the inactive-position effect is exactly zero in {c4['n_token_zero']} of {c4['n_token']} suites "

@@ -96,7 +96,7 @@ report.glue_values(reading_minutes=report.chapter_reading_minutes("11_redundancy
 # 5. Does a smaller share of the output per expert explain the same facts without any compensation?
 # 6. Is it the number of active experts, or the active share k/E, that matters?
 
-# %%
+# %% tags=["hide-input"]
 import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
@@ -113,6 +113,8 @@ from moeaudit.zoo import REDUNDANCY_SEEDS, REDUNDANCY_SETTINGS
 
 report.use_book_style()
 power = 0.8  # power at which the smallest detectable effect is stated
+
+# %% tags=["remove-input"]
 glue("n_positions", n_positions, display=False)
 glue("alpha", alpha, display=False)
 glue("power", power, display=False)
@@ -149,11 +151,14 @@ for name in models:
     intros.append(audit.model_summary(name, ctx, audited, rec))
 single, prog = pd.concat(single, ignore_index=True), pd.concat(prog, ignore_index=True)
 members = redundancy.member_table(layouts)
+
+# %% tags=["remove-input"]
 shapes = sorted({(lay.n_layers, hidden[n]) for n, lay in layouts.items()})
 glue("run_shape", Markdown(report.join_words(f"{L} decoder layers and hidden size {H}" for L, H in shapes)), display=False)
 glue("intros", Markdown("\n\n".join(intros)), display=False)
-display(members.style.hide(axis="index").format({"k_over_E": "{:.3f}"})
-        .set_caption("The models of this run: routed experts E, top-k, the active share k/E and the training seed"))
+_ = report.show_table(members, labels={"n_experts": "routed experts E", "top_k": "top-k", "k_over_E": "k/E",
+                                      "seed": "training seed"}, formats={"k/E": "{:.3f}"}, max_rows=None,
+                      caption="The models of this run: routed experts E, top-k, the active share k/E and the training seed")
 
 # %% [markdown]
 # ````{admonition} The models and their records
@@ -166,8 +171,9 @@ display(members.style.hide(axis="index").format({"k_over_E": "{:.3f}"})
 # The same tests as chapters 4 and 5. Each cell gets a paired t-test with Cohen's $d_z$ and its
 # exact confidence interval, plus the Wilcoxon signed-rank test. A cell is *valid* in the sense
 # of the paper's Definition 2.1 when both tests pass at the model's Bonferroni level with the
-# same, positive sign. The summary table has one row per model; its columns are defined in its
-# caption.
+# same, positive sign. The summary has one row per model, in two tables (the audit, the control
+# and the deepest removal; then the single-expert ablations); their columns are defined in their
+# captions.
 
 # %%
 cells_obs = pd.concat(observational_cells, ignore_index=True)
@@ -181,8 +187,29 @@ audit, control = audit.merge(depths, on=["model", "layer"]), control.merge(depth
 validity = redundancy.validity_by_model(audit)
 prog_summary = progressive_summary(prog, alpha=alpha)
 summary = redundancy.per_model_table(members, audit=audit, control=control, single=single, progressive=prog)
-display(summary.drop(columns=["k_over_E"]).style.hide(axis="index").format(precision=3)
-        .set_caption("Per model: " + "; ".join(f"{k} = {v}" for k, v in redundancy.QUANTITIES.items())))
+
+# %% tags=["remove-input"]
+NAMES = {"audit_max_abs_dz": "audit: largest |d_z|", "audit_valid_cells": "audit: valid cells",
+         "control_mean_dz": "control: mean d_z", "control_valid_cells": "control: valid cells",
+         "single_mean_dl": "mean ΔL (nats)", "single_mean_abs_dl": "mean |ΔL| (nats)",
+         "single_mean_gap": "mean gap norm", "single_dl_per_gap": "ΔL per unit gap norm",
+         "single_abs_dl_per_gap": "|ΔL| per unit gap norm", "deepest_mean_dl": "deepest removal: mean ΔL (nats)",
+         "gap_growth": "gap norm, last / first audited layer"}  # the quantities' names in every table below
+num = lambda v, f="{:.3g}": "—" if pd.isna(v) else f.format(v)  # noqa: E731
+yes_no = lambda v: "—" if pd.isna(v) else ("yes" if v else "no")  # noqa: E731
+
+
+def with_ci(est, lo, hi, f="{:+.2g}") -> str:
+    """An estimate and its interval as one cell: ``+0.12 [+0.05, +0.19]``."""
+    return num(est, f) + ("" if pd.isna(lo) else f" [{num(lo, f)},\u00a0{num(hi, f)}]")
+
+
+for part in (["audit_max_abs_dz", "audit_valid_cells", "control_mean_dz", "control_valid_cells", "deepest_mean_dl",
+              "gap_growth"], ["single_mean_dl", "single_mean_abs_dl", "single_mean_gap", "single_dl_per_gap",
+                              "single_abs_dl_per_gap"]):
+    _ = report.show_table(summary[["model", *part]], labels=NAMES, max_rows=None,
+                          formats={NAMES[q]: "{:.0f}" if q.endswith("cells") else "{:.3g}" for q in part},
+                          caption="Per model: " + "; ".join(f"{NAMES[q]} = {redundancy.QUANTITIES[q]}" for q in part))
 report.show_untested_note(audit)
 _ = report.show_untested_note(control, what="layer")
 fam_audit = audit.groupby("model").family_size.first()
@@ -200,7 +227,7 @@ glue("run_families", Markdown(
 # top-k on a log scale; the seeds of a setting and the layers of a model sit side by side, colour
 # gives the layer's relative depth, and hollow markers are the setting with the small expert pool.
 # Points above zero mean the ranking predicts correctly: the expert it ranks higher costs more to
-# remove. The last panel is the routing-weight control.
+# remove. The last panel is the routing-weight control; the slot beside it holds the key.
 
 # %% tags=["hide-input"]
 seeds = sorted(members.seed.dropna().unique())
@@ -238,17 +265,22 @@ def effect_panel(ax, t: pd.DataFrame, title: str) -> None:
     ax.set_title(title)
 
 
+# %% tags=["hide-input"]
 panels = [(audit[audit.ranking == m], m.replace("_", " ")) for m in METRICS] + [(control, "control: routing weight")]
-fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels) + 1.8, 3.9), sharey=True)
-for ax, (t, title) in zip(axes, panels):
+fig, axes = report.panel_grid(len(panels) + 1, height=2.7, sharey=True)  # the last slot holds the key
+for i, (ax, (t, title)) in enumerate(zip(axes, panels)):
     effect_panel(ax, t, title)
-axes[0].set_ylabel("Cohen's $d_z$ (95% CI, per cell)")
+    ax.set_xlabel("top-k (active experts per token)", fontsize=9)
+    ax.set_ylabel("Cohen's $d_z$ (95% CI)" if i % 2 == 0 else "")
+key = axes[-1]
+key.axis("off")
 handles = [Line2D([], [], linestyle="", **marker_style(s_, pools[0], "0.3"), label=f"seed {s_}") for s_ in seeds]
 handles += [Line2D([], [], linestyle="", **marker_style(seeds[0], E, "0.3"), label=f"E = {E}") for E in pools]
-fig.legend(handles=handles, loc="center right", fontsize=8, bbox_to_anchor=(1.0, 0.62))
-fig.colorbar(plt.cm.ScalarMappable(cmap=cmap), ax=axes, label="relative depth of the layer", fraction=0.015, pad=0.09)
-fig.supxlabel("top-k (active experts per token)", y=-0.06)
-fig.suptitle("Audit and control effect per cell against the number of active experts", y=1.03)
+key.legend(handles=handles, loc="upper center", fontsize=8, ncol=2, frameon=False)
+bar = fig.colorbar(plt.cm.ScalarMappable(cmap=cmap), cax=key.inset_axes([0.1, 0.2, 0.8, 0.1]), orientation="horizontal")
+bar.set_label("relative depth of the layer", fontsize=9)
+fig.suptitle("Audit and control effect per cell against the number of active experts")
+fig.tight_layout()
 plt.show()
 
 # %% [markdown]
@@ -265,7 +297,9 @@ plt.show()
 deepest = prog_summary[prog_summary.k == prog_summary.groupby("model").k.transform("max")].merge(members, on="model")
 growth = redundancy.gap_growth(single).merge(members, on="model")
 glue("gap_last_range", Markdown(report.value_span(growth.groupby("model").growth.last(), "{:.2f}")), display=False)
-fig, (left, right) = plt.subplots(1, 2, figsize=(12.5, 4.2))
+
+# %% tags=["hide-input"]
+fig, (left, right) = plt.subplots(1, 2, figsize=(report.COLUMN_INCHES, 4.6))
 settings = list(dict.fromkeys(members.sort_values(["n_experts", "top_k"], ascending=[False, True]).setting))
 colors = dict(zip(settings, sns.color_palette("colorblind", len(settings))))
 for r in deepest.itertuples():
@@ -277,23 +311,24 @@ left.set_xticks(sorted(members.top_k.unique()))
 left.set_xticklabels(sorted(members.top_k.unique()))
 left.minorticks_off()
 left.axhline(0, color="0.3", linewidth=0.8)
-left.set_xlabel("top-k (deepest removal: all active experts but one)")
+left.set_xlabel("top-k (deepest removal:\nall active experts but one)", fontsize=9)
 left.set_ylabel(f"mean ΔL (nats), {1 - alpha:.0%} CI")
-left.set_title("Deepest removal, per audited layer")
+left.set_title("Deepest removal, per layer")
 for (model, setting, seed_), g in growth.groupby(["model", "setting", "seed"], sort=False):
     right.plot(g.layer, g.growth, linestyle="-" if seed_ == seeds[0] else "--", color=colors[setting],
                **{k: v for k, v in marker_style(seed_, g.n_experts.iloc[0], colors[setting]).items() if k != "color"})
 right.axhline(1, color="0.3", linewidth=0.8)
 right.set_xticks(sorted(growth.layer.unique()))
-right.set_xlabel("decoder layer")
-right.set_ylabel("mean gap norm / first audited layer's")
-right.set_title("Gap norm by layer, relative to the first")
+right.set_xlabel("decoder layer", fontsize=9)
+right.set_ylabel("mean gap norm /\nfirst audited layer's")
+right.set_title("Gap norm, relative to the first")
 legend = [Line2D([], [], color=colors[s_], marker="o", linestyle="-", label=s_) for s_ in settings]
 legend += [Line2D([], [], color="0.3", linestyle="-" if s_ == seeds[0] else "--", **{
     k: v for k, v in marker_style(s_, pools[0], "0.3").items() if k != "color"}, label=f"seed {s_}") for s_ in seeds]
-fig.legend(handles=legend, loc="center right", fontsize=8, title="setting (both panels)", title_fontsize=8)
+fig.legend(handles=legend, loc="lower center", fontsize=8, ncol=4, title="setting (both panels)", title_fontsize=8,
+           frameon=False)
 fig.suptitle("Redundancy and depth: what removing experts does, per routing setting")
-fig.tight_layout(rect=(0, 0, 0.86, 1))
+fig.tight_layout(rect=(0, 0.045 * (-(-len(legend) // 4) + 1) + 0.02, 1, 1))  # room for the legend's rows and title
 plt.show()
 
 # %% [markdown]
@@ -303,17 +338,33 @@ plt.show()
 # setting means differ by more than the models of one setting do. Two things make up that
 # within-setting spread: the training seed, and the sampling error of each model's value, which
 # rests on one shared draw of positions. The p-values are Holm-adjusted over the quantities
-# (`p_holm`). `sd_between` is the standard deviation of the setting means, `sd_seed` the pooled
-# within-setting one, `eta_sq` the share of the total variance between settings. With few models
-# per setting the test is weak; `min_detectable_f` is the smallest spread of the setting means,
-# in within-setting SDs (Cohen's f), that it detects with {glue:md}`power_pct` power at Holm's
-# strictest level, and `min_detectable_sd` the same in the quantity's units.
+# (*p (Holm)*). *SD between settings* is the standard deviation of the setting means, *SD within
+# setting* the pooled within-setting one, *ratio* the first over the second, *η²* the share of the
+# total variance between settings. With few models per setting the test is weak; *min. detectable
+# f* (in the caption when it is the same for every quantity) is the smallest spread of the setting
+# means, in within-setting SDs (Cohen's f), that it detects with {glue:md}`power_pct` power at
+# Holm's strictest level, and *min. detectable SD* the same in the quantity's units.
 
 # %%
 anova = redundancy.setting_anova(summary, alpha=alpha, power=power)
-display(anova.style.hide(axis="index").format(precision=3, na_rep="—").format(
-    "{:.2g}", subset=["p", "p_holm"], na_rep="—")
-        .set_caption("One-way ANOVA per quantity: routing setting as the factor, models of a setting as replicates"))
+
+# %% tags=["remove-input"]
+design = ["settings", "models", "df_between", "df_within"]
+fixed = all(anova[c].nunique() == 1 for c in design)  # the same design for every quantity: said once, in the caption
+one_f = anova.min_detectable_f.nunique(dropna=False) == 1  # then also the detectable f: in the caption
+_ = report.show_table(
+    anova.assign(quantity=anova.quantity.map(NAMES))[
+        ["quantity", *([] if fixed else design), "F", "p", "p_holm", "sd_between", "sd_seed", "ratio", "eta_sq",
+         *([] if one_f else ["min_detectable_f"]), "min_detectable_sd"]],
+    labels={"p_holm": "p (Holm)", "sd_between": "SD between settings", "sd_seed": "SD within setting",
+            "eta_sq": "η²", "min_detectable_f": "min. detectable f", "min_detectable_sd": "min. detectable SD"},
+    formats={"F": "{:.3g}", "p": "{:.2g}", "p (Holm)": "{:.2g}", "SD between settings": "{:.3g}",
+             "SD within setting": "{:.3g}", "ratio": "{:.3g}", "η²": "{:.3g}", "min. detectable f": "{:.3g}",
+             "min. detectable SD": "{:.3g}"}, max_rows=None,
+    caption="One-way ANOVA per quantity: routing setting as the factor, models of a setting as replicates"
+    + (f" ({anova.settings.iloc[0]} settings, {anova.models.iloc[0]} models: F on {anova.df_between.iloc[0]} and "
+       f"{anova.df_within.iloc[0]} degrees of freedom)" if fixed else "")
+    + (f"; min. detectable f = {num(anova.min_detectable_f.iloc[0])} for every quantity" if one_f else ""))
 
 # %% [markdown]
 # ## The explanation's predictions
@@ -335,28 +386,47 @@ display(anova.style.hide(axis="index").format(precision=3, na_rep="—").format(
 # every seed as separate points, with Holm's adjustment over the rows
 # (`moeaudit.chapters.redundancy.explanation_checks`). A trend that is not detected at level
 # α = {glue:text}`alpha` after that adjustment is reported as inconclusive, not as a refutation:
-# `holds` shows — there. For such a row, `min_detectable_slope` is the slope the test would have
-# caught with {glue:md}`power_pct` power at Holm's strictest level, and `equivalence_bound` the
-# narrowest band around zero that an equivalence test at that level could have shown. `specific`
-# is False where the output-share alternative predicts the same direction; `seed_slopes` are the
-# slopes fitted on each seed's models alone, and `seeds_agree` says whether they all share the
-# pooled slope's sign.
+# *holds* shows — there. The first table gives each trend and its test; the second its robustness
+# and power. For a row without a detected trend, *min. detectable slope* is the slope the test
+# would have caught with {glue:md}`power_pct` power at Holm's strictest level, and *equivalence
+# bound* the narrowest band around zero that an equivalence test at that level could have shown.
+# *Specific* is "no" where the output-share alternative predicts the same direction; *seed slopes*
+# are the slopes fitted on each seed's models alone, and *seeds agree* says whether they all share
+# the pooled slope's sign; *Spearman ρ* is the rank correlation of the values with k, beside the
+# fitted line.
 
 # %%
 checks = redundancy.explanation_checks(summary, alpha=alpha, power=power)
 
+# %% tags=["remove-input"]
+def trend_tables(t: pd.DataFrame, caption: str, *, verdict: str, against: bool = False) -> None:
+    """A trend table (explanation_checks, share_checks) as two: the trend and its test, then its
+    robustness and power; rows that could not be fitted are listed under them with the reason."""
+    n = t.n.dropna().unique()
+    size = f" ({report.plural(int(n[0]), 'model')} per trend)" if len(n) == 1 else ""
+    test = pd.DataFrame({"check": t.check, **({"predicted": t.predicted} if "predicted" in t else {}),
+                         verdict: t[verdict], "slope per doubling of k [95% CI]": [
+                             with_ci(*v) for v in zip(t.slope, t.ci_low, t.ci_high)],
+                         **({"tested against": t.reference_slope.map("{:+g}".format)} if against else {}),
+                         "p": t.p.map(lambda v: num(v, "{:.2g}")), "p (Holm)": t.p_holm.map(lambda v: num(v, "{:.2g}")),
+                         **({"holds": t.holds.map(yes_no)} if "holds" in t else {})})
+    _ = report.show_table(test, max_rows=None, caption=caption + size)
+    power_ = pd.DataFrame({"check": t.check, **({"specific": t.specific.map(yes_no)} if "specific" in t else {}),
+                           "seed slopes": [", ".join(f"{v:+.3g}" for v in d.values()) if d else "—"
+                                           for d in t.seed_slopes],
+                           "seeds agree": t.seeds_agree.map(yes_no),
+                           "Spearman ρ (p)": [num(r, "{:+.2f}") + ("" if pd.isna(p) else f" ({p:.2g})")
+                                              for r, p in zip(t.spearman_rho, t.spearman_p)],
+                           "min. detectable slope": t.min_detectable_slope.map(num),
+                           "equivalence bound": t.equivalence_bound.map(num)})
+    _ = report.show_table(power_, max_rows=None, caption="The same trends: seeds, rank correlation and power")
+    notes = [f"*{r.check}*: {r.reason}." for r in t.itertuples() if r.reason]
+    if notes:
+        display(Markdown("Not fitted: " + " ".join(notes)))
 
-def trend_table(t: pd.DataFrame, caption: str):
-    """A trend table as shown: the per-seed slopes rounded, bookkeeping columns dropped."""
-    t = t.drop(columns=["quantity", "ks", "value", "n_experts", "reference_slope"], errors="ignore").assign(
-        seed_slopes=[", ".join(f"{v:+.3g}" for v in d.values()) if d else "—" for d in t.seed_slopes])
-    if not t.reason.astype(bool).any():
-        t = t.drop(columns="reason")
-    return (t.style.hide(axis="index").format(precision=3, na_rep="—")
-            .format("{:.2g}", subset=["p", "p_holm", "spearman_p"], na_rep="—").set_caption(caption))
 
-
-display(trend_table(checks, "Trend of each per-model quantity against log2(top-k), at the larger expert pool"))
+trend_tables(checks, "Trend of each per-model quantity against log2(top-k), at the larger expert pool",
+             verdict="observed")
 
 # %% [markdown]
 # ## The output-share alternative
@@ -364,7 +434,7 @@ display(trend_table(checks, "Trend of each per-model quantity against log2(top-k
 # experts carries part of the block's output; if that part is about $1/k$, removing one changes
 # the output, and a loss that responds in proportion, by about $1/k$, with no expert standing in
 # for another. On a log-log scale that share alone predicts a slope of $-1$ per doubling of k.
-# The table fits $\log_2$ of the mean removed output (gap norm) and of the mean $|\Delta L|$ on
+# The tables fit $\log_2$ of the mean removed output (gap norm) and of the mean $|\Delta L|$ on
 # $\log_2 k$ and tests each slope against $-1$, with Holm's adjustment over the two rows
 # (`moeaudit.chapters.redundancy.share_checks`). A nominal $1/k$ ignores how the combine weights and the
 # experts' output norms change with k, so the per-unit rows of the table above, which divide by the
@@ -373,7 +443,10 @@ display(trend_table(checks, "Trend of each per-model quantity against log2(top-k
 
 # %%
 shares = redundancy.share_checks(summary, alpha=alpha, power=power)
-display(trend_table(shares, "Log-log slope against log2(top-k), tested against the slope −1 of a 1/k output share"))
+
+# %% tags=["remove-input"]
+trend_tables(shares, "Log-log slope against log2(top-k), tested against the slope −1 of a 1/k output share "
+             "(the damage row: k times the mean ΔL, against a slope of 0)", verdict="relation", against=True)
 
 # %% [markdown]
 # ## The small pool: top-k or k/E?
@@ -382,17 +455,40 @@ display(trend_table(shares, "Log-log slope against log2(top-k), tested against t
 # one another, it should match the first; if the active share is, the second. Each comparison is a
 # pooled two-sample t-test of the per-model values, the models of a setting as replicates, with
 # Holm's adjustment over all comparisons (`moeaudit.chapters.redundancy.pool_comparison`).
-# `min_detectable_sd` is the smallest difference, in within-setting SDs, that a comparison detects
-# with {glue:md}`power_pct` power at Holm's strictest level; `ranges_overlap` says whether the two
-# settings' models overlap; `closer` marks the reference nearer the small pool's mean (a
+# The first table gives each difference and its test, the second how to read it. *Min. detectable
+# SD* is the smallest difference, in within-setting SDs, that a comparison detects with
+# {glue:md}`power_pct` power at Holm's strictest level; *ranges overlap* says whether the two
+# settings' models overlap; *closer* marks the reference nearer the small pool's mean (a
 # description, not a test). The small pool also has fewer expert parameters, which no comparison
 # here separates from k/E.
 
 # %%
 pools = redundancy.pool_comparison(summary, alpha=alpha, power=power)
-display(pools.drop(columns=["n_experts", "n_experts_ref"]).style.hide(axis="index")
-        .format(precision=3, na_rep="—").format("{:.2g}", subset=["p", "p_holm"], na_rep="—")
-        .set_caption("Each smaller expert pool against the large pool at the same top-k and at the same k/E"))
+
+# %% tags=["remove-input"]
+if pools.empty:
+    display(Markdown("Every model of this run has the same number of routed experts: there is no smaller pool."))
+else:
+    one = pools.setting.nunique() == 1  # one small pool: named in the caption
+    base = pd.DataFrame({"quantity": pools.quantity.map(NAMES), **({} if one else {"setting": pools.setting}),
+                         "against": pools.reference + " (" + pools.comparison + ")"})
+    _ = report.show_table(base.assign(**{
+        (f"mean, {pools.setting.iloc[0]}" if one else "mean"): pools["mean"].map(num),
+        "reference mean": pools.mean_ref.map(num),
+        "difference [95% CI]": [with_ci(*v) for v in zip(pools["diff"], pools.ci_low, pools.ci_high)],
+        "p": pools.p.map(lambda v: num(v, "{:.2g}")), "p (Holm)": pools.p_holm.map(lambda v: num(v, "{:.2g}"))}),
+        max_rows=None, caption=(f"{pools.setting.iloc[0]} against " if one else "Each smaller expert pool against ")
+        + "the large pool at the same top-k and at the same k/E (pooled two-sample t-test of the models' values)")
+    _ = report.show_table(base.assign(**{
+        "observed": pools.observed, "ranges overlap": pools.ranges_overlap.map(yes_no), "closer": pools.closer.map(yes_no),
+        "min. detectable SD": pools.min_detectable_sd.map(num),
+        "min. detectable difference": pools.min_detectable_diff.map(num)}), max_rows=None,
+        caption="The same comparisons: the verdict after Holm's adjustment, the overlap of the models, and power")
+    notes = [f"*{NAMES[r.quantity]}* against {r.reference}: {r.reason}." for r in pools.itertuples() if r.reason]
+    if notes:
+        display(Markdown("Not tested: " + " ".join(notes)))
+
+# %% tags=["remove-input"]
 lead = models[0]
 mde_audit = stats.min_detectable_dz(n_positions, alpha=alpha / int(fam_audit[lead]), power=power)
 mde_control = stats.min_detectable_dz(n_positions, alpha=alpha / int(fam_control[lead]), power=power)
@@ -476,7 +572,7 @@ glue("control_rule", Markdown(redundancy.control_rule_text(
 # :class: dropdown
 #
 # The records are reused from the cache: each model's records are keyed by the model and the
-# positions, not by the list of models. The ANOVA table shows no F, p, ratio or `eta_sq`, and
+# positions, not by the list of models. The ANOVA table shows no F, p, ratio or η², and
 # the comparison of the expert pools has no test: with one model per setting there is no
 # within-setting spread to compare with. The trends are fitted
 # on {glue:text}`ex1_n` points instead of {glue:text}`ex1_n_all`. The control's slope becomes

@@ -107,7 +107,7 @@ report.glue_values(reading_minutes=report.chapter_reading_minutes("12_necessity_
 # removals are the book's single-expert records (token mode) at the same positions, so each
 # (position, layer, expert) has both measures.
 
-# %%
+# %% tags=["hide-input"]
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -149,6 +149,8 @@ for name in models:
     intros.append(audit.model_summary(name, ctx, audited, removed))
 restored_all = pd.concat(restored_all, ignore_index=True)
 pairs = pd.concat(pairs, ignore_index=True)
+
+# %% tags=["remove-input"]
 glue("intros", Markdown("\n\n".join(intros)), display=False)
 glue("corruption_text", Markdown(restoration.corruption_text(restored_all, min_gap=min_gap)), display=False)
 glue("routed_text", Markdown(restoration.routed_text(restored_all)), display=False)
@@ -190,8 +192,9 @@ for ax, name in zip(axes, models):
     ax.axvline(0, color="0.6", linewidth=0.6)
     ax.set_yscale("symlog", linthresh=linthresh)
     ax.set_xscale("symlog", linthresh=linthresh)
+    ax.tick_params(labelsize=9)
 report.finish_panels(fig, axes, title="Necessity (removal ΔL) against sufficiency (recovered fraction), per expert",
-                     ylabel="recovered fraction of the corruption's loss increase (symlog)",
+                     ylabel="recovered fraction of the corruption's\nloss increase (symlog)",
                      xlabel="removal ΔL in the clean run (nats, symlog)", zero_line=True)
 
 # %% [markdown]
@@ -204,24 +207,57 @@ report.finish_panels(fig, axes, title="Necessity (removal ΔL) against sufficien
 # single row, not adjusted for the number of rows; the p-value is scipy's test of Spearman's $\rho$
 # (a t approximation), so near the threshold the interval and the p-value can disagree.
 # Holm's correction runs over every row of a model: the layers times the criteria.
-# `min_detectable_rho` is the $|\rho|$ that a row detects with {glue:text}`power_pct` power at
+# *Min. detectable |ρ|* is the $|\rho|$ that a row detects with {glue:text}`power_pct` power at
 # Holm's strictest level. A row that is not significant speaks only against correlations at least
 # that large. All three treat the pairs as independent. They are not: the $k$ experts of a
-# position share its corruption, and an expert recurs at several positions (`n_experts` counts the
-# distinct experts of a layer). The p-values and intervals are therefore somewhat optimistic, and
-# the detectable $|\rho|$ too.
+# position share its corruption, and an expert recurs at several positions (*distinct experts*
+# counts the distinct experts of a layer). The p-values and intervals are therefore somewhat
+# optimistic, and the detectable $|\rho|$ too.
+#
+# The first table holds the removal rows, with their intervals (a bold Holm-adjusted p-value is
+# significant); the second the four observational metrics, one column each, as $\rho$ with its
+# Holm-adjusted p-value (bold: significant); their intervals are drawn in the figure after the
+# tables. Every column of every row is in the collapsed
+# table under them.
 
 # %%
 table = restoration.rank_agreement(pairs, alpha=alpha, power=power, n_boot=n_boot, seed=seed)
+
+# %% tags=["remove-input"]
+from IPython.display import HTML  # noqa: E402
+
+ci_pct = f"{table.ci_level.iloc[0]:.0%}"
 glue("power_pct", f"{power:.0%}", display=False)
-glue("ci_pct", f"{table.ci_level.iloc[0]:.0%}", display=False)
+glue("ci_pct", ci_pct, display=False)
 glue("n_boot", n_boot, display=False)
-shown = table.assign(criterion=table.criterion.map(restoration.CRITERION_LABELS))[
+fmt = lambda v, f="{:+.2f}": "—" if pd.isna(v) else f.format(v)  # noqa: E731
+removal = table[table.criterion == restoration.REMOVAL]
+shown = pd.DataFrame({"model": removal.model, "layer": removal.layer, "pairs": removal.n,
+                      "distinct experts": removal.n_experts,
+                      f"ρ [{ci_pct} CI]": [fmt(r) + ("" if pd.isna(lo) else f" [{fmt(lo)},\u00a0{fmt(hi)}]")
+                                           for r, lo, hi in zip(removal.rho, removal.ci_low, removal.ci_high)],
+                      "p": removal.p.map(lambda v: fmt(v, "{:.2g}")), "p (Holm)": removal.p_holm.map(lambda v: fmt(v, "{:.2g}")),
+                      "min. detectable |ρ|": removal.min_detectable_rho.map(lambda v: fmt(v, "{:.2f}"))})
+display(shown.style.hide(axis="index")
+        .apply(lambda d: np.where(removal.significant.to_numpy(dtype=bool), "font-weight: bold", ""), subset="p (Holm)")
+        .set_caption(f"Spearman's ρ of the removal ΔL with the recovered fraction, per layer; Holm over each "
+                     f"model's rows, α = {alpha:g} (bold: significant)"))
+metric_rows = table[table.criterion != restoration.REMOVAL]
+cells = metric_rows.assign(cell=[fmt(r) + " (" + fmt(p, "{:.2g}") + ")" for r, p in zip(metric_rows.rho, metric_rows.p_holm)])
+wide = cells.pivot(index=["model", "layer"], columns="criterion", values="cell")[list(restoration.CRITERIA[1:])]
+wide.columns.name = None
+bold = cells.pivot(index=["model", "layer"], columns="criterion", values="significant")[wide.columns].fillna(False)
+css = pd.DataFrame(np.where(bold.astype(bool), "font-weight: bold", ""), index=bold.index,
+                   columns=[restoration.CRITERION_LABELS[c] for c in bold.columns])
+display(wide.rename(columns=restoration.CRITERION_LABELS).style.apply(lambda _: css, axis=None)
+        .set_caption("Spearman's ρ of each observational metric with the recovered fraction, per layer: "
+                     "ρ (p, Holm over each model's rows); bold: significant"))
+full = table.assign(criterion=table.criterion.map(restoration.CRITERION_LABELS))[
     ["model", "layer", "criterion", "n", "n_experts", "rho", "ci_low", "ci_high", "p", "p_holm", "min_detectable_rho",
      "significant"]]
-display(shown.style.hide(axis="index").format(precision=3, na_rep="—").format("{:.2g}", subset=["p", "p_holm"],
-                                                                                na_rep="—")
-        .set_caption(f"Spearman's ρ with the recovered fraction, per layer; Holm over each model's rows, α = {alpha:g}"))
+display(HTML("<details><summary>every row and column of the two tables</summary>" + full.style.hide(axis="index")
+             .format(precision=3, na_rep="—").format("{:.2g}", subset=["p", "p_holm"], na_rep="—").to_html()
+             + "</details>"))
 
 # %% tags=["hide-input"]
 fig, axes = report.model_panels(models, height=4.0, sharey=True)
@@ -243,7 +279,7 @@ report.finish_panels(fig, axes, title="Which criterion ranks experts as restorat
                      ylabel="Spearman ρ with the recovered fraction", xlabel="audited layer", zero_line=True)
 
 # %% [markdown]
-# In the figure, each circle is one row of the table: a criterion's Spearman $\rho$ with the
+# In the figure, each circle is one row of the tables: a criterion's Spearman $\rho$ with the
 # recovered fraction at one layer, with the row's bootstrap interval as a bar; the criteria of a
 # layer stand side by side. A filled circle is significant after Holm's correction over the
 # model's rows, an open one is not. The horizontal line marks no correlation.
@@ -258,10 +294,15 @@ report.finish_panels(fig, axes, title="Which criterion ranks experts as restorat
 
 # %%
 top = restoration.top_expert_agreement(pairs)
-display(top.style.hide(axis="index").format(precision=3).format("{:.2g}", subset=["p"])
-        .set_caption("Positions whose most-recovering expert is the most costly to remove, against chance 1/k"))
 
-# %% tags=["hide-input"]
+# %% tags=["remove-input"]
+_ = report.show_table(top, labels={"n_positions": "positions", "share": "share that agree", "chance": "chance (1/k)",
+                               "p": "p (one-sided binomial)"},
+                  formats={"share that agree": "{:.2f}", "chance (1/k)": "{:.3f}", "p (one-sided binomial)": "{:.2g}"},
+                  max_rows=None,
+                  caption="Positions whose most-recovering expert is the most costly to remove, against chance 1/k")
+
+# %% tags=["remove-input"]
 glue("answer_removal", Markdown(restoration.agreement_text(table, alpha=alpha, power=power)), display=False)
 glue("answer_observational", Markdown(restoration.observational_text(table, alpha=alpha, power=power)), display=False)
 glue("answer_top", Markdown(restoration.top_agreement_text(top, alpha=alpha, power=power)), display=False)

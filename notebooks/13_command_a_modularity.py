@@ -63,7 +63,7 @@ report.glue_values(reading_minutes=report.chapter_reading_minutes("13_command_a_
 # and how far the first rung predicts the second. The same distinction between observing routing and
 # intervening is the subject of this book's audit.
 
-# %%
+# %% tags=["hide-input"]
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -74,6 +74,7 @@ from moeaudit.engine import OPERATORS, run_ablations
 report.use_book_style()
 put = report.glue_values
 
+# %%
 atlas, prereg = M.atlas_mass(data_dir=data_dir), M.prereg_families(data_dir=data_dir)
 verdict, said = M.verdicts(data_dir=data_dir), M.study_statements(data_dir=data_dir)
 categories, mass = M.mass_array(atlas)  # mass: (categories, layers, experts)
@@ -101,14 +102,15 @@ reproduced = M.lift_reproduced(agreement_all, prereg)  # stated mean lift matche
 #
 # {glue:md}`prereg_text`
 
-# %% tags=["hide-input"]
+# %% tags=["remove-input"]
 put(n_tested=len(M.TESTED_FAMILIES), n_cat=len(categories), n_layers=mass.shape[1], n_experts=mass.shape[2], K=K,
     n_core=len(core), core_list=", ".join(map(str, core)), n_lift_all=int(reproduced.sum()), n_fam_all=len(frozen))
 put(prereg_text=M.prereg_sentence(agreement, passed_over, n_again,
                                   n_lift_match=int(reproduced[list(M.TESTED_FAMILIES)].sum())),
     replacement_text=M.replacement_sentence(agreement_all, passed_over, k=K),
     overlap_text=M.overlap_sentence(frozen, derived, agreement, verdict, said), as_markdown=True)
-display(M.agreement_display(agreement).style.format(precision=3).hide(axis="index"))
+_ = report.show_table(M.agreement_display(agreement), formats={"mean lift (frozen)": "{:.3f}", "mean lift (rule)": "{:.3f}"},
+                     max_rows=None)
 
 # %% [markdown]
 # {glue:md}`replacement_text`
@@ -134,7 +136,7 @@ display(M.agreement_display(agreement).style.format(precision=3).hide(axis="inde
 table = M.decision_table(verdict)
 counts = M.rule_counts(table)
 
-# %% tags=["hide-input"]
+# %% tags=["remove-input"]
 put(n_null_draws_study=int(said["n_random_null"]), n_boot_study=int(said["n_bootstrap"]),
     n_items_min=int(verdict.n_items.min()), n_items_max=int(verdict.n_items.max()),
     dec_w4=int(verdict[verdict.precision == "W4A4"].decimals.iloc[0]),
@@ -142,10 +144,18 @@ put(n_null_draws_study=int(said["n_random_null"]), n_boot_study=int(said["n_boot
 put(rules_text=M.rules_sentence(counts, said), precision_text=M.precision_sentence(table, said),
     ci_text=M.ci_rule_sentence(table), counts_text=M.counts_sentence(counts), as_markdown=True)
 display(M.count_table(counts, said).style.hide(axis="index"))
-display(M.decision_display(table).style.format(precision=4, na_rep="-").hide(axis="index"))
+shown = M.decision_display(table)
+for c in ["on-target", "lower 95% bound", "null band", "worst off-target"]:  # as published: the row's decimals
+    shown[c] = ["-" if pd.isna(v) else f"{v:.{d}f}" for v, d in zip(shown[c], table.decimals)]
+_ = report.show_table(shown[["precision", "family", "on-target", "lower 95% bound", "null band", "worst off-target",
+                             "on axis"]], max_rows=None,
+                      caption="The released values (nats per token), at the precision each table was published with")
+_ = report.show_table(shown[["precision", "family", "selectivity margin", "margin range", "point rule", "point rule (study)",
+                             "CI rule", "CI rule (study)"]], formats={"selectivity margin": "{:+.4f}"}, max_rows=None,
+                      caption="Both rules recomputed from those values, beside the study's verdicts")
 
 # %% [markdown]
-# The second table gives every value in nats per token. The selectivity margin is the on-target effect
+# The second table gives the released values in nats per token, the third the verdicts. The selectivity margin is the on-target effect
 # divided by three minus the worst off-target effect, and its range covers all values that round to the
 # published ones; "unsettled" marks a point verdict that the published digits do not decide, and "open" a
 # CI-rule verdict that the released values cannot decide.
@@ -181,20 +191,29 @@ corr = M.rung_correlations(obs, causal, alpha=alpha)
 n_tests = int(corr.groupby("precision").size().max())
 pw = M.rank_power(sorted(corr.n.unique()), alpha=alpha, power=power, n_sim=n_sim, seed=seed, n_tests=n_tests)
 
-# %% tags=["hide-input"]
+# %% tags=["remove-input"]
 put(uniform_share=K / mass.shape[2], n_tests=n_tests,
     n_ratio_w4=int(corr[(corr.precision == "W4A4") & (corr.causal == "off_ratio")].n.iloc[0]))
 put(rung_w4=M.rung_sentence(corr, alpha=alpha, precision="W4A4"),
     rung_bf=M.rung_sentence(corr, alpha=alpha, precision="BF16"),
     power_text=M.power_sentence(pw, alpha=alpha, target=power), as_markdown=True)
-display(obs.merge(causal[causal.precision == "W4A4"].drop(columns="precision"), on="family")
-        .style.format(precision=3, na_rep="-").hide(axis="index"))
-display(corr.assign(observational=corr.observational.map(M.LABELS), causal=corr.causal.map(M.LABELS))
-        .style.format({"rho": "{:+.3f}", "p_exact": "{:.4f}", "p_holm": "{:.3f}"}).hide(axis="index"))
+both = obs.merge(causal[causal.precision == "W4A4"].drop(columns="precision"), on="family")
+both["max_overlap"] = [f"{v:.3g} ({w})" for v, w in zip(both.max_overlap, both.overlap_with)]
+_ = report.show_table(both.drop(columns="overlap_with"), labels=M.LABELS, max_rows=None,
+                      formats={M.LABELS[c]: "{:.3g}" for c in M.OBSERVATIONAL + M.CAUSAL if c != "max_overlap"},
+                      caption="Each tested family: the atlas's statistics and the W4A4 causal measures "
+                              "(overlap: Jaccard, with the family it overlaps most)")
+for prec, g in corr.groupby("precision", sort=False):
+    _ = report.show_table(g.assign(observational=g.observational.map(M.LABELS), causal=g.causal.map(M.LABELS),
+                                   significant=g.significant.map({True: "yes", False: "no"}))
+                          .drop(columns=["precision", "n_permutations"]),
+                          labels={"n": "families", "rho": "ρ", "p_exact": "exact p", "p_holm": "p (Holm)"},
+                          formats={"ρ": "{:+.3f}", "exact p": "{:.4f}", "p (Holm)": "{:.3f}"}, max_rows=None,
+                          caption=f"{prec}: Spearman's ρ of each observational statistic with each causal measure")
 
 # %% tags=["hide-input"]
 profile = M.family_depth_profile(mass, categories, tested)
-fig, ax = plt.subplots(figsize=(7.5, 3.6))
+fig, ax = plt.subplots(figsize=(report.COLUMN_INCHES, 3.6))
 for fam, g in profile.groupby("family", sort=False):
     ax.plot(g.layer, g.layer_lift, marker=".", label=fam)
 ax.axhline(1.0, color="0.5", lw=0.8, ls="--")
@@ -242,15 +261,17 @@ records = pd.concat([run_ablations(ctx.model, ctx.corpus, ctx.clean, requests, o
                     ignore_index=True)
 effects = M.family_effects(records)
 
-# %% tags=["hide-input"]
+# %% tags=["remove-input"]
 per_topic = pos.topic.value_counts().reindex(M.EMBEDDED_TOPICS).fillna(0).astype(int).to_dict()
 put(ship_model=model_name, ship_k=len(next(iter(ship_fams.values()))), ship_layer=L, ship_nulls=n_null_draws,
     ship_n=len(pos))
 put(ship_text=M.shipped_sentence(effects, model=model_name, layer=L, n_positions=per_topic, n_null=n_null_draws),
     shows_text=M.shows_sentences(agreement, passed_over, counts, said, corr, pw, effects, alpha=alpha, power=power,
                                  model=model_name, n_positions=per_topic), as_markdown=True)
-fig, axes = plt.subplots(1, len(operators), figsize=(4.2 * len(operators), 3.6), sharey=True, squeeze=False)
-for ax, (op, g) in zip(axes[0], effects.groupby("operator", sort=False)):
+
+# %% tags=["hide-input"]
+fig, axes = report.panel_grid(len(operators), height=3.6, sharey=True)
+for ax, (op, g) in zip(axes, effects.groupby("operator", sort=False)):
     x = np.arange(len(g))
     ax.bar(x - 0.2, g.on_target, 0.4, label="on-target")
     ax.bar(x + 0.2, g.worst_off, 0.4, label="worst off-target")
@@ -258,8 +279,8 @@ for ax, (op, g) in zip(axes[0], effects.groupby("operator", sort=False)):
     ax.set_xticks(x, g.family)
     ax.axhline(0, color="0.5", lw=0.8)
     ax.set_title(f"operator: {op}")
-axes[0][0].set_ylabel("mean loss change (nats)")
-axes[0][0].legend(fontsize=8)
+axes[0].set_ylabel("mean loss change (nats)")
+axes[0].legend(fontsize=8)
 fig.suptitle(f"Topic families of {model_name}, layer {L}, embedded corpus")
 fig.tight_layout()
 if results_dir:

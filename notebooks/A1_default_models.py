@@ -75,7 +75,7 @@ report.glue_values(reading_minutes=report.chapter_reading_minutes("A1_default_mo
 # and likewise with `Qwen/Qwen1.5-MoE-A2.7B` and `deepseek-ai/DeepSeek-V2-Lite`.
 # ```
 
-# %%
+# %% tags=["hide-input"]
 import json
 from pathlib import Path
 
@@ -122,8 +122,12 @@ logs = {m: pd.read_csv(model_dir(m) / "training_log.csv") for m in models}
 # trained on a machine shared with other jobs, so the wall-clock times overstate what an idle
 # laptop needs; the processor time is the better guide.
 
-# %%
+# %% tags=["hide-input"]
 recipe = pd.DataFrame({m: default_models.recipe_row(s) for m, s in summaries.items()})
+recipe.to_csv(out_dir / "recipe.csv")
+display(recipe)
+
+# %% tags=["remove-input"]
 first = summaries[models[0]]
 arch = {m: s["architecture"] for m, s in summaries.items()}
 
@@ -148,8 +152,6 @@ glue("coefficients", Markdown(
 glue("vocab", int(first["architecture"]["vocab_size"]), display=False)
 glue("context", int(first["training"]["context"]), display=False)
 glue("grad_clip", first["training"]["grad_clip"], display=False)
-recipe.to_csv(out_dir / "recipe.csv")
-display(recipe)
 tok = {m: s["data"]["train_stream_tokens"] for m, s in summaries.items()}
 same_tok = len({(model_dir(m) / "tokenizer.json").read_bytes() for m in models}) == 1
 display(Markdown(
@@ -171,7 +173,7 @@ display(Markdown(
 # %% tags=["hide-input"]
 window = 50
 glue("window", window, display=False)
-fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]})
+fig, (ax, ax2) = plt.subplots(1, 2, figsize=(report.COLUMN_INCHES, 3.8))
 for m, log in logs.items():
     s = summaries[m]
     ax.plot(log.step, log.loss, color=colors[m], alpha=0.25, lw=0.7)
@@ -189,13 +191,13 @@ uni = np.mean([s["evaluation"]["unigram_baseline"]["nll"] for s in summaries.val
 ax.axhline(uni, color="0.3", ls="--", lw=1.2, label="unigram baseline (test)")
 ax.plot([], [], color="0.3", ls=":", lw=1.2, label="trained model (test)")
 ax.set(xlabel="optimiser step", ylabel="cross-entropy (nats per token)", title="Language-model loss")
-ax.legend(frameon=True, framealpha=0.9, edgecolor="none")
+ax.legend(frameon=True, framealpha=0.9, edgecolor="none", fontsize=8)
 ax2.axhline(1, color="0.3", ls="--", lw=1)
 ax2.set(xlabel="optimiser step", ylabel="balance loss / balanced value", title="Load-balancing loss")
 fig.tight_layout()
 plt.show()
 
-# %%
+# %% tags=["remove-input"]
 gap = default_models.generalisation_gap(summaries)
 glue("gap_text", Markdown(
     f"The test loss lies {report.value_span(gap.gap, '{:.2f}')} nats above the training loss of the last steps "
@@ -217,7 +219,7 @@ glue("gap_text", Markdown(
 # smoothing and scored on exactly the same tokens. A model that has learnt anything about
 # context must beat it by a wide margin.
 
-# %%
+# %% tags=["hide-input"]
 ppl = default_models.perplexity_table(summaries)
 ppl.to_csv(out_dir / "perplexity.csv")
 display(ppl.style.format({"test tokens scored": "{:,}", "perplexity": "{:.1f}", "unigram perplexity": "{:.1f}",
@@ -249,7 +251,7 @@ for m in models:
     audited_regime[m] = audit.corpus_regime(ctx)
 regimes = default_models.regime_table(summaries, audited_regime)
 regimes.to_csv(out_dir / "regime.csv")
-display(regimes.style.format("{:.3f}"))
+display(regimes.T.style.format("{:.3f}"))  # one column per model
 glue("n_texts_audit", int(next(iter(audited_regime.values()))["n_texts"]), display=False)
 glue("min_chars_audit", int(ctx.corpus.meta["min_chars"]), display=False)
 glue("regime_gate", REGIME_GAIN_RATIO_MIN, display=False)
@@ -287,10 +289,11 @@ glue("dense_note", Markdown(" ".join((f"The first layer of `{m}` is dense" if k 
 shares = {m: default_models.routing_mass_shares(s) for m, s in summaries.items()}
 vmin_pct = 0.1
 glue("vmin_pct", vmin_pct, display=False)
-report.routing_share_heatmaps(shares, vmin=vmin_pct)
+fig = report.routing_share_heatmaps(shares, vmin=vmin_pct)
+fig.set_size_inches(report.COLUMN_INCHES, 0.8 * fig.get_size_inches()[1])  # the column's width
 plt.show()
 
-# %%
+# %% tags=["hide-input"]
 util_table = default_models.utilisation_table(summaries)
 util_table.to_csv(out_dir / "utilisation.csv")
 display(util_table.style.format({c: "{:.2%}" if "share" in c else "{:.1%}" for c in util_table.columns if "share" in c or "≥" in c}
@@ -314,21 +317,21 @@ display(Markdown(
 # %% tags=["hide-input"]
 repro, curves = default_models.reproducibility_table(summaries, {m: model_dir(m) for m in models})
 if curves:
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(report.COLUMN_INCHES, 3.6))
     for m, c in curves.items():
         ax.plot(c.step, c.loss_shipped.rolling(50, min_periods=1).mean(), color=colors[m], lw=2, label=f"{m}")
         ax.plot(c.step, c.loss_rerun.rolling(50, min_periods=1).mean(), color="black", lw=1, ls="--")
         ax2.plot(c.step, c.abs_diff, color=colors[m], lw=1.5, label=m)
     ax.plot([], [], color="black", lw=1, ls="--", label="rerun, same seed")
     ax.set(xlabel="optimiser step", ylabel="training loss (nats, running mean)", title="Original and rerun")
-    ax.legend(frameon=False)
+    ax.legend(frameon=False, fontsize=8)
     top = max(float(c.abs_diff.max()) for c in curves.values())
     ax2.set_ylim(-0.05 * max(top, 1e-6), max(top, 1e-6) * 1.05)
     if top == 0:
         ax2.text(0.5, 0.55, "identical at every step\n(difference exactly 0)", transform=ax2.transAxes,
                  ha="center", va="center", fontsize=11, color="0.3")
     ax2.set(xlabel="optimiser step", ylabel="|loss difference| (nats)", title="Absolute difference per step")
-    ax2.legend(frameon=False)
+    ax2.legend(frameon=False, fontsize=8)
     fig.tight_layout()
     plt.show()
     repro.to_csv(out_dir / "reproducibility.csv")
@@ -347,7 +350,7 @@ else:
 # To make the numbers above concrete: the start of the first long paragraph of the evaluation
 # corpus, and each model's five most probable next tokens after it.
 
-# %%
+# %% tags=["hide-input"]
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from moeaudit.corpus import resolve_text_form, select_texts  # noqa: E402
@@ -432,7 +435,7 @@ display(pd.DataFrame({m: default_models.top_next_tokens(model_dir(m), prompt) fo
 # bits.
 # ````
 
-# %%
+# %% tags=["remove-input"]
 glue("ppl_first", summaries[models[0]]["evaluation"]["model"]["perplexity"], display=False)
 cpu_min = [s["training"]["cpu_s"] / 60 for s in summaries.values() if "cpu_s" in s["training"]]
 glue("train_cpu", Markdown(f"{report.value_span([round(m, 1) for m in cpu_min], '{:.1f}')} minutes" if cpu_min
@@ -447,20 +450,24 @@ glue("steps_first", summaries[models[0]]["training"]["steps"], display=False)
 # its routed experts and top-k changed, from the seed in its name. They pass the same quality
 # gates as the default models, checked before anything is written: {glue:md}`family_gates`. Of
 # them, {glue:md}`family_repro`. Each directory holds its model card, training log and summary,
-# like the default models; the table collects them. Besides the routing, the active parameters
-# per token grow with top-k and the small expert pool has fewer parameters in total (columns
-# "parameters" and "active per token").
+# like the default models; the two tables collect them, size and cost first, then quality. Besides
+# the routing, the active parameters per token grow with top-k and the small expert pool has fewer
+# parameters in total (columns "parameters" and "active per token").
 
-# %%
+# %% tags=["hide-input"]
 family_summaries = {m: json.loads((model_dir(m) / "training_summary.json").read_text()) for m in family}
 fam = default_models.family_table(family_summaries)
 if family_summaries:
     fam.to_csv(out_dir / "redundancy_family.csv")
-    display(fam.style.format(
-        {"worst layer: experts used": "{:.0%}", "test perplexity": "{:.1f}", "parameters (M)": "{:.2f}",
-         "active per token (M)": "{:.2f}", "processor time (min)": "{:.1f}", "weights (MB)": "{:.2f}",
-         "ratio to unigram": "{:.3f}", "effective experts (mean over layers)": "{:.1f}",
-         "retrained: max |weight difference|": "{:.3g}"}, na_rep="not checked"))
+    formats = {"worst layer: experts used": "{:.0%}", "test perplexity": "{:.1f}", "parameters (M)": "{:.2f}",
+               "active per token (M)": "{:.2f}", "processor time (min)": "{:.1f}", "weights (MB)": "{:.2f}",
+               "ratio to unigram": "{:.3f}", "effective experts (mean over layers)": "{:.1f}",
+               "retrained: max |weight difference|": "{:.3g}"}
+    size = ["routed experts", "top-k", "seed", "parameters (M)", "active per token (M)", "weights (MB)",
+            "processor time (min)"]
+    for part, caption in ((size, "Size and cost"), ([c for c in fam.columns if c not in size], "Quality")):
+        display(fam[part].style.format({c: f for c, f in formats.items() if c in part}, na_rep="not checked")
+                .set_caption(caption))
 for key, text in default_models.family_texts(family_summaries, fam).items():
     glue(key, Markdown(text), display=False)
 if family_summaries:  # the family's regime on the embedded corpus, as for the default models (model cards)

@@ -47,7 +47,7 @@ report.glue_values(reading_minutes=report.chapter_reading_minutes("A2_departures
 # with by default, the shipped models' configurations and the corpus actually found, so it
 # changes when they change.
 
-# %%
+# %% tags=["hide-input"]
 import json
 from pathlib import Path
 
@@ -69,6 +69,8 @@ audited = {m: (params["layers"] if params["layers"] is not None else  # the rule
                list(PAPER_LAYERS.get(m, ())) or lay.depth_proportional_layers(5)) for m, lay in layouts.items()}
 contexts = {m: int(min(512, c.max_position_embeddings)) if params["max_tokens"] is None else int(params["max_tokens"])
             for m, c in configs.items()}
+
+# %% tags=["hide-input"]
 n_parameters = {}
 for m in params["models"]:
     summary = Path(resolve_model_path(m)) / "training_summary.json"  # shipped models record their size

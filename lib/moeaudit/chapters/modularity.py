@@ -23,7 +23,6 @@ Effects are increases in per-token negative log-likelihood, in nats.
 from __future__ import annotations
 
 import argparse
-import html
 import json
 import os
 import re
@@ -238,7 +237,7 @@ def show_source(data_dir=None) -> ModularitySource:
 
     src = source(data_dir)
     sentence = source_sentence(src)
-    what = re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(sentence))
+    what = re.sub(r"`([^`]+)`", r"<code>\1</code>", report.text_html(sentence))  # no raw $NAME on the page
     title = "Study data: the original files" if src.kind == "files" else "Study data: the embedded derived table"
     display(report.admonition("note", title, f"<p>{what}</p>", f"{title}. {sentence}"))
     return src
