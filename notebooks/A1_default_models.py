@@ -290,7 +290,6 @@ shares = {m: default_models.routing_mass_shares(s) for m, s in summaries.items()
 vmin_pct = 0.1
 glue("vmin_pct", vmin_pct, display=False)
 fig = report.routing_share_heatmaps(shares, vmin=vmin_pct)
-fig.set_size_inches(report.COLUMN_INCHES, 0.8 * fig.get_size_inches()[1])  # the column's width
 plt.show()
 
 # %% tags=["hide-input"]

@@ -1153,7 +1153,7 @@ def routing_share_heatmaps(shares: dict, *, vmin: float = 0.1):
     vmax = max(10.0, max(float(f.values.max()) for f in shares.values()))
     norm = LogNorm(vmin=vmin, vmax=vmax)
     n_rows = [len(f) for f in shares.values()]
-    fig, axes = plt.subplots(len(shares), 1, figsize=(11, 0.9 * len(shares) + 0.42 * sum(n_rows)),
+    fig, axes = plt.subplots(len(shares), 1, figsize=(COLUMN_INCHES, 0.72 * len(shares) + 0.34 * sum(n_rows)),
                              squeeze=False, layout="constrained", gridspec_kw={"height_ratios": n_rows})
     for ax, (m, f) in zip(axes[:, 0], shares.items()):
         sns.heatmap(f.clip(lower=vmin), ax=ax, cmap="viridis", norm=norm, cbar=False, xticklabels=8, yticklabels=True)
