@@ -86,6 +86,7 @@ from moeaudit import paper
 from moeaudit.chapters import reanalysis
 from moeaudit import stats as S
 
+report.use_book_style()
 printed = paper.paper_printed_values()
 text = paper.paper_text_values()
 records = R.metric_comparisons(data_dir=data_dir)
@@ -117,6 +118,29 @@ def cell_name(row) -> str:
 
 put(n_pos=n_pos, n_records=len(records), n_control_records=len(control))
 
+# %% tags=["remove-input"]
+QUANTITY_LABELS = {"d": "d", "p_t": "p_t", "p_W": "p_W", "rho": "ρ", "mean_gap_norm": "mean gap norm",
+                   "rho_rw_gap": "ρ (routing weight, gap norm)", "rho_gap_comp": "ρ (gap norm, compensation)"}
+
+
+def shade(row):
+    return ["background-color: #f6d8ae" if row[("agrees", "")] == "no" else ""] * len(row)
+
+
+def show_printed(wide, *, keys, quantities, caption, signed=(), extra=None):
+    """A side_by_side_as_printed table for the column: one header per quantity over "paper" and
+    "released", the key columns first, shaded rows that differ at the printed precision."""
+    view = {(k, ""): wide[k] for k in keys}
+    for q in quantities:
+        view[(QUANTITY_LABELS[q], "paper")] = wide[f"{q} paper"]
+        view[(QUANTITY_LABELS[q], "released")] = wide[f"{q} released"]
+    view |= extra or {}
+    view[("agrees", "")] = wide.agrees.map({True: "yes", False: "no"})
+    view = pd.DataFrame(view)
+    formats = {(QUANTITY_LABELS[q], "released"): "{:+.4f}" if q in signed else "{:.4f}" for q in quantities
+               if pd.api.types.is_numeric_dtype(wide[f"{q} released"])}  # a text column is shown as it is
+    display(view.style.format(formats, na_rep="–").apply(shade, axis=1).hide(axis="index").set_caption(caption))
+
 # %% [markdown]
 # The per-position records hold {glue:text}`n_records` metric-audit rows and
 # {glue:text}`n_control_records` control rows.
@@ -146,26 +170,22 @@ check_13 = from_records.merge(stored, on=KEYS, suffixes=("", "_stored"))
 put(ddof_factor=np.sqrt(n_pos / (n_pos - 1)))
 
 
-# %% tags=["hide-input"]
-def shade(row):
-    return ["background-color: #f6d8ae" if not row["agrees"] else ""] * len(row)
-
-
+# %% tags=["remove-input"]
 for model, number in (("olmoe", 1), ("deepseek", 3)):
     wide = reanalysis.side_by_side_as_printed(table13[table13.table == number], index=["model", "metric", "layer"],
                                      quantities=["d", "p_t"])
     wide = wide.merge(reanalysis.with_paper_labels(from_records[from_records.experiment.eq("metric")
                                                        & from_records.model.eq(model)][["model", "metric", "layer", "p_W"]]),
                       on=["model", "metric", "layer"])
-    display(wide.style.format({"d released": "{:+.4f}", "p_t released": "{:.4f}", "p_W": "{:.4f}"})
-            .apply(shade, axis=1).hide(axis="index")
-            .set_caption(f"Table {number} ({paper.MODELS[model]}): printed value beside the value recomputed from the "
+    show_printed(wide, keys=["metric", "layer"], quantities=["d", "p_t"], signed=["d"],
+                 extra={("p_W", "released"): wide.p_W.map("{:.4f}".format)},
+                 caption=f"Table {number} ({paper.MODELS[model]}): printed value beside the value recomputed from the "
                          "released records. Shaded rows differ at the printed precision. p_t: paired t test, p_W: "
-                         "Wilcoxon signed-rank test, both two-sided and uncorrected; d uses ddof = 0 as in the "
-                         "released code."))
+                         "Wilcoxon signed-rank test (not printed in the paper), both two-sided and uncorrected; d uses "
+                         "ddof = 0 as in the released code.")
 
 
-# %%
+# %% tags=["remove-input"]
 put(t13_agree=md(reanalysis.agreement_phrase(table13)), t13_bad=md(reanalysis.mismatch_phrase(table13)),
     t13_max_units=float(((table13.recomputed - table13.value).abs() / 10.0 ** -table13.decimals).max()),
     p_stored_diff=float(max((check_13.p_t - check_13.p_t_stored).abs().max(),
@@ -203,6 +223,8 @@ recomputed_6 = (from_records[from_records.experiment.eq("control")][[*KEYS, "coh
                       value_name="recomputed"))
 table6 = reanalysis.compare_printed(recomputed_6, tables=[6], on=KEYS)
 rho_spans_zero = int(((rho.ci_low <= 0) & (rho.ci_high >= 0)).sum())
+
+# %% tags=["remove-input"]
 put(n_boot=n_boot, t6_agree=md(reanalysis.agreement_phrase(table6)),
     rho_ci_verdict=md(f"every one of the {len(rho)} bootstrap intervals for ρ spans zero: within a layer, a "
                       "larger routing-weight gap between the two experts does not go with a detectably larger loss "
@@ -210,16 +232,17 @@ put(n_boot=n_boot, t6_agree=md(reanalysis.agreement_phrase(table6)),
                       f"{len(rho) - rho_spans_zero} of the {len(rho)} bootstrap intervals for ρ exclude zero "
                       f"(layers {', '.join(str(x) for x in rho[(rho.ci_low > 0) | (rho.ci_high < 0)].layer)})"))
 
-# %% tags=["hide-input"]
+# %% tags=["remove-input"]
 wide6 = reanalysis.side_by_side_as_printed(table6, index=["model", "layer"], quantities=["d", "p_t", "p_W", "rho"]).merge(
-    rho[["layer", "ci_low", "ci_high"]].rename(columns={"ci_low": "rho CI low", "ci_high": "rho CI high"}), on="layer")
-display(wide6.style.format({"d released": "{:+.4f}", "p_t released": "{:.4f}", "p_W released": "{:.4f}",
-                            "rho released": "{:+.4f}", "rho CI low": "{:+.3f}", "rho CI high": "{:+.3f}"})
-        .apply(shade, axis=1).hide(axis="index")
-        .set_caption("Table 6 (DeepSeek-V2-Lite routing-weight control): printed beside recomputed. rho: Spearman "
-                     "correlation of w_high/w_low with D, with a 95% paired bootstrap (BCa) interval. All p-values "
+    rho[["layer", "ci_low", "ci_high"]], on="layer")
+wide6["rho released"] = [f"{v:+.4f} [{lo:+.3f}, {hi:+.3f}]" for v, lo, hi in
+                         zip(wide6["rho released"], wide6.ci_low, wide6.ci_high)]
+show_printed(wide6, keys=["layer"], quantities=["d", "p_t", "p_W", "rho"], signed=["d"],
+             caption="Table 6 (DeepSeek-V2-Lite routing-weight control): printed beside recomputed. ρ: Spearman "
+                     "correlation of w_high/w_low with D; the released value is followed by its 95% paired bootstrap "
+                     "(BCa) interval in brackets. All p-values "
                      f"two-sided and uncorrected; the corrected level for the control is {alpha:g}/"
-                     f"{int(cells.family_size[cells.experiment.eq('control')].iloc[0])}."))
+                     f"{int(cells.family_size[cells.experiment.eq('control')].iloc[0])}.")
 
 # %% [markdown]
 # **What this shows.** Of the numbers printed in Table 6, {glue:md}`t6_agree` with the
@@ -256,19 +279,18 @@ agreement = (compared.groupby("table").agg(printed_numbers=("value", "size"), ag
 agreement = pd.concat([agreement, pd.DataFrame([{"table": 4, "printed_numbers": int((printed.table == 4).sum()),
                                                  "agree": np.nan, "source": "not released"}])]).sort_values("table")
 
-# %% tags=["hide-input"]
-fmt = {"d released": "{:+.4f}", "p_t released": "{:.4f}", "p_W released": "{:.4f}", "rho released": "{:+.4f}",
-       "mean_gap_norm released": "{:.4f}", "rho_rw_gap released": "{:+.4f}", "rho_gap_comp released": "{:+.4f}"}
+# %% tags=["remove-input"]
 for long, number, index, quantities, caption in (
         (table25[table25.table == 2], 2, ["model", "metric", "layer"], ["d", "p_t"], "metric audit"),
-        (table25[table25.table == 5], 5, ["model", "layer"], ["d", "p_t", "p_W", "rho"], "routing-weight control"),
+        (table25[table25.table == 5], 5, ["model", "layer"], ["d", "p_t", "p_W", "rho"], "routing-weight control; ρ: "
+         "Spearman correlation of w_high/w_low with D"),
         (table7, 7, ["model", "layer"], ["mean_gap_norm", "rho_rw_gap", "rho_gap_comp"],
-         "redistribution; mean_gap_norm is the mean over the experts of each expert's mean gap norm, rho are "
+         "redistribution; the mean gap norm is the mean over the experts of each expert's mean gap norm, the ρ are "
          "Spearman correlations across experts")):
     wide = reanalysis.side_by_side_as_printed(long, index=index, quantities=quantities)
-    display(wide.style.format({k: v for k, v in fmt.items() if k in wide}).apply(shade, axis=1).hide(axis="index")
-            .set_caption(f"Table {number} (Qwen1.5-MoE-A2.7B {caption}): printed beside the stored summary. Shaded "
-                         "rows differ at the printed precision. p-values two-sided, uncorrected."))
+    show_printed(wide, keys=index[1:], quantities=quantities, signed=["d", "rho", "rho_rw_gap", "rho_gap_comp"],
+                 caption=f"Table {number} (Qwen1.5-MoE-A2.7B {caption}): printed beside the stored summary. Shaded "
+                         "rows differ at the printed precision. p-values two-sided, uncorrected.")
 t8 = table89[table89.table == 8]
 flags8 = t8.pivot(index="k", columns="layer", values="agrees")
 display(t8.pivot(index="k", columns="layer", values="recomputed").style.format("{:+.4f}")
@@ -280,10 +302,10 @@ display(table89[table89.table == 9].pivot(index="quantity", columns="layer", val
         .rename(index={"median_delta": "median", "p95_delta": "95th percentile"}).style.format("{:+.4f}")
         .set_caption(f"Table 9: stored median and 95th percentile of the cumulative loss change at k = "
                      f"{progressive.k.max()}."))
-display(agreement.style.format({"agree": "{:.0f}"}, na_rep="—").hide(axis="index").set_caption(
-    "How many printed numbers of each table the released files reproduce at printed precision."))
+_ = report.show_table(agreement, formats={"agree": "{:.0f}"}, caption="How many printed numbers of each table the "
+                      "released files reproduce at printed precision.")
 
-# %%
+# %% tags=["remove-input"]
 summary_tables = compared[compared.table.isin([2, 5, 7, 8, 9])]
 bad_p = compared[~compared.agrees & compared.quantity.isin(["p_t", "p_W"])]
 p_flips = sum(int(((bad_p.value < a) != (bad_p.recomputed < a)).sum()) for a in (alpha, alpha / n_family_metric))
@@ -333,13 +355,13 @@ put(sum_agree=md(reanalysis.agreement_phrase(summary_tables)), sum_bad=md("there
 # cells, as in the paper; with `alpha` = {glue:text}`alpha` the Bonferroni levels are
 # {glue:text}`alpha_metric:.4g` and {glue:text}`alpha_control:.4g`.
 
-# %%
+# %% tags=["remove-input"]
 put(n_metric_cells=len(metric_cells), n_control_cells=len(control_cells), tost_bound=tost_bound_d, alpha=alpha,
     n_family_metric=n_family_metric, n_family_control=n_family_control,
     alpha_metric=alpha / n_family_metric, alpha_control=alpha / n_family_control)
-display(reanalysis.with_paper_labels(cells.groupby(["model", "experiment", "source"], sort=False).size()
-                            .rename("cells").reset_index()).style.hide(axis="index")
-        .set_caption("Where each re-analysed cell comes from."))
+_ = report.show_table(reanalysis.with_paper_labels(cells.groupby(["model", "experiment", "source"], sort=False).size()
+                                                   .rename("cells").reset_index()),
+                      caption="Where each re-analysed cell comes from.")
 
 # %% [markdown]
 # ### Effect sizes with confidence intervals
@@ -354,13 +376,15 @@ for model in reanalysis.MODEL_ORDER:
     display(wide.style.set_caption(f"{paper.MODELS[model]}: Cohen's d_z (ddof = 1) with exact 95% confidence interval, "
                                    f"n = {n_pos} positions per cell. Intervals are not corrected for multiplicity."))
 intervals = reanalysis.interval_summary(cells)
-display(reanalysis.with_paper_labels(intervals).style.format({"max_abs_dz": "{:.3f}", "widest_ci": "{:.3f}",
-                                                     "mean_ci_half_width": "{:.3f}"}).hide(axis="index")
-        .set_caption("Per model and experiment: the largest observed |d_z|, the largest |d_z| inside some cell's 95% CI, "
-                     "the mean half-width of the intervals, and how many cells have an (uncorrected) 95% CI that "
-                     "excludes 0."))
+_ = report.show_table(reanalysis.with_paper_labels(intervals),
+                      labels={"max_abs_dz": "largest |d_z|", "widest_ci": "largest |d_z| in a 95% CI",
+                              "mean_ci_half_width": "mean CI half-width", "ci_excludes_zero": "CIs excluding 0"},
+                      formats={c: "{:.3f}" for c in ("largest |d_z|", "largest |d_z| in a 95% CI", "mean CI half-width")},
+                      caption="Per model and experiment: the largest observed |d_z|, the largest |d_z| inside some cell's "
+                              "95% CI, the mean half-width of the intervals, and how many cells have an (uncorrected) "
+                              "95% CI that excludes 0.")
 
-# %%
+# %% tags=["remove-input"]
 REACH = 0.1  # a "small" effect on Cohen's scale, for the sentence below
 reaches = (metric_cells.dz_ci_low <= -REACH) | (metric_cells.dz_ci_high >= REACH)
 excl = metric_cells[(metric_cells.dz_ci_low > 0) | (metric_cells.dz_ci_high < 0)]
@@ -392,21 +416,29 @@ put(half_width=md(f"is {hw.min():.3f} in *d_z* units in every family" if f"{hw.m
 # less; Benjamini–Hochberg controls the expected share of false discoveries among the rejected
 # cells instead, a weaker guarantee that rejects more. The paper uses Bonferroni only.
 
-# %% tags=["hide-input"]
-counts = reanalysis.pass_counts(cells, alpha=alpha)
-display(reanalysis.with_paper_labels(counts).style.hide(axis="index").set_caption(
+# %% tags=["remove-input"]
+counts = reanalysis.with_paper_labels(reanalysis.pass_counts(cells, alpha=alpha))
+counts.columns = pd.MultiIndex.from_tuples([tuple(c.split(" ", 1)) if " " in c else (c, "") for c in counts.columns])
+display(counts.style.hide(axis="index").set_caption(
     f"Number of cells passing at family-wise level {alpha:g}. Bonferroni and Holm control the family-wise error "
     "rate, Benjamini-Hochberg (BH) the false discovery rate. Families: the metric cells or the control cells of "
     "one model. The OLMoE control row uses the paper's printed values (records not released)."))
 passing = cells[cells[["sig_t_bonf", "sig_W_bonf", "sig_t_bh", "sig_W_bh"]].any(axis=1)]
-display(reanalysis.with_paper_labels(passing[[*KEYS, "source", "cohens_dz", "p_t", "p_W", "p_t_bonf", "p_W_bonf", "p_t_bh",
-                                     "p_W_bh", "sig_dual_bonf", "sig_dual_bh"]])
-        .style.format({c: "{:.4f}" for c in ("p_t", "p_W", "p_t_bonf", "p_W_bonf", "p_t_bh", "p_W_bh")}
-                      | {"cohens_dz": "{:+.3f}"}).hide(axis="index")
-        .set_caption(f"Every cell in which at least one test survives Bonferroni or BH. p_*_bonf, p_*_bh: adjusted "
-                     f"p-values (compare with {alpha:g}); sig_dual_*: both tests pass, same sign."))
+shown = reanalysis.with_paper_labels(passing)
+yes_no = {True: "yes", False: "no"}
+shown = pd.DataFrame({("cell (source)", ""): [f"{r.model}: {r.metric}, L{r.layer} ({r.source})" for r in shown.itertuples()],
+                      ("d_z", ""): shown.cohens_dz,
+                      **{(test, adj): shown[f"{test}{suffix}"] for test in ("p_t", "p_W")
+                         for adj, suffix in (("raw", ""), ("Bonf.", "_bonf"), ("BH", "_bh"))},
+                      ("both pass", "Bonf."): shown.sig_dual_bonf.map(yes_no),
+                      ("both pass", "BH"): shown.sig_dual_bh.map(yes_no)})
+display(shown.style.format("{:.3g}", subset=[c for c in shown.columns if c[0] in ("p_t", "p_W")])
+        .format("{:+.3f}", subset=[("d_z", "")]).hide(axis="index")
+        .set_caption(f"Every cell in which at least one test survives Bonferroni or BH: raw p-values and p-values "
+                     f"adjusted by Bonferroni (Bonf.) and Benjamini-Hochberg (BH), to compare with {alpha:g}; both "
+                     "pass: both tests pass, with the same sign."))
 
-# %%
+# %% tags=["hide-input"]
 metric_dual = metric_cells[metric_cells.sig_dual_bonf]
 ctrl15 = control_cells[(control_cells.model == "olmoe")].sort_values("layer").iloc[-1]
 paper_cells = cells if alpha == paper.PAPER_ALPHA else reanalysis.reanalysis_cells(
@@ -458,7 +490,9 @@ put(paper_rule_verdict=md("no observational metric passes in any model, as the p
 
 # %%
 tost = reanalysis.equivalence_counts(cells, alpha=alpha)
-best_p_tost = S.tost_from_t(0.0, n_pos, bound_d=tost_bound_d)
+best_p_tost = S.tost_from_t(0.0, n_pos, bound_d=tost_bound_d)  # the best case: an observed effect of zero
+
+# %% tags=["remove-input"]
 tost_metric = tost[tost.experiment == "metric"]
 lo_, hi_ = int(tost_metric["equivalent uncorrected"].min()), int(tost_metric["equivalent uncorrected"].max())
 put(tost_range=md(f"{lo_}" if lo_ == hi_ else f"between {lo_} and {hi_}"),
@@ -470,7 +504,7 @@ put(tost_range=md(f"{lo_}" if lo_ == hi_ else f"between {lo_} and {hi_}"),
                      f"below the Bonferroni level {alpha / n_family_metric:.4g} of a metric family, so cells with "
                      "observed effects near zero can be shown equivalent at the corrected level")))
 
-# %% tags=["hide-input"]
+# %% tags=["remove-input"]
 display(reanalysis.with_paper_labels(tost).style.format({"median p_TOST": "{:.3f}"}).hide(axis="index").set_caption(
     f"TOST against |d_z| >= {tost_bound_d:g}: number of cells whose effect is shown to lie inside the bound, at the "
     f"uncorrected level {alpha:g} and at the Bonferroni level of the family ({alpha:g}/{n_family_metric} or "
@@ -497,6 +531,8 @@ mde_paper = reanalysis.detectable_effects(n=n_pos, levels={"control": paper.PAPE
                                                  / n_family_metric}, power=power, targets=(REACH, tost_bound_d))
 at_metric, mde_ctrl = mde_paper.iloc[-1], float(mde_paper.iloc[0][f"MDE {power:g}"])  # at the paper's levels
 d15 = float(printed.query("table == 4 and quantity == 'd'").sort_values("layer").value.iloc[-1])
+
+# %% tags=["remove-input"]
 put(power=power, mde_metric=float(at_metric[f"MDE {power:g}"]), mde_ctrl=mde_ctrl, d15=d15,
     d15_vs_mde=md("itself below" if d15 < mde_ctrl else "at or above"),
     largest_vs_mde=md(f"such as the largest observed metric effect (|*d_z*| = {metric_cells.cohens_dz.abs().max():.3f})"
@@ -504,7 +540,7 @@ put(power=power, mde_metric=float(at_metric[f"MDE {power:g}"]), mde_ctrl=mde_ctr
                       f"unlike the largest observed metric effect (|*d_z*| = {metric_cells.cohens_dz.abs().max():.3f})"),
     n_for_bound=float(at_metric[f"n for {tost_bound_d:g}"]), n_for_reach=float(at_metric[f"n for {REACH:g}"]))
 
-# %% tags=["hide-input"]
+# %% tags=["remove-input"]
 display(mde.style.format({c: "{:.3f}" for c in mde.columns if c.startswith("MDE")} | {"alpha": "{:.4g}"}
                          | {c: "{:,.0f}" for c in mde.columns if c.startswith("n for")}).hide(axis="index")
         .set_caption(f"Minimum detectable effect d_z (two-sided paired t test) at n = {n_pos} for several powers, and "
@@ -538,7 +574,7 @@ display(mde.style.format({c: "{:.3f}" for c in mde.columns if c.startswith("MDE"
 # %% tags=["hide-input"]
 palette = dict(zip(paper.PAPER_METRIC_LABELS, sns.color_palette("colorblind", len(paper.PAPER_METRIC_LABELS))))
 band = metric_cells.cohens_dz.agg(["min", "max"])
-fig, axes = plt.subplots(1, len(reanalysis.MODEL_ORDER), figsize=(13, 4.2), sharey=True, constrained_layout=True)
+fig, axes = report.model_panels([paper.MODELS[m] for m in reanalysis.MODEL_ORDER], sharey=True)
 for ax, model in zip(axes, reanalysis.MODEL_ORDER):
     layers = list(paper.LAYERS[model])
     x = np.arange(len(layers))
@@ -554,17 +590,19 @@ for ax, model in zip(axes, reanalysis.MODEL_ORDER):
                 lw=1.2, color="black", mfc="white" if is_printed else "black", zorder=3,
                 label="routing-weight control" + (" (paper's printed values)" if is_printed else ""))
     ax.set_xticks(x, [f"L{layer}" for layer in layers])
-    ax.set_title(paper.MODELS[model])
-    ax.set_xlabel("Layer")
-axes[0].set_ylabel(r"Cohen's $d_z$ of $\Delta_{high} - \Delta_{low}$ (95% CI)")
-handles = {lab: h for ax in axes for h, lab in zip(*ax.get_legend_handles_labels())}
-fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncol=3, frameon=False)
+shown = axes[0].get_legend_handles_labels()[1]
+for ax in axes[1:]:  # the legend is drawn from the first panel: give it the other panels' entries too
+    for h, lab in zip(*ax.get_legend_handles_labels()):
+        if lab not in shown:
+            axes[0].plot([], [], "D-", ms=5, lw=1.2, color="black", label=lab)
+            shown.append(lab)
+report.finish_panels(fig, axes, title="Effect sizes by layer: observational metrics and routing-weight control",
+                     ylabel=r"Cohen's $d_z$ of $D$ (95% CI)", xlabel="Layer")
 if results_dir is not None:
     Path(results_dir).mkdir(parents=True, exist_ok=True)
     fig.savefig(Path(results_dir) / "ch08_effect_sizes_by_layer.png", dpi=200)
-plt.show()
 
-# %%
+# %% tags=["remove-input"]
 outside = control_cells[(control_cells.cohens_dz > band["max"]) | (control_cells.cohens_dz < band["min"])]
 olmoe_ctrl = control_cells[control_cells.model.eq("olmoe")].set_index("layer").cohens_dz
 put(band_lo=float(band["min"]), band_hi=float(band["max"]), olmoe_peak=int(olmoe_ctrl.idxmax()),
@@ -601,6 +639,9 @@ overlap = reanalysis.position_overlap(records)
 contexts = reanalysis.context_summary(records)
 ranges = reanalysis.metric_value_ranges(records).set_index(["model", "metric"])
 repeats = reanalysis.control_repeats(control)
+layer_rho = reanalysis.layer_correlation_of_d(records, alpha=paper.PAPER_ALPHA)
+
+# %% tags=["remove-input"]
 o = overlap.set_index("model")
 put(overlap_text=md("; ".join(f"{paper.MODELS[m]}: {r['positions per metric']} positions per metric, "
                               f"{r['distinct over metrics']} distinct over the {len(paper.PAPER_METRIC_LABELS)} metrics, a pair of "
@@ -609,7 +650,6 @@ put(overlap_text=md("; ".join(f"{paper.MODELS[m]}: {r['positions per metric']} p
     same_layers=md("the same draw at every layer" if o["same at every layer"].all() else
                    "a different draw at some layers"),
     shared_max=int(o["shared max"].max()))
-layer_rho = reanalysis.layer_correlation_of_d(records, alpha=paper.PAPER_ALPHA)
 n_pairs, n_sig_pairs = int(layer_rho.pairs.sum()), int(layer_rho.significant.sum())
 put(rho_layers_lo=float(layer_rho["rho min"].min()), rho_layers_hi=float(layer_rho["rho max"].max()),
     rho_med_lo=float(layer_rho["rho median"].min()), rho_med_hi=float(layer_rho["rho median"].max()),
@@ -620,7 +660,7 @@ put(rho_layers_lo=float(layer_rho["rho min"].min()), rho_layers_hi=float(layer_r
                       "layers, and “signs inconsistent across layers” is weaker evidence of a null than "
                       "independent draws would give"))
 
-# %% tags=["hide-input"]
+# %% tags=["remove-input"]
 display(reanalysis.with_paper_labels(overlap).style.hide(axis="index").set_caption(
     "Sampled positions, identified by their index in the padded corpus."))
 display(reanalysis.with_paper_labels(layer_rho).style.format(precision=3).hide(axis="index").set_caption(
@@ -643,11 +683,11 @@ display(reanalysis.with_paper_labels(layer_rho).style.format(precision=3).hide(a
 #
 # ### 2. No minimum context
 
-# %%
+# %% tags=["remove-input"]
 c = contexts.set_index("model")
 put(short_olmoe=c.loc["olmoe", "share short"], short_ctx=32, ds_first=c.loc["deepseek", "median first"], ds_last=c.loc["deepseek", "median last"])
 
-# %% tags=["hide-input"]
+# %% tags=["remove-input"]
 display(reanalysis.with_paper_labels(contexts).style.format({"share short": "{:.1%}", "median position": "{:.0f}",
                                                     "median first": "{:.0f}", "median last": "{:.0f}"})
         .hide(axis="index").set_caption("Where in the (padded) sequence the sampled positions lie. share short: share "
@@ -666,7 +706,7 @@ display(reanalysis.with_paper_labels(contexts).style.format({"share short": "{:.
 #
 # ### 3. What the "metrics" actually recorded
 
-# %%
+# %% tags=["remove-input"]
 neg = ranges["share negative"]
 put(neg_util=float(neg.loc[("olmoe", "utilization_rate")]),
     neg_mrw=float(neg.loc[("olmoe", "mean_routing_weight_when_active")]),
@@ -675,7 +715,7 @@ put(neg_util=float(neg.loc[("olmoe", "utilization_rate")]),
                          for m in ("utilization_rate", "mean_routing_weight_when_active"))
                   else "Some of DeepSeek's utilization rates or mean routing weights lie outside [0, 1]"))
 
-# %% tags=["hide-input"]
+# %% tags=["remove-input"]
 display(reanalysis.with_paper_labels(ranges.reset_index()).style.format({"min": "{:.3f}", "max": "{:.3f}",
                                                                 "share negative": "{:.0%}"})
         .hide(axis="index").set_caption("Range of the metric values stored for the ranked experts. A utilization "
@@ -696,7 +736,7 @@ display(reanalysis.with_paper_labels(ranges.reset_index()).style.format({"min": 
 #
 # ### 4. Standard deviation, corrections and the agreement rule
 
-# %%
+# %% tags=["hide-input"]
 ddof_table = stored.groupby(["model", "experiment", "ddof"]).size().rename("cells").reset_index()
 labels = stored[stored.sig_label.notna()].assign(
     p_band=lambda df: pd.cut(df.p_t, [0, 0.001, 0.01, 0.05, 1], labels=["p < 0.001", "p < 0.01", "p < 0.05", "p ≥ 0.05"]))
@@ -707,11 +747,11 @@ put(ddof_change=float((d_change.d - d_change.cohens_dz).abs().max()),
                          (labels.sig_label.map(stars) == labels.p_band.astype(str)).all() else
                          "some stored labels do not match the uncorrected *p_t*"))
 
-# %% tags=["hide-input"]
+# %% tags=["remove-input"]
 display(reanalysis.with_paper_labels(ddof_table).style.hide(axis="index").set_caption(
     "Which standard deviation the stored Cohen's d uses (implied by the stored t: d = t/sqrt(n-1) for ddof = 0, "
     "t/sqrt(n) for ddof = 1)."))
-display(pd.crosstab(labels.sig_label, labels.p_band).style.set_caption(
+display(pd.crosstab(labels.sig_label.rename("stored label"), labels.p_band.rename("uncorrected p_t")).style.set_caption(
     "Significance labels stored in the Qwen and control files against the uncorrected p_t."))
 
 # %% [markdown]
@@ -725,7 +765,7 @@ display(pd.crosstab(labels.sig_label, labels.p_band).style.set_caption(
 #
 # ### 5. Sampling with replacement in the control
 
-# %% tags=["hide-input"]
+# %% tags=["remove-input"]
 put(max_repeats=int(repeats.repeats.max()), n_ctrl_pos=int(repeats.positions.max()))
 display(repeats.style.hide(axis="index").set_caption(
     "DeepSeek control: the records store no text index, so a position is identified by its token index and its "
@@ -757,7 +797,7 @@ display(repeats.style.hide(axis="index").set_caption(
 #   zero, so the spread of the loss changes is not rounding. *Could affect:* the near-zero medians of
 #   Table 9 support "near zero" but no finer statement.
 
-# %%
+# %% tags=["hide-input"]
 quantiles = progressive[["median_delta", "p25_delta", "p75_delta"]].to_numpy().ravel()
 steps = paper.progressive_in_float16_steps(progressive)
 deepest = steps[steps.k == steps.k.max()]
@@ -778,7 +818,7 @@ put(last_layers=md(", ".join(f"{paper.MODELS[m]} Layer {max(paper.LAYERS[m])}" f
 # correction, how the control behaves with depth, and where OLMoE's gap norm begins to predict the
 # loss.
 
-# %%
+# %% tags=["hide-input"]
 pr_d = printed[(printed.table <= 3) & (printed.quantity == "d")]
 top_d = pr_d.loc[pr_d.value.abs().idxmax()]
 t4 = printed[printed.table == 4].pivot(index="layer", columns="quantity", values="value")
@@ -800,7 +840,7 @@ put(max_d_v1=text["max_abs_d_v1"], max_d_v2=text["max_abs_d_v2"], top_d=md(f"*d*
                                                         & (t4.p_W < paper.PAPER_ALPHA / n_family_control)).any()
              else "some control cell of Table 4 passes"))
 
-# %%
+# %% tags=["remove-input"]
 sig = gap_comp.significant
 put(gc_n_sig=int(sig.sum()), gc_n=len(gap_comp), gc_last=last,
     gc_where=md(f"at every one of the {len(gap_comp)} layers" if sig.all() else
@@ -819,7 +859,7 @@ put(gc_n_sig=int(sig.sum()), gc_n=len(gap_comp), gc_last=last,
     qwen_ratio=float(gap.loc[("qwen", qwen_layers[-1])] / gap.loc[("qwen", qwen_layers[0])]),
     qwen_ratio_paper=text["qwen_gap_norm_ratio"])
 
-# %% tags=["hide-input"]
+# %% tags=["remove-input"]
 display(gap_comp.reset_index()[["layer", "rho", "p", "rank", "significant"]].style.format(
     {"rho": "{:+.3f}", "p": "{:.1e}"}).hide(axis="index").set_caption(
     "OLMoE-1B-7B-0924, released redistribution records: Spearman correlation across experts between an expert's "
@@ -858,7 +898,7 @@ display(gap_comp.reset_index()[["layer", "rho", "p", "rank", "significant"]].sty
 #
 # Other statements of Section 3 check out against the records: {glue:md}`checks_out`
 
-# %%
+# %% tags=["hide-input"]
 a_paper = text["family_alpha"]  # the paper's statements are at its own level, whatever `alpha` is here
 uncorr = metric_cells.assign(pt=metric_cells.p_t < a_paper, both=lambda df: df.pt & (df.p_W < a_paper) & df.same_sign)
 u = uncorr.groupby("model").agg(pt=("pt", "sum"), both=("both", "sum"))
@@ -880,7 +920,7 @@ put(checks_out=md("; ".join(s for ok, s in checks if ok) + "."
                      + "; ".join(s for ok, s in checks if not ok) + ".")),
     all_bad=md(reanalysis.mismatch_phrase(compared)))
 
-# %%
+# %% tags=["remove-input"]
 dual_all = cells[cells.sig_dual_bonf]
 put(n_agree_all=int(compared.agrees.sum()),
     dual_summary=md("no cell, observational or control, passes the paper's own rule (Bonferroni within the family, "
@@ -956,7 +996,7 @@ put(n_agree_all=int(compared.agrees.sum()),
 # {glue:md}`ex3_expected`
 # ````
 
-# %%
+# %% tags=["hide-input"]
 def scenario(a: float, bound: float) -> dict:
     c = reanalysis.reanalysis_cells(alpha=a, tost_bound_d=bound, power=power, data_dir=data_dir)
     return reanalysis.reanalysis_counts(c, alpha=a)

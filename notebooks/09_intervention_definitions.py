@@ -105,6 +105,7 @@ from moeaudit.report import fmt_signed, join_words
 from moeaudit.audit import paired_cells, prepare, progressive_records, single_expert_records
 from moeaudit.metrics import METRIC_LABELS, METRICS, ROUTING_WEIGHT
 
+# %% tags=["hide-input"]
 report.use_book_style()
 if len(modes) != 2 or len(set(modes)) != 2 or not set(modes) <= {"token", "sequence"}:
     raise ValueError(f"modes={modes!r} must name the two intervention definitions, e.g. ['token', 'sequence']")
@@ -155,8 +156,8 @@ def changed_states(n_pos, n_layers, t, layer, routed, mode):
 
 n_pos_d, n_lay_d, t_d, routed_d = 9, 6, 7, {1, 3, 4, 7}
 shades = {0: "0.93", 1: sns.color_palette("colorblind")[3], 2: sns.color_palette("colorblind")[1]}
-fig, axes = plt.subplots(2, 2, figsize=(9.5, 6.4), sharex=True, sharey=True)
-for row, (abl, where) in enumerate([(2, "a middle layer"), (n_lay_d - 1, "the last layer")]):
+fig, axes = plt.subplots(2, 2, figsize=(report.COLUMN_INCHES, 6.0), sharex=True, sharey=True)
+for row, (abl, where) in enumerate([(2, "middle layer"), (n_lay_d - 1, "last layer")]):
     for col, mode_d in enumerate(["token", "sequence"]):
         ax, grid = axes[row, col], changed_states(n_pos_d, n_lay_d, t_d, abl, routed_d, mode_d)
         for ell in range(n_lay_d):
@@ -164,24 +165,24 @@ for row, (abl, where) in enumerate([(2, "a middle layer"), (n_lay_d - 1, "the la
                 ax.add_patch(Rectangle((p - 0.45, ell - 0.45), 0.9, 0.9, edgecolor="0.75", linewidth=0.6,
                                        facecolor="white" if p > t_d else shades[grid[ell, p]], hatch="////" if p > t_d else None))
         for p in sorted(routed_d):
-            ax.text(p, -0.95, "e", ha="center", va="center", fontsize=9, color="0.25")
+            ax.text(p, -0.95, "e", ha="center", va="center", fontsize=8, color="0.25")
         ax.axhline(abl, color="0.2", linewidth=0.8, linestyle=":")
-        ax.plot([t_d], [n_lay_d - 0.2], marker="*", markersize=12, color="black")
+        ax.plot([t_d], [n_lay_d - 0.2], marker="*", markersize=10, color="black")
         ax.set(xlim=(-0.6, n_pos_d - 0.4), ylim=(-1.3, n_lay_d + 0.1))
-        ax.set_title(f"{mode_d}-{'local' if mode_d == 'token' else 'wide'}, ablated at {where}", fontsize=10, pad=6)
+        ax.set_title(f"{mode_d}-{'local' if mode_d == 'token' else 'wide'}: ablated at {where}", fontsize=9, pad=5)
         ax.grid(False)
-        ax.set_xticks(range(n_pos_d), [("t" if p == t_d else str(p)) for p in range(n_pos_d)])
-        ax.set_yticks(range(n_lay_d), [str(i) for i in range(n_lay_d)])
-fig.supxlabel("token position (letters 'e': positions where the expert is routed at the ablated layer)", fontsize=10, y=0.135)
-fig.supylabel("layer (hidden state after it)", fontsize=10)
+        ax.set_xticks(range(n_pos_d), [("t" if p == t_d else str(p)) for p in range(n_pos_d)], fontsize=8)
+        ax.set_yticks(range(n_lay_d), [str(i) for i in range(n_lay_d)], fontsize=8)
+fig.supxlabel("token position ('e': the expert is routed there at the ablated layer)", fontsize=9, y=0.14)
+fig.supylabel("layer (hidden state after it)", fontsize=9)
 fig.legend(handles=[Patch(facecolor=shades[1], label="changed: expert removed here"),
                     Patch(facecolor=shades[2], label="changed downstream (residual, attention)"),
                     Patch(facecolor=shades[0], edgecolor="0.75", label="unchanged"),
                     Patch(facecolor="white", edgecolor="0.75", hatch="////", label="after t: not part of the prefix"),
-                    plt.Line2D([], [], marker="*", color="black", linestyle="", markersize=11, label="loss at t read here")],
-           loc="lower center", ncol=3, fontsize=8.5, frameon=False)
+                    plt.Line2D([], [], marker="*", color="black", linestyle="", markersize=10, label="loss at t read here")],
+           loc="lower center", ncol=2, fontsize=8, frameon=False)
 fig.suptitle("Which hidden states an ablation changes, by definition and layer")
-fig.tight_layout(rect=(0.01, 0.155, 1, 1));
+fig.tight_layout(rect=(0.01, 0.145, 1, 1));
 
 # %% [markdown]
 # ## 2. The same cells under both definitions
@@ -278,15 +279,19 @@ agreement = pd.concat([definitions.ablation_agreement(records[n, MODE_A], record
                                                    last_layer=contexts[n].model.layout.n_layers - 1).assign(model=n)
                        for n in models], ignore_index=True)
 
-# %% tags=["hide-input"]
-view = agreement.rename(columns={"max_diff": "max |Δ_tok − Δ_seq|", "median_diff": "median |Δ_tok − Δ_seq|",
-                                 "floor": "rounding floor", "median_abs_a": f"median |Δ| {MODE_A}",
-                                 "median_abs_b": f"median |Δ| {MODE_B}", "rho": "Spearman ρ", "last": "last decoder layer"})
-display(view[["model", *view.columns[:-1]]].style.format({c: "{:.2e}" for c in view.columns if "|" in c or c == "rounding floor"}
-                                                       | {"Spearman ρ": "{:+.3f}"}).hide(axis="index")
-        .set_caption("Token-local vs sequence-wide ablation of the same expert at the same position (Δ in nats)"))
+# %% tags=["remove-input"]
+view = agreement.assign(layer=[f"{L} (last)" if last else str(L) for L, last in zip(agreement.layer, agreement["last"])])
+sizes = agreement.groupby("model", sort=False).records.agg(lambda r: "–".join(dict.fromkeys(str(v) for v in r)))
+_ = report.show_table(
+    view[["model", "layer", "max_diff", "median_diff", "floor", "median_abs_a", "median_abs_b", "rho"]],
+    labels={"max_diff": "max |Δ_tok − Δ_seq|", "median_diff": "median |Δ_tok − Δ_seq|", "floor": "rounding floor",
+            "median_abs_a": f"median |Δ| {MODE_A}", "median_abs_b": f"median |Δ| {MODE_B}", "rho": "Spearman ρ"},
+    formats={"max |Δ_tok − Δ_seq|": "{:.1e}", "median |Δ_tok − Δ_seq|": "{:.1e}", "rounding floor": "{:.1e}",
+             f"median |Δ| {MODE_A}": "{:.1e}", f"median |Δ| {MODE_B}": "{:.1e}", "Spearman ρ": "{:+.3f}"},
+    max_rows=None, caption="Token-local vs sequence-wide ablation of the same expert at the same position (Δ in nats; "
+    "records per layer: " + per_model(sizes.to_dict(), "{}") + "; (last): the model's last decoder layer)")
 
-# %%
+# %% tags=["remove-input"]
 last_rows, other_rows = agreement[agreement["last"]], agreement[~agreement["last"]]
 parts = []
 if len(last_rows):
@@ -377,7 +382,7 @@ ax.legend(handles=[Patch(color=colors[m], label=m) for m in models]
           fontsize=7.5, loc="upper left")
 fig.tight_layout()
 
-# %%
+# %% tags=["hide-input"]
 def flip_text(cmp, la, lb) -> str:
     """Per model: the size of the d_z differences and the verdicts that change (from compare_audit_variants)."""
     out = []
@@ -425,7 +430,6 @@ display(Markdown(flip_text(cmp_mode, MODE_A, MODE_B)))
 # position (`definitions.padded_router_pass`).
 
 # %%
-glue_all(qwen_texts=definitions.QWEN_NORM_TEXTS, qwen_coords=definitions.QWEN_STD_COORDS)
 metric_defs, pad_share, recheck, mask_rows, sub_rows, next_ranked = {}, {}, {}, [], [], []
 for name in models:
     ctx = contexts[name]
@@ -450,13 +454,20 @@ for name in models:
                           "admitted_min": float(admitted.min()), "admitted_max": float(admitted.max())})
     del padded
 masks, substitute = pd.DataFrame(mask_rows), pd.DataFrame(sub_rows)
+
+# %% tags=["remove-input"]
+glue_all(qwen_texts=definitions.QWEN_NORM_TEXTS, qwen_coords=definitions.QWEN_STD_COORDS)
 glue_all(pad_share=Markdown(per_model(pad_share, "{:.1%}")), released_pad=definitions.RELEASED_OLMOE_PADDING_SHARE,
          admitted_span=span(masks.admitted_median, "{:.0%}"),
          selected_span=span(masks.selected_share, "{:.1%}"),
          recheck=Markdown("exactly, for every model" if max(recheck.values()) == 0 else
                           "to a largest relative deviation of " + per_model(recheck, "{:.1e}")))
-display(masks.style.format({"threshold": "{:+.3f}", "selected_share": "{:.1%}", "admitted_median": "{:.1%}",
-                            "admitted_min": "{:.1%}", "admitted_max": "{:.1%}"}).hide(axis="index")
+view = pd.DataFrame({("model", ""): masks.model, ("layer", ""): masks.layer, ("τ (logit)", ""): masks.threshold,
+                     ("selected by the router (k/E)", ""): masks.selected_share,
+                     **{("admitted by the released mask", w): masks[f"admitted_{c}"]
+                        for c, w in (("median", "median"), ("min", "minimum"), ("max", "maximum"))}})
+display(view.style.format("{:.1%}", subset=[c for c in view.columns if c[0].startswith(("selected", "admitted"))])
+        .format("{:+.3f}", subset=[("τ (logit)", "")]).hide(axis="index")
         .set_caption("The released OLMoE mask: the threshold τ (a router logit) and the share of all padded positions it "
                      "admits per expert (median, min, max over experts), against the share k/E the router selects"))
 
@@ -496,7 +507,7 @@ rho_defs = pd.concat([definitions.recipe_rank_agreement(metric_defs[n]).assign(
 own_rho = rho_defs[rho_defs.own]
 
 # %% tags=["hide-input"]
-fig, axes = plt.subplots(len(models), 1, figsize=(7.5, 4.3 * len(models)), squeeze=False)
+fig, axes = plt.subplots(len(models), 1, figsize=(report.COLUMN_INCHES, 3.9 * len(models)), squeeze=False)
 for ax, name in zip(axes[:, 0], models):
     g = rho_defs[rho_defs.model == name]
     mat = g.pivot_table(index=["recipe", "metric"], columns="layer", values="rho", sort=False, dropna=False)
@@ -504,12 +515,13 @@ for ax, name in zip(axes[:, 0], models):
     mat.index = [f"{'▶ ' if rcp == own else ''}{rcp}: {METRIC_LABELS[m]}" for rcp, m in mat.index]
     mat.columns = [f"L{L}" for L in mat.columns]
     sns.heatmap(mat, ax=ax, vmin=-1, vmax=1, cmap="vlag", annot=True, fmt=".2f", annot_kws={"fontsize": 7.5},
-                cbar_kws={"label": "Spearman ρ, paper vs recipe"})
+                cbar_kws={"label": "Spearman ρ, paper vs recipe", "shrink": 0.9})
+    ax.tick_params(axis="y", labelsize=8.5)
     ax.set(xlabel="audited MoE layer", ylabel="", title=f"{name} (▶: its own recipe)")
-fig.suptitle("Rank agreement between the paper's and the released metric definitions")
+fig.suptitle("Rank agreement: the paper's and the released metric definitions")
 fig.tight_layout()
 
-# %%
+# %% tags=["remove-input"]
 mrw = rho_defs[(rho_defs.recipe == "OLMoE script") & (rho_defs.metric == "mean_routing_weight")]
 RHO_SAME = 0.999  # a rank correlation at least this high counts as "the same order"
 glue_all(mrw_rho=span(mrw.rho, "{:+.2f}"), n_vectors=len(own_rho), rho_same=RHO_SAME,
@@ -598,13 +610,25 @@ cells_half = pd.concat([cells_mode[cells_mode.variant == "token"].assign(variant
 table_half = pd.concat([table_mode[table_mode.variant == "token"].assign(variant=dtype), table_for(half_cells)],
                        ignore_index=True)
 cmp_half = definitions.compare_audit_variants(cells_half, table_half, dtype, half_dtype, alpha=alpha, n_boot=n_boot, seed=seed)
+
+# %% tags=["remove-input"]
 for key, col, f in (("noise_median", "median_err", "{:.1e}"), ("noise_p95", "p95_err", "{:.1e}"),
                     ("effect_median", "median_abs_full", "{:.1e}"), ("below_noise", "share_below_p95_err", "{:.0%}"),
                     ("sign_flips", "sign_flips", "{:.1%}")):
     glue(key, Markdown(per_model(nt[col].to_dict(), f)), display=False)
 glue("strategy_spread", Markdown(report.strategy_spread_text(spread, half_dtype)), display=False)
-display(nt.style.format("{:.3g}").format({"matched": "{:,.0f}"}).set_caption(f"Single-expert ablations in {dtype} ('full') and {half_dtype} ('half'), "
-                                              "matched by position, layer and expert (nats; shares as fractions)"))
+NOISE_ROWS = {  # summary key: (row label, format)
+    "matched": ("ablations matched", "{:,.0f}"), "share_matched": ("share of the full-precision ablations matched", "{:.1%}"),
+    "median_clean_diff": ("median |clean loss half − full|", "{:.2g}"), "median_err": ("median |Δ_half − Δ_full|", "{:.2g}"),
+    "p95_err": ("95th percentile of |Δ_half − Δ_full|", "{:.2g}"), "median_abs_full": ("median |Δ_full|", "{:.2g}"),
+    "share_below_p95_err": ("share of |Δ_full| below that 95th percentile", "{:.1%}"),
+    "sign_flips": ("share of ablations whose sign changes", "{:.1%}"),
+    "top_raises_full": ("share where removing the top expert raises the loss, full", "{:.1%}"),
+    "top_raises_half": ("the same, half", "{:.1%}")}
+view = pd.DataFrame({m: [f.format(nt.loc[m, key]) for key, (_, f) in NOISE_ROWS.items()] for m in nt.index},
+                    index=[label for label, _ in NOISE_ROWS.values()])
+display(view.style.set_caption(f"Single-expert ablations in {dtype} ('full') and {half_dtype} ('half'), matched by "
+                               "position, layer and expert; losses and their differences in nats"))
 
 # %% [markdown]
 # The median precision error of one ablation, $|\Delta_{\text{half}} - \Delta_{\text{full}}|$, is
@@ -636,7 +660,7 @@ ax.set(xscale="log", xlabel="nats (log scale; zeros drawn at 1e-9)", ylabel="cum
 ax.legend(fontsize=7)
 fig.tight_layout()
 
-# %%
+# %% tags=["remove-input"]
 display(Markdown(flip_text(cmp_half, dtype, half_dtype)))
 
 # %% [markdown]
@@ -669,22 +693,28 @@ for name, ctx in contexts.items():  # every MoE layer, as in the progressive-abl
     prog_rec = progressive_records(ctx, layers=list(ctx.model.layout.moe_layers), n_positions=n_positions, seed=seed,
                                    mode="token", batch_size=batch_size)
     falls[name] = prog_rec[prog_rec.k == prog_rec.k.max()].groupby("layer").delta_loss.apply(lambda d: float((d < 0).mean()))
+steps = None if prog is None else paper.progressive_in_float16_steps(prog)
+
+# %% tags=["remove-input"]
 glue("book_falls", Markdown(per_model({n: span(v, "{:.0%}") for n, v in falls.items()}, "{}")), display=False)
 if prog is not None:
-    steps = paper.progressive_in_float16_steps(prog)
     glue_all(rel_step=Markdown(span(steps.step, "{:.3g}")), rel_grid=float(steps.n_on_2_16.sum() / (3 * len(steps))),
              rel_pos_k1=Markdown(span(steps[steps.k == 1].share_positive, "{:.1%}")),
              rel_pos_deep=Markdown(span(steps[steps.k == steps.k.max()].share_positive, "{:.1%}")))
     q_steps = steps[["p25_steps", "p75_steps"]].to_numpy()
     q_nats = np.abs(steps[["p25_delta", "p75_delta"]].to_numpy())
     glue_all(rel_q_nats=Markdown(span(q_nats.ravel(), "{:.3f}")), rel_q_steps=Markdown(span(q_steps.ravel(), "{:.0f}")))
-    display(steps[["layer", "k", "baseline_loss_mean", "step", "median_delta", "median_steps", "p25_delta", "p25_steps",
-                   "p75_delta", "p75_steps", "share_positive"]].style.format("{:.3g}").format(
-        {"layer": "{:d}", "k": "{:d}", "share_positive": "{:.1%}"}).hide(axis="index")
-        .set_caption("Released OLMoE progressive ablation (float16): medians and quartiles of the loss change in nats "
-                     "and in float16 steps at the layer's mean baseline loss"))
+    names = {"baseline_loss_mean": "mean baseline loss", "median_delta": "median ΔL", "median_steps": "median steps",
+             "p25_steps": "p25 steps", "p75_steps": "p75 steps", "share_positive": "share positive"}
+    _ = report.show_table(steps[["layer", "k", "baseline_loss_mean", "step", *list(names)[1:]]], labels=names,
+                          formats={**{c: "{:.3g}" for c in ("mean baseline loss", "step", "median ΔL", "median steps",
+                                                            "p25 steps", "p75 steps")}, "share positive": "{:.1%}"},
+                          caption="Released OLMoE progressive ablation (float16), per layer and number k of removed "
+                                  "experts: the float16 step at the layer's mean baseline loss and the median loss "
+                                  "change (nats), the absolute median and quartiles of the loss change in those steps, "
+                                  "and the share of positions whose loss rises")
 
-# %%
+# %% tags=["remove-input"]
 if prog is not None:
     within = steps.median_steps <= 1  # a difference of two losses each rounded to half a step is off by at most one step
     q_min = float(q_steps.min())
@@ -772,13 +802,17 @@ cmp_op = {op: definitions.compare_audit_variants(cells_op, table_op, "remove", o
           for op in others}
 fam_op = int(table_op[(table_op.model == models[0]) & (table_op.set == "metrics")].family_size.iloc[0])
 n_op = int(min(c.n.min() for c in cmp_op.values()))
+
+# %% tags=["remove-input"]
 glue_all(op_replaced=Markdown(definitions.replacement_text(replaced)), **{
     f"op_cmp_{op}": Markdown(definitions.operator_comparison_text(c, label_a="remove", label_b=op, n=n_op, family=fam_op,
                                                                   alpha=alpha)) for op, c in cmp_op.items()})
-display(replaced.style.format({"max_leak": "{:.3g}", "one_replacement": "{:.1%}", "next_ranked": "{:.1%}"})
-        .hide(axis="index").set_caption("Router masking: records, largest leak (combine weight left on the masked "
-                                        "expert), records whose masked router still selected it, share with one new "
-                                        "expert, share whose new expert is the clean router's next-ranked one"))
+_ = report.show_table(replaced, labels={"max_leak": "largest leak", "masked_selected": "masked router still selected it",
+                                        "one_replacement": "one new expert", "next_ranked": "new expert = next-ranked"},
+                      formats={"largest leak": "{:.3g}", "one new expert": "{:.1%}", "new expert = next-ranked": "{:.1%}"},
+                      caption="Router masking: records, largest leak (combine weight left on the masked expert), "
+                              "records whose masked router still selected it, share with one new expert, share whose "
+                              "new expert is the clean router's next-ranked one")
 
 # %% [markdown]
 # {glue:md}`op_replaced`
@@ -787,21 +821,21 @@ display(replaced.style.format({"max_leak": "{:.3g}", "one_replacement": "{:.1%}"
 # two; a cell on the diagonal has the same effect size under both.
 
 # %% tags=["hide-input"]
-fig, axes = plt.subplots(1, len(others), figsize=(5.2 * len(others), 4.8), squeeze=False, sharex=True, sharey=True)
+fig, axes = report.panel_grid(len(others), height=5.0, sharex=True, sharey=True)
 lim = float(np.nanmax([np.abs(c[["dz_a", "dz_b"]].to_numpy()).max() for c in cmp_op.values()])) * 1.1 + 0.02
-for ax, (op, c) in zip(axes[0], cmp_op.items()):
+for ax, (op, c) in zip(axes, cmp_op.items()):
     for r in c.itertuples():
         ax.scatter(r.dz_a, r.dz_b, color=colors[r.model], marker=markers[r.ranking],
                    s=70 if r.ranking == ROUTING_WEIGHT else 38, edgecolor="black" if r.flip_dual else "none", alpha=0.9)
     ax.plot([-lim, lim], [-lim, lim], color="0.4", linewidth=0.8)
-    ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xlabel="Cohen's $d_z$, operator remove (the paper's)",
-           ylabel=f"Cohen's $d_z$, operator {op}", title=f"remove vs {op}")
-axes[0, 0].legend(handles=[Patch(color=colors[m], label=m) for m in models]
-                  + [plt.Line2D([], [], marker=markers[r], color="0.3", linestyle="", label=LABEL[r]) for r in RANKINGS]
-                  + [plt.Line2D([], [], marker="o", mfc="white", mec="black", linestyle="",
-                                label="verdict changes (dual rule)")], fontsize=7, loc="upper left")
-fig.suptitle(f"Same cells under three operators (d_z of the paired loss difference D in nats; n = {operator_positions} positions)")
-fig.tight_layout()
+    ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xlabel="Cohen's $d_z$, remove (the paper's)",
+           ylabel=f"Cohen's $d_z$, {op}", title=f"remove vs {op}")
+fig.legend(handles=[Patch(color=colors[m], label=m) for m in models]
+           + [plt.Line2D([], [], marker=markers[r], color="0.3", linestyle="", label=LABEL[r]) for r in RANKINGS]
+           + [plt.Line2D([], [], marker="o", mfc="white", mec="black", linestyle="", label="verdict changes (dual rule)")],
+           fontsize=8, loc="lower center", ncol=3, frameon=False)
+fig.suptitle(f"Same cells under three operators\n(d_z of the paired loss difference D in nats; n = {operator_positions} positions)")
+fig.tight_layout(rect=(0, 0.15, 1, 1))
 
 # %% [markdown]
 # {glue:md}`op_cmp_mask`
@@ -810,13 +844,13 @@ fig.tight_layout()
 #
 # Per model, the cells whose verdict changes:
 
-# %%
+# %% tags=["remove-input"]
 display(Markdown("\n\n".join(flip_text(c, "remove", op) for op, c in cmp_op.items())))
 
 # %% [markdown]
 # ## What this shows, and what it does not
 
-# %%
+# %% tags=["remove-input"]
 flips = lambda c: f"{int(c.flip_dual.sum())} of {len(c)} cell verdicts change under the dual rule, {int(c.flip_p05.sum())} under uncorrected p_t below {alpha:g}"  # noqa: E731
 glue_all(l_mode_text=Markdown(
     f"Token-local and sequence-wide ablation of the same expert differ by up to {other_rows.max_diff.max():.2g} nats per "
@@ -873,7 +907,7 @@ glue_all(l_mode_text=Markdown(
 #
 # ## Exercises
 
-# %%
+# %% tags=["remove-input"]
 last_cmp = cmp_mode[[r.layer == contexts[r.model].model.layout.n_layers - 1 for r in cmp_mode.itertuples()]]
 fam = int(table_mode[(table_mode.model == models[0]) & (table_mode.set == "metrics")].family_size.iloc[0])
 n_small, power = max(3, n_positions // 5), 0.8
@@ -948,7 +982,7 @@ glue_all(ex3_cmd=Markdown(f"`make chapter NB=09_intervention_definitions PARAMS=
 # the ratio of the numbers of positions).
 # ````
 
-# %%
+# %% tags=["hide-input"]
 ex4 = {n: definitions.mean_smaller_share(op_records["remove"], op_records["mean"], model=n) for n in models}
 med_abs = {op: {n: float(r[r.model == n].delta_loss.abs().median()) for n in models} for op, r in op_records.items()}
 glue_all(ex4_share=Markdown(per_model(ex4, "{:.1%}")), ex4_first=ex4[models[0]], ex4_model=models[0],

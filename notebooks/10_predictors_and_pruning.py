@@ -87,16 +87,24 @@ report.glue_values(reading_minutes=report.chapter_reading_minutes("10_predictors
 # All predictors rank the active routed experts $e$ at token $t$ of an MoE layer; higher means
 # "predicted to matter more". $g_e(x_t)$ is the combine weight the model applies to expert $e$ at
 # $t$, $E_e(x_t)$ its output, $S_e$ the calibration tokens that route to $e$ and $N$ the number of
-# calibration tokens. The library functions that compute them are named in the last column.
+# calibration tokens. The library functions that compute them are named in the last column of
+# each table; they are in `moeaudit.metrics` unless another module is named.
 #
-# | predictor | definition | granularity | source |
-# |---|---|---|---|
-# | per-token routing weight | $g_e(x_t)$ | token | the paper's control |
-# | per-token gap norm | $g_e(x_t)\,\lVert E_e(x_t)\rVert$, the size of what an ablation removes | token | `metrics.token_gap_norm` |
-# | attribution patching | $-\nabla_{y_t}\mathcal{L}_t \cdot g_e(x_t)E_e(x_t)$, first-order estimate of $\Delta\mathcal{L}_e^{(t)}$ | token | {cite}`syed2023attribution`; `attribution.attribution_estimates` |
-# | frequency-weighted activation norm | $\frac{1}{N}\sum_{s\in S_e}\lVert E_e(x_s)\rVert$ (mean norm × utilisation) | expert | of the kind benchmarked in MC-Suite {cite}`jaiswal2025fantastic`; `metrics.literature_criteria_from_routing` |
-# | REAP | $\frac{1}{\lvert S_e\rvert}\sum_{s\in S_e} g_e(x_s)\,\lVert E_e(x_s)\rVert$, the gap norm averaged over $S_e$ | expert | router-weighted expert activation pruning {cite}`lasby2025reap`; same function |
-# | the paper's four metrics | utilisation rate, activation norm, mean routing weight, activation std | expert | the paper, Section 2; `metrics.expert_metrics_from_routing` |
+# **Token-level predictors**: one value per token and active expert.
+#
+# | predictor | definition | source |
+# |---|---|---|
+# | per-token routing weight | $g_e(x_t)$ | the paper's control |
+# | per-token gap norm | $g_e(x_t)\,\lVert E_e(x_t)\rVert$, the size of what an ablation removes | `token_gap_norm` |
+# | attribution patching | $-\nabla_{y_t}\mathcal{L}_t \cdot g_e(x_t)E_e(x_t)$, first-order estimate of $\Delta\mathcal{L}_e^{(t)}$ | {cite}`syed2023attribution`; `attribution.attribution_estimates` |
+#
+# **Expert-level criteria**: one value per expert, from the calibration tokens.
+#
+# | criterion | definition | source |
+# |---|---|---|
+# | frequency-weighted activation norm | $\frac{1}{N}\sum_{s\in S_e}\lVert E_e(x_s)\rVert$ (mean norm × utilisation) | of the kind benchmarked in MC-Suite {cite}`jaiswal2025fantastic`; `literature_criteria_from_routing` |
+# | REAP | $\frac{1}{\lvert S_e\rvert}\sum_{s\in S_e} g_e(x_s)\,\lVert E_e(x_s)\rVert$, the gap norm averaged over $S_e$ | router-weighted expert activation pruning {cite}`lasby2025reap`; same function |
+# | the paper's four metrics | utilisation rate, activation norm, mean routing weight, activation std | the paper, Section 2; `expert_metrics_from_routing` |
 #
 # Utilisation rate *is* the frequency criterion of the pruning literature, so it doubles as the
 # frequency-only baseline.
@@ -139,6 +147,7 @@ DEPTH_LABEL = "relative depth (0 = first, 1 = last)"
 pct = lambda f: f"{f:.1%}".replace(".0%", "%")  # noqa: E731
 
 
+# %% tags=["remove-input"]
 def glue_all(**values):  # a str is glued as markdown ({glue:md}), a number as a value ({glue:text})
     report.glue_values(as_markdown=True, **values)
 
@@ -190,6 +199,8 @@ for name in models:
                   "timed positions": len(few), "timed ablations": len(req), "ablations, timed (s)": t_abl_few,
                   "attribution, timed (s)": t_att_few})
 setup = pd.DataFrame(setup).set_index("model")
+
+# %% tags=["remove-input"]
 display(setup.iloc[:, :11].T)
 
 # %% [markdown]
@@ -204,7 +215,7 @@ display(setup.iloc[:, :11].T)
 # {glue:text}`gap_check:.1e`; the pairing reproduces the audit's control cells:
 # {glue:md}`pairing_check`.
 
-# %%
+# %% tags=["hide-input"]
 gap_err, same = [], []
 for name, rec in records.items():
     ref = paired_cells(rec, contexts[name].metrics, rankings=[ROUTING_WEIGHT])
@@ -247,7 +258,7 @@ glue_all(family_new=", ".join(f"{int(v)} cells for {m}" for m, v in fam.items())
          family_compare=relation.pop() if len(relation) == 1 else "not all of the same size as",
          paper_n_metrics=len(paper.PAPER_METRIC_LABELS), paper_n_layers=len(paper.LAYERS["olmoe"]))
 
-# %% tags=["hide-input"]
+# %% tags=["remove-input"]
 for name in models:
     t = new_table[new_table.model == name].assign(ranking=lambda d: d.ranking.map(LABELS))
     display(Markdown(f"### {name}"))
@@ -304,9 +315,17 @@ verdict = (new_table.groupby(["ranking", "model"], sort=False)
                 dz_min=("cohens_dz", "min"), dz_max=("cohens_dz", "max")).reset_index()
            .merge(rho.groupby(["predictor", "model"]).rho.agg(rho_min="min", rho_max="max"),
                   left_on=["ranking", "model"], right_index=True))
-display(verdict.assign(ranking=verdict.ranking.map(LABELS)).style.hide(axis="index")
-        .format({c: (lambda v: "+0.00" if round(v, 2) == 0 else f"{v:+.2f}") for c in ("dz_min", "dz_max", "rho_min", "rho_max")})
-        .set_caption("Per predictor and model: dual-test Bonferroni cells, range of d_z, range of Spearman ρ"))
+
+# %% tags=["remove-input"]
+signed = lambda v: "+0.00" if round(v, 2) == 0 else f"{v:+.2f}"  # noqa: E731 - no "-0.00"
+view = pd.DataFrame({
+    "predictor": verdict.ranking.map(LABELS), "model": verdict.model,
+    "significant cells": [f"{s} of {n}" for s, n in zip(verdict.significant, verdict.cells)],
+    "d_z, range": [f"{signed(a)} to {signed(b)}" for a, b in zip(verdict.dz_min, verdict.dz_max)],
+    "Spearman ρ, range": [f"{signed(a)} to {signed(b)}" for a, b in zip(verdict.rho_min, verdict.rho_max)]})
+_ = report.show_table(view, labels={c: c for c in view.columns},
+                      caption="Per predictor and model: cells significant under the dual test (Bonferroni), range of "
+                              "d_z over the layers, range of Spearman ρ over the layers")
 
 # %% tags=["hide-input"]
 fig, axes = report.model_panels(models, sharey=True)
@@ -319,7 +338,7 @@ for ax, name in zip(axes, models):
 report.finish_panels(fig, axes, title="Rank agreement between predictor and measured single-expert ablation effect",
                      ylabel="Spearman ρ with measured ΔL (95% CI)", xlabel=DEPTH_LABEL, zero_line=True)
 
-# %%
+# %% tags=["remove-input"]
 by_pred = verdict.groupby("ranking").agg(sig=("significant", "sum"), cells=("cells", "sum"),
                                          rho_min=("rho_min", "min"), rho_max=("rho_max", "max"))
 for p in NEW:
@@ -370,11 +389,11 @@ glue_all(token_reading=f"The size of an expert's contribution passes the dual te
 # the timed columns refer to the few positions of the like-for-like comparison. The measured
 # ablations of the whole audit are not timed here: they are read from the cache.
 
-# %%
+# %% tags=["remove-input"]
 speed = setup["ablations, timed (s)"] / setup["attribution, timed (s)"]
 glue_all(speed_range="–".join(dict.fromkeys(f"{v:.1f}" for v in (speed.min(), speed.max()))),
          att_share="–".join(dict.fromkeys(f"{v:.0%}" for v in (1 / speed.max(), 1 / speed.min()))))
-display(setup.iloc[:, 10:].assign(**{"ablation / attribution time": speed}).style.format(precision=2))
+display(setup.iloc[:, 11:].assign(**{"ablation / attribution time": speed}).style.format(precision=2))
 
 # %% [markdown]
 # ## Deployment check: one-shot pruning
@@ -421,7 +440,10 @@ pruning_df = pd.concat(prune_rows, ignore_index=True).assign(perplexity=lambda d
 held_out_info = pd.DataFrame(held_out_info).T.rename_axis("model")
 vs_random = pruning.compare_with_random(pruning_df, keys=("model", "scope", "fraction"))
 glob, g = pruning_df[pruning_df.scope == "all"], vs_random[vs_random.scope == "all"]  # all layers pruned at once
-display(held_out_info.style.format("{:.0f}").format("{:.2f}", subset=["perplexity", "mean_loss"])
+
+# %% tags=["remove-input"]
+display(held_out_info.rename(columns={"mean_loss": "mean loss (nats)"}).style.format("{:.0f}")
+        .format("{:.2f}", subset=["perplexity", "mean loss (nats)"])
         .set_caption("Held-out texts and the unpruned model's perplexity"))
 
 # %% tags=["hide-input"]
@@ -452,7 +474,7 @@ report.finish_panels(fig, axes, title="One-shot pruning of all MoE layers: crite
 # The random draws are shared by all criteria of a setting, so the p-values of one setting are
 # not independent of each other.
 
-# %% tags=["hide-input"]
+# %% tags=["remove-input"]
 for name in models:
     t = g[g.model == name]
     wide = t.pivot(index="criterion", columns="fraction", values="perplexity").loc[list(EXPERT_CRITERIA)]
@@ -468,7 +490,7 @@ for name in models:
                                   f"{held_out_info.loc[name, 'perplexity']:.2f}) and rank p-value among "
                                   f"{n_random_draws} random draws"))
 
-# %%
+# %% tags=["hide-input"]
 n_set, n_draws = len(g), int(g.n_draws.min())
 tok = pd.concat([paper_table, new_table[new_table.ranking.isin(LITERATURE)]]).groupby(["model", "ranking"]).sig_dual_bonf.sum()
 link = pruning.rank_tests_by_criterion(g, alpha=alpha, token_cells=tok).set_index(["model", "criterion"])
@@ -492,12 +514,15 @@ glue_all(per_model_rank="; ".join(pruning.rank_test_model_phrase(by_crit, m, alp
          **pruning.validity_claim_texts(claims, alpha=alpha, n_draws=n_draws, labels=LABELS,
                                         beat_all=(int(g.beats_all.sum()), n_set)))
 
-# %% tags=["hide-input"]
-display(by_crit.assign(criterion=by_crit.criterion.map(LABELS)).rename(columns={
-    "token_cells": "token-level cells passing", "beats_mean": "below random mean at every fraction",
-    "p_max": "largest rank p"}).style.format({"largest rank p": "{:.3f}"}).hide(axis="index").set_caption(
-    f"Per model and criterion: token-level audit cells passing (dual test, Bonferroni) and the rank tests against "
-    f"{n_random_draws} random draws at the {len(prune_fractions)} fractions (all MoE layers pruned), at α = {alpha:g}."))
+# %% tags=["remove-input"]
+_ = report.show_table(pd.DataFrame({
+    "model": by_crit.model, "criterion": by_crit.criterion.map(LABELS), "token-level cells passing": by_crit.token_cells,
+    "below random mean at every fraction": by_crit.beats_mean.map({True: "yes", False: "no"}),
+    "fractions with rank p ≤ α": [f"{k} of {n}" for k, n in zip(by_crit["fractions with p ≤ alpha"], by_crit.fractions)],
+    "largest rank p": by_crit.p_max}), formats={"largest rank p": "{:.3f}"},
+    caption=f"Per model and criterion: token-level audit cells passing (dual test, Bonferroni) and the rank tests "
+            f"against {n_random_draws} random draws at the {len(prune_fractions)} fractions (all MoE layers pruned), "
+            f"at α = {alpha:g}.")
 
 # %% [markdown]
 # **Against the random baseline.** Of the {glue:text}`n_settings` (model, criterion, fraction)
@@ -538,7 +563,7 @@ display(by_crit.assign(criterion=by_crit.criterion.map(LABELS)).rename(columns={
 # {glue:text}`agree_min:.2f` to {glue:text}`agree_max:.2f`) over the {glue:text}`agree_n`
 # (model, layer, metric) combinations.
 
-# %%
+# %% tags=["hide-input"]
 agree = [stats.spearman_defined(ctx.metrics[ctx.metrics.layer == L].sort_values("expert")[m],
                                 criteria[name][criteria[name].layer == L].sort_values("expert")[m])[0]
          for name, ctx in contexts.items() for L in ctx.model.layout.moe_layers for m in METRICS]
@@ -553,7 +578,7 @@ glue_all(agree_median=np.median(agree), agree_min=agree.min(), agree_max=agree.m
 # the progressive-ablation chapter's redundancy cliff: a layer whose token-level buffer is large
 # should also tolerate losing experts from its router. {glue:md}`per_layer_summary`
 
-# %%
+# %% tags=["hide-input"]
 per_layer = pruning_df[pruning_df.scope != "all"].assign(layer=lambda d: d.scope.astype(int))
 per_layer["rel_depth"] = [report.relative_depth([L], contexts[m].model.layout.moe_layers)[0]
                           for m, L in zip(per_layer.model, per_layer.layer)]
@@ -629,7 +654,7 @@ RANK_ORDER = [*METRICS, ROUTING_WEIGHT, *NEW]
 
 # %% tags=["hide-input"]
 LOG_LO, LOG_HI = -1.5, 3.0  # log10 BF10 shown; cells beyond are drawn as triangles at the edge
-fig, axes = report.model_panels(models, height=5.0, sharey=True)
+fig, axes = report.model_panels(models, height=4.6, sharey=True)
 for ax, name in zip(axes, models):
     t = bf[bf.model == name].assign(y=lambda d: np.log10(d.BF10), x=lambda d: d.ranking.map(
         {r: i for i, r in enumerate(RANK_ORDER)}) + (d.rel_depth - 0.5) * 0.5)
@@ -639,10 +664,17 @@ for ax, name in zip(axes, models):
                         marker=marker, s=32, edgecolor="0.2", linewidth=0.4, zorder=3)
     ax.set_ylim(LOG_LO - 0.2, LOG_HI + 0.2)
     ax.set_xticks(range(len(RANK_ORDER)), [LABELS[r] for r in RANK_ORDER], rotation=60, ha="right", fontsize=8)
-axes[0].set_ylabel("log$_{10}$ BF$_{10}$  (below 0: favours the null)")
-fig.suptitle(f"Bayes factors for every audit cell (r = {bf_prior_r}); grey band: inconclusive; ▲ ▼: beyond the axis")
-fig.tight_layout(rect=(0, 0, 0.88, 1))
-fig.colorbar(sc, ax=axes, label="relative depth of the layer", shrink=0.7, pad=0.02)
+    if ax.get_subplotspec().colspan.start == 0:
+        ax.set_ylabel("log$_{10}$ BF$_{10}$ (below 0: favours the null)", fontsize=9)
+fig.suptitle(f"Bayes factors for every audit cell (r = {bf_prior_r})\ngrey band: inconclusive; ▲ ▼: beyond the axis")
+fig.tight_layout()
+spare = [a for a in fig.axes if not a.get_visible()]
+if spare:  # the colour bar in the grid's spare slot
+    box = spare[0].get_position()
+    cax = fig.add_axes((box.x0 + 0.1 * box.width, box.y0 + 0.6 * box.height, 0.8 * box.width, 0.04 * box.height))
+    fig.colorbar(sc, cax=cax, orientation="horizontal", label="relative depth of the layer")
+else:
+    fig.colorbar(sc, ax=axes, label="relative depth of the layer", shrink=0.7, pad=0.02)
 plt.show()
 
 # %%
@@ -651,8 +683,12 @@ bf["predictors"] = bf.ranking.map({**{m: "paper's four metrics" for m in METRICS
 summ = (bf.melt(id_vars=["model", "predictors"], value_vars=["BF10", "BF10_narrow"], var_name="Bayes factor")
         .assign(evidence=lambda d: pd.cut(d.value, [0, 1 / 3, 3, np.inf], right=False,
                                           labels=["for the null (< 1/3)", "inconclusive", "for an effect (≥ 3)"]))
-        .pivot_table(index=["model", "predictors", "Bayes factor"], columns="evidence", values="value", aggfunc="size",
-                     fill_value=0, observed=False, sort=False))
+        .pivot_table(index=["model", "predictors"], columns=["Bayes factor", "evidence"], values="value", aggfunc="size",
+                     fill_value=0, observed=False, sort=False)
+        .rename(columns={"BF10": f"BF10 (r = {bf_prior_r})", "BF10_narrow": f"BF10_narrow (r = {bf_prior_r_narrow})"},
+                level=0))
+
+# %% tags=["remove-input"]
 display(summ.style.set_caption(f"Cells by direction of the evidence (BF10: r = {bf_prior_r}; BF10_narrow: r = "
                                f"{bf_prior_r_narrow})"))
 paper_bf, strongest = bf[bf.ranking.isin(METRICS)], bf.loc[bf.BF10.idxmax()]
@@ -719,11 +755,24 @@ for name, rec in records.items():
     tail_records.append(rec[rec.held_out])
 tail_tab = tail_table(pd.concat(tail_records), pd.concat(tail_criteria), criteria_names=metrics.REAP_CRITERIA)
 tail_sum = pooled_tail_summary(tail_tab, alpha=alpha)
-display(tail_sum.assign(criterion=tail_sum.criterion.map(LABELS)).set_index("criterion")
-        [["n_layers", "mean_n", "precision", "random_precision", "mean_rank", "p_pooled", "p_holm",
-          "critical_mean_rank_strict", "critical_mean_rank"]]
-        .style.format(precision=3).set_caption(f"Tail of each audited layer (top {TAIL_SHARE:.0%} by mean ΔL in nats, held-out "
-                                               "positions): precision at the tail cut and rank of the most damaging expert"))
+
+# %% tags=["remove-input"]
+TAIL_COLUMNS = {"precision": ("precision at the tail cut", "{:.3f}"), "mean_rank": ("mean rank of the most damaging expert", "{:.2f}"),
+                "p_pooled": ("rank-sum p, pooled", "{:.3g}"), "p_holm": ("Holm p", "{:.3g}"),
+                "n_layers": ("layers", "{:.0f}"), "mean_n": ("measured experts per layer (mean)", "{:.1f}"),
+                "random_precision": ("precision at random", "{:.3f}"),
+                "critical_mean_rank_strict": ("largest mean rank Holm rejects at its first step", "{:.2f}"),
+                "critical_mean_rank": ("largest mean rank any step can reject", "{:.2f}")}
+same = [c for c in TAIL_COLUMNS if c not in ("precision", "mean_rank", "p_pooled", "p_holm") and tail_sum[c].nunique(dropna=False) == 1]
+_ = report.show_table(
+    tail_sum.assign(criterion=tail_sum.criterion.map(LABELS))[["criterion", *[c for c in TAIL_COLUMNS if c not in same]]],
+    labels={c: label for c, (label, _) in TAIL_COLUMNS.items()},
+    formats={label: f for label, f in TAIL_COLUMNS.values()},
+    caption=f"Tail of each audited layer (top {TAIL_SHARE:.0%} by mean ΔL in nats, held-out positions): precision at "
+            "the tail cut and rank of the most damaging expert (rank 1 = top)"
+            + ("; the same for every criterion: " + "; ".join(
+                f"{TAIL_COLUMNS[c][0]} " + ("–" if pd.isna(v := tail_sum[c].iloc[0]) else TAIL_COLUMNS[c][1].format(v))
+                for c in same) if same else ""))
 sizes = sorted(set(tail_tab.n_tail))
 glue_all(tail_text=tail_sentence(tail_sum, alpha=alpha, labels=LABELS), tail_selection=tail_selection_sentence(tail_tab),
          tail_share=TAIL_SHARE, tail_n_layers=int(tail_sum.n_layers.max()),
@@ -821,7 +870,7 @@ glue_all(tail_text=tail_sentence(tail_sum, alpha=alpha, labels=LABELS), tail_sel
 # share, for example {glue:md}`ex_olmoe` settings beat the random mean.
 # ````
 
-# %%
+# %% tags=["hide-input"]
 first5 = pruning.compare_with_random(glob[(glob.criterion != "random") | (glob.draw < 5)], keys=("model", "scope", "fraction"))
 olmoe = g[g.model == "tiny-olmoe"]
 a, b = int((paper_bf.BF10 < 1 / 3).sum()), int((paper_bf.BF10_narrow < 1 / 3).sum())
