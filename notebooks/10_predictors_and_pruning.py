@@ -539,7 +539,7 @@ _ = report.show_table(pd.DataFrame({
 #
 # **Token-level validity and pruning quality.** In the token-level audit (dual test, Bonferroni
 # within the model's family; the cells of the paper's four metrics are those of the audit chapter,
-# those of the literature criteria are above), {glue:md}`failed_phrase`; the table below gives the
+# those of the literature criteria are above), {glue:md}`failed_phrase`; the table above gives the
 # count per pair beside its rank tests. Of those
 # {glue:text}`n_failed` pairs, {glue:text}`n_failed_beat_mean` still prune better than the random
 # mean at every fraction, and {glue:text}`n_failed_p_alpha` beat the random draws with rank

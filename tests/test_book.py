@@ -44,7 +44,7 @@ def rendered(tmp_path_factory):
     for m in SHIPPED_MODELS:  # the default book needs every shipped model
         assert (zoo_path(m) / "config.json").exists(), f"shipped model {m} is missing"
     root = tmp_path_factory.mktemp("bookroot")
-    for f in ("_config.yml", "_toc.yml", "book/references.bib", "book/references.md"):
+    for f in ("_config.yml", "_toc.yml", "book/references.bib", "book/references.md", "book/_static/book.css"):
         (root / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(book.REPO_ROOT / f, root / f)
     mp = pytest.MonkeyPatch()
@@ -157,6 +157,7 @@ def test_math_is_served_from_the_book_not_a_cdn(rendered):
         assert "THEBE_JS_URL" not in text and "unpkg.com" not in text, page.name
     intro = (html / "book" / "01_introduction.html").read_text()
     assert "_static/mathjax/tex-chtml.js" in intro
+    assert "_static/book.css" in intro and (html / "_static" / "book.css").is_file()  # tables that fit the column
 
 
 def test_solutions_are_hidden_until_clicked(rendered):
