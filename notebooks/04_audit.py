@@ -20,7 +20,8 @@
 # :class: tip
 # About {glue:text}`reading_minutes` minutes of prose. After this chapter you can
 # - state the audit's question (Definition 2.1) as a paired test on the same positions;
-# - read a cell's effect size, p-values and confidence interval under a named correction;
+# - read a cell's effect size, its p-values and (uncorrected) 95% confidence interval, and its verdict
+#   under a named correction;
 # - say what a non-significant cell does and does not show, from its minimum detectable effect.
 # :::
 
@@ -78,7 +79,8 @@ report.glue_values(reading_minutes=report.chapter_reading_minutes("04_audit"))
 # {glue:text}`paper_layers` layers, per-cell level $\alpha$ = {glue:text}`paper_alpha:.4g`); the
 # families of this run are stated with the tables below. Holm {cite}`holm1979simple`, which also
 # controls the family-wise error, and Benjamini–Hochberg {cite}`benjamini1995controlling`, which
-# controls only the false-discovery rate (a weaker guarantee that passes more cells), are shown
+# controls only the false-discovery rate (a weaker guarantee that never passes fewer cells, proved for
+# independent or positively dependent p-values, while the cells here share positions), are shown
 # beside Bonferroni; a verdict names the correction it holds under.
 
 # %% tags=["hide-input"]
@@ -131,16 +133,20 @@ display(family.assign(
 # $D_i = \Delta\mathcal{L}_{\text{high},i} - \Delta\mathcal{L}_{\text{low},i}$, one per position. In cell {glue:text}`pr_cell` their mean is
 # {glue:text}`pr_mean` nats and their standard deviation {glue:text}`pr_sd` nats, so Cohen's
 # $d_z = \bar D / s_D$ = {glue:text}`pr_dz`: the mean difference in units of its own spread, free of
-# the loss's scale. Its exact 95% interval, {glue:text}`pr_dz_ci`, comes from the noncentral t
-# distribution.
+# the loss's scale. Its 95% interval, {glue:text}`pr_dz_ci`, comes from the noncentral t
+# distribution (exact when D is normal). It is not corrected for the family: a cell whose interval
+# excludes 0 can still fail the corrected test, whose interval would be wider.
 #
 # **Two tests.** The paired t-test uses $t = d_z\sqrt{n}$ = {glue:text}`pr_t` on $n-1$ =
 # {glue:text}`pr_dof` degrees of freedom ($p_t$ = {glue:text}`pr_p_t`); it assumes that $\bar D$ is
 # close to normally distributed (D itself normal, or n large). The Wilcoxon signed-rank test ranks
 # $|D_i|$ and compares the rank sums of the positive and the negative differences ($W$ =
-# {glue:text}`pr_W`, the smaller sum; $p_W$ = {glue:text}`pr_p_W`); it does not assume normality
-# (only that D is symmetric about its median under the null), which matters for loss changes, whose
-# distribution is skewed. Here the two tests {glue:text}`pr_same_sign`.
+# {glue:text}`pr_W`, the smaller sum; $p_W$ = {glue:text}`pr_p_W`); it does not assume normality, and
+# it asks a different question: whether D is centred at zero in the sense of its pseudo-median (the
+# median of the pairwise means), not its mean. For skewed loss changes, where a few large
+# differences carry the mean, the two can disagree: the t-test sees the few, Wilcoxon the many. The
+# dual rule asks for both. Here the two tests {glue:text}`pr_same_sign`. Both tests take the
+# positions as independent pairs; positions drawn from the same text are not quite that.
 #
 # **Family-wise error and the dual rule.** Testing many cells at level $\alpha$ each makes some
 # false positive likely. Bonferroni tests each of the family's $m$ = {glue:text}`pr_m` cells at
@@ -170,7 +176,10 @@ display(family.assign(
 # **Bayes factor.** The JZS Bayes factor $\text{BF}_{10}$ weighs the data's support for an effect
 # against none (Cauchy prior on $d_z$, scale {glue:text}`pr_bf_r`): {glue:text}`pr_bf10` for cell
 # {glue:text}`pr_cell`, "{glue:text}`pr_bf_label`" on Jeffreys' scale. Unlike a p-value it can also
-# favour the null.
+# favour the null, and with few positions it can favour it wrongly: cell {glue:text}`pr_small`, whose
+# effect is real by construction, has $\text{BF}_{10}$ = {glue:text}`pr_small_bf10`
+# ("{glue:text}`pr_small_bf_label`"). Evidence for the null is evidence against effects as large as
+# the prior expects, not against small ones.
 
 # %% [markdown]
 # ## Run the ablations

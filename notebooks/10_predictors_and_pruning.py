@@ -270,14 +270,18 @@ display(Markdown(report.SIGNIFICANCE_NOTE))
 
 # %% tags=["hide-input"]
 fig, axes = report.model_panels(models, sharey=True)
-colors = dict(zip([ROUTING_WEIGHT, *NEW], sns.color_palette("colorblind", 5)))
+shown = [ROUTING_WEIGHT, *NEW]
+colors = dict(zip(shown, sns.color_palette("colorblind", 5)))
+dodge = dict(zip(shown, np.linspace(-0.02, 0.02, len(shown))))  # side by side where points would coincide
 for ax, name in zip(axes, models):
-    for r in [ROUTING_WEIGHT, *NEW]:
+    for r in shown:
         src = control_table if r == ROUTING_WEIGHT else new_table
-        report.dz_by_depth(ax, src[(src.model == name) & (src.ranking == r)], label=LABELS[r], color=colors[r],
-                           mark_reversals=True)
+        cells_r = src[(src.model == name) & (src.ranking == r)]
+        report.dz_by_depth(ax, cells_r.assign(rel_depth=cells_r.rel_depth + dodge[r]), label=LABELS[r],
+                           color=colors[r], mark_reversals=True)
 report.finish_panels(fig, axes, title="New predictors against the routing-weight control (* = Bonferroni-significant "
-                     "t-test with d_z > 0; ▼ = the same with d_z < 0)", ylabel="Cohen's $d_z$ of D (95% CI)",
+                     "t-test with d_z > 0; ▼ = the same with d_z < 0; series shifted sideways by up to 0.02 so that "
+                     "they do not hide each other)", ylabel="Cohen's $d_z$ of D (95% CI)",
                      xlabel=DEPTH_LABEL, zero_line=True)
 
 # %% [markdown]
@@ -694,7 +698,7 @@ display(summ.style.set_caption(f"Cells by direction of the evidence (BF10: r = {
 paper_bf, strongest = bf[bf.ranking.isin(METRICS)], bf.loc[bf.BF10.idxmax()]
 n_bf_gap3 = int((bf[bf.ranking == "gap_norm"].BF10 >= 3).sum())
 glue("bf_gap3_text", Markdown(f"{n_bf_gap3} {'gives' if n_bf_gap3 == 1 else 'give'}"), display=False)
-glue_all(bf_gap3=n_bf_gap3, bf_cells=len(paper_bf), bf_null=int((paper_bf.BF10 < 1 / 3).sum()), bf_effect=int((paper_bf.BF10 >= 3).sum()),
+glue_all(bf_gap3=n_bf_gap3, bf_cells=len(paper_bf), bf_null=int((paper_bf.BF10 < 1 / 3).sum()), bf_effect=int((paper_bf.BF10 >= 3).sum()), bf_effect_neg=int(((paper_bf.BF10 >= 3) & (paper_bf.cohens_dz < 0)).sum()),
          bf_null_narrow=int((paper_bf.BF10_narrow < 1 / 3).sum()), bf_strong_value=strongest.BF10, bf_strong_dz=strongest.cohens_dz,
          bf_null_reading=pruning.bf_null_reading_text(bf, control_table, r=bf_prior_r, control=ROUTING_WEIGHT),
          bf_strong_cell=f"{LABELS[strongest.ranking]} at {strongest.model} L{int(strongest.layer)} ({strongest.evidence})")
@@ -704,7 +708,8 @@ glue_all(bf_gap3=n_bf_gap3, bf_cells=len(paper_bf), bf_null=int((paper_bf.BF10 <
 # least moderate evidence *for the null* ($\mathrm{BF}_{10} < 1/3$) at $r$ =
 # {glue:text}`r_wide` and {glue:text}`bf_null_narrow` at $r$ = {glue:text}`r_narrow`;
 # {glue:text}`bf_effect` give at least moderate evidence for an effect ($r$ =
-# {glue:text}`r_wide`). {glue:md}`bf_null_reading` The strongest evidence for an effect among all cells is
+# {glue:text}`r_wide`), {glue:text}`bf_effect_neg` of them for an effect with $d_z < 0$, that is
+# against the metric's validity. {glue:md}`bf_null_reading` The strongest evidence for an effect among all cells is
 # {glue:md}`bf_strong_cell`, $\mathrm{BF}_{10}$ = {glue:text}`bf_strong_value:.3g` with
 # $d_z$ = {glue:text}`bf_strong_dz:+.3f`.
 

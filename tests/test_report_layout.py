@@ -42,7 +42,10 @@ def test_finish_panels_labels_each_row_and_places_the_legend():
         ax.plot([0, 1], [0, 1], label="line")
     axes[2].plot([0, 1], [1, 0], label="only in the third panel")
     report.finish_panels(fig, axes, title="t " * 80, ylabel="d_z", xlabel="layer")
-    assert [ax.get_ylabel() for ax in axes] == ["d_z", "", "d_z"]  # first panel of each row
+    assert [ax.get_ylabel() for ax in axes] == ["", "", ""] and fig.get_supylabel() == "d_z"  # once, whole height
+    fig1, axes1 = report.model_panels(["a", "b"])
+    report.finish_panels(fig1, axes1, title="t", ylabel="d_z")
+    assert [ax.get_ylabel() for ax in axes1] == ["d_z", ""]  # one row: on its first panel
     assert "\n" in fig._suptitle.get_text()  # a long title wraps
     legend = fig.legends[0]
     assert [t.get_text() for t in legend.get_texts()] == ["line", "only in the third panel"]

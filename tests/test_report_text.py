@@ -39,7 +39,7 @@ def test_no_passing_cell_is_said_plainly_and_counts_come_from_the_frame():
     assert "0 of 16 cells" in text and "0 of 12 cells" in text and "0.003125" in text and "0.004167" in text
     # 1 hit among 16 cells at 0.05: 0.8 expected, P(X >= 1) = 1 - 0.95^16 = 0.56
     assert "1 has uncorrected p_t < 0.05, with d_z > 0 (about 0.8 expected by chance; exact binomial " \
-           "P(X ≥ 1) = 0.56, not more than chance at the 0.05 level" in text
+           "P(X ≥ 1) = 0.56, not significantly more than chance at the 0.05 level" in text
     assert "0 have uncorrected p_t < 0.05;" in text
     assert "1 passes the t-test alone" in text
     # 0.75 of 12 = 9 positive: two-sided sign test 2 * (220 + 66 + 12 + 1) / 4096 = 0.146
@@ -62,13 +62,15 @@ def test_comparison_with_the_paper_follows_the_numbers():
     assert "3 reach uncorrected p_t < 0.05, all with d > 0" in agree and "0.222 (Qwen1.5-MoE-A2.7B)" in agree
     # chance: 40 * 0.05 = 2.0 and 28 * 0.05 = 1.4; P(X >= 3 | 40, 0.05) = 0.32, P(X >= 1 | 28, 0.05) = 1 - 0.95^28 = 0.76
     assert "chance alone would give about 2.0 (P(X ≥ 3) = 0.32, exact binomial)" in agree
-    assert "(chance: about 1.4; P(X ≥ 1) = 0.76)" in agree and "neither count is more than chance" in agree
+    assert "(chance: about 1.4; P(X ≥ 1) = 0.76)" in agree and "neither count is significantly more than chance" in agree
     assert "Nor is any single model's count, in the paper or in this run." in agree
     # hits with d > 0 against half the level: paper 3 of 40 at 0.025 (P = 0.075), this run 1 of 28 (P = 0.51)
     up40 = 1 - sum(math.comb(40, j) * 0.025 ** j * 0.975 ** (40 - j) for j in range(3))
     up28 = 1 - 0.975 ** 28
-    assert f"the paper's 3 (chance: about 1.0; P(X ≥ 3) = {up40:.2g}) are not more than chance at the 0.05 level, " \
-           f"and this run's 1 (chance: about 0.7; P(X ≥ 1) = {up28:.2g}) are not more than chance" in agree
+    assert f"the paper's 3 (chance: about 1.0; P(X ≥ 3) = {up40:.2g}) are not significantly more than chance at the " \
+           f"0.05 level, and this run's 1 (chance: about 0.7; P(X ≥ 1) = {up28:.2g}) are not significantly more " \
+           "than chance" in agree
+    assert "A small tail is therefore no evidence of an excess" in agree  # the cells are not independent
     assert "0.200 (m2)" in agree and "Under Bonferroni (the paper's correction), this run agrees with the paper's " \
                                       "verdict" in agree
     # _paper() has no Holm or Benjamini-Hochberg counts: this run's are stated alone
@@ -81,9 +83,9 @@ def test_comparison_with_the_paper_follows_the_numbers():
     assert "At the 0.05 level the paper's sign test is significant and this run's is not; the two shares (70% and " \
            "61%) were not tested against each other" in agree and "The two differ" not in agree
     # a model leans only when its own sign test says so: m2 9 of 12 (p = 0.15) does not, qwen 17 of 20 (p = 0.0026) does
-    assert "By its own sign test at the 0.05 level, no model leans either way: each is indistinguishable from half." \
-           in agree
-    assert "Qwen1.5-MoE-A2.7B (p = 0.0026) leans positive; olmoe is indistinguishable from half." in agree
+    assert "By its own sign test at the 0.05 level, no model is shown to lean either way (which does not show an " \
+           "even split)." in agree
+    assert "Qwen1.5-MoE-A2.7B (p = 0.0026) leans positive; olmoe is not shown to lean either way." in agree
     differ = report.audit_comparison_text(_verdicts(dual=(2, 0)), _paper())
     assert "**Unlike the paper**, under Bonferroni (the paper's correction) 2 cells of this run pass the dual rule " \
            "(m1 2)" in differ and "agrees" not in differ
@@ -292,19 +294,21 @@ def test_an_excess_of_uncorrected_hits_is_tested_against_chance():
     # P(X >= 5 | 20, 0.05) = 1 - sum_{j<5} C(20,j) 0.05^j 0.95^(20-j) = 0.0026
     tail = 1 - sum(math.comb(20, j) * 0.05 ** j * 0.95 ** (20 - j) for j in range(5))
     assert f"5 have uncorrected p_t < 0.05, all with d_z > 0 (about 1.0 expected by chance; exact binomial " \
-           f"P(X ≥ 5) = {tail:.2g}, more than chance at the 0.05 level if the cells were independent)" in text
+           f"P(X ≥ 5) = {tail:.2g}, below the 0.05 level only if the cells were independent; they share positions " \
+           "and records, so this is no evidence of an excess)" in text
     assert "5 have uncorrected p_t < 0.05, 2 with d_z > 0 and 3 with d_z < 0" in text
     cmp = report.audit_comparison_text(v, _paper_all_corrections())
     # 10 of 40 at 0.05 against the paper's 3 of 40
     tail40 = 1 - sum(math.comb(40, j) * 0.05 ** j * 0.95 ** (40 - j) for j in range(10))
     assert f"(chance: about 2.0; P(X ≥ 10) = {tail40:.2g})" in cmp
-    assert "unlike the paper's 3, this run's 10 uncorrected hits are more than chance alone gives" in cmp
-    # per model: 5 of 20 at 0.05 each is more than chance (P = 0.0026)
-    assert f"the count is more than chance for m1 (5 of 20, P(X ≥ 5) = {tail:.2g}) and m2 (5 of 20, P(X ≥ 5) = " \
+    assert "unlike the paper's 3, this run's 10 uncorrected hits would be more than chance alone gives if the cells " \
+           "were independent" in cmp
+    # per model: 5 of 20 at 0.05 each would be more than chance for independent cells (P = 0.0026)
+    assert f"the count would be more than chance, for independent cells, for m1 (5 of 20, P(X ≥ 5) = {tail:.2g}) and m2 (5 of 20, P(X ≥ 5) = " \
            f"{tail:.2g}) in this run and for no model of the paper" in cmp
     # of the 10 hits 7 have d_z > 0: P(X >= 7 | 40, 0.025)
     up = 1 - sum(math.comb(40, j) * 0.025 ** j * 0.975 ** (40 - j) for j in range(7))
-    assert f"this run's 7 (chance: about 1.0; P(X ≥ 7) = {up:.2g}) are more than chance" in cmp
+    assert f"this run's 7 (chance: about 1.0; P(X ≥ 7) = {up:.2g}) would be more than chance" in cmp
     assert "some cells carry effects too small to single out at the corrected level" in cmp
     passing = report.audit_comparison_text(v.assign(bonferroni_dual=[1, 0]), _paper_all_corrections())
     assert "too small to single out" not in passing  # a cell passes: the sentence on an excess without a pass is left out
@@ -319,13 +323,13 @@ def test_a_model_against_the_pooled_direction_is_named():
            "hits all with d_z > 0" in cmp
     assert "**m1 goes against the pooled (positive) direction**: fewer than half of its cells are positive (6 of 20) " \
            "and all 3 of its uncorrected hits have d_z < 0, which the pooled sign test hides." in cmp
-    assert "m2 goes against" not in cmp and "m2 (p = 0.0004) leans positive; m1 is indistinguishable from half" in cmp
+    assert "m2 goes against" not in cmp and "m2 (p = 0.0004) leans positive; m1 is not shown to lean either way" in cmp
     aligned = report.audit_comparison_text(_verdicts(cells=(20, 20), pos=(0.7, 0.9)), _paper_all_corrections())
     # 14 of 20 (p = 0.12) is no lean; 18 of 20 is
-    assert "m2 (p = 0.0004) leans positive; m1 is indistinguishable from half." in aligned
+    assert "m2 (p = 0.0004) leans positive; m1 is not shown to lean either way." in aligned
     assert "goes against" not in aligned and "Every model" not in aligned
     both = report.audit_comparison_text(_verdicts(cells=(20, 20), pos=(0.95, 0.9)), _paper_all_corrections())
-    assert "m1 (p = 4e-05) and m2 (p = 0.0004) lean positive." in both and "indistinguishable" not in \
+    assert "m1 (p = 4e-05) and m2 (p = 0.0004) lean positive." in both and "not shown to lean" not in \
         both.split("in the paper:")[0]
     # one hit against the lean: the singular is worded as such
     one = report.audit_comparison_text(_verdicts(cells=(20, 20), unc=(1, 0), unc_pos=(0, 0), pos=(0.7, 0.9)),

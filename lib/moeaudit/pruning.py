@@ -384,7 +384,7 @@ def validity_claim_texts(claims, *, alpha: float, n_draws: int, labels=None, bea
         verdict += f": {attain_txt}"
     if len(unc):
         verdict += (f". Uncorrected, {unc_txt} {'has' if len(unc_items) == 1 else 'have'} rank p ≤ {alpha:g} at every "
-                    f"fraction, which does not survive the correction and is not evidence against the claim")
+                    f"fraction: weak evidence against the claim, which does not survive the correction")
     verdict += (". The claim is not contradicted; nor is it confirmed, since a rank test that does not reject does not "
                 "show a criterion to be no better than random")
     shows = ("So the rank test, corrected for the criteria tested, does not show on any model that a criterion not "

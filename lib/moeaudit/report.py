@@ -461,14 +461,16 @@ def _excess_phrase(k: int, n: int, level: float) -> str:
 
     p = binomial_upper_tail(int(k), int(n), float(level))
     return (f"about {n * level:.1f} expected by chance; exact binomial P(X ≥ {k}) = {p:.2g}, "
-            + ("more than chance" if p < level else "not more than chance") + f" at the {level:g} level "
-            "if the cells were independent")
+            + (f"below the {level:g} level only if the cells were independent; they share positions and records, "
+               "so this is no evidence of an excess" if p < level else
+               f"not significantly more than chance at the {level:g} level"))
 
 
 def _models_in_excess(verdicts: pd.DataFrame, names: dict) -> list[str]:
     """The models (display names from ``names``) whose uncorrected hits (``uncorrected_t`` of
-    ``cells`` at the family level ``alpha_bonferroni * cells``) are more than chance at that level,
-    each as ``"name (k of n, P(X ≥ k) = p)"`` (exact binomial upper tail, independent cells)."""
+    ``cells`` at the family level ``alpha_bonferroni * cells``) would be more than chance at that
+    level if the cells were independent, each as ``"name (k of n, P(X ≥ k) = p)"`` (exact binomial
+    upper tail)."""
 
     out = []
     for r in verdicts.itertuples():
@@ -675,7 +677,8 @@ def family_verdict_text(verdicts: pd.DataFrame, table: pd.DataFrame | None = Non
 
 def _lean_text(counts: pd.DataFrame, names: dict, alpha: float) -> str:
     """Which models lean one way by their own two-sided sign test at ``alpha`` (``sign_p`` of
-    :func:`_positive_counts`) and which are indistinguishable from half, as one sentence."""
+    :func:`_positive_counts`) and which are not shown to lean either way (a test that does not reject
+    does not show an even split), as one sentence."""
     lean: dict[str, list] = {"positive": [], "negative": []}
     flat = []
     for c in counts.itertuples():
@@ -688,9 +691,8 @@ def _lean_text(counts: pd.DataFrame, names: dict, alpha: float) -> str:
             flat.append(name)
     parts = [f"{join_words(v)} lean{'s' if len(v) == 1 else ''} {k}" for k, v in lean.items() if v]
     if flat:
-        parts.append(f"{join_words(flat)} {'is' if len(flat) == 1 else 'are'} indistinguishable from half"
-                     if parts else f"no model leans either way: {'it is' if len(flat) == 1 else 'each is'} "
-                                   "indistinguishable from half")
+        parts.append(f"{join_words(flat)} {'is' if len(flat) == 1 else 'are'} not shown to lean either way"
+                     if parts else "no model is shown to lean either way (which does not show an even split)")
     return f" By its own sign test at the {alpha:g} level, " + "; ".join(parts) + "." if parts else ""
 
 
@@ -699,7 +701,7 @@ def _directions_text(counts: pd.DataFrame, names: dict, whose: str, symbol: str 
     """Per model (``counts``: :func:`_positive_counts`): cells with an effect > 0 of those tested
     (sign test p) and the direction of the uncorrected hits; then which models go against the
     pooled direction, and why; then which models lean one way by their own sign test at ``alpha``
-    and which are indistinguishable from half (:func:`_lean_text`). ``symbol`` names the effect
+    and which are not shown to lean either way (:func:`_lean_text`). ``symbol`` names the effect
     (``"d_z"``, the paper's ``"d"``)."""
     tested, positive = int(counts.tested.sum()), int(counts.positive.sum())
     if not tested:
@@ -789,18 +791,19 @@ def audit_comparison_text(verdicts: pd.DataFrame, paper: pd.DataFrame, table: pd
     p_dir, h_dir = _uncorrected_direction(p_unc, p_unc_pos, "d"), _uncorrected_direction(h_unc, h_unc_pos)
     p_more, h_more = p_excess < alpha, h_excess < here_alpha
     if p_more == h_more:
-        excess_cmp = ("Pooled over the models, both counts are more than chance alone gives" if h_more else
-                      "Pooled over the models, neither count is more than chance alone gives")
+        excess_cmp = ("Pooled over the models, both counts would be more than chance alone gives if the cells were "
+                      "independent" if h_more else
+                      "Pooled over the models, neither count is significantly more than chance alone gives")
     else:
-        excess_cmp = (f"Pooled over the models, unlike the paper's {p_unc}, this run's {h_unc} uncorrected hits are "
-                      "more than chance alone gives" if h_more else
+        excess_cmp = (f"Pooled over the models, unlike the paper's {p_unc}, this run's {h_unc} uncorrected hits would "
+                      "be more than chance alone gives if the cells were independent" if h_more else
                       f"Pooled over the models, unlike the paper's {p_unc}, this run's {h_unc} uncorrected hits are "
-                      "not more than chance alone gives")
+                      "not significantly more than chance alone gives")
     p_models, h_models = _models_in_excess(paper, names), _models_in_excess(verdicts, {})
     excess_cmp += ". " + (
         "Nor is any single model's count, in the paper or in this run" if not (p_models or h_models) else
-        "Per model, the count is more than chance for " + (join_words(h_models) + " in this run" if h_models else
-                                                           "no model of this run")
+        "Per model, the count would be more than chance, for independent cells, for "
+        + (join_words(h_models) + " in this run" if h_models else "no model of this run")
         + " and for " + (join_words(p_models) + " in the paper" if p_models else "no model of the paper")) + ". "
     half, h_half = alpha / 2, here_alpha / 2
     p_dir_tail = binomial_upper_tail(p_unc_pos, p_cells, half)
@@ -809,11 +812,14 @@ def audit_comparison_text(verdicts: pd.DataFrame, paper: pd.DataFrame, table: pd
         "Definition 2.1 is directional (a hit with d_z < 0 counts against a metric, not for it), so the hits with "
         f"d_z > 0 are counted on their own, against the {half:g} of each test's level that chance puts on that side: "
         f"the paper's {p_unc_pos} (chance: about {p_cells * half:.1f}; P(X ≥ {p_unc_pos}) = {p_dir_tail:.2g}) "
-        + ("are" if p_dir_tail < alpha else "are not") + f" more than chance at the {alpha:g} level, and this run's "
-        f"{h_unc_pos} (chance: about {h_cells * h_half:.1f}; P(X ≥ {h_unc_pos}) = {h_dir_tail:.2g}) "
-        + ("are" if h_dir_tail < here_alpha else "are not") + " more than chance at that level. "
-        "All these binomial tails take the cells as independent; the cells of a model share positions and records, "
-        "which spreads the counts wider, so the tails are only indicative.")
+        + ("would be" if p_dir_tail < alpha else "are not significantly") + f" more than chance at the {alpha:g} level, "
+        f"and this run's {h_unc_pos} (chance: about {h_cells * h_half:.1f}; P(X ≥ {h_unc_pos}) = {h_dir_tail:.2g}) "
+        + ("would be" if h_dir_tail < here_alpha else "are not significantly") + " more than chance at that level. "
+        "All these binomial tails take the cells as independent, and they are not: the cells of a model share "
+        "positions and ablation records, and the cells of one layer rank the same active experts, so their paired "
+        "differences can be strongly correlated. A small tail is therefore no evidence of an excess (correlated hits "
+        "may be one effect counted several times); only a count that chance explains even for independent cells "
+        "says something, that there is no excess to explain.")
     if (h_more or h_models or h_dir_tail < here_alpha) and h_pass == 0:
         excess_cmp += (" An excess of uncorrected hits with no cell passing after correction suggests that some cells "
                        "carry effects too small to single out at the corrected level, not which ones.")
@@ -966,20 +972,26 @@ def model_panels(models, *, height: float = 3.2, sharey: bool = False, ncols: in
 def finish_panels(fig, axes, *, title: str, ylabel: str, xlabel: str | None = None, zero_line: bool = False,
                   legend: bool = True) -> None:
     """Label, lay out and show a :func:`model_panels` (or :func:`panel_grid`) figure: ``ylabel`` on
-    the first panel of each row, ``xlabel`` on every panel, a horizontal line at 0 if asked, and the
+    the first panel of a single row, or once for the whole height of a grid of several rows;
+    ``xlabel`` on every panel, a horizontal line at 0 if asked, and the
     panels' legend entries (each label once) in the grid's first spare slot, or below the panels
     when there is none.
     A long ``title`` is wrapped to the figure's width."""
     import textwrap  # noqa: PLC0415
 
+    rows = {ax.get_subplotspec().rowspan.start for ax in axes}
     for ax in axes:
         if xlabel:
             ax.set_xlabel(xlabel, fontsize=9)
         if zero_line:
             ax.axhline(0, color="0.3", linewidth=0.8)
-        if ax.get_subplotspec().colspan.start == 0:
-            ax.set_ylabel(ylabel)
-    fig.suptitle("\n".join(textwrap.wrap(title, 75)))
+        if len(rows) == 1 and ax.get_subplotspec().colspan.start == 0:
+            ax.set_ylabel("\n".join(textwrap.wrap(ylabel, 40)))
+    left = 0.0
+    if len(rows) > 1:  # one label for the whole height: a label per row would run into the next row's
+        fig.supylabel(ylabel, fontsize=11)
+        left = 0.035
+    fig.suptitle("\n".join(textwrap.wrap(title, 70)))
     handles, labels = [], []
     for ax in axes if legend else []:  # every panel's entries, each label once, in order of appearance
         for h, lab in zip(*ax.get_legend_handles_labels()):
@@ -988,15 +1000,15 @@ def finish_panels(fig, axes, *, title: str, ylabel: str, xlabel: str | None = No
                 labels.append(lab)
     spare = [ax for ax in fig.axes if not ax.get_visible()]
     if handles and spare:
-        fig.tight_layout()
+        fig.tight_layout(rect=(left, 0, 1, 1))
         box = spare[0].get_position()
         fig.legend(handles, labels, fontsize=8, loc="center", bbox_to_anchor=(box.x0 + box.width / 2, box.y0 + box.height / 2))
     elif handles:
         n_rows = -(-len(labels) // 3)
-        fig.tight_layout(rect=(0, 0.05 * n_rows + 0.02, 1, 1))
+        fig.tight_layout(rect=(left, 0.05 * n_rows + 0.02, 1, 1))
         fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=min(3, len(labels)), frameon=False)
     else:
-        fig.tight_layout()
+        fig.tight_layout(rect=(left, 0, 1, 1))
     plt.show()
 
 

@@ -191,8 +191,9 @@ def tail_selection_sentence(table: pd.DataFrame) -> str:
             f"experts, and on fewer than that median at {fewer} of {plural(len(per_layer), 'layer')}")
     if top.mean() < med.mean():
         text += (". The largest of noisy means leans towards experts measured few times, that is rarely routed ones, "
-                 "so a criterion that does not grow with routing frequency (an average over the routed tokens, a "
-                 "maximum) can rank the tail higher, and a frequency-weighted sum lower, from that selection alone")
+                 "so a criterion that does not grow with routing frequency (an average over the routed tokens) "
+                 "or grows with it only slowly (a maximum, which rises with the number of tokens it is taken over) "
+                 "can rank the tail higher, and a frequency-weighted sum lower, from that selection alone")
     return text + "."
 
 

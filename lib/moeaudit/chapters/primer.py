@@ -97,5 +97,6 @@ def primer_values(family: pd.DataFrame, *, cell: str = "A", small: str = "B", al
         "pr_small_below": "below" if true_dz < r.mde_dz else "not below",
         "pr_n_audit": int(n_audit), "pr_tost_min_p_audit": f"{min_p_audit:.2g}",
         "pr_bf_r": f"{BF_PRIOR_R:g}",
+        "pr_small_bf10": f"{s.bf10:.3g}", "pr_small_bf_label": jeffreys_label(float(s.bf10)),
         "pr_bf10": f"{r.bf10:.3g}", "pr_bf_label": jeffreys_label(float(r.bf10)),
     }

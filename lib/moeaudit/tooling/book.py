@@ -221,7 +221,7 @@ def execute_chapter(stem: str, parameters: dict | None = None, *, book_dir: Path
         pm_logger.addHandler(progress)
         pm_logger.setLevel(logging.INFO)
         if heartbeat_s:
-            n_cells = len(jupytext.read(raw).cells)  # papermill numbers every cell, markdown too
+            n_cells = len(jupytext.read(raw).cells) + bool(parameters)  # every cell, markdown and injected parameters too
             threading.Thread(target=_heartbeat, daemon=True,
                              args=(stem, n_cells, expected_seconds(stem, book_dir=book_dir), progress, log,
                                    heartbeat_s, stop)).start()
