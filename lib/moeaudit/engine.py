@@ -750,16 +750,13 @@ def _sequence_chunk(model: AuditModel, corpus: TokenizedCorpus, clean: CleanPass
 FORWARD_OVERHEAD_TOKENS = 1024
 
 
-def _length_segments(lengths: list[int], *, max_rows: int, extra_rows: int = 1) -> list[tuple[int, int]]:
-    """Cut rows sorted by decreasing prefix length into contiguous segments ``[a, b)`` of at most
-    ``max_rows`` rows, minimising the padded work ``sum((b - a + extra_rows) * lengths[a])``: each
-    segment is computed at its longest row's length, plus ``extra_rows`` rows of that length (the
-    clean row each segment carries). Exact dynamic programme, O(n * max_rows)."""
-    n = len(lengths)
+def _cheapest_cut(n: int, cost) -> list[tuple[int, int]]:
+    """Cut ``range(n)`` into contiguous segments ``[a, b)`` minimising ``sum(cost(a, b))`` (``cost``
+    returns ``inf`` for a segment not allowed). Exact dynamic programme over the O(n^2) segments."""
     best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
     for b in range(1, n + 1):
-        for a in range(max(0, b - max_rows), b):
-            c = best[a] + (b - a + extra_rows) * lengths[a]
+        for a in range(b):
+            c = best[a] + cost(a, b)
             if c < best[b]:
                 best[b], cut[b] = c, a
     out, b = [], n
@@ -767,6 +764,15 @@ def _length_segments(lengths: list[int], *, max_rows: int, extra_rows: int = 1) 
         out.append((cut[b], b))
         b = cut[b]
     return out[::-1]
+
+
+def _length_segments(lengths: list[int], *, max_rows: int, extra_rows: int = 1) -> list[tuple[int, int]]:
+    """Cut rows sorted by decreasing prefix length into contiguous segments ``[a, b)`` of at most
+    ``max_rows`` rows, minimising the padded work ``sum((b - a + extra_rows) * lengths[a])``: each
+    segment is computed at its longest row's length, plus ``extra_rows`` rows of that length (the
+    clean row each segment carries). :func:`_cheapest_cut`."""
+    return _cheapest_cut(len(lengths), lambda a, b: (b - a + extra_rows) * lengths[a] if b - a <= max_rows
+                         else float("inf"))
 
 
 def _batch_boundaries(rows: list[int], lengths: list[int], *, max_rows: int,
@@ -774,23 +780,14 @@ def _batch_boundaries(rows: list[int], lengths: list[int], *, max_rows: int,
     """Pack units (``rows[j]`` rows each, sorted by decreasing ``lengths``) into batches ``[a, b)`` of
     at most ``max_rows`` rows (a unit larger than that is a batch of its own), minimising the padded
     work ``sum(total rows * lengths[a] + overhead)`` (one forward per batch, every row padded to the
-    batch's longest). Exact dynamic programme over the sorted units."""
-    n = len(rows)
-    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
-    for b in range(1, n + 1):
-        total = 0
-        for a in range(b - 1, -1, -1):
-            total += rows[a]
-            if total > max_rows and a < b - 1:
-                break
-            c = best[a] + total * lengths[a] + overhead
-            if c < best[b]:
-                best[b], cut[b] = c, a
-    out, b = [], n
-    while b > 0:
-        out.append((cut[b], b))
-        b = cut[b]
-    return out[::-1]
+    batch's longest). :func:`_cheapest_cut`."""
+    before = np.concatenate([[0], np.cumsum(rows)]).tolist()
+
+    def cost(a, b):
+        total = before[b] - before[a]
+        return total * lengths[a] + overhead if total <= max_rows or b - a == 1 else float("inf")
+
+    return _cheapest_cut(len(rows), cost)
 
 
 def _group_batches(groups: list, batch_size: int, *, key=None) -> list[list]:
