@@ -272,7 +272,7 @@ display(Markdown(report.SIGNIFICANCE_NOTE))
 fig, axes = report.model_panels(models, sharey=True)
 shown = [ROUTING_WEIGHT, *NEW]
 colors = dict(zip(shown, sns.color_palette("colorblind", 5)))
-dodge = dict(zip(shown, np.linspace(-0.02, 0.02, len(shown))))  # side by side where points would coincide
+dodge = dict(zip(shown, np.linspace(-0.04, 0.04, len(shown))))  # side by side where points would coincide
 for ax, name in zip(axes, models):
     for r in shown:
         src = control_table if r == ROUTING_WEIGHT else new_table
@@ -280,7 +280,7 @@ for ax, name in zip(axes, models):
         report.dz_by_depth(ax, cells_r.assign(rel_depth=cells_r.rel_depth + dodge[r]), label=LABELS[r],
                            color=colors[r], mark_reversals=True)
 report.finish_panels(fig, axes, title="New predictors against the routing-weight control (* = Bonferroni-significant "
-                     "t-test with d_z > 0; ▼ = the same with d_z < 0; series shifted sideways by up to 0.02 so that "
+                     "t-test with d_z > 0; ▼ = the same with d_z < 0; series shifted sideways by up to 0.04 so that "
                      "they do not hide each other)", ylabel="Cohen's $d_z$ of D (95% CI)",
                      xlabel=DEPTH_LABEL, zero_line=True)
 
