@@ -299,7 +299,9 @@ report.finish_panels(fig, axes, title="New predictors against the routing-weight
 # per-expert criteria every token routed to an expert gets the same value, so $\rho$ there
 # measures how much of the token-level variation an expert-level summary can carry at all.
 # Intervals: paired bootstrap over (position, expert) pairs, percentile method,
-# {glue:text}`n_boot` resamples.
+# {glue:text}`n_boot` resamples. It treats the pairs as independent, although the experts active
+# at one position share it, so the intervals are narrower than they should be; no test here uses
+# them.
 
 # %%
 VALUE_COL = {ROUTING_WEIGHT: "prob", "gap_norm": "gap_pred", "attribution": "attribution",
