@@ -324,8 +324,9 @@ glue("n_seq_suites", c4["n_sequence"], display=False)
 #
 # ## Exercises
 #
-# ````{exercise} Make the book's zero check strict
+# ````{exercise} 1. Make the book's zero check strict
 # :label: 02_verification-ex1
+# :nonumber:
 #
 # The book's tolerance allows for the last bits of float32 arithmetic. Judge the token-mode suites
 # with `tolerance=0` instead: for each row of the position-check table in token mode, call
@@ -342,8 +343,9 @@ glue("n_seq_suites", c4["n_sequence"], display=False)
 # suites: {glue:md}`ex_strict`.
 # ````
 #
-# ````{exercise} Swap the main mode
+# ````{exercise} 2. Swap the main mode
 # :label: 02_verification-ex2
+# :nonumber:
 #
 # Predict what changes in the two suite tables and in the position-check table, then run
 # `make chapter NB=02_verification PARAMS="-p mode sequence"`.

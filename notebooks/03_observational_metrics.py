@@ -453,8 +453,9 @@ for key, value in {"ex_n_above_001": int((pairs.rho.abs() > crit_001).sum()), "e
 #
 # ## Exercises
 #
-# ````{exercise} No padding
+# ````{exercise} 1. No padding
 # :label: 03_observational_metrics-ex1
+# :nonumber:
 #
 # Predict what becomes of the padded variants of the released metrics without padding, then run
 # `make chapter NB=03_observational_metrics PARAMS="-p released_pad_share 0.0"`.
@@ -468,8 +469,9 @@ for key, value in {"ex_n_above_001": int((pairs.rho.abs() > crit_001).sum()), "e
 # due to logits alone.
 # ````
 #
-# ````{exercise} A stricter level for the metric correlations
+# ````{exercise} 2. A stricter level for the metric correlations
 # :label: 03_observational_metrics-ex2
+# :nonumber:
 #
 # Predict how the critical $\lvert\rho\rvert$ and the number of metric pairs above it change at a
 # stricter level, then run `make chapter NB=03_observational_metrics PARAMS="-p alpha 0.01"`.

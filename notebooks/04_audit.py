@@ -345,8 +345,9 @@ _ = report.show_table(example[list(shown)].head(5), labels=names, formats={names
 #
 # ## Exercises
 #
-# ````{exercise} Fewer positions
+# ````{exercise} 1. Fewer positions
 # :label: 04_audit-ex1
+# :nonumber:
 #
 # Before running {glue:md}`fewer_cmd` (a quarter of this run's positions), compute the smallest
 # $\lvert d_z\rvert$ that the paired t-test would then detect with the run's power in the first
@@ -365,8 +366,9 @@ _ = report.show_table(example[list(shown)].head(5), labels=names, formats={names
 # less.
 # ````
 #
-# ````{exercise} One layer
+# ````{exercise} 2. One layer
 # :label: 04_audit-ex2
+# :nonumber:
 #
 # Predict the family size, the Bonferroni level and which numbers of the table stay the same, then
 # run {glue:md}`one_layer_cmd`.
@@ -381,8 +383,9 @@ _ = report.show_table(example[list(shown)].head(5), labels=names, formats={names
 # verdicts can change.
 # ````
 #
-# ````{exercise} The other definition of the ablation
+# ````{exercise} 3. The other definition of the ablation
 # :label: 04_audit-ex3
+# :nonumber:
 #
 # Predict which cells cannot change when every ablation follows the other definition
 # ({glue:md}`other_mode_words`), then run {glue:md}`other_mode_cmd`.

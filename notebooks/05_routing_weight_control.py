@@ -360,8 +360,9 @@ display(Markdown(
 # Each exercise changes parameters only. Write down your prediction before running the command
 # (from the repository root), then open the expected result. {glue:md}`ex_layers_note`
 #
-# ````{exercise} Power at a single layer
+# ````{exercise} 1. Power at a single layer
 # :label: 05_routing_weight_control-ex1
+# :nonumber:
 #
 # Pick the layer whose control effect you consider most likely
 # to be real, look up the number of positions it needs in the power table above, and predict
@@ -385,8 +386,9 @@ display(Markdown(
 # ````
 
 # %% [markdown]
-# ````{exercise} Which intervention?
+# ````{exercise} 2. Which intervention?
 # :label: 05_routing_weight_control-ex2
+# :nonumber:
 #
 # The paper defines the ablation at token $t$ only; the released code
 # removes the expert at every position of the sequence where it is routed. Predict at which
@@ -416,8 +418,9 @@ display(Markdown(
 # ````
 
 # %% [markdown]
-# ````{exercise} A fresh draw
+# ````{exercise} 3. A fresh draw
 # :label: 05_routing_weight_control-ex3
+# :nonumber:
 #
 # Keep everything else and draw a different set of positions. Predict
 # which verdicts in the tables survive. Run

@@ -374,8 +374,9 @@ glue("shows_summary", Markdown(progressive_overview_text(buffer_readings(breaks,
 # Each exercise changes parameters only. Predict first, then run the command from the repository
 # root and compare with the expected result.
 #
-# ````{exercise} What counts as a cliff?
+# ````{exercise} 1. What counts as a cliff?
 # :label: 06_progressive_ablation-ex1
+# :nonumber:
 #
 # The verdict "layer L breaks at k" depends on a threshold that the
 # paper does not state. Predict how the tables of "Where does a layer break?" change with
@@ -398,8 +399,9 @@ glue("shows_summary", Markdown(progressive_overview_text(buffer_readings(breaks,
 # ````
 
 # %% [markdown]
-# ````{exercise} How wide are the intervals?
+# ````{exercise} 2. How wide are the intervals?
 # :label: 06_progressive_ablation-ex2
+# :nonumber:
 #
 # Predict how the confidence bands of the first figure of the
 # redundancy cliff change with `alpha 0.01` (a higher confidence level): compute the factor by which every
@@ -424,8 +426,9 @@ glue("shows_summary", Markdown(progressive_overview_text(buffer_readings(breaks,
 # ````
 
 # %% [markdown]
-# ````{exercise} Enough context?
+# ````{exercise} 3. Enough context?
 # :label: 06_progressive_ablation-ex3
+# :nonumber:
 #
 # The paper's released progressive run used only positions with some context
 # before them (`min_context=32`). Predict whether excluding short contexts raises or lowers the loss changes, then run

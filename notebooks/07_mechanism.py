@@ -394,7 +394,9 @@ report.finish_panels(fig, axes[::-1], title="Redistribution analysis: the two co
 
 # %% [markdown]
 # ## What sets the sign of the second chain
-# {glue:md}`sign_contrast`
+# ```{glue:md} sign_contrast
+# :format: myst
+# ```
 #
 # The definition explains how that can happen. Per activation, the released relative compensation
 # is the product of two factors, $\max(\cos\theta, 0)$ and $\lVert\mathbf{r}\rVert/\lVert\mathbf{g}\rVert$
@@ -654,8 +656,9 @@ glue("growth_summary", Markdown(
 # Each exercise changes parameters only. Predict first, then run the command from the repository
 # root and compare with the expected result.
 #
-# ````{exercise} Which experts count?
+# ````{exercise} 1. Which experts count?
 # :label: 07_mechanism-ex1
+# :nonumber:
 #
 # Experts with few activations have noisy means. Predict what happens
 # when an expert needs `min_activations 20` to enter: how many experts per layer remain on all
@@ -676,8 +679,9 @@ glue("growth_summary", Markdown(
 # ````
 
 # %% [markdown]
-# ````{exercise} Fewer ablations, same geometry
+# ````{exercise} 2. Fewer ablations, same geometry
 # :label: 07_mechanism-ex2
+# :nonumber:
 #
 # Predict which columns of the tiny-olmoe table change when the
 # ablation sample shrinks, then run

@@ -957,8 +957,9 @@ put(n_agree_all=int(compared.agrees.sum()),
 # the same re-analysis with the changed parameters on the same released files, so they are what the
 # re-executed page will show; the values before each arrow are those of this run.
 #
-# ````{exercise} A looser family-wise level
+# ````{exercise} 1. A looser family-wise level
 # :label: 08_released_reanalysis-ex1
+# :nonumber:
 #
 # Predict which counts change when the family-wise level is loosened, then run
 # `make chapter NB=08_released_reanalysis PARAMS="-p alpha 0.1"`.
@@ -970,8 +971,9 @@ put(n_agree_all=int(compared.agrees.sum()),
 # {glue:md}`ex1_expected`
 # ````
 #
-# ````{exercise} A wider equivalence bound
+# ````{exercise} 2. A wider equivalence bound
 # :label: 08_released_reanalysis-ex2
+# :nonumber:
 #
 # Predict how many cells become equivalent with a wider bound, then run
 # `make chapter NB=08_released_reanalysis PARAMS="-p tost_bound_d 0.3"`.
@@ -983,8 +985,9 @@ put(n_agree_all=int(compared.agrees.sum()),
 # {glue:md}`ex2_expected`
 # ````
 #
-# ````{exercise} A stricter level and a narrower bound together
+# ````{exercise} 3. A stricter level and a narrower bound together
 # :label: 08_released_reanalysis-ex3
+# :nonumber:
 #
 # Predict the counts with a stricter level and a narrower bound, then run
 # `make chapter NB=08_released_reanalysis PARAMS="-p alpha 0.01 -p tost_bound_d 0.15"`.

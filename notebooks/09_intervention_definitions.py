@@ -851,7 +851,7 @@ display(Markdown("\n\n".join(flip_text(c, "remove", op) for op, c in cmp_op.item
 # ## What this shows, and what it does not
 
 # %% tags=["remove-input"]
-flips = lambda c: f"{int(c.flip_dual.sum())} of {len(c)} cell verdicts change under the dual rule, {int(c.flip_p05.sum())} under uncorrected p_t below {alpha:g}"  # noqa: E731
+flips = lambda c: f"{int(c.flip_dual.sum())} of {len(c)} cell verdicts {'changes' if int(c.flip_dual.sum()) == 1 else 'change'} under the dual rule, {int(c.flip_p05.sum())} under uncorrected p_t below {alpha:g}"  # noqa: E731
 glue_all(l_mode_text=Markdown(
     f"Token-local and sequence-wide ablation of the same expert differ by up to {other_rows.max_diff.max():.2g} nats per "
     f"record at the audited layers before the last (rank correlation over records {span(other_rows.rho, '{:+.3f}')})"
@@ -927,8 +927,9 @@ glue_all(ex3_cmd=Markdown(f"`make chapter NB=09_intervention_definitions PARAMS=
          ex_mde_small=stats.min_detectable_dz(n_small, alpha=alpha / fam, power=power))
 
 # %% [markdown]
-# ````{exercise} The last layer alone
+# ````{exercise} 1. The last layer alone
 # :label: 09_intervention_definitions-ex1
+# :nonumber:
 #
 # Run `make chapter NB=09_intervention_definitions PARAMS="-p layers '[L]'"`
 # with `L` the last decoder layer of the first model ({glue:text}`ex_last_layer` here). What is left
@@ -941,8 +942,9 @@ glue_all(ex3_cmd=Markdown(f"`make chapter NB=09_intervention_definitions PARAMS=
 # {glue:md}`ex_last`
 # ````
 #
-# ````{exercise} The router's own mask
+# ````{exercise} 2. The router's own mask
 # :label: 09_intervention_definitions-ex2
+# :nonumber:
 #
 # In a copy of `paper.released_mean_routing_weight_when_active`,
 # replace the layer-wide threshold $\tau$ by each position's own $k$-th largest logit, so that
@@ -961,8 +963,9 @@ glue_all(ex3_cmd=Markdown(f"`make chapter NB=09_intervention_definitions PARAMS=
 # $\rho$ = {glue:text}`ex_sub_rel_rho`.
 # ````
 #
-# ````{exercise} Fewer positions
+# ````{exercise} 3. Fewer positions
 # :label: 09_intervention_definitions-ex3
+# :nonumber:
 #
 # Run {glue:md}`ex3_cmd` (a fifth of the positions of this build).
 # How large must an effect be before the dual rule can detect it in the family of metric cells?
@@ -994,8 +997,9 @@ glue_all(ex4_share=Markdown(per_model(ex4, "{:.1%}")), ex4_first=ex4[models[0]],
              "moves the loss at least as far from its clean value as removing the expert does, as often as not"))
 
 # %% [markdown]
-# ````{exercise} What the mean puts back
+# ````{exercise} 4. What the mean puts back
 # :label: 09_intervention_definitions-ex4
+# :nonumber:
 #
 # Mean replacement removes the expert's output at the token and adds back its combine weight
 # times the expert's average output. Before looking at the records, predict: is the loss change

@@ -826,8 +826,9 @@ glue_all(tail_text=tail_sentence(tail_sum, alpha=alpha, labels=LABELS), tail_sel
 #
 # ## Exercises
 #
-# ````{exercise} A thin baseline
+# ````{exercise} 1. A thin baseline
 # :label: 10_predictors_and_pruning-ex1
+# :nonumber:
 #
 # With only five random draws per setting, what is the smallest rank p-value a criterion can
 # attain? Compute it from the definition of `moeaudit.pruning.random_rank_pvalue` and check it in the
@@ -847,8 +848,9 @@ glue_all(tail_text=tail_sentence(tail_sum, alpha=alpha, labels=LABELS), tail_sel
 # {glue:text}`n_beat_all`).
 # ````
 #
-# ````{exercise} A narrower prior
+# ````{exercise} 2. A narrower prior
 # :label: 10_predictors_and_pruning-ex2
+# :nonumber:
 #
 # Predict whether more or fewer paper-metric cells show at least moderate evidence for the null
 # under a prior that expects smaller effects, then re-run with {glue:md}`ex_prior_cmd`.
@@ -862,8 +864,9 @@ glue_all(tail_text=tail_sentence(tail_sum, alpha=alpha, labels=LABELS), tail_sel
 # effects needs more data before it can tell a small effect from none.
 # ````
 #
-# ````{exercise} One model
+# ````{exercise} 3. One model
 # :label: 10_predictors_and_pruning-ex3
+# :nonumber:
 #
 # Predict which numbers stay the same when only one model is audited, then re-run with
 # `make chapter NB=10_predictors_and_pruning PARAMS="-p models '[\"tiny-olmoe\"]'"`.

@@ -557,8 +557,9 @@ glue("control_rule", Markdown(redundancy.control_rule_text(
 # are zero.
 #
 # ## Exercises
-# ````{exercise} One seed
+# ````{exercise} 1. One seed
 # :label: 11_redundancy-ex1
+# :nonumber:
 #
 # Run the chapter on the seed-0 models only:
 #
@@ -581,8 +582,9 @@ glue("control_rule", Markdown(redundancy.control_rule_text(
 # ````
 
 # %% [markdown]
-# ````{exercise} Fewer positions
+# ````{exercise} 2. Fewer positions
 # :label: 11_redundancy-ex2
+# :nonumber:
 #
 # Run with `-p n_positions 50`:
 #

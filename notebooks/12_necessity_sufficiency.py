@@ -341,8 +341,9 @@ glue("answer_top", Markdown(restoration.top_agreement_text(top, alpha=alpha, pow
 # {cite}`lu2026expertaware`.
 #
 # ## Exercises
-# ````{exercise} A stricter exclusion
+# ````{exercise} 1. A stricter exclusion
 # :label: 12_necessity_sufficiency-ex1
+# :nonumber:
 #
 # Raise the threshold of the corruption gap:
 #
@@ -359,8 +360,9 @@ glue("answer_top", Markdown(restoration.top_agreement_text(top, alpha=alpha, pow
 # ````
 
 # %% [markdown]
-# ````{exercise} Fewer positions
+# ````{exercise} 2. Fewer positions
 # :label: 12_necessity_sufficiency-ex2
+# :nonumber:
 #
 # Halve the draw:
 #

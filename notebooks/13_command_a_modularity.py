@@ -290,12 +290,15 @@ plt.show()
 # %% [markdown]
 # ## What this shows, and what it does not
 #
-# {glue:md}`shows_text`
+# ```{glue:md} shows_text
+# :format: myst
+# ```
 #
 # ## Exercises
 #
-# ````{exercise} Without the extra exclusions
+# ````{exercise} 1. Without the extra exclusions
 # :label: 13_command_a_modularity-ex1
+# :nonumber:
 #
 # Recompute the tested families with `M.top_k_families` excluding only the shared core, and ask
 # whether the Spanish and Arabic families would still share experts. How many do they share? Check
@@ -308,8 +311,9 @@ plt.show()
 # {glue:text}`ex1`.
 # ````
 #
-# ````{exercise} Two decimals are not enough
+# ````{exercise} 2. Two decimals are not enough
 # :label: 13_command_a_modularity-ex2
+# :nonumber:
 #
 # How many decimals would the W4A4 table need for the Spanish selectivity margin stated by the
 # study to be resolved? Change `decimals` in `verdict` and rerun `M.decision_table`, or see
@@ -323,8 +327,9 @@ plt.show()
 # {glue:text}`ex2`.
 # ````
 #
-# ````{exercise} How many families would be enough?
+# ````{exercise} 3. How many families would be enough?
 # :label: 13_command_a_modularity-ex3
+# :nonumber:
 #
 # Find the smallest number of families for which the exact test detects a true correlation of
 # {glue:text}`ex3_rho` with {glue:text}`power_pct` power at level {glue:text}`alpha_txt` before any

@@ -401,8 +401,9 @@ display(pd.DataFrame({m: default_models.top_next_tokens(model_dir(m), prompt) fo
 #
 # ## Exercises
 #
-# ````{exercise} Another seed
+# ````{exercise} 1. Another seed
 # :label: A1_default_models-ex1
+# :nonumber:
 #
 # Train a model from another seed into a folder of your own and audit it:
 # `python -m moeaudit.tooling.training tiny-olmoe --seed 1 --out /tmp/tiny-olmoe-seed1`, then
@@ -419,8 +420,9 @@ display(pd.DataFrame({m: default_models.top_next_tokens(model_dir(m), prompt) fo
 # different experts — that spread is the uncertainty a single trained model does not show.
 # ````
 #
-# ````{exercise} Check reproducibility
+# ````{exercise} 2. Check reproducibility
 # :label: A1_default_models-ex2
+# :nonumber:
 #
 # Predict the largest loss difference between two trainings from the same seed, then run
 # `python -m moeaudit.tooling.training tiny-olmoe --check-repro`.

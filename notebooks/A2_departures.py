@@ -134,8 +134,9 @@ display(table.set_index("aspect").style.format(escape="html").set_properties(**{
 #
 # ## Exercises
 #
-# ````{exercise} Another corpus
+# ````{exercise} 1. Another corpus
 # :label: A2_departures-ex1
+# :nonumber:
 #
 # Predict which rows of the table change with the embedded corpus, then run
 # `make chapter NB=A2_departures PARAMS="-p corpus embedded"`.
@@ -147,8 +148,9 @@ display(table.set_index("aspect").style.format(escape="html").set_properties(**{
 # {glue:md}`ex_corpus`.
 # ````
 #
-# ````{exercise} Another chapter
+# ````{exercise} 2. Another chapter
 # :label: A2_departures-ex2
+# :nonumber:
 #
 # Predict what the table says for the routing-weight control chapter, then run
 # `make chapter NB=A2_departures PARAMS="-p chapter 05_routing_weight_control"`.

@@ -74,7 +74,10 @@ def test_built_html_contains_every_chapter(rendered):
     for stem in book.chapters():
         page = html / "book" / f"{stem}.html"
         assert page.exists(), f"{stem} missing from the HTML build"
-        assert "Traceback" not in page.read_text(errors="replace")
+        text = page.read_text(errors="replace")
+        assert "Traceback" not in text
+        # a list glued into a paragraph renders as raw "- " items run together
+        assert not re.search(r"<p>- \S", text), f"{stem}: a markdown list rendered as a paragraph"
 
 
 def _outputs_text(path) -> str:

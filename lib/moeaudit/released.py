@@ -136,7 +136,7 @@ def released_dir(data_dir: str | os.PathLike | None = None, *, download: bool = 
     if not missing:
         return cached
     looked = (f"{root / 'paper-released'}" if root is not None
-              else f"no data directory (data_dir=None and ${paths.DATA_DIR_ENV} unset)")
+              else f"no data directory (neither data_dir nor ${paths.DATA_DIR_ENV} is set)")
     if download:
         try:
             for rel in missing:

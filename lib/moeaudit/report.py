@@ -1282,7 +1282,7 @@ def utilisation_variants_text(cmp: pd.DataFrame, *, rho_col: str, n_variants: in
                  + ", ".join(f"{p:.0f}% padding ({n})" for n, p in padding["pad_percent"].items()) + ".")
     shown = cmp.variant.nunique()
     if shown < n_variants:
-        parts.append(f"Only {shown} of the {n_variants} variants appear: where every text fills the context there "
+        parts.append(f"Only {shown} of the {n_variants} variants {'appears' if shown == 1 else 'appear'}: where every text fills the context there "
                      "is no padding position, so the padded variants cannot be re-created from this corpus "
                      "(WikiText-2's lines, of unequal length, give them).")
     return " ".join(parts)

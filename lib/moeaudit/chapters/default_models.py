@@ -195,7 +195,7 @@ def family_texts(summaries: dict, table) -> dict[str, str]:
                          f"(worst layer here: {value_span(table['worst layer: experts used'], '{:.0%}')}); "
                          f"{table['weights (MB)'].sum():.1f} MB of weights in all"),
         "family_repro": (f"{len(checked)} of {len(table)} {'was' if len(checked) == 1 else 'were'} retrained from "
-                         "their seed to check reproducibility "
+                         f"{'its' if len(checked) == 1 else 'their'} seed to check reproducibility "
                          f"({join_words(checked.index)}; largest weight difference {checked.max():.3g})" if len(checked)
                          else "none was retrained from its seed to check reproducibility"),
     }

@@ -299,7 +299,7 @@ def observational_text(table: pd.DataFrame, *, alpha: float, power: float) -> st
         sig = g[g.significant]
         desc = ", ".join(f"{CRITERION_LABELS[r.criterion].lower()} at layer {r.layer} (ρ = {r.rho:+.2f})"
                          for r in sig.itertuples())
-        parts.append(f"for {model}, {len(sig)} of {len(g)} metric-layer rows reach Holm's level"
+        parts.append(f"for {model}, {len(sig)} of {len(g)} metric-layer rows {'reaches' if len(sig) == 1 else 'reach'} Holm's level"
                      + (f": {desc}" if len(sig) else "")
                      + f" (detectable |ρ| with {power:.0%} power: {report.value_span(g.min_detectable_rho, '{:.2f}')}"
                      + f" for {report.value_span(g.n, '{:d}')} pairs, which hold only "
