@@ -135,7 +135,7 @@ display(family.assign(
 # $d_z = \bar D / s_D$ = {glue:text}`pr_dz`: the mean difference in units of its own spread, free of
 # the loss's scale. Its 95% interval, {glue:text}`pr_dz_ci`, comes from the noncentral t
 # distribution (exact when D is normal). It is not corrected for the family: a cell whose interval
-# excludes 0 can still fail the corrected test, whose interval would be wider.
+# excludes zero can still fail the corrected test, whose interval would be wider.
 #
 # **Two tests.** The paired t-test uses $t = d_z\sqrt{n}$ = {glue:text}`pr_t` on $n-1$ =
 # {glue:text}`pr_dof` degrees of freedom ($p_t$ = {glue:text}`pr_p_t`); it assumes that $\bar D$ is
