@@ -2,6 +2,7 @@
 # make test     install everything into .venv and run the test suite
 # make chapter NB=04_audit PARAMS="-p n_positions 50"   re-execute one chapter, rebuild the HTML
 PYTHON ?= python3
+SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -9,8 +10,10 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# torch first and pinned: the CPU wheel, never a CUDA build pulled in by another package
+	@echo "installing torch 2.13.0 (CPU wheel) into $(VENV)"
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test]'
+	@echo "installing moeaudit and its pinned packages into $(VENV) (one line per package)"
+	set -o pipefail; $(BIN)/pip install --progress-bar off -e '.[test]' | { grep --line-buffered -E '^(Collecting|Successfully)' || true; }
 	touch $(STAMP)
 
 install: $(STAMP)
