@@ -380,12 +380,12 @@ display(pd.DataFrame({m: default_models.top_next_tokens(model_dir(m), prompt) fo
 # training log and summary. A model is retrained, bit for bit, with
 #
 # ```bash
-# python -m moeaudit.tooling.training tiny-olmoe --seed 0
+# .venv/bin/python -m moeaudit.tooling.training tiny-olmoe --seed 0
 # ```
 #
 # ({glue:md}`train_cpu` of processor time for the shipped models; `--out DIR` writes elsewhere,
 # `--steps N` shortens the run),
-# and `python scripts/check_reproducibility.py` retrains all three and compares them with the
+# and `.venv/bin/python scripts/check_reproducibility.py` retrains all three and compares them with the
 # shipped ones.
 #
 # ## What this shows, and what it does not
@@ -406,7 +406,7 @@ display(pd.DataFrame({m: default_models.top_next_tokens(model_dir(m), prompt) fo
 # :nonumber:
 #
 # Train a model from another seed into a folder of your own and audit it:
-# `python -m moeaudit.tooling.training tiny-olmoe --seed 1 --out /tmp/tiny-olmoe-seed1`, then
+# `.venv/bin/python -m moeaudit.tooling.training tiny-olmoe --seed 1 --out /tmp/tiny-olmoe-seed1`, then
 # `make chapter NB=04_audit PARAMS="-p models '[\"/tmp/tiny-olmoe-seed1\"]'"`. Predict its test
 # perplexity and how far the audit's $d_z$ values move.
 # ````
@@ -425,7 +425,7 @@ display(pd.DataFrame({m: default_models.top_next_tokens(model_dir(m), prompt) fo
 # :nonumber:
 #
 # Predict the largest loss difference between two trainings from the same seed, then run
-# `python -m moeaudit.tooling.training tiny-olmoe --check-repro`.
+# `.venv/bin/python -m moeaudit.tooling.training tiny-olmoe --check-repro`.
 # ````
 #
 # ````{solution} A1_default_models-ex2

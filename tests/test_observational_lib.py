@@ -163,3 +163,13 @@ def test_router_sums_count_the_engines_selections(model_cache, corpus, clean_cac
         assert acc["n_real"] + acc["n_pad"] == len(corpus) * width
         counts = np.bincount(clean.routing[L]["indices"].reshape(-1), minlength=model.layout.num_experts)
         np.testing.assert_array_equal(acc["sel_real"], counts)
+
+
+def test_suite_tables_keep_each_models_layer_order():
+    """Rows follow the suite, model by model: a layer that only a later model audits is not moved
+    behind the layers an earlier model shares with it (chapter 2 once listed 4, 5, 7, 1, 3)."""
+    rows = [_suite_rows("a", L, "token", 0.02, 0.0) for L in (0, 2, 4)]
+    rows += [_suite_rows("b", L, "token", 0.02, 0.0) for L in (1, 3, 4)]
+    val, ok = V.suite_tables(pd.concat(rows, ignore_index=True), "token")
+    assert list(val.index) == [("a", 0), ("a", 2), ("a", 4), ("b", 1), ("b", 3), ("b", 4)]
+    assert list(ok.index) == list(val.index)

@@ -173,6 +173,8 @@ def suite_tables(suite: pd.DataFrame, mode: str) -> tuple[pd.DataFrame, pd.DataF
     idx = ["model", "layer"]
     val = s.pivot_table(index=idx, columns="key", values="value", aggfunc="first", sort=False)
     ok = s.pivot_table(index=idx, columns="key", values="passed", aggfunc="first", sort=False).astype(bool)
+    order = pd.MultiIndex.from_frame(s[idx].drop_duplicates())  # pivot_table orders layers by their first
+    val, ok = val.reindex(order), ok.reindex(order)               # appearance in any model, not model by model
     keys = [k for k in CHECK_LABELS if k in val.columns]
     val, ok = val[keys].rename(columns=CHECK_LABELS), ok[keys].rename(columns=CHECK_LABELS)
     val.columns.name = ok.columns.name = None
