@@ -504,7 +504,9 @@ glue("slope_verdict", Markdown(
        else "; the slope of the cosine alone does not decide the sign.")), display=False)
 
 # %% [markdown]
-# {glue:md}`factor_summary`
+# ```{glue:md} factor_summary
+# :format: myst
+# ```
 #
 # {glue:md}`factor_verdict` Neither sign says anything about compensation: both are properties of
 # the angle between one expert's output and the sum of the others, and of the ratio of their
