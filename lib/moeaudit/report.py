@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import math
 import re
+import textwrap
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -977,8 +978,6 @@ def finish_panels(fig, axes, *, title: str, ylabel: str, xlabel: str | None = No
     panels' legend entries (each label once) in the grid's first spare slot, or below the panels
     when there is none.
     A long ``title`` is wrapped to the figure's width."""
-    import textwrap  # noqa: PLC0415
-
     rows = {ax.get_subplotspec().rowspan.start for ax in axes}
     for ax in axes:
         if xlabel:
