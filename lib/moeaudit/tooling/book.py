@@ -207,7 +207,8 @@ def execute_chapter(stem: str, parameters: dict | None = None, *, book_dir: Path
     book_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         raw, done = Path(tmp) / f"{stem}.ipynb", Path(tmp) / f"{stem}.out.ipynb"
-        jupytext.write(jupytext.read(src), raw)
+        source_nb = jupytext.read(src)
+        jupytext.write(source_nb, raw)
         # No progress bars inside rendered pages; one torch thread unless MOEAUDIT_THREADS says
         # otherwise: the default models are so small that thread synchronisation costs more than it
         # saves, and several threads per kernel thrash a shared CPU.
@@ -218,10 +219,12 @@ def execute_chapter(stem: str, parameters: dict | None = None, *, book_dir: Path
         t0 = time.time()                       # made while it runs leaves the page stale, as it should
         progress, stop = _CellProgress(), threading.Event()
         pm_logger = logging.getLogger("papermill")
-        pm_logger.addHandler(progress)
+        saved_logger = pm_logger.level, pm_logger.propagate
+        pm_logger.addHandler(progress)  # cell outputs reach only this handler, not the caller's logging
         pm_logger.setLevel(logging.INFO)
+        pm_logger.propagate = False
         if heartbeat_s:
-            n_cells = len(jupytext.read(raw).cells) + bool(parameters)  # every cell, markdown and injected parameters too
+            n_cells = len(source_nb.cells) + bool(parameters)  # every cell, markdown and injected parameters too
             threading.Thread(target=_heartbeat, daemon=True,
                              args=(stem, n_cells, expected_seconds(stem, book_dir=book_dir), progress, log,
                                    heartbeat_s, stop)).start()
@@ -237,6 +240,8 @@ def execute_chapter(stem: str, parameters: dict | None = None, *, book_dir: Path
         finally:
             stop.set()
             pm_logger.removeHandler(progress)
+            pm_logger.setLevel(saved_logger[0])
+            pm_logger.propagate = saved_logger[1]
             for k, v in saved_env.items():
                 if v is None:
                     os.environ.pop(k, None)
