@@ -331,8 +331,11 @@ def _refuse_inside_pruning(model: AuditModel) -> None:
 
 
 def _token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """``-log p(target | context)`` in float32 (the paper's per-token loss)."""
-    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+    """``-log p(target | context)`` in nats (the paper's per-token loss), computed in float32 from
+    bfloat16/float16/float32 logits and in float64 from float64 logits (so that a float64 model's
+    losses are not rounded to float32)."""
+    return torch.nn.functional.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets,
+                                             reduction="none")
 
 
 # --------------------------------------------------------------------------------------------
