@@ -268,8 +268,8 @@ glue("pairs_text", Markdown(
 #
 # Utilisation per expert and layer, relative to the uniform share $k/N_E$, on a log₂ scale:
 # $0$ (white) is exactly the uniform share, $+1$ twice it, $-1$ half of it; the scale is
-# clipped at $\pm$ {glue:text}`heat_limit` ({glue:text}`heat_factor` times and one
-# {glue:text}`heat_factor`-th of the uniform share). Experts the router never selected on the
+# clipped at $\pm$ {glue:text}`heat_limit` ({glue:text}`heat_factor` times the uniform share, and
+# 1/{glue:text}`heat_factor` of it). Experts the router never selected on the
 # corpus are black. Expert ids are the model's own; expert $i$ of one layer is unrelated to
 # expert $i$ of another.
 

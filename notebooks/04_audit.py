@@ -235,14 +235,7 @@ display(Markdown(report.SIGNIFICANCE_NOTE))
 
 # %% tags=["remove-input"]
 def by_model(frame: pd.DataFrame, rows: list, caption: str) -> None:
-    """Show one row per model of ``frame`` as one column per model: ``rows`` lists (column, label,
-    format) of the quantities, top to bottom; a missing or NaN value reads "–"."""
-    def fmt(v, f):
-        return "–" if v is None or (isinstance(v, float) and v != v) else f.format(v)
-
-    out = pd.DataFrame({r["model"]: {label: fmt(r.get(col), f) for col, label, f in rows if col in frame.columns}
-                        for r in frame.to_dict("records")})
-    report.show_table(out, index=True, caption=caption, max_rows=None)
+    report.show_table(report.per_model_columns(frame, rows), index=True, caption=caption, max_rows=None)
 
 
 COUNT = "{:d}"

@@ -717,7 +717,8 @@ glue("ex1_outcome", Markdown(
     f"and ρ(gap norm, downstream comp.) is undefined at {int(ex1_abl.rho_gap_down.isna().sum())} of {len(ex1_abl)} layers "
     f"(now {int(chains.rho_gap_down.isna().sum())}; at the last MoE layer it always is). Where it is defined it ranges "
     f"{span(ex1_abl.rho_gap_down)} (now {span(chains.rho_gap_down)}) and reaches p < {paper.PAPER_ALPHA:g} at "
-    f"{int((ex1_abl.p_gap_down < paper.PAPER_ALPHA).sum())} layers (now {int((chains.p_gap_down < paper.PAPER_ALPHA).sum())}); "
+    f"{report.plural(int((ex1_abl.p_gap_down < paper.PAPER_ALPHA).sum()), 'layer')} "
+    f"(now {int((chains.p_gap_down < paper.PAPER_ALPHA).sum())}); "
     f"the released measure on the same sample ranges {span(ex1_abl.rho_gap_comp_abl)} (now "
     f"{span(chains.rho_gap_comp_abl)})."), display=False)
 olmoe = chains[chains.model == "tiny-olmoe"].sort_values("layer") if "tiny-olmoe" in models else None

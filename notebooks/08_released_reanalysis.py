@@ -1014,8 +1014,9 @@ WORDS = {"control_level": "the control's Bonferroni level", "metric_level": "the
 
 
 def expect(new: dict, keys: list[str]) -> str:
-    return "; ".join(f"{WORDS[k]}: {now[k]:.4g} → {new[k]:.4g}" if now[k] != new[k] else
+    text = "; ".join(f"{WORDS[k]}: {now[k]:.4g} → {new[k]:.4g}" if now[k] != new[k] else
                      f"{WORDS[k]}: stays {new[k]:.4g}" for k in keys) + "."
+    return text[0].upper() + text[1:]
 
 
 put(ex1_expected=md(expect(ex1, ["control_level", "dual_olmoe_control", "dual_metric"])

@@ -101,7 +101,7 @@ from myst_nb import glue
 from moeaudit import engine, released, report, stats
 from moeaudit.chapters import definitions
 from moeaudit import paper
-from moeaudit.report import fmt_signed, join_words
+from moeaudit.report import fmt_signed, fmt_with_ci, join_words
 from moeaudit.audit import paired_cells, prepare, progressive_records, single_expert_records
 from moeaudit.metrics import METRIC_LABELS, METRICS, ROUTING_WEIGHT
 
@@ -352,7 +352,7 @@ def show_comparison(cmp, la, lb, what, n=n_positions):
             "ranking": [LABEL[r] for r in t.ranking], "layer": [f"L{L}" for L in t.layer],
             f"d_z {la}": [mark(*r) for r in zip(t.dz_a, t.dual_a, t.p05_a)],
             f"d_z {lb}": [mark(*r) for r in zip(t.dz_b, t.dual_b, t.p05_b)],
-            "difference [95% CI]": [f"{fmt_signed(d)} [{fmt_signed(lo)}, {fmt_signed(hi)}]{' ◆' if x else ''}"
+            "difference [95% CI]": [f"{fmt_with_ci(d, lo, hi)}{' ◆' if x else ''}"
                                     for d, lo, hi, x in zip(t.ddz, t.ddz_lo, t.ddz_hi, t.ci_excludes_0)],
             "verdict flips": [", ".join(s for s, f in (("dual rule", fd), ("uncorrected p_t", fp)) if f) or "–"
                               for fd, fp in zip(t.flip_dual, t.flip_p05)]})

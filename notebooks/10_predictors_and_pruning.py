@@ -102,9 +102,14 @@ report.glue_values(reading_minutes=report.chapter_reading_minutes("10_predictors
 #
 # | criterion | definition | source |
 # |---|---|---|
-# | frequency-weighted activation norm | $\frac{1}{N}\sum_{s\in S_e}\lVert E_e(x_s)\rVert$ (mean norm × utilisation) | of the kind benchmarked in MC-Suite {cite}`jaiswal2025fantastic`; `literature_criteria_from_routing` |
-# | REAP | $\frac{1}{\lvert S_e\rvert}\sum_{s\in S_e} g_e(x_s)\,\lVert E_e(x_s)\rVert$, the gap norm averaged over $S_e$ | router-weighted expert activation pruning {cite}`lasby2025reap`; same function |
+# | frequency-weighted activation norm | $\frac{1}{N}\sum_{s\in S_e}\lVert E_e(x_s)\rVert$ (mean norm × utilisation) | of the kind benchmarked in MC-Suite {cite}`jaiswal2025fantastic`; `pruning_criteria` |
+# | REAP | $\frac{1}{\lvert S_e\rvert}\sum_{s\in S_e} p_e(x_s)\,\lVert E_e(x_s)\rVert$, with REAP's router weight $p_e$ (below) | router-weighted expert activation pruning {cite}`lasby2025reap`; same function |
 # | the paper's four metrics | utilisation rate, activation norm, mean routing weight, activation std | the paper, Section 2; `expert_metrics_from_routing` |
+#
+# REAP weighs by its own router weight $p_e(x_s)$: the router's softmax probability over all
+# experts, renormalised over the top-$k$ only where the model's config sets `norm_topk_prob`
+# (`metrics.reap_router_weights`, REAP's rule), whatever combine weight $g_e$ the model applies.
+# Both literature criteria score an expert never routed in the calibration texts 0.
 #
 # Utilisation rate *is* the frequency criterion of the pruning literature, so it doubles as the
 # frequency-only baseline.
@@ -179,7 +184,8 @@ for name in models:
     att = attribution_estimates(ctx.model, ctx.corpus, ctx.clean, pos, layers=audited, batch_size=batch_size)
     t_att = time.perf_counter() - t0
     half = len(ctx.corpus) // 2  # texts [0, half) calibrate, [half, end) evaluate
-    crit = criteria[name] = metrics.pruning_criteria(ctx.clean, num_experts=lay.num_experts, seq_ids=range(half))
+    crit = criteria[name] = metrics.pruning_criteria(ctx.clean, num_experts=lay.num_experts, seq_ids=range(half),
+                                                     renormalize=metrics.reap_renormalizes(ctx.model))
     rec = rec.merge(att, on=["seq_id", "t", "layer", "expert"], how="left", validate="one_to_one")
     rec = rec.merge(crit[["layer", "expert", *LITERATURE]], on=["layer", "expert"], how="left")
     depth = dict(zip(audited, report.relative_depth(audited, lay.moe_layers)))
@@ -408,7 +414,8 @@ display(setup.iloc[:, 11:].assign(**{"ablation / attribution time": speed}).styl
 # layers at once, as a deployed pruning pass would (`pruning.criterion_plan`). A removed expert's
 # router logit is set to $-\infty$, so the router re-distributes probability and picks its top-$k$
 # among the remaining experts, as a model built without that expert would. Experts never selected
-# in the calibration texts have no REAP score and go first. No fine-tuning follows, so these
+# in the calibration texts go first under every criterion (they score 0, or have no value under the
+# metrics that average over the routed tokens). No fine-tuning follows, so these
 # numbers are the criterion's own contribution, before any recovery. Quality is perplexity on the
 # first {glue:text}`ppl_texts` texts of the second half of the corpus.
 #

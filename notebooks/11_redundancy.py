@@ -199,9 +199,9 @@ num = lambda v, f="{:.3g}": "—" if pd.isna(v) else f.format(v)  # noqa: E731
 yes_no = lambda v: "—" if pd.isna(v) else ("yes" if v else "no")  # noqa: E731
 
 
-def with_ci(est, lo, hi, f="{:+.2g}") -> str:
-    """An estimate and its interval as one cell: ``+0.12 [+0.05, +0.19]``."""
-    return num(est, f) + ("" if pd.isna(lo) else f" [{num(lo, f)},\u00a0{num(hi, f)}]")
+def with_ci(est, lo, hi) -> str:
+    """An estimate and its interval as one cell, two significant digits: ``+0.12 [+0.05, +0.19]``."""
+    return report.fmt_with_ci(est, lo, hi, digits=2, significant=True)
 
 
 for part in (["audit_max_abs_dz", "audit_valid_cells", "control_mean_dz", "control_valid_cells", "deepest_mean_dl",
@@ -386,7 +386,7 @@ _ = report.show_table(
 # every seed as separate points, with Holm's adjustment over the rows
 # (`moeaudit.chapters.redundancy.explanation_checks`). A trend that is not detected at level
 # α = {glue:text}`alpha` after that adjustment is reported as inconclusive, not as a refutation:
-# *holds* shows — there. The first table gives each trend and its test; the second its robustness
+# its *holds* cell shows a dash (—). The first table gives each trend and its test; the second its robustness
 # and power. For a row without a detected trend, *min. detectable slope* is the slope the test
 # would have caught with {glue:md}`power_pct` power at Holm's strictest level, and *equivalence
 # bound* the narrowest band around zero that an equivalence test at that level could have shown.

@@ -234,7 +234,7 @@ fmt = lambda v, f="{:+.2f}": "—" if pd.isna(v) else f.format(v)  # noqa: E731
 removal = table[table.criterion == restoration.REMOVAL]
 shown = pd.DataFrame({"model": removal.model, "layer": removal.layer, "pairs": removal.n,
                       "distinct experts": removal.n_experts,
-                      f"ρ [{ci_pct} CI]": [fmt(r) + ("" if pd.isna(lo) else f" [{fmt(lo)},\u00a0{fmt(hi)}]")
+                      f"ρ [{ci_pct} CI]": [report.fmt_with_ci(r, lo, hi, digits=2)
                                            for r, lo, hi in zip(removal.rho, removal.ci_low, removal.ci_high)],
                       "p": removal.p.map(lambda v: fmt(v, "{:.2g}")), "p (Holm)": removal.p_holm.map(lambda v: fmt(v, "{:.2g}")),
                       "min. detectable |ρ|": removal.min_detectable_rho.map(lambda v: fmt(v, "{:.2f}"))})

@@ -68,7 +68,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from moeaudit import audit, corpus as corpus_lib, report
+from moeaudit import audit, corpus as corpus_lib, report, stats
 from moeaudit.engine import OPERATORS, run_ablations
 
 report.use_book_style()
@@ -333,7 +333,9 @@ plt.show()
 #
 # Find the smallest number of families for which the exact test detects a true correlation of
 # {glue:text}`ex3_rho` with {glue:text}`power_pct` power at level {glue:text}`alpha_txt` before any
-# correction, using `moeaudit.stats.spearman_exact_power`.
+# correction, using `moeaudit.stats.spearman_exact_power`. Its enumeration stops at
+# {glue:text}`max_exact_n` families; if that is not enough, say how much power the exact test has
+# there and estimate the number with `M.families_needed_approx`.
 # ````
 #
 # ````{solution} 13_command_a_modularity-ex3
@@ -345,4 +347,4 @@ plt.show()
 # %% tags=["hide-input"]
 ex3_rho = 0.8
 put(**M.exercise_answers(derived, verdict, said, alpha=alpha, power=power, rho=ex3_rho, seed=seed),
-    ex3_rho=ex3_rho, power_pct=f"{power:.0%}", alpha_txt=f"{alpha:g}")
+    ex3_rho=ex3_rho, power_pct=f"{power:.0%}", alpha_txt=f"{alpha:g}", max_exact_n=stats.MAX_EXACT_SPEARMAN_N)

@@ -43,6 +43,17 @@ def test_fmt_bound_shows_the_digits_that_exclude_zero():
     assert fmt_bound(-0.0004) == "-0.0004"
     assert fmt_bound(0.271) == "+0.271"
     assert fmt_bound(0.0) == "+0.000"
+
+
+def test_an_interval_cell_never_prints_a_bound_that_excludes_zero_as_zero():
+    from moeaudit.report import fmt_with_ci
+
+    # the interval excludes zero; at three decimals its lower bound would read +0.000
+    cell = fmt_with_ci(0.05, 0.0003, 0.1)
+    assert cell == "+0.050 [+0.0003,\u00a0+0.100]" and "+0.000," not in cell
+    assert fmt_with_ci(0.0123, -0.004, 0.031, digits=2, significant=True) == "+0.012 [-0.004,\u00a0+0.031]"
+    assert fmt_with_ci(float("nan"), 0.1, 0.2) == "—"
+    assert fmt_with_ci(0.5, float("nan"), 0.7) == "+0.500"
     assert fmt_bound(-0.0) == "+0.000"
 
 

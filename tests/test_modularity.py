@@ -267,6 +267,16 @@ def test_decimals_to_resolve_by_hand():
     assert M.decimals_to_resolve(row, 0.0002) == 4
 
 
+def test_families_needed_approx_follows_fisher_z():
+    from moeaudit import stats as S
+    n = M.families_needed_approx(0.8)
+    target = 6 / np.pi * np.arcsin(0.4)  # population Spearman correlation of bivariate normal data, rho = 0.8
+    assert S.min_detectable_spearman(n, alpha=0.05, power=0.8) <= target < S.min_detectable_spearman(n - 1)
+    assert M.families_needed_approx(0.5) > n  # a weaker correlation needs more families
+    with pytest.raises(ValueError):
+        M.families_needed_approx(1.0)
+
+
 def test_families_needed():
     # a near-perfect correlation is detected with few families; 0.8 needs more than the exact test enumerates
     n = M.families_needed(0.99, n_sim=2000)
@@ -332,8 +342,8 @@ def test_agreement_display_exercises_and_shows():
     assert d.loc["ar", "in the frozen map only"] == "3 (rank 4)" and d.loc["es", "by the stated rule only"] == "-"
     ex = M.exercise_answers({"es": [1, 2], "ar": [2, 5]}, _verdict(family="es"), {"es_point_margin": 0.002},
                             alpha=0.05, power=0.8, rho=0.8)
-    assert ex["ex1"] == "they share 1 expert (2)" and ex["ex2"].startswith("3 decimals, 1 more than published")
-    assert ex["ex3"].startswith("more than 9 families")
+    assert ex["ex1"] == "They share 1 expert (2)" and ex["ex2"].startswith("3 decimals, 1 more than published")
+    assert ex["ex3"].startswith("More than 9 families") and f"about {M.families_needed_approx(0.8)}" in ex["ex3"]
     counts = M.rule_counts(M.decision_table(_verdict(family="a")))
     corr = pd.DataFrame({"precision": "W4A4", "n": [5, 6], "significant": [False, False]})
     pw = pd.DataFrame({"n": [5, 6], "critical_rho_first": [np.nan, 1.0], "min_detectable_rho_first": [np.nan, 0.999]})

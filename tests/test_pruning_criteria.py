@@ -12,29 +12,6 @@ from moeaudit.engine import CleanPass
 
 # ---- literature criteria ------------------------------------------------------------------------
 
-def test_literature_criteria_by_hand():
-    # three tokens, top-2, four experts; expert 3 is never selected
-    idx = np.array([[0, 1], [0, 2], [1, 0]])
-    w = np.array([[0.5, 0.5], [0.25, 0.75], [1.0, 0.0]])
-    nrm = np.array([[2.0, 4.0], [8.0, 1.0], [6.0, 10.0]])
-    got = metrics.literature_criteria_from_routing(idx, w, nrm, num_experts=4).set_index("expert")
-    # freq-weighted norm: sum of the expert's norms over the N = 3 tokens, divided by 3
-    assert got.freq_weighted_norm.tolist() == pytest.approx([(2 + 8 + 10) / 3, (4 + 6) / 3, 1 / 3, 0.0])
-    # REAP: mean of g * ||E|| over the tokens that select the expert
-    assert got.reap[0] == pytest.approx((0.5 * 2 + 0.25 * 8 + 0.0 * 10) / 3)
-    assert got.reap[1] == pytest.approx((0.5 * 4 + 1.0 * 6) / 2)
-    assert got.reap[2] == pytest.approx(0.75)
-    assert np.isnan(got.reap[3])
-
-
-def test_literature_criteria_reject_bad_input():
-    with pytest.raises(ValueError, match="one shape"):
-        metrics.literature_criteria_from_routing(np.zeros((2, 2), int), np.zeros((2, 1)), np.zeros((2, 2)),
-                                                 num_experts=4)
-    with pytest.raises(ValueError, match="expert ids"):
-        metrics.literature_criteria_from_routing(np.array([[0, 5]]), np.ones((1, 2)), np.ones((1, 2)), num_experts=4)
-
-
 def _clean():
     tokens = pd.DataFrame({"seq_id": [0, 0, 1], "t": [0, 1, 0]})
     routing = {3: {"indices": np.array([[0, 1], [0, 2], [1, 0]]),
@@ -44,12 +21,28 @@ def _clean():
     return CleanPass(model_name="toy", tokens=tokens, routing=routing, offsets=np.array([0, 2]))
 
 
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_literature_criteria_by_hand(renormalize):
+    # three tokens, top-2, four experts; expert 3 is never selected; REAP weights by the router's
+    # probability (renormalised over the top-2 when asked: rows sum to 0.7, 0.8, 0.8), not by the
+    # combine weight the model applies ("weight"), which differs here
+    got = metrics.pruning_criteria(_clean(), num_experts=4, renormalize=renormalize).set_index("expert")
+    # freq-weighted norm: sum of the expert's norms over the N = 3 tokens, divided by 3
+    assert got.freq_weighted_norm.tolist() == pytest.approx([(2 + 8 + 10) / 3, (4 + 6) / 3, 1 / 3, 0.0])
+    s = (0.7, 0.8, 0.8) if renormalize else (1.0, 1.0, 1.0)
+    # REAP: mean of g * ||E|| over the tokens that select the expert; 0 for one never selected
+    assert got.reap[0] == pytest.approx((0.4 / s[0] * 2 + 0.2 / s[1] * 8 + 0.1 / s[2] * 10) / 3)
+    assert got.reap[1] == pytest.approx((0.3 / s[0] * 4 + 0.7 / s[2] * 6) / 2)
+    assert got.reap[2] == pytest.approx(0.6 / s[1] * 1)
+    assert got.reap[3] == 0.0
+
+
 def test_pruning_criteria_restricts_to_the_calibration_texts():
-    crit = metrics.pruning_criteria(_clean(), num_experts=4, seq_ids=[0]).set_index("expert")
-    # text 0 only (two tokens): expert 0 selected twice with norms 2 and 8
+    crit = metrics.pruning_criteria(_clean(), num_experts=4, renormalize=False, seq_ids=[0]).set_index("expert")
+    # text 0 only (two tokens): expert 0 selected twice with norms 2 and 8, probabilities 0.4 and 0.2
     assert crit.utilization_rate.tolist() == pytest.approx([1.0, 0.5, 0.5, 0.0])
     assert crit.freq_weighted_norm[0] == pytest.approx((2 + 8) / 2)
-    assert crit.reap[0] == pytest.approx((0.5 * 2 + 0.25 * 8) / 2)
+    assert crit.reap[0] == pytest.approx((0.4 * 2 + 0.2 * 8) / 2)
     assert crit.mean_routing_weight[0] == pytest.approx(0.3)
     assert set(crit.layer) == {3}
 
@@ -271,9 +264,10 @@ def test_null_strength_text_states_power_and_equivalence():
     from moeaudit import stats as S
     t = P.null_strength_text(pd.DataFrame({"n": [100, 98], "alpha_corrected": [0.0025, 0.0025]}))
     assert "with 98–100 positions per cell" in t and f"is {S.min_detectable_dz(100, alpha=0.0025):.2f}" in t
-    assert "cannot be shown at any of these cells" in t
+    assert "cannot be shown at any of these cells" in t and "(" not in t  # read inside the verdict's parentheses
+    assert f"needs an equivalence bound above {S.min_equivalence_bound(100, alpha=0.0025):.2f}" in t
     big = P.null_strength_text(pd.DataFrame({"n": [5000], "alpha_corrected": [0.0025]}))
-    assert "could be shown at 1 of the 1 cells at most" in big
+    assert "could be shown at 1 of 1 cell at most" in big
     assert P.null_strength_text(pd.DataFrame({"n": [], "alpha_corrected": []})) == ""
 
 

@@ -118,15 +118,6 @@ def test_reap_renormalises_by_the_config_attribute():
         M.reap_renormalizes(_model("deepseek_v3", norm_topk_prob=True))
 
 
-def test_agrees_with_the_literature_reap_where_the_weights_coincide():
-    # without renormalisation REAP's weight is the probability; where the model applies the same weight
-    # (OLMoE, Qwen1.5-MoE without norm_topk_prob), REAP's score equals the literature criterion
-    t = M.reap_criteria_from_routing(IDX, P, NORM, renormalize=False, num_experts=3)
-    old = M.literature_criteria_from_routing(IDX, P, NORM, num_experts=3)
-    np.testing.assert_allclose(t.reap, old.reap)
-    np.testing.assert_allclose(t.ean_sum / 3, old.freq_weighted_norm)  # (1/N) sum norm, N = 3 tokens
-
-
 def test_float64_accumulation():
     idx = np.zeros((4, 1), dtype=np.int64)
     vals = np.array([[1e8], [1.0], [-1e8], [1.0]], dtype=np.float32)

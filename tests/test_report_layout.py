@@ -73,3 +73,11 @@ def test_show_table_renames_and_collapses(monkeypatch):
 def test_box_text_has_no_raw_dollar_or_markup():
     out = report.text_html("set $MOEAUDIT_DATA_DIR <here> & retry")
     assert "$" not in out and "<code>MOEAUDIT_DATA_DIR</code>" in out and "&lt;here&gt;" in out
+
+
+def test_per_model_columns_puts_each_model_in_a_column():
+    frame = pd.DataFrame({"model": ["m1", "m2"], "cells": [20, 15], "share": [0.5, float("nan")]})
+    out = report.per_model_columns(frame, [("cells", "cells", "{:d}"), ("share", "share", "{:.0%}"),
+                                           ("absent", "absent", "{}")])
+    assert list(out.columns) == ["m1", "m2"] and list(out.index) == ["cells", "share"]
+    assert out.loc["cells", "m2"] == "15" and out.loc["share", "m1"] == "50%" and out.loc["share", "m2"] == "–"

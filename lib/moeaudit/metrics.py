@@ -63,47 +63,16 @@ def observational_metrics(clean: CleanPass, *, num_experts: int, layers=None) ->
 
 # --- Expert-pruning criteria from the literature, and per-token predictors -----------------------
 
-#: per-expert criteria of the expert-pruning literature (computed on a calibration corpus)
+#: per-expert criteria of the expert-pruning literature (computed on a calibration corpus by
+#: :func:`pruning_criteria`): the frequency-weighted activation norm
+#: ``(1/N) sum_{s in S_e} ||E_e(x_s)||`` (mean output norm times utilisation, of the kind benchmarked
+#: by Jaiswal et al. 2025, MC-Suite; REAP's ``ean_sum`` over N tokens) and REAP's own score
+#: (:func:`reap_score`)
 LITERATURE_CRITERIA = ("freq_weighted_norm", "reap")
 #: per-token predictors of a single-expert ablation's effect (read at the audited token)
 TOKEN_PREDICTORS = ("gap_norm", "attribution")
 CRITERION_LABELS = {**METRIC_LABELS, "gap_norm": "Per-token gap norm", "attribution": "Attribution patching",
                     "freq_weighted_norm": "Freq.-weighted act. norm", "reap": "REAP"}
-
-
-def literature_criteria_from_routing(indices: np.ndarray, weights: np.ndarray, norms: np.ndarray, *,
-                                     num_experts: int) -> pd.DataFrame:
-    """Two expert-pruning criteria per expert, from (N, k) arrays over N calibration tokens.
-
-    ``indices`` are the selected experts, ``weights`` their combine weights g_e(x_s) as applied by
-    the model and ``norms`` the expert output norms ||E_e(x_s)||_2; S_e is the set of tokens that
-    select e. Returns one row per expert 0..num_experts-1 with
-
-    * ``freq_weighted_norm`` = (1/N) sum_{s in S_e} ||E_e(x_s)|| — the mean output norm over S_e
-      times the utilisation |S_e|/N: an activation-norm criterion weighted by routing frequency,
-      of the kind benchmarked by Jaiswal et al. (2025, MC-Suite); 0 for an expert never selected;
-    * ``reap`` = (1/|S_e|) sum_{s in S_e} g_e(x_s) ||E_e(x_s)|| — router-weighted expert activation
-      (REAP, Lasby et al. 2025): the mean size of the expert's weighted contribution; NaN for an
-      expert never selected. Here g is the combine weight the model applies; REAP's reference code
-      weights by the router's softmax probability and scores a never-selected expert 0
-      (:func:`reap_score` with :func:`reap_router_weights`).
-
-    ``ValueError`` if the three arrays differ in shape, are not 2-D, or hold an expert id outside
-    ``[0, num_experts)``.
-    """
-    idx, w, nrm = (np.asarray(a) for a in (indices, weights, norms))
-    if idx.ndim != 2 or idx.shape != w.shape or idx.shape != nrm.shape:
-        raise ValueError(f"indices, weights and norms must be (N, k) arrays of one shape, got "
-                         f"{idx.shape}, {w.shape}, {nrm.shape}")
-    if idx.size and (idx.min() < 0 or idx.max() >= num_experts):
-        raise ValueError(f"expert ids must lie in [0, {num_experts}), got {idx.min()}..{idx.max()}")
-    flat = pd.DataFrame({"expert": idx.reshape(-1), "gap": (w.astype(np.float64) * nrm).reshape(-1),
-                         "norm": nrm.reshape(-1).astype(np.float64)})
-    g = flat.groupby("expert")
-    experts = pd.RangeIndex(num_experts, name="expert")
-    return pd.DataFrame({"expert": np.arange(num_experts),
-                         "freq_weighted_norm": (g.norm.sum().reindex(experts).fillna(0.0) / idx.shape[0]).to_numpy(),
-                         "reap": g.gap.mean().reindex(experts).to_numpy()})
 
 
 # --- REAP's pruning criteria ----------------------------------------------------------------------
@@ -333,10 +302,17 @@ def reap_criteria_from_routing(indices, probs, norms, *, num_experts: int, renor
     return out[["expert", *REAP_CRITERIA]]
 
 
-def pruning_criteria(clean: CleanPass, *, num_experts: int, seq_ids=None, layers=None) -> pd.DataFrame:
+def pruning_criteria(clean: CleanPass, *, num_experts: int, renormalize: bool, seq_ids=None,
+                     layers=None) -> pd.DataFrame:
     """Every per-expert criterion — the paper's four metrics (:func:`expert_metrics_from_routing`)
-    and the literature criteria (:func:`literature_criteria_from_routing`) — over the real tokens
-    of the texts ``seq_ids`` of a clean pass (all texts when None). One row per (layer, expert).
+    and the literature criteria (:data:`LITERATURE_CRITERIA`) — over the real tokens of the texts
+    ``seq_ids`` of a clean pass (all texts when None). One row per (layer, expert).
+
+    The literature criteria come from :func:`reap_criteria_from_routing` (REAP's definitions, REAP's
+    router weight with ``renormalize``, which :func:`reap_renormalizes` gives for a model):
+    ``reap`` is REAP's score, ``freq_weighted_norm`` its ``ean_sum`` divided by the number N of
+    calibration tokens. An expert never routed scores 0 on both.
+
     ``IndexError`` for a text id outside the clean pass or an empty selection; ``ValueError`` for a
     layer the clean pass did not record."""
     if seq_ids is None:
@@ -352,10 +328,11 @@ def pruning_criteria(clean: CleanPass, *, num_experts: int, seq_ids=None, layers
     frames = []
     for L in (sorted(clean.routing) if layers is None else list(layers)):
         r = clean.layer_routing(L)
-        idx, norm = r["indices"][keep], r["norm"][keep]
-        df = expert_metrics_from_routing(idx, r["prob"][keep], norm, num_experts=num_experts)
-        lit = literature_criteria_from_routing(idx, r["weight"][keep], norm, num_experts=num_experts)
-        df = df.merge(lit, on="expert")
+        idx, prob, norm = r["indices"][keep], r["prob"][keep], r["norm"][keep]
+        df = expert_metrics_from_routing(idx, prob, norm, num_experts=num_experts)
+        reap = reap_criteria_from_routing(idx, prob, norm, num_experts=num_experts, renormalize=renormalize)
+        df["freq_weighted_norm"] = reap.ean_sum.to_numpy() / idx.shape[0]
+        df["reap"] = reap.reap.to_numpy()
         df.insert(0, "layer", L)
         frames.append(df)
     return pd.concat(frames, ignore_index=True)

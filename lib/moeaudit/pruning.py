@@ -23,7 +23,7 @@ from .engine import _token_loss, check_corpus_context, progress_bar
 from .families import FAMILIES
 from .models import AuditModel
 from .stats import min_detectable_dz, min_equivalence_bound
-from .report import join_words
+from .report import join_words, plural
 
 
 def _reroute(layout, logits: torch.Tensor, pruned: torch.Tensor, like: torch.Tensor):
@@ -498,9 +498,9 @@ def null_strength_text(table, *, bound_d: float = 0.2, power: float = 0.8) -> st
     n_rng = f"{int(t.n.min())}" if t.n.min() == t.n.max() else f"{int(t.n.min())}–{int(t.n.max())}"
     can = sum(b < bound_d for b in eq)
     return (f"with {n_rng} positions per cell, the minimum detectable |d_z| at the Bonferroni level with {power:.0%} "
-            f"power is {rng(mde)}, and equivalence within ±{bound_d:g} (TOST at the same level, which needs a bound above "
-            f"{rng(eq)}) " + ("cannot be shown at any of these cells" if can == 0 else
-                              f"could be shown at {can} of the {len(t)} cells at most"))
+            f"power is {rng(mde)}; TOST at the same level needs an equivalence bound above {rng(eq)}, so equivalence "
+            f"within ±{bound_d:g} " + ("cannot be shown at any of these cells" if can == 0 else
+                                       f"could be shown at {can} of {plural(len(t), 'cell')} at most"))
 
 
 def bf_null_reading_text(bf, control_table, *, r: float, control: str = "routing_weight") -> str:

@@ -1040,6 +1040,23 @@ def show_table(table: pd.DataFrame, *, labels: dict | None = None, caption: str 
     return None
 
 
+def per_model_columns(frame: pd.DataFrame, rows: list[tuple[str, str, str]]) -> pd.DataFrame:
+    """One column per model of ``frame`` (one row per model, a ``model`` column), one row per quantity:
+    ``rows`` lists ``(column, label, format string)`` top to bottom; a column ``frame`` lacks is left
+    out, and a missing or NaN value reads "–". The table is made for :func:`show_table` with
+    ``index=True`` (the labels are its index).
+
+    >>> per_model_columns(pd.DataFrame({"model": ["a", "b"], "cells": [20, 15]}), [("cells", "cells", "{:d}")])
+            a   b
+    cells  20  15
+    """
+    def fmt(v, f):
+        return "–" if v is None or (isinstance(v, float) and v != v) else f.format(v)
+
+    return pd.DataFrame({r["model"]: {label: fmt(r.get(col), f) for col, label, f in rows if col in frame.columns}
+                         for r in frame.to_dict("records")})
+
+
 #: The paper's protocol and the released code's, for the table of departures. Each value is
 #: documented: paper = arXiv:2606.10703v1, Sections 2-3 and Appendix A; released code = the
 #: repository callmeloui/observational_metrics at commit 18bd31b (its behaviour as read and
@@ -1341,6 +1358,31 @@ def fmt_bound(v: float, *, digits: int = 3) -> str:
     if v != 0 and round(v, digits) == 0:
         return f"{v:+.2g}"
     return f"{0.0 if round(v, digits) == 0 else v:+.{digits}f}"
+
+
+def fmt_with_ci(est: float, lo: float, hi: float, *, digits: int = 3, significant: bool = False) -> str:
+    """An estimate and its interval as one table cell, ``"+0.120 [+0.050,\u00a0+0.190]"`` (a
+    non-breaking space inside the brackets, so that the interval never wraps).
+
+    ``digits`` decimals (``significant=False``: the bounds through :func:`fmt_bound`, so that a bound
+    that excludes zero never prints as ``+0.000``) or ``digits`` significant digits
+    (``significant=True``). ``"—"`` for a NaN estimate; the estimate alone when a bound is NaN.
+
+    >>> fmt_with_ci(0.12, 0.0004, 0.19)
+    '+0.120 [+0.0004,\xa0+0.190]'
+    >>> fmt_with_ci(0.0123, -0.004, 0.031, digits=2, significant=True)
+    '+0.012 [-0.004,\xa0+0.031]'
+    """
+    if pd.isna(est):
+        return "—"
+    if significant:
+        one = lambda v: f"{float(v):+.{digits}g}"  # noqa: E731
+        head, bound = one(est), one
+    else:
+        head, bound = fmt_signed(est, digits), lambda v: fmt_bound(float(v), digits=digits)  # noqa: E731
+    if pd.isna(lo) or pd.isna(hi):
+        return head
+    return f"{head} [{bound(lo)},\u00a0{bound(hi)}]"
 
 
 # --- The learner's aids: reading time and answer checks for the exercises --------------------------

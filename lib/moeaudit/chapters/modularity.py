@@ -990,6 +990,22 @@ def families_needed(rho: float, *, alpha: float = 0.05, power: float = 0.8, n_si
     return None
 
 
+def families_needed_approx(rho: float, *, alpha: float = 0.05, power: float = 0.8, max_n: int = 10_000) -> int | None:
+    """Smallest number of families at which the large-sample Spearman test at ``alpha`` reaches ``power``
+    against a true (Pearson) correlation ``rho`` of bivariate normal data: the first ``n`` whose
+    :func:`moeaudit.stats.min_detectable_spearman` is at most the population Spearman correlation
+    ``(6 / pi) asin(rho / 2)`` (Pearson 1907; Kendall & Gibbons, *Rank Correlation Methods*, ch. 9).
+    Fisher's z approximation: for the few families beyond the exact enumeration a guide, not an exact
+    answer. None when ``max_n`` is not enough; ``ValueError`` for ``rho`` outside (0, 1)."""
+    if not 0 < float(rho) < 1:
+        raise ValueError(f"rho must be in (0, 1), got {rho!r}")
+    target = 6 / np.pi * np.arcsin(float(rho) / 2)
+    for n in range(4, max_n + 1):
+        if stats.min_detectable_spearman(n, alpha=alpha, power=power) <= target:
+            return n
+    return None
+
+
 def decimals_to_resolve(row: pd.Series, margin: float, *, max_decimals: int = 8) -> int | None:
     """Fewest decimals at which values carrying the selectivity ``margin`` (nats) settle the point verdict of
     one verdict row (:func:`verdicts`): the printed values are shifted so that ``on_target / 3 - worst_off``
@@ -1009,18 +1025,26 @@ def exercise_answers(derived: dict, verdict: pd.DataFrame, statements: dict, *, 
                      rho: float, seed: int = 0) -> dict[str, str]:
     """The expected outcomes of the chapter's exercises: ``ex1`` (the experts the Spanish and Arabic families
     share under the stated rule), ``ex2`` (:func:`decimals_to_resolve` for the W4A4 Spanish margin the study
-    states), ``ex3`` (:func:`families_needed` at ``rho``)."""
+    states), ``ex3`` (:func:`families_needed` at ``rho``; beyond the exact enumeration, the exact test's power
+    at its largest ``n`` and :func:`families_needed_approx`), each a sentence opening without a final period."""
     shared = sorted(set(derived["es"]) & set(derived["ar"]))
     row = verdict[(verdict.precision == "W4A4") & (verdict.family == "es")].iloc[0]
     d = decimals_to_resolve(row, statements["es_point_margin"])
     n = families_needed(rho, alpha=alpha, power=power, seed=seed)
-    return {"ex1": f"they share {report.plural(len(shared), 'expert')}"
+    if n:
+        ex3 = f"{n} families"
+    else:
+        at_max = stats.spearman_exact_power(stats.MAX_EXACT_SPEARMAN_N, rho, alpha=alpha, seed=seed)
+        approx = families_needed_approx(rho, alpha=alpha, power=power)
+        ex3 = (f"More than {stats.MAX_EXACT_SPEARMAN_N} families: at {stats.MAX_EXACT_SPEARMAN_N}, the most the exact "
+               f"test enumerates, its power is {at_max:.2f}; Fisher's z approximation "
+               f"(`families_needed_approx`) puts the number at about {approx}")
+    return {"ex1": f"They share {report.plural(len(shared), 'expert')}"
                    + (f" ({', '.join(map(str, shared))})" if shared else ""),
             "ex2": ("more than 8 decimals" if d is None else
                     f"{d} decimals, {d - int(row.decimals)} more than published, for the stated margin of "
                     f"{statements['es_point_margin']:+.3f} nats"),
-            "ex3": (f"{n} families" if n else
-                    f"more than {stats.MAX_EXACT_SPEARMAN_N} families, beyond the exact test's enumeration")}
+            "ex3": ex3}
 
 
 def shows_sentences(agreement: pd.DataFrame, passed_over: list[int], counts: pd.DataFrame, statements: dict,
