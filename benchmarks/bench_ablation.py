@@ -187,7 +187,7 @@ def _ce(logits, target: int) -> float:
     import torch
 
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64
-    return float(torch.nn.functional.cross_entropy(logits[None], torch.tensor([int(target)])))
+    return float(torch.nn.functional.cross_entropy(logits[None], torch.tensor([int(target)], device=logits.device)))
 
 
 def run_released(model, corpus, req, *, definition: str):
@@ -199,6 +199,7 @@ def run_released(model, corpus, req, *, definition: str):
     n_forwards = 0
     for (s, t, L), g in req.groupby(["seq_id", "t", "layer"], sort=False):
         ids, mask = corpus.padded([s], pad_id=model.pad_id, length=width)
+        ids, mask = ids.to(model.device), mask.to(model.device)
         target = int(corpus.sequences[s][t + 1])
         gate = hf.model.layers[L].mlp.gate
         idxs = list(g.index)
@@ -493,15 +494,30 @@ def child(args) -> None:
     if model_fingerprint(model) != setup["fingerprint"]:  # e.g. a shipped model retrained meanwhile
         raise SystemExit(f"contender {args.child}: the model differs from the parent's (weights changed on disk?)")
     req, clean = setup["requests"], setup["clean"]
+    cuda = args.device.startswith("cuda")
+    if args.device != "cpu" or args.dtype != "float32":
+        if args.child in ("d", "e", "f") and args.device != "cpu":
+            raise SystemExit(f"contender {args.child} (a plain-PyTorch replica) runs on the CPU only")
+        model.hf.to(device=args.device, dtype=getattr(torch, args.dtype))
+        from moeaudit.engine import clean_pass  # the requests stay the parent's; the clean records are this model's
+
+        clean = clean_pass(model, corpus, batch_size=2, progress=False)
     # untimed warm-up on the first ablation (first-call allocations, lazy imports, nnsight setup)
     run_contender(args.child, model, corpus, clean, req.iloc[:1].reset_index(drop=True), args)
-    walls, cpus, peaks = [], [], []
+    walls, cpus, peaks, gpu_peaks = [], [], [], []
     while True:
         gc.collect()
         rss0 = _proc_status("VmRSS")
         reset = _reset_peak_rss()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            gpu0 = torch.cuda.memory_allocated()
         cpu0, t0 = _cpu_seconds(), time.perf_counter()
         deltas, info = run_contender(args.child, model, corpus, clean, req, args)
+        if cuda:
+            torch.cuda.synchronize()
+            gpu_peaks.append(torch.cuda.max_memory_allocated() - gpu0)
         walls.append(time.perf_counter() - t0)
         cpus.append(_cpu_seconds() - cpu0)
         peak = _proc_status("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -512,7 +528,8 @@ def child(args) -> None:
            "n_ablations": len(req), "rss_start_bytes": rss0, "peak_rss_bytes": peak,
            "peak_increase_bytes": max(peaks),
            "peak_method": "VmHWM after clear_refs reset" if reset else "ru_maxrss (not resettable: lower bound)",
-           "threads": torch.get_num_threads(), "deltas": deltas.tolist(), **info}
+           "threads": torch.get_num_threads(), "deltas": deltas.tolist(), "device": args.device, "dtype": args.dtype,
+           **({"gpu": torch.cuda.get_device_name(), "gpu_peak_increase_bytes": max(gpu_peaks)} if cuda else {}), **info}
     if args.float64_check:  # untimed: the same contender once more in float64, with its own clean pass
         from moeaudit.engine import clean_pass
 
@@ -575,6 +592,7 @@ def parent(args) -> dict:
                    "--repeat", str(args.repeat), "--repeat-budget", str(args.repeat_budget),
                    "--batch-size", str(args.batch_size), "--seq-batch", str(args.seq_batch),
                    "--seq-mode-batch-size", str(args.seq_mode_batch_size),
+                   "--device", args.device, "--dtype", args.dtype,
                    "--float64-check" if args.float64_check else "--no-float64-check"]
             subprocess.run(cmd, check=True, env={**os.environ, "MOEAUDIT_PROGRESS": "0", "OMP_NUM_THREADS": str(args.threads),
                                                 "MKL_NUM_THREADS": str(args.threads)})
@@ -597,16 +615,19 @@ def parent(args) -> dict:
                             max_float32_rounding=float(np.nanmax(np.abs(own))),
                             nan=int(np.isnan(d).sum() + np.isnan(d64).sum()))
     if args.float64_check:
+        # the timed run's own rounding is a gate only in float32; in bfloat16/float16 it is reported
+        gate = args.dtype == "float32"
         bad = {n: c for n, c in check.items() if not (c["max_abs_diff_float64"] <= TOL64 and c["nan"] == 0
-                                                     and c["max_float32_rounding"] <= TOL32_ROUNDING)}
-        limits = f"{TOL64} in float64 or {TOL32_ROUNDING} between float32 and float64"
+                                                     and (not gate or c["max_float32_rounding"] <= TOL32_ROUNDING))}
+        limits = f"{TOL64} in float64" + (f" or {TOL32_ROUNDING} between float32 and float64" if gate else "")
     else:
         bad = {n: c for n, c in check.items() if not (c["max_abs_diff"] <= TOL and c["nan"] == 0)}
         limits = f"{TOL} in float32"
     ref_deltas = np.abs(np.asarray(results[names[0]]["deltas"]))
     report = {"model": args.model, "model_description": desc, "model_fingerprint": fingerprint, "machine": info,
               "n_ablations": len(req),
-              "n_sequences": int(req.seq_id.nunique()), "threads": args.threads,
+              "n_sequences": int(req.seq_id.nunique()), "threads": args.threads, "device": args.device,
+              "dtype": args.dtype, "gpu": next((r["gpu"] for r in results.values() if "gpu" in r), None),
               "abs_delta_median": float(np.median(ref_deltas)), "abs_delta_max": float(ref_deltas.max()),
               "ablation_groups": int(req.groupby(["seq_id", "t", "layer"]).ngroups),
               "layers": sorted(req.layer.unique().tolist()), "check": check,
@@ -630,6 +651,7 @@ def parent(args) -> dict:
                "max_float32_rounding": check[n].get("max_float32_rounding", float("nan")),
                "peak_method": r["peak_method"], "runs_wall_s": r["walls"], "runs_cpu_s": r["cpus"],
                "delta_loss": r["deltas"], "delta_loss_float64": r.get("deltas_float64"),
+               "gpu_peak_increase_mb": r.get("gpu_peak_increase_bytes", float("nan")) / 2**20,
                **{k: v for k, v in r.items() if k in ("full_forwards", "padded_width", "batch_size", "seq_batch", "steps")}}
         if base:
             row["speedup_wall_vs_a"] = base["wall_s"] / r["wall_s"]
@@ -651,10 +673,11 @@ def markdown_table(report) -> str:
     lines = [f"model: {report['model']} -- {report['model_description']}",
              f"{report['n_ablations']} single-expert ablations in {report['ablation_groups']} (seq, t, layer) groups "
              f"on {report['n_sequences']} sequence(s), layers {report['layers']}; |delta loss| median "
-             f"{report['abs_delta_median']:.2e}, max {report['abs_delta_max']:.2e}; {report['threads']} thread(s); "
+             f"{report['abs_delta_median']:.2e}, max {report['abs_delta_max']:.2e}; "
+             f"{report.get('dtype', 'float32')} on {report.get('gpu') or report.get('device', 'cpu')}; {report['threads']} thread(s); "
              f"load average {report['machine']['loadavg_start']} -> "
              f"{report['machine'].get('loadavg_end')}", "",
-             "| contender | definition | max abs diff vs ref: float32 | float64 | float32 vs own float64 | wall s | "
+             "| contender | definition | max abs diff vs ref: timed | float64 | timed vs own float64 | wall s | "
              "CPU s | ablations/s (wall) | ablations/CPU-s | x ref (wall) | x ref (CPU) | peak RSS increase MB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     nan = float("nan")
@@ -865,6 +888,9 @@ def main(argv=None):
                     help="paired in-process (b) vs (d) runs (--repeat times): nnsight's overhead, then exit")
     ap.add_argument("--check-replicas", action="store_true",
                     help="check (d), (e) and (f) against the engine on tiny models of all five families and exit")
+    ap.add_argument("--device", default="cpu", help="where the contenders run (cuda: a, a_seq, b, b_full, c only)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                    help="the contenders' timed precision (the requests are drawn from a float32 clean pass on the CPU)")
     ap.add_argument("--float64-check", action=argparse.BooleanOptionalAction, default=True,
                     help="check every contender against its reference in float64 (untimed extra run) "
                          "and its timed float32 values against its own float64 values")

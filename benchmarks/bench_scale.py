@@ -96,22 +96,38 @@ def moe_layer_bytes(cfg: dict, dtype_bytes: int) -> int:
 
 
 class Phase:
-    """Times a phase and records its peak resident memory."""
+    """Times a phase and records its peak resident memory and, on a CUDA device, its peak allocated
+    GPU memory (``torch.cuda.max_memory_allocated``, reset before the phase; the device is
+    synchronised before the clock is read at both ends)."""
 
-    def __init__(self, name: str, log: dict):
-        self.name, self.log = name, log
+    def __init__(self, name: str, log: dict, device: str = "cpu"):
+        self.name, self.log, self.cuda = name, log, str(device).startswith("cuda")
 
     def __enter__(self):
         gc.collect()
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         self.reset = _reset_peak()
         self.t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
         wall = time.perf_counter() - self.t0
         peak = _status("VmHWM") if self.reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         self.log[self.name] = {"wall_s": wall, "peak_rss_gib": peak / 2 ** 30}
-        print(f"  {self.name}: {wall:.1f} s, peak RSS {peak / 2 ** 30:.2f} GiB", flush=True)
+        line = f"  {self.name}: {wall:.1f} s, peak RSS {peak / 2 ** 30:.2f} GiB"
+        if self.cuda:
+            gpu = torch.cuda.max_memory_allocated() / 2 ** 30
+            self.log[self.name]["peak_gpu_gib"] = gpu
+            line += f", peak GPU memory {gpu:.2f} GiB"
+        print(line, flush=True)
 
 
 def build(name: str, *, layers: int, dtype, device: str):
@@ -157,6 +173,7 @@ def released_protocol(model, corpus, req) -> float:
     t0 = time.perf_counter()
     for (s, t, L), g in req.groupby(["seq_id", "t", "layer"], sort=False):
         ids, mask = corpus.padded([s], pad_id=model.pad_id, length=width)
+        ids, mask = ids.to(model.device), mask.to(model.device)
         experts = getattr(model.hf_moe_block(L), spec.experts)
         idxs = list(g.index)
         for c in range(0, len(idxs), 2):
@@ -192,19 +209,21 @@ def run(args) -> dict:
     cfg = CONFIGS[args.model]
     nbytes = torch.empty((), dtype=dtype).element_size()
     one_layer = moe_layer_bytes(cfg, nbytes) / 2 ** 30
-    out = {"model": args.model, "source": cfg["source"], "dtype": args.dtype, "device": args.device,
+    gpu = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else None
+    out = {"model": args.model, "source": cfg["source"], "dtype": args.dtype, "device": args.device, "gpu": gpu,
+           "texts": args.texts, "tokens": args.tokens,
            "layers_built": min(args.layers, cfg["num_hidden_layers"]), "layers_full": cfg["num_hidden_layers"],
            "moe_layer_experts_gib": one_layer, "machine": {"cpu": platform.processor() or platform.machine(),
                                                            "threads": args.threads}, "phases": {}}
     print(f"{args.model}: {out['layers_built']} of {out['layers_full']} layers, {args.dtype}; routed experts "
           f"{one_layer:.2f} GiB per MoE layer", flush=True)
-    with Phase("build", out["phases"]):
+    with Phase("build", out["phases"], args.device):
         model = build(args.model, layers=args.layers, dtype=dtype, device=args.device)
     weights = sum(p.numel() * p.element_size() for p in model.hf.parameters())
     out["weights_gib"] = weights / 2 ** 30
     out["parameters_b"] = sum(p.numel() for p in model.hf.parameters()) / 1e9
     corpus = random_token_corpus(n_seqs=args.texts, length=args.tokens, vocab_size=model.hf.config.vocab_size, seed=0)
-    with Phase("clean_pass", out["phases"]):
+    with Phase("clean_pass", out["phases"], args.device):
         clean = clean_pass(model, corpus, batch_size=args.batch_texts, progress=False)
     lay = model.layout
     audited = lay.depth_proportional_layers(min(5, len(lay.moe_layers)))
@@ -219,14 +238,14 @@ def run(args) -> dict:
     req = pd.DataFrame(rows)
     out["ablations"], out["audited_layers"] = len(req), list(map(int, audited))
     for mode in ("token", "sequence"):
-        with Phase(f"{mode}_ablations", out["phases"]):
+        with Phase(f"{mode}_ablations", out["phases"], args.device):
             rec = run_ablations(model, corpus, clean, req, mode=mode, batch_size=args.batch_rows, progress=False)
         out["phases"][f"{mode}_ablations"]["s_per_ablation"] = out["phases"][f"{mode}_ablations"]["wall_s"] / len(req)
         out["phases"][f"{mode}_ablations"]["premise_ok"] = bool(rec.premise_ok.all())
         out["phases"][f"{mode}_ablations"]["median_abs_delta_loss"] = float(rec.delta_loss.abs().median())
     if args.released:
         sub = req.iloc[: args.released].reset_index(drop=True)
-        with Phase("released_protocol", out["phases"]):
+        with Phase("released_protocol", out["phases"], args.device):
             wall = released_protocol(model, corpus, sub)
         out["phases"]["released_protocol"]["s_per_ablation"] = wall / len(sub)
         out["phases"]["released_protocol"]["ablations"] = len(sub)
@@ -245,22 +264,25 @@ def run(args) -> dict:
     }
     if args.released:
         out["extrapolation"]["released_h"] = released_n * out["phases"]["released_protocol"]["s_per_ablation"] * depth / 3600
-    peak = max(p["peak_rss_gib"] for p in out["phases"].values())
+    # the weights live where the model runs: GPU memory on a GPU, the process's resident memory on the CPU
+    peak = max(p["peak_gpu_gib" if gpu else "peak_rss_gib"] for p in out["phases"].values())
     out["peak_over_weights_gib"] = peak - out["weights_gib"]
+    out["peak_memory"] = "GPU memory allocated (torch.cuda.max_memory_allocated)" if gpu else "resident set size (VmHWM)"
     print(json.dumps(out["extrapolation"], indent=1), flush=True)
     return out
 
 
 def markdown_table(reports: list[dict]) -> str:
     """The RESULTS.md table of :func:`run` reports (one row per model)."""
-    rows = ["| model (source) | layers built / full | weights (GiB) | peak over weights (GiB) | clean pass, 4 texts (s) "
+    rows = ["| model (source) | device | layers built / full | weights (GiB) | peak over weights (GiB) | clean pass (s; texts x tokens) "
             "| token mode (s / ablation) | sequence mode (s / ablation) | released (s / ablation) | released / token "
-            "| paper audit, book design, token mode (h) | released design (h) |", "|" + "---|" * 11]
+            "| paper audit, book design, token mode (h) | released design (h) |", "|" + "---|" * 12]
     for r in reports:
         ph = r["phases"]
         rel = ph.get("released_protocol", {}).get("s_per_ablation", float("nan"))
-        rows.append(f"| {r['model']} ({r['source']}) | {r['layers_built']} / {r['layers_full']} | {r['weights_gib']:.2f} | "
-                    f"{r['peak_over_weights_gib']:.2f} | {ph['clean_pass']['wall_s']:.1f} | "
+        rows.append(f"| {r['model']} ({r['source']}) | {r.get('gpu') or r.get('device', 'cpu')}, {r['dtype']} | "
+                    f"{r['layers_built']} / {r['layers_full']} | {r['weights_gib']:.2f} | "
+                    f"{r['peak_over_weights_gib']:.2f} | {ph['clean_pass']['wall_s']:.1f} ({r.get('texts', 4)} x {r.get('tokens', 128)}) | "
                     f"{ph['token_ablations']['s_per_ablation']:.2f} | {ph['sequence_ablations']['s_per_ablation']:.2f} | "
                     f"{rel:.2f} | {r.get('released_over_engine_token', float('nan')):.1f} | "
                     f"{r['extrapolation']['book_token_h']:.1f} | {r['extrapolation'].get('released_h', float('nan')):.1f} |")
