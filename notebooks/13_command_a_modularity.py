@@ -308,7 +308,7 @@ plt.show()
 # ````{solution} 13_command_a_modularity-ex1
 # :class: dropdown
 #
-# {glue:text}`ex1`.
+# {glue:md}`ex1`.
 # ````
 #
 # ````{exercise} 2. Two decimals are not enough
@@ -324,7 +324,7 @@ plt.show()
 # ````{solution} 13_command_a_modularity-ex2
 # :class: dropdown
 #
-# {glue:text}`ex2`.
+# {glue:md}`ex2`.
 # ````
 #
 # ````{exercise} 3. How many families would be enough?
@@ -341,10 +341,10 @@ plt.show()
 # ````{solution} 13_command_a_modularity-ex3
 # :class: dropdown
 #
-# {glue:text}`ex3`.
+# {glue:md}`ex3`.
 # ````
 
 # %% tags=["hide-input"]
 ex3_rho = 0.8
-put(**M.exercise_answers(derived, verdict, said, alpha=alpha, power=power, rho=ex3_rho, seed=seed),
-    ex3_rho=ex3_rho, power_pct=f"{power:.0%}", alpha_txt=f"{alpha:g}", max_exact_n=stats.MAX_EXACT_SPEARMAN_N)
+put(**M.exercise_answers(derived, verdict, said, alpha=alpha, power=power, rho=ex3_rho, seed=seed), as_markdown=True)
+put(ex3_rho=ex3_rho, power_pct=f"{power:.0%}", alpha_txt=f"{alpha:g}", max_exact_n=stats.MAX_EXACT_SPEARMAN_N)
