@@ -269,7 +269,7 @@ glue("pairs_text", Markdown(
 # Utilisation per expert and layer, relative to the uniform share $k/N_E$, on a log₂ scale:
 # $0$ (white) is exactly the uniform share, $+1$ twice it, $-1$ half of it; the scale is
 # clipped at $\pm$ {glue:text}`heat_limit` ({glue:text}`heat_factor` times the uniform share, and
-# 1/{glue:text}`heat_factor` of it). Experts the router never selected on the
+# {glue:text}`heat_fraction` of it). Experts the router never selected on the
 # corpus are black. Expert ids are the model's own; expert $i$ of one layer is unrelated to
 # expert $i$ of another.
 
@@ -277,6 +277,7 @@ glue("pairs_text", Markdown(
 HEAT_LIMIT = 3.0  # colour scale clipped at 2**-3 and 2**3 times the uniform share
 glue("heat_limit", int(HEAT_LIMIT), display=False)
 glue("heat_factor", int(2 ** HEAT_LIMIT), display=False)
+glue("heat_fraction", f"1/{int(2 ** HEAT_LIMIT)}", display=False)
 cmap = sns.color_palette("vlag", as_cmap=True).copy()
 cmap.set_bad("black")
 fig, axes = report.panel_grid(len(models), height=3.6)

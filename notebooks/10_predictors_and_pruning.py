@@ -109,7 +109,7 @@ report.glue_values(reading_minutes=report.chapter_reading_minutes("10_predictors
 # REAP weighs by its own router weight $p_e(x_s)$: the router's softmax probability over all
 # experts, renormalised over the top-$k$ only where the model's config sets `norm_topk_prob`
 # (`metrics.reap_router_weights`, REAP's rule), whatever combine weight $g_e$ the model applies.
-# Both literature criteria score an expert never routed in the calibration texts 0.
+# Both literature criteria score an expert never routed in the calibration texts zero.
 #
 # Utilisation rate *is* the frequency criterion of the pruning literature, so it doubles as the
 # frequency-only baseline.
@@ -414,7 +414,7 @@ display(setup.iloc[:, 11:].assign(**{"ablation / attribution time": speed}).styl
 # layers at once, as a deployed pruning pass would (`pruning.criterion_plan`). A removed expert's
 # router logit is set to $-\infty$, so the router re-distributes probability and picks its top-$k$
 # among the remaining experts, as a model built without that expert would. Experts never selected
-# in the calibration texts go first under every criterion (they score 0, or have no value under the
+# in the calibration texts go first under every criterion (they score zero, or have no value under the
 # metrics that average over the routed tokens). No fine-tuning follows, so these
 # numbers are the criterion's own contribution, before any recovery. Quality is perplexity on the
 # first {glue:text}`ppl_texts` texts of the second half of the corpus.
