@@ -178,10 +178,10 @@ for name in models:
 # %% [markdown]
 # ## The distribution at the deepest removal (the paper's Table 9)
 # At $k = \text{top-}k - 1$ (all active experts but one removed), per layer
-# (`moeaudit.audit.deepest_removal_summary`). A mean far above the median means the increase is
+# (`moeaudit.chapters.progressive.deepest_removal_summary`). A mean far above the median means the increase is
 # carried by a minority of positions; the last rows quantify that tail. The sign-test row asks
 # whether the removal pushes the loss one way at more than half of the positions
-# (`moeaudit.audit.removal_direction`: a two-sided sign test of the positions where the loss rose
+# (`moeaudit.chapters.progressive.removal_direction`: a two-sided sign test of the positions where the loss rose
 # against those where it fell, `moeaudit.stats.sign_test`, at the Bonferroni level `alpha` divided
 # by the model's number of layers): a test of the median shift. Where it is not significant, the
 # share of positions where the loss fell is not distinguishable from one half; the mean can still
@@ -213,8 +213,10 @@ for name in models:
 # *lowered* the loss, which the mean nets against the increases. "Share above": fraction of
 # positions whose loss rose by more than `cliff_threshold` ({glue:text}`threshold` nats). "Top-5%
 # share of increase": of the summed positive loss increases, the fraction contributed by the
-# positions above the 95th percentile (`moeaudit.audit.tail_share`); an even spread gives about
-# a twentieth, values near one mean that a few positions carry everything.
+# positions above the 95th percentile (`moeaudit.chapters.progressive.tail_share`). If every position whose loss
+# rose had risen by the same amount, it would be about a twentieth divided by the share of positions
+# that rose (a tenth when half of them rose); values near one mean that a few positions carry
+# everything.
 
 # %% [markdown]
 # ## The redundancy cliff
@@ -271,7 +273,7 @@ report.finish_panels(fig, axes, title="Progressive ablation: P5, median and P95 
 
 # %% [markdown]
 # ## Where does a layer break?
-# Three descriptions of each layer's trajectory (`moeaudit.audit.redundancy_breaks`): the first
+# Three descriptions of each layer's trajectory (`moeaudit.chapters.progressive.redundancy_breaks`): the first
 # $k$ at which the mean loss change crosses `cliff_threshold` (none if it never does), the
 # largest single step $\overline{\Delta\mathcal{L}}(k) - \overline{\Delta\mathcal{L}}(k-1)$ (with
 # $\overline{\Delta\mathcal{L}}(0) = 0$) and where it occurs, and the mean at the deepest removal

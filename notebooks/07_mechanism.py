@@ -144,7 +144,7 @@ for key, value in {"olmoe_gap_first": paper_ratios.loc["olmoe", "gap_first"], "o
 # For each model: the clean pass over the evaluation corpus (routing, combine weights, expert
 # output norms), one more un-ablated forward that saves every MoE block's input and output (for
 # the released measure, over **all** tokens of the corpus, as in the paper;
-# `moeaudit.audit.block_geometry`), and single-expert ablations of every active expert at
+# `moeaudit.chapters.mechanism.block_geometry`), and single-expert ablations of every active expert at
 # {glue:text}`n_positions` sampled positions and every MoE layer with the later MoE outputs
 # re-measured (for the downstream measure). Ablation records are cached on disk under a key made
 # of every parameter that produced them.
@@ -199,7 +199,7 @@ _ = report.show_table(pd.DataFrame(info).set_index("model").T.map(lambda v: f"{v
 # loses digits to cancellation, and its relative error is of order
 # $\varepsilon\,(\lVert\mathbf{r}\rVert + \lVert\mathbf{g}\rVert)/\lVert\mathbf{g}\rVert$. The
 # last column of the table gives the largest disagreement in that unit
-# (`moeaudit.audit.gap_rounding_ratio`): values of order one mean that the two computations agree
+# (`moeaudit.chapters.mechanism.gap_rounding_ratio`): values of order one mean that the two computations agree
 # as closely as float arithmetic allows, whatever the relative difference looks like; the
 # cancellation costs the most digits for the smallest gaps. In sequence mode (`mode="sequence"`) the expert is also removed at earlier positions,
 # which changes the MoE input at t, and the measured gap can differ from the clean-pass value.
@@ -231,7 +231,7 @@ glue("check_n", f"{len(rec):,}", display=False)
 # ## Gap-norm scaling across depth
 # Mean gap norm per layer, with the paper's convention (Table 7): the mean over experts of each
 # expert's mean gap norm over the tokens that route to it (experts with at least
-# `min_activations` = {glue:text}`min_activations` activations; `moeaudit.audit.expert_means`).
+# `min_activations` = {glue:text}`min_activations` activations; `moeaudit.chapters.mechanism.expert_means`).
 # The paper's values are read from the authors' released per-expert records
 # ({glue:md}`paper_source`).
 
@@ -282,7 +282,7 @@ fig.tight_layout()
 # %% [markdown]
 # ## The two correlation chains (the quantities of Table 7)
 # For each model and layer, correlations are Spearman ρ across experts (each expert with at least
-# `min_activations` activations; `moeaudit.audit.chain_correlations`), with the paper's markers:
+# `min_activations` activations; `moeaudit.chapters.mechanism.chain_correlations`), with the paper's markers:
 # ${}^{*}p < 0.05$, ${}^{**}p < 0.01$, ${}^{***}p < 0.001$ (two-sided, uncorrected, as in the paper).
 # One table per model, one row per layer; its columns:
 #
@@ -410,7 +410,7 @@ report.finish_panels(fig, axes[::-1], title="Redistribution analysis: the two co
 # with the gap norm across experts. The tables
 # give, per model and layer, ρ of each factor with the gap norm, the median over experts of the mean
 # cosine, and the log–log slopes against the gap norm (a slope $s$ means the quantity grows as
-# $\lVert\mathbf{g}\rVert^{s}$; `moeaudit.audit.compensation_factors`). The released records
+# $\lVert\mathbf{g}\rVert^{s}$; `moeaudit.chapters.mechanism.compensation_factors`). The released records
 # store no $\lVert\mathbf{r}\rVert$, so that factor is "n/a" there.
 
 # %%
@@ -556,7 +556,7 @@ fig.tight_layout()
 # mean over the ablated (t, e) pairs of the released relative compensation and of the downstream
 # compensation, the share of ablations after which later layers moved back along the removed
 # vector, and the rank correlation between the two measures over the individual ablations (the
-# same (t, e) pairs; `moeaudit.audit.measure_agreement`): if the released quantity tracked real
+# same (t, e) pairs; `moeaudit.chapters.mechanism.measure_agreement`): if the released quantity tracked real
 # compensation, the two would be positively related. At the last MoE layer the downstream measure
 # is identically zero, so that correlation is "n/a".
 #

@@ -729,7 +729,7 @@ display(reanalysis.with_paper_labels(ranges.reset_index()).style.format({"min": 
 # be negative, but router logits: the released hook records the output of OLMoE's gate, a linear
 # layer. The utilization rate is the mean logit, and the "mean routing weight when active" is a mean
 # logit over a mask that admits every position whose logit for the expert reaches the smallest
-# top-k cut-off of any position in the batch — far more positions than the router selects (`released.released_mean_routing_weight_when_active`
+# top-k cut-off of any position in the batch — far more positions than the router selects (`paper.released_mean_routing_weight_when_active`
 # rebuilds it). *Could affect:* Table 1's utilization and
 # routing-weight rows test rankings by logit summaries, not the metrics named in the paper.
 # {glue:md}`ds_in_unit` (the released code counts padding positions, which cannot be seen here).

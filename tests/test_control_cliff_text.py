@@ -379,11 +379,15 @@ def test_progressive_overview_text_conditions_the_regime_on_a_buffer():
     text = progressive_overview_text(buffer_readings(breaks, deepest, calls, threshold=0.1), breaks, threshold=0.1)
     assert "lies above zero at 0 of the 2 layers and contains zero at 2" in text
     assert "is shown at no layer" in text and "at 0 of the 2 layers" in text
+    below = buffer_readings(breaks, deepest, calls, threshold=0.1)
+    n_small = int(((below.reading == "no direction") & (below.mean_high < 0.1)).sum())
+    assert n_small > 0 and f"At {n_small} of the 2 layers the interval contains zero and lies below 0.1 nats" in text
+    assert "not shown to cost anything" in text
     assert f"about {S.sign_test_detectable_share(200, alpha=0.025):.0%} of them to rise for 80% power" in text
     assert "nevertheless" not in text
     breaks, deepest, calls = _tables(_progressive({0: RAISES, 1: HALF}))
     text = progressive_overview_text(buffer_readings(breaks, deepest, calls, threshold=0.1), breaks, threshold=0.1)
-    assert "is shown at 1 of the 2 layers (m: 0); only that layer is shown to be in the regime" in text
+    assert "is shown at 1 of the 2 layers (m: 0). " in text and "Only a layer with a buffer is shown" in text
     assert not re.search(r"\bnan\b", text)
     # a mean raised by a minority of large increases, with the median shift not significant, is named apart
     breaks, deepest, calls = _tables(_progressive({0: MEAN_ONLY, 1: CLIFF}))

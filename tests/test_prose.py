@@ -109,3 +109,62 @@ def test_chapters_are_prose_first(stem):
     share, longest = code_budget(stem)
     assert share <= 0.60, f"{stem}: {share:.0%} of the lines are code"
     assert longest <= 40, f"{stem}: a code cell of {longest} lines"
+
+
+# ----------------------------------------------------------------------------- named code exists
+
+#: a dotted name in a code span that starts with the package or one of its modules (``moeaudit.x.y``,
+#: ``metrics.pruning_criteria``, ``M.top_k_families`` is not matched: a notebook alias)
+_CODE_NAME = re.compile(r"`((?:moeaudit\.)?(?:chapters\.)?[a-z_]+\.[A-Za-z_][\w.]*)(?:\([^`]*\))?`")
+
+
+def named_objects(markdown: str) -> list[str]:
+    """The dotted names of package objects that ``markdown`` refers to in code spans, as written."""
+    import pkgutil
+
+    import moeaudit
+    import moeaudit.chapters
+
+    modules = {m.name for m in pkgutil.iter_modules(moeaudit.__path__)} | {"chapters"}
+    chapter_modules = {m.name for m in pkgutil.iter_modules(moeaudit.chapters.__path__)}
+    out = []
+    for name in _CODE_NAME.findall(markdown):
+        parts = name.split(".")
+        head = parts[1] if parts[0] == "moeaudit" else parts[0]
+        if head in modules or (head in chapter_modules and parts[0] != "moeaudit"):
+            out.append(name)
+    return out
+
+
+def _resolves(name: str) -> bool:
+    import importlib
+
+    parts = name.split(".")
+    if parts[0] != "moeaudit":
+        parts = ["moeaudit", *parts]
+        if parts[1] not in {"chapters"} and importlib.util.find_spec(f"moeaudit.{parts[1]}") is None:
+            parts = ["moeaudit", "chapters", *parts[1:]]
+    for i in range(len(parts), 1, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for attr in parts[i:]:
+            if not hasattr(obj, attr):
+                return False
+            obj = getattr(obj, attr)
+        return True
+    return False
+
+
+def test_a_stale_name_fails_the_check():
+    assert named_objects("see `moeaudit.audit.tail_share` and `stats.holm`") == ["moeaudit.audit.tail_share", "stats.holm"]
+    assert not _resolves("moeaudit.audit.tail_share") and _resolves("moeaudit.chapters.progressive.tail_share")
+    assert _resolves("stats.holm") and _resolves("progressive.tail_share") and not _resolves("metrics.no_such_thing")
+
+
+@pytest.mark.parametrize("stem", COMPUTED_PROSE)
+def test_every_named_function_exists(stem):
+    """A chapter that tells the reader where a computation lives names a module and object that exist."""
+    stale = sorted({n for src in _markdown_cells(stem) for n in named_objects(src) if not _resolves(n)})
+    assert not stale, f"{stem}: the prose names objects that do not exist: {stale}"

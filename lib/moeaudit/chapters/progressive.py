@@ -16,8 +16,9 @@ def tail_share(x, *, q: float = 0.95) -> float:
     """Share of the summed positive loss increase contributed by the values above the ``q`` quantile.
 
     ``sum(max(x_i, 0) for x_i > quantile(x, q)) / sum(max(x_i, 0))`` (``numpy.quantile``, linear
-    interpolation). About ``1 - q`` when the increase is spread evenly, near 1 when a few positions
-    carry it. NaN when no value is positive; ``ValueError`` for an empty ``x`` or q outside [0, 1].
+    interpolation). About ``(1 - q) / s`` when every rising value rises by the same amount, ``s``
+    being the share of values above zero (``1 - q`` when all rise), near 1 when a few positions
+    carry the increase. NaN when no value is positive; ``ValueError`` for an empty ``x`` or q outside [0, 1].
     """
     x = np.asarray(x, dtype=np.float64).ravel()
     if x.size == 0:
@@ -354,7 +355,9 @@ def progressive_overview_text(readings: pd.DataFrame, breaks: pd.DataFrame, *, t
     in the median sense, at how many the sign test finds more rises or falls, its power where it
     does not, and the layers whose mean is raised although their median shift is not significant.
     Whether any layer is in the regime the paper's explanation needs (removals that raise the loss,
-    but little) follows from the buffer count alone.
+    but little) follows from the buffer count alone; the layers whose interval contains zero but lies
+    below ``threshold`` are counted apart (removal shown to cost less than the threshold, not shown to
+    cost anything).
     """
     n = len(readings)
     n_cross = int(breaks.first_k_above.notna().sum())
@@ -368,16 +371,21 @@ def progressive_overview_text(readings: pd.DataFrame, breaks: pd.DataFrame, *, t
            f"{n} layers" + (f", below zero at {down}" if down else "")
          + f" and contains zero at {n - up - down}. ")
     buf = readings[readings.reading == "buffer"]
+    strict = (f"A buffer in the strict sense (the deepest removal raises the mean loss, but by less than {threshold:g} "
+              "nats, both beyond that interval) is shown at ")
     if len(buf):
-        s += (f"A buffer (the deepest removal raises the mean loss, but by less than {threshold:g} nats, both beyond "
-              f"that interval) is shown at {len(buf)} of the {n} layers ("
-              + "; ".join(f"{m}: {join_words(g.layer)}" for m, g in buf.groupby("model", sort=False))
-              + f"); only {'that layer is' if len(buf) == 1 else 'those are'} shown to be in the regime the paper uses to "
-                "explain why observational pruning criteria \"work\" without identifying dispensable experts. ")
+        s += (strict + f"{len(buf)} of the {n} layers ("
+              + "; ".join(f"{m}: {join_words(g.layer)}" for m, g in buf.groupby("model", sort=False)) + "). ")
     else:
-        s += ("A buffer (the deepest removal raises the mean loss, but by less than the threshold, both beyond that "
-              "interval) is shown at no layer, so no layer of this run is shown to be in the regime the paper uses to "
-              "explain why observational pruning criteria \"work\" without identifying dispensable experts. ")
+        s += strict + "no layer. "
+    small = readings[(readings.reading == "no direction") & (readings.mean_high < threshold)]
+    if len(small):
+        s += (f"At {len(small)} of the {n} layers the interval contains zero and lies below {threshold:g} nats: there "
+              f"removing the experts is shown to cost less than {threshold:g} nats on average (the \"approximately "
+              "harmless\" removal of the paper's explanation) but not shown to cost anything, so at this sample size "
+              "redundant experts cannot be told apart there from experts whose removal has no measurable effect. ")
+    s += ("Only a layer with a buffer is shown to be in the regime the paper uses to explain why observational pruning "
+          "criteria \"work\" without identifying dispensable experts: removal that costs something, but little. ")
     raises = int((readings.direction == "raises").sum())
     lowers = int((readings.direction == "lowers").sum())
     flat = readings[readings.direction == "undistinguished"]
