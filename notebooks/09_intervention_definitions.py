@@ -261,8 +261,9 @@ glue("demo_mode_gap", abs(delta_engine["sequence"] - delta_engine["token"]), dis
 # route: it batches many ablations into one forward pass, re-runs each prefix with the expert's
 # combine weight zeroed on the same rows, and reads the clean loss from an un-ablated row of the
 # same batch. `engine.trace_ablation` is the trace above packaged as a function, with
-# `mode="token"` restricting the zeroed rows to row $t$; the test suite checks that it equals
-# `run_ablations` in both modes on every supported model family.
+# `mode="token"` restricting the zeroed rows to row $t$. The test suite checks, on a tiny model of
+# every supported family and in both modes, that it equals the plain-PyTorch hook reference that
+# `run_ablations` is checked against, at a layer with later layers (where the modes differ).
 #
 # ### Where the two definitions agree: layer by layer
 # Each record of one mode has a twin in the other (same position, layer and expert). The table
@@ -968,7 +969,9 @@ glue_all(ex3_cmd=Markdown(f"`make chapter NB=09_intervention_definitions PARAMS=
 # :nonumber:
 #
 # Run {glue:md}`ex3_cmd` (a fifth of the positions of this build).
-# How large must an effect be before the dual rule can detect it in the family of metric cells?
+# How large must an effect be before the paired t-test, at the Bonferroni level of the family of
+# metric cells, detects it with the stated power? (The dual rule also needs the Wilcoxon test, so it
+# needs a little more.)
 # Compute the smallest detectable $d_z$ with `moeaudit.stats.min_detectable_dz` and check it in the
 # downloaded notebook with
 # `check_09_intervention_definitions_3(answer, n_positions=n_positions, alpha=alpha, family=fam, power=power)`

@@ -112,7 +112,8 @@ def test_operator_comparison_text_by_hand():
     assert "the 95% intervals reach ±0.200 and" in text
     assert "1 of them excludes zero. 2 cells pass the dual rule under remove and 1 under mask; 1 verdict changes" in text
     assert "and 2 under uncorrected p_t below 0.05" in text
-    assert f"at least n = 40 positions per cell, the dual rule detects |d_z| ≥ {mde:.2f} with power 0.8" in text
+    assert f"at least n = 40 positions per cell, the paired t-test alone detects |d_z| ≥ {mde:.2f} with power 0.8" in text
+    assert "the dual rule, which also needs the Wilcoxon test, detects less" in text
     none = D.operator_comparison_text(cmp.assign(flip_dual=False), label_a="a", label_b="b", n=40, family=20, alpha=0.05)
     assert "no verdict changes under the dual rule" in none
     with pytest.raises(ValueError, match="no cell"):

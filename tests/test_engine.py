@@ -632,8 +632,7 @@ def test_trace_ablation_equals_run_ablations(model, clean, corpus, mode, single_
     """The one-prefix nnsight trace shown in the book is what the batched engine computes."""
     from moeaudit.engine import trace_ablation
 
-    L = model.layout.moe_layers[-1]
-    for seq_id, t in ((0, 5), (2, 11)):
+    for L, seq_id, t in ((model.layout.moe_layers[-1], 0, 5), (model.layout.moe_layers[0], 2, 11)):
         active = clean.active(seq_id, t, L)
         req = pd.DataFrame({"seq_id": seq_id, "t": t, "layer": L, "removed": [[int(active[0])], [int(e) for e in active[:2]]]})
         rec = E.run_ablations(model, corpus, clean, req, mode=mode, progress=False)

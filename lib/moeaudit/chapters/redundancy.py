@@ -764,8 +764,9 @@ def _share_text(shares: pd.DataFrame, checks: pd.DataFrame, *, alpha: float, pow
                    "the loss change falls by more than a 1/k share alone would give; the excess is room for "
                    "compensation, or for a removed output that shrinks faster than 1/k",
                ("single_mean_abs_dl", "shallower than 1/k"):
-                   "the size of the loss change falls by less than a 1/k share alone would give, so the 1/k share "
-                   "explains the fall of |ΔL| without compensation"}.get((r.quantity, r.relation),
+                   "the size of the loss change falls by less than a 1/k share alone would give, so its fall is no "
+                   "steeper than an output share gives and needs no compensation to be explained (it is not fitted "
+                   "by a 1/k share either, which would be steeper)"}.get((r.quantity, r.relation),
                                                      "not distinguishable from a 1/k share")
         power_note = ("" if r.relation != "not distinguishable from 1/k" else
                       " " + _power_phrase(r, power=power, m=log_m, alpha=alpha, unit="log2 units", reference="−1"))
@@ -775,11 +776,11 @@ def _share_text(shares: pd.DataFrame, checks: pd.DataFrame, *, alpha: float, pow
                      + power_note)
     abs_rel = shares.set_index("quantity").relation.get("single_mean_abs_dl", "untested")
     if abs_rel == "shallower than 1/k" and damage_rel == "steeper than 1/k":
-        lines.append("So the 1/k share can explain the fall of the size of the loss change, but not the fall of the "
-                     "damage, which is steeper.")
+        lines.append("So the fall of the size of the loss change needs no compensation (it is shallower than a 1/k "
+                     "share gives), but the fall of the damage is steeper than a 1/k share.")
     elif abs_rel == "shallower than 1/k" and damage_rel == "not distinguishable from 1/k":
-        lines.append("So the 1/k share explains the fall of the size of the loss change; whether it explains the fall "
-                     "of the damage as well is not decided by this test.")
+        lines.append("So the fall of the size of the loss change needs no compensation (it is shallower than a 1/k "
+                     "share gives); whether the fall of the damage does is not decided by this test.")
     per_unit = checks.set_index("quantity")
     summary = []
     for q, what in (("single_abs_dl_per_gap", "the size of the loss change"), ("single_dl_per_gap", "the damage")):
