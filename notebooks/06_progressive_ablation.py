@@ -53,8 +53,8 @@ report.glue_values(reading_minutes=report.chapter_reading_minutes("06_progressiv
 # %% [markdown]
 # The audit removes *one* active expert at a token and does not detect that the population-level
 # rankings predict which of the active experts costs more to remove (at its Bonferroni level and
-# {glue:text}`n_positions` positions per cell, an effect below |$d_z$| ≈ {glue:md}`audit_mde` is
-# not reliably detected), although at some tokens the two experts' costs differ considerably. The paper reads this as a property of
+# {glue:text}`n_positions` positions per cell, the paired t-test misses an effect below
+# |$d_z$| ≈ {glue:md}`audit_mde` more often than one time in five), although at some tokens the two experts' costs differ considerably. The paper reads this as a property of
 # the regime, not of the metrics: if a layer's active experts are largely redundant, removing
 # any few of them costs little on average, and every selection criterion looks equally good. This chapter tests the premise directly
 # (Section 3 "Progressive ablation", Appendix C and Tables 8–9 of {cite}`engmann2026audit`).
@@ -69,9 +69,9 @@ report.glue_values(reading_minutes=report.chapter_reading_minutes("06_progressiv
 # single-expert audit, {cite}`fiottokaufman2025nnsight`); the remaining weights are not
 # renormalised.
 #
-# The paper removes the *highest*-weight experts first because these get the largest combine
-# weights at the token (which is not necessarily the largest removed output: an expert's output
-# vector can be larger than that of an expert with a higher weight): if even these can go without
+# The paper removes the experts with the *highest* combine weight at the token first: the model
+# weighs their outputs most (which is not necessarily the largest removed output: an expert's
+# output vector can be larger than that of an expert with a higher weight), so if even these can go without
 # a large loss change, the layer's output at that token does not rest on them alone. A **redundancy cliff** is a removal
 # depth $k$ at which the loss change jumps instead of growing slowly.
 #
@@ -361,8 +361,8 @@ glue("comparison", Markdown("\n".join(cliff_comparison_text(
 # **Does not show.** What pruning would do. The ablation here removes experts at *one* token and
 # keeps the rest of the sequence intact; pruning removes an expert at every token, in every
 # sequence, usually followed by fine-tuning. Removing the highest-weight experts first is also
-# only one order: a low-weight-first order would remove less of the layer's output at each $k$,
-# a random order something in between. A mean that stays small does not mean that no position
+# only one order: a low-weight-first order would remove less combine weight at each $k$ (not
+# necessarily less of the layer's output), a random order something in between. A mean that stays small does not mean that no position
 # is hurt: the P95 and the share of positions whose loss *fell* show that small means net large
 # changes of both signs. The means depend on the sampled positions (the intervals of the mean in the
 # redundancy-cliff figure show how much), and whether a layer "breaks" depends on `cliff_threshold`, which the paper does

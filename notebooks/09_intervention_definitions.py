@@ -771,7 +771,7 @@ if prog is not None:
 #
 # The audit cells are computed from the records of each operator exactly as for the two definitions: same
 # layers, same metric table, same pairs of experts, and positions drawn (seeded) from the
-# chapter's positions, `operator_positions` of them, because every operator re-runs every active
+# chapter's positions, {glue:text}`operator_n` of them (`operator_positions`), because every operator re-runs every active
 # expert at every audited layer. The "remove" records are the chapter's own token-local records at
 # those positions. For the mask operator each record also says which expert entered the top-$k$
 # (`replacement`), how much combine weight the masked expert kept (`leak`, which must be zero)
@@ -780,6 +780,7 @@ if prog is not None:
 # (`definitions.next_ranked_expert`), read from the padded pass of the metric definitions above.
 
 # %%
+glue("operator_n", int(operator_positions), display=False)
 others = [op for op in engine.OPERATORS if op != "remove"]
 op_parts = {op: [] for op in engine.OPERATORS}
 for name in models:
@@ -883,13 +884,13 @@ glue_all(l_mode_text=Markdown(
 #    whole (own recipe and sequence-wide ablation) moves them by up to
 #    {glue:text}`l_ddz_whole:.3f` against the paper's; {glue:text}`l_flips_whole`.
 # 3. **The precision.** In {glue:text}`half_name`, the share of single-expert effects smaller than the 95th
-#    percentile of their own rounding error is {glue:md}`below_noise`;
+#    percentile of the model's rounding errors (over all its ablations) is {glue:md}`below_noise`;
 #    {glue:text}`l_flips_half`. A median near zero means little without the noise of the
 #    precision it was computed in; and the float32 runs of these models, free of half-precision
 #    rounding, have the loss fall at the deepest removal at {glue:md}`book_falls` of the positions.
 # 4. **The operator.** Router masking leaves no combine weight on the masked expert and, in
 #    {glue:text}`l_next_share:.1%` of the records, hands its place to the clean router's next-ranked
-#    expert; {glue:md}`l_operator`. These comparisons rest on `operator_positions` positions per
+#    expert; {glue:md}`l_operator`. These comparisons rest on {glue:text}`operator_n` positions per
 #    cell, so a verdict that holds under every operator holds only as far as the power stated in
 #    the operator section reaches.
 #

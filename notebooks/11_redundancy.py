@@ -386,7 +386,7 @@ _ = report.show_table(
 # every seed as separate points, with Holm's adjustment over the rows
 # (`moeaudit.chapters.redundancy.explanation_checks`). A trend that is not detected at level
 # α = {glue:text}`alpha` after that adjustment is reported as inconclusive, not as a refutation:
-# its *holds* cell shows a dash (—). The first table gives each trend and its test; the second its robustness
+# its *holds* cell shows a dash (—), as does that of a row for which no direction is predicted. The first table gives each trend and its test; the second its robustness
 # and power. For a row without a detected trend, *min. detectable slope* is the slope the test
 # would have caught with {glue:md}`power_pct` power at Holm's strictest level, and *equivalence
 # bound* the narrowest band around zero that an equivalence test at that level could have shown.
@@ -538,7 +538,8 @@ glue("control_rule", Markdown(redundancy.control_rule_text(
 # %% [markdown]
 # ## What this shows, and what it does not
 # **Shows.** It shows how the book's audit, control and progressive ablation change as the number
-# of active experts changes with data, width, depth, steps and seeds held fixed, and whether the
+# of active experts changes with data, width, depth and steps held fixed (each setting replicated over
+# training seeds), and whether the
 # change exceeds the spread between models of one setting. It is a small-scale analogue of the
 # comparison the paper leaves open.
 #

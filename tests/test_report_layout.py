@@ -81,3 +81,8 @@ def test_per_model_columns_puts_each_model_in_a_column():
                                            ("absent", "absent", "{}")])
     assert list(out.columns) == ["m1", "m2"] and list(out.index) == ["cells", "share"]
     assert out.loc["cells", "m2"] == "15" and out.loc["share", "m1"] == "50%" and out.loc["share", "m2"] == "–"
+
+
+def test_fmt_percent_keeps_the_half():
+    assert report.fmt_percent(0.125) == "12.5%"  # f"{0.125:.0%}" reads 12%
+    assert report.fmt_percent(0.5) == "50%" and report.fmt_percent(1 / 15) == "6.7%"

@@ -1360,6 +1360,16 @@ def fmt_bound(v: float, *, digits: int = 3) -> str:
     return f"{0.0 if round(v, digits) == 0 else v:+.{digits}f}"
 
 
+def fmt_percent(x: float) -> str:
+    """A share as a percentage with one decimal where it has one, none where it is whole (no
+    round-half-to-even surprise: 0.125 reads 12.5%, not 12%).
+
+    >>> fmt_percent(0.125), fmt_percent(0.1), fmt_percent(1 / 15)
+    ('12.5%', '10%', '6.7%')
+    """
+    return f"{100 * float(x):.1f}".rstrip("0").rstrip(".") + "%"
+
+
 def fmt_with_ci(est: float, lo: float, hi: float, *, digits: int = 3, significant: bool = False) -> str:
     """An estimate and its interval as one table cell, ``"+0.120 [+0.050,\u00a0+0.190]"`` (a
     non-breaking space inside the brackets, so that the interval never wraps).

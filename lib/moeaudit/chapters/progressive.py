@@ -327,7 +327,7 @@ def cliff_text(breaks: pd.DataFrame, deepest: pd.DataFrame, calls: pd.DataFrame,
          f"{fmt_signed(worst.mean_deepest)} nats at layer {worst.layer} ({worst.ratio_to_clean:.1%} of the clean loss there). ")
     if len(broken):
         rest = sorted(set(b.layer) - set(broken.layer))
-        s += (f"The mean crosses {threshold:g} nats at "
+        s += (f"The mean (a point estimate; its intervals follow) crosses {threshold:g} nats at "
               + join_words(f"layer {r.layer} (k = {r.first_k_above})" for r in broken.itertuples())
               + (f"; layer{'s' if len(rest) > 1 else ''} {join_words(rest)} stay{'' if len(rest) > 1 else 's'} below it "
                  "at every k." if rest else "; no layer stays below it."))
@@ -471,9 +471,12 @@ def cliff_comparison_text(breaks: pd.DataFrame, deepest: pd.DataFrame, calls: pd
     shape += ("; as in the paper's Table 8" if same else "; in the paper's Table 8, "
               + _crossing(p_crossed, p_last, threshold))
     worst = b.mean_deepest.idxmax()
-    where = ("the largest mean change at the deepest removal is at the last audited layer" if worst == last else
-             f"the largest mean change at the deepest removal is at layer {worst}, not the last")
-    return f"- **{b.model.iloc[0]}**: {shape}; {where}, and there the damage is {shape_phrase(d.loc[worst])}."
+    where = ("the largest mean change at the deepest removal (a point estimate, not tested against the other "
+             "layers') is at the last audited layer" if worst == last else
+             f"the largest mean change at the deepest removal (a point estimate, not tested against the other "
+             f"layers') is at layer {worst}, not the last")
+    return (f"- **{b.model.iloc[0]}**: {shape}; {where}, and there the loss change shows "
+            f"{shape_phrase(d.loc[worst])}.")
 
 
 def interval_widening(n_positions: int, *, alpha: float, new_alpha: float) -> float:

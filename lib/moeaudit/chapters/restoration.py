@@ -335,7 +335,7 @@ def top_agreement_text(top: pd.DataFrame, *, alpha: float, power: float = 0.8) -
             mde_text = ("; with so few positions, a layer not above chance says nothing: even full agreement could "
                         "not reach Holm's strictest level")
         parts.append(f"for {model} the top expert agrees at {report.value_span(g.share, '{:.0%}')} of positions per "
-                     f"layer against a chance of {g.chance.iloc[0]:.0%} (top-{round(1 / g.chance.iloc[0])}); "
+                     f"layer against a chance of {report.fmt_percent(g.chance.iloc[0])} (top-{round(1 / g.chance.iloc[0])}); "
                      + (f"above chance at layer{'s' if len(above) > 1 else ''} {report.join_words(above)}"
                         if above else "at no layer above chance")
                      + f" (one-sided binomial test, Holm over {len(g)} layers, α = {alpha:g}; "
