@@ -389,8 +389,10 @@ def flip_text(cmp, la, lb) -> str:
     out = []
     for s in definitions.variant_flip_summary(cmp).itertuples():
         fl = cmp[(cmp.model == s.model) & (cmp.flip_dual | cmp.flip_p05)]
-        changes = "; ".join(f"{LABEL[r.ranking]} L{r.layer} ({'dual rule' if r.flip_dual else 'uncorrected p_t'}: "
-                            f"p_t = {r.p_t_a:.3g} vs {r.p_t_b:.3g})" for r in fl.itertuples())
+        changes = "; ".join(f"{LABEL[r.ranking]} L{r.layer} (" + (
+            f"dual rule at level {r.alpha_corrected:.3g}: p_t = {r.p_t_a:.3g} vs {r.p_t_b:.3g}, "
+            f"p_W = {r.p_W_a:.3g} vs {r.p_W_b:.3g})" if r.flip_dual else
+            f"uncorrected p_t: {r.p_t_a:.3g} vs {r.p_t_b:.3g})") for r in fl.itertuples())
         out.append(f"**{s.model}**: |d_z({la}) − d_z({lb})| up to {s.max_abs_ddz:.3f} (median {s.median_abs_ddz:.3f}) over "
                    f"{s.cells} cells; {s.ci_excluding_0} difference interval{' excludes' if s.ci_excluding_0 == 1 else 's exclude'} "
                    "zero. "
@@ -865,6 +867,14 @@ glue_all(l_mode_text=Markdown(
          l_operator=Markdown("; ".join(f"against {op}, the cell effect sizes move by up to {c.ddz.abs().max():.3f} in "
                                        f"d_z and {flips(c)}" for op, c in cmp_op.items())),
          l_next_share=float((replaced.next_ranked * replaced.records).sum() / replaced.records.sum()))
+passing = {what: (int((c.dual_a | c.dual_b).sum()), len(c)) for what, c in
+           (("the two ablation modes", cmp_mode), ("the two metric definitions", cmp_def),
+            (f"{dtype} and {half_dtype}", cmp_half), *((f"remove and {op}", c) for op, c in cmp_op.items()))}
+glue_all(l_verdict_power=Markdown(
+    "A cell passes the dual rule under either variant in " + join_words(f"{k} of {n} cells ({what})"
+                                                                        for what, (k, n) in passing.items())
+    + ": an unchanged verdict is mostly a cell significant under neither, so these counts say little about "
+      "whether a variant could change a verdict; the moves of the effect sizes above say more."))
 
 # %% [markdown]
 # **Shows.** On the same positions and pairs of experts, how much the measured loss, the effect
@@ -893,6 +903,8 @@ glue_all(l_mode_text=Markdown(
 #    expert; {glue:md}`l_operator`. These comparisons rest on {glue:text}`operator_n` positions per
 #    cell, so a verdict that holds under every operator holds only as far as the power stated in
 #    the operator section reaches.
+#
+# {glue:md}`l_verdict_power`
 #
 # **Does not show.** Which definition is "right": the token-local one answers the paper's
 # question (does the metric predict the importance of an expert *at this token*), the

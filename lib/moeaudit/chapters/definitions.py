@@ -219,7 +219,8 @@ def compare_audit_variants(cells: pd.DataFrame, table: pd.DataFrame, variant_a: 
     :func:`moeaudit.stats.dz_difference_ci` (seed ``seed + row``). Columns: the key, ``n``,
     ``dz_a``, ``dz_b``, ``ddz`` (d_z(a) - d_z(b) on the matched positions), ``ddz_lo``, ``ddz_hi``,
     ``dual_a``/``dual_b`` (dual rule, Bonferroni within the family), ``p05_a``/``p05_b``
-    (uncorrected p_t < ``alpha``), ``p_t_a``, ``p_t_b``, ``flip_dual``, ``flip_p05``, ``ci_excludes_0``
+    (uncorrected p_t < ``alpha``), ``p_t_a``, ``p_t_b``, ``p_W_a``, ``p_W_b`` (Wilcoxon), ``alpha_corrected``
+    (the family's Bonferroni level the dual rule uses), ``flip_dual``, ``flip_p05``, ``ci_excludes_0``
     (the interval excludes 0 *and* ``|ddz|`` exceeds :data:`DDZ_TOLERANCE`, so that a difference
     that is float rounding, e.g. ``1e-6`` with an interval ``[+0.000, +0.000]``, is not counted).
     """
@@ -240,7 +241,8 @@ def compare_audit_variants(cells: pd.DataFrame, table: pd.DataFrame, variant_a: 
                      "ddz": cohens_dz(both.diff_a) - cohens_dz(both.diff_b), "ddz_lo": lo, "ddz_hi": hi,
                      "dual_a": bool(ra.sig_dual_bonf), "dual_b": bool(rb.sig_dual_bonf),
                      "p05_a": bool(ra.p_t < alpha), "p05_b": bool(rb.p_t < alpha),
-                     "p_t_a": float(ra.p_t), "p_t_b": float(rb.p_t)})
+                     "p_t_a": float(ra.p_t), "p_t_b": float(rb.p_t), "p_W_a": float(ra.p_W), "p_W_b": float(rb.p_W),
+                     "alpha_corrected": float(ra.alpha_corrected)})
     out = pd.DataFrame(rows)
     out["flip_dual"] = out.dual_a != out.dual_b
     out["flip_p05"] = out.p05_a != out.p05_b
