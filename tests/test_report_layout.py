@@ -54,6 +54,18 @@ def test_finish_panels_labels_each_row_and_places_the_legend():
     assert spare.x0 <= x <= spare.x1 and spare.y0 <= y <= spare.y1  # in the spare slot
 
 
+def test_side_by_side_x_labels_do_not_touch(monkeypatch):
+    monkeypatch.setattr(plt, "show", lambda: None)
+    fig, axes = report.model_panels(["a", "b", "c"])  # two rows: the grid's y label takes a margin
+    long = "k = number of highest-weight experts removed"
+    report.finish_panels(fig, axes, title="t", ylabel="y", xlabel=long)
+    fig.canvas.draw()
+    boxes = [ax.xaxis.label.get_window_extent() for ax in axes]
+    # the left panel's label ends well before the right one's begins (unwrapped: about 5 px apart)
+    assert boxes[1].x0 - boxes[0].x1 > 0.1 * fig.dpi
+    assert all(ax.get_xlabel().replace("\n", " ") == long for ax in axes)
+
+
 def test_show_table_renames_and_collapses(monkeypatch):
     shown = []
     monkeypatch.setattr("IPython.display.display", shown.append)

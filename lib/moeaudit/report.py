@@ -974,14 +974,17 @@ def finish_panels(fig, axes, *, title: str, ylabel: str, xlabel: str | None = No
                   legend: bool = True) -> None:
     """Label, lay out and show a :func:`model_panels` (or :func:`panel_grid`) figure: ``ylabel`` on
     the first panel of a single row, or once for the whole height of a grid of several rows;
-    ``xlabel`` on every panel, a horizontal line at 0 if asked, and the
+    ``xlabel`` on every panel (wrapped to the panel's width), a horizontal line at 0 if asked, and the
     panels' legend entries (each label once) in the grid's first spare slot, or below the panels
     when there is none.
     A long ``title`` is wrapped to the figure's width."""
     rows = {ax.get_subplotspec().rowspan.start for ax in axes}
+    cols = {ax.get_subplotspec().colspan.start for ax in axes}
+    # about ten characters of a size-9 label per inch of panel, so that side-by-side labels never touch
+    x_chars = max(20, int(fig.get_figwidth() / max(len(cols), 1) * 10))
     for ax in axes:
         if xlabel:
-            ax.set_xlabel(xlabel, fontsize=9)
+            ax.set_xlabel("\n".join(textwrap.wrap(xlabel, x_chars)), fontsize=9)
         if zero_line:
             ax.axhline(0, color="0.3", linewidth=0.8)
         if len(rows) == 1 and ax.get_subplotspec().colspan.start == 0:
