@@ -343,7 +343,9 @@ plt.show()
 # total variance between settings. With few models per setting the test is weak; *min. detectable
 # f* (in the caption when it is the same for every quantity) is the smallest spread of the setting
 # means, in within-setting SDs (Cohen's f), that it detects with {glue:md}`power_pct` power at
-# Holm's strictest level, and *min. detectable SD* the same in the quantity's units.
+# Holm's strictest level, and *min. detectable SD* the same as a standard deviation of the setting
+# means in the quantity's units, computed like *SD between settings* (divisor one less than the
+# number of settings; Cohen's f divides by the number itself), so that the two columns compare.
 
 # %%
 anova = redundancy.setting_anova(summary, alpha=alpha, power=power)

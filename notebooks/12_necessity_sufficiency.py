@@ -98,8 +98,9 @@ report.glue_values(reading_minutes=report.chapter_reading_minutes("12_necessity_
 # also spoiled. It can also be sufficient but not necessary: one of several redundant carriers,
 # any one of which restores the prediction. So the ranking of a token's active experts by
 # restoration need not match their ranking by removal. This chapter measures how far they agree
-# on the default models. It also asks whether the observational metrics track sufficiency any
-# better than the paper found them to track necessity.
+# on the default models. It also asks whether the observational metrics track sufficiency, which
+# the paper did not test (its audit asks about necessity, and the audit chapter answers it for these
+# models on its own positions).
 #
 # **Design.** For each model, {glue:text}`n_positions` seeded positions $t$. The corrupted span is
 # the {glue:text}`span_tokens` tokens ending at $t$, and the loss is read at $t$. At every audited

@@ -292,7 +292,10 @@ def test_setting_anova_states_the_power_of_its_nulls():
     m = int(a.p.notna().sum())
     row = a.loc["control_mean_dz"]
     f = S.anova_min_detectable_f(5, 10, alpha=0.05 / m, power=0.8)
-    assert row.min_detectable_f == pytest.approx(f) and row.min_detectable_sd == pytest.approx(f * row.sd_seed)
+    assert row.min_detectable_f == pytest.approx(f)
+    # in sd_between's convention (ddof=1): Cohen's f uses the G-divisor SD of the setting means
+    g = int(row.settings)
+    assert row.min_detectable_sd == pytest.approx(f * row.sd_seed * math.sqrt(g / (g - 1)))
     text = _texts(s)["seeds"]
     lines = {line.split(":")[0]: line for line in text.splitlines()}
     ctl = lines["- mean Cohen's d_z of the routing-weight control over the audited layers"]

@@ -194,7 +194,9 @@ def setting_anova(summary: pd.DataFrame, *, quantities=None, alpha: float = 0.05
     (SD of the setting means, ddof=0, over the within-setting SD) the F test detects with
     ``power`` at ``alpha / m``, the strictest level of Holm's procedure over the ``m`` tested
     quantities (:func:`moeaudit.stats.anova_min_detectable_f`), and ``min_detectable_sd`` =
-    ``min_detectable_f * sd_seed``, the same in the quantity's units (NaN where untested).
+    ``min_detectable_f * sd_seed * sqrt(G / (G - 1))`` over ``G`` settings: the same in the quantity's
+    units and in ``sd_between``'s convention (ddof=1), so that the two compare directly (NaN where
+    untested).
 
     The within-setting spread is that of the per-model *estimates*: it holds the training seed's
     effect and the sampling error of each model's value (the positions are one shared draw, so the
@@ -222,7 +224,8 @@ def setting_anova(summary: pd.DataFrame, *, quantities=None, alpha: float = 0.05
     m = int(out.p.notna().sum())
     out["min_detectable_f"] = [anova_min_detectable_f(int(r.settings), int(r.models), alpha=alpha / m, power=power)
                                if np.isfinite(r.p) else np.nan for r in out.itertuples()]
-    out["min_detectable_sd"] = out.min_detectable_f * out.sd_seed
+    # Cohen's f divides the setting means' squared deviations by G; sd_between by G - 1
+    out["min_detectable_sd"] = out.min_detectable_f * out.sd_seed * np.sqrt(out.settings / (out.settings - 1))
     return out
 
 

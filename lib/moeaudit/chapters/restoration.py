@@ -307,9 +307,11 @@ def observational_text(table: pd.DataFrame, *, alpha: float, power: float) -> st
     if not parts:
         return "No position was left after the exclusion, so no metric was compared."
     text = "; ".join(parts)
-    return (text[0].upper() + text[1:] + f", at α = {alpha:g} with Holm's correction over each model's tests. A metric "
-            "takes one value per expert, repeated at every position where the expert is active, so the pairs are not "
-            "independent and the detectable |ρ|, computed as if they were, is optimistic.")
+    neg = (" A negative ρ means that the metric orders the experts opposite to their recovered fraction."
+           if (obs.significant & (obs.rho < 0)).any() else "")
+    return (text[0].upper() + text[1:] + f", at α = {alpha:g} with Holm's correction over each model's tests.{neg} A "
+            "metric takes one value per expert, repeated at every position where the expert is active, so the pairs "
+            "are not independent and the detectable |ρ|, computed as if they were, is optimistic.")
 
 
 def top_agreement_text(top: pd.DataFrame, *, alpha: float, power: float = 0.8) -> str:
