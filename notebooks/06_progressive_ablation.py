@@ -466,8 +466,13 @@ glue("ex2_now", widest, display=False)
 glue("ex2_then", widest * factor, display=False)
 straddle = lambda lo, hi: int(((lo < 0) & (hi > 0)).sum())  # noqa: E731
 half = (summary.ci_high - summary["mean"]) * factor
+deepest_then = removal_direction(deepest_removal_summary(records, threshold=cliff_threshold), alpha=0.01)
+n_up = lambda d: int((d.direction == "raises").sum())  # noqa: E731
 glue("ex2_zero", Markdown(f"Intervals that contain zero: {straddle(summary.ci_low, summary.ci_high)} of {len(summary)} "
-                          f"now, {straddle(summary['mean'] - half, summary['mean'] + half)} then."), display=False)
+                          f"now, {straddle(summary['mean'] - half, summary['mean'] + half)} then. The sign tests at the "
+                          f"deepest removal move to the new Bonferroni level as well: the loss rises at more than half of "
+                          f"the positions at {n_up(deepest)} of {len(deepest)} layers now, {n_up(deepest_then)} then."),
+     display=False)
 pools = {(e[32], e[min_context]) for e in eligible.values()}
 glue("ex3_pool", Markdown("; ".join(f"{m}: {e[32]:,} eligible positions instead of {e[min_context]:,}"
                                     for m, e in eligible.items()) if len(pools) > 1 else

@@ -393,7 +393,7 @@ def test_progressive_overview_text_conditions_the_regime_on_a_buffer():
     breaks, deepest, calls = _tables(_progressive({0: MEAN_ONLY, 1: CLIFF}))
     text = progressive_overview_text(buffer_readings(breaks, deepest, calls, threshold=0.1), breaks, threshold=0.1)
     assert f"m layer 0 raises the mean loss nevertheless (+0.070 nats, sign test p = {S.sign_test(100, 100):.2g})" in text
-    assert "1 of them crosses 0.1 nats" in text and "lies above zero at 2 of the 2 layers" in text
+    assert "1 of them crosses 0.1 nats" in text and "lies above zero at 2 of the 2 layers (m layer 0, m layer 1)" in text
 
 
 def test_paper_share_positive_text_tests_each_share():

@@ -240,6 +240,13 @@ def buffer_readings(breaks: pd.DataFrame, deepest: pd.DataFrame, calls: pd.DataF
     return out.drop(columns="first_k_above")
 
 
+def _named(rows: pd.DataFrame, most: int = 6) -> str:
+    """`` (m layer 0, m layer 5)`` for a few (model, layer) rows, ``""`` for none or too many to list."""
+    if rows.empty or len(rows) > most:
+        return ""
+    return " (" + ", ".join(f"{r.model} layer {r.layer}" for r in rows.itertuples()) + ")"
+
+
 def _pct_span(shares) -> str:
     lo, hi = f"{min(shares):.0%}", f"{max(shares):.0%}"
     return lo if lo == hi else f"{lo[:-1]}–{hi}"
@@ -368,7 +375,8 @@ def progressive_overview_text(readings: pd.DataFrame, breaks: pd.DataFrame, *, t
          + (f"no layer crosses {threshold:g} nats. " if n_cross == 0 else
             f"{n_cross} of them cross{'es' if n_cross == 1 else ''} {threshold:g} nats. ")
          + f"The interval of the mean at the Bonferroni level over each model's layers lies above zero at {up} of the "
-           f"{n} layers" + (f", below zero at {down}" if down else "")
+           f"{n} layers{_named(readings[rel == 'above'])}" + (f", below zero at {down}{_named(readings[rel == 'below'])}"
+                                                              if down else "")
          + f" and contains zero at {n - up - down}. ")
     buf = readings[readings.reading == "buffer"]
     strict = (f"A buffer in the strict sense (the deepest removal raises the mean loss, but by less than {threshold:g} "
@@ -390,7 +398,8 @@ def progressive_overview_text(readings: pd.DataFrame, breaks: pd.DataFrame, *, t
     lowers = int((readings.direction == "lowers").sum())
     flat = readings[readings.direction == "undistinguished"]
     s += (f"In the median sense, the deepest removal raises the loss at more than half of the positions (two-sided "
-          f"sign test, same level) at {raises} of the {n} layers" + (f" and lowers it at {lowers}" if lowers else ""))
+          f"sign test, same level) at {raises} of the {n} layers{_named(readings[readings.direction == 'raises'])}"
+          + (f" and lowers it at {lowers}{_named(readings[readings.direction == 'lowers'])}" if lowers else ""))
     if len(flat):
         q = flat.detectable_share.max()
         s += (f"; at {len(flat)} the share of positions where the loss fell ({_pct_span(flat.share_below_zero)}) is not "
