@@ -314,6 +314,15 @@ def main(argv=None) -> int:
             print(f"{name:20s} {c['num_hidden_layers']:3d} layers, routed experts {moe_layer_bytes(c, 2) / 2 ** 30:6.2f} "
                   f"GiB per MoE layer in bfloat16  ({c['source']})")
         return 0
+    if args.device != "cpu":
+        import re
+
+        import torch
+
+        if not re.fullmatch(r"cuda(:\d+)?", args.device):
+            ap.error(f"--device must be cpu or cuda[:n], got {args.device!r}")
+        if not torch.cuda.is_available():
+            ap.error(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA device")
     out = run(args)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
