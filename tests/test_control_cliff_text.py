@@ -43,6 +43,7 @@ def test_fmt_bound_shows_the_digits_that_exclude_zero():
     assert fmt_bound(-0.0004) == "-0.0004"
     assert fmt_bound(0.271) == "+0.271"
     assert fmt_bound(0.0) == "+0.000"
+    assert fmt_bound(-0.0) == "+0.000"
 
 
 def test_an_interval_cell_never_prints_a_bound_that_excludes_zero_as_zero():
@@ -54,7 +55,16 @@ def test_an_interval_cell_never_prints_a_bound_that_excludes_zero_as_zero():
     assert fmt_with_ci(0.0123, -0.004, 0.031, digits=2, significant=True) == "+0.012 [-0.004,\u00a0+0.031]"
     assert fmt_with_ci(float("nan"), 0.1, 0.2) == "—"
     assert fmt_with_ci(0.5, float("nan"), 0.7) == "+0.500"
-    assert fmt_bound(-0.0) == "+0.000"
+    # nor an estimate that is not zero, inside an interval that excludes zero
+    assert fmt_with_ci(0.0003, 0.0001, 0.0005).startswith("+0.0003 ")
+    # significant digits in fixed notation, no negative zero
+    assert fmt_with_ci(123.4, 99.5, 150, digits=2, significant=True) == "+120 [+100,\u00a0+150]"
+    assert fmt_with_ci(-0.0, -0.0, 0.0, digits=2, significant=True) == "+0 [+0,\u00a0+0]"
+    for bad in (-1, 1.5, "3", None, True):
+        with pytest.raises(ValueError, match="digits"):
+            fmt_with_ci(0.1, 0.0, 0.2, digits=bad)
+    with pytest.raises(ValueError, match="exceeds"):
+        fmt_with_ci(0.1, 0.3, 0.0)
 
 
 # ----------------------------------------------------------------------------- chapter 5: the control

@@ -131,3 +131,14 @@ def test_bad_inputs():
         M.frequency(IDX, num_experts=2)
     with pytest.raises(ValueError, match=r"\(E, H\)"):
         M.ean_ca(np.ones(3))
+
+
+def test_a_failed_forward_is_not_an_unimportant_expert():
+    bad = NORM.copy()
+    bad[0, 0] = np.nan  # REAP's NaN-to-zero would score expert 0 as never routed
+    with pytest.raises(ValueError, match="finite"):
+        M.reap_criteria_from_routing(IDX, P, bad, renormalize=False, **KW)
+    with pytest.raises(ValueError, match="finite"):
+        M.reap_criteria_from_routing(IDX, P, -NORM, renormalize=False, **KW)
+    with pytest.raises(TypeError, match="renormalize"):
+        M.reap_criteria_from_routing(IDX, P, NORM, renormalize="no", **KW)

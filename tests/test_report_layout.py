@@ -98,3 +98,15 @@ def test_per_model_columns_puts_each_model_in_a_column():
 def test_fmt_percent_keeps_the_half():
     assert report.fmt_percent(0.125) == "12.5%"  # f"{0.125:.0%}" reads 12%
     assert report.fmt_percent(0.5) == "50%" and report.fmt_percent(1 / 15) == "6.7%"
+
+
+def test_per_model_columns_refuses_what_it_cannot_show():
+    counts = pd.DataFrame({"model": ["m1", "m2"], "cells": [20, float("nan")]})  # a count made float by a NaN
+    out = report.per_model_columns(counts, [("cells", "cells", "{:d}")])
+    assert out.loc["cells", "m1"] == "20" and out.loc["cells", "m2"] == "–"
+    for frame, rows, match in ((counts.drop(columns="model"), [("cells", "cells", "{:d}")], "model"),
+                               (pd.concat([counts, counts]), [("cells", "cells", "{:d}")], "more than once"),
+                               (counts, [("cells", "x", "{:d}"), ("cells", "x", "{:d}")], "label"),
+                               (counts.assign(cells=[1.5, 2.5]), [("cells", "cells", "{:d}")], "'cells'")):
+        with pytest.raises(ValueError, match=match):
+            report.per_model_columns(frame, rows)

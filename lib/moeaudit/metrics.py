@@ -153,7 +153,10 @@ def reap_router_weights(probs, *, renormalize: bool) -> np.ndarray:
     probability as it is, or, with ``renormalize``, divided by its sum over the token's k selected
     experts, ``p_e / sum_{j in top-k} p_j``, then clamped below at the float32 machine epsilon.
     Whether REAP renormalises is :func:`reap_renormalizes`. ``ValueError`` unless ``probs`` is a
-    2-D array of values in [0, 1] (and, to renormalise, every row sum is positive)."""
+    2-D array of values in [0, 1] (and, to renormalise, every row sum is positive); ``TypeError``
+    unless ``renormalize`` is a bool (a string such as ``"no"`` would read as true)."""
+    if not isinstance(renormalize, (bool, np.bool_)):
+        raise TypeError(f"renormalize must be True or False, got {renormalize!r}")
     p = np.asarray(probs, dtype=np.float64)
     if p.ndim != 2:
         raise ValueError(f"probs must be an (N, k) array, got shape {p.shape}")
@@ -285,9 +288,14 @@ def reap_criteria_from_routing(indices, probs, norms, *, num_experts: int, renor
     REAP's choice for a model). ``means`` (E, H) feeds ``ean_ca``; ``slot_max``/``slot_max_abs``
     (N, k, aligned with ``indices``) feed ``max_activations``/``super_expert``; a column whose input
     is not given is NaN. ``ValueError`` for mismatched shapes, an expert id out of range, or
-    ``means`` with other than ``num_experts`` rows."""
+    ``means`` with other than ``num_experts`` rows, and for ``norms`` that are not finite and >= 0
+    (REAP would score such an expert 0, as if never routed: a failed forward must not look like an
+    unimportant expert)."""
     kw = {"num_experts": num_experts}
     g = reap_router_weights(probs, renormalize=renormalize)
+    nrm = np.asarray(norms, dtype=np.float64)
+    if nrm.size and not (np.isfinite(nrm).all() and nrm.min() >= 0):
+        raise ValueError("norms must be finite and >= 0 (output norms ||E_e(x)||); got NaN, inf or a negative value")
     out = pd.DataFrame({"expert": np.arange(num_experts), "frequency": frequency(indices, **kw), "ean_ca": np.nan,
                         "ean_sum": ean_sum(indices, norms, **kw), "ean_mean": ean_mean(indices, norms, **kw),
                         "weighted_frequency_sum": weighted_frequency_sum(indices, g, **kw),

@@ -1046,17 +1046,35 @@ def show_table(table: pd.DataFrame, *, labels: dict | None = None, caption: str 
 def per_model_columns(frame: pd.DataFrame, rows: list[tuple[str, str, str]]) -> pd.DataFrame:
     """One column per model of ``frame`` (one row per model, a ``model`` column), one row per quantity:
     ``rows`` lists ``(column, label, format string)`` top to bottom; a column ``frame`` lacks is left
-    out, and a missing or NaN value reads "–". The table is made for :func:`show_table` with
-    ``index=True`` (the labels are its index).
+    out, and a missing or NaN value reads "–"; a whole-number float (a count column that pandas made
+    float by a NaN) takes an integer format. The table is made for :func:`show_table` with
+    ``index=True`` (the labels are its index). ``ValueError`` for a frame without a ``model`` column,
+    a model named twice, a label used twice, or a value its format cannot take (naming the column).
 
     >>> per_model_columns(pd.DataFrame({"model": ["a", "b"], "cells": [20, 15]}), [("cells", "cells", "{:d}")])
             a   b
     cells  20  15
     """
-    def fmt(v, f):
-        return "–" if v is None or (isinstance(v, float) and v != v) else f.format(v)
+    if "model" not in frame.columns:
+        raise ValueError(f"frame needs a 'model' column (one row per model), got columns {list(frame.columns)}")
+    twice = frame.model[frame.model.duplicated()].tolist()
+    if twice:
+        raise ValueError(f"each model must have one row; named more than once: {twice}")
+    labels = [label for _, label, _ in rows]
+    if len(set(labels)) < len(labels):
+        raise ValueError(f"each label must be used once, got {labels}")
 
-    return pd.DataFrame({r["model"]: {label: fmt(r.get(col), f) for col, label, f in rows if col in frame.columns}
+    def fmt(v, col, f):
+        if v is None or (np.ndim(v) == 0 and pd.isna(v)):
+            return "–"
+        if isinstance(v, (float, np.floating)) and float(v).is_integer() and f.endswith("d}"):
+            v = int(v)
+        try:
+            return f.format(v)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"column {col!r}: the value {v!r} does not take the format {f!r} ({err})") from None
+
+    return pd.DataFrame({r["model"]: {label: fmt(r.get(col), col, f) for col, label, f in rows if col in frame.columns}
                          for r in frame.to_dict("records")})
 
 
@@ -1377,25 +1395,46 @@ def fmt_with_ci(est: float, lo: float, hi: float, *, digits: int = 3, significan
     """An estimate and its interval as one table cell, ``"+0.120 [+0.050,\u00a0+0.190]"`` (a
     non-breaking space inside the brackets, so that the interval never wraps).
 
-    ``digits`` decimals (``significant=False``: the bounds through :func:`fmt_bound`, so that a bound
-    that excludes zero never prints as ``+0.000``) or ``digits`` significant digits
-    (``significant=True``). ``"—"`` for a NaN estimate; the estimate alone when a bound is NaN.
+    ``digits`` decimals (``significant=False``: every number through :func:`fmt_bound`, so that a
+    value that is not zero never prints as ``+0.000``) or ``digits`` significant digits
+    (``significant=True``, in fixed notation: ``+120`` rather than ``+1.2e+02``). ``"—"`` for a NaN
+    estimate; the estimate alone when a bound is NaN. ``ValueError`` for ``digits`` that is not a
+    whole number >= 0 (>= 1 with ``significant``) and for ``lo > hi``.
 
     >>> fmt_with_ci(0.12, 0.0004, 0.19)
     '+0.120 [+0.0004,\xa0+0.190]'
     >>> fmt_with_ci(0.0123, -0.004, 0.031, digits=2, significant=True)
     '+0.012 [-0.004,\xa0+0.031]'
     """
+    if isinstance(digits, bool) or not isinstance(digits, (int, np.integer)) or digits < int(significant):
+        raise ValueError(f"digits must be a whole number >= {int(significant)}, got {digits!r}")
     if pd.isna(est):
         return "—"
-    if significant:
-        one = lambda v: f"{float(v):+.{digits}g}"  # noqa: E731
-        head, bound = one(est), one
-    else:
-        head, bound = fmt_signed(est, digits), lambda v: fmt_bound(float(v), digits=digits)  # noqa: E731
+    one = (lambda v: fmt_significant(v, int(digits))) if significant else (lambda v: fmt_bound(float(v), digits=int(digits)))
     if pd.isna(lo) or pd.isna(hi):
-        return head
-    return f"{head} [{bound(lo)},\u00a0{bound(hi)}]"
+        return one(est)
+    if float(lo) > float(hi):
+        raise ValueError(f"the interval's lower bound {lo!r} exceeds its upper bound {hi!r}")
+    return f"{one(est)} [{one(lo)},\u00a0{one(hi)}]"
+
+
+def fmt_significant(v: float, digits: int) -> str:
+    """``v`` signed, to ``digits`` significant digits in fixed notation, trailing zeros dropped as
+    the ``g`` format drops them (``+120``, ``-0.004``, ``+0`` for zero, never ``-0``, never
+    ``1.2e+02``).
+
+    >>> fmt_significant(123.4, 2), fmt_significant(-0.004, 2), fmt_significant(-0.0, 2), fmt_significant(9.96, 2)
+    ('+120', '-0.004', '+0', '+10')
+    """
+    v = float(v)
+    if v == 0 or not np.isfinite(v):
+        return "+0" if v == 0 else f"{v:+}"
+    rounded = round(v, digits - 1 - int(np.floor(np.log10(abs(v)))))
+    if rounded == 0:
+        return "+0"
+    decimals = max(digits - 1 - int(np.floor(np.log10(abs(rounded)))), 0)
+    text = f"{rounded:+.{decimals}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 # --- The learner's aids: reading time and answer checks for the exercises --------------------------
