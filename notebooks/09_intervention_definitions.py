@@ -1007,13 +1007,13 @@ med_abs = {op: {n: float(r[r.model == n].delta_loss.abs().median()) for n in mod
 glue_all(ex4_share=Markdown(per_model(ex4, "{:.1%}")), ex4_first=ex4[models[0]], ex4_model=models[0],
          ex4_median=Markdown("; ".join(f"{op}: {per_model(v, '{:.2e}')}" for op, v in med_abs.items())),
          ex4_reading=Markdown(
-             "The share is above one half for every model: putting back the expert's average output leaves the loss "
-             "closer to its clean value than removing the expert does, in more than half of these records"
-             if min(ex4.values()) > 0.5 else
-             "The share is not above one half for every model: where it is not, putting back the expert's average output "
-             "moves the loss at least as far from its clean value as removing the expert does, in at least half of these "
-             "records")
-         + " (a description, not a test: the records of one position share its context and are not independent)"))
+             ("The share is above one half for every model: putting back the expert's average output leaves the loss "
+              "closer to its clean value than removing the expert does, in more than half of these records"
+              if min(ex4.values()) > 0.5 else
+              "The share is not above one half for every model: where it is not, putting back the expert's average "
+              "output moves the loss at least as far from its clean value as removing the expert does, in at least "
+              "half of these records")
+             + " (a description, not a test: the records of one position share its context and are not independent)"))
 
 # %% [markdown]
 # ````{exercise} 4. What the mean puts back
