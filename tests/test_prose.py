@@ -168,3 +168,33 @@ def test_every_named_function_exists(stem):
     """A chapter that tells the reader where a computation lives names a module and object that exist."""
     stale = sorted({n for src in _markdown_cells(stem) for n in named_objects(src) if not _resolves(n)})
     assert not stale, f"{stem}: the prose names objects that do not exist: {stale}"
+
+
+# ----------------------------------------------------------------------------- code that compiles
+
+def _compile_errors(stem: str) -> list[str]:
+    """``SyntaxError`` messages of a chapter's code cells (IPython magics and shell lines left out)."""
+    import jupytext
+
+    errors = []
+    for i, cell in enumerate(jupytext.read(book.NOTEBOOKS / f"{stem}.py").cells):
+        if cell.cell_type != "code":
+            continue
+        src = "\n".join(line for line in cell.source.splitlines() if not line.lstrip().startswith(("%", "!")))
+        try:
+            compile(src, f"{stem} cell {i}", "exec")
+        except SyntaxError as err:
+            errors.append(f"cell {i}, line {err.lineno}: {err.msg}")
+    return errors
+
+
+def test_a_planted_syntax_error_is_found(tmp_path, monkeypatch):
+    (tmp_path / "x.py").write_text("# %%\nvalue = (1\n    + 2))\n")
+    monkeypatch.setattr(book, "NOTEBOOKS", tmp_path)
+    assert _compile_errors("x") and "unmatched" in _compile_errors("x")[0]
+
+
+@pytest.mark.parametrize("stem", COMPUTED_PROSE)
+def test_every_code_cell_compiles(stem):
+    """A chapter with a syntax error would stop the book build only after the chapters before it ran."""
+    assert _compile_errors(stem) == []
