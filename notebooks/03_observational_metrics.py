@@ -375,8 +375,7 @@ glue("never_text", Markdown(
 # right-padded, the statistics are accumulated separately over real and padding positions
 # inside one nnsight trace per batch (`metrics.router_sums_real_and_padding`), and the padded
 # variants mix the two at the share `released_pad_share` (a parameter, here
-# {glue:text}`pad_share:.0%`). This re-creates the direction and rough size of the departure on
-# these models, not the authors' numbers.
+# {glue:text}`pad_share:.0%`). {glue:md}`pad_method_tail`
 
 # %%
 RHO = "ρ with paper's utilisation"
@@ -398,6 +397,17 @@ released_cmp = cmp_all[cmp_all.pad_share == released_pad_share].drop(columns="pa
 glue("n_variants", len(M.RELEASED_UTILISATION_VARIANTS), display=False)
 glue("pad_share", released_pad_share, display=False)
 one_variant = released_cmp.variant.nunique() == 1  # without padding only one variant exists: named in the caption
+n_all = len(M.RELEASED_UTILISATION_VARIANTS)
+glue("pad_method_tail", Markdown(
+    "Where right-padding leaves padding positions, this re-creates the direction and rough size of the departure on "
+    "these models, not the authors' numbers; where it leaves none (below), the padded variants cannot be formed."),
+     display=False)
+glue("variants_shown", Markdown(
+    f"how much the released code's {n_all} utilisation variants would reorder the experts"
+    if released_cmp.variant.nunique() == n_all else
+    f"how much {report.plural(released_cmp.variant.nunique(), 'utilisation variant')} of the released code's {n_all} "
+    "would reorder the experts (the padded ones need padding positions, which this corpus does not produce)"),
+     display=False)
 display(released_cmp.drop(columns=["variant"] if one_variant else []).style.hide(axis="index")
         .format({RHO: "{:+.2f}", "same high expert": "{:.0%}", "same low expert": "{:.0%}"})
         .background_gradient(subset=["same high expert", "same low expert"], cmap="Greys_r", vmin=0, vmax=1)
@@ -442,8 +452,8 @@ for key, value in {"ex_n_above_001": int((pairs.rho.abs() > crit_001).sum()), "e
 # **Shows.** What the {glue:text}`n_metrics` metrics look like on each model: their spread
 # across experts and depth, how strongly they co-vary ({glue:text}`n_above_alpha` of the
 # {glue:text}`ex_n_pairs` layer-wise metric pairs have $\lvert\rho\rvert$ above the uncorrected
-# threshold), how evenly the router uses its experts and how many it never uses, and how much
-# the released code's {glue:text}`n_variants` utilisation variants would reorder the experts.
+# threshold), how evenly the router uses its experts and how many it never uses, and
+# {glue:md}`variants_shown`.
 #
 # **Does not show.** Whether any of the metrics predicts what removing an expert does; that
 # is the audit (chapter 4). A metric with a wide spread across experts is not thereby a

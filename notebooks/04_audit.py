@@ -153,7 +153,7 @@ display(family.assign(
 # $\alpha/m$ = {glue:text}`pr_alpha`/{glue:text}`pr_m` = {glue:text}`pr_alpha_c`, so that the chance
 # of *any* false positive in the family stays below $\alpha$. A cell counts only if both tests pass
 # that level with the same sign (the paper's dual rule): cell {glue:text}`pr_cell`
-# {glue:text}`pr_dual`. The table counts {glue:text}`pr_n_bonf` cell(s) under Bonferroni,
+# {glue:text}`pr_dual`. Cells passed in the table: {glue:text}`pr_n_bonf` under Bonferroni,
 # {glue:text}`pr_n_holm` under Holm (a step-down procedure with the same guarantee and never fewer
 # cells: {glue:text}`pr_holm_extra`) and {glue:text}`pr_n_bh` under Benjamini–Hochberg, which bounds
 # only the expected share of false positives among the cells passed ({glue:text}`pr_bh_extra`).
@@ -178,7 +178,7 @@ display(family.assign(
 # {glue:text}`pr_cell`, "{glue:text}`pr_bf_label`" on Jeffreys' scale. Unlike a p-value it can also
 # favour the null, and with few positions it can favour it wrongly: cell {glue:text}`pr_small`, whose
 # effect is real by construction, has $\text{BF}_{10}$ = {glue:text}`pr_small_bf10`
-# ("{glue:text}`pr_small_bf_label`"). Evidence for the null is evidence against effects as large as
+# (“{glue:text}`pr_small_bf_label`”). Evidence for the null is evidence against effects as large as
 # the prior expects, not against small ones.
 
 # %% [markdown]
@@ -327,7 +327,7 @@ _ = report.show_table(example[list(shown)].head(5), labels=names, formats={names
 # statistic (computed over the whole corpus before any ablation) predicts which single-expert
 # ablation hurts that token's prediction more *by enough to be detected* at this sample size and
 # correction, with the uncertainty of each effect and the verdict under each multiple-comparison
-# rule. On this run: {glue:md}`short_verdict`
+# rule. {glue:md}`short_verdict`
 #
 # **Does not show.** That a metric is useless for pruning: the audit removes one expert at one
 # token, while pruning removes experts everywhere (see the progressive-ablation chapter), and a

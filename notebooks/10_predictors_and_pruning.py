@@ -553,10 +553,10 @@ _ = report.show_table(pd.DataFrame({
 # **Token-level validity and pruning quality.** In the token-level audit (dual test, Bonferroni
 # within the model's family; the cells of the paper's four metrics are those of the audit chapter,
 # those of the literature criteria are above), {glue:md}`failed_phrase`; the table above gives the
-# count per pair beside its rank tests. Of those
-# {glue:text}`n_failed` pairs, {glue:text}`n_failed_beat_mean` still prune better than the random
-# mean at every fraction, and {glue:text}`n_failed_p_alpha` beat the random draws with rank
-# $p \le$ {glue:text}`alpha` at every fraction, uncorrected for the number of criteria tested.
+# count per pair beside its rank tests. Of those {glue:text}`n_failed` pairs, the number that
+# still prune better than the random mean at every fraction is {glue:text}`n_failed_beat_mean`,
+# and the number that beat the random draws with rank $p \le$ {glue:text}`alpha` at every
+# fraction is {glue:text}`n_failed_p_alpha`, uncorrected for the number of criteria tested.
 # The paper concludes from its progressive ablation:
 #
 # > "The metric and the random baseline are doing the same thing." {cite}`engmann2026audit`
@@ -807,7 +807,7 @@ glue_all(tail_text=tail_sentence(tail_sum, alpha=alpha, labels=LABELS), tail_sel
 # ## What this shows, and what it does not
 # **Shows.** On the default models, judged on exactly the records the paper's metrics were
 # judged on: whether two cheap per-token quantities order the active experts by their measured
-# causal effect ({glue:md}`token_verdict`), and what they cost relative to ablating. Whether any
+# causal effect, and what they cost relative to ablating. {glue:md}`token_verdict`. Whether any
 # per-expert criterion makes a better one-shot pruning choice than a random one, against a random
 # baseline that resolves a rank p-value of {glue:text}`p_min:.3f` ({glue:md}`resolution_note`): here
 # {glue:text}`n_beat_mean` of {glue:text}`n_settings` settings beat the random mean and

@@ -106,7 +106,7 @@ logs = {m: pd.read_csv(model_dir(m) / "training_log.csv") for m in models}
 # %% [markdown]
 # ## How the models were trained
 #
-# **Data.** Each model has its own byte-level BPE tokenizer ({glue:text}`vocab` tokens,
+# **Data.** Each model ships with a byte-level BPE tokenizer ({glue:text}`vocab` tokens,
 # including an end-of-text and a padding token) trained on the *validation* split of WikiText-2
 # {cite}`merity2016pointer`, and the model itself is trained on the same split: every non-empty
 # line is tokenized, followed by an end-of-text token, and the concatenated stream is cut into

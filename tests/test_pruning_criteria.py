@@ -250,7 +250,7 @@ def test_random_mean_counts_text_gives_per_model_counts_and_names_reversals():
                       "beats_mean": [1, 1, 1, 0, 0, 1, 0, 0, 1, 0, 0, 0], "beats_all": [1, 0, 0, 0, 0, 0] * 2}
                      ).astype({"beats_mean": bool, "beats_all": bool})
     t = P.random_mean_counts_text(v)
-    assert "a 4 of 6 (1 beat every draw); b 1 of 6 (1 beat every draw)" in t
+    assert "a 4 of 6 (1 beats every draw); b 1 of 6 (1 beats every draw)" in t
     # b is mostly worse overall; a only at 50%
     assert "more often than not on b (5 of 6 worse) and a at 50% (2 of 3 worse)" in t
     calm = P.random_mean_counts_text(v.assign(beats_mean=True), sub=None, beat_all=False, value="loss")

@@ -240,6 +240,10 @@ def test_loss_regime_and_its_sentence_by_hand():
     text = report.regime_text(r)
     assert "0.25 nats per token, against 1.04 for a unigram model" in text and "4.61 for a uniform guess" in text
     assert "takes 0.79 nats per token from context" in text and "**" not in text
+    # the printed gain is the difference of the printed losses (6.14 - 4.44), not the rounded true gain (1.69)
+    printed = report.regime_text({"mean_loss": 4.444, "unigram_loss": 6.136, "uniform_loss": 8.3, "gain": 1.692,
+                                  "above_chance": True, "near_unigram": False})
+    assert "4.44 nats per token, against 6.14" in printed and "takes 1.70 nats per token" in printed
     near = report.regime_text(loss_regime([1, 1, 2, 3] * 60, [1.0] * 240, 100))  # gain 0.04 < 0.5, 240 tokens
     assert "**This model barely reads this text**" in near and "chance" not in near
     noise = report.regime_text(loss_regime([1, 2] * 100, [4.5] * 200, 100))  # within 0.5 nats of ln 100
@@ -424,7 +428,7 @@ def test_every_page_states_the_regime_of_the_shipped_model(tmp_path, monkeypatch
         r = audit.context_regime(ctx)
         assert r == {k: v for k, v in audit.corpus_regime(ctx).items() if k in r}
         lines[form] = audit.regime_line("tiny-olmoe", ctx)
-        assert lines[form].startswith("**tiny-olmoe** on this text: Mean loss on this text "
+        assert lines[form].startswith("**tiny-olmoe**: Mean loss on this text "
                                       f"{r['mean_loss']:.2f} nats per token, against {r['unigram_loss']:.2f}")
     assert "barely reads" not in lines["wikitext"] and "**This model barely reads this text**" in lines["released"]
 

@@ -477,9 +477,9 @@ def context_regime(ctx) -> dict:
 
 
 def regime_line(name: str, ctx) -> str:
-    """``**name** on this text:`` followed by :func:`regime_text` of :func:`context_regime`: the line a
+    """``**name**:`` followed by :func:`regime_text` of :func:`context_regime`: the line a
     chapter shows for each model it runs, so that every page states how well its models read the text."""
-    return f"**{name}** on this text: " + regime_text(context_regime(ctx))
+    return f"**{name}**: " + regime_text(context_regime(ctx))
 
 
 def model_summary(name: str, ctx, audited, records: pd.DataFrame, *, what: str = "single-expert ablations") -> str:

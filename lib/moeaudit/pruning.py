@@ -460,7 +460,8 @@ def random_mean_counts_text(vs_random, *, what: str = "settings", value: str = "
     for m, g in vs_random.groupby("model", sort=False):
         txt = f"{m} {int(g.beats_mean.sum())} of {len(g)}"
         if beat_all:
-            txt += f" ({int(g.beats_all.sum())} beat every draw)"
+            k = int(g.beats_all.sum())
+            txt += f" ({k} {'beats' if k == 1 else 'beat'} every draw)"
         per.append(txt)
 
     s = f"per model, {what} with a lower {value} than the random mean: " + "; ".join(per)

@@ -1332,9 +1332,11 @@ def regime_text(r: dict) -> str:
     token from context (near-unigram: an expert's removal then changes predictions that barely use
     context, and its effects say little about a model reading text it knows). Over a small sample
     (``small_sample``) it says that the gain is understated instead of warning."""
+    # the gain as the difference of the two losses as printed, so that the sentence's arithmetic holds
+    gain = round(r["unigram_loss"], 2) - round(r["mean_loss"], 2)
     text = (f"Mean loss on this text {r['mean_loss']:.2f} nats per token, against {r['unigram_loss']:.2f} for a "
             f"unigram model fitted to the same tokens and {r['uniform_loss']:.2f} for a uniform guess: the model "
-            f"takes {r['gain']:.2f} nats per token from context.")
+            f"takes {gain:.2f} nats per token from context.")
     if r.get("small_sample"):
         text += (f" (Over only {r['n_tokens']:,} scored tokens, against a vocabulary of {r['vocab_size']:,}, the "
                  "unigram fitted to them fits them closely: it understates a unigram model's loss, and so this gain "
