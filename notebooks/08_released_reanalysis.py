@@ -116,7 +116,7 @@ def cell_name(row) -> str:
     return f"{paper.MODELS[row.model]} {reanalysis.RANKING_LABELS[row.metric].lower()} at Layer {row.layer}"
 
 
-put(n_pos=n_pos, n_records=len(records), n_control_records=len(control))
+put(n_pos=n_pos, n_records=f"{len(records):,}", n_control_records=f"{len(control):,}")
 
 # %% tags=["remove-input"]
 QUANTITY_LABELS = {"d": "d", "p_t": "p_t", "p_W": "p_W", "rho": "ρ", "mean_gap_norm": "mean gap norm",

@@ -441,7 +441,7 @@ glue("ppl_first", summaries[models[0]]["evaluation"]["model"]["perplexity"], dis
 cpu_min = [s["training"]["cpu_s"] / 60 for s in summaries.values() if "cpu_s" in s["training"]]
 glue("train_cpu", Markdown(f"{report.value_span([round(m, 1) for m in cpu_min], '{:.1f}')} minutes" if cpu_min
                            else "minutes"), display=False)
-glue("steps_first", summaries[models[0]]["training"]["steps"], display=False)
+glue("steps_first", f'{summaries[models[0]]["training"]["steps"]:,}', display=False)
 
 # %% [markdown]
 # ## The redundancy family

@@ -88,9 +88,9 @@ table = report.protocol_departures(params=params, corpus_source=corpus_source, a
                                    contexts=contexts, n_parameters=n_parameters, n_metrics=len(METRICS),
                                    regimes=regimes)
 glue("n_aspects", len(table), display=False)
-glue("ex_corpus", Markdown("nothing changes, because this build already reads the embedded corpus; with WikiText-2 "
+glue("ex_corpus", Markdown("Nothing changes, because this build already reads the embedded corpus; with WikiText-2 "
                            "available, only the corpus row changes" if corpus_source.name == "embedded" else
-                           "only the corpus row changes, and it names the embedded corpus"), display=False)
+                           "Only the corpus row changes, and it names the embedded corpus"), display=False)
 
 # %% [markdown]
 # ## The table

@@ -106,7 +106,7 @@ def test_one_token_text_when_every_removal_lowers_the_loss():
     text = report.one_token_text(_token([-0.02, -0.0084, -0.05]))
     assert "No removal hurts the prediction here: all 3 removals lower the loss" in text
     assert "expert 11 (ΔL = -0.0084 nats)" in text and "hurts the prediction most" not in text
-    assert "D = -0.0200 − (-0.0500) = +0.0300" in text
+    assert "D = \u22120.0200 − (\u22120.0500) = +0.0300" in text
 
 
 def test_one_token_text_names_the_worst_removal_and_its_router_rank():

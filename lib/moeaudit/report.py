@@ -324,8 +324,8 @@ def show_corpus(corpus="auto", *, data_dir=None, scope: str = "page", text_form:
 
 
 def plural(k: int, word: str, plural_form: str | None = None) -> str:
-    """``"1 cell"``, ``"3 cells"`` (``plural_form`` for irregular plurals)."""
-    return f"{k} {word if k == 1 else (plural_form or word + 's')}"
+    """``"1 cell"``, ``"3 cells"``, ``"1,800 restorations"`` (``plural_form`` for irregular plurals)."""
+    return f"{k:,} {word if k == 1 else (plural_form or word + 's')}"
 
 
 def fmt_signed(x: float, decimals: int = 3) -> str:
@@ -939,7 +939,7 @@ def one_token_text(example: pd.DataFrame) -> str:
                      f"{int(example.expert.iloc[worst])} (ΔL = {d[worst]:+.4f} nats), ranked {worst + 1} of {k} by "
                      "the router.")
     parts.append(f"The paired difference the audit is built on, highest-weight minus lowest-weight expert, is "
-                 f"D = {d[0]:+.4f} − ({d[-1]:+.4f}) = {d[0] - d[-1]:+.4f} nats here.")
+                 f"D = {_minus(f'{d[0]:+.4f}')} − ({_minus(f'{d[-1]:+.4f}')}) = {_minus(f'{d[0] - d[-1]:+.4f}')} nats here.")
     rho = spearman_defined(example.g.to_numpy(dtype=float), d)[0]  # NaN for < 3 experts or a constant column
     if np.isfinite(rho):
         parts.append(f"Over the {k} active experts the rank correlation between weight and loss change is {rho:+.2f}.")
@@ -1381,6 +1381,11 @@ def fmt_bound(v: float, *, digits: int = 3) -> str:
     if v != 0 and round(v, digits) == 0:
         return f"{v:+.2g}"
     return f"{0.0 if round(v, digits) == 0 else v:+.{digits}f}"
+
+
+def _minus(text: str) -> str:
+    """``text`` with a leading ASCII hyphen-minus written as the minus sign (U+2212), as in formulas."""
+    return "\u2212" + text[1:] if text.startswith("-") else text
 
 
 def fmt_percent(x: float) -> str:

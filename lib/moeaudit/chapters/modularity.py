@@ -800,7 +800,7 @@ def ci_rule_sentence(table: pd.DataFrame) -> str:
     for precision, g in table.groupby("precision", sort=False):
         fails = g[g.ci_status == "fails"].family.tolist()
         und = g[g.ci_status == "undetermined"]
-        u = ", ".join(f"{r.family} (needs the off-target upper bound <= {r.ci_bar:.3f}; point estimate {r.worst_off:.3f})"
+        u = ", ".join(f"{r.family} (needs the off-target upper bound ≤ {r.ci_bar:.3f}; point estimate {r.worst_off:.3f})"
                       for r in und.itertuples())
         parts.append(f"{precision}: {_count(len(fails), len(g))} families fail it for certain; "
                      f"{_count(len(und), len(g))} cannot be decided from the released values: {u or 'none'}")

@@ -60,9 +60,9 @@ QUANTITIES = {
                           "layers and experts",
     "single_mean_gap": "mean norm of the removed output ||y_t - y_t^(-e)|| of a single-expert ablation (hidden-state "
                        "units)",
-    "single_dl_per_gap": "damage per unit of removed output, single_mean_dl / single_mean_gap (nats per unit norm)",
-    "single_abs_dl_per_gap": "size of the loss change per unit of removed output, single_mean_abs_dl / "
-                             "single_mean_gap (nats per unit norm)",
+    "single_dl_per_gap": "damage per unit of removed output: the mean ΔL over the mean gap norm (nats per unit norm)",
+    "single_abs_dl_per_gap": "size of the loss change per unit of removed output: the mean |ΔL| over the mean gap "
+                             "norm (nats per unit norm)",
     "deepest_mean_dl": "mean ΔL with all active experts but one removed (nats), over positions and layers",
     "gap_growth": "mean gap norm of the last audited layer over that of the first",
 }
