@@ -710,16 +710,16 @@ ex1_abl = chains[["model", "layer"]].merge(chain_correlations(expert_means(rec_g
 ex1_abl["n_experts"] = ex1_abl.n_experts.fillna(0)
 moved = float((ex1.rho_gap_comp - chains.rho_gap_comp).abs().max())
 glue("ex1_outcome", Markdown(
-    f"On all tokens a layer keeps {span(ex1.n_experts, '.0f')} experts (now {span(chains.n_experts, '.0f')}), and "
+    f"On all tokens a layer keeps {span(ex1.n_experts, '.0f')} experts (this run: {span(chains.n_experts, '.0f')}), and "
     + ("ρ(gap norm, rel. comp.) does not change" if moved < 5e-4 else f"ρ(gap norm, rel. comp.) moves by at most {moved:.3f}")
     + f"; it is negative at {count(ex1.rho_gap_comp < 0, 'layers')}. "
-    f"On the ablation sample a layer keeps {span(ex1_abl.n_experts, '.0f')} experts (now {span(chains.n_experts_abl, '.0f')}), "
+    f"On the ablation sample a layer keeps {span(ex1_abl.n_experts, '.0f')} experts (this run: {span(chains.n_experts_abl, '.0f')}), "
     f"and ρ(gap norm, downstream comp.) is undefined at {int(ex1_abl.rho_gap_down.isna().sum())} of {len(ex1_abl)} layers "
-    f"(now {int(chains.rho_gap_down.isna().sum())}; at the last MoE layer it always is). Where it is defined it ranges "
-    f"{span(ex1_abl.rho_gap_down)} (now {span(chains.rho_gap_down)}) and reaches p < {paper.PAPER_ALPHA:g} at "
+    f"(this run: {int(chains.rho_gap_down.isna().sum())}; at the last MoE layer it always is). Where it is defined it ranges "
+    f"{span(ex1_abl.rho_gap_down)} (this run: {span(chains.rho_gap_down)}) and reaches p < {paper.PAPER_ALPHA:g} at "
     f"{report.plural(int((ex1_abl.p_gap_down < paper.PAPER_ALPHA).sum()), 'layer')} "
-    f"(now {int((chains.p_gap_down < paper.PAPER_ALPHA).sum())}); "
-    f"the released measure on the same sample ranges {span(ex1_abl.rho_gap_comp_abl)} (now "
+    f"(this run: {int((chains.p_gap_down < paper.PAPER_ALPHA).sum())}); "
+    f"the released measure on the same sample ranges {span(ex1_abl.rho_gap_comp_abl)} (this run: "
     f"{span(chains.rho_gap_comp_abl)})."), display=False)
 olmoe = chains[chains.model == "tiny-olmoe"].sort_values("layer") if "tiny-olmoe" in models else None
 glue("ex2_fixed", Markdown("; ".join(f"L{r.layer}: mean gap norm {r.mean_gap:.3g}, ρ(rw, gap) {r.rho_rw_gap:+.3f}, "
@@ -730,4 +730,4 @@ n_abl = 20 * top_k.get("tiny-olmoe", 0)
 glue("ex2_bound", Markdown(
     f"With 20 positions there are 20 × {top_k['tiny-olmoe']} = {n_abl} ablations per layer, so at most "
     f"{n_abl // min_activations} experts can reach `min_activations` = {min_activations} and enter those columns "
-    f"(now {span(olmoe.n_experts_abl, '.0f')})." if olmoe is not None else ""), display=False)
+    f"(this run: {span(olmoe.n_experts_abl, '.0f')})." if olmoe is not None else ""), display=False)

@@ -811,7 +811,8 @@ glue_all(tail_text=tail_sentence(tail_sum, alpha=alpha, labels=LABELS), tail_sel
 # per-expert criterion makes a better one-shot pruning choice than a random one, against a random
 # baseline that resolves a rank p-value of {glue:text}`p_min:.3f` ({glue:md}`resolution_note`): here
 # {glue:text}`n_beat_mean` of {glue:text}`n_settings` settings beat the random mean and
-# {glue:text}`n_beat_all` beat every draw ({glue:md}`per_model_beats`), while {glue:md}`failed_phrase`. {glue:md}`shows_verdict`. And, cell by
+# {glue:text}`n_beat_all` beat every draw, while {glue:md}`failed_phrase`. Per model,
+# {glue:md}`per_model_beats`. {glue:md}`shows_verdict`. And, cell by
 # cell, whether the token-level data favour the null or merely fail to reject it (two-sided).
 #
 # **Does not show.** That these rankings carry over to the paper's full-size checkpoints, whose

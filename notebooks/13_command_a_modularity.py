@@ -296,6 +296,9 @@ plt.show()
 #
 # ## Exercises
 #
+# In the downloaded notebook `M` is this chapter's module, `moeaudit.chapters.modularity`
+# (imported as `from moeaudit.chapters import modularity as M` in the cell after the parameters).
+#
 # ````{exercise} 1. Without the extra exclusions
 # :label: 13_command_a_modularity-ex1
 # :nonumber:
