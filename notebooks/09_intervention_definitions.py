@@ -701,15 +701,15 @@ except released.ReleasedDataUnavailable:
     prog = None
     display(Markdown("*The authors' released result files were not found (set `data_dir` or `$MOEAUDIT_DATA_DIR` to a "
                      "folder with `paper-released/`); the released half of this comparison is skipped.*"))
-falls = {}
+rises = {}  # share of positions whose loss rises (ties count as not rising, as in the released share)
 for name, ctx in contexts.items():  # every MoE layer, as in the progressive-ablation chapter (same cached records)
     prog_rec = progressive_records(ctx, layers=list(ctx.model.layout.moe_layers), n_positions=n_positions, seed=seed,
                                    mode="token", batch_size=batch_size)
-    falls[name] = prog_rec[prog_rec.k == prog_rec.k.max()].groupby("layer").delta_loss.apply(lambda d: float((d < 0).mean()))
+    rises[name] = prog_rec[prog_rec.k == prog_rec.k.max()].groupby("layer").delta_loss.apply(lambda d: float((d > 0).mean()))
 steps = None if prog is None else paper.progressive_in_float16_steps(prog)
 
 # %% tags=["remove-input"]
-glue("book_falls", Markdown(per_model({n: span(v, "{:.0%}") for n, v in falls.items()}, "{}")), display=False)
+glue("book_rises", Markdown(per_model({n: span(v, "{:.0%}") for n, v in rises.items()}, "{}")), display=False)
 if prog is not None:
     glue_all(rel_step=Markdown(span(steps.step, "{:.3g}")), rel_grid=float(steps.n_on_2_16.sum() / (3 * len(steps))),
              rel_pos_k1=Markdown(span(steps[steps.k == 1].share_positive, "{:.1%}")),
@@ -760,8 +760,9 @@ if prog is not None:
 # $2^{-16}$, as differences of float16 losses are. The released share of positions whose loss
 # *rises* is {glue:md}`rel_pos_k1` when the top expert is removed and {glue:md}`rel_pos_deep` at
 # the deepest removal. A share near one half does not by itself point to rounding: in the book's
-# float32 runs, with no half-precision rounding at all, the loss *falls* at the deepest removal
-# at {glue:md}`book_falls` of the positions (range over layers, per model). What the float16
+# float32 runs, with no half-precision rounding at all, the loss *rises* at the deepest removal
+# at {glue:md}`book_rises` of the positions (range over layers, per model; the same share as
+# the released one, ties counted as not rising). What the float16
 # noise of the whole forward pass of the seven-billion-parameter model adds to these numbers was
 # not measured with the released table; this section bounds only the rounding of the stored losses.
 
@@ -907,7 +908,7 @@ glue_all(l_verdict_power=Markdown(
 #    percentile of the model's rounding errors (over all its ablations) is {glue:md}`below_noise`;
 #    {glue:text}`l_flips_half`. A median near zero means little without the noise of the
 #    precision it was computed in; and the float32 runs of these models, free of half-precision
-#    rounding, have the loss fall at the deepest removal at {glue:md}`book_falls` of the positions.
+#    rounding, have the loss rise at the deepest removal at {glue:md}`book_rises` of the positions.
 # 4. **The operator.** Router masking leaves no combine weight on the masked expert and, in
 #    {glue:text}`l_next_share:.1%` of the records, hands its place to the clean router's next-ranked
 #    expert; {glue:md}`l_operator`. These comparisons rest on {glue:text}`operator_n` positions per
