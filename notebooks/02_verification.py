@@ -275,7 +275,7 @@ glue("check4_text", Markdown(
     f"In token mode the inactive-position effect is exactly zero in {c4['n_token_zero']} of {c4['n_token']} suites "
     f"and within rounding in {c4['n_token_within_tol']}. "
     + (f"In sequence mode it exceeds rounding in {c4['n_seq_inner_nonzero']} of the {c4['n_seq_inner']} suites "
-       f"{seq_where} (the effect's median over those suites: {c4['median_seq_inner']:.3g} nats)" if c4["n_seq_inner"] else "")
+       f"{seq_where} (median |effect| over all {c4['n_seq_inner']} of these suites: {c4['median_seq_inner']:.3g} nats)" if c4["n_seq_inner"] else "")
     + ((", and " if c4["n_seq_inner"] else "In sequence mode, ")
        + (f"at the last layer it is exactly 0 nats" if c4['max_seq_last'] == 0 else
           f"at the last layer it is at most {c4['max_seq_last']:.2g} nats"
