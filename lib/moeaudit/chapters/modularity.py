@@ -990,7 +990,12 @@ def families_needed(rho: float, *, alpha: float = 0.05, power: float = 0.8, n_si
     return None
 
 
-def families_needed_approx(rho: float, *, alpha: float = 0.05, power: float = 0.8, max_n: int = 10_000) -> int | None:
+#: the most families :func:`families_needed_approx` considers
+MAX_APPROX_FAMILIES = 10_000
+
+
+def families_needed_approx(rho: float, *, alpha: float = 0.05, power: float = 0.8,
+                           max_n: int = MAX_APPROX_FAMILIES) -> int | None:
     """Smallest number of families at which the large-sample Spearman test at ``alpha`` reaches ``power``
     against a true (Pearson) correlation ``rho`` of bivariate normal data: the first ``n`` whose
     :func:`moeaudit.stats.min_detectable_spearman` is at most the population Spearman correlation
@@ -1000,10 +1005,14 @@ def families_needed_approx(rho: float, *, alpha: float = 0.05, power: float = 0.
     if not 0 < float(rho) < 1:
         raise ValueError(f"rho must be in (0, 1), got {rho!r}")
     target = 6 / np.pi * np.arcsin(float(rho) / 2)
-    for n in range(4, max_n + 1):
-        if stats.min_detectable_spearman(n, alpha=alpha, power=power) <= target:
-            return n
-    return None
+    enough = lambda n: stats.min_detectable_spearman(n, alpha=alpha, power=power) <= target  # noqa: E731
+    if not enough(max_n):
+        return None
+    lo, hi = 4, max_n  # the detectable correlation falls as n grows: bisect for the first n that is enough
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if enough(mid) else (mid + 1, hi)
+    return lo
 
 
 def decimals_to_resolve(row: pd.Series, margin: float, *, max_decimals: int = 8) -> int | None:
@@ -1040,7 +1049,7 @@ def exercise_answers(derived: dict, verdict: pd.DataFrame, statements: dict, *, 
         ex3 = (f"More than {stats.MAX_EXACT_SPEARMAN_N} families: at {stats.MAX_EXACT_SPEARMAN_N}, the most the exact "
                f"test enumerates, its power is {at_max:.3f}, below {power:g}; Fisher's z approximation "
                f"(`families_needed_approx`) puts the number at "
-               + (f"about {approx}" if approx else "more than it searches (10,000)"))
+               + (f"about {approx}" if approx else f"more than it searches ({MAX_APPROX_FAMILIES:,})"))
     return {"ex1": f"They share {report.plural(len(shared), 'expert')}"
                    + (f" ({', '.join(map(str, shared))})" if shared else ""),
             "ex2": ("more than 8 decimals" if d is None else
